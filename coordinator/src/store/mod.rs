@@ -1,0 +1,64 @@
+//! The coordinator's durable state: a small ordered key-value store.
+//!
+//! The scheduler keeps its working state in memory and writes every change
+//! through a [`Store`] before it tells anyone about it (a runner, a client).
+//! On start it loads everything back with [`Store::scan_prefix`].
+//!
+//! Implementations: [`memory::MemoryStore`] (tests), [`redb::RedbStore`]
+//! (standalone default, one file under `--data-dir`); an etcd store comes with
+//! high availability. All of them pass the suite in [`conformance`].
+//!
+//! # Contract
+//! - Keys are UTF-8 strings; values are opaque bytes.
+//! - [`Store::apply`] is atomic and durable: when it returns `Ok`, every op of
+//!   the batch is visible to every later read and survives a crash of the
+//!   process; when it returns `Err`, none is.
+//! - Ops in one batch apply in order (a put then a delete of the same key
+//!   leaves it absent).
+//! - [`Store::scan_prefix`] returns every key starting with the prefix, sorted
+//!   by key bytes, with its value.
+//! - Calls may be made concurrently from several tasks; each call is
+//!   linearizable with respect to the others.
+
+pub mod conformance;
+pub mod memory;
+pub mod redb;
+
+use async_trait::async_trait;
+
+/// One change in a [`Store::apply`] batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+/// Errors from a store. Each says which operation failed and why.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state store at {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("state store read failed: {0}")]
+    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("state store write failed: {0}")]
+    Write(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The write was refused because this coordinator is no longer the leader
+    /// (etcd store: the fencing comparison failed).
+    #[error("state store write refused: this coordinator is no longer the leader")]
+    Fenced,
+}
+
+/// An ordered key-value store; see the module docs for the contract.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The value at `key`, if any.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every `(key, value)` whose key starts with `prefix`, sorted by key.
+    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Applies every op of `batch` atomically and durably.
+    async fn apply(&self, batch: Vec<Op>) -> Result<(), StoreError>;
+}
