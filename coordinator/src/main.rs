@@ -1,1 +1,51 @@
-fn main() {}
+//! `capstan-coordinator`: parse flags, load config, init logging, call `run`.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = capstan_coordinator::config::Args::parse();
+    match main_inner(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capstan-coordinator: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn main_inner(args: capstan_coordinator::config::Args) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let grpc = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", settings.listen))?;
+    let http = tokio::net::TcpListener::bind(settings.http_listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (--http-listen): {e}",
+                settings.http_listen
+            )
+        })?;
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    capstan_coordinator::run(settings.coordinator, grpc, Some(http), shutdown).await
+}

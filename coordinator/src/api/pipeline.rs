@@ -1,0 +1,326 @@
+//! PipelineService: what the CLI talks to.
+
+use super::{Shared, status};
+use crate::model::*;
+use crate::scheduler::{AttemptLogInfo, Command};
+use capstan_shared::ids::{AttemptId, RunId};
+use capstan_shared::pipeline;
+use capstan_shared::proto::api::v1::*;
+use capstan_shared::proto::pipeline::v1::TaskSpec;
+use futures::Stream;
+use std::collections::HashMap;
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub struct PipelineApi(pub Shared);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Largest piece of log sent in one `LogData`.
+const READ_CHUNK: usize = 64 * 1024;
+
+fn run_id(s: String) -> Result<RunId, Status> {
+    if s.trim().is_empty() {
+        return Err(Status::invalid_argument("a run id is required"));
+    }
+    Ok(RunId::from_string(s))
+}
+
+/// Turns a submit request into a run record, or every validation error.
+pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
+    let file = if req.file_name.is_empty() {
+        "pipeline.yaml".to_string()
+    } else {
+        req.file_name.clone()
+    };
+    let invalid = |e: pipeline::ValidationErrors| Status::invalid_argument(e.to_string());
+    let parsed = pipeline::parse(&file, &req.pipeline_yaml).map_err(invalid)?;
+    let id = RunId::generate();
+    let ctx = pipeline::Context {
+        params: req.params.into_iter().collect(),
+        git_sha: (!req.rev.is_empty()).then(|| req.rev.clone()),
+        git_repo: (!req.repo.is_empty()).then(|| req.repo.clone()),
+        run_id: Some(id.to_string()),
+    };
+    let resolved = pipeline::resolve(&file, &parsed, &ctx).map_err(invalid)?;
+    let index: HashMap<&str, usize> = resolved
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let tasks = resolved
+        .tasks
+        .iter()
+        .map(|t| TaskRecord {
+            name: t.name.clone(),
+            needs: t.needs.iter().map(|n| index[n.as_str()]).collect(),
+            spec: TaskSpec::from(t),
+            state: StoredTaskState::Waiting,
+            retries: t.retries,
+            script_failures: 0,
+            infra_failures: 0,
+            attempts: Vec::new(),
+            message: String::new(),
+            exit_code: None,
+            queued_at_ms: 0,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+        })
+        .collect();
+    Ok(RunRecord {
+        id,
+        pipeline: resolved.name.clone(),
+        state: StoredRunState::Queued,
+        priority: req.priority,
+        seq: 0,
+        created_at_ms: now_ms(),
+        finished_at_ms: 0,
+        repo: req.repo,
+        rev: req.rev,
+        cancel_requested: false,
+        tasks,
+    })
+}
+
+#[tonic::async_trait]
+impl pipeline_service_server::PipelineService for PipelineApi {
+    async fn submit_run(
+        &self,
+        req: Request<SubmitRunRequest>,
+    ) -> Result<Response<SubmitRunResponse>, Status> {
+        let run = build_run(req.into_inner())?;
+        let id = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::Submit {
+                    run: Box::new(run),
+                    reply,
+                })
+                .await,
+        )?;
+        tracing::info!(run = %id, "run submitted");
+        Ok(Response::new(SubmitRunResponse {
+            run_id: id.to_string(),
+        }))
+    }
+
+    async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        let id = run_id(req.into_inner().run_id)?;
+        let run = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::GetRun { id, reply })
+                .await,
+        )?;
+        Ok(Response::new(run))
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let limit = match req.into_inner().limit {
+            0 => 50,
+            n => n as usize,
+        };
+        let runs = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::ListRuns { limit, reply })
+                .await,
+        )?;
+        Ok(Response::new(ListRunsResponse { runs }))
+    }
+
+    async fn cancel_run(&self, req: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
+        let id = run_id(req.into_inner().run_id)?;
+        let run = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::CancelRun { id, reply })
+                .await,
+        )?;
+        Ok(Response::new(run))
+    }
+
+    type WatchRunStream = BoxStream<RunEvent>;
+
+    async fn watch_run(
+        &self,
+        req: Request<WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let id = run_id(req.into_inner().run_id)?;
+        let mut rx = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::WatchRun { id, reply })
+                .await,
+        )?;
+        let (tx, out) = mpsc::channel(16);
+        let shutdown = self.0.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let run = rx.borrow_and_update().clone();
+                let done = is_terminal(&run);
+                if tx.send(Ok(RunEvent { run: Some(run) })).await.is_err() || done {
+                    return;
+                }
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            // The scheduler dropped the watch after the final state.
+                            let run = rx.borrow().clone();
+                            let _ = tx.send(Ok(RunEvent { run: Some(run) })).await;
+                            return;
+                        }
+                    }
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    type ReadLogsStream = BoxStream<LogData>;
+
+    async fn read_logs(
+        &self,
+        req: Request<ReadLogsRequest>,
+    ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        let req = req.into_inner();
+        let id = run_id(req.run_id)?;
+        let task = (!req.task.is_empty()).then_some(req.task);
+        // Fail fast on an unknown run or task, before the stream starts.
+        let probe_id = id.clone();
+        let probe_task = task.clone();
+        status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::Attempts {
+                    id: probe_id,
+                    task: probe_task,
+                    reply,
+                })
+                .await,
+        )?;
+        let (tx, out) = mpsc::channel(32);
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream_logs(shared, id, task, req.follow, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn list_runners(
+        &self,
+        _: Request<ListRunnersRequest>,
+    ) -> Result<Response<ListRunnersResponse>, Status> {
+        let runners = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::ListRunners { reply })
+                .await,
+        )?;
+        Ok(Response::new(ListRunnersResponse { runners }))
+    }
+
+    async fn drain_runner(
+        &self,
+        req: Request<DrainRunnerRequest>,
+    ) -> Result<Response<DrainRunnerResponse>, Status> {
+        let runner = req.into_inner().runner;
+        let r = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::Drain { runner, reply })
+                .await,
+        )?;
+        tracing::info!(runner = %r.name, "runner draining");
+        Ok(Response::new(DrainRunnerResponse { runner: Some(r) }))
+    }
+}
+
+fn is_terminal(run: &Run) -> bool {
+    use capstan_shared::proto::pipeline::v1::RunState;
+    matches!(
+        RunState::try_from(run.state),
+        Ok(RunState::Succeeded | RunState::Failed | RunState::Cancelled)
+    )
+}
+
+/// Sends the logs of the run's tasks, attempt by attempt; with `follow`,
+/// keeps going until every selected task has ended and its logs are sent.
+async fn stream_logs(
+    shared: Shared,
+    id: RunId,
+    task: Option<String>,
+    follow: bool,
+    tx: &mpsc::Sender<Result<LogData, Status>>,
+) -> Result<(), Status> {
+    let mut sent: HashMap<AttemptId, u64> = HashMap::new();
+    let mut feed = shared.feed.subscribe();
+    loop {
+        feed.borrow_and_update();
+        let (attempts, all_done) = status::flatten(
+            shared
+                .scheduler
+                .ask(|reply| Command::Attempts {
+                    id: id.clone(),
+                    task: task.clone(),
+                    reply,
+                })
+                .await,
+        )?;
+        for info in &attempts {
+            if !send_new_bytes(&shared, info, &mut sent, tx).await? {
+                return Ok(()); // the client went away
+            }
+        }
+        if !follow || (all_done && attempts.iter().all(|a| a.finished)) {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = feed.changed() => {}
+            // State changes (a task ended, a new attempt) do not move the feed.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            _ = shared.shutdown.cancelled() => return Ok(()),
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+async fn send_new_bytes(
+    shared: &Shared,
+    info: &AttemptLogInfo,
+    sent: &mut HashMap<AttemptId, u64>,
+    tx: &mpsc::Sender<Result<LogData, Status>>,
+) -> Result<bool, Status> {
+    let offset = sent.entry(info.attempt.clone()).or_insert(0);
+    loop {
+        let data = shared
+            .logs
+            .read(&info.attempt, *offset, READ_CHUNK)
+            .await
+            .map_err(status::from_log)?;
+        if data.is_empty() {
+            return Ok(true);
+        }
+        let n = data.len() as u64;
+        let msg = LogData {
+            task: info.task.clone(),
+            attempt_id: info.attempt.to_string(),
+            attempt_number: info.number,
+            offset: *offset,
+            data,
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            return Ok(false);
+        }
+        *offset += n;
+    }
+}

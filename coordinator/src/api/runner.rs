@@ -1,0 +1,174 @@
+//! RunnerService: registration, the Control stream and log ingestion.
+
+use super::{Shared, status};
+use crate::scheduler::Command;
+use capstan_shared::ids::{AttemptId, RunnerId};
+use capstan_shared::proto::runner::v1::*;
+use futures::{Stream, StreamExt};
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct RunnerApi(pub Shared);
+
+/// How long a new Control stream may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest accepted runner name.
+const MAX_NAME: usize = 128;
+
+#[tonic::async_trait]
+impl runner_service_server::RunnerService for RunnerApi {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let req = req.into_inner();
+        if !constant_time_eq(req.registration_token.as_bytes(), self.0.registration_token.as_bytes())
+        {
+            tracing::warn!(name = %req.name, "registration refused: wrong registration token");
+            return Err(Status::unauthenticated(
+                "registration token rejected: check the runner's --registration-token",
+            ));
+        }
+        let name = req.name.trim().to_string();
+        if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!(
+                "runner name must be 1 to {MAX_NAME} printable characters"
+            )));
+        }
+        let (id, secret) = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::Register {
+                    name: name.clone(),
+                    labels: req.labels.into_iter().collect(),
+                    capacity: req.capacity,
+                    version: req.version,
+                    reply,
+                })
+                .await,
+        )?;
+        tracing::info!(runner = %id, %name, "runner registered");
+        Ok(Response::new(RegisterResponse {
+            runner_id: id.to_string(),
+            runner_secret: secret,
+        }))
+    }
+
+    type ControlStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+    async fn control(
+        &self,
+        req: Request<Streaming<RunnerMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let Some(RunnerMessage {
+            kind: Some(runner_message::Kind::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of a Control stream must be hello",
+            ));
+        };
+        let runner = RunnerId::from_string(hello.runner_id.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = status::flatten(
+            self.0
+                .scheduler
+                .ask(|reply| Command::Attach { hello, tx, reply })
+                .await,
+        )?;
+        tracing::info!(%runner, conn, "runner attached");
+        let scheduler = self.0.scheduler.clone();
+        let r = runner.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(RunnerMessage { kind: Some(kind) })) => {
+                        scheduler.tell(Command::RunnerMessage {
+                            runner: r.clone(),
+                            conn,
+                            kind,
+                        });
+                    }
+                    Ok(Some(RunnerMessage { kind: None })) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(runner = %r, error = %e, "control stream broke");
+                        break;
+                    }
+                }
+            }
+            tracing::info!(runner = %r, conn, "runner detached");
+            scheduler.tell(Command::Detach { runner: r, conn });
+        });
+        let shutdown = self.0.shutdown.clone().cancelled_owned();
+        Ok(Response::new(Box::pin(
+            UnboundedReceiverStream::new(rx).take_until(shutdown),
+        )))
+    }
+
+    async fn push_logs(
+        &self,
+        req: Request<Streaming<LogChunk>>,
+    ) -> Result<Response<PushLogsAck>, Status> {
+        let mut chunks = req.into_inner();
+        let mut allowed: HashSet<AttemptId> = HashSet::new();
+        let mut durable: HashMap<AttemptId, u64> = HashMap::new();
+        while let Some(chunk) = chunks.message().await? {
+            let attempt = AttemptId::from_string(chunk.attempt_id);
+            if !allowed.contains(&attempt) {
+                let runner = RunnerId::from_string(chunk.runner_id);
+                let secret = chunk.runner_secret;
+                let a = attempt.clone();
+                status::flatten(
+                    self.0
+                        .scheduler
+                        .ask(|reply| Command::AuthorizeLog {
+                            runner,
+                            secret,
+                            attempt: a,
+                            reply,
+                        })
+                        .await,
+                )?;
+                allowed.insert(attempt.clone());
+            }
+            let before = match durable.get(&attempt) {
+                Some(&n) => n,
+                None => self.0.logs.len(&attempt).await.map_err(status::from_log)?,
+            };
+            let len = self
+                .0
+                .logs
+                .append(&attempt, chunk.offset, &chunk.data)
+                .await
+                .map_err(status::from_log)?;
+            if len > before {
+                self.0.metrics.log_bytes.inc_by(len - before);
+                self.0.feed.publish();
+            }
+            durable.insert(attempt, len);
+        }
+        for attempt in durable.keys() {
+            self.0.logs.sync(attempt).await.map_err(status::from_log)?;
+        }
+        Ok(Response::new(PushLogsAck {
+            durable: durable
+                .into_iter()
+                .map(|(a, n)| (a.to_string(), n))
+                .collect(),
+        }))
+    }
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,252 @@
+//! Coordinator configuration: built-in defaults -> TOML file (`--config`) ->
+//! environment (`CAPSTAN_...`) -> flags. Unknown TOML keys are an error.
+
+use crate::scheduler::state::Timing;
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What `run` needs.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// State (`state.redb`) and logs (`logs/`) live here.
+    pub data_dir: PathBuf,
+    pub registration_token: String,
+    /// gRPC URL others should use to reach this coordinator.
+    pub advertise: Option<String>,
+    pub timing: Timing,
+}
+
+impl CoordinatorConfig {
+    /// Settings for `capstan dev`: everything in `data_dir`, default timings.
+    pub fn for_dev(data_dir: PathBuf, registration_token: String) -> Self {
+        Self {
+            data_dir,
+            registration_token,
+            advertise: None,
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// Command line of `capstan-coordinator`. Every flag also reads `CAPSTAN_<FLAG>`.
+#[derive(Parser, Debug, Default)]
+#[command(name = "capstan-coordinator", version, about = "Capstan coordinator")]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the flags, with `_`).
+    #[arg(long, env = "CAPSTAN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7700].
+    #[arg(long, env = "CAPSTAN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP listen address for /healthz, /readyz, /metrics [default: 127.0.0.1:7701].
+    #[arg(long, env = "CAPSTAN_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Directory for state and logs [default: ./capstan-data].
+    #[arg(long, env = "CAPSTAN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Shared token runners register with (required).
+    #[arg(long, env = "CAPSTAN_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub registration_token: Option<String>,
+    /// etcd endpoints for high availability (not available in this build).
+    #[arg(long, env = "CAPSTAN_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// gRPC URL advertised to clients and runners [default: http://LISTEN].
+    #[arg(long, env = "CAPSTAN_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Runner heartbeat interval in milliseconds [default: 1000].
+    #[arg(long, env = "CAPSTAN_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Milliseconds without a heartbeat before a runner's attempts are requeued [default: 5000].
+    #[arg(long, env = "CAPSTAN_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// Milliseconds a runner has to accept an offer [default: 5000].
+    #[arg(long, env = "CAPSTAN_OFFER_TIMEOUT_MS")]
+    pub offer_timeout_ms: Option<u64>,
+    /// Infrastructure failures retried per task [default: 3].
+    #[arg(long, env = "CAPSTAN_MAX_INFRA_RETRIES")]
+    pub max_infra_retries: Option<u32>,
+}
+
+/// The TOML file: the same settings, all optional, nothing else.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub registration_token: Option<String>,
+    pub etcd_endpoints: Option<Vec<String>>,
+    pub advertise: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub lease_ms: Option<u64>,
+    pub offer_timeout_ms: Option<u64>,
+    pub max_infra_retries: Option<u32>,
+}
+
+/// The merged settings of the binary.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub coordinator: CoordinatorConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_file(&path.display().to_string(), &text)
+}
+
+pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: name.to_string(),
+        source,
+    })
+}
+
+impl Args {
+    /// Merges defaults, the TOML file and the flags/environment.
+    pub fn settings(self) -> Result<Settings, ConfigError> {
+        let file = match &self.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        if self.etcd_endpoints.is_some() || file.etcd_endpoints.is_some() {
+            return Err(ConfigError::Invalid(
+                "--etcd-endpoints: high availability on etcd is not available in this build yet; \
+                 run one standalone coordinator (omit --etcd-endpoints)"
+                    .into(),
+            ));
+        }
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_GRPC_PORT)));
+        let http_listen = self
+            .http_listen
+            .or(file.http_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_HTTP_PORT)));
+        let registration_token = self
+            .registration_token
+            .or(file.registration_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ConfigError::Invalid(
+                    "a registration token is required: pass --registration-token or set \
+                     CAPSTAN_REGISTRATION_TOKEN"
+                        .into(),
+                )
+            })?;
+        let d = Timing::default();
+        let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
+            flag.or(file).map(Duration::from_millis).unwrap_or(default)
+        };
+        let timing = Timing {
+            heartbeat: ms(self.heartbeat_ms, file.heartbeat_ms, d.heartbeat),
+            lease: ms(self.lease_ms, file.lease_ms, d.lease),
+            offer_timeout: ms(self.offer_timeout_ms, file.offer_timeout_ms, d.offer_timeout),
+            max_infra_retries: self
+                .max_infra_retries
+                .or(file.max_infra_retries)
+                .unwrap_or(d.max_infra_retries),
+            timeout_grace: d.timeout_grace,
+        };
+        if timing.lease <= timing.heartbeat {
+            return Err(ConfigError::Invalid(format!(
+                "the lease ({} ms) must be longer than the heartbeat interval ({} ms)",
+                timing.lease.as_millis(),
+                timing.heartbeat.as_millis()
+            )));
+        }
+        Ok(Settings {
+            listen,
+            http_listen,
+            coordinator: CoordinatorConfig {
+                data_dir: self
+                    .data_dir
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| PathBuf::from("capstan-data")),
+                registration_token,
+                advertise: self.advertise.or(file.advertise),
+                timing,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let f = parse_file(
+            "coordinator.toml",
+            include_str!("../../deploy/config/coordinator.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.listen, Some("127.0.0.1:7700".parse().unwrap()));
+        assert!(f.registration_token.is_some());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = parse_file("c.toml", "listen = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap_err();
+        assert!(e.to_string().contains("listen_port"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_fill_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "registration_token = \"file\"\nlease_ms = 9000\n").unwrap();
+        let args = Args {
+            config: Some(path),
+            registration_token: Some("flag".into()),
+            ..Args::default()
+        };
+        let s = args.settings().unwrap();
+        assert_eq!(s.coordinator.registration_token, "flag");
+        assert_eq!(s.coordinator.timing.lease, Duration::from_millis(9000));
+        assert_eq!(s.listen.port(), 7700);
+    }
+
+    #[test]
+    fn missing_token_says_what_to_do() {
+        let e = Args::default().settings().unwrap_err();
+        assert!(e.to_string().contains("--registration-token"), "{e}");
+    }
+
+    #[test]
+    fn etcd_is_refused_clearly() {
+        let args = Args {
+            registration_token: Some("t".into()),
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            ..Args::default()
+        };
+        assert!(args.settings().unwrap_err().to_string().contains("not available"));
+    }
+}

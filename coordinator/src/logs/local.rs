@@ -1,0 +1,339 @@
+//! [`LocalLogStore`]: attempt logs as files in a local directory.
+
+use super::{LogError, LogStore, check_id, plan_append};
+use async_trait::async_trait;
+use bytes::Bytes;
+use capstan_shared::ids::AttemptId;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as SyncMutex};
+use tokio::sync::Mutex;
+
+/// How many attempts keep their state (and open file) cached before idle ones
+/// are dropped. Bounds the file descriptors the store holds.
+const MAX_CACHED: usize = 256;
+
+/// One file per attempt, `<dir>/<attempt id>.log`.
+///
+/// Calls on one attempt are serialized by a per-attempt async mutex, which
+/// also guards the cached length and open file; file I/O runs on tokio's
+/// blocking pool. The store assumes it is the only writer of its directory.
+#[derive(Debug)]
+pub struct LocalLogStore {
+    dir: PathBuf,
+    logs: SyncMutex<HashMap<String, Arc<Mutex<LogFile>>>>,
+}
+
+/// The cached state of one attempt's log.
+#[derive(Debug, Default)]
+struct LogFile {
+    /// Opened for reading and appending, once the file exists.
+    file: Option<File>,
+    /// The file's length, once known.
+    len: Option<u64>,
+}
+
+impl LogFile {
+    fn len(&mut self, path: &Path) -> io::Result<u64> {
+        if let Some(len) = self.len {
+            return Ok(len);
+        }
+        let len = match std::fs::metadata(path) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(context(e, "cannot stat", path)),
+        };
+        self.len = Some(len);
+        Ok(len)
+    }
+
+    /// The open file; `None` if it does not exist and `create` is false.
+    fn file(&mut self, path: &Path, create: bool) -> io::Result<Option<&File>> {
+        if self.file.is_none() {
+            let mut options = OpenOptions::new();
+            options.read(true).append(true);
+            let file = match options.open(path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    // We hold the attempt's lock: nobody else creates it.
+                    let file = options
+                        .create(true)
+                        .open(path)
+                        .map_err(|e| context(e, "cannot create", path))?;
+                    // Make the new directory entry durable along with the
+                    // data that a later `sync` flushes.
+                    if let Some(dir) = path.parent() {
+                        File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(|e| context(e, "cannot fsync the directory of", path))?;
+                    }
+                    file
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(context(e, "cannot open", path)),
+            };
+            let len = file
+                .metadata()
+                .map_err(|e| context(e, "cannot stat", path))?
+                .len();
+            self.len = Some(len);
+            self.file = Some(file);
+        }
+        Ok(self.file.as_ref())
+    }
+
+    /// Forgets what is cached, so the next call looks at the file again.
+    fn reset(&mut self) {
+        self.file = None;
+        self.len = None;
+    }
+}
+
+fn context(err: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(err.kind(), format!("{what} {}: {err}", path.display()))
+}
+
+impl LocalLogStore {
+    /// Opens (creating it if needed) the log directory `dir`.
+    pub fn open(dir: &Path) -> Result<Self, LogError> {
+        let open_error = |source| LogError::Open {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(open_error)?;
+        if !std::fs::metadata(dir).map_err(open_error)?.is_dir() {
+            return Err(open_error(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "not a directory",
+            )));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            logs: SyncMutex::new(HashMap::new()),
+        })
+    }
+
+    /// The directory holding the logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file holding `attempt`'s log (whose id must have passed
+    /// [`check_id`]).
+    fn path(&self, attempt: &AttemptId) -> PathBuf {
+        self.dir.join(format!("{}.log", attempt.as_str()))
+    }
+
+    fn entry(&self, attempt: &AttemptId) -> Arc<Mutex<LogFile>> {
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = logs.get(attempt.as_str()) {
+            return entry.clone();
+        }
+        if logs.len() >= MAX_CACHED {
+            // Entries are cloned only under this lock, so one whose only
+            // reference is the map's is idle and stays idle while we hold it.
+            logs.retain(|_, entry| Arc::strong_count(entry) > 1);
+        }
+        logs.entry(attempt.as_str().to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Runs `f` on the attempt's log under its lock, on the blocking pool.
+    /// `f` gets the attempt's cached state, its file's path, and a function
+    /// turning an I/O error into a [`LogError`].
+    async fn with_log<T: Send + 'static>(
+        &self,
+        attempt: &AttemptId,
+        f: impl FnOnce(&mut LogFile, &Path, &dyn Fn(io::Error) -> LogError) -> Result<T, LogError>
+        + Send
+        + 'static,
+    ) -> Result<T, LogError> {
+        check_id(attempt)?;
+        let path = self.path(attempt);
+        let mut log = self.entry(attempt).lock_owned().await;
+        let id = attempt.clone();
+        // If the caller goes away, the blocking task still finishes, holding
+        // the lock until it does.
+        let result = tokio::task::spawn_blocking(move || {
+            let io_error = |source| LogError::Io {
+                attempt: id.clone(),
+                source,
+            };
+            let result = f(&mut log, &path, &io_error);
+            if let Err(LogError::Io { .. }) = result {
+                // After a failed write the file may hold part of the data:
+                // still a prefix of the log, but the cached length is stale.
+                log.reset();
+            }
+            result
+        })
+        .await;
+        result.unwrap_or_else(|join| {
+            Err(LogError::Io {
+                attempt: attempt.clone(),
+                source: io::Error::other(join),
+            })
+        })
+    }
+}
+
+#[async_trait]
+impl LogStore for LocalLogStore {
+    async fn append(&self, attempt: &AttemptId, offset: u64, data: &[u8]) -> Result<u64, LogError> {
+        let data = data.to_vec();
+        let id = attempt.clone();
+        self.with_log(attempt, move |log, path, io_error| {
+            let len = log.len(path).map_err(io_error)?;
+            let skip = plan_append(&id, len, offset, data.len())?;
+            if skip == data.len() {
+                return Ok(len);
+            }
+            let mut file = log
+                .file(path, true)
+                .map_err(io_error)?
+                .ok_or_else(|| io_error(io::ErrorKind::NotFound.into()))?;
+            file.write_all(&data[skip..])
+                .map_err(|e| io_error(context(e, "cannot write", path)))?;
+            let len = len + (data.len() - skip) as u64;
+            log.len = Some(len);
+            Ok(len)
+        })
+        .await
+    }
+
+    async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError> {
+        self.with_log(attempt, |log, path, io_error| {
+            log.len(path).map_err(io_error)
+        })
+        .await
+    }
+
+    async fn read(&self, attempt: &AttemptId, offset: u64, max: usize) -> Result<Bytes, LogError> {
+        self.with_log(attempt, move |log, path, io_error| {
+            let len = log.len(path).map_err(io_error)?;
+            if offset >= len || max == 0 {
+                return Ok(Bytes::new());
+            }
+            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(max);
+            let Some(file) = log.file(path, false).map_err(io_error)? else {
+                return Err(io_error(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} disappeared", path.display()),
+                )));
+            };
+            let mut buf = vec![0; n];
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|e| io_error(context(e, "cannot read", path)))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn sync(&self, attempt: &AttemptId) -> Result<(), LogError> {
+        self.with_log(attempt, |log, path, io_error| {
+            // A file closed since it was written is reopened: fsync flushes
+            // the file, whichever descriptor asks.
+            if let Some(file) = log.file(path, false).map_err(io_error)? {
+                file.sync_data()
+                    .map_err(|e| io_error(context(e, "cannot fsync", path)))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::conformance;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn local_log_store_passes_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalLogStore::open(&dir.path().join("logs")).unwrap();
+        conformance::run_all(Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn one_file_per_attempt_created_on_first_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalLogStore::open(dir.path()).unwrap();
+        let a = AttemptId::generate();
+        store.len(&a).await.unwrap();
+        store.read(&a, 0, 10).await.unwrap();
+        store.sync(&a).await.unwrap();
+        store.append(&a, 0, b"").await.unwrap();
+        assert!(store.append(&a, 1, b"x").await.is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        store.append(&a, 0, b"data").await.unwrap();
+        let file = dir.path().join(format!("{a}.log"));
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn logs_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AttemptId::generate();
+        {
+            let store = LocalLogStore::open(dir.path()).unwrap();
+            store.append(&a, 0, b"before ").await.unwrap();
+            store.sync(&a).await.unwrap();
+        }
+        let store = LocalLogStore::open(dir.path()).unwrap();
+        assert_eq!(store.len(&a).await.unwrap(), 7);
+        // The resend logic works from the length found on disk.
+        assert_eq!(store.append(&a, 0, b"before and").await.unwrap(), 10);
+        assert!(matches!(
+            store.append(&a, 11, b"x").await,
+            Err(LogError::Gap {
+                expected: 10,
+                got: 11,
+                ..
+            })
+        ));
+        assert_eq!(&store.read(&a, 0, 100).await.unwrap()[..], b"before and");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn more_attempts_than_the_cache_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalLogStore::open(dir.path()).unwrap());
+        let attempts: Vec<_> = (0..MAX_CACHED * 2 + 7)
+            .map(|_| AttemptId::generate())
+            .collect();
+        for round in 0..3u8 {
+            for a in &attempts {
+                let offset = u64::from(round) * 2;
+                // Each chunk sent twice: the second is skipped.
+                for _ in 0..2 {
+                    let len = store.append(a, offset, &[round, round]).await.unwrap();
+                    assert_eq!(len, offset + 2);
+                }
+            }
+        }
+        assert!(store.logs.lock().unwrap().len() <= MAX_CACHED + 1);
+        for a in &attempts {
+            store.sync(a).await.unwrap();
+            assert_eq!(
+                &store.read(a, 0, 100).await.unwrap()[..],
+                [0, 0, 1, 1, 2, 2]
+            );
+        }
+    }
+
+    #[test]
+    fn open_refuses_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = LocalLogStore::open(&file).unwrap_err();
+        assert!(matches!(err, LogError::Open { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,68 @@
+//! Prometheus metrics served on the HTTP side port at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Every metric the coordinator exports. Cheap to update from any task.
+pub struct Metrics {
+    registry: Registry,
+    pub queue_depth: Gauge,
+    pub runners_connected: Gauge,
+    pub runs_submitted: Counter,
+    pub log_bytes: Counter,
+    /// Queued -> accepted by a runner, milliseconds.
+    pub pickup_ms: Histogram,
+    /// Task wall time from first start to end, seconds.
+    pub task_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("capstan");
+        let queue_depth = Gauge::default();
+        let runners_connected = Gauge::default();
+        let runs_submitted = Counter::default();
+        let log_bytes = Counter::default();
+        let pickup_ms = Histogram::new(exponential_buckets(0.5, 2.0, 16));
+        let task_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 20));
+        registry.register("queue_depth", "Tasks waiting for a runner", queue_depth.clone());
+        registry.register(
+            "runners_connected",
+            "Runners with an open control stream",
+            runners_connected.clone(),
+        );
+        registry.register("runs_submitted", "Runs accepted", runs_submitted.clone());
+        registry.register("log_bytes", "Log bytes written", log_bytes.clone());
+        registry.register(
+            "pickup_latency_ms",
+            "Time from a task being queued to a runner accepting it",
+            pickup_ms.clone(),
+        );
+        registry.register(
+            "task_duration_seconds",
+            "Wall time of finished tasks",
+            task_seconds.clone(),
+        );
+        Self {
+            registry,
+            queue_depth,
+            runners_connected,
+            runs_submitted,
+            log_bytes,
+            pickup_ms,
+            task_seconds,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

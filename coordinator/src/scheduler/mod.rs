@@ -1,0 +1,434 @@
+//! The scheduler: one task that owns all coordinator state.
+//!
+//! API handlers talk to it through [`SchedulerHandle`] (a channel of
+//! [`Command`]s). The loop takes a batch of commands, applies them to
+//! [`state::SchedulerState`], dispatches queued tasks, writes every changed
+//! record through the [`Store`] in one atomic batch (group commit), and only
+//! then delivers offers, cancels and replies. A failed write stops the
+//! scheduler: memory would no longer match the store, so the process exits and
+//! a restart loads the durable state.
+
+pub mod matching;
+pub mod state;
+pub mod view;
+
+use crate::metrics::Metrics;
+use crate::model::*;
+use crate::store::{Op, Store, StoreError};
+use capstan_shared::ids::{AttemptId, RunId, RunnerId};
+use capstan_shared::proto::api::v1 as api;
+use capstan_shared::proto::runner::v1 as rpb;
+use state::{RunnerTx, SchedulerState, StateError, Timing};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+type Reply<T> = oneshot::Sender<Result<T, StateError>>;
+
+/// What an attempt's log looks like to a reader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptLogInfo {
+    pub task: String,
+    pub attempt: AttemptId,
+    pub number: u32,
+    /// The attempt ended; its log will not grow (beyond what the runner
+    /// still flushes for a cancelled attempt).
+    pub finished: bool,
+}
+
+/// A request to the scheduler loop.
+pub enum Command {
+    Submit {
+        run: Box<RunRecord>,
+        reply: Reply<RunId>,
+    },
+    GetRun {
+        id: RunId,
+        reply: Reply<api::Run>,
+    },
+    ListRuns {
+        limit: usize,
+        reply: Reply<Vec<api::Run>>,
+    },
+    CancelRun {
+        id: RunId,
+        reply: Reply<api::Run>,
+    },
+    WatchRun {
+        id: RunId,
+        reply: Reply<watch::Receiver<api::Run>>,
+    },
+    /// The attempts of a run's tasks (all tasks if `task` is None), in order.
+    Attempts {
+        id: RunId,
+        task: Option<String>,
+        reply: Reply<(Vec<AttemptLogInfo>, bool)>,
+    },
+    Register {
+        name: String,
+        labels: BTreeMap<String, String>,
+        capacity: u32,
+        version: String,
+        reply: Reply<(RunnerId, String)>,
+    },
+    Attach {
+        hello: rpb::Hello,
+        tx: RunnerTx,
+        reply: Reply<u64>,
+    },
+    Detach {
+        runner: RunnerId,
+        conn: u64,
+    },
+    RunnerMessage {
+        runner: RunnerId,
+        conn: u64,
+        kind: rpb::runner_message::Kind,
+    },
+    /// May `runner` (with `secret`) write the log of `attempt`?
+    AuthorizeLog {
+        runner: RunnerId,
+        secret: String,
+        attempt: AttemptId,
+        reply: Reply<()>,
+    },
+    ListRunners {
+        reply: Reply<Vec<api::Runner>>,
+    },
+    Drain {
+        runner: String,
+        reply: Reply<api::Runner>,
+    },
+}
+
+/// The API side's way to reach the scheduler loop. Cheap to clone.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+/// The scheduler loop stopped (shutdown or a fatal store error).
+#[derive(Debug, thiserror::Error)]
+#[error("the scheduler is not running (the coordinator is shutting down)")]
+pub struct SchedulerGone;
+
+impl SchedulerHandle {
+    /// Sends a command built around a fresh reply channel and waits for the answer.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<Result<T, StateError>, SchedulerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| SchedulerGone)?;
+        rx.await.map_err(|_| SchedulerGone)
+    }
+
+    /// Sends a command that has no reply.
+    pub fn tell(&self, cmd: Command) {
+        let _ = self.tx.send(cmd);
+    }
+}
+
+/// Loads the state from `store` and returns the loop (to spawn) and its handle.
+pub async fn start(
+    store: Arc<dyn Store>,
+    timing: Timing,
+    metrics: Arc<Metrics>,
+) -> Result<(Scheduler, SchedulerHandle), StoreError> {
+    let epoch = match store.get(EPOCH_KEY).await? {
+        Some(v) => String::from_utf8_lossy(&v).trim().parse::<u64>().unwrap_or(0),
+        None => 0,
+    } + 1;
+    store
+        .apply(vec![Op::Put {
+            key: EPOCH_KEY.into(),
+            value: epoch.to_string().into_bytes(),
+        }])
+        .await?;
+    let mut runs = Vec::new();
+    for (key, value) in store.scan_prefix(RUNS_PREFIX).await? {
+        match serde_json::from_slice::<RunRecord>(&value) {
+            Ok(r) => runs.push(r),
+            Err(e) => tracing::error!(%key, error = %e, "skipping an unreadable run record"),
+        }
+    }
+    let mut runners = Vec::new();
+    for (key, value) in store.scan_prefix(RUNNERS_PREFIX).await? {
+        match serde_json::from_slice::<RunnerRecord>(&value) {
+            Ok(r) => runners.push(r),
+            Err(e) => tracing::error!(%key, error = %e, "skipping an unreadable runner record"),
+        }
+    }
+    tracing::info!(
+        epoch,
+        runs = runs.len(),
+        runners = runners.len(),
+        "scheduler state loaded"
+    );
+    let state = SchedulerState::load(epoch, timing, runs, runners, Instant::now());
+    let (tx, rx) = mpsc::unbounded_channel();
+    Ok((
+        Scheduler {
+            state,
+            store,
+            rx,
+            watchers: HashMap::new(),
+            replies: Vec::new(),
+            metrics,
+        },
+        SchedulerHandle { tx },
+    ))
+}
+
+/// The scheduler loop; see the module docs.
+pub struct Scheduler {
+    state: SchedulerState,
+    store: Arc<dyn Store>,
+    rx: mpsc::UnboundedReceiver<Command>,
+    watchers: HashMap<RunId, watch::Sender<api::Run>>,
+    replies: Vec<Box<dyn FnOnce() + Send>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Most commands applied before one commit.
+const MAX_BATCH: usize = 1024;
+
+impl Scheduler {
+    pub fn epoch(&self) -> u64 {
+        self.state.epoch
+    }
+
+    /// Runs until `shutdown` or a store failure.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let mut sweep = tokio::time::interval(std::time::Duration::from_millis(100));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                cmd = self.rx.recv() => {
+                    let Some(cmd) = cmd else { return Ok(()) };
+                    self.handle(cmd);
+                    for _ in 1..MAX_BATCH {
+                        match self.rx.try_recv() {
+                            Ok(cmd) => self.handle(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sweep.tick(), if self.state.has_timers() => {
+                    self.state.sweep(Instant::now());
+                }
+            }
+            self.state.dispatch(Instant::now());
+            self.commit().await?;
+        }
+    }
+
+    fn reply<T: Send + 'static>(&mut self, to: Reply<T>, value: Result<T, StateError>) {
+        self.replies.push(Box::new(move || {
+            let _ = to.send(value);
+        }));
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Submit { run, reply } => {
+                let id = self.state.submit(*run);
+                self.metrics.runs_submitted.inc();
+                self.reply(reply, Ok(id));
+            }
+            Command::GetRun { id, reply } => {
+                let r = self.run_view(&id);
+                let _ = reply.send(r);
+            }
+            Command::ListRuns { limit, reply } => {
+                let mut runs: Vec<&RunRecord> = self.state.runs.values().collect();
+                runs.sort_by(|a, b| b.seq.cmp(&a.seq));
+                let out = runs
+                    .into_iter()
+                    .take(limit)
+                    .map(|r| view::run(r))
+                    .collect();
+                let _ = reply.send(Ok(out));
+            }
+            Command::CancelRun { id, reply } => {
+                let r = self.state.cancel_run(&id).and_then(|()| self.run_view(&id));
+                self.reply(reply, r);
+            }
+            Command::WatchRun { id, reply } => {
+                let r = self.run_view(&id).map(|view| {
+                    self.watchers
+                        .entry(id)
+                        .or_insert_with(|| watch::channel(view).0)
+                        .subscribe()
+                });
+                let _ = reply.send(r);
+            }
+            Command::Attempts { id, task, reply } => {
+                let _ = reply.send(self.attempts(&id, task.as_deref()));
+            }
+            Command::Register {
+                name,
+                labels,
+                capacity,
+                version,
+                reply,
+            } => {
+                let r = self
+                    .state
+                    .register(&name, labels, capacity, &version, now);
+                self.reply(reply, Ok(r));
+            }
+            Command::Attach { hello, tx, reply } => {
+                let r = self.state.attach(hello, tx, now);
+                self.reply(reply, r);
+            }
+            Command::Detach { runner, conn } => self.state.detach(&runner, conn),
+            Command::RunnerMessage { runner, conn, kind } => {
+                if let Err(e) = self.state.on_runner_message(&runner, conn, kind, now) {
+                    tracing::warn!(%runner, error = %e, "refused a runner report");
+                }
+            }
+            Command::AuthorizeLog {
+                runner,
+                secret,
+                attempt,
+                reply,
+            } => {
+                let r = self
+                    .state
+                    .authenticate(&runner, &secret)
+                    .and_then(|()| self.state.owned_attempt(&runner, &attempt).map(|_| ()));
+                let _ = reply.send(r);
+            }
+            Command::ListRunners { reply } => {
+                let mut out: Vec<api::Runner> =
+                    self.state.runners.values().map(view::runner).collect();
+                out.sort_by(|a, b| a.name.cmp(&b.name));
+                let _ = reply.send(Ok(out));
+            }
+            Command::Drain { runner, reply } => {
+                let r = self
+                    .state
+                    .drain(&runner)
+                    .map(|id| view::runner(&self.state.runners[&id]));
+                self.reply(reply, r);
+            }
+        }
+    }
+
+    fn run_view(&self, id: &RunId) -> Result<api::Run, StateError> {
+        self.state
+            .runs
+            .get(id)
+            .map(view::run)
+            .ok_or_else(|| StateError::UnknownRun(id.to_string()))
+    }
+
+    fn attempts(
+        &self,
+        id: &RunId,
+        task: Option<&str>,
+    ) -> Result<(Vec<AttemptLogInfo>, bool), StateError> {
+        let run = self
+            .state
+            .runs
+            .get(id)
+            .ok_or_else(|| StateError::UnknownRun(id.to_string()))?;
+        if let Some(name) = task
+            && !run.tasks.iter().any(|t| t.name == name)
+        {
+            return Err(StateError::UnknownTask {
+                run: id.to_string(),
+                task: name.to_string(),
+            });
+        }
+        let mut out = Vec::new();
+        let mut all_done = true;
+        for t in run
+            .tasks
+            .iter()
+            .filter(|t| task.is_none_or(|name| t.name == name))
+        {
+            all_done &= t.state.is_terminal();
+            for a in &t.attempts {
+                out.push(AttemptLogInfo {
+                    task: t.name.clone(),
+                    attempt: a.id.clone(),
+                    number: a.number,
+                    finished: !a.state.is_active() || t.state.is_terminal(),
+                });
+            }
+        }
+        Ok((out, all_done))
+    }
+
+    /// Persists every dirty record in one batch, then delivers messages,
+    /// replies and watch updates.
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        let fx = self.state.take_effects();
+        let mut batch = Vec::new();
+        for id in &fx.dirty_runs {
+            if let Some(run) = self.state.runs.get(id) {
+                batch.push(Op::Put {
+                    key: run_key(id),
+                    value: serde_json::to_vec(run).expect("records serialize"),
+                });
+            }
+        }
+        for id in &fx.dirty_runners {
+            if let Some(r) = self.state.runners.get(id) {
+                batch.push(Op::Put {
+                    key: runner_key(id),
+                    value: serde_json::to_vec(&r.record).expect("records serialize"),
+                });
+            }
+        }
+        if !batch.is_empty()
+            && let Err(e) = self.store.apply(batch).await
+        {
+            tracing::error!(error = %e, "state write failed; stopping the scheduler");
+            return Err(e);
+        }
+        for (tx, m) in fx.outbox {
+            let _ = tx.send(Ok(m));
+        }
+        for r in self.replies.drain(..) {
+            r();
+        }
+        for id in &fx.dirty_runs {
+            let Some(run) = self.state.runs.get(id) else {
+                continue;
+            };
+            if let Some(w) = self.watchers.get(id) {
+                w.send_replace(view::run(run));
+                if run.state.is_terminal() || w.receiver_count() == 0 {
+                    self.watchers.remove(id);
+                }
+            }
+        }
+        for ms in fx.pickups_ms {
+            self.metrics.pickup_ms.observe(ms);
+        }
+        for (_, secs) in fx.tasks_finished {
+            self.metrics.task_seconds.observe(secs);
+        }
+        self.metrics
+            .queue_depth
+            .set(self.state.queue_depth() as i64);
+        self.metrics.runners_connected.set(
+            self.state
+                .runners
+                .values()
+                .filter(|r| r.conn.is_some())
+                .count() as i64,
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

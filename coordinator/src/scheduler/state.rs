@@ -1,0 +1,980 @@
+//! The scheduler's state machine, with no I/O.
+//!
+//! Every method mutates the in-memory state and records its effects: which
+//! records became dirty (to be persisted) and which messages go to which
+//! runner connection. The actor in `super` persists the dirty records and only
+//! then delivers the messages, so nobody hears of a change that is not durable.
+//! Time is passed in (`now`) so tests can drive leases and offer timeouts.
+
+use super::matching::best_runner;
+use crate::model::*;
+use capstan_shared::ids::{AttemptId, RunId, RunnerId};
+use capstan_shared::proto::runner::v1 as rpb;
+use rpb::coordinator_message::Kind as Down;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use tokio::sync::mpsc;
+use tokio::time::{Duration, Instant};
+
+/// The sending half of a runner's Control stream.
+pub type RunnerTx = mpsc::UnboundedSender<Result<rpb::CoordinatorMessage, tonic::Status>>;
+
+/// Timings and limits of the scheduler.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// How often runners heartbeat.
+    pub heartbeat: Duration,
+    /// A runner silent for this long loses its attempts (requeued).
+    pub lease: Duration,
+    /// An offer not accepted within this goes back to the queue.
+    pub offer_timeout: Duration,
+    /// Infrastructure failures (lost runner, executor error) retried per task.
+    pub max_infra_retries: u32,
+    /// Grace past a task's own timeout before the coordinator fails it itself.
+    pub timeout_grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(1),
+            lease: Duration::from_secs(5),
+            offer_timeout: Duration::from_secs(5),
+            max_infra_retries: 3,
+            timeout_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A runner as the scheduler sees it.
+pub struct RunnerSlot {
+    pub record: RunnerRecord,
+    pub conn: Option<(u64, RunnerTx)>,
+    pub last_seen: Instant,
+    pub last_seen_ms: i64,
+    /// Attempts holding a slot on this runner.
+    pub active: BTreeSet<AttemptId>,
+    /// No offers until its next heartbeat (it rejected or ignored one).
+    pub paused: bool,
+}
+
+impl RunnerSlot {
+    pub fn free_slots(&self) -> u32 {
+        self.record.capacity.saturating_sub(self.active.len() as u32)
+    }
+
+    pub fn accepts_work(&self) -> bool {
+        self.conn.is_some() && !self.record.draining && !self.paused && self.free_slots() > 0
+    }
+}
+
+/// Queue order: higher priority first, then submit order, then task order.
+type QueueKey = (Reverse<i32>, u64, RunId, usize);
+
+/// Why an attempt ended early, for the task's message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    RunnerLost,
+    OfferExpired,
+    OfferRejected,
+}
+
+/// Errors the state machine reports to the API layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no run `{0}` (list runs with `capstan runs`)")]
+    UnknownRun(String),
+    #[error("no task `{task}` in run `{run}`")]
+    UnknownTask { run: String, task: String },
+    #[error("no runner `{0}` (list runners with `capstan runners`)")]
+    UnknownRunner(String),
+    #[error("runner credentials rejected: re-register the runner")]
+    BadRunnerCredentials,
+    #[error(
+        "runner speaks protocol version {got}; this coordinator speaks {want}: upgrade the older side"
+    )]
+    ProtocolVersion { got: u32, want: u32 },
+    #[error("runner {runner} reported on attempt {attempt}, which is not assigned to it")]
+    NotYourAttempt { runner: String, attempt: String },
+}
+
+#[derive(Default)]
+pub struct Effects {
+    pub dirty_runs: HashSet<RunId>,
+    pub dirty_runners: HashSet<RunnerId>,
+    pub epoch_dirty: bool,
+    pub outbox: Vec<(RunnerTx, rpb::CoordinatorMessage)>,
+    /// Pickup latencies (queued -> accepted) observed, for metrics.
+    pub pickups_ms: Vec<f64>,
+    pub tasks_finished: Vec<(String, f64)>,
+}
+
+pub struct SchedulerState {
+    pub epoch: u64,
+    pub timing: Timing,
+    pub runs: HashMap<RunId, RunRecord>,
+    pub runners: HashMap<RunnerId, RunnerSlot>,
+    /// Attempt -> (run, task index), for every attempt of every loaded run.
+    attempts: HashMap<AttemptId, (RunId, usize)>,
+    queue: BTreeSet<QueueKey>,
+    /// When each offered attempt was offered (in-memory only).
+    offered_at: HashMap<AttemptId, Instant>,
+    /// When each running attempt started (in-memory only), for server-side timeouts.
+    started_at: HashMap<AttemptId, Instant>,
+    next_seq: u64,
+    next_conn: u64,
+    pub fx: Effects,
+}
+
+fn msg(kind: Down) -> rpb::CoordinatorMessage {
+    rpb::CoordinatorMessage { kind: Some(kind) }
+}
+
+impl SchedulerState {
+    pub fn new(epoch: u64, timing: Timing) -> Self {
+        Self {
+            epoch,
+            timing,
+            runs: HashMap::new(),
+            runners: HashMap::new(),
+            attempts: HashMap::new(),
+            queue: BTreeSet::new(),
+            offered_at: HashMap::new(),
+            started_at: HashMap::new(),
+            next_seq: 0,
+            next_conn: 0,
+            fx: Effects::default(),
+        }
+    }
+
+    /// Rebuilds the state from persisted records. Attempts that were offered
+    /// or running stay assigned: their runners get one lease (counted from
+    /// `now`) to re-attach before the attempts are requeued.
+    pub fn load(
+        epoch: u64,
+        timing: Timing,
+        runs: Vec<RunRecord>,
+        runners: Vec<RunnerRecord>,
+        now: Instant,
+    ) -> Self {
+        let mut st = Self::new(epoch, timing);
+        let now_ms = now_ms();
+        for r in runners {
+            st.runners.insert(
+                r.id.clone(),
+                RunnerSlot {
+                    record: r,
+                    conn: None,
+                    last_seen: now,
+                    last_seen_ms: now_ms,
+                    active: BTreeSet::new(),
+                    paused: false,
+                },
+            );
+        }
+        for run in runs {
+            st.next_seq = st.next_seq.max(run.seq + 1);
+            for (i, t) in run.tasks.iter().enumerate() {
+                for a in &t.attempts {
+                    st.attempts.insert(a.id.clone(), (run.id.clone(), i));
+                    if a.state.is_active() {
+                        if let Some(slot) = st.runners.get_mut(&a.runner) {
+                            slot.active.insert(a.id.clone());
+                        }
+                        match a.state {
+                            AttemptState::Offered => {
+                                st.offered_at.insert(a.id.clone(), now);
+                            }
+                            AttemptState::Running => {
+                                st.started_at.insert(a.id.clone(), now);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if t.state == StoredTaskState::Queued {
+                    st.queue
+                        .insert((Reverse(run.priority), run.seq, run.id.clone(), i));
+                }
+            }
+            st.runs.insert(run.id.clone(), run);
+        }
+        st
+    }
+
+    fn touch_run(&mut self, id: &RunId) {
+        self.fx.dirty_runs.insert(id.clone());
+    }
+
+    // ----- runs -------------------------------------------------------------
+
+    /// Adds a validated run. `tasks` are in file order with `needs` as indexes.
+    pub fn submit(&mut self, mut run: RunRecord) -> RunId {
+        run.seq = self.next_seq;
+        self.next_seq += 1;
+        let id = run.id.clone();
+        let now = now_ms();
+        for (i, t) in run.tasks.iter_mut().enumerate() {
+            if t.needs.is_empty() {
+                t.state = StoredTaskState::Queued;
+                t.queued_at_ms = now;
+                self.queue
+                    .insert((Reverse(run.priority), run.seq, id.clone(), i));
+            } else {
+                t.state = StoredTaskState::Waiting;
+            }
+        }
+        self.runs.insert(id.clone(), run);
+        self.touch_run(&id);
+        id
+    }
+
+    pub fn cancel_run(&mut self, id: &RunId) -> Result<(), StateError> {
+        let run = self
+            .runs
+            .get_mut(id)
+            .ok_or_else(|| StateError::UnknownRun(id.to_string()))?;
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        run.cancel_requested = true;
+        let n = run.tasks.len();
+        for i in 0..n {
+            self.cancel_task(id, i, "cancelled by user");
+        }
+        self.finish_run_if_done(id);
+        Ok(())
+    }
+
+    /// Ends a task as cancelled, telling its runner to stop an active attempt.
+    fn cancel_task(&mut self, run_id: &RunId, i: usize, why: &str) {
+        let epoch = self.epoch;
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let priority = run.priority;
+        let seq = run.seq;
+        let t = &mut run.tasks[i];
+        if t.state.is_terminal() {
+            return;
+        }
+        t.state = StoredTaskState::Cancelled;
+        t.message = why.to_string();
+        t.finished_at_ms = now_ms();
+        let mut notify = None;
+        if let Some(a) = t.attempts.last_mut()
+            && matches!(a.state, AttemptState::Offered | AttemptState::Running)
+        {
+            a.state = AttemptState::Cancelling;
+            notify = Some((a.runner.clone(), a.id.clone()));
+        }
+        self.queue.remove(&(Reverse(priority), seq, run_id.clone(), i));
+        self.touch_run(run_id);
+        if let Some((runner, attempt)) = notify {
+            self.offered_at.remove(&attempt);
+            self.started_at.remove(&attempt);
+            self.send_to(
+                &runner,
+                Down::Cancel(rpb::Cancel {
+                    leader_epoch: epoch,
+                    attempt_id: attempt.to_string(),
+                    reason: why.to_string(),
+                }),
+            );
+        }
+    }
+
+    fn send_to(&mut self, runner: &RunnerId, kind: Down) {
+        if let Some(slot) = self.runners.get(runner)
+            && let Some((_, tx)) = &slot.conn
+        {
+            self.fx.outbox.push((tx.clone(), msg(kind)));
+        }
+    }
+
+    /// Marks the run finished once every task is.
+    fn finish_run_if_done(&mut self, id: &RunId) {
+        let Some(run) = self.runs.get_mut(id) else {
+            return;
+        };
+        if run.state.is_terminal() || !run.tasks.iter().all(|t| t.state.is_terminal()) {
+            return;
+        }
+        run.state = if run.cancel_requested {
+            StoredRunState::Cancelled
+        } else if run
+            .tasks
+            .iter()
+            .all(|t| t.state == StoredTaskState::Succeeded)
+        {
+            StoredRunState::Succeeded
+        } else {
+            StoredRunState::Failed
+        };
+        run.finished_at_ms = now_ms();
+        self.touch_run(id);
+    }
+
+    /// A task succeeded: queue the dependents whose needs all succeeded.
+    /// A task failed: skip everything that (transitively) needs it.
+    fn propagate(&mut self, run_id: &RunId, done: usize) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let now = now_ms();
+        let succeeded = run.tasks[done].state == StoredTaskState::Succeeded;
+        let mut to_queue = Vec::new();
+        let mut to_skip = vec![done];
+        if succeeded {
+            for (i, t) in run.tasks.iter().enumerate() {
+                if t.state == StoredTaskState::Waiting
+                    && t.needs.contains(&done)
+                    && t
+                        .needs
+                        .iter()
+                        .all(|&n| run.tasks[n].state == StoredTaskState::Succeeded)
+                {
+                    to_queue.push(i);
+                }
+            }
+            to_skip.clear();
+        }
+        while let Some(failed) = to_skip.pop() {
+            let name = run.tasks[failed].name.clone();
+            for i in 0..run.tasks.len() {
+                let t = &mut run.tasks[i];
+                if t.state == StoredTaskState::Waiting && t.needs.contains(&failed) {
+                    t.state = StoredTaskState::Skipped;
+                    t.message = format!("skipped: `{name}` did not succeed");
+                    t.finished_at_ms = now;
+                    to_skip.push(i);
+                }
+            }
+        }
+        for i in to_queue {
+            run.tasks[i].state = StoredTaskState::Queued;
+            run.tasks[i].queued_at_ms = now;
+            self.queue
+                .insert((Reverse(run.priority), run.seq, run_id.clone(), i));
+        }
+        self.touch_run(run_id);
+    }
+
+    fn requeue(&mut self, run_id: &RunId, i: usize) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let t = &mut run.tasks[i];
+        t.state = StoredTaskState::Queued;
+        t.queued_at_ms = now_ms();
+        self.queue
+            .insert((Reverse(run.priority), run.seq, run_id.clone(), i));
+        self.touch_run(run_id);
+    }
+
+    // ----- runners ----------------------------------------------------------
+
+    /// Registers a runner, or re-registers one with the same name: the id is
+    /// kept and the secret rotated. Returns (id, secret).
+    pub fn register(
+        &mut self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        capacity: u32,
+        version: &str,
+        now: Instant,
+    ) -> (RunnerId, String) {
+        let secret = format!(
+            "{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        );
+        let existing = self
+            .runners
+            .values()
+            .find(|r| r.record.name == name)
+            .map(|r| r.record.id.clone());
+        let id = existing.unwrap_or_else(RunnerId::generate);
+        let record = RunnerRecord {
+            id: id.clone(),
+            name: name.to_string(),
+            labels,
+            capacity: capacity.max(1),
+            secret_hash: hash_secret(&secret),
+            version: version.to_string(),
+            draining: false,
+            registered_at_ms: now_ms(),
+        };
+        match self.runners.get_mut(&id) {
+            Some(slot) => slot.record = record,
+            None => {
+                self.runners.insert(
+                    id.clone(),
+                    RunnerSlot {
+                        record,
+                        conn: None,
+                        last_seen: now,
+                        last_seen_ms: now_ms(),
+                        active: BTreeSet::new(),
+                        paused: false,
+                    },
+                );
+            }
+        }
+        self.fx.dirty_runners.insert(id.clone());
+        (id, secret)
+    }
+
+    /// Checks a runner's credentials.
+    pub fn authenticate(&self, id: &RunnerId, secret: &str) -> Result<(), StateError> {
+        match self.runners.get(id) {
+            Some(r) if r.record.secret_hash == hash_secret(secret) => Ok(()),
+            _ => Err(StateError::BadRunnerCredentials),
+        }
+    }
+
+    /// A runner opened its Control stream. Re-attaches the attempts it still
+    /// runs, requeues the ones it lost, and cancels the ones it should not
+    /// have. Returns the connection id; the welcome is already in the outbox.
+    pub fn attach(
+        &mut self,
+        hello: rpb::Hello,
+        tx: RunnerTx,
+        now: Instant,
+    ) -> Result<u64, StateError> {
+        let id = RunnerId::from_string(hello.runner_id.clone());
+        self.authenticate(&id, &hello.runner_secret)?;
+        if hello.protocol_version != capstan_shared::PROTOCOL_VERSION {
+            return Err(StateError::ProtocolVersion {
+                got: hello.protocol_version,
+                want: capstan_shared::PROTOCOL_VERSION,
+            });
+        }
+        self.next_conn += 1;
+        let conn_id = self.next_conn;
+        let reported: BTreeSet<AttemptId> = hello
+            .running_attempts
+            .iter()
+            .map(|a| AttemptId::from_string(a.clone()))
+            .collect();
+        let slot = self.runners.get_mut(&id).expect("authenticated");
+        slot.conn = Some((conn_id, tx.clone()));
+        slot.last_seen = now;
+        slot.last_seen_ms = now_ms();
+        slot.paused = false;
+        if hello.capacity > 0 {
+            slot.record.capacity = hello.capacity;
+        }
+        if !hello.labels.is_empty() {
+            slot.record.labels = hello.labels.into_iter().collect();
+        }
+        if !hello.version.is_empty() {
+            slot.record.version = hello.version;
+        }
+        self.fx.dirty_runners.insert(id.clone());
+        let held: Vec<AttemptId> = slot.active.iter().cloned().collect();
+
+        let mut reattached = Vec::new();
+        for a in held {
+            if reported.contains(&a) {
+                reattached.push(a.to_string());
+                // An accept may have been lost with the old connection.
+                if let Some((run_id, i)) = self.attempts.get(&a).cloned()
+                    && let Some(att) = self.attempt_mut(&run_id, i, &a)
+                    && att.state == AttemptState::Offered
+                {
+                    self.mark_running(&run_id, i, &a, now);
+                }
+            } else {
+                self.lose_attempt(&a, LossReason::RunnerLost, now);
+            }
+        }
+        let mut acknowledged = Vec::new();
+        let mut stale = Vec::new();
+        for a in &reported {
+            if reattached.iter().any(|r| r == a.as_str()) {
+                continue;
+            }
+            match self.attempt_state(a) {
+                // Ended by the runner's own report: it may forget it.
+                Some(AttemptState::Succeeded | AttemptState::Failed | AttemptState::Cancelled) => {
+                    acknowledged.push(a.to_string())
+                }
+                // Superseded (requeued elsewhere) or unknown: stop it.
+                _ => stale.push(a.clone()),
+            }
+        }
+        let epoch = self.epoch;
+        self.fx.outbox.push((
+            tx.clone(),
+            msg(Down::Welcome(rpb::Welcome {
+                leader_epoch: epoch,
+                heartbeat_interval_ms: self.timing.heartbeat.as_millis() as u32,
+                lease_ms: self.timing.lease.as_millis() as u32,
+                reattached,
+                acknowledged,
+            })),
+        ));
+        for a in stale {
+            self.fx.outbox.push((
+                tx.clone(),
+                msg(Down::Cancel(rpb::Cancel {
+                    leader_epoch: epoch,
+                    attempt_id: a.to_string(),
+                    reason: "this attempt is no longer assigned to this runner".into(),
+                })),
+            ));
+        }
+        if self
+            .runners
+            .get(&id)
+            .is_some_and(|slot| slot.record.draining)
+        {
+            self.fx
+                .outbox
+                .push((tx, msg(Down::Drain(rpb::Drain { leader_epoch: epoch }))));
+        }
+        Ok(conn_id)
+    }
+
+    /// The Control stream `conn_id` of `runner` ended. Its attempts keep their
+    /// lease: the runner may reconnect in time.
+    pub fn detach(&mut self, runner: &RunnerId, conn_id: u64) {
+        if let Some(slot) = self.runners.get_mut(runner)
+            && slot.conn.as_ref().is_some_and(|(c, _)| *c == conn_id)
+        {
+            slot.conn = None;
+        }
+    }
+
+    pub fn drain(&mut self, who: &str) -> Result<RunnerId, StateError> {
+        let id = self
+            .runners
+            .values()
+            .find(|r| r.record.id.as_str() == who || r.record.name == who)
+            .map(|r| r.record.id.clone())
+            .ok_or_else(|| StateError::UnknownRunner(who.to_string()))?;
+        let epoch = self.epoch;
+        let slot = self.runners.get_mut(&id).expect("found");
+        slot.record.draining = true;
+        self.fx.dirty_runners.insert(id.clone());
+        self.send_to(&id, Down::Drain(rpb::Drain { leader_epoch: epoch }));
+        Ok(id)
+    }
+
+    /// Handles one message from the runner on connection `conn_id`.
+    pub fn on_runner_message(
+        &mut self,
+        runner: &RunnerId,
+        conn_id: u64,
+        m: rpb::runner_message::Kind,
+        now: Instant,
+    ) -> Result<(), StateError> {
+        use rpb::runner_message::Kind as Up;
+        let Some(slot) = self.runners.get_mut(runner) else {
+            return Err(StateError::BadRunnerCredentials);
+        };
+        if !slot.conn.as_ref().is_some_and(|(c, _)| *c == conn_id) {
+            // A message from a replaced connection: the new one speaks for the runner.
+            return Ok(());
+        }
+        slot.last_seen = now;
+        slot.last_seen_ms = now_ms();
+        match m {
+            Up::Hello(_) => {}
+            Up::Heartbeat(hb) => {
+                slot.paused = false;
+                if hb.draining && !slot.record.draining {
+                    slot.record.draining = true;
+                    self.fx.dirty_runners.insert(runner.clone());
+                }
+            }
+            Up::Accept(acc) => {
+                let a = AttemptId::from_string(acc.attempt_id);
+                let (run_id, i) = self.owned_attempt(runner, &a)?;
+                if self.attempt_state(&a) == Some(AttemptState::Offered) {
+                    self.mark_running(&run_id, i, &a, now);
+                }
+            }
+            Up::Reject(rej) => {
+                let a = AttemptId::from_string(rej.attempt_id);
+                self.owned_attempt(runner, &a)?;
+                tracing::info!(%runner, attempt = %a, reason = %rej.reason, "offer rejected");
+                if let Some(slot) = self.runners.get_mut(runner) {
+                    slot.paused = true;
+                }
+                if self.attempt_state(&a) == Some(AttemptState::Offered) {
+                    self.lose_attempt(&a, LossReason::OfferRejected, now);
+                }
+            }
+            Up::Step(step) => {
+                let a = AttemptId::from_string(step.attempt_id);
+                self.owned_attempt(runner, &a)?;
+                tracing::debug!(attempt = %a, step = step.step_index, state = step.state, "step state");
+            }
+            Up::Finished(fin) => self.on_finished(runner, fin, now)?,
+            Up::GoingAway(g) => {
+                tracing::info!(%runner, reason = %g.reason, "runner going away");
+                slot_mut(&mut self.runners, runner).conn = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_finished(
+        &mut self,
+        runner: &RunnerId,
+        fin: rpb::TaskFinished,
+        now: Instant,
+    ) -> Result<(), StateError> {
+        let a = AttemptId::from_string(fin.attempt_id.clone());
+        let (run_id, i) = self.owned_attempt(runner, &a)?;
+        let Some(state) = self.attempt_state(&a) else {
+            return Ok(());
+        };
+        if !state.is_active() {
+            return Ok(()); // a repeat, or the attempt was superseded meanwhile
+        }
+        slot_mut(&mut self.runners, runner).active.remove(&a);
+        self.offered_at.remove(&a);
+        self.started_at.remove(&a);
+        let outcome = rpb::AttemptOutcome::try_from(fin.outcome)
+            .unwrap_or(rpb::AttemptOutcome::Unspecified);
+        let now_ms = now_ms();
+        let run = self.runs.get_mut(&run_id).expect("indexed");
+        let max_infra = self.timing.max_infra_retries;
+        let t = &mut run.tasks[i];
+        let att = t.attempts.iter_mut().find(|x| x.id == a).expect("indexed");
+        att.finished_at_ms = now_ms;
+        att.log_length = fin.log_length;
+        let was_cancelling = state == AttemptState::Cancelling;
+        att.state = match outcome {
+            rpb::AttemptOutcome::Succeeded => AttemptState::Succeeded,
+            rpb::AttemptOutcome::Failed => AttemptState::Failed,
+            rpb::AttemptOutcome::Cancelled => AttemptState::Cancelled,
+            _ => AttemptState::Lost,
+        };
+        let att_state = att.state;
+        self.fx.dirty_runs.insert(run_id.clone());
+        if was_cancelling || t.state.is_terminal() {
+            return Ok(()); // the task already ended (cancel, timeout)
+        }
+        let duration = (now_ms - t.started_at_ms).max(0) as f64 / 1000.0;
+        let mut requeue = false;
+        match att_state {
+            AttemptState::Succeeded => {
+                t.state = StoredTaskState::Succeeded;
+                t.exit_code = Some(0);
+                t.message.clear();
+            }
+            AttemptState::Failed => {
+                t.script_failures += 1;
+                t.exit_code = fin.exit_code;
+                t.message = fin.message.clone();
+                if t.script_failures <= t.retries {
+                    requeue = true;
+                } else {
+                    t.state = StoredTaskState::Failed;
+                }
+            }
+            _ => {
+                // Cancelled on the runner's own initiative, or an executor
+                // error: the infrastructure failed, not the script.
+                t.infra_failures += 1;
+                t.message = format!("runner error: {}", fin.message);
+                if t.infra_failures <= max_infra {
+                    requeue = true;
+                } else {
+                    t.state = StoredTaskState::Failed;
+                    t.message = format!(
+                        "gave up after {} infrastructure failures; last: {}",
+                        t.infra_failures, fin.message
+                    );
+                }
+            }
+        }
+        let name = t.name.clone();
+        if requeue {
+            self.requeue(&run_id, i);
+        } else {
+            self.runs.get_mut(&run_id).expect("indexed").tasks[i].finished_at_ms = now_ms;
+            self.fx.tasks_finished.push((name, duration));
+            self.propagate(&run_id, i);
+            self.finish_run_if_done(&run_id);
+        }
+        let _ = now;
+        Ok(())
+    }
+
+    fn mark_running(&mut self, run_id: &RunId, i: usize, a: &AttemptId, now: Instant) {
+        self.offered_at.remove(a);
+        self.started_at.insert(a.clone(), now);
+        let now_ms = now_ms();
+        let run = self.runs.get_mut(run_id).expect("indexed");
+        if run.state == StoredRunState::Queued {
+            run.state = StoredRunState::Running;
+        }
+        let t = &mut run.tasks[i];
+        if let Some(att) = t.attempts.iter_mut().find(|x| &x.id == a) {
+            att.state = AttemptState::Running;
+            att.started_at_ms = now_ms;
+        }
+        if t.state == StoredTaskState::Offered {
+            t.state = StoredTaskState::Running;
+            if t.started_at_ms == 0 {
+                t.started_at_ms = now_ms;
+            }
+            self.fx
+                .pickups_ms
+                .push((now_ms - t.queued_at_ms).max(0) as f64);
+        }
+        self.touch_run(run_id);
+    }
+
+    /// The attempt ended through no fault of its script: free its slot and
+    /// requeue the task (or fail it after too many infrastructure failures).
+    fn lose_attempt(&mut self, a: &AttemptId, why: LossReason, _now: Instant) {
+        let Some((run_id, i)) = self.attempts.get(a).cloned() else {
+            return;
+        };
+        self.offered_at.remove(a);
+        self.started_at.remove(a);
+        let max_infra = self.timing.max_infra_retries;
+        let run = self.runs.get_mut(&run_id).expect("indexed");
+        let t = &mut run.tasks[i];
+        let Some(att) = t.attempts.iter_mut().find(|x| &x.id == a) else {
+            return;
+        };
+        let prev = att.state;
+        if !prev.is_active() {
+            return;
+        }
+        att.state = AttemptState::Lost;
+        att.finished_at_ms = now_ms();
+        let runner = att.runner.clone();
+        let runner_name = att.runner_name.clone();
+        if let Some(slot) = self.runners.get_mut(&runner) {
+            slot.active.remove(a);
+        }
+        self.fx.dirty_runs.insert(run_id.clone());
+        if prev == AttemptState::Cancelling || t.state.is_terminal() {
+            return;
+        }
+        let counts = why == LossReason::RunnerLost;
+        if counts {
+            t.infra_failures += 1;
+            t.message = format!("runner {runner_name} lost; retrying");
+        }
+        if t.infra_failures > max_infra {
+            t.state = StoredTaskState::Failed;
+            t.message = format!(
+                "gave up after {} infrastructure failures (runner lost)",
+                t.infra_failures
+            );
+            t.finished_at_ms = now_ms();
+            self.propagate(&run_id, i);
+            self.finish_run_if_done(&run_id);
+        } else {
+            self.requeue(&run_id, i);
+        }
+    }
+
+    fn attempt_mut(&mut self, run: &RunId, i: usize, a: &AttemptId) -> Option<&mut AttemptRecord> {
+        self.runs
+            .get_mut(run)?
+            .tasks
+            .get_mut(i)?
+            .attempts
+            .iter_mut()
+            .find(|x| &x.id == a)
+    }
+
+    fn attempt_state(&self, a: &AttemptId) -> Option<AttemptState> {
+        let (run, i) = self.attempts.get(a)?;
+        self.runs
+            .get(run)?
+            .tasks
+            .get(*i)?
+            .attempts
+            .iter()
+            .find(|x| &x.id == a)
+            .map(|x| x.state)
+    }
+
+    /// The attempt's place, if `runner` owns it (fencing: a runner may report
+    /// only on attempts assigned to it).
+    pub fn owned_attempt(
+        &self,
+        runner: &RunnerId,
+        a: &AttemptId,
+    ) -> Result<(RunId, usize), StateError> {
+        let not_yours = || StateError::NotYourAttempt {
+            runner: runner.to_string(),
+            attempt: a.to_string(),
+        };
+        let (run, i) = self.attempts.get(a).ok_or_else(not_yours)?;
+        let att = self.runs[run].tasks[*i]
+            .attempts
+            .iter()
+            .find(|x| &x.id == a)
+            .ok_or_else(not_yours)?;
+        if &att.runner != runner {
+            return Err(not_yours());
+        }
+        Ok((run.clone(), *i))
+    }
+
+    // ----- dispatch and timers ---------------------------------------------
+
+    /// Offers queued tasks to runners with free slots, highest priority and
+    /// oldest first. Called after every batch of events.
+    pub fn dispatch(&mut self, now: Instant) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut offered = Vec::new();
+        for key in self.queue.iter() {
+            if !self.runners.values().any(RunnerSlot::accepts_work) {
+                break;
+            }
+            let (_, _, run_id, i) = key;
+            let task = &self.runs[run_id].tasks[*i];
+            let Some(runner) = best_runner(self.runners.values(), &task.spec.runs_on) else {
+                continue;
+            };
+            let runner = runner.clone();
+            // Reserve the slot now so the next task sees it taken.
+            let slot = self.runners.get_mut(&runner).expect("exists");
+            let attempt = AttemptId::generate();
+            slot.active.insert(attempt.clone());
+            offered.push((key.clone(), runner, attempt));
+        }
+        for (key, runner, attempt) in offered {
+            self.queue.remove(&key);
+            let (_, _, run_id, i) = key;
+            self.offer(&run_id, i, &runner, attempt, now);
+        }
+    }
+
+    fn offer(&mut self, run_id: &RunId, i: usize, runner: &RunnerId, a: AttemptId, now: Instant) {
+        let epoch = self.epoch;
+        let offer_timeout = self.timing.offer_timeout;
+        let runner_name = self.runners[runner].record.name.clone();
+        let run = self.runs.get_mut(run_id).expect("queued run exists");
+        let (repo, rev) = (run.repo.clone(), run.rev.clone());
+        let t = &mut run.tasks[i];
+        let number = t.attempts.len() as u32 + 1;
+        t.attempts.push(AttemptRecord {
+            id: a.clone(),
+            number,
+            runner: runner.clone(),
+            runner_name,
+            state: AttemptState::Offered,
+            offered_at_ms: now_ms(),
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            log_length: 0,
+        });
+        t.state = StoredTaskState::Offered;
+        let offer = rpb::Offer {
+            leader_epoch: epoch,
+            attempt_id: a.to_string(),
+            run_id: run_id.to_string(),
+            task_name: t.name.clone(),
+            attempt_number: number,
+            task: Some(t.spec.clone()),
+            repo,
+            rev,
+            offer_timeout_ms: offer_timeout.as_millis() as u32,
+        };
+        self.attempts.insert(a.clone(), (run_id.clone(), i));
+        self.offered_at.insert(a, now);
+        self.touch_run(run_id);
+        self.send_to(runner, Down::Offer(offer));
+    }
+
+    /// Expires offers, requeues the attempts of runners past their lease and
+    /// fails tasks far past their own timeout.
+    pub fn sweep(&mut self, now: Instant) {
+        let expired: Vec<AttemptId> = self
+            .offered_at
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= self.timing.offer_timeout)
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in expired {
+            tracing::warn!(attempt = %a, "offer expired; requeueing");
+            if let Some((run, i)) = self.attempts.get(&a).cloned()
+                && let Some(r) = self.runs.get(&run)
+                && let Some(att) = r.tasks[i].attempts.iter().find(|x| x.id == a)
+                && let Some(slot) = self.runners.get_mut(&att.runner.clone())
+            {
+                slot.paused = true;
+            }
+            self.lose_attempt(&a, LossReason::OfferExpired, now);
+        }
+
+        let lease = self.timing.lease;
+        let lost: Vec<(RunnerId, Vec<AttemptId>)> = self
+            .runners
+            .values()
+            .filter(|r| !r.active.is_empty() && now.duration_since(r.last_seen) >= lease)
+            .map(|r| (r.record.id.clone(), r.active.iter().cloned().collect()))
+            .collect();
+        for (runner, attempts) in lost {
+            tracing::warn!(%runner, attempts = attempts.len(), "runner lease expired; requeueing its attempts");
+            if let Some(slot) = self.runners.get_mut(&runner) {
+                // Force a reconnect: its next hello sorts out what it still runs.
+                slot.conn = None;
+            }
+            for a in attempts {
+                self.lose_attempt(&a, LossReason::RunnerLost, now);
+            }
+        }
+
+        let grace = self.timing.timeout_grace;
+        let overdue: Vec<AttemptId> = self
+            .started_at
+            .iter()
+            .filter_map(|(a, at)| {
+                let (run, i) = self.attempts.get(a)?;
+                let limit = self.runs[run].tasks[*i].spec.timeout_seconds;
+                (limit > 0 && now.duration_since(*at) >= Duration::from_secs(limit) + grace)
+                    .then(|| a.clone())
+            })
+            .collect();
+        for a in overdue {
+            if let Some((run, i)) = self.attempts.get(&a).cloned() {
+                let limit = self.runs[&run].tasks[i].spec.timeout_seconds;
+                self.cancel_task(&run, i, "");
+                let r = self.runs.get_mut(&run).expect("indexed");
+                let t = &mut r.tasks[i];
+                t.state = StoredTaskState::Failed;
+                t.message = format!(
+                    "timed out after {limit}s (the runner did not stop it; failed by the coordinator)"
+                );
+                self.propagate(&run, i);
+                self.finish_run_if_done(&run);
+            }
+        }
+    }
+
+    /// Whether anything is waiting on a timer (offers, leases, timeouts).
+    pub fn has_timers(&self) -> bool {
+        !self.offered_at.is_empty()
+            || !self.started_at.is_empty()
+            || self.runners.values().any(|r| !r.active.is_empty())
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.fx)
+    }
+}
+
+fn slot_mut<'a>(runners: &'a mut HashMap<RunnerId, RunnerSlot>, id: &RunnerId) -> &'a mut RunnerSlot {
+    runners.get_mut(id).expect("runner exists")
+}

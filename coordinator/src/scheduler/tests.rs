@@ -1,0 +1,431 @@
+//! State-machine tests: no I/O, time driven by hand.
+
+use super::state::*;
+use crate::api::pipeline::build_run;
+use crate::model::*;
+use capstan_shared::ids::{AttemptId, RunId, RunnerId};
+use capstan_shared::proto::api::v1::SubmitRunRequest;
+use capstan_shared::proto::runner::v1 as rpb;
+use rpb::coordinator_message::Kind as Down;
+use rpb::runner_message::Kind as Up;
+use std::collections::BTreeMap;
+use tokio::sync::mpsc;
+use tokio::time::{Duration, Instant};
+
+type Rx = mpsc::UnboundedReceiver<Result<rpb::CoordinatorMessage, tonic::Status>>;
+
+struct Harness {
+    st: SchedulerState,
+    now: Instant,
+}
+
+struct TestRunner {
+    id: RunnerId,
+    secret: String,
+    conn: u64,
+    rx: Rx,
+}
+
+const DIAMOND: &str = r#"
+version: 1
+name: diamond
+tasks:
+  a: { steps: [ { run: "echo a" } ] }
+  b: { needs: [a], steps: [ { run: "echo b" } ] }
+  c: { needs: [a], steps: [ { run: "echo c" } ] }
+  d: { needs: [b, c], steps: [ { run: "echo d" } ] }
+"#;
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            st: SchedulerState::new(1, Timing::default()),
+            now: Instant::now(),
+        }
+    }
+
+    fn submit(&mut self, yaml: &str) -> RunId {
+        let run = build_run(SubmitRunRequest {
+            pipeline_yaml: yaml.into(),
+            file_name: "t.yaml".into(),
+            ..Default::default()
+        })
+        .expect("valid pipeline");
+        let id = self.st.submit(run);
+        self.settle();
+        id
+    }
+
+    fn runner(&mut self, name: &str, capacity: u32, labels: &[(&str, &str)]) -> TestRunner {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (id, secret) = self.st.register(name, labels, capacity, "test", self.now);
+        self.connect(id, secret, vec![])
+    }
+
+    fn connect(&mut self, id: RunnerId, secret: String, running: Vec<String>) -> TestRunner {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = self
+            .st
+            .attach(
+                rpb::Hello {
+                    runner_id: id.to_string(),
+                    runner_secret: secret.clone(),
+                    protocol_version: capstan_shared::PROTOCOL_VERSION,
+                    running_attempts: running,
+                    ..Default::default()
+                },
+                tx,
+                self.now,
+            )
+            .expect("attach");
+        let mut r = TestRunner {
+            id,
+            secret,
+            conn,
+            rx,
+        };
+        self.settle();
+        assert!(matches!(r.next(), Some(Down::Welcome(_))));
+        r
+    }
+
+    /// Dispatches and delivers the outbox (as the actor does after a commit).
+    fn settle(&mut self) {
+        self.st.dispatch(self.now);
+        for (tx, m) in self.st.take_effects().outbox {
+            let _ = tx.send(Ok(m));
+        }
+    }
+
+    fn send(&mut self, r: &TestRunner, kind: Up) -> Result<(), StateError> {
+        let res = self.st.on_runner_message(&r.id, r.conn, kind, self.now);
+        self.settle();
+        res
+    }
+
+    fn accept(&mut self, r: &mut TestRunner) -> rpb::Offer {
+        let Some(Down::Offer(offer)) = r.next() else {
+            panic!("expected an offer")
+        };
+        self.send(
+            r,
+            Up::Accept(rpb::OfferAccepted {
+                attempt_id: offer.attempt_id.clone(),
+            }),
+        )
+        .unwrap();
+        offer
+    }
+
+    fn finish(&mut self, r: &TestRunner, attempt: &str, outcome: rpb::AttemptOutcome) {
+        self.send(
+            r,
+            Up::Finished(rpb::TaskFinished {
+                attempt_id: attempt.into(),
+                outcome: outcome as i32,
+                exit_code: Some(if outcome == rpb::AttemptOutcome::Succeeded { 0 } else { 1 }),
+                message: "done".into(),
+                log_length: 0,
+            }),
+        )
+        .unwrap();
+    }
+
+    fn states(&self, run: &RunId) -> Vec<(String, StoredTaskState)> {
+        self.st.runs[run]
+            .tasks
+            .iter()
+            .map(|t| (t.name.clone(), t.state))
+            .collect()
+    }
+
+    fn state_of(&self, run: &RunId, task: &str) -> StoredTaskState {
+        self.states(run)
+            .into_iter()
+            .find(|(n, _)| n == task)
+            .unwrap()
+            .1
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.st.sweep(self.now);
+        self.settle();
+    }
+}
+
+impl TestRunner {
+    fn next(&mut self) -> Option<Down> {
+        self.rx.try_recv().ok().and_then(|m| m.ok()).and_then(|m| m.kind)
+    }
+}
+
+use StoredTaskState::*;
+
+#[test]
+fn diamond_runs_in_dependency_order() {
+    let mut h = Harness::new();
+    let run = h.submit(DIAMOND);
+    assert_eq!(h.state_of(&run, "a"), Queued);
+    assert_eq!(h.state_of(&run, "d"), Waiting);
+    let mut r = h.runner("r1", 2, &[]);
+    let a = h.accept(&mut r);
+    assert_eq!(a.task_name, "a");
+    assert_eq!(a.leader_epoch, 1);
+    assert_eq!(h.st.runs[&run].state, StoredRunState::Running);
+    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
+    // b and c are both offered at once: the runner has two slots.
+    let b = h.accept(&mut r);
+    let c = h.accept(&mut r);
+    let mut names = [b.task_name.clone(), c.task_name.clone()];
+    names.sort();
+    assert_eq!(names, ["b", "c"]);
+    assert_eq!(h.state_of(&run, "d"), Waiting);
+    h.finish(&r, &b.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.state_of(&run, "d"), Waiting, "d still needs c");
+    h.finish(&r, &c.attempt_id, rpb::AttemptOutcome::Succeeded);
+    let d = h.accept(&mut r);
+    h.finish(&r, &d.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
+}
+
+#[test]
+fn failure_skips_dependents_transitively() {
+    let mut h = Harness::new();
+    let run = h.submit(DIAMOND);
+    let mut r = h.runner("r1", 2, &[]);
+    let a = h.accept(&mut r);
+    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Failed);
+    assert_eq!(
+        h.states(&run),
+        vec![
+            ("a".into(), Failed),
+            ("b".into(), Skipped),
+            ("c".into(), Skipped),
+            ("d".into(), Skipped)
+        ]
+    );
+    assert_eq!(h.st.runs[&run].state, StoredRunState::Failed);
+    assert!(h.st.runs[&run].tasks[3].message.contains("skipped"));
+}
+
+#[test]
+fn script_failures_retry_only_when_asked() {
+    let mut h = Harness::new();
+    let run = h.submit(
+        "version: 1\nname: r\ntasks:\n  t:\n    retries: 1\n    steps: [ { run: x } ]\n",
+    );
+    let mut r = h.runner("r1", 1, &[]);
+    let first = h.accept(&mut r);
+    h.finish(&r, &first.attempt_id, rpb::AttemptOutcome::Failed);
+    let second = h.accept(&mut r);
+    assert_eq!(second.attempt_number, 2);
+    h.finish(&r, &second.attempt_id, rpb::AttemptOutcome::Failed);
+    assert_eq!(h.state_of(&run, "t"), Failed);
+    assert!(r.next().is_none(), "no third attempt");
+}
+
+#[test]
+fn labels_and_capacity_pick_the_runner() {
+    let mut h = Harness::new();
+    let mut plain = h.runner("plain", 4, &[("os", "linux")]);
+    let mut gpu = h.runner("gpu", 1, &[("os", "linux"), ("gpu", "yes")]);
+    let run = h.submit(
+        "version: 1\nname: l\ntasks:\n  t:\n    runs-on: [gpu=yes]\n    steps: [ { run: x } ]\n  u:\n    steps: [ { run: x } ]\n",
+    );
+    let t = h.accept(&mut gpu);
+    assert_eq!(t.task_name, "t");
+    let u = h.accept(&mut plain);
+    assert_eq!(u.task_name, "u", "most free capacity wins");
+    // A task no runner matches waits in the queue without blocking others.
+    let run2 = h.submit(
+        "version: 1\nname: l\ntasks:\n  t:\n    runs-on: [os=windows]\n    steps: [ { run: x } ]\n",
+    );
+    assert_eq!(h.state_of(&run2, "t"), Queued);
+    assert_eq!(h.state_of(&run, "t"), Running);
+}
+
+#[test]
+fn priority_then_fifo() {
+    let mut h = Harness::new();
+    let one = "version: 1\nname: p\ntasks:\n  t:\n    steps: [ { run: x } ]\n";
+    let low = h.submit(one);
+    let mut req = SubmitRunRequest {
+        pipeline_yaml: one.into(),
+        file_name: "t.yaml".into(),
+        priority: 5,
+        ..Default::default()
+    };
+    let high = h.st.submit(build_run(req.clone()).unwrap());
+    req.priority = 0;
+    let low2 = h.st.submit(build_run(req).unwrap());
+    let mut r = h.runner("r", 1, &[]);
+    let o = h.accept(&mut r);
+    assert_eq!(o.run_id, high.to_string());
+    h.finish(&r, &o.attempt_id, rpb::AttemptOutcome::Succeeded);
+    let o = h.accept(&mut r);
+    assert_eq!(o.run_id, low.to_string());
+    h.finish(&r, &o.attempt_id, rpb::AttemptOutcome::Succeeded);
+    let o = h.accept(&mut r);
+    assert_eq!(o.run_id, low2.to_string());
+}
+
+#[test]
+fn a_runner_cannot_report_on_someone_elses_attempt() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut owner = h.runner("owner", 1, &[]);
+    let intruder = h.runner("intruder", 1, &[]);
+    let offer = h.accept(&mut owner);
+    let err = h
+        .send(
+            &intruder,
+            Up::Finished(rpb::TaskFinished {
+                attempt_id: offer.attempt_id.clone(),
+                outcome: rpb::AttemptOutcome::Succeeded as i32,
+                ..Default::default()
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, StateError::NotYourAttempt { .. }));
+    assert_eq!(h.state_of(&run, "t"), Running);
+    let bad = h.st.authenticate(&owner.id, "not-the-secret");
+    assert!(bad.is_err());
+    assert!(h.st.authenticate(&owner.id, &owner.secret).is_ok());
+}
+
+#[test]
+fn lost_runner_requeues_as_new_attempt_and_old_reports_are_ignored() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r1 = h.runner("r1", 1, &[]);
+    let first = h.accept(&mut r1);
+    h.st.detach(&r1.id, r1.conn);
+    let mut r2 = h.runner("r2", 1, &[]);
+    assert!(r2.next().is_none(), "not requeued before the lease runs out");
+    h.advance(Duration::from_secs(6));
+    let second = h.accept(&mut r2);
+    assert_eq!(second.attempt_number, 2);
+    assert_ne!(second.attempt_id, first.attempt_id);
+    // r1 comes back claiming the old attempt: it is told to cancel it.
+    let (id, secret) = (r1.id.clone(), r1.secret.clone());
+    let mut r1 = h.connect(id, secret, vec![first.attempt_id.clone()]);
+    assert!(matches!(r1.next(), Some(Down::Cancel(c)) if c.attempt_id == first.attempt_id));
+    // Its late success report changes nothing.
+    h.finish(&r1, &first.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.state_of(&run, "t"), Running);
+    h.finish(&r2, &second.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
+    assert_eq!(h.st.runs[&run].tasks[0].infra_failures, 1);
+}
+
+#[test]
+fn reconnect_within_lease_reattaches() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    let offer = h.accept(&mut r);
+    h.st.detach(&r.id, r.conn);
+    h.advance(Duration::from_secs(2));
+    let r = h.connect(r.id.clone(), r.secret.clone(), vec![offer.attempt_id.clone()]);
+    h.advance(Duration::from_secs(4));
+    assert_eq!(h.state_of(&run, "t"), Running);
+    h.finish(&r, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.state_of(&run, "t"), Succeeded);
+}
+
+#[test]
+fn a_restarted_runner_that_lost_its_attempt_gets_it_requeued_at_once() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    h.accept(&mut r);
+    let mut r = h.connect(r.id.clone(), r.secret.clone(), vec![]);
+    let again = h.accept(&mut r);
+    assert_eq!(again.attempt_number, 2);
+    assert_eq!(h.state_of(&run, "t"), Running);
+}
+
+#[test]
+fn infra_failures_give_up_after_the_limit() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    for _ in 0..=Timing::default().max_infra_retries {
+        let o = h.accept(&mut r);
+        h.finish(&r, &o.attempt_id, rpb::AttemptOutcome::Error);
+    }
+    assert_eq!(h.state_of(&run, "t"), Failed);
+    assert!(h.st.runs[&run].tasks[0].message.contains("infrastructure"));
+}
+
+#[test]
+fn unaccepted_offer_goes_back_to_the_queue() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut silent = h.runner("silent", 1, &[]);
+    assert!(matches!(silent.next(), Some(Down::Offer(_))));
+    h.advance(Duration::from_secs(6));
+    assert_eq!(h.state_of(&run, "t"), Queued);
+    let mut other = h.runner("other", 1, &[]);
+    let o = h.accept(&mut other);
+    assert_eq!(o.attempt_number, 2);
+}
+
+#[test]
+fn cancel_stops_active_attempts_and_ends_the_run() {
+    let mut h = Harness::new();
+    let run = h.submit(DIAMOND);
+    let mut r = h.runner("r1", 1, &[]);
+    let a = h.accept(&mut r);
+    h.st.cancel_run(&run).unwrap();
+    h.settle();
+    assert!(matches!(r.next(), Some(Down::Cancel(c)) if c.attempt_id == a.attempt_id));
+    assert_eq!(h.st.runs[&run].state, StoredRunState::Cancelled);
+    assert!(h.states(&run).iter().all(|(_, s)| *s == Cancelled));
+    // The slot frees once the runner confirms.
+    assert_eq!(h.st.runners[&r.id].free_slots(), 0);
+    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Cancelled);
+    assert_eq!(h.st.runners[&r.id].free_slots(), 1);
+    assert!(matches!(
+        h.st.cancel_run(&RunId::from_string("run-nope")),
+        Err(StateError::UnknownRun(_))
+    ));
+}
+
+#[test]
+fn drained_runner_gets_no_offers() {
+    let mut h = Harness::new();
+    let mut r = h.runner("r1", 1, &[]);
+    h.st.drain("r1").unwrap();
+    h.settle();
+    assert!(matches!(r.next(), Some(Down::Drain(_))));
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    assert!(r.next().is_none());
+    assert_eq!(h.state_of(&run, "t"), Queued);
+    assert!(h.st.drain("nobody").is_err());
+}
+
+#[test]
+fn reload_keeps_assignments_and_requeues_after_grace() {
+    let mut h = Harness::new();
+    let run = h.submit(DIAMOND);
+    let mut r = h.runner("r1", 1, &[]);
+    let a = h.accept(&mut r);
+    // Simulate a coordinator restart: reload from the records.
+    let runs: Vec<RunRecord> = h.st.runs.values().cloned().collect();
+    let runners: Vec<RunnerRecord> = h.st.runners.values().map(|s| s.record.clone()).collect();
+    let runs: Vec<RunRecord> = runs
+        .iter()
+        .map(|r| serde_json::from_slice(&serde_json::to_vec(r).unwrap()).unwrap())
+        .collect();
+    h.st = SchedulerState::load(2, Timing::default(), runs, runners, h.now);
+    let r = h.connect(r.id.clone(), r.secret.clone(), vec![a.attempt_id.clone()]);
+    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.state_of(&run, "a"), Succeeded);
+    assert_eq!(h.st.epoch, 2);
+    let _ = AttemptId::generate();
+}

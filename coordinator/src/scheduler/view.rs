@@ -1,0 +1,56 @@
+//! Records as the client API shows them.
+
+use super::state::RunnerSlot;
+use crate::model::{RunRecord, StoredTaskState};
+use capstan_shared::proto::api::v1 as api;
+use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+
+pub fn run(r: &RunRecord) -> api::Run {
+    api::Run {
+        id: r.id.to_string(),
+        pipeline: r.pipeline.clone(),
+        state: RunState::from(r.state) as i32,
+        tasks: r
+            .tasks
+            .iter()
+            .map(|t| {
+                let cur = t.current_attempt();
+                let active = !t.state.is_terminal() || t.state == StoredTaskState::Succeeded;
+                api::Task {
+                    name: t.name.clone(),
+                    state: TaskState::from(t.state) as i32,
+                    attempts: t.attempts.len() as u32,
+                    runner: cur
+                        .filter(|_| active || t.state.is_terminal())
+                        .map(|a| a.runner_name.clone())
+                        .unwrap_or_default(),
+                    attempt_id: cur.map(|a| a.id.to_string()).unwrap_or_default(),
+                    message: t.message.clone(),
+                    needs: t.needs.iter().map(|&n| r.tasks[n].name.clone()).collect(),
+                    exit_code: t.exit_code,
+                    started_at_ms: t.started_at_ms,
+                    finished_at_ms: t.finished_at_ms,
+                }
+            })
+            .collect(),
+        created_at_ms: r.created_at_ms,
+        finished_at_ms: r.finished_at_ms,
+        repo: r.repo.clone(),
+        rev: r.rev.clone(),
+        priority: r.priority,
+    }
+}
+
+pub fn runner(r: &RunnerSlot) -> api::Runner {
+    api::Runner {
+        id: r.record.id.to_string(),
+        name: r.record.name.clone(),
+        labels: r.record.labels.clone().into_iter().collect(),
+        capacity: r.record.capacity,
+        busy: r.active.len() as u32,
+        connected: r.conn.is_some(),
+        draining: r.record.draining,
+        version: r.record.version.clone(),
+        last_seen_ms: r.last_seen_ms,
+    }
+}
