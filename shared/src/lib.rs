@@ -4,7 +4,9 @@
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`).
 //! - [`pipeline`]: the pipeline file model, parser, validator and substitution.
 //! - [`client`]: the client used by the CLI: connects, follows the leader, maps errors.
+pub mod client;
 pub mod ids;
+pub mod pipeline;
 pub mod proto;
 
 /// Version of the runner Connect protocol spoken by this build.

@@ -1,0 +1,125 @@
+//! The pipeline file (YAML, version 1): model, parser, validator and
+//! `${{ ... }}` substitution.
+//!
+//! ```text
+//! version: 1
+//! name: go-sampleapp
+//! params:
+//!   image: 127.0.0.1:5000/demo-ns/go-sampleapp
+//! tasks:
+//!   unit-test:
+//!     image: capstan-test/golang
+//!     steps:
+//!       - run: go test ./...
+//!   image:
+//!     needs: [unit-test]
+//!     steps:
+//!       - build: { tag: "${{ params.image }}:${{ git.sha }}" }
+//! ```
+//!
+//! [`parse`] reads and validates a file, reporting every problem with its
+//! line and column; [`resolve`] applies the substitutions for one run; a
+//! resolved [`TaskDef`] converts into the wire type
+//! [`TaskSpec`](crate::proto::pipeline::v1::TaskSpec).
+//!
+//! Decisions where the format leaves room:
+//! - Scalars YAML reads as numbers or booleans are kept as written when a
+//!   string is expected (`VERSION: 1.10` is `"1.10"`); only `true`/`false` are
+//!   booleans. A null `env` value or param default is the empty string.
+//! - `needs` may be a single task name instead of a list.
+//! - Timeouts are whole seconds, from 1 second to 7 days.
+//! - Substitutions apply to images, env values, step names, scripts and every
+//!   field of the other step kinds; not to names, `needs`, `runs-on` or param
+//!   values (which are plain text).
+
+mod error;
+mod model;
+mod parse;
+mod substitute;
+mod validate;
+mod yaml;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{ValidationError, ValidationErrors};
+pub use model::{Pipeline, SourceMap, StepDef, StepKind, TaskDef};
+pub use parse::{
+    MAX_NAME_LEN, MAX_RETRIES, MAX_TIMEOUT, is_env_name, is_param_name, is_pipeline_name,
+    is_task_name, parse, parse_timeout,
+};
+pub use substitute::{Context, resolve};
+
+use crate::proto::pipeline::v1 as pb;
+
+/// Larger files are refused before parsing.
+pub const MAX_FILE_BYTES: usize = 1024 * 1024;
+
+/// Whole seconds, rounded up; 0 for none.
+fn seconds(d: Option<std::time::Duration>) -> u64 {
+    d.map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+impl From<&TaskDef> for pb::TaskSpec {
+    /// Converts a resolved task. Steps without a name are named after their
+    /// kind and 1-based index (`run-1`, `build-2`).
+    fn from(task: &TaskDef) -> Self {
+        pb::TaskSpec {
+            name: task.name.clone(),
+            image: task.image.clone().unwrap_or_default(),
+            env: task.env.clone().into_iter().collect(),
+            steps: task
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| step_spec(i, s))
+                .collect(),
+            timeout_seconds: seconds(task.timeout),
+            runs_on: task.runs_on.clone().into_iter().collect(),
+        }
+    }
+}
+
+fn step_spec(index: usize, step: &StepDef) -> pb::Step {
+    use pb::step::Kind;
+    let kind = match &step.kind {
+        StepKind::Run { script, image } => Kind::Run(pb::RunStep {
+            script: script.clone(),
+            image: image.clone().unwrap_or_default(),
+        }),
+        StepKind::Build {
+            context,
+            dockerfile,
+            tag,
+        } => Kind::Build(pb::BuildStep {
+            context: context.clone(),
+            dockerfile: dockerfile.clone(),
+            tag: tag.clone(),
+        }),
+        StepKind::Push { image, credentials } => Kind::Push(pb::PushStep {
+            image: image.clone(),
+            credentials: credentials.clone().unwrap_or_default(),
+        }),
+        StepKind::SetImage { repo, files, image } => Kind::SetImage(pb::SetImageStep {
+            repo: repo.clone(),
+            files: files.clone(),
+            image: image.clone(),
+        }),
+        StepKind::GitPush {
+            message,
+            credentials,
+        } => Kind::GitPush(pb::GitPushStep {
+            message: message.clone(),
+            credentials: credentials.clone().unwrap_or_default(),
+        }),
+    };
+    pb::Step {
+        name: step
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", step.kind.key(), index + 1)),
+        env: step.env.clone().into_iter().collect(),
+        timeout_seconds: seconds(step.timeout),
+        kind: Some(kind),
+    }
+}

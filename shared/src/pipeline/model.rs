@@ -1,0 +1,120 @@
+//! The pipeline model: what a valid pipeline file means.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A parsed and validated pipeline file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pipeline {
+    pub name: String,
+    /// Declared params and their default values (scalars stringified).
+    pub params: BTreeMap<String, String>,
+    /// Tasks in file order.
+    pub tasks: Vec<TaskDef>,
+    /// Where the substitutions of this pipeline were written, so [`resolve`]
+    /// can point at them. Filled in by [`parse`]; not part of the pipeline's
+    /// value (ignored by `PartialEq`, not serialized). Leave it at its default
+    /// when building a `Pipeline` by hand.
+    ///
+    /// [`parse`]: super::parse
+    /// [`resolve`]: super::resolve
+    #[serde(skip)]
+    pub source_map: SourceMap,
+}
+
+/// One task: steps run in order on one runner.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskDef {
+    pub name: String,
+    /// Default image of the task's `run` steps.
+    pub image: Option<String>,
+    /// Labels a runner must have.
+    pub runs_on: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    /// Names of tasks that must succeed first.
+    pub needs: Vec<String>,
+    pub timeout: Option<Duration>,
+    /// How many times a script failure is retried (0..=10).
+    pub retries: u32,
+    pub steps: Vec<StepDef>,
+}
+
+/// One step of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepDef {
+    pub name: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+    pub kind: StepKind,
+}
+
+/// What a step does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    /// Run a shell script (in `image`, else the task's image).
+    Run {
+        script: String,
+        image: Option<String>,
+    },
+    /// Build an image from a Dockerfile in the workspace.
+    Build {
+        context: String,
+        dockerfile: String,
+        tag: String,
+    },
+    /// Push an image; `credentials` names a runner-side secret.
+    Push {
+        image: String,
+        credentials: Option<String>,
+    },
+    /// Set the image in Kubernetes YAML files of a repository.
+    SetImage {
+        repo: String,
+        files: Vec<String>,
+        image: String,
+    },
+    /// Commit the workspace's changes and push them; `credentials` names a
+    /// runner-side secret.
+    GitPush {
+        message: String,
+        credentials: Option<String>,
+    },
+}
+
+impl StepKind {
+    /// The step's key in the file: `run`, `build`, `push`, `set-image`, `git-push`.
+    pub fn key(&self) -> &'static str {
+        match self {
+            StepKind::Run { .. } => "run",
+            StepKind::Build { .. } => "build",
+            StepKind::Push { .. } => "push",
+            StepKind::SetImage { .. } => "set-image",
+            StepKind::GitPush { .. } => "git-push",
+        }
+    }
+}
+
+/// Locations of the strings of a pipeline that hold `${{ ... }}`
+/// substitutions, keyed by a field path such as `tasks.image.steps[0].build.tag`.
+///
+/// Every `SourceMap` equals every other: locations are not part of a
+/// pipeline's value.
+#[derive(Clone, Debug, Default)]
+pub struct SourceMap {
+    pub(crate) positions: BTreeMap<String, (usize, usize)>,
+}
+
+impl SourceMap {
+    /// 1-based line and column of a field, if known.
+    pub fn position(&self, path: &str) -> Option<(usize, usize)> {
+        self.positions.get(path).copied()
+    }
+}
+
+impl PartialEq for SourceMap {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,1231 @@
+//! Tests of parsing, validation and substitution.
+
+use super::*;
+use crate::proto::pipeline::v1 as pb;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const FULL: &str = r#"version: 1                # required, must be 1
+name: go-sampleapp        # required, [a-z0-9][a-z0-9_.-]*
+params:                   # optional map name -> default string value (scalars are stringified)
+  image: 127.0.0.1:5000/demo-ns/go-sampleapp
+  replicas: 3
+tasks:                    # required, non-empty map; order of keys = file order (keep it)
+  unit-test:
+    image: capstan-test/golang     # optional default image for run steps
+    runs-on: [os=linux, arch=amd64] # optional; a list of "k=v" strings OR a map {os: linux}
+    env: {GOFLAGS: -mod=vendor}     # optional map string->string
+    needs: [other-task]             # optional list of task names
+    timeout: 10m                    # optional; "30s", "5m", "1h30m", or an integer = seconds
+    retries: 2                      # optional, script-failure retries, 0..=10, default 0
+    steps:                          # required, non-empty list
+      - run: go test ./...          # run step; `script` is the value; may be multi-line
+        name: test                  # optional on every step
+        env: {X: y}                 # optional on every step
+        timeout: 30s                # optional on every step
+        image: other-image          # optional, run steps only
+      - build: { context: ., dockerfile: Dockerfile, tag: "${{ params.image }}:${{ git.sha }}" }   # context default ".", dockerfile default "Dockerfile", tag required
+      - push: { image: "${{ params.image }}:${{ git.sha }}", credentials: harbor }            # image required, credentials optional
+      - set-image: { repo: "${{ git.repo }}", files: [k8s/pod.yaml], image: "x:${{run.id}}" }  # all required, files non-empty
+      - git-push: { message: "deploy ${{ git.sha }}", credentials: gitops }     # message required, credentials optional
+  other-task:
+    runs-on: {os: linux}
+    timeout: 90
+    steps:
+      - run: |
+          echo one
+          echo two
+      - build: { tag: t }
+      - push: { image: i }
+      - git-push: { message: m }
+"#;
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn step(kind: StepKind) -> StepDef {
+    StepDef {
+        name: None,
+        env: BTreeMap::new(),
+        timeout: None,
+        kind,
+    }
+}
+
+fn s(x: &str) -> String {
+    x.to_owned()
+}
+
+fn expected_full() -> Pipeline {
+    Pipeline {
+        name: s("go-sampleapp"),
+        params: map(&[
+            ("image", "127.0.0.1:5000/demo-ns/go-sampleapp"),
+            ("replicas", "3"),
+        ]),
+        tasks: vec![
+            TaskDef {
+                name: s("unit-test"),
+                image: Some(s("capstan-test/golang")),
+                runs_on: map(&[("os", "linux"), ("arch", "amd64")]),
+                env: map(&[("GOFLAGS", "-mod=vendor")]),
+                needs: vec![s("other-task")],
+                timeout: Some(Duration::from_secs(600)),
+                retries: 2,
+                steps: vec![
+                    StepDef {
+                        name: Some(s("test")),
+                        env: map(&[("X", "y")]),
+                        timeout: Some(Duration::from_secs(30)),
+                        kind: StepKind::Run {
+                            script: s("go test ./..."),
+                            image: Some(s("other-image")),
+                        },
+                    },
+                    step(StepKind::Build {
+                        context: s("."),
+                        dockerfile: s("Dockerfile"),
+                        tag: s("${{ params.image }}:${{ git.sha }}"),
+                    }),
+                    step(StepKind::Push {
+                        image: s("${{ params.image }}:${{ git.sha }}"),
+                        credentials: Some(s("harbor")),
+                    }),
+                    step(StepKind::SetImage {
+                        repo: s("${{ git.repo }}"),
+                        files: vec![s("k8s/pod.yaml")],
+                        image: s("x:${{run.id}}"),
+                    }),
+                    step(StepKind::GitPush {
+                        message: s("deploy ${{ git.sha }}"),
+                        credentials: Some(s("gitops")),
+                    }),
+                ],
+            },
+            TaskDef {
+                name: s("other-task"),
+                runs_on: map(&[("os", "linux")]),
+                timeout: Some(Duration::from_secs(90)),
+                steps: vec![
+                    step(StepKind::Run {
+                        script: s("echo one\necho two\n"),
+                        image: None,
+                    }),
+                    step(StepKind::Build {
+                        context: s("."),
+                        dockerfile: s("Dockerfile"),
+                        tag: s("t"),
+                    }),
+                    step(StepKind::Push {
+                        image: s("i"),
+                        credentials: None,
+                    }),
+                    step(StepKind::GitPush {
+                        message: s("m"),
+                        credentials: None,
+                    }),
+                ],
+                ..TaskDef::default()
+            },
+        ],
+        source_map: SourceMap::default(),
+    }
+}
+
+/// The errors of a file that must not parse, as (line, column, message).
+fn errors(text: &str) -> Vec<(usize, usize, String)> {
+    match parse("p.yaml", text) {
+        Ok(p) => panic!("expected errors, parsed {p:#?}"),
+        Err(e) => {
+            assert!(!e.is_empty());
+            e.0.into_iter()
+                .map(|e| {
+                    assert_eq!(e.file, "p.yaml");
+                    (e.line, e.column, e.message)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Asserts that the file has exactly one error, at `line:column`, whose
+/// message contains every one of `needles`.
+#[track_caller]
+fn one_error(text: &str, line: usize, column: usize, needles: &[&str]) {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
+    let (l, c, m) = &errs[0];
+    assert_eq!((*l, *c), (line, column), "wrong place for {m:?}");
+    for n in needles {
+        assert!(m.contains(n), "{m:?} does not contain {n:?}");
+    }
+}
+
+/// A minimal valid file with `task` as the body of the only task `a`
+/// (indented by 4), starting at line 5.
+fn with_task(task: &str) -> String {
+    format!("version: 1\nname: p\ntasks:\n  a:\n{task}")
+}
+
+// ---- valid files ----
+
+#[test]
+fn full_file_parses_to_the_expected_model() {
+    let p = parse("p.yaml", FULL).unwrap();
+    assert_eq!(p, expected_full());
+    // File order of tasks is kept (not sorted).
+    let names: Vec<&str> = p.tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["unit-test", "other-task"]);
+}
+
+#[test]
+fn model_round_trips_through_serde() {
+    let p = parse("p.yaml", FULL).unwrap();
+    let json = serde_json::to_string(&p).unwrap();
+    let back: Pipeline = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, p);
+}
+
+#[test]
+fn design_example_parses() {
+    let text = r#"
+version: 1
+name: go-sampleapp
+params:
+  image: 127.0.0.1:5000/demo-ns/go-sampleapp
+  manifests: http://127.0.0.1:8418/demo/manifests.git
+tasks:
+  unit-test:
+    image: capstan-test/golang
+    steps:
+      - run: go test ./...
+  lint:
+    image: capstan-test/golang
+    steps:
+      - run: go vet ./...
+  image:
+    needs: [unit-test, lint]
+    steps:
+      - build: { context: ., dockerfile: Dockerfile, tag: "${{ params.image }}:${{ git.sha }}" }
+      - push: { image: "${{ params.image }}:${{ git.sha }}", credentials: harbor }
+  deploy:
+    needs: [image]
+    steps:
+      - set-image: { repo: "${{ params.manifests }}", files: [k8s/pod.yaml], image: "${{ params.image }}:${{ git.sha }}" }
+      - git-push: { message: "deploy go-sampleapp ${{ git.sha }}", credentials: gitops }
+"#;
+    let p = parse("p.yaml", text).unwrap();
+    assert_eq!(p.tasks.len(), 4);
+    assert_eq!(p.tasks[3].needs, ["image"]);
+}
+
+#[test]
+fn hello_example_parses() {
+    let p = parse(
+        "examples/hello.yaml",
+        include_str!("../../../examples/hello.yaml"),
+    )
+    .unwrap();
+    assert_eq!(p.name, "hello");
+    let names: Vec<&str> = p.tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["hello", "goodbye"]);
+    assert_eq!(p.tasks[1].needs, ["hello"]);
+    for t in &p.tasks {
+        for st in &t.steps {
+            assert!(
+                matches!(&st.kind, StepKind::Run { script, .. } if script.starts_with("echo "))
+            );
+        }
+    }
+    let r = resolve("examples/hello.yaml", &p, &Context::default()).unwrap();
+    assert_eq!(
+        r.tasks[0].steps[0].kind,
+        StepKind::Run {
+            script: s("echo \"hello from capstan\""),
+            image: None
+        }
+    );
+}
+
+#[test]
+fn scalars_keep_their_text() {
+    let text = with_task(
+        "    env: {VERSION: 1.10, HEX: 0x1f, ON: yes, T: true, EMPTY: , N: 007}\n    steps: [run: 42]\n",
+    );
+    let p = parse("p.yaml", &text).unwrap();
+    assert_eq!(
+        p.tasks[0].env,
+        map(&[
+            ("VERSION", "1.10"),
+            ("HEX", "0x1f"),
+            ("ON", "yes"),
+            ("T", "true"),
+            ("EMPTY", ""),
+            ("N", "007"),
+        ])
+    );
+    assert_eq!(
+        p.tasks[0].steps[0].kind,
+        StepKind::Run {
+            script: s("42"),
+            image: None
+        }
+    );
+}
+
+#[test]
+fn needs_may_be_a_single_name_and_optional_fields_may_be_null() {
+    let text = "version: 1\nname: p\nparams:\ntasks:\n  a:\n    steps: [run: x]\n  b:\n    needs: a\n    env:\n    image:\n    steps: [run: y]\n";
+    let p = parse("p.yaml", text).unwrap();
+    assert_eq!(p.tasks[1].needs, ["a"]);
+    assert!(p.tasks[1].env.is_empty());
+    assert_eq!(p.tasks[1].image, None);
+}
+
+#[test]
+fn unicode_before_a_number_keeps_its_text() {
+    let text = "version: 1\nname: p\n# déjà vu ✓\ntasks:\n  a:\n    env: {V: 1.20, W: \"é✓\", X: 1.30, Y: &y 1.40, Z: *y}\n    steps: [run: x]\n";
+    let p = parse("p.yaml", text).unwrap();
+    assert_eq!(p.tasks[0].env["V"], "1.20");
+    assert_eq!(p.tasks[0].env["W"], "é✓");
+    assert_eq!(p.tasks[0].env["X"], "1.30");
+    assert_eq!(p.tasks[0].env["Y"], "1.40");
+    assert_eq!(p.tasks[0].env["Z"], "1.40");
+}
+
+#[test]
+fn columns_are_characters_after_non_ascii_text() {
+    one_error(
+        &with_task("    env: {V: \"é✓\", bad-key: 1}\n    steps: [run: x]\n"),
+        5,
+        20,
+        &["bad environment variable name `bad-key`"],
+    );
+}
+
+#[test]
+fn timeouts() {
+    assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_timeout("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_timeout("1h30m"), Ok(Duration::from_secs(5400)));
+    assert_eq!(parse_timeout("1h2m3s"), Ok(Duration::from_secs(3723)));
+    assert_eq!(parse_timeout("45"), Ok(Duration::from_secs(45)));
+    assert_eq!(parse_timeout("168h"), Ok(MAX_TIMEOUT));
+    for bad in [
+        "",
+        "5x",
+        "m",
+        "1.5h",
+        "30m1h",
+        "5m5m",
+        "-1",
+        "0",
+        "0s",
+        "169h",
+        "99999999999999999999h",
+    ] {
+        assert!(parse_timeout(bad).is_err(), "{bad:?} should be refused");
+    }
+}
+
+// ---- syntax and hostile input ----
+
+#[test]
+fn yaml_syntax_error_has_the_parser_location() {
+    let errs = errors("version: 1\nname: p\ntasks:\n  a: [unclosed\n  b: x\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let (l, c, m) = &errs[0];
+    assert!(m.starts_with("invalid YAML"), "{m}");
+    assert_eq!((*l, *c), (5, 4), "{errs:?}");
+
+    let errs = errors("version: 1\nname: \"unterminated\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].2.starts_with("invalid YAML"));
+    assert_eq!((errs[0].0, errs[0].1), (3, 1), "{errs:?}");
+
+    one_error("version: 1\n  name: p\n", 2, 7, &["invalid YAML"]);
+}
+
+#[test]
+fn empty_file_and_non_mapping() {
+    one_error("", 1, 1, &["empty"]);
+    one_error("# only a comment\n", 1, 1, &["empty"]);
+    one_error("- a\n- b\n", 1, 1, &["must be a mapping", "a list"]);
+}
+
+#[test]
+fn several_documents_are_refused() {
+    let errs = errors("version: 1\n---\nversion: 1\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].2.contains("document"), "{errs:?}");
+}
+
+#[test]
+fn oversized_file_is_refused_without_parsing() {
+    // 10 MB of text that would take a while to parse if we tried.
+    let text = "a: [".repeat(10 * 1024 * 1024 / 4);
+    let start = Instant::now();
+    let err = parse("big.yaml", &text).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert_eq!(err.len(), 1);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "big.yaml is {} bytes; the limit is 1048576 bytes",
+            text.len()
+        )
+    );
+    assert_eq!(err.0[0].line, 0);
+}
+
+#[test]
+fn file_at_the_limit_is_parsed() {
+    let mut text = with_task("    steps: [run: x]\n");
+    text.push_str(&"#".repeat(MAX_FILE_BYTES - text.len() - 1));
+    text.push('\n');
+    assert_eq!(text.len(), MAX_FILE_BYTES);
+    parse("p.yaml", &text).unwrap();
+}
+
+#[test]
+fn billion_laughs_fails_fast() {
+    let mut text = String::from(
+        "version: 1\nname: p\na0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+    );
+    for i in 1..10 {
+        let refs: Vec<String> = (0..10).map(|_| format!("*a{}", i - 1)).collect();
+        text.push_str(&format!("a{i}: &a{i} [{}]\n", refs.join(", ")));
+    }
+    text.push_str("tasks:\n  a:\n    steps: [run: x]\n    env: *a9\n");
+    let start = Instant::now();
+    let errs = errors(&text);
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].2.contains("alias"), "{errs:?}");
+}
+
+#[test]
+fn many_aliases_fail_fast() {
+    // Wide rather than deep: one anchor, a huge number of references.
+    let mut text = String::from("version: 1\nname: p\nx: &x [a, b, c, d, e, f, g, h]\ny: [");
+    text.push_str(&"*x, ".repeat(200_000));
+    text.push_str("*x]\n");
+    assert!(text.len() <= MAX_FILE_BYTES);
+    let start = Instant::now();
+    let errs = errors(&text);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].2.contains("alias"), "{errs:?}");
+}
+
+#[test]
+fn deep_nesting_is_refused_without_overflowing() {
+    let flow = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let errs = errors(&flow);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].2.contains("nesting"), "{errs:?}");
+
+    let mut block = String::new();
+    for i in 0..1_000 {
+        block.push_str(&" ".repeat(i));
+        block.push_str("k:\n");
+    }
+    let errs = errors(&block);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].2.contains("nesting"), "{errs:?}");
+
+    let flow_maps = format!("{}{}", "{a: ".repeat(10_000), "}".repeat(10_000));
+    let errs = errors(&flow_maps);
+    assert_eq!(errs.len(), 1);
+}
+
+#[test]
+fn many_tasks_in_a_chain() {
+    // A long chain of needs (and a cycle closing it) stays iterative.
+    let n = 5_000;
+    let mut text = String::from("version: 1\nname: p\ntasks:\n");
+    for i in 0..n {
+        let next = (i + 1) % n;
+        text.push_str(&format!("  t{i}: {{needs: [t{next}], steps: [run: x]}}\n"));
+    }
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1);
+    assert_eq!((errs[0].0, errs[0].1), (4, 3));
+    assert!(errs[0].2.starts_with("dependency cycle: t0 -> t1 -> t2"));
+}
+
+// ---- each validation error, located ----
+
+#[test]
+fn unknown_keys_at_every_level() {
+    one_error(
+        "version: 1\nname: p\nnmae: q\ntasks:\n  a:\n    steps: [run: x]\n",
+        3,
+        1,
+        &["unknown key `nmae`", "`version`, `name`, `params`, `tasks`"],
+    );
+    one_error(
+        &with_task("    imgae: x\n    steps: [run: x]\n"),
+        5,
+        5,
+        &[
+            "unknown key `imgae` in task `a`",
+            "did you mean `image`?",
+            "`runs-on`",
+        ],
+    );
+    one_error(
+        &with_task("    steps:\n      - run: x\n        shell: bash\n"),
+        7,
+        9,
+        &["unknown key `shell` in step 1 of task `a`", "allowed keys:"],
+    );
+    one_error(
+        &with_task("    steps:\n      - build: {tag: t, file: D}\n"),
+        6,
+        25,
+        &["unknown key `file`", "`context`, `dockerfile`, `tag`"],
+    );
+    one_error(
+        &with_task("    steps:\n      - push: {image: i, creds: c}\n"),
+        6,
+        26,
+        &["unknown key `creds`", "`image`, `credentials`"],
+    );
+    one_error(
+        &with_task("    steps:\n      - set-image: {repo: r, files: [f], image: i, tag: t}\n"),
+        6,
+        52,
+        &["unknown key `tag`", "`repo`, `files`, `image`"],
+    );
+    one_error(
+        &with_task("    steps:\n      - git-push: {message: m, branch: main}\n"),
+        6,
+        32,
+        &["unknown key `branch`", "`message`, `credentials`"],
+    );
+}
+
+#[test]
+fn missing_required_keys() {
+    let errs = errors("params: {}\n");
+    let msgs: Vec<&str> = errs.iter().map(|e| e.2.as_str()).collect();
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    for (e, key) in errs.iter().zip(["version", "name", "tasks"]) {
+        assert_eq!((e.0, e.1), (1, 1));
+        assert!(
+            e.2.contains(&format!("missing required key `{key}`")),
+            "{msgs:?}"
+        );
+    }
+    one_error(
+        &with_task("    image: x\n"),
+        4,
+        3,
+        &["missing required key `steps` in task `a`"],
+    );
+    one_error(
+        &with_task("    steps:\n      - build: {context: .}\n"),
+        6,
+        16,
+        &[
+            "missing required key `tag`",
+            "`build` of step 1 of task `a`",
+        ],
+    );
+    one_error(
+        &with_task("    steps:\n      - push: {credentials: c}\n"),
+        6,
+        15,
+        &["missing required key `image`"],
+    );
+    let errs = errors(&with_task("    steps:\n      - set-image: {}\n"));
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    for (e, key) in errs.iter().zip(["repo", "files", "image"]) {
+        assert_eq!((e.0, e.1), (6, 20));
+        assert!(
+            e.2.contains(&format!("missing required key `{key}`")),
+            "{errs:?}"
+        );
+    }
+    one_error(
+        &with_task("    steps:\n      - git-push: {credentials: c}\n"),
+        6,
+        19,
+        &["missing required key `message`"],
+    );
+}
+
+#[test]
+fn wrong_types() {
+    one_error(
+        "version: 1\nname: [p]\ntasks:\n  a:\n    steps: [run: x]\n",
+        2,
+        7,
+        &["`name` must be a string, found a list"],
+    );
+    one_error(
+        "version: 1\nname: p\ntasks: [a]\n",
+        3,
+        8,
+        &["`tasks` must be a mapping, found a list"],
+    );
+    one_error(
+        &with_task("    steps: run\n"),
+        5,
+        12,
+        &["must be a non-empty list of steps, found a string"],
+    );
+    one_error(
+        &with_task("    steps:\n      - run\n"),
+        6,
+        9,
+        &["step 1 of task `a` must be a mapping"],
+    );
+    one_error(
+        &with_task("    env: [A=b]\n    steps: [run: x]\n"),
+        5,
+        10,
+        &["`env` of task `a` must be a mapping, found a list"],
+    );
+    one_error(
+        &with_task("    env: {A: [b]}\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["the value of `A`", "must be a string, found a list"],
+    );
+    one_error(
+        &with_task("    image: {x: y}\n    steps: [run: x]\n"),
+        5,
+        12,
+        &["`image` of task `a` must be a string, found a mapping"],
+    );
+    one_error(
+        &with_task("    needs: {b: c}\n    steps: [run: x]\n"),
+        5,
+        12,
+        &["must be a list of task names, found a mapping"],
+    );
+    one_error(
+        &with_task("    needs: [[b]]\n    steps: [run: x]\n"),
+        5,
+        13,
+        &["entries of `needs` of task `a` must be task names, found a list"],
+    );
+    one_error(
+        &with_task("    steps:\n      - run:\n"),
+        6,
+        9,
+        &["(the script) must be a string, found nothing"],
+    );
+    one_error(
+        &with_task("    steps:\n      - run: \"  \"\n"),
+        6,
+        14,
+        &["must not be empty"],
+    );
+    one_error(
+        &with_task("    steps:\n      - build: t\n"),
+        6,
+        16,
+        &["`build` of step 1 of task `a` must be a mapping, found a string"],
+    );
+    one_error(
+        &with_task("    steps:\n      - set-image: {repo: r, files: f, image: i}\n"),
+        6,
+        37,
+        &[
+            "`files`",
+            "must be a non-empty list of paths, found a string",
+        ],
+    );
+    one_error(
+        &with_task("    steps:\n      - set-image: {repo: r, files: [], image: i}\n"),
+        6,
+        37,
+        &["`files`", "is empty"],
+    );
+    one_error(
+        "version: 1\nname: p\nparams: {a: [1]}\ntasks:\n  a:\n    steps: [run: x]\n",
+        3,
+        13,
+        &["the default of param `a` must be a string, found a list"],
+    );
+    one_error(
+        "version: 1\nname: p\n[k]: v\ntasks:\n  a:\n    steps: [run: x]\n",
+        3,
+        1,
+        &["keys in the pipeline file must be strings, found a list"],
+    );
+}
+
+#[test]
+fn version_must_be_one() {
+    for (v, found) in [
+        ("2", "`2`"),
+        ("\"1\"", "`1`"),
+        ("1.0", "`1.0`"),
+        ("", "nothing"),
+    ] {
+        one_error(
+            &format!("version: {v}\nname: p\ntasks:\n  a:\n    steps: [run: x]\n"),
+            1,
+            if v.is_empty() { 1 } else { 10 },
+            &["`version` must be 1", found],
+        );
+    }
+}
+
+#[test]
+fn bad_names() {
+    one_error(
+        "version: 1\nname: Go_App\ntasks:\n  a:\n    steps: [run: x]\n",
+        2,
+        7,
+        &["bad pipeline name `Go_App`"],
+    );
+    one_error(
+        "version: 1\nname: p\ntasks:\n  -bad:\n    steps: [run: x]\n",
+        4,
+        3,
+        &["bad task name `-bad`"],
+    );
+    let long = "t".repeat(64);
+    one_error(
+        &format!("version: 1\nname: p\ntasks:\n  {long}:\n    steps: [run: x]\n"),
+        4,
+        3,
+        &["bad task name", "at most 63 characters"],
+    );
+    let ok = "T".repeat(63);
+    parse(
+        "p.yaml",
+        &format!("version: 1\nname: p\ntasks:\n  {ok}:\n    steps: [run: x]\n  a.b_c-D9:\n    steps: [run: x]\n"),
+    )
+    .unwrap();
+    one_error(
+        "version: 1\nname: p\nparams: {9lives: x}\ntasks:\n  a:\n    steps: [run: x]\n",
+        3,
+        10,
+        &["bad param name `9lives`"],
+    );
+    one_error(
+        &with_task("    env: {BAD-NAME: x}\n    steps: [run: x]\n"),
+        5,
+        11,
+        &["bad environment variable name `BAD-NAME`"],
+    );
+}
+
+#[test]
+fn duplicate_keys() {
+    one_error(
+        "version: 1\nname: p\ntasks:\n  a:\n    steps: [run: x]\n  a:\n    steps: [run: y]\n",
+        6,
+        3,
+        &["duplicate key `a` in `tasks` (first defined at line 4, column 3)"],
+    );
+    one_error(
+        "version: 1\nname: p\nname: q\ntasks:\n  a:\n    steps: [run: x]\n",
+        3,
+        1,
+        &["duplicate key `name`"],
+    );
+    one_error(
+        &with_task("    env: {A: 1, A: 2}\n    steps: [run: x]\n"),
+        5,
+        17,
+        &["duplicate key `A` in `env` of task `a`"],
+    );
+    one_error(
+        &with_task("    steps:\n      - build: {tag: a, tag: b}\n"),
+        6,
+        25,
+        &["duplicate key `tag`"],
+    );
+    one_error(
+        &with_task("    steps:\n      - run: a\n        run: b\n"),
+        7,
+        9,
+        &["duplicate key `run`"],
+    );
+}
+
+#[test]
+fn empty_tasks_and_steps() {
+    one_error(
+        "version: 1\nname: p\ntasks: {}\n",
+        3,
+        8,
+        &["`tasks` is empty"],
+    );
+    one_error("version: 1\nname: p\ntasks:\n", 3, 1, &["`tasks` is empty"]);
+    one_error(
+        &with_task("    steps: []\n"),
+        5,
+        12,
+        &["`steps` of task `a` is empty"],
+    );
+}
+
+#[test]
+fn needs_problems() {
+    one_error(
+        "version: 1\nname: p\ntasks:\n  unit-test:\n    steps: [run: x]\n  b:\n    needs: [unit-tst]\n    steps: [run: x]\n",
+        7,
+        13,
+        &[
+            "task `b` needs `unit-tst`, which is not a task in this file",
+            "did you mean `unit-test`?",
+        ],
+    );
+    let errs = errors(&with_task("    needs: [zzz]\n    steps: [run: x]\n"));
+    assert_eq!(errs.len(), 1);
+    assert!(!errs[0].2.contains("did you mean"), "{errs:?}");
+    one_error(
+        &with_task("    needs: [a]\n    steps: [run: x]\n"),
+        5,
+        13,
+        &["task `a` needs itself"],
+    );
+    one_error(
+        "version: 1\nname: p\ntasks:\n  a:\n    needs: [b, b]\n    steps: [run: x]\n  b:\n    steps: [run: x]\n",
+        5,
+        16,
+        &["lists `b` in needs twice"],
+    );
+}
+
+#[test]
+fn three_cycle_is_reported_at_its_first_task() {
+    let text = "version: 1\nname: p\ntasks:\n  ok:\n    steps: [run: x]\n  b:\n    needs: [c]\n    steps: [run: x]\n  a:\n    needs: [b, ok]\n    steps: [run: x]\n  c:\n    needs: [a]\n    steps: [run: x]\n";
+    // Found from `b` (first in the file), so it starts there.
+    one_error(text, 6, 3, &["dependency cycle: b -> c -> a -> b"]);
+
+    let text = "version: 1\nname: p\ntasks:\n  a:\n    needs: [b]\n    steps: [run: x]\n  b:\n    needs: [c]\n    steps: [run: x]\n  c:\n    needs: [a]\n    steps: [run: x]\n";
+    one_error(text, 4, 3, &["dependency cycle: a -> b -> c -> a"]);
+}
+
+#[test]
+fn step_kinds() {
+    one_error(
+        &with_task("    steps:\n      - name: nothing\n"),
+        6,
+        9,
+        &[
+            "step 1 of task `a` has no kind",
+            "`run`, `build`, `push`, `set-image`, `git-push`",
+        ],
+    );
+    one_error(
+        &with_task("    steps:\n      - run: x\n        build: {tag: t}\n"),
+        7,
+        9,
+        &["has more than one kind (`run` and `build`)"],
+    );
+    one_error(
+        &with_task("    steps:\n      - push: {image: i}\n        image: j\n"),
+        7,
+        9,
+        &["`image` is only allowed on `run` steps"],
+    );
+}
+
+#[test]
+fn bad_timeouts_and_retries() {
+    one_error(
+        &with_task("    timeout: 5x\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["bad timeout `5x`", "`timeout` of task `a`"],
+    );
+    one_error(
+        &with_task("    timeout: 0\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["at least 1 second"],
+    );
+    one_error(
+        &with_task("    timeout: [1]\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["must be a duration"],
+    );
+    one_error(
+        &with_task("    steps:\n      - run: x\n        timeout: 1.5m\n"),
+        7,
+        18,
+        &["bad timeout `1.5m`", "step 1 of task `a`"],
+    );
+    one_error(
+        &with_task("    retries: 11\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["`retries` of task `a` must be between 0 and 10, found 11"],
+    );
+    one_error(
+        &with_task("    retries: -1\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["between 0 and 10"],
+    );
+    one_error(
+        &with_task("    retries: two\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["must be a whole number"],
+    );
+}
+
+#[test]
+fn bad_runs_on() {
+    one_error(
+        &with_task("    runs-on: [linux]\n    steps: [run: x]\n"),
+        5,
+        15,
+        &["bad entry `linux` in `runs-on` of task `a`: use `key=value`"],
+    );
+    one_error(
+        &with_task("    runs-on: [os=linux, =x]\n    steps: [run: x]\n"),
+        5,
+        25,
+        &["bad label `=x`"],
+    );
+    one_error(
+        &with_task("    runs-on: [os=linux, os=mac]\n    steps: [run: x]\n"),
+        5,
+        25,
+        &["label `os` appears twice"],
+    );
+    one_error(
+        &with_task("    runs-on: {os: \"\"}\n    steps: [run: x]\n"),
+        5,
+        15,
+        &["bad label `os=`", "non-empty"],
+    );
+    one_error(
+        &with_task("    runs-on: linux\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["must be a list of `key=value` labels or a mapping"],
+    );
+    one_error(
+        &with_task("    runs-on: [\"os=${{ params.x }}\"]\n    steps: [run: x]\n"),
+        5,
+        15,
+        &["substitutions are not allowed in `runs-on`"],
+    );
+}
+
+#[test]
+fn several_errors_at_once_in_file_order() {
+    let text = "version: 2\nname: P\ntasks:\n  a:\n    needs: [nope]\n    timeout: forever\n    retries: 99\n    steps:\n      - bogus: 1\n  b:\n    steps: []\n";
+    let err = parse("p.yaml", text).unwrap_err();
+    let places: Vec<(usize, usize)> = err.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(
+        places,
+        [
+            (1, 10),
+            (2, 7),
+            (5, 13),
+            (6, 14),
+            (7, 14),
+            (9, 9),
+            (9, 9),
+            (11, 12)
+        ],
+        "{err}"
+    );
+    let shown = err.to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 8);
+    assert!(
+        lines[0].starts_with("p.yaml:1:10: `version` must be 1"),
+        "{shown}"
+    );
+    assert!(
+        lines[7].starts_with("p.yaml:11:12: `steps` of task `b` is empty"),
+        "{shown}"
+    );
+}
+
+// ---- substitutions ----
+
+#[test]
+fn substitution_problems_are_found_by_parse() {
+    one_error(
+        &with_task("    steps:\n      - run: echo ${{ params.nope }}\n"),
+        6,
+        14,
+        &[
+            "unknown param `nope` in `${{ params.nope }}`",
+            "declare it under `params:`",
+        ],
+    );
+    one_error(
+        "version: 1\nname: p\nparams: {image: x}\ntasks:\n  a:\n    steps: [run: \"${{ params.imag }}\"]\n",
+        6,
+        18,
+        &[
+            "unknown param `imag`",
+            "did you mean `image`?",
+            "declared: image",
+        ],
+    );
+    one_error(
+        &with_task("    image: \"${{ secrets.token }}\"\n    steps: [run: x]\n"),
+        5,
+        12,
+        &[
+            "unknown substitution `${{ secrets.token }}`",
+            "`params.NAME`, `git.sha`, `git.repo` or `run.id`",
+        ],
+    );
+    one_error(
+        &with_task("    env: {A: \"${{ git.sha\"}\n    steps: [run: x]\n"),
+        5,
+        14,
+        &["unterminated `${{`"],
+    );
+    one_error(
+        "version: 1\nname: p\nparams: {a: \"${{ git.sha }}\"}\ntasks:\n  a:\n    steps: [run: x]\n",
+        3,
+        13,
+        &["default of param `a` must not contain `${{`"],
+    );
+    // Every field substitutions apply to is checked.
+    let fields = [
+        "      - name: \"${{ x }}\"\n        run: a\n",
+        "      - run: a\n        image: \"${{ x }}\"\n",
+        "      - run: a\n        env: {A: \"${{ x }}\"}\n",
+        "      - build: {context: \"${{ x }}\", tag: t}\n",
+        "      - build: {dockerfile: \"${{ x }}\", tag: t}\n",
+        "      - build: {tag: \"${{ x }}\"}\n",
+        "      - push: {image: \"${{ x }}\"}\n",
+        "      - push: {image: i, credentials: \"${{ x }}\"}\n",
+        "      - set-image: {repo: \"${{ x }}\", files: [f], image: i}\n",
+        "      - set-image: {repo: r, files: [\"${{ x }}\"], image: i}\n",
+        "      - set-image: {repo: r, files: [f], image: \"${{ x }}\"}\n",
+        "      - git-push: {message: \"${{ x }}\"}\n",
+        "      - git-push: {message: m, credentials: \"${{ x }}\"}\n",
+    ];
+    for f in fields {
+        let errs = errors(&with_task(&format!("    steps:\n{f}")));
+        assert_eq!(errs.len(), 1, "{f}: {errs:?}");
+        assert!(
+            errs[0].2.contains("unknown substitution `${{ x }}`"),
+            "{errs:?}"
+        );
+    }
+}
+
+fn ctx() -> Context {
+    Context {
+        params: BTreeMap::new(),
+        git_sha: Some(s("abc123")),
+        git_repo: Some(s("http://git/demo.git")),
+        run_id: Some(s("run-1")),
+    }
+}
+
+#[test]
+fn resolve_substitutes_everything() {
+    let p = parse("p.yaml", FULL).unwrap();
+    let mut c = ctx();
+    c.params.insert(s("image"), s("reg/app"));
+    let r = resolve("p.yaml", &p, &c).unwrap();
+    let steps = &r.tasks[0].steps;
+    assert_eq!(
+        steps[1].kind,
+        StepKind::Build {
+            context: s("."),
+            dockerfile: s("Dockerfile"),
+            tag: s("reg/app:abc123")
+        }
+    );
+    assert_eq!(
+        steps[2].kind,
+        StepKind::Push {
+            image: s("reg/app:abc123"),
+            credentials: Some(s("harbor"))
+        }
+    );
+    assert_eq!(
+        steps[3].kind,
+        StepKind::SetImage {
+            repo: s("http://git/demo.git"),
+            files: vec![s("k8s/pod.yaml")],
+            image: s("x:run-1")
+        }
+    );
+    assert_eq!(
+        steps[4].kind,
+        StepKind::GitPush {
+            message: s("deploy abc123"),
+            credentials: Some(s("gitops"))
+        }
+    );
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(!json.contains("${{"), "{json}");
+    // Defaults apply without overrides.
+    let r = resolve("p.yaml", &p, &ctx()).unwrap();
+    assert_eq!(
+        r.tasks[0].steps[2].kind,
+        StepKind::Push {
+            image: s("127.0.0.1:5000/demo-ns/go-sampleapp:abc123"),
+            credentials: Some(s("harbor"))
+        }
+    );
+}
+
+#[test]
+fn resolve_covers_task_and_step_strings() {
+    let text = "version: 1\nname: p\nparams: {v: V}\ntasks:\n  a:\n    image: \"img:${{params.v}}\"\n    env: {A: \"${{ params.v }}-${{ run.id }}\"}\n    steps:\n      - name: \"s ${{ params.v }}\"\n        env: {B: \"${{git.repo}}\"}\n        run: \"echo ${{ params.v }}${{ params.v }}\"\n        image: \"i:${{ params.v }}\"\n";
+    let p = parse("p.yaml", text).unwrap();
+    let r = resolve("p.yaml", &p, &ctx()).unwrap();
+    let t = &r.tasks[0];
+    assert_eq!(t.image.as_deref(), Some("img:V"));
+    assert_eq!(t.env["A"], "V-run-1");
+    assert_eq!(t.steps[0].name.as_deref(), Some("s V"));
+    assert_eq!(t.steps[0].env["B"], "http://git/demo.git");
+    assert_eq!(
+        t.steps[0].kind,
+        StepKind::Run {
+            script: s("echo VV"),
+            image: Some(s("i:V"))
+        }
+    );
+}
+
+#[test]
+fn resolve_errors() {
+    let p = parse("p.yaml", FULL).unwrap();
+
+    // Unknown override: no place in the file.
+    let mut c = ctx();
+    c.params.insert(s("imag"), s("x"));
+    let err = resolve("p.yaml", &p, &c).unwrap_err();
+    assert_eq!(err.len(), 1);
+    assert_eq!((err.0[0].line, err.0[0].column), (0, 0));
+    assert_eq!(
+        err.0[0].message,
+        "unknown param `imag`: declare it under `params:` in p.yaml (did you mean `image`?)"
+    );
+    assert_eq!(
+        err.to_string(),
+        "p.yaml: unknown param `imag`: declare it under `params:` in p.yaml (did you mean `image`?)"
+    );
+
+    // An override may not smuggle in a substitution.
+    let mut c = ctx();
+    c.params.insert(s("image"), s("${{ git.sha }}"));
+    let err = resolve("p.yaml", &p, &c).unwrap_err();
+    assert!(err.0[0].message.contains("must not contain"), "{err}");
+
+    // Missing git.sha: reported once, at its first use (the build tag).
+    let mut c = ctx();
+    c.git_sha = None;
+    let err = resolve("p.yaml", &p, &c).unwrap_err();
+    assert_eq!(err.len(), 1, "{err}");
+    assert_eq!((err.0[0].line, err.0[0].column), (20, 59));
+    assert_eq!(
+        err.0[0].message,
+        "`${{ git.sha }}` needs a revision: submit with --rev"
+    );
+
+    // Missing git.repo and run.id.
+    let c = Context::default();
+    let err = resolve("p.yaml", &p, &c).unwrap_err();
+    let got: Vec<(usize, usize, &str)> = err
+        .iter()
+        .map(|e| (e.line, e.column, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                20,
+                59,
+                "`${{ git.sha }}` needs a revision: submit with --rev"
+            ),
+            (
+                22,
+                28,
+                "`${{ git.repo }}` needs a repository: submit with --repo"
+            ),
+            (
+                22,
+                77,
+                "`${{ run.id }}` needs the run's id, which this context lacks"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn resolve_checks_hand_built_pipelines() {
+    let mut p = expected_full();
+    p.tasks[1].steps[0].kind = StepKind::Run {
+        script: s("${{ params.nope }} ${{ bad }} ${{ open"),
+        image: None,
+    };
+    let err = resolve("p.yaml", &p, &ctx()).unwrap_err();
+    // No source map: no location.
+    assert!(err.iter().all(|e| e.line == 0), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("unterminated"), "{text}");
+    assert!(text.contains("unknown substitution `${{ bad }}`"), "{text}");
+}
+
+#[test]
+fn task_spec_conversion() {
+    let p = parse("p.yaml", FULL).unwrap();
+    let r = resolve("p.yaml", &p, &ctx()).unwrap();
+    let spec = pb::TaskSpec::from(&r.tasks[0]);
+    assert_eq!(spec.name, "unit-test");
+    assert_eq!(spec.image, "capstan-test/golang");
+    assert_eq!(spec.timeout_seconds, 600);
+    assert_eq!(
+        spec.env.get("GOFLAGS").map(String::as_str),
+        Some("-mod=vendor")
+    );
+    assert_eq!(spec.runs_on.len(), 2);
+    assert_eq!(spec.steps.len(), 5);
+    assert_eq!(spec.steps[0].name, "test");
+    assert_eq!(spec.steps[0].timeout_seconds, 30);
+    assert_eq!(
+        spec.steps[0].kind,
+        Some(pb::step::Kind::Run(pb::RunStep {
+            script: s("go test ./..."),
+            image: s("other-image")
+        }))
+    );
+    assert_eq!(spec.steps[1].name, "build-2");
+    assert_eq!(spec.steps[1].timeout_seconds, 0);
+    assert_eq!(
+        spec.steps[4].kind,
+        Some(pb::step::Kind::GitPush(pb::GitPushStep {
+            message: s("deploy abc123"),
+            credentials: s("gitops")
+        }))
+    );
+    let other = pb::TaskSpec::from(&r.tasks[1]);
+    assert_eq!(other.image, "");
+    assert_eq!(other.timeout_seconds, 90);
+    assert_eq!(
+        other.steps[2].kind,
+        Some(pb::step::Kind::Push(pb::PushStep {
+            image: s("i"),
+            credentials: s("")
+        }))
+    );
+}

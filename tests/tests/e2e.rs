@@ -1,0 +1,296 @@
+//! End to end: the three real binaries on loopback.
+
+use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::*;
+use std::time::{Duration, Instant};
+
+const DIAMOND: &str = r#"
+version: 1
+name: diamond
+tasks:
+  a:
+    steps:
+      - run: echo "a ran"
+  b:
+    needs: [a]
+    steps:
+      - run: echo "b ran"
+  c:
+    needs: [a]
+    steps:
+      - run: echo "c ran" >&2
+  d:
+    needs: [b, c]
+    steps:
+      - run: echo "d ran"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diamond_dag_on_two_runners() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(2).start().await?;
+    let id = c.submit(DIAMOND).await?;
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
+    for t in ["a", "b", "c", "d"] {
+        assert_eq!(task_state(&run, t), TaskState::Succeeded);
+        let log = String::from_utf8(c.task_log(&id, t).await?)?;
+        assert!(log.contains(&format!("{t} ran")), "log of {t}: {log:?}");
+    }
+    // d started only after both b and c finished.
+    let (b, cc, d) = (task(&run, "b"), task(&run, "c"), task(&run, "d"));
+    assert!(d.started_at_ms >= b.finished_at_ms.max(cc.finished_at_ms));
+
+    // The CLI sees the same thing.
+    let out = c.cli(&["status", &id, "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["state"], "succeeded");
+    assert_eq!(v["tasks"].as_array().unwrap().len(), 4);
+    assert_eq!(v["tasks"][0]["attempts"], 1);
+    assert!(v["tasks"][0]["runner"].as_str().unwrap().starts_with("runner-"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_task_skips_its_dependents_and_cli_exits_1() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(2).start().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("fail.yaml");
+    std::fs::write(
+        &file,
+        r#"
+version: 1
+name: failing
+tasks:
+  ok:
+    steps: [ { run: "echo fine" } ]
+  broken:
+    steps:
+      - run: |
+          echo "about to fail"
+          exit 3
+  after:
+    needs: [broken, ok]
+    steps: [ { run: "echo never" } ]
+  later:
+    needs: [after]
+    steps: [ { run: "echo never" } ]
+"#,
+    )?;
+    let out = c.cli(&["submit", file.to_str().unwrap(), "--follow"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("about to fail"), "{stdout}");
+    let runs = c.client().await?.list_runs(capstan_shared::proto::api::v1::ListRunsRequest { limit: 1 }).await?.into_inner().runs;
+    let run = &runs[0];
+    assert_eq!(run_state(run), RunState::Failed);
+    assert_eq!(task_state(run, "ok"), TaskState::Succeeded);
+    assert_eq!(task_state(run, "broken"), TaskState::Failed);
+    assert_eq!(task(run, "broken").exit_code, Some(3));
+    assert_eq!(task_state(run, "after"), TaskState::Skipped);
+    assert_eq!(task_state(run, "later"), TaskState::Skipped);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_the_running_step() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    let marker = c.dir().join("should-not-exist");
+    let id = c
+        .submit(&format!(
+            "version: 1\nname: long\ntasks:\n  sleepy:\n    steps:\n      - run: |\n          echo started\n          sleep 20\n          touch {}\n  next:\n    needs: [sleepy]\n    steps: [ {{ run: 'echo no' }} ]\n",
+            marker.display()
+        ))
+        .await?;
+    c.wait_run(&id, Duration::from_secs(20), |r| {
+        task_state(r, "sleepy") == TaskState::Running
+    })
+    .await?;
+    let t0 = Instant::now();
+    let out = c.cli(&["cancel", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let run = c.wait_done(&id, Duration::from_secs(10)).await?;
+    assert_eq!(run_state(&run), RunState::Cancelled);
+    assert_eq!(task_state(&run, "sleepy"), TaskState::Cancelled);
+    assert_eq!(task_state(&run, "next"), TaskState::Cancelled);
+    // The runner frees its slot once the step is dead: a new run gets through.
+    let id2 = c.submit("version: 1\nname: after\ntasks:\n  t:\n    steps: [ { run: 'echo after-cancel' } ]\n").await?;
+    let run2 = c.wait_done(&id2, Duration::from_secs(15)).await?;
+    assert_eq!(run_state(&run2), RunState::Succeeded);
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    assert!(!marker.exists(), "the cancelled step kept running");
+    // Cancelling again is a no-op; an unknown run is a clear error.
+    assert!(c.cli(&["cancel", &id]).status.success());
+    let out = c.cli(&["cancel", "run-doesnotexist"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run-doesnotexist"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn step_timeout_fails_the_task() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    let id = c
+        .submit("version: 1\nname: slow\ntasks:\n  t:\n    steps:\n      - run: sleep 30\n        timeout: 1s\n")
+        .await?;
+    let run = c.wait_done(&id, Duration::from_secs(15)).await?;
+    assert_eq!(run_state(&run), RunState::Failed);
+    let t = task(&run, "t");
+    assert!(t.message.contains("timed out"), "{t:#?}");
+    assert!(t.finished_at_ms - t.started_at_ms < 8000, "{t:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runner_killed_mid_step_task_finishes_on_the_other() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder().runners(2).lease_ms(1500).start().await?;
+    let id = c
+        .submit("version: 1\nname: lost\ntasks:\n  t:\n    steps:\n      - run: |\n          echo begin\n          sleep 2\n          echo end\n")
+        .await?;
+    let run = c
+        .wait_run(&id, Duration::from_secs(20), |r| {
+            task_state(r, "t") == TaskState::Running
+        })
+        .await?;
+    let victim = task(&run, "t").runner.clone();
+    c.kill_runner(&victim);
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
+    let t = task(&run, "t");
+    assert_eq!(t.attempts, 2);
+    assert_ne!(t.runner, victim);
+    let log = String::from_utf8(c.task_log(&id, "t").await?)?;
+    assert!(log.contains("end"), "{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_and_restarted_mid_run() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder().runners(1).start().await?;
+    let id = c
+        .submit("version: 1\nname: survive\ntasks:\n  count:\n    steps:\n      - run: for i in $(seq 1 40); do echo line-$i; sleep 0.05; done\n  then:\n    needs: [count]\n    steps: [ { run: 'echo then-ran' } ]\n")
+        .await?;
+    c.wait_run(&id, Duration::from_secs(20), |r| {
+        task_state(r, "count") == TaskState::Running
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.kill_coordinator();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.start_coordinator().await?;
+    let run = c.wait_done(&id, Duration::from_secs(40)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{}", c.all_logs());
+    assert_eq!(task(&run, "count").attempts, 1, "the running attempt was re-attached, not rerun");
+    let log = String::from_utf8(c.task_log(&id, "count").await?)?;
+    let expected: String = (1..=40).map(|i| format!("line-{i}\n")).collect();
+    assert!(log.ends_with(&expected), "log incomplete or duplicated: {log:?}");
+    assert_eq!(log.matches("line-").count(), 40);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_registration_token_is_refused_clearly() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(0).start().await?;
+    let out = c
+        .runner_command("intruder", "wrong-token")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("registration token"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_clear_errors() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(0).start().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nname: bad\ntasks:\n  a:\n    needs: [nope]\n    steps: [ { run: x } ]\n",
+    )?;
+    let out = c.cli(&["submit", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:5:"), "{err}");
+    assert!(err.contains("nope"), "{err}");
+    // Nothing reached the queue.
+    let runs = c.cli(&["runs", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&runs.stdout)?;
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+
+    let out = c.cli(&["status", "run-unknown"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run-unknown"));
+
+    // Nothing listens here: exit 3.
+    let out = std::process::Command::new(bin("capstan"))
+        .args(["--server", &format!("http://127.0.0.1:{}", free_port()), "runs"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_runner() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder().runners(1).start().await?;
+    let id = c
+        .submit("version: 1\nname: drain\ntasks:\n  t:\n    steps:\n      - run: sleep 1.5; echo finished-anyway\n")
+        .await?;
+    c.wait_run(&id, Duration::from_secs(20), |r| {
+        task_state(r, "t") == TaskState::Running
+    })
+    .await?;
+    let mut proc = c.terminate_runner("runner-0").expect("runner exists");
+    // New work is not taken while draining.
+    let id2 = c.submit("version: 1\nname: later\ntasks:\n  t:\n    steps: [ { run: 'echo later' } ]\n").await?;
+    let run = c.wait_done(&id, Duration::from_secs(20)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    let log = String::from_utf8(c.task_log(&id, "t").await?)?;
+    assert!(log.contains("finished-anyway"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = proc.child.try_wait()? {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "runner did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    let later = c.get_run(&id2).await?;
+    assert_eq!(task_state(&later, "t"), TaskState::Queued);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_side_port_serves_health_and_metrics() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    assert_eq!(c.http_get("/healthz")?.0, 200);
+    assert_eq!(c.http_get("/readyz")?.0, 200);
+    let id = c.submit("version: 1\nname: m\ntasks:\n  t:\n    steps: [ { run: 'echo hi' } ]\n").await?;
+    c.wait_done(&id, Duration::from_secs(20)).await?;
+    let (code, body) = c.http_get("/metrics")?;
+    assert_eq!(code, 200);
+    assert!(body.contains("capstan_runners_connected 1"), "{body}");
+    assert!(body.contains("capstan_runs_submitted_total 1"), "{body}");
+    assert!(body.contains("capstan_pickup_latency_ms_count 1"), "{body}");
+    assert!(body.contains("capstan_log_bytes_total"), "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_on_labels_route_tasks() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(2).start().await?;
+    // Runner i carries index=i.
+    let id = c
+        .submit("version: 1\nname: route\ntasks:\n  one:\n    runs-on: [index=1]\n    steps: [ { run: 'echo one' } ]\n  zero:\n    runs-on: [index=0]\n    steps: [ { run: 'echo zero' } ]\n")
+        .await?;
+    let run = c.wait_done(&id, Duration::from_secs(20)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    assert_eq!(task(&run, "one").runner, "runner-1");
+    assert_eq!(task(&run, "zero").runner, "runner-0");
+    Ok(())
+}
