@@ -141,14 +141,12 @@ impl Args {
                     .into(),
             ));
         }
-        let listen = self
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_GRPC_PORT)));
-        let http_listen = self
-            .http_listen
-            .or(file.http_listen)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_HTTP_PORT)));
+        let listen = self.listen.or(file.listen).unwrap_or_else(|| {
+            SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_GRPC_PORT))
+        });
+        let http_listen = self.http_listen.or(file.http_listen).unwrap_or_else(|| {
+            SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_HTTP_PORT))
+        });
         let registration_token = self
             .registration_token
             .or(file.registration_token)
@@ -167,7 +165,11 @@ impl Args {
         let timing = Timing {
             heartbeat: ms(self.heartbeat_ms, file.heartbeat_ms, d.heartbeat),
             lease: ms(self.lease_ms, file.lease_ms, d.lease),
-            offer_timeout: ms(self.offer_timeout_ms, file.offer_timeout_ms, d.offer_timeout),
+            offer_timeout: ms(
+                self.offer_timeout_ms,
+                file.offer_timeout_ms,
+                d.offer_timeout,
+            ),
             max_infra_retries: self
                 .max_infra_retries
                 .or(file.max_infra_retries)
@@ -247,6 +249,11 @@ mod tests {
             etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
             ..Args::default()
         };
-        assert!(args.settings().unwrap_err().to_string().contains("not available"));
+        assert!(
+            args.settings()
+                .unwrap_err()
+                .to_string()
+                .contains("not available")
+        );
     }
 }

@@ -49,10 +49,12 @@ pub async fn run(
         "standalone mode: only one coordinator may use this data dir"
     );
     let store: Arc<dyn store::Store> = Arc::new(store::redb::RedbStore::open(&state_path)?);
-    let logs: Arc<dyn logs::LogStore> =
-        Arc::new(logs::local::LocalLogStore::open(&config.data_dir.join("logs"))?);
+    let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(
+        &config.data_dir.join("logs"),
+    )?);
     let metrics = Arc::new(metrics::Metrics::default());
-    let (scheduler, handle) = scheduler::start(store, config.timing.clone(), metrics.clone()).await?;
+    let (scheduler, handle) =
+        scheduler::start(store, config.timing.clone(), metrics.clone()).await?;
     let epoch = scheduler.epoch();
     let local = grpc.local_addr()?;
     let advertise = config
@@ -100,14 +102,16 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            apipb::pipeline_service_server::PipelineServiceServer::new(
-                api::pipeline::PipelineApi(shared.clone()),
-            )
+            apipb::pipeline_service_server::PipelineServiceServer::new(api::pipeline::PipelineApi(
+                shared.clone(),
+            ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(clusterpb::cluster_service_server::ClusterServiceServer::new(
-            api::cluster::ClusterApi(shared.clone()),
-        ));
+        .add_service(
+            clusterpb::cluster_service_server::ClusterServiceServer::new(api::cluster::ClusterApi(
+                shared.clone(),
+            )),
+        );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, epoch, "coordinator serving");

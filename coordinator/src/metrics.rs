@@ -28,7 +28,11 @@ impl Default for Metrics {
         let log_bytes = Counter::default();
         let pickup_ms = Histogram::new(exponential_buckets(0.5, 2.0, 16));
         let task_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 20));
-        registry.register("queue_depth", "Tasks waiting for a runner", queue_depth.clone());
+        registry.register(
+            "queue_depth",
+            "Tasks waiting for a runner",
+            queue_depth.clone(),
+        );
         registry.register(
             "runners_connected",
             "Runners with an open control stream",

@@ -189,7 +189,10 @@ impl TestCluster {
                 );
             }
             if Instant::now() > deadline {
-                bail!("coordinator not ready in 20 s:\n{}", self.process_log("coordinator"));
+                bail!(
+                    "coordinator not ready in 20 s:\n{}",
+                    self.process_log("coordinator")
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -395,12 +398,20 @@ impl TestCluster {
         loop {
             if let Ok(mut c) = self.client().await
                 && let Ok(r) = c.list_runners(api::ListRunnersRequest {}).await
-                && r.into_inner().runners.iter().filter(|r| r.connected).count() >= n
+                && r.into_inner()
+                    .runners
+                    .iter()
+                    .filter(|r| r.connected)
+                    .count()
+                    >= n
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{n} runners did not connect in {timeout:?}\n{}", self.all_logs());
+                bail!(
+                    "{n} runners did not connect in {timeout:?}\n{}",
+                    self.all_logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -53,7 +53,11 @@ async fn scenario_fixtures_on_the_fake_executor() -> anyhow::Result<()> {
                 Some(("attempts", t)) => task(&run, t).attempts.to_string(),
                 Some(("message", t)) => {
                     let m = task(&run, t).message.clone();
-                    if m.contains(want) { want.to_string() } else { m }
+                    if m.contains(want) {
+                        want.to_string()
+                    } else {
+                        m
+                    }
                 }
                 Some(("log", t)) => {
                     let log = String::from_utf8_lossy(&c.task_log(&id, t).await?).to_string();
@@ -70,6 +74,11 @@ async fn scenario_fixtures_on_the_fake_executor() -> anyhow::Result<()> {
             }
         }
     }
-    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), c.all_logs());
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        c.all_logs()
+    );
     Ok(())
 }

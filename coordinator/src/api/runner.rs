@@ -26,8 +26,10 @@ impl runner_service_server::RunnerService for RunnerApi {
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let req = req.into_inner();
-        if !constant_time_eq(req.registration_token.as_bytes(), self.0.registration_token.as_bytes())
-        {
+        if !constant_time_eq(
+            req.registration_token.as_bytes(),
+            self.0.registration_token.as_bytes(),
+        ) {
             tracing::warn!(name = %req.name, "registration refused: wrong registration token");
             return Err(Status::unauthenticated(
                 "registration token rejected: check the runner's --registration-token",

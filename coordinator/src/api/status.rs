@@ -7,9 +7,9 @@ use tonic::Status;
 
 pub fn from_state(e: StateError) -> Status {
     match e {
-        StateError::UnknownRun(_) | StateError::UnknownTask { .. } | StateError::UnknownRunner(_) => {
-            Status::not_found(e.to_string())
-        }
+        StateError::UnknownRun(_)
+        | StateError::UnknownTask { .. }
+        | StateError::UnknownRunner(_) => Status::not_found(e.to_string()),
         StateError::BadRunnerCredentials => Status::unauthenticated(e.to_string()),
         StateError::ProtocolVersion { .. } => Status::failed_precondition(e.to_string()),
         StateError::NotYourAttempt { .. } => Status::permission_denied(e.to_string()),

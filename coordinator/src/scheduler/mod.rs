@@ -138,7 +138,10 @@ pub async fn start(
     metrics: Arc<Metrics>,
 ) -> Result<(Scheduler, SchedulerHandle), StoreError> {
     let epoch = match store.get(EPOCH_KEY).await? {
-        Some(v) => String::from_utf8_lossy(&v).trim().parse::<u64>().unwrap_or(0),
+        Some(v) => String::from_utf8_lossy(&v)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0),
         None => 0,
     } + 1;
     store
@@ -246,12 +249,8 @@ impl Scheduler {
             }
             Command::ListRuns { limit, reply } => {
                 let mut runs: Vec<&RunRecord> = self.state.runs.values().collect();
-                runs.sort_by(|a, b| b.seq.cmp(&a.seq));
-                let out = runs
-                    .into_iter()
-                    .take(limit)
-                    .map(|r| view::run(r))
-                    .collect();
+                runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
+                let out = runs.into_iter().take(limit).map(view::run).collect();
                 let _ = reply.send(Ok(out));
             }
             Command::CancelRun { id, reply } => {
@@ -277,9 +276,7 @@ impl Scheduler {
                 version,
                 reply,
             } => {
-                let r = self
-                    .state
-                    .register(&name, labels, capacity, &version, now);
+                let r = self.state.register(&name, labels, capacity, &version, now);
                 self.reply(reply, Ok(r));
             }
             Command::Attach { hello, tx, reply } => {

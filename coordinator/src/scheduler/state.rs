@@ -60,7 +60,9 @@ pub struct RunnerSlot {
 
 impl RunnerSlot {
     pub fn free_slots(&self) -> u32 {
-        self.record.capacity.saturating_sub(self.active.len() as u32)
+        self.record
+            .capacity
+            .saturating_sub(self.active.len() as u32)
     }
 
     pub fn accepts_work(&self) -> bool {
@@ -268,7 +270,8 @@ impl SchedulerState {
             a.state = AttemptState::Cancelling;
             notify = Some((a.runner.clone(), a.id.clone()));
         }
-        self.queue.remove(&(Reverse(priority), seq, run_id.clone(), i));
+        self.queue
+            .remove(&(Reverse(priority), seq, run_id.clone(), i));
         self.touch_run(run_id);
         if let Some((runner, attempt)) = notify {
             self.offered_at.remove(&attempt);
@@ -329,8 +332,7 @@ impl SchedulerState {
             for (i, t) in run.tasks.iter().enumerate() {
                 if t.state == StoredTaskState::Waiting
                     && t.needs.contains(&done)
-                    && t
-                        .needs
+                    && t.needs
                         .iter()
                         .all(|&n| run.tasks[n].state == StoredTaskState::Succeeded)
                 {
@@ -530,9 +532,12 @@ impl SchedulerState {
             .get(&id)
             .is_some_and(|slot| slot.record.draining)
         {
-            self.fx
-                .outbox
-                .push((tx, msg(Down::Drain(rpb::Drain { leader_epoch: epoch }))));
+            self.fx.outbox.push((
+                tx,
+                msg(Down::Drain(rpb::Drain {
+                    leader_epoch: epoch,
+                })),
+            ));
         }
         Ok(conn_id)
     }
@@ -558,7 +563,12 @@ impl SchedulerState {
         let slot = self.runners.get_mut(&id).expect("found");
         slot.record.draining = true;
         self.fx.dirty_runners.insert(id.clone());
-        self.send_to(&id, Down::Drain(rpb::Drain { leader_epoch: epoch }));
+        self.send_to(
+            &id,
+            Down::Drain(rpb::Drain {
+                leader_epoch: epoch,
+            }),
+        );
         Ok(id)
     }
 
@@ -574,7 +584,7 @@ impl SchedulerState {
         let Some(slot) = self.runners.get_mut(runner) else {
             return Err(StateError::BadRunnerCredentials);
         };
-        if !slot.conn.as_ref().is_some_and(|(c, _)| *c == conn_id) {
+        if slot.conn.as_ref().is_none_or(|(c, _)| *c != conn_id) {
             // A message from a replaced connection: the new one speaks for the runner.
             return Ok(());
         }
@@ -638,8 +648,8 @@ impl SchedulerState {
         slot_mut(&mut self.runners, runner).active.remove(&a);
         self.offered_at.remove(&a);
         self.started_at.remove(&a);
-        let outcome = rpb::AttemptOutcome::try_from(fin.outcome)
-            .unwrap_or(rpb::AttemptOutcome::Unspecified);
+        let outcome =
+            rpb::AttemptOutcome::try_from(fin.outcome).unwrap_or(rpb::AttemptOutcome::Unspecified);
         let now_ms = now_ms();
         let run = self.runs.get_mut(&run_id).expect("indexed");
         let max_infra = self.timing.max_infra_retries;
@@ -975,6 +985,9 @@ impl SchedulerState {
     }
 }
 
-fn slot_mut<'a>(runners: &'a mut HashMap<RunnerId, RunnerSlot>, id: &RunnerId) -> &'a mut RunnerSlot {
+fn slot_mut<'a>(
+    runners: &'a mut HashMap<RunnerId, RunnerSlot>,
+    id: &RunnerId,
+) -> &'a mut RunnerSlot {
     runners.get_mut(id).expect("runner exists")
 }

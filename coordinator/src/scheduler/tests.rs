@@ -126,7 +126,11 @@ impl Harness {
             Up::Finished(rpb::TaskFinished {
                 attempt_id: attempt.into(),
                 outcome: outcome as i32,
-                exit_code: Some(if outcome == rpb::AttemptOutcome::Succeeded { 0 } else { 1 }),
+                exit_code: Some(if outcome == rpb::AttemptOutcome::Succeeded {
+                    0
+                } else {
+                    1
+                }),
                 message: "done".into(),
                 log_length: 0,
             }),
@@ -159,7 +163,11 @@ impl Harness {
 
 impl TestRunner {
     fn next(&mut self) -> Option<Down> {
-        self.rx.try_recv().ok().and_then(|m| m.ok()).and_then(|m| m.kind)
+        self.rx
+            .try_recv()
+            .ok()
+            .and_then(|m| m.ok())
+            .and_then(|m| m.kind)
     }
 }
 
@@ -215,9 +223,8 @@ fn failure_skips_dependents_transitively() {
 #[test]
 fn script_failures_retry_only_when_asked() {
     let mut h = Harness::new();
-    let run = h.submit(
-        "version: 1\nname: r\ntasks:\n  t:\n    retries: 1\n    steps: [ { run: x } ]\n",
-    );
+    let run =
+        h.submit("version: 1\nname: r\ntasks:\n  t:\n    retries: 1\n    steps: [ { run: x } ]\n");
     let mut r = h.runner("r1", 1, &[]);
     let first = h.accept(&mut r);
     h.finish(&r, &first.attempt_id, rpb::AttemptOutcome::Failed);
@@ -305,7 +312,10 @@ fn lost_runner_requeues_as_new_attempt_and_old_reports_are_ignored() {
     let first = h.accept(&mut r1);
     h.st.detach(&r1.id, r1.conn);
     let mut r2 = h.runner("r2", 1, &[]);
-    assert!(r2.next().is_none(), "not requeued before the lease runs out");
+    assert!(
+        r2.next().is_none(),
+        "not requeued before the lease runs out"
+    );
     h.advance(Duration::from_secs(6));
     let second = h.accept(&mut r2);
     assert_eq!(second.attempt_number, 2);
@@ -330,7 +340,11 @@ fn reconnect_within_lease_reattaches() {
     let offer = h.accept(&mut r);
     h.st.detach(&r.id, r.conn);
     h.advance(Duration::from_secs(2));
-    let r = h.connect(r.id.clone(), r.secret.clone(), vec![offer.attempt_id.clone()]);
+    let r = h.connect(
+        r.id.clone(),
+        r.secret.clone(),
+        vec![offer.attempt_id.clone()],
+    );
     h.advance(Duration::from_secs(4));
     assert_eq!(h.state_of(&run, "t"), Running);
     h.finish(&r, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);

@@ -1,0 +1,177 @@
+//! The command line, as fixed in DESIGN.md ("Command line").
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::output::Format;
+
+/// Submit pipelines to a Capstan coordinator and watch them run.
+#[derive(Debug, Parser)]
+#[command(name = "capstan", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Coordinator gRPC URL(s), comma-separated; the client finds the leader.
+    #[arg(
+        long,
+        global = true,
+        env = "CAPSTAN_SERVER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7700",
+        value_name = "URL[,URL]"
+    )]
+    pub server: Vec<String>,
+
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long,
+        global = true,
+        env = "CAPSTAN_OUTPUT",
+        value_enum,
+        default_value_t = Format::Text
+    )]
+    pub output: Format,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Queue a run of a pipeline file; prints the run id.
+    Submit(SubmitArgs),
+    /// Show a run and its tasks.
+    Status {
+        /// Run id.
+        run: String,
+    },
+    /// List runs, newest first.
+    Runs {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Print a run's logs.
+    Logs {
+        /// Run id.
+        run: String,
+        /// Only this task's log, raw.
+        #[arg(long)]
+        task: Option<String>,
+        /// Keep printing until the tasks end.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel every unfinished task of a run.
+    Cancel {
+        /// Run id.
+        run: String,
+    },
+    /// List registered runners.
+    Runners,
+    /// Let a runner finish its work and take no more.
+    Drain {
+        /// Runner id or name.
+        runner: String,
+    },
+    /// Show the coordinator cluster: leader, epoch, members.
+    Cluster,
+    /// Check a pipeline file locally, without a coordinator.
+    Validate {
+        /// Pipeline file.
+        file: PathBuf,
+    },
+    /// Run a pipeline on an embedded coordinator and runner, in this process.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// Pipeline file.
+    pub file: PathBuf,
+    /// Override a param of the file (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// Source repository URL.
+    #[arg(long, env = "CAPSTAN_REPO")]
+    pub repo: Option<String>,
+    /// Revision to check out; `${{ git.sha }}` resolves to it.
+    #[arg(long, env = "CAPSTAN_REV")]
+    pub rev: Option<String>,
+    /// Higher runs first.
+    #[arg(
+        long,
+        env = "CAPSTAN_PRIORITY",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub priority: i32,
+    /// Watch the run and its logs; exit with its result.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Pipeline file.
+    pub file: PathBuf,
+    /// How steps run: host processes (shell), simulated (fake), containers (docker).
+    #[arg(long, env = "CAPSTAN_EXECUTOR", value_enum, default_value_t = Executor::Shell)]
+    pub executor: Executor,
+    /// Override a param of the file (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Executor {
+    Shell,
+    Fake,
+    Docker,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got `{s}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_global_flags_anywhere() {
+        let cli = Cli::try_parse_from([
+            "capstan", "status", "run-1", "-o", "json", "--server", "a:1,b:2",
+        ])
+        .unwrap();
+        assert_eq!(cli.output, Format::Json);
+        assert_eq!(cli.server, ["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn params_are_key_value() {
+        let cli = Cli::try_parse_from([
+            "capstan", "submit", "p.yaml", "--param", "a=b=c", "--param", "x=",
+        ])
+        .unwrap();
+        let Command::Submit(args) = cli.command else {
+            panic!("not submit")
+        };
+        assert_eq!(
+            args.params,
+            [("a".into(), "b=c".into()), ("x".into(), String::new())]
+        );
+        assert!(
+            Cli::try_parse_from(["capstan", "submit", "p.yaml", "--param", "novalue"]).is_err()
+        );
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

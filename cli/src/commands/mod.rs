@@ -1,0 +1,81 @@
+//! One module per subcommand; each returns the exit or a [`Failure`].
+
+pub mod cancel;
+pub mod cluster;
+pub mod dev;
+pub mod drain;
+pub mod logs;
+pub mod runners;
+pub mod runs;
+pub mod status;
+pub mod submit;
+pub mod validate;
+
+use std::io::Read;
+use std::path::Path;
+
+use capstan_shared::client::Client;
+use capstan_shared::pipeline::MAX_FILE_BYTES;
+
+use crate::args::{Cli, Command};
+use crate::exit::{Exit, Failure};
+use crate::output::Format;
+
+/// What every command gets from the global flags.
+pub struct Context {
+    pub servers: Vec<String>,
+    pub format: Format,
+}
+
+impl Context {
+    pub async fn connect(&self) -> Result<Client, Failure> {
+        Ok(Client::connect(&self.servers).await?)
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<Exit, Failure> {
+    let ctx = Context {
+        servers: cli.server,
+        format: cli.output,
+    };
+    match cli.command {
+        Command::Submit(args) => submit::run(&ctx, args).await,
+        Command::Status { run } => status::run(&ctx, &run).await,
+        Command::Runs { limit } => runs::run(&ctx, limit).await,
+        Command::Logs { run, task, follow } => logs::run(&ctx, &run, task.as_deref(), follow).await,
+        Command::Cancel { run } => cancel::run(&ctx, &run).await,
+        Command::Runners => runners::run(&ctx).await,
+        Command::Drain { runner } => drain::run(&ctx, &runner).await,
+        Command::Cluster => cluster::run(&ctx).await,
+        Command::Validate { file } => validate::run(&ctx, &file),
+        Command::Dev(args) => dev::run(&ctx, args).await,
+    }
+}
+
+/// Reads a pipeline file, refusing anything over the coordinator's limit
+/// before sending it anywhere.
+pub fn read_pipeline(path: &Path) -> Result<String, Failure> {
+    let shown = path.display();
+    let file = std::fs::File::open(path)
+        .map_err(|e| Failure::usage(format!("cannot read {shown}: {e}")))?;
+    let mut bytes = Vec::new();
+    // One byte over the limit is enough to know it is too big.
+    file.take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::usage(format!("cannot read {shown}: {e}")))?;
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(Failure::usage(format!(
+            "{shown} is larger than 1 MiB, the limit for a pipeline file; \
+             move large scripts into the repository and run them from a step"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| Failure::usage(format!("{shown} is not UTF-8 text: {e}")))
+}
+
+/// Prints a JSON value on stdout, pretty.
+pub fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}

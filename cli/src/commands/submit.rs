@@ -1,0 +1,37 @@
+//! `capstan submit FILE [--param k=v]... [--repo URL] [--rev REV] [--priority N] [--follow]`
+
+use capstan_shared::proto::api::v1::SubmitRunRequest;
+use serde_json::json;
+
+use super::{Context, print_json, read_pipeline};
+use crate::args::SubmitArgs;
+use crate::exit::{Exit, Failure};
+use crate::follow::follow;
+use crate::output::Format;
+
+pub async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure> {
+    let text = read_pipeline(&args.file)?;
+    let client = ctx.connect().await?;
+    let request = SubmitRunRequest {
+        pipeline_yaml: text,
+        file_name: args.file.display().to_string(),
+        params: args.params.into_iter().collect(),
+        repo: args.repo.unwrap_or_default(),
+        rev: args.rev.unwrap_or_default(),
+        priority: args.priority,
+    };
+    // INVALID_ARGUMENT carries every `FILE:LINE:COL: msg`; `Failure` prints it alone, exit 2.
+    let run = client.submit_run(request).await?;
+    match (args.follow, ctx.format) {
+        (false, Format::Text) => println!("{run}"),
+        (false, Format::Json) => print_json(&json!({ "id": run.as_str() })),
+        (true, Format::Text) => {
+            eprintln!("submitted run {run}");
+        }
+        (true, Format::Json) => println!("{}", json!({ "event": "submitted", "id": run.as_str() })),
+    }
+    if !args.follow {
+        return Ok(Exit::Success);
+    }
+    follow(&client, &run, ctx.format, true).await
+}

@@ -1,0 +1,151 @@
+//! Exit codes, in one place (DESIGN.md, "Command line"):
+//! 0 run (or command) succeeded, 1 run failed or was cancelled (and any
+//! other failed command), 2 usage or validation error, 3 coordinator
+//! unreachable, 130 interrupted while following.
+
+use std::process::ExitCode;
+
+use capstan_shared::client::ClientError;
+use capstan_shared::proto::pipeline::v1::RunState;
+use tonic::Code;
+
+/// How the process ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Success,
+    /// The run failed or was cancelled; also any command that failed for
+    /// another reason than the ones below.
+    Failed,
+    /// Bad input: a flag, a file, an id.
+    Usage,
+    /// No coordinator (or no leader) answered.
+    Unreachable,
+    /// Ctrl-C while following.
+    Interrupted,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failed => 1,
+            Exit::Usage => 2,
+            Exit::Unreachable => 3,
+            Exit::Interrupted => 130,
+        }
+    }
+
+    /// The exit of a finished run.
+    pub fn of_run(state: RunState) -> Exit {
+        match state {
+            RunState::Succeeded => Exit::Success,
+            _ => Exit::Failed,
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit.code())
+    }
+}
+
+/// A command that failed: what to print on stderr, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    /// Printed as is, so validation output keeps its `FILE:LINE:COL: msg` lines.
+    pub message: String,
+}
+
+impl Failure {
+    /// Bad input; `message` should say what to do.
+    pub fn usage(message: impl std::fmt::Display) -> Self {
+        Self {
+            exit: Exit::Usage,
+            message: format!("error: {message}"),
+        }
+    }
+
+    /// Anything else that went wrong.
+    pub fn failed(message: impl std::fmt::Display) -> Self {
+        Self {
+            exit: Exit::Failed,
+            message: format!("error: {message}"),
+        }
+    }
+
+    /// A client error, with `NOT_FOUND` explained by `not_found` (what was
+    /// not found and where to look).
+    pub fn from_client(err: ClientError, not_found: impl FnOnce() -> String) -> Self {
+        if err.code() == Some(Code::NotFound) {
+            Failure::usage(not_found())
+        } else {
+            Failure::from(err)
+        }
+    }
+
+    /// `NOT_FOUND` for a run id.
+    pub fn for_run(err: ClientError, run: &str) -> Self {
+        Failure::from_client(err, || no_run(run))
+    }
+}
+
+/// The message for an unknown run id.
+pub fn no_run(run: &str) -> String {
+    format!("no run `{run}` (see `capstan runs`)")
+}
+
+impl From<ClientError> for Failure {
+    fn from(err: ClientError) -> Self {
+        if err.is_unreachable() {
+            return Failure {
+                exit: Exit::Unreachable,
+                message: format!("error: {err}"),
+            };
+        }
+        match err.status() {
+            // The coordinator's validation message lists every
+            // `FILE:LINE:COL: msg`, one a line: print it alone.
+            Some(s) if s.code() == Code::InvalidArgument => Failure {
+                exit: Exit::Usage,
+                message: s.message().to_string(),
+            },
+            Some(s) if s.code() == Code::Unavailable => Failure {
+                exit: Exit::Unreachable,
+                message: format!("error: {err}"),
+            },
+            _ => Failure::failed(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Status;
+
+    #[test]
+    fn maps_client_errors() {
+        let f = Failure::from(ClientError::Status(Status::invalid_argument(
+            "p.yaml:3:5: unknown key `stpes`",
+        )));
+        assert_eq!(f.exit, Exit::Usage);
+        assert_eq!(f.message, "p.yaml:3:5: unknown key `stpes`");
+
+        let f = Failure::for_run(ClientError::Status(Status::not_found("x")), "run-9");
+        assert_eq!(f.exit, Exit::Usage);
+        assert_eq!(f.message, "error: no run `run-9` (see `capstan runs`)");
+
+        let f = Failure::from(ClientError::Status(Status::internal("boom")));
+        assert_eq!(f.exit, Exit::Failed);
+        assert_eq!(f.message, "error: internal error: boom");
+    }
+
+    #[test]
+    fn run_results() {
+        assert_eq!(Exit::of_run(RunState::Succeeded).code(), 0);
+        assert_eq!(Exit::of_run(RunState::Failed).code(), 1);
+        assert_eq!(Exit::of_run(RunState::Cancelled).code(), 1);
+    }
+}

@@ -1,0 +1,468 @@
+//! Rendering of runs, runners and the cluster as text tables or JSON.
+//!
+//! JSON field names and state names are part of the command line contract
+//! (DESIGN.md): states are lower case without the enum prefix.
+
+use std::fmt::Write as _;
+
+use capstan_shared::proto::api::v1::{Run, Runner, Task};
+use capstan_shared::proto::cluster::v1::{AskLeaderResponse, ListMembersResponse};
+use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+/// `-o/--output`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+/// "queued", "running", "succeeded", "failed", "cancelled".
+pub fn run_state_name(state: i32) -> &'static str {
+    match RunState::try_from(state) {
+        Ok(RunState::Queued) => "queued",
+        Ok(RunState::Running) => "running",
+        Ok(RunState::Succeeded) => "succeeded",
+        Ok(RunState::Failed) => "failed",
+        Ok(RunState::Cancelled) => "cancelled",
+        Ok(RunState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// "waiting", "queued", "offered", "running", "succeeded", "failed",
+/// "cancelled", "skipped".
+pub fn task_state_name(state: i32) -> &'static str {
+    match TaskState::try_from(state) {
+        Ok(TaskState::Waiting) => "waiting",
+        Ok(TaskState::Queued) => "queued",
+        Ok(TaskState::Offered) => "offered",
+        Ok(TaskState::Running) => "running",
+        Ok(TaskState::Succeeded) => "succeeded",
+        Ok(TaskState::Failed) => "failed",
+        Ok(TaskState::Cancelled) => "cancelled",
+        Ok(TaskState::Skipped) => "skipped",
+        Ok(TaskState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// True for the states a run ends in.
+pub fn run_finished(state: i32) -> bool {
+    matches!(
+        RunState::try_from(state),
+        Ok(RunState::Succeeded | RunState::Failed | RunState::Cancelled)
+    )
+}
+
+/// True for the states a task ends in.
+pub fn task_finished(state: i32) -> bool {
+    matches!(
+        TaskState::try_from(state),
+        Ok(TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::Skipped)
+    )
+}
+
+fn opt_ms(ms: i64) -> Value {
+    if ms > 0 { json!(ms) } else { Value::Null }
+}
+
+fn opt_str(s: &str) -> Value {
+    if s.is_empty() { Value::Null } else { json!(s) }
+}
+
+pub fn task_json(task: &Task) -> Value {
+    json!({
+        "name": task.name,
+        "state": task_state_name(task.state),
+        "attempts": task.attempts,
+        "runner": opt_str(&task.runner),
+        "message": opt_str(&task.message),
+        "exit_code": task.exit_code,
+        "needs": task.needs,
+        "attempt_id": opt_str(&task.attempt_id),
+        "started_at_ms": opt_ms(task.started_at_ms),
+        "finished_at_ms": opt_ms(task.finished_at_ms),
+    })
+}
+
+/// `status RUN -o json`.
+pub fn run_json(run: &Run) -> Value {
+    json!({
+        "id": run.id,
+        "pipeline": run.pipeline,
+        "state": run_state_name(run.state),
+        "repo": opt_str(&run.repo),
+        "rev": opt_str(&run.rev),
+        "priority": run.priority,
+        "created_at_ms": opt_ms(run.created_at_ms),
+        "created": if run.created_at_ms > 0 { json!(format_time(run.created_at_ms)) } else { Value::Null },
+        "finished_at_ms": opt_ms(run.finished_at_ms),
+        "tasks": run.tasks.iter().map(task_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn runner_json(runner: &Runner) -> Value {
+    // BTreeMap so labels come out sorted.
+    let labels: std::collections::BTreeMap<_, _> = runner.labels.iter().collect();
+    json!({
+        "id": runner.id,
+        "name": runner.name,
+        "labels": labels,
+        "capacity": runner.capacity,
+        "busy": runner.busy,
+        "connected": runner.connected,
+        "draining": runner.draining,
+        "version": opt_str(&runner.version),
+        "last_seen_ms": opt_ms(runner.last_seen_ms),
+    })
+}
+
+/// `cluster -o json`: `{"leader", "epoch", "members": [URL...]}` plus who answered.
+pub fn cluster_json(leader: &AskLeaderResponse, members: &ListMembersResponse) -> Value {
+    json!({
+        "leader": opt_str(&leader.leader),
+        "epoch": leader.epoch,
+        "members": members.members.iter().map(|m| m.endpoint.as_str()).collect::<Vec<_>>(),
+    })
+}
+
+/// `status RUN` as text: a header line, then one row per task.
+pub fn run_text(run: &Run) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "run {}  pipeline {}  {}",
+        run.id,
+        run.pipeline,
+        run_state_name(run.state)
+    );
+    if run.created_at_ms > 0 {
+        let _ = write!(out, "  created {}", format_time(run.created_at_ms));
+        if run.finished_at_ms >= run.created_at_ms {
+            let _ = write!(
+                out,
+                "  took {}",
+                format_duration_ms(run.finished_at_ms - run.created_at_ms)
+            );
+        }
+    }
+    out.push('\n');
+    let mut table = Table::new(["TASK", "STATE", "ATTEMPTS", "RUNNER", "MESSAGE"]);
+    for t in &run.tasks {
+        table.row([
+            t.name.clone(),
+            task_state_name(t.state).to_string(),
+            t.attempts.to_string(),
+            dash(&t.runner),
+            t.message.clone(),
+        ]);
+    }
+    out.push_str(&table.render());
+    out
+}
+
+/// `runs` as text.
+pub fn runs_text(runs: &[Run]) -> String {
+    let mut table = Table::new(["RUN", "PIPELINE", "STATE", "CREATED"]);
+    for r in runs {
+        table.row([
+            r.id.clone(),
+            r.pipeline.clone(),
+            run_state_name(r.state).to_string(),
+            if r.created_at_ms > 0 {
+                format_time(r.created_at_ms)
+            } else {
+                "-".into()
+            },
+        ]);
+    }
+    table.render()
+}
+
+/// `runners` as text.
+pub fn runners_text(runners: &[Runner]) -> String {
+    let mut table = Table::new(["NAME", "ID", "CONNECTED", "BUSY", "LABELS", "DRAINING"]);
+    for r in runners {
+        let mut labels: Vec<_> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        table.row([
+            r.name.clone(),
+            r.id.clone(),
+            yes_no(r.connected),
+            format!("{}/{}", r.busy, r.capacity),
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
+            yes_no(r.draining),
+        ]);
+    }
+    table.render()
+}
+
+/// `cluster` as text.
+pub fn cluster_text(leader: &AskLeaderResponse, members: &ListMembersResponse) -> String {
+    let mut out = format!(
+        "leader  {}\nepoch   {}\n",
+        if leader.leader.is_empty() {
+            "(none elected)"
+        } else {
+            &leader.leader
+        },
+        leader.epoch
+    );
+    let mut table = Table::new(["MEMBER", "ROLE"]);
+    for m in &members.members {
+        table.row([
+            m.endpoint.clone(),
+            if m.is_leader { "leader" } else { "follower" }.to_string(),
+        ]);
+    }
+    out.push_str(&table.render());
+    out
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.into() }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new<const N: usize>(header: [&str; N]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|s| s.to_string()).collect()],
+        }
+    }
+
+    pub fn row<const N: usize>(&mut self, cells: [String; N]) {
+        // Keep each row on one line.
+        self.rows
+            .push(cells.into_iter().map(|c| c.replace('\n', " ")).collect());
+    }
+
+    pub fn render(&self) -> String {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    let pad = widths[i] - cell.chars().count();
+                    line.push_str(cell);
+                    line.extend(std::iter::repeat_n(' ', pad + 2));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `2025-01-02T03:04:05Z` from milliseconds since the Unix epoch (UTC).
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `850ms`, `4.2s`, `3m07s`, `1h02m`.
+pub fn format_duration_ms(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000)
+    } else {
+        format!("{}h{:02}m", ms / 3_600_000, ms % 3_600_000 / 60_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_shared::proto::cluster::v1::Member;
+
+    fn sample_run() -> Run {
+        Run {
+            id: "run-1".into(),
+            pipeline: "hello".into(),
+            state: RunState::Failed as i32,
+            tasks: vec![
+                Task {
+                    name: "build".into(),
+                    state: TaskState::Succeeded as i32,
+                    attempts: 1,
+                    runner: "dev".into(),
+                    attempt_id: "att-1".into(),
+                    exit_code: Some(0),
+                    started_at_ms: 1_700_000_000_500,
+                    finished_at_ms: 1_700_000_001_000,
+                    ..Task::default()
+                },
+                Task {
+                    name: "test".into(),
+                    state: TaskState::Failed as i32,
+                    attempts: 2,
+                    runner: "dev".into(),
+                    message: "step 1 exited with 3".into(),
+                    needs: vec!["build".into()],
+                    exit_code: Some(3),
+                    ..Task::default()
+                },
+                Task {
+                    name: "deploy".into(),
+                    state: TaskState::Skipped as i32,
+                    message: "skipped: test failed".into(),
+                    needs: vec!["test".into()],
+                    ..Task::default()
+                },
+            ],
+            created_at_ms: 1_700_000_000_000,
+            finished_at_ms: 1_700_000_004_200,
+            ..Run::default()
+        }
+    }
+
+    #[test]
+    fn status_json_has_the_contract_fields() {
+        let v = run_json(&sample_run());
+        assert_eq!(v["id"], "run-1");
+        assert_eq!(v["pipeline"], "hello");
+        assert_eq!(v["state"], "failed");
+        assert_eq!(v["created"], "2023-11-14T22:13:20Z");
+        let tasks = v["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 3);
+        assert_eq!(
+            tasks[1],
+            json!({
+                "name": "test", "state": "failed", "attempts": 2, "runner": "dev",
+                "message": "step 1 exited with 3", "exit_code": 3, "needs": ["build"],
+                "attempt_id": null, "started_at_ms": null, "finished_at_ms": null,
+            })
+        );
+        assert_eq!(tasks[2]["state"], "skipped");
+        assert_eq!(tasks[2]["runner"], Value::Null);
+        assert_eq!(tasks[2]["exit_code"], Value::Null);
+    }
+
+    #[test]
+    fn every_state_name_is_lower_case_without_prefix() {
+        let names: Vec<_> = (1..=8).map(task_state_name).collect();
+        assert_eq!(
+            names,
+            [
+                "waiting",
+                "queued",
+                "offered",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled",
+                "skipped"
+            ]
+        );
+        let names: Vec<_> = (1..=5).map(run_state_name).collect();
+        assert_eq!(
+            names,
+            ["queued", "running", "succeeded", "failed", "cancelled"]
+        );
+        assert_eq!(task_state_name(99), "unknown");
+    }
+
+    #[test]
+    fn status_text_is_a_table() {
+        let text = run_text(&sample_run());
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "run run-1  pipeline hello  failed  created 2023-11-14T22:13:20Z  took 4.2s"
+        );
+        assert_eq!(lines[1], "TASK    STATE      ATTEMPTS  RUNNER  MESSAGE");
+        assert_eq!(
+            lines[3],
+            "test    failed     2         dev     step 1 exited with 3"
+        );
+        assert_eq!(
+            lines[4],
+            "deploy  skipped    0         -       skipped: test failed"
+        );
+    }
+
+    #[test]
+    fn cluster_json_lists_member_urls() {
+        let leader = AskLeaderResponse {
+            leader: "http://a:7700".into(),
+            epoch: 4,
+            is_leader: true,
+        };
+        let members = ListMembersResponse {
+            members: vec![
+                Member {
+                    endpoint: "http://a:7700".into(),
+                    is_leader: true,
+                },
+                Member {
+                    endpoint: "http://b:7700".into(),
+                    is_leader: false,
+                },
+            ],
+            leader: "http://a:7700".into(),
+            epoch: 4,
+        };
+        assert_eq!(
+            cluster_json(&leader, &members),
+            json!({"leader": "http://a:7700", "epoch": 4, "members": ["http://a:7700", "http://b:7700"]})
+        );
+    }
+
+    #[test]
+    fn formats_times_and_durations() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_duration_ms(850), "850ms");
+        assert_eq!(format_duration_ms(4_200), "4.2s");
+        assert_eq!(format_duration_ms(187_000), "3m07s");
+        assert_eq!(format_duration_ms(3_720_000), "1h02m");
+    }
+}

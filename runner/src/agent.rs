@@ -1,0 +1,1010 @@
+//! The agent: the connection to the coordinator and the Control message loop.
+//!
+//! One agent task owns all runner state (running attempts, unacknowledged
+//! final reports, the leader epoch, draining); attempts run in their own
+//! tasks and talk to it through an [`AttemptEvent`] channel, so no state is
+//! shared behind locks.
+//!
+//! # Connection
+//! Coordinator URLs are tried in turn; a `capstan-leader` metadata hint on an
+//! error (a follower's answer) or a `LeaderMoved` message names the URL to
+//! try next. Between attempts the agent waits a jittered exponential backoff
+//! (100 ms doubling to 5 s, reset after each welcome) and keeps handling
+//! attempt events meanwhile: attempts keep running while disconnected.
+//! Each connection: `Register` if there is no cached credential, then
+//! `Control` with `Hello`, then `Welcome` within 10 s.
+//!
+//! # Final reports and their acknowledgement
+//! A finished attempt's `TaskFinished` is kept until acknowledged and resent
+//! after every (re)connect (the coordinator treats repeats as no-ops). It is
+//! acknowledged when either
+//! - a `Welcome` lists it in `acknowledged`, or
+//! - it was written to a stream and that same stream then stayed up for a
+//!   full heartbeat interval: two heartbeats were sent on it after the
+//!   report. A stream that breaks before that resends it on the next one.
+//!
+//! Acknowledged reports are forgotten and their log spool deleted. Until
+//! then the attempt is listed in `Hello.running_attempts`.
+//!
+//! # Drain
+//! `shutdown` cancelled or a `Drain` message: offers are rejected with
+//! "draining" and heartbeats say `draining`; once no attempt runs, the agent
+//! sends `GoingAway`, ends its side of the stream and waits (up to 5 s) for
+//! the coordinator to end its side, which shows everything sent before
+//! arrived. Then [`Agent::run`] returns.
+//!
+//! # Fencing
+//! `Offer`, `Cancel` and `Drain` carrying a leader epoch older than the
+//! newest seen (from welcomes and messages) are ignored.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_shared::ids::RunnerId;
+use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
+use capstan_shared::proto::runner::v1::{
+    CoordinatorMessage, GoingAway, Heartbeat, Hello, Offer, OfferAccepted, OfferRejected,
+    RegisterRequest, RunnerMessage, StepStateChanged, TaskFinished, Welcome, coordinator_message,
+    runner_message,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::attempt::{self, AttemptEvent, AttemptSpec, chain};
+use crate::backoff::Backoff;
+use crate::credentials::{self, Credentials};
+use crate::executor::Executor;
+use crate::logs::LogTarget;
+use crate::{Error, RunnerConfig};
+
+/// Metadata key a follower uses to name the leader.
+pub(crate) const LEADER_METADATA: &str = "capstan-leader";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+const GOING_AWAY_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+const OUTBOX: usize = 256;
+
+/// Prepares `<work_dir>` and removes what an earlier, killed runner process
+/// left in `attempts/` and `spool/`: a restarted runner has lost those
+/// attempts (the coordinator requeues them).
+pub(crate) async fn prepare_work_dir(work_dir: &Path) -> Result<(), Error> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::WorkDir { path, source }
+    };
+    tokio::fs::create_dir_all(work_dir)
+        .await
+        .map_err(err(work_dir))?;
+    for sub in ["attempts", "spool"] {
+        let dir = work_dir.join(sub);
+        tokio::fs::create_dir_all(&dir).await.map_err(err(&dir))?;
+        let mut entries = tokio::fs::read_dir(&dir).await.map_err(err(&dir))?;
+        while let Some(entry) = entries.next_entry().await.map_err(err(&dir))? {
+            let path = entry.path();
+            info!(path = %path.display(), "removing leftover of an attempt this runner no longer runs");
+            let removed = if entry.file_type().await.is_ok_and(|t| t.is_dir()) {
+                tokio::fs::remove_dir_all(&path).await
+            } else {
+                tokio::fs::remove_file(&path).await
+            };
+            removed.map_err(err(&path))?;
+        }
+    }
+    Ok(())
+}
+
+struct Session {
+    tx: mpsc::Sender<RunnerMessage>,
+    inbound: Streaming<CoordinatorMessage>,
+    welcome: Welcome,
+    client: RunnerServiceClient<Channel>,
+    credentials: Credentials,
+}
+
+/// The sending side of the current Control stream.
+struct Conn {
+    tx: mpsc::Sender<RunnerMessage>,
+    /// Which stream this is (increments per connection).
+    generation: u64,
+    /// Heartbeats sent on it so far.
+    heartbeats: u64,
+}
+
+impl Conn {
+    /// False when the stream is gone.
+    async fn send(&self, kind: runner_message::Kind) -> bool {
+        self.tx
+            .send(RunnerMessage { kind: Some(kind) })
+            .await
+            .is_ok()
+    }
+}
+
+enum SessionEnd {
+    Reconnect,
+    Drained,
+}
+
+enum ConnectError {
+    Retry(String),
+    Fatal(Error),
+}
+
+struct FinishedAttempt {
+    report: TaskFinished,
+    /// (stream generation, heartbeats sent on it) when last written.
+    sent: Option<(u64, u64)>,
+}
+
+pub(crate) struct Agent {
+    config: RunnerConfig,
+    executor: Arc<dyn Executor>,
+    credentials: Option<Credentials>,
+    reregistered: bool,
+    shutdown: CancellationToken,
+    draining: bool,
+    epoch: u64,
+    running: HashMap<String, CancellationToken>,
+    finished: BTreeMap<String, FinishedAttempt>,
+    pending_steps: VecDeque<StepStateChanged>,
+    events_tx: mpsc::UnboundedSender<AttemptEvent>,
+    events_rx: mpsc::UnboundedReceiver<AttemptEvent>,
+    log_target: watch::Sender<Option<LogTarget>>,
+    tracker: TaskTracker,
+    generation: u64,
+    next_url: usize,
+    leader_hint: Option<String>,
+}
+
+impl Agent {
+    pub(crate) fn new(
+        config: RunnerConfig,
+        executor: Arc<dyn Executor>,
+        credentials: Option<Credentials>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Self {
+            config,
+            executor,
+            credentials,
+            reregistered: false,
+            shutdown,
+            draining: false,
+            epoch: 0,
+            running: HashMap::new(),
+            finished: BTreeMap::new(),
+            pending_steps: VecDeque::new(),
+            events_tx,
+            events_rx,
+            log_target: watch::Sender::new(None),
+            tracker: TaskTracker::new(),
+            generation: 0,
+            next_url: 0,
+            leader_hint: None,
+        }
+    }
+
+    /// Runs until drained (Ok) or a fatal error. On an error, running
+    /// attempts are cancelled and awaited.
+    pub(crate) async fn run(mut self) -> Result<(), Error> {
+        let result = self.run_loop().await;
+        if result.is_err() {
+            for cancel in self.running.values() {
+                cancel.cancel();
+            }
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        result
+    }
+
+    fn nothing_left(&self) -> bool {
+        self.draining && self.running.is_empty() && self.finished.is_empty()
+    }
+
+    async fn run_loop(&mut self) -> Result<(), Error> {
+        let mut backoff = Backoff::new();
+        loop {
+            if self.nothing_left() {
+                info!("drained: no attempt running and no report to deliver");
+                return Ok(());
+            }
+            let url = self.next_url();
+            match self.connect(&url).await {
+                Ok(session) => {
+                    backoff.reset();
+                    if let SessionEnd::Drained = self.serve(session).await? {
+                        return Ok(());
+                    }
+                }
+                Err(ConnectError::Fatal(e)) => return Err(e),
+                Err(ConnectError::Retry(reason)) => {
+                    warn!(%url, %reason, "could not connect to the coordinator; retrying");
+                }
+            }
+            self.wait_offline(backoff.next_delay()).await;
+        }
+    }
+
+    fn next_url(&mut self) -> String {
+        if let Some(hint) = self.leader_hint.take() {
+            return hint;
+        }
+        let urls = &self.config.coordinators;
+        let url = urls[self.next_url % urls.len()].clone();
+        self.next_url = self.next_url.wrapping_add(1);
+        url
+    }
+
+    /// Waits `delay` while disconnected, still handling attempt events and
+    /// shutdown. Returns early once a drain has nothing left to do.
+    async fn wait_offline(&mut self, delay: Duration) {
+        let until = Instant::now() + delay;
+        loop {
+            if self.nothing_left() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                () = self.shutdown.cancelled(), if !self.draining => {
+                    self.start_drain("shutdown requested");
+                }
+                Some(event) = self.events_rx.recv() => {
+                    self.handle_event(event, None).await;
+                }
+            }
+        }
+    }
+
+    fn start_drain(&mut self, why: &str) {
+        if !self.draining {
+            info!(
+                reason = why,
+                running = self.running.len(),
+                "draining: accepting no new attempts"
+            );
+            self.draining = true;
+        }
+    }
+
+    fn note_leader_hint(&mut self, status: &tonic::Status) {
+        if let Some(leader) = status
+            .metadata()
+            .get(LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+        {
+            info!(%leader, "coordinator is a follower; following its leader hint");
+            self.leader_hint = Some(leader.to_owned());
+        }
+    }
+
+    fn retry(&mut self, what: &str, status: &tonic::Status) -> ConnectError {
+        self.note_leader_hint(status);
+        ConnectError::Retry(format!("{what}: {:?}: {}", status.code(), status.message()))
+    }
+
+    async fn connect(&mut self, url: &str) -> Result<Session, ConnectError> {
+        info!(%url, "connecting to coordinator");
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|source| {
+                ConnectError::Retry(format!("invalid coordinator URL: {}", chain(&source)))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ConnectError::Retry(chain(&e)))?;
+        let mut client = RunnerServiceClient::new(channel);
+        let credentials = match self.credentials.clone() {
+            Some(c) => c,
+            None => self.register(&mut client).await?,
+        };
+        match open_control(&mut client, self.hello(&credentials)).await {
+            Ok((tx, inbound, welcome)) => Ok(Session {
+                tx,
+                inbound,
+                welcome,
+                client,
+                credentials,
+            }),
+            Err(status) if status.code() == tonic::Code::Unauthenticated && !self.reregistered => {
+                warn!("the coordinator rejected this runner's credentials; registering again");
+                self.reregistered = true;
+                let credentials = self.register(&mut client).await?;
+                match open_control(&mut client, self.hello(&credentials)).await {
+                    Ok((tx, inbound, welcome)) => Ok(Session {
+                        tx,
+                        inbound,
+                        welcome,
+                        client,
+                        credentials,
+                    }),
+                    Err(status) => Err(self.control_error(&status)),
+                }
+            }
+            Err(status) => Err(self.control_error(&status)),
+        }
+    }
+
+    fn control_error(&mut self, status: &tonic::Status) -> ConnectError {
+        match status.code() {
+            tonic::Code::Unauthenticated => ConnectError::Fatal(Error::CredentialsRejected {
+                message: status.message().to_owned(),
+            }),
+            tonic::Code::FailedPrecondition => ConnectError::Fatal(Error::ProtocolRejected {
+                message: status.message().to_owned(),
+            }),
+            _ => self.retry("control stream", status),
+        }
+    }
+
+    async fn register(
+        &mut self,
+        client: &mut RunnerServiceClient<Channel>,
+    ) -> Result<Credentials, ConnectError> {
+        let request = RegisterRequest {
+            registration_token: self.config.registration_token.clone(),
+            name: self.config.name.clone(),
+            labels: self.config.labels.clone().into_iter().collect(),
+            capacity: self.config.capacity,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let response = match client.register(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                return Err(ConnectError::Fatal(Error::RegistrationRejected));
+            }
+            Err(status) => return Err(self.retry("register", &status)),
+        };
+        let credentials = Credentials {
+            runner_id: RunnerId::from_string(response.runner_id),
+            runner_secret: response.runner_secret,
+        };
+        credentials::save(&self.config.work_dir, &credentials)
+            .await
+            .map_err(|e| ConnectError::Fatal(e.into()))?;
+        info!(runner_id = %credentials.runner_id, name = %self.config.name, "registered with coordinator");
+        self.credentials = Some(credentials.clone());
+        Ok(credentials)
+    }
+
+    fn hello(&self, credentials: &Credentials) -> Hello {
+        Hello {
+            runner_id: credentials.runner_id.to_string(),
+            runner_secret: credentials.runner_secret.clone(),
+            protocol_version: capstan_shared::PROTOCOL_VERSION,
+            running_attempts: self
+                .running
+                .keys()
+                .chain(self.finished.keys())
+                .cloned()
+                .collect(),
+            capacity: self.config.capacity,
+            labels: self.config.labels.clone().into_iter().collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            last_epoch: self.epoch,
+        }
+    }
+
+    async fn serve(&mut self, session: Session) -> Result<SessionEnd, Error> {
+        let Session {
+            tx,
+            mut inbound,
+            welcome,
+            client,
+            credentials,
+        } = session;
+        self.generation += 1;
+        let mut conn = Conn {
+            tx,
+            generation: self.generation,
+            heartbeats: 0,
+        };
+        self.epoch = self.epoch.max(welcome.leader_epoch);
+        let interval = match welcome.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        info!(
+            epoch = welcome.leader_epoch,
+            heartbeat_ms = interval.as_millis(),
+            reattached = ?welcome.reattached,
+            acknowledged = ?welcome.acknowledged,
+            "welcomed by coordinator"
+        );
+        self.log_target.send_replace(Some(LogTarget {
+            client,
+            credentials,
+        }));
+        self.forget_acknowledged(&welcome.acknowledged).await;
+        while let Some(step) = self.pending_steps.pop_front() {
+            if !conn.send(runner_message::Kind::Step(step)).await {
+                return Ok(SessionEnd::Reconnect);
+            }
+        }
+        let unacknowledged: Vec<String> = self.finished.keys().cloned().collect();
+        for id in unacknowledged {
+            if !self.send_finished(&conn, &id).await {
+                return Ok(SessionEnd::Reconnect);
+            }
+        }
+        let mut heartbeat = tokio::time::interval(interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.draining && self.running.is_empty() {
+                return Ok(self.finish_drain(conn, inbound).await);
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled(), if !self.draining => {
+                    self.start_drain("shutdown requested");
+                    if !self.heartbeat(&mut conn).await {
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Some(end) = self.handle_message(message, &mut conn).await {
+                            return Ok(end);
+                        }
+                    }
+                    Ok(None) => {
+                        warn!("coordinator closed the control stream; reconnecting");
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                    Err(status) => {
+                        self.note_leader_hint(&status);
+                        warn!(code = ?status.code(), message = status.message(), "control stream failed; reconnecting");
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                },
+                Some(event) = self.events_rx.recv() => {
+                    if !self.handle_event(event, Some(&conn)).await {
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if !self.heartbeat(&mut conn).await {
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a heartbeat and acknowledges the reports this stream has now
+    /// carried for a full interval (see the module docs).
+    async fn heartbeat(&mut self, conn: &mut Conn) -> bool {
+        let running = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
+        let beat = Heartbeat {
+            free_slots: if self.draining {
+                0
+            } else {
+                self.config.capacity.saturating_sub(running)
+            },
+            load: load_average(),
+            draining: self.draining,
+        };
+        if !conn.send(runner_message::Kind::Heartbeat(beat)).await {
+            return false;
+        }
+        conn.heartbeats += 1;
+        let acknowledged: Vec<String> = self
+            .finished
+            .iter()
+            .filter(|(_, f)| {
+                f.sent
+                    .is_some_and(|(g, n)| g == conn.generation && conn.heartbeats >= n + 2)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.forget_acknowledged(&acknowledged).await;
+        true
+    }
+
+    async fn forget_acknowledged(&mut self, ids: &[String]) {
+        for id in ids {
+            if self.finished.remove(id).is_some() {
+                debug!(attempt = %id, "final report acknowledged");
+                let spool = self.spool_path(id);
+                if let Err(e) = tokio::fs::remove_file(&spool).await
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    warn!(path = %spool.display(), error = %e, "could not remove log spool");
+                }
+            }
+        }
+    }
+
+    fn spool_path(&self, attempt_id: &str) -> PathBuf {
+        self.config
+            .work_dir
+            .join("spool")
+            .join(format!("{attempt_id}.log"))
+    }
+
+    async fn send_finished(&mut self, conn: &Conn, id: &str) -> bool {
+        let Some(finished) = self.finished.get_mut(id) else {
+            return true;
+        };
+        if !conn
+            .send(runner_message::Kind::Finished(finished.report.clone()))
+            .await
+        {
+            return false;
+        }
+        finished.sent = Some((conn.generation, conn.heartbeats));
+        true
+    }
+
+    /// Handles an attempt's event; `conn` is `None` while disconnected.
+    /// False when the stream is gone.
+    async fn handle_event(&mut self, event: AttemptEvent, conn: Option<&Conn>) -> bool {
+        match event {
+            AttemptEvent::Step(step) => match conn {
+                Some(conn) => conn.send(runner_message::Kind::Step(step)).await,
+                None => {
+                    self.pending_steps.push_back(step);
+                    true
+                }
+            },
+            AttemptEvent::Finished(report) => {
+                let id = report.attempt_id.clone();
+                self.running.remove(&id);
+                self.finished
+                    .insert(id.clone(), FinishedAttempt { report, sent: None });
+                match conn {
+                    Some(conn) => self.send_finished(conn, &id).await,
+                    None => true,
+                }
+            }
+        }
+    }
+
+    /// Handles one coordinator message; `Some` ends the session.
+    async fn handle_message(
+        &mut self,
+        message: CoordinatorMessage,
+        conn: &mut Conn,
+    ) -> Option<SessionEnd> {
+        use coordinator_message::Kind;
+        let alive = match message.kind {
+            Some(Kind::Welcome(welcome)) => {
+                self.epoch = self.epoch.max(welcome.leader_epoch);
+                self.forget_acknowledged(&welcome.acknowledged).await;
+                true
+            }
+            Some(Kind::Offer(offer)) => self.handle_offer(offer, conn).await,
+            Some(Kind::Cancel(cancel)) => {
+                if self.fenced(cancel.leader_epoch, "cancel") {
+                    return None;
+                }
+                match self.running.get(&cancel.attempt_id) {
+                    Some(token) => {
+                        info!(attempt = %cancel.attempt_id, reason = %cancel.reason, "cancelling attempt");
+                        token.cancel();
+                    }
+                    None => {
+                        debug!(attempt = %cancel.attempt_id, "cancel for an attempt not running here")
+                    }
+                }
+                true
+            }
+            Some(Kind::Drain(drain)) => {
+                if self.fenced(drain.leader_epoch, "drain") {
+                    return None;
+                }
+                self.start_drain("the coordinator asked this runner to drain");
+                self.heartbeat(conn).await
+            }
+            Some(Kind::LeaderMoved(moved)) => {
+                info!(endpoint = %moved.endpoint, "leader moved; reconnecting");
+                if !moved.endpoint.is_empty() {
+                    self.leader_hint = Some(moved.endpoint);
+                }
+                return Some(SessionEnd::Reconnect);
+            }
+            None => true,
+        };
+        (!alive).then_some(SessionEnd::Reconnect)
+    }
+
+    /// True (and logged) when `epoch` is older than the newest seen.
+    fn fenced(&mut self, epoch: u64, what: &str) -> bool {
+        if epoch < self.epoch {
+            info!(
+                epoch,
+                newest = self.epoch,
+                what,
+                "ignoring a message from an older leader epoch"
+            );
+            return true;
+        }
+        self.epoch = epoch;
+        false
+    }
+
+    async fn handle_offer(&mut self, offer: Offer, conn: &Conn) -> bool {
+        if self.fenced(offer.leader_epoch, "offer") {
+            return true;
+        }
+        let id = offer.attempt_id.clone();
+        if self.running.contains_key(&id) {
+            // A repeated offer of what already runs here: confirm it again.
+            return conn
+                .send(runner_message::Kind::Accept(OfferAccepted {
+                    attempt_id: id,
+                }))
+                .await;
+        }
+        let capacity = usize::try_from(self.config.capacity).unwrap_or(usize::MAX);
+        let reject = if self.draining {
+            Some("draining")
+        } else if !valid_attempt_id(&id) {
+            Some("invalid attempt id")
+        } else if self.finished.contains_key(&id) {
+            Some("attempt already finished on this runner")
+        } else if self.running.len() >= capacity {
+            Some("no free slot")
+        } else {
+            None
+        };
+        if let Some(reason) = reject {
+            info!(attempt = %id, reason, "rejected offer");
+            return conn
+                .send(runner_message::Kind::Reject(OfferRejected {
+                    attempt_id: id,
+                    reason: reason.to_owned(),
+                }))
+                .await;
+        }
+        if !conn
+            .send(runner_message::Kind::Accept(OfferAccepted {
+                attempt_id: id.clone(),
+            }))
+            .await
+        {
+            return false;
+        }
+        info!(
+            attempt = %id,
+            run = %offer.run_id,
+            task = %offer.task_name,
+            attempt_number = offer.attempt_number,
+            "accepted offer"
+        );
+        let cancel = CancellationToken::new();
+        self.running.insert(id.clone(), cancel.clone());
+        let span =
+            info_span!("attempt", run = %offer.run_id, task = %offer.task_name, attempt = %id);
+        let spec = AttemptSpec {
+            offer,
+            attempts_dir: self.config.work_dir.join("attempts"),
+            spool_dir: self.config.work_dir.join("spool"),
+            executor: Arc::clone(&self.executor),
+            cancel,
+            events: self.events_tx.clone(),
+            log_target: self.log_target.subscribe(),
+        };
+        self.tracker.spawn(attempt::run(spec).instrument(span));
+        true
+    }
+
+    /// All attempts are done: say goodbye and wait for the coordinator to
+    /// close the stream, which shows everything sent before it arrived.
+    async fn finish_drain(
+        &mut self,
+        conn: Conn,
+        mut inbound: Streaming<CoordinatorMessage>,
+    ) -> SessionEnd {
+        info!("drain complete; sending GoingAway");
+        let going_away = GoingAway {
+            reason: "drained".into(),
+        };
+        if !conn.send(runner_message::Kind::GoingAway(going_away)).await {
+            return SessionEnd::Reconnect;
+        }
+        drop(conn);
+        let closed = tokio::time::timeout(GOING_AWAY_TIMEOUT, async {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return true,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await;
+        match closed {
+            Ok(true) => SessionEnd::Drained,
+            Ok(false) => SessionEnd::Reconnect,
+            Err(_) => {
+                warn!(
+                    "the coordinator did not close the control stream after GoingAway; exiting anyway"
+                );
+                SessionEnd::Drained
+            }
+        }
+    }
+}
+
+/// Opens the Control stream: sends `hello`, expects `Welcome` first.
+async fn open_control(
+    client: &mut RunnerServiceClient<Channel>,
+    hello: Hello,
+) -> Result<
+    (
+        mpsc::Sender<RunnerMessage>,
+        Streaming<CoordinatorMessage>,
+        Welcome,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = mpsc::channel(OUTBOX);
+    tx.send(RunnerMessage {
+        kind: Some(runner_message::Kind::Hello(hello)),
+    })
+    .await
+    .map_err(|_| tonic::Status::internal("control outbox closed"))?;
+    let mut inbound =
+        tokio::time::timeout(WELCOME_TIMEOUT, client.control(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no answer to hello in time"))??
+            .into_inner();
+    let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no welcome in time"))??;
+    match first.and_then(|m| m.kind) {
+        Some(coordinator_message::Kind::Welcome(welcome)) => Ok((tx, inbound, welcome)),
+        Some(other) => Err(tonic::Status::internal(format!(
+            "expected welcome, got {other:?}"
+        ))),
+        None => Err(tonic::Status::unavailable(
+            "control stream ended before welcome",
+        )),
+    }
+}
+
+/// Attempt ids become file names: allow only a safe alphabet.
+fn valid_attempt_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// One-minute load average from /proc/loadavg (0 where unavailable).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_ids_are_safe_file_names() {
+        assert!(valid_attempt_id("att-0194f3a2b7c84d1e"));
+        assert!(!valid_attempt_id(""));
+        assert!(!valid_attempt_id("../etc"));
+        assert!(!valid_attempt_id("a/b"));
+        assert!(!valid_attempt_id(".hidden"));
+    }
+
+    #[tokio::test]
+    async fn prepare_work_dir_removes_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("attempts/att-old/workspace")).unwrap();
+        std::fs::create_dir_all(dir.path().join("spool")).unwrap();
+        std::fs::write(dir.path().join("spool/att-old.log"), b"x").unwrap();
+        std::fs::write(dir.path().join("runner.json"), b"{}").unwrap();
+        prepare_work_dir(dir.path()).await.unwrap();
+        assert!(
+            dir.path()
+                .join("attempts")
+                .read_dir()
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        assert!(
+            dir.path()
+                .join("spool")
+                .read_dir()
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        assert!(dir.path().join("runner.json").exists());
+    }
+}
+
+#[cfg(test)]
+mod agent_tests {
+    use super::*;
+    use crate::testing::{self, RUNNER_ID, TOKEN};
+    use crate::{ExecutorKind, RunnerConfig};
+    use capstan_shared::proto::pipeline::v1::{RunStep, Step, StepState, TaskSpec, step};
+    use capstan_shared::proto::runner::v1::{AttemptOutcome, Cancel};
+    use coordinator_message::Kind as Down;
+    use runner_message::Kind as Up;
+
+    fn config(url: String, token: &str, work_dir: &Path) -> RunnerConfig {
+        RunnerConfig {
+            coordinators: vec![url],
+            registration_token: token.into(),
+            name: "r1".into(),
+            labels: BTreeMap::from([("os".into(), "linux".into())]),
+            capacity: 1,
+            executor: ExecutorKind::Fake,
+            work_dir: work_dir.to_owned(),
+        }
+    }
+
+    fn offer(id: &str, scripts: &[&str]) -> Down {
+        Down::Offer(Offer {
+            leader_epoch: 1,
+            attempt_id: id.into(),
+            run_id: "run-1".into(),
+            task_name: "t".into(),
+            attempt_number: 1,
+            task: Some(TaskSpec {
+                name: "t".into(),
+                steps: scripts
+                    .iter()
+                    .map(|s| Step {
+                        kind: Some(step::Kind::Run(RunStep {
+                            script: (*s).into(),
+                            image: String::new(),
+                        })),
+                        ..Step::default()
+                    })
+                    .collect(),
+                ..TaskSpec::default()
+            }),
+            offer_timeout_ms: 5000,
+            ..Offer::default()
+        })
+    }
+
+    /// The next runner message that is not a heartbeat.
+    async fn next(server: &mut testing::Handle) -> Up {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), server.from_runner.recv())
+                .await
+                .expect("runner went quiet")
+                .expect("channel closed");
+            match m.kind {
+                Some(Up::Heartbeat(_)) => {}
+                Some(kind) => return kind,
+                None => panic!("empty runner message"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_offers_reports_and_drains() {
+        let mut server = testing::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let runner = tokio::spawn(crate::run(
+            config(server.url(), TOKEN, dir.path()),
+            shutdown.clone(),
+        ));
+        let Up::Hello(hello) = next(&mut server).await else {
+            panic!("expected hello")
+        };
+        assert_eq!(hello.runner_id, RUNNER_ID);
+        assert_eq!(hello.protocol_version, capstan_shared::PROTOCOL_VERSION);
+        assert!(dir.path().join("runner.json").exists());
+
+        server
+            .send(offer(
+                "att-1",
+                &["echo hello\nsleep 300", "echo bye\nexit 3", "echo never"],
+            ))
+            .await;
+        assert!(matches!(next(&mut server).await, Up::Accept(a) if a.attempt_id == "att-1"));
+        // Full: a second offer is rejected while att-1 runs.
+        server.send(offer("att-2", &["echo x"])).await;
+        let mut steps = Vec::new();
+        let finished = loop {
+            match next(&mut server).await {
+                Up::Reject(r) => {
+                    assert_eq!(r.attempt_id, "att-2");
+                    assert_eq!(r.reason, "no free slot");
+                }
+                Up::Step(s) => steps.push((s.step_index, s.state(), s.exit_code)),
+                Up::Finished(f) => break f,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(
+            steps,
+            [
+                (0, StepState::Running, None),
+                (0, StepState::Succeeded, Some(0)),
+                (1, StepState::Running, None),
+                (1, StepState::Failed, Some(3)),
+            ]
+        );
+        assert_eq!(finished.outcome(), AttemptOutcome::Failed);
+        assert_eq!(finished.exit_code, Some(3));
+        assert_eq!(finished.message, "step 2 (run) exited with 3");
+        let expected = "$ echo hello\nhello\n$ echo bye\nbye\n";
+        assert_eq!(finished.log_length, expected.len() as u64);
+        {
+            let logs = server.coordinator.logs.lock().unwrap();
+            assert_eq!(String::from_utf8_lossy(&logs.logs["att-1"]), expected);
+        }
+        assert!(!dir.path().join("attempts/att-1").exists());
+
+        // A cancelled attempt.
+        server.send(offer("att-3", &["echo start\nhang"])).await;
+        assert!(matches!(next(&mut server).await, Up::Accept(_)));
+        assert!(matches!(next(&mut server).await, Up::Step(_)));
+        server
+            .send(Down::Cancel(Cancel {
+                leader_epoch: 1,
+                attempt_id: "att-3".into(),
+                reason: "run cancelled".into(),
+            }))
+            .await;
+        let finished = loop {
+            match next(&mut server).await {
+                Up::Step(s) => assert_ne!(s.state(), StepState::Succeeded),
+                Up::Finished(f) => break f,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(finished.outcome(), AttemptOutcome::Cancelled);
+
+        // Drain: GoingAway, then run returns Ok.
+        shutdown.cancel();
+        assert!(matches!(next(&mut server).await, Up::GoingAway(_)));
+        tokio::time::timeout(Duration::from_secs(10), runner)
+            .await
+            .expect("runner did not stop")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn wrong_registration_token_is_a_clear_error() {
+        let server = testing::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::run(
+                config(server.url(), "wrong", dir.path()),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("runner kept retrying");
+        let text = format!("{:#}", result.unwrap_err());
+        assert!(
+            text.contains("registration token rejected by the coordinator"),
+            "{text}"
+        );
+    }
+}

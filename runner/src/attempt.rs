@@ -1,0 +1,265 @@
+//! Runs one task attempt from start to final report.
+//!
+//! Order of events, which the "logs complete when a run is seen finished"
+//! guarantee depends on:
+//! 1. create the log spool and start its shipper; create the workspace;
+//! 2. executor setup, then each step: `StepStateChanged` RUNNING, a
+//!    `$ <first line>` header in the log for `run` steps, run, terminal
+//!    `StepStateChanged`; the first step that does not succeed ends the
+//!    attempt; then executor teardown;
+//! 3. wait until the coordinator acknowledged every log byte;
+//! 4. remove the attempt's work dir;
+//! 5. hand the `TaskFinished` report to the agent, which delivers it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_shared::proto::pipeline::v1::{StepState, step};
+use capstan_shared::proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::executor::{Executor, StepContext, StepEnd, TaskContext};
+use crate::logs::LogTarget;
+use crate::logs::shipper::ShipperHandle;
+use crate::logs::spool::Spool;
+
+/// What an attempt tells the agent.
+#[derive(Debug)]
+pub(crate) enum AttemptEvent {
+    Step(StepStateChanged),
+    Finished(TaskFinished),
+}
+
+/// Everything one attempt needs.
+pub(crate) struct AttemptSpec {
+    pub offer: Offer,
+    /// `<work_dir>/attempts`
+    pub attempts_dir: PathBuf,
+    /// `<work_dir>/spool`
+    pub spool_dir: PathBuf,
+    pub executor: Arc<dyn Executor>,
+    pub cancel: CancellationToken,
+    pub events: mpsc::UnboundedSender<AttemptEvent>,
+    pub log_target: watch::Receiver<Option<LogTarget>>,
+}
+
+struct Outcome {
+    outcome: AttemptOutcome,
+    exit_code: Option<i32>,
+    message: String,
+}
+
+impl Outcome {
+    fn new(outcome: AttemptOutcome, exit_code: Option<i32>, message: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            exit_code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs the attempt and sends its [`AttemptEvent::Finished`].
+pub(crate) async fn run(spec: AttemptSpec) {
+    let report = execute(&spec).await;
+    info!(
+        outcome = report.outcome().as_str_name(),
+        message = %report.message,
+        log_bytes = report.log_length,
+        "attempt finished"
+    );
+    let _ = spec.events.send(AttemptEvent::Finished(report));
+}
+
+async fn execute(spec: &AttemptSpec) -> TaskFinished {
+    let attempt_id = spec.offer.attempt_id.clone();
+    let report = |o: Outcome, log_length| TaskFinished {
+        attempt_id: attempt_id.clone(),
+        outcome: o.outcome.into(),
+        exit_code: o.exit_code,
+        message: o.message,
+        log_length,
+    };
+    let spool = match Spool::create(&spec.spool_dir, &attempt_id).await {
+        Ok(spool) => spool,
+        Err(e) => {
+            let o = Outcome::new(
+                AttemptOutcome::Error,
+                None,
+                format!("runner could not create the log spool: {}", chain(&e)),
+            );
+            return report(o, 0);
+        }
+    };
+    let shipper = ShipperHandle::spawn(Arc::clone(&spool), spec.log_target.clone());
+    let dir = spec.attempts_dir.join(&attempt_id);
+    let task = TaskContext {
+        run_id: spec.offer.run_id.clone(),
+        task_name: spec.offer.task_name.clone(),
+        attempt_id: attempt_id.clone(),
+        workspace: dir.join("workspace"),
+        task: spec.offer.task.clone().unwrap_or_default(),
+    };
+    let outcome = run_task(spec, &task, &spool).await;
+    let log_length = shipper.finish().await;
+    if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(dir = %dir.display(), error = %e, "could not remove the attempt's work dir");
+    }
+    report(outcome, log_length)
+}
+
+async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) -> Outcome {
+    let started = Instant::now();
+    let task_timeout = task.task.timeout_seconds;
+    let task_deadline = (task_timeout > 0).then(|| started + Duration::from_secs(task_timeout));
+    if let Err(e) = tokio::fs::create_dir_all(&task.workspace).await {
+        return Outcome::new(
+            AttemptOutcome::Error,
+            None,
+            format!(
+                "runner could not create workspace {}: {e}",
+                task.workspace.display()
+            ),
+        );
+    }
+    let executor = &spec.executor;
+    let outcome = match executor.setup_task(task).await {
+        Ok(()) => run_steps(spec, task, spool, task_deadline).await,
+        Err(e) => Outcome::new(AttemptOutcome::Error, None, chain(&e)),
+    };
+    if let Err(e) = executor.destroy_task(task).await {
+        warn!(error = %chain(&e), "executor teardown failed");
+    }
+    outcome
+}
+
+async fn run_steps(
+    spec: &AttemptSpec,
+    task: &TaskContext,
+    spool: &Arc<Spool>,
+    task_deadline: Option<Instant>,
+) -> Outcome {
+    let task_timeout = task.task.timeout_seconds;
+    let send_step = |index: u32, state: StepState, exit_code: Option<i32>| {
+        let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
+            attempt_id: task.attempt_id.clone(),
+            step_index: index,
+            state: state.into(),
+            exit_code,
+        }));
+    };
+    for (i, step) in task.task.steps.iter().enumerate() {
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        let label = format!("step {} ({})", i + 1, step_label(step));
+        if spec.cancel.is_cancelled() {
+            return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
+        }
+        if task_deadline.is_some_and(|d| Instant::now() >= d) {
+            return Outcome::new(
+                AttemptOutcome::Failed,
+                None,
+                format!("task timed out after {task_timeout}s"),
+            );
+        }
+        send_step(index, StepState::Running, None);
+        if let Some(step::Kind::Run(run)) = &step.kind {
+            let header = format!("$ {}\n", run.script.lines().next().unwrap_or_default());
+            if let Err(e) = spool.append(index, header.as_bytes()).await {
+                send_step(index, StepState::Failed, None);
+                return Outcome::new(AttemptOutcome::Error, None, chain(&e));
+            }
+        }
+        let step_deadline = (step.timeout_seconds > 0)
+            .then(|| Instant::now() + Duration::from_secs(step.timeout_seconds));
+        let deadline = match (step_deadline, task_deadline) {
+            (Some(s), Some(t)) => Some(s.min(t)),
+            (s, t) => s.or(t),
+        };
+        let writer = spool.writer(index);
+        let result = spec
+            .executor
+            .run_step(
+                task,
+                StepContext {
+                    index,
+                    step,
+                    cancel: spec.cancel.clone(),
+                    deadline,
+                    output: &writer,
+                },
+            )
+            .await;
+        if let Err(e) = spec.executor.destroy_step(task, index).await {
+            warn!(step = index, error = %chain(&e), "executor step teardown failed");
+        }
+        let end = match result {
+            Ok(end) => end,
+            Err(e) => {
+                send_step(index, StepState::Failed, None);
+                return Outcome::new(
+                    AttemptOutcome::Error,
+                    None,
+                    format!("{label} could not run: {}", chain(&e)),
+                );
+            }
+        };
+        let failed = |exit_code, message| {
+            send_step(index, StepState::Failed, exit_code);
+            Outcome::new(AttemptOutcome::Failed, exit_code, message)
+        };
+        match end {
+            StepEnd::Exited(0) => send_step(index, StepState::Succeeded, Some(0)),
+            StepEnd::Exited(code) => {
+                return failed(Some(code), format!("{label} exited with {code}"));
+            }
+            StepEnd::OutOfMemory { exit_code } => {
+                return failed(
+                    Some(exit_code),
+                    format!("{label} ran out of memory (exit code {exit_code})"),
+                );
+            }
+            StepEnd::Failed { message } => return failed(None, format!("{label}: {message}")),
+            StepEnd::TimedOut => {
+                let task_fired = task_deadline.is_some() && deadline == task_deadline;
+                let message = if task_fired {
+                    format!("task timed out after {task_timeout}s")
+                } else {
+                    format!("step {} timed out after {}s", i + 1, step.timeout_seconds)
+                };
+                return failed(None, message);
+            }
+            StepEnd::Cancelled => {
+                send_step(index, StepState::Cancelled, None);
+                return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
+            }
+        }
+    }
+    Outcome::new(AttemptOutcome::Succeeded, None, "")
+}
+
+/// The step's display name: its `name`, else its kind.
+fn step_label(step: &capstan_shared::proto::pipeline::v1::Step) -> String {
+    if step.name.is_empty() {
+        crate::executor::step_kind_name(step).to_owned()
+    } else {
+        step.name.clone()
+    }
+}
+
+/// An error and its sources on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,53 @@
+//! Jittered exponential backoff between reconnects: 100 ms doubling to 5 s,
+//! each delay scaled by a random factor in [0.8, 1.2].
+//!
+//! A tiny struct rather than `backon` because the callers are loops that do
+//! other work (handle attempt events, watch shutdown) while they wait, which
+//! a retry combinator around one future does not fit.
+
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_millis(100);
+const MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self { next: MIN }
+    }
+
+    /// The delay to wait now; the one after it is twice as long (up to 5 s).
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (base * 2).min(MAX);
+        base.mul_f64(rand::random_range(0.8..=1.2))
+    }
+
+    /// Call after a success: the next failure waits 100 ms again.
+    pub(crate) fn reset(&mut self) {
+        self.next = MIN;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new();
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(6), "{d:?}");
+        }
+        assert!(b.next_delay() >= Duration::from_secs(4));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+}

@@ -1,0 +1,25 @@
+//! Attempt logs on the runner.
+//!
+//! Every output byte of an attempt is first appended to its [`spool::Spool`]
+//! (`<work_dir>/spool/<attempt_id>.log`), so a coordinator outage loses
+//! nothing; the [`shipper`] drains the spool to the coordinator with
+//! `PushLogs` and tracks the durable offset the coordinator acknowledges.
+//!
+//! Not done yet: masking of secrets (DESIGN.md "Logs"); step specs carry no
+//! secrets yet.
+
+pub mod shipper;
+pub mod spool;
+
+use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
+use tonic::transport::Channel;
+
+use crate::credentials::Credentials;
+
+/// Where logs go: a connection to the current leader and the credential to
+/// present. The agent publishes a new one after every welcome.
+#[derive(Clone, Debug)]
+pub struct LogTarget {
+    pub client: RunnerServiceClient<Channel>,
+    pub credentials: Credentials,
+}

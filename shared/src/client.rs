@@ -1,0 +1,734 @@
+//! The leader-aware client of the coordinator's client API, used by the CLI.
+//!
+//! [`Client::connect`] opens a channel to the first reachable of the given
+//! coordinator URLs. Every convenience method (`submit_run`, `get_run`, ...)
+//! goes through one retry loop:
+//!
+//! - a follower answers with `UNAVAILABLE` and the leader's URL in the
+//!   `capstan-leader` metadata: the client connects there and retries the call
+//!   at once (one hint per backoff round, so two replicas pointing at each
+//!   other cannot loop);
+//! - `UNAVAILABLE` without a hint (a coordinator restarting, an election in
+//!   progress, a dropped connection): retry with exponential backoff, rotating
+//!   over the configured servers, until [`ClientOptions::retry_for`] is spent;
+//! - any other status is returned at once as [`ClientError::Status`].
+//!
+//! The client is cheap to clone; clones share the current connection, so a
+//! leader found by one call is used by every later call.
+//!
+//! Streaming calls (`watch_run`, `read_logs`) are retried only until the
+//! stream is open; a stream that breaks later is the caller's to reopen.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::ids::RunId;
+use crate::proto::api::v1::pipeline_service_client::PipelineServiceClient;
+use crate::proto::api::v1::{
+    CancelRunRequest, DrainRunnerRequest, GetRunRequest, ListRunnersRequest, ListRunsRequest,
+    LogData, ReadLogsRequest, Run, RunEvent, Runner, SubmitRunRequest, WatchRunRequest,
+};
+use crate::proto::cluster::v1::cluster_service_client::ClusterServiceClient;
+use crate::proto::cluster::v1::{
+    AskLeaderRequest, AskLeaderResponse, ListMembersRequest, ListMembersResponse,
+};
+
+/// Metadata key in which a follower names the leader's gRPC URL.
+pub const LEADER_METADATA_KEY: &str = "capstan-leader";
+
+/// Timeouts and retry budgets of a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Limit on opening the connection to one server (TCP and HTTP/2 handshake).
+    pub connect_timeout: Duration,
+    /// How long [`Client::connect`] keeps retrying when no server is
+    /// reachable, after a first round over every server. Short, because a
+    /// user who forgot to start the coordinator should hear so quickly.
+    pub connect_retry_for: Duration,
+    /// How long a call keeps retrying `UNAVAILABLE` answers, over all servers.
+    pub retry_for: Duration,
+    /// Limit on each unary call (streams have none).
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            connect_retry_for: Duration::from_secs(2),
+            retry_for: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A failed client operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A server address is not a valid URL.
+    #[error(
+        "invalid coordinator address `{url}`: {source}; expected a URL like http://127.0.0.1:7700"
+    )]
+    InvalidServer {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// No server answered (connection refused, timed out, reset...).
+    #[error(
+        "cannot reach the coordinator at {}: {}; is it running? set --server or CAPSTAN_SERVER",
+        servers.join(","),
+        root_cause(&**source)
+    )]
+    Unreachable {
+        servers: Vec<String>,
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// Servers answered, but kept saying `UNAVAILABLE` without naming a
+    /// leader (an election in progress, or no leader can be elected).
+    #[error(
+        "the coordinator at {} is unavailable: {}; no leader answered within {retried_for:?}, try again shortly",
+        servers.join(","),
+        source.message()
+    )]
+    NoLeader {
+        servers: Vec<String>,
+        retried_for: Duration,
+        #[source]
+        source: Status,
+    },
+    /// The coordinator answered the call with an error.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(#[source] Status),
+}
+
+impl ClientError {
+    /// The gRPC status the coordinator answered with, if it answered.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            Self::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The status code of a coordinator's answer, if it answered.
+    pub fn code(&self) -> Option<Code> {
+        self.status().map(Status::code)
+    }
+
+    /// True if no coordinator (or no leader) could be reached.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::NoLeader { .. })
+    }
+}
+
+/// A lower-case name of a status code, as used in messages.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The innermost error of a chain: "Connection refused (os error 111)"
+/// says more than "transport error".
+fn root_cause(err: &(dyn StdError + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Adds `http://` to a bare `host:port`.
+pub fn normalize_server(server: &str) -> String {
+    let s = server.trim().trim_end_matches('/');
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    }
+}
+
+/// The leader URL a follower named in its `UNAVAILABLE` answer.
+fn leader_hint(status: &Status) -> Option<String> {
+    let value = status.metadata().get(LEADER_METADATA_KEY)?.to_str().ok()?;
+    let value = value.trim();
+    (!value.is_empty()).then(|| normalize_server(value))
+}
+
+/// True if the status was made on this side from a connection failure,
+/// rather than sent by a server (which never carries a local error source).
+fn is_connection_failure(status: &Status) -> bool {
+    StdError::source(status).is_some()
+}
+
+#[derive(Clone)]
+struct Connection {
+    url: String,
+    channel: Channel,
+}
+
+struct Inner {
+    servers: Vec<String>,
+    options: ClientOptions,
+    current: Mutex<Connection>,
+}
+
+/// A connection to the coordinator cluster that follows the leader.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("servers", &self.inner.servers)
+            .field("current", &self.current_url())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects to the first reachable of `servers` with default options.
+    pub async fn connect(servers: &[String]) -> Result<Client, ClientError> {
+        Self::connect_with(servers, ClientOptions::default()).await
+    }
+
+    /// Connects to the first reachable of `servers` (URLs like
+    /// `http://127.0.0.1:7700`; a bare `host:port` gets `http://`).
+    pub async fn connect_with(
+        servers: &[String],
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let servers: Vec<String> = servers
+            .iter()
+            .map(|s| normalize_server(s))
+            .filter(|s| s != "http://")
+            .collect();
+        if servers.is_empty() {
+            return Err(ClientError::Unreachable {
+                servers,
+                source: "no coordinator address given".into(),
+            });
+        }
+        // Reject malformed addresses before trying any of them.
+        for url in &servers {
+            endpoint(url, &options)?;
+        }
+        let deadline = Instant::now() + options.connect_retry_for;
+        let mut delays = backoff();
+        let connection = loop {
+            match connect_any(&servers, 0, &options).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    if Instant::now() + delay > deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        Ok(Client {
+            inner: Arc::new(Inner {
+                servers,
+                options,
+                current: Mutex::new(connection),
+            }),
+        })
+    }
+
+    /// The servers this client was given, normalized.
+    pub fn servers(&self) -> &[String] {
+        &self.inner.servers
+    }
+
+    /// URL of the coordinator the client talks to now.
+    pub fn current_url(&self) -> String {
+        self.current().url
+    }
+
+    /// Raw access to the pipeline API on the current connection (no retries).
+    pub fn pipeline(&self) -> PipelineServiceClient<Channel> {
+        PipelineServiceClient::new(self.current().channel)
+    }
+
+    /// Raw access to the cluster API on the current connection (no retries).
+    pub fn cluster(&self) -> ClusterServiceClient<Channel> {
+        ClusterServiceClient::new(self.current().channel)
+    }
+
+    /// Queues a run; `INVALID_ARGUMENT` lists every validation error.
+    pub async fn submit_run(&self, request: SubmitRunRequest) -> Result<RunId, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        let response = self
+            .call(move |ch| {
+                let req = unary(request.clone(), timeout);
+                async move { PipelineServiceClient::new(ch).submit_run(req).await }
+            })
+            .await?;
+        Ok(RunId::from_string(response.run_id))
+    }
+
+    /// One run with its tasks.
+    pub async fn get_run(&self, run: &RunId) -> Result<Run, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        let request = GetRunRequest {
+            run_id: run.to_string(),
+        };
+        self.call(move |ch| {
+            let req = unary(request.clone(), timeout);
+            async move { PipelineServiceClient::new(ch).get_run(req).await }
+        })
+        .await
+    }
+
+    /// Up to `limit` runs (0: the server's default), newest first.
+    pub async fn list_runs(&self, limit: u32) -> Result<Vec<Run>, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        let response = self
+            .call(move |ch| {
+                let req = unary(ListRunsRequest { limit }, timeout);
+                async move { PipelineServiceClient::new(ch).list_runs(req).await }
+            })
+            .await?;
+        Ok(response.runs)
+    }
+
+    /// Cancels every unfinished task of a run; returns the run afterwards.
+    pub async fn cancel_run(&self, run: &RunId) -> Result<Run, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        let request = CancelRunRequest {
+            run_id: run.to_string(),
+        };
+        self.call(move |ch| {
+            let req = unary(request.clone(), timeout);
+            async move { PipelineServiceClient::new(ch).cancel_run(req).await }
+        })
+        .await
+    }
+
+    /// The run as it is now, then one event per change until the run ends.
+    pub async fn watch_run(&self, run: &RunId) -> Result<tonic::Streaming<RunEvent>, ClientError> {
+        let request = WatchRunRequest {
+            run_id: run.to_string(),
+        };
+        self.call(move |ch| {
+            let req = request.clone();
+            async move { PipelineServiceClient::new(ch).watch_run(req).await }
+        })
+        .await
+    }
+
+    /// Log bytes of a run's tasks (`task: None` for every task); with
+    /// `follow` the stream stays open until the tasks end.
+    pub async fn read_logs(
+        &self,
+        run: &RunId,
+        task: Option<&str>,
+        follow: bool,
+    ) -> Result<tonic::Streaming<LogData>, ClientError> {
+        let request = ReadLogsRequest {
+            run_id: run.to_string(),
+            task: task.unwrap_or_default().to_string(),
+            follow,
+        };
+        self.call(move |ch| {
+            let req = request.clone();
+            async move { PipelineServiceClient::new(ch).read_logs(req).await }
+        })
+        .await
+    }
+
+    /// Registered runners.
+    pub async fn list_runners(&self) -> Result<Vec<Runner>, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        let response = self
+            .call(move |ch| {
+                let req = unary(ListRunnersRequest {}, timeout);
+                async move { PipelineServiceClient::new(ch).list_runners(req).await }
+            })
+            .await?;
+        Ok(response.runners)
+    }
+
+    /// Drains a runner given by id or name; returns it afterwards.
+    pub async fn drain_runner(&self, runner: &str) -> Result<Runner, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        let request = DrainRunnerRequest {
+            runner: runner.to_string(),
+        };
+        let response = self
+            .call(move |ch| {
+                let req = unary(request.clone(), timeout);
+                async move { PipelineServiceClient::new(ch).drain_runner(req).await }
+            })
+            .await?;
+        response
+            .runner
+            .ok_or_else(|| ClientError::Status(Status::internal("DrainRunner answered no runner")))
+    }
+
+    /// Who leads now, as the current server sees it (followers answer too).
+    pub async fn ask_leader(&self) -> Result<AskLeaderResponse, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        self.call(move |ch| {
+            let req = unary(AskLeaderRequest {}, timeout);
+            async move { ClusterServiceClient::new(ch).ask_leader(req).await }
+        })
+        .await
+    }
+
+    /// Every coordinator replica known to the cluster.
+    pub async fn list_members(&self) -> Result<ListMembersResponse, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        self.call(move |ch| {
+            let req = unary(ListMembersRequest {}, timeout);
+            async move { ClusterServiceClient::new(ch).list_members(req).await }
+        })
+        .await
+    }
+
+    fn current(&self) -> Connection {
+        self.inner
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_current(&self, connection: Connection) {
+        *self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = connection;
+    }
+
+    /// Runs `f` on the current channel with the leader-following and
+    /// `UNAVAILABLE` retry policy described in the module docs.
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let options = &self.inner.options;
+        let started = Instant::now();
+        let mut delays = backoff();
+        let mut hint_followed = false;
+        let mut current = self.current();
+        loop {
+            let status = match f(current.channel.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if status.code() == Code::Unavailable => status,
+                Err(status) => return Err(ClientError::Status(status)),
+            };
+            if !hint_followed && let Some(leader) = leader_hint(&status) {
+                hint_followed = true;
+                if leader != current.url {
+                    tracing::debug!(from = %current.url, to = %leader, "following the leader hint");
+                    match connect_one(&leader, options).await {
+                        Ok(c) => {
+                            self.set_current(c.clone());
+                            current = c;
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::debug!(%leader, %error, "cannot reach the hinted leader");
+                        }
+                    }
+                }
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(1));
+            if started.elapsed() + delay > options.retry_for {
+                return Err(self.gave_up(status, started.elapsed()));
+            }
+            tracing::debug!(url = %current.url, message = status.message(), ?delay, "coordinator unavailable; retrying");
+            tokio::time::sleep(delay).await;
+            hint_followed = false;
+            // Prefer another server next: this one may be down for good.
+            let start = self
+                .inner
+                .servers
+                .iter()
+                .position(|s| *s == current.url)
+                .map_or(0, |i| i + 1);
+            if let Ok(c) = connect_any(&self.inner.servers, start, options).await {
+                self.set_current(c.clone());
+                current = c;
+            }
+        }
+    }
+
+    fn gave_up(&self, status: Status, retried_for: Duration) -> ClientError {
+        let servers = self.inner.servers.clone();
+        if is_connection_failure(&status) {
+            ClientError::Unreachable {
+                servers,
+                source: Box::new(status),
+            }
+        } else {
+            ClientError::NoLeader {
+                servers,
+                retried_for,
+                source: status,
+            }
+        }
+    }
+}
+
+fn unary<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+fn endpoint(url: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let endpoint =
+        Endpoint::from_shared(url.to_string()).map_err(|source| ClientError::InvalidServer {
+            url: url.to_string(),
+            source,
+        })?;
+    Ok(endpoint
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        // Notice a dead leader while following a quiet stream.
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+async fn connect_one(url: &str, options: &ClientOptions) -> Result<Connection, ClientError> {
+    let endpoint = endpoint(url, options)?;
+    let unreachable = |source: Box<dyn StdError + Send + Sync>| ClientError::Unreachable {
+        servers: vec![url.to_string()],
+        source,
+    };
+    match tokio::time::timeout(options.connect_timeout, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(Connection {
+            url: url.to_string(),
+            channel,
+        }),
+        Ok(Err(e)) => Err(unreachable(Box::new(e))),
+        Err(_) => Err(unreachable(
+            format!("no answer within {:?}", options.connect_timeout).into(),
+        )),
+    }
+}
+
+/// Tries every server once, starting at index `start`; the first that
+/// connects wins. The error names every server and the last failure.
+async fn connect_any(
+    servers: &[String],
+    start: usize,
+    options: &ClientOptions,
+) -> Result<Connection, ClientError> {
+    let mut last: Option<Box<dyn StdError + Send + Sync>> = None;
+    for i in 0..servers.len() {
+        let url = &servers[(start + i) % servers.len()];
+        match connect_one(url, options).await {
+            Ok(c) => return Ok(c),
+            Err(ClientError::Unreachable { source, .. }) => last = Some(source),
+            Err(other) => return Err(other),
+        }
+    }
+    Err(ClientError::Unreachable {
+        servers: servers.to_vec(),
+        source: last.unwrap_or_else(|| "no coordinator address given".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::cluster::v1::Member;
+    use crate::proto::cluster::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tonic::transport::Server;
+
+    /// A cluster service that is either the leader or a follower naming one,
+    /// and that answers `UNAVAILABLE` without a hint `flaky` times first.
+    struct Fake {
+        url: String,
+        leader_hint: Option<String>,
+        flaky: AtomicU32,
+    }
+
+    impl Fake {
+        fn answer(&self) -> Result<(), Status> {
+            if self
+                .flaky
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(Status::unavailable("electing"));
+            }
+            if let Some(leader) = &self.leader_hint {
+                let mut status = Status::unavailable("not the leader");
+                status
+                    .metadata_mut()
+                    .insert(LEADER_METADATA_KEY, leader.parse().unwrap());
+                return Err(status);
+            }
+            Ok(())
+        }
+    }
+
+    #[tonic::async_trait]
+    impl ClusterService for Fake {
+        async fn ask_leader(
+            &self,
+            _: tonic::Request<AskLeaderRequest>,
+        ) -> Result<tonic::Response<AskLeaderResponse>, Status> {
+            Ok(tonic::Response::new(AskLeaderResponse {
+                leader: self.leader_hint.clone().unwrap_or_else(|| self.url.clone()),
+                epoch: 7,
+                is_leader: self.leader_hint.is_none(),
+            }))
+        }
+
+        async fn list_members(
+            &self,
+            _: tonic::Request<ListMembersRequest>,
+        ) -> Result<tonic::Response<ListMembersResponse>, Status> {
+            self.answer()?;
+            Ok(tonic::Response::new(ListMembersResponse {
+                members: vec![Member {
+                    endpoint: self.url.clone(),
+                    is_leader: true,
+                }],
+                leader: self.url.clone(),
+                epoch: 7,
+            }))
+        }
+    }
+
+    async fn serve(leader_hint: Option<String>, flaky: u32) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let fake = Fake {
+            url: url.clone(),
+            leader_hint,
+            flaky: AtomicU32::new(flaky),
+        };
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let conn = l.accept().await.map(|(s, _)| s);
+            Some((conn, l))
+        });
+        tokio::spawn(
+            Server::builder()
+                .add_service(ClusterServiceServer::new(fake))
+                .serve_with_incoming(incoming),
+        );
+        url
+    }
+
+    #[test]
+    fn normalizes_bare_addresses() {
+        assert_eq!(normalize_server("127.0.0.1:7700"), "http://127.0.0.1:7700");
+        assert_eq!(normalize_server("https://c:7700/"), "https://c:7700");
+    }
+
+    #[tokio::test]
+    async fn follows_the_leader_hint() {
+        let leader = serve(None, 0).await;
+        let follower = serve(Some(leader.clone()), 0).await;
+        let client = Client::connect(std::slice::from_ref(&follower))
+            .await
+            .unwrap();
+        assert_eq!(client.current_url(), follower);
+        let members = client.list_members().await.unwrap();
+        assert_eq!(members.leader, leader);
+        assert_eq!(client.current_url(), leader, "later calls go to the leader");
+    }
+
+    #[tokio::test]
+    async fn retries_transient_unavailable() {
+        let server = serve(None, 2).await;
+        let client = Client::connect(std::slice::from_ref(&server))
+            .await
+            .unwrap();
+        let members = client.list_members().await.unwrap();
+        assert_eq!(members.leader, server);
+    }
+
+    #[tokio::test]
+    async fn gives_up_when_no_leader_answers() {
+        let server = serve(None, u32::MAX).await;
+        let options = ClientOptions {
+            retry_for: Duration::from_millis(500),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(&[server], options).await.unwrap();
+        let err = client.list_members().await.unwrap_err();
+        assert!(matches!(err, ClientError::NoLeader { .. }), "{err}");
+        assert!(err.is_unreachable());
+    }
+
+    #[tokio::test]
+    async fn unreachable_names_every_server() {
+        // Bind then drop: a port nobody listens on.
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = a.local_addr().unwrap();
+        drop(a);
+        let options = ClientOptions {
+            connect_retry_for: Duration::ZERO,
+            ..ClientOptions::default()
+        };
+        let servers = vec![addr.to_string(), format!("http://{addr}")];
+        let err = Client::connect_with(&servers, options).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ClientError::Unreachable { .. }), "{msg}");
+        assert!(
+            msg.starts_with(&format!(
+                "cannot reach the coordinator at http://{addr},http://{addr}: "
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with("is it running? set --server or CAPSTAN_SERVER"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn other_statuses_show_code_and_message() {
+        let err = ClientError::Status(Status::not_found("no run x"));
+        assert_eq!(err.to_string(), "not found: no run x");
+        assert_eq!(err.code(), Some(Code::NotFound));
+    }
+}
