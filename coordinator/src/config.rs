@@ -17,6 +17,14 @@ pub struct CoordinatorConfig {
     /// gRPC URL others should use to reach this coordinator.
     pub advertise: Option<String>,
     pub timing: Timing,
+    /// etcd endpoints; empty for a standalone coordinator on redb.
+    pub etcd_endpoints: Vec<String>,
+    /// Every etcd key lives under this prefix.
+    pub etcd_prefix: String,
+    /// TTL of the leader's etcd lease: a dead leader is replaced within about this long.
+    pub election_ttl: Duration,
+    /// Task logs; replicas must share it. Default: `DATA_DIR/logs`.
+    pub log_dir: Option<PathBuf>,
 }
 
 impl CoordinatorConfig {
@@ -27,9 +35,16 @@ impl CoordinatorConfig {
             registration_token,
             advertise: None,
             timing: Timing::default(),
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: DEFAULT_ETCD_PREFIX.into(),
+            election_ttl: DEFAULT_ELECTION_TTL,
+            log_dir: None,
         }
     }
 }
+
+pub const DEFAULT_ETCD_PREFIX: &str = "/capstan/";
+pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(3);
 
 /// Command line of `capstan-coordinator`. Every flag also reads `CAPSTAN_<FLAG>`.
 #[derive(Parser, Debug, Default)]
@@ -50,9 +65,18 @@ pub struct Args {
     /// Shared token runners register with (required).
     #[arg(long, env = "CAPSTAN_REGISTRATION_TOKEN", hide_env_values = true)]
     pub registration_token: Option<String>,
-    /// etcd endpoints for high availability (not available in this build).
+    /// etcd endpoints (URL,URL): run as one of several replicas with state in etcd.
     #[arg(long, env = "CAPSTAN_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Option<Vec<String>>,
+    /// Prefix of every etcd key [default: /capstan/].
+    #[arg(long, env = "CAPSTAN_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// Leader lease TTL in milliseconds, whole seconds [default: 3000].
+    #[arg(long, env = "CAPSTAN_ELECTION_TTL_MS")]
+    pub election_ttl_ms: Option<u64>,
+    /// Directory for task logs, shared by all replicas [default: DATA_DIR/logs].
+    #[arg(long, env = "CAPSTAN_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
     /// gRPC URL advertised to clients and runners [default: http://LISTEN].
     #[arg(long, env = "CAPSTAN_ADVERTISE")]
     pub advertise: Option<String>,
@@ -79,6 +103,9 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub registration_token: Option<String>,
     pub etcd_endpoints: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub election_ttl_ms: Option<u64>,
+    pub log_dir: Option<PathBuf>,
     pub advertise: Option<String>,
     pub heartbeat_ms: Option<u64>,
     pub lease_ms: Option<u64>,
@@ -134,13 +161,29 @@ impl Args {
             Some(p) => load_file(p)?,
             None => FileConfig::default(),
         };
-        if self.etcd_endpoints.is_some() || file.etcd_endpoints.is_some() {
+        let etcd_endpoints: Vec<String> = self
+            .etcd_endpoints
+            .or(file.etcd_endpoints)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        let election_ttl = Duration::from_millis(
+            self.election_ttl_ms
+                .or(file.election_ttl_ms)
+                .unwrap_or(DEFAULT_ELECTION_TTL.as_millis() as u64),
+        );
+        if election_ttl < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
-                "--etcd-endpoints: high availability on etcd is not available in this build yet; \
-                 run one standalone coordinator (omit --etcd-endpoints)"
+                "--election-ttl-ms must be at least 1000 (etcd leases have whole-second TTLs)"
                     .into(),
             ));
         }
+        let etcd_prefix = self
+            .etcd_prefix
+            .or(file.etcd_prefix)
+            .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
         let listen = self.listen.or(file.listen).unwrap_or_else(|| {
             SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_GRPC_PORT))
         });
@@ -175,6 +218,7 @@ impl Args {
                 .or(file.max_infra_retries)
                 .unwrap_or(d.max_infra_retries),
             timeout_grace: d.timeout_grace,
+            reattach_grace: d.reattach_grace,
         };
         if timing.lease <= timing.heartbeat {
             return Err(ConfigError::Invalid(format!(
@@ -194,6 +238,10 @@ impl Args {
                 registration_token,
                 advertise: self.advertise.or(file.advertise),
                 timing,
+                etcd_endpoints,
+                etcd_prefix,
+                election_ttl,
+                log_dir: self.log_dir.or(file.log_dir),
             },
         })
     }

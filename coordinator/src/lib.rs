@@ -4,7 +4,8 @@
 //! - [`api`]: thin tonic handlers for the runner, pipeline and cluster services;
 //! - [`scheduler`]: the single task that owns the state (runs, tasks,
 //!   attempts, runners), the state machine in [`scheduler::state`];
-//! - [`store`]: durable key-value state (`memory`, `redb`);
+//! - [`store`]: durable key-value state (`memory`, `redb`, `etcd`);
+//! - [`election`]: who leads (`standalone`, `etcd`) and the leadership loop in [`run`];
 //! - [`logs`]: durable task logs (`local`, `memory`) and [`log_feed`] for live followers;
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`config`]: flags, environment and TOML.
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod config;
+pub mod election;
 pub mod http;
 pub mod log_feed;
 pub mod logs;
@@ -27,14 +29,22 @@ use anyhow::Context as _;
 use capstan_shared::proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 64 KiB).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Runs a standalone coordinator until `shutdown` is cancelled or the
-/// scheduler fails. `http` is optional so embedders can skip the side port.
+/// Runs a coordinator until `shutdown` is cancelled: standalone on redb, or
+/// one replica of several on etcd (`config.etcd_endpoints`). `http` is
+/// optional so embedders can skip the side port.
+///
+/// The replica serves gRPC at once. Until it leads, every call but the
+/// ClusterService is answered UNAVAILABLE with the leader's URL; once it
+/// leads it loads the state and schedules until leadership is lost (then it
+/// campaigns again) or `shutdown` (then it resigns, so another replica takes
+/// over at once).
 pub async fn run(
     config: CoordinatorConfig,
     grpc: tokio::net::TcpListener,
@@ -43,41 +53,58 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let state_path = config.data_dir.join("state.redb");
-    tracing::warn!(
-        data_dir = %config.data_dir.display(),
-        "standalone mode: only one coordinator may use this data dir"
-    );
-    let store: Arc<dyn store::Store> = Arc::new(store::redb::RedbStore::open(&state_path)?);
-    let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(
-        &config.data_dir.join("logs"),
-    )?);
-    let metrics = Arc::new(metrics::Metrics::default());
-    let (scheduler, handle) =
-        scheduler::start(store, config.timing.clone(), metrics.clone()).await?;
-    let epoch = scheduler.epoch();
     let local = grpc.local_addr()?;
     let advertise = config
         .advertise
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
+    let standalone = config.etcd_endpoints.is_empty();
+    let (store, election): (Arc<dyn store::Store>, Arc<dyn election::Election>) = if standalone {
+        let state_path = config.data_dir.join("state.redb");
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "standalone mode: only one coordinator may use this data dir"
+        );
+        let store: Arc<dyn store::Store> = Arc::new(store::redb::RedbStore::open(&state_path)?);
+        let election = Arc::new(election::standalone::StandaloneElection::new(
+            store.clone(),
+            advertise.clone(),
+        ));
+        (store, election)
+    } else {
+        let pool = store::etcd::connect(&config.etcd_endpoints).await?;
+        let etcd_store = store::etcd::EtcdStore::new(pool.clone(), &config.etcd_prefix);
+        let election = Arc::new(election::etcd::EtcdElection::new(
+            pool,
+            &config.etcd_prefix,
+            advertise.clone(),
+            config.election_ttl,
+            etcd_store.clone(),
+        ));
+        tracing::info!(endpoints = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "state in etcd");
+        (Arc::new(etcd_store), election)
+    };
+    let log_dir = config
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("logs"));
+    let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(&log_dir)?);
+    let metrics = Arc::new(metrics::Metrics::default());
 
     let tracker = TaskTracker::new();
     let inner = shutdown.child_token();
     let ready = Arc::new(AtomicBool::new(false));
+    let (role_tx, role_rx) = watch::channel(api::Role::Follower);
     let shared = api::Shared {
-        scheduler: handle,
+        role: role_rx,
+        election: election.clone(),
         logs,
         feed: Arc::new(log_feed::LogFeed::default()),
         metrics: metrics.clone(),
         registration_token: config.registration_token.clone().into(),
         advertise: advertise.clone().into(),
-        epoch,
         shutdown: inner.clone(),
     };
-
-    let sched_token = inner.clone();
-    let scheduler_task = tracker.spawn(async move { scheduler.run(sched_token).await });
 
     if let Some(http) = http {
         let addr = http.local_addr()?;
@@ -113,22 +140,34 @@ pub async fn run(
             )),
         );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-    ready.store(true, Ordering::Release);
-    tracing::info!(%local, %advertise, epoch, "coordinator serving");
-
-    // The scheduler ending (store failure) must stop the whole process.
     let server_token = inner.clone();
+    let server_task = tracker.spawn(async move {
+        server
+            .serve_with_incoming_shutdown(incoming, server_token.cancelled_owned())
+            .await
+    });
+    ready.store(true, Ordering::Release);
+    tracing::info!(%local, %advertise, standalone, "coordinator serving");
+
+    let lead = lead_loop(LeadLoop {
+        store,
+        election: election.clone(),
+        timing: config.timing.clone(),
+        metrics,
+        role: role_tx,
+        standalone,
+        shutdown: inner.clone(),
+    });
     let result = tokio::select! {
-        r = server.serve_with_incoming_shutdown(incoming, server_token.cancelled_owned()) => {
-            r.context("gRPC server failed")
-        }
-        r = scheduler_task => match r {
+        r = lead => r,
+        r = server_task => match r {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::Error::new(e).context("scheduler stopped")),
-            Err(e) => Err(anyhow::anyhow!("scheduler task panicked: {e}")),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server failed")),
+            Err(e) => Err(anyhow::anyhow!("gRPC server task panicked: {e}")),
         },
     };
     inner.cancel();
+    election.resign().await;
     tracker.close();
     if tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait())
         .await
@@ -137,4 +176,64 @@ pub async fn run(
         tracing::warn!("some coordinator tasks did not stop within 5 s");
     }
     result
+}
+
+struct LeadLoop {
+    store: Arc<dyn store::Store>,
+    election: Arc<dyn election::Election>,
+    timing: scheduler::state::Timing,
+    metrics: Arc<metrics::Metrics>,
+    role: watch::Sender<api::Role>,
+    standalone: bool,
+    shutdown: CancellationToken,
+}
+
+/// Campaign, lead until leadership is lost, step down, campaign again.
+async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
+    loop {
+        l.role.send_replace(api::Role::Follower);
+        let Some(lead) = l.election.campaign(&l.shutdown).await? else {
+            return Ok(());
+        };
+        let started = scheduler::start(
+            l.store.clone(),
+            l.timing.clone(),
+            l.metrics.clone(),
+            lead.epoch,
+        )
+        .await;
+        let (scheduler, handle) = match started {
+            Ok(s) => s,
+            Err(e) if !l.standalone => {
+                tracing::warn!(error = %e, "could not load state as the new leader; stepping down");
+                l.election.resign().await;
+                continue;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("cannot load the state")),
+        };
+        let token = l.shutdown.child_token();
+        l.role.send_replace(api::Role::Leader(api::LeaderCtx {
+            scheduler: handle,
+            epoch: lead.epoch,
+            token: token.clone(),
+        }));
+        tracing::info!(epoch = lead.epoch, "leading");
+        let outcome = tokio::select! {
+            r = scheduler.run(token.clone()) => r.map_err(|e| e.to_string()),
+            _ = lead.lost.cancelled() => Err("leadership lost".to_string()),
+        };
+        token.cancel();
+        l.role.send_replace(api::Role::Follower);
+        if l.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) if l.standalone => anyhow::bail!("scheduler stopped: {e}"),
+            Err(e) => {
+                tracing::warn!(epoch = lead.epoch, reason = %e, "stepping down");
+                l.election.resign().await;
+            }
+        }
+    }
 }

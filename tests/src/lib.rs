@@ -7,6 +7,9 @@
 //! (`$CARGO_TARGET_DIR/debug/`), or in `$CAPSTAN_BIN_DIR`. Build them first:
 //! `cargo build --workspace --bins` (the test command in the README does).
 
+pub mod etcd;
+pub mod ha;
+
 use anyhow::{Context, bail};
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
@@ -58,6 +61,7 @@ pub struct Builder {
     lease_ms: u64,
     heartbeat_ms: u64,
     labels: Vec<String>,
+    runner_args: Vec<String>,
 }
 
 impl Default for Builder {
@@ -69,6 +73,7 @@ impl Default for Builder {
             lease_ms: 2000,
             heartbeat_ms: 250,
             labels: Vec::new(),
+            runner_args: Vec::new(),
         }
     }
 }
@@ -93,6 +98,12 @@ impl Builder {
     /// Labels of every runner, as `k=v` (runner i also gets `index=i`).
     pub fn labels(mut self, labels: &[&str]) -> Self {
         self.labels = labels.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Extra arguments for every runner (e.g. `--secrets-file PATH`).
+    pub fn runner_args(mut self, args: &[&str]) -> Self {
+        self.runner_args.extend(args.iter().map(|s| s.to_string()));
         self
     }
 
@@ -230,6 +241,7 @@ impl TestCluster {
             .args(["--executor", &self.opts.executor])
             .arg("--work-dir")
             .arg(self.dir().join(format!("work-{name}")))
+            .args(&self.opts.runner_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file(self.dir(), name).expect("log file"))

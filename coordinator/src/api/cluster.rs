@@ -1,5 +1,4 @@
-//! ClusterService for a standalone coordinator: it is always the leader and
-//! the only member.
+//! ClusterService: every replica answers it, leader or not.
 
 use super::Shared;
 use capstan_shared::proto::cluster::v1::*;
@@ -7,16 +6,28 @@ use tonic::{Request, Response, Status};
 
 pub struct ClusterApi(pub Shared);
 
+impl ClusterApi {
+    async fn leader_info(&self) -> Result<crate::election::LeaderInfo, Status> {
+        self.0
+            .election
+            .leader()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+}
+
 #[tonic::async_trait]
 impl cluster_service_server::ClusterService for ClusterApi {
     async fn ask_leader(
         &self,
         _: Request<AskLeaderRequest>,
     ) -> Result<Response<AskLeaderResponse>, Status> {
+        let info = self.leader_info().await?;
+        let is_leader = matches!(&*self.0.role.borrow(), super::Role::Leader(_));
         Ok(Response::new(AskLeaderResponse {
-            leader: self.0.advertise.to_string(),
-            epoch: self.0.epoch,
-            is_leader: true,
+            leader: info.endpoint,
+            epoch: info.epoch,
+            is_leader,
         }))
     }
 
@@ -24,13 +35,23 @@ impl cluster_service_server::ClusterService for ClusterApi {
         &self,
         _: Request<ListMembersRequest>,
     ) -> Result<Response<ListMembersResponse>, Status> {
+        let info = self.leader_info().await?;
+        let members = self
+            .0
+            .election
+            .members()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(ListMembersResponse {
-            members: vec![Member {
-                endpoint: self.0.advertise.to_string(),
-                is_leader: true,
-            }],
-            leader: self.0.advertise.to_string(),
-            epoch: self.0.epoch,
+            members: members
+                .into_iter()
+                .map(|endpoint| Member {
+                    is_leader: endpoint == info.endpoint,
+                    endpoint,
+                })
+                .collect(),
+            leader: info.endpoint,
+            epoch: info.epoch,
         }))
     }
 }

@@ -6,6 +6,7 @@ pub mod pipeline;
 pub mod runner;
 pub mod status;
 
+use crate::election::Election;
 use crate::log_feed::LogFeed;
 use crate::logs::LogStore;
 use crate::metrics::Metrics;
@@ -13,16 +14,60 @@ use crate::scheduler::SchedulerHandle;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Metadata key naming the leader's URL in a follower's UNAVAILABLE answer.
+pub const LEADER_METADATA: &str = "capstan-leader";
+
+/// What this replica is right now.
+#[derive(Clone)]
+pub enum Role {
+    Follower,
+    Leader(LeaderCtx),
+}
+
+/// Handles valid while this replica leads.
+#[derive(Clone)]
+pub struct LeaderCtx {
+    pub scheduler: SchedulerHandle,
+    pub epoch: u64,
+    /// Cancelled when the leadership ends: leader-only streams stop with it.
+    pub token: CancellationToken,
+}
+
 /// What every handler needs.
 #[derive(Clone)]
 pub struct Shared {
-    pub scheduler: SchedulerHandle,
+    pub role: tokio::sync::watch::Receiver<Role>,
+    pub election: Arc<dyn Election>,
     pub logs: Arc<dyn LogStore>,
     pub feed: Arc<LogFeed>,
     pub metrics: Arc<Metrics>,
     pub registration_token: Arc<str>,
     pub advertise: Arc<str>,
-    pub epoch: u64,
     /// Ends long-lived response streams so a graceful shutdown can finish.
     pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// The leader's handles, or the UNAVAILABLE answer a follower gives:
+    /// it names the leader in the `capstan-leader` metadata when it knows it.
+    pub async fn leader(&self) -> Result<LeaderCtx, tonic::Status> {
+        if let Role::Leader(ctx) = &*self.role.borrow() {
+            return Ok(ctx.clone());
+        }
+        let info = self.election.leader().await.unwrap_or_default();
+        let known = !info.endpoint.is_empty() && *info.endpoint != *self.advertise;
+        let mut status = tonic::Status::unavailable(if known {
+            format!(
+                "this coordinator is not the leader; the leader is {}",
+                info.endpoint
+            )
+        } else {
+            "this coordinator is not the leader and no leader is elected yet; retry shortly"
+                .to_string()
+        });
+        if known && let Ok(v) = info.endpoint.parse() {
+            status.metadata_mut().insert(LEADER_METADATA, v);
+        }
+        Err(status)
+    }
 }

@@ -94,6 +94,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let run = build_run(req.into_inner())?;
         let id = status::flatten(
             self.0
+                .leader()
+                .await?
                 .scheduler
                 .ask(|reply| Command::Submit {
                     run: Box::new(run),
@@ -111,6 +113,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let id = run_id(req.into_inner().run_id)?;
         let run = status::flatten(
             self.0
+                .leader()
+                .await?
                 .scheduler
                 .ask(|reply| Command::GetRun { id, reply })
                 .await,
@@ -128,6 +132,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         };
         let runs = status::flatten(
             self.0
+                .leader()
+                .await?
                 .scheduler
                 .ask(|reply| Command::ListRuns { limit, reply })
                 .await,
@@ -139,6 +145,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let id = run_id(req.into_inner().run_id)?;
         let run = status::flatten(
             self.0
+                .leader()
+                .await?
                 .scheduler
                 .ask(|reply| Command::CancelRun { id, reply })
                 .await,
@@ -153,14 +161,15 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         req: Request<WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let id = run_id(req.into_inner().run_id)?;
+        let leader = self.0.leader().await?;
         let mut rx = status::flatten(
-            self.0
+            leader
                 .scheduler
                 .ask(|reply| Command::WatchRun { id, reply })
                 .await,
         )?;
         let (tx, out) = mpsc::channel(16);
-        let shutdown = self.0.shutdown.clone();
+        let shutdown = leader.token.clone();
         tokio::spawn(async move {
             loop {
                 let run = rx.borrow_and_update().clone();
@@ -196,8 +205,9 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         // Fail fast on an unknown run or task, before the stream starts.
         let probe_id = id.clone();
         let probe_task = task.clone();
+        let leader = self.0.leader().await?;
         status::flatten(
-            self.0
+            leader
                 .scheduler
                 .ask(|reply| Command::Attempts {
                     id: probe_id,
@@ -209,7 +219,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let (tx, out) = mpsc::channel(32);
         let shared = self.0.clone();
         tokio::spawn(async move {
-            if let Err(e) = stream_logs(shared, id, task, req.follow, &tx).await {
+            if let Err(e) = stream_logs(shared, leader, id, task, req.follow, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -222,6 +232,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
     ) -> Result<Response<ListRunnersResponse>, Status> {
         let runners = status::flatten(
             self.0
+                .leader()
+                .await?
                 .scheduler
                 .ask(|reply| Command::ListRunners { reply })
                 .await,
@@ -236,6 +248,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let runner = req.into_inner().runner;
         let r = status::flatten(
             self.0
+                .leader()
+                .await?
                 .scheduler
                 .ask(|reply| Command::Drain { runner, reply })
                 .await,
@@ -257,6 +271,7 @@ fn is_terminal(run: &Run) -> bool {
 /// keeps going until every selected task has ended and its logs are sent.
 async fn stream_logs(
     shared: Shared,
+    leader: super::LeaderCtx,
     id: RunId,
     task: Option<String>,
     follow: bool,
@@ -267,7 +282,7 @@ async fn stream_logs(
     loop {
         feed.borrow_and_update();
         let (attempts, all_done) = status::flatten(
-            shared
+            leader
                 .scheduler
                 .ask(|reply| Command::Attempts {
                     id: id.clone(),
@@ -288,7 +303,7 @@ async fn stream_logs(
             _ = feed.changed() => {}
             // State changes (a task ended, a new attempt) do not move the feed.
             _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-            _ = shared.shutdown.cancelled() => return Ok(()),
+            _ = leader.token.cancelled() => return Ok(()),
             _ = tx.closed() => return Ok(()),
         }
     }

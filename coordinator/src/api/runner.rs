@@ -43,6 +43,8 @@ impl runner_service_server::RunnerService for RunnerApi {
         }
         let (id, secret) = status::flatten(
             self.0
+                .leader()
+                .await?
                 .scheduler
                 .ask(|reply| Command::Register {
                     name: name.clone(),
@@ -80,14 +82,15 @@ impl runner_service_server::RunnerService for RunnerApi {
         };
         let runner = RunnerId::from_string(hello.runner_id.clone());
         let (tx, rx) = mpsc::unbounded_channel();
+        let leader = self.0.leader().await?;
         let conn = status::flatten(
-            self.0
+            leader
                 .scheduler
                 .ask(|reply| Command::Attach { hello, tx, reply })
                 .await,
         )?;
         tracing::info!(%runner, conn, "runner attached");
-        let scheduler = self.0.scheduler.clone();
+        let scheduler = leader.scheduler.clone();
         let r = runner.clone();
         tokio::spawn(async move {
             loop {
@@ -110,7 +113,8 @@ impl runner_service_server::RunnerService for RunnerApi {
             tracing::info!(runner = %r, conn, "runner detached");
             scheduler.tell(Command::Detach { runner: r, conn });
         });
-        let shutdown = self.0.shutdown.clone().cancelled_owned();
+        // A deposed leader ends the stream: the runner reconnects and is sent on.
+        let shutdown = leader.token.clone().cancelled_owned();
         Ok(Response::new(Box::pin(
             UnboundedReceiverStream::new(rx).take_until(shutdown),
         )))
@@ -120,6 +124,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<Streaming<LogChunk>>,
     ) -> Result<Response<PushLogsAck>, Status> {
+        let leader = self.0.leader().await?;
         let mut chunks = req.into_inner();
         let mut allowed: HashSet<AttemptId> = HashSet::new();
         let mut durable: HashMap<AttemptId, u64> = HashMap::new();
@@ -130,7 +135,7 @@ impl runner_service_server::RunnerService for RunnerApi {
                 let secret = chunk.runner_secret;
                 let a = attempt.clone();
                 status::flatten(
-                    self.0
+                    leader
                         .scheduler
                         .ask(|reply| Command::AuthorizeLog {
                             runner,

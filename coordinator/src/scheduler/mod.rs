@@ -131,25 +131,14 @@ impl SchedulerHandle {
     }
 }
 
-/// Loads the state from `store` and returns the loop (to spawn) and its handle.
+/// Loads the state from `store` for a leadership of `epoch` and returns the
+/// loop (to run) and its handle.
 pub async fn start(
     store: Arc<dyn Store>,
     timing: Timing,
     metrics: Arc<Metrics>,
+    epoch: u64,
 ) -> Result<(Scheduler, SchedulerHandle), StoreError> {
-    let epoch = match store.get(EPOCH_KEY).await? {
-        Some(v) => String::from_utf8_lossy(&v)
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0),
-        None => 0,
-    } + 1;
-    store
-        .apply(vec![Op::Put {
-            key: EPOCH_KEY.into(),
-            value: epoch.to_string().into_bytes(),
-        }])
-        .await?;
     let mut runs = Vec::new();
     for (key, value) in store.scan_prefix(RUNS_PREFIX).await? {
         match serde_json::from_slice::<RunRecord>(&value) {

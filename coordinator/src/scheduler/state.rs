@@ -32,6 +32,10 @@ pub struct Timing {
     pub max_infra_retries: u32,
     /// Grace past a task's own timeout before the coordinator fails it itself.
     pub timeout_grace: Duration,
+    /// Extra time, on top of one lease, that a newly started leader gives
+    /// runners to re-attach before it requeues their attempts. It covers a
+    /// runner's reconnect backoff (at most 5 s) while no leader was elected.
+    pub reattach_grace: Duration,
 }
 
 impl Default for Timing {
@@ -42,6 +46,7 @@ impl Default for Timing {
             offer_timeout: Duration::from_secs(5),
             max_infra_retries: 3,
             timeout_grace: Duration::from_secs(30),
+            reattach_grace: Duration::from_secs(6),
         }
     }
 }
@@ -150,8 +155,9 @@ impl SchedulerState {
     }
 
     /// Rebuilds the state from persisted records. Attempts that were offered
-    /// or running stay assigned: their runners get one lease (counted from
-    /// `now`) to re-attach before the attempts are requeued.
+    /// or running stay assigned: their runners get one lease plus
+    /// `reattach_grace` (counted from `now`) to re-attach before the
+    /// attempts are requeued.
     pub fn load(
         epoch: u64,
         timing: Timing,
@@ -159,6 +165,7 @@ impl SchedulerState {
         runners: Vec<RunnerRecord>,
         now: Instant,
     ) -> Self {
+        let seen = now + timing.reattach_grace;
         let mut st = Self::new(epoch, timing);
         let now_ms = now_ms();
         for r in runners {
@@ -167,7 +174,7 @@ impl SchedulerState {
                 RunnerSlot {
                     record: r,
                     conn: None,
-                    last_seen: now,
+                    last_seen: seen,
                     last_seen_ms: now_ms,
                     active: BTreeSet::new(),
                     paused: false,
@@ -185,7 +192,7 @@ impl SchedulerState {
                         }
                         match a.state {
                             AttemptState::Offered => {
-                                st.offered_at.insert(a.id.clone(), now);
+                                st.offered_at.insert(a.id.clone(), seen);
                             }
                             AttemptState::Running => {
                                 st.started_at.insert(a.id.clone(), now);

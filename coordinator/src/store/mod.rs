@@ -21,6 +21,7 @@
 //!   linearizable with respect to the others.
 
 pub mod conformance;
+pub mod etcd;
 pub mod memory;
 pub mod redb;
 

@@ -1,0 +1,226 @@
+//! High availability: three coordinators on a three-node etcd cluster.
+
+use capstan_shared::proto::api::v1 as api;
+use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::ha::HaCluster;
+use capstan_tests::*;
+use std::time::{Duration, Instant};
+
+/// A pipeline whose tasks print numbered lines slowly and record each
+/// completion in `DIR/done-<run>-<task>` (so a task run twice shows).
+fn counting_pipeline(dir: &std::path::Path, lines: u32) -> String {
+    let mut yaml = String::from("version: 1\nname: ha\ntasks:\n");
+    for t in ["one", "two"] {
+        yaml.push_str(&format!(
+            "  {t}:\n    steps:\n      - run: |\n          for i in $(seq 1 {lines}); do echo {t}-line-$i; sleep 0.05; done\n          echo x >> {}/done-${{{{ run.id }}}}-{t}\n",
+            dir.display()
+        ));
+    }
+    yaml.push_str("  last:\n    needs: [one, two]\n    steps: [ { run: 'echo last' } ]\n");
+    yaml
+}
+
+fn expected_log(task: &str, lines: u32) -> String {
+    (1..=lines).map(|i| format!("{task}-line-{i}\n")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_killed_mid_run_repeatedly_loses_nothing() -> anyhow::Result<()> {
+    let mut c = HaCluster::start(3, 2, "shell").await?;
+    let marks = tempfile::tempdir()?;
+    for round in 0..3 {
+        let id = c.submit(&counting_pipeline(marks.path(), 30)).await?;
+        c.wait_run(&id, Duration::from_secs(30), |r| {
+            task_state(r, "one") == TaskState::Running || task_state(r, "two") == TaskState::Running
+        })
+        .await?;
+        let (old, old_epoch) = c.wait_leader(Duration::from_secs(10)).await?;
+        c.kill(old);
+        let (_, new_epoch) = c
+            .wait_new_leader(Some(old), Duration::from_secs(15))
+            .await?;
+        assert!(
+            new_epoch > old_epoch,
+            "round {round}: epochs {old_epoch} -> {new_epoch}"
+        );
+        c.start_replica(old)?;
+        let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+        assert_eq!(
+            run_state(&run),
+            RunState::Succeeded,
+            "round {round}: {run:#?}\n{}",
+            c.all_logs()
+        );
+        for t in ["one", "two"] {
+            let done = std::fs::read_to_string(marks.path().join(format!("done-{id}-{t}")))?;
+            assert_eq!(
+                done.lines().count(),
+                1,
+                "round {round}: task {t} completed {} times\n{run:#?}\n{}",
+                done.lines().count(),
+                c.all_logs()
+            );
+            let log = String::from_utf8(c.task_log(&id, t).await?)?;
+            let body: String = log
+                .lines()
+                .filter(|l| l.starts_with(&format!("{t}-line-")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            assert_eq!(body, expected_log(t, 30), "round {round}: log of {t}");
+            assert_eq!(
+                log.matches(&format!("{t}-line-1\n")).count(),
+                1,
+                "duplicated bytes in {log:?}"
+            );
+        }
+    }
+    // `capstan cluster -o json` names the leader, its epoch and every member.
+    let out = std::process::Command::new(bin("capstan"))
+        .args(["--server", &c.urls().join(","), "cluster", "-o", "json"])
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let (leader, epoch) = c.wait_leader(Duration::from_secs(5)).await?;
+    assert_eq!(v["leader"], c.replicas[leader].url().as_str());
+    assert_eq!(v["epoch"], epoch);
+    assert_eq!(v["members"].as_array().map(Vec::len), Some(3), "{v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_point_at_the_leader() -> anyhow::Result<()> {
+    let c = HaCluster::start(3, 0, "fake").await?;
+    let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
+    let follower = (leader + 1) % 3;
+    let mut raw =
+        api::pipeline_service_client::PipelineServiceClient::connect(c.replicas[follower].url())
+            .await?;
+    let err = raw
+        .list_runs(api::ListRunsRequest { limit: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    let hint = err
+        .metadata()
+        .get("capstan-leader")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    assert_eq!(hint, Some(c.replicas[leader].url()));
+    assert!(!c.ask(follower).await?.is_leader);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
+    let c = HaCluster::start(3, 1, "shell").await?;
+    let (old, old_epoch) = c.wait_leader(Duration::from_secs(10)).await?;
+    c.pause(old);
+    let (new, new_epoch) = c
+        .wait_new_leader(Some(old), Duration::from_secs(15))
+        .await?;
+    assert!(new_epoch > old_epoch);
+    // Work goes on under the new leader while the old one sleeps.
+    let id = c
+        .submit(
+            "version: 1\nname: s\ntasks:\n  t:\n    steps: [ { run: 'echo under-new-leader' } ]\n",
+        )
+        .await?;
+    c.resume(old);
+    // The old leader learns it lost: its keep-alive fails, its fenced writes fail.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.ask(old).await;
+        if let Ok(r) = &r
+            && !r.is_leader
+        {
+            assert_eq!(r.leader, c.replicas[new].url());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old leader still claims to lead: {r:?}\n{}",
+            c.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    assert_eq!(task(&run, "t").attempts, 1);
+    assert_eq!(
+        c.leader().await.map(|l| l.0),
+        Some(new),
+        "exactly one leader"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_one_etcd_member_is_no_interruption() -> anyhow::Result<()> {
+    let mut c = HaCluster::start(3, 1, "shell").await?;
+    let (leader, epoch) = c.wait_leader(Duration::from_secs(10)).await?;
+    c.etcd.kill(0);
+    let id = c
+        .submit("version: 1\nname: m\ntasks:\n  t:\n    steps: [ { run: 'echo still-here' } ]\n")
+        .await?;
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    assert_eq!(
+        c.leader().await,
+        Some((leader, epoch)),
+        "leadership unchanged"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_quorum_pauses_scheduling_and_work_resumes_after() -> anyhow::Result<()> {
+    let mut c = HaCluster::start(3, 1, "shell").await?;
+    let id = c
+        .submit("version: 1\nname: q\ntasks:\n  long:\n    steps:\n      - run: echo begin; sleep 6; echo end\n  after:\n    needs: [long]\n    steps: [ { run: 'echo after' } ]\n")
+        .await?;
+    c.wait_run(&id, Duration::from_secs(20), |r| {
+        task_state(r, "long") == TaskState::Running
+    })
+    .await?;
+    c.etcd.kill(1);
+    c.etcd.kill(2);
+    // Nobody leads without quorum.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.leader().await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "a coordinator still leads without quorum"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.etcd.restart(1).await?;
+    c.etcd.restart(2).await?;
+    c.wait_leader(Duration::from_secs(30)).await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
+    // The runner kept the step going and re-attached it: one attempt.
+    assert_eq!(task(&run, "long").attempts, 1, "{run:#?}");
+    let log = String::from_utf8(c.task_log(&id, "long").await?)?;
+    assert!(log.contains("begin") && log.contains("end"), "{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_hands_over_quickly() -> anyhow::Result<()> {
+    let c = HaCluster::start(3, 0, "fake").await?;
+    let (old, _) = c.wait_leader(Duration::from_secs(10)).await?;
+    let pid = c.replicas[old].pid().expect("running");
+    let t0 = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let (new, _) = c
+        .wait_new_leader(Some(old), Duration::from_secs(10))
+        .await?;
+    let took = t0.elapsed();
+    println!("handover after SIGTERM: {took:?} (replica {old} -> {new})");
+    // The lease TTL is 3 s: a handover that waited for it would take longer.
+    assert!(took < Duration::from_millis(1500), "handover took {took:?}");
+    Ok(())
+}
