@@ -129,6 +129,12 @@ impl runner_service_server::RunnerService for RunnerApi {
         let mut allowed: HashSet<AttemptId> = HashSet::new();
         let mut durable: HashMap<AttemptId, u64> = HashMap::new();
         while let Some(chunk) = chunks.message().await? {
+            // A deposed leader must not write beside the new one.
+            if leader.token.is_cancelled() {
+                return Err(Status::unavailable(
+                    "this coordinator is no longer the leader; reconnect",
+                ));
+            }
             let attempt = AttemptId::from_string(chunk.attempt_id);
             if !allowed.contains(&attempt) {
                 let runner = RunnerId::from_string(chunk.runner_id);
