@@ -167,14 +167,18 @@ impl HaCluster {
     pub fn pause(&self, i: usize) {
         if let Some(pid) = self.replicas[i].pid() {
             signal(pid, nix::sys::signal::Signal::SIGSTOP);
-            self.replicas[i].paused.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.replicas[i]
+                .paused
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
     pub fn resume(&self, i: usize) {
         if let Some(pid) = self.replicas[i].pid() {
             signal(pid, nix::sys::signal::Signal::SIGCONT);
-            self.replicas[i].paused.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.replicas[i]
+                .paused
+                .store(false, std::sync::atomic::Ordering::SeqCst);
         }
     }
 

@@ -476,7 +476,14 @@ async fn runner_in_a_container_with_the_socket_mounted() -> anyhow::Result<()> {
         .args(["-v", &format!("{repo_path}:{repo_path}:ro")])
         .arg(&tag)
         .args(["--coordinator", &c.url(), "--registration-token", &c.token])
-        .args(["--name", "boxed", "--executor", "docker", "--work-dir", "/work"])
+        .args([
+            "--name",
+            "boxed",
+            "--executor",
+            "docker",
+            "--work-dir",
+            "/work",
+        ])
         .args(["--docker-labels", &label])
         .output()?;
     assert!(out.status.success(), "{out:?}");
@@ -519,6 +526,8 @@ async fn runner_in_a_container_with_the_socket_mounted() -> anyhow::Result<()> {
     assert!(log.contains("version one"), "{log}");
     assert!(log.contains("Dockerfile"), "{log}");
     drop(cleanup);
-    let _ = Command::new("docker").args(["image", "rm", "-f", &tag]).output();
+    let _ = Command::new("docker")
+        .args(["image", "rm", "-f", &tag])
+        .output();
     Ok(())
 }

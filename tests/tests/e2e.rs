@@ -345,3 +345,103 @@ async fn runs_on_labels_route_tasks() -> anyhow::Result<()> {
     assert_eq!(task(&run, "zero").runner, "runner-0");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_cannot_touch_another_runners_attempt() -> anyhow::Result<()> {
+    use capstan_shared::proto::runner::v1 as rpb;
+    use rpb::runner_service_client::RunnerServiceClient;
+    let c = TestCluster::builder().runners(1).start().await?;
+    let id = c
+        .submit(
+            "version: 1\nname: owned\ntasks:\n  t:\n    steps: [ { run: 'echo mine; sleep 2' } ]\n",
+        )
+        .await?;
+    let run = c
+        .wait_run(&id, Duration::from_secs(20), |r| {
+            task_state(r, "t") == TaskState::Running
+        })
+        .await?;
+    let attempt = task(&run, "t").attempt_id.clone();
+    let mut rc = RunnerServiceClient::connect(c.url()).await?;
+    let creds = rc
+        .register(rpb::RegisterRequest {
+            registration_token: c.token.clone(),
+            name: "intruder".into(),
+            capacity: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // Its log chunks for that attempt are refused and nothing is written.
+    let chunk = rpb::LogChunk {
+        runner_id: creds.runner_id.clone(),
+        runner_secret: creds.runner_secret.clone(),
+        attempt_id: attempt.clone(),
+        offset: 0,
+        data: bytes_of("forged\n"),
+        ..Default::default()
+    };
+    let err = rc
+        .push_logs(tokio_stream::iter(vec![chunk.clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // A wrong secret is refused as unauthenticated.
+    let mut bad = chunk;
+    bad.runner_secret = "guess".into();
+    let err = rc
+        .push_logs(tokio_stream::iter(vec![bad]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    // Its report that the attempt succeeded is ignored.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(rpb::RunnerMessage {
+        kind: Some(rpb::runner_message::Kind::Hello(rpb::Hello {
+            runner_id: creds.runner_id.clone(),
+            runner_secret: creds.runner_secret.clone(),
+            protocol_version: capstan_shared::PROTOCOL_VERSION,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut down = rc
+        .control(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    assert!(matches!(
+        down.message().await?.and_then(|m| m.kind),
+        Some(rpb::coordinator_message::Kind::Welcome(_))
+    ));
+    tx.send(rpb::RunnerMessage {
+        kind: Some(rpb::runner_message::Kind::Finished(rpb::TaskFinished {
+            attempt_id: attempt.clone(),
+            outcome: rpb::AttemptOutcome::Succeeded as i32,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(task_state(&c.get_run(&id).await?, "t"), TaskState::Running);
+    // The real owner finishes it, with its own log only.
+    let run = c.wait_done(&id, Duration::from_secs(20)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    let log = String::from_utf8(c.task_log(&id, "t").await?)?;
+    assert!(log.contains("mine") && !log.contains("forged"), "{log}");
+    // A wrong registration token is refused before anything is created.
+    let err = rc
+        .register(rpb::RegisterRequest {
+            registration_token: "nope".into(),
+            name: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    drop(tx);
+    Ok(())
+}
+
+fn bytes_of(s: &str) -> tonic::codegen::Bytes {
+    tonic::codegen::Bytes::copy_from_slice(s.as_bytes())
+}
