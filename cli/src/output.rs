@@ -79,6 +79,7 @@ pub fn task_json(task: &Task) -> Value {
         "runner": opt_str(&task.runner),
         "message": opt_str(&task.message),
         "exit_code": task.exit_code,
+        "outputs": task.outputs.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "needs": task.needs,
         "attempt_id": opt_str(&task.attempt_id),
         "started_at_ms": opt_ms(task.started_at_ms),
@@ -159,6 +160,12 @@ pub fn run_text(run: &Run) -> String {
         ]);
     }
     out.push_str(&table.render());
+    for t in &run.tasks {
+        let outputs: std::collections::BTreeMap<_, _> = t.outputs.iter().collect();
+        for (k, v) in outputs {
+            let _ = writeln!(out, "{}.{k}: {v}", t.name);
+        }
+    }
     out
 }
 

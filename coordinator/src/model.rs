@@ -65,6 +65,9 @@ pub struct TaskRecord {
     pub attempts: Vec<AttemptRecord>,
     pub message: String,
     pub exit_code: Option<i32>,
+    /// What the succeeded attempt reported (pushed digest, commit, ...).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
     pub queued_at_ms: i64,
     pub started_at_ms: i64,
     pub finished_at_ms: i64,

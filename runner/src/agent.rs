@@ -163,6 +163,9 @@ pub(crate) struct Agent {
     generation: u64,
     next_url: usize,
     leader_hint: Option<String>,
+    secrets: Arc<crate::secrets::Secrets>,
+    /// Byte patterns masked in every step's output (from `secrets`).
+    mask: Arc<Vec<Vec<u8>>>,
 }
 
 impl Agent {
@@ -191,7 +194,17 @@ impl Agent {
             generation: 0,
             next_url: 0,
             leader_hint: None,
+            secrets: Arc::default(),
+            mask: Arc::default(),
         }
+    }
+
+    /// The runner's secrets: resolved for the steps that name them, and
+    /// masked in every step's output.
+    pub(crate) fn with_secrets(mut self, secrets: Arc<crate::secrets::Secrets>) -> Self {
+        self.mask = Arc::new(crate::logs::mask::patterns(&secrets.values()));
+        self.secrets = secrets;
+        self
     }
 
     /// Runs until drained (Ok) or a fatal error. On an error, running
@@ -699,6 +712,9 @@ impl Agent {
             cancel,
             events: self.events_tx.clone(),
             log_target: self.log_target.subscribe(),
+            secrets: Arc::clone(&self.secrets),
+            mask: Arc::clone(&self.mask),
+            git_credentials: self.config.git_credentials.clone(),
         };
         self.tracker.spawn(attempt::run(spec).instrument(span));
         true
@@ -857,6 +873,7 @@ mod agent_tests {
             capacity: 1,
             executor: ExecutorKind::Fake,
             work_dir: work_dir.to_owned(),
+            ..RunnerConfig::default()
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Order of events, which the "logs complete when a run is seen finished"
 //! guarantee depends on:
-//! 1. create the log spool and start its shipper; create the workspace;
+//! 1. create the log spool and start its shipper; create the workspace and
+//!    check out the run's repository into it (if the run has one);
 //! 2. executor setup, then each step: `StepStateChanged` RUNNING, a
 //!    `$ <first line>` header in the log for `run` steps, run, terminal
 //!    `StepStateChanged`; the first step that does not succeed ends the
@@ -22,10 +23,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::executor::{Executor, StepContext, StepEnd, TaskContext};
+use crate::executor::{Executor, OutputSink as _, StepContext, StepEnd, TaskContext};
 use crate::logs::LogTarget;
+use crate::logs::mask::MaskingSink;
 use crate::logs::shipper::ShipperHandle;
 use crate::logs::spool::Spool;
+use crate::secrets::Secrets;
 
 /// What an attempt tells the agent.
 #[derive(Debug)]
@@ -45,6 +48,12 @@ pub(crate) struct AttemptSpec {
     pub cancel: CancellationToken,
     pub events: mpsc::UnboundedSender<AttemptEvent>,
     pub log_target: watch::Receiver<Option<LogTarget>>,
+    /// The runner's secrets (repository credentials).
+    pub secrets: Arc<Secrets>,
+    /// What is masked in the output ([`crate::logs::mask::patterns`]).
+    pub mask: Arc<Vec<Vec<u8>>>,
+    /// Name of the secret for fetching the repository, if any.
+    pub git_credentials: Option<String>,
 }
 
 struct Outcome {
@@ -77,12 +86,15 @@ pub(crate) async fn run(spec: AttemptSpec) {
 
 async fn execute(spec: &AttemptSpec) -> TaskFinished {
     let attempt_id = spec.offer.attempt_id.clone();
-    let report = |o: Outcome, log_length| TaskFinished {
-        attempt_id: attempt_id.clone(),
-        outcome: o.outcome.into(),
-        exit_code: o.exit_code,
-        message: o.message,
-        log_length,
+    let report = |o: Outcome, log_length, outputs: std::collections::BTreeMap<String, String>| {
+        TaskFinished {
+            attempt_id: attempt_id.clone(),
+            outcome: o.outcome.into(),
+            exit_code: o.exit_code,
+            message: o.message,
+            log_length,
+            outputs: outputs.into_iter().collect(),
+        }
     };
     let spool = match Spool::create(&spec.spool_dir, &attempt_id).await {
         Ok(spool) => spool,
@@ -92,7 +104,7 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
                 None,
                 format!("runner could not create the log spool: {}", chain(&e)),
             );
-            return report(o, 0);
+            return report(o, 0, Default::default());
         }
     };
     let shipper = ShipperHandle::spawn(Arc::clone(&spool), spec.log_target.clone());
@@ -103,15 +115,22 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
         attempt_id: attempt_id.clone(),
         workspace: dir.join("workspace"),
         task: spec.offer.task.clone().unwrap_or_default(),
+        repo: spec.offer.repo.clone(),
+        rev: spec.offer.rev.clone(),
+        outputs: Arc::default(),
     };
     let outcome = run_task(spec, &task, &spool).await;
+    let outputs = task.outputs.lock().map(|o| o.clone()).unwrap_or_default();
+    if !outputs.is_empty() {
+        info!(?outputs, "task outputs");
+    }
     let log_length = shipper.finish().await;
     if let Err(e) = tokio::fs::remove_dir_all(&dir).await
         && e.kind() != std::io::ErrorKind::NotFound
     {
         warn!(dir = %dir.display(), error = %e, "could not remove the attempt's work dir");
     }
-    report(outcome, log_length)
+    report(outcome, log_length, outputs)
 }
 
 async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) -> Outcome {
@@ -127,6 +146,11 @@ async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) ->
                 task.workspace.display()
             ),
         );
+    }
+    if !task.repo.is_empty()
+        && let Err(outcome) = checkout(spec, task, spool).await
+    {
+        return outcome;
     }
     let executor = &spec.executor;
     let outcome = match executor.setup_task(task).await {
@@ -168,9 +192,11 @@ async fn run_steps(
             );
         }
         send_step(index, StepState::Running, None);
+        let writer = spool.writer(index);
+        let masked = MaskingSink::new(&writer, &spec.mask);
         if let Some(step::Kind::Run(run)) = &step.kind {
             let header = format!("$ {}\n", run.script.lines().next().unwrap_or_default());
-            if let Err(e) = spool.append(index, header.as_bytes()).await {
+            if let Err(e) = masked.write(header.as_bytes()).await {
                 send_step(index, StepState::Failed, None);
                 return Outcome::new(AttemptOutcome::Error, None, chain(&e));
             }
@@ -181,7 +207,6 @@ async fn run_steps(
             (Some(s), Some(t)) => Some(s.min(t)),
             (s, t) => s.or(t),
         };
-        let writer = spool.writer(index);
         let result = spec
             .executor
             .run_step(
@@ -191,10 +216,14 @@ async fn run_steps(
                     step,
                     cancel: spec.cancel.clone(),
                     deadline,
-                    output: &writer,
+                    output: &masked,
                 },
             )
             .await;
+        if let Err(e) = masked.flush().await {
+            send_step(index, StepState::Failed, None);
+            return Outcome::new(AttemptOutcome::Error, None, chain(&e));
+        }
         if let Err(e) = spec.executor.destroy_step(task, index).await {
             warn!(step = index, error = %chain(&e), "executor step teardown failed");
         }
@@ -240,7 +269,64 @@ async fn run_steps(
             }
         }
     }
-    Outcome::new(AttemptOutcome::Succeeded, None, "")
+    // The coordinator keeps no message for a succeeded task today; the
+    // digest reaches the API through `outputs` (see `execute`).
+    let message = task
+        .outputs
+        .lock()
+        .ok()
+        .and_then(|o| Some(format!("pushed {}@{}", o.get("image")?, o.get("digest")?)))
+        .unwrap_or_default();
+    Outcome::new(AttemptOutcome::Succeeded, None, message)
+}
+
+/// Checks the run's repository out into the workspace; the log says so
+/// (under the first step). `Err` is the attempt's outcome.
+async fn checkout(
+    spec: &AttemptSpec,
+    task: &TaskContext,
+    spool: &Arc<Spool>,
+) -> Result<(), Outcome> {
+    let writer = spool.writer(0);
+    let masked = MaskingSink::new(&writer, &spec.mask);
+    let rev = if task.rev.is_empty() {
+        "HEAD"
+    } else {
+        &task.rev
+    };
+    let note = |text: String| async move {
+        let _ = masked.write(text.as_bytes()).await;
+        let _ = masked.flush().await;
+    };
+    let credentials = match &spec.git_credentials {
+        Some(name) => match spec.secrets.get(name) {
+            Ok(secret) => Some(secret.clone()),
+            Err(e) => {
+                note(format!("checkout failed: {e}\n")).await;
+                return Err(Outcome::new(AttemptOutcome::Failed, None, e.to_string()));
+            }
+        },
+        None => None,
+    };
+    match crate::git::checkout(&task.repo, rev, &task.workspace, credentials).await {
+        Ok(id) => {
+            note(format!("checked out {} at {id}\n", task.repo)).await;
+            Ok(())
+        }
+        Err(e) => {
+            let message = format!("checkout failed: {}", chain(&e));
+            note(format!("{message}\n")).await;
+            // A wrong password or revision is the user's to fix; anything
+            // else (network, disk) is retried as an infrastructure failure.
+            let outcome = match e {
+                crate::git::GitError::Auth { .. } | crate::git::GitError::RevNotFound { .. } => {
+                    AttemptOutcome::Failed
+                }
+                _ => AttemptOutcome::Error,
+            };
+            Err(Outcome::new(outcome, None, message))
+        }
+    }
 }
 
 /// The step's display name: its `name`, else its kind.

@@ -17,16 +17,14 @@ use crate::RunnerConfig;
 pub const DEFAULT_WORK_DIR: &str = "./capstan-runner-work";
 /// Default number of attempts run at once.
 pub const DEFAULT_CAPACITY: u32 = 1;
-/// Default executor of the binary.
-// TODO(docker issue): DESIGN.md makes `docker` the runner's default; switch
-// back once the docker executor exists.
-pub const DEFAULT_EXECUTOR: ExecutorKind = ExecutorKind::Shell;
+/// Default executor of the binary (`capstan dev` picks its own).
+pub const DEFAULT_EXECUTOR: ExecutorKind = ExecutorKind::Docker;
 
 /// Which executor runs the steps of an attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutorKind {
-    /// One container per step (not available in this build yet).
+    /// One container per step through the Docker Engine API.
     Docker,
     /// Host processes in a work dir; no isolation.
     Shell,
@@ -67,13 +65,50 @@ pub struct Args {
     /// Attempts run at once [default: 1].
     #[arg(long, env = "CAPSTAN_CAPACITY", value_name = "N")]
     pub capacity: Option<u32>,
-    /// Executor for the steps [default: shell].
+    /// Executor for the steps [default: docker].
     #[arg(long, env = "CAPSTAN_EXECUTOR", value_enum)]
     pub executor: Option<ExecutorKind>,
     /// Work dir for attempts, the log spool and the cached credentials
     /// [default: ./capstan-runner-work].
     #[arg(long, env = "CAPSTAN_WORK_DIR", value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// Secrets steps may name (TOML if it ends in .toml, else JSON): a map of
+    /// name to a string or {username, password}. `CAPSTAN_SECRET_<NAME>`
+    /// variables add to it.
+    #[arg(long, env = "CAPSTAN_SECRETS_FILE", value_name = "PATH")]
+    pub secrets_file: Option<PathBuf>,
+    /// Name of the secret with the credentials for fetching run repositories.
+    #[arg(long, env = "CAPSTAN_GIT_CREDENTIALS", value_name = "SECRET")]
+    pub git_credentials: Option<String>,
+    /// Network of step containers: `none`, `internal` (a per-task network
+    /// with no route out) or the name of an existing network [default: none].
+    #[arg(
+        long,
+        env = "CAPSTAN_DOCKER_NETWORK",
+        value_name = "none|internal|NAME"
+    )]
+    pub docker_network: Option<String>,
+    /// Memory limit of each step container, e.g. `512m`, `2g` (no swap on top).
+    #[arg(long, env = "CAPSTAN_DOCKER_MEMORY", value_name = "SIZE")]
+    pub docker_memory: Option<String>,
+    /// CPU limit of each step container, e.g. `1.5`.
+    #[arg(long, env = "CAPSTAN_DOCKER_CPUS", value_name = "N")]
+    pub docker_cpus: Option<f64>,
+    /// Capabilities step containers keep (all others are dropped), e.g. `CHOWN,NET_RAW`.
+    #[arg(
+        long,
+        env = "CAPSTAN_DOCKER_CAP_ADD",
+        value_name = "CAP[,CAP]",
+        value_delimiter = ','
+    )]
+    pub docker_cap_add: Option<Vec<String>>,
+    /// Image of the never-started container that copies the workspace in and
+    /// out of its volume when a task has no image [default: capstan-test/busybox:1].
+    #[arg(long, env = "CAPSTAN_DOCKER_HELPER_IMAGE", value_name = "IMAGE")]
+    pub docker_helper_image: Option<String>,
+    /// Extra labels on every container, volume and network the runner creates.
+    #[arg(long, env = "CAPSTAN_DOCKER_LABELS", value_name = "k=v,k=v", value_parser = parse_labels)]
+    pub docker_labels: Option<BTreeMap<String, String>>,
 }
 
 /// The TOML file. Same settings as the flags, minus `config`.
@@ -87,6 +122,14 @@ pub struct FileConfig {
     pub capacity: Option<u32>,
     pub executor: Option<ExecutorKind>,
     pub work_dir: Option<PathBuf>,
+    pub secrets_file: Option<PathBuf>,
+    pub git_credentials: Option<String>,
+    pub docker_network: Option<String>,
+    pub docker_memory: Option<String>,
+    pub docker_cpus: Option<f64>,
+    pub docker_cap_add: Option<Vec<String>>,
+    pub docker_helper_image: Option<String>,
+    pub docker_labels: Option<LabelsValue>,
 }
 
 /// `coordinator = "URL,URL"` or `coordinator = ["URL", "URL"]`.
@@ -129,6 +172,29 @@ pub enum ConfigError {
     Labels(String),
     #[error("--capacity must be at least 1")]
     ZeroCapacity,
+    #[error("invalid --docker-network: {0}")]
+    Network(String),
+    #[error("invalid --docker-memory `{0}`: expected bytes or a number with k, m or g, e.g. 512m")]
+    Memory(String),
+    #[error("invalid --docker-cpus {0}: expected a positive number")]
+    Cpus(f64),
+}
+
+/// Parses a memory size: `1048576`, `512k`, `512m`, `2g` (powers of 1024).
+pub fn parse_memory(text: &str) -> Option<i64> {
+    let t = text.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (digits, unit) = match t.char_indices().last()? {
+        (i, 'k') => (&t[..i], 1i64 << 10),
+        (i, 'm') => (&t[..i], 1 << 20),
+        (i, 'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    digits
+        .parse::<i64>()
+        .ok()?
+        .checked_mul(unit)
+        .filter(|n| *n > 0)
 }
 
 /// Parses `k=v,k=v` (empty string: no labels).
@@ -222,7 +288,55 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
     if capacity == 0 {
         return Err(ConfigError::ZeroCapacity);
     }
+    let network = args
+        .docker_network
+        .or(file.docker_network)
+        .unwrap_or_else(|| "none".into())
+        .parse()
+        .map_err(ConfigError::Network)?;
+    let memory_bytes = match args.docker_memory.or(file.docker_memory) {
+        Some(text) => Some(parse_memory(&text).ok_or(ConfigError::Memory(text))?),
+        None => None,
+    };
+    let cpus = args.docker_cpus.or(file.docker_cpus);
+    if let Some(c) = cpus
+        && !(c > 0.0 && c.is_finite())
+    {
+        return Err(ConfigError::Cpus(c));
+    }
+    let docker_labels = match (args.docker_labels, file.docker_labels) {
+        (Some(labels), _) => labels,
+        (None, Some(LabelsValue::Table(labels))) => labels,
+        (None, Some(LabelsValue::Text(text))) => {
+            parse_labels(&text).map_err(ConfigError::Labels)?
+        }
+        (None, None) => BTreeMap::new(),
+    };
+    let docker = crate::DockerSettings {
+        network,
+        memory_bytes,
+        cpus,
+        cap_add: args
+            .docker_cap_add
+            .or(file.docker_cap_add)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.trim().to_ascii_uppercase())
+            .filter(|c| !c.is_empty())
+            .collect(),
+        helper_image: args
+            .docker_helper_image
+            .or(file.docker_helper_image)
+            .unwrap_or_else(|| crate::executor::docker::DEFAULT_HELPER_IMAGE.into()),
+        labels: docker_labels,
+    };
     Ok(RunnerConfig {
+        secrets_file: args.secrets_file.or(file.secrets_file),
+        git_credentials: args
+            .git_credentials
+            .or(file.git_credentials)
+            .filter(|s| !s.is_empty()),
+        docker,
         coordinators,
         registration_token,
         name,
@@ -339,6 +453,42 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("--coordinator"), "{text}");
         assert!(text.contains("CAPSTAN_COORDINATOR"), "{text}");
+    }
+
+    #[test]
+    fn docker_settings() {
+        let file = parse_file(
+            r#"
+            docker_network = "internal"
+            docker_memory = "64m"
+            docker_cpus = 0.5
+            docker_cap_add = ["chown"]
+            secrets_file = "/etc/capstan/secrets.toml"
+            "#,
+            "test",
+        )
+        .unwrap();
+        let config = merge(required_args(), file).unwrap();
+        assert_eq!(
+            config.docker.network,
+            crate::executor::docker::NetworkSetting::Internal
+        );
+        assert_eq!(config.docker.memory_bytes, Some(64 << 20));
+        assert_eq!(config.docker.cpus, Some(0.5));
+        assert_eq!(config.docker.cap_add, ["CHOWN"]);
+        assert_eq!(
+            config.secrets_file.as_deref(),
+            Some(Path::new("/etc/capstan/secrets.toml"))
+        );
+        assert_eq!(parse_memory("1g"), Some(1 << 30));
+        assert_eq!(parse_memory("100"), Some(100));
+        assert_eq!(parse_memory("12x"), None);
+        let mut args = required_args();
+        args.docker_network = Some("host".into());
+        assert!(matches!(
+            merge(args, FileConfig::default()),
+            Err(ConfigError::Network(_))
+        ));
     }
 
     #[test]

@@ -10,10 +10,14 @@
 //!   offers, cancels, heartbeats, drain, redelivery of final reports.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
 //!   waits for its log to be acknowledged, builds the final report.
-//! - [`executor`]: the [`executor::Executor`] trait and its `shell` and `fake`
-//!   implementations.
-//! - [`logs`]: the on-disk spool every output byte goes to first, and the
-//!   `PushLogs` shipper that drains it.
+//! - [`executor`]: the [`executor::Executor`] trait and its `docker`, `shell`
+//!   and `fake` implementations.
+//! - [`steps`]: the `build` and `push` step kinds (docker executor).
+//! - [`git`]: checkout of the run's repository at its exact commit.
+//! - [`secrets`]: runner-side secrets from `--secrets-file` and
+//!   `CAPSTAN_SECRET_*`.
+//! - [`logs`]: secret masking, the on-disk spool every output byte goes to
+//!   first, and the `PushLogs` shipper that drains it.
 //! - `backoff`: jittered exponential delays between reconnects.
 //!
 //! Work dir layout: `runner.json` (credentials), `attempts/<attempt_id>/workspace`
@@ -25,7 +29,10 @@ mod backoff;
 pub mod config;
 pub mod credentials;
 pub mod executor;
+pub mod git;
 pub mod logs;
+pub mod secrets;
+pub mod steps;
 #[cfg(test)]
 mod testing;
 
@@ -38,7 +45,8 @@ use tokio_util::sync::CancellationToken;
 pub use config::ExecutorKind;
 
 /// Everything the agent needs to run. Built by [`config::load`] for the
-/// binary, or directly by an embedding process (`capstan dev`).
+/// binary, or directly by an embedding process (`capstan dev`, which fills
+/// what it does not set with `..Default::default()`).
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
     /// gRPC URLs of the coordinators, e.g. `http://127.0.0.1:7700`; tried in
@@ -56,14 +64,65 @@ pub struct RunnerConfig {
     pub executor: ExecutorKind,
     /// Per-attempt work dirs, the log spool and the cached credentials.
     pub work_dir: PathBuf,
+    /// Secrets file (see [`secrets`]); `CAPSTAN_SECRET_*` variables add to it.
+    pub secrets_file: Option<PathBuf>,
+    /// The secret used to fetch run repositories, if they need credentials.
+    pub git_credentials: Option<String>,
+    /// Isolation and limits of the docker executor.
+    pub docker: DockerSettings,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            coordinators: Vec::new(),
+            registration_token: String::new(),
+            name: String::new(),
+            labels: BTreeMap::new(),
+            capacity: config::DEFAULT_CAPACITY,
+            executor: config::DEFAULT_EXECUTOR,
+            work_dir: PathBuf::from(config::DEFAULT_WORK_DIR),
+            secrets_file: None,
+            git_credentials: None,
+            docker: DockerSettings::default(),
+        }
+    }
+}
+
+/// `--docker-*` settings.
+#[derive(Clone, Debug)]
+pub struct DockerSettings {
+    pub network: executor::docker::NetworkSetting,
+    pub memory_bytes: Option<i64>,
+    pub cpus: Option<f64>,
+    pub cap_add: Vec<String>,
+    pub helper_image: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for DockerSettings {
+    fn default() -> Self {
+        Self {
+            network: executor::docker::NetworkSetting::None,
+            memory_bytes: None,
+            cpus: None,
+            cap_add: Vec::new(),
+            helper_image: executor::docker::DEFAULT_HELPER_IMAGE.into(),
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 /// Failures that end the runner. A coordinator that cannot be reached is not
 /// one of them: the agent keeps retrying.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the docker executor is not available in this build yet; use --executor shell or fake")]
-    DockerUnavailable,
+    #[error(
+        "starting the docker executor (or pass --executor shell to run steps as host processes)"
+    )]
+    Docker(#[from] executor::docker::DockerError),
+    #[error("loading secrets")]
+    Secrets(#[from] secrets::SecretsError),
     #[error("no coordinator URL given: pass --coordinator URL")]
     NoCoordinator,
     #[error("invalid coordinator URL `{url}`: expected e.g. http://127.0.0.1:7700")]
@@ -107,15 +166,37 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
     if config.capacity == 0 {
         return Err(Error::ZeroCapacity.into());
     }
+    let secrets =
+        Arc::new(secrets::Secrets::load(config.secrets_file.as_deref()).map_err(Error::Secrets)?);
+    agent::prepare_work_dir(&config.work_dir).await?;
     let executor: Arc<dyn executor::Executor> = match config.executor {
         ExecutorKind::Shell => Arc::new(executor::shell::ShellExecutor::new()),
         ExecutorKind::Fake => Arc::new(executor::fake::FakeExecutor::new()),
-        ExecutorKind::Docker => return Err(Error::DockerUnavailable.into()),
+        ExecutorKind::Docker => Arc::new(docker_executor(&config, Arc::clone(&secrets)).await?),
     };
-    agent::prepare_work_dir(&config.work_dir).await?;
     let creds = credentials::load(&config.work_dir).await?;
     agent::Agent::new(config, executor, creds, shutdown)
+        .with_secrets(secrets)
         .run()
         .await?;
     Ok(())
+}
+
+/// Connects to the engine and reaps what a previous process of this runner
+/// (same name and work dir) left behind.
+pub async fn docker_executor(
+    config: &RunnerConfig,
+    secrets: Arc<secrets::Secrets>,
+) -> Result<executor::docker::DockerExecutor, Error> {
+    let key = executor::docker::runner_key(&config.name, &config.work_dir);
+    let mut options = executor::docker::DockerOptions::new(&config.name, &key);
+    options.network = config.docker.network.clone();
+    options.memory_bytes = config.docker.memory_bytes;
+    options.cpus = config.docker.cpus;
+    options.cap_add = config.docker.cap_add.clone();
+    options.helper_image = config.docker.helper_image.clone();
+    options.extra_labels = config.docker.labels.clone();
+    let executor = executor::docker::DockerExecutor::connect(options, secrets).await?;
+    executor.reap().await?;
+    Ok(executor)
 }

@@ -282,8 +282,19 @@ tasks:
         .unwrap_or_else(|| panic!("no `{pushed}` line in {image_log}"))
         .to_owned();
     assert!(digest.starts_with("sha256:"), "{digest}");
-    // TODO(outputs): once TaskFinished.outputs reaches the API, assert that
-    // `capstan status` shows `digest` for the task.
+    // The digest is recorded on the task and `capstan status` shows it.
+    let outputs = &task(&run, "image").outputs;
+    assert_eq!(outputs.get("digest"), Some(&digest), "{outputs:?}");
+    let status = c.cli(&["status", &id, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    let image_task = v["tasks"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == "image"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(image_task["outputs"]["digest"], digest.as_str(), "{v}");
+    let text = String::from_utf8_lossy(&c.cli(&["status", &id]).stdout).to_string();
+    assert!(text.contains(&format!("image.digest: {digest}")), "{text}");
 
     // The registry has the tag, with that digest.
     let (code, resp) = registry_get(&tb, &format!("/v2/{name}/tags/list"));
@@ -343,6 +354,7 @@ async fn cancel_stops_the_container_and_orphans_are_reaped_after_kill_9() -> any
             |c| c.running().is_empty(),
         )
         .await;
+    eprintln!("capstan cancel returned -> container stopped: {stopped:?}");
     assert!(
         stopped < Duration::from_millis(2500),
         "cancel took {stopped:?}"

@@ -68,6 +68,7 @@ pub async fn run(ctx: &Context, args: DevArgs) -> Result<Exit, Failure> {
                 Executor::Docker => ExecutorKind::Docker,
             },
             work_dir: temp.path().join("work"),
+            ..RunnerConfig::default()
         },
         shutdown.child_token(),
     ));

@@ -65,6 +65,7 @@ pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
             attempts: Vec::new(),
             message: String::new(),
             exit_code: None,
+            outputs: Default::default(),
             queued_at_ms: 0,
             started_at_ms: 0,
             finished_at_ms: 0,

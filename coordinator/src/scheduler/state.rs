@@ -683,6 +683,7 @@ impl SchedulerState {
                 t.state = StoredTaskState::Succeeded;
                 t.exit_code = Some(0);
                 t.message.clear();
+                t.outputs = fin.outputs.clone().into_iter().collect();
             }
             AttemptState::Failed => {
                 t.script_failures += 1;

@@ -133,6 +133,7 @@ impl Harness {
                 }),
                 message: "done".into(),
                 log_length: 0,
+                outputs: [("digest".to_string(), format!("sha256:{attempt}"))].into(),
             }),
         )
         .unwrap();
@@ -198,6 +199,11 @@ fn diamond_runs_in_dependency_order() {
     let d = h.accept(&mut r);
     h.finish(&r, &d.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
+    // Outputs of the succeeded attempt are kept on the task.
+    assert_eq!(
+        h.st.runs[&run].tasks[3].outputs.get("digest"),
+        Some(&format!("sha256:{}", d.attempt_id))
+    );
 }
 
 #[test]

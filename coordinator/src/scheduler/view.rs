@@ -30,6 +30,7 @@ pub fn run(r: &RunRecord) -> api::Run {
                     exit_code: t.exit_code,
                     started_at_ms: t.started_at_ms,
                     finished_at_ms: t.finished_at_ms,
+                    outputs: t.outputs.clone().into_iter().collect(),
                 }
             })
             .collect(),

@@ -24,12 +24,14 @@
 //! created. Different attempts run concurrently on one executor, so an
 //! executor keeps per-attempt state keyed by attempt id, if any.
 
+pub mod docker;
 pub mod fake;
 pub mod shell;
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use capstan_shared::proto::pipeline::v1::{Step, TaskSpec, step};
@@ -53,6 +55,20 @@ pub struct TaskContext {
     pub workspace: PathBuf,
     /// The task with every substitution made.
     pub task: TaskSpec,
+    /// The run's source repository and revision (empty when it has none).
+    pub repo: String,
+    pub rev: String,
+    /// What steps produce for the task's report (e.g. `digest` of a push).
+    pub outputs: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl TaskContext {
+    /// Records an output of the task (a later step overwrites an earlier one).
+    pub fn set_output(&self, key: &str, value: &str) {
+        if let Ok(mut outputs) = self.outputs.lock() {
+            outputs.insert(key.to_owned(), value.to_owned());
+        }
+    }
 }
 
 /// One step to run.
@@ -204,6 +220,9 @@ pub(crate) mod testing {
                 steps,
                 ..TaskSpec::default()
             },
+            repo: String::new(),
+            rev: String::new(),
+            outputs: Arc::default(),
         }
     }
 

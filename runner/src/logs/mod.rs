@@ -1,13 +1,12 @@
 //! Attempt logs on the runner.
 //!
-//! Every output byte of an attempt is first appended to its [`spool::Spool`]
+//! Every output byte of an attempt is first masked ([`mask`]: every runner
+//! secret, in several spellings), then appended to its [`spool::Spool`]
 //! (`<work_dir>/spool/<attempt_id>.log`), so a coordinator outage loses
 //! nothing; the [`shipper`] drains the spool to the coordinator with
 //! `PushLogs` and tracks the durable offset the coordinator acknowledges.
-//!
-//! Not done yet: masking of secrets (DESIGN.md "Logs"); step specs carry no
-//! secrets yet.
 
+pub mod mask;
 pub mod shipper;
 pub mod spool;
 

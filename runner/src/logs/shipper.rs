@@ -8,7 +8,7 @@
 //! 2. open one `PushLogs` stream and send chunks from `acked` on, each at
 //!    most 64 KiB and never spanning two steps; a partial chunk waits at most
 //!    50 ms for more output before it goes;
-//! 3. end the stream after ~1 s or 4 MiB, or when the closed spool is fully
+//! 3. end the stream after ~1 s or 64 MiB, or when the closed spool is fully
 //!    sent, and take the response's durable offset as the new `acked`;
 //! 4. on an error, wait (jittered backoff) and go to 1: the next stream
 //!    resends from `acked`. The coordinator skips bytes it already holds, so
@@ -40,8 +40,12 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// A stream is ended (to get an ack) after this long...
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(1);
-/// ... or after this many bytes.
-pub const STREAM_MAX_BYTES: u64 = 4 * 1024 * 1024;
+/// ... or after this many bytes. Each stream end waits for the coordinator's
+/// fsync and ack before the next stream starts, so this is the window of a
+/// stop-and-wait protocol: 4 MiB held a 1 GiB log to ~50 MB/s, 64 MiB gives
+/// ~100 MB/s (`capstan-bench --scenario logs`); a resend after an error is at
+/// most this much (or one second of output).
+pub const STREAM_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A `PushLogs` call that takes longer than this is abandoned and retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);

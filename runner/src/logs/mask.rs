@@ -1,0 +1,209 @@
+//! Secret masking of step output, before a byte reaches the spool.
+//!
+//! Each secret value is masked in several spellings: as is, each line of a
+//! multi-line value, standard base64 (with and without padding) and
+//! URL-encoded. Matching works across write boundaries: a write's tail that
+//! could be the start of a secret is held back until the next write (or
+//! [`MaskingSink::flush`]) tells whether it is one.
+
+use std::io;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use tokio::sync::Mutex;
+
+use crate::executor::OutputSink;
+
+/// What a masked value is replaced with.
+pub const MASK: &[u8] = b"[MASKED]";
+/// Shorter values are not masked: masking every `a` would make logs useless
+/// and protect nothing.
+pub const MIN_SECRET_LEN: usize = 3;
+
+/// The byte strings to mask for `values`, longest first.
+pub fn patterns(values: &[String]) -> Vec<Vec<u8>> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let b64_nopad = base64::engine::general_purpose::STANDARD_NO_PAD;
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for value in values {
+        let mut forms = vec![value.clone()];
+        forms.extend(
+            value
+                .lines()
+                .map(|l| l.trim_end_matches('\r').to_owned())
+                .filter(|l| l.trim().len() >= MIN_SECRET_LEN),
+        );
+        for form in forms.clone() {
+            forms.push(b64.encode(&form));
+            forms.push(b64_nopad.encode(&form));
+            forms.push(url_encode(&form));
+        }
+        out.extend(
+            forms
+                .into_iter()
+                .filter(|f| f.len() >= MIN_SECRET_LEN)
+                .map(String::into_bytes),
+        );
+    }
+    out.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    out.dedup();
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Replaces every complete occurrence of a pattern (leftmost, longest first).
+fn replace_all(data: &[u8], patterns: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    'outer: while i < data.len() {
+        for p in patterns {
+            if p.first() == Some(&data[i]) && data[i..].starts_with(p) {
+                out.extend_from_slice(MASK);
+                i += p.len();
+                continue 'outer;
+            }
+        }
+        out.push(data[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Length of the longest tail of `data` that is a proper prefix of a pattern.
+fn held_tail(data: &[u8], patterns: &[Vec<u8>]) -> usize {
+    let longest = patterns.first().map_or(0, Vec::len);
+    let max = longest.saturating_sub(1).min(data.len());
+    (1..=max)
+        .rev()
+        .find(|&k| {
+            let tail = &data[data.len() - k..];
+            patterns.iter().any(|p| p.len() > k && p.starts_with(tail))
+        })
+        .unwrap_or(0)
+}
+
+/// An [`OutputSink`] that masks secrets and passes the rest to `inner`.
+/// Call [`MaskingSink::flush`] when the step's output ended.
+pub struct MaskingSink<'a> {
+    inner: &'a dyn OutputSink,
+    patterns: &'a [Vec<u8>],
+    pending: Mutex<Vec<u8>>,
+}
+
+impl<'a> MaskingSink<'a> {
+    pub fn new(inner: &'a dyn OutputSink, patterns: &'a [Vec<u8>]) -> Self {
+        Self {
+            inner,
+            patterns,
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Writes what was held back (it can no longer become a secret).
+    pub async fn flush(&self) -> io::Result<()> {
+        let mut pending = self.pending.lock().await;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut *pending);
+        self.inner.write(&data).await
+    }
+}
+
+#[async_trait]
+impl OutputSink for MaskingSink<'_> {
+    async fn write(&self, data: &[u8]) -> io::Result<()> {
+        if self.patterns.is_empty() {
+            return self.inner.write(data).await;
+        }
+        // The lock is held across the inner write so that output keeps its order.
+        let mut pending = self.pending.lock().await;
+        pending.extend_from_slice(data);
+        let masked = replace_all(&pending, self.patterns);
+        let keep = held_tail(&masked, self.patterns);
+        let (emit, hold) = masked.split_at(masked.len() - keep);
+        *pending = hold.to_vec();
+        if emit.is_empty() {
+            return Ok(());
+        }
+        self.inner.write(emit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::testing::VecSink;
+
+    async fn mask(values: &[&str], chunks: &[&[u8]]) -> String {
+        let values: Vec<String> = values.iter().map(|s| (*s).to_owned()).collect();
+        let patterns = patterns(&values);
+        let sink = VecSink::default();
+        let masking = MaskingSink::new(&sink, &patterns);
+        for c in chunks {
+            masking.write(c).await.unwrap();
+        }
+        masking.flush().await.unwrap();
+        sink.text()
+    }
+
+    #[tokio::test]
+    async fn masks_plain_base64_and_url_encoded_forms() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode("p@ss word!");
+        let text = format!("a p@ss word! b {b64} c p%40ss%20word%21 d\n");
+        let out = mask(&["p@ss word!"], &[text.as_bytes()]).await;
+        assert_eq!(out, "a [MASKED] b [MASKED] c [MASKED] d\n");
+    }
+
+    #[tokio::test]
+    async fn masks_each_line_of_a_multi_line_secret() {
+        let out = mask(
+            &["-----BEGIN KEY-----\nAAAABBBBCCCC\n-----END KEY-----"],
+            &[b"x AAAABBBBCCCC y\n"],
+        )
+        .await;
+        assert_eq!(out, "x [MASKED] y\n");
+    }
+
+    #[tokio::test]
+    async fn masks_across_chunk_boundaries_byte_by_byte() {
+        let text = b"token=hunter22 and again hunter22";
+        let chunks: Vec<&[u8]> = text.chunks(1).collect();
+        let out = mask(&["hunter22"], &chunks).await;
+        assert_eq!(out, "token=[MASKED] and again [MASKED]");
+    }
+
+    #[tokio::test]
+    async fn holds_back_only_a_possible_prefix_and_flushes_it() {
+        let values = vec!["secret".to_owned()];
+        let patterns = patterns(&values);
+        let sink = VecSink::default();
+        let masking = MaskingSink::new(&sink, &patterns);
+        masking.write(b"hello sec").await.unwrap();
+        assert_eq!(sink.text(), "hello ");
+        masking.write(b"ond\n").await.unwrap();
+        assert_eq!(sink.text(), "hello second\n");
+        masking.write(b"the end: se").await.unwrap();
+        masking.flush().await.unwrap();
+        assert_eq!(sink.text(), "hello second\nthe end: se");
+    }
+
+    #[tokio::test]
+    async fn no_secrets_passes_through() {
+        assert_eq!(mask(&[], &[b"abc", b"def"]).await, "abcdef");
+        // Too short to mask.
+        assert_eq!(mask(&["ab"], &[b"abc"]).await, "abc");
+    }
+}

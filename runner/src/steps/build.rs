@@ -1,0 +1,261 @@
+//! The `build` step: an image from a Dockerfile and context in the task's
+//! workspace volume, through the engine's (classic) build API.
+//!
+//! The context is read out of the volume through the API (so it includes
+//! what earlier steps produced), the Dockerfile's base images are checked to
+//! be present first (the classic builder pulls a missing base image even
+//! with `pull` off, and nothing may be pulled), `RUN` instructions get no
+//! network, and the image is labelled with run, task and commit.
+//! `dockerfile` is relative to `context`.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+
+use bollard::errors::Error as BollardError;
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, BuilderVersion, DownloadFromContainerOptionsBuilder,
+};
+use capstan_shared::proto::pipeline::v1::BuildStep;
+use futures::StreamExt as _;
+
+use crate::executor::docker::{
+    DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, WORKSPACE, api_error, status,
+};
+use crate::executor::{ExecutorError, StepContext, StepEnd, TaskContext};
+
+fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
+    Ok(StepEnd::Failed {
+        message: message.into(),
+    })
+}
+
+/// `a/./b/` -> `a/b`; `None` if it leaves the workspace.
+fn clean_relative(path: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            p => parts.push(p),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+pub async fn run(
+    ex: &DockerExecutor,
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    build: &BuildStep,
+) -> Result<StepEnd, ExecutorError> {
+    let index = ctx.index;
+    if build.tag.is_empty() {
+        return failed("build needs a `tag`");
+    }
+    let Some(context) = clean_relative(&build.context) else {
+        return failed(format!(
+            "build context `{}` is outside the workspace",
+            build.context
+        ));
+    };
+    let dockerfile_name = if build.dockerfile.is_empty() {
+        "Dockerfile"
+    } else {
+        &build.dockerfile
+    };
+    let Some(dockerfile) = clean_relative(dockerfile_name) else {
+        return failed(format!(
+            "Dockerfile `{dockerfile_name}` is outside the build context"
+        ));
+    };
+    let shown_context = if context.is_empty() { "." } else { &context };
+    log(
+        ctx,
+        &format!(
+            "building {} from {shown_context}/{dockerfile} (no pull, no network)\n",
+            build.tag
+        ),
+    )
+    .await?;
+
+    let helper = ex.ensure_helper(task).await?;
+    let path = if context.is_empty() {
+        format!("{WORKSPACE}/.")
+    } else {
+        format!("{WORKSPACE}/{context}/.")
+    };
+    let options = DownloadFromContainerOptionsBuilder::new()
+        .path(&path)
+        .build();
+    let mut download = ex.docker().download_from_container(&helper, Some(options));
+    let mut archive = Vec::new();
+    while let Some(chunk) = download.next().await {
+        match chunk {
+            Ok(bytes) => archive.extend_from_slice(&bytes),
+            Err(e) if status(&e) == Some(404) => {
+                return failed(format!(
+                    "build context `{shown_context}` does not exist in the workspace"
+                ));
+            }
+            Err(e) => return Err(api_error(index, "reading the build context", e)),
+        }
+    }
+    let Some(text) = find_file(&archive, &dockerfile) else {
+        return failed(format!(
+            "Dockerfile `{dockerfile}` not found in build context `{shown_context}`"
+        ));
+    };
+    for base in base_images(&text) {
+        let BaseImage { image, line } = base;
+        if image.contains('$') {
+            return failed(format!(
+                "{dockerfile}:{line}: `FROM {image}` uses a variable; base images must be named so the runner can check they are present (nothing is pulled)"
+            ));
+        }
+        if !ex.image_present(&image).await? {
+            let message = format!(
+                "{dockerfile}:{line}: base image `{image}` is not present on this runner's Docker Engine (nothing is pulled: build or load it first)"
+            );
+            log(ctx, &format!("error: {message}\n")).await?;
+            return failed(message);
+        }
+    }
+
+    let labels: HashMap<String, String> = HashMap::from([
+        (LABEL_RUN.to_owned(), task.run_id.clone()),
+        (LABEL_TASK.to_owned(), task.task_name.clone()),
+        (LABEL_COMMIT.to_owned(), task.rev.clone()),
+    ]);
+    let options = BuildImageOptionsBuilder::new()
+        .dockerfile(&dockerfile)
+        .t(&build.tag)
+        .rm(true)
+        .forcerm(true)
+        .networkmode("none")
+        .labels(&labels)
+        .version(BuilderVersion::BuilderV1)
+        .build();
+    let mut stream = ex.docker().build_image(
+        options,
+        None,
+        Some(bollard::body_full(bytes::Bytes::from(archive))),
+    );
+    let mut last_step = String::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(text) = info.stream {
+                    if let Some(line) = text.lines().find(|l| l.starts_with("Step ")) {
+                        last_step = line.to_owned();
+                    }
+                    log(ctx, &text).await?;
+                } else if let Some(status) = info.status {
+                    log(ctx, &format!("{status}\n")).await?;
+                }
+            }
+            Err(BollardError::DockerStreamError { error }) => {
+                log(ctx, &format!("error: {error}\n")).await?;
+                let at = if last_step.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at `{last_step}`")
+                };
+                return failed(format!("image build failed{at}: {error}"));
+            }
+            Err(e) => return Err(api_error(index, "building the image", e)),
+        }
+    }
+    task.set_output("image", &build.tag);
+    Ok(StepEnd::Exited(0))
+}
+
+async fn log(ctx: &StepContext<'_>, text: &str) -> Result<(), ExecutorError> {
+    ctx.output
+        .write(text.as_bytes())
+        .await
+        .map_err(|source| ExecutorError::Output {
+            index: ctx.index,
+            source,
+        })
+}
+
+/// The text of `name` in a tar archive whose entries are `./`-relative.
+fn find_file(archive: &[u8], name: &str) -> Option<String> {
+    let mut tar = tar::Archive::new(archive);
+    for entry in tar.entries().ok()? {
+        let mut entry = entry.ok()?;
+        let path = entry.path().ok()?.to_string_lossy().into_owned();
+        if clean_relative(&path).as_deref() == Some(name) {
+            let mut text = String::new();
+            entry.read_to_string(&mut text).ok()?;
+            return Some(text);
+        }
+    }
+    None
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct BaseImage {
+    image: String,
+    /// 1-based line of the `FROM` in the Dockerfile.
+    line: usize,
+}
+
+/// The images a Dockerfile's `FROM` lines name, minus `scratch` and earlier
+/// stages.
+fn base_images(dockerfile: &str) -> Vec<BaseImage> {
+    let mut stages: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    for (i, line) in dockerfile.lines().enumerate() {
+        let mut words = line.split_whitespace();
+        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) {
+            continue;
+        }
+        let mut words = words.skip_while(|w| w.starts_with("--"));
+        let Some(image) = words.next() else { continue };
+        let is_stage = stages.contains(&image.to_ascii_lowercase());
+        if words.next().is_some_and(|w| w.eq_ignore_ascii_case("as"))
+            && let Some(stage) = words.next()
+        {
+            stages.push(stage.to_ascii_lowercase());
+        }
+        if image == "scratch" || is_stage {
+            continue;
+        }
+        out.push(BaseImage {
+            image: image.to_owned(),
+            line: i + 1,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_base_images() {
+        let text = "# comment\nFROM --platform=linux/amd64 golang:1 AS build\nRUN x\nFROM build\nfrom scratch\nFROM capstan-test/busybox:1\n";
+        assert_eq!(
+            base_images(text),
+            vec![
+                BaseImage {
+                    image: "golang:1".into(),
+                    line: 2
+                },
+                BaseImage {
+                    image: "capstan-test/busybox:1".into(),
+                    line: 6
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn cleans_paths() {
+        assert_eq!(clean_relative("./a//b/").as_deref(), Some("a/b"));
+        assert_eq!(clean_relative(".").as_deref(), Some(""));
+        assert_eq!(clean_relative("../x"), None);
+    }
+}
