@@ -385,7 +385,7 @@ mod tests {
             json!({
                 "name": "test", "state": "failed", "attempts": 2, "runner": "dev",
                 "message": "step 1 exited with 3", "exit_code": 3, "needs": ["build"],
-                "attempt_id": null, "started_at_ms": null, "finished_at_ms": null,
+                "outputs": {}, "attempt_id": null, "started_at_ms": null, "finished_at_ms": null,
             })
         );
         assert_eq!(tasks[2]["state"], "skipped");

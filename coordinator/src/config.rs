@@ -291,17 +291,27 @@ mod tests {
     }
 
     #[test]
-    fn etcd_is_refused_clearly() {
+    fn ha_settings() {
         let args = Args {
             registration_token: Some("t".into()),
-            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into(), " ".into()]),
+            election_ttl_ms: Some(2000),
+            ..Args::default()
+        };
+        let s = args.settings().unwrap().coordinator;
+        assert_eq!(s.etcd_endpoints, vec!["http://127.0.0.1:2379".to_string()]);
+        assert_eq!(s.election_ttl, Duration::from_secs(2));
+        assert_eq!(s.etcd_prefix, "/capstan/");
+        let bad = Args {
+            registration_token: Some("t".into()),
+            election_ttl_ms: Some(10),
             ..Args::default()
         };
         assert!(
-            args.settings()
+            bad.settings()
                 .unwrap_err()
                 .to_string()
-                .contains("not available")
+                .contains("election-ttl")
         );
     }
 }

@@ -8,6 +8,7 @@
 //! `cargo build --workspace --bins` (the test command in the README does).
 
 pub mod etcd;
+pub mod git_server;
 pub mod ha;
 
 use anyhow::{Context, bail};

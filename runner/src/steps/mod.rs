@@ -1,9 +1,11 @@
-//! Built-in step kinds beyond `run`, executed by the docker executor:
-//! [`build`] (an image from a Dockerfile in the workspace) and [`push`] (to
-//! a registry with credentials from a runner secret).
+//! Built-in step kinds beyond `run`: [`build`] (an image from a Dockerfile
+//! in the workspace) and [`push`] (to a registry with credentials from a
+//! runner secret), executed by the docker executor; [`set_image`] (a
+//! structured edit of image references in Kubernetes YAML).
 
 pub mod build;
 pub mod push;
+pub mod set_image;
 
 /// Splits an image reference into (repository, tag); `latest` when no tag.
 /// A digest reference (`name@sha256:...`) keeps the digest as its "tag".

@@ -173,7 +173,11 @@ pub fn edit_text(text: &str, new_image: &str) -> Result<Edit, SetImageError> {
             reason: "it needs a tag (`:v1`) or a digest (`@sha256:...`)".to_owned(),
         });
     }
-    let (matched, splices) = plan(text, &new_ref)?;
+    let Plan {
+        matched,
+        changed,
+        splices,
+    } = plan(text, &new_ref)?;
     if splices.is_empty() {
         return Ok(Edit {
             text: text.to_owned(),
@@ -181,11 +185,10 @@ pub fn edit_text(text: &str, new_image: &str) -> Result<Edit, SetImageError> {
             changed: 0,
         });
     }
-    let changed = splices.len();
     let out = apply(text, splices);
     // The edit must read back as done: same references found, none left to change.
     match plan(&out, &new_ref) {
-        Ok((again, rest)) if again == matched && rest.is_empty() => {}
+        Ok(again) if again.matched == matched && again.splices.is_empty() => {}
         _ => {
             return Err(SetImageError::Unsupported {
                 line: 1,
@@ -318,6 +321,9 @@ fn resolve_inside(root: &Path, rel: &str) -> Result<PathBuf, SetImageError> {
                 depth = depth
                     .checked_sub(1)
                     .ok_or_else(|| unsafe_path("`..` leads outside the repository"))?;
+            }
+            Component::Normal(name) if name == ".git" => {
+                return Err(unsafe_path("files inside `.git` are not manifests"));
             }
             Component::Normal(_) => depth += 1,
         }
@@ -842,13 +848,22 @@ struct Planner<'a> {
     new: &'a ImageRef<'a>,
     repository: String,
     matched: usize,
+    /// References that needed at least one splice.
+    changed: usize,
     splices: Vec<Splice>,
     /// Nodes already visited through another alias, so each counts once.
     done: Vec<usize>,
 }
 
+/// The references found in a text and the splices that update them.
+struct Plan {
+    matched: usize,
+    changed: usize,
+    splices: Vec<Splice>,
+}
+
 /// Find the references and the splices that update them.
-fn plan(text: &str, new: &ImageRef<'_>) -> Result<(usize, Vec<Splice>), SetImageError> {
+fn plan(text: &str, new: &ImageRef<'_>) -> Result<Plan, SetImageError> {
     let tree = parse_tree(text)?;
     let mut planner = Planner {
         text,
@@ -856,6 +871,7 @@ fn plan(text: &str, new: &ImageRef<'_>) -> Result<(usize, Vec<Splice>), SetImage
         new,
         repository: new.canonical_repository(),
         matched: 0,
+        changed: 0,
         splices: Vec::new(),
         done: Vec::new(),
     };
@@ -872,7 +888,11 @@ fn plan(text: &str, new: &ImageRef<'_>) -> Result<(usize, Vec<Splice>), SetImage
             reason: "two edits overlap".to_owned(),
         });
     }
-    Ok((planner.matched, splices))
+    Ok(Plan {
+        matched: planner.matched,
+        changed: planner.changed,
+        splices,
+    })
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
@@ -979,12 +999,20 @@ impl<'a> Planner<'a> {
         self.matched += 1;
         let wanted = old.retagged(self.new);
         if target != node {
+            if self.tree.scalar(target) == Some(wanted.as_str()) {
+                return Ok(());
+            }
             return Err(self.unsupported(
                 node,
                 "the image is an alias (`*name`) of a scalar; write the reference out in full",
             ));
         }
-        self.replace_scalar(target, &wanted)
+        let before = self.splices.len();
+        self.replace_scalar(target, &wanted)?;
+        if self.splices.len() > before {
+            self.changed += 1;
+        }
+        Ok(())
     }
 
     /// Splice `wanted` over the scalar `node` in the scalar's own style.
@@ -1106,7 +1134,11 @@ impl<'a> Planner<'a> {
                 continue;
             }
             self.matched += 1;
+            let before = self.splices.len();
             self.kustomize_entry(entry, name_node)?;
+            if self.splices.len() > before {
+                self.changed += 1;
+            }
         }
         Ok(())
     }
@@ -1536,9 +1568,16 @@ images:
         let input =
             format!("images:\n- name: app # the app\n  digest: {old} # pinned\n  newName: app\n");
         let e = edit(&input, "app:v2");
+        assert_eq!((e.matched, e.changed), (1, 1));
         assert_eq!(
             e.text,
             "images:\n- name: app # the app\n  newName: app\n  newTag: v2\n"
+        );
+        // The last line, without a line break.
+        let input = format!("images:\r\n- name: app\r\n  newTag: v1\r\n  digest: {old}");
+        assert_eq!(
+            edit(&input, "app:v2").text,
+            "images:\r\n- name: app\r\n  newTag: v2"
         );
     }
 
@@ -1748,6 +1787,13 @@ data:
     }
 
     #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let err = set_image(&deep, "app:v2").unwrap_err();
+        assert!(matches!(err, SetImageError::Yaml { .. }), "{err}");
+    }
+
+    #[test]
     fn a_thousand_documents_are_quick() {
         let doc = "kind: Deployment\nmetadata:\n  name: d{i}\nspec:\n  template:\n    spec:\n      containers:\n      - name: c\n        image: 127.0.0.1:5000/demo-ns/app:v1 # c\n      - name: s\n        image: nginx:1\n";
         let input: String = (0..1000)
@@ -1845,6 +1891,7 @@ data:
         let name = outside.path().file_name().unwrap().to_str().unwrap();
         for bad in [
             abs.as_str(),
+            ".git/config",
             "../x.yaml",
             &format!("../{name}/secret.yaml"),
             "sub/../../x.yaml",

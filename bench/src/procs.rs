@@ -1,0 +1,361 @@
+//! Real processes on loopback: the `capstan-coordinator` and `capstan-runner`
+//! binaries, found next to `capstan-bench` (or in `$CAPSTAN_BIN_DIR`), and
+//! what `/proc` says about them.
+
+use anyhow::{Context, bail};
+use capstan_shared::proto::api::v1 as api;
+use capstan_shared::proto::api::v1::pipeline_service_client::PipelineServiceClient;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tonic::transport::Channel;
+
+/// Where the binaries are: `$CAPSTAN_BIN_DIR`, else the directory of this
+/// executable (`target/<profile>/`), so a release bench runs release daemons.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CAPSTAN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build -p capstan-coordinator -p capstan-runner, \
+             with the same profile as capstan-bench) or set CAPSTAN_BIN_DIR",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Nanoseconds since the Unix epoch (CLOCK_REALTIME, like `date +%s%N`).
+pub fn epoch_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?)
+}
+
+/// Kills (SIGKILL) and reaps a child we started.
+fn kill_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A `capstan-coordinator` process; killed on drop.
+pub struct Coordinator {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub token: String,
+    pub dir: PathBuf,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with its data dir under `dir` and waits for `/readyz`.
+    /// `extra` are more flags (`--lease-ms 2000`, ...).
+    pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let token = format!("bench-{}", std::process::id());
+        let child = Command::new(bin("capstan-coordinator")?)
+            .args(["--listen", &grpc.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--registration-token", &token])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log_file(dir, "coordinator")?)
+            .stderr(log_file(dir, "coordinator")?)
+            .spawn()
+            .context("spawn capstan-coordinator")?;
+        let mut c = Self {
+            child,
+            grpc,
+            http,
+            token,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // Ready, and leader: an API call answers (a coordinator that is
+            // still electing itself answers UNAVAILABLE).
+            if let Ok((200, _)) = c.http_get("/readyz")
+                && c.answers().await
+            {
+                return Ok(c);
+            }
+            if let Some(status) = c.child.try_wait()? {
+                bail!("coordinator exited with {status}:\n{}", c.log());
+            }
+            if Instant::now() > deadline {
+                bail!("coordinator not ready in 20 s:\n{}", c.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn answers(&self) -> bool {
+        match self.client().await {
+            Ok(mut client) => client
+                .list_runs(api::ListRunsRequest { limit: 1 })
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// The client API, with no limit on response size (ListRuns of a whole
+    /// benchmark's runs is large).
+    pub async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
+        let ch = Channel::from_shared(self.url())?.connect().await?;
+        Ok(PipelineServiceClient::new(ch).max_decoding_message_size(usize::MAX))
+    }
+
+    /// A plain HTTP/1.0 GET on the side port: (status, body).
+    pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Ok((code, body))
+    }
+
+    /// Starts a real runner process against this coordinator.
+    pub fn start_runner(
+        &self,
+        name: &str,
+        executor: &str,
+        capacity: u32,
+    ) -> anyhow::Result<Runner> {
+        let work = self.dir.join(format!("work-{name}"));
+        let child = Command::new(bin("capstan-runner")?)
+            .args(["--coordinator", &self.url()])
+            .args(["--registration-token", &self.token])
+            .args(["--name", name])
+            .args(["--labels", &format!("bench={name}")])
+            .args(["--capacity", &capacity.to_string()])
+            .args(["--executor", executor])
+            .arg("--work-dir")
+            .arg(&work)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log_file(&self.dir, name)?)
+            .stderr(log_file(&self.dir, name)?)
+            .spawn()
+            .context("spawn capstan-runner")?;
+        Ok(Runner {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    /// Waits until at least `n` runners are connected.
+    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut client = self.client().await?;
+        loop {
+            if let Ok(r) = client.list_runners(api::ListRunnersRequest {}).await {
+                let connected = r
+                    .into_inner()
+                    .runners
+                    .iter()
+                    .filter(|r| r.connected)
+                    .count();
+                if connected >= n {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{n} runners did not connect in {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Submits a pipeline's text and returns the run id.
+    pub async fn submit(
+        client: &mut PipelineServiceClient<Channel>,
+        yaml: &str,
+    ) -> anyhow::Result<String> {
+        Ok(client
+            .submit_run(api::SubmitRunRequest {
+                pipeline_yaml: yaml.to_string(),
+                file_name: "bench.yaml".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .run_id)
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// A `capstan-runner` process; killed on drop.
+pub struct Runner {
+    pub name: String,
+    child: Child,
+}
+
+impl Runner {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9 and reap.
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// What /proc says about a process.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcStat {
+    pub rss_mb: f64,
+    pub hwm_mb: f64,
+    /// utime + stime in seconds.
+    pub cpu_s: f64,
+}
+
+/// `USER_HZ`, the unit of utime/stime in /proc/PID/stat: 100 on every Linux
+/// architecture we run on.
+const CLOCK_TICKS: f64 = 100.0;
+
+pub fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unexpected /proc/PID/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime field 15.
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(ProcStat {
+        rss_mb: kb("VmRSS:") / 1024.0,
+        hwm_mb: kb("VmHWM:") / 1024.0,
+        cpu_s: (ticks(14) + ticks(15)) / CLOCK_TICKS,
+    })
+}
+
+/// Samples the RSS of some processes every 100 ms until dropped; keeps the peak.
+pub struct RssSampler {
+    peaks: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl RssSampler {
+    pub fn start(pids: Vec<u32>) -> Self {
+        let peaks = std::sync::Arc::new(std::sync::Mutex::new(vec![0.0f64; pids.len()]));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (p, s) = (peaks.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                for (i, pid) in pids.iter().enumerate() {
+                    if let Ok(st) = proc_stat(*pid)
+                        && let Ok(mut v) = p.lock()
+                    {
+                        v[i] = v[i].max(st.rss_mb);
+                    }
+                }
+                tokio::select! {
+                    () = s.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        });
+        Self { peaks, stop }
+    }
+
+    /// Peak RSS (MB) of each process, in the order given.
+    pub fn peaks(&self) -> Vec<f64> {
+        self.peaks.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit (many connections).
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 0,
+    }
+}

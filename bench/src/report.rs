@@ -1,0 +1,272 @@
+//! The report: a flat JSON object (one key per figure) and a Markdown table
+//! of the issue's goals next to the measured figures and Buildbot's.
+
+use serde_json::{Map, Value};
+use std::fmt::Write as _;
+
+/// How a goal compares: the measured figure must be at most / at least the goal.
+#[derive(Clone, Copy)]
+enum Goal {
+    AtMost(f64),
+    AtLeast(f64),
+    None,
+}
+
+/// One row of the Markdown table.
+struct Row {
+    what: &'static str,
+    key: &'static str,
+    unit: &'static str,
+    goal: Goal,
+    /// Buildbot's figure for the same thing, and whether smaller is better.
+    peer: Option<(&'static str, bool)>,
+}
+
+const ROWS: &[Row] = &[
+    Row {
+        what: "pickup latency p50",
+        key: "pickup_p50_ms",
+        unit: "ms",
+        goal: Goal::AtMost(5.0),
+        peer: Some(("buildbot_pickup_p50_ms", true)),
+    },
+    Row {
+        what: "pickup latency p99 (Buildbot: p95)",
+        key: "pickup_p99_ms",
+        unit: "ms",
+        goal: Goal::AtMost(20.0),
+        peer: Some(("buildbot_pickup_p95_ms", true)),
+    },
+    Row {
+        what: "dispatch throughput, redb (submit + run concurrently)",
+        key: "throughput_tasks_per_s",
+        unit: "tasks/s",
+        goal: Goal::AtLeast(5000.0),
+        peer: Some(("buildbot_throughput_builds_per_s", false)),
+    },
+    Row {
+        what: "dispatch throughput, redb (drain a queued backlog)",
+        key: "throughput_drain_tasks_per_s",
+        unit: "tasks/s",
+        goal: Goal::AtLeast(5000.0),
+        peer: Some(("buildbot_throughput_builds_per_s", false)),
+    },
+    Row {
+        what: "dispatch throughput, etcd",
+        key: "throughput_etcd_tasks_per_s",
+        unit: "tasks/s",
+        goal: Goal::AtLeast(1000.0),
+        peer: None,
+    },
+    Row {
+        what: "log throughput runner -> coordinator -> follower",
+        key: "log_mb_per_s",
+        unit: "MB/s",
+        goal: Goal::AtLeast(300.0),
+        peer: Some(("buildbot_log_mb_per_s", false)),
+    },
+    Row {
+        what: "coordinator peak RSS during the log",
+        key: "log_coordinator_peak_rss_mb",
+        unit: "MB",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
+        what: "runner peak RSS during the log",
+        key: "log_runner_peak_rss_mb",
+        unit: "MB",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
+        what: "coordinator RSS, N runners connected",
+        key: "coordinator_rss_mb_10k_runners",
+        unit: "MB",
+        goal: Goal::AtMost(500.0),
+        peer: None,
+    },
+    Row {
+        what: "coordinator idle CPU, N runners heart-beating",
+        key: "coordinator_idle_cpu_pct_10k_runners",
+        unit: "% of a core",
+        goal: Goal::AtMost(10.0),
+        peer: None,
+    },
+    Row {
+        what: "burst of N tasks over N runners",
+        key: "burst_10k_tasks_s",
+        unit: "s",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
+        what: "lost runner: kill -9 -> running elsewhere",
+        key: "lost_runner_requeue_s",
+        unit: "s",
+        goal: Goal::AtMost(5.0),
+        peer: None,
+    },
+    Row {
+        what: "redb commit, batch of 1 record",
+        key: "store_redb_commit_ms_batch_1",
+        unit: "ms",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
+        what: "redb commit, batch of 100 records",
+        key: "store_redb_commit_ms_batch_100",
+        unit: "ms",
+        goal: Goal::None,
+        peer: None,
+    },
+];
+
+fn num(report: &Map<String, Value>, key: &str) -> Option<f64> {
+    report
+        .get(key)
+        .and_then(Value::as_f64)
+        .filter(|v| v.is_finite())
+}
+
+fn fmt(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Adds the `ratio_*` keys (Capstan vs Buildbot; > 1 means Capstan is better).
+pub fn add_ratios(report: &mut Map<String, Value>) {
+    let pairs = [
+        (
+            "ratio_pickup_p50_vs_buildbot",
+            "pickup_p50_ms",
+            "buildbot_pickup_p50_ms",
+            true,
+        ),
+        (
+            "ratio_throughput_vs_buildbot",
+            "throughput_tasks_per_s",
+            "buildbot_throughput_builds_per_s",
+            false,
+        ),
+        (
+            "ratio_log_vs_buildbot",
+            "log_mb_per_s",
+            "buildbot_log_mb_per_s",
+            false,
+        ),
+    ];
+    for (name, ours, peer, smaller_better) in pairs {
+        if let (Some(o), Some(p)) = (num(report, ours), num(report, peer)) {
+            let r = if smaller_better { p / o } else { o / p };
+            report.insert(name.into(), r.into());
+        }
+    }
+}
+
+/// The Markdown report.
+pub fn markdown(report: &Map<String, Value>) -> String {
+    let s = |k: &str| {
+        report
+            .get(k)
+            .map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    let n = num(report, "connected_runners").map_or("N".into(), |v| format!("{v:.0}"));
+    let mut md = String::new();
+    let _ = writeln!(md, "# Capstan benchmark report\n");
+    let _ = writeln!(
+        md,
+        "Generated by `capstan-bench` ([how each figure is measured](README.md)). \
+         Mode `{}`, profile `{}`, {} cores, commit `{}`, {}.\n",
+        s("mode"),
+        s("profile"),
+        s("cores"),
+        s("git_commit"),
+        s("date")
+    );
+    let _ = writeln!(
+        md,
+        "| figure | goal | Capstan | Buildbot 4.3 | Capstan vs Buildbot |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
+    for row in ROWS {
+        let what = row.what.replace(" N ", &format!(" {n} "));
+        let measured = num(report, row.key);
+        let goal = match row.goal {
+            Goal::AtMost(g) => format!("<= {} {}", fmt(g), row.unit),
+            Goal::AtLeast(g) => format!(">= {} {}", fmt(g), row.unit),
+            Goal::None => "-".into(),
+        };
+        let met = match (row.goal, measured) {
+            (Goal::AtMost(g), Some(v)) => {
+                if v <= g {
+                    " (met)"
+                } else {
+                    " (**not met**)"
+                }
+            }
+            (Goal::AtLeast(g), Some(v)) => {
+                if v >= g {
+                    " (met)"
+                } else {
+                    " (**not met**)"
+                }
+            }
+            _ => "",
+        };
+        let measured_s = match measured {
+            Some(v) => format!("{} {}{met}", fmt(v), row.unit),
+            None => "not measured".into(),
+        };
+        let (peer_s, ratio_s) = match (row.peer, measured) {
+            (Some((pk, smaller)), Some(v)) => match num(report, pk) {
+                Some(p) => {
+                    let r = if smaller { p / v } else { v / p };
+                    (format!("{} {}", fmt(p), row.unit), format!("{}x", fmt(r)))
+                }
+                None => ("not run".into(), "-".into()),
+            },
+            _ => ("-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            md,
+            "| {what} | {goal} | {measured_s} | {peer_s} | {ratio_s} |"
+        );
+    }
+    let skipped: Vec<String> = report
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("skipped_")
+                .map(|name| format!("- `{name}`: {}", v.as_str().unwrap_or("")))
+        })
+        .collect();
+    if !skipped.is_empty() {
+        let _ = writeln!(md, "\nSkipped scenarios:\n\n{}", skipped.join("\n"));
+    }
+    let failed: Vec<String> = report
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("failed_")
+                .map(|name| format!("- `{name}`: {}", v.as_str().unwrap_or("")))
+        })
+        .collect();
+    if !failed.is_empty() {
+        let _ = writeln!(md, "\nFailed scenarios:\n\n{}", failed.join("\n"));
+    }
+    let _ = writeln!(md, "\nAll figures (`report.json`):\n\n```");
+    for (k, v) in report {
+        let _ = writeln!(md, "{k} = {v}");
+    }
+    let _ = writeln!(md, "```");
+    md
+}

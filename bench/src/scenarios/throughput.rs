@@ -1,0 +1,146 @@
+//! Dispatch throughput: trivial tasks completed per second by one coordinator
+//! (redb store) with 50 runners x 4 slots.
+//!
+//! The runners are lightweight protocol clients in this process (see
+//! `fleet`): they accept each offer and report it succeeded at once, so the
+//! figure is the coordinator's cost per task (offer, accept, finish, three
+//! state transitions, group commits), not an executor's. Two measurements, each on
+//! a fresh coordinator:
+//!
+//! - `throughput_tasks_per_s`: N single-task runs submitted by 32 concurrent
+//!   callers while the fleet runs them; N / (first submit -> every run succeeded).
+//! - `throughput_drain_tasks_per_s`: the N runs are queued first, then the
+//!   fleet connects; N / (fleet start -> every run succeeded): dispatch alone.
+//!
+//! "Every run succeeded" is confirmed with ListRuns once the fleet got N offers.
+
+use super::{Ctx, Figures, cores};
+use crate::fleet::{Fleet, FleetConfig};
+use crate::procs::{Coordinator, proc_stat};
+use capstan_shared::proto::api::v1 as api;
+use capstan_shared::proto::pipeline::v1::RunState;
+use futures::StreamExt;
+use std::time::{Duration, Instant};
+
+const RUNNERS: usize = 50;
+const SLOTS: u32 = 4;
+const SUBMITTERS: usize = 32;
+const YAML: &str = "version: 1\nname: trivial\ntasks:\n  t:\n    steps:\n      - run: \"true\"\n";
+
+fn fleet_config(coord: &Coordinator) -> FleetConfig {
+    FleetConfig {
+        url: coord.url(),
+        token: coord.token.clone(),
+        count: RUNNERS,
+        capacity: SLOTS,
+        per_conn: 10,
+        name_prefix: "tp".into(),
+    }
+}
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+    let n = if ctx.quick { 2_000 } else { 20_000 };
+    let mut out = Figures::new();
+
+    // 1. Submit while the fleet runs.
+    let coord = Coordinator::start(&ctx.dir.join("concurrent"), &[]).await?;
+    let fleet = Fleet::start(fleet_config(&coord)).await?;
+    let cpu0 = proc_stat(coord.pid())?.cpu_s;
+    let start = Instant::now();
+    submit_all(&coord, n).await?;
+    let submitted = start.elapsed();
+    wait_all(&coord, &fleet, n).await?;
+    let elapsed = start.elapsed();
+    let st = proc_stat(coord.pid())?;
+    fleet.stop().await;
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let cpu_us = (st.cpu_s - cpu0) * 1e6 / n as f64;
+    println!(
+        "throughput: {n} trivial tasks, {RUNNERS} lightweight runners x {SLOTS} slots, redb, {} cores: \
+         {rate:.0} tasks/s submitted and run concurrently (submits done after {:.2} s, all done after {:.2} s); \
+         coordinator CPU {cpu_us:.0} us/task, RSS {:.1} MB",
+        cores(),
+        submitted.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        st.rss_mb
+    );
+    out.push(("throughput_tasks_per_s".into(), rate));
+    out.push((
+        "throughput_submit_runs_per_s".into(),
+        n as f64 / submitted.as_secs_f64(),
+    ));
+    out.push(("throughput_coordinator_cpu_us_per_task".into(), cpu_us));
+    out.push(("throughput_tasks".into(), n as f64));
+    drop(coord);
+
+    // 2. Queue first, then let the fleet drain it.
+    let coord = Coordinator::start(&ctx.dir.join("drain"), &[]).await?;
+    submit_all(&coord, n).await?;
+    let cpu0 = proc_stat(coord.pid())?.cpu_s;
+    let start = Instant::now();
+    let fleet = Fleet::start(fleet_config(&coord)).await?;
+    wait_all(&coord, &fleet, n).await?;
+    let elapsed = start.elapsed();
+    let st = proc_stat(coord.pid())?;
+    fleet.stop().await;
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let cpu_us = (st.cpu_s - cpu0) * 1e6 / n as f64;
+    println!(
+        "throughput: {n} queued trivial tasks drained by {RUNNERS} x {SLOTS}: {rate:.0} tasks/s \
+         in {:.2} s; coordinator CPU {cpu_us:.0} us/task",
+        elapsed.as_secs_f64()
+    );
+    out.push(("throughput_drain_tasks_per_s".into(), rate));
+    out.push((
+        "throughput_drain_coordinator_cpu_us_per_task".into(),
+        cpu_us,
+    ));
+    Ok(out)
+}
+
+/// Submits `n` single-task runs with `SUBMITTERS` calls in flight.
+pub async fn submit_all(coord: &Coordinator, n: usize) -> anyhow::Result<()> {
+    let client = coord.client().await?;
+    let results: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
+        .map(|_| {
+            let mut c = client.clone();
+            async move { Coordinator::submit(&mut c, YAML).await }
+        })
+        .buffer_unordered(SUBMITTERS)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// Waits until the fleet got `n` offers and ListRuns shows `n` succeeded runs.
+pub async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while fleet.offers() < n as u64 {
+        if Instant::now() > deadline {
+            anyhow::bail!("only {} of {n} tasks offered in 600 s", fleet.offers());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut client = coord.client().await?;
+    loop {
+        let runs = client
+            .list_runs(api::ListRunsRequest { limit: n as u32 })
+            .await?
+            .into_inner()
+            .runs;
+        let done = runs
+            .iter()
+            .filter(|r| r.state == RunState::Succeeded as i32)
+            .count();
+        if done >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("only {done} of {n} runs succeeded in 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
