@@ -10,7 +10,7 @@ use crate::election::Election;
 use crate::log_feed::LogFeed;
 use crate::logs::LogStore;
 use crate::metrics::Metrics;
-use crate::scheduler::SchedulerHandle;
+use crate::scheduler::{Command, Reply, SchedulerHandle};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +47,19 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
+impl LeaderCtx {
+    /// Asks the scheduler; both ways it can fail become a `Status`.
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, tonic::Status> {
+        status::flatten(self.scheduler.ask(make).await)
+    }
+}
+
 impl Shared {
+    /// Asks the leader's scheduler, or answers as a follower does.
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, tonic::Status> {
+        self.leader().await?.ask(make).await
+    }
+
     /// The leader's handles, or the UNAVAILABLE answer a follower gives:
     /// it names the leader in the `capstan-leader` metadata when it knows it.
     pub async fn leader(&self) -> Result<LeaderCtx, tonic::Status> {

@@ -93,17 +93,13 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         req: Request<SubmitRunRequest>,
     ) -> Result<Response<SubmitRunResponse>, Status> {
         let run = build_run(req.into_inner())?;
-        let id = status::flatten(
-            self.0
-                .leader()
-                .await?
-                .scheduler
-                .ask(|reply| Command::Submit {
-                    run: Box::new(run),
-                    reply,
-                })
-                .await,
-        )?;
+        let id = self
+            .0
+            .ask(|reply| Command::Submit {
+                run: Box::new(run),
+                reply,
+            })
+            .await?;
         tracing::info!(run = %id, "run submitted");
         Ok(Response::new(SubmitRunResponse {
             run_id: id.to_string(),
@@ -112,14 +108,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
 
     async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
         let id = run_id(req.into_inner().run_id)?;
-        let run = status::flatten(
-            self.0
-                .leader()
-                .await?
-                .scheduler
-                .ask(|reply| Command::GetRun { id, reply })
-                .await,
-        )?;
+        let run = self.0.ask(|reply| Command::GetRun { id, reply }).await?;
         Ok(Response::new(run))
     }
 
@@ -131,27 +120,16 @@ impl pipeline_service_server::PipelineService for PipelineApi {
             0 => 50,
             n => n as usize,
         };
-        let runs = status::flatten(
-            self.0
-                .leader()
-                .await?
-                .scheduler
-                .ask(|reply| Command::ListRuns { limit, reply })
-                .await,
-        )?;
+        let runs = self
+            .0
+            .ask(|reply| Command::ListRuns { limit, reply })
+            .await?;
         Ok(Response::new(ListRunsResponse { runs }))
     }
 
     async fn cancel_run(&self, req: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
         let id = run_id(req.into_inner().run_id)?;
-        let run = status::flatten(
-            self.0
-                .leader()
-                .await?
-                .scheduler
-                .ask(|reply| Command::CancelRun { id, reply })
-                .await,
-        )?;
+        let run = self.0.ask(|reply| Command::CancelRun { id, reply }).await?;
         Ok(Response::new(run))
     }
 
@@ -163,12 +141,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let id = run_id(req.into_inner().run_id)?;
         let leader = self.0.leader().await?;
-        let mut rx = status::flatten(
-            leader
-                .scheduler
-                .ask(|reply| Command::WatchRun { id, reply })
-                .await,
-        )?;
+        let mut rx = leader.ask(|reply| Command::WatchRun { id, reply }).await?;
         let (tx, out) = mpsc::channel(16);
         let shutdown = leader.token.clone();
         tokio::spawn(async move {
@@ -207,16 +180,13 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let probe_id = id.clone();
         let probe_task = task.clone();
         let leader = self.0.leader().await?;
-        status::flatten(
-            leader
-                .scheduler
-                .ask(|reply| Command::Attempts {
-                    id: probe_id,
-                    task: probe_task,
-                    reply,
-                })
-                .await,
-        )?;
+        leader
+            .ask(|reply| Command::Attempts {
+                id: probe_id,
+                task: probe_task,
+                reply,
+            })
+            .await?;
         let (tx, out) = mpsc::channel(32);
         let shared = self.0.clone();
         tokio::spawn(async move {
@@ -231,14 +201,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         _: Request<ListRunnersRequest>,
     ) -> Result<Response<ListRunnersResponse>, Status> {
-        let runners = status::flatten(
-            self.0
-                .leader()
-                .await?
-                .scheduler
-                .ask(|reply| Command::ListRunners { reply })
-                .await,
-        )?;
+        let runners = self.0.ask(|reply| Command::ListRunners { reply }).await?;
         Ok(Response::new(ListRunnersResponse { runners }))
     }
 
@@ -247,14 +210,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         req: Request<DrainRunnerRequest>,
     ) -> Result<Response<DrainRunnerResponse>, Status> {
         let runner = req.into_inner().runner;
-        let r = status::flatten(
-            self.0
-                .leader()
-                .await?
-                .scheduler
-                .ask(|reply| Command::Drain { runner, reply })
-                .await,
-        )?;
+        let r = self.0.ask(|reply| Command::Drain { runner, reply }).await?;
         tracing::info!(runner = %r.name, "runner draining");
         Ok(Response::new(DrainRunnerResponse { runner: Some(r) }))
     }
@@ -282,16 +238,13 @@ async fn stream_logs(
     let mut feed = shared.feed.subscribe();
     loop {
         feed.borrow_and_update();
-        let (attempts, all_done) = status::flatten(
-            leader
-                .scheduler
-                .ask(|reply| Command::Attempts {
-                    id: id.clone(),
-                    task: task.clone(),
-                    reply,
-                })
-                .await,
-        )?;
+        let (attempts, all_done) = leader
+            .ask(|reply| Command::Attempts {
+                id: id.clone(),
+                task: task.clone(),
+                reply,
+            })
+            .await?;
         for info in &attempts {
             if !send_new_bytes(&shared, info, &mut sent, tx).await? {
                 return Ok(()); // the client went away

@@ -41,20 +41,16 @@ impl runner_service_server::RunnerService for RunnerApi {
                 "runner name must be 1 to {MAX_NAME} printable characters"
             )));
         }
-        let (id, secret) = status::flatten(
-            self.0
-                .leader()
-                .await?
-                .scheduler
-                .ask(|reply| Command::Register {
-                    name: name.clone(),
-                    labels: req.labels.into_iter().collect(),
-                    capacity: req.capacity,
-                    version: req.version,
-                    reply,
-                })
-                .await,
-        )?;
+        let (id, secret) = self
+            .0
+            .ask(|reply| Command::Register {
+                name: name.clone(),
+                labels: req.labels.into_iter().collect(),
+                capacity: req.capacity,
+                version: req.version,
+                reply,
+            })
+            .await?;
         tracing::info!(runner = %id, %name, "runner registered");
         Ok(Response::new(RegisterResponse {
             runner_id: id.to_string(),
@@ -83,12 +79,9 @@ impl runner_service_server::RunnerService for RunnerApi {
         let runner = RunnerId::from_string(hello.runner_id.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let leader = self.0.leader().await?;
-        let conn = status::flatten(
-            leader
-                .scheduler
-                .ask(|reply| Command::Attach { hello, tx, reply })
-                .await,
-        )?;
+        let conn = leader
+            .ask(|reply| Command::Attach { hello, tx, reply })
+            .await?;
         tracing::info!(%runner, conn, "runner attached");
         let scheduler = leader.scheduler.clone();
         let r = runner.clone();
@@ -140,17 +133,14 @@ impl runner_service_server::RunnerService for RunnerApi {
                 let runner = RunnerId::from_string(chunk.runner_id);
                 let secret = chunk.runner_secret;
                 let a = attempt.clone();
-                status::flatten(
-                    leader
-                        .scheduler
-                        .ask(|reply| Command::AuthorizeLog {
-                            runner,
-                            secret,
-                            attempt: a,
-                            reply,
-                        })
-                        .await,
-                )?;
+                leader
+                    .ask(|reply| Command::AuthorizeLog {
+                        runner,
+                        secret,
+                        attempt: a,
+                        reply,
+                    })
+                    .await?;
                 allowed.insert(attempt.clone());
             }
             let before = match durable.get(&attempt) {

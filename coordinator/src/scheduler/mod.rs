@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-type Reply<T> = oneshot::Sender<Result<T, StateError>>;
+/// Where the scheduler sends a command's answer.
+pub type Reply<T> = oneshot::Sender<Result<T, StateError>>;
 
 /// What an attempt's log looks like to a reader.
 #[derive(Clone, Debug, PartialEq, Eq)]
