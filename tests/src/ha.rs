@@ -325,22 +325,7 @@ impl HaCluster {
 
     /// The tail of every process log, for failure messages.
     pub fn all_logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir()) {
-            let mut names: Vec<_> = entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "log"))
-                .collect();
-            names.sort();
-            for p in names {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-                out.push_str(&format!("----- {} -----\n{tail}\n", p.display()));
-            }
-        }
-        out
+        crate::tail_logs(self.dir(), 30)
     }
 }
 

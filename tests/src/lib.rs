@@ -45,6 +45,32 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The last `lines` lines of every `*.log` file in `dir`, sorted by name,
+/// for failure messages.
+pub fn tail_logs(dir: &Path, lines: usize) -> String {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    paths.sort();
+    let mut out = String::new();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = all[all.len().saturating_sub(lines)..].join("\n");
+        out.push_str(&format!(
+            "----- {} (last {lines} lines) -----\n{tail}\n",
+            p.display()
+        ));
+    }
+    out
+}
+
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -275,32 +301,7 @@ impl TestCluster {
 
     /// All process logs, for failure messages.
     pub fn all_logs(&self) -> String {
-        let mut out = String::new();
-        let mut names = vec!["coordinator".to_string()];
-        if let Ok(entries) = std::fs::read_dir(self.dir()) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().to_string();
-                if let Some(stem) = n.strip_suffix(".log")
-                    && stem != "coordinator"
-                {
-                    names.push(stem.to_string());
-                }
-            }
-        }
-        for n in names {
-            let log = self.process_log(&n);
-            let tail: String = log
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            out.push_str(&format!("----- {n} (last 40 lines) -----\n{tail}\n"));
-        }
-        out
+        tail_logs(self.dir(), 40)
     }
 
     /// A plain HTTP/1.0 GET on the side port: (status, body).
