@@ -205,8 +205,9 @@ impl Args {
         let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
             flag.or(file).map(Duration::from_millis).unwrap_or(default)
         };
+        let heartbeat = ms(self.heartbeat_ms, file.heartbeat_ms, d.heartbeat);
         let timing = Timing {
-            heartbeat: ms(self.heartbeat_ms, file.heartbeat_ms, d.heartbeat),
+            heartbeat,
             lease: ms(self.lease_ms, file.lease_ms, d.lease),
             offer_timeout: ms(
                 self.offer_timeout_ms,
@@ -219,6 +220,8 @@ impl Args {
                 .unwrap_or(d.max_infra_retries),
             timeout_grace: d.timeout_grace,
             reattach_grace: d.reattach_grace,
+            // Two missed heartbeats and a reconnect attempt.
+            disconnect_grace: heartbeat * 2 + Duration::from_millis(500),
         };
         if timing.lease <= timing.heartbeat {
             return Err(ConfigError::Invalid(format!(

@@ -19,7 +19,7 @@ pub struct PipelineApi(pub Shared);
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Largest piece of log sent in one `LogData`.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 1024 * 1024;
 
 fn run_id(s: String) -> Result<RunId, Status> {
     if s.trim().is_empty() {
@@ -236,15 +236,26 @@ async fn stream_logs(
 ) -> Result<(), Status> {
     let mut sent: HashMap<AttemptId, u64> = HashMap::new();
     let mut feed = shared.feed.subscribe();
+    let mut refresh = true;
+    let (mut attempts, mut all_done) = (Vec::new(), false);
+    // One timer for the whole stream, so busy logs elsewhere (which move the
+    // feed constantly) cannot starve the state re-check.
+    let mut recheck = tokio::time::interval(std::time::Duration::from_millis(200));
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    recheck.tick().await;
     loop {
         feed.borrow_and_update();
-        let (attempts, all_done) = leader
-            .ask(|reply| Command::Attempts {
-                id: id.clone(),
-                task: task.clone(),
-                reply,
-            })
-            .await?;
+        // The attempt list changes only with task state: asking the
+        // scheduler on every log append cost a round trip per chunk.
+        if refresh {
+            (attempts, all_done) = leader
+                .ask(|reply| Command::Attempts {
+                    id: id.clone(),
+                    task: task.clone(),
+                    reply,
+                })
+                .await?;
+        }
         for info in &attempts {
             if !send_new_bytes(&shared, info, &mut sent, tx).await? {
                 return Ok(()); // the client went away
@@ -254,9 +265,9 @@ async fn stream_logs(
             return Ok(());
         }
         tokio::select! {
-            _ = feed.changed() => {}
+            _ = feed.changed() => refresh = false,
             // State changes (a task ended, a new attempt) do not move the feed.
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            _ = recheck.tick() => refresh = true,
             _ = leader.token.cancelled() => return Ok(()),
             _ = tx.closed() => return Ok(()),
         }

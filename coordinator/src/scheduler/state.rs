@@ -6,7 +6,7 @@
 //! then delivers the messages, so nobody hears of a change that is not durable.
 //! Time is passed in (`now`) so tests can drive leases and offer timeouts.
 
-use super::matching::best_runner;
+use super::matching::{FreeSlots, labels_match};
 use crate::model::*;
 use capstan_shared::ids::{AttemptId, RunId, RunnerId};
 use capstan_shared::proto::runner::v1 as rpb;
@@ -36,6 +36,10 @@ pub struct Timing {
     /// runners to re-attach before it requeues their attempts. It covers a
     /// runner's reconnect backoff (at most 5 s) while no leader was elected.
     pub reattach_grace: Duration,
+    /// A runner whose Control stream broke (process killed, connection
+    /// reset) and that has not reconnected within this loses its attempts,
+    /// without waiting out the whole lease. Covers its first reconnects.
+    pub disconnect_grace: Duration,
 }
 
 impl Default for Timing {
@@ -47,6 +51,7 @@ impl Default for Timing {
             max_infra_retries: 3,
             timeout_grace: Duration::from_secs(30),
             reattach_grace: Duration::from_secs(6),
+            disconnect_grace: Duration::from_millis(2500),
         }
     }
 }
@@ -57,6 +62,8 @@ pub struct RunnerSlot {
     pub conn: Option<(u64, RunnerTx)>,
     pub last_seen: Instant,
     pub last_seen_ms: i64,
+    /// When its Control stream ended, while it has not reconnected.
+    pub detached_at: Option<Instant>,
     /// Attempts holding a slot on this runner.
     pub active: BTreeSet<AttemptId>,
     /// No offers until its next heartbeat (it rejected or ignored one).
@@ -176,6 +183,7 @@ impl SchedulerState {
                     conn: None,
                     last_seen: seen,
                     last_seen_ms: now_ms,
+                    detached_at: None,
                     active: BTreeSet::new(),
                     paused: false,
                 },
@@ -424,6 +432,7 @@ impl SchedulerState {
                         conn: None,
                         last_seen: now,
                         last_seen_ms: now_ms(),
+                        detached_at: None,
                         active: BTreeSet::new(),
                         paused: false,
                     },
@@ -468,6 +477,7 @@ impl SchedulerState {
             .collect();
         let slot = self.runners.get_mut(&id).expect("authenticated");
         slot.conn = Some((conn_id, tx.clone()));
+        slot.detached_at = None;
         slot.last_seen = now;
         slot.last_seen_ms = now_ms();
         slot.paused = false;
@@ -551,11 +561,12 @@ impl SchedulerState {
 
     /// The Control stream `conn_id` of `runner` ended. Its attempts keep their
     /// lease: the runner may reconnect in time.
-    pub fn detach(&mut self, runner: &RunnerId, conn_id: u64) {
+    pub fn detach(&mut self, runner: &RunnerId, conn_id: u64, now: Instant) {
         if let Some(slot) = self.runners.get_mut(runner)
             && slot.conn.as_ref().is_some_and(|(c, _)| *c == conn_id)
         {
             slot.conn = None;
+            slot.detached_at = Some(now);
         }
     }
 
@@ -850,34 +861,36 @@ impl SchedulerState {
         if self.queue.is_empty() {
             return;
         }
+        // Built once per call: scanning every runner for every queued task
+        // made a burst of 10,000 tasks over 10,000 runners take seconds.
+        let mut free = FreeSlots::new(self.runners.values());
         let mut offered = Vec::new();
         for key in self.queue.iter() {
-            if !self.runners.values().any(RunnerSlot::accepts_work) {
+            if free.is_empty() {
                 break;
             }
             let (_, _, run_id, i) = key;
-            let task = &self.runs[run_id].tasks[*i];
-            let Some(runner) = best_runner(self.runners.values(), &task.spec.runs_on) else {
+            let runs_on = &self.runs[run_id].tasks[*i].spec.runs_on;
+            let runners = &self.runners;
+            let Some(runner) = free.take(|id| labels_match(runs_on, &runners[id].record.labels))
+            else {
                 continue;
             };
-            let runner = runner.clone();
-            // Reserve the slot now so the next task sees it taken.
-            let slot = self.runners.get_mut(&runner).expect("exists");
-            let attempt = AttemptId::generate();
-            slot.active.insert(attempt.clone());
-            offered.push((key.clone(), runner, attempt));
+            offered.push((key.clone(), runner));
         }
-        for (key, runner, attempt) in offered {
+        for (key, runner) in offered {
             self.queue.remove(&key);
             let (_, _, run_id, i) = key;
-            self.offer(&run_id, i, &runner, attempt, now);
+            self.offer(&run_id, i, &runner, AttemptId::generate(), now);
         }
     }
 
     fn offer(&mut self, run_id: &RunId, i: usize, runner: &RunnerId, a: AttemptId, now: Instant) {
         let epoch = self.epoch;
         let offer_timeout = self.timing.offer_timeout;
-        let runner_name = self.runners[runner].record.name.clone();
+        let slot = self.runners.get_mut(runner).expect("offered to a known runner");
+        slot.active.insert(a.clone());
+        let runner_name = slot.record.name.clone();
         let run = self.runs.get_mut(run_id).expect("queued run exists");
         let (repo, rev) = (run.repo.clone(), run.rev.clone());
         let t = &mut run.tasks[i];
@@ -933,10 +946,15 @@ impl SchedulerState {
         }
 
         let lease = self.timing.lease;
+        let grace = self.timing.disconnect_grace;
         let lost: Vec<(RunnerId, Vec<AttemptId>)> = self
             .runners
             .values()
-            .filter(|r| !r.active.is_empty() && now.duration_since(r.last_seen) >= lease)
+            .filter(|r| {
+                !r.active.is_empty()
+                    && (now.duration_since(r.last_seen) >= lease
+                        || r.detached_at.is_some_and(|d| now.duration_since(d) >= grace))
+            })
             .map(|r| (r.record.id.clone(), r.active.iter().cloned().collect()))
             .collect();
         for (runner, attempts) in lost {
@@ -975,13 +993,6 @@ impl SchedulerState {
                 self.finish_run_if_done(&run);
             }
         }
-    }
-
-    /// Whether anything is waiting on a timer (offers, leases, timeouts).
-    pub fn has_timers(&self) -> bool {
-        !self.offered_at.is_empty()
-            || !self.started_at.is_empty()
-            || self.runners.values().any(|r| !r.active.is_empty())
     }
 
     pub fn queue_depth(&self) -> usize {

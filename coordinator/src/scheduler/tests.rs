@@ -316,7 +316,7 @@ fn lost_runner_requeues_as_new_attempt_and_old_reports_are_ignored() {
     let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
     let mut r1 = h.runner("r1", 1, &[]);
     let first = h.accept(&mut r1);
-    h.st.detach(&r1.id, r1.conn);
+    h.st.detach(&r1.id, r1.conn, h.now);
     let mut r2 = h.runner("r2", 1, &[]);
     assert!(
         r2.next().is_none(),
@@ -339,12 +339,29 @@ fn lost_runner_requeues_as_new_attempt_and_old_reports_are_ignored() {
 }
 
 #[test]
+fn a_broken_stream_requeues_after_the_disconnect_grace_not_the_lease() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r1 = h.runner("r1", 1, &[]);
+    h.accept(&mut r1);
+    let mut r2 = h.runner("r2", 1, &[]);
+    h.st.detach(&r1.id, r1.conn, h.now);
+    h.advance(Duration::from_millis(2000));
+    assert!(r2.next().is_none(), "still within the disconnect grace");
+    h.advance(Duration::from_millis(600));
+    let second = h.accept(&mut r2);
+    assert_eq!(second.attempt_number, 2);
+    assert!(Timing::default().disconnect_grace < Timing::default().lease);
+    assert_eq!(h.state_of(&run, "t"), Running);
+}
+
+#[test]
 fn reconnect_within_lease_reattaches() {
     let mut h = Harness::new();
     let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
     let mut r = h.runner("r1", 1, &[]);
     let offer = h.accept(&mut r);
-    h.st.detach(&r.id, r.conn);
+    h.st.detach(&r.id, r.conn, h.now);
     h.advance(Duration::from_secs(2));
     let r = h.connect(
         r.id.clone(),
