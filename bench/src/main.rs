@@ -27,9 +27,11 @@ const SCENARIOS: &[&str] = &[
     "store",
     "pickup",
     "throughput",
+    "throughput-etcd",
     "logs",
     "connected",
     "lost-runner",
+    "failover",
     "container",
     "buildbot",
 ];
@@ -47,8 +49,8 @@ struct Args {
     #[arg(long, default_value = "bench/report.json")]
     out: PathBuf,
     /// Run only this scenario (repeatable); its figures are merged into an
-    /// existing report at --out. One of: store, pickup, throughput, logs,
-    /// connected, lost-runner, container, buildbot.
+    /// existing report at --out. One of: store, pickup, throughput,
+    /// throughput-etcd, logs, connected, lost-runner, container, buildbot.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Take Buildbot's figures from this harness summary (its `work/summary.txt`
@@ -134,9 +136,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "store" => scenarios::store_commit::run(&ctx).await,
             "pickup" => scenarios::pickup::run(&ctx).await,
             "throughput" => scenarios::throughput::run(&ctx).await,
+            "throughput-etcd" => scenarios::throughput::run_etcd(&ctx).await,
             "logs" => scenarios::log_throughput::run(&ctx).await,
             "connected" => scenarios::connected::run(&ctx).await,
             "lost-runner" => scenarios::lost_runner::run(&ctx).await,
+            "failover" => scenarios::failover::run(&ctx).await,
             "container" => scenarios::container_overhead::run(args.quick).await,
             "buildbot" => {
                 if args.quick && args.buildbot_summary.is_none() && args.scenarios.is_empty() {
@@ -162,8 +166,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     report.insert(k, round(v));
                 }
             }
-            // These depend on things outside the fleet (Docker, PyPI).
-            Err(e) if matches!(*name, "container" | "buildbot") => {
+            // These depend on things outside the fleet (Docker, PyPI, etcd).
+            Err(e) if matches!(*name, "container" | "buildbot") || e.is::<scenarios::Skip>() => {
                 println!("{name}: skipped: {e:#}");
                 report.insert(format!("skipped_{key}"), format!("{e:#}").into());
             }

@@ -359,3 +359,86 @@ pub fn raise_fd_limit() -> u64 {
         Err(_) => 0,
     }
 }
+
+/// One `etcd` member on loopback ports (Debian's `etcd-server`, installed by
+/// `scripts/testbed`, or `$CAPSTAN_ETCD_BIN`); killed on drop.
+pub struct Etcd {
+    child: Child,
+    pub client_port: u16,
+}
+
+/// The `etcd` binary, if installed.
+pub fn etcd_bin() -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var("CAPSTAN_ETCD_BIN").unwrap_or_else(|_| "etcd".into()));
+    if p.components().count() > 1 {
+        return p.exists().then_some(p);
+    }
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| PathBuf::from(d).join(&p))
+        .find(|c| c.exists())
+}
+
+impl Etcd {
+    pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let client_port = free_port()?;
+        let peer_port = free_port()?;
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new(bin)
+            .args(["--name", "bench"])
+            .arg("--data-dir")
+            .arg(dir.join("etcd.data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("bench={peer}")])
+            .args(["--initial-cluster-state", "new"])
+            .stdin(Stdio::null())
+            .stdout(log_file(dir, "etcd")?)
+            .stderr(log_file(dir, "etcd")?)
+            .spawn()
+            .context("spawn etcd")?;
+        let mut etcd = Self { child, client_port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if etcd.healthy() {
+                return Ok(etcd);
+            }
+            if let Some(status) = etcd.child.try_wait()? {
+                bail!("etcd exited with {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("etcd not healthy in 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn healthy(&self) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if write!(s, "GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}

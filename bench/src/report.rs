@@ -22,6 +22,11 @@ struct Row {
     peer: Option<(&'static str, bool)>,
 }
 
+/// Buildbot counts builds where Capstan counts tasks.
+fn peer_unit(unit: &str) -> &str {
+    if unit == "tasks/s" { "builds/s" } else { unit }
+}
+
 const ROWS: &[Row] = &[
     Row {
         what: "pickup latency p50",
@@ -52,8 +57,15 @@ const ROWS: &[Row] = &[
         peer: Some(("buildbot_throughput_builds_per_s", false)),
     },
     Row {
-        what: "dispatch throughput, etcd",
+        what: "dispatch throughput, etcd (submit + run concurrently)",
         key: "throughput_etcd_tasks_per_s",
+        unit: "tasks/s",
+        goal: Goal::AtLeast(1000.0),
+        peer: None,
+    },
+    Row {
+        what: "dispatch throughput, etcd (drain a queued backlog)",
+        key: "throughput_etcd_drain_tasks_per_s",
         unit: "tasks/s",
         goal: Goal::AtLeast(1000.0),
         peer: None,
@@ -108,6 +120,13 @@ const ROWS: &[Row] = &[
         peer: None,
     },
     Row {
+        what: "container step overhead p50 (vs bare `docker run`)",
+        key: "container_overhead_p50_ms",
+        unit: "ms",
+        goal: Goal::AtMost(50.0),
+        peer: None,
+    },
+    Row {
         what: "redb commit, batch of 1 record",
         key: "store_redb_commit_ms_batch_1",
         unit: "ms",
@@ -131,12 +150,23 @@ fn num(report: &Map<String, Value>, key: &str) -> Option<f64> {
 }
 
 fn fmt(v: f64) -> String {
-    if v.abs() >= 100.0 {
+    if v.abs() >= 10_000.0 {
         format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        // One decimal, so 4999.8 against a goal of 5000 does not read as 5000.
+        format!("{v:.1}")
     } else if v.abs() >= 10.0 {
         format!("{v:.1}")
     } else {
         format!("{v:.2}")
+    }
+}
+
+fn fmt_goal(g: f64) -> String {
+    if g.fract() == 0.0 {
+        format!("{g:.0}")
+    } else {
+        fmt(g)
     }
 }
 
@@ -203,8 +233,8 @@ pub fn markdown(report: &Map<String, Value>) -> String {
         let what = row.what.replace(" N ", &format!(" {n} "));
         let measured = num(report, row.key);
         let goal = match row.goal {
-            Goal::AtMost(g) => format!("<= {} {}", fmt(g), row.unit),
-            Goal::AtLeast(g) => format!(">= {} {}", fmt(g), row.unit),
+            Goal::AtMost(g) => format!("<= {} {}", fmt_goal(g), row.unit),
+            Goal::AtLeast(g) => format!(">= {} {}", fmt_goal(g), row.unit),
             Goal::None => "-".into(),
         };
         let met = match (row.goal, measured) {
@@ -232,7 +262,10 @@ pub fn markdown(report: &Map<String, Value>) -> String {
             (Some((pk, smaller)), Some(v)) => match num(report, pk) {
                 Some(p) => {
                     let r = if smaller { p / v } else { v / p };
-                    (format!("{} {}", fmt(p), row.unit), format!("{}x", fmt(r)))
+                    (
+                        format!("{} {}", fmt(p), peer_unit(row.unit)),
+                        format!("{}x", fmt(r)),
+                    )
                 }
                 None => ("not run".into(), "-".into()),
             },
@@ -241,6 +274,25 @@ pub fn markdown(report: &Map<String, Value>) -> String {
         let _ = writeln!(
             md,
             "| {what} | {goal} | {measured_s} | {peer_s} | {ratio_s} |"
+        );
+    }
+    let peer: Vec<String> = [
+        ("pickup p50", "ratio_pickup_p50_vs_buildbot"),
+        ("throughput", "ratio_throughput_vs_buildbot"),
+    ]
+    .iter()
+    .filter_map(|(what, key)| {
+        num(report, key).map(|r| {
+            let met = if r >= 100.0 { "met" } else { "**not met**" };
+            format!("{what} {}x ({met})", fmt(r))
+        })
+    })
+    .collect();
+    if !peer.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nPeer goal, >= 100x Buildbot on pickup latency and on throughput: {}.",
+            peer.join(", ")
         );
     }
     let skipped: Vec<String> = report

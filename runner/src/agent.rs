@@ -136,8 +136,15 @@ enum SessionEnd {
 
 enum ConnectError {
     Retry(String),
+    /// A coordinator answered but cannot take us now (a follower, or no
+    /// leader is elected yet): it is alive, so retry soon, not after a
+    /// growing backoff — a failover would otherwise wait out seconds of it.
+    NotLeader(String),
     Fatal(Error),
 }
+
+/// Wait before asking again after a follower's answer.
+const NOT_LEADER_RETRY: Duration = Duration::from_millis(200);
 
 struct FinishedAttempt {
     report: TaskFinished,
@@ -241,6 +248,13 @@ impl Agent {
                     }
                 }
                 Err(ConnectError::Fatal(e)) => return Err(e),
+                Err(ConnectError::NotLeader(reason)) => {
+                    info!(%url, %reason, "coordinator cannot take this runner now; retrying soon");
+                    backoff.reset();
+                    self.wait_offline(NOT_LEADER_RETRY.mul_f64(rand::random_range(0.8..=1.2)))
+                        .await;
+                    continue;
+                }
                 Err(ConnectError::Retry(reason)) => {
                     warn!(%url, %reason, "could not connect to the coordinator; retrying");
                 }
@@ -304,7 +318,12 @@ impl Agent {
 
     fn retry(&mut self, what: &str, status: &tonic::Status) -> ConnectError {
         self.note_leader_hint(status);
-        ConnectError::Retry(format!("{what}: {:?}: {}", status.code(), status.message()))
+        let reason = format!("{what}: {:?}: {}", status.code(), status.message());
+        if status.code() == tonic::Code::Unavailable {
+            ConnectError::NotLeader(reason)
+        } else {
+            ConnectError::Retry(reason)
+        }
     }
 
     async fn connect(&mut self, url: &str) -> Result<Session, ConnectError> {
@@ -715,6 +734,7 @@ impl Agent {
             secrets: Arc::clone(&self.secrets),
             mask: Arc::clone(&self.mask),
             git_credentials: self.config.git_credentials.clone(),
+            git_author: self.config.git_author.clone(),
         };
         self.tracker.spawn(attempt::run(spec).instrument(span));
         true

@@ -54,6 +54,8 @@ pub(crate) struct AttemptSpec {
     pub mask: Arc<Vec<Vec<u8>>>,
     /// Name of the secret for fetching the repository, if any.
     pub git_credentials: Option<String>,
+    /// Who `git-push` commits as (`--git-author`).
+    pub git_author: crate::steps::git_push::Author,
 }
 
 struct Outcome {
@@ -118,6 +120,12 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
         repo: spec.offer.repo.clone(),
         rev: spec.offer.rev.clone(),
         outputs: Arc::default(),
+        gitops: Arc::new(crate::steps::git_push::GitOps::new(
+            Arc::clone(&spec.secrets),
+            spec.git_author.clone(),
+            spec.git_credentials.clone(),
+            Some(dir.join("manifests")),
+        )),
     };
     let outcome = run_task(spec, &task, &spool).await;
     let outputs = task.outputs.lock().map(|o| o.clone()).unwrap_or_default();

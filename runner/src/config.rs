@@ -80,6 +80,9 @@ pub struct Args {
     /// Name of the secret with the credentials for fetching run repositories.
     #[arg(long, env = "CAPSTAN_GIT_CREDENTIALS", value_name = "SECRET")]
     pub git_credentials: Option<String>,
+    /// Identity of `git-push` commits [default: Capstan Bot <capstan@localhost>].
+    #[arg(long, env = "CAPSTAN_GIT_AUTHOR", value_name = "NAME <EMAIL>")]
+    pub git_author: Option<String>,
     /// Network of step containers: `none`, `internal` (a per-task network
     /// with no route out) or the name of an existing network [default: none].
     #[arg(
@@ -124,6 +127,7 @@ pub struct FileConfig {
     pub work_dir: Option<PathBuf>,
     pub secrets_file: Option<PathBuf>,
     pub git_credentials: Option<String>,
+    pub git_author: Option<String>,
     pub docker_network: Option<String>,
     pub docker_memory: Option<String>,
     pub docker_cpus: Option<f64>,
@@ -178,6 +182,8 @@ pub enum ConfigError {
     Memory(String),
     #[error("invalid --docker-cpus {0}: expected a positive number")]
     Cpus(f64),
+    #[error("invalid --git-author: {0}")]
+    GitAuthor(String),
 }
 
 /// Parses a memory size: `1048576`, `512k`, `512m`, `2g` (powers of 1024).
@@ -330,7 +336,12 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
             .unwrap_or_else(|| crate::executor::docker::DEFAULT_HELPER_IMAGE.into()),
         labels: docker_labels,
     };
+    let git_author = match args.git_author.or(file.git_author) {
+        Some(text) => text.parse().map_err(ConfigError::GitAuthor)?,
+        None => crate::steps::git_push::Author::default(),
+    };
     Ok(RunnerConfig {
+        git_author,
         secrets_file: args.secrets_file.or(file.secrets_file),
         git_credentials: args
             .git_credentials

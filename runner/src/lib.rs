@@ -68,6 +68,8 @@ pub struct RunnerConfig {
     pub secrets_file: Option<PathBuf>,
     /// The secret used to fetch run repositories, if they need credentials.
     pub git_credentials: Option<String>,
+    /// Who `git-push` steps commit as (`--git-author`).
+    pub git_author: steps::git_push::Author,
     /// Isolation and limits of the docker executor.
     pub docker: DockerSettings,
 }
@@ -84,6 +86,7 @@ impl Default for RunnerConfig {
             work_dir: PathBuf::from(config::DEFAULT_WORK_DIR),
             secrets_file: None,
             git_credentials: None,
+            git_author: steps::git_push::Author::default(),
             docker: DockerSettings::default(),
         }
     }

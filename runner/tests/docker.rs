@@ -217,6 +217,7 @@ impl Fixture {
             repo: String::new(),
             rev: "0123abcd".into(),
             outputs: Arc::default(),
+            gitops: Arc::default(),
         }
     }
 

@@ -28,9 +28,12 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // .../debug/deps/e2e-HASH -> .../debug
-    exe.parent()
-        .and_then(Path::parent)
+    let dir = exe.parent().expect("an executable has a directory");
+    // A binary beside the others (capstan-bench), or a test in .../debug/deps.
+    if dir.join("capstan-coordinator").exists() {
+        return dir.to_path_buf();
+    }
+    dir.parent()
         .expect("test binary lives in target/<profile>/deps")
         .to_path_buf()
 }

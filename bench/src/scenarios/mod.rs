@@ -4,6 +4,7 @@
 pub mod buildbot;
 pub mod connected;
 pub mod container_overhead;
+pub mod failover;
 pub mod log_throughput;
 pub mod lost_runner;
 pub mod pickup;
@@ -11,6 +12,19 @@ pub mod store_commit;
 pub mod throughput;
 
 use std::path::PathBuf;
+
+/// A scenario that cannot run on this machine (a missing tool), as opposed
+/// to one that failed.
+#[derive(Debug)]
+pub struct Skip(pub String);
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Skip {}
 
 /// Figures of one scenario, in the order they were measured.
 pub type Figures = Vec<(String, f64)>;

@@ -13,6 +13,7 @@
 //!   fleet connects; N / (fleet start -> every run succeeded): dispatch alone.
 //!
 //! "Every run succeeded" is confirmed with ListRuns once the fleet got N offers.
+//! [`run_etcd`] does the same with the coordinator's state in etcd.
 
 use super::{Ctx, Figures, cores};
 use crate::fleet::{Fleet, FleetConfig};
@@ -40,10 +41,57 @@ fn fleet_config(coord: &Coordinator) -> FleetConfig {
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let n = if ctx.quick { 2_000 } else { 20_000 };
-    let mut out = Figures::new();
+    let m = measure(ctx, &[], n, "redb").await?;
+    Ok(m.figures("throughput", n))
+}
 
+/// The same on the etcd store: one local etcd member (not a 3-member
+/// cluster: on 2 cores that would measure etcd's own replication).
+pub async fn run_etcd(ctx: &Ctx) -> anyhow::Result<Figures> {
+    let Some(bin) = crate::procs::etcd_bin() else {
+        return Err(
+            super::Skip("etcd is not installed (scripts/testbed up installs it)".into()).into(),
+        );
+    };
+    let n = if ctx.quick { 500 } else { 5_000 };
+    let etcd = crate::procs::Etcd::start(&bin, &ctx.dir.join("etcd")).await?;
+    let flags = [
+        "--etcd-endpoints".to_string(),
+        etcd.endpoint(),
+        "--etcd-prefix".to_string(),
+        format!("/bench-{}/", std::process::id()),
+    ];
+    let m = measure(ctx, &flags, n, "etcd (1 local member)").await?;
+    Ok(m.figures("throughput_etcd", n))
+}
+
+struct Measured {
+    rate: f64,
+    submit_rate: f64,
+    cpu_us: f64,
+    drain_rate: f64,
+    drain_cpu_us: f64,
+}
+
+impl Measured {
+    fn figures(&self, prefix: &str, n: usize) -> Figures {
+        vec![
+            (format!("{prefix}_tasks_per_s"), self.rate),
+            (format!("{prefix}_submit_runs_per_s"), self.submit_rate),
+            (format!("{prefix}_coordinator_cpu_us_per_task"), self.cpu_us),
+            (format!("{prefix}_tasks"), n as f64),
+            (format!("{prefix}_drain_tasks_per_s"), self.drain_rate),
+            (
+                format!("{prefix}_drain_coordinator_cpu_us_per_task"),
+                self.drain_cpu_us,
+            ),
+        ]
+    }
+}
+
+async fn measure(ctx: &Ctx, flags: &[String], n: usize, store: &str) -> anyhow::Result<Measured> {
     // 1. Submit while the fleet runs.
-    let coord = Coordinator::start(&ctx.dir.join("concurrent"), &[]).await?;
+    let coord = Coordinator::start(&ctx.dir.join("concurrent"), flags).await?;
     let fleet = Fleet::start(fleet_config(&coord)).await?;
     let cpu0 = proc_stat(coord.pid())?.cpu_s;
     let start = Instant::now();
@@ -56,7 +104,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let rate = n as f64 / elapsed.as_secs_f64();
     let cpu_us = (st.cpu_s - cpu0) * 1e6 / n as f64;
     println!(
-        "throughput: {n} trivial tasks, {RUNNERS} lightweight runners x {SLOTS} slots, redb, {} cores: \
+        "throughput: {n} trivial tasks, {RUNNERS} lightweight runners x {SLOTS} slots, {store}, {} cores: \
          {rate:.0} tasks/s submitted and run concurrently (submits done after {:.2} s, all done after {:.2} s); \
          coordinator CPU {cpu_us:.0} us/task, RSS {:.1} MB",
         cores(),
@@ -64,17 +112,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         elapsed.as_secs_f64(),
         st.rss_mb
     );
-    out.push(("throughput_tasks_per_s".into(), rate));
-    out.push((
-        "throughput_submit_runs_per_s".into(),
-        n as f64 / submitted.as_secs_f64(),
-    ));
-    out.push(("throughput_coordinator_cpu_us_per_task".into(), cpu_us));
-    out.push(("throughput_tasks".into(), n as f64));
+    let submit_rate = n as f64 / submitted.as_secs_f64();
     drop(coord);
 
     // 2. Queue first, then let the fleet drain it.
-    let coord = Coordinator::start(&ctx.dir.join("drain"), &[]).await?;
+    let coord = Coordinator::start(&ctx.dir.join("drain"), flags).await?;
     submit_all(&coord, n).await?;
     let cpu0 = proc_stat(coord.pid())?.cpu_s;
     let start = Instant::now();
@@ -83,19 +125,20 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let elapsed = start.elapsed();
     let st = proc_stat(coord.pid())?;
     fleet.stop().await;
-    let rate = n as f64 / elapsed.as_secs_f64();
-    let cpu_us = (st.cpu_s - cpu0) * 1e6 / n as f64;
+    let drain_rate = n as f64 / elapsed.as_secs_f64();
+    let drain_cpu_us = (st.cpu_s - cpu0) * 1e6 / n as f64;
     println!(
-        "throughput: {n} queued trivial tasks drained by {RUNNERS} x {SLOTS}: {rate:.0} tasks/s \
-         in {:.2} s; coordinator CPU {cpu_us:.0} us/task",
+        "throughput: {n} queued trivial tasks drained by {RUNNERS} x {SLOTS}, {store}: {drain_rate:.0} tasks/s \
+         in {:.2} s; coordinator CPU {drain_cpu_us:.0} us/task",
         elapsed.as_secs_f64()
     );
-    out.push(("throughput_drain_tasks_per_s".into(), rate));
-    out.push((
-        "throughput_drain_coordinator_cpu_us_per_task".into(),
+    Ok(Measured {
+        rate,
+        submit_rate,
         cpu_us,
-    ));
-    Ok(out)
+        drain_rate,
+        drain_cpu_us,
+    })
 }
 
 /// Submits `n` single-task runs with `SUBMITTERS` calls in flight.

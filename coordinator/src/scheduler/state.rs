@@ -888,7 +888,10 @@ impl SchedulerState {
     fn offer(&mut self, run_id: &RunId, i: usize, runner: &RunnerId, a: AttemptId, now: Instant) {
         let epoch = self.epoch;
         let offer_timeout = self.timing.offer_timeout;
-        let slot = self.runners.get_mut(runner).expect("offered to a known runner");
+        let slot = self
+            .runners
+            .get_mut(runner)
+            .expect("offered to a known runner");
         slot.active.insert(a.clone());
         let runner_name = slot.record.name.clone();
         let run = self.runs.get_mut(run_id).expect("queued run exists");
@@ -953,7 +956,8 @@ impl SchedulerState {
             .filter(|r| {
                 !r.active.is_empty()
                     && (now.duration_since(r.last_seen) >= lease
-                        || r.detached_at.is_some_and(|d| now.duration_since(d) >= grace))
+                        || r.detached_at
+                            .is_some_and(|d| now.duration_since(d) >= grace))
             })
             .map(|r| (r.record.id.clone(), r.active.iter().cloned().collect()))
             .collect();

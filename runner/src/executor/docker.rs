@@ -520,6 +520,12 @@ impl Executor for DockerExecutor {
                 crate::steps::build::run(self, task, &ctx, build).await
             }
             Some(step::Kind::Push(push)) => crate::steps::push::run(self, task, &ctx, push).await,
+            Some(step::Kind::SetImage(s)) => {
+                crate::steps::git_push::run_set_image(task, &ctx, s).await
+            }
+            Some(step::Kind::GitPush(g)) => {
+                crate::steps::git_push::run_git_push(task, &ctx, g).await
+            }
             _ => Ok(StepEnd::Failed {
                 message: format!(
                     "step kind `{}` is not supported by this runner yet",

@@ -60,6 +60,9 @@ pub struct TaskContext {
     pub rev: String,
     /// What steps produce for the task's report (e.g. `digest` of a push).
     pub outputs: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Settings of the `set-image` and `git-push` steps and the write-back
+    /// a `set-image` leaves for the task's `git-push`.
+    pub gitops: Arc<crate::steps::git_push::GitOps>,
 }
 
 impl TaskContext {
@@ -223,6 +226,7 @@ pub(crate) mod testing {
             repo: String::new(),
             rev: String::new(),
             outputs: Arc::default(),
+            gitops: Arc::default(),
         }
     }
 

@@ -55,6 +55,13 @@ impl Executor for ShellExecutor {
     ) -> Result<StepEnd, ExecutorError> {
         let script = match &ctx.step.kind {
             Some(step::Kind::Run(run)) => run.script.clone(),
+            // Run inside the runner with git2, the same under every executor.
+            Some(step::Kind::SetImage(s)) => {
+                return crate::steps::git_push::run_set_image(task, &ctx, s).await;
+            }
+            Some(step::Kind::GitPush(g)) => {
+                return crate::steps::git_push::run_git_push(task, &ctx, g).await;
+            }
             _ => {
                 return Ok(StepEnd::Failed {
                     message: format!(

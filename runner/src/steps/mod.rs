@@ -1,9 +1,12 @@
 //! Built-in step kinds beyond `run`: [`build`] (an image from a Dockerfile
 //! in the workspace) and [`push`] (to a registry with credentials from a
 //! runner secret), executed by the docker executor; [`set_image`] (a
-//! structured edit of image references in Kubernetes YAML).
+//! structured edit of image references in Kubernetes YAML) and
+//! [`git_push`] (the GitOps write-back: the `set-image` and `git-push` step
+//! kinds, run inside the runner with git2 under every executor but `fake`).
 
 pub mod build;
+pub mod git_push;
 pub mod push;
 pub mod set_image;
 

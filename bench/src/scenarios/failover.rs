@@ -1,0 +1,109 @@
+//! Leader failover: three coordinators on a three-node etcd cluster (the
+//! test harness's `HaCluster`, real processes), one `fake` runner. Each round
+//! kills the leader with SIGKILL and measures the time from the kill to the
+//! first task dispatched after it: a run submitted right after the kill (to
+//! every replica in turn, every 20 ms, until one accepts it) reaching
+//! `running`. The killed replica is restarted before the next round, so
+//! there are always three. Every run of every round must succeed: the report
+//! counts the ones that did not (`failover_runs_lost`, goal 0).
+//! Goal: p50 <= lease TTL + 1 s.
+
+use super::{Ctx, Figures, Skip, cores, summary};
+use capstan_shared::proto::api::v1 as api;
+use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::ha::HaCluster;
+use std::time::{Duration, Instant};
+
+const PIPELINE: &str =
+    "version: 1\nname: failover\ntasks:\n  t:\n    steps: [ { run: \"sleep 300\" } ]\n";
+
+/// Submits through whichever replica accepts, retrying every 20 ms.
+async fn submit_anywhere(c: &HaCluster, deadline: Instant) -> anyhow::Result<String> {
+    loop {
+        for url in c.urls() {
+            let Ok(Ok(mut client)) = tokio::time::timeout(
+                Duration::from_millis(300),
+                api::pipeline_service_client::PipelineServiceClient::connect(url),
+            )
+            .await
+            else {
+                continue;
+            };
+            let req = api::SubmitRunRequest {
+                pipeline_yaml: PIPELINE.into(),
+                file_name: "failover.yaml".into(),
+                ..Default::default()
+            };
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_millis(500), client.submit_run(req)).await
+            {
+                return Ok(r.into_inner().run_id);
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("no replica accepted a run within 30 s of the kill");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+    if std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Err(Skip("etcd is not installed (scripts/testbed up installs it)".into()).into());
+    }
+    let kills = if ctx.quick { 2 } else { 10 };
+    let mut c = HaCluster::start(3, 1, "fake").await?;
+    let ttl_ms = c.election_ttl_ms as f64;
+    let mut runs = Vec::new();
+    let mut took = Vec::new();
+    for round in 0..kills {
+        let (leader, _) = c.wait_leader(Duration::from_secs(30)).await?;
+        let killed = Instant::now();
+        c.kill(leader);
+        let id = submit_anywhere(&c, killed + Duration::from_secs(30)).await?;
+        let id = capstan_shared::ids::RunId::from_string(id);
+        c.wait_run(&id, Duration::from_secs(60), |r| {
+            r.tasks
+                .first()
+                .is_some_and(|t| t.state == TaskState::Running as i32)
+        })
+        .await?;
+        let s = killed.elapsed().as_secs_f64();
+        println!(
+            "failover: round {round}: first task dispatched {s:.2} s after kill -9 of replica {leader}"
+        );
+        took.push(s);
+        runs.push(id);
+        c.start_replica(leader)?;
+    }
+    // Every run must end well: cancel the sleepers and check none was lost.
+    let client = c.client().await?;
+    let mut lost = 0;
+    for id in &runs {
+        let _ = client.cancel_run(id).await;
+        let run = c
+            .wait_done(id, Duration::from_secs(30))
+            .await
+            .unwrap_or_default();
+        if run.state != RunState::Cancelled as i32 {
+            lost += 1;
+        }
+    }
+    let (p50, _, max) = summary(&mut took);
+    println!(
+        "failover: {kills} kills of the leader, lease TTL {:.1} s: first task after p50 {p50:.2} s, max {max:.2} s; runs lost {lost}; {} cores",
+        ttl_ms / 1000.0,
+        cores()
+    );
+    Ok(vec![
+        ("failover_kills".into(), kills as f64),
+        ("failover_lease_ttl_s".into(), ttl_ms / 1000.0),
+        ("failover_first_task_p50_s".into(), p50),
+        ("failover_first_task_max_s".into(), max),
+        ("failover_runs_lost".into(), lost as f64),
+    ])
+}

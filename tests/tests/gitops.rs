@@ -1,0 +1,703 @@
+//! GitOps write-back end to end: `set-image` and `git-push` against a real
+//! git smart-HTTP server with basic auth, the registry with auth and the
+//! Docker Engine of `scripts/testbed up`. Results are checked from outside
+//! Capstan: the registry's HTTP API and the bare repositories on disk.
+//! These tests fail (never skip) when the test bed is missing.
+
+use capstan_shared::proto::api::v1 as api;
+use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::git_server::GitServer;
+use capstan_tests::*;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const GIT_USER: &str = "capstan-bot";
+const GIT_PASSWORD: &str = "gitops-token-5150";
+const BOT: &str = "Capstan Bot <capstan@localhost>";
+
+struct Testbed {
+    registry: String,
+    user: String,
+    password: String,
+    image: String,
+}
+
+fn testbed() -> Testbed {
+    let dir = std::env::var_os("TESTBED_DIR").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/capstan-testbed"),
+        PathBuf::from,
+    );
+    let mut vars: BTreeMap<String, String> = std::fs::read_to_string(dir.join("env"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    vars.extend(std::env::vars().filter(|(k, _)| k.starts_with("CAPSTAN_TEST_")));
+    let get = |k: &str| {
+        vars.get(k).cloned().unwrap_or_else(|| {
+            panic!(
+                "{k} is not set and {}/env has no value: run scripts/testbed up",
+                dir.display()
+            )
+        })
+    };
+    let tb = Testbed {
+        registry: get("CAPSTAN_TEST_REGISTRY"),
+        user: get("CAPSTAN_TEST_REGISTRY_USER"),
+        password: get("CAPSTAN_TEST_REGISTRY_PASSWORD"),
+        image: get("CAPSTAN_TEST_IMAGE"),
+    };
+    let ok = Command::new("docker")
+        .args(["image", "inspect", &tb.image])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "no Docker Engine or no image {}: run scripts/testbed up",
+        tb.image
+    );
+    tb
+}
+
+/// Everything labelled `capstan.test=<id>` goes when dropped.
+struct Cleanup {
+    id: String,
+}
+
+impl Cleanup {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        Self {
+            id: format!("e2e-{name}-{}-{nanos}", std::process::id()),
+        }
+    }
+    fn label(&self) -> String {
+        format!("capstan.test={}", self.id)
+    }
+    fn list(&self, args: &[&str]) -> String {
+        let out = Command::new("docker")
+            .args(args)
+            .args(["--filter", &format!("label={}", self.label()), "-q"])
+            .output()
+            .expect("docker CLI");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let rm = |args: &[&str], ids: String| {
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(args)
+                    .args(ids.split_whitespace())
+                    .output();
+            }
+        };
+        rm(&["rm", "-f", "-v"], self.list(&["ps", "-a"]));
+        rm(&["volume", "rm", "-f"], self.list(&["volume", "ls"]));
+        rm(&["network", "rm"], self.list(&["network", "ls"]));
+    }
+}
+
+/// Removes a local image when dropped (the runner's build leaves it).
+struct ImageCleanup(Vec<String>);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = Command::new("docker")
+                .args(["image", "rm", "-f", image])
+                .output();
+        }
+    }
+}
+
+/// git with a fixed identity and no user or system config.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git (scripts/testbed up installs it)");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Raw bytes of `rev:path` in a bare repository.
+fn show(bare: &Path, rev: &str, path: &str) -> Vec<u8> {
+    let out = Command::new("git")
+        .args(["--git-dir", &bare.display().to_string()])
+        .args(["show", &format!("{rev}:{path}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git show {rev}:{path}: {out:?}");
+    out.stdout
+}
+
+fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/gitops")
+        .join(path)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A work tree pushed to `repo` on the server; returns the work tree path.
+fn seed_repo(server: &GitServer, work: &Path, repo: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    server.create_repo(repo).unwrap();
+    let dir = work.join(format!("seed-{}", repo.replace('/', "-")));
+    std::fs::create_dir_all(&dir).unwrap();
+    git(&dir, &["init", "-q"]);
+    for (path, bytes) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    commit_and_push(server, &dir, repo, "seed");
+    dir
+}
+
+fn commit_and_push(server: &GitServer, dir: &Path, repo: &str, message: &str) -> String {
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", message]);
+    git(
+        dir,
+        &["push", "-q", &server.url_with_auth(repo), "HEAD:main"],
+    );
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+fn bare(server: &GitServer, repo: &str) -> PathBuf {
+    server.root().join(format!("{repo}.git"))
+}
+
+fn head(server: &GitServer, repo: &str) -> String {
+    git(&bare(server, repo), &["rev-parse", "main"])
+}
+
+fn registry_get(tb: &Testbed, path: &str) -> (u16, String) {
+    let auth = base64(format!("{}:{}", tb.user, tb.password).as_bytes());
+    let mut s = std::net::TcpStream::connect(&tb.registry).expect("registry");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Basic {auth}\r\n\
+         Accept: application/vnd.docker.distribution.manifest.v2+json\r\n\r\n",
+        tb.registry
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, resp)
+}
+
+/// Base64 for one basic-auth header (no dependency for a test helper).
+fn base64(data: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(TABLE[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A git server, a secrets file with the registry login and a right and a
+/// wrong git login, and a unique image repository name.
+struct Fixture {
+    tb: Testbed,
+    cleanup: Cleanup,
+    work: tempfile::TempDir,
+    server: GitServer,
+    secrets: String,
+    /// `capstan-e2e/gitops-<test>-<pid>`
+    name: String,
+}
+
+impl Fixture {
+    fn new(test: &str) -> Self {
+        let tb = testbed();
+        let work = tempfile::tempdir().unwrap();
+        let secrets = work.path().join("secrets.toml");
+        std::fs::write(
+            &secrets,
+            format!(
+                "registry = {{ username = \"{}\", password = \"{}\" }}\n\
+                 gitops = {{ username = \"{GIT_USER}\", password = \"{GIT_PASSWORD}\" }}\n\
+                 gitops-wrong = {{ username = \"{GIT_USER}\", password = \"not-the-token\" }}\n",
+                tb.user, tb.password
+            ),
+        )
+        .unwrap();
+        Self {
+            cleanup: Cleanup::new(test),
+            server: GitServer::start(GIT_USER, GIT_PASSWORD).unwrap(),
+            secrets: secrets.display().to_string(),
+            name: format!("capstan-e2e/gitops-{test}-{}", std::process::id()),
+            tb,
+            work,
+        }
+    }
+
+    fn image(&self) -> String {
+        format!("{}/{}", self.tb.registry, self.name)
+    }
+
+    async fn cluster(&self, executor: &str, runners: usize) -> anyhow::Result<TestCluster> {
+        let label = self.cleanup.label();
+        TestCluster::builder()
+            .executor(executor)
+            .runners(runners)
+            .runner_args(&[
+                "--secrets-file",
+                &self.secrets,
+                "--git-credentials",
+                "gitops",
+                "--docker-labels",
+                &label,
+            ])
+            .start()
+            .await
+    }
+
+    /// The sample app of examples/gitops/app as repository `demo/app`;
+    /// returns its work tree and first commit.
+    fn source_repo(&self) -> (PathBuf, String) {
+        let dir = self.work.path().join("app");
+        copy_tree(&example("app"), &dir);
+        self.server.create_repo("demo/app").unwrap();
+        git(&dir, &["init", "-q"]);
+        let sha = commit_and_push(&self.server, &dir, "demo/app", "sample app");
+        (dir, sha)
+    }
+
+    /// examples/gitops/manifests as `demo/manifests`, pointing at `<image>:old`.
+    fn manifests_repo(&self) -> Vec<u8> {
+        let pod = std::fs::read_to_string(example("manifests/k8s/pod.yaml"))
+            .unwrap()
+            .replace(
+                "127.0.0.1:5000/demo/sampleapp:initial",
+                &format!("{}:old", self.image()),
+            );
+        seed_repo(
+            &self.server,
+            self.work.path(),
+            "demo/manifests",
+            &[("k8s/pod.yaml", pod.as_bytes())],
+        );
+        pod.into_bytes()
+    }
+}
+
+async fn submit(
+    c: &TestCluster,
+    yaml: &str,
+    params: &[(&str, &str)],
+    repo: &str,
+    rev: &str,
+) -> anyhow::Result<String> {
+    Ok(c.client()
+        .await?
+        .submit_run(api::SubmitRunRequest {
+            pipeline_yaml: yaml.to_owned(),
+            file_name: "pipeline.yaml".into(),
+            params: params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<HashMap<_, _>>(),
+            repo: repo.to_owned(),
+            rev: rev.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id)
+}
+
+async fn logs(c: &TestCluster, id: &str, tasks: &[&str]) -> String {
+    let mut out = String::new();
+    for t in tasks {
+        let log = c.task_log(id, t).await.unwrap_or_default();
+        out.push_str(&format!("--- {t} ---\n{}", String::from_utf8_lossy(&log)));
+    }
+    out
+}
+
+/// The seed pipeline (examples/gitops/pipeline.yaml) for one commit: unit
+/// test, lint, build and push `<repo>:<sha>`, set the image in the manifests
+/// repository, commit and push as the bot.
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_pipeline_end_to_end() -> anyhow::Result<()> {
+    let f = Fixture::new("seed");
+    let image = f.image();
+    let (_, sha) = f.source_repo();
+    let old_pod = f.manifests_repo();
+    let old_head = head(&f.server, "demo/manifests");
+    let _images = ImageCleanup(vec![format!("{image}:{sha}")]);
+    let c = f.cluster("docker", 1).await?;
+    let pipeline = std::fs::read_to_string(example("pipeline.yaml"))?;
+    let manifests = f.server.url("demo/manifests");
+    let id = submit(
+        &c,
+        &pipeline,
+        &[
+            ("image", &image),
+            ("manifests", &manifests),
+            ("base", &f.tb.image),
+        ],
+        &f.server.url("demo/app"),
+        &sha,
+    )
+    .await?;
+    let run = c.wait_done(&id, Duration::from_secs(120)).await?;
+    let log = logs(&c, &id, &["unit-test", "lint", "image", "deploy"]).await;
+    assert_eq!(
+        run_state(&run),
+        RunState::Succeeded,
+        "{run:#?}\n{log}\n{}",
+        c.all_logs()
+    );
+    assert!(log.contains("ok   greets by name"), "{log}");
+    assert!(log.contains("lint: clean"), "{log}");
+
+    // The registry has <repo>:<sha>.
+    let (code, resp) = registry_get(&f.tb, &format!("/v2/{}/manifests/{sha}", f.name));
+    assert_eq!(code, 200, "{resp}");
+
+    // The manifests repository's new head changes exactly the image line.
+    let new_head = head(&f.server, "demo/manifests");
+    assert_ne!(new_head, old_head, "{log}");
+    let manifests_bare = bare(&f.server, "demo/manifests");
+    assert_eq!(
+        git(&manifests_bare, &["rev-parse", &format!("{new_head}^")]),
+        old_head
+    );
+    assert_eq!(
+        git(
+            &manifests_bare,
+            &["diff", "--name-only", &old_head, &new_head]
+        ),
+        "k8s/pod.yaml"
+    );
+    let old_text = String::from_utf8(old_pod)?;
+    let old_ref = format!("{image}:old");
+    assert_eq!(old_text.matches(&old_ref).count(), 1);
+    let expected = old_text.replace(&old_ref, &format!("{image}:{sha}"));
+    let new_pod = show(&manifests_bare, &new_head, "k8s/pod.yaml");
+    assert_eq!(String::from_utf8(new_pod)?, expected);
+    assert_eq!(
+        git(
+            &manifests_bare,
+            &["log", "-1", "--format=%an <%ae>|%cn <%ce>|%s"]
+        ),
+        format!("{BOT}|{BOT}|deploy sampleapp {sha}")
+    );
+
+    // The pushed commit is on the task.
+    let outputs = &task(&run, "deploy").outputs;
+    assert_eq!(outputs.get("commit"), Some(&new_head), "{outputs:?}");
+    assert_eq!(outputs.get("repo"), Some(&manifests), "{outputs:?}");
+    assert!(
+        log.contains(&format!(
+            "image: {image}:old # bumped by CI -> image: {image}:{sha} # bumped by CI"
+        )),
+        "{log}"
+    );
+    // The git password never reaches the logs.
+    assert!(!log.contains(GIT_PASSWORD), "{log}");
+    Ok(())
+}
+
+/// A failing unit test stops the pipeline before any image or commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_unit_test_makes_no_image_and_no_commit() -> anyhow::Result<()> {
+    let f = Fixture::new("failing");
+    let image = f.image();
+    let (dir, _) = f.source_repo();
+    let app = std::fs::read_to_string(dir.join("app.sh"))?;
+    std::fs::write(
+        dir.join("app.sh"),
+        app.replace("'hello, %s\\n'", "'hi, %s\\n'"),
+    )?;
+    let sha = commit_and_push(&f.server, &dir, "demo/app", "break the greeting");
+    f.manifests_repo();
+    let old_head = head(&f.server, "demo/manifests");
+    let _images = ImageCleanup(vec![format!("{image}:{sha}")]);
+    let c = f.cluster("docker", 1).await?;
+    let pipeline = std::fs::read_to_string(example("pipeline.yaml"))?;
+    let id = submit(
+        &c,
+        &pipeline,
+        &[
+            ("image", &image),
+            ("manifests", &f.server.url("demo/manifests")),
+            ("base", &f.tb.image),
+        ],
+        &f.server.url("demo/app"),
+        &sha,
+    )
+    .await?;
+    let run = c.wait_done(&id, Duration::from_secs(120)).await?;
+    let log = logs(&c, &id, &["unit-test"]).await;
+    assert_eq!(run_state(&run), RunState::Failed, "{run:#?}\n{log}");
+    assert_eq!(task_state(&run, "unit-test"), TaskState::Failed, "{log}");
+    assert!(log.contains("FAIL greets by name"), "{log}");
+    assert_eq!(task_state(&run, "image"), TaskState::Skipped);
+    assert_eq!(task_state(&run, "deploy"), TaskState::Skipped);
+    let (code, resp) = registry_get(&f.tb, &format!("/v2/{}/manifests/{sha}", f.name));
+    assert_eq!(code, 404, "{resp}");
+    assert_eq!(head(&f.server, "demo/manifests"), old_head);
+    Ok(())
+}
+
+const BUMP: &str = r#"
+version: 1
+name: bump
+params:
+  manifests: unset
+  image: unset
+  file: unset
+  base: unset
+  credentials: gitops
+tasks:
+  deploy:
+    image: ${{ params.base }}
+    steps:
+      - set-image: { repo: "${{ params.manifests }}", files: ["${{ params.file }}"], image: "${{ params.image }}" }
+      - run: sleep 2
+      - git-push: { message: "bump ${{ params.file }} to ${{ params.image }}", credentials: "${{ params.credentials }}" }
+"#;
+
+fn pod(image: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\nspec:\n  containers:\n    - name: x\n      image: {image}:old # pinned\n"
+    )
+}
+
+/// Two runs on two runners clone the same manifests repository, edit
+/// different files and push at about the same time (each waits 2 s between
+/// its edit and its push): the second push is rejected, fetched, re-applied
+/// and pushed; both commits land, one after the other, nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_pushes_both_land_in_order() -> anyhow::Result<()> {
+    let f = Fixture::new("race");
+    let image = f.image();
+    let (a, b) = (pod(&image), pod(&image));
+    seed_repo(
+        &f.server,
+        f.work.path(),
+        "demo/manifests",
+        &[("k8s/a.yaml", a.as_bytes()), ("k8s/b.yaml", b.as_bytes())],
+    );
+    let seed = head(&f.server, "demo/manifests");
+    let c = f.cluster("docker", 2).await?;
+    c.wait_runners_connected(2, Duration::from_secs(20)).await?;
+    let manifests = f.server.url("demo/manifests");
+    let mut ids = Vec::new();
+    for file in ["a", "b"] {
+        let id = submit(
+            &c,
+            BUMP,
+            &[
+                ("manifests", &manifests),
+                ("file", &format!("k8s/{file}.yaml")),
+                ("image", &format!("{image}:{file}")),
+                ("base", &f.tb.image),
+            ],
+            "",
+            "",
+        )
+        .await?;
+        ids.push(id);
+    }
+    let mut runs = Vec::new();
+    let mut all = String::new();
+    for id in &ids {
+        let run = c.wait_done(id, Duration::from_secs(60)).await?;
+        let log = logs(&c, id, &["deploy"]).await;
+        assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+        all.push_str(&log);
+        runs.push(run);
+    }
+    let bare = bare(&f.server, "demo/manifests");
+    // Both commits, one on top of the other, on top of the seed.
+    let history = git(&bare, &["log", "--format=%H %s", "main"]);
+    let lines: Vec<&str> = history.lines().collect();
+    assert_eq!(lines.len(), 3, "{history}\n{all}");
+    assert!(lines[2].starts_with(&seed), "{history}");
+    let commits: Vec<&str> = runs
+        .iter()
+        .map(|r| task(r, "deploy").outputs["commit"].as_str())
+        .collect();
+    let mut landed: Vec<&str> = lines[..2]
+        .iter()
+        .map(|l| l.split_once(' ').unwrap().0)
+        .collect();
+    landed.sort_unstable();
+    let mut reported = commits.clone();
+    reported.sort_unstable();
+    assert_eq!(landed, reported, "{history}");
+    // No lost update: both edits are in the final tree.
+    assert_eq!(
+        String::from_utf8(show(&bare, "main", "k8s/a.yaml"))?,
+        a.replace(":old", ":a")
+    );
+    assert_eq!(
+        String::from_utf8(show(&bare, "main", "k8s/b.yaml"))?,
+        b.replace(":old", ":b")
+    );
+    // They really raced: the later one re-applied its edit on the new head.
+    assert!(all.contains("re-applying the edit"), "{all}");
+    Ok(())
+}
+
+/// The manifests live in the source repository (`repo: ${{ git.repo }}`),
+/// shell executor: a push with the right token lands on `main`; one with a
+/// wrong token fails the task with a clear error and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_repo_write_back_and_rejected_push() -> anyhow::Result<()> {
+    let f = Fixture::new("mono");
+    let image = f.image();
+    let pod_text = pod(&image);
+    let dir = seed_repo(
+        &f.server,
+        f.work.path(),
+        "demo/mono",
+        &[
+            ("k8s/pod.yaml", pod_text.as_bytes()),
+            ("README", b"app and manifests\n"),
+        ],
+    );
+    let sha = git(&dir, &["rev-parse", "HEAD"]);
+    let url = f.server.url("demo/mono");
+    let c = f.cluster("shell", 1).await?;
+    let yaml = BUMP
+        .replace("      - run: sleep 2\n", "")
+        .replace("${{ params.manifests }}", "${{ git.repo }}");
+    let run_with = |image: String, credentials: &'static str| {
+        let (c, yaml, url, sha) = (&c, &yaml, &url, &sha);
+        async move {
+            let params = [
+                ("file", "k8s/pod.yaml"),
+                ("image", image.as_str()),
+                ("credentials", credentials),
+            ];
+            let id = submit(c, yaml, &params, url, sha).await?;
+            let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+            let log = logs(c, &id, &["deploy"]).await;
+            anyhow::Ok((run, log))
+        }
+    };
+
+    let (run, log) = run_with(format!("{image}:v1"), "gitops").await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+    assert!(log.contains("editing the run's checkout"), "{log}");
+    let new_head = head(&f.server, "demo/mono");
+    assert_eq!(
+        git(&bare(&f.server, "demo/mono"), &["rev-parse", "main^"]),
+        sha
+    );
+    assert_eq!(task(&run, "deploy").outputs.get("commit"), Some(&new_head));
+    assert_eq!(
+        String::from_utf8(show(&bare(&f.server, "demo/mono"), "main", "k8s/pod.yaml"))?,
+        pod_text.replace(":old", ":v1")
+    );
+
+    let (run, log) = run_with(format!("{image}:v2"), "gitops-wrong").await?;
+    assert_eq!(run_state(&run), RunState::Failed, "{run:#?}\n{log}");
+    let expected = format!(
+        "git push to {url} rejected: authentication failed; check the secret `gitops-wrong`"
+    );
+    let message = &task(&run, "deploy").message;
+    assert!(message.contains(&expected), "{message}\n{log}");
+    assert!(log.contains(&expected), "{log}");
+    assert!(!log.contains("not-the-token"), "{log}");
+    assert_eq!(head(&f.server, "demo/mono"), new_head, "nothing was pushed");
+    Ok(())
+}
+
+/// A second run with the image the manifests already hold makes no commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn already_up_to_date_makes_no_commit() -> anyhow::Result<()> {
+    let f = Fixture::new("uptodate");
+    let image = f.image();
+    seed_repo(
+        &f.server,
+        f.work.path(),
+        "demo/manifests",
+        &[("k8s/pod.yaml", pod(&image).as_bytes())],
+    );
+    let c = f.cluster("shell", 1).await?;
+    let yaml = BUMP.replace("      - run: sleep 2\n", "");
+    let manifests = f.server.url("demo/manifests");
+    let new_image = format!("{image}:v1");
+    let params = [
+        ("manifests", manifests.as_str()),
+        ("file", "k8s/pod.yaml"),
+        ("image", new_image.as_str()),
+        ("base", f.tb.image.as_str()),
+    ];
+    let mut heads = Vec::new();
+    let mut last_log = String::new();
+    for _ in 0..2 {
+        let id = submit(&c, &yaml, &params, "", "").await?;
+        let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+        let log = logs(&c, &id, &["deploy"]).await;
+        assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+        let h = head(&f.server, "demo/manifests");
+        assert_eq!(
+            task(&run, "deploy").outputs.get("commit"),
+            Some(&h),
+            "{log}"
+        );
+        heads.push(h);
+        last_log = log;
+    }
+    assert_eq!(heads[0], heads[1], "{last_log}");
+    assert!(last_log.contains("already up to date"), "{last_log}");
+    let count = git(
+        &bare(&f.server, "demo/manifests"),
+        &["rev-list", "--count", "main"],
+    );
+    assert_eq!(count, "2", "seed plus one commit");
+    Ok(())
+}
