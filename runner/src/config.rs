@@ -105,6 +105,15 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub docker_cap_add: Option<Vec<String>>,
+    /// Capabilities a pipeline may ask for with a task's `capabilities:`
+    /// (none by default: a task asking for another one fails), e.g. `NET_ADMIN`.
+    #[arg(
+        long,
+        env = "CAPSTAN_DOCKER_ALLOW_CAP",
+        value_name = "CAP[,CAP]",
+        value_delimiter = ','
+    )]
+    pub docker_allow_cap: Option<Vec<String>>,
     /// Image of the never-started container that copies the workspace in and
     /// out of its volume when a task has no image [default: capstan-test/busybox:1].
     #[arg(long, env = "CAPSTAN_DOCKER_HELPER_IMAGE", value_name = "IMAGE")]
@@ -132,6 +141,7 @@ pub struct FileConfig {
     pub docker_memory: Option<String>,
     pub docker_cpus: Option<f64>,
     pub docker_cap_add: Option<Vec<String>>,
+    pub docker_allow_cap: Option<Vec<String>>,
     pub docker_helper_image: Option<String>,
     pub docker_labels: Option<LabelsValue>,
 }
@@ -322,14 +332,8 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
         network,
         memory_bytes,
         cpus,
-        cap_add: args
-            .docker_cap_add
-            .or(file.docker_cap_add)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.trim().to_ascii_uppercase())
-            .filter(|c| !c.is_empty())
-            .collect(),
+        cap_add: cap_names(args.docker_cap_add.or(file.docker_cap_add)),
+        allow_cap: cap_names(args.docker_allow_cap.or(file.docker_allow_cap)),
         helper_image: args
             .docker_helper_image
             .or(file.docker_helper_image)
@@ -359,6 +363,16 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
             .or(file.work_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
     })
+}
+
+/// Capability names as Docker takes them: upper case, no `CAP_` prefix.
+fn cap_names(list: Option<Vec<String>>) -> Vec<String> {
+    list.unwrap_or_default()
+        .into_iter()
+        .map(|c| c.trim().to_ascii_uppercase())
+        .map(|c| c.strip_prefix("CAP_").map(str::to_owned).unwrap_or(c))
+        .filter(|c| !c.is_empty())
+        .collect()
 }
 
 #[cfg(test)]

@@ -99,6 +99,8 @@ pub struct DockerSettings {
     pub memory_bytes: Option<i64>,
     pub cpus: Option<f64>,
     pub cap_add: Vec<String>,
+    /// Capabilities a task may ask for in its pipeline.
+    pub allow_cap: Vec<String>,
     pub helper_image: String,
     pub labels: BTreeMap<String, String>,
 }
@@ -110,6 +112,7 @@ impl Default for DockerSettings {
             memory_bytes: None,
             cpus: None,
             cap_add: Vec::new(),
+            allow_cap: Vec::new(),
             helper_image: executor::docker::DEFAULT_HELPER_IMAGE.into(),
             labels: BTreeMap::new(),
         }
@@ -197,6 +200,7 @@ pub async fn docker_executor(
     options.memory_bytes = config.docker.memory_bytes;
     options.cpus = config.docker.cpus;
     options.cap_add = config.docker.cap_add.clone();
+    options.allow_cap = config.docker.allow_cap.clone();
     options.helper_image = config.docker.helper_image.clone();
     options.extra_labels = config.docker.labels.clone();
     let executor = executor::docker::DockerExecutor::connect(options, secrets).await?;

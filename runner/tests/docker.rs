@@ -342,6 +342,42 @@ async fn configured_capability_is_the_only_one() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn pipeline_capabilities_and_resources_within_what_the_runner_allows() {
+    // CAP_CHOWN is bit 0, CAP_NET_BIND_SERVICE bit 10.
+    let f = fixture("task-caps", |o| {
+        o.cap_add = vec!["CHOWN".into()];
+        o.allow_cap = vec!["NET_BIND_SERVICE".into()];
+        o.memory_bytes = Some(256 << 20);
+    })
+    .await;
+    let mut task = f.task(vec![run(
+        "grep CapEff /proc/self/status; cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+    )]);
+    task.task.capabilities = vec!["NET_BIND_SERVICE".into()];
+    task.task.memory_bytes = 64 << 20;
+    f.ex.setup_task(&task).await.unwrap();
+    let (end, text) = f.step(&task, 0, CancellationToken::new(), None).await;
+    assert_eq!(end, StepEnd::Exited(0), "{text}");
+    assert!(text.contains("CapEff:\t0000000000000401"), "{text}");
+    assert!(
+        text.contains(&(64u64 << 20).to_string()),
+        "the task's memory limit wins: {text}"
+    );
+    // A capability the runner does not allow fails the step, clearly.
+    task.task.capabilities = vec!["NET_ADMIN".into()];
+    let (end, _) = f.step(&task, 0, CancellationToken::new(), None).await;
+    let StepEnd::Failed { message } = end else {
+        panic!("expected a refusal, got {end:?}")
+    };
+    assert!(
+        message.contains("NET_ADMIN") && message.contains("--docker-allow-cap"),
+        "{message}"
+    );
+    f.ex.destroy_task(&task).await.unwrap();
+    f.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn internal_network_has_no_route_out() {
     let f = fixture("internal", |o| o.network = NetworkSetting::Internal).await;
     let task = f.task(vec![run("ls /sys/class/net; cat /proc/net/route")]);

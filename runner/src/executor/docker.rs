@@ -94,6 +94,13 @@ impl std::str::FromStr for NetworkSetting {
     }
 }
 
+/// What one task's step containers get.
+struct StepLimits {
+    cap_add: Vec<String>,
+    memory_bytes: Option<i64>,
+    cpus: Option<f64>,
+}
+
 /// How the docker executor isolates and limits steps.
 #[derive(Clone, Debug)]
 pub struct DockerOptions {
@@ -108,6 +115,8 @@ pub struct DockerOptions {
     pub cpus: Option<f64>,
     /// Capabilities steps keep; every other one is dropped.
     pub cap_add: Vec<String>,
+    /// Capabilities a task may add with its pipeline's `capabilities:`.
+    pub allow_cap: Vec<String>,
     /// Image of the never-started container that copies files in and out of
     /// the workspace volume when the task has no image of its own.
     pub helper_image: String,
@@ -127,6 +136,7 @@ impl DockerOptions {
             memory_bytes: None,
             cpus: None,
             cap_add: Vec::new(),
+            allow_cap: Vec::new(),
             helper_image: DEFAULT_HELPER_IMAGE.to_owned(),
             extra_labels: BTreeMap::new(),
             host: None,
@@ -337,6 +347,34 @@ impl DockerExecutor {
             .map_err(|e| setup_error("copying the checkout into the workspace volume", e))
     }
 
+    /// The limits of the task's step containers: the runner's defaults,
+    /// overridden by the task's `resources`, and the runner's capabilities
+    /// plus those the task asks for, each of which the runner must allow.
+    fn limits(&self, task: &TaskContext) -> Result<StepLimits, String> {
+        let o = &self.options;
+        let mut cap_add = o.cap_add.clone();
+        for cap in &task.task.capabilities {
+            if !o.allow_cap.contains(cap) {
+                return Err(format!(
+                    "task `{}` asks for capability {cap}, which runner `{}` does not allow \
+                     (its operator can allow it with --docker-allow-cap {cap})",
+                    task.task_name, o.runner_name
+                ));
+            }
+            if !cap_add.contains(cap) {
+                cap_add.push(cap.clone());
+            }
+        }
+        Ok(StepLimits {
+            cap_add,
+            memory_bytes: match task.task.memory_bytes {
+                0 => o.memory_bytes,
+                n => i64::try_from(n).ok(),
+            },
+            cpus: (task.task.cpus > 0.0).then_some(task.task.cpus).or(o.cpus),
+        })
+    }
+
     async fn run_container(
         &self,
         task: &TaskContext,
@@ -355,7 +393,10 @@ impl DockerExecutor {
         let name = step_container_name(task, index);
         let mut env = step_env(task, ctx.step);
         env.insert("CAPSTAN_WORKSPACE".into(), WORKSPACE.into());
-        let cap_add = &self.options.cap_add;
+        let limits = match self.limits(task) {
+            Ok(l) => l,
+            Err(message) => return Ok(StepEnd::Failed { message }),
+        };
         let body = ContainerCreateBody {
             image: Some(image.to_owned()),
             entrypoint: Some(vec!["/bin/sh".into(), "-ec".into()]),
@@ -371,13 +412,13 @@ impl DockerExecutor {
                 init: Some(true),
                 privileged: Some(false),
                 cap_drop: Some(vec!["ALL".into()]),
-                cap_add: (!cap_add.is_empty()).then(|| cap_add.clone()),
+                cap_add: (!limits.cap_add.is_empty()).then(|| limits.cap_add.clone()),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 mounts: Some(vec![Self::workspace_mount(task)]),
                 network_mode: Some(self.network_mode(task)),
-                memory: self.options.memory_bytes,
-                memory_swap: self.options.memory_bytes,
-                nano_cpus: self.options.cpus.map(|c| (c * 1e9) as i64),
+                memory: limits.memory_bytes,
+                memory_swap: limits.memory_bytes,
+                nano_cpus: limits.cpus.map(|c| (c * 1e9) as i64),
                 ..HostConfig::default()
             }),
             ..ContainerCreateBody::default()

@@ -46,7 +46,7 @@ pub use error::{ValidationError, ValidationErrors};
 pub use model::{Pipeline, SourceMap, StepDef, StepKind, TaskDef};
 pub use parse::{
     MAX_NAME_LEN, MAX_RETRIES, MAX_TIMEOUT, is_env_name, is_param_name, is_pipeline_name,
-    is_task_name, parse, parse_timeout,
+    is_task_name, parse, parse_memory, parse_timeout,
 };
 pub use substitute::{Context, resolve};
 
@@ -76,6 +76,9 @@ impl From<&TaskDef> for pb::TaskSpec {
                 .collect(),
             timeout_seconds: seconds(task.timeout),
             runs_on: task.runs_on.clone().into_iter().collect(),
+            capabilities: task.capabilities.clone(),
+            cpus: task.cpus.unwrap_or_default(),
+            memory_bytes: task.memory_bytes.unwrap_or_default(),
         }
     }
 }

@@ -37,6 +37,16 @@ pub struct TaskDef {
     pub timeout: Option<Duration>,
     /// How many times a script failure is retried (0..=10).
     pub retries: u32,
+    /// Linux capabilities the task's containers ask for (upper case, no
+    /// `CAP_` prefix); a runner grants only those its operator allows.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// CPU limit of each step container (docker executor); runner default if None.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory limit of each step container in bytes; runner default if None.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
     pub steps: Vec<StepDef>,
 }
 

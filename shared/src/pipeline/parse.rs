@@ -18,8 +18,17 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 const TOP_KEYS: &[&str] = &["version", "name", "params", "tasks"];
 const TASK_KEYS: &[&str] = &[
-    "image", "runs-on", "env", "needs", "timeout", "retries", "steps",
+    "image",
+    "runs-on",
+    "env",
+    "needs",
+    "timeout",
+    "retries",
+    "capabilities",
+    "resources",
+    "steps",
 ];
+const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
 const STEP_KINDS: &[&str] = &["run", "build", "push", "set-image", "git-push"];
 const STEP_KEYS: &[&str] = &[
     "run",
@@ -526,11 +535,96 @@ impl Parser<'_> {
                 _ => self.err(v.pos, format!("`retries` of {what} must be a whole number between 0 and {MAX_RETRIES}, found {}", v.kind())),
             }
         }
+        if let Some(v) = f.get("capabilities") {
+            task.capabilities = self.capabilities(v, &what);
+        }
+        if let Some(v) = f.get("resources") {
+            (task.cpus, task.memory_bytes) = self.resources(v, &what);
+        }
         match f.get("steps") {
             None => self.missing(key_pos, "steps", &what),
             Some(v) => task.steps = self.steps(v, &what, &base),
         }
         (task, needs)
+    }
+
+    /// `capabilities: [NET_ADMIN, chown]`: names normalised to upper case
+    /// without a `CAP_` prefix.
+    fn capabilities(&mut self, node: &Node, what: &str) -> Vec<String> {
+        let what = format!("`capabilities` of {what}");
+        let Value::Seq(items) = &node.value else {
+            if !node.is_null() {
+                self.err(
+                    node.pos,
+                    format!(
+                        "{what} must be a list such as [NET_BIND_SERVICE], found {}",
+                        node.kind()
+                    ),
+                );
+            }
+            return Vec::new();
+        };
+        let mut out: Vec<String> = Vec::new();
+        for item in items {
+            let Value::Str(s) = &item.value else {
+                self.err(
+                    item.pos,
+                    format!(
+                        "each entry of {what} must be a capability name, found {}",
+                        item.kind()
+                    ),
+                );
+                continue;
+            };
+            let upper = s.trim().to_ascii_uppercase();
+            let name = upper.strip_prefix("CAP_").unwrap_or(&upper).to_string();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            {
+                self.err(item.pos, format!("bad capability `{s}` in {what}: use a Linux capability name such as NET_BIND_SERVICE"));
+            } else if name == "ALL" || name == "SYS_ADMIN" {
+                self.err(item.pos, format!("{what} may not ask for `{name}`: it amounts to a privileged container, which Capstan never runs"));
+            } else if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// `resources: { cpus: 1.5, memory: 512m }`.
+    fn resources(&mut self, node: &Node, what: &str) -> (Option<f64>, Option<u64>) {
+        let what = format!("`resources` of {what}");
+        let Some(f) = self.fields(node, &what, RESOURCE_KEYS) else {
+            return (None, None);
+        };
+        let cpus = f.get("cpus").and_then(|v| match &v.value {
+            Value::Int(n) if *n > 0 && *n <= 1024 => Some(*n as f64),
+            Value::Float(x) if *x > 0.0 && *x <= 1024.0 => Some(*x),
+            _ => {
+                self.err(
+                    v.pos,
+                    format!("`cpus` in {what} must be a positive number such as 1.5"),
+                );
+                None
+            }
+        });
+        let memory = f.get("memory").and_then(|v| {
+            let text = match &v.value {
+                Value::Int(n) => n.to_string(),
+                Value::Str(s) => s.clone(),
+                _ => String::new(),
+            };
+            match parse_memory(&text) {
+                Some(bytes) if bytes >= 4 * 1024 * 1024 => Some(bytes),
+                _ => {
+                    self.err(v.pos, format!("`memory` in {what} must be a size of at least 4m such as 512m or 2g (bytes, or a number with k, m or g)"));
+                    None
+                }
+            }
+        });
+        (cpus, memory)
     }
 
     fn runs_on(&mut self, node: &Node, what: &str) -> BTreeMap<String, String> {
@@ -851,4 +945,18 @@ impl Parser<'_> {
         }
         ok.then_some(out)
     }
+}
+
+/// A memory size: bytes, or a number with `k`, `m` or `g` (powers of 1024).
+pub fn parse_memory(text: &str) -> Option<u64> {
+    let t = text.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.char_indices().last()? {
+        (i, 'k') => (&t[..i], 1u64 << 10),
+        (i, 'm') => (&t[..i], 1 << 20),
+        (i, 'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    (n.is_finite() && n > 0.0).then(|| (n * mult as f64) as u64)
 }

@@ -76,6 +76,9 @@ fn expected_full() -> Pipeline {
                 needs: vec![s("other-task")],
                 timeout: Some(Duration::from_secs(600)),
                 retries: 2,
+                capabilities: vec![],
+                cpus: None,
+                memory_bytes: None,
                 steps: vec![
                     StepDef {
                         name: Some(s("test")),
@@ -1228,4 +1231,41 @@ fn task_spec_conversion() {
             credentials: s("")
         }))
     );
+}
+
+#[test]
+fn capabilities_and_resources() {
+    let p = parse(
+        "c.yaml",
+        "version: 1\nname: c\ntasks:\n  t:\n    capabilities: [net_bind_service, CAP_CHOWN, CHOWN]\n    resources: { cpus: 1.5, memory: 512m }\n    steps: [ { run: x } ]\n",
+    )
+    .unwrap();
+    let t = &p.tasks[0];
+    assert_eq!(t.capabilities, vec![s("NET_BIND_SERVICE"), s("CHOWN")]);
+    assert_eq!(t.cpus, Some(1.5));
+    assert_eq!(t.memory_bytes, Some(512 * 1024 * 1024));
+    let spec = crate::proto::pipeline::v1::TaskSpec::from(t);
+    assert_eq!(spec.capabilities, vec![s("NET_BIND_SERVICE"), s("CHOWN")]);
+    assert_eq!(spec.memory_bytes, 512 * 1024 * 1024);
+
+    let errs = parse(
+        "c.yaml",
+        "version: 1\nname: c\ntasks:\n  t:\n    capabilities: [ALL, \"bad cap\"]\n    resources: { cpus: -1, memory: 1k, disk: 3 }\n    steps: [ { run: x } ]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errs.contains("c.yaml:5:20: `capabilities` of task `t` may not ask for `ALL`"),
+        "{errs}"
+    );
+    assert!(
+        errs.contains("c.yaml:5:25: bad capability `bad cap`"),
+        "{errs}"
+    );
+    assert!(errs.contains("c.yaml:6:24: `cpus`"), "{errs}");
+    assert!(errs.contains("c.yaml:6:36: `memory`"), "{errs}");
+    assert!(errs.contains("disk"), "{errs}");
+    assert_eq!(crate::pipeline::parse_memory("2g"), Some(2 << 30));
+    assert_eq!(crate::pipeline::parse_memory("100"), Some(100));
+    assert_eq!(crate::pipeline::parse_memory("lots"), None);
 }
