@@ -958,5 +958,5 @@ pub fn parse_memory(text: &str) -> Option<u64> {
         _ => (t, 1),
     };
     let n: f64 = num.trim().parse().ok()?;
-    (n.is_finite() && n > 0.0).then(|| (n * mult as f64) as u64)
+    (n.is_finite() && n > 0.0).then_some((n * mult as f64) as u64)
 }
