@@ -649,6 +649,87 @@ async fn push_errors_are_clear() {
     assert!(message(5).contains("unreachable"), "{}", message(5));
 }
 
+/// A registry (Debian's docker-registry, as in the test bed) in read-only
+/// maintenance mode: it answers, and refuses every push.
+struct ReadOnlyRegistry {
+    addr: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl ReadOnlyRegistry {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}, maintenance: {{readonly: {{enabled: true}}}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed by scripts/testbed up");
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ReadOnlyRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_rejected_by_the_registry_is_clear() {
+    let registry = ReadOnlyRegistry::start();
+    let f = fixture("push-rejected", |_| {}).await;
+    let image = format!("{}/capstan-tests/readonly-{}:v1", registry.addr, unique());
+    write_app(
+        &f.dir.path().join("workspace"),
+        &format!("FROM {}\n", f.tb.image),
+    );
+    let task = f.task(vec![build(&image, "Dockerfile"), push(&image, "")]);
+    f.ex.setup_task(&task).await.unwrap();
+    let built = f.step(&task, 0, CancellationToken::new(), None).await;
+    let pushed = f.step(&task, 1, CancellationToken::new(), None).await;
+    f.ex.destroy_task(&task).await.unwrap();
+    f.assert_nothing_left();
+    remove_image(&image);
+    assert_eq!(built.0, StepEnd::Exited(0), "{}", built.1);
+    let StepEnd::Failed { message } = &pushed.0 else {
+        panic!("the push should fail: {:?} {}", pushed.0, pushed.1)
+    };
+    assert!(
+        message.contains(&registry.addr) && message.contains("rejected"),
+        "{message}\n{}",
+        pushed.1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn build_failures_are_clear() {
     let f = fixture("build-errors", |_| {}).await;
