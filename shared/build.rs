@@ -8,7 +8,11 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep the vendored crate linked so cargo always unpacks it.
     let _ = protoc_bin_vendored::protoc_bin_path;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time, not baked in with env!(): the target dir is shared
+    // between clones (CI reuses the developers' cache), and a build script
+    // compiled for another clone must still find this clone's protos.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = std::path::Path::new(&manifest_dir).join("../proto");
     let files = [
         "capstan/pipeline/v1/pipeline.proto",
         "capstan/runner/v1/runner.proto",
@@ -16,8 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "capstan/cluster/v1/cluster.proto",
     ];
     let paths: Vec<_> = files.iter().map(|f| root.join(f)).collect();
-    for p in &paths {
-        println!("cargo:rerun-if-changed={}", p.display());
+    for f in &files {
+        // Relative to the package root, so the fingerprint follows the clone.
+        println!("cargo:rerun-if-changed=../proto/{f}");
     }
     tonic_prost_build::configure()
         .bytes(".capstan.runner.v1.LogChunk.data")

@@ -120,6 +120,27 @@ const ROWS: &[Row] = &[
         peer: None,
     },
     Row {
+        what: "leader failover: kill -9 -> first task dispatched, p50 (lease TTL 3 s)",
+        key: "failover_first_task_p50_s",
+        unit: "s",
+        goal: Goal::AtMost(4.0),
+        peer: None,
+    },
+    Row {
+        what: "leader failover: max over the kills",
+        key: "failover_first_task_max_s",
+        unit: "s",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
+        what: "leader failover: runs lost",
+        key: "failover_runs_lost",
+        unit: "runs",
+        goal: Goal::AtMost(0.0),
+        peer: None,
+    },
+    Row {
         what: "container step overhead p50 (vs bare `docker run`)",
         key: "container_overhead_p50_ms",
         unit: "ms",

@@ -4,8 +4,9 @@
 //! first task dispatched after it: a run submitted right after the kill (to
 //! every replica in turn, every 20 ms, until one accepts it) reaching
 //! `running`. The killed replica is restarted before the next round, so
-//! there are always three. Every run of every round must succeed: the report
-//! counts the ones that did not (`failover_runs_lost`, goal 0).
+//! there are always three. Every run of every round must succeed (each task
+//! sleeps 2 s, so later kills hit runs still in flight): the report counts
+//! the ones that did not (`failover_runs_lost`, goal 0).
 //! Goal: p50 <= lease TTL + 1 s.
 
 use super::{Ctx, Figures, Skip, cores, summary};
@@ -14,8 +15,9 @@ use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::ha::HaCluster;
 use std::time::{Duration, Instant};
 
+/// One task of the fake executor sleeping 2 s (its `sleep` takes milliseconds).
 const PIPELINE: &str =
-    "version: 1\nname: failover\ntasks:\n  t:\n    steps: [ { run: \"sleep 300\" } ]\n";
+    "version: 1\nname: failover\ntasks:\n  t:\n    steps: [ { run: \"sleep 2000\" } ]\n";
 
 /// Submits through whichever replica accepts, retrying every 20 ms.
 async fn submit_anywhere(c: &HaCluster, deadline: Instant) -> anyhow::Result<String> {
@@ -80,16 +82,18 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         runs.push(id);
         c.start_replica(leader)?;
     }
-    // Every run must end well: cancel the sleepers and check none was lost.
-    let client = c.client().await?;
+    // Every run must succeed, whatever leader it started under.
     let mut lost = 0;
     for id in &runs {
-        let _ = client.cancel_run(id).await;
         let run = c
-            .wait_done(id, Duration::from_secs(30))
+            .wait_done(id, Duration::from_secs(60))
             .await
             .unwrap_or_default();
-        if run.state != RunState::Cancelled as i32 {
+        if run.state != RunState::Succeeded as i32 {
+            println!(
+                "failover: run {id} ended {:?}",
+                RunState::try_from(run.state)
+            );
             lost += 1;
         }
     }
