@@ -123,6 +123,8 @@ pub struct Pending {
 pub struct PendingEdit {
     pub files: Vec<String>,
     pub image: String,
+    /// No matching reference is not an error (`allow-no-match: true`).
+    pub allow_no_match: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -402,6 +404,7 @@ fn set_image_blocking(
     let edit = PendingEdit {
         files: step.files.clone(),
         image: step.image.clone(),
+        allow_no_match: step.allow_no_match,
     };
     log.push_str(&apply_edit(&pending.dir, &edit)?);
     pending.edits.push(edit);
@@ -418,7 +421,7 @@ fn apply_edit(dir: &Path, edit: &PendingEdit) -> Result<String, GitOpsError> {
     // Only for the log: set_image_in_files reports missing and unsafe paths.
     let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
     let before: Vec<String> = edit.files.iter().map(|f| read(f)).collect();
-    let report = set_image_in_files(dir, &edit.files, &edit.image, false)?;
+    let report = set_image_in_files(dir, &edit.files, &edit.image, edit.allow_no_match)?;
     let mut log = String::new();
     for ((file, old), r) in edit.files.iter().zip(&before).zip(&report.files) {
         if r.changed == 0 {
@@ -807,6 +810,7 @@ mod tests {
                 repo: repo.into(),
                 files: vec![file.into()],
                 image: image.into(),
+                allow_no_match: false,
             })),
             ..Step::default()
         }
@@ -971,6 +975,14 @@ mod tests {
             matches!(&ends[0], StepEnd::Failed { message } if message.contains("no image reference")),
             "{log}"
         );
+        // Unless the step allows it: then it succeeds and changes nothing.
+        let mut lenient = set_image(&url, "k8s/other.yaml", "127.0.0.1:5000/demo/app:v2");
+        if let Some(step::Kind::SetImage(si)) = lenient.kind.as_mut() {
+            si.allow_no_match = true;
+        }
+        let t = new_task(dir.path(), "c", vec![lenient]);
+        let (ends, log) = run_all(&t).await;
+        assert_eq!(ends[0], StepEnd::Exited(0), "{log}");
     }
 
     #[test]

@@ -103,7 +103,13 @@ fn step_spec(index: usize, step: &StepDef) -> pb::Step {
             image: image.clone(),
             credentials: credentials.clone().unwrap_or_default(),
         }),
-        StepKind::SetImage { repo, files, image } => Kind::SetImage(pb::SetImageStep {
+        StepKind::SetImage {
+            repo,
+            files,
+            image,
+            allow_no_match,
+        } => Kind::SetImage(pb::SetImageStep {
+            allow_no_match: *allow_no_match,
             repo: repo.clone(),
             files: files.clone(),
             image: image.clone(),

@@ -84,6 +84,9 @@ pub enum StepKind {
         repo: String,
         files: Vec<String>,
         image: String,
+        /// Succeed when no file references the image's repository.
+        #[serde(default)]
+        allow_no_match: bool,
     },
     /// Commit the workspace's changes and push them; `credentials` names a
     /// runner-side secret.

@@ -43,7 +43,7 @@ const STEP_KEYS: &[&str] = &[
 ];
 const BUILD_KEYS: &[&str] = &["context", "dockerfile", "tag"];
 const PUSH_KEYS: &[&str] = &["image", "credentials"];
-const SET_IMAGE_KEYS: &[&str] = &["repo", "files", "image"];
+const SET_IMAGE_KEYS: &[&str] = &["repo", "files", "image", "allow-no-match"];
 const GIT_PUSH_KEYS: &[&str] = &["message", "credentials"];
 
 /// Parses and validates a pipeline file. `file` is the name used in messages.
@@ -879,10 +879,26 @@ impl Parser<'_> {
                     Some(v) => self.files(v, &what, &path),
                 };
                 let image = self.required(&f, "image", &what, &path);
+                let allow_no_match = match f.get("allow-no-match").map(|v| &v.value) {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => {
+                        let v = f.get("allow-no-match").expect("matched above");
+                        self.err(
+                            v.pos,
+                            format!(
+                                "`allow-no-match` of {what} must be true or false, found {}",
+                                v.kind()
+                            ),
+                        );
+                        false
+                    }
+                };
                 Some(StepKind::SetImage {
                     repo: repo?,
                     files: files?,
                     image: image?,
+                    allow_no_match,
                 })
             }
             "git-push" => {

@@ -171,7 +171,9 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, &mut 
                     f(&format!("{sb}.push.credentials"), c);
                 }
             }
-            StepKind::SetImage { repo, files, image } => {
+            StepKind::SetImage {
+                repo, files, image, ..
+            } => {
                 f(&format!("{sb}.set-image.repo"), repo);
                 for (j, file) in files.iter_mut().enumerate() {
                     f(&format!("{sb}.set-image.files[{j}]"), file);

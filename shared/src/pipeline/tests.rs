@@ -102,6 +102,7 @@ fn expected_full() -> Pipeline {
                         repo: s("${{ git.repo }}"),
                         files: vec![s("k8s/pod.yaml")],
                         image: s("x:${{run.id}}"),
+                        allow_no_match: false,
                     }),
                     step(StepKind::GitPush {
                         message: s("deploy ${{ git.sha }}"),
@@ -1067,7 +1068,8 @@ fn resolve_substitutes_everything() {
         StepKind::SetImage {
             repo: s("http://git/demo.git"),
             files: vec![s("k8s/pod.yaml")],
-            image: s("x:run-1")
+            image: s("x:run-1"),
+            allow_no_match: false,
         }
     );
     assert_eq!(
@@ -1268,4 +1270,31 @@ fn capabilities_and_resources() {
     assert_eq!(crate::pipeline::parse_memory("2g"), Some(2 << 30));
     assert_eq!(crate::pipeline::parse_memory("100"), Some(100));
     assert_eq!(crate::pipeline::parse_memory("lots"), None);
+}
+
+#[test]
+fn set_image_allow_no_match() {
+    let yaml = |v: &str| {
+        format!(
+            "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - set-image: {{ repo: r, files: [f.yaml], image: x, allow-no-match: {v} }}\n"
+        )
+    };
+    let p = parse("a.yaml", &yaml("true")).unwrap();
+    assert!(matches!(
+        p.tasks[0].steps[0].kind,
+        StepKind::SetImage {
+            allow_no_match: true,
+            ..
+        }
+    ));
+    let spec = crate::proto::pipeline::v1::TaskSpec::from(&p.tasks[0]);
+    let Some(crate::proto::pipeline::v1::step::Kind::SetImage(si)) = &spec.steps[0].kind else {
+        panic!("{spec:?}")
+    };
+    assert!(si.allow_no_match);
+    let err = parse("a.yaml", &yaml("maybe")).unwrap_err().to_string();
+    assert!(
+        err.contains("a.yaml:6:") && err.contains("`allow-no-match`"),
+        "{err}"
+    );
 }
