@@ -17,11 +17,10 @@
 //! # Final reports and their acknowledgement
 //! A finished attempt's `TaskFinished` is kept until acknowledged and resent
 //! after every (re)connect (the coordinator treats repeats as no-ops). It is
-//! acknowledged when either
-//! - a `Welcome` lists it in `acknowledged`, or
-//! - it was written to a stream and that same stream then stayed up for a
-//!   full heartbeat interval: two heartbeats were sent on it after the
-//!   report. A stream that breaks before that resends it on the next one.
+//! acknowledged when a `Welcome` lists it in `acknowledged`: the coordinator
+//! sends one right after the report is durable (and in every welcome of a
+//! new stream for reports it already has). Writing the report to a stream
+//! proves nothing — it may sit in a send queue while the connection dies.
 //!
 //! Acknowledged reports are forgotten and their log spool deleted. Until
 //! then the attempt is listed in `Hello.running_attempts`.
@@ -447,7 +446,11 @@ impl Agent {
             generation: self.generation,
             heartbeats: 0,
         };
-        self.epoch = self.epoch.max(welcome.leader_epoch);
+        // The leader that welcomed us sets the epoch: it may be lower than
+        // one seen before if the coordinators' state was rebuilt; offers are
+        // only ever sent after a fenced write succeeded, so a stale leader
+        // cannot use this to get work run.
+        self.epoch = welcome.leader_epoch;
         let interval = match welcome.heartbeat_interval_ms {
             0 => DEFAULT_HEARTBEAT,
             ms => Duration::from_millis(u64::from(ms)),
@@ -535,16 +538,6 @@ impl Agent {
             return false;
         }
         conn.heartbeats += 1;
-        let acknowledged: Vec<String> = self
-            .finished
-            .iter()
-            .filter(|(_, f)| {
-                f.sent
-                    .is_some_and(|(g, n)| g == conn.generation && conn.heartbeats >= n + 2)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        self.forget_acknowledged(&acknowledged).await;
         true
     }
 

@@ -81,6 +81,7 @@ mod tests {
                 .map(|i| capstan_shared::ids::AttemptId::from_string(format!("{id}-{i}")))
                 .collect(),
             paused: false,
+            self_draining: false,
         }
     }
 

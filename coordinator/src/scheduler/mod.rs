@@ -213,6 +213,14 @@ impl Scheduler {
                 // Unconditional: a guard evaluated on every loop turn cost
                 // O(runners) per heartbeat (28 % of a core at 10,000 runners).
                 _ = sweep.tick() => {
+                    // Heartbeats already queued count before leases are
+                    // judged: after a slow write they may be waiting here.
+                    for _ in 0..MAX_BATCH {
+                        match self.rx.try_recv() {
+                            Ok(cmd) => self.handle(cmd),
+                            Err(_) => break,
+                        }
+                    }
                     self.state.sweep(Instant::now());
                     self.metrics.runners_connected.set(
                         self.state.runners.values().filter(|r| r.conn.is_some()).count() as i64,
@@ -385,6 +393,7 @@ impl Scheduler {
             tracing::error!(error = %e, "state write failed; stopping the scheduler");
             return Err(e);
         }
+        self.state.restart_offer_clocks(&fx.offered, Instant::now());
         for (tx, m) in fx.outbox {
             let _ = tx.send(Ok(m));
         }

@@ -68,6 +68,9 @@ pub struct RunnerSlot {
     pub active: BTreeSet<AttemptId>,
     /// No offers until its next heartbeat (it rejected or ignored one).
     pub paused: bool,
+    /// The runner itself said it drains (SIGTERM). In memory only: a
+    /// restarted runner is not draining; `capstan drain` sets the record's flag.
+    pub self_draining: bool,
 }
 
 impl RunnerSlot {
@@ -78,7 +81,11 @@ impl RunnerSlot {
     }
 
     pub fn accepts_work(&self) -> bool {
-        self.conn.is_some() && !self.record.draining && !self.paused && self.free_slots() > 0
+        self.conn.is_some()
+            && !self.record.draining
+            && !self.self_draining
+            && !self.paused
+            && self.free_slots() > 0
     }
 }
 
@@ -118,6 +125,9 @@ pub struct Effects {
     pub dirty_runners: HashSet<RunnerId>,
     pub epoch_dirty: bool,
     pub outbox: Vec<(RunnerTx, rpb::CoordinatorMessage)>,
+    /// Attempts offered in this batch: their offer clock starts when the
+    /// batch is durable and the offer actually leaves.
+    pub offered: Vec<AttemptId>,
     /// Pickup latencies (queued -> accepted) observed, for metrics.
     pub pickups_ms: Vec<f64>,
     pub tasks_finished: Vec<(String, f64)>,
@@ -186,6 +196,7 @@ impl SchedulerState {
                     detached_at: None,
                     active: BTreeSet::new(),
                     paused: false,
+                    self_draining: false,
                 },
             );
         }
@@ -289,7 +300,8 @@ impl SchedulerState {
             .remove(&(Reverse(priority), seq, run_id.clone(), i));
         self.touch_run(run_id);
         if let Some((runner, attempt)) = notify {
-            self.offered_at.remove(&attempt);
+            // An offer's timer stays: if the runner rejects or ignores it,
+            // its expiry frees the slot.
             self.started_at.remove(&attempt);
             self.send_to(
                 &runner,
@@ -435,6 +447,7 @@ impl SchedulerState {
                         detached_at: None,
                         active: BTreeSet::new(),
                         paused: false,
+                        self_draining: false,
                     },
                 );
             }
@@ -478,6 +491,7 @@ impl SchedulerState {
         let slot = self.runners.get_mut(&id).expect("authenticated");
         slot.conn = Some((conn_id, tx.clone()));
         slot.detached_at = None;
+        slot.self_draining = false;
         slot.last_seen = now;
         slot.last_seen_ms = now_ms();
         slot.paused = false;
@@ -494,9 +508,14 @@ impl SchedulerState {
         let held: Vec<AttemptId> = slot.active.iter().cloned().collect();
 
         let mut reattached = Vec::new();
+        let mut recancel = Vec::new();
         for a in held {
             if reported.contains(&a) {
                 reattached.push(a.to_string());
+                // A cancel sent on the old connection may never have arrived.
+                if self.attempt_state(&a) == Some(AttemptState::Cancelling) {
+                    recancel.push(a.clone());
+                }
                 // An accept may have been lost with the old connection.
                 if let Some((run_id, i)) = self.attempts.get(&a).cloned()
                     && let Some(att) = self.attempt_mut(&run_id, i, &a)
@@ -519,8 +538,12 @@ impl SchedulerState {
                 Some(AttemptState::Succeeded | AttemptState::Failed | AttemptState::Cancelled) => {
                     acknowledged.push(a.to_string())
                 }
-                // Superseded (requeued elsewhere) or unknown: stop it.
-                _ => stale.push(a.clone()),
+                // Superseded (requeued elsewhere) or unknown: stop it, and
+                // let the runner forget its report once it has one.
+                _ => {
+                    acknowledged.push(a.to_string());
+                    stale.push(a.clone());
+                }
             }
         }
         let epoch = self.epoch;
@@ -534,6 +557,16 @@ impl SchedulerState {
                 acknowledged,
             })),
         ));
+        for a in recancel {
+            self.fx.outbox.push((
+                tx.clone(),
+                msg(Down::Cancel(rpb::Cancel {
+                    leader_epoch: epoch,
+                    attempt_id: a.to_string(),
+                    reason: "cancelled".into(),
+                })),
+            ));
+        }
         for a in stale {
             self.fx.outbox.push((
                 tx.clone(),
@@ -612,16 +645,15 @@ impl SchedulerState {
             Up::Hello(_) => {}
             Up::Heartbeat(hb) => {
                 slot.paused = false;
-                if hb.draining && !slot.record.draining {
-                    slot.record.draining = true;
-                    self.fx.dirty_runners.insert(runner.clone());
-                }
+                slot.self_draining = hb.draining;
             }
             Up::Accept(acc) => {
                 let a = AttemptId::from_string(acc.attempt_id);
                 let (run_id, i) = self.owned_attempt(runner, &a)?;
-                if self.attempt_state(&a) == Some(AttemptState::Offered) {
-                    self.mark_running(&run_id, i, &a, now);
+                match self.attempt_state(&a) {
+                    Some(AttemptState::Offered) => self.mark_running(&run_id, i, &a, now),
+                    Some(s) if !s.is_active() => self.cancel_stale(runner, &a),
+                    _ => {}
                 }
             }
             Up::Reject(rej) => {
@@ -631,13 +663,20 @@ impl SchedulerState {
                 if let Some(slot) = self.runners.get_mut(runner) {
                     slot.paused = true;
                 }
-                if self.attempt_state(&a) == Some(AttemptState::Offered) {
+                // A cancelled task's offer frees its slot on rejection too.
+                if matches!(
+                    self.attempt_state(&a),
+                    Some(AttemptState::Offered | AttemptState::Cancelling)
+                ) {
                     self.lose_attempt(&a, LossReason::OfferRejected, now);
                 }
             }
             Up::Step(step) => {
                 let a = AttemptId::from_string(step.attempt_id);
                 self.owned_attempt(runner, &a)?;
+                if self.attempt_state(&a).is_some_and(|s| !s.is_active()) {
+                    self.cancel_stale(runner, &a);
+                }
                 tracing::debug!(attempt = %a, step = step.step_index, state = step.state, "step state");
             }
             Up::Finished(fin) => self.on_finished(runner, fin, now)?,
@@ -657,6 +696,17 @@ impl SchedulerState {
     ) -> Result<(), StateError> {
         let a = AttemptId::from_string(fin.attempt_id.clone());
         let (run_id, i) = self.owned_attempt(runner, &a)?;
+        // The runner keeps the report until told it is durable: tell it
+        // (delivered after this batch is written), repeats included.
+        let epoch = self.epoch;
+        self.send_to(
+            runner,
+            Down::Welcome(rpb::Welcome {
+                leader_epoch: epoch,
+                acknowledged: vec![a.to_string()],
+                ..Default::default()
+            }),
+        );
         let Some(state) = self.attempt_state(&a) else {
             return Ok(());
         };
@@ -733,6 +783,20 @@ impl SchedulerState {
         }
         let _ = now;
         Ok(())
+    }
+
+    /// Tells a runner to stop an attempt it reports on but that is no longer
+    /// its to run (expired offer, requeued after a lost lease).
+    fn cancel_stale(&mut self, runner: &RunnerId, a: &AttemptId) {
+        let epoch = self.epoch;
+        self.send_to(
+            runner,
+            Down::Cancel(rpb::Cancel {
+                leader_epoch: epoch,
+                attempt_id: a.to_string(),
+                reason: "this attempt is no longer assigned to this runner".into(),
+            }),
+        );
     }
 
     fn mark_running(&mut self, run_id: &RunId, i: usize, a: &AttemptId, now: Instant) {
@@ -922,7 +986,8 @@ impl SchedulerState {
             offer_timeout_ms: offer_timeout.as_millis() as u32,
         };
         self.attempts.insert(a.clone(), (run_id.clone(), i));
-        self.offered_at.insert(a, now);
+        self.offered_at.insert(a.clone(), now);
+        self.fx.offered.push(a);
         self.touch_run(run_id);
         self.send_to(runner, Down::Offer(offer));
     }
@@ -995,6 +1060,16 @@ impl SchedulerState {
                 );
                 self.propagate(&run, i);
                 self.finish_run_if_done(&run);
+            }
+        }
+    }
+
+    /// Restarts the offer timeout of `offered` at `now` (after a slow write,
+    /// an offer must not expire before it was even sent).
+    pub fn restart_offer_clocks(&mut self, offered: &[AttemptId], now: Instant) {
+        for a in offered {
+            if let Some(at) = self.offered_at.get_mut(a) {
+                *at = now;
             }
         }
     }

@@ -120,7 +120,7 @@ impl Harness {
         offer
     }
 
-    fn finish(&mut self, r: &TestRunner, attempt: &str, outcome: rpb::AttemptOutcome) {
+    fn finish(&mut self, r: &mut TestRunner, attempt: &str, outcome: rpb::AttemptOutcome) {
         self.send(
             r,
             Up::Finished(rpb::TaskFinished {
@@ -137,6 +137,11 @@ impl Harness {
             }),
         )
         .unwrap();
+        // Once the report is durable the runner is told it may forget it.
+        match r.next() {
+            Some(Down::Welcome(w)) => assert_eq!(w.acknowledged, vec![attempt.to_string()]),
+            other => panic!("expected the report's acknowledgement, got {other:?}"),
+        }
     }
 
     fn states(&self, run: &RunId) -> Vec<(String, StoredTaskState)> {
@@ -185,7 +190,7 @@ fn diamond_runs_in_dependency_order() {
     assert_eq!(a.task_name, "a");
     assert_eq!(a.leader_epoch, 1);
     assert_eq!(h.st.runs[&run].state, StoredRunState::Running);
-    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
     // b and c are both offered at once: the runner has two slots.
     let b = h.accept(&mut r);
     let c = h.accept(&mut r);
@@ -193,11 +198,11 @@ fn diamond_runs_in_dependency_order() {
     names.sort();
     assert_eq!(names, ["b", "c"]);
     assert_eq!(h.state_of(&run, "d"), Waiting);
-    h.finish(&r, &b.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r, &b.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.state_of(&run, "d"), Waiting, "d still needs c");
-    h.finish(&r, &c.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r, &c.attempt_id, rpb::AttemptOutcome::Succeeded);
     let d = h.accept(&mut r);
-    h.finish(&r, &d.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r, &d.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
     // Outputs of the succeeded attempt are kept on the task.
     assert_eq!(
@@ -212,7 +217,7 @@ fn failure_skips_dependents_transitively() {
     let run = h.submit(DIAMOND);
     let mut r = h.runner("r1", 2, &[]);
     let a = h.accept(&mut r);
-    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Failed);
+    h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Failed);
     assert_eq!(
         h.states(&run),
         vec![
@@ -233,10 +238,10 @@ fn script_failures_retry_only_when_asked() {
         h.submit("version: 1\nname: r\ntasks:\n  t:\n    retries: 1\n    steps: [ { run: x } ]\n");
     let mut r = h.runner("r1", 1, &[]);
     let first = h.accept(&mut r);
-    h.finish(&r, &first.attempt_id, rpb::AttemptOutcome::Failed);
+    h.finish(&mut r, &first.attempt_id, rpb::AttemptOutcome::Failed);
     let second = h.accept(&mut r);
     assert_eq!(second.attempt_number, 2);
-    h.finish(&r, &second.attempt_id, rpb::AttemptOutcome::Failed);
+    h.finish(&mut r, &second.attempt_id, rpb::AttemptOutcome::Failed);
     assert_eq!(h.state_of(&run, "t"), Failed);
     assert!(r.next().is_none(), "no third attempt");
 }
@@ -278,10 +283,10 @@ fn priority_then_fifo() {
     let mut r = h.runner("r", 1, &[]);
     let o = h.accept(&mut r);
     assert_eq!(o.run_id, high.to_string());
-    h.finish(&r, &o.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r, &o.attempt_id, rpb::AttemptOutcome::Succeeded);
     let o = h.accept(&mut r);
     assert_eq!(o.run_id, low.to_string());
-    h.finish(&r, &o.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r, &o.attempt_id, rpb::AttemptOutcome::Succeeded);
     let o = h.accept(&mut r);
     assert_eq!(o.run_id, low2.to_string());
 }
@@ -331,9 +336,9 @@ fn lost_runner_requeues_as_new_attempt_and_old_reports_are_ignored() {
     let mut r1 = h.connect(id, secret, vec![first.attempt_id.clone()]);
     assert!(matches!(r1.next(), Some(Down::Cancel(c)) if c.attempt_id == first.attempt_id));
     // Its late success report changes nothing.
-    h.finish(&r1, &first.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r1, &first.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.state_of(&run, "t"), Running);
-    h.finish(&r2, &second.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r2, &second.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
     assert_eq!(h.st.runs[&run].tasks[0].infra_failures, 1);
 }
@@ -363,14 +368,14 @@ fn reconnect_within_lease_reattaches() {
     let offer = h.accept(&mut r);
     h.st.detach(&r.id, r.conn, h.now);
     h.advance(Duration::from_secs(2));
-    let r = h.connect(
+    let mut r = h.connect(
         r.id.clone(),
         r.secret.clone(),
         vec![offer.attempt_id.clone()],
     );
     h.advance(Duration::from_secs(4));
     assert_eq!(h.state_of(&run, "t"), Running);
-    h.finish(&r, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
+    h.finish(&mut r, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.state_of(&run, "t"), Succeeded);
 }
 
@@ -393,7 +398,7 @@ fn infra_failures_give_up_after_the_limit() {
     let mut r = h.runner("r1", 1, &[]);
     for _ in 0..=Timing::default().max_infra_retries {
         let o = h.accept(&mut r);
-        h.finish(&r, &o.attempt_id, rpb::AttemptOutcome::Error);
+        h.finish(&mut r, &o.attempt_id, rpb::AttemptOutcome::Error);
     }
     assert_eq!(h.state_of(&run, "t"), Failed);
     assert!(h.st.runs[&run].tasks[0].message.contains("infrastructure"));
@@ -425,7 +430,7 @@ fn cancel_stops_active_attempts_and_ends_the_run() {
     assert!(h.states(&run).iter().all(|(_, s)| *s == Cancelled));
     // The slot frees once the runner confirms.
     assert_eq!(h.st.runners[&r.id].free_slots(), 0);
-    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Cancelled);
+    h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Cancelled);
     assert_eq!(h.st.runners[&r.id].free_slots(), 1);
     assert!(matches!(
         h.st.cancel_run(&RunId::from_string("run-nope")),
@@ -460,9 +465,73 @@ fn reload_keeps_assignments_and_requeues_after_grace() {
         .map(|r| serde_json::from_slice(&serde_json::to_vec(r).unwrap()).unwrap())
         .collect();
     h.st = SchedulerState::load(2, Timing::default(), runs, runners, h.now);
-    let r = h.connect(r.id.clone(), r.secret.clone(), vec![a.attempt_id.clone()]);
-    h.finish(&r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
+    let mut r = h.connect(r.id.clone(), r.secret.clone(), vec![a.attempt_id.clone()]);
+    h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.state_of(&run, "a"), Succeeded);
     assert_eq!(h.st.epoch, 2);
     let _ = AttemptId::generate();
+}
+
+#[test]
+fn a_runner_draining_itself_is_not_draining_after_it_restarts() {
+    let mut h = Harness::new();
+    let r = h.runner("r1", 1, &[]);
+    h.send(
+        &r,
+        Up::Heartbeat(rpb::Heartbeat {
+            draining: true,
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    assert!(!h.st.runners[&r.id].accepts_work());
+    assert!(!h.st.runners[&r.id].record.draining, "not persisted");
+    let mut r = h.connect(r.id.clone(), r.secret.clone(), vec![]);
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    h.accept(&mut r);
+    assert_eq!(h.state_of(&run, "t"), Running);
+}
+
+#[test]
+fn rejecting_the_offer_of_a_cancelled_task_frees_the_slot() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    let Some(Down::Offer(offer)) = r.next() else {
+        panic!("expected an offer")
+    };
+    h.st.cancel_run(&run).unwrap();
+    h.settle();
+    h.send(
+        &r,
+        Up::Reject(rpb::OfferRejected {
+            attempt_id: offer.attempt_id,
+            reason: "full".into(),
+        }),
+    )
+    .unwrap();
+    assert_eq!(h.st.runners[&r.id].free_slots(), 1);
+}
+
+#[test]
+fn an_accept_after_the_offer_expired_is_told_to_cancel() {
+    let mut h = Harness::new();
+    h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    let Some(Down::Offer(offer)) = r.next() else {
+        panic!("expected an offer")
+    };
+    h.advance(Duration::from_secs(6));
+    h.send(
+        &r,
+        Up::Accept(rpb::OfferAccepted {
+            attempt_id: offer.attempt_id.clone(),
+        }),
+    )
+    .unwrap();
+    let mut saw_cancel = false;
+    while let Some(m) = r.next() {
+        saw_cancel |= matches!(m, Down::Cancel(c) if c.attempt_id == offer.attempt_id);
+    }
+    assert!(saw_cancel);
 }
