@@ -18,6 +18,9 @@ pub struct PipelineApi(pub Shared);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Largest stored run record (tasks and attempts, as JSON).
+const MAX_RECORD_BYTES: usize = 1024 * 1024;
+
 /// Largest piece of log sent in one `LogData`.
 const READ_CHUNK: usize = 1024 * 1024;
 
@@ -71,7 +74,7 @@ pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
             finished_at_ms: 0,
         })
         .collect();
-    Ok(RunRecord {
+    let record = RunRecord {
         id,
         pipeline: resolved.name.clone(),
         state: StoredRunState::Queued,
@@ -83,7 +86,17 @@ pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
         rev: req.rev,
         cancel_requested: false,
         tasks,
-    })
+    };
+    // etcd refuses requests over ~1.5 MiB: a run that could not be stored
+    // must be refused here, not knock the leader over when it is written.
+    let stored = serde_json::to_vec(&record).map_or(0, |v| v.len());
+    if stored > MAX_RECORD_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{file}: the resolved run takes {stored} bytes to store; the limit is {MAX_RECORD_BYTES}: \
+             make the pipeline smaller (move long scripts into files of the repository)"
+        )));
+    }
+    Ok(record)
 }
 
 #[tonic::async_trait]
@@ -302,5 +315,35 @@ async fn send_new_bytes(
             return Ok(false);
         }
         *offset += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_too_large_to_store_is_refused_clearly() {
+        let script = "x".repeat(700 * 1024);
+        let yaml =
+            format!("version: 1\nname: big\ntasks:\n  t:\n    steps:\n      - run: {script}\n");
+        let err = build_run(SubmitRunRequest {
+            pipeline_yaml: yaml,
+            file_name: "big.yaml".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("big.yaml") && err.message().contains("limit"),
+            "{}",
+            err.message()
+        );
+        let ok = build_run(SubmitRunRequest {
+            pipeline_yaml: "version: 1\nname: s\ntasks:\n  t:\n    steps: [ { run: x } ]\n".into(),
+            file_name: "s.yaml".into(),
+            ..Default::default()
+        });
+        assert!(ok.is_ok());
     }
 }

@@ -25,6 +25,21 @@ use std::time::Duration;
 pub const MAX_OPS: usize = 100;
 /// Most key and value bytes in one transaction.
 pub const MAX_BYTES: usize = 1024 * 1024;
+/// Keys per page of a prefix scan.
+const SCAN_PAGE: i64 = 200;
+
+/// The first key after every key starting with `prefix` (etcd's range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the whole key space
+}
+
 /// Deadline of one read or write.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -227,29 +242,47 @@ impl Store for EtcdStore {
     }
 
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let k = self.key(prefix);
-        let resp = self
-            .pool
-            .call(|c| {
-                let k = k.clone();
-                let opts = GetOptions::new()
-                    .with_prefix()
-                    .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
-                async move { c.kv_client().get(k, Some(opts)).await }
-            })
-            .await
-            .map_err(read_err)?;
+        // Paged, all pages at the first page's revision: one reply for every
+        // run would pass etcd-client's 4 MiB reply limit after a few
+        // thousand runs, and a new leader could not load the state.
+        let start = self.key(prefix);
+        let end = prefix_end(&start);
         let strip = self.prefix.len();
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
+        let mut out = Vec::new();
+        let mut from = start;
+        let mut revision = 0;
+        loop {
+            let (k, e) = (from.clone(), end.clone());
+            let resp = self
+                .pool
+                .call(|c| {
+                    let (k, e) = (k.clone(), e.clone());
+                    let opts = GetOptions::new()
+                        .with_range(e)
+                        .with_limit(SCAN_PAGE)
+                        .with_revision(revision)
+                        .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+                    async move { c.kv_client().get(k, Some(opts)).await }
+                })
+                .await
+                .map_err(read_err)?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                out.push((
                     String::from_utf8_lossy(&kv.key()[strip..]).into_owned(),
                     kv.value().to_vec(),
-                )
-            })
-            .collect())
+                ));
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     async fn apply(&self, batch: Vec<Op>) -> Result<(), StoreError> {
