@@ -88,7 +88,8 @@ pub async fn run(
         .log_dir
         .clone()
         .unwrap_or_else(|| config.data_dir.join("logs"));
-    let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(&log_dir)?);
+    // Opened here once so a bad directory fails the start, then anew per leadership.
+    logs::local::LocalLogStore::open(&log_dir)?;
     let metrics = Arc::new(metrics::Metrics::default());
 
     let tracker = TaskTracker::new();
@@ -98,7 +99,6 @@ pub async fn run(
     let shared = api::Shared {
         role: role_rx,
         election: election.clone(),
-        logs,
         feed: Arc::new(log_feed::LogFeed::default()),
         metrics: metrics.clone(),
         registration_token: config.registration_token.clone().into(),
@@ -151,6 +151,7 @@ pub async fn run(
 
     let lead = lead_loop(LeadLoop {
         store,
+        log_dir,
         election: election.clone(),
         timing: config.timing.clone(),
         metrics,
@@ -180,6 +181,7 @@ pub async fn run(
 
 struct LeadLoop {
     store: Arc<dyn store::Store>,
+    log_dir: std::path::PathBuf,
     election: Arc<dyn election::Election>,
     timing: scheduler::state::Timing,
     metrics: Arc<metrics::Metrics>,
@@ -212,10 +214,12 @@ async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
             Err(e) => return Err(anyhow::Error::new(e).context("cannot load the state")),
         };
         let token = l.shutdown.child_token();
+        let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(&l.log_dir)?);
         l.role.send_replace(api::Role::Leader(api::LeaderCtx {
             scheduler: handle,
             epoch: lead.epoch,
             token: token.clone(),
+            logs,
         }));
         tracing::info!(epoch = lead.epoch, "leading");
         let outcome = tokio::select! {

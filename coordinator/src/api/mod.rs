@@ -31,6 +31,10 @@ pub struct LeaderCtx {
     pub epoch: u64,
     /// Cancelled when the leadership ends: leader-only streams stop with it.
     pub token: CancellationToken,
+    /// The log store, opened anew for each leadership: another replica may
+    /// have appended to the shared directory meanwhile, so nothing cached by
+    /// an earlier leadership of this replica can be trusted.
+    pub logs: Arc<dyn LogStore>,
 }
 
 /// What every handler needs.
@@ -38,7 +42,6 @@ pub struct LeaderCtx {
 pub struct Shared {
     pub role: tokio::sync::watch::Receiver<Role>,
     pub election: Arc<dyn Election>,
-    pub logs: Arc<dyn LogStore>,
     pub feed: Arc<LogFeed>,
     pub metrics: Arc<Metrics>,
     pub registration_token: Arc<str>,

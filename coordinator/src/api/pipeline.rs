@@ -270,7 +270,7 @@ async fn stream_logs(
                 .await?;
         }
         for info in &attempts {
-            if !send_new_bytes(&shared, info, &mut sent, tx).await? {
+            if !send_new_bytes(&leader, info, &mut sent, tx).await? {
                 return Ok(()); // the client went away
             }
         }
@@ -288,14 +288,14 @@ async fn stream_logs(
 }
 
 async fn send_new_bytes(
-    shared: &Shared,
+    leader: &super::LeaderCtx,
     info: &AttemptLogInfo,
     sent: &mut HashMap<AttemptId, u64>,
     tx: &mpsc::Sender<Result<LogData, Status>>,
 ) -> Result<bool, Status> {
     let offset = sent.entry(info.attempt.clone()).or_insert(0);
     loop {
-        let data = shared
+        let data = leader
             .logs
             .read(&info.attempt, *offset, READ_CHUNK)
             .await

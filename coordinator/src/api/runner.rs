@@ -145,10 +145,9 @@ impl runner_service_server::RunnerService for RunnerApi {
             }
             let before = match durable.get(&attempt) {
                 Some(&n) => n,
-                None => self.0.logs.len(&attempt).await.map_err(status::from_log)?,
+                None => leader.logs.len(&attempt).await.map_err(status::from_log)?,
             };
-            let len = self
-                .0
+            let len = leader
                 .logs
                 .append(&attempt, chunk.offset, &chunk.data)
                 .await
@@ -160,7 +159,7 @@ impl runner_service_server::RunnerService for RunnerApi {
             durable.insert(attempt, len);
         }
         for attempt in durable.keys() {
-            self.0.logs.sync(attempt).await.map_err(status::from_log)?;
+            leader.logs.sync(attempt).await.map_err(status::from_log)?;
         }
         Ok(Response::new(PushLogsAck {
             durable: durable
