@@ -10,6 +10,7 @@
 pub mod etcd;
 pub mod git_server;
 pub mod ha;
+pub mod testbed;
 
 use anyhow::{Context, bail};
 use capstan_shared::proto::api::v1 as api;

@@ -4,122 +4,11 @@
 
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::testbed::{Cleanup, registry_get, testbed};
 use capstan_tests::*;
-use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-struct Testbed {
-    registry: String,
-    user: String,
-    password: String,
-    image: String,
-}
-
-fn testbed() -> Testbed {
-    let dir = std::env::var_os("TESTBED_DIR").map_or_else(
-        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/capstan-testbed"),
-        PathBuf::from,
-    );
-    let mut vars: BTreeMap<String, String> = std::fs::read_to_string(dir.join("env"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    vars.extend(std::env::vars().filter(|(k, _)| k.starts_with("CAPSTAN_TEST_")));
-    let get = |k: &str| {
-        vars.get(k).cloned().unwrap_or_else(|| {
-            panic!(
-                "{k} is not set and {}/env has no value: run scripts/testbed up",
-                dir.display()
-            )
-        })
-    };
-    let tb = Testbed {
-        registry: get("CAPSTAN_TEST_REGISTRY"),
-        user: get("CAPSTAN_TEST_REGISTRY_USER"),
-        password: get("CAPSTAN_TEST_REGISTRY_PASSWORD"),
-        image: get("CAPSTAN_TEST_IMAGE"),
-    };
-    let ok = Command::new("docker")
-        .args(["image", "inspect", &tb.image])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "no Docker Engine or no image {}: run scripts/testbed up",
-        tb.image
-    );
-    tb
-}
-
-/// Everything labelled `capstan.test=<id>` goes when dropped.
-struct Cleanup {
-    id: String,
-}
-
-impl Cleanup {
-    fn new(name: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Self {
-            id: format!("e2e-{name}-{}-{nanos}", std::process::id()),
-        }
-    }
-    fn label(&self) -> String {
-        format!("capstan.test={}", self.id)
-    }
-    fn list(&self, args: &[&str]) -> String {
-        let out = Command::new("docker")
-            .args(args)
-            .args(["--filter", &format!("label={}", self.label()), "-q"])
-            .output()
-            .expect("docker CLI");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-    fn leftovers(&self) -> String {
-        [
-            self.list(&["ps", "-a"]),
-            self.list(&["volume", "ls"]),
-            self.list(&["network", "ls"]),
-        ]
-        .join(" ")
-        .trim()
-        .to_owned()
-    }
-    fn running(&self) -> String {
-        self.list(&["ps", "--filter", "status=running"])
-    }
-    async fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&Self) -> bool) -> Duration {
-        let start = Instant::now();
-        while !pred(self) {
-            assert!(start.elapsed() < timeout, "{what} not within {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        start.elapsed()
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let rm = |args: &[&str], ids: String| {
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(args)
-                    .args(ids.split_whitespace())
-                    .output();
-            }
-        };
-        rm(&["rm", "-f", "-v"], self.list(&["ps", "-a"]));
-        rm(&["volume", "rm", "-f"], self.list(&["volume", "ls"]));
-        rm(&["network", "rm"], self.list(&["network", "ls"]));
-    }
-}
+use std::time::Duration;
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
@@ -151,52 +40,6 @@ fn source_repo(dir: &Path, base_image: &str) -> (PathBuf, String) {
     std::fs::write(repo.join("version.txt"), "version two\n").unwrap();
     git(&repo, &["commit", "-q", "-am", "two"]);
     (repo, first)
-}
-
-fn registry_get(tb: &Testbed, path: &str) -> (u16, String) {
-    use base64_lite::encode;
-    let auth = encode(format!("{}:{}", tb.user, tb.password).as_bytes());
-    let mut s = std::net::TcpStream::connect(&tb.registry).expect("registry");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Basic {auth}\r\n\
-         Accept: application/vnd.docker.distribution.manifest.v2+json\r\n\r\n",
-        tb.registry
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, resp)
-}
-
-/// Base64 for one basic-auth header (no dependency for a test helper).
-mod base64_lite {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    pub fn encode(data: &[u8]) -> String {
-        let mut out = String::new();
-        for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(char::from(TABLE[((n >> (18 - 6 * i)) & 63) as usize]));
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
 }
 
 const CANARY: &str = "sekrit-canary-value-42";
