@@ -44,7 +44,9 @@ impl CoordinatorConfig {
 }
 
 pub const DEFAULT_ETCD_PREFIX: &str = "/capstan/";
-pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(3);
+/// 5 s: an etcd raft leader election (1-2 s with etcd's default 1 s election
+/// timeout) must fit inside the renewal slack without a coordinator failover.
+pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(5);
 
 /// Command line of `capstan-coordinator`. Every flag also reads `CAPSTAN_<FLAG>`.
 #[derive(Parser, Debug, Default)]
@@ -71,7 +73,7 @@ pub struct Args {
     /// Prefix of every etcd key [default: /capstan/].
     #[arg(long, env = "CAPSTAN_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
-    /// Leader lease TTL in milliseconds, whole seconds [default: 3000].
+    /// Leader lease TTL in milliseconds, whole seconds [default: 5000].
     #[arg(long, env = "CAPSTAN_ELECTION_TTL_MS")]
     pub election_ttl_ms: Option<u64>,
     /// Directory for task logs, shared by all replicas [default: DATA_DIR/logs].

@@ -127,6 +127,31 @@ impl EtcdCluster {
             .collect()
     }
 
+    /// The index of the member that is etcd's raft leader now (asked with
+    /// `etcdctl endpoint status`, from Debian's etcd-client).
+    pub fn raft_leader(&self) -> anyhow::Result<usize> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoints().join(",")])
+            .args(["endpoint", "status", "-w", "json"])
+            .output()
+            .context("run etcdctl (scripts/testbed up installs etcd-client)")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("etcdctl said: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let statuses = v.as_array().cloned().unwrap_or_default();
+        for (i, member) in self.endpoints().iter().enumerate() {
+            let status = statuses
+                .iter()
+                .find(|s| s["Endpoint"].as_str() == Some(member.as_str()));
+            if let Some(s) = status
+                && s["Status"]["header"]["member_id"] == s["Status"]["leader"]
+            {
+                return Ok(i);
+            }
+        }
+        bail!("no member says it leads: {v}")
+    }
+
     /// kill -9 of member `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {

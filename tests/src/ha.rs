@@ -53,8 +53,19 @@ fn signal(pid: i32, sig: nix::sys::signal::Signal) {
 }
 
 impl HaCluster {
-    /// A 3-node etcd, `replicas` coordinators and `runners` runners.
+    /// A 3-node etcd, `replicas` coordinators and `runners` runners, with
+    /// the default election TTL (5 s).
     pub async fn start(replicas: usize, runners: usize, executor: &str) -> anyhow::Result<Self> {
+        Self::start_with_ttl(replicas, runners, executor, 5000).await
+    }
+
+    /// The same with the leader lease TTL `election_ttl_ms`.
+    pub async fn start_with_ttl(
+        replicas: usize,
+        runners: usize,
+        executor: &str,
+        election_ttl_ms: u64,
+    ) -> anyhow::Result<Self> {
         let etcd = EtcdCluster::start(3).await?;
         let mut c = Self {
             etcd,
@@ -67,7 +78,7 @@ impl HaCluster {
                 })
                 .collect(),
             runners: Vec::new(),
-            election_ttl_ms: 3000,
+            election_ttl_ms,
             lease_ms: 3000,
             token: "ha-token".into(),
             executor: executor.into(),

@@ -158,7 +158,10 @@ async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
 async fn losing_one_etcd_member_is_no_interruption() -> anyhow::Result<()> {
     let mut c = HaCluster::start(3, 1, "shell").await?;
     let (leader, epoch) = c.wait_leader(Duration::from_secs(10)).await?;
-    c.etcd.kill(0);
+    // The hardest member to lose: etcd's own raft leader (writes pause for
+    // its re-election, about 1 s).
+    let raft_leader = c.etcd.raft_leader()?;
+    c.etcd.kill(raft_leader);
     let id = c
         .submit("version: 1\nname: m\ntasks:\n  t:\n    steps: [ { run: 'echo still-here' } ]\n")
         .await?;
@@ -167,7 +170,8 @@ async fn losing_one_etcd_member_is_no_interruption() -> anyhow::Result<()> {
     assert_eq!(
         c.leader().await,
         Some((leader, epoch)),
-        "leadership unchanged"
+        "leadership unchanged\n{}",
+        c.all_logs()
     );
     Ok(())
 }
@@ -220,7 +224,7 @@ async fn graceful_shutdown_hands_over_quickly() -> anyhow::Result<()> {
         .await?;
     let took = t0.elapsed();
     println!("handover after SIGTERM: {took:?} (replica {old} -> {new})");
-    // The lease TTL is 3 s: a handover that waited for it would take longer.
+    // The lease TTL is 5 s: a handover that waited for it would take longer.
     assert!(took < Duration::from_millis(1500), "handover took {took:?}");
     Ok(())
 }

@@ -58,7 +58,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         return Err(Skip("etcd is not installed (scripts/testbed up installs it)".into()).into());
     }
     let kills = if ctx.quick { 2 } else { 10 };
-    let mut c = HaCluster::start(3, 1, "fake").await?;
+    // TTL 3 s, as in the committed report (the product default is 5 s).
+    let mut c = HaCluster::start_with_ttl(3, 1, "fake", 3000).await?;
     let ttl_ms = c.election_ttl_ms as f64;
     let mut runs = Vec::new();
     let mut took = Vec::new();

@@ -159,13 +159,13 @@ impl EtcdElection {
     }
 }
 
-/// Renews `lease` every `ttl / 4`. A failed renewal (error, timeout, a
+/// Renews `lease` every `ttl / 5`. A failed renewal (error, timeout, a
 /// broken keep-alive stream, as when the etcd member it went to died) is
 /// retried at once on a fresh stream. Leadership is given up — `lost`
 /// cancelled, lease revoked — as soon as etcd says the lease expired (as
-/// after a SIGSTOP), or when no renewal succeeded for `2/3 ttl`: past that
+/// after a SIGSTOP), or when no renewal succeeded for `4/5 ttl`: past that
 /// point the lease may expire before we hear of it, and another replica may
-/// win. (Stepping down on the first miss, as GreptimeDB does, turned every
+/// win (and if it does, fenced writes still keep this one from writing). (Stepping down on the first miss, as GreptimeDB does, turned every
 /// etcd leader change — about 1.1 s here — into a coordinator failover.)
 async fn keep_alive(
     pool: EtcdPool,
@@ -175,8 +175,8 @@ async fn keep_alive(
     ttl: Duration,
     lost: CancellationToken,
 ) {
-    let every = ttl / 4;
-    let give_up_after = ttl * 2 / 3;
+    let every = ttl / 5;
+    let give_up_after = ttl * 4 / 5;
     let mut channel = Some((keeper, stream));
     let mut last_ok = tokio::time::Instant::now();
     loop {

@@ -40,8 +40,16 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0] // the whole key space
 }
 
-/// Deadline of one read or write.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one operation keeps retrying across endpoints.
+const RETRY_BUDGET: Duration = Duration::from_secs(4);
+/// Longest one try may take. A member without a raft leader holds a request
+/// until its own timeout (about 7 s); giving up on a try sooner lets the
+/// next one go to a member that has one again.
+const TRY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between tries.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Shortest time one try is given.
+const MIN_TRY: Duration = Duration::from_millis(200);
 
 /// Writes are allowed while the key `key` still has create revision `revision`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,35 +123,35 @@ impl EtcdPool {
     }
 
     /// Runs `call` on the current client, failing over to the next endpoint
-    /// on transport errors, each try under `CALL_TIMEOUT`, at most two
-    /// rounds over every endpoint.
+    /// on transport errors and on etcd's own "no leader" answers, each try
+    /// under `TRY_TIMEOUT`, for up to `RETRY_BUDGET` in all: long enough to
+    /// ride out an etcd leader election (about 1 s), short of a lease TTL.
     pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, etcd_client::Error>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let tries = self.clients.len() * 2;
-        let mut last = None;
-        for _ in 0..tries {
+        let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
+        loop {
             let (i, client) = self.client();
-            match tokio::time::timeout(CALL_TIMEOUT, call(client)).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let err = match tokio::time::timeout(TRY_TIMEOUT.min(left.max(MIN_TRY)), call(client))
+                .await
+            {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if is_transport(&e) => {
-                    self.failed(i);
-                    last = Some(e);
-                }
+                Ok(Err(e)) if is_transport(&e) => e,
                 Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    self.failed(i);
-                    last = Some(etcd_client::Error::IoError(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("etcd did not answer within {CALL_TIMEOUT:?}"),
-                    )));
-                }
+                Err(_) => etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("etcd did not answer within {TRY_TIMEOUT:?}"),
+                )),
+            };
+            self.failed(i);
+            if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(err);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
-        Err(last.expect("at least one try"))
     }
 }
 
