@@ -149,18 +149,7 @@ impl Coordinator {
 
     /// A plain HTTP/1.0 GET on the side port: (status, body).
     pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(1))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        Ok((code, body))
+        capstan_tests::http_get(self.http, path)
     }
 
     /// Starts a real runner process against this coordinator.
