@@ -38,6 +38,19 @@ fn etcd_bin() -> PathBuf {
 impl EtcdCluster {
     /// Starts `n` members and waits until every one answers `/health`.
     pub async fn start(n: usize) -> anyhow::Result<Self> {
+        // Ports come from `free_port` (bound and released), so another test
+        // may take one before etcd binds it: start again on fresh ports.
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start(n).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried at least once"))
+    }
+
+    async fn try_start(n: usize) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let members: Vec<EtcdMember> = (0..n)
             .map(|i| EtcdMember {
@@ -52,7 +65,10 @@ impl EtcdCluster {
             c.spawn(i)?;
         }
         for i in 0..n {
-            c.wait_healthy(i, Duration::from_secs(20)).await?;
+            if let Err(e) = c.wait_healthy(i, Duration::from_secs(20)).await {
+                let log = crate::tail_logs(c.dir.path(), 10);
+                return Err(e.context(log)); // dropping `c` kills every member
+            }
         }
         Ok(c)
     }
@@ -105,12 +121,20 @@ impl EtcdCluster {
         Ok(())
     }
 
-    async fn wait_healthy(&self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+    async fn wait_healthy(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let port = self.members[i].client_port;
         loop {
             if health(port).unwrap_or(false) {
                 return Ok(());
+            }
+            // A member that could not bind its ports exits at once.
+            for m in &mut self.members {
+                if let Some(child) = m.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    bail!("etcd member {} exited with {status}", m.name);
+                }
             }
             if Instant::now() > deadline {
                 bail!("etcd member {i} not healthy in {timeout:?}");
