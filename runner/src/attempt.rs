@@ -327,9 +327,9 @@ async fn checkout(
             // A wrong password or revision is the user's to fix; anything
             // else (network, disk) is retried as an infrastructure failure.
             let outcome = match e {
-                crate::git::GitError::Auth { .. } | crate::git::GitError::RevNotFound { .. } => {
-                    AttemptOutcome::Failed
-                }
+                crate::git::GitError::Auth { .. }
+                | crate::git::GitError::Refused { .. }
+                | crate::git::GitError::RevNotFound { .. } => AttemptOutcome::Failed,
                 _ => AttemptOutcome::Error,
             };
             Err(Outcome::new(outcome, None, message))

@@ -73,7 +73,8 @@ pub struct Args {
     #[arg(long, env = "CAPSTAN_WORK_DIR", value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
     /// Secrets steps may name (TOML if it ends in .toml, else JSON): a map of
-    /// name to a string or {username, password}. `CAPSTAN_SECRET_<NAME>`
+    /// name to a string, {username, password} or {ssh_key, known_hosts}.
+    /// `CAPSTAN_SECRET_<NAME>`
     /// variables add to it.
     #[arg(long, env = "CAPSTAN_SECRETS_FILE", value_name = "PATH")]
     pub secrets_file: Option<PathBuf>,

@@ -16,6 +16,8 @@ pub enum GitError {
         #[source]
         source: git2::Error,
     },
+    #[error("fetching {repo}: {message}")]
+    Refused { repo: String, message: String },
     #[error("fetching {repo}")]
     Fetch {
         repo: String,
@@ -61,28 +63,28 @@ fn checkout_blocking(
     dest: &Path,
     credentials: Option<&Secret>,
 ) -> Result<String, GitError> {
-    let mut callbacks = git2::RemoteCallbacks::new();
-    let mut tries = 0u32;
-    if let Some(secret) = credentials {
-        let (user, pass) = secret.login();
-        callbacks.credentials(move |_url, _user, _allowed| {
-            tries += 1;
-            if tries > 1 {
-                // libgit2 would otherwise replay the same wrong password.
-                return Err(git2::Error::from_str("authentication failed"));
-            }
-            git2::Cred::userpass_plaintext(&user, &pass)
-        });
-    }
+    let report = crate::git_auth::AuthReport::default();
     let mut fetch = git2::FetchOptions::new();
-    fetch.remote_callbacks(callbacks);
+    fetch.remote_callbacks(crate::git_auth::callbacks(
+        repo_url,
+        credentials,
+        None,
+        &report,
+    ));
     let repo = git2::build::RepoBuilder::new()
         .fetch_options(fetch)
         .clone(repo_url, dest)
         .map_err(|source| {
+            if let Some(message) = report.refused() {
+                return GitError::Refused {
+                    repo: repo_url.to_owned(),
+                    message,
+                };
+            }
             // libgit2 reports some auth failures only in the message
             // ("too many redirects or authentication replays").
-            let auth = source.code() == git2::ErrorCode::Auth
+            let auth = report.auth_failed()
+                || source.code() == git2::ErrorCode::Auth
                 || source.message().contains("authentication");
             if auth {
                 GitError::Auth {

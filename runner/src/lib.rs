@@ -30,6 +30,7 @@ pub mod config;
 pub mod credentials;
 pub mod executor;
 pub mod git;
+pub mod git_auth;
 pub mod logs;
 pub mod secrets;
 pub mod steps;

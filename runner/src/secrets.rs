@@ -3,16 +3,26 @@
 //!
 //! Sources, later ones winning for the same name:
 //! 1. `--secrets-file PATH`: TOML (`.toml`) or JSON (anything else), a map of
-//!    name to either a string or `{ username, password }`:
+//!    name to a string, `{ username, password }`, or an SSH key for git
+//!    remotes (`{ ssh_key, username?, passphrase?, known_hosts? }`, see
+//!    [`crate::git_auth`]):
 //!
 //!    ```toml
 //!    registry = { username = "ci", password = "s3cret" }
 //!    deploy-token = "abc123"
+//!    [manifests-ssh]
+//!    ssh_key = """
+//!    -----BEGIN OPENSSH PRIVATE KEY-----
+//!    ...
+//!    -----END OPENSSH PRIVATE KEY-----
+//!    """
+//!    known_hosts = "[git.example.com]:2222 ssh-ed25519 AAAAC3Nza..."
 //!    ```
 //! 2. The environment: `CAPSTAN_SECRET_<NAME>` where `<NAME>` is the secret's
 //!    name upper-cased with `-` and `.` written as `_` (`registry` ->
 //!    `CAPSTAN_SECRET_REGISTRY`). A value that starts with `{` is parsed as
-//!    JSON `{"username": ..., "password": ...}`; anything else is a string.
+//!    JSON (`{"username": ..., "password": ...}` or `{"ssh_key": ...}`);
+//!    anything else is a string.
 //!
 //! A string secret used as a username/password pair (registry push, git) is
 //! read as `username:password` when it contains a colon, else as a password
@@ -34,7 +44,23 @@ pub const ENV_PREFIX: &str = "CAPSTAN_SECRET_";
 #[serde(untagged)]
 pub enum Secret {
     Text(String),
-    Login { username: String, password: String },
+    /// A private key (OpenSSH or PEM text) for SSH git remotes. Before
+    /// `Login` so that serde tries it first: only this kind has `ssh_key`.
+    SshKey {
+        ssh_key: String,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        passphrase: Option<String>,
+        /// OpenSSH known_hosts lines for the remote; without them the
+        /// runner user's `~/.ssh/known_hosts` is used.
+        #[serde(default)]
+        known_hosts: Option<String>,
+    },
+    Login {
+        username: String,
+        password: String,
+    },
 }
 
 impl std::fmt::Debug for Secret {
@@ -44,24 +70,44 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// The secret as a username/password pair (see the module docs).
-    pub fn login(&self) -> (String, String) {
+    /// The secret as a username/password pair (see the module docs); `None`
+    /// for an SSH key, which has no password to give.
+    pub fn login(&self) -> Option<(String, String)> {
         match self {
-            Secret::Login { username, password } => (username.clone(), password.clone()),
-            Secret::Text(text) => match text.split_once(':') {
+            Secret::Login { username, password } => Some((username.clone(), password.clone())),
+            Secret::Text(text) => Some(match text.split_once(':') {
                 Some((user, pass)) => (user.to_owned(), pass.to_owned()),
                 None => ("capstan".to_owned(), text.clone()),
-            },
+            }),
+            Secret::SshKey { .. } => None,
         }
     }
 
     /// Every value worth masking: the password or text, and for a pair the
-    /// `user:password` text that basic auth encodes.
+    /// `user:password` text that basic auth encodes. A key is masked line
+    /// by line (a step that prints it prints lines) and as a whole.
     pub fn values(&self) -> Vec<String> {
         match self {
             Secret::Text(text) => vec![text.clone()],
             Secret::Login { username, password } => {
                 vec![password.clone(), format!("{username}:{password}")]
+            }
+            Secret::SshKey {
+                ssh_key,
+                passphrase,
+                ..
+            } => {
+                let mut values = vec![ssh_key.trim().to_owned()];
+                values.extend(
+                    ssh_key
+                        .lines()
+                        .map(str::trim)
+                        // The armour lines are public and identical in every key.
+                        .filter(|l| !l.is_empty() && !l.starts_with("-----"))
+                        .map(str::to_owned),
+                );
+                values.extend(passphrase.iter().filter(|p| !p.is_empty()).cloned());
+                values
             }
         }
     }
@@ -77,7 +123,9 @@ pub enum SecretsError {
     },
     #[error("secrets file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("environment variable {var}: expected a string or JSON {{\"username\", \"password\"}}")]
+    #[error(
+        "environment variable {var}: expected a string, JSON {{\"username\", \"password\"}} or JSON {{\"ssh_key\", ...}}"
+    )]
     Env { var: String },
     #[error(
         "secret `{name}` is not configured on this runner: add it to --secrets-file or set {env}"
@@ -194,7 +242,7 @@ mod tests {
         let s = Secrets::from_file(&toml_path).unwrap();
         assert_eq!(
             s.get("registry").unwrap().login(),
-            ("ci".into(), "pw1".into())
+            Some(("ci".into(), "pw1".into()))
         );
         assert_eq!(s.get("token").unwrap(), &Secret::Text("abc".into()));
         let json_path = dir.path().join("s.json");
@@ -204,7 +252,10 @@ mod tests {
         )
         .unwrap();
         let s = Secrets::from_file(&json_path).unwrap();
-        assert_eq!(s.get("git").unwrap().login(), ("bot".into(), "x:y".into()));
+        assert_eq!(
+            s.get("git").unwrap().login(),
+            Some(("bot".into(), "x:y".into()))
+        );
         std::fs::write(&json_path, "{not json").unwrap();
         assert!(matches!(
             Secrets::from_file(&json_path),
@@ -224,10 +275,53 @@ mod tests {
             ("OTHER".to_owned(), "x".to_owned()),
         ])
         .unwrap();
-        assert_eq!(s.get("my-reg").unwrap().login(), ("u".into(), "p".into()));
-        assert_eq!(s.get("git").unwrap().login(), ("a".into(), "b".into()));
+        assert_eq!(
+            s.get("my-reg").unwrap().login(),
+            Some(("u".into(), "p".into()))
+        );
+        assert_eq!(
+            s.get("git").unwrap().login(),
+            Some(("a".into(), "b".into()))
+        );
         let err = s.get("nope").unwrap_err().to_string();
         assert!(err.contains("CAPSTAN_SECRET_NOPE"), "{err}");
         assert!(format!("{:?}", s.get("git").unwrap()) == "Secret(..)");
+    }
+
+    #[test]
+    fn ssh_key_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "[deploy]\nssh_key = \"\"\"\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk\nAAAAB3NzaC1yc2E\n-----END OPENSSH PRIVATE KEY-----\n\"\"\"\nknown_hosts = \"[h]:2222 ssh-ed25519 AAAA\"\n[login]\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let s = Secrets::from_file(&path).unwrap();
+        let deploy = s.get("deploy").unwrap();
+        assert!(
+            matches!(deploy, Secret::SshKey { username: None, known_hosts: Some(k), .. } if k.starts_with("[h]:2222"))
+        );
+        assert_eq!(deploy.login(), None, "a key is not a password");
+        let values = deploy.values();
+        assert!(values.contains(&"b3BlbnNzaC1rZXk".to_owned()), "{values:?}");
+        assert!(values.contains(&"AAAAB3NzaC1yc2E".to_owned()), "{values:?}");
+        assert!(
+            !values
+                .iter()
+                .any(|v| v.starts_with("-----") && !v.contains('\n')),
+            "armour lines are not secret: {values:?}"
+        );
+        assert!(matches!(s.get("login").unwrap(), Secret::Login { .. }));
+
+        let mut env = Secrets::default();
+        env.add_env([(
+            "CAPSTAN_SECRET_KEY".to_owned(),
+            r#"{"ssh_key": "k", "username": "git", "passphrase": "pp"}"#.to_owned(),
+        )])
+        .unwrap();
+        let key = env.get("key").unwrap();
+        assert!(matches!(key, Secret::SshKey { username: Some(u), .. } if u == "git"));
+        assert!(key.values().contains(&"pp".to_owned()));
     }
 }

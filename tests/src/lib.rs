@@ -10,6 +10,7 @@
 pub mod etcd;
 pub mod git_server;
 pub mod ha;
+pub mod ssh_server;
 pub mod testbed;
 
 use anyhow::{Context, bail};

@@ -7,6 +7,7 @@
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::git_server::GitServer;
+use capstan_tests::ssh_server::{SshServer, keygen};
 use capstan_tests::testbed::{Cleanup, Testbed, registry_get, testbed};
 use capstan_tests::*;
 use std::collections::HashMap;
@@ -151,13 +152,22 @@ impl Fixture {
     }
 
     async fn cluster(&self, executor: &str, runners: usize) -> anyhow::Result<TestCluster> {
+        self.cluster_with(&self.secrets, executor, runners).await
+    }
+
+    async fn cluster_with(
+        &self,
+        secrets: &str,
+        executor: &str,
+        runners: usize,
+    ) -> anyhow::Result<TestCluster> {
         let label = self.cleanup.label();
         TestCluster::builder()
             .executor(executor)
             .runners(runners)
             .runner_args(&[
                 "--secrets-file",
-                &self.secrets,
+                secrets,
                 "--git-credentials",
                 "gitops",
                 "--docker-labels",
@@ -458,7 +468,7 @@ async fn racing_pushes_both_land_in_order() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The manifests live in the source repository (`repo: ${{ git.repo }}`),
+/// The manifests live in the source repository (`set-image` without `repo`),
 /// shell executor: a push with the right token lands on `main`; one with a
 /// wrong token fails the task with a clear error and changes nothing.
 #[tokio::test(flavor = "multi_thread")]
@@ -480,7 +490,9 @@ async fn source_repo_write_back_and_rejected_push() -> anyhow::Result<()> {
     let c = f.cluster("shell", 1).await?;
     let yaml = BUMP
         .replace("      - run: sleep 2\n", "")
-        .replace("${{ params.manifests }}", "${{ git.repo }}");
+        // No `repo`: the run's own repository.
+        .replace("repo: \"${{ params.manifests }}\", ", "");
+    assert!(!yaml.contains("repo:"), "{yaml}");
     let run_with = |image: String, credentials: &'static str| {
         let (c, yaml, url, sha) = (&c, &yaml, &url, &sha);
         async move {
@@ -567,5 +579,132 @@ async fn already_up_to_date_makes_no_commit() -> anyhow::Result<()> {
         &["rev-list", "--count", "main"],
     );
     assert_eq!(count, "2", "seed plus one commit");
+    Ok(())
+}
+
+/// `git-push` over SSH with a key from a secret, the server checked against
+/// the secret's `known_hosts`: a real sshd on loopback serves the manifests
+/// repository. The right key and host key push the bump as the bot; a host
+/// key that differs from the listed one, a host that is not listed, a key
+/// the server does not accept and a password secret for an SSH URL each
+/// fail the task with an error that says what to fix, and push nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn ssh_push_with_a_key_from_a_secret() -> anyhow::Result<()> {
+    let f = Fixture::new("ssh");
+    let image = f.image();
+    let pod_text = pod(&image);
+    seed_repo(
+        &f.server,
+        f.work.path(),
+        "demo/manifests",
+        &[("k8s/pod.yaml", pod_text.as_bytes())],
+    );
+    let seed = head(&f.server, "demo/manifests");
+    let client = keygen(f.work.path(), "client")?;
+    let stranger = keygen(f.work.path(), "stranger")?;
+    let impostor = keygen(f.work.path(), "impostor")?;
+    let sshd = SshServer::start(&client.public)?;
+    let known = sshd.known_hosts();
+    let port = sshd.addr().port();
+    // The same host name with another key: what a changed (or spoofed) host looks like.
+    let changed = format!(
+        "[127.0.0.1]:{port} {}",
+        impostor.public.rsplit_once(' ').unwrap().0
+    );
+    let key = |private: &str, known_hosts: &str| serde_json::json!({ "ssh_key": private, "known_hosts": known_hosts });
+    let secrets = serde_json::json!({
+        "gitops": { "username": GIT_USER, "password": GIT_PASSWORD },
+        "ssh-deploy": key(&client.private, &format!("# the loopback sshd\n{known}\n")),
+        "ssh-changed": key(&client.private, &changed),
+        "ssh-unknown": key(&client.private, &format!("[127.0.0.1]:{} {}", port + 1, known.split_once(' ').unwrap().1)),
+        "ssh-stranger": key(&stranger.private, &known),
+    });
+    let secrets_path = f.work.path().join("ssh-secrets.json");
+    std::fs::write(&secrets_path, serde_json::to_vec_pretty(&secrets)?)?;
+    let c = f
+        .cluster_with(&secrets_path.display().to_string(), "shell", 1)
+        .await?;
+    let url = sshd.url(&bare(&f.server, "demo/manifests"));
+    let yaml = BUMP.replace("      - run: sleep 2\n", "");
+    let run_with = |tag: &'static str, credentials: &'static str| {
+        let (c, yaml, url, image) = (&c, &yaml, &url, &image);
+        async move {
+            let new_image = format!("{image}:{tag}");
+            let params = [
+                ("manifests", url.as_str()),
+                ("file", "k8s/pod.yaml"),
+                ("image", new_image.as_str()),
+                ("base", "unused-by-the-shell-executor"),
+                ("credentials", credentials),
+            ];
+            let id = submit(c, yaml, &params, "", "").await?;
+            let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+            let log = logs(c, &id, &["deploy"]).await;
+            anyhow::Ok((run, log))
+        }
+    };
+
+    let failures = [
+        (
+            "ssh-changed",
+            "host key check failed: the key [127.0.0.1]:PORT offers differs from the one in the secret's `known_hosts`",
+        ),
+        (
+            "ssh-unknown",
+            "host key check failed: [127.0.0.1]:PORT is not in the secret's `known_hosts`; add the output of `ssh-keyscan -p PORT 127.0.0.1`",
+        ),
+        (
+            "ssh-stranger",
+            "authentication failed; check the secret `ssh-stranger`",
+        ),
+        (
+            "gitops",
+            "secret `gitops` is a user name and password, but the remote is SSH",
+        ),
+    ];
+    for (secret, expected) in failures {
+        let expected = expected.replace("PORT", &port.to_string());
+        let (run, log) = run_with("bad", secret).await?;
+        assert_eq!(
+            run_state(&run),
+            RunState::Failed,
+            "{secret}: {run:#?}\n{log}"
+        );
+        let message = &task(&run, "deploy").message;
+        assert!(
+            message.contains(&expected),
+            "{secret}: {message}\n{log}\nsshd: {}",
+            sshd.log()
+        );
+        assert_eq!(head(&f.server, "demo/manifests"), seed, "{secret} pushed");
+    }
+
+    let (run, log) = run_with("v1", "ssh-deploy").await?;
+    assert_eq!(
+        run_state(&run),
+        RunState::Succeeded,
+        "{run:#?}\n{log}\nsshd: {}",
+        sshd.log()
+    );
+    let bare = bare(&f.server, "demo/manifests");
+    let new_head = head(&f.server, "demo/manifests");
+    assert_eq!(git(&bare, &["rev-parse", "main^"]), seed);
+    assert_eq!(task(&run, "deploy").outputs.get("commit"), Some(&new_head));
+    assert_eq!(
+        String::from_utf8(show(&bare, "main", "k8s/pod.yaml"))?,
+        pod_text.replace(":old", ":v1")
+    );
+    assert_eq!(
+        git(&bare, &["log", "-1", "--format=%an <%ae>"]),
+        BOT,
+        "{log}"
+    );
+    // The session really went through sshd, with the key from the secret.
+    assert!(
+        sshd.log().contains("Accepted publickey"),
+        "sshd: {}",
+        sshd.log()
+    );
+    assert!(!log.contains("PRIVATE KEY"), "{log}");
     Ok(())
 }

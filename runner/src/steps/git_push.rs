@@ -27,7 +27,6 @@
 //! repository URL the output `repo`.
 
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +35,7 @@ use capstan_shared::proto::pipeline::v1::{GitPushStep, SetImageStep, step};
 
 use super::set_image::{SetImageError, set_image_in_files};
 use crate::executor::{ExecutorError, StepContext, StepEnd, TaskContext, sleep_until_deadline};
+use crate::git_auth::{self, AuthReport};
 use crate::secrets::{Secret, Secrets, SecretsError};
 
 /// Default of `--git-author`.
@@ -157,6 +157,10 @@ pub enum GitOpsError {
         #[source]
         source: git2::Error,
     },
+    /// The runner refused the remote before authenticating: its host key,
+    /// or a secret of the wrong kind for its scheme.
+    #[error("{url}: {message}")]
+    Refused { url: String, message: String },
     #[error("git push to {url} rejected: {refname}: {message}")]
     Rejected {
         url: String,
@@ -468,35 +472,9 @@ fn branch_of(repo: &git2::Repository) -> String {
         .unwrap_or_else(|| DEFAULT_BRANCH.to_owned())
 }
 
-/// Remote callbacks that answer one credentials request with the secret and
-/// flag a second one (libgit2 asks again when the server refused the first:
-/// a wrong password, not a network error).
-fn callbacks<'a>(
-    secret: Option<&Secret>,
-    auth_failed: &'a AtomicBool,
-) -> git2::RemoteCallbacks<'a> {
-    let mut callbacks = git2::RemoteCallbacks::new();
-    let login = secret.map(Secret::login);
-    let mut asked = false;
-    callbacks.credentials(move |_url, _user, _allowed| {
-        let Some((user, pass)) = &login else {
-            auth_failed.store(true, Ordering::SeqCst);
-            return Err(git2::Error::from_str(
-                "the server wants credentials and none are configured",
-            ));
-        };
-        if asked {
-            auth_failed.store(true, Ordering::SeqCst);
-            return Err(git2::Error::from_str("authentication failed"));
-        }
-        asked = true;
-        git2::Cred::userpass_plaintext(user, pass)
-    });
-    callbacks
-}
-
-fn is_auth(e: &git2::Error, flagged: &AtomicBool) -> bool {
-    flagged.load(Ordering::SeqCst) || e.code() == git2::ErrorCode::Auth
+/// An auth failure the callbacks flagged or libgit2 reported.
+fn is_auth(e: &git2::Error, report: &AuthReport) -> bool {
+    report.auth_failed() || e.code() == git2::ErrorCode::Auth
 }
 
 fn clone(
@@ -505,14 +483,19 @@ fn clone(
     secret: Option<&Secret>,
     secret_name: Option<&str>,
 ) -> Result<git2::Repository, GitOpsError> {
-    let auth_failed = AtomicBool::new(false);
+    let report = AuthReport::default();
     let mut fetch = git2::FetchOptions::new();
-    fetch.remote_callbacks(callbacks(secret, &auth_failed));
+    fetch.remote_callbacks(git_auth::callbacks(url, secret, secret_name, &report));
     git2::build::RepoBuilder::new()
         .fetch_options(fetch)
         .clone(url, dir)
         .map_err(|source| {
-            if is_auth(&source, &auth_failed) {
+            if let Some(message) = report.refused() {
+                GitOpsError::Refused {
+                    url: url.to_owned(),
+                    message,
+                }
+            } else if is_auth(&source, &report) {
                 GitOpsError::CloneAuth {
                     url: url.to_owned(),
                     secret: secret_name.map(str::to_owned),
@@ -664,10 +647,10 @@ fn push(
     };
     repo.reference(LOCAL, commit, true, "capstan git-push")
         .map_err(git("creating the push ref"))?;
-    let auth_failed = AtomicBool::new(false);
+    let report = AuthReport::default();
     let rejected: Mutex<Option<(String, String)>> = Mutex::new(None);
     let result = {
-        let mut callbacks = callbacks(secret, &auth_failed);
+        let mut callbacks = git_auth::callbacks(url, secret, secret_name.as_deref(), &report);
         callbacks.push_update_reference(|name, status| {
             if let Some(message) = status
                 && let Ok(mut r) = rejected.lock()
@@ -684,7 +667,13 @@ fn push(
         remote.push(&[format!("{LOCAL}:{refname}")], Some(&mut options))
     };
     match result {
-        Err(source) if is_auth(&source, &auth_failed) => {
+        Err(_) if report.refused().is_some() => {
+            return Err(GitOpsError::Refused {
+                url: url.to_owned(),
+                message: report.refused().unwrap_or_default(),
+            });
+        }
+        Err(source) if is_auth(&source, &report) => {
             return Err(GitOpsError::PushAuth {
                 url: url.to_owned(),
                 secret: secret_name.clone(),
@@ -728,9 +717,14 @@ fn fetch_branch(
     secret_name: &Option<String>,
 ) -> Result<git2::Oid, GitOpsError> {
     let tracking = format!("refs/remotes/origin/{branch}");
-    let auth_failed = AtomicBool::new(false);
+    let report = AuthReport::default();
     let mut options = git2::FetchOptions::new();
-    options.remote_callbacks(callbacks(secret, &auth_failed));
+    options.remote_callbacks(git_auth::callbacks(
+        url,
+        secret,
+        secret_name.as_deref(),
+        &report,
+    ));
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(|source| GitOpsError::Git {
@@ -745,7 +739,12 @@ fn fetch_branch(
             None,
         )
         .map_err(|source| {
-            if is_auth(&source, &auth_failed) {
+            if let Some(message) = report.refused() {
+                GitOpsError::Refused {
+                    url: url.to_owned(),
+                    message,
+                }
+            } else if is_auth(&source, &report) {
                 GitOpsError::PushAuth {
                     url: url.to_owned(),
                     secret: secret_name.clone(),

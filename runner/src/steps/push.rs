@@ -36,7 +36,12 @@ pub async fn run(
     } else {
         match ex.secrets().get(&push.credentials) {
             Ok(secret) => {
-                let (username, password) = secret.login();
+                let Some((username, password)) = secret.login() else {
+                    return failed(format!(
+                        "secret `{}` is an SSH key; a registry needs {{ username, password }} or a token",
+                        push.credentials
+                    ));
+                };
                 Some(DockerCredentials {
                     username: Some(username),
                     password: Some(password),

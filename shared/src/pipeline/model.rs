@@ -81,6 +81,8 @@ pub enum StepKind {
     },
     /// Set the image in Kubernetes YAML files of a repository.
     SetImage {
+        /// The manifests repository's URL; empty: the run's own repository.
+        #[serde(default)]
         repo: String,
         files: Vec<String>,
         image: String,

@@ -870,7 +870,11 @@ impl Parser<'_> {
             }
             "set-image" => {
                 let f = self.fields(value, &what, SET_IMAGE_KEYS)?;
-                let repo = self.required(&f, "repo", &what, &path);
+                // No `repo`: the run's own repository (its checkout is edited).
+                let repo = match f.get("repo").filter(|n| !n.is_null()) {
+                    None => Some(String::new()),
+                    Some(v) => self.subst(v, &format!("`repo` of {what}"), format!("{path}.repo")),
+                };
                 let files = match f.get("files") {
                     None => {
                         self.missing(f.pos, "files", &what);

@@ -553,8 +553,8 @@ fn missing_required_keys() {
         &["missing required key `image`"],
     );
     let errs = errors(&with_task("    steps:\n      - set-image: {}\n"));
-    assert_eq!(errs.len(), 3, "{errs:?}");
-    for (e, key) in errs.iter().zip(["repo", "files", "image"]) {
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    for (e, key) in errs.iter().zip(["files", "image"]) {
         assert_eq!((e.0, e.1), (6, 20));
         assert!(
             e.2.contains(&format!("missing required key `{key}`")),
@@ -1297,4 +1297,15 @@ fn set_image_allow_no_match() {
         err.contains("a.yaml:6:") && err.contains("`allow-no-match`"),
         "{err}"
     );
+}
+
+#[test]
+fn set_image_without_repo_edits_the_run_repository() {
+    let yaml = "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - set-image: { files: [k8s/pod.yaml], image: x }\n";
+    let p = parse("a.yaml", yaml).unwrap();
+    let StepKind::SetImage { repo, files, .. } = &p.tasks[0].steps[0].kind else {
+        panic!("{p:?}")
+    };
+    assert_eq!(repo, "", "empty means the run's own repository");
+    assert_eq!(files, &["k8s/pod.yaml"]);
 }
