@@ -8,13 +8,18 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::api::Role;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
-    /// True once the state is loaded and the gRPC server accepts calls.
+    /// True once the gRPC server accepts calls.
     pub ready: Arc<AtomicBool>,
+    /// Whether this replica leads (and so serves the API) right now.
+    pub role: watch::Receiver<Role>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -25,11 +30,20 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// 200 only on the replica that leads: a follower answers every API call
+/// with "not the leader", so a load balancer or a Kubernetes Service should
+/// send nothing to it (as Vault's and Consul's health checks do for standbys).
+/// `/healthz` is the liveness check, 200 on every replica.
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    if !s.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
+    }
+    match &*s.role.borrow() {
+        Role::Leader(_) => (StatusCode::OK, "ready: leader\n"),
+        Role::Follower => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "follower: the leader serves the API\n",
+        ),
     }
 }
 

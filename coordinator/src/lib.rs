@@ -35,6 +35,11 @@ use tokio_util::task::TaskTracker;
 
 /// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 64 KiB).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// HTTP/2 ping interval on idle connections; rare enough to cost nothing
+/// next to the runners' heartbeats at 10,000 connections.
+const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// A connection whose ping is not answered within this is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs a coordinator until `shutdown` is cancelled: standalone on redb, or
 /// one replica of several on etcd (`config.etcd_endpoints`). `http` is
@@ -111,6 +116,7 @@ pub async fn run(
         let state = http::HttpState {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            role: shared.role.clone(),
         };
         let token = inner.clone();
         tracker.spawn(async move {
@@ -122,6 +128,13 @@ pub async fn run(
     }
 
     let server = tonic::transport::Server::builder()
+        // A runner host that vanishes without closing its connection (power
+        // loss, a partition) would otherwise keep its stream task until TCP
+        // gives up, minutes later; HTTP/2 pings find it in seconds. The lease
+        // requeues its work either way.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(HTTP2_KEEPALIVE_INTERVAL))
         .add_service(
             runnerpb::runner_service_server::RunnerServiceServer::new(api::runner::RunnerApi(
                 shared.clone(),

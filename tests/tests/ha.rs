@@ -107,6 +107,19 @@ async fn followers_point_at_the_leader() -> anyhow::Result<()> {
         .map(String::from);
     assert_eq!(hint, Some(c.replicas[leader].url()));
     assert!(!c.ask(follower).await?.is_leader);
+    // Only the leader is ready (takes traffic); every replica is alive.
+    let get = |i: usize, path: &str| {
+        http_get(
+            std::net::SocketAddr::from(([127, 0, 0, 1], c.replicas[i].http)),
+            path,
+        )
+    };
+    let (status, body) = get(leader, "/readyz")?;
+    assert_eq!((status, body.trim()), (200, "ready: leader"));
+    let (status, body) = get(follower, "/readyz")?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("follower"), "{body}");
+    assert_eq!(get(follower, "/healthz")?.0, 200);
     Ok(())
 }
 
