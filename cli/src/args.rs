@@ -106,6 +106,12 @@ pub struct SubmitArgs {
         allow_negative_numbers = true
     )]
     pub priority: i32,
+    /// Queue at most one run per key: a submit whose key an earlier run has
+    /// prints that run instead (e.g. a webhook delivery id, so a redelivery
+    /// runs nothing twice). Default: a fresh key, which still makes the
+    /// client's own retries safe.
+    #[arg(long, env = "CAPSTAN_IDEMPOTENCY_KEY", value_name = "KEY")]
+    pub idempotency_key: Option<String>,
     /// Watch the run and its logs; exit with its result.
     #[arg(short, long)]
     pub follow: bool,

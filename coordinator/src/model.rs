@@ -47,6 +47,9 @@ pub struct RunRecord {
     pub rev: String,
     pub cancel_requested: bool,
     pub tasks: Vec<TaskRecord>,
+    /// The submitter's key for safe retries (see `SubmitRunRequest`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub idempotency_key: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

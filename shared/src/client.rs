@@ -284,7 +284,15 @@ impl Client {
     }
 
     /// Queues a run; `INVALID_ARGUMENT` lists every validation error.
-    pub async fn submit_run(&self, request: SubmitRunRequest) -> Result<RunId, ClientError> {
+    ///
+    /// Retried on UNAVAILABLE like every call; a request without an
+    /// `idempotency_key` gets a fresh one first, so a retry after a lost
+    /// reply (the leader died after writing the run) returns the run
+    /// instead of queuing it twice.
+    pub async fn submit_run(&self, mut request: SubmitRunRequest) -> Result<RunId, ClientError> {
+        if request.idempotency_key.is_empty() {
+            request.idempotency_key = uuid::Uuid::now_v7().simple().to_string();
+        }
         let timeout = self.inner.options.request_timeout;
         let response = self
             .call(move |ch| {

@@ -445,3 +445,41 @@ async fn a_runner_cannot_touch_another_runners_attempt() -> anyhow::Result<()> {
 fn bytes_of(s: &str) -> tonic::codegen::Bytes {
     tonic::codegen::Bytes::copy_from_slice(s.as_bytes())
 }
+
+/// `capstan submit --idempotency-key`: the same key twice queues one run and
+/// prints its id both times (a redelivered webhook, a retried script); a
+/// submit without a key queues a new run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_idempotency_key_queues_one_run() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("once.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nname: once\ntasks:\n  t:\n    steps: [ { run: 'echo once' } ]\n",
+    )?;
+    let path = file.to_str().unwrap();
+    let submit = |extra: &[&str]| {
+        let mut args = vec!["submit", path];
+        args.extend_from_slice(extra);
+        let out = c.cli(&args);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let first = submit(&["--idempotency-key", "push-event-42"]);
+    let again = submit(&["--idempotency-key", "push-event-42"]);
+    assert_eq!(first, again);
+    let other = submit(&[]);
+    assert_ne!(other, first);
+    let runs = c
+        .client()
+        .await?
+        .list_runs(capstan_shared::proto::api::v1::ListRunsRequest { limit: 10 })
+        .await?
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 2, "{runs:#?}");
+    let run = c.wait_done(&first, Duration::from_secs(15)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    Ok(())
+}

@@ -1,4 +1,5 @@
-//! `capstan submit FILE [--param k=v]... [--repo URL] [--rev REV] [--priority N] [--follow]`
+//! `capstan submit FILE [--param k=v]... [--repo URL] [--rev REV] [--priority N]
+//! [--idempotency-key KEY] [--follow]`
 
 use capstan_shared::proto::api::v1::SubmitRunRequest;
 use serde_json::json;
@@ -19,6 +20,7 @@ pub async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure> {
         repo: args.repo.unwrap_or_default(),
         rev: args.rev.unwrap_or_default(),
         priority: args.priority,
+        idempotency_key: args.idempotency_key.unwrap_or_default(),
     };
     // INVALID_ARGUMENT carries every `FILE:LINE:COL: msg`; `Failure` prints it alone, exit 2.
     let run = client.submit_run(request).await?;

@@ -31,8 +31,17 @@ fn run_id(s: String) -> Result<RunId, Status> {
     Ok(RunId::from_string(s))
 }
 
+/// Longest `SubmitRunRequest.idempotency_key` accepted.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
 /// Turns a submit request into a run record, or every validation error.
 pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
+    if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_BYTES} (a UUID is plenty)",
+            req.idempotency_key.len()
+        )));
+    }
     let file = if req.file_name.is_empty() {
         "pipeline.yaml".to_string()
     } else {
@@ -86,6 +95,7 @@ pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
         rev: req.rev,
         cancel_requested: false,
         tasks,
+        idempotency_key: req.idempotency_key,
     };
     // etcd refuses requests over ~1.5 MiB: a run that could not be stored
     // must be refused here, not knock the leader over when it is written.

@@ -242,8 +242,12 @@ impl Scheduler {
         let now = Instant::now();
         match cmd {
             Command::Submit { run, reply } => {
-                let id = self.state.submit(*run);
-                self.metrics.runs_submitted.inc();
+                let (id, new) = self.state.submit(*run);
+                if new {
+                    self.metrics.runs_submitted.inc();
+                }
+                // A repeat is answered after the next commit too, so it
+                // never names a run that is not yet durable.
                 self.reply(reply, Ok(id));
             }
             Command::GetRun { id, reply } => {

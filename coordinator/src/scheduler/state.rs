@@ -137,6 +137,8 @@ pub struct SchedulerState {
     pub epoch: u64,
     pub timing: Timing,
     pub runs: HashMap<RunId, RunRecord>,
+    /// Idempotency key -> the run submitted with it.
+    run_keys: HashMap<String, RunId>,
     pub runners: HashMap<RunnerId, RunnerSlot>,
     /// Attempt -> (run, task index), for every attempt of every loaded run.
     attempts: HashMap<AttemptId, (RunId, usize)>,
@@ -160,6 +162,7 @@ impl SchedulerState {
             epoch,
             timing,
             runs: HashMap::new(),
+            run_keys: HashMap::new(),
             runners: HashMap::new(),
             attempts: HashMap::new(),
             queue: BTreeSet::new(),
@@ -225,6 +228,10 @@ impl SchedulerState {
                         .insert((Reverse(run.priority), run.seq, run.id.clone(), i));
                 }
             }
+            if !run.idempotency_key.is_empty() {
+                st.run_keys
+                    .insert(run.idempotency_key.clone(), run.id.clone());
+            }
             st.runs.insert(run.id.clone(), run);
         }
         st
@@ -237,7 +244,16 @@ impl SchedulerState {
     // ----- runs -------------------------------------------------------------
 
     /// Adds a validated run. `tasks` are in file order with `needs` as indexes.
-    pub fn submit(&mut self, mut run: RunRecord) -> RunId {
+    /// Queues `run`, or returns the run an earlier submit with the same
+    /// idempotency key queued (`false`: nothing new was queued).
+    pub fn submit(&mut self, mut run: RunRecord) -> (RunId, bool) {
+        if !run.idempotency_key.is_empty() {
+            if let Some(id) = self.run_keys.get(&run.idempotency_key) {
+                return (id.clone(), false);
+            }
+            self.run_keys
+                .insert(run.idempotency_key.clone(), run.id.clone());
+        }
         run.seq = self.next_seq;
         self.next_seq += 1;
         let id = run.id.clone();
@@ -254,7 +270,7 @@ impl SchedulerState {
         }
         self.runs.insert(id.clone(), run);
         self.touch_run(&id);
-        id
+        (id, true)
     }
 
     pub fn cancel_run(&mut self, id: &RunId) -> Result<(), StateError> {

@@ -51,7 +51,7 @@ impl Harness {
             ..Default::default()
         })
         .expect("valid pipeline");
-        let id = self.st.submit(run);
+        let (id, _) = self.st.submit(run);
         self.settle();
         id
     }
@@ -277,9 +277,9 @@ fn priority_then_fifo() {
         priority: 5,
         ..Default::default()
     };
-    let high = h.st.submit(build_run(req.clone()).unwrap());
+    let (high, _) = h.st.submit(build_run(req.clone()).unwrap());
     req.priority = 0;
-    let low2 = h.st.submit(build_run(req).unwrap());
+    let (low2, _) = h.st.submit(build_run(req).unwrap());
     let mut r = h.runner("r", 1, &[]);
     let o = h.accept(&mut r);
     assert_eq!(o.run_id, high.to_string());
@@ -534,4 +534,50 @@ fn an_accept_after_the_offer_expired_is_told_to_cancel() {
         saw_cancel |= matches!(m, Down::Cancel(c) if c.attempt_id == offer.attempt_id);
     }
     assert!(saw_cancel);
+}
+
+#[test]
+fn a_repeated_idempotency_key_queues_nothing_new() {
+    let mut h = Harness::new();
+    let req = SubmitRunRequest {
+        pipeline_yaml: "version: 1\nname: p\ntasks:\n  t:\n    steps: [ { run: x } ]\n".into(),
+        idempotency_key: "key-1".into(),
+        ..Default::default()
+    };
+    let (first, new) = h.st.submit(build_run(req.clone()).unwrap());
+    assert!(new);
+    let (again, new) = h.st.submit(build_run(req.clone()).unwrap());
+    assert!(!new, "the retry queued a second run");
+    assert_eq!(again, first);
+    assert_eq!(h.st.runs.len(), 1);
+    // Another key (or none) is another run.
+    let (other, new) = h.st.submit(
+        build_run(SubmitRunRequest {
+            idempotency_key: "key-2".into(),
+            ..req.clone()
+        })
+        .unwrap(),
+    );
+    assert!(new && other != first);
+    let (none, new) = h.st.submit(
+        build_run(SubmitRunRequest {
+            idempotency_key: String::new(),
+            ..req.clone()
+        })
+        .unwrap(),
+    );
+    assert!(new && none != first);
+    // A new leader loading the runs still knows the key.
+    let runs: Vec<_> = h.st.runs.values().cloned().collect();
+    let mut loaded = SchedulerState::load(2, Timing::default(), runs, Vec::new(), Instant::now());
+    let (after, new) = loaded.submit(build_run(req.clone()).unwrap());
+    assert!(!new);
+    assert_eq!(after, first);
+    // An oversized key is refused with the limit.
+    let err = build_run(SubmitRunRequest {
+        idempotency_key: "k".repeat(129),
+        ..req
+    })
+    .unwrap_err();
+    assert!(err.message().contains("limit is 128"), "{err}");
 }
