@@ -1,7 +1,8 @@
 //! The leader-aware client of the coordinator's client API, used by the CLI.
 //!
-//! [`Client::connect`] opens a channel to the first reachable of the given
-//! coordinator URLs. Every convenience method (`submit_run`, `get_run`, ...)
+//! [`Client::connect`] opens a channel to the leader among the given
+//! coordinator URLs (asking them all at once), else to a follower that
+//! answered. Every convenience method (`submit_run`, `get_run`, ...)
 //! goes through one retry loop:
 //!
 //! - a follower answers with `UNAVAILABLE` and the leader's URL in the
@@ -558,26 +559,67 @@ async fn connect_one(url: &str, options: &ClientOptions) -> Result<Connection, C
     }
 }
 
-/// Tries every server once, starting at index `start`; the first that
-/// connects wins. The error names every server and the last failure.
+/// Connects to every server at once and asks each who leads (with
+/// `start` first in the rotation, which only orders equals). The leader
+/// wins as soon as it answers; otherwise the first follower that answered,
+/// once every probe has ended. A server that accepts TCP but never answers
+/// (stopped with SIGSTOP, wedged) costs at most `connect_timeout` instead of
+/// becoming the connection that every later call hangs on. The error names
+/// every server and the last failure.
 async fn connect_any(
     servers: &[String],
     start: usize,
     options: &ClientOptions,
 ) -> Result<Connection, ClientError> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut probes: FuturesUnordered<_> = (0..servers.len())
+        .map(|i| probe(&servers[(start + i) % servers.len()], options))
+        .collect();
+    let mut follower: Option<Connection> = None;
     let mut last: Option<Box<dyn StdError + Send + Sync>> = None;
-    for i in 0..servers.len() {
-        let url = &servers[(start + i) % servers.len()];
-        match connect_one(url, options).await {
-            Ok(c) => return Ok(c),
+    while let Some(result) = probes.next().await {
+        match result {
+            Ok((connection, true)) => return Ok(connection),
+            Ok((connection, false)) => {
+                follower.get_or_insert(connection);
+            }
             Err(ClientError::Unreachable { source, .. }) => last = Some(source),
             Err(other) => return Err(other),
         }
     }
-    Err(ClientError::Unreachable {
+    follower.ok_or_else(|| ClientError::Unreachable {
         servers: servers.to_vec(),
         source: last.unwrap_or_else(|| "no coordinator address given".into()),
     })
+}
+
+/// Connects to `url` and asks it whether it leads, within
+/// `connect_timeout` for both. A server that answers the question with an
+/// error is reachable (not the leader as far as we know).
+async fn probe(url: &str, options: &ClientOptions) -> Result<(Connection, bool), ClientError> {
+    let connection = connect_one(url, options).await?;
+    let mut cluster = ClusterServiceClient::new(connection.channel.clone());
+    let asked = tokio::time::timeout(
+        options.connect_timeout,
+        cluster.ask_leader(AskLeaderRequest {}),
+    )
+    .await;
+    match asked {
+        Ok(Ok(answer)) => Ok((connection, answer.into_inner().is_leader)),
+        Ok(Err(status)) if !is_connection_failure(&status) => Ok((connection, false)),
+        Ok(Err(status)) => Err(ClientError::Unreachable {
+            servers: vec![url.to_string()],
+            source: Box::new(status),
+        }),
+        Err(_) => Err(ClientError::Unreachable {
+            servers: vec![url.to_string()],
+            source: format!(
+                "connected, but no answer within {:?}",
+                options.connect_timeout
+            )
+            .into(),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -132,12 +132,27 @@ async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
         .wait_new_leader(Some(old), Duration::from_secs(15))
         .await?;
     assert!(new_epoch > old_epoch);
-    // Work goes on under the new leader while the old one sleeps.
-    let id = c
-        .submit(
-            "version: 1\nname: s\ntasks:\n  t:\n    steps: [ { run: 'echo under-new-leader' } ]\n",
-        )
+    // Work goes on under the new leader while the old one sleeps. A client
+    // given every replica, the stopped one first (it accepts TCP and never
+    // answers), asks them all at once and goes to the new leader.
+    let mut urls = vec![c.replicas[old].url()];
+    urls.extend((0..3).filter(|&i| i != old).map(|i| c.replicas[i].url()));
+    let t0 = Instant::now();
+    let client = capstan_shared::client::Client::connect(&urls).await?;
+    assert_eq!(client.current_url(), c.replicas[new].url());
+    let id = client
+        .submit_run(api::SubmitRunRequest {
+            pipeline_yaml:
+                "version: 1\nname: s\ntasks:\n  t:\n    steps: [ { run: 'echo under-new-leader' } ]\n"
+                    .into(),
+            ..Default::default()
+        })
         .await?;
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "connect and submit took {:?} with a stopped replica first",
+        t0.elapsed()
+    );
     c.resume(old);
     // The old leader learns it lost: its keep-alive fails, its fenced writes fail.
     let deadline = Instant::now() + Duration::from_secs(10);
