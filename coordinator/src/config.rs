@@ -94,6 +94,10 @@ pub struct Args {
     /// Infrastructure failures retried per task [default: 3].
     #[arg(long, env = "CAPSTAN_MAX_INFRA_RETRIES")]
     pub max_infra_retries: Option<u32>,
+    /// Delete finished runs and their logs this long after they end, e.g.
+    /// `30d`, `12h`, `90m`; `forever` keeps everything [default: 30d].
+    #[arg(long, env = "CAPSTAN_RETENTION", value_name = "DURATION")]
+    pub retention: Option<String>,
 }
 
 /// The TOML file: the same settings, all optional, nothing else.
@@ -113,6 +117,7 @@ pub struct FileConfig {
     pub lease_ms: Option<u64>,
     pub offer_timeout_ms: Option<u64>,
     pub max_infra_retries: Option<u32>,
+    pub retention: Option<String>,
 }
 
 /// The merged settings of the binary.
@@ -224,6 +229,10 @@ impl Args {
             reattach_grace: d.reattach_grace,
             // Two missed heartbeats and a reconnect attempt.
             disconnect_grace: heartbeat * 2 + Duration::from_millis(500),
+            retention: match self.retention.or(file.retention) {
+                None => d.retention,
+                Some(text) => parse_retention(&text).map_err(ConfigError::Invalid)?,
+            },
         };
         if timing.lease <= timing.heartbeat {
             return Err(ConfigError::Invalid(format!(
@@ -252,6 +261,28 @@ impl Args {
     }
 }
 
+/// `forever` (or `0`): keep everything; else a duration of whole days
+/// (`30d`) or what a pipeline `timeout` takes (`12h`, `1h30m`, `90s`).
+fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    if t == "forever" || t == "0" {
+        return Ok(None);
+    }
+    let bad = || {
+        format!(
+            "bad retention `{text}`: use a duration such as `30d`, `12h` or `90m`, or `forever`"
+        )
+    };
+    let duration = match t.strip_suffix('d') {
+        Some(days) if !days.is_empty() && days.bytes().all(|b| b.is_ascii_digit()) => {
+            let days: u64 = days.parse().map_err(|_| bad())?;
+            Duration::from_secs(days.checked_mul(24 * 3600).ok_or_else(bad)?)
+        }
+        _ => capstan_shared::pipeline::parse_timeout(t).map_err(|_| bad())?,
+    };
+    Ok(Some(duration))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +296,7 @@ mod tests {
         .unwrap();
         assert_eq!(f.listen, Some("127.0.0.1:7700".parse().unwrap()));
         assert!(f.registration_token.is_some());
+        assert_eq!(f.retention.as_deref(), Some("30d"));
     }
 
     #[test]
@@ -287,6 +319,35 @@ mod tests {
         assert_eq!(s.coordinator.registration_token, "flag");
         assert_eq!(s.coordinator.timing.lease, Duration::from_millis(9000));
         assert_eq!(s.listen.port(), 7700);
+    }
+
+    #[test]
+    fn retention() {
+        let with = |r: &str| {
+            Args {
+                registration_token: Some("t".into()),
+                retention: Some(r.into()),
+                ..Args::default()
+            }
+            .settings()
+            .map(|s| s.coordinator.timing.retention)
+        };
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(with("7d").unwrap(), Some(7 * day));
+        assert_eq!(with("12h").unwrap(), Some(day / 2));
+        assert_eq!(with("1h30m").unwrap(), Some(Duration::from_secs(5400)));
+        assert_eq!(with("forever").unwrap(), None);
+        assert_eq!(with("0").unwrap(), None);
+        let e = with("a week").unwrap_err().to_string();
+        assert!(e.contains("`30d`") && e.contains("forever"), "{e}");
+        let default = Args {
+            registration_token: Some("t".into()),
+            ..Args::default()
+        };
+        assert_eq!(
+            default.settings().unwrap().coordinator.timing.retention,
+            Some(30 * day)
+        );
     }
 
     #[test]

@@ -210,8 +210,10 @@ async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
         let Some(lead) = l.election.campaign(&l.shutdown).await? else {
             return Ok(());
         };
+        let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(&l.log_dir)?);
         let started = scheduler::start(
             l.store.clone(),
+            logs.clone(),
             l.timing.clone(),
             l.metrics.clone(),
             lead.epoch,
@@ -227,7 +229,6 @@ async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
             Err(e) => return Err(anyhow::Error::new(e).context("cannot load the state")),
         };
         let token = l.shutdown.child_token();
-        let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(&l.log_dir)?);
         l.role.send_replace(api::Role::Leader(api::LeaderCtx {
             scheduler: handle,
             epoch: lead.epoch,

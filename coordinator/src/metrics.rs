@@ -12,6 +12,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub runners_connected: Gauge,
     pub runs_submitted: Counter,
+    /// Finished runs deleted by retention.
+    pub runs_deleted: Counter,
     pub log_bytes: Counter,
     /// Queued -> accepted by a runner, milliseconds.
     pub pickup_ms: Histogram,
@@ -25,6 +27,7 @@ impl Default for Metrics {
         let queue_depth = Gauge::default();
         let runners_connected = Gauge::default();
         let runs_submitted = Counter::default();
+        let runs_deleted = Counter::default();
         let log_bytes = Counter::default();
         let pickup_ms = Histogram::new(exponential_buckets(0.5, 2.0, 16));
         let task_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 20));
@@ -39,6 +42,11 @@ impl Default for Metrics {
             runners_connected.clone(),
         );
         registry.register("runs_submitted", "Runs accepted", runs_submitted.clone());
+        registry.register(
+            "runs_deleted",
+            "Finished runs deleted by retention",
+            runs_deleted.clone(),
+        );
         registry.register("log_bytes", "Log bytes written", log_bytes.clone());
         registry.register(
             "pickup_latency_ms",
@@ -55,6 +63,7 @@ impl Default for Metrics {
             queue_depth,
             runners_connected,
             runs_submitted,
+            runs_deleted,
             log_bytes,
             pickup_ms,
             task_seconds,

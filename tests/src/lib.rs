@@ -110,6 +110,7 @@ pub struct Builder {
     heartbeat_ms: u64,
     labels: Vec<String>,
     runner_args: Vec<String>,
+    coordinator_args: Vec<String>,
 }
 
 impl Default for Builder {
@@ -122,6 +123,7 @@ impl Default for Builder {
             heartbeat_ms: 250,
             labels: Vec::new(),
             runner_args: Vec::new(),
+            coordinator_args: Vec::new(),
         }
     }
 }
@@ -146,6 +148,13 @@ impl Builder {
     /// Labels of every runner, as `k=v` (runner i also gets `index=i`).
     pub fn labels(mut self, labels: &[&str]) -> Self {
         self.labels = labels.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Extra arguments for the coordinator (e.g. `--retention 1s`).
+    pub fn coordinator_args(mut self, args: &[&str]) -> Self {
+        self.coordinator_args
+            .extend(args.iter().map(|s| s.to_string()));
         self
     }
 
@@ -227,6 +236,7 @@ impl TestCluster {
             .args(["--registration-token", &self.token])
             .args(["--lease-ms", &self.opts.lease_ms.to_string()])
             .args(["--heartbeat-ms", &self.opts.heartbeat_ms.to_string()])
+            .args(&self.opts.coordinator_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file(self.dir(), "coordinator")?)

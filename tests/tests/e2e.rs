@@ -483,3 +483,50 @@ async fn a_repeated_idempotency_key_queues_one_run() -> anyhow::Result<()> {
     assert_eq!(run_state(&run), RunState::Succeeded);
     Ok(())
 }
+
+/// `--retention 2s`: a finished run, its record and its log file are gone a
+/// little after the retention (GetRun says not found, the metrics count
+/// it); a run still going is kept however old it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_finished_runs_and_their_logs() -> anyhow::Result<()> {
+    let c = TestCluster::builder()
+        .runners(2)
+        .coordinator_args(&["--retention", "2s"])
+        .start()
+        .await?;
+    let slow = c
+        .submit("version: 1\nname: slow\ntasks:\n  t:\n    steps: [ { run: 'sleep 6; echo slow-done' } ]\n")
+        .await?;
+    let quick = c
+        .submit("version: 1\nname: quick\ntasks:\n  t:\n    steps: [ { run: 'echo kept-for-a-while' } ]\n")
+        .await?;
+    let run = c.wait_done(&quick, Duration::from_secs(15)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    let log = c.task_log(&quick, "t").await?;
+    assert!(String::from_utf8_lossy(&log).contains("kept-for-a-while"));
+    let attempt = run.tasks[0].attempt_id.clone();
+    let log_file = c.data_dir().join("logs").join(format!("{attempt}.log"));
+    assert!(log_file.exists(), "{}", log_file.display());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.get_run(&quick).await {
+            Err(e) if format!("{e:#}").contains("not found") => break,
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        assert!(Instant::now() < deadline, "the run outlived its retention");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while log_file.exists() {
+        assert!(Instant::now() < deadline, "the log file outlived its run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Older than the retention by now, but running: kept.
+    assert!(c.get_run(&slow).await.is_ok(), "a running run was deleted");
+    let (_, metrics) = c.http_get("/metrics")?;
+    assert!(metrics.contains("runs_deleted_total 1"), "{metrics}");
+    let run = c.wait_done(&slow, Duration::from_secs(20)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    Ok(())
+}

@@ -20,6 +20,35 @@ pub async fn run_all(store: Arc<dyn LogStore>) {
     attempts_are_independent(&*store).await;
     concurrent_appends_store_one_copy(store.clone()).await;
     ten_mib_log(&*store).await;
+    delete_forgets_the_log(&*store).await;
+}
+
+/// Retention: a deleted log reads as never written, deleting twice (or a
+/// log never written) is fine, and a new log can start again at 0.
+pub async fn delete_forgets_the_log(store: &dyn LogStore) {
+    let a = AttemptId::generate();
+    let b = AttemptId::generate();
+    store.append(&a, 0, b"old output\n").await.unwrap();
+    store.append(&b, 0, b"kept\n").await.unwrap();
+    store.sync(&a).await.unwrap();
+    store.delete(&a).await.unwrap();
+    assert_eq!(store.len(&a).await.unwrap(), 0, "delete: len");
+    assert!(
+        store.read(&a, 0, 100).await.unwrap().is_empty(),
+        "delete: read"
+    );
+    store.delete(&a).await.unwrap();
+    store.delete(&AttemptId::generate()).await.unwrap();
+    assert_eq!(contents(store, &b).await, b"kept\n", "delete: other logs");
+    assert_eq!(
+        store.append(&a, 0, b"new").await.unwrap(),
+        3,
+        "delete: reuse"
+    );
+    assert!(matches!(
+        store.delete(&AttemptId::from_string("../x")).await,
+        Err(LogError::BadId(_))
+    ));
 }
 
 async fn contents(store: &dyn LogStore, attempt: &AttemptId) -> Vec<u8> {

@@ -205,6 +205,24 @@ impl LogStore for LocalLogStore {
         .await
     }
 
+    async fn delete(&self, attempt: &AttemptId) -> Result<(), LogError> {
+        self.with_log(attempt, |log, path, io_error| {
+            // Drop the open file and the cached length with the file.
+            log.reset();
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_error(context(e, "cannot delete", path))),
+            }
+        })
+        .await?;
+        self.logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(attempt.as_str());
+        Ok(())
+    }
+
     async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError> {
         self.with_log(attempt, |log, path, io_error| {
             log.len(path).map_err(io_error)

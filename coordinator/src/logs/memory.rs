@@ -44,6 +44,12 @@ impl LogStore for MemoryLogStore {
         Ok(log.len() as u64)
     }
 
+    async fn delete(&self, attempt: &AttemptId) -> Result<(), LogError> {
+        check_id(attempt)?;
+        self.logs().remove(attempt.as_str());
+        Ok(())
+    }
+
     async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError> {
         check_id(attempt)?;
         Ok(self.logs().get(attempt.as_str()).map_or(0, Vec::len) as u64)

@@ -98,6 +98,9 @@ pub trait LogStore: Send + Sync + 'static {
     ) -> Result<bytes::Bytes, LogError>;
     /// Make everything appended so far durable (fsync).
     async fn sync(&self, attempt: &AttemptId) -> Result<(), LogError>;
+    /// Removes the attempt's log (retention). Deleting a log that does not
+    /// exist is not an error; afterwards the log reads as never written.
+    async fn delete(&self, attempt: &AttemptId) -> Result<(), LogError>;
 }
 
 /// Checks that `attempt` may name a log: `Err(BadId)` otherwise.

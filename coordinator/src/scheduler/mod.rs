@@ -12,6 +12,7 @@ pub mod matching;
 pub mod state;
 pub mod view;
 
+use crate::logs::LogStore;
 use crate::metrics::Metrics;
 use crate::model::*;
 use crate::store::{Op, Store, StoreError};
@@ -136,6 +137,7 @@ impl SchedulerHandle {
 /// loop (to run) and its handle.
 pub async fn start(
     store: Arc<dyn Store>,
+    logs: Arc<dyn LogStore>,
     timing: Timing,
     metrics: Arc<Metrics>,
     epoch: u64,
@@ -166,6 +168,7 @@ pub async fn start(
         Scheduler {
             state,
             store,
+            logs,
             rx,
             watchers: HashMap::new(),
             replies: Vec::new(),
@@ -179,6 +182,8 @@ pub async fn start(
 pub struct Scheduler {
     state: SchedulerState,
     store: Arc<dyn Store>,
+    /// Only for retention: deleting the logs of expired runs.
+    logs: Arc<dyn LogStore>,
     rx: mpsc::UnboundedReceiver<Command>,
     watchers: HashMap<RunId, watch::Sender<api::Run>>,
     replies: Vec<Box<dyn FnOnce() + Send>>,
@@ -187,6 +192,22 @@ pub struct Scheduler {
 
 /// Most commands applied before one commit.
 const MAX_BATCH: usize = 1024;
+/// Most runs one retention pass deletes (one store batch), so a first pass
+/// over a long history does not stall the loop; the next pass takes more.
+const MAX_EXPIRED_PER_PASS: usize = 500;
+
+/// How often retention looks for expired runs: a quarter of the retention,
+/// between 100 ms (tests) and a minute.
+fn retention_check(timing: &Timing) -> std::time::Duration {
+    timing
+        .retention
+        .map_or(std::time::Duration::from_secs(60), |r| {
+            (r / 4).clamp(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(60),
+            )
+        })
+}
 
 impl Scheduler {
     pub fn epoch(&self) -> u64 {
@@ -197,9 +218,14 @@ impl Scheduler {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(std::time::Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retention = tokio::time::interval(retention_check(&self.state.timing));
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = retention.tick(), if self.state.timing.retention.is_some() => {
+                    self.expire().await?;
+                }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { return Ok(()) };
                     self.handle(cmd);
@@ -368,6 +394,54 @@ impl Scheduler {
             }
         }
         Ok((out, all_done))
+    }
+
+    /// Retention: deletes the records of finished runs past the retention,
+    /// then their logs. Records go first, so a crash in between leaves
+    /// orphan log files, never a run whose log is gone.
+    async fn expire(&mut self) -> Result<(), StoreError> {
+        let Some(retention) = self.state.timing.retention else {
+            return Ok(());
+        };
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let runs = self.state.expire_runs(cutoff, MAX_EXPIRED_PER_PASS);
+        if runs.is_empty() {
+            return Ok(());
+        }
+        for run in &runs {
+            self.watchers.remove(&run.id);
+        }
+        let batch = runs
+            .iter()
+            .map(|r| Op::Delete {
+                key: run_key(&r.id),
+            })
+            .collect();
+        if let Err(e) = self.store.apply(batch).await {
+            tracing::error!(error = %e, "deleting expired runs failed; stopping the scheduler");
+            return Err(e);
+        }
+        self.metrics.runs_deleted.inc_by(runs.len() as u64);
+        tracing::info!(
+            runs = runs.len(),
+            ?retention,
+            "deleted finished runs past the retention"
+        );
+        let attempts: Vec<AttemptId> = runs
+            .iter()
+            .flat_map(|r| r.tasks.iter().flat_map(|t| &t.attempts))
+            .map(|a| a.id.clone())
+            .collect();
+        let logs = Arc::clone(&self.logs);
+        tokio::spawn(async move {
+            for attempt in attempts {
+                if let Err(e) = logs.delete(&attempt).await {
+                    tracing::warn!(%attempt, error = %e, "could not delete an expired log");
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Persists every dirty record in one batch, then delivers messages,

@@ -19,6 +19,10 @@ use tokio::time::{Duration, Instant};
 /// The sending half of a runner's Control stream.
 pub type RunnerTx = mpsc::UnboundedSender<Result<rpb::CoordinatorMessage, tonic::Status>>;
 
+/// How long finished runs and their logs are kept by default: GitLab's
+/// default for job artifacts, and long enough to look back over a month.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Timings and limits of the scheduler.
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -40,6 +44,9 @@ pub struct Timing {
     /// reset) and that has not reconnected within this loses its attempts,
     /// without waiting out the whole lease. Covers its first reconnects.
     pub disconnect_grace: Duration,
+    /// Finished runs older than this are deleted with their logs; `None`
+    /// keeps everything.
+    pub retention: Option<Duration>,
 }
 
 impl Default for Timing {
@@ -52,6 +59,7 @@ impl Default for Timing {
             timeout_grace: Duration::from_secs(30),
             reattach_grace: Duration::from_secs(6),
             disconnect_grace: Duration::from_millis(2500),
+            retention: Some(DEFAULT_RETENTION),
         }
     }
 }
@@ -1104,4 +1112,45 @@ fn slot_mut<'a>(
     id: &RunnerId,
 ) -> &'a mut RunnerSlot {
     runners.get_mut(id).expect("runner exists")
+}
+
+impl SchedulerState {
+    /// Retention: forgets up to `max` runs that finished at or before
+    /// `cutoff_ms` and have no attempt still active (a cancel not yet
+    /// confirmed by its runner keeps the run): their records, idempotency
+    /// keys and attempt index entries. Returns them, so the caller deletes
+    /// their stored records and logs.
+    pub fn expire_runs(&mut self, cutoff_ms: i64, max: usize) -> Vec<RunRecord> {
+        let expired: Vec<RunId> = self
+            .runs
+            .values()
+            .filter(|r| {
+                r.state.is_terminal()
+                    && r.finished_at_ms <= cutoff_ms
+                    && r.tasks
+                        .iter()
+                        .flat_map(|t| &t.attempts)
+                        .all(|a| !a.state.is_active())
+            })
+            .take(max)
+            .map(|r| r.id.clone())
+            .collect();
+        let mut out = Vec::with_capacity(expired.len());
+        for id in expired {
+            let Some(run) = self.runs.remove(&id) else {
+                continue;
+            };
+            if !run.idempotency_key.is_empty() {
+                self.run_keys.remove(&run.idempotency_key);
+            }
+            for a in run.tasks.iter().flat_map(|t| &t.attempts) {
+                self.attempts.remove(&a.id);
+                self.offered_at.remove(&a.id);
+                self.started_at.remove(&a.id);
+            }
+            self.fx.dirty_runs.remove(&id);
+            out.push(run);
+        }
+        out
+    }
 }

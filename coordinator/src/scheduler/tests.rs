@@ -581,3 +581,59 @@ fn a_repeated_idempotency_key_queues_nothing_new() {
     .unwrap_err();
     assert!(err.message().contains("limit is 128"), "{err}");
 }
+
+#[test]
+fn retention_expires_only_finished_runs_past_the_cutoff() {
+    let mut h = Harness::new();
+    let one = "version: 1\nname: p\ntasks:\n  t:\n    steps: [ { run: x } ]\n";
+    let keyed = SubmitRunRequest {
+        pipeline_yaml: one.into(),
+        idempotency_key: "k".into(),
+        ..Default::default()
+    };
+    let (done, _) = h.st.submit(build_run(keyed.clone()).unwrap());
+    let busy = h.submit(one);
+    let mut r = h.runner("r", 2, &[]);
+    let first = h.accept(&mut r);
+    let second = h.accept(&mut r);
+    let (done_attempt, busy_attempt) = if first.run_id == done.to_string() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    h.finish(
+        &mut r,
+        &done_attempt.attempt_id,
+        rpb::AttemptOutcome::Succeeded,
+    );
+    let finished_at = h.st.runs[&done].finished_at_ms;
+    assert!(finished_at > 0);
+    // Not yet past the cutoff: kept.
+    assert!(h.st.expire_runs(finished_at - 1, 10).is_empty());
+    let gone = h.st.expire_runs(finished_at + 60_000, 10);
+    assert_eq!(gone.len(), 1, "only the finished run expires");
+    assert_eq!(gone[0].id, done);
+    assert!(!h.st.runs.contains_key(&done));
+    assert!(h.st.runs.contains_key(&busy), "a running run is kept");
+    // The expired attempt is forgotten: its late report is refused.
+    let late = h.send(
+        &r,
+        Up::Finished(rpb::TaskFinished {
+            attempt_id: done_attempt.attempt_id.clone(),
+            outcome: rpb::AttemptOutcome::Succeeded as i32,
+            ..Default::default()
+        }),
+    );
+    assert!(late.is_err(), "{late:?}");
+    // Its idempotency key is free again.
+    let (again, new) = h.st.submit(build_run(keyed).unwrap());
+    assert!(new && again != done);
+    // The busy run finishes and then expires as well.
+    h.finish(
+        &mut r,
+        &busy_attempt.attempt_id,
+        rpb::AttemptOutcome::Succeeded,
+    );
+    let gone = h.st.expire_runs(i64::MAX, 10);
+    assert!(gone.iter().any(|g| g.id == busy), "{gone:?}");
+}
