@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use capstan_shared::proto::pipeline::v1::{StepState, step};
 use capstan_shared::proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
+use futures::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -75,8 +76,35 @@ impl Outcome {
 }
 
 /// Runs the attempt and sends its [`AttemptEvent::Finished`].
+///
+/// A panic anywhere in the attempt (a runner bug) is reported as an
+/// infrastructure error instead of leaving the attempt "running" with its
+/// slot taken until the task's timeout: the coordinator retries it elsewhere.
 pub(crate) async fn run(spec: AttemptSpec) {
-    let report = execute(&spec).await;
+    let report = match std::panic::AssertUnwindSafe(execute(&spec))
+        .catch_unwind()
+        .await
+    {
+        Ok(report) => report,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            tracing::error!(panic = %what, "the attempt panicked");
+            TaskFinished {
+                attempt_id: spec.offer.attempt_id.clone(),
+                outcome: AttemptOutcome::Error.into(),
+                exit_code: None,
+                message: format!(
+                    "runner bug: the attempt panicked ({what}); retried as an infrastructure failure"
+                ),
+                log_length: 0,
+                outputs: Default::default(),
+            }
+        }
+    };
     info!(
         outcome = report.outcome().as_str_name(),
         message = %report.message,

@@ -12,6 +12,7 @@
 //! | `oom`         | the step is killed for memory: exit code 137 |
 //! | `output BYTES`| writes BYTES bytes of [`output_pattern`] in 64 KiB writes |
 //! | `hang`        | waits until cancelled or timed out |
+//! | `panic`       | panics (a bug in the runner): the attempt reports ERROR |
 //!
 //! A script that runs off its end exits 0. An unknown directive fails the
 //! step. Other step kinds succeed with a "fake: would ..." log line.
@@ -139,6 +140,7 @@ impl Executor for FakeExecutor {
                     Err(_) => return Ok(bad_directive(directive)),
                 },
                 ("fail-setup", _) => {}
+                ("panic", _) => panic!("fake: panic directive"),
                 ("fail-start", _) => {
                     return Err(ExecutorError::Start {
                         index,
@@ -186,7 +188,7 @@ fn bad_directive(directive: &str) -> StepEnd {
     StepEnd::Failed {
         message: format!(
             "fake executor: unknown directive `{directive}` (known: echo TEXT, sleep MS, exit N, \
-             fail-setup, fail-start, oom, output BYTES, hang)"
+             fail-setup, fail-start, oom, output BYTES, hang, panic)"
         ),
     }
 }
