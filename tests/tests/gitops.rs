@@ -582,7 +582,7 @@ async fn already_up_to_date_makes_no_commit() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `git-push` over SSH with a key from a secret, the server checked against
+/// `git-push` (and the source checkout) over SSH with a key from a secret, the server checked against
 /// the secret's `known_hosts`: a real sshd on loopback serves the manifests
 /// repository. The right key and host key push the bump as the bot; a host
 /// key that differs from the listed one, a host that is not listed, a key
@@ -613,7 +613,9 @@ async fn ssh_push_with_a_key_from_a_secret() -> anyhow::Result<()> {
     );
     let key = |private: &str, known_hosts: &str| serde_json::json!({ "ssh_key": private, "known_hosts": known_hosts });
     let secrets = serde_json::json!({
-        "gitops": { "username": GIT_USER, "password": GIT_PASSWORD },
+        // The runner's --git-credentials (source checkouts): the SSH key.
+        "gitops": key(&client.private, &known),
+        "password": { "username": GIT_USER, "password": GIT_PASSWORD },
         "ssh-deploy": key(&client.private, &format!("# the loopback sshd\n{known}\n")),
         "ssh-changed": key(&client.private, &changed),
         "ssh-unknown": key(&client.private, &format!("[127.0.0.1]:{} {}", port + 1, known.split_once(' ').unwrap().1)),
@@ -658,8 +660,8 @@ async fn ssh_push_with_a_key_from_a_secret() -> anyhow::Result<()> {
             "authentication failed; check the secret `ssh-stranger`",
         ),
         (
-            "gitops",
-            "secret `gitops` is a user name and password, but the remote is SSH",
+            "password",
+            "secret `password` is a user name and password, but the remote is SSH",
         ),
     ];
     for (secret, expected) in failures {
@@ -678,6 +680,28 @@ async fn ssh_push_with_a_key_from_a_secret() -> anyhow::Result<()> {
         );
         assert_eq!(head(&f.server, "demo/manifests"), seed, "{secret} pushed");
     }
+
+    // The source checkout goes over SSH too, with the runner's
+    // --git-credentials secret.
+    let id = submit(
+        &c,
+        "version: 1\nname: read\ntasks:\n  read:\n    steps: [ { run: 'cat k8s/pod.yaml' } ]\n",
+        &[],
+        &url,
+        &seed,
+    )
+    .await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    let log = logs(&c, &id, &["read"]).await;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+    assert!(
+        log.contains(&format!("checked out {url} at {seed}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("image: {image}:old # pinned")),
+        "{log}"
+    );
 
     let (run, log) = run_with("v1", "ssh-deploy").await?;
     assert_eq!(
