@@ -33,8 +33,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 64 KiB).
+/// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 1 MiB).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// HTTP/2 flow-control windows the server grants (hyper's default is 1 MB
+/// for a connection and each stream): a runner shipping a big log has a few
+/// 1 MiB chunks in flight; a connection buffers at most this much unread.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Largest HTTP/2 frame peers may send us (default 16 KiB): a 1 MiB log
+/// chunk in 4 frames instead of 64.
+const MAX_FRAME: u32 = 256 * 1024;
 
 /// Runs a coordinator until `shutdown` is cancelled: standalone on redb, or
 /// one replica of several on etcd (`config.etcd_endpoints`). `http` is
@@ -122,6 +130,9 @@ pub async fn run(
     }
 
     let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .add_service(
             runnerpb::runner_service_server::RunnerServiceServer::new(api::runner::RunnerApi(
                 shared.clone(),
