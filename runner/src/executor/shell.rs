@@ -7,6 +7,7 @@
 //! environment is inherited, with the step's variables on top.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -160,15 +161,24 @@ fn kill_group(pgid: Option<i32>, signal: Signal) {
 
 /// Most output handed to the sink in one write.
 const PUMP_BATCH: usize = 1024 * 1024;
+/// Pipe buffer asked for (1 MiB: the unprivileged maximum by default).
+const PIPE_SIZE: i32 = 1024 * 1024;
 
 /// Copies `reader` to `sink` until end of file. Each sink write takes what
 /// the pipe holds at that moment (up to [`PUMP_BATCH`]), not one read's
 /// worth: a fast writer costs one spool append per batch instead of one per
 /// 4 to 64 KiB read.
-async fn pump(reader: Option<impl AsyncRead + Unpin>, sink: &dyn OutputSink) -> io::Result<()> {
+async fn pump(
+    reader: Option<impl AsyncRead + AsFd + Unpin>,
+    sink: &dyn OutputSink,
+) -> io::Result<()> {
     let Some(mut reader) = reader else {
         return Ok(());
     };
+    // Best effort: with a pipe larger than Linux's default 64 KiB a fast
+    // writer runs on while the previous batch is stored, so batches are
+    // bigger and the writer blocks less.
+    let _ = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     loop {
         let mut buf = Vec::with_capacity(PUMP_BATCH);
         if reader.read_buf(&mut buf).await? == 0 {
