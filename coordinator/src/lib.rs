@@ -38,8 +38,8 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// HTTP/2 flow-control windows the server grants (hyper's default is 1 MB
 /// for a connection and each stream): a runner shipping a big log has a few
 /// 1 MiB chunks in flight; a connection buffers at most this much unread.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Largest HTTP/2 frame peers may send us (default 16 KiB): a 1 MiB log
 /// chunk in 4 frames instead of 64.
 const MAX_FRAME: u32 = 256 * 1024;

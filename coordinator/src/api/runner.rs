@@ -214,7 +214,7 @@ impl runner_service_server::RunnerService for RunnerApi {
 }
 
 /// Most bytes of one stream handed to the log store in one call.
-const APPEND_BATCH: usize = 4 * 1024 * 1024;
+const APPEND_BATCH: usize = 2 * 1024 * 1024;
 
 /// How long data past the end of a log waits for the gap to fill. A runner
 /// sends its next `PushLogs` stream without waiting for the previous one's
