@@ -33,13 +33,21 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 64 KiB).
+/// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 1 MiB).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// HTTP/2 ping interval on idle connections; rare enough to cost nothing
 /// next to the runners' heartbeats at 10,000 connections.
 const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 /// A connection whose ping is not answered within this is closed.
 const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// HTTP/2 flow-control windows the server grants (hyper's default is 1 MB
+/// for a connection and each stream): a runner shipping a big log has a few
+/// 1 MiB chunks in flight; a connection buffers at most this much unread.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Largest HTTP/2 frame peers may send us (default 16 KiB): a 1 MiB log
+/// chunk in 4 frames instead of 64.
+const MAX_FRAME: u32 = 256 * 1024;
 
 /// Runs a coordinator until `shutdown` is cancelled: standalone on redb, or
 /// one replica of several on etcd (`config.etcd_endpoints`). `http` is
@@ -135,6 +143,9 @@ pub async fn run(
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .tcp_keepalive(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .add_service(
             runnerpb::runner_service_server::RunnerServiceServer::new(api::runner::RunnerApi(
                 shared.clone(),

@@ -37,8 +37,43 @@ pub(crate) struct LogState {
     pub appended: u64,
     /// Fail the next stream after this many chunks (once).
     pub fail_after_chunks: Option<usize>,
+    /// Fail the stream with this number (1 = the first) after its first
+    /// chunk.
+    pub fail_stream: Option<usize>,
+    /// Failures injected so far.
+    pub faults: usize,
     pub out_of_range_sent: usize,
     pub streams: usize,
+    /// Streams open now, and the most open at once.
+    pub in_flight: usize,
+    pub max_in_flight: usize,
+    /// Time taken per chunk, and before each response (the fsync).
+    pub chunk_delay: std::time::Duration,
+    pub ack_delay: std::time::Duration,
+    /// Refuse a chunk past the end of the log at once (as coordinators
+    /// before pipelined log streams did) instead of waiting up to 5 s (as
+    /// the coordinator's `GAP_WAIT`) for an earlier stream to fill the gap.
+    pub refuse_gaps: bool,
+}
+
+/// What a test checks of [`LogState`] after the fact.
+#[derive(Debug)]
+pub(crate) struct LogStats {
+    pub streams: usize,
+    pub max_in_flight: usize,
+    pub out_of_range_sent: usize,
+    pub fault_injected: bool,
+}
+
+impl LogState {
+    pub(crate) fn stats(&self) -> LogStats {
+        LogStats {
+            streams: self.streams,
+            max_in_flight: self.max_in_flight,
+            out_of_range_sent: self.out_of_range_sent,
+            fault_injected: self.faults > 0,
+        }
+    }
 }
 
 type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
@@ -159,14 +194,58 @@ impl RunnerService for FakeCoordinator {
         let mut stream = request.into_inner();
         let mut touched = HashSet::new();
         let mut chunks = 0usize;
-        self.logs.lock().unwrap().streams += 1;
+        let (number, chunk_delay, ack_delay, refuse_gaps) = {
+            let mut st = self.logs.lock().unwrap();
+            st.streams += 1;
+            st.in_flight += 1;
+            st.max_in_flight = st.max_in_flight.max(st.in_flight);
+            (st.streams, st.chunk_delay, st.ack_delay, st.refuse_gaps)
+        };
+        // Counts the stream out however the call ends (also when dropped).
+        struct InFlight<'a>(&'a Mutex<LogState>);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap().in_flight -= 1;
+            }
+        }
+        let _in_flight = InFlight(&self.logs);
         while let Some(chunk) = stream.message().await? {
+            if !chunk_delay.is_zero() {
+                tokio::time::sleep(chunk_delay).await;
+            }
+            // Like the coordinator, wait a little for an earlier stream to
+            // fill a gap before refusing it.
+            let waited = std::time::Instant::now();
+            loop {
+                let held = self
+                    .logs
+                    .lock()
+                    .unwrap()
+                    .logs
+                    .get(&chunk.attempt_id)
+                    .map_or(0, Vec::len) as u64;
+                if chunk.offset <= held
+                    || refuse_gaps
+                    // The coordinator's GAP_WAIT: a loaded machine can take
+                    // well over 200 ms to append the stream before.
+                    || waited.elapsed() >= std::time::Duration::from_secs(5)
+                {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
             let mut st = self.logs.lock().unwrap();
             if chunk.runner_id != RUNNER_ID || chunk.runner_secret != SECRET {
                 return Err(Status::unauthenticated("bad runner credential"));
             }
             if st.fail_after_chunks == Some(chunks) {
                 st.fail_after_chunks = None;
+                st.faults += 1;
+                return Err(Status::unavailable("injected failure"));
+            }
+            if st.fail_stream == Some(number) && chunks == 1 {
+                st.fail_stream = None;
+                st.faults += 1;
                 return Err(Status::unavailable("injected failure"));
             }
             chunks += 1;
@@ -190,6 +269,10 @@ impl RunnerService for FakeCoordinator {
                     .extend(std::iter::repeat_n(chunk.step_index, new.len()));
             }
             touched.insert(chunk.attempt_id);
+        }
+        if !ack_delay.is_zero() {
+            // The coordinator's fsync.
+            tokio::time::sleep(ack_delay).await;
         }
         let st = self.logs.lock().unwrap();
         let durable = touched

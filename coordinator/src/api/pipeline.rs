@@ -210,7 +210,9 @@ impl pipeline_service_server::PipelineService for PipelineApi {
                 reply,
             })
             .await?;
-        let (tx, out) = mpsc::channel(32);
+        // Up to READ_CHUNK each: a slow client holds this much (plus HTTP/2
+        // buffers) in memory, not the whole backlog.
+        let (tx, out) = mpsc::channel(4);
         let shared = self.0.clone();
         tokio::spawn(async move {
             if let Err(e) = stream_logs(shared, leader, id, task, req.follow, &tx).await {

@@ -121,7 +121,17 @@ impl runner_service_server::RunnerService for RunnerApi {
         let mut chunks = req.into_inner();
         let mut allowed: HashSet<AttemptId> = HashSet::new();
         let mut durable: HashMap<AttemptId, u64> = HashMap::new();
-        while let Some(chunk) = chunks.message().await? {
+        // A chunk taken off the stream that did not fit the last batch.
+        let mut carried: Option<LogChunk> = None;
+        let mut ended = false;
+        while !ended {
+            let chunk = match carried.take() {
+                Some(chunk) => chunk,
+                None => match chunks.message().await? {
+                    Some(chunk) => chunk,
+                    None => break,
+                },
+            };
             // A deposed leader must not write beside the new one.
             if leader.token.is_cancelled() {
                 return Err(Status::unavailable(
@@ -143,20 +153,53 @@ impl runner_service_server::RunnerService for RunnerApi {
                     .await?;
                 allowed.insert(attempt.clone());
             }
+            // The chunks of this log that follow on and have already
+            // arrived go to the store in the same call.
+            let offset = chunk.offset;
+            let mut end = offset + chunk.data.len() as u64;
+            let mut size = chunk.data.len();
+            let mut parts = vec![chunk.data];
+            let mut broke = None;
+            while size < APPEND_BATCH {
+                match futures::FutureExt::now_or_never(chunks.message()) {
+                    Some(Ok(Some(next)))
+                        if next.attempt_id == attempt.as_str() && next.offset == end =>
+                    {
+                        end += next.data.len() as u64;
+                        size += next.data.len();
+                        parts.push(next.data);
+                    }
+                    Some(Ok(Some(next))) => {
+                        carried = Some(next);
+                        break;
+                    }
+                    Some(Ok(None)) => {
+                        ended = true;
+                        break;
+                    }
+                    Some(Err(status)) => {
+                        broke = Some(status);
+                        break;
+                    }
+                    None => break,
+                }
+            }
             let before = match durable.get(&attempt) {
                 Some(&n) => n,
                 None => leader.logs.len(&attempt).await.map_err(status::from_log)?,
             };
-            let len = leader
-                .logs
-                .append(&attempt, chunk.offset, &chunk.data)
-                .await
-                .map_err(status::from_log)?;
+            let len = self.append(&leader, &attempt, offset, parts).await?;
+            // Bytes this call added (a chunk that waited for a gap starts
+            // where the other stream left the log).
+            let before = before.max(offset);
             if len > before {
                 self.0.metrics.log_bytes.inc_by(len - before);
                 self.0.feed.publish();
             }
             durable.insert(attempt, len);
+            if let Some(status) = broke {
+                return Err(status);
+            }
         }
         for attempt in durable.keys() {
             leader.logs.sync(attempt).await.map_err(status::from_log)?;
@@ -167,6 +210,54 @@ impl runner_service_server::RunnerService for RunnerApi {
                 .map(|(a, n)| (a.to_string(), n))
                 .collect(),
         }))
+    }
+}
+
+/// Most bytes of one stream handed to the log store in one call.
+const APPEND_BATCH: usize = 2 * 1024 * 1024;
+
+/// How long data past the end of a log waits for the gap to fill. A runner
+/// sends its next `PushLogs` stream without waiting for the previous one's
+/// ack, so a stream's first chunk can arrive while the stream before it is
+/// still being appended; only if the gap stays is it refused (`OUT_OF_RANGE`).
+const GAP_WAIT: Duration = Duration::from_secs(5);
+
+impl RunnerApi {
+    /// Appends `parts` at `offset`, waiting up to [`GAP_WAIT`] for the log to
+    /// reach `offset` (see there). Returns the log's new length.
+    async fn append(
+        &self,
+        leader: &super::LeaderCtx,
+        attempt: &AttemptId,
+        offset: u64,
+        parts: Vec<bytes::Bytes>,
+    ) -> Result<u64, Status> {
+        // Subscribed before the first try: an append that fills the gap
+        // after it moves the feed.
+        let mut feed = self.0.feed.subscribe();
+        let deadline = tokio::time::Instant::now() + GAP_WAIT;
+        loop {
+            match leader
+                .logs
+                .append_parts(attempt, offset, parts.clone())
+                .await
+            {
+                Err(crate::logs::LogError::Gap { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::select! {
+                        changed = feed.changed() => if changed.is_err() {
+                            return Err(Status::unavailable("the coordinator is shutting down"));
+                        },
+                        () = tokio::time::sleep_until(deadline) => {}
+                        () = leader.token.cancelled() => return Err(Status::unavailable(
+                            "this coordinator is no longer the leader; reconnect",
+                        )),
+                    }
+                }
+                result => return result.map_err(status::from_log),
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub async fn run_all(store: Arc<dyn LogStore>) {
     append_sequence(&*store).await;
     overlapping_resend_is_written_once(&*store).await;
     partial_overlap(&*store).await;
+    append_parts_is_one_append(&*store).await;
     gap_is_refused_and_writes_nothing(&*store).await;
     read_ranges(&*store).await;
     unknown_attempt(&*store).await;
@@ -97,6 +98,64 @@ pub async fn overlapping_resend_is_written_once(store: &dyn LogStore) {
     );
     assert_eq!(store.append(&a, 14, b"").await.unwrap(), 14);
     assert_eq!(contents(store, &a).await, b"line 1\nline 2\n", "resend");
+}
+
+/// `append_parts` behaves as one append of the concatenated parts: parts
+/// already stored (whole or in part) are skipped, a gap writes nothing.
+pub async fn append_parts_is_one_append(store: &dyn LogStore) {
+    use bytes::Bytes;
+    let parts = |p: &[&'static [u8]]| p.iter().map(|s| Bytes::from_static(s)).collect::<Vec<_>>();
+    let a = AttemptId::generate();
+    assert_eq!(
+        store.append_parts(&a, 0, parts(&[])).await.unwrap(),
+        0,
+        "no parts"
+    );
+    assert_eq!(
+        store
+            .append_parts(&a, 0, parts(&[b"ab", b"", b"cdef"]))
+            .await
+            .unwrap(),
+        6,
+        "parts"
+    );
+    assert_eq!(
+        store
+            .append_parts(&a, 2, parts(&[b"cd", b"efGH", b"IJ"]))
+            .await
+            .unwrap(),
+        10,
+        "resend that goes past the end"
+    );
+    assert_eq!(
+        store
+            .append_parts(&a, 0, parts(&[b"abc", b"defG"]))
+            .await
+            .unwrap(),
+        10,
+        "resend inside"
+    );
+    assert_eq!(
+        store.append_parts(&a, 10, parts(&[b"K"])).await.unwrap(),
+        11,
+        "append after parts"
+    );
+    assert!(
+        matches!(
+            store.append_parts(&a, 12, parts(&[b"x", b"y"])).await,
+            Err(LogError::Gap {
+                expected: 11,
+                got: 12,
+                ..
+            })
+        ),
+        "gap"
+    );
+    assert!(matches!(
+        store.append_parts(&a, 12, parts(&[])).await,
+        Err(LogError::Gap { .. })
+    ));
+    assert_eq!(contents(store, &a).await, b"abcdefGHIJK", "parts");
 }
 
 /// A chunk that is partly stored appends only its new part.

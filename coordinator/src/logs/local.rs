@@ -18,9 +18,13 @@ const MAX_CACHED: usize = 256;
 
 /// One file per attempt, `<dir>/<attempt id>.log`.
 ///
-/// Calls on one attempt are serialized by a per-attempt async mutex, which
+/// Appends to one attempt are serialized by a per-attempt async mutex, which
 /// also guards the cached length and open file; file I/O runs on tokio's
-/// blocking pool. The store assumes it is the only writer of its directory.
+/// blocking pool. Reads and fsyncs of a log whose file is open take the lock
+/// only to copy the length and the file handle: they run beside appends
+/// (an fsync of a big log takes a while, and the next stream of the runner
+/// is being appended meanwhile). The store assumes it is the only writer of
+/// its directory.
 #[derive(Debug)]
 pub struct LocalLogStore {
     dir: PathBuf,
@@ -31,7 +35,7 @@ pub struct LocalLogStore {
 #[derive(Debug, Default)]
 struct LogFile {
     /// Opened for reading and appending, once the file exists.
-    file: Option<File>,
+    file: Option<Arc<File>>,
     /// The file's length, once known.
     len: Option<u64>,
 }
@@ -51,7 +55,7 @@ impl LogFile {
     }
 
     /// The open file; `None` if it does not exist and `create` is false.
-    fn file(&mut self, path: &Path, create: bool) -> io::Result<Option<&File>> {
+    fn file(&mut self, path: &Path, create: bool) -> io::Result<Option<&Arc<File>>> {
         if self.file.is_none() {
             let mut options = OpenOptions::new();
             options.read(true).append(true);
@@ -80,7 +84,7 @@ impl LogFile {
                 .map_err(|e| context(e, "cannot stat", path))?
                 .len();
             self.len = Some(len);
-            self.file = Some(file);
+            self.file = Some(Arc::new(file));
         }
         Ok(self.file.as_ref())
     }
@@ -179,26 +183,82 @@ impl LocalLogStore {
             })
         })
     }
+
+    /// The open file and length of the attempt's log, if both are cached
+    /// (no I/O; the lock is held only to copy them). Everything appended
+    /// before this call is in that file, up to that length.
+    async fn cached(&self, attempt: &AttemptId) -> Result<Option<(Arc<File>, u64)>, LogError> {
+        check_id(attempt)?;
+        let entry = self.entry(attempt);
+        let log = entry.lock().await;
+        Ok(log.file.clone().zip(log.len))
+    }
+
+    /// Runs `f` on the blocking pool, without the attempt's lock.
+    async fn unlocked<T: Send + 'static>(
+        &self,
+        attempt: &AttemptId,
+        what: &str,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let path = self.path(attempt);
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|join| Err(io::Error::other(join)))
+            .map_err(|e| LogError::Io {
+                attempt: attempt.clone(),
+                source: context(e, what, &path),
+            })
+    }
+}
+
+/// Reads `min(max, len - offset)` bytes at `offset` of `file`.
+fn read_range(file: &File, len: u64, offset: u64, max: usize) -> io::Result<Bytes> {
+    if offset >= len || max == 0 {
+        return Ok(Bytes::new());
+    }
+    let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(max);
+    let mut buf = vec![0; n];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(Bytes::from(buf))
 }
 
 #[async_trait]
 impl LogStore for LocalLogStore {
     async fn append(&self, attempt: &AttemptId, offset: u64, data: &[u8]) -> Result<u64, LogError> {
-        let data = data.to_vec();
+        self.append_parts(attempt, offset, vec![Bytes::copy_from_slice(data)])
+            .await
+    }
+
+    async fn append_parts(
+        &self,
+        attempt: &AttemptId,
+        offset: u64,
+        parts: Vec<Bytes>,
+    ) -> Result<u64, LogError> {
         let id = attempt.clone();
         self.with_log(attempt, move |log, path, io_error| {
-            let len = log.len(path).map_err(io_error)?;
-            let skip = plan_append(&id, len, offset, data.len())?;
-            if skip == data.len() {
+            let mut len = log.len(path).map_err(io_error)?;
+            let total = parts.iter().map(Bytes::len).sum();
+            let mut skip = plan_append(&id, len, offset, total)?;
+            if skip == total {
                 return Ok(len);
             }
-            let mut file = log
+            let file = log
                 .file(path, true)
                 .map_err(io_error)?
                 .ok_or_else(|| io_error(io::ErrorKind::NotFound.into()))?;
-            file.write_all(&data[skip..])
-                .map_err(|e| io_error(context(e, "cannot write", path)))?;
-            let len = len + (data.len() - skip) as u64;
+            let mut file: &File = file;
+            for part in &parts {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                file.write_all(&part[skip..])
+                    .map_err(|e| io_error(context(e, "cannot write", path)))?;
+                len += (part.len() - skip) as u64;
+                skip = 0;
+            }
             log.len = Some(len);
             Ok(len)
         })
@@ -231,37 +291,53 @@ impl LogStore for LocalLogStore {
     }
 
     async fn read(&self, attempt: &AttemptId, offset: u64, max: usize) -> Result<Bytes, LogError> {
+        if let Some((file, len)) = self.cached(attempt).await? {
+            if offset >= len || max == 0 {
+                return Ok(Bytes::new());
+            }
+            return self
+                .unlocked(attempt, "cannot read", move || {
+                    read_range(&file, len, offset, max)
+                })
+                .await;
+        }
         self.with_log(attempt, move |log, path, io_error| {
             let len = log.len(path).map_err(io_error)?;
             if offset >= len || max == 0 {
                 return Ok(Bytes::new());
             }
-            let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(max);
             let Some(file) = log.file(path, false).map_err(io_error)? else {
                 return Err(io_error(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("{} disappeared", path.display()),
                 )));
             };
-            let mut buf = vec![0; n];
-            file.read_exact_at(&mut buf, offset)
-                .map_err(|e| io_error(context(e, "cannot read", path)))?;
-            Ok(Bytes::from(buf))
+            read_range(file, len, offset, max)
+                .map_err(|e| io_error(context(e, "cannot read", path)))
         })
         .await
     }
 
     async fn sync(&self, attempt: &AttemptId) -> Result<(), LogError> {
-        self.with_log(attempt, |log, path, io_error| {
+        let file = match self.cached(attempt).await? {
+            Some((file, _)) => Some(file),
             // A file closed since it was written is reopened: fsync flushes
             // the file, whichever descriptor asks.
-            if let Some(file) = log.file(path, false).map_err(io_error)? {
-                file.sync_data()
-                    .map_err(|e| io_error(context(e, "cannot fsync", path)))?;
+            None => {
+                self.with_log(attempt, |log, path, io_error| {
+                    Ok(log.file(path, false).map_err(io_error)?.cloned())
+                })
+                .await?
             }
-            Ok(())
-        })
-        .await
+        };
+        match file {
+            // Outside the lock: appends go on while the disk catches up.
+            Some(file) => {
+                self.unlocked(attempt, "cannot fsync", move || file.sync_data())
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 }
 

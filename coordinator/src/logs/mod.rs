@@ -87,6 +87,25 @@ pub trait LogStore: Send + Sync + 'static {
     /// [`LogError::Gap`] and writes nothing. Returns the log's new length.
     /// Creates the log on first write.
     async fn append(&self, attempt: &AttemptId, offset: u64, data: &[u8]) -> Result<u64, LogError>;
+    /// [`LogStore::append`] of the concatenation of `parts` (which start at
+    /// `offset` and follow each other), as one call: a runner's stream
+    /// arrives in chunks, and one store call per chunk was most of the
+    /// cost of a big log. A gap in the middle cannot happen (the parts are
+    /// consecutive); a failed call may have stored a prefix of them.
+    async fn append_parts(
+        &self,
+        attempt: &AttemptId,
+        offset: u64,
+        parts: Vec<bytes::Bytes>,
+    ) -> Result<u64, LogError> {
+        let mut at = offset;
+        let mut len = self.append(attempt, offset, &[]).await?;
+        for part in parts {
+            len = self.append(attempt, at, &part).await?;
+            at += part.len() as u64;
+        }
+        Ok(len)
+    }
     /// Current length (0 for a log never written).
     async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError>;
     /// Up to `max` bytes starting at `offset` (empty at or past the end).

@@ -43,6 +43,12 @@ use tokio_util::sync::CancellationToken;
 #[async_trait]
 pub trait OutputSink: Send + Sync {
     async fn write(&self, data: &[u8]) -> io::Result<()>;
+
+    /// [`OutputSink::write`] of a buffer the caller gives up: a sink that
+    /// keeps the bytes (the spool) takes it without a copy.
+    async fn write_owned(&self, data: Vec<u8>) -> io::Result<()> {
+        self.write(&data).await
+    }
 }
 
 /// The attempt an executor works on.

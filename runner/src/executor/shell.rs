@@ -7,11 +7,13 @@
 //! environment is inherited, with the step's variables on top.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use capstan_shared::proto::pipeline::v1::step;
+use futures::FutureExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -157,17 +159,51 @@ fn kill_group(pgid: Option<i32>, signal: Signal) {
     }
 }
 
-async fn pump(reader: Option<impl AsyncRead + Unpin>, sink: &dyn OutputSink) -> io::Result<()> {
+/// Most output handed to the sink in one write.
+const PUMP_BATCH: usize = 1024 * 1024;
+/// Pipe buffer asked for (1 MiB: the unprivileged maximum by default).
+const PIPE_SIZE: i32 = 1024 * 1024;
+
+/// Copies `reader` to `sink` until end of file. Each sink write takes what
+/// the pipe holds at that moment (up to [`PUMP_BATCH`]), not one read's
+/// worth: a fast writer costs one spool append per batch instead of one per
+/// 4 to 64 KiB read.
+async fn pump(
+    reader: Option<impl AsyncRead + AsFd + Unpin>,
+    sink: &dyn OutputSink,
+) -> io::Result<()> {
     let Some(mut reader) = reader else {
         return Ok(());
     };
-    let mut buf = vec![0u8; 64 * 1024];
+    // Best effort: with a pipe larger than Linux's default 64 KiB a fast
+    // writer runs on while the previous batch is stored, so batches are
+    // bigger and the writer blocks less.
+    let _ = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
+        let mut buf = Vec::with_capacity(PUMP_BATCH);
+        if reader.read_buf(&mut buf).await? == 0 {
             return Ok(());
         }
-        sink.write(&buf[..n]).await?;
+        let mut end = Ok(false);
+        while buf.len() < PUMP_BATCH {
+            match reader.read_buf(&mut buf).now_or_never() {
+                Some(Ok(0)) => {
+                    end = Ok(true);
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    end = Err(e);
+                    break;
+                }
+                // Nothing more for now.
+                None => break,
+            }
+        }
+        sink.write_owned(buf).await?;
+        if end? {
+            return Ok(());
+        }
     }
 }
 

@@ -131,14 +131,20 @@ impl OutputSink for MaskingSink<'_> {
         // The lock is held across the inner write so that output keeps its order.
         let mut pending = self.pending.lock().await;
         pending.extend_from_slice(data);
-        let masked = replace_all(&pending, self.patterns);
+        let mut masked = replace_all(&pending, self.patterns);
         let keep = held_tail(&masked, self.patterns);
-        let (emit, hold) = masked.split_at(masked.len() - keep);
-        *pending = hold.to_vec();
-        if emit.is_empty() {
+        *pending = masked.split_off(masked.len() - keep);
+        if masked.is_empty() {
             return Ok(());
         }
-        self.inner.write(emit).await
+        self.inner.write_owned(masked).await
+    }
+
+    async fn write_owned(&self, data: Vec<u8>) -> io::Result<()> {
+        if self.patterns.is_empty() {
+            return self.inner.write_owned(data).await;
+        }
+        self.write(&data).await
     }
 }
 

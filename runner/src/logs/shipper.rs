@@ -5,21 +5,33 @@
 //!
 //! 1. wait until the spool holds bytes past `acked` (or is closed and fully
 //!    acked: done);
-//! 2. open one `PushLogs` stream and send chunks from `acked` on, each at
-//!    most 64 KiB and never spanning two steps; a partial chunk waits at most
-//!    50 ms for more output before it goes;
-//! 3. end the stream after ~1 s or 64 MiB, or when the closed spool is fully
-//!    sent, and take the response's durable offset as the new `acked`;
-//! 4. on an error, wait (jittered backoff) and go to 1: the next stream
-//!    resends from `acked`. The coordinator skips bytes it already holds, so
-//!    a resend never duplicates.
+//! 2. send the bytes from `acked` on over a series of `PushLogs` streams, in
+//!    chunks of at most 1 MiB that never span two steps; a partial chunk
+//!    waits at most 50 ms for more output before it goes. A stream ends after
+//!    ~1 s or 64 MiB, or when the closed spool is fully sent; its response
+//!    (sent by the coordinator after its fsync) carries the durable offset.
+//!    The next stream starts at once, where the previous one ended, without
+//!    waiting for that response: up to [`MAX_IN_FLIGHT`] streams and
+//!    [`MAX_UNACKED`] bytes may await their acks (a sliding window; the
+//!    coordinator waits briefly for a log to reach a chunk's offset when an
+//!    earlier stream is still being appended). Responses are taken in order
+//!    and move `acked`;
+//! 3. on an error (the oldest stream of the window failed), drop the whole
+//!    window, wait (jittered backoff) and go to 1: the next stream resends
+//!    from `acked`. The coordinator skips bytes it already holds, so a resend
+//!    never duplicates.
 //!
-//! `OUT_OF_RANGE` means the coordinator holds fewer bytes than `acked` (it
-//! lost some, e.g. a restart without fsync). We do not parse the durable
-//! offset out of the status message (its text is not a contract): the
-//! shipper resends from offset 0 and the coordinator skips what it has.
-//! That is why the spool is kept until the attempt is forgotten.
+//! `OUT_OF_RANGE` on a stream that starts at (or before) `acked` means the
+//! coordinator holds fewer bytes than `acked` (it lost some, e.g. a restart
+//! without fsync). We do not parse the durable offset out of the status
+//! message (its text is not a contract): the shipper resends from offset 0
+//! and the coordinator skips what it has. That is why the spool is kept until
+//! the attempt is forgotten. `OUT_OF_RANGE` on a stream that starts past
+//! `acked` means it overtook the stream before it at a coordinator that does
+//! not wait for gaps (an older version): the shipper retries from `acked` and
+//! sends one stream at a time from then on.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,27 +40,51 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, warn};
 
 use super::LogTarget;
 use super::spool::{Spool, SpoolState};
 use crate::backoff::Backoff;
 
-/// Largest chunk sent.
-pub const MAX_CHUNK: usize = 64 * 1024;
+/// Largest chunk sent (the coordinator accepts messages up to 4 MiB).
+pub const MAX_CHUNK: usize = 1024 * 1024;
 /// A partial chunk waits at most this long for more output.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// A stream is ended (to get an ack) after this long...
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(1);
-/// ... or after this many bytes. Each stream end waits for the coordinator's
-/// fsync and ack before the next stream starts, so this is the window of a
-/// stop-and-wait protocol: 4 MiB held a 1 GiB log to ~50 MB/s, 64 MiB gives
-/// ~100 MB/s (`capstan-bench --scenario logs`); a resend after an error is at
-/// most this much (or one second of output).
+/// ... or after this many bytes.
 pub const STREAM_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Streams sent whose ack has not come back yet, at most. With one (a
+/// stop-and-wait protocol) a 1 GiB log went at ~100 MB/s: every 64 MiB the
+/// runner waited for the coordinator to fsync.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Bytes sent but not acknowledged yet, at most: what a resend after an
+/// error may cost. The bytes stay in the spool, not in memory.
+pub const MAX_UNACKED: u64 = 1024 * 1024 * 1024;
 
 /// A `PushLogs` call that takes longer than this is abandoned and retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The window's limits; tests use small ones.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub max_chunk: usize,
+    pub stream_max_bytes: u64,
+    pub max_in_flight: usize,
+    pub max_unacked: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_chunk: MAX_CHUNK,
+            stream_max_bytes: STREAM_MAX_BYTES,
+            max_in_flight: MAX_IN_FLIGHT,
+            max_unacked: MAX_UNACKED,
+        }
+    }
+}
 
 /// A running shipper. Drop it only after [`ShipperHandle::finish`].
 #[derive(Debug)]
@@ -62,9 +98,18 @@ impl ShipperHandle {
     /// Starts shipping `spool` to whatever `target` holds (waiting while it
     /// holds `None`).
     pub fn spawn(spool: Arc<Spool>, target: watch::Receiver<Option<LogTarget>>) -> Self {
+        Self::spawn_with(spool, target, Limits::default())
+    }
+
+    pub(crate) fn spawn_with(
+        spool: Arc<Spool>,
+        target: watch::Receiver<Option<LogTarget>>,
+        limits: Limits,
+    ) -> Self {
         let (acked_tx, acked) = watch::channel(0);
         let task = tokio::spawn(
-            ship(Arc::clone(&spool), target, acked_tx).instrument(tracing::Span::current()),
+            ship_with(Arc::clone(&spool), target, acked_tx, limits)
+                .instrument(tracing::Span::current()),
         );
         Self { spool, acked, task }
     }
@@ -89,8 +134,17 @@ impl ShipperHandle {
 /// and fully acknowledged, or when every sender of `target` is gone.
 pub async fn ship(
     spool: Arc<Spool>,
+    target: watch::Receiver<Option<LogTarget>>,
+    acked_tx: watch::Sender<u64>,
+) {
+    ship_with(spool, target, acked_tx, Limits::default()).await;
+}
+
+async fn ship_with(
+    spool: Arc<Spool>,
     mut target: watch::Receiver<Option<LogTarget>>,
     acked_tx: watch::Sender<u64>,
+    mut limits: Limits,
 ) {
     let mut state = spool.subscribe();
     let mut acked = 0u64;
@@ -113,19 +167,27 @@ pub async fn ship(
             }
             continue;
         };
-        match push_once(&spool, &mut state, &current, acked).await {
-            Ok(durable) if durable > acked => {
-                acked = durable;
-                acked_tx.send_replace(acked);
-                backoff.reset();
-            }
-            Ok(durable) => {
-                // No progress (nothing durable yet): do not spin.
-                acked = durable;
-                acked_tx.send_replace(acked);
+        let before = acked;
+        let mut window_state = Window {
+            spool: &spool,
+            target: &current,
+            acked: &mut acked,
+            acked_tx: &acked_tx,
+            limits,
+        };
+        let result = window_state.push(&mut state).await;
+        if acked > before {
+            backoff.reset();
+        }
+        match result {
+            Ok(()) => {}
+            Err(Failure::Short) => {
+                // The coordinator took less than was sent: do not spin.
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            Err(status) if status.code() == tonic::Code::OutOfRange => {
+            Err(Failure::Status { status, start })
+                if status.code() == tonic::Code::OutOfRange && start <= acked =>
+            {
                 warn!(
                     attempt = spool.attempt_id(),
                     acked,
@@ -135,7 +197,18 @@ pub async fn ship(
                 acked = 0;
                 acked_tx.send_replace(acked);
             }
-            Err(status) => {
+            Err(Failure::Status { status, .. }) if status.code() == tonic::Code::OutOfRange => {
+                // A stream overtook the one before it at a coordinator that
+                // does not wait for gaps: no pipelining with this one.
+                if limits.max_in_flight > 1 {
+                    warn!(
+                        attempt = spool.attempt_id(),
+                        "coordinator refused a pipelined log stream; sending one at a time"
+                    );
+                    limits.max_in_flight = 1;
+                }
+            }
+            Err(Failure::Status { status, .. }) => {
                 let delay = backoff.next_delay();
                 debug!(attempt = spool.attempt_id(), code = ?status.code(), message = status.message(),
                     ?delay, "pushing logs failed; retrying");
@@ -145,77 +218,223 @@ pub async fn ship(
     }
 }
 
-/// One `PushLogs` stream starting at `from`. Returns the durable offset.
-async fn push_once(
-    spool: &Spool,
-    state: &mut watch::Receiver<SpoolState>,
-    target: &LogTarget,
-    from: u64,
-) -> Result<u64, tonic::Status> {
-    let (tx, rx) = mpsc::channel::<LogChunk>(4);
-    let mut client = target.client.clone();
-    let call = client.push_logs(ReceiverStream::new(rx));
-    let send = async move {
-        let opened = Instant::now();
-        let mut offset = from;
-        let mut seq = 0u64;
+/// Why a window of streams was dropped.
+#[derive(Debug)]
+enum Failure {
+    /// A stream's ack says the coordinator holds less than the stream sent.
+    Short,
+    /// The stream starting at byte `start` failed.
+    Status { status: tonic::Status, start: u64 },
+}
+
+/// The stream being sent.
+struct Open {
+    tx: mpsc::Sender<LogChunk>,
+    start: u64,
+    opened: Instant,
+    seq: u64,
+    response: AbortOnDropHandle<Result<u64, tonic::Status>>,
+}
+
+/// A stream sent, awaiting its ack (aborted if dropped).
+struct Sent {
+    start: u64,
+    end: u64,
+    response: AbortOnDropHandle<Result<u64, tonic::Status>>,
+}
+
+/// One window of streams to one target.
+struct Window<'a> {
+    spool: &'a Spool,
+    target: &'a LogTarget,
+    acked: &'a mut u64,
+    acked_tx: &'a watch::Sender<u64>,
+    limits: Limits,
+}
+
+impl Window<'_> {
+    /// Sends from `acked` on, with up to `limits.max_in_flight` streams awaiting their
+    /// acks, until everything in the spool is sent and acknowledged (`Ok`),
+    /// or until the oldest stream fails. Whatever is in flight then is
+    /// dropped (the next call resends from `acked`).
+    async fn push(&mut self, state: &mut watch::Receiver<SpoolState>) -> Result<(), Failure> {
+        let Limits {
+            max_chunk,
+            stream_max_bytes,
+            max_in_flight,
+            max_unacked,
+        } = self.limits;
+        let mut next = *self.acked;
+        let mut open: Option<Open> = None;
+        let mut sent: VecDeque<Sent> = VecDeque::new();
+        let mut partial_deadline: Option<Instant> = None;
         loop {
-            let mut now = *state.borrow_and_update();
-            if offset >= now.len {
-                if now.closed {
-                    break;
-                }
-                tokio::select! {
-                    r = state.changed() => if r.is_err() { break },
-                    () = tokio::time::sleep_until(opened + STREAM_MAX_AGE) => break,
-                }
-                continue;
+            // The acks that came back, oldest first.
+            while sent.front().is_some_and(|s| s.response.is_finished()) {
+                let s = sent.pop_front().expect("a front");
+                let result = s.response.await;
+                self.settle(s.start, s.end, result)?;
             }
-            // Batch small writes: wait up to FLUSH_INTERVAL for a full chunk.
-            let flush_at = Instant::now() + FLUSH_INTERVAL;
-            while !now.closed && now.len - offset < MAX_CHUNK as u64 {
-                tokio::select! {
-                    r = state.changed() => if r.is_err() { break },
-                    () = tokio::time::sleep_until(flush_at) => break,
+            // An ack may report more than was sent (streams dropped after an
+            // error had been appended): no need to send that again.
+            next = next.max(*self.acked);
+            let now = *state.borrow_and_update();
+            if let Some(o) = &open {
+                let done = now.closed && next >= now.len;
+                if done
+                    || next - o.start >= stream_max_bytes
+                    || o.opened.elapsed() >= STREAM_MAX_AGE
+                {
+                    let o = open.take().expect("an open stream");
+                    drop(o.tx);
+                    sent.push_back(Sent {
+                        start: o.start,
+                        end: next,
+                        response: o.response,
+                    });
+                    continue;
                 }
-                now = *state.borrow_and_update();
             }
-            let (step_index, segment_end) = spool.step_at(offset);
-            let limit = segment_end.unwrap_or(u64::MAX).saturating_sub(offset);
-            let max = usize::try_from(limit).unwrap_or(MAX_CHUNK).min(MAX_CHUNK);
-            let data = spool
-                .read_at(offset, max)
-                .await
-                .map_err(|e| tonic::Status::internal(e.to_string()))?;
-            let len = data.len() as u64;
-            let chunk = LogChunk {
-                runner_id: target.credentials.runner_id.to_string(),
-                runner_secret: target.credentials.runner_secret.clone(),
-                attempt_id: spool.attempt_id().to_owned(),
-                step_index,
-                offset,
-                seq,
-                data,
-            };
-            if tx.send(chunk).await.is_err() {
-                // The call ended early; its status says why.
-                break;
+            let room =
+                next - *self.acked < max_unacked && (open.is_some() || sent.len() < max_in_flight);
+            let mut wait_for_output = !now.closed;
+            let mut flush_at = None;
+            if next < now.len && room {
+                let available = now.len - next;
+                let deadline =
+                    *partial_deadline.get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);
+                if available >= max_chunk as u64 || now.closed || Instant::now() >= deadline {
+                    partial_deadline = None;
+                    next = self.send_chunk(&mut open, &mut sent, next).await?;
+                    continue;
+                }
+                // Batch small writes: wait up to FLUSH_INTERVAL for a full chunk.
+                flush_at = Some(deadline);
+            } else if next < now.len {
+                // The window is full: only an ack makes room.
+                wait_for_output = false;
+            } else if open.is_none() && sent.is_empty() {
+                return Ok(());
             }
-            offset += len;
-            seq += 1;
-            if offset - from >= STREAM_MAX_BYTES || opened.elapsed() >= STREAM_MAX_AGE {
-                break;
+            let age_limit = open.as_ref().map(|o| o.opened + STREAM_MAX_AGE);
+            tokio::select! {
+                result = async { (&mut sent.front_mut().expect("a front").response).await },
+                    if !sent.is_empty() =>
+                {
+                    let s = sent.pop_front().expect("a front");
+                    self.settle(s.start, s.end, result)?;
+                }
+                r = state.changed(), if wait_for_output => if r.is_err() { return Ok(()) },
+                () = sleep_until_some(age_limit), if age_limit.is_some() => {}
+                () = sleep_until_some(flush_at), if flush_at.is_some() => {}
             }
         }
-        drop(tx);
-        Ok::<_, tonic::Status>(())
+    }
+
+    /// Sends the chunk at `next` on the open stream (opening one if there is
+    /// none). Returns where the next chunk starts.
+    async fn send_chunk(
+        &mut self,
+        open: &mut Option<Open>,
+        sent: &mut VecDeque<Sent>,
+        next: u64,
+    ) -> Result<u64, Failure> {
+        let o = open.get_or_insert_with(|| open_stream(self.target, self.spool.attempt_id(), next));
+        let (step_index, segment_end) = self.spool.step_at(next);
+        let limit = segment_end.unwrap_or(u64::MAX).saturating_sub(next);
+        let max_chunk = self.limits.max_chunk;
+        let max = usize::try_from(limit).unwrap_or(max_chunk).min(max_chunk);
+        let data = self
+            .spool
+            .read_at(next, max)
+            .await
+            .map_err(|e| Failure::Status {
+                status: tonic::Status::internal(e.to_string()),
+                start: o.start,
+            })?;
+        let len = data.len() as u64;
+        let chunk = LogChunk {
+            runner_id: self.target.credentials.runner_id.to_string(),
+            runner_secret: self.target.credentials.runner_secret.clone(),
+            attempt_id: self.spool.attempt_id().to_owned(),
+            step_index,
+            offset: next,
+            seq: o.seq,
+            data,
+        };
+        if o.tx.send(chunk).await.is_ok() {
+            o.seq += 1;
+            return Ok(next + len);
+        }
+        // The call ended early; its response says why. Take the acks of the
+        // streams before it first, in order.
+        let o = open.take().expect("an open stream");
+        sent.push_back(Sent {
+            start: o.start,
+            end: next,
+            response: o.response,
+        });
+        while let Some(s) = sent.pop_front() {
+            let result = s.response.await;
+            self.settle(s.start, s.end, result)?;
+        }
+        Ok(next)
+    }
+
+    /// Takes the response of the stream that sent `start..end`.
+    fn settle(
+        &mut self,
+        start: u64,
+        end: u64,
+        result: Result<Result<u64, tonic::Status>, tokio::task::JoinError>,
+    ) -> Result<(), Failure> {
+        let durable = result
+            .unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string())))
+            .map_err(|status| Failure::Status { status, start })?;
+        if durable > *self.acked {
+            *self.acked = durable;
+            self.acked_tx.send_replace(durable);
+        }
+        if durable < end {
+            return Err(Failure::Short);
+        }
+        Ok(())
+    }
+}
+
+/// Opens a `PushLogs` stream whose first chunk starts at `start`; the call
+/// runs as its own task, so that its response (the ack, after the
+/// coordinator's fsync) can come back while the next stream is sent.
+fn open_stream(target: &LogTarget, attempt: &str, start: u64) -> Open {
+    let (tx, rx) = mpsc::channel::<LogChunk>(2);
+    let mut client = target.client.clone();
+    let attempt = attempt.to_owned();
+    let call = async move {
+        let call = client.push_logs(ReceiverStream::new(rx));
+        let response = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("PushLogs took too long"))??;
+        Ok(response
+            .into_inner()
+            .durable
+            .get(&attempt)
+            .copied()
+            .unwrap_or(start))
     };
-    let (response, sent) = tokio::time::timeout(CALL_TIMEOUT, async { tokio::join!(call, send) })
-        .await
-        .map_err(|_| tonic::Status::deadline_exceeded("PushLogs took too long"))?;
-    sent?;
-    let ack = response?.into_inner();
-    Ok(ack.durable.get(spool.attempt_id()).copied().unwrap_or(from))
+    Open {
+        tx,
+        start,
+        opened: Instant::now(),
+        seq: 0,
+        response: AbortOnDropHandle::new(tokio::spawn(call.instrument(tracing::Span::current()))),
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
@@ -245,14 +464,17 @@ mod tests {
         (0..size).map(|j| ((i * 31 + j) % 251) as u8).collect()
     }
 
-    #[tokio::test]
-    async fn ships_every_byte_once_in_order_across_a_dropped_stream() {
-        let server = testing::start().await;
-        server.coordinator.logs.lock().unwrap().fail_after_chunks = Some(5);
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path(), "att-ship").await.unwrap();
-        let (_target_tx, target_rx) = target(&server).await;
-        let shipper = ShipperHandle::spawn(Arc::clone(&spool), target_rx);
+    /// Small streams, so that a test sees many of them.
+    const SMALL: Limits = Limits {
+        max_chunk: 16 * 1024,
+        stream_max_bytes: 100_000,
+        max_in_flight: 4,
+        max_unacked: 1 << 30,
+    };
+
+    /// Appends 300 chunks of 1 to 20,000 bytes over three steps, pausing
+    /// now and then; returns what was written and each byte's step.
+    async fn produce(spool: &Spool) -> (Vec<u8>, Vec<u32>) {
         let mut produced = Vec::new();
         let mut steps = Vec::new();
         for i in 0..300 {
@@ -265,18 +487,95 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }
         }
+        (produced, steps)
+    }
+
+    async fn ship_and_check(
+        server: &testing::Handle,
+        attempt: &str,
+        limits: Limits,
+    ) -> testing::LogStats {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create(dir.path(), attempt).await.unwrap();
+        let (_target_tx, target_rx) = target(server).await;
+        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
+        let (produced, steps) = produce(&spool).await;
         let total = shipper.finish().await;
         assert_eq!(total, produced.len() as u64);
         let st = server.coordinator.logs.lock().unwrap();
-        assert!(st.fail_after_chunks.is_none(), "the fault was not injected");
-        assert!(st.streams >= 2, "streams: {}", st.streams);
-        assert!(st.logs["att-ship"] == produced, "log differs");
+        assert!(st.logs[attempt] == produced, "log differs");
         assert_eq!(
             st.appended,
             produced.len() as u64,
             "a byte was written twice"
         );
-        assert!(st.steps["att-ship"] == steps, "step indexes differ");
+        assert!(st.steps[attempt] == steps, "step indexes differ");
+        st.stats()
+    }
+
+    #[tokio::test]
+    async fn ships_every_byte_once_in_order_across_a_dropped_stream() {
+        let server = testing::start().await;
+        server.coordinator.logs.lock().unwrap().fail_after_chunks = Some(2);
+        let stats = ship_and_check(&server, "att-ship", Limits::default()).await;
+        assert!(stats.fault_injected, "the fault was not injected");
+        assert!(stats.streams >= 2, "streams: {}", stats.streams);
+    }
+
+    #[tokio::test]
+    async fn keeps_several_streams_in_flight() {
+        let server = testing::start().await;
+        // Acks come back slowly (the coordinator's fsync).
+        server.coordinator.logs.lock().unwrap().ack_delay = Duration::from_millis(100);
+        let stats = ship_and_check(&server, "att-window", SMALL).await;
+        assert!(stats.streams >= 10, "streams: {}", stats.streams);
+        assert!(
+            (2..=SMALL.max_in_flight).contains(&stats.max_in_flight),
+            "streams in flight at once: {}",
+            stats.max_in_flight
+        );
+    }
+
+    #[tokio::test]
+    async fn resends_after_an_error_mid_window() {
+        let server = testing::start().await;
+        {
+            let mut st = server.coordinator.logs.lock().unwrap();
+            st.ack_delay = Duration::from_millis(100);
+            // Streams that already sent their chunks wait for their acks
+            // when the fourth one fails after its first chunk.
+            st.fail_stream = Some(4);
+        }
+        let stats = ship_and_check(&server, "att-midwin", SMALL).await;
+        assert!(stats.fault_injected, "the fault was not injected");
+        assert!(stats.max_in_flight >= 2, "{}", stats.max_in_flight);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_overtakes_waits_at_the_coordinator() {
+        let server = testing::start().await;
+        {
+            let mut st = server.coordinator.logs.lock().unwrap();
+            // A slow coordinator: the next stream's first chunk arrives while
+            // the one before is still being appended.
+            st.chunk_delay = Duration::from_millis(5);
+        }
+        let stats = ship_and_check(&server, "att-overtake", SMALL).await;
+        assert_eq!(stats.out_of_range_sent, 0);
+    }
+
+    #[tokio::test]
+    async fn one_stream_at_a_time_with_a_coordinator_that_refuses_gaps() {
+        let server = testing::start().await;
+        {
+            let mut st = server.coordinator.logs.lock().unwrap();
+            st.chunk_delay = Duration::from_millis(5);
+            st.refuse_gaps = true;
+        }
+        let stats = ship_and_check(&server, "att-nogap", SMALL).await;
+        // The overtaking stream was refused, the shipper fell back to one
+        // stream at a time and did not resend from 0.
+        assert!(stats.out_of_range_sent >= 1);
     }
 
     #[tokio::test]

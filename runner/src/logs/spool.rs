@@ -2,14 +2,14 @@
 //! memory, the step each byte range came from. Writers append; the shipper
 //! reads by offset and watches the length grow.
 
-use std::io::{self, SeekFrom};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::executor::OutputSink;
@@ -31,21 +31,23 @@ pub struct SpoolError {
     pub source: io::Error,
 }
 
-struct Appender {
-    file: File,
-    len: u64,
-}
-
 /// One attempt's log spool. Appends are serialized; reads may run
 /// concurrently with appends and see only complete appends.
+///
+/// File I/O is plain `std::fs` run on the blocking pool, one hop per append
+/// and per read (`tokio::fs` took two or three hops per call, which at 8 to
+/// 64 KiB per call was most of the runner's CPU on a big log).
 pub struct Spool {
     path: PathBuf,
     attempt_id: String,
-    appender: tokio::sync::Mutex<Appender>,
+    /// Opened for reading and writing; appends write at the end under
+    /// `appender`, reads use positioned reads and need no lock.
+    file: Arc<File>,
+    /// The length of the file; held across each append's write.
+    appender: tokio::sync::Mutex<u64>,
     /// (first offset, step index) of each run of bytes from one step;
     /// changed only under the appender lock.
     segments: Mutex<Vec<(u64, u32)>>,
-    reader: tokio::sync::Mutex<File>,
     state: watch::Sender<SpoolState>,
 }
 
@@ -58,22 +60,39 @@ impl std::fmt::Debug for Spool {
     }
 }
 
+/// Runs blocking file I/O on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|join| Err(io::Error::other(join)))
+}
+
 impl Spool {
     /// Creates (truncating) `<dir>/<attempt_id>.log`.
     pub async fn create(dir: &Path, attempt_id: &str) -> Result<Arc<Self>, SpoolError> {
         let path = dir.join(format!("{attempt_id}.log"));
-        let err = |source| SpoolError {
+        let (d, p) = (dir.to_owned(), path.clone());
+        let file = blocking(move || {
+            std::fs::create_dir_all(&d)?;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+        })
+        .await
+        .map_err(|source| SpoolError {
             path: path.clone(),
             source,
-        };
-        tokio::fs::create_dir_all(dir).await.map_err(err)?;
-        let file = File::create(&path).await.map_err(err)?;
-        let reader = File::open(&path).await.map_err(err)?;
+        })?;
         Ok(Arc::new(Self {
             attempt_id: attempt_id.to_owned(),
-            appender: tokio::sync::Mutex::new(Appender { file, len: 0 }),
+            file: Arc::new(file),
+            appender: tokio::sync::Mutex::new(0),
             segments: Mutex::new(Vec::new()),
-            reader: tokio::sync::Mutex::new(reader),
             state: watch::Sender::new(SpoolState::default()),
             path,
         }))
@@ -88,31 +107,44 @@ impl Spool {
     }
 
     /// Appends bytes produced by step `step`. Returns once they are in the
-    /// file (flushed to the OS, not fsynced) and visible to readers.
+    /// file (written to the OS, not fsynced) and visible to readers.
     pub async fn append(&self, step: u32, data: &[u8]) -> Result<(), SpoolError> {
         if data.is_empty() {
             return Ok(());
         }
-        let err = |source| SpoolError {
+        self.append_owned(step, data.to_vec()).await
+    }
+
+    /// [`Spool::append`] of a buffer the caller gives up (no copy).
+    pub async fn append_owned(&self, step: u32, data: Vec<u8>) -> Result<(), SpoolError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut len = self.appender.lock().await;
+        let file = Arc::clone(&self.file);
+        let n = data.len() as u64;
+        let at = *len;
+        // Positioned writes: a failed write leaves the next one where the
+        // log really ends, and readers never see a partial append (they read
+        // below `state.len` only).
+        let written = blocking(move || file.write_all_at(&data, at)).await;
+        written.map_err(|source| SpoolError {
             path: self.path.clone(),
             source,
-        };
-        let mut a = self.appender.lock().await;
-        a.file.write_all(data).await.map_err(err)?;
-        a.file.flush().await.map_err(err)?;
+        })?;
         {
             let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
             if segments.last().is_none_or(|&(_, s)| s != step) {
-                segments.push((a.len, step));
+                segments.push((at, step));
             }
         }
-        a.len += data.len() as u64;
-        let len = a.len;
-        self.state.send_modify(|s| s.len = len);
+        *len += n;
+        let new_len = *len;
+        self.state.send_modify(|s| s.len = new_len);
         Ok(())
     }
 
-    /// No more bytes will come; the shipper finishes once all are acked.
+    /// No more bytes will be appended; the shipper finishes once all are acked.
     pub fn close(&self) {
         self.state.send_modify(|s| s.closed = true);
     }
@@ -139,17 +171,22 @@ impl Spool {
 
     /// Reads up to `max` bytes at `offset` (fewer at the end of the log).
     pub async fn read_at(&self, offset: u64, max: usize) -> Result<Bytes, SpoolError> {
-        let err = |source| SpoolError {
-            path: self.path.clone(),
-            source,
-        };
         let available = self.state().len.saturating_sub(offset);
         let n = usize::try_from(available).unwrap_or(usize::MAX).min(max);
-        let mut buf = vec![0u8; n];
-        let mut reader = self.reader.lock().await;
-        reader.seek(SeekFrom::Start(offset)).await.map_err(err)?;
-        reader.read_exact(&mut buf).await.map_err(err)?;
-        Ok(Bytes::from(buf))
+        if n == 0 {
+            return Ok(Bytes::new());
+        }
+        let file = Arc::clone(&self.file);
+        blocking(move || {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|source| SpoolError {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// A sink that appends as step `step`.
@@ -182,6 +219,13 @@ impl OutputSink for SpoolWriter {
     async fn write(&self, data: &[u8]) -> io::Result<()> {
         self.spool
             .append(self.step, data)
+            .await
+            .map_err(|e| io::Error::new(e.source.kind(), e))
+    }
+
+    async fn write_owned(&self, data: Vec<u8>) -> io::Result<()> {
+        self.spool
+            .append_owned(self.step, data)
             .await
             .map_err(|e| io::Error::new(e.source.kind(), e))
     }
