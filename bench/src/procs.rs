@@ -167,6 +167,9 @@ impl Coordinator {
             .args(["--labels", &format!("bench={name}")])
             .args(["--capacity", &capacity.to_string()])
             .args(["--executor", executor])
+            // The log scenario writes 1 GiB in one step: measure the whole
+            // path, not the per-step cap (default 256 MiB).
+            .args(["--max-step-log", "0"])
             .arg("--work-dir")
             .arg(&work)
             .env("RUST_LOG", "warn")

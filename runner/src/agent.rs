@@ -728,6 +728,7 @@ impl Agent {
             mask: Arc::clone(&self.mask),
             git_credentials: self.config.git_credentials.clone(),
             git_author: self.config.git_author.clone(),
+            step_log_cap: self.config.step_log_cap,
         };
         self.tracker.spawn(attempt::run(spec).instrument(span));
         true

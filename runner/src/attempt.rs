@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::executor::{Executor, OutputSink as _, StepContext, StepEnd, TaskContext};
 use crate::logs::LogTarget;
+use crate::logs::cap::CappedSink;
 use crate::logs::mask::MaskingSink;
 use crate::logs::shipper::ShipperHandle;
 use crate::logs::spool::Spool;
@@ -57,6 +58,8 @@ pub(crate) struct AttemptSpec {
     pub git_credentials: Option<String>,
     /// Who `git-push` commits as (`--git-author`).
     pub git_author: crate::steps::git_push::Author,
+    /// How much of each step's output the log keeps.
+    pub step_log_cap: crate::logs::cap::StepLogCap,
 }
 
 struct Outcome {
@@ -229,7 +232,8 @@ async fn run_steps(
         }
         send_step(index, StepState::Running, None);
         let writer = spool.writer(index);
-        let masked = MaskingSink::new(&writer, &spec.mask);
+        let capped = CappedSink::new(&writer, spec.step_log_cap);
+        let masked = MaskingSink::new(&capped, &spec.mask);
         if let Some(step::Kind::Run(run)) = &step.kind {
             let header = format!("$ {}\n", run.script.lines().next().unwrap_or_default());
             if let Err(e) = masked.write(header.as_bytes()).await {
@@ -256,7 +260,12 @@ async fn run_steps(
                 },
             )
             .await;
-        if let Err(e) = masked.flush().await {
+        if let Err(e) = async {
+            masked.flush().await?;
+            capped.finish().await
+        }
+        .await
+        {
             send_step(index, StepState::Failed, None);
             return Outcome::new(AttemptOutcome::Error, None, chain(&e));
         }

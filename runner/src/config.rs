@@ -81,6 +81,11 @@ pub struct Args {
     /// Name of the secret with the credentials for fetching run repositories.
     #[arg(long, env = "CAPSTAN_GIT_CREDENTIALS", value_name = "SECRET")]
     pub git_credentials: Option<String>,
+    /// Most output one step may write to the log, e.g. `256m`; past it the
+    /// log keeps the first part and the last quarter (at most 4 MiB) and says
+    /// how much it dropped; `0`: no cap [default: 256m].
+    #[arg(long, env = "CAPSTAN_MAX_STEP_LOG", value_name = "SIZE")]
+    pub max_step_log: Option<String>,
     /// Identity of `git-push` commits [default: Capstan Bot <capstan@localhost>].
     #[arg(long, env = "CAPSTAN_GIT_AUTHOR", value_name = "NAME <EMAIL>")]
     pub git_author: Option<String>,
@@ -138,6 +143,7 @@ pub struct FileConfig {
     pub secrets_file: Option<PathBuf>,
     pub git_credentials: Option<String>,
     pub git_author: Option<String>,
+    pub max_step_log: Option<String>,
     pub docker_network: Option<String>,
     pub docker_memory: Option<String>,
     pub docker_cpus: Option<f64>,
@@ -195,6 +201,10 @@ pub enum ConfigError {
     Cpus(f64),
     #[error("invalid --git-author: {0}")]
     GitAuthor(String),
+    #[error(
+        "invalid --max-step-log `{0}`: expected bytes or a number with k, m or g, e.g. 256m (0: no cap)"
+    )]
+    StepLogCap(String),
 }
 
 /// Parses a memory size: `1048576`, `512k`, `512m`, `2g` (powers of 1024).
@@ -345,7 +355,16 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
         Some(text) => text.parse().map_err(ConfigError::GitAuthor)?,
         None => crate::steps::git_push::Author::default(),
     };
+    let step_log_cap = match args.max_step_log.or(file.max_step_log) {
+        Some(text) => crate::logs::cap::StepLogCap {
+            cap: parse_memory(&text)
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or(ConfigError::StepLogCap(text))?,
+        },
+        None => crate::logs::cap::StepLogCap::default(),
+    };
     Ok(RunnerConfig {
+        step_log_cap,
         git_author,
         secrets_file: args.secrets_file.or(file.secrets_file),
         git_credentials: args
@@ -527,5 +546,30 @@ mod tests {
             merge(args, FileConfig::default()),
             Err(ConfigError::ZeroCapacity)
         ));
+    }
+
+    #[test]
+    fn step_log_cap() {
+        let config = merge(required_args(), FileConfig::default()).unwrap();
+        assert_eq!(config.step_log_cap.cap, 256 << 20);
+        let mut args = required_args();
+        args.max_step_log = Some("64k".into());
+        assert_eq!(
+            merge(args, FileConfig::default()).unwrap().step_log_cap.cap,
+            64 << 10
+        );
+        let mut args = required_args();
+        args.max_step_log = Some("0".into());
+        assert_eq!(
+            merge(args, FileConfig::default()).unwrap().step_log_cap.cap,
+            0
+        );
+        let mut args = required_args();
+        args.max_step_log = Some("lots".into());
+        let e = merge(args, FileConfig::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("--max-step-log `lots`") && e.contains("256m"),
+            "{e}"
+        );
     }
 }

@@ -73,6 +73,8 @@ pub struct RunnerConfig {
     pub git_author: steps::git_push::Author,
     /// Isolation and limits of the docker executor.
     pub docker: DockerSettings,
+    /// How much of one step's output the log keeps (`--max-step-log`).
+    pub step_log_cap: logs::cap::StepLogCap,
 }
 
 impl Default for RunnerConfig {
@@ -89,6 +91,7 @@ impl Default for RunnerConfig {
             git_credentials: None,
             git_author: steps::git_push::Author::default(),
             docker: DockerSettings::default(),
+            step_log_cap: logs::cap::StepLogCap::default(),
         }
     }
 }

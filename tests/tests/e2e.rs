@@ -530,3 +530,43 @@ async fn retention_deletes_finished_runs_and_their_logs() -> anyhow::Result<()> 
     assert_eq!(run_state(&run), RunState::Succeeded);
     Ok(())
 }
+
+/// `--max-step-log 64k`: a step that writes 1 MB keeps its first 48 KiB and
+/// last 16 KiB in the log, with a line that counts what was dropped; the
+/// next step's output is whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_past_the_log_cap_keeps_head_and_tail() -> anyhow::Result<()> {
+    let c = TestCluster::builder()
+        .executor("fake")
+        .runner_args(&["--max-step-log", "64k"])
+        .start()
+        .await?;
+    let id = c
+        .submit(
+            "version: 1\nname: cap\ntasks:\n  chatty:\n    steps:\n      - run: \"output 1000000\\necho last-line\"\n      - run: \"echo next-step-whole\"\n",
+        )
+        .await?;
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    let log = String::from_utf8(c.task_log(&id, "chatty").await?)?;
+    let head = 48 * 1024;
+    let tail = 16 * 1024;
+    // The step's log starts with its `$ command` line.
+    let produced = "$ output 1000000\n".len() + 1_000_000 + "last-line\n".len();
+    let dropped = produced - head - tail;
+    assert!(
+        log.contains(&format!(
+            "[capstan: {dropped} bytes of this step's output were dropped here: the log keeps the first {head} and the last {tail} bytes"
+        )),
+        "{}",
+        &log[..log.len().min(2000)]
+    );
+    assert!(log.contains("last-line\n"), "the tail is kept");
+    assert!(
+        log.ends_with("next-step-whole\n"),
+        "{}",
+        &log[log.len().saturating_sub(300)..]
+    );
+    assert!(log.len() < 70 * 1024, "{} bytes", log.len());
+    Ok(())
+}

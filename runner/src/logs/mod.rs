@@ -6,6 +6,7 @@
 //! nothing; the [`shipper`] drains the spool to the coordinator with
 //! `PushLogs` and tracks the durable offset the coordinator acknowledges.
 
+pub mod cap;
 pub mod mask;
 pub mod shipper;
 pub mod spool;
