@@ -356,6 +356,7 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
         None => crate::steps::git_push::Author::default(),
     };
     let step_log_cap = match args.max_step_log.or(file.max_step_log) {
+        Some(text) if text.trim() == "0" => crate::logs::cap::StepLogCap { cap: 0 },
         Some(text) => crate::logs::cap::StepLogCap {
             cap: parse_memory(&text)
                 .and_then(|n| u64::try_from(n).ok())
