@@ -2,12 +2,15 @@
 //!
 //! Order of events, which the "logs complete when a run is seen finished"
 //! guarantee depends on:
-//! 1. create the log spool and start its shipper; create the workspace and
-//!    check out the run's repository into it (if the run has one);
-//! 2. executor setup, then each step: `StepStateChanged` RUNNING, a
-//!    `$ <first line>` header in the log for `run` steps, run, terminal
-//!    `StepStateChanged`; the first step that does not succeed ends the
-//!    attempt; then executor teardown;
+//! 1. create the log spool (and, meanwhile, the workspace) and start the
+//!    spool's shipper; check out the run's repository into the workspace (if
+//!    the run has one);
+//! 2. executor setup, then each step: `StepStateChanged` RUNNING, run,
+//!    terminal `StepStateChanged`; a `run` step's log starts with a
+//!    `$ <first line>` header, written with its first output (or when it
+//!    ends, if it printed nothing) so that no file write delays the start of
+//!    its process; the first step that does not succeed ends the attempt;
+//!    then executor teardown;
 //! 3. wait until the coordinator acknowledged every log byte;
 //! 4. remove the attempt's work dir;
 //! 5. hand the `TaskFinished` report to the agent, which delivers it.
@@ -24,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::executor::{Executor, OutputSink as _, StepContext, StepEnd, TaskContext};
+use crate::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
 use crate::logs::LogTarget;
 use crate::logs::cap::CappedSink;
 use crate::logs::mask::MaskingSink;
@@ -129,7 +132,15 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
             outputs: outputs.into_iter().collect(),
         }
     };
-    let spool = match Spool::create(&spec.spool_dir, &attempt_id).await {
+    let dir = spec.attempts_dir.join(&attempt_id);
+    let workspace = dir.join("workspace");
+    // The workspace is made while the spool's file is created on the
+    // blocking pool: three mkdirs, cheaper inline than another hop there,
+    // and pickup waits for both.
+    let (spool, made) = tokio::join!(Spool::create(&spec.spool_dir, &attempt_id), async {
+        std::fs::create_dir_all(&workspace)
+    });
+    let spool = match spool {
         Ok(spool) => spool,
         Err(e) => {
             let o = Outcome::new(
@@ -141,12 +152,11 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
         }
     };
     let shipper = ShipperHandle::spawn(Arc::clone(&spool), spec.log_target.clone());
-    let dir = spec.attempts_dir.join(&attempt_id);
     let task = TaskContext {
         run_id: spec.offer.run_id.clone(),
         task_name: spec.offer.task_name.clone(),
         attempt_id: attempt_id.clone(),
-        workspace: dir.join("workspace"),
+        workspace,
         task: spec.offer.task.clone().unwrap_or_default(),
         repo: spec.offer.repo.clone(),
         rev: spec.offer.rev.clone(),
@@ -158,7 +168,17 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
             Some(dir.join("manifests")),
         )),
     };
-    let outcome = run_task(spec, &task, &spool).await;
+    let outcome = match made {
+        Ok(()) => run_task(spec, &task, &spool).await,
+        Err(e) => Outcome::new(
+            AttemptOutcome::Error,
+            None,
+            format!(
+                "runner could not create workspace {}: {e}",
+                task.workspace.display()
+            ),
+        ),
+    };
     let outputs = task.outputs.lock().map(|o| o.clone()).unwrap_or_default();
     if !outputs.is_empty() {
         info!(?outputs, "task outputs");
@@ -176,16 +196,6 @@ async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) ->
     let started = Instant::now();
     let task_timeout = task.task.timeout_seconds;
     let task_deadline = (task_timeout > 0).then(|| started + Duration::from_secs(task_timeout));
-    if let Err(e) = tokio::fs::create_dir_all(&task.workspace).await {
-        return Outcome::new(
-            AttemptOutcome::Error,
-            None,
-            format!(
-                "runner could not create workspace {}: {e}",
-                task.workspace.display()
-            ),
-        );
-    }
     if !task.repo.is_empty()
         && let Err(outcome) = checkout(spec, task, spool).await
     {
@@ -234,13 +244,13 @@ async fn run_steps(
         let writer = spool.writer(index);
         let capped = CappedSink::new(&writer, spec.step_log_cap);
         let masked = MaskingSink::new(&capped, &spec.mask);
-        if let Some(step::Kind::Run(run)) = &step.kind {
-            let header = format!("$ {}\n", run.script.lines().next().unwrap_or_default());
-            if let Err(e) = masked.write(header.as_bytes()).await {
-                send_step(index, StepState::Failed, None);
-                return Outcome::new(AttemptOutcome::Error, None, chain(&e));
+        let header = match &step.kind {
+            Some(step::Kind::Run(run)) => {
+                format!("$ {}\n", run.script.lines().next().unwrap_or_default())
             }
-        }
+            _ => String::new(),
+        };
+        let output = HeaderFirst::new(&masked, header.into_bytes());
         let step_deadline = (step.timeout_seconds > 0)
             .then(|| Instant::now() + Duration::from_secs(step.timeout_seconds));
         let deadline = match (step_deadline, task_deadline) {
@@ -256,11 +266,12 @@ async fn run_steps(
                     step,
                     cancel: spec.cancel.clone(),
                     deadline,
-                    output: &masked,
+                    output: &output,
                 },
             )
             .await;
         if let Err(e) = async {
+            output.finish().await?;
             masked.flush().await?;
             capped.finish().await
         }
@@ -371,6 +382,47 @@ async fn checkout(
             };
             Err(Outcome::new(outcome, None, message))
         }
+    }
+}
+
+/// A step's output sink that puts `header` before the first byte of output
+/// (in the same write), or writes it alone in [`HeaderFirst::finish`].
+struct HeaderFirst<'a> {
+    inner: &'a dyn OutputSink,
+    /// Still to write; held across that write so that a concurrent writer
+    /// (stdout and stderr) cannot get in before it.
+    header: tokio::sync::Mutex<Vec<u8>>,
+}
+
+impl<'a> HeaderFirst<'a> {
+    fn new(inner: &'a dyn OutputSink, header: Vec<u8>) -> Self {
+        Self {
+            inner,
+            header: tokio::sync::Mutex::new(header),
+        }
+    }
+
+    /// Writes the header if no output did.
+    async fn finish(&self) -> std::io::Result<()> {
+        self.write(&[]).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputSink for HeaderFirst<'_> {
+    async fn write(&self, data: &[u8]) -> std::io::Result<()> {
+        let mut header = self.header.lock().await;
+        if header.is_empty() {
+            drop(header);
+            if data.is_empty() {
+                return Ok(());
+            }
+            return self.inner.write(data).await;
+        }
+        header.extend_from_slice(data);
+        self.inner.write(&header).await?;
+        header.clear();
+        Ok(())
     }
 }
 

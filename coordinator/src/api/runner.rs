@@ -2,6 +2,7 @@
 
 use super::{Shared, status};
 use crate::scheduler::Command;
+use crate::scheduler::lease::HeartbeatFilter;
 use capstan_shared::ids::{AttemptId, RunnerId};
 use capstan_shared::proto::runner::v1::*;
 use futures::{Stream, StreamExt};
@@ -79,21 +80,26 @@ impl runner_service_server::RunnerService for RunnerApi {
         let runner = RunnerId::from_string(hello.runner_id.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let leader = self.0.leader().await?;
-        let conn = leader
+        let (conn, lease) = leader
             .ask(|reply| Command::Attach { hello, tx, reply })
             .await?;
         tracing::info!(%runner, conn, "runner attached");
         let scheduler = leader.scheduler.clone();
         let r = runner.clone();
         tokio::spawn(async move {
+            // Renews the lease here; only heartbeats that change something
+            // cost a trip through the scheduler loop.
+            let mut filter = HeartbeatFilter::new(lease);
             loop {
                 match inbound.message().await {
                     Ok(Some(RunnerMessage { kind: Some(kind) })) => {
-                        scheduler.tell(Command::RunnerMessage {
-                            runner: r.clone(),
-                            conn,
-                            kind,
-                        });
+                        if filter.pass(&kind, tokio::time::Instant::now()) {
+                            scheduler.tell(Command::RunnerMessage {
+                                runner: r.clone(),
+                                conn,
+                                kind,
+                            });
+                        }
                     }
                     Ok(Some(RunnerMessage { kind: None })) => {}
                     Ok(None) => break,

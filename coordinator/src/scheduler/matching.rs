@@ -73,7 +73,13 @@ mod tests {
                 draining: false,
                 registered_at_ms: 0,
             },
-            conn: Some((1, tx)),
+            conn: Some(super::super::state::Conn {
+                id: 1,
+                tx,
+                lease: std::sync::Arc::new(super::super::lease::ConnLease::new(
+                    tokio::time::Instant::now(),
+                )),
+            }),
             last_seen: tokio::time::Instant::now(),
             last_seen_ms: 0,
             detached_at: None,

@@ -8,6 +8,7 @@
 //! scheduler: memory would no longer match the store, so the process exits and
 //! a restart loads the durable state.
 
+pub mod lease;
 pub mod matching;
 pub mod state;
 pub mod view;
@@ -75,15 +76,18 @@ pub enum Command {
         version: String,
         reply: Reply<(RunnerId, String)>,
     },
+    /// Replies with the connection id and the lease its reader renews.
     Attach {
         hello: rpb::Hello,
         tx: RunnerTx,
-        reply: Reply<u64>,
+        reply: Reply<(u64, Arc<lease::ConnLease>)>,
     },
     Detach {
         runner: RunnerId,
         conn: u64,
     },
+    /// A message from a runner's Control stream. Heartbeats that change
+    /// nothing are not sent (see [`lease`]).
     RunnerMessage {
         runner: RunnerId,
         conn: u64,

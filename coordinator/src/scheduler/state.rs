@@ -6,6 +6,7 @@
 //! then delivers the messages, so nobody hears of a change that is not durable.
 //! Time is passed in (`now`) so tests can drive leases and offer timeouts.
 
+use super::lease::ConnLease;
 use super::matching::{FreeSlots, labels_match};
 use crate::model::*;
 use capstan_shared::ids::{AttemptId, RunId, RunnerId};
@@ -13,6 +14,7 @@ use capstan_shared::proto::runner::v1 as rpb;
 use rpb::coordinator_message::Kind as Down;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::{Duration, Instant};
 
@@ -64,10 +66,20 @@ impl Default for Timing {
     }
 }
 
+/// A runner's current Control stream.
+pub struct Conn {
+    pub id: u64,
+    pub tx: RunnerTx,
+    /// Stamped by the stream's reader on every message (see [`super::lease`]).
+    pub lease: Arc<ConnLease>,
+}
+
 /// A runner as the scheduler sees it.
 pub struct RunnerSlot {
     pub record: RunnerRecord,
-    pub conn: Option<(u64, RunnerTx)>,
+    pub conn: Option<Conn>,
+    /// When the scheduler last heard from it; [`RunnerSlot::seen`] also
+    /// counts what its stream's reader saw.
     pub last_seen: Instant,
     pub last_seen_ms: i64,
     /// When its Control stream ended, while it has not reconnected.
@@ -86,6 +98,31 @@ impl RunnerSlot {
         self.record
             .capacity
             .saturating_sub(self.active.len() as u32)
+    }
+
+    /// When the runner was last heard from: by the scheduler, or by the
+    /// reader of its current stream (heartbeats that change nothing stop
+    /// there). Leases are judged by this.
+    pub fn seen(&self) -> Instant {
+        match &self.conn {
+            Some(c) => self.last_seen.max(c.lease.last_seen()),
+            None => self.last_seen,
+        }
+    }
+
+    /// [`RunnerSlot::seen`] as wall-clock milliseconds, for display.
+    pub fn seen_ms(&self) -> i64 {
+        let later = self.seen().saturating_duration_since(self.last_seen);
+        self.last_seen_ms + i64::try_from(later.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// No offers until its next heartbeat, which its stream's reader is
+    /// told to forward.
+    pub fn pause(&mut self) {
+        self.paused = true;
+        if let Some(c) = &self.conn {
+            c.lease.want_heartbeat();
+        }
     }
 
     pub fn accepts_work(&self) -> bool {
@@ -340,9 +377,9 @@ impl SchedulerState {
 
     fn send_to(&mut self, runner: &RunnerId, kind: Down) {
         if let Some(slot) = self.runners.get(runner)
-            && let Some((_, tx)) = &slot.conn
+            && let Some(c) = &slot.conn
         {
-            self.fx.outbox.push((tx.clone(), msg(kind)));
+            self.fx.outbox.push((c.tx.clone(), msg(kind)));
         }
     }
 
@@ -490,13 +527,14 @@ impl SchedulerState {
 
     /// A runner opened its Control stream. Re-attaches the attempts it still
     /// runs, requeues the ones it lost, and cancels the ones it should not
-    /// have. Returns the connection id; the welcome is already in the outbox.
+    /// have. Returns the connection id and the lease its reader stamps; the
+    /// welcome is already in the outbox.
     pub fn attach(
         &mut self,
         hello: rpb::Hello,
         tx: RunnerTx,
         now: Instant,
-    ) -> Result<u64, StateError> {
+    ) -> Result<(u64, Arc<ConnLease>), StateError> {
         let id = RunnerId::from_string(hello.runner_id.clone());
         self.authenticate(&id, &hello.runner_secret)?;
         if hello.protocol_version != capstan_shared::PROTOCOL_VERSION {
@@ -513,7 +551,12 @@ impl SchedulerState {
             .map(|a| AttemptId::from_string(a.clone()))
             .collect();
         let slot = self.runners.get_mut(&id).expect("authenticated");
-        slot.conn = Some((conn_id, tx.clone()));
+        let lease = Arc::new(ConnLease::new(now));
+        slot.conn = Some(Conn {
+            id: conn_id,
+            tx: tx.clone(),
+            lease: Arc::clone(&lease),
+        });
         slot.detached_at = None;
         slot.self_draining = false;
         slot.last_seen = now;
@@ -613,14 +656,14 @@ impl SchedulerState {
                 })),
             ));
         }
-        Ok(conn_id)
+        Ok((conn_id, lease))
     }
 
     /// The Control stream `conn_id` of `runner` ended. Its attempts keep their
     /// lease: the runner may reconnect in time.
     pub fn detach(&mut self, runner: &RunnerId, conn_id: u64, now: Instant) {
         if let Some(slot) = self.runners.get_mut(runner)
-            && slot.conn.as_ref().is_some_and(|(c, _)| *c == conn_id)
+            && slot.conn.as_ref().is_some_and(|c| c.id == conn_id)
         {
             slot.conn = None;
             slot.detached_at = Some(now);
@@ -659,7 +702,7 @@ impl SchedulerState {
         let Some(slot) = self.runners.get_mut(runner) else {
             return Err(StateError::BadRunnerCredentials);
         };
-        if slot.conn.as_ref().is_none_or(|(c, _)| *c != conn_id) {
+        if slot.conn.as_ref().is_none_or(|c| c.id != conn_id) {
             // A message from a replaced connection: the new one speaks for the runner.
             return Ok(());
         }
@@ -685,7 +728,7 @@ impl SchedulerState {
                 self.owned_attempt(runner, &a)?;
                 tracing::info!(%runner, attempt = %a, reason = %rej.reason, "offer rejected");
                 if let Some(slot) = self.runners.get_mut(runner) {
-                    slot.paused = true;
+                    slot.pause();
                 }
                 // A cancelled task's offer frees its slot on rejection too.
                 if matches!(
@@ -1032,7 +1075,7 @@ impl SchedulerState {
                 && let Some(att) = r.tasks[i].attempts.iter().find(|x| x.id == a)
                 && let Some(slot) = self.runners.get_mut(&att.runner.clone())
             {
-                slot.paused = true;
+                slot.pause();
             }
             self.lose_attempt(&a, LossReason::OfferExpired, now);
         }
@@ -1044,7 +1087,7 @@ impl SchedulerState {
             .values()
             .filter(|r| {
                 !r.active.is_empty()
-                    && (now.duration_since(r.last_seen) >= lease
+                    && (now.saturating_duration_since(r.seen()) >= lease
                         || r.detached_at
                             .is_some_and(|d| now.duration_since(d) >= grace))
             })

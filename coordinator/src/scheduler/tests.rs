@@ -1,5 +1,6 @@
 //! State-machine tests: no I/O, time driven by hand.
 
+use super::lease::{ConnLease, HeartbeatFilter};
 use super::state::*;
 use crate::api::pipeline::build_run;
 use crate::model::*;
@@ -9,6 +10,7 @@ use capstan_shared::proto::runner::v1 as rpb;
 use rpb::coordinator_message::Kind as Down;
 use rpb::runner_message::Kind as Up;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::{Duration, Instant};
 
@@ -24,6 +26,9 @@ struct TestRunner {
     secret: String,
     conn: u64,
     rx: Rx,
+    /// What the connection's reader task does with each message.
+    filter: HeartbeatFilter,
+    lease: Arc<ConnLease>,
 }
 
 const DIAMOND: &str = r#"
@@ -67,7 +72,7 @@ impl Harness {
 
     fn connect(&mut self, id: RunnerId, secret: String, running: Vec<String>) -> TestRunner {
         let (tx, rx) = mpsc::unbounded_channel();
-        let conn = self
+        let (conn, lease) = self
             .st
             .attach(
                 rpb::Hello {
@@ -86,6 +91,8 @@ impl Harness {
             secret,
             conn,
             rx,
+            filter: HeartbeatFilter::new(Arc::clone(&lease)),
+            lease,
         };
         self.settle();
         assert!(matches!(r.next(), Some(Down::Welcome(_))));
@@ -104,6 +111,29 @@ impl Harness {
         let res = self.st.on_runner_message(&r.id, r.conn, kind, self.now);
         self.settle();
         res
+    }
+
+    /// A message through the Control stream's reader, as the API does:
+    /// it renews the lease and reaches the scheduler only if it must.
+    /// True if it reached the scheduler.
+    fn via_reader(&mut self, r: &mut TestRunner, kind: Up) -> bool {
+        if !r.filter.pass(&kind, self.now) {
+            return false;
+        }
+        self.send(r, kind).unwrap();
+        true
+    }
+
+    /// A plain heartbeat through the reader.
+    fn beat(&mut self, r: &mut TestRunner) -> bool {
+        self.via_reader(
+            r,
+            Up::Heartbeat(rpb::Heartbeat {
+                free_slots: 0,
+                load: 0.0,
+                draining: false,
+            }),
+        )
     }
 
     fn accept(&mut self, r: &mut TestRunner) -> rpb::Offer {
@@ -636,4 +666,151 @@ fn retention_expires_only_finished_runs_past_the_cutoff() {
     );
     let gone = h.st.expire_runs(i64::MAX, 10);
     assert!(gone.iter().any(|g| g.id == busy), "{gone:?}");
+}
+
+// ----- leases renewed by the Control stream's reader ------------------------
+
+#[test]
+fn a_runner_that_only_heartbeats_keeps_its_lease() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r1 = h.runner("r1", 1, &[]);
+    let offer = h.accept(&mut r1);
+    let mut r2 = h.runner("r2", 1, &[]);
+    for _ in 0..20 {
+        h.advance(Duration::from_secs(1));
+        assert!(
+            !h.beat(&mut r1),
+            "a heartbeat that changes nothing stays in the reader"
+        );
+    }
+    assert!(
+        h.st.runners[&r1.id].last_seen + Timing::default().lease <= h.now,
+        "the scheduler itself has not heard from r1 for longer than the lease"
+    );
+    assert_eq!(h.state_of(&run, "t"), Running);
+    assert!(r2.next().is_none(), "not requeued");
+    assert_eq!(
+        h.st.runners[&r1.id].seen_ms(),
+        h.st.runners[&r1.id].last_seen_ms + 20_000,
+        "runner views show when the reader last heard from it"
+    );
+    h.finish(&mut r1, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
+}
+
+#[test]
+fn a_runner_that_stops_heartbeating_loses_its_attempts_after_the_lease() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r1 = h.runner("r1", 1, &[]);
+    h.accept(&mut r1);
+    let mut r2 = h.runner("r2", 1, &[]);
+    for _ in 0..3 {
+        h.advance(Duration::from_secs(1));
+        h.beat(&mut r1);
+    }
+    // Silent from here on, its stream still open (a partition).
+    h.advance(Duration::from_millis(4900));
+    assert!(r2.next().is_none(), "still within the lease");
+    h.advance(Duration::from_millis(200));
+    let second = h.accept(&mut r2);
+    assert_eq!(second.attempt_number, 2);
+    assert_eq!(h.state_of(&run, "t"), Running);
+    assert!(h.st.runners[&r1.id].conn.is_none(), "forced to reconnect");
+}
+
+#[test]
+fn a_replaced_connection_does_not_renew_the_lease() {
+    let mut h = Harness::new();
+    h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut old = h.runner("r1", 1, &[]);
+    let offer = h.accept(&mut old);
+    let mut r2 = h.runner("r2", 1, &[]);
+    let mut new = h.connect(
+        old.id.clone(),
+        old.secret.clone(),
+        vec![offer.attempt_id.clone()],
+    );
+    // Only the old stream's reader keeps stamping.
+    for _ in 0..6 {
+        h.advance(Duration::from_secs(1));
+        h.beat(&mut old);
+    }
+    assert_eq!(old.lease.last_seen(), h.now);
+    let second = h.accept(&mut r2);
+    assert_eq!(
+        second.attempt_number, 2,
+        "requeued: the new stream was silent"
+    );
+    assert!(h.st.runners[&new.id].conn.is_none(), "forced to reconnect");
+    assert!(new.next().is_none());
+}
+
+#[test]
+fn a_heartbeat_that_changes_state_still_reaches_the_scheduler() {
+    let mut h = Harness::new();
+    let mut r = h.runner("r1", 1, &[]);
+    // Draining itself: forwarded, and the scheduler stops offering.
+    assert!(h.via_reader(
+        &mut r,
+        Up::Heartbeat(rpb::Heartbeat {
+            draining: true,
+            ..Default::default()
+        })
+    ));
+    assert!(!h.st.runners[&r.id].accepts_work());
+    assert!(!h.via_reader(
+        &mut r,
+        Up::Heartbeat(rpb::Heartbeat {
+            draining: true,
+            ..Default::default()
+        })
+    ));
+    // Not draining any more: forwarded too.
+    assert!(h.beat(&mut r));
+    assert!(h.st.runners[&r.id].accepts_work());
+    assert!(!h.beat(&mut r));
+
+    // A rejected offer pauses the runner; the heartbeat after the reject
+    // reaches the scheduler and un-pauses it.
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let Some(Down::Offer(offer)) = r.next() else {
+        panic!("expected an offer")
+    };
+    assert!(h.via_reader(
+        &mut r,
+        Up::Reject(rpb::OfferRejected {
+            attempt_id: offer.attempt_id,
+            reason: "full".into(),
+        })
+    ));
+    assert!(h.st.runners[&r.id].paused);
+    assert!(r.next().is_none(), "no offer while paused");
+    assert!(h.beat(&mut r));
+    let again = h.accept(&mut r);
+    assert_eq!(again.attempt_number, 2);
+    assert_eq!(h.state_of(&run, "t"), Running);
+}
+
+#[test]
+fn an_ignored_offer_pauses_until_a_heartbeat_the_reader_forwards() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    assert!(matches!(r.next(), Some(Down::Offer(_))));
+    // The runner never answers the offer but keeps heart-beating.
+    for _ in 0..4 {
+        h.advance(Duration::from_millis(1100));
+        assert!(!h.beat(&mut r));
+    }
+    h.advance(Duration::from_millis(700));
+    assert_eq!(h.state_of(&run, "t"), Queued, "the offer expired");
+    assert!(h.st.runners[&r.id].paused);
+    assert!(r.next().is_none());
+    // The scheduler asked the reader for the next heartbeat.
+    assert!(h.beat(&mut r));
+    assert!(!h.st.runners[&r.id].paused);
+    let o = h.accept(&mut r);
+    assert_eq!(o.attempt_number, 2);
 }

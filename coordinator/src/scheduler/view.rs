@@ -52,6 +52,6 @@ pub fn runner(r: &RunnerSlot) -> api::Runner {
         connected: r.conn.is_some(),
         draining: r.record.draining,
         version: r.record.version.clone(),
-        last_seen_ms: r.last_seen_ms,
+        last_seen_ms: r.seen_ms(),
     }
 }

@@ -76,7 +76,7 @@ impl Executor for ShellExecutor {
         let index = ctx.index;
         let mut child = Command::new(SHELL)
             .arg("-ec")
-            .arg(&script)
+            .arg(exec_simple(&script).as_ref())
             .current_dir(&task.workspace)
             .envs(step_env(task, ctx.step))
             .stdin(Stdio::null())
@@ -124,6 +124,43 @@ impl Executor for ShellExecutor {
 
     async fn destroy_task(&self, _task: &TaskContext) -> Result<(), ExecutorError> {
         Ok(())
+    }
+}
+
+/// `exec CMD` for a script that is one simple command, so that the shell
+/// becomes the command instead of forking it (bash does this by itself, dash
+/// does not): one fork and wait less per step, and the command is the
+/// step's process. Anything else is left alone: several commands, pipes,
+/// lists, subshells, groups, substitutions, escapes, and a first word that
+/// is an assignment, a keyword or a builtin (`exec echo` would run
+/// `/bin/echo`, `exec cd` fails).
+fn exec_simple(script: &str) -> std::borrow::Cow<'_, str> {
+    // Shell keywords, then dash's and bash's builtins.
+    const NOT_EXTERNAL: &str = "! case do done elif else esac fi for function if in select then \
+        time until while [[ ]] { } \
+        . : [ alias bg bind break builtin caller cd chdir command compgen complete compopt \
+        continue declare dirs disown echo enable eval exec exit export false fc fg getopts hash \
+        help history jobs kill let local logout mapfile popd printf pushd pwd read readarray \
+        readonly return set shift shopt source suspend test times trap true type typeset ulimit \
+        umask unalias unset wait";
+    let line = script.trim();
+    let first = line.split_ascii_whitespace().next().unwrap_or_default();
+    let simple = !line.is_empty()
+        && !line.contains(|c| {
+            matches!(
+                c,
+                '\n' | '\r' | ';' | '&' | '|' | '(' | ')' | '{' | '}' | '`' | '\\'
+            )
+        })
+        && first
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '+' | '-'))
+        && !first.starts_with('-')
+        && !NOT_EXTERNAL.split_ascii_whitespace().any(|w| w == first);
+    if simple {
+        format!("exec {line}").into()
+    } else {
+        script.into()
     }
 }
 
@@ -401,5 +438,77 @@ mod tests {
                 message: "step kind `build` needs the docker executor".into()
             }
         );
+    }
+
+    #[test]
+    fn only_one_simple_command_is_execed() {
+        for (script, want) in [
+            ("date +%s%N > /tmp/x", "exec date +%s%N > /tmp/x"),
+            ("  cargo test --locked \n", "exec cargo test --locked"),
+            (
+                "./build.sh \"$TARGET\" 'a b'",
+                "exec ./build.sh \"$TARGET\" 'a b'",
+            ),
+        ] {
+            assert_eq!(exec_simple(script), want, "{script:?}");
+        }
+        for script in [
+            "echo hi",
+            "cd sub",
+            "exit 3",
+            "true",
+            "A=1 env",
+            "a; b",
+            "a && b",
+            "a | b",
+            "a &",
+            "make\nmake install",
+            "(cd x)",
+            "{ a; }",
+            "ls `pwd`",
+            "ls $(pwd)",
+            "if x",
+            "\"quoted cmd\" x",
+            "a \\",
+            "",
+        ] {
+            assert_eq!(exec_simple(script), script, "{script:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_execed_command_keeps_exit_code_output_redirects_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let (end, _) = run(
+            dir.path(),
+            run_step("sh -c 'exit 5'"),
+            CancellationToken::new(),
+            None,
+        )
+        .await;
+        assert_eq!(end, StepEnd::Exited(5));
+        let mut step = run_step("env");
+        step.env.insert("STEP_VAR".into(), "step".into());
+        let (end, sink) = run(dir.path(), step, CancellationToken::new(), None).await;
+        assert_eq!(end, StepEnd::Exited(0));
+        assert!(sink.text().contains("STEP_VAR=step\n"), "{:?}", sink.text());
+        let (end, _) = run(
+            dir.path(),
+            run_step("date +%s > stamp"),
+            CancellationToken::new(),
+            None,
+        )
+        .await;
+        assert_eq!(end, StepEnd::Exited(0));
+        assert!(dir.path().join("stamp").exists(), "ran in the workspace");
+        let (end, sink) = run(
+            dir.path(),
+            run_step("no-such-command-here x"),
+            CancellationToken::new(),
+            None,
+        )
+        .await;
+        assert_eq!(end, StepEnd::Exited(127));
+        assert!(sink.text().contains("not found"), "{:?}", sink.text());
     }
 }
