@@ -157,7 +157,13 @@ async fn client(
     let interval = match inbound.message().await? {
         Some(rpb::CoordinatorMessage {
             kind: Some(Down::Welcome(w)),
-        }) => Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(10))),
+            // Idle, as real runners with nothing to run: the idle interval
+            // (an older coordinator sends 0: the one interval).
+        }) => Duration::from_millis(u64::from(
+            w.idle_heartbeat_interval_ms
+                .max(w.heartbeat_interval_ms)
+                .max(10),
+        )),
         other => anyhow::bail!("expected a welcome, got {other:?}"),
     };
     counters.welcomed.fetch_add(1, Ordering::Relaxed);

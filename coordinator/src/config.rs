@@ -85,6 +85,10 @@ pub struct Args {
     /// Runner heartbeat interval in milliseconds [default: 1000].
     #[arg(long, env = "CAPSTAN_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
+    /// Heartbeat interval of runners that run nothing, in milliseconds
+    /// [default: 5000; never shorter than --heartbeat-ms].
+    #[arg(long, env = "CAPSTAN_IDLE_HEARTBEAT_MS")]
+    pub idle_heartbeat_ms: Option<u64>,
     /// Milliseconds without a heartbeat before a runner's attempts are requeued [default: 5000].
     #[arg(long, env = "CAPSTAN_LEASE_MS")]
     pub lease_ms: Option<u64>,
@@ -114,6 +118,7 @@ pub struct FileConfig {
     pub log_dir: Option<PathBuf>,
     pub advertise: Option<String>,
     pub heartbeat_ms: Option<u64>,
+    pub idle_heartbeat_ms: Option<u64>,
     pub lease_ms: Option<u64>,
     pub offer_timeout_ms: Option<u64>,
     pub max_infra_retries: Option<u32>,
@@ -215,6 +220,12 @@ impl Args {
         let heartbeat = ms(self.heartbeat_ms, file.heartbeat_ms, d.heartbeat);
         let timing = Timing {
             heartbeat,
+            idle_heartbeat: ms(
+                self.idle_heartbeat_ms,
+                file.idle_heartbeat_ms,
+                d.idle_heartbeat,
+            )
+            .max(heartbeat),
             lease: ms(self.lease_ms, file.lease_ms, d.lease),
             offer_timeout: ms(
                 self.offer_timeout_ms,

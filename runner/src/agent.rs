@@ -455,9 +455,14 @@ impl Agent {
             0 => DEFAULT_HEARTBEAT,
             ms => Duration::from_millis(u64::from(ms)),
         };
+        // Idle, the runner holds no lease: heartbeat rarely (an older
+        // coordinator sends 0: the one interval).
+        let idle_interval =
+            Duration::from_millis(u64::from(welcome.idle_heartbeat_interval_ms)).max(interval);
         info!(
             epoch = welcome.leader_epoch,
             heartbeat_ms = interval.as_millis(),
+            idle_heartbeat_ms = idle_interval.as_millis(),
             reattached = ?welcome.reattached,
             acknowledged = ?welcome.acknowledged,
             "welcomed by coordinator"
@@ -478,8 +483,17 @@ impl Agent {
                 return Ok(SessionEnd::Reconnect);
             }
         }
-        let mut heartbeat = tokio::time::interval(interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first heartbeat after any coordinator message or attempt event
+        // comes within the busy interval: an accepted offer starts a lease,
+        // and a runner paused for a rejected offer is un-paused by it.
+        let period = |agent: &Self| {
+            if agent.running.is_empty() {
+                idle_interval
+            } else {
+                interval
+            }
+        };
+        let mut next_beat = tokio::time::Instant::now() + period(self);
         loop {
             if self.draining && self.running.is_empty() {
                 return Ok(self.finish_drain(conn, inbound).await);
@@ -496,6 +510,7 @@ impl Agent {
                         if let Some(end) = self.handle_message(message, &mut conn).await {
                             return Ok(end);
                         }
+                        next_beat = next_beat.min(tokio::time::Instant::now() + interval);
                     }
                     Ok(None) => {
                         warn!("coordinator closed the control stream; reconnecting");
@@ -511,11 +526,13 @@ impl Agent {
                     if !self.handle_event(event, Some(&conn)).await {
                         return Ok(SessionEnd::Reconnect);
                     }
+                    next_beat = next_beat.min(tokio::time::Instant::now() + interval);
                 }
-                _ = heartbeat.tick() => {
+                () = tokio::time::sleep_until(next_beat) => {
                     if !self.heartbeat(&mut conn).await {
                         return Ok(SessionEnd::Reconnect);
                     }
+                    next_beat = tokio::time::Instant::now() + period(self);
                 }
             }
         }
@@ -930,6 +947,40 @@ mod agent_tests {
                 None => panic!("empty runner message"),
             }
         }
+    }
+
+    /// Idle, the runner heartbeats at the welcome's idle interval (500 ms
+    /// with the fake's 100 ms heartbeat); running an attempt, at the busy
+    /// one, from the offer on.
+    /// Heartbeats the runner sends within `window`; other messages are dropped.
+    async fn count_beats(server: &mut testing::Handle, window: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut beats = 0;
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, server.from_runner.recv()).await {
+            if matches!(m.kind, Some(Up::Heartbeat(_))) {
+                beats += 1;
+            }
+        }
+        beats
+    }
+
+    #[tokio::test]
+    async fn heartbeats_are_rare_when_idle_and_frequent_when_busy() {
+        let mut server = testing::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let runner = tokio::spawn(crate::run(
+            config(server.url(), TOKEN, dir.path()),
+            shutdown.clone(),
+        ));
+        assert!(matches!(next(&mut server).await, Up::Hello(_)));
+        let idle = count_beats(&mut server, Duration::from_millis(1600)).await;
+        assert!((2..=4).contains(&idle), "{idle} heartbeats in 1.6 s idle");
+        server.send(offer("att-busy", &["sleep 1600"])).await;
+        let busy = count_beats(&mut server, Duration::from_millis(1500)).await;
+        assert!(busy >= 10, "{busy} heartbeats in 1.5 s busy");
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), runner).await;
     }
 
     #[tokio::test]

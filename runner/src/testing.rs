@@ -167,6 +167,7 @@ impl RunnerService for FakeCoordinator {
             kind: Some(coordinator_message::Kind::Welcome(Welcome {
                 leader_epoch: 1,
                 heartbeat_interval_ms: self.heartbeat_ms,
+                idle_heartbeat_interval_ms: 5 * self.heartbeat_ms,
                 lease_ms: 10 * self.heartbeat_ms,
                 reattached: Vec::new(),
                 acknowledged: Vec::new(),

@@ -1,5 +1,5 @@
 //! Connected runners: N lightweight runners (10,000; quick: 500) connected to
-//! one coordinator and heart-beating at its interval (default 1 s), 100 per
+//! one coordinator and heart-beating at its idle interval (default 5 s; 1 s while running), 100 per
 //! HTTP/2 connection. Measures the coordinator's RSS and CPU (utime + stime
 //! from /proc over an idle window), then a burst of N single-task runs
 //! dispatched across them (one slot each).

@@ -21,6 +21,11 @@ use tokio::time::{Duration, Instant};
 /// The sending half of a runner's Control stream.
 pub type RunnerTx = mpsc::UnboundedSender<Result<rpb::CoordinatorMessage, tonic::Status>>;
 
+/// How often an idle runner heartbeats by default: with 10,000 runners at
+/// one heartbeat a second, receiving them took a quarter of a core, and an
+/// idle runner's heartbeat renews no lease.
+pub const DEFAULT_IDLE_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// How long finished runs and their logs are kept by default: GitLab's
 /// default for job artifacts, and long enough to look back over a month.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -28,8 +33,11 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Timings and limits of the scheduler.
 #[derive(Clone, Debug)]
 pub struct Timing {
-    /// How often runners heartbeat.
+    /// How often runners heartbeat while they run attempts.
     pub heartbeat: Duration,
+    /// How often idle runners heartbeat. They hold no lease; offers to them
+    /// are covered by the offer timeout.
+    pub idle_heartbeat: Duration,
     /// A runner silent for this long loses its attempts (requeued).
     pub lease: Duration,
     /// An offer not accepted within this goes back to the queue.
@@ -55,6 +63,7 @@ impl Default for Timing {
     fn default() -> Self {
         Self {
             heartbeat: Duration::from_secs(1),
+            idle_heartbeat: DEFAULT_IDLE_HEARTBEAT,
             lease: Duration::from_secs(5),
             offer_timeout: Duration::from_secs(5),
             max_infra_retries: 3,
@@ -619,6 +628,7 @@ impl SchedulerState {
             msg(Down::Welcome(rpb::Welcome {
                 leader_epoch: epoch,
                 heartbeat_interval_ms: self.timing.heartbeat.as_millis() as u32,
+                idle_heartbeat_interval_ms: self.timing.idle_heartbeat.as_millis() as u32,
                 lease_ms: self.timing.lease.as_millis() as u32,
                 reattached,
                 acknowledged,
@@ -1024,6 +1034,11 @@ impl SchedulerState {
             .get_mut(runner)
             .expect("offered to a known runner");
         slot.active.insert(a.clone());
+        // An idle runner heartbeats rarely (`idle_heartbeat`) and may not
+        // have been heard from for longer than a lease: the lease of what it
+        // is offered starts now. The offer timeout covers a runner that is
+        // gone; its accept renews the lease.
+        slot.last_seen = slot.last_seen.max(now);
         let runner_name = slot.record.name.clone();
         let run = self.runs.get_mut(run_id).expect("queued run exists");
         let (repo, rev) = (run.repo.clone(), run.rev.clone());

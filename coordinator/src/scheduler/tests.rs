@@ -814,3 +814,24 @@ fn an_ignored_offer_pauses_until_a_heartbeat_the_reader_forwards() {
     let o = h.accept(&mut r);
     assert_eq!(o.attempt_number, 2);
 }
+
+/// Idle runners heartbeat rarely (5 s by default, the lease's length): one
+/// not heard from for longer than a lease keeps what it is offered, and its
+/// accept starts the lease.
+#[test]
+fn an_idle_runner_silent_past_a_lease_keeps_its_offer() {
+    let mut h = Harness::new();
+    let mut r = h.runner("r", 1, &[]);
+    h.advance(h.st.timing.lease * 3);
+    h.st.sweep(h.now);
+    let run = h.submit("version: 1\nname: i\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    h.st.sweep(h.now);
+    let o = h.accept(&mut r);
+    assert_eq!(o.attempt_number, 1);
+    h.st.sweep(h.now);
+    assert_eq!(h.state_of(&run, "t"), Running);
+    // Silent past the lease while running: lost, as before.
+    h.advance(h.st.timing.lease + Duration::from_millis(1));
+    h.st.sweep(h.now);
+    assert_ne!(h.state_of(&run, "t"), Running);
+}
