@@ -69,6 +69,8 @@ struct State {
     held: VecDeque<u8>,
     /// Bytes that fell out of `held`.
     dropped: u64,
+    /// The held-back line was written.
+    noted: bool,
 }
 
 impl<'a> CappedSink<'a> {
@@ -83,7 +85,7 @@ impl<'a> CappedSink<'a> {
     /// Writes what was held back, after a line saying what was dropped.
     pub async fn finish(&self) -> io::Result<()> {
         let mut st = self.state.lock().await;
-        if st.held.is_empty() {
+        if st.held.is_empty() && st.dropped == 0 {
             return Ok(());
         }
         if st.dropped > 0 {
@@ -101,7 +103,8 @@ impl<'a> CappedSink<'a> {
     }
 
     async fn hold(&self, st: &mut State, data: &[u8]) -> io::Result<()> {
-        if st.held.is_empty() && st.dropped == 0 {
+        if !st.noted {
+            st.noted = true;
             let note = format!(
                 "\n[capstan: this step wrote more than {} bytes; the rest is held back and its last {} bytes are shown when the step ends]\n",
                 self.cap.head(),
@@ -120,42 +123,46 @@ impl<'a> CappedSink<'a> {
         Ok(())
     }
 
-    async fn pass(&self, data: &[u8], owned: Option<Vec<u8>>) -> io::Result<()> {
-        let mut st = self.state.lock().await;
+    /// How many of the next `len` bytes stream live (counted as streamed);
+    /// the rest is held back.
+    fn live(&self, st: &mut State, len: usize) -> usize {
         if self.cap.cap == 0 {
-            drop(st);
-            return match owned {
-                Some(v) => self.inner.write_owned(v).await,
-                None => self.inner.write(data).await,
-            };
+            return len;
         }
-        let room =
-            usize::try_from(self.cap.head().saturating_sub(st.streamed)).unwrap_or(usize::MAX);
-        if data.len() <= room {
-            st.streamed += data.len() as u64;
-            return match owned {
-                Some(v) => self.inner.write_owned(v).await,
-                None => self.inner.write(data).await,
-            };
-        }
-        if room > 0 {
-            st.streamed += room as u64;
-            self.inner.write(&data[..room]).await?;
-        }
-        self.hold(&mut st, &data[room..]).await
+        let room = usize::try_from(self.cap.head().saturating_sub(st.streamed))
+            .unwrap_or(usize::MAX)
+            .min(len);
+        st.streamed += room as u64;
+        room
     }
 }
 
 #[async_trait]
 impl OutputSink for CappedSink<'_> {
     async fn write(&self, data: &[u8]) -> io::Result<()> {
-        self.pass(data, None).await
+        // Held across the writes below: output keeps its order.
+        let mut st = self.state.lock().await;
+        let live = self.live(&mut st, data.len());
+        if live > 0 {
+            self.inner.write(&data[..live]).await?;
+        }
+        if live < data.len() {
+            self.hold(&mut st, &data[live..]).await?;
+        }
+        Ok(())
     }
 
     async fn write_owned(&self, data: Vec<u8>) -> io::Result<()> {
-        // `pass` needs the slice for the cases that do not hand it over.
-        let copy = data.clone();
-        self.pass(&copy, Some(data)).await
+        let mut st = self.state.lock().await;
+        let live = self.live(&mut st, data.len());
+        if live == data.len() {
+            // Under the cap (the usual case): handed on without a copy.
+            return self.inner.write_owned(data).await;
+        }
+        if live > 0 {
+            self.inner.write(&data[..live]).await?;
+        }
+        self.hold(&mut st, &data[live..]).await
     }
 }
 
@@ -183,6 +190,10 @@ mod tests {
         assert!(log.starts_with("hello wor\n[capstan: "), "{log}");
         assert!(log.ends_with("]\nld") && !log.contains("dropped"), "{log}");
         assert_eq!(capped(0, &[&[b'x'; 1000]]).await.len(), 1000, "0: no cap");
+        // A cap too small for a tail: one held-back line, one dropped line.
+        let log = capped(2, &[b"ab", b"cd", b"ef"]).await;
+        assert_eq!(log.matches("[capstan:").count(), 2, "{log}");
+        assert!(log.starts_with("ab\n") && log.contains("4 bytes"), "{log}");
     }
 
     #[tokio::test]
