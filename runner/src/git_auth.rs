@@ -73,8 +73,8 @@ pub fn callbacks<'a>(
     report: &'a AuthReport,
 ) -> git2::RemoteCallbacks<'a> {
     let mut callbacks = git2::RemoteCallbacks::new();
-    let name = secret_name_text(secret_name);
-    let secret_name = secret_name.map(str::to_owned);
+    let name = secret_name.map_or_else(|| "(none)".to_owned(), |n| format!("`{n}`"));
+    let wrong_kind = wrong_kind_for_ssh(&name);
     let mut answered = false;
     callbacks.credentials(move |_url, url_user, allowed| {
         let user = || match secret {
@@ -140,7 +140,7 @@ pub fn callbacks<'a>(
         };
         // Said before the host key, which such a secret has no list for.
         if password_secret {
-            return Err(report.refuse(wrong_kind_for_ssh(&secret_name_text(secret_name.as_deref()))));
+            return Err(report.refuse(wrong_kind.clone()));
         }
         let Some(key) = hostkey.hostkey() else {
             return Err(report.refuse("the SSH server's host key could not be read".into()));
@@ -177,10 +177,6 @@ fn wrong_kind_for_ssh(name: &str) -> String {
     format!(
         "secret {name} is a user name and password, but the remote is SSH: give it an `ssh_key` (and `known_hosts`), or use an https:// URL"
     )
-}
-
-fn secret_name_text(name: Option<&str>) -> String {
-    name.map_or_else(|| "(none)".to_owned(), |n| format!("`{n}`"))
 }
 
 /// Where the known hosts come from.

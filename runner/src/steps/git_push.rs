@@ -472,9 +472,25 @@ fn branch_of(repo: &git2::Repository) -> String {
         .unwrap_or_else(|| DEFAULT_BRANCH.to_owned())
 }
 
-/// An auth failure the callbacks flagged or libgit2 reported.
-fn is_auth(e: &git2::Error, report: &AuthReport) -> bool {
-    report.auth_failed() || e.code() == git2::ErrorCode::Auth
+/// A failed git2 call against `url`, as the callbacks explain it: the
+/// remote refused before authenticating ([`GitOpsError::Refused`]), or the
+/// credentials were refused (`auth`). `Err` hands any other failure back.
+fn auth_error(
+    report: &AuthReport,
+    url: &str,
+    source: git2::Error,
+    auth: impl FnOnce(git2::Error) -> GitOpsError,
+) -> Result<GitOpsError, git2::Error> {
+    if let Some(message) = report.refused() {
+        Ok(GitOpsError::Refused {
+            url: url.to_owned(),
+            message,
+        })
+    } else if report.auth_failed() || source.code() == git2::ErrorCode::Auth {
+        Ok(auth(source))
+    } else {
+        Err(source)
+    }
 }
 
 fn clone(
@@ -490,24 +506,16 @@ fn clone(
         .fetch_options(fetch)
         .clone(url, dir)
         .map_err(|source| {
-            if let Some(message) = report.refused() {
-                GitOpsError::Refused {
-                    url: url.to_owned(),
-                    message,
-                }
-            } else if is_auth(&source, &report) {
-                GitOpsError::CloneAuth {
-                    url: url.to_owned(),
-                    secret: secret_name.map(str::to_owned),
-                    source,
-                }
-            } else {
-                GitOpsError::Git {
-                    op: "cloning the manifests repository",
-                    url: url.to_owned(),
-                    source,
-                }
-            }
+            auth_error(&report, url, source, |source| GitOpsError::CloneAuth {
+                url: url.to_owned(),
+                secret: secret_name.map(str::to_owned),
+                source,
+            })
+            .unwrap_or_else(|source| GitOpsError::Git {
+                op: "cloning the manifests repository",
+                url: url.to_owned(),
+                source,
+            })
         })
 }
 
@@ -666,25 +674,17 @@ fn push(
             .map_err(git("preparing the remote"))?;
         remote.push(&[format!("{LOCAL}:{refname}")], Some(&mut options))
     };
-    match result {
-        Err(_) if report.refused().is_some() => {
-            return Err(GitOpsError::Refused {
-                url: url.to_owned(),
-                message: report.refused().unwrap_or_default(),
-            });
-        }
-        Err(source) if is_auth(&source, &report) => {
-            return Err(GitOpsError::PushAuth {
-                url: url.to_owned(),
-                secret: secret_name.clone(),
-                source,
-            });
-        }
-        Err(source) if source.code() == git2::ErrorCode::NotFastForward => {
-            return Ok(Pushed::Raced);
-        }
-        Err(source) => return Err(git("pushing")(source)),
-        Ok(()) => {}
+    if let Err(source) = result {
+        let auth = |source| GitOpsError::PushAuth {
+            url: url.to_owned(),
+            secret: secret_name.clone(),
+            source,
+        };
+        return match auth_error(&report, url, source, auth) {
+            Ok(error) => Err(error),
+            Err(source) if source.code() == git2::ErrorCode::NotFastForward => Ok(Pushed::Raced),
+            Err(source) => Err(git("pushing")(source)),
+        };
     }
     let rejected = rejected.lock().ok().and_then(|mut r| r.take());
     let Some((name, message)) = rejected else {
@@ -739,24 +739,16 @@ fn fetch_branch(
             None,
         )
         .map_err(|source| {
-            if let Some(message) = report.refused() {
-                GitOpsError::Refused {
-                    url: url.to_owned(),
-                    message,
-                }
-            } else if is_auth(&source, &report) {
-                GitOpsError::PushAuth {
-                    url: url.to_owned(),
-                    secret: secret_name.clone(),
-                    source,
-                }
-            } else {
-                GitOpsError::Git {
-                    op: "fetching the branch after a rejected push",
-                    url: url.to_owned(),
-                    source,
-                }
-            }
+            auth_error(&report, url, source, |source| GitOpsError::PushAuth {
+                url: url.to_owned(),
+                secret: secret_name.clone(),
+                source,
+            })
+            .unwrap_or_else(|source| GitOpsError::Git {
+                op: "fetching the branch after a rejected push",
+                url: url.to_owned(),
+                source,
+            })
         })?;
     repo.refname_to_id(&tracking)
         .map_err(|source| GitOpsError::Git {
