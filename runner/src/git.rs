@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::git_auth::Failure;
 use crate::secrets::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -75,27 +76,11 @@ fn checkout_blocking(
         .fetch_options(fetch)
         .clone(repo_url, dest)
         .map_err(|source| {
-            if let Some(message) = report.refused() {
-                return GitError::Refused {
-                    repo: repo_url.to_owned(),
-                    message,
-                };
-            }
-            // libgit2 reports some auth failures only in the message
-            // ("too many redirects or authentication replays").
-            let auth = report.auth_failed()
-                || source.code() == git2::ErrorCode::Auth
-                || source.message().contains("authentication");
-            if auth {
-                GitError::Auth {
-                    repo: repo_url.to_owned(),
-                    source,
-                }
-            } else {
-                GitError::Fetch {
-                    repo: repo_url.to_owned(),
-                    source,
-                }
+            let repo = repo_url.to_owned();
+            match report.classify(source) {
+                Failure::Refused(message) => GitError::Refused { repo, message },
+                Failure::Auth(source) => GitError::Auth { repo, source },
+                Failure::Other(source) => GitError::Fetch { repo, source },
             }
         })?;
     let spec = if rev.is_empty() { "HEAD" } else { rev };

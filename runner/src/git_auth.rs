@@ -54,6 +54,26 @@ impl AuthReport {
             .clone()
     }
 
+    /// Sorts the error of the operation these callbacks served: refused
+    /// before authenticating, credentials not accepted, or anything else.
+    /// The source checkout and the GitOps steps both use this, so the same
+    /// failure reads the same way wherever it happens.
+    pub fn classify(&self, source: git2::Error) -> Failure {
+        if let Some(message) = self.refused() {
+            return Failure::Refused(message);
+        }
+        // libgit2 reports some credential failures only in the message
+        // ("too many redirects or authentication replays").
+        let auth = self.auth_failed()
+            || source.code() == git2::ErrorCode::Auth
+            || source.message().contains("authentication");
+        if auth {
+            Failure::Auth(source)
+        } else {
+            Failure::Other(source)
+        }
+    }
+
     fn refuse(&self, message: String) -> git2::Error {
         let error = git2::Error::from_str(&message);
         *self
@@ -62,6 +82,18 @@ impl AuthReport {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(message);
         error
     }
+}
+
+/// A failed git network operation, sorted by [`AuthReport::classify`].
+#[derive(Debug)]
+pub enum Failure {
+    /// The callbacks refused the remote (host key, wrong kind of secret):
+    /// the whole message, which says what to do.
+    Refused(String),
+    /// The remote did not accept the credentials, or wanted some.
+    Auth(git2::Error),
+    /// Anything else (network, missing repository, ...).
+    Other(git2::Error),
 }
 
 /// Callbacks for one operation against `url` with `secret` (named

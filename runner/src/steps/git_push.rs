@@ -35,7 +35,7 @@ use capstan_shared::proto::pipeline::v1::{GitPushStep, SetImageStep, step};
 
 use super::set_image::{SetImageError, set_image_in_files};
 use crate::executor::{ExecutorError, StepContext, StepEnd, TaskContext, sleep_until_deadline};
-use crate::git_auth::{self, AuthReport};
+use crate::git_auth::{self, AuthReport, Failure};
 use crate::secrets::{Secret, Secrets, SecretsError};
 
 /// Default of `--git-author`.
@@ -481,15 +481,13 @@ fn auth_error(
     source: git2::Error,
     auth: impl FnOnce(git2::Error) -> GitOpsError,
 ) -> Result<GitOpsError, git2::Error> {
-    if let Some(message) = report.refused() {
-        Ok(GitOpsError::Refused {
+    match report.classify(source) {
+        Failure::Refused(message) => Ok(GitOpsError::Refused {
             url: url.to_owned(),
             message,
-        })
-    } else if report.auth_failed() || source.code() == git2::ErrorCode::Auth {
-        Ok(auth(source))
-    } else {
-        Err(source)
+        }),
+        Failure::Auth(source) => Ok(auth(source)),
+        Failure::Other(source) => Err(source),
     }
 }
 
