@@ -6,109 +6,18 @@
 //! whatever is left at the end, even after a panic, and the tests assert that
 //! the executor itself left nothing.
 
-use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use capstan_runner::executor::docker::{DockerExecutor, DockerOptions, NetworkSetting};
 use capstan_runner::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
 use capstan_runner::secrets::{Secret, Secrets};
 use capstan_shared::proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
+use capstan_tests::testbed::{self, Cleanup, Testbed, testbed};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// Facts about the test bed (`$TESTBED_DIR/env`, overridable by the environment).
-struct Testbed {
-    registry: String,
-    user: String,
-    password: String,
-    image: String,
-}
-
-fn testbed() -> Testbed {
-    let dir = std::env::var_os("TESTBED_DIR").map_or_else(
-        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/capstan-testbed"),
-        PathBuf::from,
-    );
-    let mut vars: BTreeMap<String, String> = std::fs::read_to_string(dir.join("env"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    for (k, v) in std::env::vars() {
-        if k.starts_with("CAPSTAN_TEST_") {
-            vars.insert(k, v);
-        }
-    }
-    let get = |k: &str| {
-        vars.get(k).cloned().unwrap_or_else(|| {
-            panic!(
-                "{k} is not set and {}/env has no value: run scripts/testbed up",
-                dir.display()
-            )
-        })
-    };
-    Testbed {
-        registry: get("CAPSTAN_TEST_REGISTRY"),
-        user: get("CAPSTAN_TEST_REGISTRY_USER"),
-        password: get("CAPSTAN_TEST_REGISTRY_PASSWORD"),
-        image: get("CAPSTAN_TEST_IMAGE"),
-    }
-}
-
-/// Removes everything labelled with the test's id when dropped.
-struct Cleanup {
-    id: String,
-}
-
-impl Cleanup {
-    fn new(name: &str) -> Self {
-        Self {
-            id: format!("{name}-{}-{}", std::process::id(), unique()),
-        }
-    }
-    fn filter(&self) -> String {
-        format!("label=capstan.test={}", self.id)
-    }
-    /// What is left with the test's label: (containers, volumes, networks).
-    fn leftovers(&self) -> (String, String, String) {
-        let list = |args: &[&str]| {
-            let out = std::process::Command::new("docker")
-                .args(args)
-                .args(["--filter", &self.filter(), "-q"])
-                .output()
-                .expect("docker CLI");
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
-        };
-        (
-            list(&["ps", "-a"]),
-            list(&["volume", "ls"]),
-            list(&["network", "ls"]),
-        )
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let (c, v, n) = self.leftovers();
-        let rm = |args: &[&str], ids: &str| {
-            if !ids.is_empty() {
-                let _ = std::process::Command::new("docker")
-                    .args(args)
-                    .args(ids.split_whitespace())
-                    .output();
-            }
-        };
-        rm(&["rm", "-f", "-v"], &c);
-        rm(&["volume", "rm", "-f"], &v);
-        rm(&["network", "rm"], &n);
-    }
-}
 
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -264,11 +173,7 @@ impl Fixture {
 
     fn assert_nothing_left(&self) {
         let left = self.cleanup.leftovers();
-        assert_eq!(
-            left,
-            (String::new(), String::new(), String::new()),
-            "containers, volumes, networks left"
-        );
+        assert_eq!(left, "", "containers, volumes, networks left");
     }
 }
 
@@ -383,7 +288,12 @@ async fn internal_network_has_no_route_out() {
     let task = f.task(vec![run("ls /sys/class/net; cat /proc/net/route")]);
     f.ex.setup_task(&task).await.unwrap();
     let inspect = std::process::Command::new("docker")
-        .args(["network", "ls", "--filter", &f.cleanup.filter()])
+        .args([
+            "network",
+            "ls",
+            "--filter",
+            &format!("label={}", f.cleanup.label()),
+        ])
         .args(["--format", "{{.Name}} {{.Internal}}"])
         .output()
         .unwrap();
@@ -494,25 +404,8 @@ fn push(image: &str, credentials: &str) -> Step {
 
 /// GET on the registry with basic auth: (status, headers, body).
 fn registry_get(tb: &Testbed, path: &str) -> (u16, String, String) {
-    let auth =
-        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", tb.user, tb.password));
-    let mut s = std::net::TcpStream::connect(&tb.registry).expect("registry");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Basic {auth}\r\n\
-         Accept: application/vnd.docker.distribution.manifest.v2+json\r\n\r\n",
-        tb.registry
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    let (code, resp) = testbed::registry_get(tb, path);
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
     (code, head.to_owned(), body.to_owned())
 }
 
@@ -802,7 +695,10 @@ async fn reap_removes_what_a_crashed_runner_left() {
         _ = f.ex.run_step(&task, StepContext { index: 0, step, cancel: CancellationToken::new(), deadline: None, output: &sink }) => panic!("step ended"),
         () = step_task => {}
     }
-    let (containers, volumes, _) = f.cleanup.leftovers();
+    let (containers, volumes) = (
+        f.cleanup.list(&["ps", "-a"]),
+        f.cleanup.list(&["volume", "ls"]),
+    );
     assert!(
         !containers.is_empty() && !volumes.is_empty(),
         "the crash left nothing to reap"
