@@ -10,7 +10,7 @@
 //!    `$ <first line>` header, written with its first output (or when it
 //!    ends, if it printed nothing) so that no file write delays the start of
 //!    its process; the first step that does not succeed ends the attempt;
-//!    then executor teardown;
+//!    then executor teardown (also after a panic in setup or a step);
 //! 3. wait until the coordinator acknowledged every log byte;
 //! 4. remove the attempt's work dir;
 //! 5. hand the `TaskFinished` report to the agent, which delivers it.
@@ -93,19 +93,12 @@ pub(crate) async fn run(spec: AttemptSpec) {
     {
         Ok(report) => report,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".to_owned());
-            tracing::error!(panic = %what, "the attempt panicked");
+            let o = panicked(panic.as_ref());
             TaskFinished {
                 attempt_id: spec.offer.attempt_id.clone(),
-                outcome: AttemptOutcome::Error.into(),
-                exit_code: None,
-                message: format!(
-                    "runner bug: the attempt panicked ({what}); retried as an infrastructure failure"
-                ),
+                outcome: o.outcome.into(),
+                exit_code: o.exit_code,
+                message: o.message,
                 log_length: 0,
                 outputs: Default::default(),
             }
@@ -118,6 +111,22 @@ pub(crate) async fn run(spec: AttemptSpec) {
         "attempt finished"
     );
     let _ = spec.events.send(AttemptEvent::Finished(report));
+}
+
+/// The outcome of an attempt that panicked: an infrastructure error, so the
+/// coordinator retries the task (on this runner or another).
+fn panicked(panic: &(dyn std::any::Any + Send)) -> Outcome {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    tracing::error!(panic = %what, "the attempt panicked");
+    Outcome::new(
+        AttemptOutcome::Error,
+        None,
+        format!("runner bug: the attempt panicked ({what}); retried as an infrastructure failure"),
+    )
 }
 
 async fn execute(spec: &AttemptSpec) -> TaskFinished {
@@ -202,10 +211,18 @@ async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) ->
         return outcome;
     }
     let executor = &spec.executor;
-    let outcome = match executor.setup_task(task).await {
-        Ok(()) => run_steps(spec, task, spool, task_deadline).await,
-        Err(e) => Outcome::new(AttemptOutcome::Error, None, chain(&e)),
-    };
+    // A panic in setup or in a step (a runner bug) must not skip the
+    // teardown: the task's containers, volumes and network would outlive the
+    // attempt until the runner restarts and reaps them.
+    let outcome = std::panic::AssertUnwindSafe(async {
+        match executor.setup_task(task).await {
+            Ok(()) => run_steps(spec, task, spool, task_deadline).await,
+            Err(e) => Outcome::new(AttemptOutcome::Error, None, chain(&e)),
+        }
+    })
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|panic| panicked(panic.as_ref()));
     if let Err(e) = executor.destroy_task(task).await {
         warn!(error = %chain(&e), "executor teardown failed");
     }
@@ -445,4 +462,92 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::{ExecutorError, testing};
+    use async_trait::async_trait;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Panics where it is told to and counts its teardowns.
+    #[derive(Default)]
+    struct Panicky {
+        in_setup: bool,
+        torn_down: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Executor for Panicky {
+        async fn setup_task(&self, _task: &TaskContext) -> Result<(), ExecutorError> {
+            assert!(!self.in_setup, "bug in setup");
+            Ok(())
+        }
+        async fn run_step(
+            &self,
+            _task: &TaskContext,
+            _ctx: StepContext<'_>,
+        ) -> Result<StepEnd, ExecutorError> {
+            panic!("bug in a step")
+        }
+        async fn destroy_step(
+            &self,
+            _task: &TaskContext,
+            _index: u32,
+        ) -> Result<(), ExecutorError> {
+            Ok(())
+        }
+        async fn destroy_task(&self, _task: &TaskContext) -> Result<(), ExecutorError> {
+            self.torn_down.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    async fn run_panicky(executor: Arc<Panicky>) -> Outcome {
+        let dir = tempfile::tempdir().unwrap();
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let (_target_tx, log_target) = watch::channel(None);
+        let spec = AttemptSpec {
+            offer: Offer {
+                attempt_id: "att-1".into(),
+                ..Offer::default()
+            },
+            attempts_dir: dir.path().join("attempts"),
+            spool_dir: dir.path().join("spool"),
+            executor,
+            cancel: CancellationToken::new(),
+            events,
+            log_target,
+            secrets: Arc::default(),
+            mask: Arc::default(),
+            git_credentials: None,
+            git_author: crate::steps::git_push::Author::default(),
+            step_log_cap: crate::logs::cap::StepLogCap::default(),
+        };
+        let task = testing::task(dir.path().join("ws"), vec![testing::run_step("true")]);
+        let spool = Spool::create(&spec.spool_dir, "att-1").await.unwrap();
+        run_task(&spec, &task, &spool).await
+    }
+
+    #[tokio::test]
+    async fn a_panicking_step_still_tears_the_task_down() {
+        let executor = Arc::new(Panicky::default());
+        let o = run_panicky(Arc::clone(&executor)).await;
+        assert_eq!(o.outcome, AttemptOutcome::Error);
+        assert!(o.message.contains("bug in a step"), "{}", o.message);
+        assert_eq!(executor.torn_down.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_setup_still_tears_the_task_down() {
+        let executor = Arc::new(Panicky {
+            in_setup: true,
+            ..Panicky::default()
+        });
+        let o = run_panicky(Arc::clone(&executor)).await;
+        assert_eq!(o.outcome, AttemptOutcome::Error);
+        assert!(o.message.contains("bug in setup"), "{}", o.message);
+        assert_eq!(executor.torn_down.load(Ordering::SeqCst), 1);
+    }
 }
