@@ -74,6 +74,12 @@ pub enum Command {
         /// Runner id or name.
         runner: String,
     },
+    /// Undo `drain`: the runner takes work again (once restarted, if it
+    /// already drained and exited).
+    Resume {
+        /// Runner id or name.
+        runner: String,
+    },
     /// Show the coordinator cluster: leader, epoch, members.
     Cluster,
     /// Check a pipeline file locally, without a coordinator.

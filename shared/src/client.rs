@@ -34,7 +34,8 @@ use crate::ids::RunId;
 use crate::proto::api::v1::pipeline_service_client::PipelineServiceClient;
 use crate::proto::api::v1::{
     CancelRunRequest, DrainRunnerRequest, GetRunRequest, ListRunnersRequest, ListRunsRequest,
-    LogData, ReadLogsRequest, Run, RunEvent, Runner, SubmitRunRequest, WatchRunRequest,
+    LogData, ReadLogsRequest, ResumeRunnerRequest, Run, RunEvent, Runner, SubmitRunRequest,
+    WatchRunRequest,
 };
 use crate::proto::cluster::v1::cluster_service_client::ClusterServiceClient;
 use crate::proto::cluster::v1::{
@@ -401,6 +402,24 @@ impl Client {
         response
             .runner
             .ok_or_else(|| ClientError::Status(Status::internal("DrainRunner answered no runner")))
+    }
+
+    /// Undoes [`Client::drain_runner`] for a runner given by id or name;
+    /// returns it afterwards.
+    pub async fn resume_runner(&self, runner: &str) -> Result<Runner, ClientError> {
+        let timeout = self.inner.options.request_timeout;
+        let request = ResumeRunnerRequest {
+            runner: runner.to_string(),
+        };
+        let response = self
+            .call(move |ch| {
+                let req = unary(request.clone(), timeout);
+                async move { PipelineServiceClient::new(ch).resume_runner(req).await }
+            })
+            .await?;
+        response
+            .runner
+            .ok_or_else(|| ClientError::Status(Status::internal("ResumeRunner answered no runner")))
     }
 
     /// Who leads now, as the current server sees it (followers answer too).

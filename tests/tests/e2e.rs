@@ -315,6 +315,72 @@ async fn sigterm_drains_the_runner() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn drain_and_resume_from_the_cli() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder().runners(1).start().await?;
+    c.wait_runners_connected(1, Duration::from_secs(20)).await?;
+    let out = c.cli(&["drain", "runner-0"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("is draining"), "{stdout}");
+    // The idle agent drains at once and exits 0.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = c.runners[0].child.try_wait()? {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "runner did not exit after drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    c.kill_runner("runner-0");
+
+    // The drain is persisted: started again, the runner still takes nothing.
+    c.start_runner("runner-0")?;
+    let id = c
+        .submit("version: 1\nname: after\ntasks:\n  t:\n    steps: [ { run: 'echo resumed' } ]\n")
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = c.runners[0].child.try_wait()? {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a drained runner did not exit on restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(task_state(&c.get_run(&id).await?, "t"), TaskState::Queued);
+    c.kill_runner("runner-0");
+
+    // Resume: the runner takes work again once started.
+    let out = c.cli(&["resume", "runner-0"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("takes work again once it connects"),
+        "{stdout}"
+    );
+    let out = c.cli(&["--output", "json", "runners"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"draining\": false"),
+        "{out:?}"
+    );
+    c.start_runner("runner-0")?;
+    let run = c.wait_done(&id, Duration::from_secs(20)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    assert!(String::from_utf8(c.task_log(&id, "t").await?)?.contains("resumed"));
+
+    // An unknown runner is a clear error.
+    let out = c.cli(&["resume", "nobody"]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no runner `nobody`"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn http_side_port_serves_health_and_metrics() -> anyhow::Result<()> {
     let c = TestCluster::builder().runners(1).start().await?;
     assert_eq!(c.http_get("/healthz")?.0, 200);

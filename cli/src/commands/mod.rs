@@ -46,6 +46,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Cancel { run } => cancel::run(&ctx, &run).await,
         Command::Runners => runners::run(&ctx).await,
         Command::Drain { runner } => drain::run(&ctx, &runner).await,
+        Command::Resume { runner } => drain::resume(&ctx, &runner).await,
         Command::Cluster => cluster::run(&ctx).await,
         Command::Validate { file } => validate::run(&ctx, &file),
         Command::Dev(args) => dev::run(&ctx, args).await,

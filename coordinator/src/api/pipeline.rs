@@ -239,6 +239,19 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         tracing::info!(runner = %r.name, "runner draining");
         Ok(Response::new(DrainRunnerResponse { runner: Some(r) }))
     }
+
+    async fn resume_runner(
+        &self,
+        req: Request<ResumeRunnerRequest>,
+    ) -> Result<Response<ResumeRunnerResponse>, Status> {
+        let runner = req.into_inner().runner;
+        let r = self
+            .0
+            .ask(|reply| Command::Resume { runner, reply })
+            .await?;
+        tracing::info!(runner = %r.name, "runner resumed");
+        Ok(Response::new(ResumeRunnerResponse { runner: Some(r) }))
+    }
 }
 
 fn is_terminal(run: &Run) -> bool {

@@ -107,6 +107,10 @@ pub enum Command {
         runner: String,
         reply: Reply<api::Runner>,
     },
+    Resume {
+        runner: String,
+        reply: Reply<api::Runner>,
+    },
 }
 
 /// The API side's way to reach the scheduler loop. Cheap to clone.
@@ -348,6 +352,13 @@ impl Scheduler {
                 let r = self
                     .state
                     .drain(&runner)
+                    .map(|id| view::runner(&self.state.runners[&id]));
+                self.reply(reply, r);
+            }
+            Command::Resume { runner, reply } => {
+                let r = self
+                    .state
+                    .resume(&runner)
                     .map(|id| view::runner(&self.state.runners[&id]));
                 self.reply(reply, r);
             }

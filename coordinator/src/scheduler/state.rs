@@ -681,12 +681,7 @@ impl SchedulerState {
     }
 
     pub fn drain(&mut self, who: &str) -> Result<RunnerId, StateError> {
-        let id = self
-            .runners
-            .values()
-            .find(|r| r.record.id.as_str() == who || r.record.name == who)
-            .map(|r| r.record.id.clone())
-            .ok_or_else(|| StateError::UnknownRunner(who.to_string()))?;
+        let id = self.find_runner(who)?;
         let epoch = self.epoch;
         let slot = self.runners.get_mut(&id).expect("found");
         slot.record.draining = true;
@@ -698,6 +693,29 @@ impl SchedulerState {
             }),
         );
         Ok(id)
+    }
+
+    /// `capstan resume`: undoes `capstan drain` (persisted). Nothing is sent
+    /// to the runner: an agent that got the drain finishes it and exits (the
+    /// protocol has no "undrain"), and its heartbeats keep saying
+    /// `draining` until then; started again, it is offered work.
+    pub fn resume(&mut self, who: &str) -> Result<RunnerId, StateError> {
+        let id = self.find_runner(who)?;
+        let slot = self.runners.get_mut(&id).expect("found");
+        if slot.record.draining {
+            slot.record.draining = false;
+            self.fx.dirty_runners.insert(id.clone());
+        }
+        Ok(id)
+    }
+
+    /// The runner with id or name `who`.
+    fn find_runner(&self, who: &str) -> Result<RunnerId, StateError> {
+        self.runners
+            .values()
+            .find(|r| r.record.id.as_str() == who || r.record.name == who)
+            .map(|r| r.record.id.clone())
+            .ok_or_else(|| StateError::UnknownRunner(who.to_string()))
     }
 
     /// Handles one message from the runner on connection `conn_id`.

@@ -482,6 +482,26 @@ fn drained_runner_gets_no_offers() {
 }
 
 #[test]
+fn resume_undoes_drain_for_the_next_connection() {
+    let mut h = Harness::new();
+    let mut r = h.runner("r1", 1, &[]);
+    h.st.drain("r1").unwrap();
+    assert!(h.st.fx.dirty_runners.contains(&r.id), "drain is persisted");
+    h.settle();
+    assert!(matches!(r.next(), Some(Down::Drain(_))));
+    let id = h.st.resume("r1").unwrap();
+    assert_eq!(id, r.id);
+    assert!(!h.st.runners[&r.id].record.draining);
+    assert!(h.st.fx.dirty_runners.contains(&r.id), "resume is persisted");
+    assert!(h.st.resume("nobody").is_err());
+    // The runner restarts after its drain: no Drain now, and it gets work.
+    let mut r = h.connect(r.id.clone(), r.secret.clone(), vec![]);
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    h.accept(&mut r);
+    assert_eq!(h.state_of(&run, "t"), Running);
+}
+
+#[test]
 fn reload_keeps_assignments_and_requeues_after_grace() {
     let mut h = Harness::new();
     let run = h.submit(DIAMOND);

@@ -50,7 +50,8 @@ pub fn runner(r: &RunnerSlot) -> api::Runner {
         capacity: r.record.capacity,
         busy: r.active.len() as u32,
         connected: r.conn.is_some(),
-        draining: r.record.draining,
+        // `capstan drain` (persisted) or the runner's own (SIGTERM).
+        draining: r.record.draining || (r.conn.is_some() && r.self_draining),
         version: r.record.version.clone(),
         last_seen_ms: r.seen_ms(),
     }
