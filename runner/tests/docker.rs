@@ -15,7 +15,7 @@ use capstan_runner::executor::docker::{DockerExecutor, DockerOptions, NetworkSet
 use capstan_runner::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
 use capstan_runner::secrets::{Secret, Secrets};
 use capstan_shared::proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
-use capstan_tests::testbed::{self, Cleanup, Testbed, testbed};
+use capstan_tests::testbed::{self, Cleanup, Testbed, remove_image, testbed};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -407,12 +407,6 @@ fn registry_get(tb: &Testbed, path: &str) -> (u16, String, String) {
     let (code, resp) = testbed::registry_get(tb, path);
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
     (code, head.to_owned(), body.to_owned())
-}
-
-fn remove_image(image: &str) {
-    let _ = std::process::Command::new("docker")
-        .args(["image", "rm", "-f", image])
-        .output();
 }
 
 fn write_app(ws: &Path, dockerfile: &str) {

@@ -127,6 +127,16 @@ impl Drop for Cleanup {
     }
 }
 
+/// Removes a local image a test built. `--no-prune` keeps its untagged
+/// parents: they are the build cache other tests running at the same time
+/// may be building on (pruning them failed a concurrent build with "failed
+/// to get digest ...: no such file or directory").
+pub fn remove_image(image: &str) {
+    let _ = Command::new("docker")
+        .args(["image", "rm", "-f", "--no-prune", image])
+        .output();
+}
+
 /// A GET on the test registry's HTTP API with basic auth: (status, whole response).
 pub fn registry_get(tb: &Testbed, path: &str) -> (u16, String) {
     let auth =

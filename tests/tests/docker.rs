@@ -4,7 +4,7 @@
 
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
-use capstan_tests::testbed::{Cleanup, registry_get, testbed};
+use capstan_tests::testbed::{Cleanup, registry_get, remove_image, testbed};
 use capstan_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -153,9 +153,7 @@ tasks:
 
     // Nothing of the run is left on the engine.
     assert_eq!(cleanup.leftovers(), "");
-    let _ = Command::new("docker")
-        .args(["image", "rm", "-f", &format!("{image}:{first}")])
-        .output();
+    remove_image(&format!("{image}:{first}"));
     Ok(())
 }
 
@@ -381,8 +379,6 @@ async fn runner_in_a_container_with_the_socket_mounted() -> anyhow::Result<()> {
     assert!(log.contains("version one"), "{log}");
     assert!(log.contains("Dockerfile"), "{log}");
     drop(cleanup);
-    let _ = Command::new("docker")
-        .args(["image", "rm", "-f", &tag])
-        .output();
+    remove_image(&tag);
     Ok(())
 }

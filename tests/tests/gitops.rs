@@ -8,7 +8,7 @@ use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::git_server::GitServer;
 use capstan_tests::ssh_server::{SshServer, keygen};
-use capstan_tests::testbed::{Cleanup, Testbed, registry_get, testbed};
+use capstan_tests::testbed::{Cleanup, Testbed, registry_get, remove_image, testbed};
 use capstan_tests::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,9 +25,7 @@ struct ImageCleanup(Vec<String>);
 impl Drop for ImageCleanup {
     fn drop(&mut self) {
         for image in &self.0 {
-            let _ = Command::new("docker")
-                .args(["image", "rm", "-f", image])
-                .output();
+            remove_image(image);
         }
     }
 }
