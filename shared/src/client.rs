@@ -192,7 +192,7 @@ fn is_connection_failure(status: &Status) -> bool {
 /// True if the call failed in the transport (the connection broke, e.g.
 /// `Unknown: transport error` when the server died mid-call) rather than
 /// with a status the server sent: the server may or may not have acted.
-fn is_transport_failure(status: &Status) -> bool {
+pub fn is_transport_failure(status: &Status) -> bool {
     let mut source = StdError::source(status);
     while let Some(err) = source {
         if err.is::<tonic::transport::Error>() {
