@@ -56,6 +56,9 @@ pub(crate) struct LogState {
     pub refuse_gaps: bool,
     /// The offset of each stream's first chunk, in arrival order.
     pub stream_starts: Vec<u64>,
+    /// Answer every stream as the coordinator does for an attempt that is
+    /// not (or no longer) this runner's: PERMISSION_DENIED.
+    pub refuse_attempts: bool,
 }
 
 /// What a test checks of [`LogState`] after the fact.
@@ -252,6 +255,12 @@ impl RunnerService for FakeCoordinator {
             let mut st = self.logs.lock().unwrap();
             if chunk.runner_id != RUNNER_ID || chunk.runner_secret != SECRET {
                 return Err(Status::unauthenticated("bad runner credential"));
+            }
+            if st.refuse_attempts {
+                return Err(Status::permission_denied(format!(
+                    "runner {RUNNER_ID} reported on attempt {}, which is not assigned to it",
+                    chunk.attempt_id
+                )));
             }
             if st.fail_after_chunks == Some(chunks) {
                 st.fail_after_chunks = None;

@@ -624,4 +624,28 @@ mod tests {
         produced.extend_from_slice(&second);
         assert!(st.logs["att-oor"] == produced, "log differs");
     }
+
+    /// The coordinator says the attempt is not this runner's (it forgot a
+    /// run past its retention while a runner that had lost its lease still
+    /// ran a superseded attempt): no resend can ever be taken. The shipper
+    /// retries forever, so the attempt never finishes and holds its slot
+    /// (and its spool) until the runner restarts.
+    #[tokio::test]
+    #[ignore = "bug: PERMISSION_DENIED (attempt not this runner's) is retried forever; the attempt never finishes"]
+    async fn gives_up_when_the_attempt_is_not_the_runners() {
+        let server = testing::start().await;
+        server.coordinator.logs.lock().unwrap().refuse_attempts = true;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create(dir.path(), "att-gone").await.unwrap();
+        let (_target_tx, target_rx) = target(&server).await;
+        let shipper = ShipperHandle::spawn(Arc::clone(&spool), target_rx);
+        spool
+            .append(0, b"output of a superseded attempt\n")
+            .await
+            .unwrap();
+        let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
+            .await
+            .expect("the shipper retried a refusal that cannot change, forever");
+        assert_eq!(total, 31);
+    }
 }
