@@ -54,6 +54,11 @@ pub(crate) struct LogState {
     /// before pipelined log streams did) instead of waiting up to 5 s (as
     /// the coordinator's `GAP_WAIT`) for an earlier stream to fill the gap.
     pub refuse_gaps: bool,
+    /// The offset of each stream's first chunk, in arrival order.
+    pub stream_starts: Vec<u64>,
+    /// Answer every stream as the coordinator does for an attempt that is
+    /// not (or no longer) this runner's: PERMISSION_DENIED.
+    pub refuse_attempts: bool,
 }
 
 /// What a test checks of [`LogState`] after the fact.
@@ -63,6 +68,9 @@ pub(crate) struct LogStats {
     pub max_in_flight: usize,
     pub out_of_range_sent: usize,
     pub fault_injected: bool,
+    /// Streams after the first that started at offset 0 (a resend of the
+    /// whole log).
+    pub restarts_from_zero: usize,
 }
 
 impl LogState {
@@ -72,6 +80,12 @@ impl LogState {
             max_in_flight: self.max_in_flight,
             out_of_range_sent: self.out_of_range_sent,
             fault_injected: self.faults > 0,
+            restarts_from_zero: self
+                .stream_starts
+                .iter()
+                .skip(1)
+                .filter(|&&o| o == 0)
+                .count(),
         }
     }
 }
@@ -211,6 +225,9 @@ impl RunnerService for FakeCoordinator {
         }
         let _in_flight = InFlight(&self.logs);
         while let Some(chunk) = stream.message().await? {
+            if chunks == 0 {
+                self.logs.lock().unwrap().stream_starts.push(chunk.offset);
+            }
             if !chunk_delay.is_zero() {
                 tokio::time::sleep(chunk_delay).await;
             }
@@ -238,6 +255,12 @@ impl RunnerService for FakeCoordinator {
             let mut st = self.logs.lock().unwrap();
             if chunk.runner_id != RUNNER_ID || chunk.runner_secret != SECRET {
                 return Err(Status::unauthenticated("bad runner credential"));
+            }
+            if st.refuse_attempts {
+                return Err(Status::permission_denied(format!(
+                    "runner {RUNNER_ID} reported on attempt {}, which is not assigned to it",
+                    chunk.attempt_id
+                )));
             }
             if st.fail_after_chunks == Some(chunks) {
                 st.fail_after_chunks = None;

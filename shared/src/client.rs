@@ -10,8 +10,10 @@
 //!   at once (one hint per backoff round, so two replicas pointing at each
 //!   other cannot loop);
 //! - `UNAVAILABLE` without a hint (a coordinator restarting, an election in
-//!   progress, a dropped connection): retry with exponential backoff, rotating
-//!   over the configured servers, until [`ClientOptions::retry_for`] is spent;
+//!   progress, a dropped connection), or a connection that broke during the
+//!   call (tonic reports that as `UNKNOWN: transport error`): retry with
+//!   exponential backoff, rotating over the configured servers, until
+//!   [`ClientOptions::retry_for`] is spent;
 //! - any other status is returned at once as [`ClientError::Status`].
 //!
 //! The client is cheap to clone; clones share the current connection, so a
@@ -186,6 +188,20 @@ fn leader_hint(status: &Status) -> Option<String> {
 /// rather than sent by a server (which never carries a local error source).
 fn is_connection_failure(status: &Status) -> bool {
     StdError::source(status).is_some()
+}
+
+/// True if the call failed in the transport (the connection broke, e.g.
+/// `Unknown: transport error` when the server died mid-call) rather than
+/// with a status the server sent: the server may or may not have acted.
+pub fn is_transport_failure(status: &Status) -> bool {
+    let mut source = StdError::source(status);
+    while let Some(err) = source {
+        if err.is::<tonic::transport::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 #[derive(Clone)]
@@ -473,7 +489,14 @@ impl Client {
         loop {
             let status = match f(current.channel.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
-                Err(status) if status.code() == Code::Unavailable => status,
+                // A broken connection (a leader killed mid-call) is as
+                // retryable as UNAVAILABLE: every call here may be repeated
+                // (a submit keeps its idempotency key).
+                Err(status)
+                    if status.code() == Code::Unavailable || is_transport_failure(&status) =>
+                {
+                    status
+                }
                 Err(status) => return Err(ClientError::Status(status)),
             };
             if !hint_followed && let Some(leader) = leader_hint(&status) {
@@ -799,5 +822,137 @@ mod tests {
         let err = ClientError::Status(Status::not_found("no run x"));
         assert_eq!(err.to_string(), "not found: no run x");
         assert_eq!(err.code(), Some(Code::NotFound));
+    }
+
+    /// A coordinator that writes the run and dies before it answers: the
+    /// first `SubmitRun` closes the connection from the server side (as a
+    /// killed leader's kernel does); the next one answers with the run the
+    /// key names.
+    struct DiesBeforeReplying {
+        keys: Mutex<Vec<String>>,
+        sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    }
+
+    #[tonic::async_trait]
+    impl crate::proto::api::v1::pipeline_service_server::PipelineService for DiesBeforeReplying {
+        async fn submit_run(
+            &self,
+            req: tonic::Request<SubmitRunRequest>,
+        ) -> Result<tonic::Response<crate::proto::api::v1::SubmitRunResponse>, Status> {
+            let key = req.into_inner().idempotency_key;
+            let first = {
+                let mut keys = self.keys.lock().unwrap();
+                keys.push(key.clone());
+                keys.len() == 1
+            };
+            if first {
+                for s in self.sockets.lock().unwrap().drain(..) {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                std::future::pending::<()>().await;
+            }
+            Ok(tonic::Response::new(
+                crate::proto::api::v1::SubmitRunResponse {
+                    run_id: format!("run-{key}"),
+                },
+            ))
+        }
+        async fn get_run(
+            &self,
+            _: tonic::Request<GetRunRequest>,
+        ) -> Result<tonic::Response<Run>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn list_runs(
+            &self,
+            _: tonic::Request<ListRunsRequest>,
+        ) -> Result<tonic::Response<crate::proto::api::v1::ListRunsResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn cancel_run(
+            &self,
+            _: tonic::Request<CancelRunRequest>,
+        ) -> Result<tonic::Response<Run>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        type WatchRunStream = futures::stream::Empty<Result<RunEvent, Status>>;
+        async fn watch_run(
+            &self,
+            _: tonic::Request<WatchRunRequest>,
+        ) -> Result<tonic::Response<Self::WatchRunStream>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        type ReadLogsStream = futures::stream::Empty<Result<LogData, Status>>;
+        async fn read_logs(
+            &self,
+            _: tonic::Request<ReadLogsRequest>,
+        ) -> Result<tonic::Response<Self::ReadLogsStream>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn list_runners(
+            &self,
+            _: tonic::Request<ListRunnersRequest>,
+        ) -> Result<tonic::Response<crate::proto::api::v1::ListRunnersResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn drain_runner(
+            &self,
+            _: tonic::Request<DrainRunnerRequest>,
+        ) -> Result<tonic::Response<crate::proto::api::v1::DrainRunnerResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+    }
+
+    /// The case the idempotency key is for: the leader wrote the run and
+    /// died before replying. The client must retry with the same key (and
+    /// get the run back) instead of reporting a failure, after which the
+    /// user or a relay submits again and the pipeline runs twice.
+    #[tokio::test]
+    async fn submit_retries_with_its_key_when_the_leader_dies_before_replying() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sockets: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let service = Arc::new(DiesBeforeReplying {
+            keys: Mutex::default(),
+            sockets: Arc::clone(&sockets),
+        });
+        let incoming = futures::stream::unfold(listener, move |l| {
+            let sockets = Arc::clone(&sockets);
+            async move {
+                let conn = l.accept().await.map(|(s, _)| {
+                    let std = s.into_std().unwrap();
+                    sockets.lock().unwrap().push(std.try_clone().unwrap());
+                    tokio::net::TcpStream::from_std(std).unwrap()
+                });
+                Some((conn, l))
+            }
+        });
+        let fake = Fake {
+            url: url.clone(),
+            leader_hint: None,
+            flaky: AtomicU32::new(0),
+        };
+        tokio::spawn(
+            Server::builder()
+                .add_service(ClusterServiceServer::new(fake))
+                .add_service(
+                    crate::proto::api::v1::pipeline_service_server::PipelineServiceServer::from_arc(
+                        Arc::clone(&service),
+                    ),
+                )
+                .serve_with_incoming(incoming),
+        );
+        let client = Client::connect(std::slice::from_ref(&url)).await.unwrap();
+        let result = client.submit_run(SubmitRunRequest::default()).await;
+        let keys = service.keys.lock().unwrap().clone();
+        let run = result.unwrap_or_else(|e| {
+            panic!(
+                "submit failed after the server wrote the run ({} call(s)): {e:?}",
+                keys.len()
+            )
+        });
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(keys[0], keys[1], "the retry kept the key");
+        assert_eq!(run.to_string(), format!("run-{}", keys[0]));
     }
 }

@@ -55,7 +55,11 @@ pub async fn run(
         let Some(status) = broken else { break };
         // Reopening resends from the start; the printer skips what it printed.
         reopens += 1;
-        if reopens > MAX_REOPENS || status.code() != Code::Unavailable {
+        // A leader that dies mid-stream breaks the connection: tonic
+        // reports that as UNKNOWN, not UNAVAILABLE.
+        let reopenable = status.code() == Code::Unavailable
+            || capstan_shared::client::is_transport_failure(&status);
+        if reopens > MAX_REOPENS || !reopenable {
             let mut out = Vec::new();
             printer.finish(&mut out);
             write_stdout(&out);

@@ -306,7 +306,11 @@ async fn stream_logs(
             _ = feed.changed() => refresh = false,
             // State changes (a task ended, a new attempt) do not move the feed.
             _ = recheck.tick() => refresh = true,
-            _ = leader.token.cancelled() => return Ok(()),
+            // Not a clean end: that tells the client the log is complete.
+            // UNAVAILABLE makes it reopen the stream at the next leader.
+            _ = leader.token.cancelled() => return Err(Status::unavailable(
+                "this coordinator is no longer the leader; reopen the log at the leader",
+            )),
             _ = tx.closed() => return Ok(()),
         }
     }
@@ -370,5 +374,80 @@ mod tests {
             ..Default::default()
         });
         assert!(ok.is_ok());
+    }
+
+    /// A follower (`capstan logs --follow`, `submit --follow`) of a task
+    /// that still runs must not see a clean end of its stream when this
+    /// replica stops leading (failover, or a restart of the coordinator):
+    /// the CLI takes a clean end as "the task's log is complete" and stops
+    /// printing, exit 0, with the rest of the log missing. It must see
+    /// UNAVAILABLE, which it reopens at the new leader.
+    #[tokio::test]
+    async fn a_log_follower_is_told_to_reconnect_when_the_leadership_ends() {
+        use crate::scheduler::Command;
+        use std::sync::Arc;
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::memory::MemoryStore::new());
+        let logs: Arc<dyn crate::logs::LogStore> =
+            Arc::new(crate::logs::memory::MemoryLogStore::new());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let (scheduler, handle) = crate::scheduler::start(
+            Arc::clone(&store),
+            Arc::clone(&logs),
+            crate::scheduler::state::Timing::default(),
+            Arc::clone(&metrics),
+            1,
+        )
+        .await
+        .unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(scheduler.run(token.child_token()));
+        let run = build_run(SubmitRunRequest {
+            pipeline_yaml: "version: 1\nname: s\ntasks:\n  t:\n    steps: [ { run: x } ]\n".into(),
+            file_name: "s.yaml".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let id = crate::api::status::flatten(
+            handle
+                .ask(|reply| Command::Submit {
+                    run: Box::new(run),
+                    reply,
+                })
+                .await,
+        )
+        .unwrap();
+        let leader = super::super::LeaderCtx {
+            scheduler: handle,
+            epoch: 1,
+            token: token.clone(),
+            logs,
+        };
+        let (_role_tx, role) =
+            tokio::sync::watch::channel(super::super::Role::Leader(leader.clone()));
+        let shared = Shared {
+            role,
+            election: Arc::new(crate::election::standalone::StandaloneElection::new(
+                store,
+                "http://127.0.0.1:1".into(),
+            )),
+            feed: Arc::default(),
+            metrics,
+            registration_token: "t".into(),
+            advertise: "http://127.0.0.1:1".into(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        };
+        let (tx, _rx) = mpsc::channel(4);
+        let follower =
+            tokio::spawn(async move { stream_logs(shared, leader, id, None, true, &tx).await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!follower.is_finished(), "the task has not even started");
+        token.cancel();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), follower)
+            .await
+            .expect("the follower ends with the leadership")
+            .unwrap();
+        let status = ended.expect_err("a clean end tells the CLI the log is complete");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
 }

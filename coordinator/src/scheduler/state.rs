@@ -675,6 +675,12 @@ impl SchedulerState {
         if let Some(slot) = self.runners.get_mut(runner)
             && slot.conn.as_ref().is_some_and(|c| c.id == conn_id)
         {
+            // The reader's stamp dies with the connection: keep what it saw
+            // (plain heartbeats never reached `last_seen`), or a runner busy
+            // for longer than a lease would lose its attempts at once
+            // instead of after the disconnect grace.
+            slot.last_seen_ms = slot.seen_ms();
+            slot.last_seen = slot.seen();
             slot.conn = None;
             slot.detached_at = Some(now);
         }

@@ -855,3 +855,39 @@ fn an_idle_runner_silent_past_a_lease_keeps_its_offer() {
     h.st.sweep(h.now);
     assert_ne!(h.state_of(&run, "t"), Running);
 }
+
+/// A busy runner's plain heartbeats stop in its stream's reader, so the
+/// scheduler's own `last_seen` is as old as the runner's last accept. When
+/// the stream breaks, the reader's stamp must still count: the runner gets
+/// the disconnect grace to reconnect, not an instant requeue.
+#[test]
+fn a_broken_stream_of_a_long_running_attempt_still_gets_the_disconnect_grace() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r1 = h.runner("r1", 1, &[]);
+    let offer = h.accept(&mut r1);
+    let mut r2 = h.runner("r2", 1, &[]);
+    // A minute of running, heart-beating every second through the reader.
+    for _ in 0..60 {
+        h.advance(Duration::from_secs(1));
+        assert!(!h.beat(&mut r1));
+    }
+    // A network blip: the stream breaks right after a heartbeat.
+    h.st.detach(&r1.id, r1.conn, h.now);
+    h.advance(Duration::from_millis(100));
+    assert!(
+        r2.next().is_none(),
+        "requeued 100 ms after the stream broke, inside the disconnect grace"
+    );
+    assert_eq!(h.state_of(&run, "t"), Running);
+    // It reconnects within the grace and keeps its attempt.
+    h.advance(Duration::from_millis(900));
+    let mut r1 = h.connect(
+        r1.id.clone(),
+        r1.secret.clone(),
+        vec![offer.attempt_id.clone()],
+    );
+    h.finish(&mut r1, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
+    assert_eq!(h.st.runs[&run].tasks[0].infra_failures, 0);
+}

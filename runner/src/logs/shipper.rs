@@ -21,15 +21,18 @@
 //!    from `acked`. The coordinator skips bytes it already holds, so a resend
 //!    never duplicates.
 //!
-//! `OUT_OF_RANGE` on a stream that starts at (or before) `acked` means the
-//! coordinator holds fewer bytes than `acked` (it lost some, e.g. a restart
-//! without fsync). We do not parse the durable offset out of the status
+//! `OUT_OF_RANGE` on a stream that started at `acked` (nothing before it
+//! was unacknowledged when it was opened) means the coordinator holds fewer
+//! bytes than `acked` (it lost some, e.g. a restart without fsync). We do not parse the durable offset out of the status
 //! message (its text is not a contract): the shipper resends from offset 0
 //! and the coordinator skips what it has. That is why the spool is kept until
-//! the attempt is forgotten. `OUT_OF_RANGE` on a stream that starts past
-//! `acked` means it overtook the stream before it at a coordinator that does
-//! not wait for gaps (an older version): the shipper retries from `acked` and
-//! sends one stream at a time from then on.
+//! the attempt is forgotten. `OUT_OF_RANGE` on a stream that started past
+//! `acked` (opened while the streams before it awaited their acks) means it
+//! overtook the stream before it at a coordinator that does not wait for
+//! gaps (an older version), or that waited in vain: the shipper retries from
+//! `acked` and sends one stream at a time from then on. (Judging by `acked`
+//! when the failure is taken would not do: the acks of the streams before
+//! it, taken first, have moved `acked` up to its start by then.)
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -185,8 +188,8 @@ async fn ship_with(
                 // The coordinator took less than was sent: do not spin.
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            Err(Failure::Status { status, start })
-                if status.code() == tonic::Code::OutOfRange && start <= acked =>
+            Err(Failure::Status { status, overtook })
+                if status.code() == tonic::Code::OutOfRange && !overtook =>
             {
                 warn!(
                     attempt = spool.attempt_id(),
@@ -223,14 +226,20 @@ async fn ship_with(
 enum Failure {
     /// A stream's ack says the coordinator holds less than the stream sent.
     Short,
-    /// The stream starting at byte `start` failed.
-    Status { status: tonic::Status, start: u64 },
+    /// A stream failed; `overtook`: it was opened past `acked`, while the
+    /// streams before it awaited their acks.
+    Status {
+        status: tonic::Status,
+        overtook: bool,
+    },
 }
 
 /// The stream being sent.
 struct Open {
     tx: mpsc::Sender<LogChunk>,
     start: u64,
+    /// Opened past `acked` (see [`Failure::Status`]).
+    overtook: bool,
     opened: Instant,
     seq: u64,
     response: AbortOnDropHandle<Result<u64, tonic::Status>>,
@@ -238,7 +247,7 @@ struct Open {
 
 /// A stream sent, awaiting its ack (aborted if dropped).
 struct Sent {
-    start: u64,
+    overtook: bool,
     end: u64,
     response: AbortOnDropHandle<Result<u64, tonic::Status>>,
 }
@@ -273,7 +282,7 @@ impl Window<'_> {
             while sent.front().is_some_and(|s| s.response.is_finished()) {
                 let s = sent.pop_front().expect("a front");
                 let result = s.response.await;
-                self.settle(s.start, s.end, result)?;
+                self.settle(s.overtook, s.end, result)?;
             }
             // An ack may report more than was sent (streams dropped after an
             // error had been appended): no need to send that again.
@@ -288,7 +297,7 @@ impl Window<'_> {
                     let o = open.take().expect("an open stream");
                     drop(o.tx);
                     sent.push_back(Sent {
-                        start: o.start,
+                        overtook: o.overtook,
                         end: next,
                         response: o.response,
                     });
@@ -322,7 +331,7 @@ impl Window<'_> {
                     if !sent.is_empty() =>
                 {
                     let s = sent.pop_front().expect("a front");
-                    self.settle(s.start, s.end, result)?;
+                    self.settle(s.overtook, s.end, result)?;
                 }
                 r = state.changed(), if wait_for_output => if r.is_err() { return Ok(()) },
                 () = sleep_until_some(age_limit), if age_limit.is_some() => {}
@@ -339,7 +348,10 @@ impl Window<'_> {
         sent: &mut VecDeque<Sent>,
         next: u64,
     ) -> Result<u64, Failure> {
-        let o = open.get_or_insert_with(|| open_stream(self.target, self.spool.attempt_id(), next));
+        let overtook = next > *self.acked;
+        let o = open.get_or_insert_with(|| {
+            open_stream(self.target, self.spool.attempt_id(), next, overtook)
+        });
         let (step_index, segment_end) = self.spool.step_at(next);
         let limit = segment_end.unwrap_or(u64::MAX).saturating_sub(next);
         let max_chunk = self.limits.max_chunk;
@@ -350,7 +362,7 @@ impl Window<'_> {
             .await
             .map_err(|e| Failure::Status {
                 status: tonic::Status::internal(e.to_string()),
-                start: o.start,
+                overtook: o.overtook,
             })?;
         let len = data.len() as u64;
         let chunk = LogChunk {
@@ -370,27 +382,27 @@ impl Window<'_> {
         // streams before it first, in order.
         let o = open.take().expect("an open stream");
         sent.push_back(Sent {
-            start: o.start,
+            overtook: o.overtook,
             end: next,
             response: o.response,
         });
         while let Some(s) = sent.pop_front() {
             let result = s.response.await;
-            self.settle(s.start, s.end, result)?;
+            self.settle(s.overtook, s.end, result)?;
         }
         Ok(next)
     }
 
-    /// Takes the response of the stream that sent `start..end`.
+    /// Takes the response of the stream that sent up to `end`.
     fn settle(
         &mut self,
-        start: u64,
+        overtook: bool,
         end: u64,
         result: Result<Result<u64, tonic::Status>, tokio::task::JoinError>,
     ) -> Result<(), Failure> {
         let durable = result
             .unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string())))
-            .map_err(|status| Failure::Status { status, start })?;
+            .map_err(|status| Failure::Status { status, overtook })?;
         if durable > *self.acked {
             *self.acked = durable;
             self.acked_tx.send_replace(durable);
@@ -405,7 +417,7 @@ impl Window<'_> {
 /// Opens a `PushLogs` stream whose first chunk starts at `start`; the call
 /// runs as its own task, so that its response (the ack, after the
 /// coordinator's fsync) can come back while the next stream is sent.
-fn open_stream(target: &LogTarget, attempt: &str, start: u64) -> Open {
+fn open_stream(target: &LogTarget, attempt: &str, start: u64, overtook: bool) -> Open {
     let (tx, rx) = mpsc::channel::<LogChunk>(2);
     let mut client = target.client.clone();
     let attempt = attempt.to_owned();
@@ -424,6 +436,7 @@ fn open_stream(target: &LogTarget, attempt: &str, start: u64) -> Open {
     Open {
         tx,
         start,
+        overtook,
         opened: Instant::now(),
         seq: 0,
         response: AbortOnDropHandle::new(tokio::spawn(call.instrument(tracing::Span::current()))),
@@ -576,6 +589,11 @@ mod tests {
         // The overtaking stream was refused, the shipper fell back to one
         // stream at a time and did not resend from 0.
         assert!(stats.out_of_range_sent >= 1);
+        assert_eq!(
+            stats.restarts_from_zero, 0,
+            "an overtaking stream's OUT_OF_RANGE was taken for a coordinator that lost data: \
+             the whole log was resent from 0 (and the shipper kept pipelining)"
+        );
     }
 
     #[tokio::test]
@@ -605,5 +623,29 @@ mod tests {
         let mut produced = first.clone();
         produced.extend_from_slice(&second);
         assert!(st.logs["att-oor"] == produced, "log differs");
+    }
+
+    /// The coordinator says the attempt is not this runner's (it forgot a
+    /// run past its retention while a runner that had lost its lease still
+    /// ran a superseded attempt): no resend can ever be taken. The shipper
+    /// retries forever, so the attempt never finishes and holds its slot
+    /// (and its spool) until the runner restarts.
+    #[tokio::test]
+    #[ignore = "bug: PERMISSION_DENIED (attempt not this runner's) is retried forever; the attempt never finishes"]
+    async fn gives_up_when_the_attempt_is_not_the_runners() {
+        let server = testing::start().await;
+        server.coordinator.logs.lock().unwrap().refuse_attempts = true;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create(dir.path(), "att-gone").await.unwrap();
+        let (_target_tx, target_rx) = target(&server).await;
+        let shipper = ShipperHandle::spawn(Arc::clone(&spool), target_rx);
+        spool
+            .append(0, b"output of a superseded attempt\n")
+            .await
+            .unwrap();
+        let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
+            .await
+            .expect("the shipper retried a refusal that cannot change, forever");
+        assert_eq!(total, 31);
     }
 }
