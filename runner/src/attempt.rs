@@ -21,11 +21,12 @@ use std::time::Duration;
 
 use capstan_shared::proto::pipeline::v1::{StepState, step};
 use capstan_shared::proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
+use capstan_shared::telemetry::OpenTelemetrySpanExt as _;
 use futures::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
 use crate::logs::LogTarget;
@@ -117,6 +118,13 @@ pub(crate) async fn run(spec: AttemptSpec) {
         log_bytes = report.log_length,
         "attempt finished"
     );
+    let span = tracing::Span::current();
+    span.record("capstan.attempt.outcome", report.outcome().as_str_name());
+    let failed = matches!(
+        report.outcome(),
+        AttemptOutcome::Failed | AttemptOutcome::Error
+    );
+    mark_span(&span, !failed, &report.message);
     let _ = spec.events.send(AttemptEvent::Finished(report));
 }
 
@@ -196,10 +204,18 @@ async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) ->
     let started = Instant::now();
     let task_timeout = task.task.timeout_seconds;
     let task_deadline = (task_timeout > 0).then(|| started + Duration::from_secs(task_timeout));
-    if !task.repo.is_empty()
-        && let Err(outcome) = checkout(spec, task, spool).await
-    {
-        return outcome;
+    if !task.repo.is_empty() {
+        let span = info_span!(
+            "git.checkout",
+            capstan.repo = %task.repo,
+            capstan.commit = %task.rev,
+        );
+        let checked_out = checkout(spec, task, spool).instrument(span.clone()).await;
+        if let Err(outcome) = checked_out {
+            mark_span(&span, false, &outcome.message);
+            return outcome;
+        }
+        mark_span(&span, true, "");
     }
     let executor = &spec.executor;
     let outcome = match executor.setup_task(task).await {
@@ -219,7 +235,15 @@ async fn run_steps(
     task_deadline: Option<Instant>,
 ) -> Outcome {
     let task_timeout = task.task.timeout_seconds;
-    let send_step = |index: u32, state: StepState, exit_code: Option<i32>| {
+    let send_step = |span: &tracing::Span, index: u32, state: StepState, exit_code: Option<i32>| {
+        if state != StepState::Running {
+            span.record("capstan.step.status", state.as_str_name());
+            if let Some(code) = exit_code {
+                span.record("capstan.step.exit_code", code);
+            }
+            // A cancelled step did not fail.
+            mark_span(span, state != StepState::Failed, state.as_str_name());
+        }
         let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
             attempt_id: task.attempt_id.clone(),
             step_index: index,
@@ -240,7 +264,16 @@ async fn run_steps(
                 format!("task timed out after {task_timeout}s"),
             );
         }
-        send_step(index, StepState::Running, None);
+        // One span per step (never per log chunk): README "Tracing".
+        let span = info_span!(
+            "step",
+            capstan.step.index = index,
+            capstan.step.name = %step_label(step),
+            capstan.step.kind = crate::executor::step_kind_name(step),
+            capstan.step.status = tracing::field::Empty,
+            capstan.step.exit_code = tracing::field::Empty,
+        );
+        send_step(&span, index, StepState::Running, None);
         let writer = spool.writer(index);
         let capped = CappedSink::new(&writer, spec.step_log_cap);
         let masked = MaskingSink::new(&capped, &spec.mask);
@@ -269,6 +302,7 @@ async fn run_steps(
                     output: &output,
                 },
             )
+            .instrument(span.clone())
             .await;
         if let Err(e) = async {
             output.finish().await?;
@@ -277,7 +311,7 @@ async fn run_steps(
         }
         .await
         {
-            send_step(index, StepState::Failed, None);
+            send_step(&span, index, StepState::Failed, None);
             return Outcome::new(AttemptOutcome::Error, None, chain(&e));
         }
         if let Err(e) = spec.executor.destroy_step(task, index).await {
@@ -286,7 +320,7 @@ async fn run_steps(
         let end = match result {
             Ok(end) => end,
             Err(e) => {
-                send_step(index, StepState::Failed, None);
+                send_step(&span, index, StepState::Failed, None);
                 return Outcome::new(
                     AttemptOutcome::Error,
                     None,
@@ -295,11 +329,11 @@ async fn run_steps(
             }
         };
         let failed = |exit_code, message| {
-            send_step(index, StepState::Failed, exit_code);
+            send_step(&span, index, StepState::Failed, exit_code);
             Outcome::new(AttemptOutcome::Failed, exit_code, message)
         };
         match end {
-            StepEnd::Exited(0) => send_step(index, StepState::Succeeded, Some(0)),
+            StepEnd::Exited(0) => send_step(&span, index, StepState::Succeeded, Some(0)),
             StepEnd::Exited(code) => {
                 return failed(Some(code), format!("{label} exited with {code}"));
             }
@@ -320,7 +354,7 @@ async fn run_steps(
                 return failed(None, message);
             }
             StepEnd::Cancelled => {
-                send_step(index, StepState::Cancelled, None);
+                send_step(&span, index, StepState::Cancelled, None);
                 return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
             }
         }
@@ -433,6 +467,19 @@ fn step_label(step: &capstan_shared::proto::pipeline::v1::Step) -> String {
     } else {
         step.name.clone()
     }
+}
+
+/// Sets a span's OpenTelemetry status: OK, or an error saying `message`.
+/// Does nothing when trace export is off.
+fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
+    if !capstan_shared::telemetry::enabled() {
+        return;
+    }
+    span.set_status(if ok {
+        capstan_shared::telemetry::opentelemetry::trace::Status::Ok
+    } else {
+        capstan_shared::telemetry::opentelemetry::trace::Status::error(message.to_owned())
+    });
 }
 
 /// An error and its sources on one line.

@@ -96,6 +96,8 @@ pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
         cancel_requested: false,
         tasks,
         idempotency_key: req.idempotency_key,
+        traceparent: String::new(),
+        tracestate: String::new(),
     };
     // etcd refuses requests over ~1.5 MiB: a run that could not be stored
     // must be refused here, not knock the leader over when it is written.
@@ -115,7 +117,19 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<SubmitRunRequest>,
     ) -> Result<Response<SubmitRunResponse>, Status> {
-        let run = build_run(req.into_inner())?;
+        // A submitter's trace (W3C `traceparent` metadata) becomes the
+        // parent of the run's span; the scheduler replaces it with the run's own.
+        let header = |name| {
+            req.metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+        let mut run = build_run(req.into_inner())?;
+        run.traceparent = traceparent;
+        run.tracestate = tracestate;
         let id = self
             .0
             .ask(|reply| Command::Submit {
