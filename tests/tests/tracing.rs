@@ -365,3 +365,92 @@ async fn a_malformed_endpoint_stops_the_start_with_what_to_fix() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// git with a fixed identity and no user or system config.
+fn git(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "git {args:?}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The checkout and the GitOps steps (`set-image`, `git-push`) of a run
+/// with a repository, against the harness's git server, shell executor.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> {
+    let (user, password) = ("capstan-bot", "trace-token-1");
+    let server = capstan_tests::git_server::GitServer::start(user, password)?;
+    server.create_repo("demo/mono")?;
+    let work = tempfile::tempdir()?;
+    let dir = work.path().join("mono");
+    std::fs::create_dir_all(dir.join("k8s"))?;
+    std::fs::write(
+        dir.join("k8s/pod.yaml"),
+        "apiVersion: v1\nkind: Pod\nspec:\n  containers:\n    - name: x\n      image: reg.example/app:old\n",
+    )?;
+    git(&dir, &["init", "-q"])?;
+    git(&dir, &["add", "-A"])?;
+    git(&dir, &["commit", "-q", "-m", "seed"])?;
+    git(&dir, &["push", "-q", &server.url_with_auth("demo/mono"), "HEAD:main"])?;
+    let sha = git(&dir, &["rev-parse", "HEAD"])?;
+    let secrets = work.path().join("secrets.toml");
+    std::fs::write(
+        &secrets,
+        format!("gitops = {{ username = \"{user}\", password = \"{password}\" }}\n"),
+    )?;
+
+    let receiver = OtlpReceiver::start().await?;
+    let c = traced_cluster(&receiver, 100)
+        .runner_args(&[
+            "--secrets-file",
+            &secrets.display().to_string(),
+            "--git-credentials",
+            "gitops",
+        ])
+        .start()
+        .await?;
+    let id = c
+        .client()
+        .await?
+        .submit_run(api::SubmitRunRequest {
+            pipeline_yaml: "version: 1\nname: deploy\ntasks:\n  deploy:\n    steps:\n      - set-image: { files: [k8s/pod.yaml], image: \"reg.example/app:v1\" }\n      - git-push: { message: bump, credentials: gitops }\n".into(),
+            file_name: "deploy.yaml".into(),
+            repo: server.url("demo/mono"),
+            rev: sha.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{}", c.all_logs());
+
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |s| steps_done(s, 2))
+        .await?;
+    let (trace, root) = trace_of(&spans, &id);
+    assert_eq!(root.attr("capstan.repo"), Some(server.url("demo/mono").as_str()));
+    assert_eq!(root.attr("capstan.commit"), Some(sha.as_str()));
+    let checkout = trace
+        .values()
+        .find(|s| s.name == "git.checkout")
+        .unwrap_or_else(|| panic!("no git.checkout span: {trace:#?}"));
+    assert_eq!(checkout.attr("capstan.commit"), Some(sha.as_str()));
+    assert!(!checkout.is_error());
+    assert!(descends_from(&trace, checkout, &root.span_id));
+    for kind in ["set-image", "git-push"] {
+        let step = trace
+            .values()
+            .find(|s| s.name == "step" && s.attr("capstan.step.kind") == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} step span: {trace:#?}"));
+        assert_eq!(step.attr("capstan.step.status"), Some("STEP_STATE_SUCCEEDED"));
+        assert!(descends_from(&trace, step, &root.span_id));
+    }
+    Ok(())
+}
