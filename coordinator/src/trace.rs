@@ -152,3 +152,56 @@ pub fn dispatch(
     span.end();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_shared::proto::api::v1::SubmitRunRequest;
+
+    fn run() -> RunRecord {
+        crate::api::pipeline::build_run(SubmitRunRequest {
+            pipeline_yaml: "version: 1\nname: p\ntasks:\n  t:\n    steps: [ { run: 'true' } ]\n"
+                .into(),
+            ..Default::default()
+        })
+        .expect("valid pipeline")
+    }
+
+    // These unit tests run without an exporter (export is only ever
+    // installed by the binaries); tests/tests/tracing.rs covers it on.
+    #[test]
+    fn without_export_offers_pass_the_submitters_context_through() {
+        assert!(!telemetry::enabled());
+        let mut r = run();
+        let task = r.tasks[0].clone();
+        assert!(dispatch(&r, &task, "a1", 1, "runner").is_empty());
+        r.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
+        r.tracestate = "vendor=x".into();
+        let h = dispatch(&r, &task, "a1", 1, "runner");
+        assert_eq!(h.traceparent, r.traceparent);
+        assert_eq!(h.tracestate, r.tracestate);
+    }
+
+    #[test]
+    fn without_export_no_run_span_is_kept_and_the_record_is_untouched() {
+        let mut spans = RunSpans::default();
+        let mut r = run();
+        spans.submitted(&mut r, 1);
+        spans.resumed(&r, 2);
+        assert!(r.traceparent.is_empty());
+        assert!(spans.0.is_empty());
+    }
+
+    #[test]
+    fn records_without_trace_fields_still_load() {
+        let r = run();
+        let mut json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert!(
+            json.get("traceparent").is_none(),
+            "empty fields are not stored"
+        );
+        json.as_object_mut().unwrap().remove("tracestate");
+        let back: RunRecord = serde_json::from_value(json).unwrap();
+        assert!(back.traceparent.is_empty() && back.tracestate.is_empty());
+    }
+}

@@ -397,7 +397,15 @@ async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> 
     git(&dir, &["init", "-q"])?;
     git(&dir, &["add", "-A"])?;
     git(&dir, &["commit", "-q", "-m", "seed"])?;
-    git(&dir, &["push", "-q", &server.url_with_auth("demo/mono"), "HEAD:main"])?;
+    git(
+        &dir,
+        &[
+            "push",
+            "-q",
+            &server.url_with_auth("demo/mono"),
+            "HEAD:main",
+        ],
+    )?;
     let sha = git(&dir, &["rev-parse", "HEAD"])?;
     let secrets = work.path().join("secrets.toml");
     std::fs::write(
@@ -429,13 +437,21 @@ async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> 
         .into_inner()
         .run_id;
     let run = c.wait_done(&id, Duration::from_secs(60)).await?;
-    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{}", c.all_logs());
+    assert_eq!(
+        run_state(&run),
+        RunState::Succeeded,
+        "{run:#?}\n{}",
+        c.all_logs()
+    );
 
     let spans = receiver
         .wait_for(Duration::from_secs(20), |s| steps_done(s, 2))
         .await?;
     let (trace, root) = trace_of(&spans, &id);
-    assert_eq!(root.attr("capstan.repo"), Some(server.url("demo/mono").as_str()));
+    assert_eq!(
+        root.attr("capstan.repo"),
+        Some(server.url("demo/mono").as_str())
+    );
     assert_eq!(root.attr("capstan.commit"), Some(sha.as_str()));
     let checkout = trace
         .values()
@@ -449,7 +465,10 @@ async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> 
             .values()
             .find(|s| s.name == "step" && s.attr("capstan.step.kind") == Some(kind))
             .unwrap_or_else(|| panic!("no {kind} step span: {trace:#?}"));
-        assert_eq!(step.attr("capstan.step.status"), Some("STEP_STATE_SUCCEEDED"));
+        assert_eq!(
+            step.attr("capstan.step.status"),
+            Some("STEP_STATE_SUCCEEDED")
+        );
         assert!(descends_from(&trace, step, &root.span_id));
     }
     Ok(())
