@@ -91,6 +91,9 @@ impl RunSpans {
 
     /// Ends the run's span with its final state; a failed run's is an error.
     pub fn finished(&mut self, run: &RunRecord) {
+        if self.0.is_empty() {
+            return;
+        }
         let Some(mut span) = self.0.remove(&run.id) else {
             return;
         };
