@@ -79,6 +79,11 @@ pub enum TelemetryError {
         #[source]
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    #[error(
+        "{var}={value:?}: TLS to the collector is not built in; use plain gRPC \
+         (http://) to a collector or agent on the host or in the pod, which may forward over TLS"
+    )]
+    TlsUnsupported { var: &'static str, value: String },
     #[error("a tracing subscriber is already installed in this process")]
     AlreadyInstalled,
 }
@@ -100,10 +105,20 @@ pub fn export_setting(
     {
         return Ok(ExportSetting::Off);
     }
-    if set("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
-        && set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
-    {
+    // The signal-specific endpoint wins, as in the SDK.
+    let Some((var, endpoint)) = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .find_map(|name| set(name).map(|v| (name, v))) else {
         return Ok(ExportSetting::Off);
+    };
+    if endpoint.trim().to_ascii_lowercase().starts_with("https://") {
+        return Err(TelemetryError::TlsUnsupported {
+            var,
+            value: endpoint,
+        });
     }
     for name in [
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
@@ -235,14 +250,6 @@ impl TraceHeaders {
         }
     }
 
-    /// The headers of a live `tracing` span (empty when export is off).
-    pub fn of_span(span: &tracing::Span) -> Self {
-        if !enabled() {
-            return Self::default();
-        }
-        Self::of(&span.context())
-    }
-
     /// A context whose remote parent is this one; the empty context if the
     /// headers are empty or malformed (a bad header must not fail a run).
     pub fn context(&self) -> opentelemetry::Context {
@@ -311,13 +318,23 @@ mod tests {
     }
 
     #[test]
-    fn a_protocol_other_than_grpc_is_refused_with_the_variable_named() {
+    fn a_protocol_other_than_grpc_or_tls_is_refused_with_the_variable_named() {
         let e = export_setting(env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{e}");
+        let e = export_setting(env(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "HTTPS://c:4317"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+        ]))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                && e.to_string().contains("http://"),
+            "{e}"
+        );
         // The signal-specific variable wins over the generic one.
         assert_eq!(
             export_setting(env(&[

@@ -197,6 +197,26 @@ async fn a_submitters_traceparent_becomes_the_runs_parent() -> anyhow::Result<()
         .find(|s| s.name == "step")
         .expect("the step joined the submitter's trace");
     assert!(descends_from(&trace, step, &root.span_id));
+
+    // A malformed traceparent is ignored: the run gets a trace of its own.
+    let mut req = tonic::Request::new(api::SubmitRunRequest {
+        pipeline_yaml:
+            "version: 1\nname: orphan\ntasks:\n  t:\n    steps: [ { run: 'echo hi' } ]\n".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("traceparent", "00-not-a-trace-01".parse()?);
+    let id = c.client().await?.submit_run(req).await?.into_inner().run_id;
+    c.wait_done(&id, Duration::from_secs(30)).await?;
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter()
+                .any(|s| s.name == "run" && s.attr("capstan.run.id") == Some(id.as_str()))
+        })
+        .await?;
+    let (_, root) = trace_of(&spans, &id);
+    assert!(root.parent_span_id.is_empty(), "{root:#?}");
+    assert_ne!(root.trace_id, trace_id);
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use capstan_shared::ids::{AttemptId, RunId};
 use capstan_shared::pipeline;
 use capstan_shared::proto::api::v1::*;
 use capstan_shared::proto::pipeline::v1::TaskSpec;
+use capstan_shared::telemetry::TraceHeaders;
 use futures::Stream;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -118,7 +119,9 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         req: Request<SubmitRunRequest>,
     ) -> Result<Response<SubmitRunResponse>, Status> {
         // A submitter's trace (W3C `traceparent` metadata) becomes the
-        // parent of the run's span; the scheduler replaces it with the run's own.
+        // parent of the run's span; the scheduler replaces it with the run's
+        // own. Parsed and re-encoded, so a malformed header is dropped here
+        // instead of being stored and handed to runners.
         let header = |name| {
             req.metadata()
                 .get(name)
@@ -126,10 +129,18 @@ impl pipeline_service_server::PipelineService for PipelineApi {
                 .map(str::to_owned)
                 .unwrap_or_default()
         };
-        let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+        let parent = TraceHeaders {
+            traceparent: header("traceparent"),
+            tracestate: header("tracestate"),
+        };
+        let parent = if parent.is_empty() {
+            parent
+        } else {
+            TraceHeaders::of(&parent.context())
+        };
         let mut run = build_run(req.into_inner())?;
-        run.traceparent = traceparent;
-        run.tracestate = tracestate;
+        run.traceparent = parent.traceparent;
+        run.tracestate = parent.tracestate;
         let id = self
             .0
             .ask(|reply| Command::Submit {
