@@ -286,7 +286,10 @@ async fn the_trace_goes_on_after_a_coordinator_restart() -> anyhow::Result<()> {
 async fn sigterm_flushes_the_last_spans() -> anyhow::Result<()> {
     let receiver = OtlpReceiver::start().await?;
     // No periodic export within the test: only the exit flush sends spans.
-    let mut c = traced_cluster(&receiver, 600_000).start().await?;
+    let mut c = traced_cluster(&receiver, 600_000)
+        .env("OTEL_SERVICE_NAME", "fleet-a")
+        .start()
+        .await?;
     let id = c
         .submit("version: 1\nname: flush\ntasks:\n  t:\n    steps: [ { name: only, run: 'echo hi' } ]\n")
         .await?;
@@ -314,11 +317,16 @@ async fn sigterm_flushes_the_last_spans() -> anyhow::Result<()> {
     let (trace, root) = trace_of(&spans, &id);
     let step = trace.values().find(|s| s.name == "step").expect("step");
     assert!(descends_from(&trace, step, &root.span_id));
+    assert!(
+        spans.iter().all(|s| s.service == "fleet-a"),
+        "OTEL_SERVICE_NAME names both services: {spans:#?}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn without_otel_variables_nothing_is_exported() -> anyhow::Result<()> {
+async fn nothing_is_exported_without_an_endpoint_when_disabled_or_unsampled() -> anyhow::Result<()>
+{
     let mut c = TestCluster::builder().start().await?;
     let id = c
         .submit("version: 1\nname: plain\ntasks:\n  t:\n    steps: [ { run: 'echo hi' } ]\n")
@@ -330,18 +338,29 @@ async fn without_otel_variables_nothing_is_exported() -> anyhow::Result<()> {
         let log = c.process_log(name);
         assert!(!log.contains("exporting traces"), "{name}: {log}");
     }
-    // OTEL_SDK_DISABLED wins over an endpoint.
-    let receiver = OtlpReceiver::start().await?;
-    let c = traced_cluster(&receiver, 50)
-        .env("OTEL_SDK_DISABLED", "true")
-        .start()
-        .await?;
-    let id = c
-        .submit("version: 1\nname: plain\ntasks:\n  t:\n    steps: [ { run: 'echo hi' } ]\n")
-        .await?;
-    c.wait_done(&id, Duration::from_secs(30)).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(receiver.spans().is_empty(), "{:#?}", receiver.spans());
+    // OTEL_SDK_DISABLED wins over an endpoint, and the standard sampler
+    // variable is honoured.
+    for (var, value) in [
+        ("OTEL_SDK_DISABLED", "true"),
+        ("OTEL_TRACES_SAMPLER", "always_off"),
+    ] {
+        let receiver = OtlpReceiver::start().await?;
+        let c = traced_cluster(&receiver, 50)
+            .env(var, value)
+            .start()
+            .await?;
+        let id = c
+            .submit("version: 1\nname: plain\ntasks:\n  t:\n    steps: [ { run: 'echo hi' } ]\n")
+            .await?;
+        let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+        assert_eq!(run_state(&run), RunState::Succeeded);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            receiver.spans().is_empty(),
+            "{var}: {:#?}",
+            receiver.spans()
+        );
+    }
     Ok(())
 }
 
