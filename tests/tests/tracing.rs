@@ -198,6 +198,36 @@ async fn a_submitters_traceparent_becomes_the_runs_parent() -> anyhow::Result<()
         .expect("the step joined the submitter's trace");
     assert!(descends_from(&trace, step, &root.span_id));
 
+    // The CLI passes its TRACEPARENT / TRACESTATE on.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("cli.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nname: from-cli\ntasks:\n  t:\n    steps: [ { run: 'echo hi' } ]\n",
+    )?;
+    let cli_trace = "0af7651916cd43dd8448eb211c80319c";
+    let out = std::process::Command::new(bin("capstan"))
+        .args(["--server", &c.url(), "submit", "-o", "json"])
+        .arg(&file)
+        .env("TRACEPARENT", format!("00-{cli_trace}-b7ad6b7169203331-01"))
+        .env("TRACESTATE", "ci=1")
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let cli_id = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    c.wait_done(&cli_id, Duration::from_secs(30)).await?;
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter()
+                .any(|s| s.name == "run" && s.attr("capstan.run.id") == Some(cli_id.as_str()))
+        })
+        .await?;
+    let (_, root) = trace_of(&spans, &cli_id);
+    assert_eq!(root.trace_id, cli_trace);
+    assert_eq!(root.parent_span_id, "b7ad6b7169203331");
+
     // A malformed traceparent is ignored: the run gets a trace of its own.
     let mut req = tonic::Request::new(api::SubmitRunRequest {
         pipeline_yaml:
