@@ -235,22 +235,24 @@ async fn run_steps(
     task_deadline: Option<Instant>,
 ) -> Outcome {
     let task_timeout = task.task.timeout_seconds;
-    let send_step = |span: &tracing::Span, index: u32, state: StepState, exit_code: Option<i32>| {
-        if state != StepState::Running {
-            span.record("capstan.step.status", state.as_str_name());
-            if let Some(code) = exit_code {
-                span.record("capstan.step.exit_code", code);
+    // `why`: the failure, for the step's span.
+    let send_step =
+        |span: &tracing::Span, index: u32, state: StepState, exit_code: Option<i32>, why: &str| {
+            if state != StepState::Running {
+                span.record("capstan.step.status", state.as_str_name());
+                if let Some(code) = exit_code {
+                    span.record("capstan.step.exit_code", code);
+                }
+                // A cancelled step did not fail.
+                mark_span(span, state != StepState::Failed, why);
             }
-            // A cancelled step did not fail.
-            mark_span(span, state != StepState::Failed, state.as_str_name());
-        }
-        let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
-            attempt_id: task.attempt_id.clone(),
-            step_index: index,
-            state: state.into(),
-            exit_code,
-        }));
-    };
+            let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
+                attempt_id: task.attempt_id.clone(),
+                step_index: index,
+                state: state.into(),
+                exit_code,
+            }));
+        };
     for (i, step) in task.task.steps.iter().enumerate() {
         let index = u32::try_from(i).unwrap_or(u32::MAX);
         let label = format!("step {} ({})", i + 1, step_label(step));
@@ -273,7 +275,7 @@ async fn run_steps(
             capstan.step.status = tracing::field::Empty,
             capstan.step.exit_code = tracing::field::Empty,
         );
-        send_step(&span, index, StepState::Running, None);
+        send_step(&span, index, StepState::Running, None, "");
         let writer = spool.writer(index);
         let capped = CappedSink::new(&writer, spec.step_log_cap);
         let masked = MaskingSink::new(&capped, &spec.mask);
@@ -311,8 +313,9 @@ async fn run_steps(
         }
         .await
         {
-            send_step(&span, index, StepState::Failed, None);
-            return Outcome::new(AttemptOutcome::Error, None, chain(&e));
+            let message = chain(&e);
+            send_step(&span, index, StepState::Failed, None, &message);
+            return Outcome::new(AttemptOutcome::Error, None, message);
         }
         if let Err(e) = spec.executor.destroy_step(task, index).await {
             warn!(step = index, error = %chain(&e), "executor step teardown failed");
@@ -320,20 +323,17 @@ async fn run_steps(
         let end = match result {
             Ok(end) => end,
             Err(e) => {
-                send_step(&span, index, StepState::Failed, None);
-                return Outcome::new(
-                    AttemptOutcome::Error,
-                    None,
-                    format!("{label} could not run: {}", chain(&e)),
-                );
+                let message = format!("{label} could not run: {}", chain(&e));
+                send_step(&span, index, StepState::Failed, None, &message);
+                return Outcome::new(AttemptOutcome::Error, None, message);
             }
         };
-        let failed = |exit_code, message| {
-            send_step(&span, index, StepState::Failed, exit_code);
+        let failed = |exit_code, message: String| {
+            send_step(&span, index, StepState::Failed, exit_code, &message);
             Outcome::new(AttemptOutcome::Failed, exit_code, message)
         };
         match end {
-            StepEnd::Exited(0) => send_step(&span, index, StepState::Succeeded, Some(0)),
+            StepEnd::Exited(0) => send_step(&span, index, StepState::Succeeded, Some(0), ""),
             StepEnd::Exited(code) => {
                 return failed(Some(code), format!("{label} exited with {code}"));
             }
@@ -354,7 +354,7 @@ async fn run_steps(
                 return failed(None, message);
             }
             StepEnd::Cancelled => {
-                send_step(&span, index, StepState::Cancelled, None);
+                send_step(&span, index, StepState::Cancelled, None, "");
                 return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
             }
         }

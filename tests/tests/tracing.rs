@@ -69,8 +69,12 @@ fn descends_from(
     false
 }
 
-fn steps_done(spans: &[ReceivedSpan], n: usize) -> bool {
-    spans.iter().filter(|s| s.name == "step").count() >= n && spans.iter().any(|s| s.name == "run")
+/// `steps` step spans, `attempts` attempt spans and a run span arrived.
+/// (Each span is exported when it ends: an attempt's after its last step's
+/// and its log's acknowledgement, the run's after the final report.)
+fn arrived(spans: &[ReceivedSpan], steps: usize, attempts: usize) -> bool {
+    let count = |name| spans.iter().filter(|s| s.name == name).count();
+    count("step") >= steps && count("attempt") >= attempts && count("run") >= 1
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,7 +89,7 @@ async fn a_run_is_one_trace_from_submit_to_the_last_step() -> anyhow::Result<()>
     // Exported while both processes run: the batch processor works on
     // their tokio runtimes.
     let spans = receiver
-        .wait_for(Duration::from_secs(20), |s| steps_done(s, 4))
+        .wait_for(Duration::from_secs(20), |s| arrived(s, 4, 2))
         .await?;
     let (trace, root) = trace_of(&spans, &id);
 
@@ -157,6 +161,7 @@ async fn a_run_is_one_trace_from_submit_to_the_last_step() -> anyhow::Result<()>
     assert_eq!(unit.attr("capstan.step.status"), Some("STEP_STATE_FAILED"));
     assert_eq!(unit.attr("capstan.step.exit_code"), Some("3"));
     assert!(unit.is_error(), "the failing step is an error: {unit:#?}");
+    assert_eq!(unit.status_message, "step 2 (unit) exited with 3");
     let check = attempts
         .iter()
         .find(|a| a.attr("task") == Some("check"))
@@ -186,7 +191,7 @@ async fn a_submitters_traceparent_becomes_the_runs_parent() -> anyhow::Result<()
     let run = c.wait_done(&id, Duration::from_secs(30)).await?;
     assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
     let spans = receiver
-        .wait_for(Duration::from_secs(20), |s| steps_done(s, 1))
+        .wait_for(Duration::from_secs(20), |s| arrived(s, 1, 1))
         .await?;
     let (trace, root) = trace_of(&spans, &id);
     assert_eq!(root.trace_id, trace_id);
@@ -514,7 +519,7 @@ async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> 
     );
 
     let spans = receiver
-        .wait_for(Duration::from_secs(20), |s| steps_done(s, 2))
+        .wait_for(Duration::from_secs(20), |s| arrived(s, 2, 1))
         .await?;
     let (trace, root) = trace_of(&spans, &id);
     assert_eq!(
