@@ -8,7 +8,8 @@
 //! - [`election`]: who leads (`standalone`, `etcd`) and the leadership loop in [`run`];
 //! - [`logs`]: durable task logs (`local`, `memory`) and [`log_feed`] for live followers;
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`;
-//! - [`config`]: flags, environment and TOML.
+//! - [`config`]: flags, environment and TOML;
+//! - [`trace`]: the run's spans in its OpenTelemetry trace (off unless configured).
 //!
 //! [`run`] serves on listeners the caller bound, so tests bind `127.0.0.1:0`.
 
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod scheduler;
 pub mod store;
+pub mod trace;
 
 pub use config::CoordinatorConfig;
 

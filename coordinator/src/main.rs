@@ -1,18 +1,22 @@
-//! `capstan-coordinator`: parse flags, load config, init logging, call `run`.
+//! `capstan-coordinator`: init logging and tracing, parse flags, load config, call `run`.
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let telemetry = match capstan_shared::telemetry::init("capstan-coordinator", "info") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("capstan-coordinator: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let args = capstan_coordinator::config::Args::parse();
-    match main_inner(args).await {
+    let result = main_inner(args).await;
+    // After the coordinator stopped (SIGTERM included): its last spans.
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("capstan-coordinator: {e:#}");

@@ -50,6 +50,14 @@ pub struct RunRecord {
     /// The submitter's key for safe retries (see `SubmitRunRequest`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub idempotency_key: String,
+    /// W3C trace context of the run's root span (empty: not traced), kept
+    /// with the run so that whichever leader dispatches its tasks continues
+    /// the same trace. Before the scheduler accepts the run it holds the
+    /// submitter's context, if the request carried one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tracestate: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -731,8 +731,21 @@ impl Agent {
         );
         let cancel = CancellationToken::new();
         self.running.insert(id.clone(), cancel.clone());
-        let span =
-            info_span!("attempt", run = %offer.run_id, task = %offer.task_name, attempt = %id);
+        let span = info_span!(
+            "attempt",
+            run = %offer.run_id,
+            task = %offer.task_name,
+            attempt = %id,
+            capstan.attempt.number = offer.attempt_number,
+            capstan.attempt.outcome = tracing::field::Empty,
+        );
+        // The coordinator's dispatch span (README "Tracing"): this attempt
+        // joins the run's trace.
+        capstan_shared::telemetry::TraceHeaders {
+            traceparent: offer.traceparent.clone(),
+            tracestate: offer.tracestate.clone(),
+        }
+        .set_parent_of(&span);
         let spec = AttemptSpec {
             offer,
             attempts_dir: self.config.work_dir.join("attempts"),

@@ -21,11 +21,12 @@ use std::time::Duration;
 
 use capstan_shared::proto::pipeline::v1::{StepState, step};
 use capstan_shared::proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
+use capstan_shared::telemetry::OpenTelemetrySpanExt as _;
 use futures::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
 use crate::logs::LogTarget;
@@ -110,6 +111,13 @@ pub(crate) async fn run(spec: AttemptSpec) {
         log_bytes = report.log_length,
         "attempt finished"
     );
+    let span = tracing::Span::current();
+    span.record("capstan.attempt.outcome", report.outcome().as_str_name());
+    let failed = matches!(
+        report.outcome(),
+        AttemptOutcome::Failed | AttemptOutcome::Error
+    );
+    mark_span(&span, !failed, &report.message);
     let _ = spec.events.send(AttemptEvent::Finished(report));
 }
 
@@ -205,10 +213,18 @@ async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) ->
     let started = Instant::now();
     let task_timeout = task.task.timeout_seconds;
     let task_deadline = (task_timeout > 0).then(|| started + Duration::from_secs(task_timeout));
-    if !task.repo.is_empty()
-        && let Err(outcome) = checkout(spec, task, spool).await
-    {
-        return outcome;
+    if !task.repo.is_empty() {
+        let span = info_span!(
+            "git.checkout",
+            capstan.repo = %task.repo,
+            capstan.commit = %task.rev,
+        );
+        let checked_out = checkout(spec, task, spool).instrument(span.clone()).await;
+        if let Err(outcome) = checked_out {
+            mark_span(&span, false, &outcome.message);
+            return outcome;
+        }
+        mark_span(&span, true, "");
     }
     let executor = &spec.executor;
     // A panic in setup or in a step (a runner bug) must not skip the
@@ -236,14 +252,24 @@ async fn run_steps(
     task_deadline: Option<Instant>,
 ) -> Outcome {
     let task_timeout = task.task.timeout_seconds;
-    let send_step = |index: u32, state: StepState, exit_code: Option<i32>| {
-        let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
-            attempt_id: task.attempt_id.clone(),
-            step_index: index,
-            state: state.into(),
-            exit_code,
-        }));
-    };
+    // `why`: the failure, for the step's span.
+    let send_step =
+        |span: &tracing::Span, index: u32, state: StepState, exit_code: Option<i32>, why: &str| {
+            if state != StepState::Running {
+                span.record("capstan.step.status", state.as_str_name());
+                if let Some(code) = exit_code {
+                    span.record("capstan.step.exit_code", code);
+                }
+                // A cancelled step did not fail.
+                mark_span(span, state != StepState::Failed, why);
+            }
+            let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
+                attempt_id: task.attempt_id.clone(),
+                step_index: index,
+                state: state.into(),
+                exit_code,
+            }));
+        };
     for (i, step) in task.task.steps.iter().enumerate() {
         let index = u32::try_from(i).unwrap_or(u32::MAX);
         let label = format!("step {} ({})", i + 1, step_label(step));
@@ -257,7 +283,16 @@ async fn run_steps(
                 format!("task timed out after {task_timeout}s"),
             );
         }
-        send_step(index, StepState::Running, None);
+        // One span per step (never per log chunk): README "Tracing".
+        let span = info_span!(
+            "step",
+            capstan.step.index = index,
+            capstan.step.name = %step_label(step),
+            capstan.step.kind = crate::executor::step_kind_name(step),
+            capstan.step.status = tracing::field::Empty,
+            capstan.step.exit_code = tracing::field::Empty,
+        );
+        send_step(&span, index, StepState::Running, None, "");
         let writer = spool.writer(index);
         let capped = CappedSink::new(&writer, spec.step_log_cap);
         let masked = MaskingSink::new(&capped, &spec.mask);
@@ -286,6 +321,7 @@ async fn run_steps(
                     output: &output,
                 },
             )
+            .instrument(span.clone())
             .await;
         if let Err(e) = async {
             output.finish().await?;
@@ -294,8 +330,9 @@ async fn run_steps(
         }
         .await
         {
-            send_step(index, StepState::Failed, None);
-            return Outcome::new(AttemptOutcome::Error, None, chain(&e));
+            let message = chain(&e);
+            send_step(&span, index, StepState::Failed, None, &message);
+            return Outcome::new(AttemptOutcome::Error, None, message);
         }
         if let Err(e) = spec.executor.destroy_step(task, index).await {
             warn!(step = index, error = %chain(&e), "executor step teardown failed");
@@ -303,20 +340,17 @@ async fn run_steps(
         let end = match result {
             Ok(end) => end,
             Err(e) => {
-                send_step(index, StepState::Failed, None);
-                return Outcome::new(
-                    AttemptOutcome::Error,
-                    None,
-                    format!("{label} could not run: {}", chain(&e)),
-                );
+                let message = format!("{label} could not run: {}", chain(&e));
+                send_step(&span, index, StepState::Failed, None, &message);
+                return Outcome::new(AttemptOutcome::Error, None, message);
             }
         };
-        let failed = |exit_code, message| {
-            send_step(index, StepState::Failed, exit_code);
+        let failed = |exit_code, message: String| {
+            send_step(&span, index, StepState::Failed, exit_code, &message);
             Outcome::new(AttemptOutcome::Failed, exit_code, message)
         };
         match end {
-            StepEnd::Exited(0) => send_step(index, StepState::Succeeded, Some(0)),
+            StepEnd::Exited(0) => send_step(&span, index, StepState::Succeeded, Some(0), ""),
             StepEnd::Exited(code) => {
                 return failed(Some(code), format!("{label} exited with {code}"));
             }
@@ -337,7 +371,7 @@ async fn run_steps(
                 return failed(None, message);
             }
             StepEnd::Cancelled => {
-                send_step(index, StepState::Cancelled, None);
+                send_step(&span, index, StepState::Cancelled, None, "");
                 return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
             }
         }
@@ -450,6 +484,19 @@ fn step_label(step: &capstan_shared::proto::pipeline::v1::Step) -> String {
     } else {
         step.name.clone()
     }
+}
+
+/// Sets a span's OpenTelemetry status: OK, or an error saying `message`.
+/// Does nothing when trace export is off.
+fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
+    if !capstan_shared::telemetry::enabled() {
+        return;
+    }
+    span.set_status(if ok {
+        capstan_shared::telemetry::opentelemetry::trace::Status::Ok
+    } else {
+        capstan_shared::telemetry::opentelemetry::trace::Status::error(message.to_owned())
+    });
 }
 
 /// An error and its sources on one line.

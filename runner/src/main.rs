@@ -1,21 +1,21 @@
-//! `capstan-runner`: parse flags, load config, init logging, run the agent.
+//! `capstan-runner`: parse flags, init logging and tracing, load config, run the agent.
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = capstan_runner::config::Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let telemetry = capstan_shared::telemetry::init("capstan-runner", "info")?;
+    let result = main_inner(args).await;
+    // After the drain (SIGTERM included): the last attempts' spans.
+    telemetry.shutdown().await;
+    result
+}
+
+async fn main_inner(args: capstan_runner::config::Args) -> anyhow::Result<()> {
     let config = capstan_runner::config::load(args).context("loading configuration")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(handle_signals(shutdown.clone()));

@@ -307,14 +307,37 @@ impl Client {
     /// `idempotency_key` gets a fresh one first, so a retry after a lost
     /// reply (the leader died after writing the run) returns the run
     /// instead of queuing it twice.
-    pub async fn submit_run(&self, mut request: SubmitRunRequest) -> Result<RunId, ClientError> {
+    pub async fn submit_run(&self, request: SubmitRunRequest) -> Result<RunId, ClientError> {
+        self.submit_run_in_trace(request, &crate::telemetry::TraceHeaders::default())
+            .await
+    }
+
+    /// [`Self::submit_run`], with `parent` (if not empty) sent as W3C
+    /// `traceparent` / `tracestate` metadata: the run's trace becomes part
+    /// of the caller's.
+    pub async fn submit_run_in_trace(
+        &self,
+        mut request: SubmitRunRequest,
+        parent: &crate::telemetry::TraceHeaders,
+    ) -> Result<RunId, ClientError> {
         if request.idempotency_key.is_empty() {
             request.idempotency_key = uuid::Uuid::now_v7().simple().to_string();
         }
         let timeout = self.inner.options.request_timeout;
+        let metadata: Vec<(&'static str, tonic::metadata::MetadataValue<_>)> = [
+            ("traceparent", &parent.traceparent),
+            ("tracestate", &parent.tracestate),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
         let response = self
             .call(move |ch| {
-                let req = unary(request.clone(), timeout);
+                let mut req = unary(request.clone(), timeout);
+                for (k, v) in &metadata {
+                    req.metadata_mut().insert(*k, v.clone());
+                }
                 async move { PipelineServiceClient::new(ch).submit_run(req).await }
             })
             .await?;

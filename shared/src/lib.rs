@@ -4,10 +4,12 @@
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`).
 //! - [`pipeline`]: the pipeline file model, parser, validator and substitution.
 //! - [`client`]: the client used by the CLI: connects, follows the leader, maps errors.
+//! - [`telemetry`]: logging and OpenTelemetry trace export for the binaries.
 pub mod client;
 pub mod ids;
 pub mod pipeline;
 pub mod proto;
+pub mod telemetry;
 
 /// Version of the runner Connect protocol spoken by this build.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -10,6 +10,7 @@
 pub mod etcd;
 pub mod git_server;
 pub mod ha;
+pub mod otlp;
 pub mod ssh_server;
 pub mod testbed;
 
@@ -111,6 +112,7 @@ pub struct Builder {
     labels: Vec<String>,
     runner_args: Vec<String>,
     coordinator_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for Builder {
@@ -124,6 +126,7 @@ impl Default for Builder {
             labels: Vec::new(),
             runner_args: Vec::new(),
             coordinator_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -155,6 +158,13 @@ impl Builder {
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_args
             .extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// An environment variable for the coordinator and every runner (e.g.
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -209,6 +219,16 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
         .open(dir.join(format!("{name}.log")))?)
 }
 
+/// Sets the builder's variables on `cmd`, after removing every `OTEL_*`
+/// variable the test process itself may have (a developer's collector must
+/// not receive, or slow down, the test cluster's spans).
+fn set_env(cmd: &mut Command, extra: &[(String, String)]) {
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(extra.iter().map(|(k, v)| (k, v)));
+}
+
 impl TestCluster {
     pub fn builder() -> Builder {
         Builder::default()
@@ -228,7 +248,9 @@ impl TestCluster {
 
     /// Starts (or restarts) the coordinator on the cluster's ports and waits for `/readyz`.
     pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
-        let child = Command::new(bin("capstan-coordinator"))
+        let mut cmd = Command::new(bin("capstan-coordinator"));
+        set_env(&mut cmd, &self.opts.env);
+        let child = cmd
             .args(["--listen", &self.grpc.to_string()])
             .args(["--http-listen", &self.http.to_string()])
             .arg("--data-dir")
@@ -275,6 +297,29 @@ impl TestCluster {
         }
     }
 
+    /// SIGTERM to the coordinator; waits up to `timeout` for it to exit and
+    /// returns how long that took.
+    pub fn terminate_coordinator(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
+        let Some(mut c) = self.coordinator.take() else {
+            bail!("the coordinator is not running");
+        };
+        let started = Instant::now();
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        while started.elapsed() < timeout {
+            if c.try_wait()?.is_some() {
+                return Ok(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!(
+            "the coordinator did not exit within {timeout:?} of SIGTERM:\n{}",
+            self.process_log("coordinator")
+        )
+    }
+
     /// Spawns a runner process named `name` (its work dir is under the cluster's dir).
     pub fn start_runner(&mut self, name: &str) -> anyhow::Result<()> {
         let child = self.runner_command(name, &self.token.clone()).spawn()?;
@@ -291,6 +336,7 @@ impl TestCluster {
         let mut labels = self.opts.labels.clone();
         labels.push(format!("index={index}"));
         let mut cmd = Command::new(bin("capstan-runner"));
+        set_env(&mut cmd, &self.opts.env);
         cmd.args(["--coordinator", &self.url()])
             .args(["--registration-token", token])
             .args(["--name", name])

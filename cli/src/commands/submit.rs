@@ -23,7 +23,14 @@ pub async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure> {
         idempotency_key: args.idempotency_key.unwrap_or_default(),
     };
     // INVALID_ARGUMENT carries every `FILE:LINE:COL: msg`; `Failure` prints it alone, exit 2.
-    let run = client.submit_run(request).await?;
+    // A CI job that is itself traced hands its context down the usual
+    // way for processes (`TRACEPARENT`, `TRACESTATE`): the run's trace
+    // becomes part of the job's (README "Tracing").
+    let parent = capstan_shared::telemetry::TraceHeaders {
+        traceparent: std::env::var("TRACEPARENT").unwrap_or_default(),
+        tracestate: std::env::var("TRACESTATE").unwrap_or_default(),
+    };
+    let run = client.submit_run_in_trace(request, &parent).await?;
     match (args.follow, ctx.format) {
         (false, Format::Text) => println!("{run}"),
         (false, Format::Json) => print_json(&json!({ "id": run.as_str() })),

@@ -7,6 +7,7 @@ use capstan_shared::ids::{AttemptId, RunId};
 use capstan_shared::pipeline;
 use capstan_shared::proto::api::v1::*;
 use capstan_shared::proto::pipeline::v1::TaskSpec;
+use capstan_shared::telemetry::TraceHeaders;
 use futures::Stream;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -96,6 +97,8 @@ pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
         cancel_requested: false,
         tasks,
         idempotency_key: req.idempotency_key,
+        traceparent: String::new(),
+        tracestate: String::new(),
     };
     // etcd refuses requests over ~1.5 MiB: a run that could not be stored
     // must be refused here, not knock the leader over when it is written.
@@ -115,7 +118,29 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<SubmitRunRequest>,
     ) -> Result<Response<SubmitRunResponse>, Status> {
-        let run = build_run(req.into_inner())?;
+        // A submitter's trace (W3C `traceparent` metadata) becomes the
+        // parent of the run's span; the scheduler replaces it with the run's
+        // own. Parsed and re-encoded, so a malformed header is dropped here
+        // instead of being stored and handed to runners.
+        let header = |name| {
+            req.metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        let parent = TraceHeaders {
+            traceparent: header("traceparent"),
+            tracestate: header("tracestate"),
+        };
+        let parent = if parent.is_empty() {
+            parent
+        } else {
+            TraceHeaders::of(&parent.context())
+        };
+        let mut run = build_run(req.into_inner())?;
+        run.traceparent = parent.traceparent;
+        run.tracestate = parent.tracestate;
         let id = self
             .0
             .ask(|reply| Command::Submit {

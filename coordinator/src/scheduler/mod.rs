@@ -171,6 +171,12 @@ pub async fn start(
         "scheduler state loaded"
     );
     let state = SchedulerState::load(epoch, timing, runs, runners, Instant::now());
+    let mut run_spans = crate::trace::RunSpans::default();
+    if capstan_shared::telemetry::enabled() {
+        for run in state.runs.values() {
+            run_spans.resumed(run, epoch);
+        }
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     Ok((
         Scheduler {
@@ -181,6 +187,7 @@ pub async fn start(
             watchers: HashMap::new(),
             replies: Vec::new(),
             metrics,
+            run_spans,
         },
         SchedulerHandle { tx },
     ))
@@ -196,6 +203,8 @@ pub struct Scheduler {
     watchers: HashMap<RunId, watch::Sender<api::Run>>,
     replies: Vec<Box<dyn FnOnce() + Send>>,
     metrics: Arc<Metrics>,
+    /// Trace spans of the unfinished runs (empty unless export is on).
+    run_spans: crate::trace::RunSpans,
 }
 
 /// Most commands applied before one commit.
@@ -279,6 +288,12 @@ impl Scheduler {
                 let (id, new) = self.state.submit(*run);
                 if new {
                     self.metrics.runs_submitted.inc();
+                    if capstan_shared::telemetry::enabled()
+                        && let Some(run) = self.state.runs.get_mut(&id)
+                    {
+                        // Before the commit, so the record is stored with its trace context.
+                        self.run_spans.submitted(run, self.state.epoch);
+                    }
                 }
                 // A repeat is answered after the next commit too, so it
                 // never names a run that is not yet durable.
@@ -506,6 +521,11 @@ impl Scheduler {
         }
         for ms in fx.pickups_ms {
             self.metrics.pickup_ms.observe(ms);
+        }
+        for id in &fx.runs_finished {
+            if let Some(run) = self.state.runs.get(id) {
+                self.run_spans.finished(run);
+            }
         }
         for (_, secs) in fx.tasks_finished {
             self.metrics.task_seconds.observe(secs);

@@ -185,6 +185,8 @@ pub struct Effects {
     /// Pickup latencies (queued -> accepted) observed, for metrics.
     pub pickups_ms: Vec<f64>,
     pub tasks_finished: Vec<(String, f64)>,
+    /// Runs that reached a final state in this batch (their trace span ends).
+    pub runs_finished: Vec<RunId>,
 }
 
 pub struct SchedulerState {
@@ -412,6 +414,7 @@ impl SchedulerState {
             StoredRunState::Failed
         };
         run.finished_at_ms = now_ms();
+        self.fx.runs_finished.push(id.clone());
         self.touch_run(id);
     }
 
@@ -1080,6 +1083,9 @@ impl SchedulerState {
             log_length: 0,
         });
         t.state = StoredTaskState::Offered;
+        let t = &run.tasks[i];
+        let runner_name = t.attempts.last().map_or("", |x| x.runner_name.as_str());
+        let trace = crate::trace::dispatch(run, t, a.as_str(), number, runner_name);
         let offer = rpb::Offer {
             leader_epoch: epoch,
             attempt_id: a.to_string(),
@@ -1090,6 +1096,8 @@ impl SchedulerState {
             repo,
             rev,
             offer_timeout_ms: offer_timeout.as_millis() as u32,
+            traceparent: trace.traceparent,
+            tracestate: trace.tracestate,
         };
         self.attempts.insert(a.clone(), (run_id.clone(), i));
         self.offered_at.insert(a.clone(), now);
