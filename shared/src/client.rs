@@ -924,6 +924,12 @@ mod tests {
         ) -> Result<tonic::Response<crate::proto::api::v1::DrainRunnerResponse>, Status> {
             Err(Status::unimplemented(""))
         }
+        async fn resume_runner(
+            &self,
+            _: tonic::Request<ResumeRunnerRequest>,
+        ) -> Result<tonic::Response<crate::proto::api::v1::ResumeRunnerResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
     }
 
     /// The case the idempotency key is for: the leader wrote the run and
