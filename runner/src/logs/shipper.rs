@@ -33,6 +33,14 @@
 //! `acked` and sends one stream at a time from then on. (Judging by `acked`
 //! when the failure is taken would not do: the acks of the streams before
 //! it, taken first, have moved `acked` up to its start by then.)
+//!
+//! `PERMISSION_DENIED` means the coordinator no longer takes this attempt's
+//! log: it was superseded (requeued after a lost lease) or its run expired.
+//! No resend can change that. While the attempt runs the shipper keeps
+//! retrying (the agent gets a Cancel for a superseded attempt, which ends
+//! it); once the spool is closed, [`GIVE_UP_AFTER_REFUSALS`] refusals in a
+//! row end the shipping with the rest unsent, so the attempt can finish and
+//! free its slot instead of retrying forever.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -143,6 +151,11 @@ pub async fn ship(
     ship_with(spool, target, acked_tx, Limits::default()).await;
 }
 
+/// Refusals in a row (`PERMISSION_DENIED`) after which a closed spool's
+/// remaining bytes are given up. More than one, so a single refusal from
+/// something in between (a proxy answering 403) does not lose a log.
+const GIVE_UP_AFTER_REFUSALS: u32 = 3;
+
 async fn ship_with(
     spool: Arc<Spool>,
     mut target: watch::Receiver<Option<LogTarget>>,
@@ -152,6 +165,7 @@ async fn ship_with(
     let mut state = spool.subscribe();
     let mut acked = 0u64;
     let mut backoff = Backoff::new();
+    let mut refusals = 0u32;
     loop {
         let now = *state.borrow_and_update();
         if acked >= now.len {
@@ -181,6 +195,7 @@ async fn ship_with(
         let result = window_state.push(&mut state).await;
         if acked > before {
             backoff.reset();
+            refusals = 0;
         }
         match result {
             Ok(()) => {}
@@ -210,6 +225,23 @@ async fn ship_with(
                     );
                     limits.max_in_flight = 1;
                 }
+            }
+            Err(Failure::Status { status, .. })
+                if status.code() == tonic::Code::PermissionDenied =>
+            {
+                refusals += 1;
+                if spool.state().closed && refusals >= GIVE_UP_AFTER_REFUSALS {
+                    warn!(
+                        attempt = spool.attempt_id(),
+                        acked,
+                        len = spool.state().len,
+                        message = status.message(),
+                        "the coordinator no longer takes this attempt's log (superseded or \
+                         expired); the rest is not sent"
+                    );
+                    return;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(Failure::Status { status, .. }) => {
                 let delay = backoff.next_delay();
@@ -627,11 +659,10 @@ mod tests {
 
     /// The coordinator says the attempt is not this runner's (it forgot a
     /// run past its retention while a runner that had lost its lease still
-    /// ran a superseded attempt): no resend can ever be taken. The shipper
-    /// retries forever, so the attempt never finishes and holds its slot
-    /// (and its spool) until the runner restarts.
+    /// ran a superseded attempt): no resend can ever be taken. Once the
+    /// attempt ended, the shipper gives up instead of retrying forever (which
+    /// held the attempt's slot and spool until the runner restarted).
     #[tokio::test]
-    #[ignore = "bug: PERMISSION_DENIED (attempt not this runner's) is retried forever; the attempt never finishes"]
     async fn gives_up_when_the_attempt_is_not_the_runners() {
         let server = testing::start().await;
         server.coordinator.logs.lock().unwrap().refuse_attempts = true;
@@ -643,6 +674,12 @@ mod tests {
             .append(0, b"output of a superseded attempt\n")
             .await
             .unwrap();
+        // While the attempt runs, refusals do not end the shipping.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !shipper.task.is_finished(),
+            "gave up while the attempt still ran"
+        );
         let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
             .await
             .expect("the shipper retried a refusal that cannot change, forever");
