@@ -186,7 +186,12 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
         )),
     };
     let outcome = match made {
-        Ok(()) => run_task(spec, &task, &spool).await,
+        // A panic (say in the checkout) still finishes the log shipping
+        // below, so the report waits for the log and the spool is released.
+        Ok(()) => std::panic::AssertUnwindSafe(run_task(spec, &task, &spool))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| panicked(panic.as_ref())),
         Err(e) => Outcome::new(
             AttemptOutcome::Error,
             None,
