@@ -354,16 +354,6 @@ impl LocalLogStore {
     }
 }
 
-/// Asks the kernel to drop the file's pages from the page cache, once they
-/// are on disk: a log is written once, and its recent bytes are read from
-/// the tail in memory, so the pages only displaced other data (a 1 GiB log
-/// left 1 GiB of page cache behind). Pages still dirty (appended after the
-/// fsync) are kept. Advice only: an error is ignored.
-fn drop_cached_pages(file: &File) {
-    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
-    let _ = posix_fadvise(file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-}
-
 /// Reads `min(max, len - offset)` bytes at `offset` of `file`.
 fn read_range(file: &File, len: u64, offset: u64, max: usize) -> io::Result<Bytes> {
     if offset >= len || max == 0 {
@@ -489,12 +479,8 @@ impl LogStore for LocalLogStore {
         match file {
             // Outside the lock: appends go on while the disk catches up.
             Some(file) => {
-                self.unlocked(attempt, "cannot fsync", move || {
-                    file.sync_data()?;
-                    drop_cached_pages(&file);
-                    Ok(())
-                })
-                .await
+                self.unlocked(attempt, "cannot fsync", move || file.sync_data())
+                    .await
             }
             None => Ok(()),
         }
