@@ -24,9 +24,6 @@
 //! - [`LogStore::len`] and [`LogStore::read`] see every append that returned
 //!   before they were called. An attempt never written has length 0 and
 //!   reads as empty; neither call creates it.
-//! - [`LogStore::read_chunk`] is [`LogStore::read`] that may answer fewer
-//!   bytes (at least one below the end), so that a store can hand out a
-//!   buffer it holds without copying; its answers put together are the log.
 //! - [`LogStore::sync`] makes everything appended so far survive a crash;
 //!   an append alone may be lost by a crash (from its end: what survives is
 //!   still a prefix).
