@@ -3,7 +3,7 @@
 //! reads by offset and watches the length grow.
 
 use std::fs::File;
-use std::io::{self, Read, Seek};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -59,8 +59,6 @@ pub struct Spool {
     segments: Mutex<Vec<(u64, u32)>>,
     /// The last bytes appended; changed only under the appender lock.
     tail: Mutex<LogTail>,
-    /// Held by a read from the file (which moves the file offset).
-    reading: Arc<Mutex<()>>,
     state: watch::Sender<SpoolState>,
 }
 
@@ -107,7 +105,6 @@ impl Spool {
             appender: tokio::sync::Mutex::new(0),
             segments: Mutex::new(Vec::new()),
             tail: Mutex::new(LogTail::new(TAIL_BYTES)),
-            reading: Arc::default(),
             state: watch::Sender::new(SpoolState::default()),
             path,
         }))
@@ -209,23 +206,9 @@ impl Spool {
             return Ok(Bytes::new());
         }
         let file = Arc::clone(&self.file);
-        let reading = Arc::clone(&self.reading);
         blocking(move || {
-            // `read_to_end` fills the vector's spare capacity without
-            // zeroing it first (a positioned read needs an initialized
-            // buffer: zeroing 1 GiB of reads was a visible cost, and the
-            // shipper reads from here whenever the step's output runs more
-            // than the tail ahead of it, which a fast step always does).
-            // The file offset is used by these reads only (appends are
-            // positioned), one at a time.
-            let _reading = reading.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut reader: &File = &file;
-            reader.seek(io::SeekFrom::Start(offset))?;
-            let mut buf = Vec::with_capacity(n);
-            reader.take(n as u64).read_to_end(&mut buf)?;
-            if buf.len() < n {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, offset)?;
             Ok(Bytes::from(buf))
         })
         .await
