@@ -4,10 +4,8 @@
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`).
 //! - [`pipeline`]: the pipeline file model, parser, validator and substitution.
 //! - [`client`]: the client used by the CLI: connects, follows the leader, maps errors.
-//! - [`log_tail`]: the last bytes of a log kept in memory (runner spool, coordinator logs).
 pub mod client;
 pub mod ids;
-pub mod log_tail;
 pub mod pipeline;
 pub mod proto;
 

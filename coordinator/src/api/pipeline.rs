@@ -309,7 +309,7 @@ async fn send_new_bytes(
     loop {
         let data = leader
             .logs
-            .read_chunk(&info.attempt, *offset, READ_CHUNK)
+            .read(&info.attempt, *offset, READ_CHUNK)
             .await
             .map_err(status::from_log)?;
         if data.is_empty() {

@@ -16,7 +16,6 @@ pub async fn run_all(store: Arc<dyn LogStore>) {
     append_parts_is_one_append(&*store).await;
     gap_is_refused_and_writes_nothing(&*store).await;
     read_ranges(&*store).await;
-    read_chunks_make_up_the_log(&*store).await;
     unknown_attempt(&*store).await;
     bad_ids(&*store).await;
     attempts_are_independent(&*store).await;
@@ -51,80 +50,6 @@ pub async fn delete_forgets_the_log(store: &dyn LogStore) {
         store.delete(&AttemptId::from_string("../x")).await,
         Err(LogError::BadId(_))
     ));
-}
-
-/// `read_chunk` answers at least one byte below the end and at most `max`,
-/// nothing at or past it, and its answers put together are the log, for any
-/// `max` and from any offset.
-pub async fn read_chunks_make_up_the_log(store: &dyn LogStore) {
-    let a = AttemptId::generate();
-    let log: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    // Parts of uneven sizes, some appended in one call.
-    let mut offset = 0;
-    for (i, size) in [1, 70_000, 3, 1 << 20, 200_000, 65_536]
-        .iter()
-        .cycle()
-        .enumerate()
-    {
-        if offset >= log.len() {
-            break;
-        }
-        let end = (offset + size).min(log.len());
-        if i % 3 == 0 {
-            let mid = offset + (end - offset) / 2;
-            let parts = vec![
-                bytes::Bytes::copy_from_slice(&log[offset..mid]),
-                bytes::Bytes::copy_from_slice(&log[mid..end]),
-            ];
-            store.append_parts(&a, offset as u64, parts).await.unwrap();
-        } else {
-            store
-                .append(&a, offset as u64, &log[offset..end])
-                .await
-                .unwrap();
-        }
-        offset = end;
-    }
-    for max in [1, 1000, 100_000, 1 << 20, usize::MAX] {
-        for start in [0, 1, 1_500_000, 2_999_999] {
-            let mut got = log[..start].to_vec();
-            loop {
-                let part = store.read_chunk(&a, got.len() as u64, max).await.unwrap();
-                if part.is_empty() {
-                    break;
-                }
-                assert!(part.len() <= max, "read_chunk: at most max");
-                got.extend_from_slice(&part);
-            }
-            assert!(
-                got == log,
-                "read_chunk: pieces make up the log ({max}, {start})"
-            );
-        }
-    }
-    let len = log.len() as u64;
-    assert!(
-        store.read_chunk(&a, len, 10).await.unwrap().is_empty(),
-        "read_chunk at the end"
-    );
-    assert!(
-        store.read_chunk(&a, len + 5, 10).await.unwrap().is_empty(),
-        "read_chunk past it"
-    );
-    assert!(
-        store.read_chunk(&a, 5, 0).await.unwrap().is_empty(),
-        "read_chunk of 0 bytes"
-    );
-    assert!(
-        store
-            .read_chunk(&AttemptId::generate(), 0, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "read_chunk of an unknown log"
-    );
 }
 
 async fn contents(store: &dyn LogStore, attempt: &AttemptId) -> Vec<u8> {

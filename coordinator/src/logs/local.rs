@@ -4,26 +4,17 @@ use super::{LogError, LogStore, check_id, plan_append};
 use async_trait::async_trait;
 use bytes::Bytes;
 use capstan_shared::ids::AttemptId;
-use capstan_shared::log_tail::LogTail;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex as SyncMutex, PoisonError};
+use std::sync::{Arc, Mutex as SyncMutex};
 use tokio::sync::Mutex;
 
 /// How many attempts keep their state (and open file) cached before idle ones
 /// are dropped. Bounds the file descriptors the store holds.
 const MAX_CACHED: usize = 256;
-
-/// Bytes of each log kept in memory after they are written (its tail), so
-/// followers get recent bytes without reading them back from the file.
-const TAIL_PER_LOG: usize = 4 * 1024 * 1024;
-/// Bytes kept in all tails together, at most (plus one part): past it, the
-/// tails appended to least recently are dropped whole.
-const TAIL_BUDGET: usize = 32 * 1024 * 1024;
 
 /// One file per attempt, `<dir>/<attempt id>.log`.
 ///
@@ -34,64 +25,10 @@ const TAIL_BUDGET: usize = 32 * 1024 * 1024;
 /// (an fsync of a big log takes a while, and the next stream of the runner
 /// is being appended meanwhile). The store assumes it is the only writer of
 /// its directory.
-///
-/// The last bytes appended to each log are also kept in memory, as the
-/// buffers they arrived in ([`LogTail`], at most [`TAIL_PER_LOG`] per log and
-/// [`TAIL_BUDGET`] in all): a read within them (a follower keeping up) is a
-/// slice of those buffers, without a blocking-pool hop, a zeroed buffer or a
-/// read back from the page cache. The file is always written first; the tail
-/// only holds copies of bytes in it, and is dropped whenever the file may
-/// differ from it (a failed write, a delete).
 #[derive(Debug)]
 pub struct LocalLogStore {
     dir: PathBuf,
-    logs: SyncMutex<HashMap<String, Arc<Entry>>>,
-    /// Bytes held by all tails.
-    tails_held: Arc<AtomicUsize>,
-    /// Counts appends, to find the tails appended to least recently.
-    appends: AtomicU64,
-}
-
-/// One attempt's log: its file state (under an async lock held across file
-/// I/O) and its in-memory tail (under a short sync lock, so that readers do
-/// not wait for an append's write).
-#[derive(Debug)]
-struct Entry {
-    log: Arc<Mutex<LogFile>>,
-    tail: SyncMutex<Tail>,
-    /// The store's `tails_held`, kept up to date by [`Entry::with_tail`].
-    tails_held: Arc<AtomicUsize>,
-}
-
-#[derive(Debug)]
-struct Tail {
-    bytes: LogTail,
-    /// The store's append count at the last push (for trimming).
-    used: u64,
-}
-
-impl Entry {
-    /// Runs `f` on the tail under its lock, accounting for what it holds.
-    fn with_tail<T>(&self, f: impl FnOnce(&mut Tail) -> T) -> T {
-        let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
-        let before = tail.bytes.held();
-        let result = f(&mut tail);
-        let after = tail.bytes.held();
-        if after >= before {
-            self.tails_held.fetch_add(after - before, Ordering::Relaxed);
-        } else {
-            self.tails_held.fetch_sub(before - after, Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        let tail = self.tail.get_mut().unwrap_or_else(PoisonError::into_inner);
-        self.tails_held
-            .fetch_sub(tail.bytes.held(), Ordering::Relaxed);
-    }
+    logs: SyncMutex<HashMap<String, Arc<Mutex<LogFile>>>>,
 }
 
 /// The cached state of one attempt's log.
@@ -180,8 +117,6 @@ impl LocalLogStore {
         Ok(Self {
             dir: dir.to_path_buf(),
             logs: SyncMutex::new(HashMap::new()),
-            tails_held: Arc::new(AtomicUsize::new(0)),
-            appends: AtomicU64::new(0),
         })
     }
 
@@ -196,7 +131,7 @@ impl LocalLogStore {
         self.dir.join(format!("{}.log", attempt.as_str()))
     }
 
-    fn entry(&self, attempt: &AttemptId) -> Arc<Entry> {
+    fn entry(&self, attempt: &AttemptId) -> Arc<Mutex<LogFile>> {
         let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = logs.get(attempt.as_str()) {
             return entry.clone();
@@ -207,55 +142,23 @@ impl LocalLogStore {
             logs.retain(|_, entry| Arc::strong_count(entry) > 1);
         }
         logs.entry(attempt.as_str().to_string())
-            .or_insert_with(|| {
-                Arc::new(Entry {
-                    log: Arc::default(),
-                    tail: SyncMutex::new(Tail {
-                        bytes: LogTail::new(TAIL_PER_LOG),
-                        used: 0,
-                    }),
-                    tails_held: self.tails_held.clone(),
-                })
-            })
+            .or_default()
             .clone()
     }
 
-    /// Drops the tails appended to least recently until all of them hold
-    /// at most [`TAIL_BUDGET`] bytes.
-    fn trim_tails(&self) {
-        let logs = self.logs.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut by_use: Vec<_> = logs
-            .values()
-            .map(|e| (e.with_tail(|t| t.used), e))
-            .collect();
-        by_use.sort_unstable_by_key(|&(used, _)| used);
-        for (_, entry) in by_use {
-            if self.tails_held.load(Ordering::Relaxed) <= TAIL_BUDGET {
-                break;
-            }
-            entry.with_tail(|t| t.bytes.clear());
-        }
-    }
-
     /// Runs `f` on the attempt's log under its lock, on the blocking pool.
-    /// `f` gets the attempt's cached state, its entry (for the tail), its
-    /// file's path, and a function turning an I/O error into a [`LogError`].
+    /// `f` gets the attempt's cached state, its file's path, and a function
+    /// turning an I/O error into a [`LogError`].
     async fn with_log<T: Send + 'static>(
         &self,
         attempt: &AttemptId,
-        f: impl FnOnce(
-            &mut LogFile,
-            &Entry,
-            &Path,
-            &dyn Fn(io::Error) -> LogError,
-        ) -> Result<T, LogError>
+        f: impl FnOnce(&mut LogFile, &Path, &dyn Fn(io::Error) -> LogError) -> Result<T, LogError>
         + Send
         + 'static,
     ) -> Result<T, LogError> {
         check_id(attempt)?;
         let path = self.path(attempt);
-        let entry = self.entry(attempt);
-        let mut log = entry.log.clone().lock_owned().await;
+        let mut log = self.entry(attempt).lock_owned().await;
         let id = attempt.clone();
         // If the caller goes away, the blocking task still finishes, holding
         // the lock until it does.
@@ -264,13 +167,11 @@ impl LocalLogStore {
                 attempt: id.clone(),
                 source,
             };
-            let result = f(&mut log, &entry, &path, &io_error);
+            let result = f(&mut log, &path, &io_error);
             if let Err(LogError::Io { .. }) = result {
                 // After a failed write the file may hold part of the data:
-                // still a prefix of the log, but the cached length (and the
-                // tail's end) are stale.
+                // still a prefix of the log, but the cached length is stale.
                 log.reset();
-                entry.with_tail(|t| t.bytes.clear());
             }
             result
         })
@@ -289,7 +190,7 @@ impl LocalLogStore {
     async fn cached(&self, attempt: &AttemptId) -> Result<Option<(Arc<File>, u64)>, LogError> {
         check_id(attempt)?;
         let entry = self.entry(attempt);
-        let log = entry.log.lock().await;
+        let log = entry.lock().await;
         Ok(log.file.clone().zip(log.len))
     }
 
@@ -308,49 +209,6 @@ impl LocalLogStore {
                 attempt: attempt.clone(),
                 source: context(e, what, &path),
             })
-    }
-
-    /// [`LogStore::read`] (`whole`) or [`LogStore::read_chunk`]: from the
-    /// tail if it holds `offset`, else from the file.
-    async fn read_from(
-        &self,
-        attempt: &AttemptId,
-        offset: u64,
-        max: usize,
-        whole: bool,
-    ) -> Result<Bytes, LogError> {
-        check_id(attempt)?;
-        let from_tail = self
-            .entry(attempt)
-            .with_tail(|t| t.bytes.read(offset, max, whole));
-        if let Some(data) = from_tail {
-            return Ok(data);
-        }
-        if let Some((file, len)) = self.cached(attempt).await? {
-            if offset >= len || max == 0 {
-                return Ok(Bytes::new());
-            }
-            return self
-                .unlocked(attempt, "cannot read", move || {
-                    read_range(&file, len, offset, max)
-                })
-                .await;
-        }
-        self.with_log(attempt, move |log, _, path, io_error| {
-            let len = log.len(path).map_err(io_error)?;
-            if offset >= len || max == 0 {
-                return Ok(Bytes::new());
-            }
-            let Some(file) = log.file(path, false).map_err(io_error)? else {
-                return Err(io_error(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{} disappeared", path.display()),
-                )));
-            };
-            read_range(file, len, offset, max)
-                .map_err(|e| io_error(context(e, "cannot read", path)))
-        })
-        .await
     }
 }
 
@@ -379,53 +237,38 @@ impl LogStore for LocalLogStore {
         parts: Vec<Bytes>,
     ) -> Result<u64, LogError> {
         let id = attempt.clone();
-        let used = self.appends.fetch_add(1, Ordering::Relaxed);
-        let len = self
-            .with_log(attempt, move |log, entry, path, io_error| {
-                let mut len = log.len(path).map_err(io_error)?;
-                let total = parts.iter().map(Bytes::len).sum();
-                let mut skip = plan_append(&id, len, offset, total)?;
-                if skip == total {
-                    return Ok(len);
+        self.with_log(attempt, move |log, path, io_error| {
+            let mut len = log.len(path).map_err(io_error)?;
+            let total = parts.iter().map(Bytes::len).sum();
+            let mut skip = plan_append(&id, len, offset, total)?;
+            if skip == total {
+                return Ok(len);
+            }
+            let file = log
+                .file(path, true)
+                .map_err(io_error)?
+                .ok_or_else(|| io_error(io::ErrorKind::NotFound.into()))?;
+            let mut file: &File = file;
+            for part in &parts {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
                 }
-                let file = log
-                    .file(path, true)
-                    .map_err(io_error)?
-                    .ok_or_else(|| io_error(io::ErrorKind::NotFound.into()))?;
-                let mut file: &File = file;
-                for part in &parts {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    file.write_all(&part[skip..])
-                        .map_err(|e| io_error(context(e, "cannot write", path)))?;
-                    let at = len;
-                    len += (part.len() - skip) as u64;
-                    // Visible to readers once written (still under the log's
-                    // lock, so tail pushes happen in log order).
-                    entry.with_tail(|t| {
-                        t.bytes.push(at, part.slice(skip..));
-                        t.used = used;
-                    });
-                    skip = 0;
-                }
-                log.len = Some(len);
-                Ok(len)
-            })
-            .await?;
-        if self.tails_held.load(Ordering::Relaxed) > TAIL_BUDGET {
-            self.trim_tails();
-        }
-        Ok(len)
+                file.write_all(&part[skip..])
+                    .map_err(|e| io_error(context(e, "cannot write", path)))?;
+                len += (part.len() - skip) as u64;
+                skip = 0;
+            }
+            log.len = Some(len);
+            Ok(len)
+        })
+        .await
     }
 
     async fn delete(&self, attempt: &AttemptId) -> Result<(), LogError> {
-        self.with_log(attempt, |log, entry, path, io_error| {
-            // Drop the open file, the cached length and the tail with the
-            // file.
+        self.with_log(attempt, |log, path, io_error| {
+            // Drop the open file and the cached length with the file.
             log.reset();
-            entry.with_tail(|t| t.bytes.clear());
             match std::fs::remove_file(path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -441,27 +284,38 @@ impl LogStore for LocalLogStore {
     }
 
     async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError> {
-        check_id(attempt)?;
-        if let Some(end) = self.entry(attempt).with_tail(|t| t.bytes.end()) {
-            return Ok(end);
-        }
-        self.with_log(attempt, |log, _, path, io_error| {
+        self.with_log(attempt, |log, path, io_error| {
             log.len(path).map_err(io_error)
         })
         .await
     }
 
     async fn read(&self, attempt: &AttemptId, offset: u64, max: usize) -> Result<Bytes, LogError> {
-        self.read_from(attempt, offset, max, true).await
-    }
-
-    async fn read_chunk(
-        &self,
-        attempt: &AttemptId,
-        offset: u64,
-        max: usize,
-    ) -> Result<Bytes, LogError> {
-        self.read_from(attempt, offset, max, false).await
+        if let Some((file, len)) = self.cached(attempt).await? {
+            if offset >= len || max == 0 {
+                return Ok(Bytes::new());
+            }
+            return self
+                .unlocked(attempt, "cannot read", move || {
+                    read_range(&file, len, offset, max)
+                })
+                .await;
+        }
+        self.with_log(attempt, move |log, path, io_error| {
+            let len = log.len(path).map_err(io_error)?;
+            if offset >= len || max == 0 {
+                return Ok(Bytes::new());
+            }
+            let Some(file) = log.file(path, false).map_err(io_error)? else {
+                return Err(io_error(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} disappeared", path.display()),
+                )));
+            };
+            read_range(file, len, offset, max)
+                .map_err(|e| io_error(context(e, "cannot read", path)))
+        })
+        .await
     }
 
     async fn sync(&self, attempt: &AttemptId) -> Result<(), LogError> {
@@ -470,7 +324,7 @@ impl LogStore for LocalLogStore {
             // A file closed since it was written is reopened: fsync flushes
             // the file, whichever descriptor asks.
             None => {
-                self.with_log(attempt, |log, _, path, io_error| {
+                self.with_log(attempt, |log, path, io_error| {
                     Ok(log.file(path, false).map_err(io_error)?.cloned())
                 })
                 .await?
@@ -566,73 +420,6 @@ mod tests {
                 [0, 0, 1, 1, 2, 2]
             );
         }
-    }
-
-    /// Followers keeping up read from the tail: the answers are slices of
-    /// the appended buffers (same memory), and the file still has it all.
-    #[tokio::test]
-    async fn recent_bytes_come_from_memory() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalLogStore::open(dir.path()).unwrap();
-        let a = AttemptId::generate();
-        let first = Bytes::from(vec![1u8; 300_000]);
-        let second = Bytes::from(vec![2u8; 300_000]);
-        store
-            .append_parts(&a, 0, vec![first.clone(), second.clone()])
-            .await
-            .unwrap();
-        let piece = store.read_chunk(&a, 0, 1 << 20).await.unwrap();
-        assert_eq!(piece.as_ptr(), first.as_ptr(), "a slice of the first part");
-        assert_eq!(piece.len(), first.len());
-        let piece = store.read_chunk(&a, 400_000, 1 << 20).await.unwrap();
-        assert_eq!(piece.as_ptr(), second[100_000..].as_ptr());
-        // `read` answers everything asked, across parts.
-        assert_eq!(store.read(&a, 0, usize::MAX).await.unwrap().len(), 600_000);
-        assert_eq!(store.len(&a).await.unwrap(), 600_000);
-        let on_disk = std::fs::read(dir.path().join(format!("{a}.log"))).unwrap();
-        assert!(
-            on_disk[..300_000].iter().all(|&b| b == 1)
-                && on_disk[300_000..].iter().all(|&b| b == 2)
-        );
-        // Deleting drops the tail with the file.
-        store.delete(&a).await.unwrap();
-        assert!(store.read(&a, 0, 10).await.unwrap().is_empty());
-        assert_eq!(store.tails_held.load(Ordering::Relaxed), 0);
-    }
-
-    /// Each tail keeps at most TAIL_PER_LOG (plus one part), all of them at
-    /// most TAIL_BUDGET (plus one part); what fell out of the tails is read
-    /// from the files.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tails_stay_within_their_budget() {
-        const PART: usize = 1024 * 1024;
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalLogStore::open(dir.path()).unwrap();
-        let logs = TAIL_BUDGET / TAIL_PER_LOG * 2;
-        let attempts: Vec<_> = (0..logs).map(|_| AttemptId::generate()).collect();
-        for round in 0..6u8 {
-            for (i, a) in attempts.iter().enumerate() {
-                let offset = u64::from(round) * PART as u64;
-                let data = Bytes::from(vec![round ^ i as u8; PART]);
-                store.append_parts(a, offset, vec![data]).await.unwrap();
-                let held = store.tails_held.load(Ordering::Relaxed);
-                assert!(held <= TAIL_BUDGET + PART, "{held} bytes held");
-            }
-        }
-        for (i, a) in attempts.iter().enumerate() {
-            let all = store.read(a, 0, usize::MAX).await.unwrap();
-            assert_eq!(all.len(), 6 * PART);
-            for (round, chunk) in all.chunks(PART).enumerate() {
-                assert!(chunk.iter().all(|&b| b == round as u8 ^ i as u8));
-            }
-            let entry = store.entry(a);
-            assert!(entry.with_tail(|t| t.bytes.held()) <= TAIL_PER_LOG);
-        }
-        // Dropping the cached entries gives their bytes back.
-        for a in &attempts {
-            store.delete(a).await.unwrap();
-        }
-        assert_eq!(store.tails_held.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -115,19 +115,6 @@ pub trait LogStore: Send + Sync + 'static {
         offset: u64,
         max: usize,
     ) -> Result<bytes::Bytes, LogError>;
-    /// Like [`LogStore::read`], but may answer fewer than `min(max, len -
-    /// offset)` bytes (at least one when `offset < len`): a store that
-    /// keeps recent bytes in the buffers they arrived in answers a slice of
-    /// one of them rather than copying several into one. For callers that
-    /// send the bytes on in chunks of any size (followers).
-    async fn read_chunk(
-        &self,
-        attempt: &AttemptId,
-        offset: u64,
-        max: usize,
-    ) -> Result<bytes::Bytes, LogError> {
-        self.read(attempt, offset, max).await
-    }
     /// Make everything appended so far durable (fsync).
     async fn sync(&self, attempt: &AttemptId) -> Result<(), LogError>;
     /// Removes the attempt's log (retention). Deleting a log that does not

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use capstan_shared::log_tail::{LogTail, shrink_to_bytes};
 use tokio::sync::watch;
 
 use crate::executor::OutputSink;
@@ -32,20 +31,12 @@ pub struct SpoolError {
     pub source: io::Error,
 }
 
-/// Bytes of the spool kept in memory after they are written (see
-/// [`Spool::read_at`]).
-pub const TAIL_BYTES: usize = 4 * 1024 * 1024;
-
 /// One attempt's log spool. Appends are serialized; reads may run
 /// concurrently with appends and see only complete appends.
 ///
 /// File I/O is plain `std::fs` run on the blocking pool, one hop per append
 /// and per read (`tokio::fs` took two or three hops per call, which at 8 to
-/// 64 KiB per call was most of the runner's CPU on a big log). The last
-/// [`TAIL_BYTES`] appended are also kept in memory, as the buffers they were
-/// appended in: the shipper sends what was just written from there, without
-/// reading it back. Everything stays in the file (a resend after an error
-/// may need any of it).
+/// 64 KiB per call was most of the runner's CPU on a big log).
 pub struct Spool {
     path: PathBuf,
     attempt_id: String,
@@ -57,8 +48,6 @@ pub struct Spool {
     /// (first offset, step index) of each run of bytes from one step;
     /// changed only under the appender lock.
     segments: Mutex<Vec<(u64, u32)>>,
-    /// The last bytes appended; changed only under the appender lock.
-    tail: Mutex<LogTail>,
     state: watch::Sender<SpoolState>,
 }
 
@@ -104,7 +93,6 @@ impl Spool {
             file: Arc::new(file),
             appender: tokio::sync::Mutex::new(0),
             segments: Mutex::new(Vec::new()),
-            tail: Mutex::new(LogTail::new(TAIL_BYTES)),
             state: watch::Sender::new(SpoolState::default()),
             path,
         }))
@@ -136,12 +124,10 @@ impl Spool {
         let file = Arc::clone(&self.file);
         let n = data.len() as u64;
         let at = *len;
-        let data = shrink_to_bytes(data);
-        let written_data = data.clone();
         // Positioned writes: a failed write leaves the next one where the
         // log really ends, and readers never see a partial append (they read
         // below `state.len` only).
-        let written = blocking(move || file.write_all_at(&written_data, at)).await;
+        let written = blocking(move || file.write_all_at(&data, at)).await;
         written.map_err(|source| SpoolError {
             path: self.path.clone(),
             source,
@@ -152,10 +138,6 @@ impl Spool {
                 segments.push((at, step));
             }
         }
-        self.tail
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(at, data);
         *len += n;
         let new_len = *len;
         self.state.send_modify(|s| s.len = new_len);
@@ -187,19 +169,8 @@ impl Spool {
         (step, segments.get(i).map(|&(start, _)| start))
     }
 
-    /// Reads up to `max` bytes at `offset`: fewer at the end of the log,
-    /// and possibly fewer (but at least one, or 64 KiB) where recent bytes
-    /// are answered from memory as a slice of the buffer they were appended
-    /// in (no copy); older bytes are read from the file.
+    /// Reads up to `max` bytes at `offset` (fewer at the end of the log).
     pub async fn read_at(&self, offset: u64, max: usize) -> Result<Bytes, SpoolError> {
-        let recent = self
-            .tail
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(offset, max, false);
-        if let Some(data) = recent {
-            return Ok(data);
-        }
         let available = self.state().len.saturating_sub(offset);
         let n = usize::try_from(available).unwrap_or(usize::MAX).min(max);
         if n == 0 {
@@ -291,37 +262,5 @@ mod tests {
         );
         spool.remove().await;
         assert!(!dir.path().join("att-1.log").exists());
-    }
-
-    /// Recent bytes are read from memory (a slice of the appended buffer),
-    /// older ones from the file; both read the same bytes.
-    #[tokio::test]
-    async fn reads_recent_bytes_from_memory_and_older_from_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path(), "att-2").await.unwrap();
-        let part = 1024 * 1024;
-        let parts = TAIL_BYTES / part + 3;
-        for i in 0..parts {
-            spool.append_owned(0, vec![i as u8; part]).await.unwrap();
-        }
-        let len = (parts * part) as u64;
-        assert_eq!(spool.state().len, len);
-        let mut got = Vec::new();
-        while (got.len() as u64) < len {
-            let data = spool.read_at(got.len() as u64, 300_000).await.unwrap();
-            assert!(!data.is_empty() && data.len() <= 300_000);
-            got.extend_from_slice(&data);
-        }
-        for (i, chunk) in got.chunks(part).enumerate() {
-            assert!(chunk.iter().all(|&b| b == i as u8), "part {i}");
-        }
-        assert!(spool.read_at(len, 10).await.unwrap().is_empty());
-        assert_eq!(std::fs::read(spool.path()).unwrap(), got);
-        // A small write in a big buffer is kept as a copy of its bytes.
-        let mut small = Vec::with_capacity(part);
-        small.extend_from_slice(b"tail");
-        spool.append_owned(1, small).await.unwrap();
-        assert_eq!(&spool.read_at(len, 100).await.unwrap()[..], b"tail");
-        assert_eq!(spool.step_at(len), (1, None));
     }
 }
