@@ -185,7 +185,20 @@ impl Builder {
             opts: self.clone(),
             dir,
         };
-        c.start_coordinator().await?;
+        // The ports were free when picked, but another process (a client's
+        // ephemeral port, a parallel test) may take one before the
+        // coordinator binds it: pick new ones and try again.
+        let mut tries = 0;
+        loop {
+            match c.start_coordinator().await {
+                Err(e) if tries < 5 && format!("{e:#}").contains("Address already in use") => {
+                    tries += 1;
+                    c.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                    c.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                }
+                other => break other?,
+            }
+        }
         for i in 0..self.runners {
             c.start_runner(&format!("runner-{i}"))?;
         }
