@@ -22,8 +22,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// [`Durability::Immediate`] (fsynced before it returns); reads run in read
 /// transactions and see the last committed batch. redb admits one write
 /// transaction at a time, so batches are serialized. Blocking redb calls run
-/// on tokio's blocking pool, writes in place on a multi-thread runtime
-/// (see [`in_place`]).
+/// on tokio's blocking pool.
 ///
 /// The file is locked while a `RedbStore` on it exists (until it is dropped):
 /// a second open, from this or another process, fails.
@@ -138,23 +137,6 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Runs a write on the calling thread where the runtime allows it
-/// (`block_in_place`: this worker's other tasks move to another thread
-/// meanwhile), else on the blocking pool. The scheduler waits for every
-/// commit before it sends the offers and replies of its batch; on the pool,
-/// a commit cost two cross-thread wake-ups (there and back) on that path,
-/// in place it costs none (the hand-over of the worker's queue is off it).
-async fn in_place<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BoxError> + Send + 'static,
-) -> Result<T, BoxError> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() != RuntimeFlavor::MultiThread {
-        return blocking(f).await;
-    }
-    catch_unwind(AssertUnwindSafe(|| tokio::task::block_in_place(f)))
-        .unwrap_or_else(|panic| Err(format!("redb panicked: {}", panic_message(&*panic)).into()))
-}
-
 #[async_trait]
 impl Store for RedbStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -204,7 +186,7 @@ impl Store for RedbStore {
             return Ok(());
         }
         let db = self.db.clone();
-        in_place(move || {
+        blocking(move || {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate)?;
             {
