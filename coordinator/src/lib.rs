@@ -257,9 +257,27 @@ async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
             logs,
         }));
         tracing::info!(epoch = lead.epoch, "leading");
+        // The scheduler gets its own task, on a worker thread: in the
+        // caller's future it ran wherever that is polled, which under
+        // `#[tokio::main]` is the main thread, outside the worker pool, so
+        // every command from an API handler and every offer out crossed
+        // threads with a futex wake-up. Aborted (and waited for) when
+        // leadership is lost or this future is dropped.
+        let mut task =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(scheduler.run(token.clone())));
         let outcome = tokio::select! {
-            r = scheduler.run(token.clone()) => r.map_err(|e| e.to_string()),
-            _ = lead.lost.cancelled() => Err("leadership lost".to_string()),
+            r = &mut task => match r {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(format!("the scheduler task was cancelled: {e}")),
+            },
+            _ = lead.lost.cancelled() => {
+                task.abort();
+                // Stopped before anything else happens: no write of this
+                // leadership may land after the next one starts.
+                let _ = (&mut task).await;
+                Err("leadership lost".to_string())
+            }
         };
         token.cancel();
         l.role.send_replace(api::Role::Follower);

@@ -98,6 +98,11 @@ pub(crate) async fn prepare_work_dir(work_dir: &Path) -> Result<(), Error> {
             removed.map_err(err(&path))?;
         }
     }
+    let (attempts, spool) = (work_dir.join("attempts"), work_dir.join("spool"));
+    let _ = tokio::task::spawn_blocking(move || {
+        crate::attempt::make_spares(&attempts, &spool, "start");
+    })
+    .await;
     Ok(())
 }
 
@@ -878,21 +883,26 @@ mod tests {
         std::fs::write(dir.path().join("spool/att-old.log"), b"x").unwrap();
         std::fs::write(dir.path().join("runner.json"), b"{}").unwrap();
         prepare_work_dir(dir.path()).await.unwrap();
-        assert!(
-            dir.path()
-                .join("attempts")
+        // What is left is the spares the next attempt starts with.
+        let names = |sub: &str| -> Vec<String> {
+            let mut names: Vec<String> = dir
+                .path()
+                .join(sub)
                 .read_dir()
                 .unwrap()
-                .next()
-                .is_none()
-        );
-        assert!(
-            dir.path()
-                .join("spool")
-                .read_dir()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names("attempts"), [crate::attempt::SPARE]);
+        assert_eq!(names("spool"), [crate::attempt::SPARE]);
+        assert!(dir.path().join("attempts/.spare/workspace").is_dir());
+        assert_eq!(
+            std::fs::metadata(dir.path().join("spool/.spare"))
                 .unwrap()
-                .next()
-                .is_none()
+                .len(),
+            0
         );
         assert!(dir.path().join("runner.json").exists());
     }

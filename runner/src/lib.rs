@@ -185,10 +185,18 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
         ExecutorKind::Docker => Arc::new(docker_executor(&config, Arc::clone(&secrets)).await?),
     };
     let creds = credentials::load(&config.work_dir).await?;
-    agent::Agent::new(config, executor, creds, shutdown)
-        .with_secrets(secrets)
-        .run()
-        .await?;
+    let agent = agent::Agent::new(config, executor, creds, shutdown).with_secrets(secrets);
+    // On a worker thread, not in the caller's future: `#[tokio::main]`
+    // polls that on the main thread, outside the worker pool, so every
+    // message to or from the agent (offer in, accept out, each attempt
+    // spawned) crossed threads with a futex wake-up; on a worker, what it
+    // wakes runs next on the same thread. Aborted if this future is dropped.
+    let mut agent = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(agent.run()));
+    match (&mut agent).await {
+        Ok(result) => result?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => return Err(anyhow::anyhow!("the agent task was cancelled: {e}")),
+    }
     Ok(())
 }
 

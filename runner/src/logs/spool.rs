@@ -70,20 +70,39 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Spool {
-    /// Creates (truncating) `<dir>/<attempt_id>.log`.
+    /// Creates (truncating) `<dir>/<attempt_id>.log` on the blocking pool.
     pub async fn create(dir: &Path, attempt_id: &str) -> Result<Arc<Self>, SpoolError> {
+        let (d, id) = (dir.to_owned(), attempt_id.to_owned());
+        tokio::task::spawn_blocking(move || Self::create_now(&d, &id))
+            .await
+            .unwrap_or_else(|join| {
+                Err(SpoolError {
+                    path: dir.join(format!("{attempt_id}.log")),
+                    source: io::Error::other(join),
+                })
+            })
+    }
+
+    /// [`Spool::create`] on the calling thread: one `open` (plus a `mkdir`
+    /// if the directory is gone). An attempt's start calls this inline: a
+    /// trip to the blocking pool and back cost more than the open itself,
+    /// and pickup waits for it.
+    pub fn create_now(dir: &Path, attempt_id: &str) -> Result<Arc<Self>, SpoolError> {
         let path = dir.join(format!("{attempt_id}.log"));
-        let (d, p) = (dir.to_owned(), path.clone());
-        let file = blocking(move || {
-            std::fs::create_dir_all(&d)?;
+        let open = || {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .open(&p)
-        })
-        .await
+                .open(&path)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).and_then(|()| open())
+            }
+            other => other,
+        }
         .map_err(|source| SpoolError {
             path: path.clone(),
             source,
