@@ -110,7 +110,10 @@ struct Session {
     tx: mpsc::Sender<RunnerMessage>,
     inbound: Streaming<CoordinatorMessage>,
     welcome: Welcome,
+    /// The Control stream's connection, held for as long as the stream.
     client: RunnerServiceClient<Channel>,
+    /// For `PushLogs`: its own HTTP/2 connection (see `connect`).
+    log_client: RunnerServiceClient<Channel>,
     credentials: Credentials,
 }
 
@@ -346,6 +349,13 @@ impl Agent {
             .await
             .map_err(|e| ConnectError::Retry(chain(&e)))?;
         let mut client = RunnerServiceClient::new(channel);
+        // Logs go over a second connection, made on first use. On one
+        // connection, log streams the coordinator is slow to read (a log
+        // waiting for its attempt's authorization or for a gap to fill) hold
+        // the connection's HTTP/2 flow-control window, and the Control
+        // stream's heartbeats would wait behind them: a runner shipping a
+        // big log could be judged lost while healthy.
+        let log_client = RunnerServiceClient::new(endpoint.connect_lazy());
         let credentials = match self.credentials.clone() {
             Some(c) => c,
             None => self.register(&mut client).await?,
@@ -356,6 +366,7 @@ impl Agent {
                 inbound,
                 welcome,
                 client,
+                log_client,
                 credentials,
             }),
             Err(status) if status.code() == tonic::Code::Unauthenticated && !self.reregistered => {
@@ -368,6 +379,7 @@ impl Agent {
                         inbound,
                         welcome,
                         client,
+                        log_client,
                         credentials,
                     }),
                     Err(status) => Err(self.control_error(&status)),
@@ -442,7 +454,8 @@ impl Agent {
             tx,
             mut inbound,
             welcome,
-            client,
+            client: _control_client,
+            log_client,
             credentials,
         } = session;
         self.generation += 1;
@@ -473,7 +486,7 @@ impl Agent {
             "welcomed by coordinator"
         );
         self.log_target.send_replace(Some(LogTarget {
-            client,
+            client: log_client,
             credentials,
         }));
         self.forget_acknowledged(&welcome.acknowledged).await;
@@ -1004,6 +1017,36 @@ mod agent_tests {
         assert!(busy >= 10, "{busy} heartbeats in 1.5 s busy");
         shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), runner).await;
+    }
+
+    /// A coordinator that stops reading a log (here: 30 s per chunk) must
+    /// not stop the runner's heartbeats: logs have their own connection, so
+    /// the unread bytes do not hold the Control stream's flow-control window.
+    #[tokio::test]
+    async fn heartbeats_go_on_while_the_coordinator_stalls_on_a_log() {
+        let mut server = testing::start_with_window(1 << 20).await;
+        server.coordinator.logs.lock().unwrap().chunk_delay = Duration::from_secs(30);
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let runner = tokio::spawn(crate::run(
+            config(server.url(), TOKEN, dir.path()),
+            shutdown.clone(),
+        ));
+        assert!(matches!(next(&mut server).await, Up::Hello(_)));
+        // Far more than the fake's 1 MiB HTTP/2 windows (stream and
+        // connection alike, so the stalled stream fills the connection's).
+        server
+            .send(offer("att-big", &["output 16000000\nsleep 5000"]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(
+            server.coordinator.logs.lock().unwrap().streams >= 1,
+            "the log was not being shipped"
+        );
+        let busy = count_beats(&mut server, Duration::from_millis(1500)).await;
+        assert!(busy >= 8, "{busy} heartbeats in 1.5 s with a stalled log");
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), runner).await;
     }
 
     #[tokio::test]

@@ -126,6 +126,21 @@ impl Handle {
 }
 
 pub(crate) async fn start() -> Handle {
+    start_with(Server::builder()).await
+}
+
+/// [`start`] with HTTP/2 windows of `window` bytes for each stream and for
+/// the whole connection, as a coordinator whose window one stream can fill.
+pub(crate) async fn start_with_window(window: u32) -> Handle {
+    start_with(
+        Server::builder()
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window),
+    )
+    .await
+}
+
+async fn start_with(mut server: Server) -> Handle {
     let (to_test, from_runner) = mpsc::unbounded_channel();
     let coordinator = Arc::new(FakeCoordinator {
         logs: Mutex::new(LogState::default()),
@@ -137,7 +152,7 @@ pub(crate) async fn start() -> Handle {
     let addr = listener.local_addr().unwrap();
     let service = RunnerServiceServer::from_arc(Arc::clone(&coordinator));
     tokio::spawn(
-        Server::builder()
+        server
             .add_service(service)
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
