@@ -63,21 +63,57 @@ fn url_encode(text: &str) -> String {
     out
 }
 
-/// Replaces every complete occurrence of a pattern (leftmost, longest first).
-fn replace_all(data: &[u8], patterns: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len());
-    let mut i = 0;
-    'outer: while i < data.len() {
+/// Output not yet written, and what is known about it.
+#[derive(Default)]
+struct Pending {
+    /// Bytes as the step wrote them.
+    raw: Vec<u8>,
+    /// How many leading bytes of `raw` lie inside a secret found earlier
+    /// (one that started in output already written).
+    covered: usize,
+    /// The last byte written was part of a masked run: a run that goes on
+    /// in `raw` gets no second [`MASK`].
+    in_mask: bool,
+}
+
+/// Masks `pending.raw` and returns what can be written now; with `all`
+/// false, a tail that may be the start of a secret stays pending.
+///
+/// Every byte inside any occurrence of any pattern is masked, also where
+/// occurrences of two secrets overlap (a leftmost-first replace would leave
+/// the second one's tail in clear); each run of masked bytes becomes one
+/// [`MASK`].
+fn mask_pending(pending: &mut Pending, patterns: &[Vec<u8>], all: bool) -> Vec<u8> {
+    let data = std::mem::take(&mut pending.raw);
+    let cut = if all {
+        data.len()
+    } else {
+        data.len() - held_tail(&data, patterns)
+    };
+    let mut out = Vec::with_capacity(cut);
+    // Byte i is masked iff some occurrence starting at or before i reaches
+    // past it: `end` is the furthest end of those found so far.
+    let mut end = pending.covered;
+    let mut in_mask = pending.in_mask;
+    for (i, &byte) in data[..cut].iter().enumerate() {
         for p in patterns {
-            if p.first() == Some(&data[i]) && data[i..].starts_with(p) {
-                out.extend_from_slice(MASK);
-                i += p.len();
-                continue 'outer;
+            if p.len() > end.saturating_sub(i) && p[0] == byte && data[i..].starts_with(p) {
+                end = i + p.len();
             }
         }
-        out.push(data[i]);
-        i += 1;
+        if i < end {
+            if !in_mask {
+                out.extend_from_slice(MASK);
+                in_mask = true;
+            }
+        } else {
+            out.push(byte);
+            in_mask = false;
+        }
     }
+    pending.covered = end.saturating_sub(cut).min(data.len() - cut);
+    pending.in_mask = in_mask;
+    pending.raw = data[cut..].to_vec();
     out
 }
 
@@ -99,7 +135,7 @@ fn held_tail(data: &[u8], patterns: &[Vec<u8>]) -> usize {
 pub struct MaskingSink<'a> {
     inner: &'a dyn OutputSink,
     patterns: &'a [Vec<u8>],
-    pending: Mutex<Vec<u8>>,
+    pending: Mutex<Pending>,
 }
 
 impl<'a> MaskingSink<'a> {
@@ -107,18 +143,18 @@ impl<'a> MaskingSink<'a> {
         Self {
             inner,
             patterns,
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
         }
     }
 
     /// Writes what was held back (it can no longer become a secret).
     pub async fn flush(&self) -> io::Result<()> {
         let mut pending = self.pending.lock().await;
-        if pending.is_empty() {
+        if pending.raw.is_empty() {
             return Ok(());
         }
-        let data = std::mem::take(&mut *pending);
-        self.inner.write(&data).await
+        let data = mask_pending(&mut pending, self.patterns, true);
+        self.inner.write_owned(data).await
     }
 }
 
@@ -130,10 +166,8 @@ impl OutputSink for MaskingSink<'_> {
         }
         // The lock is held across the inner write so that output keeps its order.
         let mut pending = self.pending.lock().await;
-        pending.extend_from_slice(data);
-        let mut masked = replace_all(&pending, self.patterns);
-        let keep = held_tail(&masked, self.patterns);
-        *pending = masked.split_off(masked.len() - keep);
+        pending.raw.extend_from_slice(data);
+        let masked = mask_pending(&mut pending, self.patterns, false);
         if masked.is_empty() {
             return Ok(());
         }
@@ -204,6 +238,24 @@ mod tests {
         masking.write(b"the end: se").await.unwrap();
         masking.flush().await.unwrap();
         assert_eq!(sink.text(), "hello second\nthe end: se");
+    }
+
+    #[tokio::test]
+    async fn overlapping_secrets_are_masked_whole() {
+        // Leftmost-first replacing masked `abcdef` and left `xyz` (the tail
+        // of the second secret) in clear.
+        let out = mask(&["abcdef", "defxyz"], &[b"1 abcdefxyz 2\n"]).await;
+        assert_eq!(out, "1 [MASKED] 2\n");
+        // The same, split at every byte: the part of the first secret that
+        // is held back (it may start the second) stays masked when the
+        // second does not follow.
+        let text = b"1 abcdefxyz 2 abcdefxy!\n";
+        let chunks: Vec<&[u8]> = text.chunks(1).collect();
+        let out = mask(&["abcdef", "defxyz"], &chunks).await;
+        assert_eq!(out, "1 [MASKED] 2 [MASKED]xy!\n");
+        // A secret inside another one's occurrence.
+        let out = mask(&["hunter22", "nter"], &[b"a hunter22 nter b"]).await;
+        assert_eq!(out, "a [MASKED] [MASKED] b");
     }
 
     #[tokio::test]
