@@ -597,6 +597,38 @@ async fn retention_deletes_finished_runs_and_their_logs() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Orphan logs (a crash between retention's record delete and its file
+/// delete leaves them) go when the next leadership starts; the logs of runs
+/// the coordinator holds, and files that are not logs, stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leadership_deletes_orphan_logs_only() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder().runners(1).start().await?;
+    let id = c
+        .submit("version: 1\nname: kept\ntasks:\n  t:\n    steps: [ { run: 'echo still-here' } ]\n")
+        .await?;
+    let run = c.wait_done(&id, Duration::from_secs(15)).await?;
+    let logs = c.data_dir().join("logs");
+    let kept = logs.join(format!("{}.log", run.tasks[0].attempt_id));
+    assert!(kept.exists(), "{}", kept.display());
+    let orphan = logs.join("0192f0aa-0000-7000-8000-00000000beef.log");
+    std::fs::write(&orphan, b"output of a run deleted before a crash\n")?;
+    let not_a_log = logs.join("notes.txt");
+    std::fs::write(&not_a_log, b"an operator's file\n")?;
+
+    c.kill_coordinator();
+    c.start_coordinator().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while orphan.exists() {
+        assert!(Instant::now() < deadline, "the orphan log was not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(kept.exists(), "the log of a run still held was deleted");
+    assert!(not_a_log.exists(), "a file that is not a log was deleted");
+    let log = c.task_log(&id, "t").await?;
+    assert!(String::from_utf8_lossy(&log).contains("still-here"));
+    Ok(())
+}
+
 /// `--max-step-log 64k`: a step that writes 1 MB keeps its first 48 KiB and
 /// last 16 KiB in the log, with a line that counts what was dropped; the
 /// next step's output is whole.

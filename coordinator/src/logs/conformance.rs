@@ -22,6 +22,28 @@ pub async fn run_all(store: Arc<dyn LogStore>) {
     concurrent_appends_store_one_copy(store.clone()).await;
     ten_mib_log(&*store).await;
     delete_forgets_the_log(&*store).await;
+    list_names_every_log(&*store).await;
+}
+
+/// The orphan sweep's view: every log written and not deleted is listed.
+pub async fn list_names_every_log(store: &dyn LogStore) {
+    let a = AttemptId::generate();
+    let b = AttemptId::generate();
+    store.append(&a, 0, b"a\n").await.unwrap();
+    store.append(&b, 0, b"b\n").await.unwrap();
+    let listed = store.list().await.unwrap();
+    assert!(
+        listed.contains(&a) && listed.contains(&b),
+        "list: written logs"
+    );
+    store.delete(&a).await.unwrap();
+    let listed = store.list().await.unwrap();
+    assert!(!listed.contains(&a), "list: a deleted log");
+    assert!(listed.contains(&b), "list: other logs");
+    assert!(
+        !listed.contains(&AttemptId::generate()),
+        "list: a log never written"
+    );
 }
 
 /// Retention: a deleted log reads as never written, deleting twice (or a

@@ -283,6 +283,32 @@ impl LogStore for LocalLogStore {
         Ok(())
     }
 
+    async fn list(&self) -> Result<Vec<AttemptId>, LogError> {
+        let dir = self.dir.clone();
+        let listed = tokio::task::spawn_blocking(move || -> io::Result<Vec<AttemptId>> {
+            let mut out = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let name = entry?.file_name();
+                // Only `<attempt id>.log`: anything else in the directory
+                // (an operator's file, a temporary) is not a log.
+                if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".log")) {
+                    let id = AttemptId::from_string(id.to_owned());
+                    if check_id(&id).is_ok() {
+                        out.push(id);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))
+        .and_then(|r| r);
+        listed.map_err(|source| LogError::Open {
+            path: self.dir.display().to_string(),
+            source,
+        })
+    }
+
     async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError> {
         self.with_log(attempt, |log, path, io_error| {
             log.len(path).map_err(io_error)

@@ -50,6 +50,14 @@ impl LogStore for MemoryLogStore {
         Ok(())
     }
 
+    async fn list(&self) -> Result<Vec<AttemptId>, LogError> {
+        Ok(self
+            .logs()
+            .keys()
+            .map(|k| AttemptId::from_string(k.clone()))
+            .collect())
+    }
+
     async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError> {
         check_id(attempt)?;
         Ok(self.logs().get(attempt.as_str()).map_or(0, Vec::len) as u64)

@@ -120,6 +120,9 @@ pub trait LogStore: Send + Sync + 'static {
     /// Removes the attempt's log (retention). Deleting a log that does not
     /// exist is not an error; afterwards the log reads as never written.
     async fn delete(&self, attempt: &AttemptId) -> Result<(), LogError>;
+    /// Every attempt that has a log (in no particular order), for the sweep
+    /// of orphan logs (see `Scheduler::sweep_orphan_logs`).
+    async fn list(&self) -> Result<Vec<AttemptId>, LogError>;
 }
 
 /// Checks that `attempt` may name a log: `Err(BadId)` otherwise.

@@ -111,6 +111,9 @@ pub enum Command {
         runner: String,
         reply: Reply<api::Runner>,
     },
+    /// The log store's attempts, listed at the start of the leadership:
+    /// those no run names any more are deleted (see `orphan_logs`).
+    OrphanLogs(Vec<AttemptId>),
 }
 
 /// The API side's way to reach the scheduler loop. Cheap to clone.
@@ -178,6 +181,19 @@ pub async fn start(
         }
     }
     let (tx, rx) = mpsc::unbounded_channel();
+    if state.timing.retention.is_some() {
+        // Listed off the loop (a big log directory takes a while), judged
+        // in it.
+        let (logs, tx) = (Arc::clone(&logs), tx.clone());
+        tokio::spawn(async move {
+            match logs.list().await {
+                Ok(listed) => {
+                    let _ = tx.send(Command::OrphanLogs(listed));
+                }
+                Err(e) => tracing::warn!(error = %e, "could not list the logs to sweep orphans"),
+            }
+        });
+    }
     Ok((
         Scheduler {
             state,
@@ -370,6 +386,7 @@ impl Scheduler {
                     .map(|id| view::runner(&self.state.runners[&id]));
                 self.reply(reply, r);
             }
+            Command::OrphanLogs(listed) => self.orphan_logs(listed),
             Command::Resume { runner, reply } => {
                 let r = self
                     .state
@@ -424,6 +441,31 @@ impl Scheduler {
             }
         }
         Ok((out, all_done))
+    }
+
+    /// Deletes the logs of attempts no run names: retention deletes a run's
+    /// record before its log files, so a crash in between leaves them
+    /// behind. A log file is only ever made for an attempt the leader
+    /// authorized, so every file listed at the start of this leadership
+    /// belongs to an attempt still in the state or to one deleted with its
+    /// run; those are the ones deleted.
+    fn orphan_logs(&mut self, listed: Vec<AttemptId>) {
+        let orphans: Vec<AttemptId> = listed
+            .into_iter()
+            .filter(|a| !self.state.knows_attempt(a))
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::info!(logs = orphans.len(), "deleting the logs of deleted runs");
+        let logs = Arc::clone(&self.logs);
+        tokio::spawn(async move {
+            for attempt in orphans {
+                if let Err(e) = logs.delete(&attempt).await {
+                    tracing::warn!(%attempt, error = %e, "could not delete an orphan log");
+                }
+            }
+        });
     }
 
     /// Retention: deletes the records of finished runs past the retention,

@@ -1205,6 +1205,11 @@ fn slot_mut<'a>(
 }
 
 impl SchedulerState {
+    /// Whether `attempt` belongs to a run the state holds.
+    pub fn knows_attempt(&self, attempt: &AttemptId) -> bool {
+        self.attempts.contains_key(attempt)
+    }
+
     /// Retention: forgets up to `max` runs that finished at or before
     /// `cutoff_ms` and have no attempt still active (a cancel not yet
     /// confirmed by its runner keeps the run): their records, idempotency
