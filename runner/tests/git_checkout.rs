@@ -2,26 +2,13 @@
 //! `git http-backend` on loopback), credentials from a runner secret.
 
 use std::path::Path;
-use std::process::Command;
 
 use capstan_runner::git::{GitError, checkout};
 use capstan_runner::secrets::Secret;
-use capstan_tests::git_server::GitServer;
+use capstan_tests::git_server::{GitServer, git};
 
 const USER: &str = "bot";
 const PASSWORD: &str = "s3cret-pass";
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git (scripts/testbed up installs it)");
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Pushes two commits to `server`'s empty `repo.git`; returns the first id.
 fn two_commits(server: &GitServer, work: &Path) -> String {

@@ -4,23 +4,12 @@
 
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::git_server::git;
 use capstan_tests::testbed::{Cleanup, registry_get, remove_image, testbed};
 use capstan_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git (scripts/testbed up installs it)");
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// A repository whose first commit has `version.txt` = "version one" and a
 /// Dockerfile; the second commit changes the version. Returns (path, first sha).

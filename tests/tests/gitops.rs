@@ -6,7 +6,7 @@
 
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
-use capstan_tests::git_server::GitServer;
+use capstan_tests::git_server::{GitServer, git};
 use capstan_tests::ssh_server::{SshServer, keygen};
 use capstan_tests::testbed::{Cleanup, Testbed, registry_get, remove_image, testbed};
 use capstan_tests::*;
@@ -28,21 +28,6 @@ impl Drop for ImageCleanup {
             remove_image(image);
         }
     }
-}
-
-/// git with a fixed identity and no user or system config.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .expect("git (scripts/testbed up installs it)");
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Raw bytes of `rev:path` in a bare repository.

@@ -3,6 +3,7 @@
 
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::git_server::git;
 use capstan_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use capstan_tests::*;
 use std::collections::HashMap;
@@ -440,20 +441,6 @@ async fn a_malformed_endpoint_stops_the_start_with_what_to_fix() -> anyhow::Resu
     Ok(())
 }
 
-/// git with a fixed identity and no user or system config.
-fn git(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("git")
-        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()?;
-    anyhow::ensure!(out.status.success(), "git {args:?}: {out:?}");
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
 /// The checkout and the GitOps steps (`set-image`, `git-push`) of a run
 /// with a repository, against the harness's git server, shell executor.
 #[tokio::test(flavor = "multi_thread")]
@@ -468,9 +455,9 @@ async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> 
         dir.join("k8s/pod.yaml"),
         "apiVersion: v1\nkind: Pod\nspec:\n  containers:\n    - name: x\n      image: reg.example/app:old\n",
     )?;
-    git(&dir, &["init", "-q"])?;
-    git(&dir, &["add", "-A"])?;
-    git(&dir, &["commit", "-q", "-m", "seed"])?;
+    git(&dir, &["init", "-q"]);
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-q", "-m", "seed"]);
     git(
         &dir,
         &[
@@ -479,8 +466,8 @@ async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> 
             &server.url_with_auth("demo/mono"),
             "HEAD:main",
         ],
-    )?;
-    let sha = git(&dir, &["rev-parse", "HEAD"])?;
+    );
+    let sha = git(&dir, &["rev-parse", "HEAD"]);
     let secrets = work.path().join("secrets.toml");
     std::fs::write(
         &secrets,
