@@ -897,17 +897,7 @@ mod tests {
         std::fs::write(dir.path().join("runner.json"), b"{}").unwrap();
         prepare_work_dir(dir.path()).await.unwrap();
         // What is left is the spares the next attempt starts with.
-        let names = |sub: &str| -> Vec<String> {
-            let mut names: Vec<String> = dir
-                .path()
-                .join(sub)
-                .read_dir()
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            names
-        };
+        let names = |sub: &str| crate::testing::dir_names(&dir.path().join(sub));
         assert_eq!(names("attempts"), [crate::attempt::SPARE]);
         assert_eq!(names("spool"), [crate::attempt::SPARE]);
         assert!(dir.path().join("attempts/.spare/workspace").is_dir());

@@ -581,6 +581,7 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::executor::{ExecutorError, testing};
+    use crate::testing::dir_names as names;
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -662,16 +663,6 @@ mod tests {
         assert_eq!(o.outcome, AttemptOutcome::Error);
         assert!(o.message.contains("bug in setup"), "{}", o.message);
         assert_eq!(executor.torn_down.load(Ordering::SeqCst), 1);
-    }
-
-    fn names(dir: &std::path::Path) -> Vec<String> {
-        let mut names: Vec<String> = dir
-            .read_dir()
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
     }
 
     #[test]

@@ -125,6 +125,17 @@ impl Handle {
     }
 }
 
+/// The names in directory `dir`, sorted.
+pub(crate) fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = dir
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 pub(crate) async fn start() -> Handle {
     start_with(Server::builder()).await
 }

@@ -101,6 +101,24 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
+/// Waits until `child` exits, polling; fails naming `what` after `timeout`.
+pub async fn wait_exit(
+    child: &mut Child,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("{what} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// How to start a cluster.
 #[derive(Clone, Debug)]
 pub struct Builder {

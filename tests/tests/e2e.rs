@@ -297,17 +297,12 @@ async fn sigterm_drains_the_runner() -> anyhow::Result<()> {
     assert_eq!(run_state(&run), RunState::Succeeded);
     let log = String::from_utf8(c.task_log(&id, "t").await?)?;
     assert!(log.contains("finished-anyway"));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = proc.child.try_wait()? {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "runner did not exit after draining"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(
+        &mut proc.child,
+        Duration::from_secs(15),
+        "runner did not exit after draining",
+    )
+    .await?;
     assert!(status.success(), "{status}");
     let later = c.get_run(&id2).await?;
     assert_eq!(task_state(&later, "t"), TaskState::Queued);
@@ -323,14 +318,12 @@ async fn drain_and_resume_from_the_cli() -> anyhow::Result<()> {
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("is draining"), "{stdout}");
     // The idle agent drains at once and exits 0.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = c.runners[0].child.try_wait()? {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "runner did not exit after drain");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(
+        &mut c.runners[0].child,
+        Duration::from_secs(15),
+        "runner did not exit after drain",
+    )
+    .await?;
     assert!(status.success(), "{status}");
     c.kill_runner("runner-0");
 
@@ -339,17 +332,12 @@ async fn drain_and_resume_from_the_cli() -> anyhow::Result<()> {
     let id = c
         .submit("version: 1\nname: after\ntasks:\n  t:\n    steps: [ { run: 'echo resumed' } ]\n")
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = c.runners[0].child.try_wait()? {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a drained runner did not exit on restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(
+        &mut c.runners[0].child,
+        Duration::from_secs(15),
+        "a drained runner did not exit on restart",
+    )
+    .await?;
     assert!(status.success(), "{status}");
     assert_eq!(task_state(&c.get_run(&id).await?, "t"), TaskState::Queued);
     c.kill_runner("runner-0");

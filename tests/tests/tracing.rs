@@ -334,14 +334,12 @@ async fn sigterm_flushes_the_last_spans() -> anyhow::Result<()> {
     assert!(receiver.spans().is_empty(), "nothing before the exit");
     let runner = c.terminate_runner("runner-0").expect("runner-0");
     let mut child = runner.child;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while child.try_wait()?.is_none() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "runner did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_exit(
+        &mut child,
+        Duration::from_secs(15),
+        "runner did not exit after SIGTERM",
+    )
+    .await?;
     c.terminate_coordinator(Duration::from_secs(15))?;
     let spans = receiver
         .wait_for(Duration::from_secs(5), |s| {
