@@ -458,11 +458,17 @@ impl Scheduler {
             return;
         }
         tracing::info!(logs = orphans.len(), "deleting the logs of deleted runs");
+        self.delete_logs(orphans);
+    }
+
+    /// Deletes these attempts' logs off the loop; a failure is logged (the
+    /// next leadership's orphan sweep tries again).
+    fn delete_logs(&self, attempts: Vec<AttemptId>) {
         let logs = Arc::clone(&self.logs);
         tokio::spawn(async move {
-            for attempt in orphans {
+            for attempt in attempts {
                 if let Err(e) = logs.delete(&attempt).await {
-                    tracing::warn!(%attempt, error = %e, "could not delete an orphan log");
+                    tracing::warn!(%attempt, error = %e, "could not delete a log");
                 }
             }
         });
@@ -505,14 +511,7 @@ impl Scheduler {
             .flat_map(|r| r.tasks.iter().flat_map(|t| &t.attempts))
             .map(|a| a.id.clone())
             .collect();
-        let logs = Arc::clone(&self.logs);
-        tokio::spawn(async move {
-            for attempt in attempts {
-                if let Err(e) = logs.delete(&attempt).await {
-                    tracing::warn!(%attempt, error = %e, "could not delete an expired log");
-                }
-            }
-        });
+        self.delete_logs(attempts);
         Ok(())
     }
 
