@@ -5,7 +5,19 @@
 //! failing line, like GitLab), in its own process group so that a timeout or
 //! cancel can stop every process the script started. The runner's own
 //! environment is inherited, with the step's variables on top.
+//!
+//! A step usually starts in a *warm* shell: one `/bin/sh -es` started ahead
+//! of time, blocked reading its script from stdin (see [`WarmShell`]). At
+//! the step's start the runner writes `cd WORKSPACE; export VARS; SCRIPT`
+//! to it in one atomic pipe write and closes the pipe, so the fork, the
+//! exec and the shell's own start-up (about 1 ms here, most of a pickup's
+//! process start) happened before the task arrived. The step cannot tell
+//! the difference: same shell, same `-e`, `$0` and line numbers, and stdin
+//! at end of file. What a warm shell cannot express exactly (a script over
+//! one pipe write, a variable the shell treats specially) starts cold, as
+//! `/bin/sh -ec SCRIPT`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::process::Stdio;
@@ -18,6 +30,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
+use tracing::debug;
 
 use super::{
     Executor, ExecutorError, OutputSink, StepContext, StepEnd, TaskContext, sleep_until_deadline,
@@ -28,15 +41,159 @@ use super::{
 const KILL_GRACE: Duration = Duration::from_secs(2);
 const SHELL: &str = "/bin/sh";
 
-/// Runs steps as host processes. Stateless: every step's processes are
-/// gone when `run_step` returns.
+/// Runs steps as host processes. Every step's processes are gone when
+/// `run_step` returns; between steps it keeps one idle warm shell.
 #[derive(Debug, Default)]
-pub struct ShellExecutor;
+pub struct ShellExecutor {
+    /// The next step's shell, started ahead. One, not one per slot: it is
+    /// refilled when a step ends, which covers a runner's usual case (one
+    /// task at a time, steps one after another); concurrent steps beyond it
+    /// start cold.
+    warm: std::sync::Mutex<Option<WarmShell>>,
+}
 
 impl ShellExecutor {
+    /// Starts the first warm shell when called inside a Tokio runtime (the
+    /// runner); elsewhere the first step starts cold.
     pub fn new() -> Self {
-        Self
+        let executor = Self::default();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            executor.refill();
+        }
+        executor
     }
+
+    /// Starts a warm shell if none is waiting. Best effort: without one the
+    /// next step starts cold.
+    fn refill(&self) {
+        let Ok(mut slot) = self.warm.lock() else {
+            return;
+        };
+        if slot.is_none() {
+            match WarmShell::start() {
+                Ok(shell) => *slot = Some(shell),
+                Err(e) => debug!(error = %e, "could not start a warm shell"),
+            }
+        }
+    }
+
+    /// Hands `script` to the waiting warm shell and returns it as the
+    /// step's process, or `None` (the caller starts a cold shell) when
+    /// there is none, it died, or the script cannot be written exactly.
+    fn start_warm(
+        &self,
+        workspace: &std::path::Path,
+        env: &BTreeMap<String, String>,
+        script: &str,
+    ) -> Option<Child> {
+        let text = warm_script(workspace, env, script)?;
+        let mut shell = self.warm.lock().ok()?.take()?;
+        if !matches!(shell.child.try_wait(), Ok(None)) {
+            return None;
+        }
+        // At most PIPE_BUF bytes into an empty pipe: one write, whole or
+        // not at all, so the shell never sees half a script. A failure
+        // drops the shell, which kills it.
+        match nix::unistd::write(&shell.stdin, text.as_bytes()) {
+            Ok(n) if n == text.len() => {
+                drop(shell.stdin);
+                Some(shell.child)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `/bin/sh -es` started ahead of its step, in its own process group,
+/// stdout and stderr piped, blocked reading stdin. Its script arrives in one
+/// write followed by end of file: the shell reads it all before it runs the
+/// first command, so a command that reads stdin gets end of file, as with
+/// `/dev/null` in a cold shell. If the runner dies, the shell reads end of
+/// file and exits having run nothing.
+#[derive(Debug)]
+struct WarmShell {
+    child: Child,
+    stdin: tokio::process::ChildStdin,
+}
+
+impl WarmShell {
+    fn start() -> io::Result<Self> {
+        let mut child = Command::new(SHELL)
+            .arg("-es")
+            // Not the workspace: the script `cd`s there, and an idle shell
+            // should hold no attempt's directory.
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("warm shell has no stdin"))?;
+        Ok(Self { child, stdin })
+    }
+}
+
+/// Largest script handed to a warm shell: one atomic pipe write (POSIX
+/// PIPE_BUF on Linux).
+const WARM_MAX: usize = 4096;
+
+/// Variables a shell sets or ignores at start-up rather than taking from
+/// the environment: exporting them in the script would differ from a cold
+/// shell started with them in its environment.
+const WARM_RESERVED: [&str; 5] = ["IFS", "OLDPWD", "OPTIND", "PPID", "PWD"];
+
+/// The warm shell's script: `set +s`, `cd` to the workspace (physical path, as a
+/// cold shell's `$PWD`), the runner's `OLDPWD` as it was, each variable
+/// exported, then the step's script, all on the script's first line so
+/// that line numbers in the shell's messages are the script's own. `None`
+/// when that is not exact: a name that is not a plain shell name or is in
+/// [`WARM_RESERVED`], a NUL byte (a cold spawn reports it), a non-UTF-8
+/// workspace, or more than [`WARM_MAX`] bytes.
+fn warm_script(
+    workspace: &std::path::Path,
+    env: &BTreeMap<String, String>,
+    script: &str,
+) -> Option<String> {
+    fn quote(out: &mut String, value: &str) {
+        out.push('\'');
+        out.push_str(&value.replace('\'', "'\\''"));
+        out.push('\'');
+    }
+    let plain = |name: &str| {
+        name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !WARM_RESERVED.contains(&name)
+    };
+    let mut text = String::with_capacity(script.len() + 256);
+    // `-s` (script from stdin) would show in `$-`; a cold shell has only `e`.
+    text.push_str("set +s; cd -P -- ");
+    quote(&mut text, workspace.to_str()?);
+    text.push_str(" || exit; ");
+    match std::env::var("OLDPWD") {
+        Ok(old) => {
+            text.push_str("OLDPWD=");
+            quote(&mut text, &old);
+            text.push_str("; ");
+        }
+        Err(_) => text.push_str("unset OLDPWD; "),
+    }
+    for (name, value) in env {
+        if !plain(name) {
+            return None;
+        }
+        text.push_str("export ");
+        text.push_str(name);
+        text.push('=');
+        quote(&mut text, value);
+        text.push_str("; ");
+    }
+    text.push_str(script);
+    text.push('\n');
+    (text.len() <= WARM_MAX && !text.contains('\0')).then_some(text)
 }
 
 enum Stop {
@@ -74,48 +231,31 @@ impl Executor for ShellExecutor {
             }
         };
         let index = ctx.index;
-        let mut child = Command::new(SHELL)
-            .arg("-ec")
-            .arg(exec_simple(&script).as_ref())
-            .current_dir(&task.workspace)
-            .envs(step_env(task, ctx.step))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| ExecutorError::Spawn {
-                index,
-                program: SHELL.into(),
-                source,
-            })?;
-        let pgid = child.id().and_then(|id| i32::try_from(id).ok());
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let pump_all =
-            async { tokio::try_join!(pump(stdout, ctx.output), pump(stderr, ctx.output)) };
-        let supervise = async {
-            let stop = tokio::select! {
-                status = child.wait() => {
-                    // The script is done; anything it left running in the
-                    // background would hold the output pipes open.
-                    kill_group(pgid, Signal::SIGKILL);
-                    return status.map(exit_code);
-                }
-                () = ctx.cancel.cancelled() => Stop::Cancelled,
-                () = sleep_until_deadline(ctx.deadline) => Stop::TimedOut,
-            };
-            terminate(&mut child, pgid).await?;
-            Ok::<_, io::Error>(match stop {
-                Stop::Cancelled => StepEnd::Cancelled,
-                Stop::TimedOut => StepEnd::TimedOut,
-            })
+        let env = step_env(task, ctx.step);
+        let script = exec_simple(&script);
+        let child = match self.start_warm(&task.workspace, &env, &script) {
+            Some(child) => child,
+            None => Command::new(SHELL)
+                .arg("-ec")
+                .arg(script.as_ref())
+                .current_dir(&task.workspace)
+                .envs(&env)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|source| ExecutorError::Spawn {
+                    index,
+                    program: SHELL.into(),
+                    source,
+                })?,
         };
-        let (pumped, end) = tokio::join!(pump_all, supervise);
-        let end = end.map_err(|source| ExecutorError::Wait { index, source })?;
-        pumped.map_err(|source| ExecutorError::Output { index, source })?;
-        Ok(end)
+        let end = supervise(child, &ctx).await;
+        // After the step, off its start: the next step's shell.
+        self.refill();
+        end
     }
 
     async fn destroy_step(&self, _task: &TaskContext, _index: u32) -> Result<(), ExecutorError> {
@@ -125,6 +265,37 @@ impl Executor for ShellExecutor {
     async fn destroy_task(&self, _task: &TaskContext) -> Result<(), ExecutorError> {
         Ok(())
     }
+}
+
+/// Pumps the step's output to its sink until both pipes close, and waits
+/// for the shell, stopping its process group on cancel or deadline.
+async fn supervise(mut child: Child, ctx: &StepContext<'_>) -> Result<StepEnd, ExecutorError> {
+    let index = ctx.index;
+    let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let pump_all = async { tokio::try_join!(pump(stdout, ctx.output), pump(stderr, ctx.output)) };
+    let supervise = async {
+        let stop = tokio::select! {
+            status = child.wait() => {
+                // The script is done; anything it left running in the
+                // background would hold the output pipes open.
+                kill_group(pgid, Signal::SIGKILL);
+                return status.map(exit_code);
+            }
+            () = ctx.cancel.cancelled() => Stop::Cancelled,
+            () = sleep_until_deadline(ctx.deadline) => Stop::TimedOut,
+        };
+        terminate(&mut child, pgid).await?;
+        Ok::<_, io::Error>(match stop {
+            Stop::Cancelled => StepEnd::Cancelled,
+            Stop::TimedOut => StepEnd::TimedOut,
+        })
+    };
+    let (pumped, end) = tokio::join!(pump_all, supervise);
+    let end = end.map_err(|source| ExecutorError::Wait { index, source })?;
+    pumped.map_err(|source| ExecutorError::Output { index, source })?;
+    Ok(end)
 }
 
 /// `exec CMD` for a script that is one simple command, so that the shell
@@ -510,5 +681,177 @@ mod tests {
         .await;
         assert_eq!(end, StepEnd::Exited(127));
         assert!(sink.text().contains("not found"), "{:?}", sink.text());
+    }
+}
+
+#[cfg(test)]
+mod warm_tests {
+    use super::*;
+    use crate::executor::testing::{VecSink, run_step, task};
+    use tokio_util::sync::CancellationToken;
+
+    /// Runs `script` with `executor` in `workspace`; exit and output.
+    async fn step_in(
+        executor: &ShellExecutor,
+        workspace: &std::path::Path,
+        script: &str,
+        env: &[(&str, &str)],
+    ) -> (StepEnd, String) {
+        let mut step = run_step(script);
+        for (k, v) in env {
+            step.env.insert((*k).into(), (*v).into());
+        }
+        let sink = VecSink::default();
+        let task = task(workspace.to_owned(), vec![step.clone()]);
+        let end = executor
+            .run_step(
+                &task,
+                StepContext {
+                    index: 0,
+                    step: &step,
+                    cancel: CancellationToken::new(),
+                    deadline: None,
+                    output: &sink,
+                },
+            )
+            .await
+            .unwrap();
+        (end, sink.text())
+    }
+
+    fn warm_pid(executor: &ShellExecutor) -> Option<u32> {
+        let slot = executor.warm.lock().unwrap();
+        slot.as_ref().and_then(|w| w.child.id())
+    }
+
+    /// A warm shell must be indistinguishable from a cold one: each script
+    /// runs in both and must give the same exit code and output.
+    #[tokio::test]
+    async fn a_warm_shell_runs_a_step_exactly_as_a_cold_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let scripts: &[(&str, &[(&str, &str)])] = &[
+            ("echo \"$0 $LINENO $-\"; pwd; echo \"[$OLDPWD]\"", &[]),
+            ("env | grep -v '^CAPSTAN_WORKSPACE=' | sort", &[("A", "x")]),
+            (
+                "printf '%s|' \"$Q\" \"$N\" \"$D\"",
+                &[
+                    ("Q", "it's \"q\""),
+                    ("N", "two\nlines"),
+                    ("D", "$HOME `x` \\"),
+                ],
+            ),
+            ("exec 2>&1\necho one\nno-such-command-here\necho never", &[]),
+            ("read line || echo stdin-at-eof; cat; echo after", &[]),
+            // One stream each: the order between two pipes is not fixed.
+            ("echo out; exit 3", &[]),
+            ("echo err >&2; exit 4", &[]),
+            (
+                "test \"$CAPSTAN_WORKSPACE\" = \"$(pwd)\" && echo in-workspace",
+                &[],
+            ),
+            ("# a comment first\necho $LINENO", &[]),
+            ("false", &[]),
+            (
+                "echo \"$IFS\" | od -c; echo \"$OPTIND\"",
+                &[("IFS", ":"), ("OPTIND", "4")],
+            ),
+        ];
+        for (script, env) in scripts {
+            let cold = ShellExecutor::default();
+            let cold_ws = dir.path().join("cold");
+            std::fs::create_dir_all(&cold_ws).unwrap();
+            let warm = ShellExecutor::new();
+            let warm_ws = dir.path().join("warm");
+            std::fs::create_dir_all(&warm_ws).unwrap();
+            assert!(warm_pid(&warm).is_some(), "new() starts a warm shell");
+            assert!(warm_pid(&cold).is_none());
+            let (cold_end, cold_out) = step_in(&cold, &cold_ws, script, env).await;
+            let (warm_end, warm_out) = step_in(&warm, &warm_ws, script, env).await;
+            let warm_out = warm_out.replace("/warm", "/cold");
+            assert_eq!(cold_end, warm_end, "{script:?}\n{cold_out}\n{warm_out}");
+            assert_eq!(cold_out, warm_out, "{script:?}");
+            std::fs::remove_dir_all(&cold_ws).unwrap();
+            std::fs::remove_dir_all(&warm_ws).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_runs_in_the_warm_shell_and_the_next_one_is_started_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = ShellExecutor::new();
+        let first = warm_pid(&executor).expect("a warm shell");
+        let (end, out) = step_in(&executor, dir.path(), "echo $$", &[]).await;
+        assert_eq!(end, StepEnd::Exited(0));
+        assert_eq!(out.trim(), first.to_string(), "the step is the warm shell");
+        let second = warm_pid(&executor).expect("refilled after the step");
+        assert_ne!(first, second);
+        let (_, out) = step_in(&executor, dir.path(), "echo $$", &[]).await;
+        assert_eq!(out.trim(), second.to_string());
+        // A script the warm shell cannot take exactly starts cold and
+        // leaves the warm shell for the next step.
+        let third = warm_pid(&executor).unwrap();
+        let long = format!("echo $$ # {}", "x".repeat(WARM_MAX));
+        let (end, out) = step_in(&executor, dir.path(), &long, &[]).await;
+        assert_eq!(end, StepEnd::Exited(0));
+        assert_ne!(out.trim(), third.to_string());
+        assert_eq!(warm_pid(&executor), Some(third));
+        let (_, out) = step_in(&executor, dir.path(), "echo $$", &[("PWD", "/x")]).await;
+        assert_ne!(out.trim(), third.to_string(), "PWD is reserved: cold");
+    }
+
+    #[tokio::test]
+    async fn a_dead_warm_shell_is_replaced_by_a_cold_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = ShellExecutor::new();
+        let pid = warm_pid(&executor).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // Until it is reaped, the write may still succeed into a pipe
+        // nobody reads; wait until the kernel shows it gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while executor
+            .warm
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(|w| matches!(w.child.try_wait(), Ok(None)))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "warm shell not killed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (end, out) = step_in(&executor, dir.path(), "echo ran", &[]).await;
+        assert_eq!(end, StepEnd::Exited(0));
+        assert_eq!(out, "ran\n");
+    }
+
+    #[test]
+    fn the_warm_script_quotes_values_and_refuses_what_it_cannot_express() {
+        let ws = std::path::Path::new("/w/it's");
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let text = warm_script(ws, &env(&[("A_1", "a'b")]), "echo hi").unwrap();
+        assert!(
+            text.starts_with("set +s; cd -P -- '/w/it'\\''s' || exit; "),
+            "{text}"
+        );
+        assert!(text.ends_with("export A_1='a'\\''b'; echo hi\n"), "{text}");
+        assert_eq!(text.lines().count(), 1, "the script's line 1 stays line 1");
+        for bad in [
+            "1A", "A-B", "A.B", "", "IFS", "PWD", "OLDPWD", "PPID", "OPTIND",
+        ] {
+            assert_eq!(warm_script(ws, &env(&[(bad, "v")]), "true"), None, "{bad}");
+        }
+        assert_eq!(warm_script(ws, &env(&[("A", "a\0b")]), "true"), None);
+        assert_eq!(warm_script(ws, &env(&[]), &"x".repeat(WARM_MAX)), None);
     }
 }
