@@ -24,6 +24,25 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Starts `program` with the minimal environment the Buildbot harness gives
+/// its master and workers (`../shared/peers/buildbot/bench.py`,
+/// `child_env`): `PATH`, `HOME`, `LANG`, and `RUST_LOG=warn`, plus
+/// `DOCKER_HOST` when set. Both sides then run their steps under the same
+/// conditions (a step's `sh` walks the same short `PATH`), whatever the
+/// shell that started the bench exported.
+fn daemon(program: PathBuf) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+        .env("LANG", "C.UTF-8")
+        .env("RUST_LOG", "warn");
+    if let Some(host) = std::env::var_os("DOCKER_HOST") {
+        cmd.env("DOCKER_HOST", host);
+    }
+    cmd
+}
+
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let p = bin_dir().join(name);
     if !p.exists() {
@@ -79,14 +98,13 @@ impl Coordinator {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let token = format!("bench-{}", std::process::id());
-        let child = Command::new(bin("capstan-coordinator")?)
+        let child = daemon(bin("capstan-coordinator")?)
             .args(["--listen", &grpc.to_string()])
             .args(["--http-listen", &http.to_string()])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--registration-token", &token])
             .args(extra)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log_file(dir, "coordinator")?)
             .stderr(log_file(dir, "coordinator")?)
@@ -160,7 +178,7 @@ impl Coordinator {
         capacity: u32,
     ) -> anyhow::Result<Runner> {
         let work = self.dir.join(format!("work-{name}"));
-        let child = Command::new(bin("capstan-runner")?)
+        let child = daemon(bin("capstan-runner")?)
             .args(["--coordinator", &self.url()])
             .args(["--registration-token", &self.token])
             .args(["--name", name])
@@ -172,7 +190,6 @@ impl Coordinator {
             .args(["--max-step-log", "0"])
             .arg("--work-dir")
             .arg(&work)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log_file(&self.dir, name)?)
             .stderr(log_file(&self.dir, name)?)
