@@ -102,8 +102,8 @@ impl Harness {
     /// Dispatches and delivers the outbox (as the actor does after a commit).
     fn settle(&mut self) {
         self.st.dispatch(self.now);
-        for (tx, m) in self.st.take_effects().outbox {
-            let _ = tx.send(Ok(m));
+        for out in self.st.take_effects().outbox {
+            let _ = out.tx.send(Ok(out.msg));
         }
     }
 
