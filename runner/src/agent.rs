@@ -1232,4 +1232,201 @@ mod agent_tests {
             "{text}"
         );
     }
+
+    /// A tentative offer of one `touch MARKER` step, for the shell executor.
+    fn tentative_touch(id: &str, epoch: u64, marker: &Path) -> Down {
+        let Down::Offer(mut offer) = offer(id, &[&format!("touch {}", marker.display())]) else {
+            unreachable!("offer() makes offers")
+        };
+        offer.leader_epoch = epoch;
+        offer.tentative = true;
+        Down::Offer(offer)
+    }
+
+    fn confirm(id: &str, epoch: u64) -> Down {
+        Down::Confirm(ConfirmOffer {
+            leader_epoch: epoch,
+            attempt_id: id.into(),
+        })
+    }
+
+    /// The runner messages other than heartbeats sent within `window`.
+    async fn quiet_for(server: &mut testing::Handle, window: Duration) -> Vec<Up> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut said = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, server.from_runner.recv()).await {
+            match m.kind {
+                Some(Up::Heartbeat(_)) | None => {}
+                Some(kind) => said.push(kind),
+            }
+        }
+        said
+    }
+
+    /// Waits (up to 10 s) until `done` holds.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A shell runner with one slot, started, past its first hello.
+    struct ShellRunner {
+        server: testing::Handle,
+        work: tempfile::TempDir,
+        /// Where the steps leave their marker files.
+        marks: tempfile::TempDir,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl ShellRunner {
+        async fn start() -> Self {
+            let mut server = testing::start().await;
+            let work = tempfile::tempdir().unwrap();
+            let marks = tempfile::tempdir().unwrap();
+            let shutdown = CancellationToken::new();
+            let mut config = config(server.url(), TOKEN, work.path());
+            config.executor = ExecutorKind::Shell;
+            let task = tokio::spawn(crate::run(config, shutdown.clone()));
+            let Up::Hello(hello) = next(&mut server).await else {
+                panic!("expected hello")
+            };
+            assert!(hello.confirms_offers, "the runner confirms offers");
+            Self {
+                server,
+                work,
+                marks,
+                shutdown,
+                task,
+            }
+        }
+
+        fn marker(&self, name: &str) -> PathBuf {
+            self.marks.path().join(name)
+        }
+
+        /// The entries of the work dir's `sub` dir, spares left out.
+        fn leftovers(&self, sub: &str) -> Vec<String> {
+            testing::dir_names(&self.work.path().join(sub))
+                .into_iter()
+                .filter(|n| !n.starts_with(crate::attempt::SPARE))
+                .collect()
+        }
+
+        /// Offers `id` at once (not tentative) and checks it runs: so the
+        /// runner's one slot is free.
+        async fn runs_another(&mut self, id: &str) {
+            let marker = self.marker(id);
+            let Down::Offer(mut o) = tentative_touch(id, 1, &marker) else {
+                unreachable!()
+            };
+            o.tentative = false;
+            self.server.send(Down::Offer(o)).await;
+            assert!(
+                matches!(next(&mut self.server).await, Up::Accept(a) if a.attempt_id == id),
+                "the slot was not free"
+            );
+            let finished = loop {
+                match next(&mut self.server).await {
+                    Up::Step(_) => {}
+                    Up::Finished(f) => break f,
+                    other => panic!("unexpected {other:?}"),
+                }
+            };
+            assert_eq!(finished.attempt_id, id);
+            assert_eq!(finished.outcome(), AttemptOutcome::Succeeded);
+            assert!(marker.exists());
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tentative_offer_runs_nothing_until_its_confirm() {
+        let mut r = ShellRunner::start().await;
+        let marker = r.marker("ran");
+        // Epoch 2: the runner now ignores anything of epoch 1.
+        r.server.send(tentative_touch("att-t", 2, &marker)).await;
+        assert!(matches!(next(&mut r.server).await, Up::Accept(a) if a.attempt_id == "att-t"));
+        let prepared = r.work.path().join("attempts/att-t/workspace");
+        eventually("the attempt is prepared", || prepared.is_dir()).await;
+        // A confirm from an older leader is fenced.
+        r.server.send(confirm("att-t", 1)).await;
+        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
+        assert!(said.is_empty(), "said {said:?} before the confirm");
+        assert!(!marker.exists(), "the step ran before the confirm");
+
+        r.server.send(confirm("att-t", 2)).await;
+        let finished = loop {
+            match next(&mut r.server).await {
+                Up::Step(_) => {}
+                Up::Finished(f) => break f,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(finished.outcome(), AttemptOutcome::Succeeded);
+        assert!(marker.exists(), "the step did not run after the confirm");
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_attempt_is_dropped_when_the_stream_ends() {
+        let mut r = ShellRunner::start().await;
+        let marker = r.marker("ran");
+        r.server.send(tentative_touch("att-d", 1, &marker)).await;
+        assert!(matches!(next(&mut r.server).await, Up::Accept(_)));
+        let prepared = r.work.path().join("attempts/att-d");
+        eventually("the attempt is prepared", || prepared.is_dir()).await;
+
+        r.server.end_stream();
+        // It reconnects without the attempt: a coordinator that did write
+        // the offer requeues it as lost.
+        let Up::Hello(hello) = next(&mut r.server).await else {
+            panic!("expected a new hello")
+        };
+        assert!(hello.running_attempts.is_empty(), "{hello:?}");
+        // A confirm that comes too late (on the new stream) runs nothing.
+        r.server.send(confirm("att-d", 1)).await;
+        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
+        assert!(said.is_empty(), "reported {said:?} for a dropped attempt");
+        assert!(!marker.exists(), "the dropped attempt ran");
+        eventually("the dropped attempt's files are gone", || {
+            r.leftovers("attempts").is_empty() && r.leftovers("spool").is_empty()
+        })
+        .await;
+        r.runs_another("att-next").await;
+        assert!(!marker.exists());
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_cancel_before_the_confirm_drops_the_attempt() {
+        let mut r = ShellRunner::start().await;
+        let marker = r.marker("ran");
+        r.server.send(tentative_touch("att-c", 1, &marker)).await;
+        assert!(matches!(next(&mut r.server).await, Up::Accept(_)));
+        r.server
+            .send(Down::Cancel(Cancel {
+                leader_epoch: 1,
+                attempt_id: "att-c".into(),
+                reason: "run cancelled".into(),
+            }))
+            .await;
+        r.server.send(confirm("att-c", 1)).await;
+        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
+        assert!(said.is_empty(), "reported {said:?} for a dropped attempt");
+        assert!(!marker.exists(), "the cancelled attempt ran");
+        eventually("the dropped attempt's files are gone", || {
+            r.leftovers("attempts").is_empty() && r.leftovers("spool").is_empty()
+        })
+        .await;
+        r.runs_another("att-next").await;
+        r.stop().await;
+    }
 }
