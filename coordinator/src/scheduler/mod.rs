@@ -601,4 +601,6 @@ impl Scheduler {
 }
 
 #[cfg(test)]
+mod commit_tests;
+#[cfg(test)]
 mod tests;
