@@ -740,7 +740,8 @@ impl Agent {
         match waiting {
             Some(go) => {
                 debug!(attempt = %confirm.attempt_id, "offer confirmed; starting the attempt");
-                // Its task only ends unconfirmed when the agent fails.
+                // Fails only if the attempt task is gone: it panicked while
+                // preparing, and reported that itself.
                 let _ = go.send(());
             }
             None => {
