@@ -149,6 +149,9 @@ async fn client(
         labels: Default::default(),
         version: "bench".into(),
         last_epoch: 0,
+        // It reports an attempt finished as soon as it is offered, so it
+        // must only get offers that are already durable.
+        confirms_offers: false,
     })))?;
     let mut inbound = rpc
         .control(UnboundedReceiverStream::new(rx))

@@ -32,9 +32,20 @@
 //! the coordinator to end its side, which shows everything sent before
 //! arrived. Then [`Agent::run`] returns.
 //!
+//! # Tentative offers
+//! The hello says `confirms_offers`, so the coordinator may send an offer
+//! before it is durable (`Offer.tentative`). Such an attempt is accepted and
+//! its task prepares (work dir, log spool, shipper) and then waits on a
+//! oneshot the agent keeps in [`Held::confirm`]; the agent fires it when the
+//! `ConfirmOffer` arrives. Until then nothing of it runs. When the Control
+//! stream ends first (any session end) or a `Cancel` for it comes first, the
+//! agent drops the sender: the attempt removes its files and ends without a
+//! report, and its slot is free at once. It is not in the next hello, so a
+//! coordinator that did write the offer requeues it as lost.
+//!
 //! # Fencing
-//! `Offer`, `Cancel` and `Drain` carrying a leader epoch older than the
-//! newest seen (from welcomes and messages) are ignored.
+//! `Offer`, `ConfirmOffer`, `Cancel` and `Drain` carrying a leader epoch
+//! older than the newest seen (from welcomes and messages) are ignored.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -44,11 +55,11 @@ use std::time::Duration;
 use capstan_shared::ids::RunnerId;
 use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
 use capstan_shared::proto::runner::v1::{
-    CoordinatorMessage, GoingAway, Heartbeat, Hello, Offer, OfferAccepted, OfferRejected,
-    RegisterRequest, RunnerMessage, StepStateChanged, TaskFinished, Welcome, coordinator_message,
-    runner_message,
+    Cancel, ConfirmOffer, CoordinatorMessage, GoingAway, Heartbeat, Hello, Offer, OfferAccepted,
+    OfferRejected, RegisterRequest, RunnerMessage, StepStateChanged, TaskFinished, Welcome,
+    coordinator_message, runner_message,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -153,6 +164,16 @@ enum ConnectError {
 /// Wait before asking again after a follower's answer.
 const NOT_LEADER_RETRY: Duration = Duration::from_millis(200);
 
+/// An attempt holding one of this runner's slots.
+struct Held {
+    /// Stops the attempt (a `Cancel`, or the agent failing).
+    cancel: CancellationToken,
+    /// Set while a tentative offer waits for its `ConfirmOffer`: sending
+    /// lets the attempt run; dropping it unsent drops the attempt (see the
+    /// module docs).
+    confirm: Option<oneshot::Sender<()>>,
+}
+
 struct FinishedAttempt {
     report: TaskFinished,
     /// (stream generation, heartbeats sent on it) when last written.
@@ -167,7 +188,7 @@ pub(crate) struct Agent {
     shutdown: CancellationToken,
     draining: bool,
     epoch: u64,
-    running: HashMap<String, CancellationToken>,
+    running: HashMap<String, Held>,
     finished: BTreeMap<String, FinishedAttempt>,
     pending_steps: VecDeque<StepStateChanged>,
     events_tx: mpsc::UnboundedSender<AttemptEvent>,
@@ -226,8 +247,8 @@ impl Agent {
     pub(crate) async fn run(mut self) -> Result<(), Error> {
         let result = self.run_loop().await;
         if result.is_err() {
-            for cancel in self.running.values() {
-                cancel.cancel();
+            for held in self.running.values() {
+                held.cancel.cancel();
             }
         }
         self.tracker.close();
@@ -250,7 +271,10 @@ impl Agent {
             match self.connect(&url).await {
                 Ok(session) => {
                     backoff.reset();
-                    if let SessionEnd::Drained = self.serve(session).await? {
+                    let end = self.serve(session).await;
+                    // No confirm can come for them any more.
+                    self.drop_unconfirmed("the control stream ended");
+                    if let SessionEnd::Drained = end? {
                         return Ok(());
                     }
                 }
@@ -298,6 +322,17 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Drops every attempt still waiting for its `ConfirmOffer`: its task
+    /// cleans up and ends without a report, and its slot is free now.
+    fn drop_unconfirmed(&mut self, why: &str) {
+        self.running.retain(|id, held| {
+            if held.confirm.is_some() {
+                info!(attempt = %id, reason = why, "dropping an attempt whose offer was never confirmed; nothing of it ran");
+            }
+            held.confirm.is_none()
+        });
     }
 
     fn start_drain(&mut self, why: &str) {
@@ -446,6 +481,7 @@ impl Agent {
             labels: self.config.labels.clone().into_iter().collect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             last_epoch: self.epoch,
+            confirms_offers: true,
         }
     }
 
@@ -465,9 +501,10 @@ impl Agent {
             heartbeats: 0,
         };
         // The leader that welcomed us sets the epoch: it may be lower than
-        // one seen before if the coordinators' state was rebuilt; offers are
-        // only ever sent after a fenced write succeeded, so a stale leader
-        // cannot use this to get work run.
+        // one seen before if the coordinators' state was rebuilt; an offer
+        // runs only once durable (sent after a fenced write succeeded, or
+        // confirmed after one), so a stale leader cannot use this to get
+        // work run.
         self.epoch = welcome.leader_epoch;
         let interval = match welcome.heartbeat_interval_ms {
             0 => DEFAULT_HEARTBEAT,
@@ -649,19 +686,12 @@ impl Agent {
                 true
             }
             Some(Kind::Offer(offer)) => self.handle_offer(offer, conn).await,
+            Some(Kind::Confirm(confirm)) => {
+                self.handle_confirm(confirm);
+                true
+            }
             Some(Kind::Cancel(cancel)) => {
-                if self.fenced(cancel.leader_epoch, "cancel") {
-                    return None;
-                }
-                match self.running.get(&cancel.attempt_id) {
-                    Some(token) => {
-                        info!(attempt = %cancel.attempt_id, reason = %cancel.reason, "cancelling attempt");
-                        token.cancel();
-                    }
-                    None => {
-                        debug!(attempt = %cancel.attempt_id, "cancel for an attempt not running here")
-                    }
-                }
+                self.handle_cancel(cancel);
                 true
             }
             Some(Kind::Drain(drain)) => {
@@ -696,6 +726,50 @@ impl Agent {
         }
         self.epoch = epoch;
         false
+    }
+
+    /// Lets a tentative offer's attempt run.
+    fn handle_confirm(&mut self, confirm: ConfirmOffer) {
+        if self.fenced(confirm.leader_epoch, "confirm") {
+            return;
+        }
+        let waiting = self
+            .running
+            .get_mut(&confirm.attempt_id)
+            .and_then(|held| held.confirm.take());
+        match waiting {
+            Some(go) => {
+                debug!(attempt = %confirm.attempt_id, "offer confirmed; starting the attempt");
+                // Fails only if the attempt task is gone: it panicked while
+                // preparing, and reported that itself.
+                let _ = go.send(());
+            }
+            None => {
+                debug!(attempt = %confirm.attempt_id, "confirm for an attempt not waiting for one here");
+            }
+        }
+    }
+
+    /// Stops an attempt; one still waiting for its confirm is dropped
+    /// (nothing of it ran, nothing is reported).
+    fn handle_cancel(&mut self, cancel: Cancel) {
+        if self.fenced(cancel.leader_epoch, "cancel") {
+            return;
+        }
+        let unconfirmed = match self.running.get(&cancel.attempt_id) {
+            Some(held) => held.confirm.is_some(),
+            None => {
+                debug!(attempt = %cancel.attempt_id, "cancel for an attempt not running here");
+                return;
+            }
+        };
+        if unconfirmed {
+            info!(attempt = %cancel.attempt_id, reason = %cancel.reason, "dropping an unconfirmed attempt on cancel; nothing of it ran");
+            self.running.remove(&cancel.attempt_id);
+        } else {
+            info!(attempt = %cancel.attempt_id, reason = %cancel.reason, "cancelling attempt");
+            self.running[&cancel.attempt_id].cancel.cancel();
+        }
     }
 
     async fn handle_offer(&mut self, offer: Offer, conn: &Conn) -> bool {
@@ -745,10 +819,23 @@ impl Agent {
             run = %offer.run_id,
             task = %offer.task_name,
             attempt_number = offer.attempt_number,
+            tentative = offer.tentative,
             "accepted offer"
         );
         let cancel = CancellationToken::new();
-        self.running.insert(id.clone(), cancel.clone());
+        let (confirm, confirmed) = if offer.tentative {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.running.insert(
+            id.clone(),
+            Held {
+                cancel: cancel.clone(),
+                confirm,
+            },
+        );
         let span = info_span!(
             "attempt",
             run = %offer.run_id,
@@ -770,6 +857,7 @@ impl Agent {
             spool_dir: self.config.work_dir.join("spool"),
             executor: Arc::clone(&self.executor),
             cancel,
+            confirmed,
             events: self.events_tx.clone(),
             log_target: self.log_target.subscribe(),
             secrets: Arc::clone(&self.secrets),
@@ -1144,5 +1232,202 @@ mod agent_tests {
             text.contains("registration token rejected by the coordinator"),
             "{text}"
         );
+    }
+
+    /// A tentative offer of one `touch MARKER` step, for the shell executor.
+    fn tentative_touch(id: &str, epoch: u64, marker: &Path) -> Down {
+        let Down::Offer(mut offer) = offer(id, &[&format!("touch {}", marker.display())]) else {
+            unreachable!("offer() makes offers")
+        };
+        offer.leader_epoch = epoch;
+        offer.tentative = true;
+        Down::Offer(offer)
+    }
+
+    fn confirm(id: &str, epoch: u64) -> Down {
+        Down::Confirm(ConfirmOffer {
+            leader_epoch: epoch,
+            attempt_id: id.into(),
+        })
+    }
+
+    /// The runner messages other than heartbeats sent within `window`.
+    async fn quiet_for(server: &mut testing::Handle, window: Duration) -> Vec<Up> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut said = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, server.from_runner.recv()).await {
+            match m.kind {
+                Some(Up::Heartbeat(_)) | None => {}
+                Some(kind) => said.push(kind),
+            }
+        }
+        said
+    }
+
+    /// Waits (up to 10 s) until `done` holds.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A shell runner with one slot, started, past its first hello.
+    struct ShellRunner {
+        server: testing::Handle,
+        work: tempfile::TempDir,
+        /// Where the steps leave their marker files.
+        marks: tempfile::TempDir,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl ShellRunner {
+        async fn start() -> Self {
+            let mut server = testing::start().await;
+            let work = tempfile::tempdir().unwrap();
+            let marks = tempfile::tempdir().unwrap();
+            let shutdown = CancellationToken::new();
+            let mut config = config(server.url(), TOKEN, work.path());
+            config.executor = ExecutorKind::Shell;
+            let task = tokio::spawn(crate::run(config, shutdown.clone()));
+            let Up::Hello(hello) = next(&mut server).await else {
+                panic!("expected hello")
+            };
+            assert!(hello.confirms_offers, "the runner confirms offers");
+            Self {
+                server,
+                work,
+                marks,
+                shutdown,
+                task,
+            }
+        }
+
+        fn marker(&self, name: &str) -> PathBuf {
+            self.marks.path().join(name)
+        }
+
+        /// The entries of the work dir's `sub` dir, spares left out.
+        fn leftovers(&self, sub: &str) -> Vec<String> {
+            testing::dir_names(&self.work.path().join(sub))
+                .into_iter()
+                .filter(|n| !n.starts_with(crate::attempt::SPARE))
+                .collect()
+        }
+
+        /// Offers `id` at once (not tentative) and checks it runs: so the
+        /// runner's one slot is free.
+        async fn runs_another(&mut self, id: &str) {
+            let marker = self.marker(id);
+            let Down::Offer(mut o) = tentative_touch(id, 1, &marker) else {
+                unreachable!()
+            };
+            o.tentative = false;
+            self.server.send(Down::Offer(o)).await;
+            assert!(
+                matches!(next(&mut self.server).await, Up::Accept(a) if a.attempt_id == id),
+                "the slot was not free"
+            );
+            let finished = loop {
+                match next(&mut self.server).await {
+                    Up::Step(_) => {}
+                    Up::Finished(f) => break f,
+                    other => panic!("unexpected {other:?}"),
+                }
+            };
+            assert_eq!(finished.attempt_id, id);
+            assert_eq!(finished.outcome(), AttemptOutcome::Succeeded);
+            assert!(marker.exists());
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tentative_offer_runs_nothing_until_its_confirm() {
+        let mut r = ShellRunner::start().await;
+        let marker = r.marker("ran");
+        // Epoch 2: the runner now ignores anything of epoch 1.
+        r.server.send(tentative_touch("att-t", 2, &marker)).await;
+        assert!(matches!(next(&mut r.server).await, Up::Accept(a) if a.attempt_id == "att-t"));
+        let prepared = r.work.path().join("attempts/att-t/workspace");
+        eventually("the attempt is prepared", || prepared.is_dir()).await;
+        // A confirm from an older leader is fenced.
+        r.server.send(confirm("att-t", 1)).await;
+        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
+        assert!(said.is_empty(), "said {said:?} before the confirm");
+        assert!(!marker.exists(), "the step ran before the confirm");
+
+        r.server.send(confirm("att-t", 2)).await;
+        let finished = loop {
+            match next(&mut r.server).await {
+                Up::Step(_) => {}
+                Up::Finished(f) => break f,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(finished.outcome(), AttemptOutcome::Succeeded);
+        assert!(marker.exists(), "the step did not run after the confirm");
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_attempt_is_dropped_when_the_stream_ends() {
+        let mut r = ShellRunner::start().await;
+        let marker = r.marker("ran");
+        r.server.send(tentative_touch("att-d", 1, &marker)).await;
+        assert!(matches!(next(&mut r.server).await, Up::Accept(_)));
+        let prepared = r.work.path().join("attempts/att-d");
+        eventually("the attempt is prepared", || prepared.is_dir()).await;
+
+        r.server.end_stream();
+        // It reconnects without the attempt: a coordinator that did write
+        // the offer requeues it as lost.
+        let Up::Hello(hello) = next(&mut r.server).await else {
+            panic!("expected a new hello")
+        };
+        assert!(hello.running_attempts.is_empty(), "{hello:?}");
+        // A confirm that comes too late (on the new stream) runs nothing.
+        r.server.send(confirm("att-d", 1)).await;
+        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
+        assert!(said.is_empty(), "reported {said:?} for a dropped attempt");
+        assert!(!marker.exists(), "the dropped attempt ran");
+        eventually("the dropped attempt's files are gone", || {
+            r.leftovers("attempts").is_empty() && r.leftovers("spool").is_empty()
+        })
+        .await;
+        r.runs_another("att-next").await;
+        assert!(!marker.exists());
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_cancel_before_the_confirm_drops_the_attempt() {
+        let mut r = ShellRunner::start().await;
+        let marker = r.marker("ran");
+        r.server.send(tentative_touch("att-c", 1, &marker)).await;
+        assert!(matches!(next(&mut r.server).await, Up::Accept(_)));
+        r.server
+            .send(Down::Cancel(Cancel {
+                leader_epoch: 1,
+                attempt_id: "att-c".into(),
+                reason: "run cancelled".into(),
+            }))
+            .await;
+        r.server.send(confirm("att-c", 1)).await;
+        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
+        assert!(said.is_empty(), "reported {said:?} for a dropped attempt");
+        assert!(!marker.exists(), "the cancelled attempt ran");
+        eventually("the dropped attempt's files are gone", || {
+            r.leftovers("attempts").is_empty() && r.leftovers("spool").is_empty()
+        })
+        .await;
+        r.runs_another("att-next").await;
+        r.stop().await;
     }
 }

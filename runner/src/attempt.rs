@@ -2,9 +2,13 @@
 //!
 //! Order of events, which the "logs complete when a run is seen finished"
 //! guarantee depends on:
-//! 1. create the workspace and the log spool and start the spool's
-//!    shipper; check out the run's repository into the workspace (if the
-//!    run has one);
+//! 0. create the workspace and the log spool and start the spool's
+//!    shipper; for a tentative offer, then wait for the agent's word that
+//!    the coordinator confirmed it: if the agent drops it instead (the
+//!    Control stream ended, or a cancel came first), remove all of that and
+//!    end here, with no report: nothing of the attempt ran;
+//! 1. check out the run's repository into the workspace (if the run has
+//!    one);
 //! 2. executor setup, then each step: `StepStateChanged` RUNNING, run,
 //!    terminal `StepStateChanged`; a `run` step's log starts with a
 //!    `$ <first line>` header, written with its first output (or when it
@@ -23,7 +27,7 @@ use capstan_shared::proto::pipeline::v1::{StepState, step};
 use capstan_shared::proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
 use capstan_shared::telemetry::OpenTelemetrySpanExt as _;
 use futures::FutureExt as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info, info_span, warn};
@@ -52,6 +56,9 @@ pub(crate) struct AttemptSpec {
     pub spool_dir: PathBuf,
     pub executor: Arc<dyn Executor>,
     pub cancel: CancellationToken,
+    /// For a tentative offer: fires when the coordinator confirmed it;
+    /// closed unfired when the agent drops the attempt. `None`: run at once.
+    pub confirmed: Option<oneshot::Receiver<()>>,
     pub events: mpsc::UnboundedSender<AttemptEvent>,
     pub log_target: watch::Receiver<Option<LogTarget>>,
     /// The runner's secrets (repository credentials).
@@ -82,17 +89,23 @@ impl Outcome {
     }
 }
 
-/// Runs the attempt and sends its [`AttemptEvent::Finished`].
+/// Runs the attempt and sends its [`AttemptEvent::Finished`] (none for an
+/// attempt dropped before its confirm).
 ///
 /// A panic anywhere in the attempt (a runner bug) is reported as an
 /// infrastructure error instead of leaving the attempt "running" with its
 /// slot taken until the task's timeout: the coordinator retries it elsewhere.
-pub(crate) async fn run(spec: AttemptSpec) {
-    let report = match std::panic::AssertUnwindSafe(execute(&spec))
+pub(crate) async fn run(mut spec: AttemptSpec) {
+    let confirmed = spec.confirmed.take();
+    let report = match std::panic::AssertUnwindSafe(execute(&spec, confirmed))
         .catch_unwind()
         .await
     {
-        Ok(report) => report,
+        Ok(Some(report)) => report,
+        Ok(None) => {
+            make_spares_after(&spec).await;
+            return;
+        }
         Err(panic) => {
             let o = panicked(panic.as_ref());
             TaskFinished {
@@ -118,10 +131,15 @@ pub(crate) async fn run(spec: AttemptSpec) {
         AttemptOutcome::Failed | AttemptOutcome::Error
     );
     mark_span(&span, !failed, &report.message);
-    let tag = report.attempt_id.clone();
     let _ = spec.events.send(AttemptEvent::Finished(report));
     // After the report, so the run's end does not wait for them.
+    make_spares_after(&spec).await;
+}
+
+/// Replaces the spares the attempt took, off the runtime's workers.
+async fn make_spares_after(spec: &AttemptSpec) {
     let (attempts, spools) = (spec.attempts_dir.clone(), spec.spool_dir.clone());
+    let tag = spec.offer.attempt_id.clone();
     let _ = tokio::task::spawn_blocking(move || make_spares(&attempts, &spools, &tag)).await;
 }
 
@@ -141,18 +159,52 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> Outcome {
     )
 }
 
-async fn execute(spec: &AttemptSpec) -> TaskFinished {
-    let attempt_id = spec.offer.attempt_id.clone();
-    let report = |o: Outcome, log_length, outputs: std::collections::BTreeMap<String, String>| {
-        TaskFinished {
-            attempt_id: attempt_id.clone(),
-            outcome: o.outcome.into(),
-            exit_code: o.exit_code,
-            message: o.message,
-            log_length,
-            outputs: outputs.into_iter().collect(),
-        }
+/// What an attempt sets up before it may run: its work dir, its log spool
+/// with the spool's shipper, and the executor's view of the task.
+struct Prepared {
+    /// `<attempts_dir>/<attempt id>`
+    dir: PathBuf,
+    /// Whether the work dir (with its `workspace`) could be made.
+    made: std::io::Result<()>,
+    /// The spool and its shipper, or the outcome when the spool could not
+    /// be created.
+    log: Result<(Arc<Spool>, ShipperHandle), Outcome>,
+    task: TaskContext,
+}
+
+/// Runs the attempt; `None` when it was dropped before its confirm (see
+/// the module docs), after removing what it had prepared.
+async fn execute(
+    spec: &AttemptSpec,
+    confirmed: Option<oneshot::Receiver<()>>,
+) -> Option<TaskFinished> {
+    let prepared = prepare(spec);
+    if !confirm(confirmed, &spec.cancel).await {
+        info!("dropped before the coordinator confirmed the offer; nothing ran");
+        abandon(spec, prepared).await;
+        return None;
+    }
+    Some(run_prepared(spec, prepared).await)
+}
+
+/// Whether the attempt may run: at once without a confirm to wait for,
+/// else once it fires. False when the agent dropped it (or fails).
+async fn confirm(confirmed: Option<oneshot::Receiver<()>>, cancel: &CancellationToken) -> bool {
+    let Some(confirmed) = confirmed else {
+        return true;
     };
+    tokio::select! {
+        // A confirm and then a cancel: the attempt starts and is cancelled
+        // (and says so), as any confirmed attempt.
+        biased;
+        fired = confirmed => fired.is_ok(),
+        () = cancel.cancelled() => false,
+    }
+}
+
+/// Makes the attempt's work dir and log spool and starts the shipper.
+fn prepare(spec: &AttemptSpec) -> Prepared {
+    let attempt_id = spec.offer.attempt_id.clone();
     let dir = spec.attempts_dir.join(&attempt_id);
     let workspace = dir.join("workspace");
     // Made inline on this worker: pickup waits for them, and a trip to the
@@ -162,26 +214,22 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
         Ok(()) => Ok(()),
         Err(_) => make_workspace(&dir, &workspace),
     };
-    let _ = std::fs::rename(
-        spec.spool_dir.join(SPARE),
-        spec.spool_dir.join(format!("{attempt_id}.log")),
-    );
-    let spool = match Spool::create_now(&spec.spool_dir, &attempt_id) {
-        Ok(spool) => spool,
-        Err(e) => {
-            let o = Outcome::new(
-                AttemptOutcome::Error,
-                None,
-                format!("runner could not create the log spool: {}", chain(&e)),
-            );
-            return report(o, 0, Default::default());
+    let _ = std::fs::rename(spec.spool_dir.join(SPARE), spool_path(spec));
+    let log = match Spool::create_now(&spec.spool_dir, &attempt_id) {
+        Ok(spool) => {
+            let shipper = ShipperHandle::spawn(Arc::clone(&spool), spec.log_target.clone());
+            Ok((spool, shipper))
         }
+        Err(e) => Err(Outcome::new(
+            AttemptOutcome::Error,
+            None,
+            format!("runner could not create the log spool: {}", chain(&e)),
+        )),
     };
-    let shipper = ShipperHandle::spawn(Arc::clone(&spool), spec.log_target.clone());
     let task = TaskContext {
         run_id: spec.offer.run_id.clone(),
         task_name: spec.offer.task_name.clone(),
-        attempt_id: attempt_id.clone(),
+        attempt_id,
         workspace,
         task: spec.offer.task.clone().unwrap_or_default(),
         repo: spec.offer.repo.clone(),
@@ -193,6 +241,67 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
             spec.git_credentials.clone(),
             Some(dir.join("manifests")),
         )),
+    };
+    Prepared {
+        dir,
+        made,
+        log,
+        task,
+    }
+}
+
+/// `<spool_dir>/<attempt id>.log`
+fn spool_path(spec: &AttemptSpec) -> PathBuf {
+    spec.spool_dir
+        .join(format!("{}.log", spec.offer.attempt_id))
+}
+
+/// Removes what [`prepare`] made, for an attempt that never ran.
+async fn abandon(spec: &AttemptSpec, prepared: Prepared) {
+    if let Ok((_, shipper)) = prepared.log {
+        // Nothing was written, so nothing waits to be shipped.
+        shipper.finish().await;
+    }
+    if let Err(e) = tokio::fs::remove_file(spool_path(spec)).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(error = %e, "could not remove the dropped attempt's log spool");
+    }
+    remove_dir(&prepared.dir).await;
+}
+
+async fn remove_dir(dir: &std::path::Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(dir = %dir.display(), error = %e, "could not remove the attempt's work dir");
+    }
+}
+
+/// Runs a prepared (and, if tentative, confirmed) attempt to its report.
+async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
+    let Prepared {
+        dir,
+        made,
+        log,
+        task,
+    } = prepared;
+    let report = |o: Outcome, log_length, outputs: std::collections::BTreeMap<String, String>| {
+        TaskFinished {
+            attempt_id: task.attempt_id.clone(),
+            outcome: o.outcome.into(),
+            exit_code: o.exit_code,
+            message: o.message,
+            log_length,
+            outputs: outputs.into_iter().collect(),
+        }
+    };
+    let (spool, shipper) = match log {
+        Ok(log) => log,
+        Err(o) => {
+            remove_dir(&dir).await;
+            return report(o, 0, Default::default());
+        }
     };
     let outcome = match made {
         // A panic (say in the checkout) still finishes the log shipping
@@ -215,11 +324,7 @@ async fn execute(spec: &AttemptSpec) -> TaskFinished {
         info!(?outputs, "task outputs");
     }
     let log_length = shipper.finish().await;
-    if let Err(e) = tokio::fs::remove_dir_all(&dir).await
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        warn!(dir = %dir.display(), error = %e, "could not remove the attempt's work dir");
-    }
+    remove_dir(&dir).await;
     report(outcome, log_length, outputs)
 }
 
@@ -631,6 +736,7 @@ mod tests {
             spool_dir: dir.path().join("spool"),
             executor,
             cancel: CancellationToken::new(),
+            confirmed: None,
             events,
             log_target,
             secrets: Arc::default(),

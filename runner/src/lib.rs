@@ -7,7 +7,8 @@
 //!   into a [`RunnerConfig`].
 //! - [`credentials`]: the runner id and secret cached in `<work_dir>/runner.json`.
 //! - `agent`: the Control stream: connect and reconnect, hello/welcome,
-//!   offers, cancels, heartbeats, drain, redelivery of final reports.
+//!   offers (tentative ones wait for their confirm), cancels, heartbeats,
+//!   drain, redelivery of final reports.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
 //!   waits for its log to be acknowledged, builds the final report.
 //! - [`executor`]: the [`executor::Executor`] trait and its `docker`, `shell`

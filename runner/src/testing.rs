@@ -115,13 +115,27 @@ impl Handle {
         RunnerServiceClient::connect(self.url()).await.unwrap()
     }
 
-    /// Sends a message down the current Control stream.
+    /// Sends a message down the current Control stream. A stream whose
+    /// hello the test has seen may still be opening: it waits a moment
+    /// for it.
     pub(crate) async fn send(&self, kind: coordinator_message::Kind) {
-        let tx = self.coordinator.outbound.lock().unwrap().clone();
-        tx.expect("no control stream")
-            .send(Ok(CoordinatorMessage { kind: Some(kind) }))
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let tx = loop {
+            if let Some(tx) = self.coordinator.outbound.lock().unwrap().clone() {
+                break tx;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no control stream");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        tx.send(Ok(CoordinatorMessage { kind: Some(kind) }))
             .await
             .unwrap();
+    }
+
+    /// Ends the current Control stream from the coordinator's side, as a
+    /// coordinator that stops or loses its leadership does.
+    pub(crate) fn end_stream(&self) {
+        self.coordinator.outbound.lock().unwrap().take();
     }
 }
 
@@ -215,6 +229,8 @@ impl RunnerService for FakeCoordinator {
         }))
         .await
         .unwrap();
+        // Weak: the stream ends once the test drops the sender (`end_stream`).
+        let mine = tx.downgrade();
         *self.outbound.lock().unwrap() = Some(tx);
         let to_test = self.to_test.clone();
         let outbound = Arc::clone(&self.outbound);
@@ -222,8 +238,15 @@ impl RunnerService for FakeCoordinator {
             while let Ok(Some(message)) = inbound.message().await {
                 let _ = to_test.send(message);
             }
-            // The runner ended its side: end ours.
-            outbound.lock().unwrap().take();
+            // The runner ended its side: end ours, unless a newer stream
+            // replaced it meanwhile.
+            let mut current = outbound.lock().unwrap();
+            let still_mine = mine
+                .upgrade()
+                .is_some_and(|mine| current.as_ref().is_some_and(|c| c.same_channel(&mine)));
+            if still_mine {
+                current.take();
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

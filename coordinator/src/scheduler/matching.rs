@@ -79,6 +79,7 @@ mod tests {
                 lease: std::sync::Arc::new(super::super::lease::ConnLease::new(
                     tokio::time::Instant::now(),
                 )),
+                confirms_offers: false,
             }),
             last_seen: tokio::time::Instant::now(),
             last_seen_ms: 0,

@@ -7,6 +7,10 @@
 //! then delivers offers, cancels and replies. A failed write stops the
 //! scheduler: memory would no longer match the store, so the process exits and
 //! a restart loads the durable state.
+//!
+//! Offers to runners that confirm offers are the exception: they leave
+//! before the write, tentative, and a `ConfirmOffer` for each follows the
+//! write (see [`Scheduler::commit`]).
 
 pub mod lease;
 pub mod matching;
@@ -517,8 +521,23 @@ impl Scheduler {
 
     /// Persists every dirty record in one batch, then delivers messages,
     /// replies and watch updates.
+    ///
+    /// Tentative offers leave before the write, so the runner prepares the
+    /// attempt while the write's fsync runs; their confirms leave after the
+    /// write succeeded, ahead of the rest of the outbox. A failed write
+    /// returns before any confirm (the scheduler stops, its runner streams
+    /// end and the runners drop what they prepared); so does a leadership
+    /// that ends meanwhile (this future is aborted in the write). Accepts of
+    /// tentative offers that arrive meanwhile wait in the channel for the
+    /// next turn, which sees the offer as written.
     async fn commit(&mut self) -> Result<(), StoreError> {
-        let fx = self.state.take_effects();
+        let mut fx = self.state.take_effects();
+        let tentative = fx.take_tentative_offers();
+        let mut confirms = Vec::with_capacity(tentative.len());
+        for out in tentative {
+            confirms.extend(state::confirm_of(&out));
+            let _ = out.tx.send(Ok(out.msg));
+        }
         let mut batch = Vec::new();
         for id in &fx.dirty_runs {
             if let Some(run) = self.state.runs.get(id) {
@@ -543,8 +562,11 @@ impl Scheduler {
             return Err(e);
         }
         self.state.restart_offer_clocks(&fx.offered, Instant::now());
-        for (tx, m) in fx.outbox {
+        for (tx, m) in confirms {
             let _ = tx.send(Ok(m));
+        }
+        for out in fx.outbox {
+            let _ = out.tx.send(Ok(out.msg));
         }
         for r in self.replies.drain(..) {
             r();
@@ -578,5 +600,7 @@ impl Scheduler {
     }
 }
 
+#[cfg(test)]
+mod commit_tests;
 #[cfg(test)]
 mod tests;

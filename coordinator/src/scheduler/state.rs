@@ -4,6 +4,9 @@
 //! records became dirty (to be persisted) and which messages go to which
 //! runner connection. The actor in `super` persists the dirty records and only
 //! then delivers the messages, so nobody hears of a change that is not durable.
+//! The one exception is a tentative offer ([`Effects::take_tentative_offers`]):
+//! it leaves before the write, and the runner runs nothing of it until the
+//! `ConfirmOffer` sent after the write.
 //! Time is passed in (`now`) so tests can drive leases and offer timeouts.
 
 use super::lease::ConnLease;
@@ -81,6 +84,19 @@ pub struct Conn {
     pub tx: RunnerTx,
     /// Stamped by the stream's reader on every message (see [`super::lease`]).
     pub lease: Arc<ConnLease>,
+    /// The runner's hello said `confirms_offers`: its offers may leave
+    /// before they are durable (see [`Effects::take_tentative_offers`]).
+    pub confirms_offers: bool,
+}
+
+/// A message for one runner connection, waiting in [`Effects::outbox`].
+pub struct Outgoing {
+    /// The connection it goes down ([`Conn::id`]).
+    pub conn: u64,
+    pub tx: RunnerTx,
+    pub msg: rpb::CoordinatorMessage,
+    /// The connection's [`Conn::confirms_offers`].
+    pub confirms_offers: bool,
 }
 
 /// A runner as the scheduler sees it.
@@ -178,7 +194,8 @@ pub struct Effects {
     pub dirty_runs: HashSet<RunId>,
     pub dirty_runners: HashSet<RunnerId>,
     pub epoch_dirty: bool,
-    pub outbox: Vec<(RunnerTx, rpb::CoordinatorMessage)>,
+    /// Messages for runners, in the order they were made.
+    pub outbox: Vec<Outgoing>,
     /// Attempts offered in this batch: their offer clock starts when the
     /// batch is durable and the offer actually leaves.
     pub offered: Vec<AttemptId>,
@@ -187,6 +204,54 @@ pub struct Effects {
     pub tasks_finished: Vec<(String, f64)>,
     /// Runs that reached a final state in this batch (their trace span ends).
     pub runs_finished: Vec<RunId>,
+}
+
+impl Effects {
+    /// Takes out of the outbox the offers that may leave before this
+    /// batch is durable, marked `tentative`; what stays leaves after the
+    /// write. The runner of a tentative offer prepares it but runs nothing
+    /// until the `ConfirmOffer` the caller sends once the write succeeded
+    /// (never if it failed), so no user code runs for a run that is not
+    /// durable, while the write's fsync overlaps the runner's preparation.
+    ///
+    /// An offer goes early only to a connection whose runner confirms
+    /// offers, and only while nothing before it in the outbox for the same
+    /// connection stays behind: each connection still gets its messages in
+    /// the order they were made (a new stream's `Welcome` first, and a
+    /// `Welcome` acknowledging a report is never overtaken).
+    pub fn take_tentative_offers(&mut self) -> Vec<Outgoing> {
+        let mut held_back = HashSet::new();
+        let mut early = Vec::new();
+        let mut late = Vec::with_capacity(self.outbox.len());
+        for mut out in self.outbox.drain(..) {
+            let may_go_early = out.confirms_offers && !held_back.contains(&out.conn);
+            match &mut out.msg.kind {
+                Some(Down::Offer(offer)) if may_go_early => {
+                    offer.tentative = true;
+                    early.push(out);
+                }
+                _ => {
+                    held_back.insert(out.conn);
+                    late.push(out);
+                }
+            }
+        }
+        self.outbox = late;
+        early
+    }
+}
+
+/// The confirm of a tentative offer in `out`, for the same connection
+/// (`None` if `out` holds no offer).
+pub fn confirm_of(out: &Outgoing) -> Option<(RunnerTx, rpb::CoordinatorMessage)> {
+    let Some(Down::Offer(offer)) = &out.msg.kind else {
+        return None;
+    };
+    let confirm = Down::Confirm(rpb::ConfirmOffer {
+        leader_epoch: offer.leader_epoch,
+        attempt_id: offer.attempt_id.clone(),
+    });
+    Some((out.tx.clone(), msg(confirm)))
 }
 
 pub struct SchedulerState {
@@ -386,11 +451,17 @@ impl SchedulerState {
         }
     }
 
+    /// Queues `kind` for the runner's current connection, if it has one.
     fn send_to(&mut self, runner: &RunnerId, kind: Down) {
         if let Some(slot) = self.runners.get(runner)
             && let Some(c) = &slot.conn
         {
-            self.fx.outbox.push((c.tx.clone(), msg(kind)));
+            self.fx.outbox.push(Outgoing {
+                conn: c.id,
+                tx: c.tx.clone(),
+                msg: msg(kind),
+                confirms_offers: c.confirms_offers,
+            });
         }
     }
 
@@ -566,8 +637,9 @@ impl SchedulerState {
         let lease = Arc::new(ConnLease::new(now));
         slot.conn = Some(Conn {
             id: conn_id,
-            tx: tx.clone(),
+            tx,
             lease: Arc::clone(&lease),
+            confirms_offers: hello.confirms_offers,
         });
         slot.detached_at = None;
         slot.self_draining = false;
@@ -625,49 +697,39 @@ impl SchedulerState {
                 }
             }
         }
+        // All of it goes down the connection just made.
         let epoch = self.epoch;
-        self.fx.outbox.push((
-            tx.clone(),
-            msg(Down::Welcome(rpb::Welcome {
-                leader_epoch: epoch,
-                heartbeat_interval_ms: self.timing.heartbeat.as_millis() as u32,
-                idle_heartbeat_interval_ms: self.timing.idle_heartbeat.as_millis() as u32,
-                lease_ms: self.timing.lease.as_millis() as u32,
-                reattached,
-                acknowledged,
-            })),
-        ));
+        let welcome = Down::Welcome(rpb::Welcome {
+            leader_epoch: epoch,
+            heartbeat_interval_ms: self.timing.heartbeat.as_millis() as u32,
+            idle_heartbeat_interval_ms: self.timing.idle_heartbeat.as_millis() as u32,
+            lease_ms: self.timing.lease.as_millis() as u32,
+            reattached,
+            acknowledged,
+        });
+        self.send_to(&id, welcome);
         for a in recancel {
-            self.fx.outbox.push((
-                tx.clone(),
-                msg(Down::Cancel(rpb::Cancel {
-                    leader_epoch: epoch,
-                    attempt_id: a.to_string(),
-                    reason: "cancelled".into(),
-                })),
-            ));
+            let cancel = Down::Cancel(rpb::Cancel {
+                leader_epoch: epoch,
+                attempt_id: a.to_string(),
+                reason: "cancelled".into(),
+            });
+            self.send_to(&id, cancel);
         }
         for a in stale {
-            self.fx.outbox.push((
-                tx.clone(),
-                msg(Down::Cancel(rpb::Cancel {
-                    leader_epoch: epoch,
-                    attempt_id: a.to_string(),
-                    reason: "this attempt is no longer assigned to this runner".into(),
-                })),
-            ));
+            self.cancel_stale(&id, &a);
         }
         if self
             .runners
             .get(&id)
             .is_some_and(|slot| slot.record.draining)
         {
-            self.fx.outbox.push((
-                tx,
-                msg(Down::Drain(rpb::Drain {
+            self.send_to(
+                &id,
+                Down::Drain(rpb::Drain {
                     leader_epoch: epoch,
-                })),
-            ));
+                }),
+            );
         }
         Ok((conn_id, lease))
     }
@@ -1098,6 +1160,8 @@ impl SchedulerState {
             offer_timeout_ms: offer_timeout.as_millis() as u32,
             traceparent: trace.traceparent,
             tracestate: trace.tracestate,
+            // Set when it leaves early (`Effects::take_tentative_offers`).
+            tentative: false,
         };
         self.attempts.insert(a.clone(), (run_id.clone(), i));
         self.offered_at.insert(a.clone(), now);

@@ -50,15 +50,20 @@ impl Harness {
     }
 
     fn submit(&mut self, yaml: &str) -> RunId {
+        let id = self.submit_unsettled(yaml);
+        self.settle();
+        id
+    }
+
+    /// Submits without dispatching or delivering anything.
+    fn submit_unsettled(&mut self, yaml: &str) -> RunId {
         let run = build_run(SubmitRunRequest {
             pipeline_yaml: yaml.into(),
             file_name: "t.yaml".into(),
             ..Default::default()
         })
         .expect("valid pipeline");
-        let (id, _) = self.st.submit(run);
-        self.settle();
-        id
+        self.st.submit(run).0
     }
 
     fn runner(&mut self, name: &str, capacity: u32, labels: &[(&str, &str)]) -> TestRunner {
@@ -102,8 +107,8 @@ impl Harness {
     /// Dispatches and delivers the outbox (as the actor does after a commit).
     fn settle(&mut self) {
         self.st.dispatch(self.now);
-        for (tx, m) in self.st.take_effects().outbox {
-            let _ = tx.send(Ok(m));
+        for out in self.st.take_effects().outbox {
+            let _ = out.tx.send(Ok(out.msg));
         }
     }
 
@@ -890,4 +895,68 @@ fn a_broken_stream_of_a_long_running_attempt_still_gets_the_disconnect_grace() {
     h.finish(&mut r1, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
     assert_eq!(h.st.runs[&run].tasks[0].infra_failures, 0);
+}
+
+/// The kind of each message in `outbox`, in order, and whether it is a
+/// tentative offer.
+fn kinds(outbox: &[Outgoing]) -> Vec<(&'static str, bool)> {
+    outbox
+        .iter()
+        .map(|out| match &out.msg.kind {
+            Some(Down::Offer(o)) => ("offer", o.tentative),
+            Some(Down::Welcome(_)) => ("welcome", false),
+            Some(Down::Cancel(_)) => ("cancel", false),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn offers_go_tentative_only_behind_nothing_that_waits_for_the_write() {
+    let one = "version: 1\nname: o\ntasks:\n  t:\n    steps: [ { run: x } ]\n";
+    let mut h = Harness::new();
+    h.submit(one);
+    let (id, secret) = h.st.register("r1", BTreeMap::new(), 2, "test", h.now);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let hello = rpb::Hello {
+        runner_id: id.to_string(),
+        runner_secret: secret,
+        protocol_version: capstan_shared::PROTOCOL_VERSION,
+        confirms_offers: true,
+        ..Default::default()
+    };
+    // A new stream and an offer on it in one batch: its welcome (after
+    // the write) must come first, so the offer waits for the write too.
+    h.st.attach(hello, tx, h.now).unwrap();
+    h.st.dispatch(h.now);
+    let mut fx = h.st.take_effects();
+    assert!(fx.take_tentative_offers().is_empty());
+    assert_eq!(kinds(&fx.outbox), [("welcome", false), ("offer", false)]);
+
+    // Next batch: nothing else for that stream, so the offer goes early.
+    h.submit_unsettled(one);
+    h.st.dispatch(h.now);
+    let mut fx = h.st.take_effects();
+    let early = fx.take_tentative_offers();
+    assert_eq!(kinds(&early), [("offer", true)]);
+    assert!(fx.outbox.is_empty());
+    let (_, confirm) = confirm_of(&early[0]).unwrap();
+    let (Some(Down::Confirm(c)), Some(Down::Offer(o))) = (confirm.kind, &early[0].msg.kind) else {
+        panic!("expected a confirm of the offer")
+    };
+    assert_eq!(
+        (c.leader_epoch, c.attempt_id.as_str()),
+        (1, o.attempt_id.as_str())
+    );
+}
+
+#[test]
+fn offers_to_a_runner_that_does_not_confirm_are_never_tentative() {
+    let mut h = Harness::new();
+    let _r = h.runner("r1", 1, &[]);
+    h.submit_unsettled("version: 1\nname: o\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    h.st.dispatch(h.now);
+    let mut fx = h.st.take_effects();
+    assert!(fx.take_tentative_offers().is_empty());
+    assert_eq!(kinds(&fx.outbox), [("offer", false)]);
 }
