@@ -34,7 +34,10 @@ fn daemon(program: PathBuf) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+        .env(
+            "HOME",
+            std::env::var_os("HOME").unwrap_or_else(|| "/root".into()),
+        )
         .env("LANG", "C.UTF-8")
         .env("RUST_LOG", "warn");
     if let Some(host) = std::env::var_os("DOCKER_HOST") {
