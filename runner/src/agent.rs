@@ -1342,6 +1342,32 @@ mod agent_tests {
             assert!(marker.exists());
         }
 
+        /// Offers a tentative `touch` step as `id` and waits until the
+        /// runner accepted and prepared it; the file the step would make.
+        async fn prepared_tentative(&mut self, id: &str, epoch: u64) -> PathBuf {
+            let marker = self.marker("ran");
+            self.server.send(tentative_touch(id, epoch, &marker)).await;
+            assert!(matches!(next(&mut self.server).await, Up::Accept(a) if a.attempt_id == id));
+            let prepared = self.work.path().join("attempts").join(id).join("workspace");
+            eventually("the attempt is prepared", || prepared.is_dir()).await;
+            marker
+        }
+
+        /// A dropped attempt: even confirmed now, nothing of it runs or is
+        /// reported, its files go, and its slot takes the next offer.
+        async fn assert_dropped(&mut self, id: &str, marker: &Path) {
+            self.server.send(confirm(id, 1)).await;
+            let said = quiet_for(&mut self.server, Duration::from_millis(500)).await;
+            assert!(said.is_empty(), "reported {said:?} for a dropped attempt");
+            assert!(!marker.exists(), "the dropped attempt ran");
+            eventually("the dropped attempt's files are gone", || {
+                self.leftovers("attempts").is_empty() && self.leftovers("spool").is_empty()
+            })
+            .await;
+            self.runs_another("att-next").await;
+            assert!(!marker.exists());
+        }
+
         async fn stop(self) {
             self.shutdown.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
@@ -1351,12 +1377,8 @@ mod agent_tests {
     #[tokio::test]
     async fn a_tentative_offer_runs_nothing_until_its_confirm() {
         let mut r = ShellRunner::start().await;
-        let marker = r.marker("ran");
         // Epoch 2: the runner now ignores anything of epoch 1.
-        r.server.send(tentative_touch("att-t", 2, &marker)).await;
-        assert!(matches!(next(&mut r.server).await, Up::Accept(a) if a.attempt_id == "att-t"));
-        let prepared = r.work.path().join("attempts/att-t/workspace");
-        eventually("the attempt is prepared", || prepared.is_dir()).await;
+        let marker = r.prepared_tentative("att-t", 2).await;
         // A confirm from an older leader is fenced.
         r.server.send(confirm("att-t", 1)).await;
         let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
@@ -1379,11 +1401,7 @@ mod agent_tests {
     #[tokio::test]
     async fn an_unconfirmed_attempt_is_dropped_when_the_stream_ends() {
         let mut r = ShellRunner::start().await;
-        let marker = r.marker("ran");
-        r.server.send(tentative_touch("att-d", 1, &marker)).await;
-        assert!(matches!(next(&mut r.server).await, Up::Accept(_)));
-        let prepared = r.work.path().join("attempts/att-d");
-        eventually("the attempt is prepared", || prepared.is_dir()).await;
+        let marker = r.prepared_tentative("att-d", 1).await;
 
         r.server.end_stream();
         // It reconnects without the attempt: a coordinator that did write
@@ -1393,16 +1411,7 @@ mod agent_tests {
         };
         assert!(hello.running_attempts.is_empty(), "{hello:?}");
         // A confirm that comes too late (on the new stream) runs nothing.
-        r.server.send(confirm("att-d", 1)).await;
-        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
-        assert!(said.is_empty(), "reported {said:?} for a dropped attempt");
-        assert!(!marker.exists(), "the dropped attempt ran");
-        eventually("the dropped attempt's files are gone", || {
-            r.leftovers("attempts").is_empty() && r.leftovers("spool").is_empty()
-        })
-        .await;
-        r.runs_another("att-next").await;
-        assert!(!marker.exists());
+        r.assert_dropped("att-d", &marker).await;
         r.stop().await;
     }
 
@@ -1419,15 +1428,7 @@ mod agent_tests {
                 reason: "run cancelled".into(),
             }))
             .await;
-        r.server.send(confirm("att-c", 1)).await;
-        let said = quiet_for(&mut r.server, Duration::from_millis(500)).await;
-        assert!(said.is_empty(), "reported {said:?} for a dropped attempt");
-        assert!(!marker.exists(), "the cancelled attempt ran");
-        eventually("the dropped attempt's files are gone", || {
-            r.leftovers("attempts").is_empty() && r.leftovers("spool").is_empty()
-        })
-        .await;
-        r.runs_another("att-next").await;
+        r.assert_dropped("att-c", &marker).await;
         r.stop().await;
     }
 }

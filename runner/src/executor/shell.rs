@@ -429,9 +429,20 @@ mod tests {
         cancel: CancellationToken,
         deadline: Option<Instant>,
     ) -> (StepEnd, VecSink) {
+        run_with(&ShellExecutor::new(), workspace, step, cancel, deadline).await
+    }
+
+    /// Runs `step` with `executor` in `workspace`: its end and its output.
+    pub(super) async fn run_with(
+        executor: &ShellExecutor,
+        workspace: &std::path::Path,
+        step: Step,
+        cancel: CancellationToken,
+        deadline: Option<Instant>,
+    ) -> (StepEnd, VecSink) {
         let sink = VecSink::default();
         let task = task(workspace.to_owned(), vec![step.clone()]);
-        let end = ShellExecutor::new()
+        let end = executor
             .run_step(
                 &task,
                 StepContext {
@@ -687,7 +698,7 @@ mod tests {
 #[cfg(test)]
 mod warm_tests {
     use super::*;
-    use crate::executor::testing::{VecSink, run_step, task};
+    use crate::executor::testing::run_step;
     use tokio_util::sync::CancellationToken;
 
     /// Runs `script` with `executor` in `workspace`; exit and output.
@@ -701,21 +712,8 @@ mod warm_tests {
         for (k, v) in env {
             step.env.insert((*k).into(), (*v).into());
         }
-        let sink = VecSink::default();
-        let task = task(workspace.to_owned(), vec![step.clone()]);
-        let end = executor
-            .run_step(
-                &task,
-                StepContext {
-                    index: 0,
-                    step: &step,
-                    cancel: CancellationToken::new(),
-                    deadline: None,
-                    output: &sink,
-                },
-            )
-            .await
-            .unwrap();
+        let (end, sink) =
+            super::tests::run_with(executor, workspace, step, CancellationToken::new(), None).await;
         (end, sink.text())
     }
 
