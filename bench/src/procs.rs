@@ -26,22 +26,26 @@ pub fn bin_dir() -> PathBuf {
 
 /// Starts `program` with the minimal environment the Buildbot harness gives
 /// its master and workers (`../shared/peers/buildbot/bench.py`,
-/// `child_env`): `PATH`, `HOME`, `LANG`, and `RUST_LOG=warn`, plus
-/// `DOCKER_HOST` when set. Both sides then run their steps under the same
-/// conditions (a step's `sh` walks the same short `PATH`), whatever the
+/// `child_env`): `PATH`, `HOME`, `LANG`, and `RUST_LOG=warn`, plus what
+/// configures the daemons or their Docker client (`CAPSTAN_*`, `DOCKER_*`)
+/// and `TMPDIR` when set. Both sides then run their steps under the same
+/// conditions (a step's `sh` walks the same short `PATH`), whatever else the
 /// shell that started the bench exported.
 fn daemon(program: PathBuf) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env(
-            "HOME",
-            std::env::var_os("HOME").unwrap_or_else(|| "/root".into()),
-        )
         .env("LANG", "C.UTF-8")
         .env("RUST_LOG", "warn");
-    if let Some(host) = std::env::var_os("DOCKER_HOST") {
-        cmd.env("DOCKER_HOST", host);
+    for (name, value) in std::env::vars_os() {
+        let keep = name == "HOME"
+            || name == "TMPDIR"
+            || name
+                .to_str()
+                .is_some_and(|n| n.starts_with("CAPSTAN_") || n.starts_with("DOCKER_"));
+        if keep {
+            cmd.env(name, value);
+        }
     }
     cmd
 }

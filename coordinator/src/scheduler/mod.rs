@@ -526,8 +526,13 @@ impl Scheduler {
     /// attempt while the write's fsync runs; their confirms leave after the
     /// write succeeded, ahead of the rest of the outbox. A failed write
     /// returns before any confirm (the scheduler stops, its runner streams
-    /// end and the runners drop what they prepared); so does a leadership
-    /// that ends meanwhile (this future is aborted in the write). Accepts of
+    /// end and the runners drop what they prepared). A leadership that ends
+    /// meanwhile sends none either: with etcd the write is fenced by the
+    /// leader's lease and fails, and the scheduler future is aborted at the
+    /// write's await. (redb runs the write inside one poll, with
+    /// `block_in_place`, so an abort cannot stop it between the write and
+    /// the confirms; redb is standalone-only, where leadership ends only at
+    /// shutdown, and the runner streams end with it.) Accepts of
     /// tentative offers that arrive meanwhile wait in the channel for the
     /// next turn, which sees the offer as written.
     async fn commit(&mut self) -> Result<(), StoreError> {

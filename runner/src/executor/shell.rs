@@ -50,22 +50,29 @@ pub struct ShellExecutor {
     /// task at a time, steps one after another); concurrent steps beyond it
     /// start cold.
     warm: std::sync::Mutex<Option<WarmShell>>,
+    /// `/bin/sh` is dash ([`warm_capable`]) and this executor was made by
+    /// [`ShellExecutor::new`] in a runtime; else every step starts cold.
+    warm_enabled: bool,
 }
 
 impl ShellExecutor {
     /// Starts the first warm shell when called inside a Tokio runtime (the
     /// runner); elsewhere the first step starts cold.
     pub fn new() -> Self {
-        let executor = Self::default();
-        if tokio::runtime::Handle::try_current().is_ok() {
-            executor.refill();
-        }
+        let executor = Self {
+            warm: Default::default(),
+            warm_enabled: tokio::runtime::Handle::try_current().is_ok() && warm_capable(),
+        };
+        executor.refill();
         executor
     }
 
     /// Starts a warm shell if none is waiting. Best effort: without one the
     /// next step starts cold.
     fn refill(&self) {
+        if !self.warm_enabled {
+            return;
+        }
         let Ok(mut slot) = self.warm.lock() else {
             return;
         };
@@ -86,6 +93,11 @@ impl ShellExecutor {
         env: &BTreeMap<String, String>,
         script: &str,
     ) -> Option<Child> {
+        // A missing workspace is the runner's error (a cold spawn reports
+        // it as such), not a step's failed `cd`.
+        if !workspace.is_dir() {
+            return None;
+        }
         let text = warm_script(workspace, env, script)?;
         let mut shell = self.warm.lock().ok()?.take()?;
         if !matches!(shell.child.try_wait(), Ok(None)) {
@@ -137,6 +149,17 @@ impl WarmShell {
     }
 }
 
+/// Whether `/bin/sh` is dash, the shell the warm path is written and
+/// tested for. bash as `sh` rejects `set +s` and reads a script from a
+/// pipe byte by byte (a command reading stdin would eat the rest of the
+/// script), so any other shell starts every step cold.
+fn warm_capable() -> bool {
+    std::fs::canonicalize(SHELL)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n == "dash"))
+        .unwrap_or(false)
+}
+
 /// Largest script handed to a warm shell: one atomic pipe write (POSIX
 /// PIPE_BUF on Linux).
 const WARM_MAX: usize = 4096;
@@ -151,8 +174,9 @@ const WARM_RESERVED: [&str; 5] = ["IFS", "OLDPWD", "OPTIND", "PPID", "PWD"];
 /// exported, then the step's script, all on the script's first line so
 /// that line numbers in the shell's messages are the script's own. `None`
 /// when that is not exact: a name that is not a plain shell name or is in
-/// [`WARM_RESERVED`], a NUL byte (a cold spawn reports it), a non-UTF-8
-/// workspace, or more than [`WARM_MAX`] bytes.
+/// [`WARM_RESERVED`], a newline in a value, the workspace or `OLDPWD`, a
+/// NUL byte (a cold spawn reports it), a non-UTF-8 workspace or `OLDPWD`,
+/// or more than [`WARM_MAX`] bytes.
 fn warm_script(
     workspace: &std::path::Path,
     env: &BTreeMap<String, String>,
@@ -169,17 +193,19 @@ fn warm_script(
             && !WARM_RESERVED.contains(&name)
     };
     let mut text = String::with_capacity(script.len() + 256);
-    // `-s` (script from stdin) would show in `$-`; a cold shell has only `e`.
-    text.push_str("set +s; cd -P -- ");
+    // `-s` (script from stdin) would show in `$-`; a cold shell has only
+    // `e`. Then stdin becomes `/dev/null`, as a cold shell's: the shell has
+    // the whole script in its buffer by now (one read of one atomic write).
+    text.push_str("set +s; exec </dev/null; cd -P -- ");
     quote(&mut text, workspace.to_str()?);
     text.push_str(" || exit; ");
-    match std::env::var("OLDPWD") {
-        Ok(old) => {
+    match std::env::var_os("OLDPWD") {
+        Some(old) => {
             text.push_str("OLDPWD=");
-            quote(&mut text, &old);
+            quote(&mut text, old.to_str()?);
             text.push_str("; ");
         }
-        Err(_) => text.push_str("unset OLDPWD; "),
+        None => text.push_str("unset OLDPWD; "),
     }
     for (name, value) in env {
         if !plain(name) {
@@ -190,6 +216,11 @@ fn warm_script(
         text.push('=');
         quote(&mut text, value);
         text.push_str("; ");
+    }
+    // A newline in the prefix would move the script off line 1, and the
+    // shell's messages would name the wrong line.
+    if text.contains('\n') {
+        return None;
     }
     text.push_str(script);
     text.push('\n');
@@ -726,6 +757,10 @@ mod warm_tests {
     /// runs in both and must give the same exit code and output.
     #[tokio::test]
     async fn a_warm_shell_runs_a_step_exactly_as_a_cold_one() {
+        assert!(
+            warm_capable(),
+            "these tests expect /bin/sh to be dash (Debian)"
+        );
         let dir = tempfile::tempdir().unwrap();
         let scripts: &[(&str, &[(&str, &str)])] = &[
             ("echo \"$0 $LINENO $-\"; pwd; echo \"[$OLDPWD]\"", &[]),
@@ -749,6 +784,16 @@ mod warm_tests {
             ),
             ("# a comment first\necho $LINENO", &[]),
             ("false", &[]),
+            (
+                "[ -p /dev/stdin ] && echo pipe || echo not-a-pipe; stat -L -c %F /proc/self/fd/0",
+                &[],
+            ),
+            // A newline in a value: the warm path starts it cold, so the
+            // line numbers in the shell's messages stay the script's.
+            (
+                "exec 2>&1\nno-such-command-here",
+                &[("PEM", "line 1\nline 2")],
+            ),
             (
                 "echo \"$IFS\" | od -c; echo \"$OPTIND\"",
                 &[("IFS", ":"), ("OPTIND", "4")],
@@ -798,6 +843,34 @@ mod warm_tests {
     }
 
     #[tokio::test]
+    async fn a_missing_workspace_is_a_spawn_error_warm_or_cold() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let step = run_step("echo never");
+        let task = crate::executor::testing::task(gone, vec![step.clone()]);
+        for executor in [ShellExecutor::new(), ShellExecutor::default()] {
+            let sink = crate::executor::testing::VecSink::default();
+            let end = executor
+                .run_step(
+                    &task,
+                    StepContext {
+                        index: 0,
+                        step: &step,
+                        cancel: CancellationToken::new(),
+                        deadline: None,
+                        output: &sink,
+                    },
+                )
+                .await;
+            assert!(
+                matches!(end, Err(ExecutorError::Spawn { .. })),
+                "{end:?} {:?}",
+                sink.text()
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_dead_warm_shell_is_replaced_by_a_cold_one() {
         let dir = tempfile::tempdir().unwrap();
         let executor = ShellExecutor::new();
@@ -839,7 +912,7 @@ mod warm_tests {
         };
         let text = warm_script(ws, &env(&[("A_1", "a'b")]), "echo hi").unwrap();
         assert!(
-            text.starts_with("set +s; cd -P -- '/w/it'\\''s' || exit; "),
+            text.starts_with("set +s; exec </dev/null; cd -P -- '/w/it'\\''s' || exit; "),
             "{text}"
         );
         assert!(text.ends_with("export A_1='a'\\''b'; echo hi\n"), "{text}");
@@ -850,6 +923,12 @@ mod warm_tests {
             assert_eq!(warm_script(ws, &env(&[(bad, "v")]), "true"), None, "{bad}");
         }
         assert_eq!(warm_script(ws, &env(&[("A", "a\0b")]), "true"), None);
+        assert_eq!(
+            warm_script(ws, &env(&[("PEM", "line 1\nline 2")]), "true"),
+            None
+        );
+        let ws_newline = std::path::Path::new("/w/two\nlines");
+        assert_eq!(warm_script(ws_newline, &env(&[]), "true"), None);
         assert_eq!(warm_script(ws, &env(&[]), &"x".repeat(WARM_MAX)), None);
     }
 }
