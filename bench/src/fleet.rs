@@ -152,6 +152,7 @@ async fn client(
         // It reports an attempt finished as soon as it is offered, so it
         // must only get offers that are already durable.
         confirms_offers: false,
+        dropped_attempts: Vec::new(),
     })))?;
     let mut inbound = rpc
         .control(UnboundedReceiverStream::new(rx))

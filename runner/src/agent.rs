@@ -189,6 +189,9 @@ pub(crate) struct Agent {
     draining: bool,
     epoch: u64,
     running: HashMap<String, Held>,
+    /// Unconfirmed attempts dropped when a stream ended, for the next hello
+    /// (the coordinator requeues them without counting a failure).
+    dropped: Vec<String>,
     finished: BTreeMap<String, FinishedAttempt>,
     pending_steps: VecDeque<StepStateChanged>,
     events_tx: mpsc::UnboundedSender<AttemptEvent>,
@@ -229,6 +232,7 @@ impl Agent {
             generation: 0,
             next_url: 0,
             leader_hint: None,
+            dropped: Vec::new(),
             secrets: Arc::default(),
             mask: Arc::default(),
         }
@@ -327,9 +331,11 @@ impl Agent {
     /// Drops every attempt still waiting for its `ConfirmOffer`: its task
     /// cleans up and ends without a report, and its slot is free now.
     fn drop_unconfirmed(&mut self, why: &str) {
+        let dropped = &mut self.dropped;
         self.running.retain(|id, held| {
             if held.confirm.is_some() {
                 info!(attempt = %id, reason = why, "dropping an attempt whose offer was never confirmed; nothing of it ran");
+                dropped.push(id.clone());
             }
             held.confirm.is_none()
         });
@@ -482,6 +488,7 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             last_epoch: self.epoch,
             confirms_offers: true,
+            dropped_attempts: self.dropped.clone(),
         }
     }
 
@@ -494,6 +501,8 @@ impl Agent {
             log_client,
             credentials,
         } = session;
+        // The welcome answered a hello that listed them.
+        self.dropped.clear();
         self.generation += 1;
         let mut conn = Conn {
             tx,
@@ -764,8 +773,15 @@ impl Agent {
             }
         };
         if unconfirmed {
-            info!(attempt = %cancel.attempt_id, reason = %cancel.reason, "dropping an unconfirmed attempt on cancel; nothing of it ran");
-            self.running.remove(&cancel.attempt_id);
+            // It reports itself cancelled (nothing of it ran): the
+            // coordinator keeps the attempt, and this runner's slot, until
+            // it hears so. No longer waiting for a confirm, it outlives the
+            // stream like any running attempt.
+            info!(attempt = %cancel.attempt_id, reason = %cancel.reason, "cancelling an unconfirmed attempt; nothing of it ran");
+            if let Some(held) = self.running.get_mut(&cancel.attempt_id) {
+                held.cancel.cancel();
+                held.confirm = None;
+            }
         } else {
             info!(attempt = %cancel.attempt_id, reason = %cancel.reason, "cancelling attempt");
             self.running[&cancel.attempt_id].cancel.cancel();
@@ -1410,13 +1426,18 @@ mod agent_tests {
             panic!("expected a new hello")
         };
         assert!(hello.running_attempts.is_empty(), "{hello:?}");
+        assert_eq!(
+            hello.dropped_attempts,
+            ["att-d"],
+            "so it is requeued uncounted"
+        );
         // A confirm that comes too late (on the new stream) runs nothing.
         r.assert_dropped("att-d", &marker).await;
         r.stop().await;
     }
 
     #[tokio::test]
-    async fn a_cancel_before_the_confirm_drops_the_attempt() {
+    async fn a_cancel_before_the_confirm_runs_nothing_and_reports_it_cancelled() {
         let mut r = ShellRunner::start().await;
         let marker = r.marker("ran");
         r.server.send(tentative_touch("att-c", 1, &marker)).await;
@@ -1428,6 +1449,13 @@ mod agent_tests {
                 reason: "run cancelled".into(),
             }))
             .await;
+        // The coordinator holds the attempt and the slot until it hears.
+        let Up::Finished(finished) = next(&mut r.server).await else {
+            panic!("expected the cancelled attempt's report, and nothing before it")
+        };
+        assert_eq!(finished.attempt_id, "att-c");
+        assert_eq!(finished.outcome(), AttemptOutcome::Cancelled);
+        assert_eq!(finished.log_length, 0);
         r.assert_dropped("att-c", &marker).await;
         r.stop().await;
     }

@@ -179,26 +179,57 @@ async fn execute(
     confirmed: Option<oneshot::Receiver<()>>,
 ) -> Option<TaskFinished> {
     let prepared = prepare(spec);
-    if !confirm(confirmed, &spec.cancel).await {
-        info!("dropped before the coordinator confirmed the offer; nothing ran");
-        abandon(spec, prepared).await;
-        return None;
+    match confirm(confirmed, &spec.cancel).await {
+        Waited::Go => Some(run_prepared(spec, prepared).await),
+        Waited::Dropped => {
+            info!("dropped before the coordinator confirmed the offer; nothing ran");
+            abandon(spec, prepared).await;
+            None
+        }
+        // The coordinator holds the attempt (and the runner's slot) until
+        // it hears how it ended.
+        Waited::Cancelled => {
+            info!("cancelled before the coordinator confirmed the offer; nothing ran");
+            abandon(spec, prepared).await;
+            Some(TaskFinished {
+                attempt_id: spec.offer.attempt_id.clone(),
+                outcome: AttemptOutcome::Cancelled.into(),
+                exit_code: None,
+                message: "cancelled before it started".into(),
+                log_length: 0,
+                outputs: Default::default(),
+            })
+        }
     }
-    Some(run_prepared(spec, prepared).await)
 }
 
-/// Whether the attempt may run: at once without a confirm to wait for,
-/// else once it fires. False when the agent dropped it (or fails).
-async fn confirm(confirmed: Option<oneshot::Receiver<()>>, cancel: &CancellationToken) -> bool {
+/// How the wait for a tentative offer's confirm ended.
+enum Waited {
+    /// Confirmed (or no confirm to wait for): run it.
+    Go,
+    /// The agent dropped it (the Control stream ended): run nothing and
+    /// report nothing; the next hello leaves it out.
+    Dropped,
+    /// Cancelled first: run nothing, report it cancelled.
+    Cancelled,
+}
+
+/// Waits for the confirm of a tentative offer, if there is one to wait for.
+async fn confirm(confirmed: Option<oneshot::Receiver<()>>, cancel: &CancellationToken) -> Waited {
     let Some(confirmed) = confirmed else {
-        return true;
+        return Waited::Go;
     };
     tokio::select! {
         // A confirm and then a cancel: the attempt starts and is cancelled
         // (and says so), as any confirmed attempt.
         biased;
-        fired = confirmed => fired.is_ok(),
-        () = cancel.cancelled() => false,
+        fired = confirmed => match fired {
+            Ok(()) => Waited::Go,
+            // The agent cancels before it lets go of the confirm's sender.
+            Err(_) if cancel.is_cancelled() => Waited::Cancelled,
+            Err(_) => Waited::Dropped,
+        },
+        () = cancel.cancelled() => Waited::Cancelled,
     }
 }
 

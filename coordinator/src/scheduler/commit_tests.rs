@@ -123,15 +123,15 @@ impl Fixture {
         id: RunnerId,
         secret: String,
         confirms_offers: bool,
-        running: Vec<String>,
+        dropped: Vec<String>,
     ) -> Attached {
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = rpb::Hello {
             runner_id: id.to_string(),
             runner_secret: secret.clone(),
             protocol_version: capstan_shared::PROTOCOL_VERSION,
-            running_attempts: running,
             confirms_offers,
+            dropped_attempts: dropped,
             ..Default::default()
         };
         let (conn, _lease) = self
@@ -301,8 +301,11 @@ async fn a_failed_write_sends_no_confirm() {
     assert_eq!(recv(&mut r.rx).await, None);
 }
 
-#[tokio::test]
-async fn a_runner_that_drops_an_unconfirmed_attempt_gets_it_requeued() {
+/// A runner's stream ends between a tentative offer and its confirm (the
+/// write did land); it reconnects without the attempt, saying it dropped it
+/// unrun or not. The task is offered again either way; the stored run after
+/// that.
+async fn dropped_then_reconnected(says_dropped: bool) -> RunRecord {
     let mut f = Fixture::start().await;
     let r = f.runner("r1", true).await;
     let (submitted, write) = f.submit_held().await;
@@ -326,8 +329,14 @@ async fn a_runner_that_drops_an_unconfirmed_attempt_gets_it_requeued() {
     write.send(true).unwrap();
     let run = submitted.await.unwrap().unwrap();
 
-    // Its next hello does not list the attempt: lost, and offered again.
-    let mut r = f.attach(id, secret, true, vec![]).await;
+    // Its next hello does not list the attempt as running: lost, and
+    // offered again.
+    let dropped = if says_dropped {
+        vec![first.attempt_id.clone()]
+    } else {
+        vec![]
+    };
+    let mut r = f.attach(id, secret, true, dropped).await;
     assert!(matches!(recv(&mut r.rx).await, Some(Down::Welcome(_))));
     let Some(Down::Offer(again)) = recv(&mut r.rx).await else {
         panic!("the task was not offered again")
@@ -338,4 +347,25 @@ async fn a_runner_that_drops_an_unconfirmed_attempt_gets_it_requeued() {
     let stored = f.stored_run(&run).await;
     assert_eq!(stored.tasks[0].attempts[0].state, AttemptState::Lost);
     assert_eq!(stored.tasks[0].state, StoredTaskState::Offered);
+    stored
+}
+
+#[tokio::test]
+async fn an_attempt_dropped_unrun_is_requeued_without_counting_a_failure() {
+    let stored = dropped_then_reconnected(true).await;
+    assert_eq!(
+        stored.tasks[0].infra_failures, 0,
+        "nothing ran, no runner was lost"
+    );
+    assert!(
+        !stored.tasks[0].message.contains("lost"),
+        "{}",
+        stored.tasks[0].message
+    );
+}
+
+#[tokio::test]
+async fn an_attempt_missing_from_the_hello_counts_as_a_lost_runner() {
+    let stored = dropped_then_reconnected(false).await;
+    assert_eq!(stored.tasks[0].infra_failures, 1);
 }

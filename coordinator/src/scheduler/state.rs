@@ -168,6 +168,9 @@ pub enum LossReason {
     RunnerLost,
     OfferExpired,
     OfferRejected,
+    /// The runner dropped a tentative offer unrun (its stream ended before
+    /// the confirm) and said so in its next hello.
+    OfferDropped,
 }
 
 /// Errors the state machine reports to the API layer.
@@ -633,6 +636,11 @@ impl SchedulerState {
             .iter()
             .map(|a| AttemptId::from_string(a.clone()))
             .collect();
+        let dropped: BTreeSet<AttemptId> = hello
+            .dropped_attempts
+            .iter()
+            .map(|a| AttemptId::from_string(a.clone()))
+            .collect();
         let slot = self.runners.get_mut(&id).expect("authenticated");
         let lease = Arc::new(ConnLease::new(now));
         slot.conn = Some(Conn {
@@ -674,6 +682,8 @@ impl SchedulerState {
                 {
                     self.mark_running(&run_id, i, &a, now);
                 }
+            } else if dropped.contains(&a) {
+                self.lose_attempt(&a, LossReason::OfferDropped, now);
             } else {
                 self.lose_attempt(&a, LossReason::RunnerLost, now);
             }
