@@ -1096,21 +1096,13 @@ mod agent_tests {
 
     #[tokio::test]
     async fn heartbeats_are_rare_when_idle_and_frequent_when_busy() {
-        let mut server = testing::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let shutdown = CancellationToken::new();
-        let runner = tokio::spawn(crate::run(
-            config(server.url(), TOKEN, dir.path()),
-            shutdown.clone(),
-        ));
-        assert!(matches!(next(&mut server).await, Up::Hello(_)));
-        let idle = count_beats(&mut server, Duration::from_millis(1600)).await;
+        let (mut r, _) = TestRunner::start_on(testing::start().await, ExecutorKind::Fake).await;
+        let idle = count_beats(&mut r.server, Duration::from_millis(1600)).await;
         assert!((2..=4).contains(&idle), "{idle} heartbeats in 1.6 s idle");
-        server.send(offer("att-busy", &["sleep 1600"])).await;
-        let busy = count_beats(&mut server, Duration::from_millis(1500)).await;
+        r.server.send(offer("att-busy", &["sleep 1600"])).await;
+        let busy = count_beats(&mut r.server, Duration::from_millis(1500)).await;
         assert!(busy >= 10, "{busy} heartbeats in 1.5 s busy");
-        shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), runner).await;
+        r.stop().await;
     }
 
     /// A coordinator that stops reading a log (here: 30 s per chunk) must
@@ -1118,15 +1110,17 @@ mod agent_tests {
     /// the unread bytes do not hold the Control stream's flow-control window.
     #[tokio::test]
     async fn heartbeats_go_on_while_the_coordinator_stalls_on_a_log() {
-        let mut server = testing::start_with_window(1 << 20).await;
+        let server = testing::start_with_window(1 << 20).await;
         server.coordinator.logs.lock().unwrap().chunk_delay = Duration::from_secs(30);
-        let dir = tempfile::tempdir().unwrap();
-        let shutdown = CancellationToken::new();
-        let runner = tokio::spawn(crate::run(
-            config(server.url(), TOKEN, dir.path()),
-            shutdown.clone(),
-        ));
-        assert!(matches!(next(&mut server).await, Up::Hello(_)));
+        let (r, _) = TestRunner::start_on(server, ExecutorKind::Fake).await;
+        // The work dir lives as long as the test.
+        let TestRunner {
+            mut server,
+            work: _work,
+            shutdown,
+            task: runner,
+            ..
+        } = r;
         // Far more than the fake's 1 MiB HTTP/2 windows (stream and
         // connection alike, so the stalled stream fills the connection's).
         server
@@ -1145,16 +1139,14 @@ mod agent_tests {
 
     #[tokio::test]
     async fn runs_offers_reports_and_drains() {
-        let mut server = testing::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let shutdown = CancellationToken::new();
-        let runner = tokio::spawn(crate::run(
-            config(server.url(), TOKEN, dir.path()),
-            shutdown.clone(),
-        ));
-        let Up::Hello(hello) = next(&mut server).await else {
-            panic!("expected hello")
-        };
+        let (r, hello) = TestRunner::start_on(testing::start().await, ExecutorKind::Fake).await;
+        let TestRunner {
+            mut server,
+            work: dir,
+            shutdown,
+            task: runner,
+            ..
+        } = r;
         assert_eq!(hello.runner_id, RUNNER_ID);
         assert_eq!(hello.protocol_version, capstan_shared::PROTOCOL_VERSION);
         assert!(dir.path().join("runner.json").exists());
@@ -1290,7 +1282,8 @@ mod agent_tests {
     }
 
     /// A shell runner with one slot, started, past its first hello.
-    struct ShellRunner {
+    /// A real runner (`crate::run`) against the fake coordinator.
+    struct TestRunner {
         server: testing::Handle,
         work: tempfile::TempDir,
         /// Where the steps leave their marker files.
@@ -1299,26 +1292,33 @@ mod agent_tests {
         task: tokio::task::JoinHandle<anyhow::Result<()>>,
     }
 
-    impl ShellRunner {
-        async fn start() -> Self {
-            let mut server = testing::start().await;
+    impl TestRunner {
+        /// A runner with `executor` connected to `server`, past its hello.
+        async fn start_on(mut server: testing::Handle, executor: ExecutorKind) -> (Self, Hello) {
             let work = tempfile::tempdir().unwrap();
             let marks = tempfile::tempdir().unwrap();
             let shutdown = CancellationToken::new();
             let mut config = config(server.url(), TOKEN, work.path());
-            config.executor = ExecutorKind::Shell;
+            config.executor = executor;
             let task = tokio::spawn(crate::run(config, shutdown.clone()));
             let Up::Hello(hello) = next(&mut server).await else {
                 panic!("expected hello")
             };
-            assert!(hello.confirms_offers, "the runner confirms offers");
-            Self {
+            let runner = Self {
                 server,
                 work,
                 marks,
                 shutdown,
                 task,
-            }
+            };
+            (runner, hello)
+        }
+
+        /// A shell-executor runner on a fresh fake coordinator.
+        async fn shell() -> Self {
+            let (runner, hello) = Self::start_on(testing::start().await, ExecutorKind::Shell).await;
+            assert!(hello.confirms_offers, "the runner confirms offers");
+            runner
         }
 
         fn marker(&self, name: &str) -> PathBuf {
@@ -1392,7 +1392,7 @@ mod agent_tests {
 
     #[tokio::test]
     async fn a_tentative_offer_runs_nothing_until_its_confirm() {
-        let mut r = ShellRunner::start().await;
+        let mut r = TestRunner::shell().await;
         // Epoch 2: the runner now ignores anything of epoch 1.
         let marker = r.prepared_tentative("att-t", 2).await;
         // A confirm from an older leader is fenced.
@@ -1416,7 +1416,7 @@ mod agent_tests {
 
     #[tokio::test]
     async fn an_unconfirmed_attempt_is_dropped_when_the_stream_ends() {
-        let mut r = ShellRunner::start().await;
+        let mut r = TestRunner::shell().await;
         let marker = r.prepared_tentative("att-d", 1).await;
 
         r.server.end_stream();
@@ -1438,7 +1438,7 @@ mod agent_tests {
 
     #[tokio::test]
     async fn a_cancel_before_the_confirm_runs_nothing_and_reports_it_cancelled() {
-        let mut r = ShellRunner::start().await;
+        let mut r = TestRunner::shell().await;
         let marker = r.marker("ran");
         r.server.send(tentative_touch("att-c", 1, &marker)).await;
         assert!(matches!(next(&mut r.server).await, Up::Accept(_)));

@@ -211,6 +211,15 @@ fn sent_now(rx: &mut Rx) -> Result<Down, TryRecvError> {
     rx.try_recv().map(|m| m.unwrap().kind.unwrap())
 }
 
+/// The offer already out while the write is held: a tentative one.
+fn tentative_offer_sent(rx: &mut Rx) -> rpb::Offer {
+    let Ok(Down::Offer(offer)) = sent_now(rx) else {
+        panic!("no offer while the write is held")
+    };
+    assert!(offer.tentative, "{offer:?}");
+    offer
+}
+
 fn accept(offer: &rpb::Offer) -> Up {
     Up::Accept(rpb::OfferAccepted {
         attempt_id: offer.attempt_id.clone(),
@@ -224,10 +233,7 @@ async fn a_tentative_offer_leaves_before_the_write_and_its_confirm_after() {
     let (submitted, write) = f.submit_held().await;
 
     // The write is under way, and the offer is already out.
-    let Ok(Down::Offer(offer)) = sent_now(&mut r.rx) else {
-        panic!("no offer while the write is held")
-    };
-    assert!(offer.tentative);
+    let offer = tentative_offer_sent(&mut r.rx);
     assert_eq!(
         sent_now(&mut r.rx),
         Err(TryRecvError::Empty),
@@ -283,10 +289,7 @@ async fn a_failed_write_sends_no_confirm() {
     let mut f = Fixture::start().await;
     let mut r = f.runner("r1", true).await;
     let (submitted, write) = f.submit_held().await;
-    let Ok(Down::Offer(offer)) = sent_now(&mut r.rx) else {
-        panic!("no offer while the write is held")
-    };
-    assert!(offer.tentative);
+    let offer = tentative_offer_sent(&mut r.rx);
     f.tell(&r, accept(&offer));
 
     write.send(false).unwrap();
@@ -315,9 +318,7 @@ async fn dropped_then_reconnected(says_dropped: bool) -> RunRecord {
         conn,
         mut rx,
     } = r;
-    let Ok(Down::Offer(first)) = sent_now(&mut rx) else {
-        panic!("no offer while the write is held")
-    };
+    let first = tentative_offer_sent(&mut rx);
     // The stream ends before the write is done: the runner drops the
     // attempt, and its confirm goes nowhere.
     drop(rx);

@@ -471,21 +471,33 @@ mod tests {
         cancel: CancellationToken,
         deadline: Option<Instant>,
     ) -> (StepEnd, VecSink) {
-        let sink = VecSink::default();
         let task = task(workspace.to_owned(), vec![step.clone()]);
+        let (end, sink) = run_in_task(executor, &task, &step, cancel, deadline).await;
+        (end.unwrap(), sink)
+    }
+
+    /// Runs `step` as step 0 of `task`: what `run_step` returned, and the
+    /// output.
+    pub(super) async fn run_in_task(
+        executor: &ShellExecutor,
+        task: &TaskContext,
+        step: &Step,
+        cancel: CancellationToken,
+        deadline: Option<Instant>,
+    ) -> (Result<StepEnd, ExecutorError>, VecSink) {
+        let sink = VecSink::default();
         let end = executor
             .run_step(
-                &task,
+                task,
                 StepContext {
                     index: 0,
-                    step: &step,
+                    step,
                     cancel,
                     deadline,
                     output: &sink,
                 },
             )
-            .await
-            .unwrap();
+            .await;
         (end, sink)
     }
 
@@ -539,24 +551,18 @@ mod tests {
         );
         step.env.insert("STEP_VAR".into(), "step".into());
         step.env.insert("SHARED".into(), "from-step".into());
-        let sink = VecSink::default();
         let mut task = task(dir.path().canonicalize().unwrap(), vec![step.clone()]);
         task.task.env.insert("TASK_VAR".into(), "task".into());
         task.task.env.insert("SHARED".into(), "from-task".into());
-        let end = ShellExecutor::new()
-            .run_step(
-                &task,
-                StepContext {
-                    index: 0,
-                    step: &step,
-                    cancel: CancellationToken::new(),
-                    deadline: None,
-                    output: &sink,
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(end, StepEnd::Exited(0));
+        let (end, sink) = run_in_task(
+            &ShellExecutor::new(),
+            &task,
+            &step,
+            CancellationToken::new(),
+            None,
+        )
+        .await;
+        assert_eq!(end.unwrap(), StepEnd::Exited(0));
         assert_eq!(
             sink.text(),
             "task step from-step run-1 test att-1\nin-workspace\n"
@@ -849,19 +855,9 @@ mod warm_tests {
         let step = run_step("echo never");
         let task = crate::executor::testing::task(gone, vec![step.clone()]);
         for executor in [ShellExecutor::new(), ShellExecutor::default()] {
-            let sink = crate::executor::testing::VecSink::default();
-            let end = executor
-                .run_step(
-                    &task,
-                    StepContext {
-                        index: 0,
-                        step: &step,
-                        cancel: CancellationToken::new(),
-                        deadline: None,
-                        output: &sink,
-                    },
-                )
-                .await;
+            let (end, sink) =
+                super::tests::run_in_task(&executor, &task, &step, CancellationToken::new(), None)
+                    .await;
             assert!(
                 matches!(end, Err(ExecutorError::Spawn { .. })),
                 "{end:?} {:?}",
