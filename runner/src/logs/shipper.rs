@@ -8,14 +8,15 @@
 //! 2. send the bytes from `acked` on over a series of `PushLogs` streams, in
 //!    chunks of at most 1 MiB that never span two steps; a partial chunk
 //!    waits at most 50 ms for more output before it goes. A stream ends after
-//!    ~1 s or 64 MiB, or when the closed spool is fully sent; its response
+//!    ~1 s or 16 MiB, or when the closed spool is fully sent; its response
 //!    (sent by the coordinator after its fsync) carries the durable offset.
 //!    The next stream starts at once, where the previous one ended, without
 //!    waiting for that response: up to [`MAX_IN_FLIGHT`] streams and
 //!    [`MAX_UNACKED`] bytes may await their acks (a sliding window; the
 //!    coordinator waits briefly for a log to reach a chunk's offset when an
 //!    earlier stream is still being appended). Responses are taken in order
-//!    and move `acked`;
+//!    and move `acked`, and the spool frees the memory of what they
+//!    acknowledged ([`Spool::release`]);
 //! 3. on an error (the oldest stream of the window failed), drop the whole
 //!    window, wait (jittered backoff) and go to 1: the next stream resends
 //!    from `acked`. The coordinator skips bytes it already holds, so a resend
@@ -23,10 +24,17 @@
 //!
 //! `OUT_OF_RANGE` on a stream that started at `acked` (nothing before it
 //! was unacknowledged when it was opened) means the coordinator holds fewer
-//! bytes than `acked` (it lost some, e.g. a restart without fsync). We do not parse the durable offset out of the status
-//! message (its text is not a contract): the shipper resends from offset 0
-//! and the coordinator skips what it has. That is why the spool is kept until
-//! the attempt is forgotten. `OUT_OF_RANGE` on a stream that started past
+//! bytes than `acked` (it lost some it had fsynced: a replaced disk, a new
+//! leader without the old one's log dir). We do not parse the durable
+//! offset out of the status message (its text is not a contract): if the
+//! spool still holds the whole log (it keeps a log whole up to
+//! [`super::spool::KEEP_WHOLE`], which covers almost every CI log), the
+//! shipper resends from offset 0 and the coordinator skips what it has. A
+//! longer log's acknowledged bytes were dropped as the acks came, so no
+//! resend can fill the gap: the shipper says so and stops, instead of
+//! holding the attempt forever.
+//!
+//! `OUT_OF_RANGE` on a stream that started past
 //! `acked` (opened while the streams before it awaited their acks) means it
 //! overtook the stream before it at a coordinator that does not wait for
 //! gaps (an older version), or that waited in vain: the shipper retries from
@@ -64,14 +72,18 @@ pub const MAX_CHUNK: usize = 1024 * 1024;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// A stream is ended (to get an ack) after this long...
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(1);
-/// ... or after this many bytes.
-pub const STREAM_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// ... or after this many bytes: a quarter of the spool's memory budget,
+/// so that acks free memory while a fast step still has room to write
+/// (with streams as large as the budget, a step that outran the shipper
+/// would wait for each stream's ack in turn).
+pub const STREAM_MAX_BYTES: u64 = super::spool::MEMORY_BUDGET / 4;
 /// Streams sent whose ack has not come back yet, at most. With one (a
 /// stop-and-wait protocol) a 1 GiB log went at ~100 MB/s: every 64 MiB the
 /// runner waited for the coordinator to fsync.
 pub const MAX_IN_FLIGHT: usize = 16;
 /// Bytes sent but not acknowledged yet, at most: what a resend after an
-/// error may cost. The bytes stay in the spool, not in memory.
+/// error may cost. The spool holds them (in memory up to its budget, past
+/// that in its file).
 pub const MAX_UNACKED: u64 = 1024 * 1024 * 1024;
 
 /// A `PushLogs` call that takes longer than this is abandoned and retried.
@@ -206,6 +218,21 @@ async fn ship_with(
             Err(Failure::Status { status, overtook })
                 if status.code() == tonic::Code::OutOfRange && !overtook =>
             {
+                let first_held = spool.first_held();
+                if first_held > 0 {
+                    // The bytes it lost were released when it acknowledged
+                    // them: no resend can fill the gap, and retrying would
+                    // hold the attempt forever.
+                    warn!(
+                        attempt = spool.attempt_id(),
+                        acked,
+                        first_held,
+                        message = status.message(),
+                        "the coordinator lost log bytes it had acknowledged, and this runner no \
+                         longer holds them; the rest of the log is not sent"
+                    );
+                    return;
+                }
                 warn!(
                     attempt = spool.attempt_id(),
                     acked,
@@ -438,6 +465,7 @@ impl Window<'_> {
         if durable > *self.acked {
             *self.acked = durable;
             self.acked_tx.send_replace(durable);
+            self.spool.release(durable);
         }
         if durable < end {
             return Err(Failure::Short);
@@ -655,6 +683,78 @@ mod tests {
         let mut produced = first.clone();
         produced.extend_from_slice(&second);
         assert!(st.logs["att-oor"] == produced, "log differs");
+    }
+
+    /// While no coordinator can be reached, a log past the spool's memory
+    /// budget goes to the spool's file; once one can, every byte is shipped
+    /// once, in order, from memory and file alike.
+    #[tokio::test]
+    async fn ships_what_was_spilled_while_the_coordinator_was_away() {
+        let server = testing::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create_with_budget(dir.path(), "att-away", 200_000).unwrap();
+        let (target_tx, target_rx) = watch::channel(None);
+        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, SMALL);
+        let mut produced = Vec::new();
+        for i in 0..6 {
+            let chunk = data(i, 100_000);
+            spool.append(0, &chunk).await.unwrap();
+            produced.extend_from_slice(&chunk);
+        }
+        let spilled = std::fs::metadata(spool.path()).unwrap().len();
+        assert!(
+            spilled > 200_000,
+            "nothing went to the file ({spilled} bytes)"
+        );
+        let (_tx, reachable) = target(&server).await;
+        target_tx.send_replace(reachable.borrow().clone());
+        let more = data(9, 300_000);
+        spool.append(1, &more).await.unwrap();
+        produced.extend_from_slice(&more);
+        let total = shipper.finish().await;
+        assert_eq!(total, produced.len() as u64);
+        let st = server.coordinator.logs.lock().unwrap();
+        assert!(st.logs["att-away"] == produced, "log differs");
+        assert_eq!(
+            st.appended,
+            produced.len() as u64,
+            "a byte was written twice"
+        );
+    }
+
+    /// A coordinator that lost a long log it had acknowledged cannot be sent
+    /// it again (the runner dropped the acknowledged bytes): the shipper
+    /// stops instead of resending forever, and the attempt can finish.
+    #[tokio::test]
+    async fn stops_when_the_coordinator_lost_what_was_released() {
+        let server = testing::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create_with_budget(dir.path(), "att-lost", 160_000).unwrap();
+        let (_target_tx, target_rx) = target(&server).await;
+        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, SMALL);
+        let first = data(1, 100_000);
+        spool.append(0, &first).await.unwrap();
+        while shipper.acked() < first.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            spool.first_held(),
+            100_000,
+            "the acknowledged bytes were kept"
+        );
+        {
+            let mut st = server.coordinator.logs.lock().unwrap();
+            st.logs.clear();
+            st.steps.clear();
+        }
+        spool.append(0, &data(2, 1000)).await.unwrap();
+        let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
+            .await
+            .expect("the shipper kept resending what it no longer holds");
+        assert_eq!(total, 101_000);
+        let st = server.coordinator.logs.lock().unwrap();
+        assert!(st.out_of_range_sent >= 1);
+        assert!(!st.logs.contains_key("att-lost"), "sent bytes past a gap");
     }
 
     /// The coordinator says the attempt is not this runner's (it forgot a
