@@ -17,8 +17,10 @@
 //! - [`git`]: checkout of the run's repository at its exact commit.
 //! - [`secrets`]: runner-side secrets from `--secrets-file` and
 //!   `CAPSTAN_SECRET_*`.
-//! - [`logs`]: secret masking, the on-disk spool every output byte goes to
-//!   first, and the `PushLogs` shipper that drains it.
+//! - [`logs`]: secret masking, the spool that holds every output byte until
+//!   the coordinator acknowledged it (in memory, spilled to disk while the
+//!   coordinator does not take it), and the `PushLogs` shipper that drains
+//!   it.
 //! - `backoff`: jittered exponential delays between reconnects.
 //!
 //! Work dir layout: `runner.json` (credentials), `attempts/<attempt_id>/workspace`

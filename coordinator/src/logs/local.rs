@@ -439,7 +439,8 @@ mod tests {
         assert_eq!(
             cached_bytes(&path),
             len as u64,
-            "the log was not all cached after the write; the test cannot tell"
+            "the log was not all cached after the write, so the test cannot tell (on tmpfs, \
+             where fadvise does nothing, set TMPDIR to a disk file system)"
         );
         store.sync(&attempt).await.unwrap();
         assert_eq!(

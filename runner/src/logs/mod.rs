@@ -1,10 +1,12 @@
 //! Attempt logs on the runner.
 //!
 //! Every output byte of an attempt is first masked ([`mask`]: every runner
-//! secret, in several spellings), then appended to its [`spool::Spool`]
-//! (`<work_dir>/spool/<attempt_id>.log`), so a coordinator outage loses
-//! nothing; the [`shipper`] drains the spool to the coordinator with
-//! `PushLogs` and tracks the durable offset the coordinator acknowledges.
+//! secret, in several spellings), then appended to its [`spool::Spool`],
+//! which holds it until the coordinator acknowledged it: in memory (up to a
+//! budget), in `<work_dir>/spool/<attempt_id>.log` while the coordinator
+//! does not take it, so a coordinator outage loses nothing. The [`shipper`]
+//! drains the spool to the coordinator with `PushLogs` and tracks the
+//! durable offset the coordinator acknowledges.
 
 pub mod cap;
 pub mod mask;

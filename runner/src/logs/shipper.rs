@@ -143,7 +143,9 @@ impl ShipperHandle {
     }
 
     /// Closes the spool and waits until the coordinator acknowledged every
-    /// byte of it. Returns the log's total length.
+    /// byte of it, or the shipper gave up (the attempt is not this
+    /// runner's any more, or the coordinator lost bytes the spool no longer
+    /// holds). Returns the log's total length.
     pub async fn finish(self) -> u64 {
         self.spool.close();
         if let Err(e) = self.task.await {
@@ -174,6 +176,9 @@ async fn ship_with(
     acked_tx: watch::Sender<u64>,
     mut limits: Limits,
 ) {
+    // However the shipping ends (done, given up, aborted), later appends
+    // must not wait for memory that no acknowledgement will free.
+    let _abandon = AbandonOnExit(&spool);
     let mut state = spool.subscribe();
     let mut acked = 0u64;
     let mut backoff = Backoff::new();
@@ -240,7 +245,20 @@ async fn ship_with(
                     "coordinator holds less of the log than acknowledged; resending from 0"
                 );
                 acked = 0;
+                spool.rewind();
                 acked_tx.send_replace(acked);
+            }
+            Err(Failure::Gone(e)) => {
+                // Only after a resend from 0 that outgrew what the spool
+                // keeps whole: the acknowledged bytes were dropped.
+                warn!(
+                    attempt = spool.attempt_id(),
+                    acked,
+                    error = %e.source,
+                    "the spool no longer holds bytes the coordinator needs; the rest of the log \
+                     is not sent"
+                );
+                return;
             }
             Err(Failure::Status { status, .. }) if status.code() == tonic::Code::OutOfRange => {
                 // A stream overtook the one before it at a coordinator that
@@ -280,11 +298,23 @@ async fn ship_with(
     }
 }
 
+/// Calls [`Spool::abandon`] when dropped.
+struct AbandonOnExit<'a>(&'a Spool);
+
+impl Drop for AbandonOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
+}
+
 /// Why a window of streams was dropped.
 #[derive(Debug)]
 enum Failure {
     /// A stream's ack says the coordinator holds less than the stream sent.
     Short,
+    /// The spool no longer holds the bytes to send (released after an
+    /// acknowledgement); no retry can help.
+    Gone(super::spool::SpoolError),
     /// A stream failed; `overtook`: it was opened past `acked`, while the
     /// streams before it awaited their acks.
     Status {
@@ -419,9 +449,12 @@ impl Window<'_> {
             .spool
             .read_at(next, max)
             .await
-            .map_err(|e| Failure::Status {
-                status: tonic::Status::internal(e.to_string()),
-                overtook: o.overtook,
+            .map_err(|e| match e.source.kind() {
+                std::io::ErrorKind::NotFound => Failure::Gone(e),
+                _ => Failure::Status {
+                    status: tonic::Status::internal(e.to_string()),
+                    overtook: o.overtook,
+                },
             })?;
         let len = data.len() as u64;
         let chunk = LogChunk {
@@ -464,8 +497,9 @@ impl Window<'_> {
             .map_err(|status| Failure::Status { status, overtook })?;
         if durable > *self.acked {
             *self.acked = durable;
-            self.acked_tx.send_replace(durable);
+            // Released first: whoever sees the new `acked` sees its memory freed.
             self.spool.release(durable);
+            self.acked_tx.send_replace(durable);
         }
         if durable < end {
             return Err(Failure::Short);
@@ -728,6 +762,8 @@ mod tests {
     #[tokio::test]
     async fn stops_when_the_coordinator_lost_what_was_released() {
         let server = testing::start().await;
+        // Refused at once instead of after the test server's gap wait.
+        server.coordinator.logs.lock().unwrap().refuse_gaps = true;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::create_with_budget(dir.path(), "att-lost", 160_000).unwrap();
         let (_target_tx, target_rx) = target(&server).await;
@@ -755,6 +791,54 @@ mod tests {
         let st = server.coordinator.logs.lock().unwrap();
         assert!(st.out_of_range_sent >= 1);
         assert!(!st.logs.contains_key("att-lost"), "sent bytes past a gap");
+    }
+
+    /// A short log the coordinator lost is sent again from byte 0, and
+    /// keeps being sent whole while it grows past what the spool keeps
+    /// whole: the acknowledgements of the resend, not the ones before the
+    /// loss, decide what the spool may drop.
+    #[tokio::test]
+    async fn resends_a_lost_short_log_whole_while_it_grows() {
+        let server = testing::start().await;
+        server.coordinator.logs.lock().unwrap().refuse_gaps = true;
+        let dir = tempfile::tempdir().unwrap();
+        // Keeps a log whole up to 100 KB.
+        let spool = Spool::create_with_budget(dir.path(), "att-regrow", 1_600_000).unwrap();
+        // Small streams, each read only after the ack of the one before.
+        let limits = Limits {
+            stream_max_bytes: 20_000,
+            max_in_flight: 1,
+            ..SMALL
+        };
+        let (_target_tx, target_rx) = target(&server).await;
+        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
+        let mut produced = data(1, 70_000);
+        spool.append(0, &produced).await.unwrap();
+        while shipper.acked() < 70_000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        {
+            let mut st = server.coordinator.logs.lock().unwrap();
+            st.logs.clear();
+            st.steps.clear();
+        }
+        for i in 2..7 {
+            let more = data(i, 70_000);
+            spool.append(0, &more).await.unwrap();
+            produced.extend_from_slice(&more);
+        }
+        let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
+            .await
+            .expect("the shipper did not finish");
+        assert_eq!(total, produced.len() as u64);
+        let st = server.coordinator.logs.lock().unwrap();
+        assert!(st.out_of_range_sent >= 1, "the loss was not noticed");
+        let held = st.logs.get("att-regrow").map_or(0, Vec::len);
+        assert!(
+            st.logs["att-regrow"] == produced,
+            "the coordinator holds {held} of {} bytes",
+            produced.len()
+        );
     }
 
     /// The coordinator says the attempt is not this runner's (it forgot a

@@ -118,6 +118,9 @@ struct Held {
     /// Appends go to the file until memory is freed (an append waited
     /// [`ROOM_WAIT`] in vain).
     spilling: bool,
+    /// The shipper has stopped: nothing will free memory, so appends go
+    /// to the file without waiting.
+    abandoned: bool,
     /// Everything below this was acknowledged.
     released: u64,
     /// Every byte at or past this can be read; below it some were dropped.
@@ -125,10 +128,20 @@ struct Held {
 }
 
 impl Held {
+    /// Moves `open` into a sealed run. A mostly empty buffer is copied
+    /// out and kept for reuse, so that a sealed run never pins much more
+    /// memory than it holds (`open` is allocated at [`OPEN_MAX`] once and
+    /// never grows past it).
     fn seal(&mut self) {
         if !self.open.is_empty() {
             let at = self.open_at;
-            let run = self.open.split().freeze();
+            let run = if self.open.len() * 2 < self.open.capacity() {
+                let run = Bytes::copy_from_slice(&self.open);
+                self.open.clear();
+                run
+            } else {
+                std::mem::take(&mut self.open).freeze()
+            };
             self.open_at += run.len() as u64;
             self.mem.push_back((at, run));
         }
@@ -308,6 +321,9 @@ impl Spool {
                 if held.open.len() + data.len() > OPEN_MAX {
                     held.seal();
                 }
+                if held.open.capacity() == 0 {
+                    held.open.reserve(OPEN_MAX);
+                }
                 held.open.extend_from_slice(&data);
             } else {
                 held.seal();
@@ -366,7 +382,7 @@ impl Spool {
                     held.spilling = false;
                     return true;
                 }
-                if held.spilling {
+                if held.spilling || held.abandoned {
                     return false;
                 }
             }
@@ -397,6 +413,20 @@ impl Spool {
         if freed {
             self.room.notify_waiters();
         }
+    }
+
+    /// The coordinator will be sent the log again from byte 0 (it lost
+    /// bytes it had acknowledged): nothing is released again until new
+    /// acknowledgements come.
+    pub fn rewind(&self) {
+        self.held().released = 0;
+    }
+
+    /// The shipper has stopped for good while appends may still come:
+    /// they go to the file without waiting for memory nobody will free.
+    pub fn abandon(&self) {
+        self.held().abandoned = true;
+        self.room.notify_waiters();
     }
 
     /// Every byte at or past this offset can be read; some below it were
@@ -433,7 +463,8 @@ impl Spool {
     /// Reads up to `max` bytes at `offset`: fewer at the end of the log and
     /// where the bytes held in memory and in the file meet. Bytes in memory
     /// come as a slice of what was appended, without a copy. An offset
-    /// below [`Spool::first_held`] that was dropped is an error.
+    /// below [`Spool::first_held`] that was dropped is an error of kind
+    /// `NotFound`.
     pub async fn read_at(&self, offset: u64, max: usize) -> Result<Bytes, SpoolError> {
         let available = self.state().len.saturating_sub(offset);
         let n = usize::try_from(available).unwrap_or(usize::MAX).min(max);
