@@ -881,6 +881,7 @@ impl Agent {
             git_credentials: self.config.git_credentials.clone(),
             git_author: self.config.git_author.clone(),
             step_log_cap: self.config.step_log_cap,
+            log_memory: crate::logs::spool::budget_for(self.config.capacity),
         };
         self.tracker.spawn(attempt::run(spec).instrument(span));
         true

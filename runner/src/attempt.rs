@@ -71,6 +71,9 @@ pub(crate) struct AttemptSpec {
     pub git_author: crate::steps::git_push::Author,
     /// How much of each step's output the log keeps.
     pub step_log_cap: crate::logs::cap::StepLogCap,
+    /// The memory budget of the attempt's log spool
+    /// ([`crate::logs::spool::budget_for`] the runner's capacity).
+    pub log_memory: u64,
 }
 
 struct Outcome {
@@ -246,7 +249,7 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         Err(_) => make_workspace(&dir, &workspace),
     };
     let _ = std::fs::rename(spec.spool_dir.join(SPARE), spool_path(spec));
-    let log = match Spool::create_now(&spec.spool_dir, &attempt_id) {
+    let log = match Spool::create_with_budget(&spec.spool_dir, &attempt_id, spec.log_memory) {
         Ok(spool) => {
             let shipper = ShipperHandle::spawn(Arc::clone(&spool), spec.log_target.clone());
             Ok((spool, shipper))
@@ -775,6 +778,7 @@ mod tests {
             git_credentials: None,
             git_author: crate::steps::git_push::Author::default(),
             step_log_cap: crate::logs::cap::StepLogCap::default(),
+            log_memory: crate::logs::spool::MEMORY_BUDGET,
         };
         let task = testing::task(dir.path().join("ws"), vec![testing::run_step("true")]);
         let spool = Spool::create(&spec.spool_dir, "att-1").await.unwrap();

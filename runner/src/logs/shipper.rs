@@ -179,6 +179,9 @@ async fn ship_with(
     // However the shipping ends (done, given up, aborted), later appends
     // must not wait for memory that no acknowledgement will free.
     let _abandon = AbandonOnExit(&spool);
+    // Streams end at a quarter of the spool's memory, so acks free it
+    // before appends have to wait (see [`STREAM_MAX_BYTES`]).
+    limits.stream_max_bytes = limits.stream_max_bytes.min((spool.budget() / 4).max(1));
     let mut state = spool.subscribe();
     let mut acked = 0u64;
     let mut backoff = Backoff::new();
@@ -753,6 +756,14 @@ mod tests {
             st.appended,
             produced.len() as u64,
             "a byte was written twice"
+        );
+        // Streams end at a quarter of the spool's budget (50 KB; at most
+        // one 16 KiB chunk past it), not at the limits' 100 KB.
+        assert!(
+            st.streams >= produced.len() / (50_000 + 16 * 1024),
+            "{} streams for {} bytes",
+            st.streams,
+            produced.len()
         );
     }
 

@@ -46,6 +46,19 @@ use crate::executor::OutputSink;
 
 /// Unacknowledged bytes one attempt holds in memory, at most.
 pub const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
+/// What all the attempts of one runner hold in memory together, at most
+/// (unless each already has only [`MIN_BUDGET`]): see [`budget_for`].
+pub const RUNNER_MEMORY: u64 = 256 * 1024 * 1024;
+/// The smallest budget an attempt gets, however many slots the runner has.
+pub const MIN_BUDGET: u64 = 4 * 1024 * 1024;
+
+/// The memory budget of each attempt of a runner with `capacity` slots:
+/// [`RUNNER_MEMORY`] shared among them, at most [`MEMORY_BUDGET`] and at
+/// least [`MIN_BUDGET`] each, so that a 16-slot runner whose steps all
+/// flood their logs while the coordinator is slow holds 256 MiB, not 1 GiB.
+pub fn budget_for(capacity: u32) -> u64 {
+    (RUNNER_MEMORY / u64::from(capacity.max(1))).clamp(MIN_BUDGET, MEMORY_BUDGET)
+}
 /// How long an append waits for memory before it goes to the file.
 pub const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// A log at most this long is kept whole in memory until the attempt ends
@@ -244,8 +257,9 @@ impl Spool {
         Self::create_with_budget(dir, attempt_id, MEMORY_BUDGET)
     }
 
-    /// [`Spool::create_now`] with `budget` bytes of memory (tests).
-    pub(crate) fn create_with_budget(
+    /// [`Spool::create_now`] with `budget` bytes of memory (see
+    /// [`budget_for`]).
+    pub fn create_with_budget(
         dir: &Path,
         attempt_id: &str,
         budget: u64,
@@ -289,6 +303,11 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The most unacknowledged bytes this spool holds in memory.
+    pub fn budget(&self) -> u64 {
+        self.budget
     }
 
     fn held(&self) -> MutexGuard<'_, Held> {
@@ -656,6 +675,19 @@ mod tests {
         assert_eq!(spool.first_held(), 90_000);
         let err = spool.read_at(5, 10).await.unwrap_err();
         assert!(err.source.to_string().contains("no longer held"), "{err:#}");
+    }
+
+    #[test]
+    fn runner_memory_is_shared_among_its_slots() {
+        assert_eq!(budget_for(0), MEMORY_BUDGET);
+        assert_eq!(budget_for(1), MEMORY_BUDGET);
+        assert_eq!(budget_for(4), MEMORY_BUDGET);
+        assert_eq!(budget_for(16), 16 << 20);
+        assert_eq!(budget_for(64), MIN_BUDGET);
+        assert_eq!(budget_for(1000), MIN_BUDGET);
+        for capacity in 1..=64 {
+            assert!(budget_for(capacity) * u64::from(capacity) <= RUNNER_MEMORY);
+        }
     }
 
     /// An append waiting for room goes to memory as soon as an
