@@ -28,7 +28,8 @@
 //! leader without the old one's log dir). We do not parse the durable
 //! offset out of the status message (its text is not a contract): if the
 //! spool still holds the whole log (it keeps a log whole up to
-//! [`super::spool::KEEP_WHOLE`], which covers almost every CI log), the
+//! [`super::spool::KEEP_WHOLE`], 4 MiB, or a quarter of a smaller memory
+//! budget, which covers almost every CI log), the
 //! shipper resends from offset 0 and the coordinator skips what it has. A
 //! longer log's acknowledged bytes were dropped as the acks came, so no
 //! resend can fill the gap: the shipper says so and stops, instead of
@@ -252,8 +253,10 @@ async fn ship_with(
                 acked_tx.send_replace(acked);
             }
             Err(Failure::Gone(e)) => {
-                // Only after a resend from 0 that outgrew what the spool
-                // keeps whole: the acknowledged bytes were dropped.
+                // Cannot happen while the spool releases only what was
+                // acknowledged (`release` follows `acked`, `rewind` resets
+                // both): a guard against a coordinator that acknowledged
+                // bytes it did not hold.
                 warn!(
                     attempt = spool.attempt_id(),
                     acked,
@@ -814,7 +817,7 @@ mod tests {
         server.coordinator.logs.lock().unwrap().refuse_gaps = true;
         let dir = tempfile::tempdir().unwrap();
         // Keeps a log whole up to 100 KB.
-        let spool = Spool::create_with_budget(dir.path(), "att-regrow", 1_600_000).unwrap();
+        let spool = Spool::create_with_budget(dir.path(), "att-regrow", 400_000).unwrap();
         // Small streams, each read only after the ack of the one before.
         let limits = Limits {
             stream_max_bytes: 20_000,
@@ -832,8 +835,27 @@ mod tests {
             let mut st = server.coordinator.logs.lock().unwrap();
             st.logs.clear();
             st.steps.clear();
+            // The resend takes a while: the log grows past 100 KB meanwhile.
+            st.ack_delay = Duration::from_millis(50);
         }
-        for i in 2..7 {
+        // Still short when the shipper finds out what was lost...
+        let more = data(2, 20_000);
+        spool.append(0, &more).await.unwrap();
+        produced.extend_from_slice(&more);
+        // (Until the resend has begun: a log that grows past 100 KB before
+        // the shipper learns of the loss has dropped what it acknowledged.)
+        while !server
+            .coordinator
+            .logs
+            .lock()
+            .unwrap()
+            .logs
+            .contains_key("att-regrow")
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // ... and past what the spool keeps whole during the resend.
+        for i in 3..7 {
             let more = data(i, 70_000);
             spool.append(0, &more).await.unwrap();
             produced.extend_from_slice(&more);

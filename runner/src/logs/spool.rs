@@ -25,7 +25,7 @@
 //!   unreachable).
 //!
 //! Acknowledged bytes are kept in memory while the whole log is at most
-//! [`KEEP_WHOLE`] long, so a coordinator that lost a log it had
+//! [`KEEP_WHOLE`] long (a quarter of the budget if that is less), so a coordinator that lost a log it had
 //! acknowledged can be sent the whole of a typical log again; past that
 //! they are dropped as acknowledgements come. [`Spool::first_held`] says
 //! from where the spool can still be read.
@@ -62,8 +62,8 @@ pub fn budget_for(capacity: u32) -> u64 {
 /// How long an append waits for memory before it goes to the file.
 pub const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// A log at most this long is kept whole in memory until the attempt ends
-/// (see the module docs): a sixteenth of the budget.
-pub const KEEP_WHOLE: u64 = MEMORY_BUDGET / 16;
+/// (see the module docs); at most a quarter of a smaller budget.
+pub const KEEP_WHOLE: u64 = 4 * 1024 * 1024;
 /// Appends smaller than this are copied into one growing buffer instead of
 /// being kept as one allocation each (a chatty step writes line by line).
 const SMALL: usize = 64 * 1024;
@@ -105,7 +105,8 @@ pub struct Spool {
     held: Mutex<Held>,
     /// Woken when [`Spool::release`] frees memory.
     room: Notify,
-    /// [`MEMORY_BUDGET`] and [`KEEP_WHOLE`], smaller in tests.
+    /// From [`budget_for`]; `keep_whole` is [`KEEP_WHOLE`] or a quarter of
+    /// the budget, whichever is less.
     budget: u64,
     keep_whole: u64,
     /// (first offset, step index) of each run of bytes from one step;
@@ -234,7 +235,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Spool {
-    /// Creates (truncating) `<dir>/<attempt_id>.log` on the blocking pool.
+    /// [`Spool::create_with_budget`] with [`MEMORY_BUDGET`], on the
+    /// blocking pool (tests).
+    #[cfg(test)]
     pub async fn create(dir: &Path, attempt_id: &str) -> Result<Arc<Self>, SpoolError> {
         let (d, id) = (dir.to_owned(), attempt_id.to_owned());
         tokio::task::spawn_blocking(move || Self::create_now(&d, &id))
@@ -247,18 +250,20 @@ impl Spool {
             })
     }
 
-    /// [`Spool::create`] on the calling thread: one `open` (plus a `mkdir`
-    /// if the directory is gone). An attempt's start calls this inline: a
-    /// trip to the blocking pool and back cost more than the open itself,
-    /// and pickup waits for it. The file is made even though most logs
-    /// never reach it, so that a spool that cannot spill fails here, at
-    /// the start, and not when the coordinator goes away.
+    /// [`Spool::create_with_budget`] with [`MEMORY_BUDGET`] (tests).
+    #[cfg(test)]
     pub fn create_now(dir: &Path, attempt_id: &str) -> Result<Arc<Self>, SpoolError> {
         Self::create_with_budget(dir, attempt_id, MEMORY_BUDGET)
     }
 
-    /// [`Spool::create_now`] with `budget` bytes of memory (see
-    /// [`budget_for`]).
+    /// Creates (truncating) `<dir>/<attempt_id>.log`, holding up to
+    /// `budget` bytes in memory (see [`budget_for`]), on the calling
+    /// thread: one `open` (plus a `mkdir` if the directory is gone). An
+    /// attempt's start calls this inline: a trip to the blocking pool and
+    /// back cost more than the open itself, and pickup waits for it. The
+    /// file is made even though most logs never reach it, so that a spool
+    /// that cannot spill fails here, at the start, and not when the
+    /// coordinator goes away.
     pub fn create_with_budget(
         dir: &Path,
         attempt_id: &str,
@@ -290,7 +295,7 @@ impl Spool {
             held: Mutex::new(Held::default()),
             room: Notify::new(),
             budget,
-            keep_whole: budget / 16,
+            keep_whole: KEEP_WHOLE.min(budget / 4),
             segments: Mutex::new(Vec::new()),
             state: watch::Sender::new(SpoolState::default()),
             path,
@@ -334,7 +339,7 @@ impl Spool {
         let mut len = self.appender.lock().await;
         let at = *len;
         let n = data.len() as u64;
-        if self.make_room(n).await {
+        if self.make_room(at, n).await {
             let mut held = self.held();
             if data.len() < SMALL {
                 if held.open.len() + data.len() > OPEN_MAX {
@@ -386,8 +391,13 @@ impl Spool {
 
     /// Whether `n` more bytes may go to memory, after waiting up to
     /// [`ROOM_WAIT`] for the shipper to free some; `false`: spill them.
-    async fn make_room(&self, n: u64) -> bool {
-        let fits = |held: &Held| held.mem_bytes == 0 || held.mem_bytes + n <= self.budget;
+    async fn make_room(&self, len: u64, n: u64) -> bool {
+        let fits = |held: &mut Held| {
+            // This append may take the log past `keep_whole`: what was kept
+            // only for that may go now.
+            held.drop_acked(len + n, self.keep_whole);
+            held.mem_bytes == 0 || held.mem_bytes + n <= self.budget
+        };
         let deadline = tokio::time::Instant::now() + ROOM_WAIT;
         loop {
             // Registered before the check: a release between the check
@@ -397,7 +407,7 @@ impl Spool {
             freed.as_mut().enable();
             {
                 let mut held = self.held();
-                if fits(&held) {
+                if fits(&mut held) {
                     held.spilling = false;
                     return true;
                 }
@@ -407,7 +417,7 @@ impl Spool {
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 let mut held = self.held();
-                if fits(&held) {
+                if fits(&mut held) {
                     return true;
                 }
                 held.spilling = true;
@@ -421,7 +431,9 @@ impl Spool {
     }
 
     /// The coordinator acknowledged every byte below `acked`: memory
-    /// holding them may be freed (see [`KEEP_WHOLE`]).
+    /// holding them may be freed (see [`KEEP_WHOLE`]). The shipper calls
+    /// it with every new `acked`, so nothing at or past where it resends
+    /// from is ever dropped.
     pub fn release(&self, acked: u64) {
         let len = self.state().len;
         let freed = {
@@ -670,7 +682,7 @@ mod tests {
             "appended to the file after a release"
         );
         assert_eq!(read_all(&spool, 90_000).await, produced[90_000..]);
-        // The log is past a sixteenth of the budget: what was acknowledged
+        // The log is past a quarter of the budget: what was acknowledged
         // from memory is gone, and says so.
         assert_eq!(spool.first_held(), 90_000);
         let err = spool.read_at(5, 10).await.unwrap_err();
@@ -688,6 +700,29 @@ mod tests {
         for capacity in 1..=64 {
             assert!(budget_for(capacity) * u64::from(capacity) <= RUNNER_MEMORY);
         }
+    }
+
+    /// Once the shipper has stopped, nothing frees memory: an append past
+    /// the budget goes to the file at once instead of waiting for room.
+    #[tokio::test]
+    async fn an_abandoned_spool_spills_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create_with_budget(dir.path(), "att-abandoned", 100_000).unwrap();
+        let first = data(1, 90_000);
+        spool.append(0, &first).await.unwrap();
+        spool.abandon();
+        let started = std::time::Instant::now();
+        let second = data(2, 50_000);
+        spool.append(0, &second).await.unwrap();
+        assert!(
+            started.elapsed() < ROOM_WAIT,
+            "waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(file_len(&spool), 140_000, "not spilled");
+        let mut produced = first;
+        produced.extend_from_slice(&second);
+        assert_eq!(read_all(&spool, 0).await, produced);
     }
 
     /// An append waiting for room goes to memory as soon as an
@@ -714,12 +749,12 @@ mod tests {
         assert_eq!(read_all(&spool, 70_000).await, data(2, 70_000));
     }
 
-    /// A log no longer than a sixteenth of the budget stays whole after it
+    /// A log no longer than a quarter of the budget stays whole after it
     /// was acknowledged, so it can be sent again from byte 0.
     #[tokio::test]
     async fn keeps_a_short_log_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create_with_budget(dir.path(), "att-short", 1_600_000).unwrap();
+        let spool = Spool::create_with_budget(dir.path(), "att-short", 400_000).unwrap();
         let mut produced = Vec::new();
         for i in 0..10 {
             let d = data(i, 10_000);
