@@ -577,6 +577,17 @@ mod tests {
         (0..size).map(|j| ((i * 31 + j) % 251) as u8).collect()
     }
 
+    /// Waits until the coordinator acknowledged `n` bytes, then makes it
+    /// lose every log it holds (a restart that lost acknowledged data).
+    async fn lose_after_ack(server: &testing::Handle, shipper: &ShipperHandle, n: u64) {
+        while shipper.acked() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut st = server.coordinator.logs.lock().unwrap();
+        st.logs.clear();
+        st.steps.clear();
+    }
+
     /// Small streams, so that a test sees many of them.
     const SMALL: Limits = Limits {
         max_chunk: 16 * 1024,
@@ -705,15 +716,7 @@ mod tests {
         let shipper = ShipperHandle::spawn(Arc::clone(&spool), target_rx);
         let first = data(1, 100_000);
         spool.append(0, &first).await.unwrap();
-        while shipper.acked() < first.len() as u64 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // The coordinator "restarts" and loses what it acknowledged.
-        {
-            let mut st = server.coordinator.logs.lock().unwrap();
-            st.logs.clear();
-            st.steps.clear();
-        }
+        lose_after_ack(&server, &shipper, first.len() as u64).await;
         let second = data(2, 100_000);
         spool.append(1, &second).await.unwrap();
         let total = shipper.finish().await;
@@ -792,11 +795,7 @@ mod tests {
             100_000,
             "the acknowledged bytes were kept"
         );
-        {
-            let mut st = server.coordinator.logs.lock().unwrap();
-            st.logs.clear();
-            st.steps.clear();
-        }
+        lose_after_ack(&server, &shipper, 100_000).await;
         spool.append(0, &data(2, 1000)).await.unwrap();
         let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
             .await
@@ -828,16 +827,9 @@ mod tests {
         let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
         let mut produced = data(1, 70_000);
         spool.append(0, &produced).await.unwrap();
-        while shipper.acked() < 70_000 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        {
-            let mut st = server.coordinator.logs.lock().unwrap();
-            st.logs.clear();
-            st.steps.clear();
-            // The resend takes a while: the log grows past 100 KB meanwhile.
-            st.ack_delay = Duration::from_millis(50);
-        }
+        lose_after_ack(&server, &shipper, 70_000).await;
+        // The resend takes a while: the log grows past 100 KB meanwhile.
+        server.coordinator.logs.lock().unwrap().ack_delay = Duration::from_millis(50);
         // Still short when the shipper finds out what was lost...
         let more = data(2, 20_000);
         spool.append(0, &more).await.unwrap();

@@ -616,6 +616,23 @@ mod tests {
         (0..n).map(|i| seed.wrapping_add((i % 251) as u8)).collect()
     }
 
+    /// Appends `data(seed, size)` for each seed, as step `step`; returns
+    /// all of it.
+    async fn append_each(
+        spool: &Spool,
+        step: u32,
+        seeds: std::ops::Range<u8>,
+        size: usize,
+    ) -> Vec<u8> {
+        let mut produced = Vec::new();
+        for seed in seeds {
+            let d = data(seed, size);
+            spool.append(step, &d).await.unwrap();
+            produced.extend_from_slice(&d);
+        }
+        produced
+    }
+
     async fn read_all(spool: &Spool, from: u64) -> Vec<u8> {
         let mut out = Vec::new();
         let mut at = from;
@@ -637,13 +654,8 @@ mod tests {
     async fn spills_to_the_file_when_nothing_is_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::create_with_budget(dir.path(), "att-spill", 100_000).unwrap();
-        let mut produced = Vec::new();
         // 90 KB of small appends (the open buffer) and one big one.
-        for i in 0..9 {
-            let d = data(i, 10_000);
-            spool.append(0, &d).await.unwrap();
-            produced.extend_from_slice(&d);
-        }
+        let mut produced = append_each(&spool, 0, 0..9, 10_000).await;
         assert_eq!(file_len(&spool), 0);
         let started = std::time::Instant::now();
         let big = data(50, 80_000);
@@ -657,11 +669,7 @@ mod tests {
         // Written at its offset in the log; the file is sparse before it.
         assert_eq!(file_len(&spool), 170_000);
         let started = std::time::Instant::now();
-        for i in 0..5 {
-            let d = data(100 + i, 30_000);
-            spool.append(2, &d).await.unwrap();
-            produced.extend_from_slice(&d);
-        }
+        produced.extend(append_each(&spool, 2, 100..105, 30_000).await);
         assert!(
             started.elapsed() < ROOM_WAIT,
             "appends after a spill waited for room again ({:?})",
@@ -755,12 +763,7 @@ mod tests {
     async fn keeps_a_short_log_whole() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::create_with_budget(dir.path(), "att-short", 400_000).unwrap();
-        let mut produced = Vec::new();
-        for i in 0..10 {
-            let d = data(i, 10_000);
-            spool.append(0, &d).await.unwrap();
-            produced.extend_from_slice(&d);
-        }
+        let produced = append_each(&spool, 0, 0..10, 10_000).await;
         spool.release(100_000);
         assert_eq!(spool.first_held(), 0);
         assert_eq!(read_all(&spool, 0).await, produced);
