@@ -577,6 +577,27 @@ mod tests {
         (0..size).map(|j| ((i * 31 + j) % 251) as u8).collect()
     }
 
+    /// A new spool with `budget` bytes of memory and its shipper to the test
+    /// coordinator. Keep the dir and the target's sender until the end:
+    /// dropping either ends the shipping early.
+    async fn shipping(
+        server: &testing::Handle,
+        attempt: &str,
+        budget: u64,
+        limits: Limits,
+    ) -> (
+        tempfile::TempDir,
+        watch::Sender<Option<LogTarget>>,
+        Arc<Spool>,
+        ShipperHandle,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create_with_budget(dir.path(), attempt, budget).unwrap();
+        let (target_tx, target_rx) = target(server).await;
+        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
+        (dir, target_tx, spool, shipper)
+    }
+
     /// Waits until the coordinator acknowledged `n` bytes, then makes it
     /// lose every log it holds (a restart that lost acknowledged data).
     async fn lose_after_ack(server: &testing::Handle, shipper: &ShipperHandle, n: u64) {
@@ -619,10 +640,8 @@ mod tests {
         attempt: &str,
         limits: Limits,
     ) -> testing::LogStats {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path(), attempt).await.unwrap();
-        let (_target_tx, target_rx) = target(server).await;
-        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
+        let (_dir, _target, spool, shipper) =
+            shipping(server, attempt, crate::logs::spool::MEMORY_BUDGET, limits).await;
         let (produced, steps) = produce(&spool).await;
         let total = shipper.finish().await;
         assert_eq!(total, produced.len() as u64);
@@ -710,10 +729,13 @@ mod tests {
     #[tokio::test]
     async fn resends_from_zero_after_out_of_range() {
         let server = testing::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path(), "att-oor").await.unwrap();
-        let (_target_tx, target_rx) = target(&server).await;
-        let shipper = ShipperHandle::spawn(Arc::clone(&spool), target_rx);
+        let (_dir, _target, spool, shipper) = shipping(
+            &server,
+            "att-oor",
+            crate::logs::spool::MEMORY_BUDGET,
+            Limits::default(),
+        )
+        .await;
         let first = data(1, 100_000);
         spool.append(0, &first).await.unwrap();
         lose_after_ack(&server, &shipper, first.len() as u64).await;
@@ -781,10 +803,7 @@ mod tests {
         let server = testing::start().await;
         // Refused at once instead of after the test server's gap wait.
         server.coordinator.logs.lock().unwrap().refuse_gaps = true;
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create_with_budget(dir.path(), "att-lost", 160_000).unwrap();
-        let (_target_tx, target_rx) = target(&server).await;
-        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, SMALL);
+        let (_dir, _target, spool, shipper) = shipping(&server, "att-lost", 160_000, SMALL).await;
         let first = data(1, 100_000);
         spool.append(0, &first).await.unwrap();
         while shipper.acked() < first.len() as u64 {
@@ -814,17 +833,15 @@ mod tests {
     async fn resends_a_lost_short_log_whole_while_it_grows() {
         let server = testing::start().await;
         server.coordinator.logs.lock().unwrap().refuse_gaps = true;
-        let dir = tempfile::tempdir().unwrap();
-        // Keeps a log whole up to 100 KB.
-        let spool = Spool::create_with_budget(dir.path(), "att-regrow", 400_000).unwrap();
         // Small streams, each read only after the ack of the one before.
         let limits = Limits {
             stream_max_bytes: 20_000,
             max_in_flight: 1,
             ..SMALL
         };
-        let (_target_tx, target_rx) = target(&server).await;
-        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
+        // The spool keeps a log whole up to 100 KB (a quarter of 400 KB).
+        let (_dir, _target, spool, shipper) =
+            shipping(&server, "att-regrow", 400_000, limits).await;
         let mut produced = data(1, 70_000);
         spool.append(0, &produced).await.unwrap();
         lose_after_ack(&server, &shipper, 70_000).await;
@@ -875,10 +892,13 @@ mod tests {
     async fn gives_up_when_the_attempt_is_not_the_runners() {
         let server = testing::start().await;
         server.coordinator.logs.lock().unwrap().refuse_attempts = true;
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path(), "att-gone").await.unwrap();
-        let (_target_tx, target_rx) = target(&server).await;
-        let shipper = ShipperHandle::spawn(Arc::clone(&spool), target_rx);
+        let (_dir, _target, spool, shipper) = shipping(
+            &server,
+            "att-gone",
+            crate::logs::spool::MEMORY_BUDGET,
+            Limits::default(),
+        )
+        .await;
         spool
             .append(0, b"output of a superseded attempt\n")
             .await
