@@ -36,6 +36,10 @@ const SCENARIOS: &[&str] = &[
     "buildbot",
 ];
 
+/// Scenarios a full run leaves out; they run only when named.
+/// `pickup-ab` compares two builds and needs `$CAPSTAN_AB_BIN_DIR`.
+const ON_REQUEST: &[&str] = &["pickup-ab"];
+
 #[derive(Parser, Debug)]
 #[command(
     name = "capstan-bench",
@@ -50,7 +54,9 @@ struct Args {
     out: PathBuf,
     /// Run only this scenario (repeatable); its figures are merged into an
     /// existing report at --out. One of: store, pickup, throughput,
-    /// throughput-etcd, logs, connected, lost-runner, container, buildbot.
+    /// throughput-etcd, logs, connected, lost-runner, container, buildbot;
+    /// or pickup-ab (two builds' pickup, alternating; build A's binaries in
+    /// `$CAPSTAN_AB_BIN_DIR`).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Take Buildbot's figures from this harness summary (its `work/summary.txt`
@@ -82,10 +88,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     for s in &args.scenarios {
-        if !SCENARIOS.contains(&s.as_str()) {
+        if !SCENARIOS.contains(&s.as_str()) && !ON_REQUEST.contains(&s.as_str()) {
             anyhow::bail!(
-                "unknown scenario `{s}`; choose from {}",
-                SCENARIOS.join(", ")
+                "unknown scenario `{s}`; choose from {}, {}",
+                SCENARIOS.join(", "),
+                ON_REQUEST.join(", ")
             );
         }
     }
@@ -135,6 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let result: anyhow::Result<Figures> = match *name {
             "store" => scenarios::store_commit::run(&ctx).await,
             "pickup" => scenarios::pickup::run(&ctx).await,
+            "pickup-ab" => scenarios::pickup::run_ab(&ctx).await,
             "throughput" => scenarios::throughput::run(&ctx).await,
             "throughput-etcd" => scenarios::throughput::run_etcd(&ctx).await,
             "logs" => scenarios::log_throughput::run(&ctx).await,

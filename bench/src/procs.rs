@@ -50,8 +50,9 @@ fn daemon(program: PathBuf) -> Command {
     cmd
 }
 
-pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = bin_dir().join(name);
+/// `name` in the directory `dir`, which must hold it.
+fn bin_in(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
     if !p.exists() {
         bail!(
             "{} is missing: build it first (cargo build -p capstan-coordinator -p capstan-runner, \
@@ -95,17 +96,25 @@ pub struct Coordinator {
     pub http: SocketAddr,
     pub token: String,
     pub dir: PathBuf,
+    /// Where this coordinator's binary came from; its runners come from there too.
+    bins: PathBuf,
 }
 
 impl Coordinator {
     /// Starts a coordinator with its data dir under `dir` and waits for `/readyz`.
     /// `extra` are more flags (`--lease-ms 2000`, ...).
     pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        Self::start_from(&bin_dir(), dir, extra).await
+    }
+
+    /// [`Coordinator::start`] with the binaries (this one and its runners')
+    /// from `bins` instead of [`bin_dir`]: two builds side by side.
+    pub async fn start_from(bins: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let token = format!("bench-{}", std::process::id());
-        let child = daemon(bin("capstan-coordinator")?)
+        let child = daemon(bin_in(bins, "capstan-coordinator")?)
             .args(["--listen", &grpc.to_string()])
             .args(["--http-listen", &http.to_string()])
             .arg("--data-dir")
@@ -123,6 +132,7 @@ impl Coordinator {
             http,
             token,
             dir: dir.to_path_buf(),
+            bins: bins.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -185,7 +195,7 @@ impl Coordinator {
         capacity: u32,
     ) -> anyhow::Result<Runner> {
         let work = self.dir.join(format!("work-{name}"));
-        let child = daemon(bin("capstan-runner")?)
+        let child = daemon(bin_in(&self.bins, "capstan-runner")?)
             .args(["--coordinator", &self.url()])
             .args(["--registration-token", &self.token])
             .args(["--name", name])

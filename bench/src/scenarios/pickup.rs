@@ -21,34 +21,17 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let coord = Coordinator::start(&ctx.dir, &[]).await?;
     let _runner = coord.start_runner("pickup-0", "shell", 1)?;
     coord.wait_connected(1, Duration::from_secs(20)).await?;
-    let mut client = coord.client().await?;
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
-    let mut samples = Vec::with_capacity(runs);
-    for i in 0..WARMUP + runs {
-        let file = stamps.join(format!("{i}"));
-        let yaml = format!(
-            "version: 1\nname: pickup\ntasks:\n  t:\n    steps:\n      - run: \"date +%s%N > {}\"\n",
-            file.display()
-        );
-        let before = epoch_ns();
-        let id = Coordinator::submit(&mut client, &yaml).await?;
-        wait_finished(&mut client, &id).await?;
-        let stamp: i128 = std::fs::read_to_string(&file)
-            .with_context(|| format!("run {id} wrote no stamp"))?
-            .trim()
-            .parse()?;
-        if i >= WARMUP {
-            samples.push((stamp - before) as f64 / 1e6);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let url = coord.url();
+    let mut samples = tokio::task::spawn_blocking(move || measure(&url, &stamps, runs))
+        .await
+        .context("the pickup loop panicked")??;
     let (p50, p99, max) = summary(&mut samples);
     println!(
         "pickup: {runs} runs, 1 shell runner, {} cores: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
         cores()
     );
-    drop(client);
     drop(_runner);
     drop(coord);
     let (o50, o99) = offer_latency(ctx, runs).await?;
@@ -62,6 +45,121 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         ("pickup_runs".into(), runs as f64),
         ("pickup_offer_p50_ms".into(), o50),
         ("pickup_offer_p99_ms".into(), o99),
+    ])
+}
+
+/// Submits `runs` (after [`WARMUP`]) one at a time and returns each one's
+/// stamp minus the clock read just before its `SubmitRun`, in ms.
+///
+/// The loop runs on a current-thread runtime of its own, so reading the
+/// clock, encoding the request and writing it to the socket happen on one
+/// thread, as in the Buildbot harness's synchronous POST. On the bench's
+/// multi-thread runtime the request first hopped to another thread (tonic's
+/// buffer task on a worker): 0.15 ms of the client's own per submit on an
+/// idle 2-vCPU VM, counted against the coordinator.
+fn measure(url: &str, stamps: &std::path::Path, runs: usize) -> anyhow::Result<Vec<f64>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = connect(url).await?;
+        let mut samples = Vec::with_capacity(runs);
+        for i in 0..WARMUP + runs {
+            let ms = one_pickup(&mut client, &stamps.join(format!("{i}"))).await?;
+            if i >= WARMUP {
+                samples.push(ms);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(samples)
+    })
+}
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    Ok(Client::new(
+        tonic::transport::Channel::from_shared(url.to_string())?
+            .connect()
+            .await?,
+    ))
+}
+
+type Client = api::pipeline_service_client::PipelineServiceClient<tonic::transport::Channel>;
+
+/// One pickup: submits a run whose step writes `date +%s%N` to `file`,
+/// waits for it, and returns the stamp minus the clock read just before
+/// the submit, in ms.
+async fn one_pickup(client: &mut Client, file: &std::path::Path) -> anyhow::Result<f64> {
+    let yaml = format!(
+        "version: 1\nname: pickup\ntasks:\n  t:\n    steps:\n      - run: \"date +%s%N > {}\"\n",
+        file.display()
+    );
+    let before = epoch_ns();
+    let id = Coordinator::submit(client, &yaml).await?;
+    wait_finished(client, &id).await?;
+    let stamp: i128 = std::fs::read_to_string(file)
+        .with_context(|| format!("run {id} wrote no stamp"))?
+        .trim()
+        .parse()?;
+    Ok((stamp - before) as f64 / 1e6)
+}
+
+/// Pickup of two builds side by side (`pickup-ab`): build A's coordinator and
+/// runner from `$CAPSTAN_AB_BIN_DIR`, build B's from the usual place, both
+/// idle at once, and submits alternating between them (A first on even
+/// rounds, B first on odd), so that both see the same machine. On these
+/// shared VMs a p50 drifts by 0.5 ms within minutes, which hides a change
+/// of that size between two sequential runs.
+pub async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
+    let a_bins = std::env::var_os("CAPSTAN_AB_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .context("pickup-ab compares two builds: set CAPSTAN_AB_BIN_DIR to build A's binaries")?;
+    let runs = if ctx.quick { 30 } else { 300 };
+    let a = Coordinator::start_from(&a_bins, &ctx.dir.join("a"), &[]).await?;
+    let b = Coordinator::start(&ctx.dir.join("b"), &[]).await?;
+    let _runners = [
+        a.start_runner("pickup-a", "shell", 1)?,
+        b.start_runner("pickup-b", "shell", 1)?,
+    ];
+    a.wait_connected(1, Duration::from_secs(20)).await?;
+    b.wait_connected(1, Duration::from_secs(20)).await?;
+    let urls = [a.url(), b.url()];
+    let stamps = ctx.dir.join("stamps");
+    std::fs::create_dir_all(&stamps)?;
+    let [mut sa, mut sb] = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut clients = [connect(&urls[0]).await?, connect(&urls[1]).await?];
+            let mut samples = [Vec::with_capacity(runs), Vec::with_capacity(runs)];
+            for i in 0..WARMUP + runs {
+                for k in 0..2 {
+                    let arm = (i + k) % 2;
+                    let file = stamps.join(format!("{i}-{arm}"));
+                    let ms = one_pickup(&mut clients[arm], &file).await?;
+                    if i >= WARMUP {
+                        samples[arm].push(ms);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            anyhow::Ok(samples)
+        })
+    })
+    .await
+    .context("the pickup loop panicked")??;
+    let (a50, a99, _) = summary(&mut sa);
+    let (b50, b99, _) = summary(&mut sb);
+    println!(
+        "pickup-ab: {runs} runs each, alternating, {} cores: A ({}) p50 {a50:.2} ms, p99 {a99:.2} ms; \
+         B p50 {b50:.2} ms, p99 {b99:.2} ms; B/A p50 {:.3}",
+        cores(),
+        a_bins.display(),
+        b50 / a50
+    );
+    Ok(vec![
+        ("pickup_ab_a_p50_ms".into(), a50),
+        ("pickup_ab_b_p50_ms".into(), b50),
     ])
 }
 

@@ -292,6 +292,11 @@ impl Scheduler {
             }
             self.state.dispatch(Instant::now());
             self.commit().await?;
+            // The tasks the commit woke (runner streams carrying confirms
+            // and offers, replies) run before this loop takes the next
+            // batch: with redb its write would hold this thread, and them,
+            // for another fsync.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -529,19 +534,25 @@ impl Scheduler {
     /// end and the runners drop what they prepared). A leadership that ends
     /// meanwhile sends none either: with etcd the write is fenced by the
     /// leader's lease and fails, and the scheduler future is aborted at the
-    /// write's await. (redb runs the write inside one poll, with
-    /// `block_in_place`, so an abort cannot stop it between the write and
-    /// the confirms; redb is standalone-only, where leadership ends only at
-    /// shutdown, and the runner streams end with it.) Accepts of
+    /// write's await, or at the yield before it. (redb runs the write inside
+    /// one poll, on this thread, so an abort cannot stop it between the
+    /// write and the confirms; redb is standalone-only, where leadership
+    /// ends only at shutdown, and the runner streams end with it.) Accepts of
     /// tentative offers that arrive meanwhile wait in the channel for the
     /// next turn, which sees the offer as written.
     async fn commit(&mut self) -> Result<(), StoreError> {
         let mut fx = self.state.take_effects();
         let tentative = fx.take_tentative_offers();
         let mut confirms = Vec::with_capacity(tentative.len());
+        let any_tentative = !tentative.is_empty();
         for out in tentative {
             confirms.extend(state::confirm_of(&out));
             let _ = out.tx.send(Ok(out.msg));
+        }
+        if any_tentative {
+            // The offers' runner streams run now, before a store that
+            // writes on this thread (redb) blocks it for the fsync.
+            tokio::task::yield_now().await;
         }
         let mut batch = Vec::new();
         for id in &fx.dirty_runs {

@@ -21,8 +21,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Each [`Store::apply`] is one write transaction committed with
 /// [`Durability::Immediate`] (fsynced before it returns); reads run in read
 /// transactions and see the last committed batch. redb admits one write
-/// transaction at a time, so batches are serialized. Blocking redb calls run
-/// on tokio's blocking pool.
+/// transaction at a time, so batches are serialized. Reads run on tokio's
+/// blocking pool; writes block the calling thread (see [`write_here`]).
 ///
 /// The file is locked while a `RedbStore` on it exists (until it is dropped):
 /// a second open, from this or another process, fails.
@@ -137,23 +137,20 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Runs a write transaction `f` on this worker thread, when the runtime has
-/// several (else as [`blocking`]); a panic becomes an error.
+/// Runs a write transaction `f` on the calling thread, blocking it for the
+/// write and its fsync; a panic becomes an error.
 ///
-/// The scheduler's commit is on the pickup path: a trip to the blocking
-/// pool costs a thread wake-up there and another one back after the fsync
-/// (0.1-0.2 ms together on an idle 2-vCPU VM), while `block_in_place`
-/// hands this worker's other tasks to another worker and runs `f` here.
-async fn blocking_here<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BoxError> + Send + 'static,
-) -> Result<T, BoxError> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() != RuntimeFlavor::MultiThread {
-        return blocking(f).await;
-    }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        tokio::task::block_in_place(f)
-    })) {
+/// The scheduler's commit is the caller that matters, and it is on the
+/// pickup path. Each way of moving the write off the worker cost a
+/// cross-thread wake-up, 0.1-0.3 ms each on an idle 2-vCPU VM whose idle
+/// vCPUs halt: `spawn_blocking` one there and one back; `block_in_place`
+/// one to hand the worker's core to a new thread, and one after the fsync,
+/// because the tasks the confirms wake then ran on that other thread. Run
+/// here, the runner streams that carry the confirms run on this thread as
+/// soon as the scheduler yields (see `Scheduler::commit`). The price is
+/// this worker's queue waiting out the fsync; the other workers steal it.
+fn write_here<T>(f: impl FnOnce() -> Result<T, BoxError>) -> Result<T, BoxError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
         Err(panic) => Err(format!("redb panicked: {}", panic_message(&*panic)).into()),
     }
@@ -207,8 +204,8 @@ impl Store for RedbStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let db = self.db.clone();
-        blocking_here(move || {
+        let db = &self.db;
+        write_here(|| {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate)?;
             {
@@ -229,7 +226,6 @@ impl Store for RedbStore {
             txn.commit()?;
             Ok(())
         })
-        .await
         .map_err(StoreError::Write)
     }
 }
