@@ -549,11 +549,6 @@ impl Scheduler {
             confirms.extend(state::confirm_of(&out));
             let _ = out.tx.send(Ok(out.msg));
         }
-        if any_tentative {
-            // The offers' runner streams run now, before a store that
-            // writes on this thread (redb) blocks it for the fsync.
-            tokio::task::yield_now().await;
-        }
         let mut batch = Vec::new();
         for id in &fx.dirty_runs {
             if let Some(run) = self.state.runs.get(id) {
@@ -570,6 +565,12 @@ impl Scheduler {
                     value: serde_json::to_vec(&r.record).expect("records serialize"),
                 });
             }
+        }
+        if any_tentative {
+            // The offers' runner streams run now, before a store that
+            // writes on this thread (redb) blocks it for the fsync. Only
+            // this task changes the state, so the batch above still holds.
+            tokio::task::yield_now().await;
         }
         if !batch.is_empty()
             && let Err(e) = self.store.apply(batch).await
