@@ -21,6 +21,11 @@ struct HeldStore {
     inner: MemoryStore,
     held: AtomicBool,
     writes: mpsc::UnboundedSender<oneshot::Sender<bool>>,
+    /// Offers a test's forwarder has passed on (see
+    /// `the_tasks_carrying_tentative_offers_run_before_the_write`), and
+    /// that count as each write began.
+    offers_passed_on: std::sync::atomic::AtomicUsize,
+    passed_on_at_writes: std::sync::Mutex<Vec<usize>>,
 }
 
 #[async_trait]
@@ -34,6 +39,10 @@ impl Store for HeldStore {
     }
 
     async fn apply(&self, batch: Vec<Op>) -> Result<(), StoreError> {
+        self.passed_on_at_writes
+            .lock()
+            .unwrap()
+            .push(self.offers_passed_on.load(Ordering::SeqCst));
         if self.held.load(Ordering::SeqCst) {
             let (verdict, wait) = oneshot::channel();
             let _ = self.writes.send(verdict);
@@ -72,6 +81,8 @@ impl Fixture {
             inner: MemoryStore::new(),
             held: AtomicBool::new(false),
             writes: tx,
+            offers_passed_on: Default::default(),
+            passed_on_at_writes: Default::default(),
         });
         let (scheduler, handle) = start(
             Arc::clone(&store) as Arc<dyn Store>,
@@ -260,6 +271,62 @@ async fn a_tentative_offer_leaves_before_the_write_and_its_confirm_after() {
     assert_eq!(task.attempts[0].id.as_str(), offer.attempt_id);
     assert_eq!(task.attempts[0].state, AttemptState::Running);
     assert_eq!(sent_now(&mut r.rx), Err(TryRecvError::Empty));
+}
+
+/// redb writes on the scheduler's own thread and blocks it for the fsync
+/// (`store::redb::write_here`), so the commit yields first: the task that
+/// carries a tentative offer to the runner (tonic's stream task, in the
+/// server) must have run when the write begins, or the offer would wait out
+/// the fsync on that thread. Here a forwarder task stands in for it; on a
+/// current-thread runtime nothing else could run it meanwhile, so the order
+/// is exact.
+#[tokio::test(flavor = "current_thread")]
+async fn the_tasks_carrying_tentative_offers_run_before_the_write() {
+    let f = Fixture::start().await;
+    let (id, secret) = f.register("r1").await;
+    let mut runner = f.attach(id, secret, true, vec![]).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let store = Arc::clone(&f.store);
+    tokio::spawn(async move {
+        while let Some(m) = runner.rx.recv().await {
+            if matches!(
+                &m,
+                Ok(rpb::CoordinatorMessage {
+                    kind: Some(Down::Offer(_)),
+                    ..
+                })
+            ) {
+                store.offers_passed_on.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = tx.send(m);
+        }
+    });
+    assert!(matches!(recv(&mut rx).await, Some(Down::Welcome(_))));
+    let run = build_run(SubmitRunRequest {
+        pipeline_yaml: "version: 1\nname: c\ntasks:\n  t:\n    steps: [ { run: x } ]\n".into(),
+        file_name: "c.yaml".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    f.handle
+        .ask(|reply| Command::Submit {
+            run: Box::new(run),
+            reply,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(Down::Offer(offer)) = recv(&mut rx).await else {
+        panic!("no offer")
+    };
+    assert!(offer.tentative, "{offer:?}");
+    // The submit is answered after its commit's write: the last one so far.
+    let at_writes = f.store.passed_on_at_writes.lock().unwrap().clone();
+    assert_eq!(
+        at_writes.last(),
+        Some(&1),
+        "offers passed on as each write began: {at_writes:?}"
+    );
 }
 
 #[tokio::test]
