@@ -566,10 +566,13 @@ impl Scheduler {
                 });
             }
         }
-        if any_tentative {
-            // The offers' runner streams run now, before a store that
-            // writes on this thread (redb) blocks it for the fsync. Only
-            // this task changes the state, so the batch above still holds.
+        if any_tentative || !batch.is_empty() {
+            // What this turn woke runs now, before a store that writes on
+            // this thread (redb) blocks it for the fsync: the offers' runner
+            // streams, and the handlers of commands answered at once (reads,
+            // log authorizations), of which the last woken sits in this
+            // worker's LIFO slot, which no other worker may take. Only this
+            // task changes the state, so the batch above still holds.
             tokio::task::yield_now().await;
         }
         if !batch.is_empty()

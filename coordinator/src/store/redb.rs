@@ -147,8 +147,10 @@ async fn blocking<T: Send + 'static>(
 /// one to hand the worker's core to a new thread, and one after the fsync,
 /// because the tasks the confirms wake then ran on that other thread. Run
 /// here, the runner streams that carry the confirms run on this thread as
-/// soon as the scheduler yields (see `Scheduler::commit`). The price is
-/// this worker's queue waiting out the fsync; the other workers steal it.
+/// soon as the scheduler's loop yields after the commit. The price: this
+/// worker runs nothing else during the fsync. The commit yields before the
+/// write, so the worker's own queue is empty by then (`Scheduler::commit`);
+/// what other threads wake meanwhile goes to the other workers.
 fn write_here<T>(f: impl FnOnce() -> Result<T, BoxError>) -> Result<T, BoxError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
