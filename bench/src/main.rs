@@ -72,6 +72,12 @@ struct Args {
     /// Keep the scratch directory (process logs, data dirs) for inspection.
     #[arg(long)]
     keep: bool,
+    /// Run every selected scenario this many times, round after round, and
+    /// report each figure's median (each round's values go in
+    /// `<figure>_rounds`). These shared VMs drift by tens of percent within
+    /// minutes; the Buildbot harness takes medians over runs the same way.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 #[tokio::main]
@@ -132,10 +138,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         report = old;
     }
     let mut failed = Vec::new();
-    for name in &selected {
+    // Each figure's value in every round, in the order first measured.
+    let mut rounds: Vec<(String, Vec<f64>)> = Vec::new();
+    for (round, name) in (0..args.rounds).flat_map(|r| selected.iter().map(move |n| (r, n))) {
+        if args.rounds > 1 && name == &selected[0] {
+            println!("capstan-bench: round {} of {}", round + 1, args.rounds);
+        }
         let ctx = Ctx {
             quick: args.quick,
-            dir: scratch.path().join(name),
+            dir: scratch.path().join(format!("{name}-{round}")),
             connected_runners: args.connected_runners,
         };
         let started = std::time::Instant::now();
@@ -171,7 +182,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         match result {
             Ok(figures) => {
                 for (k, v) in figures {
-                    report.insert(k, round(v));
+                    match rounds.iter_mut().find(|(key, _)| *key == k) {
+                        Some((_, values)) => values.push(v),
+                        None => rounds.push((k, vec![v])),
+                    }
                 }
             }
             // These depend on things outside the fleet (Docker, PyPI, etcd).
@@ -187,6 +201,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         println!("  ({name} took {:.1} s)", started.elapsed().as_secs_f64());
     }
+    for (k, values) in rounds {
+        report.insert(k.clone(), round(median(&values)));
+        report.remove(&format!("{k}_rounds"));
+        if args.rounds > 1 {
+            let each: Vec<Value> = values.iter().map(|v| round(*v)).collect();
+            report.insert(format!("{k}_rounds"), each.into());
+        }
+    }
+    report.insert("rounds".into(), args.rounds.into());
     report.insert("cores".into(), scenarios::cores().into());
     report.insert("git_commit".into(), git_commit().into());
     report.insert("mode".into(), mode.into());
@@ -230,6 +253,18 @@ fn write_markdown(out: &std::path::Path, report: &Map<String, Value>) -> anyhow:
     Ok(())
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
 /// Three significant decimals are plenty and keep the JSON diff readable.
 fn round(v: f64) -> Value {
     if v.is_finite() {
@@ -262,4 +297,14 @@ fn date() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(super::median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(super::median(&[7.5]), 7.5);
+    }
 }

@@ -245,6 +245,14 @@ pub fn markdown(report: &Map<String, Value>) -> String {
         s("git_commit"),
         s("date")
     );
+    if let Some(rounds) = num(report, "rounds").filter(|r| *r > 1.0) {
+        let _ = writeln!(
+            md,
+            "Each figure is the median of {rounds:.0} rounds (every scenario once per round, \
+             Buildbot's harness included), with the range over the rounds in brackets; \
+             ratios are of the medians.\n"
+        );
+    }
     let _ = writeln!(
         md,
         "| figure | goal | Capstan | Buildbot 4.3 | Capstan vs Buildbot |"
@@ -275,8 +283,17 @@ pub fn markdown(report: &Map<String, Value>) -> String {
             }
             _ => "",
         };
+        let spread = match report.get(&format!("{}_rounds", row.key)) {
+            Some(Value::Array(each)) if each.len() > 1 => {
+                let each: Vec<f64> = each.iter().filter_map(Value::as_f64).collect();
+                let lo = each.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = each.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!(" [{}-{}]", fmt(lo), fmt(hi))
+            }
+            _ => String::new(),
+        };
         let measured_s = match measured {
-            Some(v) => format!("{} {}{met}", fmt(v), row.unit),
+            Some(v) => format!("{} {}{spread}{met}", fmt(v), row.unit),
             None => "not measured".into(),
         };
         let (peer_s, ratio_s) = match (row.peer, measured) {
@@ -342,4 +359,39 @@ pub fn markdown(report: &Map<String, Value>) -> String {
     }
     let _ = writeln!(md, "```");
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report of several rounds shows each goal figure's median with the
+    /// range over the rounds, judges the goal on the median, and says so.
+    #[test]
+    fn rounds_show_the_median_and_the_range() {
+        let Value::Object(report) = serde_json::json!({
+            "rounds": 3,
+            "pickup_p50_ms": 3.12,
+            "pickup_p50_ms_rounds": [2.93, 3.12, 3.67],
+            "log_mb_per_s": 294.0,
+        }) else {
+            unreachable!()
+        };
+        let md = markdown(&report);
+        assert!(md.contains("median of 3 rounds"), "{md}");
+        assert!(md.contains("3.12 ms [2.93-3.67] (met)"), "{md}");
+        // A figure without per-round values shows no range.
+        assert!(md.contains("294.0 MB/s (**not met**)"), "{md}");
+    }
+
+    #[test]
+    fn one_round_says_nothing_of_rounds() {
+        let Value::Object(report) = serde_json::json!({ "rounds": 1, "pickup_p50_ms": 3.12 })
+        else {
+            unreachable!()
+        };
+        let md = markdown(&report);
+        assert!(!md.contains("median of"), "{md}");
+        assert!(md.contains("3.12 ms (met)"), "{md}");
+    }
 }
