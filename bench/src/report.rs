@@ -222,6 +222,27 @@ pub fn add_ratios(report: &mut Map<String, Value>) {
 }
 
 /// The Markdown report.
+/// `; per round: Ax, Bx, Cx` when both figures have a value in every round:
+/// each round's ratio, the two measured minutes apart rather than across
+/// the whole run. The goal is judged on the ratio of the medians.
+fn per_round_ratios(report: &Map<String, Value>, over: &str, under: &str) -> String {
+    let each = |k: &str| match report.get(&format!("{k}_rounds")) {
+        Some(Value::Array(v)) => v.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>(),
+        _ => None,
+    };
+    match (each(over), each(under)) {
+        (Some(o), Some(u)) if o.len() > 1 && o.len() == u.len() => {
+            let ratios: Vec<String> = o
+                .iter()
+                .zip(&u)
+                .map(|(o, u)| format!("{}x", fmt(o / u)))
+                .collect();
+            format!("; per round: {}", ratios.join(", "))
+        }
+        _ => String::new(),
+    }
+}
+
 pub fn markdown(report: &Map<String, Value>) -> String {
     let s = |k: &str| {
         report
@@ -315,14 +336,26 @@ pub fn markdown(report: &Map<String, Value>) -> String {
         );
     }
     let peer: Vec<String> = [
-        ("pickup p50", "ratio_pickup_p50_vs_buildbot"),
-        ("throughput", "ratio_throughput_vs_buildbot"),
+        (
+            "pickup p50",
+            "ratio_pickup_p50_vs_buildbot",
+            ("buildbot_pickup_p50_ms", "pickup_p50_ms"),
+        ),
+        (
+            "throughput",
+            "ratio_throughput_vs_buildbot",
+            ("throughput_tasks_per_s", "buildbot_throughput_builds_per_s"),
+        ),
     ]
     .iter()
-    .filter_map(|(what, key)| {
+    .filter_map(|(what, key, (over, under))| {
         num(report, key).map(|r| {
             let met = if r >= 100.0 { "met" } else { "**not met**" };
-            format!("{what} {}x ({met})", fmt(r))
+            format!(
+                "{what} {}x ({met}{})",
+                fmt(r),
+                per_round_ratios(report, over, under)
+            )
         })
     })
     .collect();
@@ -373,6 +406,9 @@ mod tests {
             "rounds": 3,
             "pickup_p50_ms": 3.12,
             "pickup_p50_ms_rounds": [2.93, 3.12, 3.67],
+            "buildbot_pickup_p50_ms": 310.0,
+            "buildbot_pickup_p50_ms_rounds": [310.0, 300.0, 330.0],
+            "ratio_pickup_p50_vs_buildbot": 99.36,
             "log_mb_per_s": 294.0,
         }) else {
             unreachable!()
@@ -382,6 +418,10 @@ mod tests {
         assert!(md.contains("3.12 ms [2.93-3.67] (met)"), "{md}");
         // A figure without per-round values shows no range.
         assert!(md.contains("294.0 MB/s (**not met**)"), "{md}");
+        assert!(
+            md.contains("pickup p50 99.4x (**not met**; per round: 105.8x, 96.2x, 89.9x)"),
+            "{md}"
+        );
     }
 
     #[test]
