@@ -23,10 +23,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     coord.wait_connected(1, Duration::from_secs(20)).await?;
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
-    let url = coord.url();
-    let mut samples = tokio::task::spawn_blocking(move || measure(&url, &stamps, runs))
-        .await
-        .context("the pickup loop panicked")??;
+    let [mut samples] = measure([coord.url()], stamps, runs).await?;
     let (p50, p99, max) = summary(&mut samples);
     println!(
         "pickup: {runs} runs, 1 shell runner, {} cores: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
@@ -48,31 +45,49 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     ])
 }
 
-/// Submits `runs` (after [`WARMUP`]) one at a time and returns each one's
-/// stamp minus the clock read just before its `SubmitRun`, in ms.
+/// Submits `runs` pickups (after [`WARMUP`]) to each coordinator at `urls`,
+/// one at a time and alternating between them (the first one first on even
+/// rounds, and so on), and returns each one's stamps minus the clock read
+/// just before its `SubmitRun`, in ms.
 ///
-/// The loop runs on a current-thread runtime of its own, so reading the
-/// clock, encoding the request and writing it to the socket happen on one
-/// thread, as in the Buildbot harness's synchronous POST. On the bench's
-/// multi-thread runtime the request first hopped to another thread (tonic's
-/// buffer task on a worker): 0.15 ms of the client's own per submit on an
-/// idle 2-vCPU VM, counted against the coordinator.
-fn measure(url: &str, stamps: &std::path::Path, runs: usize) -> anyhow::Result<Vec<f64>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut client = connect(url).await?;
-        let mut samples = Vec::with_capacity(runs);
-        for i in 0..WARMUP + runs {
-            let ms = one_pickup(&mut client, &stamps.join(format!("{i}"))).await?;
-            if i >= WARMUP {
-                samples.push(ms);
+/// The loop runs on a current-thread runtime of its own, on a blocking
+/// thread, so reading the clock, encoding the request and writing it to the
+/// socket happen on one thread, as in the Buildbot harness's synchronous
+/// POST. On the bench's multi-thread runtime the request first hopped to
+/// another thread (tonic's buffer task on a worker): 0.15 ms of the
+/// client's own per submit on an idle 2-vCPU VM, counted against the
+/// coordinator.
+async fn measure<const N: usize>(
+    urls: [String; N],
+    stamps: std::path::PathBuf,
+    runs: usize,
+) -> anyhow::Result<[Vec<f64>; N]> {
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut clients = Vec::with_capacity(N);
+            for url in &urls {
+                clients.push(connect(url).await?);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(samples)
+            let mut samples: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(runs));
+            for i in 0..WARMUP + runs {
+                for k in 0..N {
+                    let arm = (i + k) % N;
+                    let file = stamps.join(format!("{i}-{arm}"));
+                    let ms = one_pickup(&mut clients[arm], &file).await?;
+                    if i >= WARMUP {
+                        samples[arm].push(ms);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            Ok(samples)
+        })
     })
+    .await
+    .context("the pickup loop panicked")?
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
@@ -125,29 +140,7 @@ pub async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
     let urls = [a.url(), b.url()];
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
-    let [mut sa, mut sb] = tokio::task::spawn_blocking(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let mut clients = [connect(&urls[0]).await?, connect(&urls[1]).await?];
-            let mut samples = [Vec::with_capacity(runs), Vec::with_capacity(runs)];
-            for i in 0..WARMUP + runs {
-                for k in 0..2 {
-                    let arm = (i + k) % 2;
-                    let file = stamps.join(format!("{i}-{arm}"));
-                    let ms = one_pickup(&mut clients[arm], &file).await?;
-                    if i >= WARMUP {
-                        samples[arm].push(ms);
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-            anyhow::Ok(samples)
-        })
-    })
-    .await
-    .context("the pickup loop panicked")??;
+    let [mut sa, mut sb] = measure(urls, stamps, runs).await?;
     let (a50, a99, _) = summary(&mut sa);
     let (b50, b99, _) = summary(&mut sb);
     println!(
