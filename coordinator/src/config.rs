@@ -11,7 +11,8 @@ use std::time::Duration;
 /// What `run` needs.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
-    /// State (`state.redb`) and logs (`logs/`) live here.
+    /// State (`state.redb` and its write-ahead log `state.redb.wal`) and logs
+    /// (`logs/`) live here.
     pub data_dir: PathBuf,
     pub registration_token: String,
     /// gRPC URL others should use to reach this coordinator.

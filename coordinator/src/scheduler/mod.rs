@@ -582,12 +582,6 @@ impl Scheduler {
             return Err(e);
         }
         self.state.restart_offer_clocks(&fx.offered, Instant::now());
-        for (tx, m) in confirms {
-            let _ = tx.send(Ok(m));
-        }
-        for out in fx.outbox {
-            let _ = out.tx.send(Ok(out.msg));
-        }
         for r in self.replies.drain(..) {
             r();
         }
@@ -601,6 +595,17 @@ impl Scheduler {
                     self.watchers.remove(id);
                 }
             }
+        }
+        // Runners' messages go last, confirms first among them (a runner's
+        // stream keeps the order they are sent in): a task woken later
+        // takes this worker's LIFO slot and runs first once the loop
+        // yields, and a confirm is what a runner waits for to start a step,
+        // while a reply or a watcher's update can wait for it.
+        for (tx, m) in confirms {
+            let _ = tx.send(Ok(m));
+        }
+        for out in fx.outbox {
+            let _ = out.tx.send(Ok(out.msg));
         }
         for ms in fx.pickups_ms {
             self.metrics.pickup_ms.observe(ms);

@@ -5,8 +5,8 @@
 //! On start it loads everything back with [`Store::scan_prefix`].
 //!
 //! Implementations: [`memory::MemoryStore`] (tests), [`redb::RedbStore`]
-//! (standalone default, one file under `--data-dir`); an etcd store comes with
-//! high availability. All of them pass the suite in [`conformance`].
+//! (standalone default: a redb file and its write-ahead log under
+//! `--data-dir`); an etcd store comes with high availability. All of them pass the suite in [`conformance`].
 //!
 //! # Contract
 //! - Keys are UTF-8 strings; values are opaque bytes.
@@ -24,6 +24,7 @@ pub mod conformance;
 pub mod etcd;
 pub mod memory;
 pub mod redb;
+mod wal;
 
 use async_trait::async_trait;
 

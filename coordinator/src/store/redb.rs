@@ -1,34 +1,61 @@
 //! [`RedbStore`]: the standalone coordinator's [`Store`], one redb file under
 //! `--data-dir`.
 
+use super::wal::Wal;
 use super::{Op, Store, StoreError};
 use ::redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, StorageError, TableDefinition,
-    TableError,
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
+    TableDefinition, TableError, WriteTransaction,
 };
 use async_trait::async_trait;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The single table holding every key.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+/// The store's own bookkeeping: [`GENERATION`].
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The write-ahead log's current generation (see [`super::wal`]), changed
+/// only by durable commits.
+const GENERATION: &str = "wal_generation";
+/// Size of the write-ahead log file. A commit whose record does not fit in
+/// what is left of it is a durable redb commit instead, which starts the
+/// log over. 8 MiB holds a few thousand single-run commits between such
+/// checkpoints, and replays in well under a second at start-up.
+pub const WAL_CAPACITY: u64 = 8 << 20;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A [`Store`] on a redb database file.
+/// A [`Store`] on a redb database file and its write-ahead log (the file's
+/// path plus `.wal`).
 ///
-/// Each [`Store::apply`] is one write transaction committed with
-/// [`Durability::Immediate`] (fsynced before it returns); reads run in read
-/// transactions and see the last committed batch. redb admits one write
-/// transaction at a time, so batches are serialized. Reads run on tokio's
-/// blocking pool; writes block the calling thread (see [`write_here`]).
+/// Each [`Store::apply`] is one redb write transaction. It is made durable
+/// by a record in the write-ahead log ([`super::wal`]), written and
+/// fsynced before the transaction commits with [`Durability::None`] (no
+/// fsync of its own); when the log is full, the transaction instead
+/// commits with [`Durability::Immediate`], which makes everything before it
+/// durable in the database too, and the log starts over with a new
+/// generation, recorded in the same transaction. Opening the store replays
+/// the log's current generation and commits durably.
+///
+/// Reads run in read transactions and see the last committed batch. redb
+/// admits one write transaction at a time, so batches are serialized.
+/// Reads run on tokio's blocking pool; writes block the calling thread (see
+/// [`write_here`]).
+///
+/// After a failed write (an I/O error), every later write fails too: the
+/// log's end is then unknown. As with any fsync that fails, the failed
+/// batch may or may not be there after a restart; the scheduler stops at
+/// the first failed write.
 ///
 /// The file is locked while a `RedbStore` on it exists (until it is dropped):
 /// a second open, from this or another process, fails.
 pub struct RedbStore {
     db: Arc<Database>,
     path: PathBuf,
+    /// `None` once a write failed.
+    wal: Mutex<Option<Wal>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -51,6 +78,11 @@ impl RedbStore {
     /// This blocks (file I/O and the integrity check); call it at start-up or
     /// from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, WAL_CAPACITY)
+    }
+
+    /// [`RedbStore::open`] with a write-ahead log of `wal_capacity` bytes.
+    pub fn open_with(path: &Path, wal_capacity: u64) -> Result<Self, StoreError> {
         let open_error = |source: BoxError| StoreError::Open {
             path: path.display().to_string(),
             source,
@@ -73,14 +105,39 @@ impl RedbStore {
         })?
         .map_err(|err| open_error(describe_open_error(err)))?;
 
-        // Create the table up front so readers never find it missing.
-        let txn = db.begin_write().map_err(|e| open_error(e.into()))?;
-        txn.open_table(STATE).map_err(|e| open_error(e.into()))?;
-        txn.commit().map_err(|e| open_error(e.into()))?;
+        let wal_path = PathBuf::from(format!("{}.wal", path.display()));
+        let wal = (|| -> Result<Wal, BoxError> {
+            // One durable transaction: the tables (created up front so that
+            // readers never find them missing), what the log holds of the
+            // current generation, and the next generation.
+            let txn = db.begin_write()?;
+            let generation = txn
+                .open_table(META)?
+                .get(GENERATION)?
+                .map_or(0, |g| g.value());
+            let (mut wal, batches) = Wal::open(&wal_path, wal_capacity, generation)
+                .map_err(|e| format!("the write-ahead log {}: {e}", wal_path.display()))?;
+            if !batches.is_empty() {
+                tracing::info!(
+                    batches = batches.len(),
+                    wal = %wal.path().display(),
+                    "replaying the state store's write-ahead log"
+                );
+            }
+            for batch in &batches {
+                apply_ops(&txn, batch)?;
+            }
+            txn.open_table(META)?.insert(GENERATION, generation + 1)?;
+            txn.commit()?;
+            wal.restart(generation + 1);
+            Ok(wal)
+        })()
+        .map_err(open_error)?;
 
         Ok(Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
+            wal: Mutex::new(Some(wal)),
         })
     }
 
@@ -206,30 +263,56 @@ impl Store for RedbStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let db = &self.db;
-        write_here(|| {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::Immediate)?;
-            {
-                let mut table = txn.open_table(STATE)?;
-                for op in &batch {
-                    match op {
-                        Op::Put { key, value } => {
-                            table.insert(key.as_str(), value.as_slice())?;
-                        }
-                        Op::Delete { key } => {
-                            table.remove(key.as_str())?;
-                        }
-                    }
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(log) = wal.as_mut() else {
+            return Err(StoreError::Write(
+                "an earlier write to the state store failed; restart the coordinator".into(),
+            ));
+        };
+        let result = write_here(|| {
+            let mut txn = self.db.begin_write()?;
+            // An early return drops `txn`, which aborts it: nothing of the
+            // batch is applied.
+            apply_ops(&txn, &batch)?;
+            match log.record(&batch) {
+                Some(record) => {
+                    log.append(&record).map_err(|e| {
+                        format!("the write-ahead log {}: {e}", log.path().display())
+                    })?;
+                    txn.set_durability(Durability::None)?;
+                    txn.commit()?;
+                }
+                None => {
+                    let next = log.generation() + 1;
+                    txn.open_table(META)?.insert(GENERATION, next)?;
+                    txn.set_durability(Durability::Immediate)?;
+                    txn.commit()?;
+                    log.restart(next);
                 }
             }
-            // An early return above drops `txn`, which aborts it: nothing of
-            // the batch is applied.
-            txn.commit()?;
             Ok(())
-        })
-        .map_err(StoreError::Write)
+        });
+        if result.is_err() {
+            *wal = None;
+        }
+        result.map_err(StoreError::Write)
     }
+}
+
+/// Applies `ops` to the state table in `txn`, in order.
+fn apply_ops(txn: &WriteTransaction, ops: &[Op]) -> Result<(), BoxError> {
+    let mut table = txn.open_table(STATE)?;
+    for op in ops {
+        match op {
+            Op::Put { key, value } => {
+                table.insert(key.as_str(), value.as_slice())?;
+            }
+            Op::Delete { key } => {
+                table.remove(key.as_str())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -343,6 +426,144 @@ mod tests {
             }
             Err(other) => panic!("unexpected error: {other:?}"),
         }
+    }
+
+    /// The batches a child process applies in
+    /// [`applied_batches_survive_a_kill_9`]: batch `i` sets `counter` to `i`,
+    /// moves the one `k/` key from `i - 1` to `i`, and fills a log of 4 KiB
+    /// in about 25 batches, so the log is checkpointed several times and the
+    /// last batches are only in the log when the child is killed.
+    fn child_batch(i: u32) -> Vec<Op> {
+        vec![
+            Op::Put {
+                key: "counter".into(),
+                value: i.to_string().into_bytes(),
+            },
+            Op::Delete {
+                key: format!("k/{:04}", i.wrapping_sub(1)),
+            },
+            Op::Put {
+                key: format!("k/{i:04}"),
+                value: vec![b'v'; 100],
+            },
+        ]
+    }
+
+    const CHILD_ENV: &str = "CAPSTAN_TEST_WAL_CHILD";
+    const CHILD_BATCHES: u32 = 200;
+
+    #[test]
+    fn applied_batches_survive_a_kill_9() {
+        if let Some(path) = std::env::var_os(CHILD_ENV) {
+            // The child: apply, say so, and wait to be killed.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let store = RedbStore::open_with(Path::new(&path), 4096).unwrap();
+                for i in 0..CHILD_BATCHES {
+                    store.apply(child_batch(i)).await.unwrap();
+                    println!("applied {i}");
+                }
+                std::future::pending::<()>().await;
+            });
+            return;
+        }
+        use std::io::BufRead;
+        let (_dir, path) = temp_db();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::redb::tests::applied_batches_survive_a_kill_9",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let last = format!("applied {}", CHILD_BATCHES - 1);
+        let seen = stdout
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == last);
+        child.kill().unwrap(); // SIGKILL: nothing is flushed or closed
+        child.wait().unwrap();
+        assert!(seen, "the child did not apply every batch");
+
+        let store = RedbStore::open_with(&path, 4096).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let last = CHILD_BATCHES - 1;
+            assert_eq!(
+                store.get("counter").await.unwrap(),
+                Some(last.to_string().into_bytes())
+            );
+            // Nothing of an earlier generation came back: each batch
+            // deleted the key before it.
+            assert_eq!(
+                store.scan_prefix("k/").await.unwrap(),
+                vec![(format!("k/{last:04}"), vec![b'v'; 100])]
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_goes_on_after_what_it_replayed() {
+        let (_dir, path) = temp_db();
+        {
+            let store = RedbStore::open_with(&path, 4096).unwrap();
+            for i in 0..60 {
+                store.apply(child_batch(i)).await.unwrap();
+            }
+        }
+        // Reopened twice, applying more each time: the replay of one open
+        // does not come back at the next.
+        for round in 1..=2u32 {
+            let store = RedbStore::open_with(&path, 4096).unwrap();
+            let first = 60 * round;
+            store
+                .apply(vec![Op::Delete {
+                    key: format!("k/{:04}", first - 1),
+                }])
+                .await
+                .unwrap();
+            for i in first..first + 60 {
+                store.apply(child_batch(i)).await.unwrap();
+            }
+            assert_eq!(
+                store.scan_prefix("k/").await.unwrap(),
+                vec![(format!("k/{:04}", first + 59), vec![b'v'; 100])]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_bigger_than_the_log_is_committed_durably() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open_with(&path, 4096).unwrap();
+        let big = vec![Op::Put {
+            key: "big".into(),
+            value: vec![7; 10_000],
+        }];
+        store.apply(big).await.unwrap();
+        store.apply(child_batch(0)).await.unwrap();
+        drop(store);
+        let store = RedbStore::open_with(&path, 4096).unwrap();
+        assert_eq!(store.get("big").await.unwrap(), Some(vec![7; 10_000]));
+        assert_eq!(store.get("counter").await.unwrap(), Some(b"0".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_write_ahead_log_is_an_open_error() {
+        let (dir, path) = temp_db();
+        // A directory where the log file should be.
+        std::fs::create_dir(dir.path().join("state.redb.wal")).unwrap();
+        let err = RedbStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        assert!(err.to_string().contains("state.redb.wal"), "{err}");
     }
 
     #[tokio::test]

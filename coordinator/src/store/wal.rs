@@ -1,0 +1,354 @@
+//! The redb store's write-ahead log: one preallocated file next to the
+//! database, holding the batches committed since redb's last durable commit.
+//!
+//! Why: a durable redb commit writes several scattered pages (the changed
+//! B-tree path, the allocator state, the header) before its fsync, 0.5-0.7
+//! ms on the VMs we measure on; one record appended here and `fdatasync`ed
+//! is one or two contiguous pages of a file whose blocks are already
+//! allocated, so the fsync carries no metadata: 0.3 ms. Every commit of
+//! the scheduler is on the pickup path, so the difference is most of what
+//! separates Capstan from its pickup goal (bench/findings.md).
+//!
+//! # Format
+//! The file is zero-filled to its capacity when created, so that a record
+//! overwrites allocated, written blocks. Records follow each other from
+//! offset 0:
+//!
+//! ```text
+//! magic u32 | payload length u32 | generation u64 | sequence u64 | crc32 u32 | payload
+//! ```
+//!
+//! little-endian, the CRC over everything after the magic but itself. The
+//! payload is the batch's ops, each `tag u8` (0 put, 1 delete), `key length
+//! u32`, the key, and for a put `value length u32` and the value.
+//!
+//! # Generations
+//! A *generation* is the span between two durable redb commits; the
+//! database holds the current one durably (see `RedbStore`). Each
+//! generation's records start at offset 0 with sequence 0. Reading stops at
+//! the first record that is torn, of another generation (a leftover of an
+//! earlier one, further into the file) or out of sequence: everything
+//! before it is the current generation's, in commit order. Replaying them
+//! onto the database is correct whatever of them it already holds, because
+//! each op sets or removes a whole key: replaying a prefix of a sequence
+//! that was already applied leaves every key as the last op on it set it.
+
+use super::Op;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"CWAL");
+const HEADER: usize = 4 + 4 + 8 + 8 + 4;
+const PUT: u8 = 0;
+const DELETE: u8 = 1;
+
+/// The log file, positioned after the current generation's last record.
+#[derive(Debug)]
+pub(crate) struct Wal {
+    file: File,
+    path: PathBuf,
+    capacity: u64,
+    generation: u64,
+    offset: u64,
+    sequence: u64,
+}
+
+impl Wal {
+    /// Opens the log at `path`, creating it zero-filled to `capacity` bytes
+    /// if it is missing or shorter, and returns it with the ops of
+    /// `generation`'s records, in order. The returned log is positioned
+    /// after them; call [`Wal::restart`] after a durable commit.
+    pub(crate) fn open(
+        path: &Path,
+        capacity: u64,
+        generation: u64,
+    ) -> io::Result<(Self, Vec<Vec<Op>>)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        if len < capacity {
+            // Write the zeros rather than `fallocate`: a fallocated block is
+            // "unwritten", and the first write to it changes the extent
+            // tree, which every later `fdatasync` would have to journal.
+            let zeros = vec![0u8; (capacity - len) as usize];
+            file.write_all_at(&zeros, len)?;
+            file.sync_all()?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        let capacity = capacity.max(len);
+        let mut bytes = vec![0u8; capacity as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        let mut batches = Vec::new();
+        let mut offset = 0usize;
+        while let Some((ops, len)) = read_record(&bytes[offset..], generation, batches.len() as u64)
+        {
+            batches.push(ops);
+            offset += len;
+        }
+        let wal = Self {
+            file,
+            path: path.to_path_buf(),
+            capacity,
+            generation,
+            offset: offset as u64,
+            sequence: batches.len() as u64,
+        };
+        Ok((wal, batches))
+    }
+
+    /// The file this log is in.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The generation the next record belongs to.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// `ops` as the next record, or `None` when it does not fit in what is
+    /// left of the file: the caller then commits durably instead.
+    pub(crate) fn record(&self, ops: &[Op]) -> Option<Vec<u8>> {
+        let record = encode(self.generation, self.sequence, ops);
+        (self.offset + record.len() as u64 <= self.capacity).then_some(record)
+    }
+
+    /// Writes `record` (from [`Wal::record`]) after the last one and waits
+    /// until it is on disk. On `Err` the record may or may not be on disk,
+    /// and the log must not be appended to again.
+    pub(crate) fn append(&mut self, record: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(record, self.offset)?;
+        self.file.sync_data()?;
+        self.offset += record.len() as u64;
+        self.sequence += 1;
+        Ok(())
+    }
+
+    /// Starts `generation` at the beginning of the file, once the database
+    /// durably holds everything logged so far and `generation` as the
+    /// current one. What the file still holds is an earlier generation's.
+    pub(crate) fn restart(&mut self, generation: u64) {
+        self.generation = generation;
+        self.offset = 0;
+        self.sequence = 0;
+    }
+}
+
+fn encode(generation: u64, sequence: u64, ops: &[Op]) -> Vec<u8> {
+    let size: usize = ops
+        .iter()
+        .map(|op| match op {
+            Op::Put { key, value } => 9 + key.len() + value.len(),
+            Op::Delete { key } => 5 + key.len(),
+        })
+        .sum();
+    let mut out = Vec::with_capacity(HEADER + size);
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&sequence.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    for op in ops {
+        match op {
+            Op::Put { key, value } => {
+                out.push(PUT);
+                put_bytes(&mut out, key.as_bytes());
+                put_bytes(&mut out, value);
+            }
+            Op::Delete { key } => {
+                out.push(DELETE);
+                put_bytes(&mut out, key.as_bytes());
+            }
+        }
+    }
+    let crc = checksum(&out);
+    out[24..28].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// The CRC of a record: its header after the magic, without the CRC field,
+/// then its payload.
+fn checksum(record: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&record[4..24]);
+    hasher.update(&record[HEADER..]);
+    hasher.finalize()
+}
+
+/// The record at the start of `bytes` if it is whole, of `generation`, and
+/// number `sequence`: its ops and its length.
+fn read_record(bytes: &[u8], generation: u64, sequence: u64) -> Option<(Vec<Op>, usize)> {
+    let header = bytes.get(..HEADER)?;
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap());
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap());
+    if u32_at(0) != MAGIC || u64_at(8) != generation || u64_at(16) != sequence {
+        return None;
+    }
+    let len = HEADER.checked_add(u32_at(4) as usize)?;
+    let record = bytes.get(..len)?;
+    if checksum(record) != u32_at(24) {
+        return None;
+    }
+    Some((decode(&record[HEADER..])?, len))
+}
+
+fn decode(mut payload: &[u8]) -> Option<Vec<Op>> {
+    fn take<'a>(payload: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = payload.split_at_checked(n)?;
+        *payload = rest;
+        Some(head)
+    }
+    fn take_bytes<'a>(payload: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = u32::from_le_bytes(take(payload, 4)?.try_into().ok()?);
+        take(payload, len as usize)
+    }
+    let mut ops = Vec::new();
+    while let Some(tag) = take(&mut payload, 1) {
+        let key = String::from_utf8(take_bytes(&mut payload)?.to_vec()).ok()?;
+        ops.push(match tag[0] {
+            PUT => Op::Put {
+                key,
+                value: take_bytes(&mut payload)?.to_vec(),
+            },
+            DELETE => Op::Delete { key },
+            _ => return None,
+        });
+    }
+    Some(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &str) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    fn delete(key: &str) -> Op {
+        Op::Delete { key: key.into() }
+    }
+
+    fn batches() -> Vec<Vec<Op>> {
+        vec![
+            vec![put("runs/1", "one"), put("runners/a", "")],
+            vec![delete("runs/1")],
+            vec![put("runs/2", &"x".repeat(5000)), delete("runs/3")],
+        ]
+    }
+
+    fn reopen(path: &Path, generation: u64) -> (Wal, Vec<Vec<Op>>) {
+        Wal::open(path, 64 * 1024, generation).unwrap()
+    }
+
+    #[test]
+    fn records_come_back_in_order_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, found) = reopen(&path, 7);
+        assert!(found.is_empty());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * 1024);
+        for batch in batches() {
+            let record = wal.record(&batch).unwrap();
+            wal.append(&record).unwrap();
+        }
+        drop(wal);
+        let (wal, found) = reopen(&path, 7);
+        assert_eq!(found, batches());
+        // The next record goes after them, as number 3.
+        assert_eq!(wal.sequence, 3);
+        assert_eq!(wal.offset as usize, {
+            let b = batches();
+            b.iter().map(|ops| encode(7, 0, ops).len()).sum::<usize>()
+        });
+    }
+
+    #[test]
+    fn reading_stops_at_a_torn_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = reopen(&path, 1);
+        let mut ends = Vec::new();
+        for batch in batches() {
+            let record = wal.record(&batch).unwrap();
+            wal.append(&record).unwrap();
+            ends.push(wal.offset);
+        }
+        drop(wal);
+        // Damage the last record's payload, as a write cut short would.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"\0\0\0", ends[2] - 10).unwrap();
+        let (wal, found) = reopen(&path, 1);
+        assert_eq!(found, batches()[..2]);
+        assert_eq!(wal.offset, ends[1]);
+    }
+
+    #[test]
+    fn an_earlier_generation_is_not_read_past_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = reopen(&path, 1);
+        for batch in batches() {
+            let record = wal.record(&batch).unwrap();
+            wal.append(&record).unwrap();
+        }
+        // Generation 2 overwrites the start of the file with one record;
+        // generation 1's later records are still there behind it.
+        wal.restart(2);
+        let record = wal.record(&[delete("runs/2")]).unwrap();
+        wal.append(&record).unwrap();
+        drop(wal);
+        let (_, found) = reopen(&path, 2);
+        assert_eq!(found, vec![vec![delete("runs/2")]]);
+        // Generation 1 is gone: its first record was overwritten.
+        let (_, found) = reopen(&path, 1);
+        assert!(found.is_empty(), "{found:?}");
+    }
+
+    #[test]
+    fn a_record_that_does_not_fit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&path, 8 * 1024, 1).unwrap();
+        let big = vec![put("k", &"v".repeat(5000))];
+        let record = wal.record(&big).unwrap();
+        wal.append(&record).unwrap();
+        assert!(wal.record(&big).is_none());
+        assert!(wal.record(&[delete("k")]).is_some());
+        wal.restart(2);
+        assert!(wal.record(&big).is_some());
+    }
+
+    #[test]
+    fn garbage_is_no_record() {
+        for bytes in [
+            vec![0u8; 100],
+            vec![0xff; 100],
+            b"CWAL\xff\xff\xff\xff".repeat(10),
+        ] {
+            assert!(read_record(&bytes, 0, 0).is_none(), "{bytes:?}");
+        }
+        // A whole record with a wrong tag in its payload.
+        let mut record = encode(0, 0, &[delete("k")]);
+        record[HEADER] = 9;
+        let crc = checksum(&record);
+        record[24..28].copy_from_slice(&crc.to_le_bytes());
+        assert!(read_record(&record, 0, 0).is_none());
+    }
+}
