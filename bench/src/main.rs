@@ -128,7 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let scratch = tempfile::Builder::new()
         .prefix("capstan-bench-")
-        .tempdir()?;
+        .tempdir_in(scratch_root()?)?;
 
     let mut report = Map::new();
     if !args.scenarios.is_empty()
@@ -297,6 +297,27 @@ fn date() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+/// Where the scratch dir goes: `$CAPSTAN_BENCH_DIR`, or `~/.cache/capstan-bench`,
+/// beside the Buildbot harness's copy (`~/.cache/capstan-buildbot`), not in
+/// `/tmp`. A pickup's step creates a file, and on these VMs (ext4 without a
+/// journal) creating one costs 0.01-0.9 ms depending on the directory's
+/// block group and what was deleted there lately; both harnesses' steps
+/// should write under the same tree. `pickup_file_create_ms` and
+/// `buildbot_file_create_ms` show what it cost on each side.
+fn scratch_root() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let root = match std::env::var_os("CAPSTAN_BENCH_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::Path::new(
+            &std::env::var_os("HOME").context("set HOME or CAPSTAN_BENCH_DIR")?,
+        )
+        .join(".cache/capstan-bench"),
+    };
+    std::fs::create_dir_all(&root)
+        .with_context(|| format!("cannot create the bench's scratch root {}", root.display()))?;
+    Ok(root)
 }
 
 #[cfg(test)]

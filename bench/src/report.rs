@@ -148,6 +148,13 @@ const ROWS: &[Row] = &[
         peer: None,
     },
     Row {
+        what: "creating a file where the pickup step writes its stamp (context)",
+        key: "pickup_file_create_ms",
+        unit: "ms",
+        goal: Goal::None,
+        peer: Some(("buildbot_file_create_ms", true)),
+    },
+    Row {
         what: "redb commit, batch of 1 record",
         key: "store_redb_commit_ms_batch_1",
         unit: "ms",

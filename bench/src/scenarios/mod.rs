@@ -62,3 +62,21 @@ pub fn summary(v: &mut [f64]) -> (f64, f64, f64) {
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
+
+/// Median time to create an empty file in `dir` (made if missing), over
+/// `n` new files, in ms. The files stay: deleting them would free inodes,
+/// and on ext4 without a journal (these VMs) every inode freed in the last
+/// minute or so slows each later allocation in its block group. That cost
+/// is what the probe is for: a pickup's step creates its stamp file, and
+/// on these VMs one creation costs from 0.01 to 0.9 ms depending on where
+/// the directory is and what was deleted near it (bench/findings.md).
+pub fn file_create_ms(dir: &std::path::Path, n: usize) -> std::io::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        std::fs::File::create(dir.join(format!("probe-{i}")))?;
+        ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(summary(&mut ms).0)
+}

@@ -8,7 +8,7 @@
 //! SubmitRun round trip, the group commit, the offer, accept, workspace setup
 //! and the fork/exec of `sh` and `date`.
 
-use super::{Ctx, Figures, cores, summary};
+use super::{Ctx, Figures, cores, file_create_ms, summary};
 use crate::procs::{Coordinator, epoch_ns};
 use anyhow::Context;
 use capstan_shared::proto::api::v1 as api;
@@ -23,10 +23,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     coord.wait_connected(1, Duration::from_secs(20)).await?;
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
+    let create_ms = file_create_ms(&stamps.join("probe"), 50)?;
     let [mut samples] = measure([coord.url()], stamps, runs).await?;
     let (p50, p99, max) = summary(&mut samples);
     println!(
-        "pickup: {runs} runs, 1 shell runner, {} cores: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
+        "pickup: {runs} runs, 1 shell runner, {} cores: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms \
+         (creating a file beside the stamps: {create_ms:.3} ms)",
         cores()
     );
     drop(_runner);
@@ -40,6 +42,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         ("pickup_p99_ms".into(), p99),
         ("pickup_max_ms".into(), max),
         ("pickup_runs".into(), runs as f64),
+        ("pickup_file_create_ms".into(), create_ms),
         ("pickup_offer_p50_ms".into(), o50),
         ("pickup_offer_p99_ms".into(), o99),
     ])
