@@ -627,9 +627,12 @@ impl Agent {
             if self.finished.remove(id).is_some() {
                 debug!(attempt = %id, "final report acknowledged");
                 let spool = self.spool_path(id);
-                if let Err(e) = tokio::fs::remove_file(&spool).await
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
+                let dir = self.config.work_dir.join("spool");
+                let path = spool.clone();
+                let retired =
+                    tokio::task::spawn_blocking(move || crate::attempt::retire_spool(&dir, &path))
+                        .await;
+                if let Ok(Err(e)) = retired {
                     warn!(path = %spool.display(), error = %e, "could not remove log spool");
                 }
             }

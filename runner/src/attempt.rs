@@ -139,11 +139,14 @@ pub(crate) async fn run(mut spec: AttemptSpec) {
     make_spares_after(&spec).await;
 }
 
-/// Replaces the spares the attempt took, off the runtime's workers.
+/// Replaces the attempt-dir spare if the attempt's dir did not become it,
+/// off the runtime's workers. The spool spare comes back when the spool is
+/// no longer needed ([`retire_spool`], once the coordinator has the final
+/// report); until then an attempt that starts makes its own spool file.
 async fn make_spares_after(spec: &AttemptSpec) {
-    let (attempts, spools) = (spec.attempts_dir.clone(), spec.spool_dir.clone());
+    let attempts = spec.attempts_dir.clone();
     let tag = spec.offer.attempt_id.clone();
-    let _ = tokio::task::spawn_blocking(move || make_spares(&attempts, &spools, &tag)).await;
+    let _ = tokio::task::spawn_blocking(move || make_dir_spare(&attempts, &tag)).await;
 }
 
 /// The outcome of an attempt that panicked: an infrastructure error, so the
@@ -296,9 +299,8 @@ async fn abandon(spec: &AttemptSpec, prepared: Prepared) {
         // Nothing was written, so nothing waits to be shipped.
         shipper.finish().await;
     }
-    if let Err(e) = tokio::fs::remove_file(spool_path(spec)).await
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
+    let (spools, path) = (spec.spool_dir.clone(), spool_path(spec));
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || retire_spool(&spools, &path)).await {
         warn!(error = %e, "could not remove the dropped attempt's log spool");
     }
     retire_dir(spec, &prepared.dir).await;
@@ -444,6 +446,12 @@ pub(crate) const SPARE: &str = ".spare";
 /// of the rename makes its own). Best effort: without spares, attempts
 /// create their dir and spool as before.
 pub(crate) fn make_spares(attempts_dir: &std::path::Path, spool_dir: &std::path::Path, tag: &str) {
+    make_dir_spare(attempts_dir, tag);
+    make_spool_spare(spool_dir, tag);
+}
+
+/// The attempt-dir half of [`make_spares`].
+fn make_dir_spare(attempts_dir: &std::path::Path, tag: &str) {
     let spare = attempts_dir.join(SPARE);
     if std::fs::symlink_metadata(&spare).is_err() {
         let tmp = attempts_dir.join(format!("{SPARE}-{tag}"));
@@ -456,6 +464,10 @@ pub(crate) fn make_spares(attempts_dir: &std::path::Path, spool_dir: &std::path:
             let _ = std::fs::remove_dir_all(&tmp);
         }
     }
+}
+
+/// The spool half of [`make_spares`].
+fn make_spool_spare(spool_dir: &std::path::Path, tag: &str) {
     let spare = spool_dir.join(SPARE);
     if std::fs::symlink_metadata(&spare).is_err() {
         let tmp = spool_dir.join(format!("{SPARE}-{tag}"));
@@ -463,6 +475,26 @@ pub(crate) fn make_spares(attempts_dir: &std::path::Path, spool_dir: &std::path:
         if made.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
+    }
+}
+
+/// Empties a spool file that is no longer needed and keeps it as the spool
+/// [`SPARE`] if there is none, or else removes it: the inode is kept for
+/// the next attempt instead of being freed (see [`recycle_dir`] for why).
+/// The spare is made by a hard link, which unlike a rename never replaces
+/// one that is there already, and the spool's own name is then removed.
+pub(crate) fn retire_spool(
+    spool_dir: &std::path::Path,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    let _kept = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|file| file.set_len(0))
+        .and_then(|()| std::fs::hard_link(path, spool_dir.join(SPARE)));
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -973,5 +1005,39 @@ mod recycle_tests {
         std::os::unix::fs::symlink("/tmp", &ws).unwrap();
         assert!(recycle_dir(&attempts, &dir).is_err());
         assert!(std::path::Path::new("/tmp").is_dir());
+    }
+}
+
+#[cfg(test)]
+mod spool_spare_tests {
+    use super::*;
+    use crate::testing::dir_names as names;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_spool_no_longer_needed_becomes_the_empty_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("att-1.log");
+        std::fs::write(&spool, vec![b'x'; 10_000]).unwrap();
+        let ino = std::fs::metadata(&spool).unwrap().ino();
+        retire_spool(dir.path(), &spool).unwrap();
+        assert_eq!(names(dir.path()), [SPARE]);
+        let spare = std::fs::metadata(dir.path().join(SPARE)).unwrap();
+        assert_eq!((spare.ino(), spare.len(), spare.nlink()), (ino, 0, 1));
+    }
+
+    #[test]
+    fn a_spool_is_removed_when_there_is_a_spare_already() {
+        let dir = tempfile::tempdir().unwrap();
+        make_spool_spare(dir.path(), "x");
+        std::fs::write(dir.path().join(SPARE), b"mark").unwrap();
+        let spool = dir.path().join("att-1.log");
+        std::fs::write(&spool, b"log").unwrap();
+        retire_spool(dir.path(), &spool).unwrap();
+        assert_eq!(names(dir.path()), [SPARE]);
+        // The spare there is kept, not replaced.
+        assert_eq!(std::fs::read(dir.path().join(SPARE)).unwrap(), b"mark");
+        // A spool already gone is no error.
+        retire_spool(dir.path(), &spool).unwrap();
     }
 }
