@@ -16,7 +16,8 @@
 //!    its process; the first step that does not succeed ends the attempt;
 //!    then executor teardown (also after a panic in setup or a step);
 //! 3. wait until the coordinator acknowledged every log byte;
-//! 4. remove the attempt's work dir;
+//! 4. empty the attempt's work dir and keep it as the next attempt's spare
+//!    (or remove it; see [`recycle_dir`]);
 //! 5. hand the `TaskFinished` report to the agent, which delivers it.
 
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ use futures::FutureExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
 use crate::logs::LogTarget;
@@ -311,8 +312,13 @@ async fn abandon(spec: &AttemptSpec, prepared: Prepared) {
 async fn retire_dir(spec: &AttemptSpec, dir: &std::path::Path) {
     let (attempts, dir) = (spec.attempts_dir.clone(), dir.to_path_buf());
     let removed = tokio::task::spawn_blocking(move || {
-        if recycle_dir(&attempts, &dir).is_ok() {
-            return Ok(());
+        match recycle_dir(&attempts, &dir) {
+            Ok(()) => return Ok(()),
+            Err(e) => debug!(
+                dir = %dir.display(),
+                error = %e,
+                "removing the attempt's dir instead of keeping it as the spare"
+            ),
         }
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
@@ -333,10 +339,18 @@ async fn retire_dir(spec: &AttemptSpec, dir: &std::path::Path) {
 /// (see [`make_spares`]), the step's own files included, so an attempt that
 /// deletes its dirs makes the next one's steps slower to create files.
 ///
-/// Refused (the caller removes the dir) when there already is a spare, or
-/// when either directory is not as [`make_spares`] would make it: a
-/// symlink, or another mode or owner than the attempts dir (a step may
-/// have changed them).
+/// Refused (the caller removes the dir) when there already is a spare,
+/// when either directory is not as [`make_spares`] would make it (a
+/// symlink, or another mode or owner than the attempts dir: a step may
+/// have changed them), or when the workspace is not empty after emptying
+/// (something still writes there).
+///
+/// With the shell executor a process that left the step's process group
+/// (`setsid`, a daemon) outlives the step, and one whose working directory
+/// is the workspace now sits in the next attempt's. That executor isolates
+/// nothing (such a process can write anywhere the runner can), and GitLab
+/// Runner's shell executor and Buildbot's worker reuse build dirs the same
+/// way; the docker executor's processes are gone with their containers.
 fn recycle_dir(attempts_dir: &std::path::Path, dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let spare = attempts_dir.join(SPARE);
@@ -362,6 +376,11 @@ fn recycle_dir(attempts_dir: &std::path::Path, dir: &std::path::Path) -> std::io
     }
     for entry in std::fs::read_dir(&workspace)? {
         remove_entry(&entry?)?;
+    }
+    if std::fs::read_dir(&workspace)?.next().is_some() {
+        return Err(std::io::Error::other(
+            "the workspace filled again while it was emptied",
+        ));
     }
     // Fails if another attempt's dir became the spare meanwhile (a spare is
     // never empty: it holds its workspace).
@@ -487,10 +506,19 @@ pub(crate) fn retire_spool(
     spool_dir: &std::path::Path,
     path: &std::path::Path,
 ) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Not through a symlink: only a regular file the runner made is kept.
     let _kept = std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(path)
-        .and_then(|file| file.set_len(0))
+        .and_then(|file| {
+            if file.metadata()?.is_file() {
+                file.set_len(0)
+            } else {
+                Err(std::io::Error::other("not a regular file"))
+            }
+        })
         .and_then(|()| std::fs::hard_link(path, spool_dir.join(SPARE)));
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -1039,5 +1067,17 @@ mod spool_spare_tests {
         assert_eq!(std::fs::read(dir.path().join(SPARE)).unwrap(), b"mark");
         // A spool already gone is no error.
         retire_spool(dir.path(), &spool).unwrap();
+    }
+
+    #[test]
+    fn a_symlinked_spool_is_removed_and_its_target_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"keep me").unwrap();
+        let spool = dir.path().join("att-1.log");
+        std::os::unix::fs::symlink(&target, &spool).unwrap();
+        retire_spool(dir.path(), &spool).unwrap();
+        assert_eq!(names(dir.path()), ["elsewhere"]);
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     }
 }

@@ -597,10 +597,12 @@ impl Scheduler {
             }
         }
         // Runners' messages go last, confirms first among them (a runner's
-        // stream keeps the order they are sent in): a task woken later
+        // stream keeps the order they are sent in): the task woken last
         // takes this worker's LIFO slot and runs first once the loop
         // yields, and a confirm is what a runner waits for to start a step,
-        // while a reply or a watcher's update can wait for it.
+        // while a reply or a watcher's update can wait for it. (Something
+        // in the outbox too would go first; a commit that confirms an offer
+        // rarely has any.)
         for (tx, m) in confirms {
             let _ = tx.send(Ok(m));
         }

@@ -19,6 +19,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The write-ahead log's current generation (see [`super::wal`]), changed
 /// only by durable commits.
 const GENERATION: &str = "wal_generation";
+/// A random number chosen when the database is made, in every log record:
+/// a log left beside a new database is not replayed into it.
+const LOG_ID: &str = "wal_id";
 /// Size of the write-ahead log file. A commit whose record does not fit in
 /// what is left of it is a durable redb commit instead, which starts the
 /// log over. 8 MiB holds a few thousand single-run commits between such
@@ -111,11 +114,20 @@ impl RedbStore {
             // readers never find them missing), what the log holds of the
             // current generation, and the next generation.
             let txn = db.begin_write()?;
-            let generation = txn
-                .open_table(META)?
-                .get(GENERATION)?
-                .map_or(0, |g| g.value());
-            let (mut wal, batches) = Wal::open(&wal_path, wal_capacity, generation)
+            let (id, generation) = {
+                let mut meta = txn.open_table(META)?;
+                let existing = meta.get(LOG_ID)?.map(|id| id.value());
+                let id = match existing {
+                    Some(id) => id,
+                    None => {
+                        let id = rand::random::<u64>();
+                        meta.insert(LOG_ID, id)?;
+                        id
+                    }
+                };
+                (id, meta.get(GENERATION)?.map_or(0, |g| g.value()))
+            };
+            let (mut wal, batches) = Wal::open(&wal_path, wal_capacity, id, generation)
                 .map_err(|e| format!("the write-ahead log {}: {e}", wal_path.display()))?;
             if !batches.is_empty() {
                 tracing::info!(
@@ -554,6 +566,33 @@ mod tests {
         let store = RedbStore::open_with(&path, 4096).unwrap();
         assert_eq!(store.get("big").await.unwrap(), Some(vec![7; 10_000]));
         assert_eq!(store.get("counter").await.unwrap(), Some(b"0".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_new_database_beside_an_old_log_replays_none_of_it() {
+        let (_dir, path) = temp_db();
+        {
+            let old = RedbStore::open_with(&path, 64 * 1024).unwrap();
+            for i in 0..5 {
+                old.apply(child_batch(i)).await.unwrap();
+            }
+        }
+        std::fs::remove_file(&path).unwrap();
+        // The new database's first records are the same size as the old
+        // ones, so the old log's third record starts right after them,
+        // with the generation and sequence that would come next.
+        {
+            let new = RedbStore::open_with(&path, 64 * 1024).unwrap();
+            for i in 0..2 {
+                new.apply(child_batch(i)).await.unwrap();
+            }
+        }
+        let store = RedbStore::open_with(&path, 64 * 1024).unwrap();
+        assert_eq!(store.get("counter").await.unwrap(), Some(b"1".to_vec()));
+        assert_eq!(
+            store.scan_prefix("k/").await.unwrap(),
+            vec![("k/0001".to_string(), vec![b'v'; 100])]
+        );
     }
 
     #[tokio::test]

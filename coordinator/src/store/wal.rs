@@ -15,10 +15,13 @@
 //! offset 0:
 //!
 //! ```text
-//! magic u32 | payload length u32 | generation u64 | sequence u64 | crc32 u32 | payload
+//! magic u32 | payload length u32 | log id u64 | generation u64 | sequence u64 | crc32 u32 | payload
 //! ```
 //!
 //! little-endian, the CRC over everything after the magic but itself. The
+//! log id is a random number the database keeps from its creation: a log
+//! left beside a database that was deleted and made again is not the new
+//! one's, even where its generations and sequences would line up. The
 //! payload is the batch's ops, each `tag u8` (0 put, 1 delete), `key length
 //! u32`, the key, and for a put `value length u32` and the value.
 //!
@@ -40,7 +43,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"CWAL");
-const HEADER: usize = 4 + 4 + 8 + 8 + 4;
+const HEADER: usize = 4 + 4 + 8 + 8 + 8 + 4;
+/// Where the CRC field starts.
+const CRC: usize = HEADER - 4;
 const PUT: u8 = 0;
 const DELETE: u8 = 1;
 
@@ -50,6 +55,7 @@ pub(crate) struct Wal {
     file: File,
     path: PathBuf,
     capacity: u64,
+    id: u64,
     generation: u64,
     offset: u64,
     sequence: u64,
@@ -57,12 +63,13 @@ pub(crate) struct Wal {
 
 impl Wal {
     /// Opens the log at `path`, creating it zero-filled to `capacity` bytes
-    /// if it is missing or shorter, and returns it with the ops of
-    /// `generation`'s records, in order. The returned log is positioned
+    /// if it is missing or shorter, and returns it with the ops of the
+    /// records of log `id` and `generation`, in order. The returned log is positioned
     /// after them; call [`Wal::restart`] after a durable commit.
     pub(crate) fn open(
         path: &Path,
         capacity: u64,
+        id: u64,
         generation: u64,
     ) -> io::Result<(Self, Vec<Vec<Op>>)> {
         let file = OpenOptions::new()
@@ -88,7 +95,8 @@ impl Wal {
         file.read_exact_at(&mut bytes, 0)?;
         let mut batches = Vec::new();
         let mut offset = 0usize;
-        while let Some((ops, len)) = read_record(&bytes[offset..], generation, batches.len() as u64)
+        while let Some((ops, len)) =
+            read_record(&bytes[offset..], id, generation, batches.len() as u64)
         {
             batches.push(ops);
             offset += len;
@@ -97,6 +105,7 @@ impl Wal {
             file,
             path: path.to_path_buf(),
             capacity,
+            id,
             generation,
             offset: offset as u64,
             sequence: batches.len() as u64,
@@ -117,7 +126,7 @@ impl Wal {
     /// `ops` as the next record, or `None` when it does not fit in what is
     /// left of the file: the caller then commits durably instead.
     pub(crate) fn record(&self, ops: &[Op]) -> Option<Vec<u8>> {
-        let record = encode(self.generation, self.sequence, ops);
+        let record = encode(self.id, self.generation, self.sequence, ops)?;
         (self.offset + record.len() as u64 <= self.capacity).then_some(record)
     }
 
@@ -142,7 +151,8 @@ impl Wal {
     }
 }
 
-fn encode(generation: u64, sequence: u64, ops: &[Op]) -> Vec<u8> {
+/// The record, or `None` if its payload would not fit its length field.
+fn encode(id: u64, generation: u64, sequence: u64, ops: &[Op]) -> Option<Vec<u8>> {
     let size: usize = ops
         .iter()
         .map(|op| match op {
@@ -150,9 +160,11 @@ fn encode(generation: u64, sequence: u64, ops: &[Op]) -> Vec<u8> {
             Op::Delete { key } => 5 + key.len(),
         })
         .sum();
+    let len = u32::try_from(size).ok()?;
     let mut out = Vec::with_capacity(HEADER + size);
     out.extend_from_slice(&MAGIC.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&generation.to_le_bytes());
     out.extend_from_slice(&sequence.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -170,8 +182,8 @@ fn encode(generation: u64, sequence: u64, ops: &[Op]) -> Vec<u8> {
         }
     }
     let crc = checksum(&out);
-    out[24..28].copy_from_slice(&crc.to_le_bytes());
-    out
+    out[CRC..HEADER].copy_from_slice(&crc.to_le_bytes());
+    Some(out)
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -183,23 +195,23 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 /// then its payload.
 fn checksum(record: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&record[4..24]);
+    hasher.update(&record[4..CRC]);
     hasher.update(&record[HEADER..]);
     hasher.finalize()
 }
 
-/// The record at the start of `bytes` if it is whole, of `generation`, and
-/// number `sequence`: its ops and its length.
-fn read_record(bytes: &[u8], generation: u64, sequence: u64) -> Option<(Vec<Op>, usize)> {
+/// The record at the start of `bytes` if it is whole, of log `id` and
+/// `generation`, and number `sequence`: its ops and its length.
+fn read_record(bytes: &[u8], id: u64, generation: u64, sequence: u64) -> Option<(Vec<Op>, usize)> {
     let header = bytes.get(..HEADER)?;
     let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap());
     let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap());
-    if u32_at(0) != MAGIC || u64_at(8) != generation || u64_at(16) != sequence {
+    if u32_at(0) != MAGIC || u64_at(8) != id || u64_at(16) != generation || u64_at(24) != sequence {
         return None;
     }
     let len = HEADER.checked_add(u32_at(4) as usize)?;
     let record = bytes.get(..len)?;
-    if checksum(record) != u32_at(24) {
+    if checksum(record) != u32_at(CRC) {
         return None;
     }
     Some((decode(&record[HEADER..])?, len))
@@ -253,8 +265,10 @@ mod tests {
         ]
     }
 
+    const ID: u64 = 0x5eed;
+
     fn reopen(path: &Path, generation: u64) -> (Wal, Vec<Vec<Op>>) {
-        Wal::open(path, 64 * 1024, generation).unwrap()
+        Wal::open(path, 64 * 1024, ID, generation).unwrap()
     }
 
     #[test]
@@ -275,7 +289,9 @@ mod tests {
         assert_eq!(wal.sequence, 3);
         assert_eq!(wal.offset as usize, {
             let b = batches();
-            b.iter().map(|ops| encode(7, 0, ops).len()).sum::<usize>()
+            b.iter()
+                .map(|ops| encode(ID, 7, 0, ops).unwrap().len())
+                .sum::<usize>()
         });
     }
 
@@ -325,7 +341,7 @@ mod tests {
     fn a_record_that_does_not_fit_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path, 8 * 1024, 1).unwrap();
+        let (mut wal, _) = Wal::open(&path, 8 * 1024, ID, 1).unwrap();
         let big = vec![put("k", &"v".repeat(5000))];
         let record = wal.record(&big).unwrap();
         wal.append(&record).unwrap();
@@ -342,13 +358,17 @@ mod tests {
             vec![0xff; 100],
             b"CWAL\xff\xff\xff\xff".repeat(10),
         ] {
-            assert!(read_record(&bytes, 0, 0).is_none(), "{bytes:?}");
+            assert!(read_record(&bytes, 0, 0, 0).is_none(), "{bytes:?}");
         }
         // A whole record with a wrong tag in its payload.
-        let mut record = encode(0, 0, &[delete("k")]);
+        let mut record = encode(0, 0, 0, &[delete("k")]).unwrap();
         record[HEADER] = 9;
         let crc = checksum(&record);
-        record[24..28].copy_from_slice(&crc.to_le_bytes());
-        assert!(read_record(&record, 0, 0).is_none());
+        record[CRC..HEADER].copy_from_slice(&crc.to_le_bytes());
+        assert!(read_record(&record, 0, 0, 0).is_none());
+        // A good record of another log.
+        let record = encode(1, 0, 0, &[delete("k")]).unwrap();
+        assert!(read_record(&record, 1, 0, 0).is_some());
+        assert!(read_record(&record, 2, 0, 0).is_none());
     }
 }
