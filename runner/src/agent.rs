@@ -1395,6 +1395,34 @@ mod agent_tests {
     }
 
     #[tokio::test]
+    async fn an_acknowledged_attempts_spool_becomes_the_spool_spare() {
+        use std::os::unix::fs::MetadataExt;
+        let (mut r, _) = TestRunner::start_on(testing::start().await, ExecutorKind::Fake).await;
+        r.server.send(offer("att-1", &["echo hello"])).await;
+        assert!(matches!(next(&mut r.server).await, Up::Accept(a) if a.attempt_id == "att-1"));
+        let spools = r.work.path().join("spool");
+        let spool = spools.join("att-1.log");
+        eventually("the spool is made", || spool.exists()).await;
+        let ino = std::fs::metadata(&spool).unwrap().ino();
+        while !matches!(next(&mut r.server).await, Up::Finished(_)) {}
+        r.server
+            .send(Down::Welcome(Welcome {
+                leader_epoch: 1,
+                acknowledged: vec!["att-1".into()],
+                ..Default::default()
+            }))
+            .await;
+        // The same inode, emptied, and nothing else: no new file was made.
+        eventually("the acknowledged spool becomes the spare", || {
+            testing::dir_names(&spools) == [crate::attempt::SPARE]
+                && std::fs::metadata(spools.join(crate::attempt::SPARE))
+                    .is_ok_and(|m| m.ino() == ino && m.len() == 0)
+        })
+        .await;
+        r.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_tentative_offer_runs_nothing_until_its_confirm() {
         let mut r = TestRunner::shell().await;
         // Epoch 2: the runner now ignores anything of epoch 1.
