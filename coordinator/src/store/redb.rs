@@ -596,6 +596,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_a_failed_log_write_nothing_of_the_batch_is_applied_and_every_write_fails() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).unwrap();
+        store.apply(child_batch(0)).await.unwrap();
+        // Swap the log for one on /dev/full: every write fails with ENOSPC.
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        *store.wal.lock().unwrap() = Some(Wal::on_file(full, Path::new("/dev/full"), 0, 0));
+        let err = store.apply(child_batch(1)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Write(_)), "{err:?}");
+        assert!(err.to_string().contains("/dev/full"), "{err}");
+        // The batch's transaction was aborted: what was there stays.
+        assert_eq!(store.get("counter").await.unwrap(), Some(b"0".to_vec()));
+        assert_eq!(store.get("k/0001").await.unwrap(), None);
+        // And the store takes no more writes, whatever they are.
+        let err = store.apply(child_batch(2)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("an earlier write to the state store failed"),
+            "{err}"
+        );
+        assert_eq!(store.get("counter").await.unwrap(), Some(b"0".to_vec()));
+    }
+
+    #[tokio::test]
     async fn an_unreadable_write_ahead_log_is_an_open_error() {
         let (dir, path) = temp_db();
         // A directory where the log file should be.

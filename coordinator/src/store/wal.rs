@@ -113,6 +113,20 @@ impl Wal {
         Ok((wal, batches))
     }
 
+    /// A log on `file` as it is (tests: a file whose writes fail).
+    #[cfg(test)]
+    pub(crate) fn on_file(file: File, path: &Path, id: u64, generation: u64) -> Self {
+        Self {
+            file,
+            path: path.to_path_buf(),
+            capacity: 1 << 20,
+            id,
+            generation,
+            offset: 0,
+            sequence: 0,
+        }
+    }
+
     /// The file this log is in.
     pub(crate) fn path(&self) -> &Path {
         &self.path
