@@ -960,11 +960,12 @@ mod tests {
     }
 }
 
+/// Attempt dirs and spools kept as the next attempt's spares.
 #[cfg(test)]
-mod recycle_tests {
+mod spare_tests {
     use super::*;
     use crate::testing::dir_names as names;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     /// An attempts dir holding a finished attempt's dir `att-1`, with files
     /// in its workspace and beside it.
@@ -986,9 +987,7 @@ mod recycle_tests {
     #[test]
     fn a_finished_attempts_dir_becomes_the_empty_spare() {
         let (_root, attempts, dir) = finished_attempt();
-        let ino = |p: &std::path::Path| {
-            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
-        };
+        let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
         let (dir_ino, ws_ino) = (ino(&dir), ino(&dir.join("workspace")));
         recycle_dir(&attempts, &dir).unwrap();
         assert_eq!(names(&attempts), [SPARE]);
@@ -1034,13 +1033,6 @@ mod recycle_tests {
         assert!(recycle_dir(&attempts, &dir).is_err());
         assert!(std::path::Path::new("/tmp").is_dir());
     }
-}
-
-#[cfg(test)]
-mod spool_spare_tests {
-    use super::*;
-    use crate::testing::dir_names as names;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn a_spool_no_longer_needed_becomes_the_empty_spare() {
