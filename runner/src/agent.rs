@@ -627,11 +627,9 @@ impl Agent {
             if self.finished.remove(id).is_some() {
                 debug!(attempt = %id, "final report acknowledged");
                 let spool = self.spool_path(id);
-                let dir = self.config.work_dir.join("spool");
                 let path = spool.clone();
                 let retired =
-                    tokio::task::spawn_blocking(move || crate::attempt::retire_spool(&dir, &path))
-                        .await;
+                    tokio::task::spawn_blocking(move || crate::attempt::retire_spool(&path)).await;
                 if let Ok(Err(e)) = retired {
                     warn!(path = %spool.display(), error = %e, "could not remove log spool");
                 }

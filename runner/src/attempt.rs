@@ -300,8 +300,8 @@ async fn abandon(spec: &AttemptSpec, prepared: Prepared) {
         // Nothing was written, so nothing waits to be shipped.
         shipper.finish().await;
     }
-    let (spools, path) = (spec.spool_dir.clone(), spool_path(spec));
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || retire_spool(&spools, &path)).await {
+    let path = spool_path(spec);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || retire_spool(&path)).await {
         warn!(error = %e, "could not remove the dropped attempt's log spool");
     }
     retire_dir(spec, &prepared.dir).await;
@@ -457,9 +457,10 @@ pub(crate) const SPARE: &str = ".spare";
 /// inode freed in the last few seconds, reading each one's inode-table
 /// block (measured here: 200 us for the two mkdirs and the spool's create,
 /// 50 us for two renames and an open, in a dir where attempts come and go).
-/// So they are made after an attempt (and at start), off the pickup path,
-/// and an attempt's start renames them into place: a rename allocates no
-/// inode. Each is built under a temporary name and renamed to [`SPARE`]
+/// So they are made at start and kept between attempts off the pickup
+/// path (a finished attempt's dir and, once acknowledged, its spool become
+/// the next spares: [`recycle_dir`], [`retire_spool`]), and an attempt's
+/// start renames them into place: a rename allocates no inode. Each is built under a temporary name and renamed to [`SPARE`]
 /// only when complete, so a spare dir always holds its `workspace`, and
 /// attempts that start together each take a whole spare or none (the loser
 /// of the rename makes its own). Best effort: without spares, attempts
@@ -500,12 +501,10 @@ fn make_spool_spare(spool_dir: &std::path::Path, tag: &str) {
 /// Empties a spool file that is no longer needed and keeps it as the spool
 /// [`SPARE`] if there is none, or else removes it: the inode is kept for
 /// the next attempt instead of being freed (see [`recycle_dir`] for why).
-/// The spare is made by a hard link, which unlike a rename never replaces
-/// one that is there already, and the spool's own name is then removed.
-pub(crate) fn retire_spool(
-    spool_dir: &std::path::Path,
-    path: &std::path::Path,
-) -> std::io::Result<()> {
+/// The spare, beside it in the spool dir, is made by a hard link, which
+/// unlike a rename never replaces one that is there already, and the
+/// spool's own name is then removed.
+pub(crate) fn retire_spool(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     // Not through a symlink: only a regular file the runner made is kept.
     let _kept = std::fs::OpenOptions::new()
@@ -519,7 +518,7 @@ pub(crate) fn retire_spool(
                 Err(std::io::Error::other("not a regular file"))
             }
         })
-        .and_then(|()| std::fs::hard_link(path, spool_dir.join(SPARE)));
+        .and_then(|()| std::fs::hard_link(path, path.with_file_name(SPARE)));
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
@@ -1007,8 +1006,8 @@ mod spare_tests {
 
     #[test]
     fn a_dir_is_not_recycled_over_an_existing_spare() {
-        let (_root, attempts, dir) = finished_attempt();
-        let spool = _root.path().join("spool");
+        let (root, attempts, dir) = finished_attempt();
+        let spool = root.path().join("spool");
         std::fs::create_dir(&spool).unwrap();
         make_spares(&attempts, &spool, "x");
         std::fs::write(attempts.join(SPARE).join("workspace/mark"), b"x").unwrap();
@@ -1040,7 +1039,7 @@ mod spare_tests {
         let spool = dir.path().join("att-1.log");
         std::fs::write(&spool, vec![b'x'; 10_000]).unwrap();
         let ino = std::fs::metadata(&spool).unwrap().ino();
-        retire_spool(dir.path(), &spool).unwrap();
+        retire_spool(&spool).unwrap();
         assert_eq!(names(dir.path()), [SPARE]);
         let spare = std::fs::metadata(dir.path().join(SPARE)).unwrap();
         assert_eq!((spare.ino(), spare.len(), spare.nlink()), (ino, 0, 1));
@@ -1053,12 +1052,12 @@ mod spare_tests {
         std::fs::write(dir.path().join(SPARE), b"mark").unwrap();
         let spool = dir.path().join("att-1.log");
         std::fs::write(&spool, b"log").unwrap();
-        retire_spool(dir.path(), &spool).unwrap();
+        retire_spool(&spool).unwrap();
         assert_eq!(names(dir.path()), [SPARE]);
         // The spare there is kept, not replaced.
         assert_eq!(std::fs::read(dir.path().join(SPARE)).unwrap(), b"mark");
         // A spool already gone is no error.
-        retire_spool(dir.path(), &spool).unwrap();
+        retire_spool(&spool).unwrap();
     }
 
     #[test]
@@ -1068,7 +1067,7 @@ mod spare_tests {
         std::fs::write(&target, b"keep me").unwrap();
         let spool = dir.path().join("att-1.log");
         std::os::unix::fs::symlink(&target, &spool).unwrap();
-        retire_spool(dir.path(), &spool).unwrap();
+        retire_spool(&spool).unwrap();
         assert_eq!(names(dir.path()), ["elsewhere"]);
         assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     }
