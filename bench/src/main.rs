@@ -308,13 +308,7 @@ fn date() -> String {
 /// `buildbot_file_create_ms` show what it cost on each side.
 fn scratch_root() -> anyhow::Result<std::path::PathBuf> {
     use anyhow::Context;
-    let root = match std::env::var_os("CAPSTAN_BENCH_DIR") {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => std::path::Path::new(
-            &std::env::var_os("HOME").context("set HOME or CAPSTAN_BENCH_DIR")?,
-        )
-        .join(".cache/capstan-bench"),
-    };
+    let root = scenarios::cache_dir("CAPSTAN_BENCH_DIR", "capstan-bench")?;
     std::fs::create_dir_all(&root)
         .with_context(|| format!("cannot create the bench's scratch root {}", root.display()))?;
     Ok(root)

@@ -44,13 +44,7 @@ pub fn run(summary: Option<&Path>) -> anyhow::Result<Figures> {
     if summary.is_none() {
         // Where the harness's steps wrote their stamps, after it ran (the
         // harness wipes `work/` when it starts).
-        let work = std::env::var_os("CAPSTAN_BUILDBOT_DIR")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/capstan-buildbot"))
-            })
-            .context("neither CAPSTAN_BUILDBOT_DIR nor HOME is set")?
-            .join("work");
+        let work = super::cache_dir("CAPSTAN_BUILDBOT_DIR", "capstan-buildbot")?.join("work");
         figures.push((
             "buildbot_file_create_ms".into(),
             super::file_create_ms(&work.join("probe"), 50)?,

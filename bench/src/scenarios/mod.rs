@@ -63,6 +63,19 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// `$var` if set, else `~/.cache/<name>`: where the bench's scratch dir and
+/// the Buildbot harness's copy live.
+pub fn cache_dir(var: &str, name: &str) -> anyhow::Result<PathBuf> {
+    match std::env::var_os(var) {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => {
+            let home =
+                std::env::var_os("HOME").ok_or_else(|| anyhow::anyhow!("set HOME or {var}"))?;
+            Ok(PathBuf::from(home).join(".cache").join(name))
+        }
+    }
+}
+
 /// Median time to create an empty file in `dir` (made if missing), over
 /// `n` new files, in ms. The files stay: deleting them would free inodes,
 /// and on ext4 without a journal (these VMs) every inode freed in the last

@@ -6,7 +6,8 @@
 //!
 //! Implementations: [`memory::MemoryStore`] (tests), [`redb::RedbStore`]
 //! (standalone default: a redb file and its write-ahead log under
-//! `--data-dir`); an etcd store comes with high availability. All of them pass the suite in [`conformance`].
+//! `--data-dir`); an etcd store comes with high availability. All of them
+//! pass the suite in [`conformance`].
 //!
 //! # Contract
 //! - Keys are UTF-8 strings; values are opaque bytes.

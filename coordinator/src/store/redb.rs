@@ -1,5 +1,5 @@
-//! [`RedbStore`]: the standalone coordinator's [`Store`], one redb file under
-//! `--data-dir`.
+//! [`RedbStore`]: the standalone coordinator's [`Store`], a redb file and
+//! its write-ahead log under `--data-dir`.
 
 use super::wal::Wal;
 use super::{Op, Store, StoreError};
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 /// The single table holding every key.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
-/// The store's own bookkeeping: [`GENERATION`].
+/// The store's own bookkeeping: [`GENERATION`] and [`LOG_ID`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The write-ahead log's current generation (see [`super::wal`]), changed
 /// only by durable commits.
