@@ -7,29 +7,36 @@
 
 use std::time::Duration;
 
-const MIN: Duration = Duration::from_millis(100);
+pub(crate) const MIN: Duration = Duration::from_millis(100);
 const MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub(crate) struct Backoff {
+    first: Duration,
     next: Duration,
 }
 
 impl Backoff {
     pub(crate) fn new() -> Self {
-        Self { next: MIN }
+        Self::starting_at(MIN)
+    }
+
+    /// A backoff whose first delay is `first` (tests use a long one, to see
+    /// what does not wait for it), doubling to 5 s or to `first` if longer.
+    pub(crate) fn starting_at(first: Duration) -> Self {
+        Self { first, next: first }
     }
 
     /// The delay to wait now; the one after it is twice as long (up to 5 s).
     pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.next;
-        self.next = (base * 2).min(MAX);
+        self.next = (base * 2).min(MAX.max(self.first));
         base.mul_f64(rand::random_range(0.8..=1.2))
     }
 
-    /// Call after a success: the next failure waits 100 ms again.
+    /// Call after a success: the next failure waits the first delay again.
     pub(crate) fn reset(&mut self) {
-        self.next = MIN;
+        self.next = self.first;
     }
 }
 
@@ -49,5 +56,17 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_secs(4));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+
+    #[test]
+    fn a_long_first_delay_is_its_own_cap() {
+        let mut b = Backoff::starting_at(Duration::from_secs(60));
+        for _ in 0..3 {
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_secs(48) && d <= Duration::from_secs(72),
+                "{d:?}"
+            );
+        }
     }
 }

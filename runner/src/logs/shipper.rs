@@ -97,6 +97,9 @@ pub(crate) struct Limits {
     pub stream_max_bytes: u64,
     pub max_in_flight: usize,
     pub max_unacked: u64,
+    /// The first retry's delay after an error (then doubling, see
+    /// [`Backoff`]).
+    pub first_retry: Duration,
 }
 
 impl Default for Limits {
@@ -106,6 +109,7 @@ impl Default for Limits {
             stream_max_bytes: STREAM_MAX_BYTES,
             max_in_flight: MAX_IN_FLIGHT,
             max_unacked: MAX_UNACKED,
+            first_retry: crate::backoff::MIN,
         }
     }
 }
@@ -185,7 +189,7 @@ async fn ship_with(
     limits.stream_max_bytes = limits.stream_max_bytes.min((spool.budget() / 4).max(1));
     let mut state = spool.subscribe();
     let mut acked = 0u64;
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::starting_at(limits.first_retry);
     let mut refusals = 0u32;
     loop {
         let now = *state.borrow_and_update();
@@ -222,7 +226,7 @@ async fn ship_with(
             Ok(()) => {}
             Err(Failure::Short) => {
                 // The coordinator took less than was sent: do not spin.
-                tokio::time::sleep(backoff.next_delay()).await;
+                retry_after(&mut target, &mut backoff).await;
             }
             Err(Failure::Status { status, overtook })
                 if status.code() == tonic::Code::OutOfRange && !overtook =>
@@ -292,15 +296,32 @@ async fn ship_with(
                     );
                     return;
                 }
-                tokio::time::sleep(backoff.next_delay()).await;
+                retry_after(&mut target, &mut backoff).await;
             }
             Err(Failure::Status { status, .. }) => {
-                let delay = backoff.next_delay();
                 debug!(attempt = spool.attempt_id(), code = ?status.code(), message = status.message(),
-                    ?delay, "pushing logs failed; retrying");
-                tokio::time::sleep(delay).await;
+                    "pushing logs failed; retrying");
+                retry_after(&mut target, &mut backoff).await;
             }
         }
+    }
+}
+
+/// Waits before the next try after a failed push: the backoff's next delay,
+/// or less if a new target is published meanwhile. The agent publishes one
+/// after each welcome, so after a leader failover the shipper tries the new
+/// leader at once and starts its backoff over, instead of sleeping out a
+/// delay that grew (up to 5 s) while the leader was gone. Until then the
+/// attempt cannot report that it finished, and its slot stays taken (seen
+/// in the bench's failover scenario: runs waited 1.3 s for a slot held by
+/// an attempt that had ended seconds before).
+async fn retry_after(target: &mut watch::Receiver<Option<LogTarget>>, backoff: &mut Backoff) {
+    let delay = backoff.next_delay();
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        // With every sender gone this branch is disabled, and the delay
+        // holds (the loop then ends when it next waits for a target).
+        Ok(()) = target.changed() => backoff.reset(),
     }
 }
 
@@ -367,6 +388,7 @@ impl Window<'_> {
             stream_max_bytes,
             max_in_flight,
             max_unacked,
+            ..
         } = self.limits;
         let mut next = *self.acked;
         let mut open: Option<Open> = None;
@@ -615,6 +637,7 @@ mod tests {
         stream_max_bytes: 100_000,
         max_in_flight: 4,
         max_unacked: 1 << 30,
+        first_retry: crate::backoff::MIN,
     };
 
     /// Appends 300 chunks of 1 to 20,000 bytes over three steps, pausing
@@ -913,5 +936,60 @@ mod tests {
             .await
             .expect("the shipper retried a refusal that cannot change, forever");
         assert_eq!(total, 31);
+    }
+    /// After a leader failover the agent publishes the new leader as the
+    /// target. A shipper waiting out its backoff after failed pushes to the
+    /// old leader must try the new one at once: its attempt cannot report
+    /// that it finished before its log is acknowledged, so the wait held the
+    /// attempt's slot (1.3 s more before the next task, in the bench's
+    /// failover scenario).
+    #[tokio::test]
+    async fn a_new_target_is_tried_without_waiting_out_the_backoff() {
+        use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
+        let credentials = || Credentials {
+            runner_id: RunnerId::from_string(RUNNER_ID),
+            runner_secret: SECRET.into(),
+        };
+        // The old leader: a port nothing listens on any more.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dead = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let (target_tx, target_rx) = watch::channel(Some(LogTarget {
+            client: RunnerServiceClient::new(dead),
+            credentials: credentials(),
+        }));
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create_with_budget(
+            dir.path(),
+            "att-failover",
+            crate::logs::spool::MEMORY_BUDGET,
+        )
+        .unwrap();
+        // Waiting out the backoff would take a minute.
+        let limits = Limits {
+            first_retry: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
+        let line = b"written while the leader was gone\n";
+        spool.append(0, line).await.unwrap();
+        // The push to the old leader fails and the shipper starts to wait.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(shipper.acked(), 0, "acknowledged by a dead coordinator");
+        let server = testing::start().await;
+        target_tx.send_replace(Some(LogTarget {
+            client: server.client().await,
+            credentials: credentials(),
+        }));
+        let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
+            .await
+            .expect("the shipper waited out its backoff instead of trying the new leader");
+        assert_eq!(total, line.len() as u64);
+        assert!(server.coordinator.logs.lock().unwrap().logs["att-failover"] == line);
     }
 }
