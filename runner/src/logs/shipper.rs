@@ -18,8 +18,9 @@
 //!    and move `acked`, and the spool frees the memory of what they
 //!    acknowledged ([`Spool::release`]);
 //! 3. on an error (the oldest stream of the window failed), drop the whole
-//!    window, wait (jittered backoff) and go to 1: the next stream resends
-//!    from `acked`. The coordinator skips bytes it already holds, so a resend
+//!    window, wait (jittered backoff, cut short when the agent publishes a
+//!    new target: a new leader) and go to 1: the next stream resends from
+//!    `acked`. The coordinator skips bytes it already holds, so a resend
 //!    never duplicates.
 //!
 //! `OUT_OF_RANGE` on a stream that started at `acked` (nothing before it
