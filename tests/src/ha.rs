@@ -52,6 +52,22 @@ fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
 
+/// The cluster's scratch dir (data dirs and every process's log). With
+/// `CAPSTAN_KEEP_HA_DIR=1` it outlives the cluster, and its path is printed:
+/// for reading the replicas' and runners' logs after a slow bench round or
+/// a failed test.
+fn cluster_dir() -> std::io::Result<tempfile::TempDir> {
+    let keep = std::env::var_os("CAPSTAN_KEEP_HA_DIR").is_some_and(|v| v == "1");
+    let dir = tempfile::Builder::new()
+        .prefix("capstan-ha-")
+        .disable_cleanup(keep)
+        .tempdir()?;
+    if keep {
+        eprintln!("HaCluster: keeping {}", dir.path().display());
+    }
+    Ok(dir)
+}
+
 impl HaCluster {
     /// A 3-node etcd, `replicas` coordinators and `runners` runners, with
     /// the default election TTL (5 s).
@@ -82,7 +98,7 @@ impl HaCluster {
             lease_ms: 3000,
             token: "ha-token".into(),
             executor: executor.into(),
-            dir: tempfile::tempdir()?,
+            dir: cluster_dir()?,
         };
         for i in 0..replicas {
             c.start_replica(i)?;
