@@ -23,11 +23,15 @@ impl Backoff {
 
     /// A backoff whose first delay is `first` (tests use a long one, to see
     /// what does not wait for it), doubling to 5 s or to `first` if longer.
+    /// At least 1 ms: a zero delay would never grow, and its callers would
+    /// spin.
     pub(crate) fn starting_at(first: Duration) -> Self {
+        let first = first.max(Duration::from_millis(1));
         Self { first, next: first }
     }
 
-    /// The delay to wait now; the one after it is twice as long (up to 5 s).
+    /// The delay to wait now; the one after it is twice as long (up to 5 s,
+    /// or the first delay if that is longer).
     pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (base * 2).min(MAX.max(self.first));
@@ -56,6 +60,14 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_secs(4));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+
+    #[test]
+    fn a_zero_first_delay_still_waits_and_grows() {
+        let mut b = Backoff::starting_at(Duration::ZERO);
+        assert!(b.next_delay() > Duration::ZERO);
+        let later: Duration = (0..10).map(|_| b.next_delay()).last().unwrap();
+        assert!(later >= Duration::from_millis(400), "{later:?}");
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! 3. on an error (the oldest stream of the window failed), drop the whole
 //!    window, wait (jittered backoff, cut short when the agent publishes a
 //!    new target: a new leader) and go to 1: the next stream resends from
-//!    `acked`. The coordinator skips bytes it already holds, so a resend
+//!    `acked`. A new target also ends a window still pushing to the old one
+//!    (a dead leader's host may never reset the connection). The coordinator skips bytes it already holds, so a resend
 //!    never duplicates.
 //!
 //! `OUT_OF_RANGE` on a stream that started at `acked` (nothing before it
@@ -162,7 +163,8 @@ impl ShipperHandle {
 }
 
 /// The shipper loop (see the module docs). Returns when the spool is closed
-/// and fully acknowledged, or when every sender of `target` is gone.
+/// and fully acknowledged, or when every sender of `target` is gone while
+/// it waits for a first target.
 pub async fn ship(
     spool: Arc<Spool>,
     target: watch::Receiver<Option<LogTarget>>,
@@ -218,7 +220,22 @@ async fn ship_with(
             acked_tx: &acked_tx,
             limits,
         };
-        let result = window_state.push(&mut state).await;
+        let result = tokio::select! {
+            result = window_state.push(&mut state) => result,
+            // A new target (the agent was welcomed again, maybe by a new
+            // leader) while a push is under way: drop the window and resend
+            // from `acked` to the new one. A push to a leader whose host
+            // died, or that was cut off, gets no reset: it would otherwise
+            // wait for the connection's keepalive or `CALL_TIMEOUT` (20-30
+            // s), and the attempt's slot with it. A window to a healthy
+            // coordinator is dropped too (a welcome means the control
+            // stream broke, mostly with the log connection); the
+            // coordinator skips what it already holds.
+            Ok(()) = target.changed() => {
+                backoff.reset();
+                continue;
+            }
+        };
         if acked > before {
             backoff.reset();
             refusals = 0;
@@ -320,8 +337,8 @@ async fn retry_after(target: &mut watch::Receiver<Option<LogTarget>>, backoff: &
     let delay = backoff.next_delay();
     tokio::select! {
         () = tokio::time::sleep(delay) => {}
-        // With every sender gone this branch is disabled, and the delay
-        // holds (the loop then ends when it next waits for a target).
+        // With every sender gone (the agent is gone) this branch is
+        // disabled, and the delay holds.
         Ok(()) = target.changed() => backoff.reset(),
     }
 }
@@ -938,6 +955,47 @@ mod tests {
             .expect("the shipper retried a refusal that cannot change, forever");
         assert_eq!(total, 31);
     }
+
+    /// Ships one line while `old` is the target, publishes a working
+    /// coordinator as the new target 300 ms later (after the push to `old`
+    /// failed or while it still waits), and returns whether the line
+    /// reached the new one within `within`.
+    async fn moves_to_a_new_target(
+        old: tonic::transport::Channel,
+        limits: Limits,
+        within: Duration,
+    ) -> bool {
+        use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
+        let credentials = || Credentials {
+            runner_id: RunnerId::from_string(RUNNER_ID),
+            runner_secret: SECRET.into(),
+        };
+        let (target_tx, target_rx) = watch::channel(Some(LogTarget {
+            client: RunnerServiceClient::new(old),
+            credentials: credentials(),
+        }));
+        let dir = tempfile::tempdir().unwrap();
+        let spool =
+            Spool::create_with_budget(dir.path(), "att-moved", crate::logs::spool::MEMORY_BUDGET)
+                .unwrap();
+        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
+        let line = b"written while the leader was gone\n";
+        spool.append(0, line).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(shipper.acked(), 0, "acknowledged by the old target");
+        let server = testing::start().await;
+        target_tx.send_replace(Some(LogTarget {
+            client: server.client().await,
+            credentials: credentials(),
+        }));
+        let Ok(total) = tokio::time::timeout(within, shipper.finish()).await else {
+            return false;
+        };
+        assert_eq!(total, line.len() as u64);
+        assert!(server.coordinator.logs.lock().unwrap().logs["att-moved"] == line);
+        true
+    }
+
     /// After a leader failover the agent publishes the new leader as the
     /// target. A shipper waiting out its backoff after failed pushes to the
     /// old leader must try the new one at once: its attempt cannot report
@@ -946,12 +1004,7 @@ mod tests {
     /// failover scenario).
     #[tokio::test]
     async fn a_new_target_is_tried_without_waiting_out_the_backoff() {
-        use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
-        let credentials = || Credentials {
-            runner_id: RunnerId::from_string(RUNNER_ID),
-            runner_secret: SECRET.into(),
-        };
-        // The old leader: a port nothing listens on any more.
+        // The old leader was killed: its port refuses connections.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -960,37 +1013,31 @@ mod tests {
         let dead = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
             .unwrap()
             .connect_lazy();
-        let (target_tx, target_rx) = watch::channel(Some(LogTarget {
-            client: RunnerServiceClient::new(dead),
-            credentials: credentials(),
-        }));
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create_with_budget(
-            dir.path(),
-            "att-failover",
-            crate::logs::spool::MEMORY_BUDGET,
-        )
-        .unwrap();
         // Waiting out the backoff would take a minute.
         let limits = Limits {
             first_retry: Duration::from_secs(60),
             ..Limits::default()
         };
-        let shipper = ShipperHandle::spawn_with(Arc::clone(&spool), target_rx, limits);
-        let line = b"written while the leader was gone\n";
-        spool.append(0, line).await.unwrap();
-        // The push to the old leader fails and the shipper starts to wait.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(shipper.acked(), 0, "acknowledged by a dead coordinator");
-        let server = testing::start().await;
-        target_tx.send_replace(Some(LogTarget {
-            client: server.client().await,
-            credentials: credentials(),
-        }));
-        let total = tokio::time::timeout(Duration::from_secs(20), shipper.finish())
-            .await
-            .expect("the shipper waited out its backoff instead of trying the new leader");
-        assert_eq!(total, line.len() as u64);
-        assert!(server.coordinator.logs.lock().unwrap().logs["att-failover"] == line);
+        assert!(
+            moves_to_a_new_target(dead, limits, Duration::from_secs(20)).await,
+            "the shipper waited out its backoff instead of trying the new leader"
+        );
+    }
+
+    /// The old leader's host died or was cut off: nothing resets the
+    /// connection, and the push to it would wait for `CALL_TIMEOUT` (30 s).
+    #[tokio::test]
+    async fn a_new_target_ends_a_push_still_waiting_on_the_old_one() {
+        // Connections complete (the kernel accepts them) and nothing answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let hung = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        assert!(
+            moves_to_a_new_target(hung, Limits::default(), Duration::from_secs(10)).await,
+            "the shipper kept waiting on the old leader after the new one was published"
+        );
+        drop(silent);
     }
 }
