@@ -359,6 +359,16 @@ async fn out_of_memory_is_reported_as_oom() {
     );
 }
 
+/// A step that dies of SIGKILL with memory to spare is a plain exit 137,
+/// not an OOM, even after the executor asked again (the OOM flag can lag
+/// behind the exit).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkill_without_oom_is_a_plain_exit() {
+    let f = fixture("sigkill", |o| o.memory_bytes = Some(64 << 20)).await;
+    let out = f.run_task(vec![run("kill -9 $$")]).await;
+    assert_eq!(out[0].0, StepEnd::Exited(137), "{}", out[0].1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_image_is_a_clear_failure() {
     let f = fixture("noimage", |_| {}).await;
