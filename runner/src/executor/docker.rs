@@ -502,15 +502,17 @@ impl DockerExecutor {
     /// killed for memory (`State.OOMKilled`).
     ///
     /// containerd can report a container's exit before its OOM event
-    /// (containerd#8180; upstream now sends the OOM event first,
-    /// containerd#12714, not in the engine these machines run), so just
-    /// after the exit of a step the OOM killer stopped, the flag may still
-    /// be false. containerd#8180 shows it with the very step our test runs
-    /// (`dd` with a buffer over the limit); `out_of_memory_is_reported_as_oom`
-    /// failed here once in about a dozen runs of the runner's suite (its
-    /// message was not kept, so this race is the likely cause, not a proven
-    /// one). A step that died of SIGKILL (137) is asked about again, a few
-    /// times, before it counts as a plain exit; any other code is asked once.
+    /// (upstream now sends the OOM event first, containerd#12714, not yet in
+    /// the engine these machines run), so just after the exit of a step the
+    /// OOM killer stopped, the flag may still be false. A step that died of
+    /// SIGKILL (137) is therefore asked about again, a few times, before it
+    /// counts as a plain exit; any other code is asked once.
+    ///
+    /// Not covered: an OOM kill in the first milliseconds of a container,
+    /// before containerd's shim watches its cgroup, is never reported
+    /// (containerd#8180): such a step is a plain exit 137. Seen here with a
+    /// step that allocated 128 MiB at once against a 16 MiB limit, about
+    /// once in 12 runs.
     async fn oom_killed(&self, name: &str, code: i32) -> bool {
         const SIGKILLED: i32 = 128 + 9;
         for check in 0..=OOM_RECHECKS {
