@@ -21,8 +21,9 @@
 //!    window, wait (jittered backoff, cut short when the agent publishes a
 //!    new target: a new leader) and go to 1: the next stream resends from
 //!    `acked`. A new target also ends a window still pushing to the old one
-//!    (a dead leader's host may never reset the connection). The coordinator skips bytes it already holds, so a resend
-//!    never duplicates.
+//!    (a dead leader's host may never reset the connection). The
+//!    coordinator skips bytes it already holds, so a resend never
+//!    duplicates.
 //!
 //! `OUT_OF_RANGE` on a stream that started at `acked` (nothing before it
 //! was unacknowledged when it was opened) means the coordinator holds fewer
@@ -956,20 +957,20 @@ mod tests {
         assert_eq!(total, 31);
     }
 
-    /// Ships one line while `old` is the target, publishes a working
-    /// coordinator as the new target 300 ms later (after the push to `old`
-    /// failed or while it still waits), and returns whether the line
-    /// reached the new one within `within`.
-    async fn moves_to_a_new_target(
-        old: tonic::transport::Channel,
-        limits: Limits,
-        within: Duration,
-    ) -> bool {
+    /// Ships one line while a coordinator on loopback port `old_port` is
+    /// the target, publishes a working coordinator as the new target 300 ms
+    /// later (after the push to the old one failed or while it still
+    /// waits), and returns whether the line reached the new one within
+    /// `within`.
+    async fn moves_to_a_new_target(old_port: u16, limits: Limits, within: Duration) -> bool {
         use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
         let credentials = || Credentials {
             runner_id: RunnerId::from_string(RUNNER_ID),
             runner_secret: SECRET.into(),
         };
+        let old = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{old_port}"))
+            .unwrap()
+            .connect_lazy();
         let (target_tx, target_rx) = watch::channel(Some(LogTarget {
             client: RunnerServiceClient::new(old),
             credentials: credentials(),
@@ -1010,16 +1011,13 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let dead = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect_lazy();
         // Waiting out the backoff would take a minute.
         let limits = Limits {
             first_retry: Duration::from_secs(60),
             ..Limits::default()
         };
         assert!(
-            moves_to_a_new_target(dead, limits, Duration::from_secs(20)).await,
+            moves_to_a_new_target(port, limits, Duration::from_secs(20)).await,
             "the shipper waited out its backoff instead of trying the new leader"
         );
     }
@@ -1031,11 +1029,8 @@ mod tests {
         // Connections complete (the kernel accepts them) and nothing answers.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = silent.local_addr().unwrap().port();
-        let hung = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect_lazy();
         assert!(
-            moves_to_a_new_target(hung, Limits::default(), Duration::from_secs(10)).await,
+            moves_to_a_new_target(port, Limits::default(), Duration::from_secs(10)).await,
             "the shipper kept waiting on the old leader after the new one was published"
         );
         drop(silent);
