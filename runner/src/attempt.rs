@@ -460,7 +460,8 @@ pub(crate) const SPARE: &str = ".spare";
 /// So they are made at start and kept between attempts off the pickup
 /// path (a finished attempt's dir and, once acknowledged, its spool become
 /// the next spares: [`recycle_dir`], [`retire_spool`]), and an attempt's
-/// start renames them into place: a rename allocates no inode. Each is built under a temporary name and renamed to [`SPARE`]
+/// start renames them into place: a rename allocates no inode. Each is
+/// built under a temporary name and renamed to [`SPARE`]
 /// only when complete, so a spare dir always holds its `workspace`, and
 /// attempts that start together each take a whole spare or none (the loser
 /// of the rename makes its own). Best effort: without spares, attempts
