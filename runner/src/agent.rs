@@ -68,7 +68,8 @@ use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::attempt::{self, AttemptEvent, AttemptSpec, chain};
+use crate::attempt::{self, AttemptEvent, AttemptSpec};
+use crate::error::chain;
 use crate::backoff::Backoff;
 use crate::credentials::{self, Credentials};
 use crate::executor::Executor;

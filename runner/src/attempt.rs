@@ -33,13 +33,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
+use crate::error::chain;
+use crate::executor::{Executor, ExecutorError};
 use crate::logs::LogTarget;
 use crate::logs::cap::CappedSink;
 use crate::logs::mask::MaskingSink;
 use crate::logs::shipper::ShipperHandle;
+use crate::logs::sink::OutputSink;
 use crate::logs::spool::Spool;
 use crate::secrets::Secrets;
+use crate::step::{StepContext, StepEnd, TaskContext};
+use crate::steps::git_push::{self, GitOps};
 
 /// What an attempt tells the agent.
 #[derive(Debug)]
@@ -177,6 +181,9 @@ struct Prepared {
     /// be created.
     log: Result<(Arc<Spool>, ShipperHandle), Outcome>,
     task: TaskContext,
+    /// The settings of the `set-image` and `git-push` steps and the
+    /// write-back a `set-image` leaves for the task's `git-push`.
+    gitops: Arc<GitOps>,
 }
 
 /// Runs the attempt; `None` when it was dropped before its confirm (see
@@ -273,18 +280,19 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         repo: spec.offer.repo.clone(),
         rev: spec.offer.rev.clone(),
         outputs: Arc::default(),
-        gitops: Arc::new(crate::steps::git_push::GitOps::new(
-            Arc::clone(&spec.secrets),
-            spec.git_author.clone(),
-            spec.git_credentials.clone(),
-            Some(dir.join("manifests")),
-        )),
     };
+    let gitops = Arc::new(GitOps::new(
+        Arc::clone(&spec.secrets),
+        spec.git_author.clone(),
+        spec.git_credentials.clone(),
+        Some(dir.join("manifests")),
+    ));
     Prepared {
         dir,
         made,
         log,
         task,
+        gitops,
     }
 }
 
@@ -402,6 +410,7 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
         made,
         log,
         task,
+        gitops,
     } = prepared;
     let report = |o: Outcome, log_length, outputs: std::collections::BTreeMap<String, String>| {
         TaskFinished {
@@ -423,7 +432,7 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
     let outcome = match made {
         // A panic (say in the checkout) still finishes the log shipping
         // below, so the report waits for the log and the spool is released.
-        Ok(()) => std::panic::AssertUnwindSafe(run_task(spec, &task, &spool))
+        Ok(()) => std::panic::AssertUnwindSafe(run_task(spec, &task, &gitops, &spool))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| panicked(panic.as_ref())),
@@ -536,7 +545,12 @@ fn make_workspace(dir: &std::path::Path, workspace: &std::path::Path) -> std::io
     }
 }
 
-async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) -> Outcome {
+async fn run_task(
+    spec: &AttemptSpec,
+    task: &TaskContext,
+    gitops: &Arc<GitOps>,
+    spool: &Arc<Spool>,
+) -> Outcome {
     let started = Instant::now();
     let task_timeout = task.task.timeout_seconds;
     let task_deadline = (task_timeout > 0).then(|| started + Duration::from_secs(task_timeout));
@@ -559,7 +573,7 @@ async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) ->
     // attempt until the runner restarts and reaps them.
     let outcome = std::panic::AssertUnwindSafe(async {
         match executor.setup_task(task).await {
-            Ok(()) => run_steps(spec, task, spool, task_deadline).await,
+            Ok(()) => run_steps(spec, task, gitops, spool, task_deadline).await,
             Err(e) => Outcome::new(AttemptOutcome::Error, None, chain(&e)),
         }
     })
@@ -575,6 +589,7 @@ async fn run_task(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) ->
 async fn run_steps(
     spec: &AttemptSpec,
     task: &TaskContext,
+    gitops: &Arc<GitOps>,
     spool: &Arc<Spool>,
     task_deadline: Option<Instant>,
 ) -> Outcome {
@@ -615,7 +630,7 @@ async fn run_steps(
             "step",
             capstan.step.index = index,
             capstan.step.name = %step_label(step),
-            capstan.step.kind = crate::executor::step_kind_name(step),
+            capstan.step.kind = crate::step::step_kind_name(step),
             capstan.step.status = tracing::field::Empty,
             capstan.step.exit_code = tracing::field::Empty,
         );
@@ -636,18 +651,14 @@ async fn run_steps(
             (Some(s), Some(t)) => Some(s.min(t)),
             (s, t) => s.or(t),
         };
-        let result = spec
-            .executor
-            .run_step(
-                task,
-                StepContext {
-                    index,
-                    step,
-                    cancel: spec.cancel.clone(),
-                    deadline,
-                    output: &output,
-                },
-            )
+        let ctx = StepContext {
+            index,
+            step,
+            cancel: spec.cancel.clone(),
+            deadline,
+            output: &output,
+        };
+        let result = run_step(spec, task, gitops, ctx)
             .instrument(span.clone())
             .await;
         if let Err(e) = async {
@@ -712,6 +723,29 @@ async fn run_steps(
         .and_then(|o| Some(format!("pushed {}@{}", o.get("image")?, o.get("digest")?)))
         .unwrap_or_default();
     Outcome::new(AttemptOutcome::Succeeded, None, message)
+}
+
+/// Runs one step: the runner's built-in kinds (`set-image`, `git-push`)
+/// here, with git2, the same under every executor; the rest through the
+/// executor, which only runs processes and containers.
+async fn run_step(
+    spec: &AttemptSpec,
+    task: &TaskContext,
+    gitops: &Arc<GitOps>,
+    ctx: StepContext<'_>,
+) -> Result<StepEnd, ExecutorError> {
+    if !spec.executor.simulates_builtin_steps() {
+        match &ctx.step.kind {
+            Some(step::Kind::SetImage(s)) => {
+                return git_push::run_set_image(gitops, task, &ctx, s).await;
+            }
+            Some(step::Kind::GitPush(g)) => {
+                return git_push::run_git_push(gitops, task, &ctx, g).await;
+            }
+            _ => {}
+        }
+    }
+    spec.executor.run_step(task, ctx).await
 }
 
 /// Checks the run's repository out into the workspace; the log says so
@@ -807,7 +841,7 @@ impl OutputSink for HeaderFirst<'_> {
 /// The step's display name: its `name`, else its kind.
 fn step_label(step: &capstan_shared::proto::pipeline::v1::Step) -> String {
     if step.name.is_empty() {
-        crate::executor::step_kind_name(step).to_owned()
+        crate::step::step_kind_name(step).to_owned()
     } else {
         step.name.clone()
     }
@@ -826,22 +860,11 @@ fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
     });
 }
 
-/// An error and its sources on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::{ExecutorError, testing};
+    use crate::step::testing;
     use crate::testing::dir_names as names;
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -904,7 +927,7 @@ mod tests {
         };
         let task = testing::task(dir.path().join("ws"), vec![testing::run_step("true")]);
         let spool = Spool::create(&spec.spool_dir, "att-1").await.unwrap();
-        run_task(&spec, &task, &spool).await
+        run_task(&spec, &task, &Arc::default(), &spool).await
     }
 
     #[tokio::test]

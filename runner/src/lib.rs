@@ -31,11 +31,13 @@ mod attempt;
 mod backoff;
 pub mod config;
 pub mod credentials;
+mod error;
 pub mod executor;
 pub mod git;
 pub mod git_auth;
 pub mod logs;
 pub mod secrets;
+pub mod step;
 pub mod steps;
 #[cfg(test)]
 mod testing;

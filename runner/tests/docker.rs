@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use capstan_runner::executor::Executor;
 use capstan_runner::executor::docker::{DockerExecutor, DockerOptions, NetworkSetting};
-use capstan_runner::executor::{Executor, OutputSink, StepContext, StepEnd, TaskContext};
+use capstan_runner::logs::sink::OutputSink;
 use capstan_runner::secrets::{Secret, Secrets};
+use capstan_runner::step::{StepContext, StepEnd, TaskContext};
 use capstan_shared::proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
 use capstan_tests::testbed::{self, Cleanup, Testbed, remove_image, testbed};
 use tokio::time::Instant;
@@ -126,7 +128,6 @@ impl Fixture {
             repo: String::new(),
             rev: "0123abcd".into(),
             outputs: Arc::default(),
-            gitops: Arc::default(),
         }
     }
 

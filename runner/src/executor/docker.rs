@@ -45,11 +45,9 @@ use bollard::query_parameters::{
 use capstan_shared::proto::pipeline::v1::step;
 use futures::StreamExt as _;
 
-use super::{
-    Executor, ExecutorError, StepContext, StepEnd, TaskContext, sleep_until_deadline, step_env,
-    step_kind_name,
-};
+use super::{Executor, ExecutorError, step_env};
 use crate::secrets::Secrets;
+use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline, step_kind_name};
 
 /// Seconds between SIGTERM and SIGKILL when a step container is stopped;
 /// with the engine's own latency a stop completes within 2 s.
@@ -593,12 +591,6 @@ impl Executor for DockerExecutor {
                 crate::steps::build::run(self, task, &ctx, build).await
             }
             Some(step::Kind::Push(push)) => crate::steps::push::run(self, task, &ctx, push).await,
-            Some(step::Kind::SetImage(s)) => {
-                crate::steps::git_push::run_set_image(task, &ctx, s).await
-            }
-            Some(step::Kind::GitPush(g)) => {
-                crate::steps::git_push::run_git_push(task, &ctx, g).await
-            }
             _ => Ok(StepEnd::Failed {
                 message: format!(
                     "step kind `{}` is not supported by this runner yet",
@@ -621,7 +613,7 @@ impl Executor for DockerExecutor {
             .await
             .map(|_| ())
             .map_err(|e| ExecutorError::Setup {
-                message: crate::attempt::chain(&e),
+                message: crate::error::chain(&e),
             })
     }
 }

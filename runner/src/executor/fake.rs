@@ -21,7 +21,8 @@ use async_trait::async_trait;
 use capstan_shared::proto::pipeline::v1::{Step, step};
 use tokio::time::{Duration, Instant};
 
-use super::{Executor, ExecutorError, StepContext, StepEnd, TaskContext, sleep_until_deadline};
+use super::{Executor, ExecutorError};
+use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline};
 
 /// Exit code of a step killed for memory (128 + SIGKILL), as Docker reports it.
 pub const OOM_EXIT_CODE: i32 = 137;
@@ -182,6 +183,10 @@ impl Executor for FakeExecutor {
     async fn destroy_task(&self, _task: &TaskContext) -> Result<(), ExecutorError> {
         Ok(())
     }
+
+    fn simulates_builtin_steps(&self) -> bool {
+        true
+    }
 }
 
 fn bad_directive(directive: &str) -> StepEnd {
@@ -196,7 +201,8 @@ fn bad_directive(directive: &str) -> StepEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::testing::{VecSink, run_step, task};
+    use crate::logs::sink::testing::VecSink;
+    use crate::step::testing::{run_step, task};
     use capstan_shared::proto::pipeline::v1::PushStep;
     use tokio_util::sync::CancellationToken;
 
@@ -275,7 +281,7 @@ mod tests {
         let task = task("/nonexistent".into(), vec![run_step("echo x\nfail-setup")]);
         let err = FakeExecutor::new().setup_task(&task).await.unwrap_err();
         assert!(matches!(err, ExecutorError::Setup { .. }));
-        let ok = crate::executor::testing::task("/x".into(), vec![run_step("echo x")]);
+        let ok = crate::step::testing::task("/x".into(), vec![run_step("echo x")]);
         FakeExecutor::new().setup_task(&ok).await.unwrap();
     }
 

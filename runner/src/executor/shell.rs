@@ -32,10 +32,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tracing::debug;
 
-use super::{
-    Executor, ExecutorError, OutputSink, StepContext, StepEnd, TaskContext, sleep_until_deadline,
-    step_env, step_kind_name,
-};
+use super::{Executor, ExecutorError, step_env};
+use crate::logs::sink::OutputSink;
+use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline, step_kind_name};
 
 /// Time between SIGTERM and SIGKILL when a step is stopped.
 const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -245,13 +244,6 @@ impl Executor for ShellExecutor {
     ) -> Result<StepEnd, ExecutorError> {
         let script = match &ctx.step.kind {
             Some(step::Kind::Run(run)) => run.script.clone(),
-            // Run inside the runner with git2, the same under every executor.
-            Some(step::Kind::SetImage(s)) => {
-                return crate::steps::git_push::run_set_image(task, &ctx, s).await;
-            }
-            Some(step::Kind::GitPush(g)) => {
-                return crate::steps::git_push::run_git_push(task, &ctx, g).await;
-            }
             _ => {
                 return Ok(StepEnd::Failed {
                     message: format!(
@@ -449,7 +441,8 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::testing::{VecSink, run_step, task};
+    use crate::logs::sink::testing::VecSink;
+    use crate::step::testing::{run_step, task};
     use capstan_shared::proto::pipeline::v1::{BuildStep, Step};
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;
@@ -735,7 +728,7 @@ mod tests {
 #[cfg(test)]
 mod warm_tests {
     use super::*;
-    use crate::executor::testing::run_step;
+    use crate::step::testing::run_step;
     use tokio_util::sync::CancellationToken;
 
     /// Runs `script` with `executor` in `workspace`; exit and output.
@@ -853,7 +846,7 @@ mod warm_tests {
         let dir = tempfile::tempdir().unwrap();
         let gone = dir.path().join("gone");
         let step = run_step("echo never");
-        let task = crate::executor::testing::task(gone, vec![step.clone()]);
+        let task = crate::step::testing::task(gone, vec![step.clone()]);
         for executor in [ShellExecutor::new(), ShellExecutor::default()] {
             let (end, sink) =
                 super::tests::run_in_task(&executor, &task, &step, CancellationToken::new(), None)

@@ -16,7 +16,7 @@ use std::io;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use crate::executor::OutputSink;
+use super::sink::OutputSink;
 
 /// Default cap of one step's log: a step that writes more is almost always
 /// a runaway loop or a debug flag left on, and its log would crowd the
@@ -169,7 +169,7 @@ impl OutputSink for CappedSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::testing::VecSink;
+    use crate::logs::sink::testing::VecSink;
 
     async fn capped(cap: u64, writes: &[&[u8]]) -> String {
         let sink = VecSink::default();

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use tokio::sync::Mutex;
 
-use crate::executor::OutputSink;
+use super::sink::OutputSink;
 
 /// What a masked value is replaced with.
 pub const MASK: &[u8] = b"[MASKED]";
@@ -185,7 +185,7 @@ impl OutputSink for MaskingSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::testing::VecSink;
+    use crate::logs::sink::testing::VecSink;
 
     async fn mask(values: &[&str], chunks: &[&[u8]]) -> String {
         let values: Vec<String> = values.iter().map(|s| (*s).to_owned()).collect();

@@ -11,6 +11,7 @@
 pub mod cap;
 pub mod mask;
 pub mod shipper;
+pub mod sink;
 pub mod spool;
 
 use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;

@@ -42,7 +42,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, watch};
 
-use crate::executor::OutputSink;
+use super::sink::OutputSink;
 
 /// Unacknowledged bytes one attempt holds in memory, at most.
 pub const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;

@@ -18,10 +18,11 @@ use bollard::query_parameters::{
 use capstan_shared::proto::pipeline::v1::BuildStep;
 use futures::StreamExt as _;
 
+use crate::executor::ExecutorError;
 use crate::executor::docker::{
     DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, WORKSPACE, api_error, status,
 };
-use crate::executor::{ExecutorError, StepContext, StepEnd, TaskContext};
+use crate::step::{StepContext, StepEnd, TaskContext};
 
 fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
     Ok(StepEnd::Failed {

@@ -34,9 +34,10 @@ use backon::{BackoffBuilder as _, ExponentialBuilder};
 use capstan_shared::proto::pipeline::v1::{GitPushStep, SetImageStep, step};
 
 use super::set_image::{SetImageError, set_image_in_files};
-use crate::executor::{ExecutorError, StepContext, StepEnd, TaskContext, sleep_until_deadline};
+use crate::executor::ExecutorError;
 use crate::git_auth::{self, AuthReport, Failure};
 use crate::secrets::{Secret, Secrets, SecretsError};
+use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline};
 
 /// Default of `--git-author`.
 pub const DEFAULT_AUTHOR: &str = "Capstan Bot <capstan@localhost>";
@@ -241,15 +242,16 @@ struct Done {
 
 /// Runs a `set-image` step (see the module docs).
 pub async fn run_set_image(
+    gitops: &Arc<GitOps>,
     task: &TaskContext,
     ctx: &StepContext<'_>,
     step: &SetImageStep,
 ) -> Result<StepEnd, ExecutorError> {
-    let gitops = Arc::clone(&task.gitops);
+    let credentials = clone_credentials(gitops, task, ctx.index);
+    let gitops = Arc::clone(gitops);
     let step = step.clone();
     let task_repo = task.repo.clone();
     let workspace = task.workspace.clone();
-    let credentials = clone_credentials(task, ctx.index);
     let work = move || {
         set_image_blocking(
             &gitops,
@@ -264,11 +266,12 @@ pub async fn run_set_image(
 
 /// Runs a `git-push` step (see the module docs).
 pub async fn run_git_push(
+    gitops: &Arc<GitOps>,
     task: &TaskContext,
     ctx: &StepContext<'_>,
     step: &GitPushStep,
 ) -> Result<StepEnd, ExecutorError> {
-    let gitops = Arc::clone(&task.gitops);
+    let gitops = Arc::clone(gitops);
     let step = step.clone();
     finish(task, ctx, move || git_push_blocking(&gitops, &step)).await
 }
@@ -304,7 +307,7 @@ async fn finish(
             Ok(StepEnd::Exited(0))
         }
         Err(e) => {
-            let message = crate::attempt::chain(&e);
+            let message = crate::error::chain(&e);
             write(format!("{message}\n")).await?;
             Ok(StepEnd::Failed { message })
         }
@@ -313,7 +316,7 @@ async fn finish(
 
 /// The secret a `set-image` clones with: the next `git-push` step's, else
 /// the runner's checkout credentials.
-fn clone_credentials(task: &TaskContext, index: u32) -> Option<String> {
+fn clone_credentials(gitops: &GitOps, task: &TaskContext, index: u32) -> Option<String> {
     let next = usize::try_from(index).map_or(0, |i| i + 1);
     task.task
         .steps
@@ -324,7 +327,7 @@ fn clone_credentials(task: &TaskContext, index: u32) -> Option<String> {
             _ => None,
         })
         .filter(|c| !c.is_empty())
-        .or_else(|| task.gitops.checkout_credentials.clone())
+        .or_else(|| gitops.checkout_credentials.clone())
 }
 
 fn same_repo(a: &str, b: &str) -> bool {
@@ -759,7 +762,8 @@ fn fetch_branch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::testing::{VecSink, task};
+    use crate::logs::sink::testing::VecSink;
+    use crate::step::testing::task;
     use capstan_shared::proto::pipeline::v1::Step;
     use tokio_util::sync::CancellationToken;
 
@@ -815,7 +819,9 @@ mod tests {
         }
     }
 
+    /// Runs every step of `t` as one attempt does.
     async fn run_all(t: &TaskContext) -> (Vec<StepEnd>, String) {
+        let gitops = Arc::<GitOps>::default();
         let sink = VecSink::default();
         let mut ends = Vec::new();
         for (i, s) in t.task.steps.iter().enumerate() {
@@ -827,8 +833,10 @@ mod tests {
                 output: &sink,
             };
             let end = match &s.kind {
-                Some(step::Kind::SetImage(si)) => run_set_image(t, &ctx, si).await.unwrap(),
-                Some(step::Kind::GitPush(gp)) => run_git_push(t, &ctx, gp).await.unwrap(),
+                Some(step::Kind::SetImage(si)) => {
+                    run_set_image(&gitops, t, &ctx, si).await.unwrap()
+                }
+                Some(step::Kind::GitPush(gp)) => run_git_push(&gitops, t, &ctx, gp).await.unwrap(),
                 _ => unreachable!(),
             };
             ends.push(end);
@@ -895,6 +903,7 @@ mod tests {
             ],
         );
         // set-image first, then someone else pushes, then git-push.
+        let gitops = Arc::<GitOps>::default();
         let sink = VecSink::default();
         let ctx = |i: u32| StepContext {
             index: i,
@@ -907,7 +916,7 @@ mod tests {
             unreachable!()
         };
         assert_eq!(
-            run_set_image(&t, &ctx(0), si).await.unwrap(),
+            run_set_image(&gitops, &t, &ctx(0), si).await.unwrap(),
             StepEnd::Exited(0)
         );
         let other = dir.path().join("other");
@@ -922,7 +931,7 @@ mod tests {
             unreachable!()
         };
         assert_eq!(
-            run_git_push(&t, &ctx(1), gp).await.unwrap(),
+            run_git_push(&gitops, &t, &ctx(1), gp).await.unwrap(),
             StepEnd::Exited(0),
             "{}",
             sink.text()
