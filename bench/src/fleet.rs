@@ -8,8 +8,8 @@
 //! on its own streams: 10,000 runners are 100 connections, not 10,000.
 
 use anyhow::Context;
-use capstan_shared::proto::runner::v1 as rpb;
-use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
+use capstan_proto::runner::v1 as rpb;
+use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
 use futures::StreamExt;
 use rpb::coordinator_message::Kind as Down;
 use rpb::runner_message::Kind as Up;

@@ -3,8 +3,8 @@
 //! what `/proc` says about them.
 
 use anyhow::{Context, bail};
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::api::v1::pipeline_service_client::PipelineServiceClient;
+use capstan_proto::api::v1 as api;
+use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -5,8 +5,8 @@
 
 use std::process::ExitCode;
 
-use capstan_shared::client::ClientError;
-use capstan_shared::proto::pipeline::v1::RunState;
+use capstan_client::ClientError;
+use capstan_proto::pipeline::v1::RunState;
 use tonic::Code;
 
 /// How the process ends.

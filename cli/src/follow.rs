@@ -17,10 +17,10 @@ use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use capstan_shared::client::{Client, ClientError};
-use capstan_shared::ids::RunId;
-use capstan_shared::proto::api::v1::{LogData, Run, Task};
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_client::{Client, ClientError};
+use capstan_proto::api::v1::{LogData, Run, Task};
+use capstan_proto::ids::RunId;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use tokio::sync::mpsc;

@@ -8,7 +8,7 @@
 //! - [`follow`]: the live view of a run (`submit --follow`, `dev`);
 //! - [`exit`]: exit codes and the failures that map to them.
 //!
-//! Every call to the coordinator goes through [`capstan_shared::client`].
+//! Every call to the coordinator goes through [`capstan_client`].
 
 pub mod args;
 pub mod commands;

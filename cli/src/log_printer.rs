@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use capstan_shared::proto::api::v1::LogData;
+use capstan_proto::api::v1::LogData;
 use serde_json::json;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

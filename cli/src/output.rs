@@ -5,9 +5,9 @@
 
 use std::fmt::Write as _;
 
-use capstan_shared::proto::api::v1::{Run, Runner, Task};
-use capstan_shared::proto::cluster::v1::{AskLeaderResponse, ListMembersResponse};
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1::{Run, Runner, Task};
+use capstan_proto::cluster::v1::{AskLeaderResponse, ListMembersResponse};
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use clap::ValueEnum;
 use serde_json::{Value, json};
 
@@ -328,7 +328,7 @@ pub fn format_duration_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_shared::proto::cluster::v1::Member;
+    use capstan_proto::cluster::v1::Member;
 
     fn sample_run() -> Run {
         Run {

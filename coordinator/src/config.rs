@@ -198,10 +198,10 @@ impl Args {
             .or(file.etcd_prefix)
             .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
         let listen = self.listen.or(file.listen).unwrap_or_else(|| {
-            SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_GRPC_PORT))
+            SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_GRPC_PORT))
         });
         let http_listen = self.http_listen.or(file.http_listen).unwrap_or_else(|| {
-            SocketAddr::from(([127, 0, 0, 1], capstan_shared::DEFAULT_HTTP_PORT))
+            SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_HTTP_PORT))
         });
         let registration_token = self
             .registration_token
@@ -290,7 +290,7 @@ fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
             let days: u64 = days.parse().map_err(|_| bad())?;
             Duration::from_secs(days.checked_mul(24 * 3600).ok_or_else(bad)?)
         }
-        _ => capstan_shared::pipeline::parse_timeout(t).map_err(|_| bad())?,
+        _ => capstan_proto::units::parse_timeout(t).map_err(|_| bad())?,
     };
     Ok(Some(duration))
 }

@@ -28,7 +28,7 @@ pub mod trace;
 pub use config::CoordinatorConfig;
 
 use anyhow::Context as _;
-use capstan_shared::proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
+use capstan_proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;

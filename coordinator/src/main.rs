@@ -5,7 +5,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let telemetry = match capstan_shared::telemetry::init("capstan-coordinator", "info") {
+    let telemetry = match capstan_telemetry::init("capstan-coordinator", "info") {
         Ok(t) => t,
         Err(e) => {
             eprintln!("capstan-coordinator: {e}");

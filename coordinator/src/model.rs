@@ -7,8 +7,8 @@
 //! Which attempts a runner holds is not stored twice: it is derived from the
 //! runs when the state is loaded.
 
-use capstan_shared::ids::{AttemptId, RunId, RunnerId};
-use capstan_shared::proto::pipeline::v1::{RunState, TaskSpec, TaskState};
+use capstan_proto::ids::{AttemptId, RunId, RunnerId};
+use capstan_proto::pipeline::v1::{RunState, TaskSpec, TaskState};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -14,17 +14,17 @@
 //! Spans are built with the OpenTelemetry API rather than `tracing` because
 //! their ids outlive the process (persisted) and their start times lie in
 //! the past. Every function is a no-op unless export is on
-//! ([`telemetry::enabled`]), so the scheduler's hot path pays one load.
+//! ([`capstan_telemetry::enabled`]), so the scheduler's hot path pays one load.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use capstan_shared::ids::RunId;
-use capstan_shared::telemetry::opentelemetry::trace::{
+use capstan_proto::ids::RunId;
+use capstan_telemetry::opentelemetry::trace::{
     Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _,
 };
-use capstan_shared::telemetry::opentelemetry::{Context, KeyValue};
-use capstan_shared::telemetry::{self, OtelSpan, TraceHeaders};
+use capstan_telemetry::opentelemetry::{Context, KeyValue};
+use capstan_telemetry::{OtelSpan, TraceHeaders};
 
 use crate::model::{RunRecord, StoredRunState, TaskRecord};
 
@@ -57,7 +57,7 @@ impl RunSpans {
     /// Opens the `run` span of a newly accepted run and stores its context
     /// in the record (replacing the submitter's, which becomes its parent).
     pub fn submitted(&mut self, run: &mut RunRecord, epoch: u64) {
-        let Some(tracer) = telemetry::tracer() else {
+        let Some(tracer) = capstan_telemetry::tracer() else {
             return;
         };
         let parent = headers(run).context();
@@ -76,7 +76,7 @@ impl RunSpans {
 
     /// Opens `run.resumed` for an unfinished run a new leader loaded.
     pub fn resumed(&mut self, run: &RunRecord, epoch: u64) {
-        let Some(tracer) = telemetry::tracer() else {
+        let Some(tracer) = capstan_telemetry::tracer() else {
             return;
         };
         if run.traceparent.is_empty() || run.state.is_terminal() {
@@ -130,7 +130,7 @@ pub fn dispatch(
     if run.traceparent.is_empty() {
         return TraceHeaders::default();
     }
-    let Some(tracer) = telemetry::tracer() else {
+    let Some(tracer) = capstan_telemetry::tracer() else {
         return headers(run);
     };
     let start = if task.queued_at_ms > 0 {
@@ -159,7 +159,7 @@ pub fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_shared::proto::api::v1::SubmitRunRequest;
+    use capstan_proto::api::v1::SubmitRunRequest;
 
     fn run() -> RunRecord {
         crate::api::pipeline::build_run(SubmitRunRequest {
@@ -174,7 +174,7 @@ mod tests {
     // installed by the binaries); tests/tests/tracing.rs covers it on.
     #[test]
     fn without_export_offers_pass_the_submitters_context_through() {
-        assert!(!telemetry::enabled());
+        assert!(!capstan_telemetry::enabled());
         let mut r = run();
         let task = r.tasks[0].clone();
         assert!(dispatch(&r, &task, "a1", 1, "runner").is_empty());

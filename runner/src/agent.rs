@@ -52,9 +52,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_shared::ids::RunnerId;
-use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
-use capstan_shared::proto::runner::v1::{
+use capstan_proto::ids::RunnerId;
+use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
+use capstan_proto::runner::v1::{
     Cancel, ConfirmOffer, CoordinatorMessage, GoingAway, Heartbeat, Hello, Offer, OfferAccepted,
     OfferRejected, RegisterRequest, RunnerMessage, StepStateChanged, TaskFinished, Welcome,
     coordinator_message, runner_message,
@@ -69,9 +69,9 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::attempt::{self, AttemptEvent, AttemptSpec};
-use crate::error::chain;
 use crate::backoff::Backoff;
 use crate::credentials::{self, Credentials};
+use crate::error::chain;
 use crate::executor::Executor;
 use crate::logs::LogTarget;
 use crate::{Error, RunnerConfig};
@@ -477,7 +477,7 @@ impl Agent {
         Hello {
             runner_id: credentials.runner_id.to_string(),
             runner_secret: credentials.runner_secret.clone(),
-            protocol_version: capstan_shared::PROTOCOL_VERSION,
+            protocol_version: capstan_proto::PROTOCOL_VERSION,
             running_attempts: self
                 .running
                 .keys()
@@ -864,7 +864,7 @@ impl Agent {
         );
         // The coordinator's dispatch span (README "Tracing"): this attempt
         // joins the run's trace.
-        capstan_shared::telemetry::TraceHeaders {
+        capstan_telemetry::TraceHeaders {
             traceparent: offer.traceparent.clone(),
             tracestate: offer.tracestate.clone(),
         }
@@ -1023,8 +1023,8 @@ mod agent_tests {
     use super::*;
     use crate::testing::{self, RUNNER_ID, TOKEN};
     use crate::{ExecutorKind, RunnerConfig};
-    use capstan_shared::proto::pipeline::v1::{RunStep, Step, StepState, TaskSpec, step};
-    use capstan_shared::proto::runner::v1::{AttemptOutcome, Cancel};
+    use capstan_proto::pipeline::v1::{RunStep, Step, StepState, TaskSpec, step};
+    use capstan_proto::runner::v1::{AttemptOutcome, Cancel};
     use coordinator_message::Kind as Down;
     use runner_message::Kind as Up;
 
@@ -1151,7 +1151,7 @@ mod agent_tests {
             ..
         } = r;
         assert_eq!(hello.runner_id, RUNNER_ID);
-        assert_eq!(hello.protocol_version, capstan_shared::PROTOCOL_VERSION);
+        assert_eq!(hello.protocol_version, capstan_proto::PROTOCOL_VERSION);
         assert!(dir.path().join("runner.json").exists());
 
         server

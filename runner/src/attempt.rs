@@ -24,9 +24,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_shared::proto::pipeline::v1::{StepState, step};
-use capstan_shared::proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
-use capstan_shared::telemetry::OpenTelemetrySpanExt as _;
+use capstan_proto::pipeline::v1::{StepState, step};
+use capstan_proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
+use capstan_telemetry::OpenTelemetrySpanExt as _;
 use futures::FutureExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -839,7 +839,7 @@ impl OutputSink for HeaderFirst<'_> {
 }
 
 /// The step's display name: its `name`, else its kind.
-fn step_label(step: &capstan_shared::proto::pipeline::v1::Step) -> String {
+fn step_label(step: &capstan_proto::pipeline::v1::Step) -> String {
     if step.name.is_empty() {
         crate::step::step_kind_name(step).to_owned()
     } else {
@@ -850,16 +850,15 @@ fn step_label(step: &capstan_shared::proto::pipeline::v1::Step) -> String {
 /// Sets a span's OpenTelemetry status: OK, or an error saying `message`.
 /// Does nothing when trace export is off.
 fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
-    if !capstan_shared::telemetry::enabled() {
+    if !capstan_telemetry::enabled() {
         return;
     }
     span.set_status(if ok {
-        capstan_shared::telemetry::opentelemetry::trace::Status::Ok
+        capstan_telemetry::opentelemetry::trace::Status::Ok
     } else {
-        capstan_shared::telemetry::opentelemetry::trace::Status::error(message.to_owned())
+        capstan_telemetry::opentelemetry::trace::Status::error(message.to_owned())
     });
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use capstan_shared::ids::RunnerId;
+use capstan_proto::ids::RunnerId;
 use serde::{Deserialize, Serialize};
 
 /// File name of the cached credential inside the work dir.

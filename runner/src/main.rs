@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = capstan_runner::config::Args::parse();
-    let telemetry = capstan_shared::telemetry::init("capstan-runner", "info")?;
+    let telemetry = capstan_telemetry::init("capstan-runner", "info")?;
     let result = main_inner(args).await;
     // After the drain (SIGTERM included): the last attempts' spans.
     telemetry.shutdown().await;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use capstan_shared::proto::pipeline::v1::{Step, TaskSpec, step};
+use capstan_proto::pipeline::v1::{Step, TaskSpec, step};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -113,12 +113,10 @@ pub(crate) mod testing {
     pub(crate) fn run_step(script: &str) -> Step {
         Step {
             name: "script".into(),
-            kind: Some(step::Kind::Run(
-                capstan_shared::proto::pipeline::v1::RunStep {
-                    script: script.into(),
-                    image: String::new(),
-                },
-            )),
+            kind: Some(step::Kind::Run(capstan_proto::pipeline::v1::RunStep {
+                script: script.into(),
+                image: String::new(),
+            })),
             ..Step::default()
         }
     }

@@ -9,11 +9,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
-use capstan_shared::proto::runner::v1::runner_service_server::{
-    RunnerService, RunnerServiceServer,
-};
-use capstan_shared::proto::runner::v1::{
+use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
+use capstan_proto::runner::v1::runner_service_server::{RunnerService, RunnerServiceServer};
+use capstan_proto::runner::v1::{
     CoordinatorMessage, LogChunk, PushLogsAck, RegisterRequest, RegisterResponse, RunnerMessage,
     Welcome, coordinator_message,
 };

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use capstan_proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
 use capstan_runner::executor::Executor;
 use capstan_runner::executor::docker::{DockerExecutor, DockerOptions, NetworkSetting};
 use capstan_runner::logs::sink::OutputSink;
 use capstan_runner::secrets::{Secret, Secrets};
 use capstan_runner::step::{StepContext, StepEnd, TaskContext};
-use capstan_shared::proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
 use capstan_tests::testbed::{self, Cleanup, Testbed, remove_image, testbed};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -4,10 +4,10 @@
 use crate::etcd::EtcdCluster;
 use crate::{bin, free_port, is_finished};
 use anyhow::{Context, bail};
-use capstan_shared::client::Client;
-use capstan_shared::ids::RunId;
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::cluster::v1 as cluster;
+use capstan_client::Client;
+use capstan_proto::api::v1 as api;
+use capstan_proto::cluster::v1 as cluster;
+use capstan_proto::ids::RunId;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

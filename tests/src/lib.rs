@@ -15,8 +15,8 @@ pub mod ssh_server;
 pub mod testbed;
 
 use anyhow::{Context, bail};
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

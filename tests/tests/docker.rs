@@ -2,8 +2,8 @@
 //! Engine and the real registry of `scripts/testbed up`. These tests fail
 //! (never skip) when the test bed is missing.
 
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::git_server::git;
 use capstan_tests::testbed::{Cleanup, registry_get, remove_image, testbed};
 use capstan_tests::*;

@@ -1,6 +1,6 @@
 //! End to end: the three real binaries on loopback.
 
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::*;
 use std::time::{Duration, Instant};
 
@@ -95,7 +95,7 @@ tasks:
     let runs = c
         .client()
         .await?
-        .list_runs(capstan_shared::proto::api::v1::ListRunsRequest { limit: 1 })
+        .list_runs(capstan_proto::api::v1::ListRunsRequest { limit: 1 })
         .await?
         .into_inner()
         .runs;
@@ -402,7 +402,7 @@ async fn runs_on_labels_route_tasks() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_runner_cannot_touch_another_runners_attempt() -> anyhow::Result<()> {
-    use capstan_shared::proto::runner::v1 as rpb;
+    use capstan_proto::runner::v1 as rpb;
     use rpb::runner_service_client::RunnerServiceClient;
     let c = TestCluster::builder().runners(1).start().await?;
     let id = c
@@ -454,7 +454,7 @@ async fn a_runner_cannot_touch_another_runners_attempt() -> anyhow::Result<()> {
         kind: Some(rpb::runner_message::Kind::Hello(rpb::Hello {
             runner_id: creds.runner_id.clone(),
             runner_secret: creds.runner_secret.clone(),
-            protocol_version: capstan_shared::PROTOCOL_VERSION,
+            protocol_version: capstan_proto::PROTOCOL_VERSION,
             ..Default::default()
         })),
     })
@@ -528,7 +528,7 @@ async fn a_repeated_idempotency_key_queues_one_run() -> anyhow::Result<()> {
     let runs = c
         .client()
         .await?
-        .list_runs(capstan_shared::proto::api::v1::ListRunsRequest { limit: 10 })
+        .list_runs(capstan_proto::api::v1::ListRunsRequest { limit: 10 })
         .await?
         .into_inner()
         .runs;

@@ -4,8 +4,8 @@
 //! Capstan: the registry's HTTP API and the bare repositories on disk.
 //! These tests fail (never skip) when the test bed is missing.
 
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::git_server::{GitServer, git};
 use capstan_tests::ssh_server::{SshServer, keygen};
 use capstan_tests::testbed::{Cleanup, Testbed, registry_get, remove_image, testbed};

@@ -1,7 +1,7 @@
 //! High availability: three coordinators on a three-node etcd cluster.
 
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::ha::HaCluster;
 use capstan_tests::*;
 use std::time::{Duration, Instant};
@@ -138,7 +138,7 @@ async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
     let mut urls = vec![c.replicas[old].url()];
     urls.extend((0..3).filter(|&i| i != old).map(|i| c.replicas[i].url()));
     let t0 = Instant::now();
-    let client = capstan_shared::client::Client::connect(&urls).await?;
+    let client = capstan_client::Client::connect(&urls).await?;
     assert_eq!(client.current_url(), c.replicas[new].url());
     let id = client
         .submit_run(api::SubmitRunRequest {

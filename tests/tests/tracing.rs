@@ -1,8 +1,8 @@
 //! OpenTelemetry trace export (README "Tracing"): the real coordinator and
 //! runner export to an OTLP receiver on loopback ([`capstan_tests::otlp`]).
 
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::git_server::git;
 use capstan_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use capstan_tests::*;

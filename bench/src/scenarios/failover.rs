@@ -10,8 +10,8 @@
 //! Goal: p50 <= lease TTL + 1 s.
 
 use super::{Ctx, Figures, Skip, cores, summary};
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 use capstan_tests::ha::HaCluster;
 use std::time::{Duration, Instant};
 
@@ -68,7 +68,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         let killed = Instant::now();
         c.kill(leader);
         let id = submit_anywhere(&c, killed + Duration::from_secs(30)).await?;
-        let id = capstan_shared::ids::RunId::from_string(id);
+        let id = capstan_proto::ids::RunId::from_string(id);
         c.wait_run(&id, Duration::from_secs(60), |r| {
             r.tasks
                 .first()

@@ -10,7 +10,7 @@
 
 use super::{Ctx, Figures, cores};
 use crate::procs::{Coordinator, RssSampler, proc_stat};
-use capstan_shared::proto::api::v1 as api;
+use capstan_proto::api::v1 as api;
 use std::time::{Duration, Instant};
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {

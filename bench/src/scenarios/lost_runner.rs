@@ -10,8 +10,8 @@
 
 use super::{Ctx, Figures, cores};
 use crate::procs::Coordinator;
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::TaskState;
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::TaskState;
 use std::time::{Duration, Instant};
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {

@@ -11,7 +11,7 @@
 use super::{Ctx, Figures, cores, file_create_ms, summary};
 use crate::procs::{Coordinator, epoch_ns};
 use anyhow::Context;
-use capstan_shared::proto::api::v1 as api;
+use capstan_proto::api::v1 as api;
 use std::time::Duration;
 
 const WARMUP: usize = 3;
@@ -201,7 +201,7 @@ pub async fn wait_finished(
     client: &mut api::pipeline_service_client::PipelineServiceClient<tonic::transport::Channel>,
     id: &str,
 ) -> anyhow::Result<api::Run> {
-    use capstan_shared::proto::pipeline::v1::RunState;
+    use capstan_proto::pipeline::v1::RunState;
     let mut events = client
         .watch_run(api::WatchRunRequest { run_id: id.into() })
         .await?

@@ -18,8 +18,8 @@
 use super::{Ctx, Figures, cores};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::procs::{Coordinator, proc_stat};
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::RunState;
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::RunState;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 

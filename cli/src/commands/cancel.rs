@@ -1,6 +1,6 @@
 //! `capstan cancel RUN`: cancels the unfinished tasks; prints the run's state.
 
-use capstan_shared::ids::RunId;
+use capstan_proto::ids::RunId;
 
 use super::{Context, print_json};
 use crate::exit::{Exit, Failure};

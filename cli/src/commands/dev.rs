@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use capstan_client::Client;
 use capstan_coordinator::CoordinatorConfig;
+use capstan_pipeline::parse;
+use capstan_proto::api::v1::SubmitRunRequest;
 use capstan_runner::{ExecutorKind, RunnerConfig};
-use capstan_shared::client::Client;
-use capstan_shared::pipeline::parse;
-use capstan_shared::proto::api::v1::SubmitRunRequest;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;

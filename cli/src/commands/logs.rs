@@ -3,8 +3,8 @@
 
 use std::io::Write;
 
-use capstan_shared::client::{Client, ClientError};
-use capstan_shared::ids::RunId;
+use capstan_client::{Client, ClientError};
+use capstan_proto::ids::RunId;
 use tonic::Code;
 
 use super::Context;
@@ -57,8 +57,8 @@ pub async fn run(
         reopens += 1;
         // A leader that dies mid-stream breaks the connection: tonic
         // reports that as UNKNOWN, not UNAVAILABLE.
-        let reopenable = status.code() == Code::Unavailable
-            || capstan_shared::client::is_transport_failure(&status);
+        let reopenable =
+            status.code() == Code::Unavailable || capstan_client::is_transport_failure(&status);
         if reopens > MAX_REOPENS || !reopenable {
             let mut out = Vec::new();
             printer.finish(&mut out);

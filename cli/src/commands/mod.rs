@@ -14,8 +14,8 @@ pub mod validate;
 use std::io::Read;
 use std::path::Path;
 
-use capstan_shared::client::Client;
-use capstan_shared::pipeline::MAX_FILE_BYTES;
+use capstan_client::Client;
+use capstan_pipeline::MAX_FILE_BYTES;
 
 use crate::args::{Cli, Command};
 use crate::exit::{Exit, Failure};

@@ -1,6 +1,6 @@
 //! `capstan status RUN`: reports the run; exits 0 whatever its state.
 
-use capstan_shared::ids::RunId;
+use capstan_proto::ids::RunId;
 
 use super::{Context, print_json};
 use crate::exit::{Exit, Failure};

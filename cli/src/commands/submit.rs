@@ -1,7 +1,7 @@
 //! `capstan submit FILE [--param k=v]... [--repo URL] [--rev REV] [--priority N]
 //! [--idempotency-key KEY] [--follow]`
 
-use capstan_shared::proto::api::v1::SubmitRunRequest;
+use capstan_proto::api::v1::SubmitRunRequest;
 use serde_json::json;
 
 use super::{Context, print_json, read_pipeline};
@@ -26,7 +26,7 @@ pub async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure> {
     // A CI job that is itself traced hands its context down the usual
     // way for processes (`TRACEPARENT`, `TRACESTATE`): the run's trace
     // becomes part of the job's (README "Tracing").
-    let parent = capstan_shared::telemetry::TraceHeaders {
+    let parent = capstan_telemetry::TraceHeaders {
         traceparent: std::env::var("TRACEPARENT").unwrap_or_default(),
         tracestate: std::env::var("TRACESTATE").unwrap_or_default(),
     };

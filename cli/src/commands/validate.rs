@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use capstan_shared::pipeline::parse;
+use capstan_pipeline::parse;
 use serde_json::json;
 
 use super::{Context, print_json, read_pipeline};

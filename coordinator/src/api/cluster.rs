@@ -1,7 +1,7 @@
 //! ClusterService: every replica answers it, leader or not.
 
 use super::Shared;
-use capstan_shared::proto::cluster::v1::*;
+use capstan_proto::cluster::v1::*;
 use tonic::{Request, Response, Status};
 
 pub struct ClusterApi(pub Shared);

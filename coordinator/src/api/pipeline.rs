@@ -3,11 +3,10 @@
 use super::{Shared, status};
 use crate::model::*;
 use crate::scheduler::{AttemptLogInfo, Command};
-use capstan_shared::ids::{AttemptId, RunId};
-use capstan_shared::pipeline;
-use capstan_shared::proto::api::v1::*;
-use capstan_shared::proto::pipeline::v1::TaskSpec;
-use capstan_shared::telemetry::TraceHeaders;
+use capstan_proto::api::v1::*;
+use capstan_proto::ids::{AttemptId, RunId};
+use capstan_proto::pipeline::v1::TaskSpec;
+use capstan_telemetry::TraceHeaders;
 use futures::Stream;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -48,16 +47,16 @@ pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
     } else {
         req.file_name.clone()
     };
-    let invalid = |e: pipeline::ValidationErrors| Status::invalid_argument(e.to_string());
-    let parsed = pipeline::parse(&file, &req.pipeline_yaml).map_err(invalid)?;
+    let invalid = |e: capstan_pipeline::ValidationErrors| Status::invalid_argument(e.to_string());
+    let parsed = capstan_pipeline::parse(&file, &req.pipeline_yaml).map_err(invalid)?;
     let id = RunId::generate();
-    let ctx = pipeline::Context {
+    let ctx = capstan_pipeline::Context {
         params: req.params.into_iter().collect(),
         git_sha: (!req.rev.is_empty()).then(|| req.rev.clone()),
         git_repo: (!req.repo.is_empty()).then(|| req.repo.clone()),
         run_id: Some(id.to_string()),
     };
-    let resolved = pipeline::resolve(&file, &parsed, &ctx).map_err(invalid)?;
+    let resolved = capstan_pipeline::resolve(&file, &parsed, &ctx).map_err(invalid)?;
     let index: HashMap<&str, usize> = resolved
         .tasks
         .iter()
@@ -280,7 +279,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
 }
 
 fn is_terminal(run: &Run) -> bool {
-    use capstan_shared::proto::pipeline::v1::RunState;
+    use capstan_proto::pipeline::v1::RunState;
     matches!(
         RunState::try_from(run.state),
         Ok(RunState::Succeeded | RunState::Failed | RunState::Cancelled)

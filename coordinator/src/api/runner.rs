@@ -3,8 +3,8 @@
 use super::{Shared, status};
 use crate::scheduler::Command;
 use crate::scheduler::lease::HeartbeatFilter;
-use capstan_shared::ids::{AttemptId, RunnerId};
-use capstan_shared::proto::runner::v1::*;
+use capstan_proto::ids::{AttemptId, RunnerId};
+use capstan_proto::runner::v1::*;
 use futures::{Stream, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;

@@ -5,7 +5,7 @@
 //! `assert!`), naming the check. Each check uses its own attempt ids.
 
 use super::{LogError, LogStore};
-use capstan_shared::ids::AttemptId;
+use capstan_proto::ids::AttemptId;
 use std::sync::Arc;
 
 /// Runs every check below, in order.

@@ -3,7 +3,7 @@
 use super::{LogError, LogStore, check_id, plan_append};
 use async_trait::async_trait;
 use bytes::Bytes;
-use capstan_shared::ids::AttemptId;
+use capstan_proto::ids::AttemptId;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

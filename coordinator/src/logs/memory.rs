@@ -4,7 +4,7 @@
 use super::{LogError, LogStore, check_id, plan_append};
 use async_trait::async_trait;
 use bytes::Bytes;
-use capstan_shared::ids::AttemptId;
+use capstan_proto::ids::AttemptId;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 

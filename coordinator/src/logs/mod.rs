@@ -36,7 +36,7 @@ pub mod local;
 pub mod memory;
 
 use async_trait::async_trait;
-use capstan_shared::ids::AttemptId;
+use capstan_proto::ids::AttemptId;
 
 /// The longest attempt id a log store accepts (ids are about 36 bytes).
 pub const MAX_ID_LEN: usize = 128;

@@ -5,7 +5,7 @@ use super::*;
 use crate::api::pipeline::build_run;
 use crate::store::memory::MemoryStore;
 use async_trait::async_trait;
-use capstan_shared::proto::api::v1::SubmitRunRequest;
+use capstan_proto::api::v1::SubmitRunRequest;
 use rpb::coordinator_message::Kind as Down;
 use rpb::runner_message::Kind as Up;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,7 +140,7 @@ impl Fixture {
         let hello = rpb::Hello {
             runner_id: id.to_string(),
             runner_secret: secret.clone(),
-            protocol_version: capstan_shared::PROTOCOL_VERSION,
+            protocol_version: capstan_proto::PROTOCOL_VERSION,
             confirms_offers,
             dropped_attempts: dropped,
             ..Default::default()

@@ -19,7 +19,7 @@
 //! ([`super::state::RunnerSlot::seen`]); a replaced or dropped connection's
 //! stamp no longer counts, as its messages did not.
 
-use capstan_shared::proto::runner::v1::runner_message::Kind;
+use capstan_proto::runner::v1::runner_message::Kind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::time::{Duration, Instant};
@@ -107,7 +107,7 @@ impl HeartbeatFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_shared::proto::runner::v1 as rpb;
+    use capstan_proto::runner::v1 as rpb;
 
     fn beat(draining: bool) -> Kind {
         Kind::Heartbeat(rpb::Heartbeat {

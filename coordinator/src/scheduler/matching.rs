@@ -1,7 +1,7 @@
 //! Which runner gets a task.
 
 use super::state::RunnerSlot;
-use capstan_shared::ids::RunnerId;
+use capstan_proto::ids::RunnerId;
 use std::collections::HashMap;
 
 /// True if every `runs-on` label is among the runner's labels with the same value.
@@ -85,7 +85,7 @@ mod tests {
             last_seen_ms: 0,
             detached_at: None,
             active: (0..active)
-                .map(|i| capstan_shared::ids::AttemptId::from_string(format!("{id}-{i}")))
+                .map(|i| capstan_proto::ids::AttemptId::from_string(format!("{id}-{i}")))
                 .collect(),
             paused: false,
             self_draining: false,

@@ -21,9 +21,9 @@ use crate::logs::LogStore;
 use crate::metrics::Metrics;
 use crate::model::*;
 use crate::store::{Op, Store, StoreError};
-use capstan_shared::ids::{AttemptId, RunId, RunnerId};
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::runner::v1 as rpb;
+use capstan_proto::api::v1 as api;
+use capstan_proto::ids::{AttemptId, RunId, RunnerId};
+use capstan_proto::runner::v1 as rpb;
 use state::{RunnerTx, SchedulerState, StateError, Timing};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -179,7 +179,7 @@ pub async fn start(
     );
     let state = SchedulerState::load(epoch, timing, runs, runners, Instant::now());
     let mut run_spans = crate::trace::RunSpans::default();
-    if capstan_shared::telemetry::enabled() {
+    if capstan_telemetry::enabled() {
         for run in state.runs.values() {
             run_spans.resumed(run, epoch);
         }
@@ -313,7 +313,7 @@ impl Scheduler {
                 let (id, new) = self.state.submit(*run);
                 if new {
                     self.metrics.runs_submitted.inc();
-                    if capstan_shared::telemetry::enabled()
+                    if capstan_telemetry::enabled()
                         && let Some(run) = self.state.runs.get_mut(&id)
                     {
                         // Before the commit, so the record is stored with its trace context.

@@ -12,8 +12,8 @@
 use super::lease::ConnLease;
 use super::matching::{FreeSlots, labels_match};
 use crate::model::*;
-use capstan_shared::ids::{AttemptId, RunId, RunnerId};
-use capstan_shared::proto::runner::v1 as rpb;
+use capstan_proto::ids::{AttemptId, RunId, RunnerId};
+use capstan_proto::runner::v1 as rpb;
 use rpb::coordinator_message::Kind as Down;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -623,10 +623,10 @@ impl SchedulerState {
     ) -> Result<(u64, Arc<ConnLease>), StateError> {
         let id = RunnerId::from_string(hello.runner_id.clone());
         self.authenticate(&id, &hello.runner_secret)?;
-        if hello.protocol_version != capstan_shared::PROTOCOL_VERSION {
+        if hello.protocol_version != capstan_proto::PROTOCOL_VERSION {
             return Err(StateError::ProtocolVersion {
                 got: hello.protocol_version,
-                want: capstan_shared::PROTOCOL_VERSION,
+                want: capstan_proto::PROTOCOL_VERSION,
             });
         }
         self.next_conn += 1;

@@ -4,9 +4,9 @@ use super::lease::{ConnLease, HeartbeatFilter};
 use super::state::*;
 use crate::api::pipeline::build_run;
 use crate::model::*;
-use capstan_shared::ids::{AttemptId, RunId, RunnerId};
-use capstan_shared::proto::api::v1::SubmitRunRequest;
-use capstan_shared::proto::runner::v1 as rpb;
+use capstan_proto::api::v1::SubmitRunRequest;
+use capstan_proto::ids::{AttemptId, RunId, RunnerId};
+use capstan_proto::runner::v1 as rpb;
 use rpb::coordinator_message::Kind as Down;
 use rpb::runner_message::Kind as Up;
 use std::collections::BTreeMap;
@@ -83,7 +83,7 @@ impl Harness {
                 rpb::Hello {
                     runner_id: id.to_string(),
                     runner_secret: secret.clone(),
-                    protocol_version: capstan_shared::PROTOCOL_VERSION,
+                    protocol_version: capstan_proto::PROTOCOL_VERSION,
                     running_attempts: running,
                     ..Default::default()
                 },
@@ -921,7 +921,7 @@ fn offers_go_tentative_only_behind_nothing_that_waits_for_the_write() {
     let hello = rpb::Hello {
         runner_id: id.to_string(),
         runner_secret: secret,
-        protocol_version: capstan_shared::PROTOCOL_VERSION,
+        protocol_version: capstan_proto::PROTOCOL_VERSION,
         confirms_offers: true,
         ..Default::default()
     };

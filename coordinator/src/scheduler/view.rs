@@ -2,8 +2,8 @@
 
 use super::state::RunnerSlot;
 use crate::model::{RunRecord, StoredTaskState};
-use capstan_shared::proto::api::v1 as api;
-use capstan_shared::proto::pipeline::v1::{RunState, TaskState};
+use capstan_proto::api::v1 as api;
+use capstan_proto::pipeline::v1::{RunState, TaskState};
 
 pub fn run(r: &RunRecord) -> api::Run {
     api::Run {

@@ -42,7 +42,7 @@ use bollard::query_parameters::{
     ListNetworksOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder,
     RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
-use capstan_shared::proto::pipeline::v1::step;
+use capstan_proto::pipeline::v1::step;
 use futures::StreamExt as _;
 
 use super::{Executor, ExecutorError, step_env};

@@ -18,7 +18,7 @@
 //! step. Other step kinds succeed with a "fake: would ..." log line.
 
 use async_trait::async_trait;
-use capstan_shared::proto::pipeline::v1::{Step, step};
+use capstan_proto::pipeline::v1::{Step, step};
 use tokio::time::{Duration, Instant};
 
 use super::{Executor, ExecutorError};
@@ -203,7 +203,7 @@ mod tests {
     use super::*;
     use crate::logs::sink::testing::VecSink;
     use crate::step::testing::{run_step, task};
-    use capstan_shared::proto::pipeline::v1::PushStep;
+    use capstan_proto::pipeline::v1::PushStep;
     use tokio_util::sync::CancellationToken;
 
     async fn run_with(

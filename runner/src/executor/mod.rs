@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::io;
 
 use async_trait::async_trait;
-use capstan_shared::proto::pipeline::v1::Step;
+use capstan_proto::pipeline::v1::Step;
 
 use crate::step::{StepContext, StepEnd, TaskContext};
 

@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use capstan_shared::proto::pipeline::v1::step;
+use capstan_proto::pipeline::v1::step;
 use futures::FutureExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -443,7 +443,7 @@ mod tests {
     use super::*;
     use crate::logs::sink::testing::VecSink;
     use crate::step::testing::{run_step, task};
-    use capstan_shared::proto::pipeline::v1::{BuildStep, Step};
+    use capstan_proto::pipeline::v1::{BuildStep, Step};
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;
 

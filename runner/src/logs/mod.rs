@@ -14,7 +14,7 @@ pub mod shipper;
 pub mod sink;
 pub mod spool;
 
-use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
+use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
 use tonic::transport::Channel;
 
 use crate::credentials::Credentials;

@@ -58,7 +58,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_shared::proto::runner::v1::LogChunk;
+use capstan_proto::runner::v1::LogChunk;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -596,7 +596,7 @@ mod tests {
     use super::*;
     use crate::credentials::Credentials;
     use crate::testing::{self, RUNNER_ID, SECRET};
-    use capstan_shared::ids::RunnerId;
+    use capstan_proto::ids::RunnerId;
 
     async fn target(
         server: &testing::Handle,
@@ -963,7 +963,7 @@ mod tests {
     /// waits), and returns whether the line reached the new one within
     /// `within`.
     async fn moves_to_a_new_target(old_port: u16, limits: Limits, within: Duration) -> bool {
-        use capstan_shared::proto::runner::v1::runner_service_client::RunnerServiceClient;
+        use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
         let credentials = || Credentials {
             runner_id: RunnerId::from_string(RUNNER_ID),
             runner_secret: SECRET.into(),

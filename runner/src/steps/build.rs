@@ -15,7 +15,7 @@ use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, BuilderVersion, DownloadFromContainerOptionsBuilder,
 };
-use capstan_shared::proto::pipeline::v1::BuildStep;
+use capstan_proto::pipeline::v1::BuildStep;
 use futures::StreamExt as _;
 
 use crate::executor::ExecutorError;

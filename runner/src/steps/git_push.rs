@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
-use capstan_shared::proto::pipeline::v1::{GitPushStep, SetImageStep, step};
+use capstan_proto::pipeline::v1::{GitPushStep, SetImageStep, step};
 
 use super::set_image::{SetImageError, set_image_in_files};
 use crate::executor::ExecutorError;
@@ -764,7 +764,7 @@ mod tests {
     use super::*;
     use crate::logs::sink::testing::VecSink;
     use crate::step::testing::task;
-    use capstan_shared::proto::pipeline::v1::Step;
+    use capstan_proto::pipeline::v1::Step;
     use tokio_util::sync::CancellationToken;
 
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app # the app\nspec:\n  containers:\n    - name: app\n      image: \"127.0.0.1:5000/demo/app:old\" # bumped by CI\n";

@@ -5,7 +5,7 @@
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
 use bollard::query_parameters::PushImageOptionsBuilder;
-use capstan_shared::proto::pipeline::v1::PushStep;
+use capstan_proto::pipeline::v1::PushStep;
 use futures::StreamExt as _;
 
 use super::{registry_host, split_reference};

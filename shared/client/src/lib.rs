@@ -32,20 +32,17 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::ids::RunId;
-use crate::proto::api::v1::pipeline_service_client::PipelineServiceClient;
-use crate::proto::api::v1::{
+use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
+use capstan_proto::api::v1::{
     CancelRunRequest, DrainRunnerRequest, GetRunRequest, ListRunnersRequest, ListRunsRequest,
     LogData, ReadLogsRequest, ResumeRunnerRequest, Run, RunEvent, Runner, SubmitRunRequest,
     WatchRunRequest,
 };
-use crate::proto::cluster::v1::cluster_service_client::ClusterServiceClient;
-use crate::proto::cluster::v1::{
+use capstan_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
+use capstan_proto::cluster::v1::{
     AskLeaderRequest, AskLeaderResponse, ListMembersRequest, ListMembersResponse,
 };
-
-/// Metadata key in which a follower names the leader's gRPC URL.
-pub const LEADER_METADATA_KEY: &str = "capstan-leader";
+use capstan_proto::ids::RunId;
 
 /// Timeouts and retry budgets of a [`Client`].
 #[derive(Clone, Debug)]
@@ -179,9 +176,7 @@ pub fn normalize_server(server: &str) -> String {
 
 /// The leader URL a follower named in its `UNAVAILABLE` answer.
 fn leader_hint(status: &Status) -> Option<String> {
-    let value = status.metadata().get(LEADER_METADATA_KEY)?.to_str().ok()?;
-    let value = value.trim();
-    (!value.is_empty()).then(|| normalize_server(value))
+    capstan_proto::leader::hint(status).map(normalize_server)
 }
 
 /// True if the status was made on this side from a connection failure,
@@ -308,7 +303,7 @@ impl Client {
     /// reply (the leader died after writing the run) returns the run
     /// instead of queuing it twice.
     pub async fn submit_run(&self, request: SubmitRunRequest) -> Result<RunId, ClientError> {
-        self.submit_run_in_trace(request, &crate::telemetry::TraceHeaders::default())
+        self.submit_run_in_trace(request, &capstan_telemetry::TraceHeaders::default())
             .await
     }
 
@@ -318,7 +313,7 @@ impl Client {
     pub async fn submit_run_in_trace(
         &self,
         mut request: SubmitRunRequest,
-        parent: &crate::telemetry::TraceHeaders,
+        parent: &capstan_telemetry::TraceHeaders,
     ) -> Result<RunId, ClientError> {
         if request.idempotency_key.is_empty() {
             request.idempotency_key = uuid::Uuid::now_v7().simple().to_string();
@@ -690,8 +685,10 @@ async fn probe(url: &str, options: &ClientOptions) -> Result<(Connection, bool),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::cluster::v1::Member;
-    use crate::proto::cluster::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
+    use capstan_proto::cluster::v1::Member;
+    use capstan_proto::cluster::v1::cluster_service_server::{
+        ClusterService, ClusterServiceServer,
+    };
     use std::sync::atomic::{AtomicU32, Ordering};
     use tonic::transport::Server;
 
@@ -716,7 +713,7 @@ mod tests {
                 let mut status = Status::unavailable("not the leader");
                 status
                     .metadata_mut()
-                    .insert(LEADER_METADATA_KEY, leader.parse().unwrap());
+                    .insert(capstan_proto::leader::METADATA_KEY, leader.parse().unwrap());
                 return Err(status);
             }
             Ok(())
@@ -857,11 +854,11 @@ mod tests {
     }
 
     #[tonic::async_trait]
-    impl crate::proto::api::v1::pipeline_service_server::PipelineService for DiesBeforeReplying {
+    impl capstan_proto::api::v1::pipeline_service_server::PipelineService for DiesBeforeReplying {
         async fn submit_run(
             &self,
             req: tonic::Request<SubmitRunRequest>,
-        ) -> Result<tonic::Response<crate::proto::api::v1::SubmitRunResponse>, Status> {
+        ) -> Result<tonic::Response<capstan_proto::api::v1::SubmitRunResponse>, Status> {
             let key = req.into_inner().idempotency_key;
             let first = {
                 let mut keys = self.keys.lock().unwrap();
@@ -875,7 +872,7 @@ mod tests {
                 std::future::pending::<()>().await;
             }
             Ok(tonic::Response::new(
-                crate::proto::api::v1::SubmitRunResponse {
+                capstan_proto::api::v1::SubmitRunResponse {
                     run_id: format!("run-{key}"),
                 },
             ))
@@ -889,7 +886,7 @@ mod tests {
         async fn list_runs(
             &self,
             _: tonic::Request<ListRunsRequest>,
-        ) -> Result<tonic::Response<crate::proto::api::v1::ListRunsResponse>, Status> {
+        ) -> Result<tonic::Response<capstan_proto::api::v1::ListRunsResponse>, Status> {
             Err(Status::unimplemented(""))
         }
         async fn cancel_run(
@@ -915,19 +912,19 @@ mod tests {
         async fn list_runners(
             &self,
             _: tonic::Request<ListRunnersRequest>,
-        ) -> Result<tonic::Response<crate::proto::api::v1::ListRunnersResponse>, Status> {
+        ) -> Result<tonic::Response<capstan_proto::api::v1::ListRunnersResponse>, Status> {
             Err(Status::unimplemented(""))
         }
         async fn drain_runner(
             &self,
             _: tonic::Request<DrainRunnerRequest>,
-        ) -> Result<tonic::Response<crate::proto::api::v1::DrainRunnerResponse>, Status> {
+        ) -> Result<tonic::Response<capstan_proto::api::v1::DrainRunnerResponse>, Status> {
             Err(Status::unimplemented(""))
         }
         async fn resume_runner(
             &self,
             _: tonic::Request<ResumeRunnerRequest>,
-        ) -> Result<tonic::Response<crate::proto::api::v1::ResumeRunnerResponse>, Status> {
+        ) -> Result<tonic::Response<capstan_proto::api::v1::ResumeRunnerResponse>, Status> {
             Err(Status::unimplemented(""))
         }
     }
@@ -965,7 +962,7 @@ mod tests {
             Server::builder()
                 .add_service(ClusterServiceServer::new(fake))
                 .add_service(
-                    crate::proto::api::v1::pipeline_service_server::PipelineServiceServer::from_arc(
+                    capstan_proto::api::v1::pipeline_service_server::PipelineServiceServer::from_arc(
                         Arc::clone(&service),
                     ),
                 )

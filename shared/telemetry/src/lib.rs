@@ -47,7 +47,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Crates whose spans and events are exported: ours. tonic's, h2's and the
 /// SDK's own are not (the last would feed back into the exporter).
-const EXPORTED_TARGETS: [&str; 3] = ["capstan_coordinator", "capstan_runner", "capstan_shared"];
+const EXPORTED_TARGETS: [&str; 4] = [
+    "capstan_coordinator",
+    "capstan_runner",
+    "capstan_client",
+    "capstan_pipeline",
+];
 
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 

@@ -1,4 +1,4 @@
-//! Compiles the protos under ../proto into Rust with tonic-prost-build.
+//! Compiles the protos under ../../proto into Rust with tonic-prost-build.
 //!
 //! protoc comes from `$PROTOC`, which `.cargo/config.toml` points at
 //! `tools/protoc`: a wrapper that runs the binary of the protoc-bin-vendored
@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // between clones (CI reuses the developers' cache), and a build script
     // compiled for another clone must still find this clone's protos.
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
-    let root = std::path::Path::new(&manifest_dir).join("../proto");
+    let root = std::path::Path::new(&manifest_dir).join("../../proto");
     let files = [
         "capstan/pipeline/v1/pipeline.proto",
         "capstan/runner/v1/runner.proto",
@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let paths: Vec<_> = files.iter().map(|f| root.join(f)).collect();
     for f in &files {
         // Relative to the package root, so the fingerprint follows the clone.
-        println!("cargo:rerun-if-changed=../proto/{f}");
+        println!("cargo:rerun-if-changed=../../proto/{f}");
     }
     tonic_prost_build::configure()
         .bytes(".capstan.runner.v1.LogChunk.data")

@@ -20,7 +20,7 @@
 //! [`parse`] reads and validates a file, reporting every problem with its
 //! line and column; [`resolve`] applies the substitutions for one run; a
 //! resolved [`TaskDef`] converts into the wire type
-//! [`TaskSpec`](crate::proto::pipeline::v1::TaskSpec).
+//! [`TaskSpec`](capstan_proto::pipeline::v1::TaskSpec).
 //!
 //! Decisions where the format leaves room:
 //! - Scalars YAML reads as numbers or booleans are kept as written when a
@@ -34,6 +34,7 @@
 
 mod error;
 mod model;
+mod names;
 mod parse;
 mod substitute;
 mod validate;
@@ -44,13 +45,11 @@ mod tests;
 
 pub use error::{ValidationError, ValidationErrors};
 pub use model::{Pipeline, SourceMap, StepDef, StepKind, TaskDef};
-pub use parse::{
-    MAX_NAME_LEN, MAX_RETRIES, MAX_TIMEOUT, is_env_name, is_param_name, is_pipeline_name,
-    is_task_name, parse, parse_memory, parse_timeout,
-};
+pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
+pub use parse::{MAX_RETRIES, parse};
 pub use substitute::{Context, resolve};
 
-use crate::proto::pipeline::v1 as pb;
+use capstan_proto::pipeline::v1 as pb;
 
 /// Larger files are refused before parsing.
 pub const MAX_FILE_BYTES: usize = 1024 * 1024;

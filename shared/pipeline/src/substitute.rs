@@ -92,7 +92,7 @@ fn parse_expr(inner: &str) -> Option<Expr> {
         "run.id" => Some(Expr::RunId),
         _ => {
             let name = inner.strip_prefix("params.")?;
-            super::parse::is_param_name(name).then(|| Expr::Param(name.to_owned()))
+            crate::names::is_param_name(name).then(|| Expr::Param(name.to_owned()))
         }
     }
 }
@@ -205,38 +205,7 @@ pub fn resolve(
     ctx: &Context,
 ) -> Result<Pipeline, ValidationErrors> {
     let mut errors = Vec::new();
-    for (name, value) in &ctx.params {
-        if !pipeline.params.contains_key(name) {
-            let mut msg = format!("unknown param `{name}`: declare it under `params:` in {file}");
-            if let Some(c) = closest(name, pipeline.params.keys().map(String::as_str)) {
-                msg.push_str(&format!(" (did you mean `{c}`?)"));
-            }
-            errors.push(ValidationError::new(file, 0, 0, msg));
-        } else if value.contains(OPEN) {
-            errors.push(ValidationError::new(
-                file,
-                0,
-                0,
-                format!("the value of param `{name}` must not contain `{OPEN}`"),
-            ));
-        }
-    }
-    let mut params = pipeline.params.clone();
-    for (name, value) in &pipeline.params {
-        if value.contains(OPEN) && !ctx.params.contains_key(name) {
-            errors.push(ValidationError::new(
-                file,
-                0,
-                0,
-                format!("the default of param `{name}` must not contain `{OPEN}`"),
-            ));
-        }
-    }
-    for (name, value) in &ctx.params {
-        if let Some(v) = params.get_mut(name) {
-            v.clone_from(value);
-        }
-    }
+    let params = effective_params(file, pipeline, ctx, &mut errors);
 
     let mut out = pipeline.clone();
     // Report a missing value once, where it is first used.
@@ -289,6 +258,49 @@ pub fn resolve(
     } else {
         Err(ValidationErrors::sorted(errors))
     }
+}
+
+/// The file's param defaults with `ctx.params` over them; an unknown
+/// override, or a `${{` in a value, is an error.
+fn effective_params(
+    file: &str,
+    pipeline: &Pipeline,
+    ctx: &Context,
+    errors: &mut Vec<ValidationError>,
+) -> BTreeMap<String, String> {
+    for (name, value) in &ctx.params {
+        if !pipeline.params.contains_key(name) {
+            let mut msg = format!("unknown param `{name}`: declare it under `params:` in {file}");
+            if let Some(c) = closest(name, pipeline.params.keys().map(String::as_str)) {
+                msg.push_str(&format!(" (did you mean `{c}`?)"));
+            }
+            errors.push(ValidationError::new(file, 0, 0, msg));
+        } else if value.contains(OPEN) {
+            errors.push(ValidationError::new(
+                file,
+                0,
+                0,
+                format!("the value of param `{name}` must not contain `{OPEN}`"),
+            ));
+        }
+    }
+    let mut params = pipeline.params.clone();
+    for (name, value) in &pipeline.params {
+        if value.contains(OPEN) && !ctx.params.contains_key(name) {
+            errors.push(ValidationError::new(
+                file,
+                0,
+                0,
+                format!("the default of param `{name}` must not contain `{OPEN}`"),
+            ));
+        }
+    }
+    for (name, value) in &ctx.params {
+        if let Some(v) = params.get_mut(name) {
+            v.clone_from(value);
+        }
+    }
+    params
 }
 
 fn missing(e: &Expr, params: &BTreeMap<String, String>) -> String {

@@ -1,0 +1,50 @@
+//! What a name may look like: tasks, pipelines, params, env variables and
+//! runner labels. The parser and the substitutions both ask here.
+
+/// Longest task, pipeline and param name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 63 chars.
+pub fn is_task_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= MAX_NAME_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// `[a-z0-9][a-z0-9_.-]*`, at most 63 chars.
+pub fn is_pipeline_name(s: &str) -> bool {
+    is_task_name(s) && !s.chars().any(|c| c.is_ascii_uppercase())
+}
+
+/// `[A-Za-z_][A-Za-z0-9_-]*`, at most 63 chars.
+pub fn is_param_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= MAX_NAME_LEN
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A runner label key: `[A-Za-z0-9][A-Za-z0-9_./-]*`, at most 63 chars.
+pub(crate) fn is_label_key(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= MAX_NAME_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+}
+
+/// A runner label value: non-empty, no whitespace, `,` or `=`.
+pub(crate) fn is_label_value(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && !s.chars().any(|c| c.is_whitespace() || c == ',' || c == '=')
+}

@@ -1,0 +1,254 @@
+//! A task: its fields, resources, capabilities, `runs-on` and `needs`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use capstan_proto::units::parse_memory;
+
+use super::{MAX_RETRIES, Parser};
+use crate::model::TaskDef;
+use crate::names::{MAX_NAME_LEN, is_label_key, is_label_value};
+use crate::substitute::OPEN;
+use crate::yaml::{Node, Pos, Value};
+
+const TASK_KEYS: &[&str] = &[
+    "image",
+    "runs-on",
+    "env",
+    "needs",
+    "timeout",
+    "retries",
+    "capabilities",
+    "resources",
+    "steps",
+];
+
+const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
+
+impl Parser<'_> {
+    pub(super) fn task(
+        &mut self,
+        name: &str,
+        key_pos: Pos,
+        node: &Node,
+    ) -> (TaskDef, Vec<(String, Pos)>) {
+        let what = format!("task `{name}`");
+        let base = format!("tasks.{name}");
+        let mut task = TaskDef {
+            name: name.to_owned(),
+            ..TaskDef::default()
+        };
+        let mut needs = Vec::new();
+        let Some(f) = self.fields(node, &what, TASK_KEYS) else {
+            return (task, needs);
+        };
+
+        task.image = self.opt_subst(
+            &f,
+            "image",
+            &format!("`image` of {what}"),
+            format!("{base}.image"),
+        );
+        if let Some(v) = f.get("runs-on") {
+            task.runs_on = self.runs_on(v, &what);
+        }
+        if let Some(v) = f.get("env") {
+            task.env = self.string_map(v, &format!("`env` of {what}"), &format!("{base}.env"));
+        }
+        if let Some(v) = f.get("needs") {
+            needs = self.needs(v, &what);
+            task.needs = needs.iter().map(|(n, _)| n.clone()).collect();
+        }
+        if let Some(v) = f.get("timeout") {
+            task.timeout = self.timeout(v, &format!("`timeout` of {what}"));
+        }
+        if let Some(v) = f.get("retries") {
+            match &v.value {
+                Value::Null => {}
+                Value::Int(n) if (0..=i128::from(MAX_RETRIES)).contains(n) => {
+                    task.retries = u32::try_from(*n).unwrap_or_default();
+                }
+                Value::Int(n) => self.err(v.pos, format!("`retries` of {what} must be between 0 and {MAX_RETRIES}, found {n}")),
+                _ => self.err(v.pos, format!("`retries` of {what} must be a whole number between 0 and {MAX_RETRIES}, found {}", v.kind())),
+            }
+        }
+        if let Some(v) = f.get("capabilities") {
+            task.capabilities = self.capabilities(v, &what);
+        }
+        if let Some(v) = f.get("resources") {
+            (task.cpus, task.memory_bytes) = self.resources(v, &what);
+        }
+        match f.get("steps") {
+            None => self.missing(key_pos, "steps", &what),
+            Some(v) => task.steps = self.steps(v, &what, &base),
+        }
+        (task, needs)
+    }
+    /// `capabilities: [NET_ADMIN, chown]`: names normalised to upper case
+    /// without a `CAP_` prefix.
+    fn capabilities(&mut self, node: &Node, what: &str) -> Vec<String> {
+        let what = format!("`capabilities` of {what}");
+        let Value::Seq(items) = &node.value else {
+            if !node.is_null() {
+                self.err(
+                    node.pos,
+                    format!(
+                        "{what} must be a list such as [NET_BIND_SERVICE], found {}",
+                        node.kind()
+                    ),
+                );
+            }
+            return Vec::new();
+        };
+        let mut out: Vec<String> = Vec::new();
+        for item in items {
+            let Value::Str(s) = &item.value else {
+                self.err(
+                    item.pos,
+                    format!(
+                        "each entry of {what} must be a capability name, found {}",
+                        item.kind()
+                    ),
+                );
+                continue;
+            };
+            let upper = s.trim().to_ascii_uppercase();
+            let name = upper.strip_prefix("CAP_").unwrap_or(&upper).to_string();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            {
+                self.err(item.pos, format!("bad capability `{s}` in {what}: use a Linux capability name such as NET_BIND_SERVICE"));
+            } else if name == "ALL" || name == "SYS_ADMIN" {
+                self.err(item.pos, format!("{what} may not ask for `{name}`: it amounts to a privileged container, which Capstan never runs"));
+            } else if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+    /// `resources: { cpus: 1.5, memory: 512m }`.
+    fn resources(&mut self, node: &Node, what: &str) -> (Option<f64>, Option<u64>) {
+        let what = format!("`resources` of {what}");
+        let Some(f) = self.fields(node, &what, RESOURCE_KEYS) else {
+            return (None, None);
+        };
+        let cpus = f.get("cpus").and_then(|v| match &v.value {
+            Value::Int(n) if *n > 0 && *n <= 1024 => Some(*n as f64),
+            Value::Float(x) if *x > 0.0 && *x <= 1024.0 => Some(*x),
+            _ => {
+                self.err(
+                    v.pos,
+                    format!("`cpus` in {what} must be a positive number such as 1.5"),
+                );
+                None
+            }
+        });
+        let memory = f.get("memory").and_then(|v| {
+            let text = match &v.value {
+                Value::Int(n) => n.to_string(),
+                Value::Str(s) => s.clone(),
+                _ => String::new(),
+            };
+            match parse_memory(&text) {
+                Some(bytes) if bytes >= 4 * 1024 * 1024 => Some(bytes),
+                _ => {
+                    self.err(v.pos, format!("`memory` in {what} must be a size of at least 4m such as 512m or 2g (bytes, or a number with k, m or g)"));
+                    None
+                }
+            }
+        });
+        (cpus, memory)
+    }
+    fn runs_on(&mut self, node: &Node, what: &str) -> BTreeMap<String, String> {
+        let what = format!("`runs-on` of {what}");
+        let mut out = BTreeMap::new();
+        let mut seen: HashMap<String, Pos> = HashMap::new();
+        let mut label = |p: &mut Self, pos: Pos, key: String, value: String| {
+            if !is_label_key(&key) {
+                p.err(pos, format!("bad label `{key}={value}` in {what}: the key must be letters, digits, `_`, `.`, `/` and `-`, at most {MAX_NAME_LEN} characters"));
+            } else if value.contains(OPEN) {
+                p.err(pos, format!("substitutions are not allowed in {what}"));
+            } else if !is_label_value(&value) {
+                p.err(pos, format!("bad label `{key}={value}` in {what}: the value must be non-empty, without spaces, `,` or `=`"));
+            } else if let Some(first) = seen.get(&key) {
+                p.err(
+                    pos,
+                    format!(
+                        "label `{key}` appears twice in {what} (first at line {}, column {})",
+                        first.line, first.column
+                    ),
+                );
+            } else {
+                seen.insert(key.clone(), pos);
+                out.insert(key, value);
+            }
+        };
+        match &node.value {
+            Value::Null => {}
+            Value::Seq(items) => {
+                for item in items {
+                    let Some(s) = self.text(item, &format!("an entry of {what}")) else {
+                        continue;
+                    };
+                    match s.split_once('=') {
+                        Some((k, v)) => {
+                            label(self, item.pos, k.trim().to_owned(), v.trim().to_owned())
+                        }
+                        None => self.err(
+                            item.pos,
+                            format!("bad entry `{s}` in {what}: use `key=value`, e.g. `os=linux`"),
+                        ),
+                    }
+                }
+            }
+            Value::Map(_) => {
+                if let Some(fields) = self.entries(node, &what) {
+                    for (key, k, v) in fields.entries {
+                        if let Some(value) = self.text(v, &format!("label `{key}` in {what}")) {
+                            label(self, k.pos, key, value);
+                        }
+                    }
+                }
+            }
+            _ => self.err(
+                node.pos,
+                format!(
+                    "{what} must be a list of `key=value` labels or a mapping, found {}",
+                    node.kind()
+                ),
+            ),
+        }
+        out
+    }
+    fn needs(&mut self, node: &Node, what: &str) -> Vec<(String, Pos)> {
+        let what = format!("`needs` of {what}");
+        match &node.value {
+            Value::Null => Vec::new(),
+            Value::Str(s) => vec![(s.clone(), node.pos)],
+            Value::Seq(items) => items
+                .iter()
+                .filter_map(|item| match &item.value {
+                    Value::Str(s) => Some((s.clone(), item.pos)),
+                    _ => {
+                        self.err(
+                            item.pos,
+                            format!(
+                                "entries of {what} must be task names, found {}",
+                                item.kind()
+                            ),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            _ => {
+                self.err(
+                    node.pos,
+                    format!("{what} must be a list of task names, found {}", node.kind()),
+                );
+                Vec::new()
+            }
+        }
+    }
+}

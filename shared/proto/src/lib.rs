@@ -1,0 +1,50 @@
+//! Capstan's protocol: what every process says to another.
+//!
+//! - [`pipeline`], [`runner`], [`api`], [`cluster`]: the generated gRPC code
+//!   for `proto/capstan/<package>/v1`, one module per proto package;
+//! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`, ...);
+//! - [`leader`]: the `capstan-leader` hint a follower answers with;
+//! - [`units`]: memory sizes and durations as users write them, parsed once
+//!   for pipeline files and daemon flags alike.
+//!
+//! Imports nothing of Capstan's; every other crate may import it.
+
+pub mod ids;
+pub mod leader;
+pub mod units;
+
+/// Version of the runner Connect protocol spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Default gRPC port.
+pub const DEFAULT_GRPC_PORT: u16 = 7700;
+/// Default HTTP side port.
+pub const DEFAULT_HTTP_PORT: u16 = 7701;
+
+/// `capstan.pipeline.v1`: the resolved task spec a runner is given.
+#[allow(clippy::all, missing_docs)]
+pub mod pipeline {
+    pub mod v1 {
+        tonic::include_proto!("capstan.pipeline.v1");
+    }
+}
+/// `capstan.runner.v1`: registration, the Control stream, logs.
+#[allow(clippy::all, missing_docs)]
+pub mod runner {
+    pub mod v1 {
+        tonic::include_proto!("capstan.runner.v1");
+    }
+}
+/// `capstan.api.v1`: the client API (submit, status, logs, runners).
+#[allow(clippy::all, missing_docs)]
+pub mod api {
+    pub mod v1 {
+        tonic::include_proto!("capstan.api.v1");
+    }
+}
+/// `capstan.cluster.v1`: the replicas and who leads.
+#[allow(clippy::all, missing_docs)]
+pub mod cluster {
+    pub mod v1 {
+        tonic::include_proto!("capstan.cluster.v1");
+    }
+}
