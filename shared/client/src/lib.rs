@@ -318,7 +318,6 @@ impl Client {
         if request.idempotency_key.is_empty() {
             request.idempotency_key = uuid::Uuid::now_v7().simple().to_string();
         }
-        let timeout = self.inner.options.request_timeout;
         let metadata: Vec<(&'static str, tonic::metadata::MetadataValue<_>)> = [
             ("traceparent", &parent.traceparent),
             ("tracestate", &parent.tracestate),
@@ -328,8 +327,7 @@ impl Client {
         .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
         .collect();
         let response = self
-            .call(move |ch| {
-                let mut req = unary(request.clone(), timeout);
+            .unary(request, move |ch, mut req| {
                 for (k, v) in &metadata {
                     req.metadata_mut().insert(*k, v.clone());
                 }
@@ -341,24 +339,20 @@ impl Client {
 
     /// One run with its tasks.
     pub async fn get_run(&self, run: &RunId) -> Result<Run, ClientError> {
-        let timeout = self.inner.options.request_timeout;
         let request = GetRunRequest {
             run_id: run.to_string(),
         };
-        self.call(move |ch| {
-            let req = unary(request.clone(), timeout);
-            async move { PipelineServiceClient::new(ch).get_run(req).await }
+        self.unary(request, |ch, req| async move {
+            PipelineServiceClient::new(ch).get_run(req).await
         })
         .await
     }
 
     /// Up to `limit` runs (0: the server's default), newest first.
     pub async fn list_runs(&self, limit: u32) -> Result<Vec<Run>, ClientError> {
-        let timeout = self.inner.options.request_timeout;
         let response = self
-            .call(move |ch| {
-                let req = unary(ListRunsRequest { limit }, timeout);
-                async move { PipelineServiceClient::new(ch).list_runs(req).await }
+            .unary(ListRunsRequest { limit }, |ch, req| async move {
+                PipelineServiceClient::new(ch).list_runs(req).await
             })
             .await?;
         Ok(response.runs)
@@ -366,13 +360,11 @@ impl Client {
 
     /// Cancels every unfinished task of a run; returns the run afterwards.
     pub async fn cancel_run(&self, run: &RunId) -> Result<Run, ClientError> {
-        let timeout = self.inner.options.request_timeout;
         let request = CancelRunRequest {
             run_id: run.to_string(),
         };
-        self.call(move |ch| {
-            let req = unary(request.clone(), timeout);
-            async move { PipelineServiceClient::new(ch).cancel_run(req).await }
+        self.unary(request, |ch, req| async move {
+            PipelineServiceClient::new(ch).cancel_run(req).await
         })
         .await
     }
@@ -411,11 +403,9 @@ impl Client {
 
     /// Registered runners.
     pub async fn list_runners(&self) -> Result<Vec<Runner>, ClientError> {
-        let timeout = self.inner.options.request_timeout;
         let response = self
-            .call(move |ch| {
-                let req = unary(ListRunnersRequest {}, timeout);
-                async move { PipelineServiceClient::new(ch).list_runners(req).await }
+            .unary(ListRunnersRequest {}, |ch, req| async move {
+                PipelineServiceClient::new(ch).list_runners(req).await
             })
             .await?;
         Ok(response.runners)
@@ -423,14 +413,12 @@ impl Client {
 
     /// Drains a runner given by id or name; returns it afterwards.
     pub async fn drain_runner(&self, runner: &str) -> Result<Runner, ClientError> {
-        let timeout = self.inner.options.request_timeout;
         let request = DrainRunnerRequest {
             runner: runner.to_string(),
         };
         let response = self
-            .call(move |ch| {
-                let req = unary(request.clone(), timeout);
-                async move { PipelineServiceClient::new(ch).drain_runner(req).await }
+            .unary(request, |ch, req| async move {
+                PipelineServiceClient::new(ch).drain_runner(req).await
             })
             .await?;
         response
@@ -441,14 +429,12 @@ impl Client {
     /// Undoes [`Client::drain_runner`] for a runner given by id or name;
     /// returns it afterwards.
     pub async fn resume_runner(&self, runner: &str) -> Result<Runner, ClientError> {
-        let timeout = self.inner.options.request_timeout;
         let request = ResumeRunnerRequest {
             runner: runner.to_string(),
         };
         let response = self
-            .call(move |ch| {
-                let req = unary(request.clone(), timeout);
-                async move { PipelineServiceClient::new(ch).resume_runner(req).await }
+            .unary(request, |ch, req| async move {
+                PipelineServiceClient::new(ch).resume_runner(req).await
             })
             .await?;
         response
@@ -458,20 +444,16 @@ impl Client {
 
     /// Who leads now, as the current server sees it (followers answer too).
     pub async fn ask_leader(&self) -> Result<AskLeaderResponse, ClientError> {
-        let timeout = self.inner.options.request_timeout;
-        self.call(move |ch| {
-            let req = unary(AskLeaderRequest {}, timeout);
-            async move { ClusterServiceClient::new(ch).ask_leader(req).await }
+        self.unary(AskLeaderRequest {}, |ch, req| async move {
+            ClusterServiceClient::new(ch).ask_leader(req).await
         })
         .await
     }
 
     /// Every coordinator replica known to the cluster.
     pub async fn list_members(&self) -> Result<ListMembersResponse, ClientError> {
-        let timeout = self.inner.options.request_timeout;
-        self.call(move |ch| {
-            let req = unary(ListMembersRequest {}, timeout);
-            async move { ClusterServiceClient::new(ch).list_members(req).await }
+        self.unary(ListMembersRequest {}, |ch, req| async move {
+            ClusterServiceClient::new(ch).list_members(req).await
         })
         .await
     }
@@ -490,6 +472,20 @@ impl Client {
             .current
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = connection;
+    }
+
+    /// A unary call of any service: `rpc` sends the request (with the
+    /// client's deadline) on the channel [`Self::call`] gives it, under the
+    /// same leader-following and retry policy.
+    async fn unary<Req, Resp, F, Fut>(&self, request: Req, rpc: F) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let timeout = self.inner.options.request_timeout;
+        self.call(move |ch| rpc(ch, unary(request.clone(), timeout)))
+            .await
     }
 
     /// Runs `f` on the current channel with the leader-following and
