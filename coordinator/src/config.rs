@@ -1,11 +1,13 @@
 //! Coordinator configuration: built-in defaults -> TOML file (`--config`) ->
-//! environment (`CAPSTAN_...`) -> flags. Unknown TOML keys are an error.
+//! environment (`CAPSTAN_...`) -> flags, layered by [`capstan_config`]: one
+//! [`Args`] struct is the command line and the file (keys: the flags with
+//! `_`; an unknown key is an error); [`Args::settings`] fills in defaults.
 
 use crate::scheduler::state::Timing;
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// What `run` needs.
@@ -49,12 +51,15 @@ pub const DEFAULT_ETCD_PREFIX: &str = "/capstan/";
 /// timeout) must fit inside the renewal slack without a coordinator failover.
 pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(5);
 
-/// Command line of `capstan-coordinator`. Every flag also reads `CAPSTAN_<FLAG>`.
-#[derive(Parser, Debug, Default)]
+/// Command line of `capstan-coordinator`, and the TOML file. Every flag also
+/// reads `CAPSTAN_<FLAG>`.
+#[derive(Parser, Debug, Default, Serialize, Deserialize)]
 #[command(name = "capstan-coordinator", version, about = "Capstan coordinator")]
+#[serde(deny_unknown_fields)]
 pub struct Args {
     /// TOML file with any of the settings below (keys as the flags, with `_`).
     #[arg(long, env = "CAPSTAN_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:7700].
     #[arg(long, env = "CAPSTAN_LISTEN")]
@@ -70,6 +75,7 @@ pub struct Args {
     pub registration_token: Option<String>,
     /// etcd endpoints (URL,URL): run as one of several replicas with state in etcd.
     #[arg(long, env = "CAPSTAN_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "capstan_config::one_or_many")]
     pub etcd_endpoints: Option<Vec<String>>,
     /// Prefix of every etcd key [default: /capstan/].
     #[arg(long, env = "CAPSTAN_ETCD_PREFIX")]
@@ -105,27 +111,6 @@ pub struct Args {
     pub retention: Option<String>,
 }
 
-/// The TOML file: the same settings, all optional, nothing else.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub listen: Option<SocketAddr>,
-    pub http_listen: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub registration_token: Option<String>,
-    pub etcd_endpoints: Option<Vec<String>>,
-    pub etcd_prefix: Option<String>,
-    pub election_ttl_ms: Option<u64>,
-    pub log_dir: Option<PathBuf>,
-    pub advertise: Option<String>,
-    pub heartbeat_ms: Option<u64>,
-    pub idle_heartbeat_ms: Option<u64>,
-    pub lease_ms: Option<u64>,
-    pub offer_timeout_ms: Option<u64>,
-    pub max_infra_retries: Option<u32>,
-    pub retention: Option<String>,
-}
-
 /// The merged settings of the binary.
 #[derive(Debug)]
 pub struct Settings {
@@ -136,55 +121,26 @@ pub struct Settings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {source}")]
-    Parse {
-        path: String,
-        #[source]
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] capstan_config::FileError),
     #[error("{0}")]
     Invalid(String),
-}
-
-pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    parse_file(&path.display().to_string(), &text)
-}
-
-pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|source| ConfigError::Parse {
-        path: name.to_string(),
-        source,
-    })
 }
 
 impl Args {
     /// Merges defaults, the TOML file and the flags/environment.
     pub fn settings(self) -> Result<Settings, ConfigError> {
-        let file = match &self.config {
-            Some(p) => load_file(p)?,
-            None => FileConfig::default(),
-        };
-        let etcd_endpoints: Vec<String> = self
+        let file: Args = capstan_config::load(self.config.as_deref())?;
+        let s = capstan_config::layer(&file, &self)?;
+        let etcd_endpoints: Vec<String> = s
             .etcd_endpoints
-            .or(file.etcd_endpoints)
             .unwrap_or_default()
             .into_iter()
             .map(|e| e.trim().to_string())
             .filter(|e| !e.is_empty())
             .collect();
         let election_ttl = Duration::from_millis(
-            self.election_ttl_ms
-                .or(file.election_ttl_ms)
+            s.election_ttl_ms
                 .unwrap_or(DEFAULT_ELECTION_TTL.as_millis() as u64),
         );
         if election_ttl < Duration::from_secs(1) {
@@ -193,55 +149,39 @@ impl Args {
                     .into(),
             ));
         }
-        let etcd_prefix = self
-            .etcd_prefix
-            .or(file.etcd_prefix)
-            .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
-        let listen = self.listen.or(file.listen).unwrap_or_else(|| {
+        let etcd_prefix = s.etcd_prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
+        let listen = s.listen.unwrap_or_else(|| {
             SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_GRPC_PORT))
         });
-        let http_listen = self.http_listen.or(file.http_listen).unwrap_or_else(|| {
+        let http_listen = s.http_listen.unwrap_or_else(|| {
             SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_HTTP_PORT))
         });
-        let registration_token = self
-            .registration_token
-            .or(file.registration_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ConfigError::Invalid(
-                    "a registration token is required: pass --registration-token or set \
+        let registration_token =
+            s.registration_token
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "a registration token is required: pass --registration-token or set \
                      CAPSTAN_REGISTRATION_TOKEN"
-                        .into(),
-                )
-            })?;
+                            .into(),
+                    )
+                })?;
         let d = Timing::default();
-        let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
-            flag.or(file).map(Duration::from_millis).unwrap_or(default)
+        let ms = |setting: Option<u64>, default: Duration| {
+            setting.map(Duration::from_millis).unwrap_or(default)
         };
-        let heartbeat = ms(self.heartbeat_ms, file.heartbeat_ms, d.heartbeat);
+        let heartbeat = ms(s.heartbeat_ms, d.heartbeat);
         let timing = Timing {
             heartbeat,
-            idle_heartbeat: ms(
-                self.idle_heartbeat_ms,
-                file.idle_heartbeat_ms,
-                d.idle_heartbeat,
-            )
-            .max(heartbeat),
-            lease: ms(self.lease_ms, file.lease_ms, d.lease),
-            offer_timeout: ms(
-                self.offer_timeout_ms,
-                file.offer_timeout_ms,
-                d.offer_timeout,
-            ),
-            max_infra_retries: self
-                .max_infra_retries
-                .or(file.max_infra_retries)
-                .unwrap_or(d.max_infra_retries),
+            idle_heartbeat: ms(s.idle_heartbeat_ms, d.idle_heartbeat).max(heartbeat),
+            lease: ms(s.lease_ms, d.lease),
+            offer_timeout: ms(s.offer_timeout_ms, d.offer_timeout),
+            max_infra_retries: s.max_infra_retries.unwrap_or(d.max_infra_retries),
             timeout_grace: d.timeout_grace,
             reattach_grace: d.reattach_grace,
             // Two missed heartbeats and a reconnect attempt.
             disconnect_grace: heartbeat * 2 + Duration::from_millis(500),
-            retention: match self.retention.or(file.retention) {
+            retention: match s.retention {
                 None => d.retention,
                 Some(text) => parse_retention(&text).map_err(ConfigError::Invalid)?,
             },
@@ -257,17 +197,14 @@ impl Args {
             listen,
             http_listen,
             coordinator: CoordinatorConfig {
-                data_dir: self
-                    .data_dir
-                    .or(file.data_dir)
-                    .unwrap_or_else(|| PathBuf::from("capstan-data")),
+                data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("capstan-data")),
                 registration_token,
-                advertise: self.advertise.or(file.advertise),
+                advertise: s.advertise,
                 timing,
                 etcd_endpoints,
                 etcd_prefix,
                 election_ttl,
-                log_dir: self.log_dir.or(file.log_dir),
+                log_dir: s.log_dir,
             },
         })
     }
@@ -301,9 +238,9 @@ mod tests {
 
     #[test]
     fn example_config_parses() {
-        let f = parse_file(
-            "coordinator.toml",
+        let f: Args = capstan_config::parse(
             include_str!("../../deploy/config/coordinator.toml"),
+            "coordinator.toml",
         )
         .unwrap();
         assert_eq!(f.listen, Some("127.0.0.1:7700".parse().unwrap()));
@@ -313,8 +250,11 @@ mod tests {
 
     #[test]
     fn unknown_key_is_an_error() {
-        let e = parse_file("c.toml", "listen = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap_err();
-        assert!(e.to_string().contains("listen_port"), "{e}");
+        let e =
+            capstan_config::parse::<Args>("listen = \"127.0.0.1:1\"\nlisten_port = 3\n", "c.toml")
+                .unwrap_err();
+        let e = format!("{:#}", anyhow::Error::from(e));
+        assert!(e.contains("c.toml") && e.contains("listen_port"), "{e}");
     }
 
     #[test]
