@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 /// Where the binaries are: `$CAPSTAN_BIN_DIR`, else the directory of this
 /// executable (`target/<profile>/`), so a release bench runs release daemons.
-pub fn bin_dir() -> PathBuf {
+pub(crate) fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("CAPSTAN_BIN_DIR") {
         return PathBuf::from(d);
     }
@@ -64,12 +64,12 @@ fn bin_in(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A free loopback port (bound and released).
-pub fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Nanoseconds since the Unix epoch (CLOCK_REALTIME, like `date +%s%N`).
-pub fn epoch_ns() -> i128 {
+pub(crate) fn epoch_ns() -> i128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
@@ -90,12 +90,12 @@ fn kill_child(child: &mut Child) {
 }
 
 /// A `capstan-coordinator` process; killed on drop.
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     child: Child,
-    pub grpc: SocketAddr,
-    pub http: SocketAddr,
-    pub token: String,
-    pub dir: PathBuf,
+    pub(crate) grpc: SocketAddr,
+    pub(crate) http: SocketAddr,
+    pub(crate) token: String,
+    pub(crate) dir: PathBuf,
     /// Where this coordinator's binary came from; its runners come from there too.
     bins: PathBuf,
 }
@@ -103,13 +103,17 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts a coordinator with its data dir under `dir` and waits for `/readyz`.
     /// `extra` are more flags (`--lease-ms 2000`, ...).
-    pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+    pub(crate) async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         Self::start_from(&bin_dir(), dir, extra).await
     }
 
     /// [`Coordinator::start`] with the binaries (this one and its runners')
     /// from `bins` instead of [`bin_dir`]: two builds side by side.
-    pub async fn start_from(bins: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+    pub(crate) async fn start_from(
+        bins: &Path,
+        dir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -163,32 +167,32 @@ impl Coordinator {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.grpc)
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
     }
 
     /// The client API, with no limit on response size (ListRuns of a whole
     /// benchmark's runs is large).
-    pub async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
         let ch = Channel::from_shared(self.url())?.connect().await?;
         Ok(PipelineServiceClient::new(ch).max_decoding_message_size(usize::MAX))
     }
 
     /// A plain HTTP/1.0 GET on the side port: (status, body).
-    pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+    pub(crate) fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         capstan_tests::http_get(self.http, path)
     }
 
     /// Starts a real runner process against this coordinator.
-    pub fn start_runner(
+    pub(crate) fn start_runner(
         &self,
         name: &str,
         executor: &str,
@@ -219,7 +223,7 @@ impl Coordinator {
     }
 
     /// Waits until at least `n` runners are connected.
-    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_connected(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let mut client = self.client().await?;
         loop {
@@ -242,7 +246,7 @@ impl Coordinator {
     }
 
     /// Submits a pipeline's text and returns the run id.
-    pub async fn submit(
+    pub(crate) async fn submit(
         client: &mut PipelineServiceClient<Channel>,
         yaml: &str,
     ) -> anyhow::Result<String> {
@@ -265,18 +269,18 @@ impl Drop for Coordinator {
 }
 
 /// A `capstan-runner` process; killed on drop.
-pub struct Runner {
-    pub name: String,
+pub(crate) struct Runner {
+    pub(crate) name: String,
     child: Child,
 }
 
 impl Runner {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// kill -9 and reap.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         kill_child(&mut self.child);
     }
 }
@@ -289,18 +293,18 @@ impl Drop for Runner {
 
 /// What /proc says about a process.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ProcStat {
-    pub rss_mb: f64,
-    pub hwm_mb: f64,
+pub(crate) struct ProcStat {
+    pub(crate) rss_mb: f64,
+    pub(crate) hwm_mb: f64,
     /// utime + stime in seconds.
-    pub cpu_s: f64,
+    pub(crate) cpu_s: f64,
 }
 
 /// `USER_HZ`, the unit of utime/stime in /proc/PID/stat: 100 on every Linux
 /// architecture we run on.
 const CLOCK_TICKS: f64 = 100.0;
 
-pub fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
+pub(crate) fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = |key: &str| -> f64 {
         status
@@ -331,13 +335,13 @@ pub fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
 }
 
 /// Samples the RSS of some processes every 100 ms until dropped; keeps the peak.
-pub struct RssSampler {
+pub(crate) struct RssSampler {
     peaks: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
     stop: tokio_util::sync::CancellationToken,
 }
 
 impl RssSampler {
-    pub fn start(pids: Vec<u32>) -> Self {
+    pub(crate) fn start(pids: Vec<u32>) -> Self {
         let peaks = std::sync::Arc::new(std::sync::Mutex::new(vec![0.0f64; pids.len()]));
         let stop = tokio_util::sync::CancellationToken::new();
         let (p, s) = (peaks.clone(), stop.clone());
@@ -360,7 +364,7 @@ impl RssSampler {
     }
 
     /// Peak RSS (MB) of each process, in the order given.
-    pub fn peaks(&self) -> Vec<f64> {
+    pub(crate) fn peaks(&self) -> Vec<f64> {
         self.peaks.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
@@ -372,7 +376,7 @@ impl Drop for RssSampler {
 }
 
 /// Raises the soft open-files limit to the hard limit (many connections).
-pub fn raise_fd_limit() -> u64 {
+pub(crate) fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) => {
@@ -388,13 +392,13 @@ pub fn raise_fd_limit() -> u64 {
 
 /// One `etcd` member on loopback ports (Debian's `etcd-server`, installed by
 /// `scripts/testbed`, or `$CAPSTAN_ETCD_BIN`); killed on drop.
-pub struct Etcd {
+pub(crate) struct Etcd {
     child: Child,
-    pub client_port: u16,
+    pub(crate) client_port: u16,
 }
 
 /// The `etcd` binary, if installed.
-pub fn etcd_bin() -> Option<PathBuf> {
+pub(crate) fn etcd_bin() -> Option<PathBuf> {
     let p = PathBuf::from(std::env::var("CAPSTAN_ETCD_BIN").unwrap_or_else(|_| "etcd".into()));
     if p.components().count() > 1 {
         return p.exists().then_some(p);
@@ -407,7 +411,7 @@ pub fn etcd_bin() -> Option<PathBuf> {
 }
 
 impl Etcd {
-    pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
@@ -444,7 +448,7 @@ impl Etcd {
         }
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 

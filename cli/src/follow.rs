@@ -48,7 +48,7 @@ enum LogEvent {
 /// Follows `run` until it ends; the exit is the run's result. `resumable`:
 /// the run outlives this process (not so under `capstan dev`), so Ctrl-C
 /// says how to pick it up again.
-pub async fn follow(
+pub(crate) async fn follow(
     client: &Client,
     run: &RunId,
     format: Format,
@@ -389,7 +389,7 @@ fn symbol(state: i32) -> &'static str {
 }
 
 /// The plain line for a task's state change, if it is worth one.
-pub fn transition_line(previous: Option<&Task>, task: &Task) -> Option<String> {
+pub(crate) fn transition_line(previous: Option<&Task>, task: &Task) -> Option<String> {
     let name = &task.name;
     let was = previous.map(|p| p.state);
     let state = TaskState::try_from(task.state).ok()?;

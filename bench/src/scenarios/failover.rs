@@ -49,7 +49,7 @@ async fn submit_anywhere(c: &TestCluster, deadline: Instant) -> anyhow::Result<S
     }
 }
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     if std::process::Command::new("etcd")
         .arg("--version")
         .output()

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 const WARMUP: usize = 3;
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let runs = if ctx.quick { 30 } else { 200 };
     let coord = Coordinator::start(&ctx.dir, &[]).await?;
     let _runner = coord.start_runner("pickup-0", "shell", 1)?;
@@ -127,7 +127,7 @@ async fn one_pickup(client: &mut Client, file: &std::path::Path) -> anyhow::Resu
 /// rounds, B first on odd), so that both see the same machine. On these
 /// shared VMs a p50 drifts by 0.5 ms within minutes, which hides a change
 /// of that size between two sequential runs.
-pub async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
     let a_bins = std::env::var_os("CAPSTAN_AB_BIN_DIR")
         .map(std::path::PathBuf::from)
         .context("pickup-ab compares two builds: set CAPSTAN_AB_BIN_DIR to build A's binaries")?;
@@ -197,7 +197,7 @@ async fn offer_latency(ctx: &Ctx, runs: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// Follows the run with WatchRun until it ends; fails unless it succeeded.
-pub async fn wait_finished(
+pub(crate) async fn wait_finished(
     client: &mut api::pipeline_service_client::PipelineServiceClient<tonic::transport::Channel>,
     id: &str,
 ) -> anyhow::Result<api::Run> {
