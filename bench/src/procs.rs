@@ -1,15 +1,19 @@
 //! Real processes on loopback: the `capstan-coordinator` and `capstan-runner`
 //! binaries, found next to `capstan-bench` (or in `$CAPSTAN_BIN_DIR`), and
-//! what `/proc` says about them.
+//! what `/proc` says about them. The processes are the test harness's
+//! [`Proc`]s and its waits; what is the bench's own is their environment
+//! (Buildbot's, see [`daemon`]) and their flags.
 
 use anyhow::{Context, bail};
 use capstan_shared::proto::api::v1 as api;
 use capstan_shared::proto::api::v1::pipeline_service_client::PipelineServiceClient;
+use capstan_tests::process::Proc;
+use capstan_tests::wait::{eventually, poll_until};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::transport::Channel;
 
 /// Where the binaries are: `$CAPSTAN_BIN_DIR`, else the directory of this
@@ -76,22 +80,9 @@ pub(crate) fn epoch_ns() -> i128 {
         .unwrap_or(0)
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
-    Ok(std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))?)
-}
-
-/// Kills (SIGKILL) and reaps a child we started.
-fn kill_child(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// A `capstan-coordinator` process; killed on drop.
 pub(crate) struct Coordinator {
-    child: Child,
+    proc: Proc,
     pub(crate) grpc: SocketAddr,
     pub(crate) http: SocketAddr,
     pub(crate) token: String,
@@ -118,43 +109,44 @@ impl Coordinator {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let token = format!("bench-{}", std::process::id());
-        let child = daemon(bin_in(bins, "capstan-coordinator")?)
-            .args(["--listen", &grpc.to_string()])
+        let mut cmd = daemon(bin_in(bins, "capstan-coordinator")?);
+        cmd.args(["--listen", &grpc.to_string()])
             .args(["--http-listen", &http.to_string()])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--registration-token", &token])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log_file(dir, "coordinator")?)
-            .stderr(log_file(dir, "coordinator")?)
-            .spawn()
-            .context("spawn capstan-coordinator")?;
+            .args(extra);
+        let proc = Proc::spawn(cmd, dir, "coordinator")?;
         let mut c = Self {
-            child,
+            proc,
             grpc,
             http,
             token,
             dir: dir.to_path_buf(),
             bins: bins.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            // Ready, and leader: an API call answers (a coordinator that is
-            // still electing itself answers UNAVAILABLE).
-            if let Ok((200, _)) = c.http_get("/readyz")
-                && c.answers().await
-            {
-                return Ok(c);
-            }
-            if let Some(status) = c.child.try_wait()? {
-                bail!("coordinator exited with {status}:\n{}", c.log());
-            }
-            if Instant::now() > deadline {
-                bail!("coordinator not ready in 20 s:\n{}", c.log());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Ready, and leader: an API call answers (a coordinator that is
+        // still electing itself answers UNAVAILABLE).
+        let ready = poll_until(
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            async || {
+                if let Ok((200, _)) = c.http_get("/readyz")
+                    && c.answers().await
+                {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = c.proc.try_wait()? {
+                    bail!("coordinator exited with {status}:\n{}", c.log());
+                }
+                Ok(None)
+            },
+        )
+        .await?;
+        if ready.is_none() {
+            bail!("coordinator not ready in 20 s:\n{}", c.log());
         }
+        Ok(c)
     }
 
     async fn answers(&self) -> bool {
@@ -172,7 +164,7 @@ impl Coordinator {
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid() as u32
     }
 
     pub(crate) fn log(&self) -> String {
@@ -199,8 +191,8 @@ impl Coordinator {
         capacity: u32,
     ) -> anyhow::Result<Runner> {
         let work = self.dir.join(format!("work-{name}"));
-        let child = daemon(bin_in(&self.bins, "capstan-runner")?)
-            .args(["--coordinator", &self.url()])
+        let mut cmd = daemon(bin_in(&self.bins, "capstan-runner")?);
+        cmd.args(["--coordinator", &self.url()])
             .args(["--registration-token", &self.token])
             .args(["--name", name])
             .args(["--labels", &format!("bench={name}")])
@@ -210,39 +202,34 @@ impl Coordinator {
             // path, not the per-step cap (default 256 MiB).
             .args(["--max-step-log", "0"])
             .arg("--work-dir")
-            .arg(&work)
-            .stdin(Stdio::null())
-            .stdout(log_file(&self.dir, name)?)
-            .stderr(log_file(&self.dir, name)?)
-            .spawn()
-            .context("spawn capstan-runner")?;
+            .arg(&work);
         Ok(Runner {
             name: name.to_string(),
-            child,
+            proc: Proc::spawn(cmd, &self.dir, name)?,
         })
     }
 
     /// Waits until at least `n` runners are connected.
     pub(crate) async fn wait_connected(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
         let mut client = self.client().await?;
-        loop {
-            if let Ok(r) = client.list_runners(api::ListRunnersRequest {}).await {
+        eventually(
+            timeout,
+            Duration::from_millis(20),
+            async || {
+                let Ok(r) = client.list_runners(api::ListRunnersRequest {}).await else {
+                    return Ok(None);
+                };
                 let connected = r
                     .into_inner()
                     .runners
                     .iter()
                     .filter(|r| r.connected)
                     .count();
-                if connected >= n {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("{n} runners did not connect in {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                Ok((connected >= n).then_some(()))
+            },
+            || format!("{n} runners did not connect in {timeout:?}"),
+        )
+        .await
     }
 
     /// Submits a pipeline's text and returns the run id.
@@ -262,32 +249,20 @@ impl Coordinator {
     }
 }
 
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
-    }
-}
-
 /// A `capstan-runner` process; killed on drop.
 pub(crate) struct Runner {
     pub(crate) name: String,
-    child: Child,
+    proc: Proc,
 }
 
 impl Runner {
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid() as u32
     }
 
     /// kill -9 and reap.
     pub(crate) fn kill(&mut self) {
-        kill_child(&mut self.child);
-    }
-}
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
+        self.proc.kill();
     }
 }
 
@@ -393,7 +368,7 @@ pub(crate) fn raise_fd_limit() -> u64 {
 /// One `etcd` member on loopback ports (Debian's `etcd-server`, installed by
 /// `scripts/testbed`, or `$CAPSTAN_ETCD_BIN`); killed on drop.
 pub(crate) struct Etcd {
-    child: Child,
+    proc: Proc,
     pub(crate) client_port: u16,
 }
 
@@ -417,8 +392,8 @@ impl Etcd {
         let peer_port = free_port()?;
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new(bin)
-            .args(["--name", "bench"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["--name", "bench"])
             .arg("--data-dir")
             .arg(dir.join("etcd.data"))
             .args(["--listen-client-urls", &client])
@@ -426,26 +401,27 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("bench={peer}")])
-            .args(["--initial-cluster-state", "new"])
-            .stdin(Stdio::null())
-            .stdout(log_file(dir, "etcd")?)
-            .stderr(log_file(dir, "etcd")?)
-            .spawn()
-            .context("spawn etcd")?;
-        let mut etcd = Self { child, client_port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if etcd.healthy() {
-                return Ok(etcd);
-            }
-            if let Some(status) = etcd.child.try_wait()? {
-                bail!("etcd exited with {status}");
-            }
-            if Instant::now() > deadline {
-                bail!("etcd not healthy in 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            .args(["--initial-cluster-state", "new"]);
+        let proc = Proc::spawn(cmd, dir, "etcd")?;
+        let mut etcd = Self { proc, client_port };
+        let healthy = poll_until(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            async || {
+                if etcd.healthy() {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = etcd.proc.try_wait()? {
+                    bail!("etcd exited with {status}");
+                }
+                Ok(None)
+            },
+        )
+        .await?;
+        if healthy.is_none() {
+            bail!("etcd not healthy in 20 s");
         }
+        Ok(etcd)
     }
 
     pub(crate) fn endpoint(&self) -> String {
@@ -464,11 +440,5 @@ impl Etcd {
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
         resp.contains("\"health\":\"true\"")
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
     }
 }
