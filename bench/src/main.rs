@@ -318,9 +318,9 @@ fn date() -> String {
 
 /// Where the scratch dir goes: `$CAPSTAN_BENCH_DIR`, or `~/.cache/capstan-bench`,
 /// beside the Buildbot harness's copy (`~/.cache/capstan-buildbot`), not in
-/// `/tmp`. A pickup's step creates a file, and on these VMs (ext4 without a
-/// journal) creating one costs 0.01-0.9 ms depending on the directory's
-/// block group and what was deleted there lately; both harnesses' steps
+/// `/tmp`. A pickup's step creates a file, and on ext4 without a journal
+/// what creating one costs depends on the directory's block group and what
+/// was deleted there lately (bench/findings.md); both harnesses' steps
 /// should write under the same tree. `pickup_file_create_ms` and
 /// `buildbot_file_create_ms` show what it cost on each side.
 fn scratch_root() -> anyhow::Result<std::path::PathBuf> {

@@ -81,8 +81,8 @@ pub(crate) fn cache_dir(var: &str, name: &str) -> anyhow::Result<PathBuf> {
 /// and on ext4 without a journal (these VMs) every inode freed in the last
 /// minute or so slows each later allocation in its block group. That cost
 /// is what the probe is for: a pickup's step creates its stamp file, and
-/// on these VMs one creation costs from 0.01 to 0.9 ms depending on where
-/// the directory is and what was deleted near it (bench/findings.md).
+/// what one creation costs depends on where the directory is and what was
+/// deleted near it (bench/findings.md).
 pub(crate) fn file_create_ms(dir: &std::path::Path, n: usize) -> std::io::Result<f64> {
     std::fs::create_dir_all(dir)?;
     let mut ms = Vec::with_capacity(n);
