@@ -108,23 +108,7 @@ pub(crate) async fn follow(
     };
 
     // The run has ended: print what is left of the logs.
-    let Tasks {
-        mut readers,
-        log_tx,
-        ..
-    } = tasks;
-    // Closes the log channel once every reader has ended.
-    drop(log_tx);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while let Some(event) = log_rx.recv().await {
-            view.log(event);
-        }
-    })
-    .await;
-    if drained.is_err() {
-        readers.abort_all();
-        view.note("(some log output may be missing: the log streams did not end in time)");
-    }
+    tasks.drain(&mut view, &mut log_rx).await;
     view.finish_logs();
     view.summary(&last, started.elapsed());
     Ok(Exit::of_run(
@@ -138,11 +122,33 @@ struct Tasks {
     readers: JoinSet<()>,
     reading: HashSet<String>,
     seen: HashMap<String, Task>,
-    /// Where the readers send (`follow` drops it when the run has ended).
+    /// Where the readers send ([`Tasks::drain`] drops it).
     log_tx: mpsc::Sender<LogEvent>,
 }
 
 impl Tasks {
+    /// Once the run has ended: prints what is left of the logs, waiting up
+    /// to [`DRAIN_TIMEOUT`] for the log streams to end.
+    async fn drain(self, view: &mut View, log_rx: &mut mpsc::Receiver<LogEvent>) {
+        let Tasks {
+            mut readers,
+            log_tx,
+            ..
+        } = self;
+        // Closes the log channel once every reader has ended.
+        drop(log_tx);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Some(event) = log_rx.recv().await {
+                view.log(event);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            readers.abort_all();
+            view.note("(some log output may be missing: the log streams did not end in time)");
+        }
+    }
+
     /// Shows what changed in `current` and starts reading the log of every
     /// task that has one now (running, or finished after an attempt).
     fn update(&mut self, view: &mut View, client: &Client, run: &RunId, current: &Run) {

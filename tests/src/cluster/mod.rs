@@ -204,8 +204,9 @@ pub struct TestCluster {
     pub runners: Vec<Proc>,
     /// The registration token every runner presents.
     pub token: String,
-    /// The etcd cluster under the replicas, with [`Builder::etcd`].
-    pub etcd: Option<EtcdCluster>,
+    /// The etcd cluster under the replicas, with [`Builder::etcd`]
+    /// (tests reach it through [`TestCluster::etcd`]).
+    etcd: Option<EtcdCluster>,
     opts: Builder,
     dir: tempfile::TempDir,
 }
