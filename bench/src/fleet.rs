@@ -23,31 +23,31 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Clone, Debug)]
-pub struct FleetConfig {
-    pub url: String,
-    pub token: String,
-    pub count: usize,
-    pub capacity: u32,
+pub(crate) struct FleetConfig {
+    pub(crate) url: String,
+    pub(crate) token: String,
+    pub(crate) count: usize,
+    pub(crate) capacity: u32,
     /// Clients per HTTP/2 connection.
-    pub per_conn: usize,
-    pub name_prefix: String,
+    pub(crate) per_conn: usize,
+    pub(crate) name_prefix: String,
 }
 
 #[derive(Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Clients that got their welcome.
-    pub welcomed: AtomicU64,
+    pub(crate) welcomed: AtomicU64,
     /// Offers received (and finished).
-    pub offers: AtomicU64,
-    pub heartbeats: AtomicU64,
+    pub(crate) offers: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
     /// Clients whose stream ended with an error.
-    pub failed: AtomicU64,
+    pub(crate) failed: AtomicU64,
     /// Wall clock (ns since the Unix epoch) when the latest offer arrived.
-    pub last_offer_ns: AtomicU64,
+    pub(crate) last_offer_ns: AtomicU64,
 }
 
-pub struct Fleet {
-    pub counters: Arc<Counters>,
+pub(crate) struct Fleet {
+    pub(crate) counters: Arc<Counters>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -55,7 +55,7 @@ pub struct Fleet {
 impl Fleet {
     /// Registers `count` runners and opens their Control streams; returns once
     /// every one got its welcome.
-    pub async fn start(cfg: FleetConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn start(cfg: FleetConfig) -> anyhow::Result<Self> {
         let conns = cfg.count.div_ceil(cfg.per_conn.max(1));
         let mut channels = Vec::with_capacity(conns);
         for _ in 0..conns {
@@ -117,11 +117,11 @@ impl Fleet {
         Ok(fleet)
     }
 
-    pub fn offers(&self) -> u64 {
+    pub(crate) fn offers(&self) -> u64 {
         self.counters.offers.load(Ordering::Relaxed)
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
     }

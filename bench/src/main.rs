@@ -20,7 +20,7 @@ mod scenarios;
 use clap::Parser;
 use scenarios::{Ctx, Figures};
 use serde_json::{Map, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Every scenario, in the order a full run takes them.
 const SCENARIOS: &[&str] = &[
@@ -137,78 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         report = old;
     }
-    let mut failed = Vec::new();
-    // Each figure's value in every round, in the order first measured.
-    let mut rounds: Vec<(String, Vec<f64>)> = Vec::new();
-    for (round, name) in (0..args.rounds).flat_map(|r| selected.iter().map(move |n| (r, n))) {
-        if args.rounds > 1 && name == &selected[0] {
-            println!("capstan-bench: round {} of {}", round + 1, args.rounds);
-        }
-        let ctx = Ctx {
-            quick: args.quick,
-            dir: scratch.path().join(format!("{name}-{round}")),
-            connected_runners: args.connected_runners,
-        };
-        let started = std::time::Instant::now();
-        let result: anyhow::Result<Figures> = match *name {
-            "store" => scenarios::store_commit::run(&ctx).await,
-            "pickup" => scenarios::pickup::run(&ctx).await,
-            "pickup-ab" => scenarios::pickup::run_ab(&ctx).await,
-            "throughput" => scenarios::throughput::run(&ctx).await,
-            "throughput-etcd" => scenarios::throughput::run_etcd(&ctx).await,
-            "logs" => scenarios::log_throughput::run(&ctx).await,
-            "connected" => scenarios::connected::run(&ctx).await,
-            "lost-runner" => scenarios::lost_runner::run(&ctx).await,
-            "failover" => scenarios::failover::run(&ctx).await,
-            "container" => scenarios::container_overhead::run(args.quick).await,
-            "buildbot" => {
-                if args.quick && args.buildbot_summary.is_none() && args.scenarios.is_empty() {
-                    Err(anyhow::anyhow!(
-                        "skipped in --quick (run without --quick, or pass --buildbot-summary)"
-                    ))
-                } else {
-                    let summary = args.buildbot_summary.clone();
-                    tokio::task::spawn_blocking(move || {
-                        scenarios::buildbot::run(summary.as_deref())
-                    })
-                    .await?
-                }
-            }
-            _ => unreachable!("checked above"),
-        };
-        let key = name.replace('-', "_");
-        report.remove(&format!("skipped_{key}"));
-        report.remove(&format!("failed_{key}"));
-        match result {
-            Ok(figures) => {
-                for (k, v) in figures {
-                    match rounds.iter_mut().find(|(key, _)| *key == k) {
-                        Some((_, values)) => values.push(v),
-                        None => rounds.push((k, vec![v])),
-                    }
-                }
-            }
-            // These depend on things outside the fleet (Docker, PyPI, etcd).
-            Err(e) if matches!(*name, "container" | "buildbot") || e.is::<scenarios::Skip>() => {
-                println!("{name}: skipped: {e:#}");
-                report.insert(format!("skipped_{key}"), format!("{e:#}").into());
-            }
-            Err(e) => {
-                println!("{name}: FAILED: {e:#}");
-                report.insert(format!("failed_{key}"), format!("{e:#}").into());
-                failed.push(*name);
-            }
-        }
-        println!("  ({name} took {:.1} s)", started.elapsed().as_secs_f64());
-    }
-    for (k, values) in rounds {
-        report.insert(k.clone(), round(median(&values)));
-        report.remove(&format!("{k}_rounds"));
-        if args.rounds > 1 {
-            let each: Vec<Value> = values.iter().map(|v| round(*v)).collect();
-            report.insert(format!("{k}_rounds"), each.into());
-        }
-    }
+    let failed = run_rounds(&args, &selected, scratch.path(), &mut report).await;
     report.insert("rounds".into(), args.rounds.into());
     report.insert("cores".into(), scenarios::cores().into());
     report.insert("git_commit".into(), git_commit().into());
@@ -236,6 +165,94 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("scenarios failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Runs every selected scenario `args.rounds` times, round after round,
+/// into `report`: each figure's median (and, over several rounds, every
+/// round's value in `<figure>_rounds`), `skipped_<name>` and
+/// `failed_<name>`. Returns the scenarios that failed.
+async fn run_rounds<'a>(
+    args: &Args,
+    selected: &[&'a str],
+    scratch: &Path,
+    report: &mut Map<String, Value>,
+) -> Vec<&'a str> {
+    let mut failed = Vec::new();
+    // Each figure's value in every round, in the order first measured.
+    let mut rounds: Vec<(String, Vec<f64>)> = Vec::new();
+    for (round, name) in (0..args.rounds).flat_map(|r| selected.iter().map(move |n| (r, *n))) {
+        if args.rounds > 1 && name == selected[0] {
+            println!("capstan-bench: round {} of {}", round + 1, args.rounds);
+        }
+        let ctx = Ctx {
+            quick: args.quick,
+            dir: scratch.join(format!("{name}-{round}")),
+            connected_runners: args.connected_runners,
+        };
+        let started = std::time::Instant::now();
+        let result = run_scenario(args, name, &ctx).await;
+        let key = name.replace('-', "_");
+        report.remove(&format!("skipped_{key}"));
+        report.remove(&format!("failed_{key}"));
+        match result {
+            Ok(figures) => {
+                for (k, v) in figures {
+                    match rounds.iter_mut().find(|(key, _)| *key == k) {
+                        Some((_, values)) => values.push(v),
+                        None => rounds.push((k, vec![v])),
+                    }
+                }
+            }
+            // These depend on things outside the fleet (Docker, PyPI, etcd).
+            Err(e) if matches!(name, "container" | "buildbot") || e.is::<scenarios::Skip>() => {
+                println!("{name}: skipped: {e:#}");
+                report.insert(format!("skipped_{key}"), format!("{e:#}").into());
+            }
+            Err(e) => {
+                println!("{name}: FAILED: {e:#}");
+                report.insert(format!("failed_{key}"), format!("{e:#}").into());
+                failed.push(name);
+            }
+        }
+        println!("  ({name} took {:.1} s)", started.elapsed().as_secs_f64());
+    }
+    for (k, values) in rounds {
+        report.insert(k.clone(), round(median(&values)));
+        report.remove(&format!("{k}_rounds"));
+        if args.rounds > 1 {
+            let each: Vec<Value> = values.iter().map(|v| round(*v)).collect();
+            report.insert(format!("{k}_rounds"), each.into());
+        }
+    }
+    failed
+}
+
+/// One scenario, by name (checked against [`SCENARIOS`] and [`ON_REQUEST`]).
+async fn run_scenario(args: &Args, name: &str, ctx: &Ctx) -> anyhow::Result<Figures> {
+    match name {
+        "store" => scenarios::store_commit::run(ctx).await,
+        "pickup" => scenarios::pickup::run(ctx).await,
+        "pickup-ab" => scenarios::pickup::run_ab(ctx).await,
+        "throughput" => scenarios::throughput::run(ctx).await,
+        "throughput-etcd" => scenarios::throughput::run_etcd(ctx).await,
+        "logs" => scenarios::log_throughput::run(ctx).await,
+        "connected" => scenarios::connected::run(ctx).await,
+        "lost-runner" => scenarios::lost_runner::run(ctx).await,
+        "failover" => scenarios::failover::run(ctx).await,
+        "container" => scenarios::container_overhead::run(args.quick).await,
+        "buildbot" => {
+            if args.quick && args.buildbot_summary.is_none() && args.scenarios.is_empty() {
+                Err(anyhow::anyhow!(
+                    "skipped in --quick (run without --quick, or pass --buildbot-summary)"
+                ))
+            } else {
+                let summary = args.buildbot_summary.clone();
+                tokio::task::spawn_blocking(move || scenarios::buildbot::run(summary.as_deref()))
+                    .await?
+            }
+        }
+        _ => unreachable!("checked above"),
+    }
 }
 
 /// Writes the `.md` next to the JSON: the table, then `bench/findings.md`
@@ -301,9 +318,9 @@ fn date() -> String {
 
 /// Where the scratch dir goes: `$CAPSTAN_BENCH_DIR`, or `~/.cache/capstan-bench`,
 /// beside the Buildbot harness's copy (`~/.cache/capstan-buildbot`), not in
-/// `/tmp`. A pickup's step creates a file, and on these VMs (ext4 without a
-/// journal) creating one costs 0.01-0.9 ms depending on the directory's
-/// block group and what was deleted there lately; both harnesses' steps
+/// `/tmp`. A pickup's step creates a file, and on ext4 without a journal
+/// what creating one costs depends on the directory's block group and what
+/// was deleted there lately (bench/findings.md); both harnesses' steps
 /// should write under the same tree. `pickup_file_create_ms` and
 /// `buildbot_file_create_ms` show what it cost on each side.
 fn scratch_root() -> anyhow::Result<std::path::PathBuf> {

@@ -1,20 +1,24 @@
 //! Real processes on loopback: the `capstan-coordinator` and `capstan-runner`
 //! binaries, found next to `capstan-bench` (or in `$CAPSTAN_BIN_DIR`), and
-//! what `/proc` says about them.
+//! what `/proc` says about them. The processes are the test harness's
+//! [`Proc`]s and its waits; what is the bench's own is their environment
+//! (Buildbot's, see [`daemon`]) and their flags.
 
 use anyhow::{Context, bail};
 use capstan_proto::api::v1 as api;
 use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
+use capstan_tests::process::Proc;
+use capstan_tests::wait::{eventually, poll_until};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::transport::Channel;
 
 /// Where the binaries are: `$CAPSTAN_BIN_DIR`, else the directory of this
 /// executable (`target/<profile>/`), so a release bench runs release daemons.
-pub fn bin_dir() -> PathBuf {
+pub(crate) fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("CAPSTAN_BIN_DIR") {
         return PathBuf::from(d);
     }
@@ -64,38 +68,25 @@ fn bin_in(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A free loopback port (bound and released).
-pub fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Nanoseconds since the Unix epoch (CLOCK_REALTIME, like `date +%s%N`).
-pub fn epoch_ns() -> i128 {
+pub(crate) fn epoch_ns() -> i128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(0)
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
-    Ok(std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))?)
-}
-
-/// Kills (SIGKILL) and reaps a child we started.
-fn kill_child(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// A `capstan-coordinator` process; killed on drop.
-pub struct Coordinator {
-    child: Child,
-    pub grpc: SocketAddr,
-    pub http: SocketAddr,
-    pub token: String,
-    pub dir: PathBuf,
+pub(crate) struct Coordinator {
+    proc: Proc,
+    pub(crate) grpc: SocketAddr,
+    pub(crate) http: SocketAddr,
+    pub(crate) token: String,
+    pub(crate) dir: PathBuf,
     /// Where this coordinator's binary came from; its runners come from there too.
     bins: PathBuf,
 }
@@ -103,54 +94,59 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts a coordinator with its data dir under `dir` and waits for `/readyz`.
     /// `extra` are more flags (`--lease-ms 2000`, ...).
-    pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+    pub(crate) async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         Self::start_from(&bin_dir(), dir, extra).await
     }
 
     /// [`Coordinator::start`] with the binaries (this one and its runners')
     /// from `bins` instead of [`bin_dir`]: two builds side by side.
-    pub async fn start_from(bins: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+    pub(crate) async fn start_from(
+        bins: &Path,
+        dir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let token = format!("bench-{}", std::process::id());
-        let child = daemon(bin_in(bins, "capstan-coordinator")?)
-            .args(["--listen", &grpc.to_string()])
+        let mut cmd = daemon(bin_in(bins, "capstan-coordinator")?);
+        cmd.args(["--listen", &grpc.to_string()])
             .args(["--http-listen", &http.to_string()])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--registration-token", &token])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log_file(dir, "coordinator")?)
-            .stderr(log_file(dir, "coordinator")?)
-            .spawn()
-            .context("spawn capstan-coordinator")?;
+            .args(extra);
+        let proc = Proc::spawn(cmd, dir, "coordinator")?;
         let mut c = Self {
-            child,
+            proc,
             grpc,
             http,
             token,
             dir: dir.to_path_buf(),
             bins: bins.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            // Ready, and leader: an API call answers (a coordinator that is
-            // still electing itself answers UNAVAILABLE).
-            if let Ok((200, _)) = c.http_get("/readyz")
-                && c.answers().await
-            {
-                return Ok(c);
-            }
-            if let Some(status) = c.child.try_wait()? {
-                bail!("coordinator exited with {status}:\n{}", c.log());
-            }
-            if Instant::now() > deadline {
-                bail!("coordinator not ready in 20 s:\n{}", c.log());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Ready, and leader: an API call answers (a coordinator that is
+        // still electing itself answers UNAVAILABLE).
+        let ready = poll_until(
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            async || {
+                if let Ok((200, _)) = c.http_get("/readyz")
+                    && c.answers().await
+                {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = c.proc.try_wait()? {
+                    bail!("coordinator exited with {status}:\n{}", c.log());
+                }
+                Ok(None)
+            },
+        )
+        .await?;
+        if ready.is_none() {
+            bail!("coordinator not ready in 20 s:\n{}", c.log());
         }
+        Ok(c)
     }
 
     async fn answers(&self) -> bool {
@@ -163,40 +159,40 @@ impl Coordinator {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.grpc)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    pub(crate) fn pid(&self) -> u32 {
+        self.proc.pid() as u32
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
     }
 
     /// The client API, with no limit on response size (ListRuns of a whole
     /// benchmark's runs is large).
-    pub async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
         let ch = Channel::from_shared(self.url())?.connect().await?;
         Ok(PipelineServiceClient::new(ch).max_decoding_message_size(usize::MAX))
     }
 
     /// A plain HTTP/1.0 GET on the side port: (status, body).
-    pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+    pub(crate) fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         capstan_tests::http_get(self.http, path)
     }
 
     /// Starts a real runner process against this coordinator.
-    pub fn start_runner(
+    pub(crate) fn start_runner(
         &self,
         name: &str,
         executor: &str,
         capacity: u32,
     ) -> anyhow::Result<Runner> {
         let work = self.dir.join(format!("work-{name}"));
-        let child = daemon(bin_in(&self.bins, "capstan-runner")?)
-            .args(["--coordinator", &self.url()])
+        let mut cmd = daemon(bin_in(&self.bins, "capstan-runner")?);
+        cmd.args(["--coordinator", &self.url()])
             .args(["--registration-token", &self.token])
             .args(["--name", name])
             .args(["--labels", &format!("bench={name}")])
@@ -206,43 +202,38 @@ impl Coordinator {
             // path, not the per-step cap (default 256 MiB).
             .args(["--max-step-log", "0"])
             .arg("--work-dir")
-            .arg(&work)
-            .stdin(Stdio::null())
-            .stdout(log_file(&self.dir, name)?)
-            .stderr(log_file(&self.dir, name)?)
-            .spawn()
-            .context("spawn capstan-runner")?;
+            .arg(&work);
         Ok(Runner {
             name: name.to_string(),
-            child,
+            proc: Proc::spawn(cmd, &self.dir, name)?,
         })
     }
 
     /// Waits until at least `n` runners are connected.
-    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
+    pub(crate) async fn wait_connected(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         let mut client = self.client().await?;
-        loop {
-            if let Ok(r) = client.list_runners(api::ListRunnersRequest {}).await {
+        eventually(
+            timeout,
+            Duration::from_millis(20),
+            async || {
+                let Ok(r) = client.list_runners(api::ListRunnersRequest {}).await else {
+                    return Ok(None);
+                };
                 let connected = r
                     .into_inner()
                     .runners
                     .iter()
                     .filter(|r| r.connected)
                     .count();
-                if connected >= n {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("{n} runners did not connect in {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                Ok((connected >= n).then_some(()))
+            },
+            || format!("{n} runners did not connect in {timeout:?}"),
+        )
+        .await
     }
 
     /// Submits a pipeline's text and returns the run id.
-    pub async fn submit(
+    pub(crate) async fn submit(
         client: &mut PipelineServiceClient<Channel>,
         yaml: &str,
     ) -> anyhow::Result<String> {
@@ -258,49 +249,37 @@ impl Coordinator {
     }
 }
 
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
-    }
-}
-
 /// A `capstan-runner` process; killed on drop.
-pub struct Runner {
-    pub name: String,
-    child: Child,
+pub(crate) struct Runner {
+    pub(crate) name: String,
+    proc: Proc,
 }
 
 impl Runner {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    pub(crate) fn pid(&self) -> u32 {
+        self.proc.pid() as u32
     }
 
     /// kill -9 and reap.
-    pub fn kill(&mut self) {
-        kill_child(&mut self.child);
-    }
-}
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
+    pub(crate) fn kill(&mut self) {
+        self.proc.kill();
     }
 }
 
 /// What /proc says about a process.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ProcStat {
-    pub rss_mb: f64,
-    pub hwm_mb: f64,
+pub(crate) struct ProcStat {
+    pub(crate) rss_mb: f64,
+    pub(crate) hwm_mb: f64,
     /// utime + stime in seconds.
-    pub cpu_s: f64,
+    pub(crate) cpu_s: f64,
 }
 
 /// `USER_HZ`, the unit of utime/stime in /proc/PID/stat: 100 on every Linux
 /// architecture we run on.
 const CLOCK_TICKS: f64 = 100.0;
 
-pub fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
+pub(crate) fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = |key: &str| -> f64 {
         status
@@ -331,13 +310,13 @@ pub fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
 }
 
 /// Samples the RSS of some processes every 100 ms until dropped; keeps the peak.
-pub struct RssSampler {
+pub(crate) struct RssSampler {
     peaks: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
     stop: tokio_util::sync::CancellationToken,
 }
 
 impl RssSampler {
-    pub fn start(pids: Vec<u32>) -> Self {
+    pub(crate) fn start(pids: Vec<u32>) -> Self {
         let peaks = std::sync::Arc::new(std::sync::Mutex::new(vec![0.0f64; pids.len()]));
         let stop = tokio_util::sync::CancellationToken::new();
         let (p, s) = (peaks.clone(), stop.clone());
@@ -360,7 +339,7 @@ impl RssSampler {
     }
 
     /// Peak RSS (MB) of each process, in the order given.
-    pub fn peaks(&self) -> Vec<f64> {
+    pub(crate) fn peaks(&self) -> Vec<f64> {
         self.peaks.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
@@ -372,7 +351,7 @@ impl Drop for RssSampler {
 }
 
 /// Raises the soft open-files limit to the hard limit (many connections).
-pub fn raise_fd_limit() -> u64 {
+pub(crate) fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) => {
@@ -388,13 +367,13 @@ pub fn raise_fd_limit() -> u64 {
 
 /// One `etcd` member on loopback ports (Debian's `etcd-server`, installed by
 /// `scripts/testbed`, or `$CAPSTAN_ETCD_BIN`); killed on drop.
-pub struct Etcd {
-    child: Child,
-    pub client_port: u16,
+pub(crate) struct Etcd {
+    proc: Proc,
+    pub(crate) client_port: u16,
 }
 
 /// The `etcd` binary, if installed.
-pub fn etcd_bin() -> Option<PathBuf> {
+pub(crate) fn etcd_bin() -> Option<PathBuf> {
     let p = PathBuf::from(std::env::var("CAPSTAN_ETCD_BIN").unwrap_or_else(|_| "etcd".into()));
     if p.components().count() > 1 {
         return p.exists().then_some(p);
@@ -407,14 +386,14 @@ pub fn etcd_bin() -> Option<PathBuf> {
 }
 
 impl Etcd {
-    pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new(bin)
-            .args(["--name", "bench"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["--name", "bench"])
             .arg("--data-dir")
             .arg(dir.join("etcd.data"))
             .args(["--listen-client-urls", &client])
@@ -422,29 +401,30 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("bench={peer}")])
-            .args(["--initial-cluster-state", "new"])
-            .stdin(Stdio::null())
-            .stdout(log_file(dir, "etcd")?)
-            .stderr(log_file(dir, "etcd")?)
-            .spawn()
-            .context("spawn etcd")?;
-        let mut etcd = Self { child, client_port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if etcd.healthy() {
-                return Ok(etcd);
-            }
-            if let Some(status) = etcd.child.try_wait()? {
-                bail!("etcd exited with {status}");
-            }
-            if Instant::now() > deadline {
-                bail!("etcd not healthy in 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            .args(["--initial-cluster-state", "new"]);
+        let proc = Proc::spawn(cmd, dir, "etcd")?;
+        let mut etcd = Self { proc, client_port };
+        let healthy = poll_until(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            async || {
+                if etcd.healthy() {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = etcd.proc.try_wait()? {
+                    bail!("etcd exited with {status}");
+                }
+                Ok(None)
+            },
+        )
+        .await?;
+        if healthy.is_none() {
+            bail!("etcd not healthy in 20 s");
         }
+        Ok(etcd)
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
@@ -460,11 +440,5 @@ impl Etcd {
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
         resp.contains("\"health\":\"true\"")
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
     }
 }

@@ -199,7 +199,7 @@ fn fmt_goal(g: f64) -> String {
 }
 
 /// Adds the `ratio_*` keys (Capstan vs Buildbot; > 1 means Capstan is better).
-pub fn add_ratios(report: &mut Map<String, Value>) {
+pub(crate) fn add_ratios(report: &mut Map<String, Value>) {
     let pairs = [
         (
             "ratio_pickup_p50_vs_buildbot",
@@ -228,7 +228,6 @@ pub fn add_ratios(report: &mut Map<String, Value>) {
     }
 }
 
-/// The Markdown report.
 /// `; per round: Ax, Bx, Cx` when both figures have a value in every round:
 /// each round's ratio, the two measured minutes apart rather than across
 /// the whole run. The goal is judged on the ratio of the medians.
@@ -250,7 +249,50 @@ fn per_round_ratios(report: &Map<String, Value>, over: &str, under: &str) -> Str
     }
 }
 
-pub fn markdown(report: &Map<String, Value>) -> String {
+/// The Markdown report: the header, the goals table, the peer goal, the
+/// skipped and failed scenarios, and every figure.
+pub(crate) fn markdown(report: &Map<String, Value>) -> String {
+    let mut md = header(report);
+    let _ = writeln!(
+        md,
+        "| figure | goal | Capstan | Buildbot 4.3 | Capstan vs Buildbot |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
+    let n = num(report, "connected_runners").map_or("N".into(), |v| format!("{v:.0}"));
+    for row in ROWS {
+        let _ = writeln!(md, "{}", table_row(report, row, &n));
+    }
+    if let Some(peer) = peer_goal(report) {
+        let _ = writeln!(
+            md,
+            "\nPeer goal, >= 100x Buildbot on pickup latency and on throughput: {peer}."
+        );
+    }
+    for (prefix, title) in [
+        ("skipped_", "Skipped scenarios"),
+        ("failed_", "Failed scenarios"),
+    ] {
+        let listed: Vec<String> = report
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(prefix)
+                    .map(|name| format!("- `{name}`: {}", v.as_str().unwrap_or("")))
+            })
+            .collect();
+        if !listed.is_empty() {
+            let _ = writeln!(md, "\n{title}:\n\n{}", listed.join("\n"));
+        }
+    }
+    let _ = writeln!(md, "\nAll figures (`report.json`):\n\n```");
+    for (k, v) in report {
+        let _ = writeln!(md, "{k} = {v}");
+    }
+    let _ = writeln!(md, "```");
+    md
+}
+
+/// The title and the paragraphs above the table (mode, commit, rounds).
+fn header(report: &Map<String, Value>) -> String {
     let s = |k: &str| {
         report
             .get(k)
@@ -260,7 +302,6 @@ pub fn markdown(report: &Map<String, Value>) -> String {
             })
             .unwrap_or_else(|| "?".into())
     };
-    let n = num(report, "connected_runners").map_or("N".into(), |v| format!("{v:.0}"));
     let mut md = String::new();
     let _ = writeln!(md, "# Capstan benchmark report\n");
     let _ = writeln!(
@@ -281,67 +322,66 @@ pub fn markdown(report: &Map<String, Value>) -> String {
              ratios are of the medians.\n"
         );
     }
-    let _ = writeln!(
-        md,
-        "| figure | goal | Capstan | Buildbot 4.3 | Capstan vs Buildbot |"
-    );
-    let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
-    for row in ROWS {
-        let what = row.what.replace(" N ", &format!(" {n} "));
-        let measured = num(report, row.key);
-        let goal = match row.goal {
-            Goal::AtMost(g) => format!("<= {} {}", fmt_goal(g), row.unit),
-            Goal::AtLeast(g) => format!(">= {} {}", fmt_goal(g), row.unit),
-            Goal::None => "-".into(),
-        };
-        let met = match (row.goal, measured) {
-            (Goal::AtMost(g), Some(v)) => {
-                if v <= g {
-                    " (met)"
-                } else {
-                    " (**not met**)"
-                }
+    md
+}
+
+/// One line of the goals table; `n` replaces the `N` of the row's text.
+fn table_row(report: &Map<String, Value>, row: &Row, n: &str) -> String {
+    let what = row.what.replace(" N ", &format!(" {n} "));
+    let measured = num(report, row.key);
+    let goal = match row.goal {
+        Goal::AtMost(g) => format!("<= {} {}", fmt_goal(g), row.unit),
+        Goal::AtLeast(g) => format!(">= {} {}", fmt_goal(g), row.unit),
+        Goal::None => "-".into(),
+    };
+    let met = match (row.goal, measured) {
+        (Goal::AtMost(g), Some(v)) => {
+            if v <= g {
+                " (met)"
+            } else {
+                " (**not met**)"
             }
-            (Goal::AtLeast(g), Some(v)) => {
-                if v >= g {
-                    " (met)"
-                } else {
-                    " (**not met**)"
-                }
+        }
+        (Goal::AtLeast(g), Some(v)) => {
+            if v >= g {
+                " (met)"
+            } else {
+                " (**not met**)"
             }
-            _ => "",
-        };
-        let spread = match report.get(&format!("{}_rounds", row.key)) {
-            Some(Value::Array(each)) if each.len() > 1 => {
-                let each: Vec<f64> = each.iter().filter_map(Value::as_f64).collect();
-                let lo = each.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = each.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                format!(" [{}-{}]", fmt(lo), fmt(hi))
+        }
+        _ => "",
+    };
+    let spread = match report.get(&format!("{}_rounds", row.key)) {
+        Some(Value::Array(each)) if each.len() > 1 => {
+            let each: Vec<f64> = each.iter().filter_map(Value::as_f64).collect();
+            let lo = each.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = each.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!(" [{}-{}]", fmt(lo), fmt(hi))
+        }
+        _ => String::new(),
+    };
+    let measured_s = match measured {
+        Some(v) => format!("{} {}{spread}{met}", fmt(v), row.unit),
+        None => "not measured".into(),
+    };
+    let (peer_s, ratio_s) = match (row.peer, measured) {
+        (Some((pk, smaller)), Some(v)) => match num(report, pk) {
+            Some(p) => {
+                let r = if smaller { p / v } else { v / p };
+                (
+                    format!("{} {}", fmt(p), peer_unit(row.unit)),
+                    format!("{}x", fmt(r)),
+                )
             }
-            _ => String::new(),
-        };
-        let measured_s = match measured {
-            Some(v) => format!("{} {}{spread}{met}", fmt(v), row.unit),
-            None => "not measured".into(),
-        };
-        let (peer_s, ratio_s) = match (row.peer, measured) {
-            (Some((pk, smaller)), Some(v)) => match num(report, pk) {
-                Some(p) => {
-                    let r = if smaller { p / v } else { v / p };
-                    (
-                        format!("{} {}", fmt(p), peer_unit(row.unit)),
-                        format!("{}x", fmt(r)),
-                    )
-                }
-                None => ("not run".into(), "-".into()),
-            },
-            _ => ("-".into(), "-".into()),
-        };
-        let _ = writeln!(
-            md,
-            "| {what} | {goal} | {measured_s} | {peer_s} | {ratio_s} |"
-        );
-    }
+            None => ("not run".into(), "-".into()),
+        },
+        _ => ("-".into(), "-".into()),
+    };
+    format!("| {what} | {goal} | {measured_s} | {peer_s} | {ratio_s} |")
+}
+
+/// The ratios against Buildbot the peer goal is judged on, if measured.
+fn peer_goal(report: &Map<String, Value>) -> Option<String> {
     let peer: Vec<String> = [
         (
             "pickup p50",
@@ -366,39 +406,7 @@ pub fn markdown(report: &Map<String, Value>) -> String {
         })
     })
     .collect();
-    if !peer.is_empty() {
-        let _ = writeln!(
-            md,
-            "\nPeer goal, >= 100x Buildbot on pickup latency and on throughput: {}.",
-            peer.join(", ")
-        );
-    }
-    let skipped: Vec<String> = report
-        .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("skipped_")
-                .map(|name| format!("- `{name}`: {}", v.as_str().unwrap_or("")))
-        })
-        .collect();
-    if !skipped.is_empty() {
-        let _ = writeln!(md, "\nSkipped scenarios:\n\n{}", skipped.join("\n"));
-    }
-    let failed: Vec<String> = report
-        .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("failed_")
-                .map(|name| format!("- `{name}`: {}", v.as_str().unwrap_or("")))
-        })
-        .collect();
-    if !failed.is_empty() {
-        let _ = writeln!(md, "\nFailed scenarios:\n\n{}", failed.join("\n"));
-    }
-    let _ = writeln!(md, "\nAll figures (`report.json`):\n\n```");
-    for (k, v) in report {
-        let _ = writeln!(md, "{k} = {v}");
-    }
-    let _ = writeln!(md, "```");
-    md
+    (!peer.is_empty()).then(|| peer.join(", "))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7700",
         value_name = "URL[,URL]"
     )]
-    pub server: Vec<String>,
+    pub(crate) server: Vec<String>,
 
     /// Output format.
     #[arg(
@@ -30,14 +30,14 @@ pub struct Cli {
         value_enum,
         default_value_t = Format::Text
     )]
-    pub output: Format,
+    pub(crate) output: Format,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Queue a run of a pipeline file; prints the run id.
     Submit(SubmitArgs),
     /// Show a run and its tasks.
@@ -92,18 +92,18 @@ pub enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct SubmitArgs {
+pub(crate) struct SubmitArgs {
     /// Pipeline file.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// Override a param of the file (repeatable).
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
-    pub params: Vec<(String, String)>,
+    pub(crate) params: Vec<(String, String)>,
     /// Source repository URL.
     #[arg(long, env = "CAPSTAN_REPO")]
-    pub repo: Option<String>,
+    pub(crate) repo: Option<String>,
     /// Revision to check out; `${{ git.sha }}` resolves to it.
     #[arg(long, env = "CAPSTAN_REV")]
-    pub rev: Option<String>,
+    pub(crate) rev: Option<String>,
     /// Higher runs first.
     #[arg(
         long,
@@ -111,32 +111,32 @@ pub struct SubmitArgs {
         default_value_t = 0,
         allow_negative_numbers = true
     )]
-    pub priority: i32,
+    pub(crate) priority: i32,
     /// Queue at most one run per key: a submit whose key an earlier run has
     /// prints that run instead (e.g. a webhook delivery id, so a redelivery
     /// runs nothing twice). Default: a fresh key, which still makes the
     /// client's own retries safe.
     #[arg(long, env = "CAPSTAN_IDEMPOTENCY_KEY", value_name = "KEY")]
-    pub idempotency_key: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
     /// Watch the run and its logs; exit with its result.
     #[arg(short, long)]
-    pub follow: bool,
+    pub(crate) follow: bool,
 }
 
 #[derive(Debug, clap::Args)]
-pub struct DevArgs {
+pub(crate) struct DevArgs {
     /// Pipeline file.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// How steps run: host processes (shell), simulated (fake), containers (docker).
     #[arg(long, env = "CAPSTAN_EXECUTOR", value_enum, default_value_t = Executor::Shell)]
-    pub executor: Executor,
+    pub(crate) executor: Executor,
     /// Override a param of the file (repeatable).
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
-    pub params: Vec<(String, String)>,
+    pub(crate) params: Vec<(String, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Executor {
+pub(crate) enum Executor {
     Shell,
     Fake,
     Docker,

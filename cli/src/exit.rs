@@ -11,7 +11,7 @@ use tonic::Code;
 
 /// How the process ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     Success,
     /// The run failed or was cancelled; also any command that failed for
     /// another reason than the ones below.
@@ -25,7 +25,7 @@ pub enum Exit {
 }
 
 impl Exit {
-    pub fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Exit::Success => 0,
             Exit::Failed => 1,
@@ -36,7 +36,7 @@ impl Exit {
     }
 
     /// The exit of a finished run.
-    pub fn of_run(state: RunState) -> Exit {
+    pub(crate) fn of_run(state: RunState) -> Exit {
         match state {
             RunState::Succeeded => Exit::Success,
             _ => Exit::Failed,
@@ -52,15 +52,15 @@ impl From<Exit> for ExitCode {
 
 /// A command that failed: what to print on stderr, and the exit code.
 #[derive(Debug)]
-pub struct Failure {
-    pub exit: Exit,
+pub(crate) struct Failure {
+    pub(crate) exit: Exit,
     /// Printed as is, so validation output keeps its `FILE:LINE:COL: msg` lines.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Failure {
     /// Bad input; `message` should say what to do.
-    pub fn usage(message: impl std::fmt::Display) -> Self {
+    pub(crate) fn usage(message: impl std::fmt::Display) -> Self {
         Self {
             exit: Exit::Usage,
             message: format!("error: {message}"),
@@ -68,7 +68,7 @@ impl Failure {
     }
 
     /// Anything else that went wrong.
-    pub fn failed(message: impl std::fmt::Display) -> Self {
+    pub(crate) fn failed(message: impl std::fmt::Display) -> Self {
         Self {
             exit: Exit::Failed,
             message: format!("error: {message}"),
@@ -77,7 +77,7 @@ impl Failure {
 
     /// A client error, with `NOT_FOUND` explained by `not_found` (what was
     /// not found and where to look).
-    pub fn from_client(err: ClientError, not_found: impl FnOnce() -> String) -> Self {
+    pub(crate) fn from_client(err: ClientError, not_found: impl FnOnce() -> String) -> Self {
         if err.code() == Some(Code::NotFound) {
             Failure::usage(not_found())
         } else {
@@ -86,13 +86,13 @@ impl Failure {
     }
 
     /// `NOT_FOUND` for a run id.
-    pub fn for_run(err: ClientError, run: &str) -> Self {
+    pub(crate) fn for_run(err: ClientError, run: &str) -> Self {
         Failure::from_client(err, || no_run(run))
     }
 }
 
 /// The message for an unknown run id.
-pub fn no_run(run: &str) -> String {
+pub(crate) fn no_run(run: &str) -> String {
     format!("no run `{run}` (see `capstan runs`)")
 }
 

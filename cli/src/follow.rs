@@ -48,7 +48,7 @@ enum LogEvent {
 /// Follows `run` until it ends; the exit is the run's result. `resumable`:
 /// the run outlives this process (not so under `capstan dev`), so Ctrl-C
 /// says how to pick it up again.
-pub async fn follow(
+pub(crate) async fn follow(
     client: &Client,
     run: &RunId,
     format: Format,
@@ -61,9 +61,12 @@ pub async fn follow(
         .map_err(|e| Failure::for_run(e, run.as_str()))?;
     let started = Instant::now();
     let (log_tx, mut log_rx) = mpsc::channel::<LogEvent>(256);
-    let mut readers = JoinSet::new();
-    let mut reading: HashSet<String> = HashSet::new();
-    let mut seen: HashMap<String, Task> = HashMap::new();
+    let mut tasks = Tasks {
+        readers: JoinSet::new(),
+        reading: HashSet::new(),
+        seen: HashMap::new(),
+        log_tx,
+    };
     let mut reopens = 0;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -72,7 +75,7 @@ pub async fn follow(
         tokio::select! {
             _ = &mut ctrl_c => {
                 view.interrupted(run, resumable);
-                readers.abort_all();
+                tasks.readers.abort_all();
                 return Ok(Exit::Interrupted);
             }
             Some(event) = log_rx.recv() => view.log(event),
@@ -80,21 +83,7 @@ pub async fn follow(
                 let failure = match message {
                     Ok(Some(event)) => {
                         let Some(current) = event.run else { continue };
-                        view.widen(&current.tasks);
-                        for task in &current.tasks {
-                            let previous = seen.insert(task.name.clone(), task.clone());
-                            view.task_changed(previous.as_ref(), task);
-                            let has_log = task.state == TaskState::Running as i32
-                                || (task_finished(task.state) && task.attempts > 0);
-                            if has_log && reading.insert(task.name.clone()) {
-                                readers.spawn(read_task_logs(
-                                    client.clone(),
-                                    run.clone(),
-                                    task.name.clone(),
-                                    log_tx.clone(),
-                                ));
-                            }
-                        }
+                        tasks.update(&mut view, client, run, &current);
                         if run_finished(current.state) {
                             break current;
                         }
@@ -119,22 +108,66 @@ pub async fn follow(
     };
 
     // The run has ended: print what is left of the logs.
-    drop(log_tx);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while let Some(event) = log_rx.recv().await {
-            view.log(event);
-        }
-    })
-    .await;
-    if drained.is_err() {
-        readers.abort_all();
-        view.note("(some log output may be missing: the log streams did not end in time)");
-    }
+    tasks.drain(&mut view, &mut log_rx).await;
     view.finish_logs();
     view.summary(&last, started.elapsed());
     Ok(Exit::of_run(
         RunState::try_from(last.state).unwrap_or(RunState::Failed),
     ))
+}
+
+/// The tasks of the followed run: the last state seen of each, and one log
+/// reader per task that has a log.
+struct Tasks {
+    readers: JoinSet<()>,
+    reading: HashSet<String>,
+    seen: HashMap<String, Task>,
+    /// Where the readers send ([`Tasks::drain`] drops it).
+    log_tx: mpsc::Sender<LogEvent>,
+}
+
+impl Tasks {
+    /// Once the run has ended: prints what is left of the logs, waiting up
+    /// to [`DRAIN_TIMEOUT`] for the log streams to end.
+    async fn drain(self, view: &mut View, log_rx: &mut mpsc::Receiver<LogEvent>) {
+        let Tasks {
+            mut readers,
+            log_tx,
+            ..
+        } = self;
+        // Closes the log channel once every reader has ended.
+        drop(log_tx);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Some(event) = log_rx.recv().await {
+                view.log(event);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            readers.abort_all();
+            view.note("(some log output may be missing: the log streams did not end in time)");
+        }
+    }
+
+    /// Shows what changed in `current` and starts reading the log of every
+    /// task that has one now (running, or finished after an attempt).
+    fn update(&mut self, view: &mut View, client: &Client, run: &RunId, current: &Run) {
+        view.widen(&current.tasks);
+        for task in &current.tasks {
+            let previous = self.seen.insert(task.name.clone(), task.clone());
+            view.task_changed(previous.as_ref(), task);
+            let has_log = task.state == TaskState::Running as i32
+                || (task_finished(task.state) && task.attempts > 0);
+            if has_log && self.reading.insert(task.name.clone()) {
+                self.readers.spawn(read_task_logs(
+                    client.clone(),
+                    run.clone(),
+                    task.name.clone(),
+                    self.log_tx.clone(),
+                ));
+            }
+        }
+    }
 }
 
 /// Forwards one task's log; reopens a broken stream (the printer skips
@@ -389,7 +422,7 @@ fn symbol(state: i32) -> &'static str {
 }
 
 /// The plain line for a task's state change, if it is worth one.
-pub fn transition_line(previous: Option<&Task>, task: &Task) -> Option<String> {
+pub(crate) fn transition_line(previous: Option<&Task>, task: &Task) -> Option<String> {
     let name = &task.name;
     let was = previous.map(|p| p.state);
     let state = TaskState::try_from(task.state).ok()?;

@@ -11,11 +11,11 @@
 //! Every call to the coordinator goes through [`capstan_client`].
 
 pub mod args;
-pub mod commands;
-pub mod exit;
-pub mod follow;
-pub mod log_printer;
-pub mod output;
+pub(crate) mod commands;
+pub(crate) mod exit;
+pub(crate) mod follow;
+pub(crate) mod log_printer;
+pub(crate) mod output;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -12,7 +12,7 @@ use capstan_proto::api::v1::LogData;
 use serde_json::json;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogMode {
+pub(crate) enum LogMode {
     /// The bytes as they came (one task's log).
     Raw,
     /// `[task] line`.
@@ -27,7 +27,7 @@ struct TaskLog {
     partial: Vec<u8>,
 }
 
-pub struct LogPrinter {
+pub(crate) struct LogPrinter {
     mode: LogMode,
     tasks: BTreeMap<String, TaskLog>,
     /// Bytes printed so far of each attempt's log.
@@ -36,7 +36,7 @@ pub struct LogPrinter {
 }
 
 impl LogPrinter {
-    pub fn new(mode: LogMode) -> Self {
+    pub(crate) fn new(mode: LogMode) -> Self {
         Self {
             mode,
             tasks: BTreeMap::new(),
@@ -46,7 +46,7 @@ impl LogPrinter {
     }
 
     /// Appends the output for one chunk to `out`.
-    pub fn push(&mut self, chunk: &LogData, out: &mut Vec<u8>) {
+    pub(crate) fn push(&mut self, chunk: &LogData, out: &mut Vec<u8>) {
         let printed = self.printed.entry(chunk.attempt_id.clone()).or_default();
         let end = chunk.offset + chunk.data.len() as u64;
         if end <= *printed {
@@ -94,7 +94,7 @@ impl LogPrinter {
 
     /// Prints a task's unfinished line, if any (the task ended, or its
     /// attempt changed).
-    pub fn finish_task(&mut self, task: &str, out: &mut Vec<u8>) {
+    pub(crate) fn finish_task(&mut self, task: &str, out: &mut Vec<u8>) {
         let Some(log) = self.tasks.get_mut(task) else {
             return;
         };
@@ -111,7 +111,7 @@ impl LogPrinter {
     }
 
     /// Prints every unfinished line.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
+    pub(crate) fn finish(&mut self, out: &mut Vec<u8>) {
         let tasks: Vec<String> = self.tasks.keys().cloned().collect();
         for task in tasks {
             self.finish_task(&task, out);

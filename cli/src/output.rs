@@ -13,14 +13,14 @@ use serde_json::{Value, json};
 
 /// `-o/--output`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     #[default]
     Text,
     Json,
 }
 
 /// "queued", "running", "succeeded", "failed", "cancelled".
-pub fn run_state_name(state: i32) -> &'static str {
+pub(crate) fn run_state_name(state: i32) -> &'static str {
     match RunState::try_from(state) {
         Ok(RunState::Queued) => "queued",
         Ok(RunState::Running) => "running",
@@ -33,7 +33,7 @@ pub fn run_state_name(state: i32) -> &'static str {
 
 /// "waiting", "queued", "offered", "running", "succeeded", "failed",
 /// "cancelled", "skipped".
-pub fn task_state_name(state: i32) -> &'static str {
+pub(crate) fn task_state_name(state: i32) -> &'static str {
     match TaskState::try_from(state) {
         Ok(TaskState::Waiting) => "waiting",
         Ok(TaskState::Queued) => "queued",
@@ -48,7 +48,7 @@ pub fn task_state_name(state: i32) -> &'static str {
 }
 
 /// True for the states a run ends in.
-pub fn run_finished(state: i32) -> bool {
+pub(crate) fn run_finished(state: i32) -> bool {
     matches!(
         RunState::try_from(state),
         Ok(RunState::Succeeded | RunState::Failed | RunState::Cancelled)
@@ -56,7 +56,7 @@ pub fn run_finished(state: i32) -> bool {
 }
 
 /// True for the states a task ends in.
-pub fn task_finished(state: i32) -> bool {
+pub(crate) fn task_finished(state: i32) -> bool {
     matches!(
         TaskState::try_from(state),
         Ok(TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::Skipped)
@@ -71,7 +71,7 @@ fn opt_str(s: &str) -> Value {
     if s.is_empty() { Value::Null } else { json!(s) }
 }
 
-pub fn task_json(task: &Task) -> Value {
+pub(crate) fn task_json(task: &Task) -> Value {
     json!({
         "name": task.name,
         "state": task_state_name(task.state),
@@ -88,7 +88,7 @@ pub fn task_json(task: &Task) -> Value {
 }
 
 /// `status RUN -o json`.
-pub fn run_json(run: &Run) -> Value {
+pub(crate) fn run_json(run: &Run) -> Value {
     json!({
         "id": run.id,
         "pipeline": run.pipeline,
@@ -103,7 +103,7 @@ pub fn run_json(run: &Run) -> Value {
     })
 }
 
-pub fn runner_json(runner: &Runner) -> Value {
+pub(crate) fn runner_json(runner: &Runner) -> Value {
     // BTreeMap so labels come out sorted.
     let labels: std::collections::BTreeMap<_, _> = runner.labels.iter().collect();
     json!({
@@ -120,7 +120,7 @@ pub fn runner_json(runner: &Runner) -> Value {
 }
 
 /// `cluster -o json`: `{"leader", "epoch", "members": [URL...]}` plus who answered.
-pub fn cluster_json(leader: &AskLeaderResponse, members: &ListMembersResponse) -> Value {
+pub(crate) fn cluster_json(leader: &AskLeaderResponse, members: &ListMembersResponse) -> Value {
     json!({
         "leader": opt_str(&leader.leader),
         "epoch": leader.epoch,
@@ -129,7 +129,7 @@ pub fn cluster_json(leader: &AskLeaderResponse, members: &ListMembersResponse) -
 }
 
 /// `status RUN` as text: a header line, then one row per task.
-pub fn run_text(run: &Run) -> String {
+pub(crate) fn run_text(run: &Run) -> String {
     let mut out = String::new();
     let _ = write!(
         out,
@@ -170,7 +170,7 @@ pub fn run_text(run: &Run) -> String {
 }
 
 /// `runs` as text.
-pub fn runs_text(runs: &[Run]) -> String {
+pub(crate) fn runs_text(runs: &[Run]) -> String {
     let mut table = Table::new(["RUN", "PIPELINE", "STATE", "CREATED"]);
     for r in runs {
         table.row([
@@ -188,7 +188,7 @@ pub fn runs_text(runs: &[Run]) -> String {
 }
 
 /// `runners` as text.
-pub fn runners_text(runners: &[Runner]) -> String {
+pub(crate) fn runners_text(runners: &[Runner]) -> String {
     let mut table = Table::new(["NAME", "ID", "CONNECTED", "BUSY", "LABELS", "DRAINING"]);
     for r in runners {
         let mut labels: Vec<_> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -210,7 +210,7 @@ pub fn runners_text(runners: &[Runner]) -> String {
 }
 
 /// `cluster` as text.
-pub fn cluster_text(leader: &AskLeaderResponse, members: &ListMembersResponse) -> String {
+pub(crate) fn cluster_text(leader: &AskLeaderResponse, members: &ListMembersResponse) -> String {
     let mut out = format!(
         "leader  {}\nepoch   {}\n",
         if leader.leader.is_empty() {
@@ -240,24 +240,24 @@ fn yes_no(b: bool) -> String {
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
-pub struct Table {
+pub(crate) struct Table {
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    pub fn new<const N: usize>(header: [&str; N]) -> Self {
+    pub(crate) fn new<const N: usize>(header: [&str; N]) -> Self {
         Self {
             rows: vec![header.iter().map(|s| s.to_string()).collect()],
         }
     }
 
-    pub fn row<const N: usize>(&mut self, cells: [String; N]) {
+    pub(crate) fn row<const N: usize>(&mut self, cells: [String; N]) {
         // Keep each row on one line.
         self.rows
             .push(cells.into_iter().map(|c| c.replace('\n', " ")).collect());
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..columns)
             .map(|c| {
@@ -289,7 +289,7 @@ impl Table {
 }
 
 /// `2025-01-02T03:04:05Z` from milliseconds since the Unix epoch (UTC).
-pub fn format_time(ms: i64) -> String {
+pub(crate) fn format_time(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -312,7 +312,7 @@ pub fn format_time(ms: i64) -> String {
 }
 
 /// `850ms`, `4.2s`, `3m07s`, `1h02m`.
-pub fn format_duration_ms(ms: i64) -> String {
+pub(crate) fn format_duration_ms(ms: i64) -> String {
     let ms = ms.max(0);
     if ms < 1000 {
         format!("{ms}ms")

@@ -1,19 +1,21 @@
 //! A real etcd cluster (Debian's `etcd-server`, installed by `scripts/testbed`)
 //! on loopback ports, one process per member, killed on drop.
 
-use crate::free_port;
+use crate::net::free_port;
+use crate::process::{Proc, tail_logs};
+use crate::wait::eventually;
 use anyhow::{Context, bail};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 pub struct EtcdMember {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
-    child: Option<Child>,
+    proc: Option<Proc>,
 }
 
 pub struct EtcdCluster {
@@ -57,7 +59,7 @@ impl EtcdCluster {
                 name: format!("n{i}"),
                 client_port: free_port(),
                 peer_port: free_port(),
-                child: None,
+                proc: None,
             })
             .collect();
         let mut c = Self { members, dir };
@@ -66,7 +68,7 @@ impl EtcdCluster {
         }
         for i in 0..n {
             if let Err(e) = c.wait_healthy(i, Duration::from_secs(20)).await {
-                let log = crate::tail_logs(c.dir.path(), 10);
+                let log = tail_logs(c.dir.path(), 10);
                 return Err(e.context(log)); // dropping `c` kills every member
             }
         }
@@ -85,12 +87,8 @@ impl EtcdCluster {
         let initial = self.initial_cluster();
         let dir = self.dir.path().to_path_buf();
         let m = &mut self.members[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{}.log", m.name)))?;
-        let child = Command::new(etcd_bin())
-            .args(["--name", &m.name])
+        let mut cmd = Command::new(etcd_bin());
+        cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(dir.join(format!("{}.data", m.name)))
             .args([
@@ -111,36 +109,34 @@ impl EtcdCluster {
             ])
             .args(["--initial-cluster", &initial])
             .args(["--initial-cluster-state", "new"])
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn etcd")?;
-        m.child = Some(child);
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"]);
+        let proc = Proc::spawn(cmd, &dir, &m.name)?;
+        m.proc = Some(proc);
         Ok(())
     }
 
     async fn wait_healthy(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
         let port = self.members[i].client_port;
-        loop {
-            if health(port).unwrap_or(false) {
-                return Ok(());
-            }
-            // A member that could not bind its ports exits at once.
-            for m in &mut self.members {
-                if let Some(child) = m.child.as_mut()
-                    && let Ok(Some(status)) = child.try_wait()
-                {
-                    bail!("etcd member {} exited with {status}", m.name);
+        eventually(
+            timeout,
+            Duration::from_millis(100),
+            async || {
+                if health(port).unwrap_or(false) {
+                    return Ok(Some(()));
                 }
-            }
-            if Instant::now() > deadline {
-                bail!("etcd member {i} not healthy in {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                // A member that could not bind its ports exits at once.
+                for m in &mut self.members {
+                    if let Some(p) = m.proc.as_mut()
+                        && let Ok(Some(status)) = p.try_wait()
+                    {
+                        bail!("etcd member {} exited with {status}", m.name);
+                    }
+                }
+                Ok(None)
+            },
+            || format!("etcd member {i} not healthy in {timeout:?}"),
+        )
+        .await
     }
 
     /// Client URLs of every member.
@@ -178,10 +174,8 @@ impl EtcdCluster {
 
     /// kill -9 of member `i`.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // Dropping the process kills and reaps it.
+        self.members[i].proc = None;
     }
 
     /// Restarts member `i` with its data (it rejoins the cluster).

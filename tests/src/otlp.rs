@@ -2,10 +2,11 @@
 //! `opentelemetry.proto.collector.trace.v1.TraceService` that keeps every
 //! span it is sent, for tests of the binaries' trace export.
 
+use crate::wait::poll_until;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::bail;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -144,20 +145,25 @@ impl OtlpReceiver {
         timeout: Duration,
         done: impl Fn(&[ReceivedSpan]) -> bool,
     ) -> anyhow::Result<Vec<ReceivedSpan>> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let mut last = Vec::new();
+        let found = poll_until(timeout, Duration::from_millis(50), async || {
             let spans = self.spans();
             if done(&spans) {
-                return Ok(spans);
+                return Ok(Some(spans));
             }
-            if Instant::now() > deadline {
-                let names: Vec<String> = spans
+            last = spans;
+            Ok(None)
+        })
+        .await?;
+        match found {
+            Some(spans) => Ok(spans),
+            None => {
+                let names: Vec<String> = last
                     .iter()
                     .map(|s| format!("{}:{}", s.service, s.name))
                     .collect();
                 bail!("the expected spans did not arrive in {timeout:?}; received: {names:?}");
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -10,11 +10,12 @@
 //! to another user unless it runs as root, and a test user would need
 //! `useradd`. Public-key authentication only.
 
+use crate::wait::poll_until_blocking;
 use anyhow::{Context, bail};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where Debian puts the daemon; sshd must be started by absolute path.
 const SSHD: &str = "/usr/sbin/sshd";
@@ -70,7 +71,7 @@ impl SshServer {
         // A free port can be taken between choosing it and sshd's bind: try
         // a few.
         for _ in 0..5 {
-            let port = crate::free_port();
+            let port = crate::net::free_port();
             let config = dir.path().join("sshd_config");
             std::fs::write(&config, config_text(dir.path(), port, &user))?;
             let log = dir.path().join(format!("sshd-{port}.log"));
@@ -86,16 +87,20 @@ impl SshServer {
                 .spawn()
                 .with_context(|| format!("starting {SSHD}"))?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    last_error = format!(
-                        "sshd exited ({status}): {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                    break;
-                }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            let up =
+                poll_until_blocking(Duration::from_secs(10), Duration::from_millis(20), || {
+                    if let Some(status) = child.try_wait()? {
+                        return Ok(Some(Err(format!(
+                            "sshd exited ({status}): {}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        ))));
+                    }
+                    let listening =
+                        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+                    Ok(listening.then_some(Ok(())))
+                })?;
+            match up {
+                Some(Ok(())) => {
                     return Ok(SshServer {
                         child,
                         addr,
@@ -103,7 +108,8 @@ impl SshServer {
                         dir,
                     });
                 }
-                if Instant::now() > deadline {
+                Some(Err(e)) => last_error = e,
+                None => {
                     let _ = child.kill();
                     let _ = child.wait();
                     bail!(
@@ -111,7 +117,6 @@ impl SshServer {
                         std::fs::read_to_string(&log).unwrap_or_default()
                     );
                 }
-                std::thread::sleep(Duration::from_millis(20));
             }
         }
         bail!("sshd could not start: {last_error}")

@@ -2,6 +2,7 @@
 //! registry with auth), read from its env file, and cleanup of the Docker
 //! objects a test labels.
 
+use crate::wait::poll_until;
 use base64::Engine as _;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -103,10 +104,12 @@ impl Cleanup {
         pred: impl Fn(&Self) -> bool,
     ) -> Duration {
         let start = Instant::now();
-        while !pred(self) {
-            assert!(start.elapsed() < timeout, "{what} not within {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let done = poll_until(timeout, Duration::from_millis(20), async || {
+            Ok(pred(self).then_some(()))
+        })
+        .await
+        .expect("the probe cannot fail");
+        assert!(done.is_some(), "{what} not within {timeout:?}");
         start.elapsed()
     }
 }

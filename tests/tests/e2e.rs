@@ -200,9 +200,9 @@ async fn coordinator_killed_and_restarted_mid_run() -> anyhow::Result<()> {
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    c.kill_coordinator();
+    c.kill_replica(0);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    c.start_coordinator().await?;
+    c.start_replica(0).await?;
     let run = c.wait_done(&id, Duration::from_secs(40)).await?;
     assert_eq!(
         run_state(&run),
@@ -603,8 +603,8 @@ async fn a_new_leadership_deletes_orphan_logs_only() -> anyhow::Result<()> {
     let not_a_log = logs.join("notes.txt");
     std::fs::write(&not_a_log, b"an operator's file\n")?;
 
-    c.kill_coordinator();
-    c.start_coordinator().await?;
+    c.kill_replica(0);
+    c.start_replica(0).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while orphan.exists() {
         assert!(Instant::now() < deadline, "the orphan log was not deleted");

@@ -2,9 +2,22 @@
 
 use capstan_proto::api::v1 as api;
 use capstan_proto::pipeline::v1::{RunState, TaskState};
-use capstan_tests::ha::HaCluster;
 use capstan_tests::*;
 use std::time::{Duration, Instant};
+
+/// Three coordinators on a three-node etcd (election TTL 5 s, attempt lease
+/// 3 s) and `runners` runners of capacity 2.
+async fn ha_cluster(runners: usize, executor: &str) -> anyhow::Result<TestCluster> {
+    TestCluster::builder()
+        .replicas(3)
+        .etcd()
+        .lease_ms(3000)
+        .runners(runners)
+        .capacity(2)
+        .executor(executor)
+        .start()
+        .await
+}
 
 /// A pipeline whose tasks print numbered lines slowly and record each
 /// completion in `DIR/done-<run>-<task>` (so a task run twice shows).
@@ -26,7 +39,7 @@ fn expected_log(task: &str, lines: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_killed_mid_run_repeatedly_loses_nothing() -> anyhow::Result<()> {
-    let mut c = HaCluster::start(3, 2, "shell").await?;
+    let mut c = ha_cluster(2, "shell").await?;
     let marks = tempfile::tempdir()?;
     for round in 0..3 {
         let id = c.submit(&counting_pipeline(marks.path(), 30)).await?;
@@ -35,7 +48,7 @@ async fn leader_killed_mid_run_repeatedly_loses_nothing() -> anyhow::Result<()> 
         })
         .await?;
         let (old, old_epoch) = c.wait_leader(Duration::from_secs(10)).await?;
-        c.kill(old);
+        c.kill_replica(old);
         let (_, new_epoch) = c
             .wait_new_leader(Some(old), Duration::from_secs(15))
             .await?;
@@ -43,7 +56,7 @@ async fn leader_killed_mid_run_repeatedly_loses_nothing() -> anyhow::Result<()> 
             new_epoch > old_epoch,
             "round {round}: epochs {old_epoch} -> {new_epoch}"
         );
-        c.start_replica(old)?;
+        c.start_replica(old).await?;
         let run = c.wait_done(&id, Duration::from_secs(60)).await?;
         assert_eq!(
             run_state(&run),
@@ -89,7 +102,7 @@ async fn leader_killed_mid_run_repeatedly_loses_nothing() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn followers_point_at_the_leader() -> anyhow::Result<()> {
-    let c = HaCluster::start(3, 0, "fake").await?;
+    let c = ha_cluster(0, "fake").await?;
     let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
     let follower = (leader + 1) % 3;
     let mut raw =
@@ -108,12 +121,7 @@ async fn followers_point_at_the_leader() -> anyhow::Result<()> {
     assert_eq!(hint, Some(c.replicas[leader].url()));
     assert!(!c.ask(follower).await?.is_leader);
     // Only the leader is ready (takes traffic); every replica is alive.
-    let get = |i: usize, path: &str| {
-        http_get(
-            std::net::SocketAddr::from(([127, 0, 0, 1], c.replicas[i].http)),
-            path,
-        )
-    };
+    let get = |i: usize, path: &str| http_get(c.replicas[i].http, path);
     let (status, body) = get(leader, "/readyz")?;
     assert_eq!((status, body.trim()), (200, "ready: leader"));
     let (status, body) = get(follower, "/readyz")?;
@@ -125,7 +133,7 @@ async fn followers_point_at_the_leader() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
-    let c = HaCluster::start(3, 1, "shell").await?;
+    let c = ha_cluster(1, "shell").await?;
     let (old, old_epoch) = c.wait_leader(Duration::from_secs(10)).await?;
     c.pause(old);
     let (new, new_epoch) = c
@@ -171,7 +179,7 @@ async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    let run = c.wait_done(id.as_str(), Duration::from_secs(30)).await?;
     assert_eq!(run_state(&run), RunState::Succeeded);
     assert_eq!(task(&run, "t").attempts, 1);
     assert_eq!(
@@ -184,12 +192,12 @@ async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn losing_one_etcd_member_is_no_interruption() -> anyhow::Result<()> {
-    let mut c = HaCluster::start(3, 1, "shell").await?;
+    let mut c = ha_cluster(1, "shell").await?;
     let (leader, epoch) = c.wait_leader(Duration::from_secs(10)).await?;
     // The hardest member to lose: etcd's own raft leader (writes pause for
     // its re-election, about 1 s).
-    let raft_leader = c.etcd.raft_leader()?;
-    c.etcd.kill(raft_leader);
+    let raft_leader = c.etcd().raft_leader()?;
+    c.etcd().kill(raft_leader);
     let id = c
         .submit("version: 1\nname: m\ntasks:\n  t:\n    steps: [ { run: 'echo still-here' } ]\n")
         .await?;
@@ -206,7 +214,7 @@ async fn losing_one_etcd_member_is_no_interruption() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn losing_quorum_pauses_scheduling_and_work_resumes_after() -> anyhow::Result<()> {
-    let mut c = HaCluster::start(3, 1, "shell").await?;
+    let mut c = ha_cluster(1, "shell").await?;
     let id = c
         .submit("version: 1\nname: q\ntasks:\n  long:\n    steps:\n      - run: echo begin; sleep 6; echo end\n  after:\n    needs: [long]\n    steps: [ { run: 'echo after' } ]\n")
         .await?;
@@ -214,8 +222,8 @@ async fn losing_quorum_pauses_scheduling_and_work_resumes_after() -> anyhow::Res
         task_state(r, "long") == TaskState::Running
     })
     .await?;
-    c.etcd.kill(1);
-    c.etcd.kill(2);
+    c.etcd().kill(1);
+    c.etcd().kill(2);
     // Nobody leads without quorum.
     let deadline = Instant::now() + Duration::from_secs(15);
     while c.leader().await.is_some() {
@@ -225,8 +233,8 @@ async fn losing_quorum_pauses_scheduling_and_work_resumes_after() -> anyhow::Res
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.etcd.restart(1).await?;
-    c.etcd.restart(2).await?;
+    c.etcd().restart(1).await?;
+    c.etcd().restart(2).await?;
     c.wait_leader(Duration::from_secs(30)).await?;
     let run = c.wait_done(&id, Duration::from_secs(60)).await?;
     assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
@@ -239,7 +247,7 @@ async fn losing_quorum_pauses_scheduling_and_work_resumes_after() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_hands_over_quickly() -> anyhow::Result<()> {
-    let c = HaCluster::start(3, 0, "fake").await?;
+    let c = ha_cluster(0, "fake").await?;
     let (old, _) = c.wait_leader(Duration::from_secs(10)).await?;
     let pid = c.replicas[old].pid().expect("running");
     let t0 = Instant::now();

@@ -279,8 +279,8 @@ async fn the_trace_goes_on_after_a_coordinator_restart() -> anyhow::Result<()> {
         .find(|s| s.name == "task.dispatch" && s.attr("capstan.task") == Some("first"))
         .expect("first's dispatch")
         .clone();
-    c.kill_coordinator();
-    c.start_coordinator().await?;
+    c.kill_replica(0);
+    c.start_replica(0).await?;
     let run = c.wait_done(&id, Duration::from_secs(40)).await?;
     assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
 
@@ -332,15 +332,14 @@ async fn sigterm_flushes_the_last_spans() -> anyhow::Result<()> {
     c.wait_done(&id, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(receiver.spans().is_empty(), "nothing before the exit");
-    let runner = c.terminate_runner("runner-0").expect("runner-0");
-    let mut child = runner.child;
+    let mut runner = c.terminate_runner("runner-0").expect("runner-0");
     wait_exit(
-        &mut child,
+        &mut runner.child,
         Duration::from_secs(15),
         "runner did not exit after SIGTERM",
     )
     .await?;
-    c.terminate_coordinator(Duration::from_secs(15))?;
+    c.terminate_replica(0, Duration::from_secs(15))?;
     let spans = receiver
         .wait_for(Duration::from_secs(5), |s| {
             s.iter()
@@ -367,7 +366,7 @@ async fn nothing_is_exported_without_an_endpoint_when_disabled_or_unsampled() ->
         .await?;
     let run = c.wait_done(&id, Duration::from_secs(30)).await?;
     assert_eq!(run_state(&run), RunState::Succeeded);
-    c.terminate_coordinator(Duration::from_secs(10))?;
+    c.terminate_replica(0, Duration::from_secs(10))?;
     for name in ["coordinator", "runner-0"] {
         let log = c.process_log(name);
         assert!(!log.contains("exporting traces"), "{name}: {log}");
@@ -419,7 +418,7 @@ async fn a_collector_that_never_answers_slows_nothing_down() -> anyhow::Result<(
         started.elapsed()
     );
     // The exit's flush gives up after a bounded wait.
-    let took = c.terminate_coordinator(Duration::from_secs(10))?;
+    let took = c.terminate_replica(0, Duration::from_secs(10))?;
     assert!(took < Duration::from_secs(6), "exit took {took:?}");
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Runs the harness (or reads `summary`) and returns the `buildbot_*` figures.
-pub fn run(summary: Option<&Path>) -> anyhow::Result<Figures> {
+pub(crate) fn run(summary: Option<&Path>) -> anyhow::Result<Figures> {
     let text = match summary {
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("cannot read Buildbot summary {}", p.display()))?,
@@ -63,7 +63,7 @@ pub fn run(summary: Option<&Path>) -> anyhow::Result<Figures> {
 }
 
 /// Parses the last `buildbot version=...` line.
-pub fn parse(text: &str) -> anyhow::Result<Figures> {
+pub(crate) fn parse(text: &str) -> anyhow::Result<Figures> {
     let line = text
         .lines()
         .rev()

@@ -9,7 +9,7 @@ use crate::fleet::{Fleet, FleetConfig};
 use crate::procs::{Coordinator, proc_stat};
 use std::time::{Duration, Instant};
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let (n, idle) = if ctx.quick {
         (500, Duration::from_secs(3))
     } else {

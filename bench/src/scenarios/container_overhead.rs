@@ -36,7 +36,7 @@ fn bare_docker_run(image: &str) -> anyhow::Result<f64> {
     Ok(ms)
 }
 
-pub async fn run(quick: bool) -> anyhow::Result<Vec<(String, f64)>> {
+pub(crate) async fn run(quick: bool) -> anyhow::Result<Vec<(String, f64)>> {
     let runs = if quick { 10 } else { 40 };
     let image = image();
     let present = Command::new("docker")

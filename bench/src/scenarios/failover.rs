@@ -1,5 +1,5 @@
 //! Leader failover: three coordinators on a three-node etcd cluster (the
-//! test harness's `HaCluster`, real processes), one `fake` runner. Each round
+//! test harness's `TestCluster` with replicas on etcd, real processes), one `fake` runner. Each round
 //! kills the leader with SIGKILL and measures the time from the kill to the
 //! first task dispatched after it: a run submitted right after the kill (to
 //! every replica in turn, every 20 ms, until one accepts it) reaching
@@ -12,7 +12,7 @@
 use super::{Ctx, Figures, Skip, cores, summary};
 use capstan_proto::api::v1 as api;
 use capstan_proto::pipeline::v1::{RunState, TaskState};
-use capstan_tests::ha::HaCluster;
+use capstan_tests::TestCluster;
 use std::time::{Duration, Instant};
 
 /// One task of the fake executor sleeping 2 s (its `sleep` takes milliseconds).
@@ -20,7 +20,7 @@ const PIPELINE: &str =
     "version: 1\nname: failover\ntasks:\n  t:\n    steps: [ { run: \"sleep 2000\" } ]\n";
 
 /// Submits through whichever replica accepts, retrying every 20 ms.
-async fn submit_anywhere(c: &HaCluster, deadline: Instant) -> anyhow::Result<String> {
+async fn submit_anywhere(c: &TestCluster, deadline: Instant) -> anyhow::Result<String> {
     loop {
         for url in c.urls() {
             let Ok(Ok(mut client)) = tokio::time::timeout(
@@ -49,7 +49,7 @@ async fn submit_anywhere(c: &HaCluster, deadline: Instant) -> anyhow::Result<Str
     }
 }
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     if std::process::Command::new("etcd")
         .arg("--version")
         .output()
@@ -59,16 +59,26 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     }
     let kills = if ctx.quick { 2 } else { 10 };
     // TTL 3 s, as in the committed report (the product default is 5 s).
-    let mut c = HaCluster::start_with_ttl(3, 1, "fake", 3000).await?;
-    let ttl_ms = c.election_ttl_ms as f64;
+    // Capacity 2 and an attempt lease of 3 s, as the committed report's
+    // cluster had.
+    let mut c = TestCluster::builder()
+        .replicas(3)
+        .etcd()
+        .election_ttl_ms(3000)
+        .lease_ms(3000)
+        .runners(1)
+        .capacity(2)
+        .executor("fake")
+        .start()
+        .await?;
+    let ttl_ms = c.election_ttl_ms() as f64;
     let mut runs = Vec::new();
     let mut took = Vec::new();
     for round in 0..kills {
         let (leader, _) = c.wait_leader(Duration::from_secs(30)).await?;
         let killed = Instant::now();
-        c.kill(leader);
+        c.kill_replica(leader);
         let id = submit_anywhere(&c, killed + Duration::from_secs(30)).await?;
-        let id = capstan_proto::ids::RunId::from_string(id);
         c.wait_run(&id, Duration::from_secs(60), |r| {
             r.tasks
                 .first()
@@ -81,7 +91,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         );
         took.push(s);
         runs.push(id);
-        c.start_replica(leader)?;
+        c.start_replica(leader).await?;
     }
     // Every run must succeed, whatever leader it started under.
     let mut lost = 0;

@@ -13,7 +13,7 @@ use crate::procs::{Coordinator, RssSampler, proc_stat};
 use capstan_proto::api::v1 as api;
 use std::time::{Duration, Instant};
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let bytes: u64 = if ctx.quick { 32 << 20 } else { 1 << 30 };
     let coord = Coordinator::start(&ctx.dir, &[]).await?;
     let runner = coord.start_runner("log-0", "shell", 1)?;

@@ -14,7 +14,7 @@ use capstan_proto::api::v1 as api;
 use capstan_proto::pipeline::v1::TaskState;
 use std::time::{Duration, Instant};
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let (hb_ms, lease_ms) = if ctx.quick { (250, 1000) } else { (1000, 5000) };
     let coord = Coordinator::start(
         &ctx.dir,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 const WARMUP: usize = 3;
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let runs = if ctx.quick { 30 } else { 200 };
     let coord = Coordinator::start(&ctx.dir, &[]).await?;
     let _runner = coord.start_runner("pickup-0", "shell", 1)?;
@@ -56,10 +56,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
 /// The loop runs on a current-thread runtime of its own, on a blocking
 /// thread, so reading the clock, encoding the request and writing it to the
 /// socket happen on one thread, as in the Buildbot harness's synchronous
-/// POST. On the bench's multi-thread runtime the request first hopped to
-/// another thread (tonic's buffer task on a worker): 0.15 ms of the
-/// client's own per submit on an idle 2-vCPU VM, counted against the
-/// coordinator.
+/// POST. On the bench's multi-thread runtime the request first hops to
+/// another thread (tonic's buffer task on a worker), and that client-side
+/// cost would be counted against the coordinator (docs/decisions.md).
 async fn measure<const N: usize>(
     urls: [String; N],
     stamps: std::path::PathBuf,
@@ -124,10 +123,10 @@ async fn one_pickup(client: &mut Client, file: &std::path::Path) -> anyhow::Resu
 /// Pickup of two builds side by side (`pickup-ab`): build A's coordinator and
 /// runner from `$CAPSTAN_AB_BIN_DIR`, build B's from the usual place, both
 /// idle at once, and submits alternating between them (A first on even
-/// rounds, B first on odd), so that both see the same machine. On these
-/// shared VMs a p50 drifts by 0.5 ms within minutes, which hides a change
-/// of that size between two sequential runs.
-pub async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
+/// rounds, B first on odd), so that both see the same machine: on shared
+/// VMs a p50 drifts within minutes by as much as the change being
+/// measured, which two sequential runs would not tell apart.
+pub(crate) async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
     let a_bins = std::env::var_os("CAPSTAN_AB_BIN_DIR")
         .map(std::path::PathBuf::from)
         .context("pickup-ab compares two builds: set CAPSTAN_AB_BIN_DIR to build A's binaries")?;
@@ -197,7 +196,7 @@ async fn offer_latency(ctx: &Ctx, runs: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// Follows the run with WatchRun until it ends; fails unless it succeeded.
-pub async fn wait_finished(
+pub(crate) async fn wait_finished(
     client: &mut api::pipeline_service_client::PipelineServiceClient<tonic::transport::Channel>,
     id: &str,
 ) -> anyhow::Result<api::Run> {

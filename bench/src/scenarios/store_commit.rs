@@ -9,7 +9,7 @@ use capstan_coordinator::store::redb::RedbStore;
 use capstan_coordinator::store::{Op, Store};
 use std::time::Instant;
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     std::fs::create_dir_all(&ctx.dir)?;
     let store = RedbStore::open(&ctx.dir.join("state.redb"))?;
     let value = vec![b'x'; 1024];

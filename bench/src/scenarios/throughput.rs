@@ -39,7 +39,7 @@ fn fleet_config(coord: &Coordinator) -> FleetConfig {
     }
 }
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let n = if ctx.quick { 2_000 } else { 20_000 };
     let m = measure(ctx, &[], n, "redb").await?;
     Ok(m.figures("throughput", n))
@@ -47,7 +47,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
 
 /// The same on the etcd store: one local etcd member (not a 3-member
 /// cluster: on 2 cores that would measure etcd's own replication).
-pub async fn run_etcd(ctx: &Ctx) -> anyhow::Result<Figures> {
+pub(crate) async fn run_etcd(ctx: &Ctx) -> anyhow::Result<Figures> {
     let Some(bin) = crate::procs::etcd_bin() else {
         return Err(
             super::Skip("etcd is not installed (scripts/testbed up installs it)".into()).into(),
@@ -142,7 +142,7 @@ async fn measure(ctx: &Ctx, flags: &[String], n: usize, store: &str) -> anyhow::
 }
 
 /// Submits `n` single-task runs with `SUBMITTERS` calls in flight.
-pub async fn submit_all(coord: &Coordinator, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn submit_all(coord: &Coordinator, n: usize) -> anyhow::Result<()> {
     let client = coord.client().await?;
     let results: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
         .map(|_| {
@@ -159,7 +159,7 @@ pub async fn submit_all(coord: &Coordinator, n: usize) -> anyhow::Result<()> {
 }
 
 /// Waits until the fleet got `n` offers and ListRuns shows `n` succeeded runs.
-pub async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while fleet.offers() < n as u64 {
         if Instant::now() > deadline {

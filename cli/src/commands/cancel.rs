@@ -6,7 +6,7 @@ use super::{Context, print_json};
 use crate::exit::{Exit, Failure};
 use crate::output::{Format, run_json, run_state_name};
 
-pub async fn run(ctx: &Context, run: &str) -> Result<Exit, Failure> {
+pub(crate) async fn run(ctx: &Context, run: &str) -> Result<Exit, Failure> {
     let client = ctx.connect().await?;
     let after = client
         .cancel_run(&RunId::from_string(run))

@@ -4,7 +4,7 @@ use super::{Context, print_json};
 use crate::exit::{Exit, Failure};
 use crate::output::{Format, cluster_json, cluster_text};
 
-pub async fn run(ctx: &Context) -> Result<Exit, Failure> {
+pub(crate) async fn run(ctx: &Context) -> Result<Exit, Failure> {
     let client = ctx.connect().await?;
     let leader = client.ask_leader().await?;
     let members = client.list_members().await?;

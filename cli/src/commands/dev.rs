@@ -24,7 +24,7 @@ use crate::output::Format;
 /// Bound on stopping the embedded coordinator and runner.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn run(ctx: &Context, args: DevArgs) -> Result<Exit, Failure> {
+pub(crate) async fn run(ctx: &Context, args: DevArgs) -> Result<Exit, Failure> {
     let file = args.file.display().to_string();
     let text = read_pipeline(&args.file)?;
     // Fail fast on a bad file, before starting anything.

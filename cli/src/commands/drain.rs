@@ -5,7 +5,7 @@ use super::{Context, print_json};
 use crate::exit::{Exit, Failure};
 use crate::output::{Format, runner_json};
 
-pub async fn run(ctx: &Context, runner: &str) -> Result<Exit, Failure> {
+pub(crate) async fn run(ctx: &Context, runner: &str) -> Result<Exit, Failure> {
     let client = ctx.connect().await?;
     let drained = client.drain_runner(runner).await.map_err(|e| {
         Failure::from_client(e, || {
@@ -22,7 +22,7 @@ pub async fn run(ctx: &Context, runner: &str) -> Result<Exit, Failure> {
     Ok(Exit::Success)
 }
 
-pub async fn resume(ctx: &Context, runner: &str) -> Result<Exit, Failure> {
+pub(crate) async fn resume(ctx: &Context, runner: &str) -> Result<Exit, Failure> {
     let client = ctx.connect().await?;
     let resumed = client.resume_runner(runner).await.map_err(|e| {
         Failure::from_client(e, || {

@@ -15,7 +15,7 @@ use crate::output::Format;
 /// Times a broken stream is reopened (after a coordinator failover).
 const MAX_REOPENS: u32 = 5;
 
-pub async fn run(
+pub(crate) async fn run(
     ctx: &Context,
     run: &str,
     task: Option<&str>,

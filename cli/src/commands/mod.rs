@@ -1,15 +1,15 @@
 //! One module per subcommand; each returns the exit or a [`Failure`].
 
-pub mod cancel;
-pub mod cluster;
-pub mod dev;
-pub mod drain;
-pub mod logs;
-pub mod runners;
-pub mod runs;
-pub mod status;
-pub mod submit;
-pub mod validate;
+pub(crate) mod cancel;
+pub(crate) mod cluster;
+pub(crate) mod dev;
+pub(crate) mod drain;
+pub(crate) mod logs;
+pub(crate) mod runners;
+pub(crate) mod runs;
+pub(crate) mod status;
+pub(crate) mod submit;
+pub(crate) mod validate;
 
 use std::io::Read;
 use std::path::Path;
@@ -22,18 +22,18 @@ use crate::exit::{Exit, Failure};
 use crate::output::Format;
 
 /// What every command gets from the global flags.
-pub struct Context {
-    pub servers: Vec<String>,
-    pub format: Format,
+pub(crate) struct Context {
+    pub(crate) servers: Vec<String>,
+    pub(crate) format: Format,
 }
 
 impl Context {
-    pub async fn connect(&self) -> Result<Client, Failure> {
+    pub(crate) async fn connect(&self) -> Result<Client, Failure> {
         Ok(Client::connect(&self.servers).await?)
     }
 }
 
-pub async fn run(cli: Cli) -> Result<Exit, Failure> {
+pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
     let ctx = Context {
         servers: cli.server,
         format: cli.output,
@@ -55,7 +55,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
 
 /// Reads a pipeline file, refusing anything over the coordinator's limit
 /// before sending it anywhere.
-pub fn read_pipeline(path: &Path) -> Result<String, Failure> {
+pub(crate) fn read_pipeline(path: &Path) -> Result<String, Failure> {
     let shown = path.display();
     let file = std::fs::File::open(path)
         .map_err(|e| Failure::usage(format!("cannot read {shown}: {e}")))?;
@@ -74,7 +74,7 @@ pub fn read_pipeline(path: &Path) -> Result<String, Failure> {
 }
 
 /// Prints a JSON value on stdout, pretty.
-pub fn print_json(value: &serde_json::Value) {
+pub(crate) fn print_json(value: &serde_json::Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())

@@ -4,7 +4,7 @@ use super::{Context, print_json};
 use crate::exit::{Exit, Failure};
 use crate::output::{Format, runner_json, runners_text};
 
-pub async fn run(ctx: &Context) -> Result<Exit, Failure> {
+pub(crate) async fn run(ctx: &Context) -> Result<Exit, Failure> {
     let client = ctx.connect().await?;
     let runners = client.list_runners().await?;
     match ctx.format {

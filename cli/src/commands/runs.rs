@@ -4,7 +4,7 @@ use super::{Context, print_json};
 use crate::exit::{Exit, Failure};
 use crate::output::{Format, run_json, runs_text};
 
-pub async fn run(ctx: &Context, limit: u32) -> Result<Exit, Failure> {
+pub(crate) async fn run(ctx: &Context, limit: u32) -> Result<Exit, Failure> {
     let client = ctx.connect().await?;
     let runs = client.list_runs(limit).await?;
     match ctx.format {

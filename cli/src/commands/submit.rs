@@ -10,7 +10,7 @@ use crate::exit::{Exit, Failure};
 use crate::follow::follow;
 use crate::output::Format;
 
-pub async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure> {
+pub(crate) async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure> {
     let text = read_pipeline(&args.file)?;
     let client = ctx.connect().await?;
     let request = SubmitRunRequest {

@@ -9,7 +9,7 @@ use super::{Context, print_json, read_pipeline};
 use crate::exit::{Exit, Failure};
 use crate::output::Format;
 
-pub fn run(ctx: &Context, path: &Path) -> Result<Exit, Failure> {
+pub(crate) fn run(ctx: &Context, path: &Path) -> Result<Exit, Failure> {
     let file = path.display().to_string();
     let text = read_pipeline(path)?;
     match (parse(&file, &text), ctx.format) {
