@@ -7,8 +7,8 @@ pub mod runner;
 pub mod status;
 
 use crate::election::Election;
-use crate::log_feed::LogFeed;
 use crate::logs::LogStore;
+use crate::logs::feed::LogFeed;
 use crate::metrics::Metrics;
 use crate::scheduler::{Command, Reply, SchedulerHandle};
 use std::sync::Arc;
@@ -28,7 +28,6 @@ pub enum Role {
 #[derive(Clone)]
 pub struct LeaderCtx {
     pub scheduler: SchedulerHandle,
-    pub epoch: u64,
     /// Cancelled when the leadership ends: leader-only streams stop with it.
     pub token: CancellationToken,
     /// The log store, opened anew for each leadership: another replica may
@@ -46,8 +45,6 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub registration_token: Arc<str>,
     pub advertise: Arc<str>,
-    /// Ends long-lived response streams so a graceful shutdown can finish.
-    pub shutdown: CancellationToken,
 }
 
 impl LeaderCtx {

@@ -444,7 +444,6 @@ mod tests {
         .unwrap();
         let leader = super::super::LeaderCtx {
             scheduler: handle,
-            epoch: 1,
             token: token.clone(),
             logs,
         };
@@ -460,7 +459,6 @@ mod tests {
             metrics,
             registration_token: "t".into(),
             advertise: "http://127.0.0.1:1".into(),
-            shutdown: tokio_util::sync::CancellationToken::new(),
         };
         let (tx, _rx) = mpsc::channel(4);
         let follower =

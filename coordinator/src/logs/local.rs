@@ -133,11 +133,6 @@ impl LocalLogStore {
         })
     }
 
-    /// The directory holding the logs.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The file holding `attempt`'s log (whose id must have passed
     /// [`check_id`]).
     fn path(&self, attempt: &AttemptId) -> PathBuf {

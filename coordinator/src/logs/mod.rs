@@ -31,9 +31,14 @@
 //!   [`MAX_ID_LEN`] bytes); any other id is [`LogError::BadId`] for every
 //!   call.
 
-pub mod conformance;
-pub mod local;
-pub mod memory;
+// Test code, only this crate's tests use them (unlike the store's, which
+// the `testing` feature exports).
+#[cfg(test)]
+pub(crate) mod conformance;
+pub(crate) mod feed;
+pub(crate) mod local;
+#[cfg(test)]
+pub(crate) mod memory;
 
 use async_trait::async_trait;
 use capstan_shared::ids::AttemptId;

@@ -247,10 +247,6 @@ fn retention_check(timing: &Timing) -> std::time::Duration {
 }
 
 impl Scheduler {
-    pub fn epoch(&self) -> u64 {
-        self.state.epoch
-    }
-
     /// Runs until `shutdown` or a store failure.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(std::time::Duration::from_millis(100));

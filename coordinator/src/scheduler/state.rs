@@ -196,7 +196,6 @@ pub enum StateError {
 pub struct Effects {
     pub dirty_runs: HashSet<RunId>,
     pub dirty_runners: HashSet<RunnerId>,
-    pub epoch_dirty: bool,
     /// Messages for runners, in the order they were made.
     pub outbox: Vec<Outgoing>,
     /// Attempts offered in this batch: their offer clock starts when the
