@@ -85,29 +85,18 @@ pub async fn run(
     };
 
     if let Some(http) = http {
-        let addr = http.local_addr()?;
         let state = http::HttpState {
             metrics: metrics.clone(),
             ready: ready.clone(),
             role: shared.role.clone(),
         };
-        let token = inner.clone();
-        tracker.spawn(async move {
-            if let Err(e) = http::serve(http, state, token).await {
-                tracing::error!(error = %e, "HTTP side port failed");
-            }
-        });
-        tracing::info!(%addr, "HTTP side port listening");
+        spawn_http(&tracker, http, state, inner.clone())?;
     }
-
     let server = grpc_server(shared);
-    let incoming = nodelay_incoming(grpc);
-    let server_token = inner.clone();
-    let server_task = tracker.spawn(async move {
+    let server_task = tracker.spawn(
         server
-            .serve_with_incoming_shutdown(incoming, server_token.cancelled_owned())
-            .await
-    });
+            .serve_with_incoming_shutdown(nodelay_incoming(grpc), inner.clone().cancelled_owned()),
+    );
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, standalone, "coordinator serving");
 
@@ -129,6 +118,13 @@ pub async fn run(
             Err(e) => Err(anyhow::anyhow!("gRPC server task panicked: {e}")),
         },
     };
+    stop(&inner, &*election, &tracker).await;
+    result
+}
+
+/// Stops the replica's tasks and resigns (so another replica takes over
+/// at once), waiting a bounded time for the tasks.
+async fn stop(inner: &CancellationToken, election: &dyn election::Election, tracker: &TaskTracker) {
     inner.cancel();
     election.resign().await;
     tracker.close();
@@ -138,7 +134,23 @@ pub async fn run(
     {
         tracing::warn!("some coordinator tasks did not stop within 5 s");
     }
-    result
+}
+
+/// Serves the HTTP side port on `listener` until `token` is cancelled.
+fn spawn_http(
+    tracker: &TaskTracker,
+    listener: tokio::net::TcpListener,
+    state: http::HttpState,
+    token: CancellationToken,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    tracker.spawn(async move {
+        if let Err(e) = http::serve(listener, state, token).await {
+            tracing::error!(error = %e, "HTTP side port failed");
+        }
+    });
+    tracing::info!(%addr, "HTTP side port listening");
+    Ok(())
 }
 
 /// The state store and the election: redb and a standalone election

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-pub struct PipelineApi(pub Shared);
+pub(crate) struct PipelineApi(pub Shared);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -33,10 +33,10 @@ fn run_id(s: String) -> Result<RunId, Status> {
 }
 
 /// Longest `SubmitRunRequest.idempotency_key` accepted.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+pub(crate) const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// Turns a submit request into a run record, or every validation error.
-pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
+pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
     if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(Status::invalid_argument(format!(
             "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_BYTES} (a UUID is plenty)",

@@ -279,7 +279,7 @@ impl Scheduler {
                     }
                 }
                 // Unconditional: a guard evaluated on every loop turn cost
-                // O(runners) per heartbeat (28 % of a core at 10,000 runners).
+                // O(runners) per heartbeat (measured: docs/decisions.md).
                 _ = sweep.tick() => {
                     // Heartbeats already queued count before leases are
                     // judged: after a slow write they may be waiting here.

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use tokio::sync::mpsc;
 
 /// The sending half of a runner's Control stream.
-pub type RunnerTx = mpsc::UnboundedSender<Result<rpb::CoordinatorMessage, tonic::Status>>;
+pub(crate) type RunnerTx = mpsc::UnboundedSender<Result<rpb::CoordinatorMessage, tonic::Status>>;
 
 pub(super) fn msg(kind: Down) -> rpb::CoordinatorMessage {
     rpb::CoordinatorMessage { kind: Some(kind) }
