@@ -17,14 +17,15 @@
 //! machine, composed of small owners); `dispatch` (which runner gets which
 //! task); `lease` (a connection's lease, stamped off the loop); `view`
 //! (records as the client API shows them). Doors: the API layer reaches
-//! the loop only through [`SchedulerHandle`]; the loop reaches the state
-//! only through [`state::SchedulerState`]'s methods.
+//! the loop only through [`SchedulerHandle`] (and a Control stream's reader
+//! uses `lease`); the loop reaches the state only through
+//! [`state::SchedulerState`]'s methods; `dispatch` and `view` are private.
 
 mod commit;
-pub(crate) mod dispatch;
+mod dispatch;
 pub(crate) mod lease;
 pub(crate) mod state;
-pub(crate) mod view;
+mod view;
 
 use crate::logs::LogStore;
 use crate::metrics::Metrics;

@@ -42,3 +42,23 @@ impl ReadyQueue {
         self.keys.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn higher_priority_first_then_submit_order_then_task_order() {
+        let (a, b) = (RunId::from_string("run-a"), RunId::from_string("run-b"));
+        let mut q = ReadyQueue::default();
+        q.insert(0, 1, &a, 1);
+        q.insert(0, 1, &a, 0);
+        q.insert(0, 0, &b, 2);
+        q.insert(5, 2, &b, 0);
+        let order: Vec<(u64, usize)> = q.iter().map(|(_, seq, _, i)| (*seq, *i)).collect();
+        assert_eq!(order, [(2, 0), (0, 2), (1, 0), (1, 1)]);
+        q.remove(0, 1, &a, 0);
+        assert_eq!(q.len(), 3);
+        assert!(!q.is_empty());
+    }
+}
