@@ -14,15 +14,15 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Role;
 
 #[derive(Clone)]
-pub struct HttpState {
-    pub metrics: Arc<Metrics>,
+pub(crate) struct HttpState {
+    pub(crate) metrics: Arc<Metrics>,
     /// True once the gRPC server accepts calls.
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
     /// Whether this replica leads (and so serves the API) right now.
-    pub role: watch::Receiver<Role>,
+    pub(crate) role: watch::Receiver<Role>,
 }
 
-pub fn router(state: HttpState) -> Router {
+pub(crate) fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -58,7 +58,7 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: CancellationToken,

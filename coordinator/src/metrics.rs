@@ -7,18 +7,18 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Every metric the coordinator exports. Cheap to update from any task.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
-    pub queue_depth: Gauge,
-    pub runners_connected: Gauge,
-    pub runs_submitted: Counter,
+    pub(crate) queue_depth: Gauge,
+    pub(crate) runners_connected: Gauge,
+    pub(crate) runs_submitted: Counter,
     /// Finished runs deleted by retention.
-    pub runs_deleted: Counter,
-    pub log_bytes: Counter,
+    pub(crate) runs_deleted: Counter,
+    pub(crate) log_bytes: Counter,
     /// Queued -> accepted by a runner, milliseconds.
-    pub pickup_ms: Histogram,
+    pub(crate) pickup_ms: Histogram,
     /// Task wall time from first start to end, seconds.
-    pub task_seconds: Histogram,
+    pub(crate) task_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -73,7 +73,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -13,20 +13,20 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub const RUNS_PREFIX: &str = "runs/";
-pub const RUNNERS_PREFIX: &str = "runners/";
-pub const EPOCH_KEY: &str = "meta/epoch";
+pub(crate) const RUNS_PREFIX: &str = "runs/";
+pub(crate) const RUNNERS_PREFIX: &str = "runners/";
+pub(crate) const EPOCH_KEY: &str = "meta/epoch";
 
-pub fn run_key(id: &RunId) -> String {
+pub(crate) fn run_key(id: &RunId) -> String {
     format!("{RUNS_PREFIX}{id}")
 }
 
-pub fn runner_key(id: &RunnerId) -> String {
+pub(crate) fn runner_key(id: &RunnerId) -> String {
     format!("{RUNNERS_PREFIX}{id}")
 }
 
 /// Milliseconds since the Unix epoch, for display and ordering of records.
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -34,79 +34,79 @@ pub fn now_ms() -> i64 {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub id: RunId,
-    pub pipeline: String,
-    pub state: StoredRunState,
-    pub priority: i32,
+pub(crate) struct RunRecord {
+    pub(crate) id: RunId,
+    pub(crate) pipeline: String,
+    pub(crate) state: StoredRunState,
+    pub(crate) priority: i32,
     /// Submission order, for FIFO within a priority.
-    pub seq: u64,
-    pub created_at_ms: i64,
-    pub finished_at_ms: i64,
-    pub repo: String,
-    pub rev: String,
-    pub cancel_requested: bool,
-    pub tasks: Vec<TaskRecord>,
+    pub(crate) seq: u64,
+    pub(crate) created_at_ms: i64,
+    pub(crate) finished_at_ms: i64,
+    pub(crate) repo: String,
+    pub(crate) rev: String,
+    pub(crate) cancel_requested: bool,
+    pub(crate) tasks: Vec<TaskRecord>,
     /// The submitter's key for safe retries (see `SubmitRunRequest`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub idempotency_key: String,
+    pub(crate) idempotency_key: String,
     /// W3C trace context of the run's root span (empty: not traced), kept
     /// with the run so that whichever leader dispatches its tasks continues
     /// the same trace. Before the scheduler accepts the run it holds the
     /// submitter's context, if the request carried one.
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub traceparent: String,
+    pub(crate) traceparent: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub tracestate: String,
+    pub(crate) tracestate: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TaskRecord {
-    pub name: String,
+pub(crate) struct TaskRecord {
+    pub(crate) name: String,
     /// Indexes into the run's `tasks`.
-    pub needs: Vec<usize>,
+    pub(crate) needs: Vec<usize>,
     /// The resolved task, prost-encoded (hex) so the wire type is the one source of truth.
     #[serde(with = "spec_hex")]
-    pub spec: TaskSpec,
-    pub state: StoredTaskState,
+    pub(crate) spec: TaskSpec,
+    pub(crate) state: StoredTaskState,
     /// Script-failure retries the pipeline allows.
-    pub retries: u32,
-    pub script_failures: u32,
-    pub infra_failures: u32,
-    pub attempts: Vec<AttemptRecord>,
-    pub message: String,
-    pub exit_code: Option<i32>,
+    pub(crate) retries: u32,
+    pub(crate) script_failures: u32,
+    pub(crate) infra_failures: u32,
+    pub(crate) attempts: Vec<AttemptRecord>,
+    pub(crate) message: String,
+    pub(crate) exit_code: Option<i32>,
     /// What the succeeded attempt reported (pushed digest, commit, ...).
     #[serde(default)]
-    pub outputs: BTreeMap<String, String>,
-    pub queued_at_ms: i64,
-    pub started_at_ms: i64,
-    pub finished_at_ms: i64,
+    pub(crate) outputs: BTreeMap<String, String>,
+    pub(crate) queued_at_ms: i64,
+    pub(crate) started_at_ms: i64,
+    pub(crate) finished_at_ms: i64,
 }
 
 impl TaskRecord {
-    pub fn current_attempt(&self) -> Option<&AttemptRecord> {
+    pub(crate) fn current_attempt(&self) -> Option<&AttemptRecord> {
         self.attempts.last()
     }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AttemptRecord {
-    pub id: AttemptId,
-    pub number: u32,
-    pub runner: RunnerId,
-    pub runner_name: String,
-    pub state: AttemptState,
-    pub offered_at_ms: i64,
-    pub started_at_ms: i64,
-    pub finished_at_ms: i64,
-    pub log_length: u64,
+pub(crate) struct AttemptRecord {
+    pub(crate) id: AttemptId,
+    pub(crate) number: u32,
+    pub(crate) runner: RunnerId,
+    pub(crate) runner_name: String,
+    pub(crate) state: AttemptState,
+    pub(crate) offered_at_ms: i64,
+    pub(crate) started_at_ms: i64,
+    pub(crate) finished_at_ms: i64,
+    pub(crate) log_length: u64,
 }
 
 /// Where one attempt is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AttemptState {
+pub(crate) enum AttemptState {
     Offered,
     Running,
     /// The coordinator asked the runner to stop it; the slot stays taken
@@ -122,14 +122,14 @@ pub enum AttemptState {
 
 impl AttemptState {
     /// The attempt holds a slot on its runner.
-    pub fn is_active(self) -> bool {
+    pub(crate) fn is_active(self) -> bool {
         matches!(self, Self::Offered | Self::Running | Self::Cancelling)
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StoredRunState {
+pub(crate) enum StoredRunState {
     Queued,
     Running,
     Succeeded,
@@ -138,7 +138,7 @@ pub enum StoredRunState {
 }
 
 impl StoredRunState {
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 }
@@ -157,7 +157,7 @@ impl From<StoredRunState> for RunState {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StoredTaskState {
+pub(crate) enum StoredTaskState {
     Waiting,
     Queued,
     Offered,
@@ -169,7 +169,7 @@ pub enum StoredTaskState {
 }
 
 impl StoredTaskState {
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(
             self,
             Self::Succeeded | Self::Failed | Self::Cancelled | Self::Skipped
@@ -193,27 +193,27 @@ impl From<StoredTaskState> for TaskState {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunnerRecord {
-    pub id: RunnerId,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub capacity: u32,
+pub(crate) struct RunnerRecord {
+    pub(crate) id: RunnerId,
+    pub(crate) name: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) capacity: u32,
     /// SHA-256 of the runner secret, hex. The secret itself is never stored.
-    pub secret_hash: String,
-    pub version: String,
-    pub draining: bool,
-    pub registered_at_ms: i64,
+    pub(crate) secret_hash: String,
+    pub(crate) version: String,
+    pub(crate) draining: bool,
+    pub(crate) registered_at_ms: i64,
 }
 
 mod spec_hex {
     use super::*;
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(spec: &TaskSpec, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(spec: &TaskSpec, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(spec.encode_to_vec()))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TaskSpec, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TaskSpec, D::Error> {
         let text = String::deserialize(d)?;
         let bytes = hex::decode(text).map_err(serde::de::Error::custom)?;
         TaskSpec::decode(bytes.as_slice()).map_err(serde::de::Error::custom)
@@ -221,7 +221,7 @@ mod spec_hex {
 }
 
 /// SHA-256 of a secret, hex-encoded.
-pub fn hash_secret(secret: &str) -> String {
+pub(crate) fn hash_secret(secret: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(secret.as_bytes()))
 }

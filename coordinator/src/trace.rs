@@ -51,12 +51,12 @@ fn run_attributes(run: &RunRecord, epoch: u64) -> Vec<KeyValue> {
 
 /// The open run spans of this leadership, by run. Dropping it ends them.
 #[derive(Default)]
-pub struct RunSpans(HashMap<RunId, OtelSpan>);
+pub(crate) struct RunSpans(HashMap<RunId, OtelSpan>);
 
 impl RunSpans {
     /// Opens the `run` span of a newly accepted run and stores its context
     /// in the record (replacing the submitter's, which becomes its parent).
-    pub fn submitted(&mut self, run: &mut RunRecord, epoch: u64) {
+    pub(crate) fn submitted(&mut self, run: &mut RunRecord, epoch: u64) {
         let Some(tracer) = capstan_telemetry::tracer() else {
             return;
         };
@@ -75,7 +75,7 @@ impl RunSpans {
     }
 
     /// Opens `run.resumed` for an unfinished run a new leader loaded.
-    pub fn resumed(&mut self, run: &RunRecord, epoch: u64) {
+    pub(crate) fn resumed(&mut self, run: &RunRecord, epoch: u64) {
         let Some(tracer) = capstan_telemetry::tracer() else {
             return;
         };
@@ -90,7 +90,7 @@ impl RunSpans {
     }
 
     /// Ends the run's span with its final state; a failed run's is an error.
-    pub fn finished(&mut self, run: &RunRecord) {
+    pub(crate) fn finished(&mut self, run: &RunRecord) {
         if self.0.is_empty() {
             return;
         }
@@ -120,7 +120,7 @@ impl RunSpans {
 /// Records the `task.dispatch` span of an offer and returns the context the
 /// runner continues. With export off, the run's own context (a submitter's,
 /// if any) passes through, so a runner that exports still joins that trace.
-pub fn dispatch(
+pub(crate) fn dispatch(
     run: &RunRecord,
     task: &TaskRecord,
     attempt: &str,

@@ -4,7 +4,7 @@ use super::Shared;
 use capstan_proto::cluster::v1::*;
 use tonic::{Request, Response, Status};
 
-pub struct ClusterApi(pub Shared);
+pub(crate) struct ClusterApi(pub Shared);
 
 impl ClusterApi {
     async fn leader_info(&self) -> Result<crate::election::LeaderInfo, Status> {

@@ -1,71 +1,71 @@
 //! Thin tonic handlers. Each unwraps its request, asks the scheduler (or the
 //! log store) and maps errors to `tonic::Status` in one place ([`status`]).
 
-pub mod cluster;
-pub mod pipeline;
-pub mod runner;
-pub mod status;
+pub(crate) mod cluster;
+pub(crate) mod pipeline;
+pub(crate) mod runner;
+pub(crate) mod status;
 
 use crate::election::Election;
-use crate::log_feed::LogFeed;
 use crate::logs::LogStore;
+use crate::logs::feed::LogFeed;
 use crate::metrics::Metrics;
 use crate::scheduler::{Command, Reply, SchedulerHandle};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Metadata key naming the leader's URL in a follower's UNAVAILABLE answer.
-pub const LEADER_METADATA: &str = "capstan-leader";
-
 /// What this replica is right now.
 #[derive(Clone)]
-pub enum Role {
+pub(crate) enum Role {
     Follower,
     Leader(LeaderCtx),
 }
 
 /// Handles valid while this replica leads.
 #[derive(Clone)]
-pub struct LeaderCtx {
-    pub scheduler: SchedulerHandle,
-    pub epoch: u64,
+pub(crate) struct LeaderCtx {
+    pub(crate) scheduler: SchedulerHandle,
     /// Cancelled when the leadership ends: leader-only streams stop with it.
-    pub token: CancellationToken,
+    pub(crate) token: CancellationToken,
     /// The log store, opened anew for each leadership: another replica may
     /// have appended to the shared directory meanwhile, so nothing cached by
     /// an earlier leadership of this replica can be trusted.
-    pub logs: Arc<dyn LogStore>,
+    pub(crate) logs: Arc<dyn LogStore>,
 }
 
 /// What every handler needs.
 #[derive(Clone)]
-pub struct Shared {
-    pub role: tokio::sync::watch::Receiver<Role>,
-    pub election: Arc<dyn Election>,
-    pub feed: Arc<LogFeed>,
-    pub metrics: Arc<Metrics>,
-    pub registration_token: Arc<str>,
-    pub advertise: Arc<str>,
-    /// Ends long-lived response streams so a graceful shutdown can finish.
-    pub shutdown: CancellationToken,
+pub(crate) struct Shared {
+    pub(crate) role: tokio::sync::watch::Receiver<Role>,
+    pub(crate) election: Arc<dyn Election>,
+    pub(crate) feed: Arc<LogFeed>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) registration_token: Arc<str>,
+    pub(crate) advertise: Arc<str>,
 }
 
 impl LeaderCtx {
     /// Asks the scheduler; both ways it can fail become a `Status`.
-    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, tonic::Status> {
+    pub(crate) async fn ask<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, tonic::Status> {
         status::flatten(self.scheduler.ask(make).await)
     }
 }
 
 impl Shared {
     /// Asks the leader's scheduler, or answers as a follower does.
-    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, tonic::Status> {
+    pub(crate) async fn ask<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, tonic::Status> {
         self.leader().await?.ask(make).await
     }
 
     /// The leader's handles, or the UNAVAILABLE answer a follower gives:
     /// it names the leader in the `capstan-leader` metadata when it knows it.
-    pub async fn leader(&self) -> Result<LeaderCtx, tonic::Status> {
+    pub(crate) async fn leader(&self) -> Result<LeaderCtx, tonic::Status> {
         if let Role::Leader(ctx) = &*self.role.borrow() {
             return Ok(ctx.clone());
         }
@@ -80,8 +80,8 @@ impl Shared {
             "this coordinator is not the leader and no leader is elected yet; retry shortly"
                 .to_string()
         });
-        if known && let Ok(v) = info.endpoint.parse() {
-            status.metadata_mut().insert(LEADER_METADATA, v);
+        if known {
+            capstan_proto::leader::add_hint(&mut status, &info.endpoint);
         }
         Err(status)
     }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-pub struct PipelineApi(pub Shared);
+pub(crate) struct PipelineApi(pub Shared);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -32,10 +32,10 @@ fn run_id(s: String) -> Result<RunId, Status> {
 }
 
 /// Longest `SubmitRunRequest.idempotency_key` accepted.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+pub(crate) const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// Turns a submit request into a run record, or every validation error.
-pub fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
+pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
     if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(Status::invalid_argument(format!(
             "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_BYTES} (a UUID is plenty)",
@@ -443,7 +443,6 @@ mod tests {
         .unwrap();
         let leader = super::super::LeaderCtx {
             scheduler: handle,
-            epoch: 1,
             token: token.clone(),
             logs,
         };
@@ -459,7 +458,6 @@ mod tests {
             metrics,
             registration_token: "t".into(),
             advertise: "http://127.0.0.1:1".into(),
-            shutdown: tokio_util::sync::CancellationToken::new(),
         };
         let (tx, _rx) = mpsc::channel(4);
         let follower =

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-pub struct RunnerApi(pub Shared);
+pub(crate) struct RunnerApi(pub Shared);
 
 /// How long a new Control stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,64 +146,17 @@ impl runner_service_server::RunnerService for RunnerApi {
             }
             let attempt = AttemptId::from_string(chunk.attempt_id);
             if !allowed.contains(&attempt) {
-                let runner = RunnerId::from_string(chunk.runner_id);
-                let secret = chunk.runner_secret;
-                let a = attempt.clone();
-                leader
-                    .ask(|reply| Command::AuthorizeLog {
-                        runner,
-                        secret,
-                        attempt: a,
-                        reply,
-                    })
-                    .await?;
+                authorize(&leader, chunk.runner_id, chunk.runner_secret, &attempt).await?;
                 allowed.insert(attempt.clone());
             }
-            // The chunks of this log that follow on and have already
-            // arrived go to the store in the same call.
             let offset = chunk.offset;
-            let mut end = offset + chunk.data.len() as u64;
-            let mut size = chunk.data.len();
-            let mut parts = vec![chunk.data];
-            let mut broke = None;
-            while size < APPEND_BATCH {
-                match futures::FutureExt::now_or_never(chunks.message()) {
-                    Some(Ok(Some(next)))
-                        if next.attempt_id == attempt.as_str() && next.offset == end =>
-                    {
-                        end += next.data.len() as u64;
-                        size += next.data.len();
-                        parts.push(next.data);
-                    }
-                    Some(Ok(Some(next))) => {
-                        carried = Some(next);
-                        break;
-                    }
-                    Some(Ok(None)) => {
-                        ended = true;
-                        break;
-                    }
-                    Some(Err(status)) => {
-                        broke = Some(status);
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            let before = match durable.get(&attempt) {
-                Some(&n) => n,
-                None => leader.logs.len(&attempt).await.map_err(status::from_log)?,
-            };
-            let len = self.append(&leader, &attempt, offset, parts).await?;
-            // Bytes this call added (a chunk that waited for a gap starts
-            // where the other stream left the log).
-            let before = before.max(offset);
-            if len > before {
-                self.0.metrics.log_bytes.inc_by(len - before);
-                self.0.feed.publish();
-            }
+            let (parts, stop) = gather(&mut chunks, &attempt, offset, chunk.data);
+            (carried, ended) = (stop.carried, stop.ended);
+            let len = self
+                .store(&leader, &durable, &attempt, offset, parts)
+                .await?;
             durable.insert(attempt, len);
-            if let Some(status) = broke {
+            if let Some(status) = stop.broke {
                 return Err(status);
             }
         }
@@ -219,6 +172,74 @@ impl runner_service_server::RunnerService for RunnerApi {
     }
 }
 
+/// Asks the scheduler whether `runner` (with `secret`) may write `attempt`'s log.
+async fn authorize(
+    leader: &super::LeaderCtx,
+    runner: String,
+    secret: String,
+    attempt: &AttemptId,
+) -> Result<(), Status> {
+    let runner = RunnerId::from_string(runner);
+    let attempt = attempt.clone();
+    leader
+        .ask(|reply| Command::AuthorizeLog {
+            runner,
+            secret,
+            attempt,
+            reply,
+        })
+        .await
+}
+
+/// What ended a [`gather`] short of [`APPEND_BATCH`].
+#[derive(Default)]
+struct Stop {
+    /// A chunk of another log, or not following on: the next batch's first.
+    carried: Option<LogChunk>,
+    /// The stream ended.
+    ended: bool,
+    /// The stream broke (returned once the batch is stored).
+    broke: Option<Status>,
+}
+
+/// The chunks of `attempt`'s log that follow on from the one at `offset`
+/// (its `first` bytes) and have already arrived, taken off `chunks` without
+/// waiting, so they go to the store in the same call.
+fn gather(
+    chunks: &mut Streaming<LogChunk>,
+    attempt: &AttemptId,
+    offset: u64,
+    first: bytes::Bytes,
+) -> (Vec<bytes::Bytes>, Stop) {
+    let mut end = offset + first.len() as u64;
+    let mut size = first.len();
+    let mut parts = vec![first];
+    let mut stop = Stop::default();
+    while size < APPEND_BATCH {
+        match futures::FutureExt::now_or_never(chunks.message()) {
+            Some(Ok(Some(next))) if next.attempt_id == attempt.as_str() && next.offset == end => {
+                end += next.data.len() as u64;
+                size += next.data.len();
+                parts.push(next.data);
+            }
+            Some(Ok(Some(next))) => {
+                stop.carried = Some(next);
+                break;
+            }
+            Some(Ok(None)) => {
+                stop.ended = true;
+                break;
+            }
+            Some(Err(status)) => {
+                stop.broke = Some(status);
+                break;
+            }
+            None => break,
+        }
+    }
+    (parts, stop)
+}
+
 /// Most bytes of one stream handed to the log store in one call.
 const APPEND_BATCH: usize = 2 * 1024 * 1024;
 
@@ -229,6 +250,32 @@ const APPEND_BATCH: usize = 2 * 1024 * 1024;
 const GAP_WAIT: Duration = Duration::from_secs(5);
 
 impl RunnerApi {
+    /// Appends `parts` to `attempt`'s log at `offset` and counts the bytes
+    /// this call added (`durable`: the lengths this stream already saw).
+    /// Returns the log's new length.
+    async fn store(
+        &self,
+        leader: &super::LeaderCtx,
+        durable: &HashMap<AttemptId, u64>,
+        attempt: &AttemptId,
+        offset: u64,
+        parts: Vec<bytes::Bytes>,
+    ) -> Result<u64, Status> {
+        let before = match durable.get(attempt) {
+            Some(&n) => n,
+            None => leader.logs.len(attempt).await.map_err(status::from_log)?,
+        };
+        let len = self.append(leader, attempt, offset, parts).await?;
+        // Bytes this call added (a chunk that waited for a gap starts
+        // where the other stream left the log).
+        let before = before.max(offset);
+        if len > before {
+            self.0.metrics.log_bytes.inc_by(len - before);
+            self.0.feed.publish();
+        }
+        Ok(len)
+    }
+
     /// Appends `parts` at `offset`, waiting up to [`GAP_WAIT`] for the log to
     /// reach `offset` (see there). Returns the log's new length.
     async fn append(

@@ -5,7 +5,7 @@ use crate::scheduler::SchedulerGone;
 use crate::scheduler::state::StateError;
 use tonic::Status;
 
-pub fn from_state(e: StateError) -> Status {
+pub(crate) fn from_state(e: StateError) -> Status {
     match e {
         StateError::UnknownRun(_)
         | StateError::UnknownTask { .. }
@@ -16,11 +16,11 @@ pub fn from_state(e: StateError) -> Status {
     }
 }
 
-pub fn from_gone(e: SchedulerGone) -> Status {
+pub(crate) fn from_gone(e: SchedulerGone) -> Status {
     Status::unavailable(e.to_string())
 }
 
-pub fn from_log(e: LogError) -> Status {
+pub(crate) fn from_log(e: LogError) -> Status {
     match e {
         LogError::Gap { .. } => Status::out_of_range(e.to_string()),
         LogError::BadId(_) => Status::invalid_argument(e.to_string()),
@@ -33,6 +33,6 @@ pub fn from_log(e: LogError) -> Status {
 }
 
 /// Flattens the scheduler's double result.
-pub fn flatten<T>(r: Result<Result<T, StateError>, SchedulerGone>) -> Result<T, Status> {
+pub(crate) fn flatten<T>(r: Result<Result<T, StateError>, SchedulerGone>) -> Result<T, Status> {
     r.map_err(from_gone)?.map_err(from_state)
 }

@@ -13,7 +13,7 @@ use etcd_client::{GetOptions, LeaderKey, ResignOptions};
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub struct EtcdElection {
+pub(crate) struct EtcdElection {
     pool: EtcdPool,
     /// Election name: `<prefix>election`; candidates' keys live under `<name>/`.
     name: String,
@@ -33,7 +33,7 @@ fn backend(e: impl std::error::Error + Send + Sync + 'static) -> ElectionError {
 
 impl EtcdElection {
     /// `store` gets the fence of every leadership this election wins.
-    pub fn new(
+    pub(crate) fn new(
         pool: EtcdPool,
         prefix: &str,
         advertise: String,

@@ -18,29 +18,29 @@
 //! - [`Election::resign`] gives leadership up at once (graceful shutdown);
 //!   it is safe to call when not leading.
 
-pub mod etcd;
-pub mod standalone;
+pub(crate) mod etcd;
+pub(crate) mod standalone;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 /// This replica leads until `lost` is cancelled.
 #[derive(Clone, Debug)]
-pub struct Leadership {
-    pub epoch: u64,
-    pub lost: CancellationToken,
+pub(crate) struct Leadership {
+    pub(crate) epoch: u64,
+    pub(crate) lost: CancellationToken,
 }
 
 /// Who leads now, as any replica sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LeaderInfo {
+pub(crate) struct LeaderInfo {
     /// gRPC URL of the leader; empty while there is none.
-    pub endpoint: String,
-    pub epoch: u64,
+    pub(crate) endpoint: String,
+    pub(crate) epoch: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ElectionError {
+pub(crate) enum ElectionError {
     #[error("election backend unavailable: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
@@ -48,7 +48,7 @@ pub enum ElectionError {
 }
 
 #[async_trait]
-pub trait Election: Send + Sync + 'static {
+pub(crate) trait Election: Send + Sync + 'static {
     /// Waits until this replica leads (or `shutdown`, then `None`).
     async fn campaign(
         &self,

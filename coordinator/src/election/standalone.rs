@@ -6,14 +6,14 @@ use crate::store::{Op, Store};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub struct StandaloneElection {
+pub(crate) struct StandaloneElection {
     store: Arc<dyn Store>,
     advertise: String,
     epoch: AtomicU64,
 }
 
 impl StandaloneElection {
-    pub fn new(store: Arc<dyn Store>, advertise: String) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, advertise: String) -> Self {
         Self {
             store,
             advertise,

@@ -9,7 +9,7 @@ use capstan_proto::ids::AttemptId;
 use std::sync::Arc;
 
 /// Runs every check below, in order.
-pub async fn run_all(store: Arc<dyn LogStore>) {
+pub(crate) async fn run_all(store: Arc<dyn LogStore>) {
     append_sequence(&*store).await;
     overlapping_resend_is_written_once(&*store).await;
     partial_overlap(&*store).await;
@@ -26,7 +26,7 @@ pub async fn run_all(store: Arc<dyn LogStore>) {
 }
 
 /// The orphan sweep's view: every log written and not deleted is listed.
-pub async fn list_names_every_log(store: &dyn LogStore) {
+pub(crate) async fn list_names_every_log(store: &dyn LogStore) {
     let a = AttemptId::generate();
     let b = AttemptId::generate();
     store.append(&a, 0, b"a\n").await.unwrap();
@@ -48,7 +48,7 @@ pub async fn list_names_every_log(store: &dyn LogStore) {
 
 /// Retention: a deleted log reads as never written, deleting twice (or a
 /// log never written) is fine, and a new log can start again at 0.
-pub async fn delete_forgets_the_log(store: &dyn LogStore) {
+pub(crate) async fn delete_forgets_the_log(store: &dyn LogStore) {
     let a = AttemptId::generate();
     let b = AttemptId::generate();
     store.append(&a, 0, b"old output\n").await.unwrap();
@@ -81,7 +81,7 @@ async fn contents(store: &dyn LogStore, attempt: &AttemptId) -> Vec<u8> {
     all.to_vec()
 }
 
-pub async fn append_sequence(store: &dyn LogStore) {
+pub(crate) async fn append_sequence(store: &dyn LogStore) {
     let a = AttemptId::generate();
     assert_eq!(store.append(&a, 0, b"hello ").await.unwrap(), 6, "append");
     assert_eq!(store.append(&a, 6, b"world").await.unwrap(), 11, "append");
@@ -94,7 +94,7 @@ pub async fn append_sequence(store: &dyn LogStore) {
 }
 
 /// Chunks resent whole (a reconnecting runner) leave the log as it was.
-pub async fn overlapping_resend_is_written_once(store: &dyn LogStore) {
+pub(crate) async fn overlapping_resend_is_written_once(store: &dyn LogStore) {
     let a = AttemptId::generate();
     store.append(&a, 0, b"line 1\n").await.unwrap();
     store.append(&a, 7, b"line 2\n").await.unwrap();
@@ -124,7 +124,7 @@ pub async fn overlapping_resend_is_written_once(store: &dyn LogStore) {
 
 /// `append_parts` behaves as one append of the concatenated parts: parts
 /// already stored (whole or in part) are skipped, a gap writes nothing.
-pub async fn append_parts_is_one_append(store: &dyn LogStore) {
+pub(crate) async fn append_parts_is_one_append(store: &dyn LogStore) {
     use bytes::Bytes;
     let parts = |p: &[&'static [u8]]| p.iter().map(|s| Bytes::from_static(s)).collect::<Vec<_>>();
     let a = AttemptId::generate();
@@ -181,7 +181,7 @@ pub async fn append_parts_is_one_append(store: &dyn LogStore) {
 }
 
 /// A chunk that is partly stored appends only its new part.
-pub async fn partial_overlap(store: &dyn LogStore) {
+pub(crate) async fn partial_overlap(store: &dyn LogStore) {
     let a = AttemptId::generate();
     store.append(&a, 0, b"abcdef").await.unwrap();
     assert_eq!(store.append(&a, 4, b"efGHI").await.unwrap(), 9, "overlap");
@@ -195,7 +195,7 @@ pub async fn partial_overlap(store: &dyn LogStore) {
 }
 
 /// Data starting past the end is refused, and nothing of it is written.
-pub async fn gap_is_refused_and_writes_nothing(store: &dyn LogStore) {
+pub(crate) async fn gap_is_refused_and_writes_nothing(store: &dyn LogStore) {
     let a = AttemptId::generate();
     store.append(&a, 0, b"0123").await.unwrap();
     match store.append(&a, 5, b"56789").await {
@@ -237,7 +237,7 @@ pub async fn gap_is_refused_and_writes_nothing(store: &dyn LogStore) {
     assert!(store.read(&b, 0, 10).await.unwrap().is_empty());
 }
 
-pub async fn read_ranges(store: &dyn LogStore) {
+pub(crate) async fn read_ranges(store: &dyn LogStore) {
     let a = AttemptId::generate();
     store.append(&a, 0, b"0123456789").await.unwrap();
     let read = |offset: u64, max: usize| {
@@ -264,7 +264,7 @@ pub async fn read_ranges(store: &dyn LogStore) {
 }
 
 /// An attempt never written is empty, and looking at it creates nothing.
-pub async fn unknown_attempt(store: &dyn LogStore) {
+pub(crate) async fn unknown_attempt(store: &dyn LogStore) {
     let a = AttemptId::generate();
     assert_eq!(store.len(&a).await.unwrap(), 0, "len of an unknown attempt");
     assert!(store.read(&a, 0, 100).await.unwrap().is_empty(), "read");
@@ -275,7 +275,7 @@ pub async fn unknown_attempt(store: &dyn LogStore) {
 }
 
 /// Ids outside `[A-Za-z0-9_-]` are refused by every call.
-pub async fn bad_ids(store: &dyn LogStore) {
+pub(crate) async fn bad_ids(store: &dyn LogStore) {
     for bad in [
         "",
         "att/x",
@@ -304,7 +304,7 @@ pub async fn bad_ids(store: &dyn LogStore) {
     assert_eq!(store.append(&a, 0, b"ok").await.unwrap(), 2);
 }
 
-pub async fn attempts_are_independent(store: &dyn LogStore) {
+pub(crate) async fn attempts_are_independent(store: &dyn LogStore) {
     let a = AttemptId::generate();
     let b = AttemptId::generate();
     store.append(&a, 0, b"aaaa").await.unwrap();
@@ -316,7 +316,7 @@ pub async fn attempts_are_independent(store: &dyn LogStore) {
 
 /// 8 tasks append the same log at once, each cutting it into chunks of its
 /// own size: every byte is stored exactly once.
-pub async fn concurrent_appends_store_one_copy(store: Arc<dyn LogStore>) {
+pub(crate) async fn concurrent_appends_store_one_copy(store: Arc<dyn LogStore>) {
     const TASKS: usize = 8;
     let a = AttemptId::generate();
     let log: Arc<Vec<u8>> = Arc::new(
@@ -354,7 +354,7 @@ pub async fn concurrent_appends_store_one_copy(store: Arc<dyn LogStore>) {
 }
 
 /// A 10 MiB log, appended in 64 KiB chunks, reads back intact.
-pub async fn ten_mib_log(store: &dyn LogStore) {
+pub(crate) async fn ten_mib_log(store: &dyn LogStore) {
     const SIZE: usize = 10 * 1024 * 1024;
     let a = AttemptId::generate();
     let log: Vec<u8> = (0..SIZE as u32)

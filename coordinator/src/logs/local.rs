@@ -27,7 +27,7 @@ const MAX_CACHED: usize = 256;
 /// is being appended meanwhile). The store assumes it is the only writer of
 /// its directory.
 #[derive(Debug)]
-pub struct LocalLogStore {
+pub(crate) struct LocalLogStore {
     dir: PathBuf,
     logs: SyncMutex<HashMap<String, Arc<Mutex<LogFile>>>>,
 }
@@ -115,7 +115,7 @@ struct Cached {
 
 impl LocalLogStore {
     /// Opens (creating it if needed) the log directory `dir`.
-    pub fn open(dir: &Path) -> Result<Self, LogError> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, LogError> {
         let open_error = |source| LogError::Open {
             path: dir.display().to_string(),
             source,
@@ -131,11 +131,6 @@ impl LocalLogStore {
             dir: dir.to_path_buf(),
             logs: SyncMutex::new(HashMap::new()),
         })
-    }
-
-    /// The directory holding the logs.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The file holding `attempt`'s log (whose id must have passed
@@ -231,7 +226,7 @@ impl LocalLogStore {
 
 /// Bytes at the end of a log whose page cache [`drop_behind`] leaves alone:
 /// what a live follower that lags a little still reads from memory.
-pub const KEEP_CACHED: u64 = 64 * 1024 * 1024;
+pub(crate) const KEEP_CACHED: u64 = 64 * 1024 * 1024;
 
 /// Where [`drop_behind`]'s ranges end: a multiple of 2 MiB, the largest
 /// page-cache folio here (x86-64, and arm64 with 4 KiB pages). A folio is
@@ -245,15 +240,14 @@ const DROP_GRANULE: u64 = 2 * 1024 * 1024;
 /// left alone, a big log fills the page cache with pages nobody reads and
 /// crowds out what the machine's other work caches. Dropping them also lets
 /// the next writes reuse those pages, instead of pages the kernel has to
-/// take from elsewhere: on a VM that hands memory to its host when it is
-/// freed, that took the coordinator from 3.3-4.2 to 1.7-1.9 s of CPU per GB
-/// of log (`bench/findings.md`, "Seventh pass"). Advice only: a failure
+/// take from elsewhere, which on a VM that hands freed memory to its host
+/// roughly halved the coordinator's CPU per GB of log (docs/decisions.md).
+/// Advice only: a failure
 /// changes nothing but the cache, so it is ignored.
 ///
 /// `dropped` is where the last call stopped: each call advises only the
 /// range past it. Advising from 0 every time cost O(length) per sync, so
-/// O(length^2 / stream) over a log (3 % of the coordinator's CPU in the
-/// 1 GiB scenario, growing with the log).
+/// O(length^2 / stream) over a log.
 ///
 /// Ranges end on a [`DROP_GRANULE`] boundary: the kernel keeps a page (a
 /// folio, up to 2 MiB with large folios) that the range covers only in

@@ -11,12 +11,12 @@ use std::sync::{Mutex, MutexGuard};
 /// Logs kept in memory, one `Vec<u8>` per attempt behind one mutex (every
 /// call is atomic). `sync` does nothing.
 #[derive(Debug, Default)]
-pub struct MemoryLogStore {
+pub(crate) struct MemoryLogStore {
     logs: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl MemoryLogStore {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 

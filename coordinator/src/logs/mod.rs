@@ -31,19 +31,24 @@
 //!   [`MAX_ID_LEN`] bytes); any other id is [`LogError::BadId`] for every
 //!   call.
 
-pub mod conformance;
-pub mod local;
-pub mod memory;
+// Test code, only this crate's tests use them (unlike the store's, which
+// the `testing` feature exports).
+#[cfg(test)]
+pub(crate) mod conformance;
+pub(crate) mod feed;
+pub(crate) mod local;
+#[cfg(test)]
+pub(crate) mod memory;
 
 use async_trait::async_trait;
 use capstan_proto::ids::AttemptId;
 
 /// The longest attempt id a log store accepts (ids are about 36 bytes).
-pub const MAX_ID_LEN: usize = 128;
+pub(crate) const MAX_ID_LEN: usize = 128;
 
 /// Errors from a log store.
 #[derive(Debug, thiserror::Error)]
-pub enum LogError {
+pub(crate) enum LogError {
     /// Reading or writing the log of `attempt` failed.
     #[error("log of attempt {attempt}: {source}")]
     Io {
@@ -80,7 +85,7 @@ pub enum LogError {
 /// Where the coordinator keeps attempt logs; see the module docs for the
 /// contract.
 #[async_trait]
-pub trait LogStore: Send + Sync + 'static {
+pub(crate) trait LogStore: Send + Sync + 'static {
     /// Append `data`, which starts at byte `offset` of the attempt's log.
     /// Bytes the store already holds are skipped (exactly-once under resends:
     /// offset < len writes only the part past len); offset > len is
@@ -126,7 +131,7 @@ pub trait LogStore: Send + Sync + 'static {
 }
 
 /// Checks that `attempt` may name a log: `Err(BadId)` otherwise.
-pub fn check_id(attempt: &AttemptId) -> Result<(), LogError> {
+pub(crate) fn check_id(attempt: &AttemptId) -> Result<(), LogError> {
     let id = attempt.as_str();
     let ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN

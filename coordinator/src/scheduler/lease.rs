@@ -1,9 +1,9 @@
 //! Lease renewal off the scheduler loop.
 //!
 //! Every message on a runner's Control stream renews the leases of the
-//! attempts it holds, and at 10,000 runners heart-beating once a second a
-//! command through the scheduler loop per heartbeat was most of the
-//! coordinator's idle CPU (a cross-thread wake-up and a loop turn each).
+//! attempts it holds, and a command through the scheduler loop per
+//! heartbeat (a cross-thread wake-up and a loop turn each) costs most of
+//! the coordinator's idle CPU with a big fleet (docs/decisions.md).
 //! Instead, the stream's reader task stamps [`ConnLease`] (one atomic store)
 //! and [`HeartbeatFilter`] forwards to the scheduler only the heartbeats that
 //! change something there:
@@ -27,7 +27,7 @@ use tokio::time::{Duration, Instant};
 /// The last-seen stamp of one Control stream, shared between its reader task
 /// and the scheduler.
 #[derive(Debug)]
-pub struct ConnLease {
+pub(crate) struct ConnLease {
     base: Instant,
     /// Nanoseconds after `base` of the newest message on the stream.
     seen_ns: AtomicU64,
@@ -36,7 +36,7 @@ pub struct ConnLease {
 }
 
 impl ConnLease {
-    pub fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self {
             base: now,
             seen_ns: AtomicU64::new(0),
@@ -46,19 +46,19 @@ impl ConnLease {
 
     /// A message arrived at `now`. Only the stream's reader stamps, in
     /// order: a plain store, no read-modify-write per heartbeat.
-    pub fn renew(&self, now: Instant) {
+    pub(crate) fn renew(&self, now: Instant) {
         let ns =
             u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
         self.seen_ns.store(ns, Ordering::Relaxed);
     }
 
     /// When the newest message arrived (the connection's start if none did).
-    pub fn last_seen(&self) -> Instant {
+    pub(crate) fn last_seen(&self) -> Instant {
         self.base + Duration::from_nanos(self.seen_ns.load(Ordering::Relaxed))
     }
 
     /// Forward the stream's next heartbeat to the scheduler.
-    pub fn want_heartbeat(&self) {
+    pub(crate) fn want_heartbeat(&self) {
         self.want.store(true, Ordering::Release);
     }
 
@@ -71,7 +71,7 @@ impl ConnLease {
 /// Per Control stream, in its reader task: renews the lease on every message
 /// and says which messages the scheduler must see (see the module docs).
 #[derive(Debug)]
-pub struct HeartbeatFilter {
+pub(crate) struct HeartbeatFilter {
     lease: Arc<ConnLease>,
     /// `draining` of the last heartbeat forwarded (a new stream starts not
     /// draining: attach clears it).
@@ -81,7 +81,7 @@ pub struct HeartbeatFilter {
 }
 
 impl HeartbeatFilter {
-    pub fn new(lease: Arc<ConnLease>) -> Self {
+    pub(crate) fn new(lease: Arc<ConnLease>) -> Self {
         Self {
             lease,
             draining: false,
@@ -90,7 +90,7 @@ impl HeartbeatFilter {
     }
 
     /// Renews the lease at `now`; true if the scheduler must see `kind`.
-    pub fn pass(&mut self, kind: &Kind, now: Instant) -> bool {
+    pub(crate) fn pass(&mut self, kind: &Kind, now: Instant) -> bool {
         self.lease.renew(now);
         let Kind::Heartbeat(hb) = kind else {
             self.after_other = true;

@@ -10,12 +10,22 @@
 //!
 //! Offers to runners that confirm offers are the exception: they leave
 //! before the write, tentative, and a `ConfirmOffer` for each follows the
-//! write (see [`Scheduler::commit`]).
+//! write (see `commit`).
+//!
+//! Layout: the commands and the loop (here); `commit` (the group commit:
+//! what leaves before the write and what after); `state/` (the state
+//! machine, composed of small owners); `dispatch` (which runner gets which
+//! task); `lease` (a connection's lease, stamped off the loop); `view`
+//! (records as the client API shows them). Doors: the API layer reaches
+//! the loop only through [`SchedulerHandle`] (and a Control stream's reader
+//! uses `lease`); the loop reaches the state only through
+//! [`state::SchedulerState`]'s methods; `dispatch` and `view` are private.
 
-pub mod lease;
-pub mod matching;
-pub mod state;
-pub mod view;
+mod commit;
+mod dispatch;
+pub(crate) mod lease;
+pub(crate) mod state;
+mod view;
 
 use crate::logs::LogStore;
 use crate::metrics::Metrics;
@@ -32,21 +42,21 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Where the scheduler sends a command's answer.
-pub type Reply<T> = oneshot::Sender<Result<T, StateError>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StateError>>;
 
 /// What an attempt's log looks like to a reader.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AttemptLogInfo {
-    pub task: String,
-    pub attempt: AttemptId,
-    pub number: u32,
+pub(crate) struct AttemptLogInfo {
+    pub(crate) task: String,
+    pub(crate) attempt: AttemptId,
+    pub(crate) number: u32,
     /// The attempt ended; its log will not grow (beyond what the runner
     /// still flushes for a cancelled attempt).
-    pub finished: bool,
+    pub(crate) finished: bool,
 }
 
 /// A request to the scheduler loop.
-pub enum Command {
+pub(crate) enum Command {
     Submit {
         run: Box<RunRecord>,
         reply: Reply<RunId>,
@@ -122,18 +132,18 @@ pub enum Command {
 
 /// The API side's way to reach the scheduler loop. Cheap to clone.
 #[derive(Clone)]
-pub struct SchedulerHandle {
+pub(crate) struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Command>,
 }
 
 /// The scheduler loop stopped (shutdown or a fatal store error).
 #[derive(Debug, thiserror::Error)]
 #[error("the scheduler is not running (the coordinator is shutting down)")]
-pub struct SchedulerGone;
+pub(crate) struct SchedulerGone;
 
 impl SchedulerHandle {
     /// Sends a command built around a fresh reply channel and waits for the answer.
-    pub async fn ask<T>(
+    pub(crate) async fn ask<T>(
         &self,
         make: impl FnOnce(Reply<T>) -> Command,
     ) -> Result<Result<T, StateError>, SchedulerGone> {
@@ -143,14 +153,14 @@ impl SchedulerHandle {
     }
 
     /// Sends a command that has no reply.
-    pub fn tell(&self, cmd: Command) {
+    pub(crate) fn tell(&self, cmd: Command) {
         let _ = self.tx.send(cmd);
     }
 }
 
 /// Loads the state from `store` for a leadership of `epoch` and returns the
 /// loop (to run) and its handle.
-pub async fn start(
+pub(crate) async fn start(
     store: Arc<dyn Store>,
     logs: Arc<dyn LogStore>,
     timing: Timing,
@@ -180,12 +190,12 @@ pub async fn start(
     let state = SchedulerState::load(epoch, timing, runs, runners, Instant::now());
     let mut run_spans = crate::trace::RunSpans::default();
     if capstan_telemetry::enabled() {
-        for run in state.runs.values() {
+        for run in state.runs() {
             run_spans.resumed(run, epoch);
         }
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    if state.timing.retention.is_some() {
+    if state.timing().retention.is_some() {
         // Listed off the loop (a big log directory takes a while), judged
         // in it.
         let (logs, tx) = (Arc::clone(&logs), tx.clone());
@@ -214,7 +224,7 @@ pub async fn start(
 }
 
 /// The scheduler loop; see the module docs.
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     state: SchedulerState,
     store: Arc<dyn Store>,
     /// Only for retention: deleting the logs of expired runs.
@@ -247,20 +257,16 @@ fn retention_check(timing: &Timing) -> std::time::Duration {
 }
 
 impl Scheduler {
-    pub fn epoch(&self) -> u64 {
-        self.state.epoch
-    }
-
     /// Runs until `shutdown` or a store failure.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(std::time::Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut retention = tokio::time::interval(retention_check(&self.state.timing));
+        let mut retention = tokio::time::interval(retention_check(self.state.timing()));
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = retention.tick(), if self.state.timing.retention.is_some() => {
+                _ = retention.tick(), if self.state.timing().retention.is_some() => {
                     self.expire().await?;
                 }
                 cmd = self.rx.recv() => {
@@ -274,7 +280,7 @@ impl Scheduler {
                     }
                 }
                 // Unconditional: a guard evaluated on every loop turn cost
-                // O(runners) per heartbeat (28 % of a core at 10,000 runners).
+                // O(runners) per heartbeat (measured: docs/decisions.md).
                 _ = sweep.tick() => {
                     // Heartbeats already queued count before leases are
                     // judged: after a slow write they may be waiting here.
@@ -285,9 +291,9 @@ impl Scheduler {
                         }
                     }
                     self.state.sweep(Instant::now());
-                    self.metrics.runners_connected.set(
-                        self.state.runners.values().filter(|r| r.conn.is_some()).count() as i64,
-                    );
+                    self.metrics
+                        .runners_connected
+                        .set(self.state.connected_runners() as i64);
                 }
             }
             self.state.dispatch(Instant::now());
@@ -306,46 +312,24 @@ impl Scheduler {
         }));
     }
 
+    /// Applies one command; what it answers goes after the next commit
+    /// (through [`Scheduler::reply`]) unless it changes nothing (reads).
     fn handle(&mut self, cmd: Command) {
         let now = Instant::now();
         match cmd {
-            Command::Submit { run, reply } => {
-                let (id, new) = self.state.submit(*run);
-                if new {
-                    self.metrics.runs_submitted.inc();
-                    if capstan_telemetry::enabled()
-                        && let Some(run) = self.state.runs.get_mut(&id)
-                    {
-                        // Before the commit, so the record is stored with its trace context.
-                        self.run_spans.submitted(run, self.state.epoch);
-                    }
-                }
-                // A repeat is answered after the next commit too, so it
-                // never names a run that is not yet durable.
-                self.reply(reply, Ok(id));
-            }
+            Command::Submit { run, reply } => self.submit(*run, reply),
             Command::GetRun { id, reply } => {
-                let r = self.run_view(&id);
-                let _ = reply.send(r);
+                let _ = reply.send(self.run_view(&id));
             }
             Command::ListRuns { limit, reply } => {
-                let mut runs: Vec<&RunRecord> = self.state.runs.values().collect();
-                runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
-                let out = runs.into_iter().take(limit).map(view::run).collect();
-                let _ = reply.send(Ok(out));
+                let _ = reply.send(Ok(self.list_runs(limit)));
             }
             Command::CancelRun { id, reply } => {
                 let r = self.state.cancel_run(&id).and_then(|()| self.run_view(&id));
                 self.reply(reply, r);
             }
             Command::WatchRun { id, reply } => {
-                let r = self.run_view(&id).map(|view| {
-                    self.watchers
-                        .entry(id)
-                        .or_insert_with(|| watch::channel(view).0)
-                        .subscribe()
-                });
-                let _ = reply.send(r);
+                let _ = reply.send(self.watch_run(id));
             }
             Command::Attempts { id, task, reply } => {
                 let _ = reply.send(self.attempts(&id, task.as_deref()));
@@ -383,33 +367,68 @@ impl Scheduler {
                 let _ = reply.send(r);
             }
             Command::ListRunners { reply } => {
-                let mut out: Vec<api::Runner> =
-                    self.state.runners.values().map(view::runner).collect();
-                out.sort_by(|a, b| a.name.cmp(&b.name));
-                let _ = reply.send(Ok(out));
+                let _ = reply.send(Ok(self.list_runners()));
             }
             Command::Drain { runner, reply } => {
-                let r = self
-                    .state
-                    .drain(&runner)
-                    .map(|id| view::runner(&self.state.runners[&id]));
+                let r = self.state.drain(&runner).map(|id| self.runner_view(&id));
                 self.reply(reply, r);
             }
             Command::OrphanLogs(listed) => self.orphan_logs(listed),
             Command::Resume { runner, reply } => {
-                let r = self
-                    .state
-                    .resume(&runner)
-                    .map(|id| view::runner(&self.state.runners[&id]));
+                let r = self.state.resume(&runner).map(|id| self.runner_view(&id));
                 self.reply(reply, r);
             }
         }
     }
 
+    fn submit(&mut self, run: RunRecord, reply: Reply<RunId>) {
+        let (id, new) = self.state.submit(run);
+        if new {
+            self.metrics.runs_submitted.inc();
+            if capstan_telemetry::enabled() {
+                // Before the commit, so the record is stored with its trace context.
+                let epoch = self.state.epoch();
+                let spans = &mut self.run_spans;
+                self.state
+                    .annotate_run(&id, |run| spans.submitted(run, epoch));
+            }
+        }
+        // A repeat is answered after the next commit too, so it
+        // never names a run that is not yet durable.
+        self.reply(reply, Ok(id));
+    }
+
+    /// The newest `limit` runs, newest first.
+    fn list_runs(&self, limit: usize) -> Vec<api::Run> {
+        let mut runs: Vec<&RunRecord> = self.state.runs().collect();
+        runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        runs.into_iter().take(limit).map(view::run).collect()
+    }
+
+    /// A receiver of the run's view, updated after every commit that changes it.
+    fn watch_run(&mut self, id: RunId) -> Result<watch::Receiver<api::Run>, StateError> {
+        let view = self.run_view(&id)?;
+        Ok(self
+            .watchers
+            .entry(id)
+            .or_insert_with(|| watch::channel(view).0)
+            .subscribe())
+    }
+
+    /// Every runner, by name.
+    fn list_runners(&self) -> Vec<api::Runner> {
+        let mut out: Vec<api::Runner> = self.state.runners().map(view::runner).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn runner_view(&self, id: &RunnerId) -> api::Runner {
+        view::runner(self.state.runner(id).expect("found"))
+    }
+
     fn run_view(&self, id: &RunId) -> Result<api::Run, StateError> {
         self.state
-            .runs
-            .get(id)
+            .run(id)
             .map(view::run)
             .ok_or_else(|| StateError::UnknownRun(id.to_string()))
     }
@@ -421,8 +440,7 @@ impl Scheduler {
     ) -> Result<(Vec<AttemptLogInfo>, bool), StateError> {
         let run = self
             .state
-            .runs
-            .get(id)
+            .run(id)
             .ok_or_else(|| StateError::UnknownRun(id.to_string()))?;
         if let Some(name) = task
             && !run.tasks.iter().any(|t| t.name == name)
@@ -487,7 +505,7 @@ impl Scheduler {
     /// then their logs. Records go first, so a crash in between leaves
     /// orphan log files, never a run whose log is gone.
     async fn expire(&mut self) -> Result<(), StoreError> {
-        let Some(retention) = self.state.timing.retention else {
+        let Some(retention) = self.state.timing().retention else {
             return Ok(());
         };
         let cutoff =
@@ -521,108 +539,6 @@ impl Scheduler {
             .map(|a| a.id.clone())
             .collect();
         self.delete_logs(attempts);
-        Ok(())
-    }
-
-    /// Persists every dirty record in one batch, then delivers messages,
-    /// replies and watch updates.
-    ///
-    /// Tentative offers leave before the write, so the runner prepares the
-    /// attempt while the write's fsync runs; their confirms leave after the
-    /// write succeeded, ahead of the rest of the outbox. A failed write
-    /// returns before any confirm (the scheduler stops, its runner streams
-    /// end and the runners drop what they prepared). A leadership that ends
-    /// meanwhile sends none either: with etcd the write is fenced by the
-    /// leader's lease and fails, and the scheduler future is aborted at the
-    /// write's await, or at the yield before it. (redb runs the write inside
-    /// one poll, on this thread, so an abort cannot stop it between the
-    /// write and the confirms; redb is standalone-only, where leadership
-    /// ends only at shutdown, and the runner streams end with it.) Accepts of
-    /// tentative offers that arrive meanwhile wait in the channel for the
-    /// next turn, which sees the offer as written.
-    async fn commit(&mut self) -> Result<(), StoreError> {
-        let mut fx = self.state.take_effects();
-        let tentative = fx.take_tentative_offers();
-        let mut confirms = Vec::with_capacity(tentative.len());
-        let any_tentative = !tentative.is_empty();
-        for out in tentative {
-            confirms.extend(state::confirm_of(&out));
-            let _ = out.tx.send(Ok(out.msg));
-        }
-        let mut batch = Vec::new();
-        for id in &fx.dirty_runs {
-            if let Some(run) = self.state.runs.get(id) {
-                batch.push(Op::Put {
-                    key: run_key(id),
-                    value: serde_json::to_vec(run).expect("records serialize"),
-                });
-            }
-        }
-        for id in &fx.dirty_runners {
-            if let Some(r) = self.state.runners.get(id) {
-                batch.push(Op::Put {
-                    key: runner_key(id),
-                    value: serde_json::to_vec(&r.record).expect("records serialize"),
-                });
-            }
-        }
-        if any_tentative || !batch.is_empty() {
-            // What this turn woke runs now, before a store that writes on
-            // this thread (redb) blocks it for the fsync: the offers' runner
-            // streams, and the handlers of commands answered at once (reads,
-            // log authorizations), of which the last woken sits in this
-            // worker's LIFO slot, which no other worker may take. Only this
-            // task changes the state, so the batch above still holds.
-            tokio::task::yield_now().await;
-        }
-        if !batch.is_empty()
-            && let Err(e) = self.store.apply(batch).await
-        {
-            tracing::error!(error = %e, "state write failed; stopping the scheduler");
-            return Err(e);
-        }
-        self.state.restart_offer_clocks(&fx.offered, Instant::now());
-        for r in self.replies.drain(..) {
-            r();
-        }
-        for id in &fx.dirty_runs {
-            let Some(run) = self.state.runs.get(id) else {
-                continue;
-            };
-            if let Some(w) = self.watchers.get(id) {
-                w.send_replace(view::run(run));
-                if run.state.is_terminal() || w.receiver_count() == 0 {
-                    self.watchers.remove(id);
-                }
-            }
-        }
-        // Runners' messages go last, confirms first among them (a runner's
-        // stream keeps the order they are sent in): the task woken last
-        // takes this worker's LIFO slot and runs first once the loop
-        // yields, and a confirm is what a runner waits for to start a step,
-        // while a reply or a watcher's update can wait for it. (Something
-        // in the outbox too would go first; a commit that confirms an offer
-        // rarely has any.)
-        for (tx, m) in confirms {
-            let _ = tx.send(Ok(m));
-        }
-        for out in fx.outbox {
-            let _ = out.tx.send(Ok(out.msg));
-        }
-        for ms in fx.pickups_ms {
-            self.metrics.pickup_ms.observe(ms);
-        }
-        for id in &fx.runs_finished {
-            if let Some(run) = self.state.runs.get(id) {
-                self.run_spans.finished(run);
-            }
-        }
-        for (_, secs) in fx.tasks_finished {
-            self.metrics.task_seconds.observe(secs);
-        }
-        self.metrics
-            .queue_depth
-            .set(self.state.queue_depth() as i64);
         Ok(())
     }
 }

@@ -107,8 +107,8 @@ impl Harness {
     /// Dispatches and delivers the outbox (as the actor does after a commit).
     fn settle(&mut self) {
         self.st.dispatch(self.now);
-        for out in self.st.take_effects().outbox {
-            let _ = out.tx.send(Ok(out.msg));
+        for out in self.st.take_effects().take_outbox() {
+            out.deliver();
         }
     }
 
@@ -180,7 +180,7 @@ impl Harness {
     }
 
     fn states(&self, run: &RunId) -> Vec<(String, StoredTaskState)> {
-        self.st.runs[run]
+        self.run(run)
             .tasks
             .iter()
             .map(|t| (t.name.clone(), t.state))
@@ -193,6 +193,14 @@ impl Harness {
             .find(|(n, _)| n == task)
             .unwrap()
             .1
+    }
+
+    fn run(&self, id: &RunId) -> &RunRecord {
+        self.st.run(id).expect("a known run")
+    }
+
+    fn slot(&self, id: &RunnerId) -> &RunnerSlot {
+        self.st.runner(id).expect("a known runner")
     }
 
     fn advance(&mut self, d: Duration) {
@@ -224,7 +232,7 @@ fn diamond_runs_in_dependency_order() {
     let a = h.accept(&mut r);
     assert_eq!(a.task_name, "a");
     assert_eq!(a.leader_epoch, 1);
-    assert_eq!(h.st.runs[&run].state, StoredRunState::Running);
+    assert_eq!(h.run(&run).state, StoredRunState::Running);
     h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
     // b and c are both offered at once: the runner has two slots.
     let b = h.accept(&mut r);
@@ -238,10 +246,10 @@ fn diamond_runs_in_dependency_order() {
     h.finish(&mut r, &c.attempt_id, rpb::AttemptOutcome::Succeeded);
     let d = h.accept(&mut r);
     h.finish(&mut r, &d.attempt_id, rpb::AttemptOutcome::Succeeded);
-    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
+    assert_eq!(h.run(&run).state, StoredRunState::Succeeded);
     // Outputs of the succeeded attempt are kept on the task.
     assert_eq!(
-        h.st.runs[&run].tasks[3].outputs.get("digest"),
+        h.run(&run).tasks[3].outputs.get("digest"),
         Some(&format!("sha256:{}", d.attempt_id))
     );
 }
@@ -262,8 +270,8 @@ fn failure_skips_dependents_transitively() {
             ("d".into(), Skipped)
         ]
     );
-    assert_eq!(h.st.runs[&run].state, StoredRunState::Failed);
-    assert!(h.st.runs[&run].tasks[3].message.contains("skipped"));
+    assert_eq!(h.run(&run).state, StoredRunState::Failed);
+    assert!(h.run(&run).tasks[3].message.contains("skipped"));
 }
 
 #[test]
@@ -374,8 +382,8 @@ fn lost_runner_requeues_as_new_attempt_and_old_reports_are_ignored() {
     h.finish(&mut r1, &first.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.state_of(&run, "t"), Running);
     h.finish(&mut r2, &second.attempt_id, rpb::AttemptOutcome::Succeeded);
-    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
-    assert_eq!(h.st.runs[&run].tasks[0].infra_failures, 1);
+    assert_eq!(h.run(&run).state, StoredRunState::Succeeded);
+    assert_eq!(h.run(&run).tasks[0].infra_failures, 1);
 }
 
 #[test]
@@ -436,7 +444,7 @@ fn infra_failures_give_up_after_the_limit() {
         h.finish(&mut r, &o.attempt_id, rpb::AttemptOutcome::Error);
     }
     assert_eq!(h.state_of(&run, "t"), Failed);
-    assert!(h.st.runs[&run].tasks[0].message.contains("infrastructure"));
+    assert!(h.run(&run).tasks[0].message.contains("infrastructure"));
 }
 
 #[test]
@@ -461,12 +469,12 @@ fn cancel_stops_active_attempts_and_ends_the_run() {
     h.st.cancel_run(&run).unwrap();
     h.settle();
     assert!(matches!(r.next(), Some(Down::Cancel(c)) if c.attempt_id == a.attempt_id));
-    assert_eq!(h.st.runs[&run].state, StoredRunState::Cancelled);
+    assert_eq!(h.run(&run).state, StoredRunState::Cancelled);
     assert!(h.states(&run).iter().all(|(_, s)| *s == Cancelled));
     // The slot frees once the runner confirms.
-    assert_eq!(h.st.runners[&r.id].free_slots(), 0);
+    assert_eq!(h.slot(&r.id).free_slots(), 0);
     h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Cancelled);
-    assert_eq!(h.st.runners[&r.id].free_slots(), 1);
+    assert_eq!(h.slot(&r.id).free_slots(), 1);
     assert!(matches!(
         h.st.cancel_run(&RunId::from_string("run-nope")),
         Err(StateError::UnknownRun(_))
@@ -491,13 +499,13 @@ fn resume_undoes_drain_for_the_next_connection() {
     let mut h = Harness::new();
     let mut r = h.runner("r1", 1, &[]);
     h.st.drain("r1").unwrap();
-    assert!(h.st.fx.dirty_runners.contains(&r.id), "drain is persisted");
+    assert!(h.st.effects().is_runner_dirty(&r.id), "drain is persisted");
     h.settle();
     assert!(matches!(r.next(), Some(Down::Drain(_))));
     let id = h.st.resume("r1").unwrap();
     assert_eq!(id, r.id);
-    assert!(!h.st.runners[&r.id].record.draining);
-    assert!(h.st.fx.dirty_runners.contains(&r.id), "resume is persisted");
+    assert!(!h.slot(&r.id).record().draining);
+    assert!(h.st.effects().is_runner_dirty(&r.id), "resume is persisted");
     assert!(h.st.resume("nobody").is_err());
     // The runner restarts after its drain: no Drain now, and it gets work.
     let mut r = h.connect(r.id.clone(), r.secret.clone(), vec![]);
@@ -513,8 +521,8 @@ fn reload_keeps_assignments_and_requeues_after_grace() {
     let mut r = h.runner("r1", 1, &[]);
     let a = h.accept(&mut r);
     // Simulate a coordinator restart: reload from the records.
-    let runs: Vec<RunRecord> = h.st.runs.values().cloned().collect();
-    let runners: Vec<RunnerRecord> = h.st.runners.values().map(|s| s.record.clone()).collect();
+    let runs: Vec<RunRecord> = h.st.runs().cloned().collect();
+    let runners: Vec<RunnerRecord> = h.st.runners().map(|s| s.record().clone()).collect();
     let runs: Vec<RunRecord> = runs
         .iter()
         .map(|r| serde_json::from_slice(&serde_json::to_vec(r).unwrap()).unwrap())
@@ -523,7 +531,7 @@ fn reload_keeps_assignments_and_requeues_after_grace() {
     let mut r = h.connect(r.id.clone(), r.secret.clone(), vec![a.attempt_id.clone()]);
     h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Succeeded);
     assert_eq!(h.state_of(&run, "a"), Succeeded);
-    assert_eq!(h.st.epoch, 2);
+    assert_eq!(h.st.epoch(), 2);
     let _ = AttemptId::generate();
 }
 
@@ -539,8 +547,8 @@ fn a_runner_draining_itself_is_not_draining_after_it_restarts() {
         }),
     )
     .unwrap();
-    assert!(!h.st.runners[&r.id].accepts_work());
-    assert!(!h.st.runners[&r.id].record.draining, "not persisted");
+    assert!(!h.slot(&r.id).accepts_work());
+    assert!(!h.slot(&r.id).record().draining, "not persisted");
     let mut r = h.connect(r.id.clone(), r.secret.clone(), vec![]);
     let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
     h.accept(&mut r);
@@ -565,7 +573,7 @@ fn rejecting_the_offer_of_a_cancelled_task_frees_the_slot() {
         }),
     )
     .unwrap();
-    assert_eq!(h.st.runners[&r.id].free_slots(), 1);
+    assert_eq!(h.slot(&r.id).free_slots(), 1);
 }
 
 #[test]
@@ -604,7 +612,7 @@ fn a_repeated_idempotency_key_queues_nothing_new() {
     let (again, new) = h.st.submit(build_run(req.clone()).unwrap());
     assert!(!new, "the retry queued a second run");
     assert_eq!(again, first);
-    assert_eq!(h.st.runs.len(), 1);
+    assert_eq!(h.st.runs().count(), 1);
     // Another key (or none) is another run.
     let (other, new) = h.st.submit(
         build_run(SubmitRunRequest {
@@ -623,7 +631,7 @@ fn a_repeated_idempotency_key_queues_nothing_new() {
     );
     assert!(new && none != first);
     // A new leader loading the runs still knows the key.
-    let runs: Vec<_> = h.st.runs.values().cloned().collect();
+    let runs: Vec<_> = h.st.runs().cloned().collect();
     let mut loaded = SchedulerState::load(2, Timing::default(), runs, Vec::new(), Instant::now());
     let (after, new) = loaded.submit(build_run(req.clone()).unwrap());
     assert!(!new);
@@ -661,15 +669,15 @@ fn retention_expires_only_finished_runs_past_the_cutoff() {
         &done_attempt.attempt_id,
         rpb::AttemptOutcome::Succeeded,
     );
-    let finished_at = h.st.runs[&done].finished_at_ms;
+    let finished_at = h.run(&done).finished_at_ms;
     assert!(finished_at > 0);
     // Not yet past the cutoff: kept.
     assert!(h.st.expire_runs(finished_at - 1, 10).is_empty());
     let gone = h.st.expire_runs(finished_at + 60_000, 10);
     assert_eq!(gone.len(), 1, "only the finished run expires");
     assert_eq!(gone[0].id, done);
-    assert!(!h.st.runs.contains_key(&done));
-    assert!(h.st.runs.contains_key(&busy), "a running run is kept");
+    assert!(h.st.run(&done).is_none());
+    assert!(h.st.run(&busy).is_some(), "a running run is kept");
     // The expired attempt is forgotten: its late report is refused.
     let late = h.send(
         &r,
@@ -710,18 +718,18 @@ fn a_runner_that_only_heartbeats_keeps_its_lease() {
         );
     }
     assert!(
-        h.st.runners[&r1.id].last_seen + Timing::default().lease <= h.now,
+        h.slot(&r1.id).last_seen() + Timing::default().lease <= h.now,
         "the scheduler itself has not heard from r1 for longer than the lease"
     );
     assert_eq!(h.state_of(&run, "t"), Running);
     assert!(r2.next().is_none(), "not requeued");
     assert_eq!(
-        h.st.runners[&r1.id].seen_ms(),
-        h.st.runners[&r1.id].last_seen_ms + 20_000,
+        h.slot(&r1.id).seen_ms(),
+        h.slot(&r1.id).last_seen_ms() + 20_000,
         "runner views show when the reader last heard from it"
     );
     h.finish(&mut r1, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
-    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
+    assert_eq!(h.run(&run).state, StoredRunState::Succeeded);
 }
 
 #[test]
@@ -742,7 +750,7 @@ fn a_runner_that_stops_heartbeating_loses_its_attempts_after_the_lease() {
     let second = h.accept(&mut r2);
     assert_eq!(second.attempt_number, 2);
     assert_eq!(h.state_of(&run, "t"), Running);
-    assert!(h.st.runners[&r1.id].conn.is_none(), "forced to reconnect");
+    assert!(!h.slot(&r1.id).is_connected(), "forced to reconnect");
 }
 
 #[test]
@@ -768,7 +776,7 @@ fn a_replaced_connection_does_not_renew_the_lease() {
         second.attempt_number, 2,
         "requeued: the new stream was silent"
     );
-    assert!(h.st.runners[&new.id].conn.is_none(), "forced to reconnect");
+    assert!(!h.slot(&new.id).is_connected(), "forced to reconnect");
     assert!(new.next().is_none());
 }
 
@@ -784,7 +792,7 @@ fn a_heartbeat_that_changes_state_still_reaches_the_scheduler() {
             ..Default::default()
         })
     ));
-    assert!(!h.st.runners[&r.id].accepts_work());
+    assert!(!h.slot(&r.id).accepts_work());
     assert!(!h.via_reader(
         &mut r,
         Up::Heartbeat(rpb::Heartbeat {
@@ -794,7 +802,7 @@ fn a_heartbeat_that_changes_state_still_reaches_the_scheduler() {
     ));
     // Not draining any more: forwarded too.
     assert!(h.beat(&mut r));
-    assert!(h.st.runners[&r.id].accepts_work());
+    assert!(h.slot(&r.id).accepts_work());
     assert!(!h.beat(&mut r));
 
     // A rejected offer pauses the runner; the heartbeat after the reject
@@ -810,7 +818,7 @@ fn a_heartbeat_that_changes_state_still_reaches_the_scheduler() {
             reason: "full".into(),
         })
     ));
-    assert!(h.st.runners[&r.id].paused);
+    assert!(h.slot(&r.id).is_paused());
     assert!(r.next().is_none(), "no offer while paused");
     assert!(h.beat(&mut r));
     let again = h.accept(&mut r);
@@ -831,11 +839,11 @@ fn an_ignored_offer_pauses_until_a_heartbeat_the_reader_forwards() {
     }
     h.advance(Duration::from_millis(700));
     assert_eq!(h.state_of(&run, "t"), Queued, "the offer expired");
-    assert!(h.st.runners[&r.id].paused);
+    assert!(h.slot(&r.id).is_paused());
     assert!(r.next().is_none());
     // The scheduler asked the reader for the next heartbeat.
     assert!(h.beat(&mut r));
-    assert!(!h.st.runners[&r.id].paused);
+    assert!(!h.slot(&r.id).is_paused());
     let o = h.accept(&mut r);
     assert_eq!(o.attempt_number, 2);
 }
@@ -847,7 +855,7 @@ fn an_ignored_offer_pauses_until_a_heartbeat_the_reader_forwards() {
 fn an_idle_runner_silent_past_a_lease_keeps_its_offer() {
     let mut h = Harness::new();
     let mut r = h.runner("r", 1, &[]);
-    h.advance(h.st.timing.lease * 3);
+    h.advance(h.st.timing().lease * 3);
     h.st.sweep(h.now);
     let run = h.submit("version: 1\nname: i\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
     h.st.sweep(h.now);
@@ -856,7 +864,7 @@ fn an_idle_runner_silent_past_a_lease_keeps_its_offer() {
     h.st.sweep(h.now);
     assert_eq!(h.state_of(&run, "t"), Running);
     // Silent past the lease while running: lost, as before.
-    h.advance(h.st.timing.lease + Duration::from_millis(1));
+    h.advance(h.st.timing().lease + Duration::from_millis(1));
     h.st.sweep(h.now);
     assert_ne!(h.state_of(&run, "t"), Running);
 }
@@ -893,8 +901,8 @@ fn a_broken_stream_of_a_long_running_attempt_still_gets_the_disconnect_grace() {
         vec![offer.attempt_id.clone()],
     );
     h.finish(&mut r1, &offer.attempt_id, rpb::AttemptOutcome::Succeeded);
-    assert_eq!(h.st.runs[&run].state, StoredRunState::Succeeded);
-    assert_eq!(h.st.runs[&run].tasks[0].infra_failures, 0);
+    assert_eq!(h.run(&run).state, StoredRunState::Succeeded);
+    assert_eq!(h.run(&run).tasks[0].infra_failures, 0);
 }
 
 /// The kind of each message in `outbox`, in order, and whether it is a
@@ -902,7 +910,7 @@ fn a_broken_stream_of_a_long_running_attempt_still_gets_the_disconnect_grace() {
 fn kinds(outbox: &[Outgoing]) -> Vec<(&'static str, bool)> {
     outbox
         .iter()
-        .map(|out| match &out.msg.kind {
+        .map(|out| match &out.msg().kind {
             Some(Down::Offer(o)) => ("offer", o.tentative),
             Some(Down::Welcome(_)) => ("welcome", false),
             Some(Down::Cancel(_)) => ("cancel", false),
@@ -931,7 +939,7 @@ fn offers_go_tentative_only_behind_nothing_that_waits_for_the_write() {
     h.st.dispatch(h.now);
     let mut fx = h.st.take_effects();
     assert!(fx.take_tentative_offers().is_empty());
-    assert_eq!(kinds(&fx.outbox), [("welcome", false), ("offer", false)]);
+    assert_eq!(kinds(fx.outbox()), [("welcome", false), ("offer", false)]);
 
     // Next batch: nothing else for that stream, so the offer goes early.
     h.submit_unsettled(one);
@@ -939,9 +947,10 @@ fn offers_go_tentative_only_behind_nothing_that_waits_for_the_write() {
     let mut fx = h.st.take_effects();
     let early = fx.take_tentative_offers();
     assert_eq!(kinds(&early), [("offer", true)]);
-    assert!(fx.outbox.is_empty());
-    let (_, confirm) = confirm_of(&early[0]).unwrap();
-    let (Some(Down::Confirm(c)), Some(Down::Offer(o))) = (confirm.kind, &early[0].msg.kind) else {
+    assert!(fx.outbox().is_empty());
+    let (_, confirm) = early[0].confirm().unwrap();
+    let (Some(Down::Confirm(c)), Some(Down::Offer(o))) = (confirm.kind, &early[0].msg().kind)
+    else {
         panic!("expected a confirm of the offer")
     };
     assert_eq!(
@@ -958,5 +967,5 @@ fn offers_to_a_runner_that_does_not_confirm_are_never_tentative() {
     h.st.dispatch(h.now);
     let mut fx = h.st.take_effects();
     assert!(fx.take_tentative_offers().is_empty());
-    assert_eq!(kinds(&fx.outbox), [("offer", false)]);
+    assert_eq!(kinds(fx.outbox()), [("offer", false)]);
 }

@@ -5,7 +5,7 @@ use crate::model::{RunRecord, StoredTaskState};
 use capstan_proto::api::v1 as api;
 use capstan_proto::pipeline::v1::{RunState, TaskState};
 
-pub fn run(r: &RunRecord) -> api::Run {
+pub(crate) fn run(r: &RunRecord) -> api::Run {
     api::Run {
         id: r.id.to_string(),
         pipeline: r.pipeline.clone(),
@@ -42,17 +42,17 @@ pub fn run(r: &RunRecord) -> api::Run {
     }
 }
 
-pub fn runner(r: &RunnerSlot) -> api::Runner {
+pub(crate) fn runner(r: &RunnerSlot) -> api::Runner {
     api::Runner {
-        id: r.record.id.to_string(),
-        name: r.record.name.clone(),
-        labels: r.record.labels.clone().into_iter().collect(),
-        capacity: r.record.capacity,
-        busy: r.active.len() as u32,
-        connected: r.conn.is_some(),
+        id: r.record().id.to_string(),
+        name: r.record().name.clone(),
+        labels: r.record().labels.clone().into_iter().collect(),
+        capacity: r.record().capacity,
+        busy: r.busy() as u32,
+        connected: r.is_connected(),
         // `capstan drain` (persisted) or the runner's own (SIGTERM).
-        draining: r.record.draining || (r.conn.is_some() && r.self_draining),
-        version: r.record.version.clone(),
+        draining: r.record().draining || (r.is_connected() && r.self_draining()),
+        version: r.record().version.clone(),
         last_seen_ms: r.seen_ms(),
     }
 }

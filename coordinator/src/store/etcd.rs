@@ -22,9 +22,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Most operations in one transaction.
-pub const MAX_OPS: usize = 100;
+pub(crate) const MAX_OPS: usize = 100;
 /// Most key and value bytes in one transaction.
-pub const MAX_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_BYTES: usize = 1024 * 1024;
 /// Keys per page of a prefix scan.
 const SCAN_PAGE: i64 = 200;
 
@@ -87,7 +87,7 @@ pub struct EtcdPool {
 }
 
 /// Is this a failure of the connection to one member (worth trying another)?
-pub fn is_transport(e: &etcd_client::Error) -> bool {
+pub(crate) fn is_transport(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match e {
         E::TransportError(_) | E::IoError(_) | E::LeaseKeepAliveError(_) => true,
@@ -107,7 +107,7 @@ impl EtcdPool {
     }
 
     /// Client `i` failed: move to the next one (unless someone already did).
-    pub fn failed(&self, i: usize) {
+    pub(crate) fn failed(&self, i: usize) {
         let next = (i + 1) % self.clients.len();
         if self
             .current
@@ -118,15 +118,11 @@ impl EtcdPool {
         }
     }
 
-    pub fn endpoints(&self) -> Vec<String> {
-        self.clients.iter().map(|(e, _)| e.clone()).collect()
-    }
-
     /// Runs `call` on the current client, failing over to the next endpoint
     /// on transport errors and on etcd's own "no leader" answers, each try
     /// under `TRY_TIMEOUT`, for up to `RETRY_BUDGET` in all: long enough to
     /// ride out an etcd leader election (about 1 s), short of a lease TTL.
-    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, etcd_client::Error>
+    pub(crate) async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, etcd_client::Error>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,

@@ -21,8 +21,10 @@
 //! - Calls may be made concurrently from several tasks; each call is
 //!   linearizable with respect to the others.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod etcd;
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod redb;
 mod wal;

@@ -26,7 +26,7 @@ const LOG_ID: &str = "wal_id";
 /// what is left of it is a durable redb commit instead, which starts the
 /// log over. 8 MiB holds a few thousand single-run commits between such
 /// checkpoints, and replays in well under a second at start-up.
-pub const WAL_CAPACITY: u64 = 8 << 20;
+pub(crate) const WAL_CAPACITY: u64 = 8 << 20;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -85,7 +85,7 @@ impl RedbStore {
     }
 
     /// [`RedbStore::open`] with a write-ahead log of `wal_capacity` bytes.
-    pub fn open_with(path: &Path, wal_capacity: u64) -> Result<Self, StoreError> {
+    pub(crate) fn open_with(path: &Path, wal_capacity: u64) -> Result<Self, StoreError> {
         let open_error = |source: BoxError| StoreError::Open {
             path: path.display().to_string(),
             source,
@@ -152,11 +152,6 @@ impl RedbStore {
             wal: Mutex::new(Some(wal)),
         })
     }
-
-    /// The file this store was opened on.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 fn describe_open_error(err: DatabaseError) -> BoxError {
@@ -210,9 +205,9 @@ async fn blocking<T: Send + 'static>(
 /// write and its fsync; a panic becomes an error.
 ///
 /// The scheduler's commit is the caller that matters, and it is on the
-/// pickup path. Each way of moving the write off the worker cost a
-/// cross-thread wake-up, 0.1-0.3 ms each on an idle 2-vCPU VM whose idle
-/// vCPUs halt: `spawn_blocking` one there and one back; `block_in_place`
+/// pickup path. Each way of moving the write off the worker cost
+/// cross-thread wake-ups (each a real share of a commit where idle vCPUs
+/// halt; docs/decisions.md): `spawn_blocking` one there and one back; `block_in_place`
 /// one to hand the worker's core to a new thread, and one after the fsync,
 /// because the tasks the confirms wake then ran on that other thread. Run
 /// here, the runner streams that carry the confirms run on this thread as

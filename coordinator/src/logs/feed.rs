@@ -6,7 +6,7 @@
 
 use tokio::sync::watch;
 
-pub struct LogFeed {
+pub(crate) struct LogFeed {
     generation: watch::Sender<u64>,
 }
 
@@ -20,11 +20,11 @@ impl Default for LogFeed {
 
 impl LogFeed {
     /// Some log grew.
-    pub fn publish(&self) {
+    pub(crate) fn publish(&self) {
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
 }

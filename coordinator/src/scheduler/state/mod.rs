@@ -1,0 +1,271 @@
+//! The scheduler's state machine, with no I/O.
+//!
+//! Every transition mutates the in-memory state and records its effects:
+//! which records became dirty (to be persisted) and which messages go to
+//! which runner connection. The actor in `super` persists the dirty records
+//! and only then delivers the messages, so nobody hears of a change that is
+//! not durable. The one exception is a tentative offer
+//! ([`Effects::take_tentative_offers`]): it leaves before the write, and the
+//! runner runs nothing of it until the `ConfirmOffer` sent after the write.
+//! Time is passed in (`now`) so tests can drive leases and offer timeouts.
+//!
+//! Layout: [`SchedulerState`] (here) is composed of small owners, each with
+//! private fields, that the transitions ask:
+//! - `runs`: the run records, idempotency keys and the attempt index;
+//! - `runners`: the runners registry ([`RunnerSlot`], its connection);
+//! - `queue`: the ready queue, in dispatch order;
+//! - `clocks`: when offers left and attempts started (in memory only);
+//! - `effects`: what a batch of transitions produced ([`Effects`]).
+//!
+//! The transitions, as `impl SchedulerState` blocks by what they act on:
+//! - `tasks`: submit, cancel, task outcomes and their propagation, retention;
+//! - `connection`: register, attach (a runner's hello), detach, drain;
+//! - `reports`: the messages a runner sends on its Control stream;
+//! - `offers`: dispatching queued tasks (matching in [`super::dispatch`]);
+//! - `sweep`: the timers (offer timeouts, leases, task timeouts).
+
+mod clocks;
+mod connection;
+mod effects;
+mod offers;
+mod queue;
+mod reports;
+mod runners;
+mod runs;
+mod sweep;
+mod tasks;
+
+pub(crate) use effects::{Effects, Outgoing, RunnerTx};
+pub(crate) use runners::RunnerSlot;
+
+use crate::model::*;
+use capstan_proto::ids::{AttemptId, RunId, RunnerId};
+use capstan_proto::runner::v1 as rpb;
+use clocks::Clocks;
+use queue::ReadyQueue;
+use rpb::coordinator_message::Kind as Down;
+use runners::Runners;
+use runs::Runs;
+use tokio::time::{Duration, Instant};
+
+/// How often an idle runner heartbeats by default: an idle runner's
+/// heartbeat renews no lease, and receiving one a second from every runner
+/// of a big fleet costs a real share of a core (docs/decisions.md).
+pub(crate) const DEFAULT_IDLE_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long finished runs and their logs are kept by default: GitLab's
+/// default for job artifacts, and long enough to look back over a month.
+pub(crate) const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Timings and limits of the scheduler.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// How often runners heartbeat while they run attempts.
+    pub heartbeat: Duration,
+    /// How often idle runners heartbeat. They hold no lease; offers to them
+    /// are covered by the offer timeout.
+    pub idle_heartbeat: Duration,
+    /// A runner silent for this long loses its attempts (requeued).
+    pub lease: Duration,
+    /// An offer not accepted within this goes back to the queue.
+    pub offer_timeout: Duration,
+    /// Infrastructure failures (lost runner, executor error) retried per task.
+    pub max_infra_retries: u32,
+    /// Grace past a task's own timeout before the coordinator fails it itself.
+    pub timeout_grace: Duration,
+    /// Extra time, on top of one lease, that a newly started leader gives
+    /// runners to re-attach before it requeues their attempts. It covers a
+    /// runner's reconnect backoff (at most 5 s) while no leader was elected.
+    pub reattach_grace: Duration,
+    /// A runner whose Control stream broke (process killed, connection
+    /// reset) and that has not reconnected within this loses its attempts,
+    /// without waiting out the whole lease. Covers its first reconnects.
+    pub disconnect_grace: Duration,
+    /// Finished runs older than this are deleted with their logs; `None`
+    /// keeps everything.
+    pub retention: Option<Duration>,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(1),
+            idle_heartbeat: DEFAULT_IDLE_HEARTBEAT,
+            lease: Duration::from_secs(5),
+            offer_timeout: Duration::from_secs(5),
+            max_infra_retries: 3,
+            timeout_grace: Duration::from_secs(30),
+            reattach_grace: Duration::from_secs(6),
+            disconnect_grace: Duration::from_millis(2500),
+            retention: Some(DEFAULT_RETENTION),
+        }
+    }
+}
+
+/// Why an attempt ended early, for the task's message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LossReason {
+    RunnerLost,
+    OfferExpired,
+    OfferRejected,
+    /// The runner dropped a tentative offer unrun (its stream ended before
+    /// the confirm) and said so in its next hello.
+    OfferDropped,
+}
+
+/// Errors the state machine reports to the API layer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StateError {
+    #[error("no run `{0}` (list runs with `capstan runs`)")]
+    UnknownRun(String),
+    #[error("no task `{task}` in run `{run}`")]
+    UnknownTask { run: String, task: String },
+    #[error("no runner `{0}` (list runners with `capstan runners`)")]
+    UnknownRunner(String),
+    #[error("runner credentials rejected: re-register the runner")]
+    BadRunnerCredentials,
+    #[error(
+        "runner speaks protocol version {got}; this coordinator speaks {want}: upgrade the older side"
+    )]
+    ProtocolVersion { got: u32, want: u32 },
+    #[error("runner {runner} reported on attempt {attempt}, which is not assigned to it")]
+    NotYourAttempt { runner: String, attempt: String },
+}
+
+pub(crate) struct SchedulerState {
+    epoch: u64,
+    timing: Timing,
+    runs: Runs,
+    runners: Runners,
+    queue: ReadyQueue,
+    clocks: Clocks,
+    next_conn: u64,
+    fx: Effects,
+}
+
+impl SchedulerState {
+    pub(crate) fn new(epoch: u64, timing: Timing) -> Self {
+        Self {
+            epoch,
+            timing,
+            runs: Runs::default(),
+            runners: Runners::default(),
+            queue: ReadyQueue::default(),
+            clocks: Clocks::default(),
+            next_conn: 0,
+            fx: Effects::default(),
+        }
+    }
+
+    /// Rebuilds the state from persisted records. Attempts that were offered
+    /// or running stay assigned: their runners get one lease plus
+    /// `reattach_grace` (counted from `now`) to re-attach before the
+    /// attempts are requeued.
+    pub(crate) fn load(
+        epoch: u64,
+        timing: Timing,
+        runs: Vec<RunRecord>,
+        runners: Vec<RunnerRecord>,
+        now: Instant,
+    ) -> Self {
+        let seen = now + timing.reattach_grace;
+        let mut st = Self::new(epoch, timing);
+        let now_ms = now_ms();
+        for r in runners {
+            st.runners.insert(RunnerSlot::new(r, seen, now_ms));
+        }
+        for run in runs {
+            for (i, t) in run.tasks.iter().enumerate() {
+                for a in t.attempts.iter().filter(|a| a.state.is_active()) {
+                    if let Some(slot) = st.runners.get_mut(&a.runner) {
+                        slot.hold(a.id.clone());
+                    }
+                    match a.state {
+                        AttemptState::Offered => st.clocks.offered(a.id.clone(), seen),
+                        AttemptState::Running => st.clocks.started(&a.id, now),
+                        _ => {}
+                    }
+                }
+                if t.state == StoredTaskState::Queued {
+                    st.queue.insert(run.priority, run.seq, &run.id, i);
+                }
+            }
+            st.runs.restore(run);
+        }
+        st
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub(crate) fn timing(&self) -> &Timing {
+        &self.timing
+    }
+
+    pub(crate) fn run(&self, id: &RunId) -> Option<&RunRecord> {
+        self.runs.get(id)
+    }
+
+    pub(crate) fn runs(&self) -> impl Iterator<Item = &RunRecord> {
+        self.runs.values()
+    }
+
+    /// Lets `f` add to a run's record what the state machine never reads
+    /// (its trace context); the record is written with the batch.
+    pub(crate) fn annotate_run(&mut self, id: &RunId, f: impl FnOnce(&mut RunRecord)) {
+        if let Some(run) = self.runs.get_mut(id) {
+            f(run);
+            self.fx.touch_run(id);
+        }
+    }
+
+    pub(crate) fn runner(&self, id: &RunnerId) -> Option<&RunnerSlot> {
+        self.runners.get(id)
+    }
+
+    pub(crate) fn runners(&self) -> impl Iterator<Item = &RunnerSlot> {
+        self.runners.values()
+    }
+
+    /// How many runners have a Control stream open.
+    pub(crate) fn connected_runners(&self) -> usize {
+        self.runners.connected()
+    }
+
+    /// Whether `attempt` belongs to a run the state holds.
+    pub(crate) fn knows_attempt(&self, attempt: &AttemptId) -> bool {
+        self.runs.knows_attempt(attempt)
+    }
+
+    /// The attempt's place, if `runner` owns it (fencing: a runner may report
+    /// only on attempts assigned to it).
+    pub(crate) fn owned_attempt(
+        &self,
+        runner: &RunnerId,
+        a: &AttemptId,
+    ) -> Result<(RunId, usize), StateError> {
+        self.runs.owned(runner, a)
+    }
+
+    pub(crate) fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The effects recorded so far, without taking them.
+    #[cfg(test)]
+    pub(crate) fn effects(&self) -> &Effects {
+        &self.fx
+    }
+
+    pub(crate) fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.fx)
+    }
+
+    /// Queues `kind` for the runner's current connection, if it has one.
+    fn send_to(&mut self, runner: &RunnerId, kind: Down) {
+        if let Some(out) = self.runners.get(runner).and_then(|s| s.outgoing(kind)) {
+            self.fx.send(out);
+        }
+    }
+}

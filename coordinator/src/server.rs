@@ -1,0 +1,343 @@
+//! Serving one coordinator replica: opening the store and the election,
+//! the gRPC server and the HTTP side port, and the leadership loop that
+//! starts a scheduler each time this replica wins and stops it when the
+//! leadership ends.
+//!
+//! Doors: it wires the other modules together (`api`, `election`, `http`,
+//! `logs`, `scheduler`, `store`); nothing imports it but `lib.rs`.
+
+use crate::config::CoordinatorConfig;
+use crate::{api, election, http, logs, metrics, scheduler, store};
+use anyhow::Context as _;
+use capstan_proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 1 MiB).
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// HTTP/2 ping interval on idle connections; rare enough to cost nothing
+/// next to the runners' heartbeats at 10,000 connections.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A connection whose ping is not answered within this is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows the server grants (hyper's default is 1 MB
+/// for a connection and each stream): a runner shipping a big log keeps
+/// several 1 MiB chunks in flight, so sending and writing the log overlap
+/// instead of taking turns (measurements: docs/decisions.md). The
+/// connection window leaves room beside one log stream for the runner's
+/// other calls; the cost is up to 16 MiB unread per connection while the
+/// coordinator falls behind.
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame peers may send us (default 16 KiB): a 1 MiB log
+/// chunk in 4 frames instead of 64.
+const MAX_FRAME: u32 = 256 * 1024;
+/// Bound on waiting for the replica's tasks at shutdown.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a coordinator until `shutdown` is cancelled: standalone on redb, or
+/// one replica of several on etcd (`config.etcd_endpoints`). `http` is
+/// optional so embedders can skip the side port.
+///
+/// The replica serves gRPC at once. Until it leads, every call but the
+/// ClusterService is answered UNAVAILABLE with the leader's URL; once it
+/// leads it loads the state and schedules until leadership is lost (then it
+/// campaigns again) or `shutdown` (then it resigns, so another replica takes
+/// over at once).
+pub async fn run(
+    config: CoordinatorConfig,
+    grpc: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let local = grpc.local_addr()?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let standalone = config.etcd_endpoints.is_empty();
+    let (store, election) = open_state(&config, &advertise).await?;
+    let log_dir = config
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("logs"));
+    // Opened here once so a bad directory fails the start, then anew per leadership.
+    logs::local::LocalLogStore::open(&log_dir)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+
+    let tracker = TaskTracker::new();
+    let inner = shutdown.child_token();
+    let ready = Arc::new(AtomicBool::new(false));
+    let (role_tx, role_rx) = watch::channel(api::Role::Follower);
+    let shared = api::Shared {
+        role: role_rx,
+        election: election.clone(),
+        feed: Arc::new(logs::feed::LogFeed::default()),
+        metrics: metrics.clone(),
+        registration_token: config.registration_token.clone().into(),
+        advertise: advertise.clone().into(),
+    };
+
+    if let Some(http) = http {
+        let state = http::HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            role: shared.role.clone(),
+        };
+        spawn_http(&tracker, http, state, inner.clone())?;
+    }
+    let server = grpc_server(shared);
+    let server_task = tracker.spawn(
+        server
+            .serve_with_incoming_shutdown(nodelay_incoming(grpc), inner.clone().cancelled_owned()),
+    );
+    ready.store(true, Ordering::Release);
+    tracing::info!(%local, %advertise, standalone, "coordinator serving");
+
+    let lead = lead_loop(LeadLoop {
+        store,
+        log_dir,
+        election: election.clone(),
+        timing: config.timing.clone(),
+        metrics,
+        role: role_tx,
+        standalone,
+        shutdown: inner.clone(),
+    });
+    let result = tokio::select! {
+        r = lead => r,
+        r = server_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server failed")),
+            Err(e) => Err(anyhow::anyhow!("gRPC server task panicked: {e}")),
+        },
+    };
+    stop(&inner, &*election, &tracker).await;
+    result
+}
+
+/// Stops the replica's tasks and resigns (so another replica takes over
+/// at once), waiting a bounded time for the tasks.
+async fn stop(inner: &CancellationToken, election: &dyn election::Election, tracker: &TaskTracker) {
+    inner.cancel();
+    election.resign().await;
+    tracker.close();
+    if tokio::time::timeout(STOP_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some coordinator tasks did not stop within 5 s");
+    }
+}
+
+/// Serves the HTTP side port on `listener` until `token` is cancelled.
+fn spawn_http(
+    tracker: &TaskTracker,
+    listener: tokio::net::TcpListener,
+    state: http::HttpState,
+    token: CancellationToken,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    tracker.spawn(async move {
+        if let Err(e) = http::serve(listener, state, token).await {
+            tracing::error!(error = %e, "HTTP side port failed");
+        }
+    });
+    tracing::info!(%addr, "HTTP side port listening");
+    Ok(())
+}
+
+/// The state store and the election: redb and a standalone election
+/// without etcd endpoints, else both on etcd.
+async fn open_state(
+    config: &CoordinatorConfig,
+    advertise: &str,
+) -> anyhow::Result<(Arc<dyn store::Store>, Arc<dyn election::Election>)> {
+    if config.etcd_endpoints.is_empty() {
+        let state_path = config.data_dir.join("state.redb");
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "standalone mode: only one coordinator may use this data dir"
+        );
+        let store: Arc<dyn store::Store> = Arc::new(store::redb::RedbStore::open(&state_path)?);
+        let election = Arc::new(election::standalone::StandaloneElection::new(
+            store.clone(),
+            advertise.to_string(),
+        ));
+        return Ok((store, election));
+    }
+    let pool = store::etcd::connect(&config.etcd_endpoints).await?;
+    let etcd_store = store::etcd::EtcdStore::new(pool.clone(), &config.etcd_prefix);
+    let election = Arc::new(election::etcd::EtcdElection::new(
+        pool,
+        &config.etcd_prefix,
+        advertise.to_string(),
+        config.election_ttl,
+        etcd_store.clone(),
+    ));
+    tracing::info!(endpoints = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "state in etcd");
+    Ok((Arc::new(etcd_store), election))
+}
+
+/// The gRPC server with the runner, pipeline and cluster services.
+fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        // A runner host that vanishes without closing its connection (power
+        // loss, a partition) would otherwise keep its stream task until TCP
+        // gives up, minutes later; HTTP/2 pings find it in seconds. The lease
+        // requeues its work either way.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .add_service(
+            runnerpb::runner_service_server::RunnerServiceServer::new(api::runner::RunnerApi(
+                shared.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            apipb::pipeline_service_server::PipelineServiceServer::new(api::pipeline::PipelineApi(
+                shared.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            clusterpb::cluster_service_server::ClusterServiceServer::new(api::cluster::ClusterApi(
+                shared,
+            )),
+        )
+}
+
+struct LeadLoop {
+    store: Arc<dyn store::Store>,
+    log_dir: std::path::PathBuf,
+    election: Arc<dyn election::Election>,
+    timing: scheduler::state::Timing,
+    metrics: Arc<metrics::Metrics>,
+    role: watch::Sender<api::Role>,
+    standalone: bool,
+    shutdown: CancellationToken,
+}
+
+/// Campaign, lead until leadership is lost, step down, campaign again.
+async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
+    loop {
+        l.role.send_replace(api::Role::Follower);
+        let Some(lead) = l.election.campaign(&l.shutdown).await? else {
+            return Ok(());
+        };
+        let logs: Arc<dyn logs::LogStore> = Arc::new(logs::local::LocalLogStore::open(&l.log_dir)?);
+        let started = scheduler::start(
+            l.store.clone(),
+            logs.clone(),
+            l.timing.clone(),
+            l.metrics.clone(),
+            lead.epoch,
+        )
+        .await;
+        let (scheduler, handle) = match started {
+            Ok(s) => s,
+            Err(e) if !l.standalone => {
+                tracing::warn!(error = %e, "could not load state as the new leader; stepping down");
+                l.election.resign().await;
+                continue;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("cannot load the state")),
+        };
+        let token = l.shutdown.child_token();
+        l.role.send_replace(api::Role::Leader(api::LeaderCtx {
+            scheduler: handle,
+            token: token.clone(),
+            logs,
+        }));
+        tracing::info!(epoch = lead.epoch, "leading");
+        // The scheduler gets its own task, on a worker thread: in the
+        // caller's future it ran wherever that is polled, which under
+        // `#[tokio::main]` is the main thread, outside the worker pool, so
+        // every command from an API handler and every offer out crossed
+        // threads with a futex wake-up. Aborted (and waited for) when
+        // leadership is lost or this future is dropped.
+        let mut task =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(scheduler.run(token.clone())));
+        let outcome = tokio::select! {
+            r = &mut task => match r {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(format!("the scheduler task was cancelled: {e}")),
+            },
+            _ = lead.lost.cancelled() => {
+                task.abort();
+                // Stopped before anything else happens: no write of this
+                // leadership may land after the next one starts.
+                let _ = (&mut task).await;
+                Err("leadership lost".to_string())
+            }
+        };
+        token.cancel();
+        l.role.send_replace(api::Role::Follower);
+        if l.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) if l.standalone => anyhow::bail!("scheduler stopped: {e}"),
+            Err(e) => {
+                tracing::warn!(epoch = lead.epoch, reason = %e, "stepping down");
+                l.election.resign().await;
+            }
+        }
+    }
+}
+
+/// The gRPC listener's connections, each with TCP_NODELAY set.
+///
+/// Without it, Nagle holds a small frame (an offer's confirm, a unary
+/// reply) while an earlier one to the same peer is unacknowledged, until
+/// the peer's delayed ACK, which multiplied the submit -> offer latency
+/// (docs/decisions.md). gRPC servers set it on every connection;
+/// tonic does for listeners it binds itself, and this one is bound by the
+/// caller.
+fn nodelay_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            if let Ok(stream) = &conn
+                && let Err(e) = stream.set_nodelay(true)
+            {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
+            conn
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_accepted_connection_has_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = std::pin::pin!(nodelay_incoming(listener));
+        for _ in 0..2 {
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let accepted = tokio_stream::StreamExt::next(&mut incoming)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(accepted.nodelay().unwrap(), "Nagle is on for {addr}");
+        }
+    }
+}
