@@ -28,10 +28,15 @@ pub struct CoordinatorConfig {
     pub election_ttl: Duration,
     /// Task logs; replicas must share it. Default: `DATA_DIR/logs`.
     pub log_dir: Option<PathBuf>,
+    /// An admin API token (named `dev`) stored at start: `capstan dev`'s,
+    /// for its own client. None for the binary (tokens come from `token
+    /// create`).
+    pub dev_admin_token: Option<String>,
 }
 
 impl CoordinatorConfig {
-    /// Settings for `capstan dev`: everything in `data_dir`, default timings.
+    /// Settings for `capstan dev`: everything in `data_dir`, default timings,
+    /// a fresh admin token (`dev_admin_token`) for its client.
     pub fn for_dev(data_dir: PathBuf, registration_token: String) -> Self {
         Self {
             data_dir,
@@ -42,6 +47,7 @@ impl CoordinatorConfig {
             etcd_prefix: DEFAULT_ETCD_PREFIX.into(),
             election_ttl: DEFAULT_ELECTION_TTL,
             log_dir: None,
+            dev_admin_token: Some(crate::tokens::generate()),
         }
     }
 }
@@ -57,8 +63,12 @@ pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(5);
 #[command(name = "capstan-coordinator", version, about = "Capstan coordinator")]
 #[serde(deny_unknown_fields)]
 pub struct Args {
+    /// An offline admin command instead of serving (`token create`).
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<AdminCommand>,
     /// TOML file with any of the settings below (keys as the flags, with `_`).
-    #[arg(long, env = "CAPSTAN_CONFIG")]
+    #[arg(long, env = "CAPSTAN_CONFIG", global = true)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:7700].
@@ -68,17 +78,22 @@ pub struct Args {
     #[arg(long, env = "CAPSTAN_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
     /// Directory for state and logs [default: ./capstan-data].
-    #[arg(long, env = "CAPSTAN_DATA_DIR")]
+    #[arg(long, env = "CAPSTAN_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// Shared token runners register with (required).
     #[arg(long, env = "CAPSTAN_REGISTRATION_TOKEN", hide_env_values = true)]
     pub registration_token: Option<String>,
     /// etcd endpoints (URL,URL): run as one of several replicas with state in etcd.
-    #[arg(long, env = "CAPSTAN_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CAPSTAN_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        global = true
+    )]
     #[serde(default, deserialize_with = "capstan_config::one_or_many")]
     pub etcd_endpoints: Option<Vec<String>>,
     /// Prefix of every etcd key [default: /capstan/].
-    #[arg(long, env = "CAPSTAN_ETCD_PREFIX")]
+    #[arg(long, env = "CAPSTAN_ETCD_PREFIX", global = true)]
     pub etcd_prefix: Option<String>,
     /// Leader lease TTL in milliseconds, whole seconds [default: 5000].
     #[arg(long, env = "CAPSTAN_ELECTION_TTL_MS")]
@@ -111,6 +126,40 @@ pub struct Args {
     pub retention: Option<String>,
 }
 
+/// The binary's offline commands (see `crate::admin`).
+#[derive(clap::Subcommand, Debug)]
+pub enum AdminCommand {
+    /// API tokens, offline, in the store this coordinator uses (--data-dir,
+    /// or --etcd-endpoints and --etcd-prefix).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make an API token and print it, once: the bootstrap of the first
+    /// admin token (with the coordinator stopped, for a standalone one).
+    Create {
+        /// Unique name, recorded with every run the token submits.
+        #[arg(long)]
+        name: String,
+        /// read, submit or admin.
+        #[arg(long)]
+        scope: String,
+        /// Lifetime, e.g. `30d`, `12h` [default: never expires].
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+}
+
+/// Where the state lives: what the offline commands need of the settings.
+#[derive(Debug)]
+pub struct StoreLocation {
+    pub data_dir: PathBuf,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: String,
+}
+
 /// The merged settings of the binary.
 #[derive(Debug)]
 pub struct Settings {
@@ -128,17 +177,28 @@ pub enum ConfigError {
 }
 
 impl Args {
+    /// The file under the flags (no defaults filled in).
+    fn layered(&self) -> Result<Args, ConfigError> {
+        let file: Args = capstan_config::load(self.config.as_deref())?;
+        Ok(capstan_config::layer(&file, self)?)
+    }
+
+    /// The store settings alone (no registration token needed).
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        let s = self.layered()?;
+        Ok(StoreLocation {
+            data_dir: s
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            etcd_endpoints: endpoints(s.etcd_endpoints),
+            etcd_prefix: s.etcd_prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into()),
+        })
+    }
+
     /// Merges defaults, the TOML file and the flags/environment.
     pub fn settings(self) -> Result<Settings, ConfigError> {
-        let file: Args = capstan_config::load(self.config.as_deref())?;
-        let s = capstan_config::layer(&file, &self)?;
-        let etcd_endpoints: Vec<String> = s
-            .etcd_endpoints
-            .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect();
+        let s = self.layered()?;
+        let etcd_endpoints = endpoints(s.etcd_endpoints);
         let election_ttl = Duration::from_millis(
             s.election_ttl_ms
                 .unwrap_or(DEFAULT_ELECTION_TTL.as_millis() as u64),
@@ -197,7 +257,9 @@ impl Args {
             listen,
             http_listen,
             coordinator: CoordinatorConfig {
-                data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("capstan-data")),
+                data_dir: s
+                    .data_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
                 registration_token,
                 advertise: s.advertise,
                 timing,
@@ -205,9 +267,21 @@ impl Args {
                 etcd_prefix,
                 election_ttl,
                 log_dir: s.log_dir,
+                dev_admin_token: None,
             },
         })
     }
+}
+
+const DEFAULT_DATA_DIR: &str = "capstan-data";
+
+/// `--etcd-endpoints` without blanks.
+fn endpoints(list: Option<Vec<String>>) -> Vec<String> {
+    list.unwrap_or_default()
+        .into_iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect()
 }
 
 /// `forever` (or `0`): keep everything; else a duration of whole days
@@ -222,13 +296,7 @@ fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
             "bad retention `{text}`: use a duration such as `30d`, `12h` or `90m`, or `forever`"
         )
     };
-    let duration = match t.strip_suffix('d') {
-        Some(days) if !days.is_empty() && days.bytes().all(|b| b.is_ascii_digit()) => {
-            let days: u64 = days.parse().map_err(|_| bad())?;
-            Duration::from_secs(days.checked_mul(24 * 3600).ok_or_else(bad)?)
-        }
-        _ => capstan_proto::units::parse_timeout(t).map_err(|_| bad())?,
-    };
+    let duration = capstan_proto::units::parse_age(t).map_err(|_| bad())?;
     Ok(Some(duration))
 }
 

@@ -14,7 +14,10 @@
 //! - `model`: the records the store holds;
 //! - `http`: `/healthz`, `/readyz`, `/metrics`, with `metrics`;
 //! - [`config`]: flags, environment and TOML;
-//! - `trace`: the run's spans in its OpenTelemetry trace (off unless configured).
+//! - `trace`: the run's spans in its OpenTelemetry trace (off unless configured);
+//! - `tokens`: API tokens in the store (make, look up, list, revoke); their
+//!   check on each call is `api::auth`;
+//! - [`admin`]: the binary's offline commands (`token create`).
 //!
 //! The facade: [`run`], [`CoordinatorConfig`], [`Timing`], and [`store`]
 //! (the bench writes to a redb store; the end-to-end tests run the store
@@ -22,6 +25,7 @@
 //!
 //! [`run`] serves on listeners the caller bound, so tests bind `127.0.0.1:0`.
 
+pub mod admin;
 pub(crate) mod api;
 pub mod config;
 pub(crate) mod election;
@@ -32,6 +36,7 @@ pub(crate) mod model;
 pub(crate) mod scheduler;
 mod server;
 pub mod store;
+pub(crate) mod tokens;
 pub(crate) mod trace;
 
 pub use config::CoordinatorConfig;

@@ -12,8 +12,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let args = capstan_coordinator::config::Args::parse();
-    let result = main_inner(args).await;
+    let mut args = capstan_coordinator::config::Args::parse();
+    let result = match args.command.take() {
+        Some(command) => capstan_coordinator::admin::run(args, command).await,
+        None => main_inner(args).await,
+    };
     // After the coordinator stopped (SIGTERM included): its last spans.
     telemetry.shutdown().await;
     match result {

@@ -2,7 +2,9 @@
 //!
 //! - `runs/<run_id>`: a [`RunRecord`] with its tasks and their attempts;
 //! - `runners/<runner_id>`: a [`RunnerRecord`];
-//! - `meta/epoch`: the last leader epoch, as decimal text.
+//! - `meta/epoch`: the last leader epoch, as decimal text;
+//! - `tokens/...` and `token-names/...`: API tokens, owned by `crate::tokens`
+//!   (the scheduler never loads them).
 //!
 //! Which attempts a runner holds is not stored twice: it is derived from the
 //! runs when the state is loaded.
@@ -58,6 +60,10 @@ pub(crate) struct RunRecord {
     pub(crate) traceparent: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) tracestate: String,
+    /// Name of the API token that submitted the run (empty: stored before
+    /// tokens existed). A `submit` token may cancel only its own runs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) submitted_by: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -82,7 +82,11 @@ pub async fn run(
         metrics: metrics.clone(),
         registration_token: config.registration_token.clone().into(),
         advertise: advertise.clone().into(),
+        tokens: Arc::new(crate::tokens::Tokens::new(store.clone())),
     };
+    if let Some(token) = &config.dev_admin_token {
+        install_dev_token(&shared.tokens, token).await?;
+    }
 
     if let Some(http) = http {
         let state = http::HttpState {
@@ -153,6 +157,21 @@ fn spawn_http(
     Ok(())
 }
 
+/// `capstan dev`'s admin token, stored like any other (in its throw-away
+/// data dir) under the name `dev`.
+async fn install_dev_token(tokens: &crate::tokens::Tokens, token: &str) -> anyhow::Result<()> {
+    tokens
+        .install(
+            token,
+            "dev",
+            crate::tokens::Scope::Admin,
+            crate::model::now_ms(),
+        )
+        .await
+        .context("cannot store the dev admin token")?;
+    Ok(())
+}
+
 /// The state store and the election: redb and a standalone election
 /// without etcd endpoints, else both on etcd.
 async fn open_state(
@@ -160,12 +179,12 @@ async fn open_state(
     advertise: &str,
 ) -> anyhow::Result<(Arc<dyn store::Store>, Arc<dyn election::Election>)> {
     if config.etcd_endpoints.is_empty() {
-        let state_path = config.data_dir.join("state.redb");
         tracing::warn!(
             data_dir = %config.data_dir.display(),
             "standalone mode: only one coordinator may use this data dir"
         );
-        let store: Arc<dyn store::Store> = Arc::new(store::redb::RedbStore::open(&state_path)?);
+        let store: Arc<dyn store::Store> =
+            Arc::new(store::redb::RedbStore::open_in(&config.data_dir)?);
         let election = Arc::new(election::standalone::StandaloneElection::new(
             store.clone(),
             advertise.to_string(),
@@ -185,7 +204,7 @@ async fn open_state(
     Ok((Arc::new(etcd_store), election))
 }
 
-/// The gRPC server with the runner, pipeline and cluster services.
+/// The gRPC server with the runner, pipeline, cluster and token services.
 fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
         // A runner host that vanishes without closing its connection (power
@@ -212,9 +231,12 @@ fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
         )
         .add_service(
             clusterpb::cluster_service_server::ClusterServiceServer::new(api::cluster::ClusterApi(
-                shared,
+                shared.clone(),
             )),
         )
+        .add_service(apipb::token_service_server::TokenServiceServer::new(
+            api::tokens::TokenApi(shared),
+        ))
 }
 
 struct LeadLoop {

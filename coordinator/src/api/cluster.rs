@@ -1,6 +1,7 @@
 //! ClusterService: every replica answers it, leader or not.
 
 use super::Shared;
+use crate::tokens::Scope;
 use capstan_proto::cluster::v1::*;
 use tonic::{Request, Response, Status};
 
@@ -20,8 +21,9 @@ impl ClusterApi {
 impl cluster_service_server::ClusterService for ClusterApi {
     async fn ask_leader(
         &self,
-        _: Request<AskLeaderRequest>,
+        req: Request<AskLeaderRequest>,
     ) -> Result<Response<AskLeaderResponse>, Status> {
+        self.0.authorize(&req, Scope::Read).await?;
         let info = self.leader_info().await?;
         let is_leader = matches!(&*self.0.role.borrow(), super::Role::Leader(_));
         Ok(Response::new(AskLeaderResponse {
@@ -33,8 +35,9 @@ impl cluster_service_server::ClusterService for ClusterApi {
 
     async fn list_members(
         &self,
-        _: Request<ListMembersRequest>,
+        req: Request<ListMembersRequest>,
     ) -> Result<Response<ListMembersResponse>, Status> {
+        self.0.authorize(&req, Scope::Read).await?;
         let info = self.leader_info().await?;
         let members = self
             .0

@@ -1,10 +1,14 @@
 //! Thin tonic handlers. Each unwraps its request, asks the scheduler (or the
 //! log store) and maps errors to `tonic::Status` in one place ([`status`]).
+//! Every client handler (pipeline, cluster, tokens) asks [`auth`] who calls
+//! before anything else.
 
+pub(crate) mod auth;
 pub(crate) mod cluster;
 pub(crate) mod pipeline;
 pub(crate) mod runner;
 pub(crate) mod status;
+pub(crate) mod tokens;
 
 use crate::election::Election;
 use crate::logs::LogStore;
@@ -42,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registration_token: Arc<str>,
     pub(crate) advertise: Arc<str>,
+    /// The API tokens, in the same store as the state (every replica reads it).
+    pub(crate) tokens: Arc<crate::tokens::Tokens>,
 }
 
 impl LeaderCtx {
@@ -55,6 +61,15 @@ impl LeaderCtx {
 }
 
 impl Shared {
+    /// The caller of `req`, if its API token has at least `need` (see [`auth`]).
+    pub(crate) async fn authorize<T>(
+        &self,
+        req: &tonic::Request<T>,
+        need: crate::tokens::Scope,
+    ) -> Result<auth::Caller, tonic::Status> {
+        auth::authorize(&self.tokens, req, need).await
+    }
+
     /// Asks the leader's scheduler, or answers as a follower does.
     pub(crate) async fn ask<T>(
         &self,

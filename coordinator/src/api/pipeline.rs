@@ -3,6 +3,7 @@
 use super::{Shared, status};
 use crate::model::*;
 use crate::scheduler::{AttemptLogInfo, Command};
+use crate::tokens::Scope;
 use capstan_proto::api::v1::*;
 use capstan_proto::ids::{AttemptId, RunId};
 use capstan_proto::pipeline::v1::TaskSpec;
@@ -98,6 +99,7 @@ pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
         idempotency_key: req.idempotency_key,
         traceparent: String::new(),
         tracestate: String::new(),
+        submitted_by: String::new(),
     };
     // etcd refuses requests over ~1.5 MiB: a run that could not be stored
     // must be refused here, not knock the leader over when it is written.
@@ -117,6 +119,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<SubmitRunRequest>,
     ) -> Result<Response<SubmitRunResponse>, Status> {
+        let caller = self.0.authorize(&req, Scope::Submit).await?;
         // A submitter's trace (W3C `traceparent` metadata) becomes the
         // parent of the run's span; the scheduler replaces it with the run's
         // own. Parsed and re-encoded, so a malformed header is dropped here
@@ -140,6 +143,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let mut run = build_run(req.into_inner())?;
         run.traceparent = parent.traceparent;
         run.tracestate = parent.tracestate;
+        run.submitted_by = caller.name;
         let id = self
             .0
             .ask(|reply| Command::Submit {
@@ -154,6 +158,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
     }
 
     async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        self.0.authorize(&req, Scope::Read).await?;
         let id = run_id(req.into_inner().run_id)?;
         let run = self.0.ask(|reply| Command::GetRun { id, reply }).await?;
         Ok(Response::new(run))
@@ -163,6 +168,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
+        self.0.authorize(&req, Scope::Read).await?;
         let limit = match req.into_inner().limit {
             0 => 50,
             n => n as usize,
@@ -175,8 +181,23 @@ impl pipeline_service_server::PipelineService for PipelineApi {
     }
 
     async fn cancel_run(&self, req: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
+        let caller = self.0.authorize(&req, Scope::Submit).await?;
         let id = run_id(req.into_inner().run_id)?;
-        let run = self.0.ask(|reply| Command::CancelRun { id, reply }).await?;
+        let owner = (!caller.is_admin()).then(|| caller.name.clone());
+        let run = self
+            .0
+            .ask(|reply| Command::CancelRun { id, owner, reply })
+            .await?;
+        if caller.is_admin() && run.submitted_by != caller.name {
+            tracing::info!(
+                target: "audit",
+                token = %caller.name,
+                action = "cancel",
+                run = %run.id,
+                submitted_by = %run.submitted_by,
+                "run of another token cancelled"
+            );
+        }
         Ok(Response::new(run))
     }
 
@@ -186,6 +207,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
+        self.0.authorize(&req, Scope::Read).await?;
         let id = run_id(req.into_inner().run_id)?;
         let leader = self.0.leader().await?;
         let mut rx = leader.ask(|reply| Command::WatchRun { id, reply }).await?;
@@ -220,6 +242,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<ReadLogsRequest>,
     ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        self.0.authorize(&req, Scope::Read).await?;
         let req = req.into_inner();
         let id = run_id(req.run_id)?;
         let task = (!req.task.is_empty()).then_some(req.task);
@@ -248,8 +271,9 @@ impl pipeline_service_server::PipelineService for PipelineApi {
 
     async fn list_runners(
         &self,
-        _: Request<ListRunnersRequest>,
+        req: Request<ListRunnersRequest>,
     ) -> Result<Response<ListRunnersResponse>, Status> {
+        self.0.authorize(&req, Scope::Read).await?;
         let runners = self.0.ask(|reply| Command::ListRunners { reply }).await?;
         Ok(Response::new(ListRunnersResponse { runners }))
     }
@@ -258,9 +282,10 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<DrainRunnerRequest>,
     ) -> Result<Response<DrainRunnerResponse>, Status> {
+        let caller = self.0.authorize(&req, Scope::Admin).await?;
         let runner = req.into_inner().runner;
         let r = self.0.ask(|reply| Command::Drain { runner, reply }).await?;
-        tracing::info!(runner = %r.name, "runner draining");
+        tracing::info!(target: "audit", token = %caller.name, action = "drain", runner = %r.name, "runner draining");
         Ok(Response::new(DrainRunnerResponse { runner: Some(r) }))
     }
 
@@ -268,12 +293,13 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         &self,
         req: Request<ResumeRunnerRequest>,
     ) -> Result<Response<ResumeRunnerResponse>, Status> {
+        let caller = self.0.authorize(&req, Scope::Admin).await?;
         let runner = req.into_inner().runner;
         let r = self
             .0
             .ask(|reply| Command::Resume { runner, reply })
             .await?;
-        tracing::info!(runner = %r.name, "runner resumed");
+        tracing::info!(target: "audit", token = %caller.name, action = "resume", runner = %r.name, "runner resumed");
         Ok(Response::new(ResumeRunnerResponse { runner: Some(r) }))
     }
 }
@@ -451,13 +477,14 @@ mod tests {
         let shared = Shared {
             role,
             election: Arc::new(crate::election::standalone::StandaloneElection::new(
-                store,
+                store.clone(),
                 "http://127.0.0.1:1".into(),
             )),
             feed: Arc::default(),
             metrics,
             registration_token: "t".into(),
             advertise: "http://127.0.0.1:1".into(),
+            tokens: Arc::new(crate::tokens::Tokens::new(store.clone())),
         };
         let (tx, _rx) = mpsc::channel(4);
         let follower =

@@ -69,8 +69,10 @@ pub(crate) enum Command {
         limit: usize,
         reply: Reply<Vec<api::Run>>,
     },
+    /// With `owner`, only a run that token submitted may be cancelled.
     CancelRun {
         id: RunId,
+        owner: Option<String>,
         reply: Reply<api::Run>,
     },
     WatchRun {
@@ -324,8 +326,11 @@ impl Scheduler {
             Command::ListRuns { limit, reply } => {
                 let _ = reply.send(Ok(self.list_runs(limit)));
             }
-            Command::CancelRun { id, reply } => {
-                let r = self.state.cancel_run(&id).and_then(|()| self.run_view(&id));
+            Command::CancelRun { id, owner, reply } => {
+                let r = self
+                    .state
+                    .cancel_run(&id, owner.as_deref())
+                    .and_then(|()| self.run_view(&id));
                 self.reply(reply, r);
             }
             Command::WatchRun { id, reply } => {

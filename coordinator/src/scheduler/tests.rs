@@ -466,7 +466,7 @@ fn cancel_stops_active_attempts_and_ends_the_run() {
     let run = h.submit(DIAMOND);
     let mut r = h.runner("r1", 1, &[]);
     let a = h.accept(&mut r);
-    h.st.cancel_run(&run).unwrap();
+    h.st.cancel_run(&run, None).unwrap();
     h.settle();
     assert!(matches!(r.next(), Some(Down::Cancel(c)) if c.attempt_id == a.attempt_id));
     assert_eq!(h.run(&run).state, StoredRunState::Cancelled);
@@ -476,9 +476,34 @@ fn cancel_stops_active_attempts_and_ends_the_run() {
     h.finish(&mut r, &a.attempt_id, rpb::AttemptOutcome::Cancelled);
     assert_eq!(h.slot(&r.id).free_slots(), 1);
     assert!(matches!(
-        h.st.cancel_run(&RunId::from_string("run-nope")),
+        h.st.cancel_run(&RunId::from_string("run-nope"), None),
         Err(StateError::UnknownRun(_))
     ));
+}
+
+#[test]
+fn a_submit_token_cancels_only_its_own_runs() {
+    let mut h = Harness::new();
+    let mut run = build_run(SubmitRunRequest {
+        pipeline_yaml: DIAMOND.into(),
+        file_name: "t.yaml".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    run.submitted_by = "alice".into();
+    let (id, _) = h.st.submit(run);
+    h.settle();
+    let err = h.st.cancel_run(&id, Some("bob")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "run {id} was submitted by token `alice`: a `submit` token may cancel only its own runs (an `admin` token may cancel any)"
+        )
+    );
+    assert_eq!(h.run(&id).state, StoredRunState::Queued);
+    h.st.cancel_run(&id, Some("alice")).unwrap();
+    h.settle();
+    assert_eq!(h.run(&id).state, StoredRunState::Cancelled);
 }
 
 #[test]
@@ -563,7 +588,7 @@ fn rejecting_the_offer_of_a_cancelled_task_frees_the_slot() {
     let Some(Down::Offer(offer)) = r.next() else {
         panic!("expected an offer")
     };
-    h.st.cancel_run(&run).unwrap();
+    h.st.cancel_run(&run, None).unwrap();
     h.settle();
     h.send(
         &r,

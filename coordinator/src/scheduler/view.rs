@@ -39,6 +39,7 @@ pub(crate) fn run(r: &RunRecord) -> api::Run {
         repo: r.repo.clone(),
         rev: r.rev.clone(),
         priority: r.priority,
+        submitted_by: r.submitted_by.clone(),
     }
 }
 

@@ -84,6 +84,13 @@ impl RedbStore {
         Self::open_with(path, WAL_CAPACITY)
     }
 
+    /// The standalone coordinator's store in its data dir: `state.redb`
+    /// (and `state.redb.wal`). The coordinator and the offline `token
+    /// create` both open it here.
+    pub fn open_in(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open(&data_dir.join("state.redb"))
+    }
+
     /// [`RedbStore::open`] with a write-ahead log of `wal_capacity` bytes.
     pub(crate) fn open_with(path: &Path, wal_capacity: u64) -> Result<Self, StoreError> {
         let open_error = |source: BoxError| StoreError::Open {

@@ -62,6 +62,26 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A lifetime as daemons and the CLI take it (`--retention 30d`,
+/// `--expires 90d`): whole days (`30d`), or what [`parse_timeout`] takes
+/// (`12h`, `1h30m`, `90s`).
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let bad = || format!("bad duration `{text}`: use a duration such as `30d`, `12h` or `90m`");
+    match t.strip_suffix('d') {
+        Some(days) if !days.is_empty() && days.bytes().all(|b| b.is_ascii_digit()) => {
+            let days: u64 = days.parse().map_err(|_| bad())?;
+            if days == 0 {
+                return Err(bad());
+            }
+            Ok(Duration::from_secs(
+                days.checked_mul(24 * 3600).ok_or_else(bad)?,
+            ))
+        }
+        _ => parse_timeout(t).map_err(|_| bad()),
+    }
+}
+
 /// A memory size: bytes, or a number with `k`, `m` or `g` (powers of 1024).
 pub fn parse_memory(text: &str) -> Option<u64> {
     let t = text.trim().to_ascii_lowercase();
@@ -79,6 +99,16 @@ pub fn parse_memory(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages_are_days_or_timeouts() {
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 24 * 3600)));
+        assert_eq!(parse_age("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_age("90"), Ok(Duration::from_secs(90)));
+        let bad = "bad duration `a week`: use a duration such as `30d`, `12h` or `90m`";
+        assert_eq!(parse_age("a week"), Err(bad.to_string()));
+        assert!(parse_age("0d").is_err());
+    }
 
     #[test]
     fn memory_sizes_in_powers_of_1024_with_fractions() {

@@ -130,6 +130,10 @@ pub(crate) enum StateError {
     ProtocolVersion { got: u32, want: u32 },
     #[error("runner {runner} reported on attempt {attempt}, which is not assigned to it")]
     NotYourAttempt { runner: String, attempt: String },
+    #[error(
+        "run {run} was submitted by token `{submitted_by}`: a `submit` token may cancel only its own runs (an `admin` token may cancel any)"
+    )]
+    NotYourRun { run: String, submitted_by: String },
 }
 
 pub(crate) struct SchedulerState {

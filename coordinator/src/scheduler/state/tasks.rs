@@ -37,11 +37,20 @@ impl SchedulerState {
         (id, true)
     }
 
-    pub(crate) fn cancel_run(&mut self, id: &RunId) -> Result<(), StateError> {
+    /// Cancels a run; with `owner`, only if that token submitted it.
+    pub(crate) fn cancel_run(&mut self, id: &RunId, owner: Option<&str>) -> Result<(), StateError> {
         let run = self
             .runs
             .get_mut(id)
             .ok_or_else(|| StateError::UnknownRun(id.to_string()))?;
+        if let Some(owner) = owner
+            && run.submitted_by != owner
+        {
+            return Err(StateError::NotYourRun {
+                run: id.to_string(),
+                submitted_by: run.submitted_by.clone(),
+            });
+        }
         if run.state.is_terminal() {
             return Ok(());
         }
