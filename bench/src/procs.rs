@@ -5,6 +5,7 @@
 //! (Buildbot's, see [`daemon`]) and their flags.
 
 use anyhow::{Context, bail};
+use capstan_client::AuthChannel;
 use capstan_proto::api::v1 as api;
 use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
 use capstan_tests::process::Proc;
@@ -67,6 +68,26 @@ fn bin_in(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// `capstan-coordinator token create` in `data_dir` (offline, before the
+/// coordinator starts): the admin token it prints. None for a build without
+/// the subcommand, which has no tokens to check either.
+fn bootstrap_token(bins: &Path, data_dir: &Path) -> anyhow::Result<Option<String>> {
+    let out = daemon(bin_in(bins, "capstan-coordinator")?)
+        .args(["token", "create", "--name", "bench", "--scope", "admin"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .context("run capstan-coordinator token create")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        if stderr.contains("unrecognized subcommand") || stderr.contains("unexpected argument") {
+            return Ok(None);
+        }
+        bail!("capstan-coordinator token create failed: {stderr}");
+    }
+    Ok(Some(String::from_utf8(out.stdout)?.trim().to_string()))
+}
+
 /// A free loopback port (bound and released).
 pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -86,6 +107,10 @@ pub(crate) struct Coordinator {
     pub(crate) grpc: SocketAddr,
     pub(crate) http: SocketAddr,
     pub(crate) token: String,
+    /// The admin API token every client of the bench carries (made offline
+    /// before the start, as a user bootstraps one); None for a build that
+    /// has no tokens (an A/B against an older commit).
+    pub(crate) api_token: Option<String>,
     pub(crate) dir: PathBuf,
     /// Where this coordinator's binary came from; its runners come from there too.
     bins: PathBuf,
@@ -109,6 +134,7 @@ impl Coordinator {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let token = format!("bench-{}", std::process::id());
+        let api_token = bootstrap_token(bins, &dir.join("data"))?;
         let mut cmd = daemon(bin_in(bins, "capstan-coordinator")?);
         cmd.args(["--listen", &grpc.to_string()])
             .args(["--http-listen", &http.to_string()])
@@ -122,6 +148,7 @@ impl Coordinator {
             grpc,
             http,
             token,
+            api_token,
             dir: dir.to_path_buf(),
             bins: bins.to_path_buf(),
         };
@@ -173,9 +200,15 @@ impl Coordinator {
 
     /// The client API, with no limit on response size (ListRuns of a whole
     /// benchmark's runs is large).
-    pub(crate) async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<PipelineServiceClient<AuthChannel>> {
+        Ok(PipelineServiceClient::new(self.channel().await?).max_decoding_message_size(usize::MAX))
+    }
+
+    /// A channel to this coordinator carrying the API token.
+    pub(crate) async fn channel(&self) -> anyhow::Result<AuthChannel> {
         let ch = Channel::from_shared(self.url())?.connect().await?;
-        Ok(PipelineServiceClient::new(ch).max_decoding_message_size(usize::MAX))
+        let bearer = capstan_client::Bearer::new(self.api_token.as_deref())?;
+        Ok(capstan_client::auth::authed(ch, bearer))
     }
 
     /// A plain HTTP/1.0 GET on the side port: (status, body).
@@ -234,7 +267,7 @@ impl Coordinator {
 
     /// Submits a pipeline's text and returns the run id.
     pub(crate) async fn submit(
-        client: &mut PipelineServiceClient<Channel>,
+        client: &mut PipelineServiceClient<AuthChannel>,
         yaml: &str,
     ) -> anyhow::Result<String> {
         Ok(client

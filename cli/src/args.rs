@@ -32,6 +32,21 @@ pub struct Cli {
     )]
     pub(crate) output: Format,
 
+    /// API token sent on every call (`capstan_...`).
+    #[arg(
+        long,
+        global = true,
+        env = "CAPSTAN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        conflicts_with = "token_file"
+    )]
+    pub(crate) token: Option<String>,
+
+    /// File holding the API token (instead of --token).
+    #[arg(long, global = true, env = "CAPSTAN_TOKEN_FILE", value_name = "PATH")]
+    pub(crate) token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -89,6 +104,43 @@ pub(crate) enum Command {
     },
     /// Run a pipeline on an embedded coordinator and runner, in this process.
     Dev(DevArgs),
+    /// Manage API tokens (needs an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Make a token and print it, once.
+    Create {
+        /// Unique name, recorded with every run the token submits.
+        #[arg(long)]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_enum)]
+        scope: Scope,
+        /// Lifetime, e.g. `30d`, `12h` [default: never expires].
+        #[arg(long, value_name = "DURATION", value_parser = capstan_proto::units::parse_age)]
+        expires: Option<std::time::Duration>,
+    },
+    /// List the tokens (names, scopes, dates; never a secret).
+    List,
+    /// Revoke a token: it fails from the next call on.
+    Revoke {
+        /// Token name.
+        name: String,
+    },
+}
+
+/// A token's scope; each includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Scope {
+    /// Status, runs, logs, runners, cluster.
+    Read,
+    /// Read, submit runs, cancel the runs it submitted.
+    Submit,
+    /// Everything: cancel any run, drain and resume runners, tokens.
+    Admin,
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,6 +230,35 @@ mod tests {
         );
         assert!(
             Cli::try_parse_from(["capstan", "submit", "p.yaml", "--param", "novalue"]).is_err()
+        );
+    }
+
+    #[test]
+    fn token_flags() {
+        let cli = Cli::try_parse_from(["capstan", "runs", "--token", "capstan_x"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("capstan_x"));
+        let cli = Cli::try_parse_from([
+            "capstan",
+            "token",
+            "create",
+            "--name",
+            "ci",
+            "--scope",
+            "submit",
+            "--expires",
+            "30d",
+        ])
+        .unwrap();
+        let Command::Token(TokenCommand::Create { scope, expires, .. }) = cli.command else {
+            panic!("not token create")
+        };
+        assert_eq!(scope, Scope::Submit);
+        assert_eq!(
+            expires,
+            Some(std::time::Duration::from_secs(30 * 24 * 3600))
+        );
+        assert!(
+            Cli::try_parse_from(["capstan", "runs", "--token", "a", "--token-file", "f"]).is_err()
         );
     }
 

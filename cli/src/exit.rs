@@ -1,7 +1,8 @@
 //! Exit codes, in one place (DESIGN.md, "Command line"):
 //! 0 run (or command) succeeded, 1 run failed or was cancelled (and any
 //! other failed command), 2 usage or validation error, 3 coordinator
-//! unreachable, 130 interrupted while following.
+//! unreachable, 4 API token refused (missing, unknown, expired, revoked, or
+//! its scope too small), 130 interrupted while following.
 
 use std::process::ExitCode;
 
@@ -20,6 +21,9 @@ pub(crate) enum Exit {
     Usage,
     /// No coordinator (or no leader) answered.
     Unreachable,
+    /// The coordinator refused the API token (UNAUTHENTICATED or
+    /// PERMISSION_DENIED).
+    Denied,
     /// Ctrl-C while following.
     Interrupted,
 }
@@ -31,6 +35,7 @@ impl Exit {
             Exit::Failed => 1,
             Exit::Usage => 2,
             Exit::Unreachable => 3,
+            Exit::Denied => 4,
             Exit::Interrupted => 130,
         }
     }
@@ -111,6 +116,14 @@ impl From<ClientError> for Failure {
                 exit: Exit::Usage,
                 message: s.message().to_string(),
             },
+            // One line saying what to do (the coordinator's message names
+            // the flag, or the scope needed).
+            Some(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                Failure {
+                    exit: Exit::Denied,
+                    message: format!("error: {}", s.message()),
+                }
+            }
             Some(s) if s.code() == Code::Unavailable => Failure {
                 exit: Exit::Unreachable,
                 message: format!("error: {err}"),
@@ -136,6 +149,22 @@ mod tests {
         let f = Failure::for_run(ClientError::Status(Status::not_found("x")), "run-9");
         assert_eq!(f.exit, Exit::Usage);
         assert_eq!(f.message, "error: no run `run-9` (see `capstan runs`)");
+
+        let f = Failure::from(ClientError::Status(Status::unauthenticated(
+            "this call needs an API token: pass --token or set CAPSTAN_TOKEN",
+        )));
+        assert_eq!(f.exit.code(), 4);
+        assert_eq!(
+            f.message,
+            "error: this call needs an API token: pass --token or set CAPSTAN_TOKEN"
+        );
+        let f = Failure::from(ClientError::Status(Status::permission_denied(
+            "needs admin",
+        )));
+        assert_eq!(
+            (f.exit, f.message.as_str()),
+            (Exit::Denied, "error: needs admin")
+        );
 
         let f = Failure::from(ClientError::Status(Status::internal("boom")));
         assert_eq!(f.exit, Exit::Failed);

@@ -96,6 +96,7 @@ pub(crate) fn run_json(run: &Run) -> Value {
         "repo": opt_str(&run.repo),
         "rev": opt_str(&run.rev),
         "priority": run.priority,
+        "submitted_by": opt_str(&run.submitted_by),
         "created_at_ms": opt_ms(run.created_at_ms),
         "created": if run.created_at_ms > 0 { json!(format_time(run.created_at_ms)) } else { Value::Null },
         "finished_at_ms": opt_ms(run.finished_at_ms),
@@ -138,6 +139,9 @@ pub(crate) fn run_text(run: &Run) -> String {
         run.pipeline,
         run_state_name(run.state)
     );
+    if !run.submitted_by.is_empty() {
+        let _ = write!(out, "  by {}", run.submitted_by);
+    }
     if run.created_at_ms > 0 {
         let _ = write!(out, "  created {}", format_time(run.created_at_ms));
         if run.finished_at_ms >= run.created_at_ms {
@@ -367,6 +371,7 @@ mod tests {
             ],
             created_at_ms: 1_700_000_000_000,
             finished_at_ms: 1_700_000_004_200,
+            submitted_by: "ci".into(),
             ..Run::default()
         }
     }
@@ -377,6 +382,7 @@ mod tests {
         assert_eq!(v["id"], "run-1");
         assert_eq!(v["pipeline"], "hello");
         assert_eq!(v["state"], "failed");
+        assert_eq!(v["submitted_by"], "ci");
         assert_eq!(v["created"], "2023-11-14T22:13:20Z");
         let tasks = v["tasks"].as_array().unwrap();
         assert_eq!(tasks.len(), 3);
@@ -423,7 +429,7 @@ mod tests {
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "run run-1  pipeline hello  failed  created 2023-11-14T22:13:20Z  took 4.2s"
+            "run run-1  pipeline hello  failed  by ci  created 2023-11-14T22:13:20Z  took 4.2s"
         );
         assert_eq!(lines[1], "TASK    STATE      ATTEMPTS  RUNNER  MESSAGE");
         assert_eq!(

@@ -18,6 +18,8 @@ fn capstan(args: &[&str]) -> Command {
         .env_remove("CAPSTAN_REV")
         .env_remove("CAPSTAN_EXECUTOR")
         .env_remove("CAPSTAN_PRIORITY")
+        .env_remove("CAPSTAN_TOKEN")
+        .env_remove("CAPSTAN_TOKEN_FILE")
         .env_remove("RUST_LOG");
     cmd
 }

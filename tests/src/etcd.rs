@@ -172,6 +172,24 @@ impl EtcdCluster {
         bail!("no member says it leads: {v}")
     }
 
+    /// Every key and value in the cluster, as `etcdctl get --prefix ""`
+    /// prints them (key line, value line): to check what is stored in clear.
+    pub fn dump(&self) -> anyhow::Result<String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoints().join(",")])
+            .args(["get", "--prefix", ""])
+            .output()
+            .context("run etcdctl (scripts/testbed up installs etcd-client)")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl get failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// kill -9 of member `i`.
     pub fn kill(&mut self, i: usize) {
         // Dropping the process kills and reaps it.

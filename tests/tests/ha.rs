@@ -88,9 +88,7 @@ async fn leader_killed_mid_run_repeatedly_loses_nothing() -> anyhow::Result<()> 
         }
     }
     // `capstan cluster -o json` names the leader, its epoch and every member.
-    let out = std::process::Command::new(bin("capstan"))
-        .args(["--server", &c.urls().join(","), "cluster", "-o", "json"])
-        .output()?;
+    let out = c.cli(&["cluster", "-o", "json"]);
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let (leader, epoch) = c.wait_leader(Duration::from_secs(5)).await?;
@@ -105,9 +103,9 @@ async fn followers_point_at_the_leader() -> anyhow::Result<()> {
     let c = ha_cluster(0, "fake").await?;
     let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
     let follower = (leader + 1) % 3;
-    let mut raw =
-        api::pipeline_service_client::PipelineServiceClient::connect(c.replicas[follower].url())
-            .await?;
+    let mut raw = api::pipeline_service_client::PipelineServiceClient::new(
+        c.admin_channel(&c.replicas[follower].url()).await?,
+    );
     let err = raw
         .list_runs(api::ListRunsRequest { limit: 1 })
         .await
@@ -146,7 +144,7 @@ async fn stale_leader_paused_past_its_lease_steps_down() -> anyhow::Result<()> {
     let mut urls = vec![c.replicas[old].url()];
     urls.extend((0..3).filter(|&i| i != old).map(|i| c.replicas[i].url()));
     let t0 = Instant::now();
-    let client = capstan_client::Client::connect(&urls).await?;
+    let client = capstan_client::Client::connect_with_token(&urls, Some(&c.api_token)).await?;
     assert_eq!(client.current_url(), c.replicas[new].url());
     let id = client
         .submit_run(api::SubmitRunRequest {

@@ -215,6 +215,7 @@ async fn a_submitters_traceparent_becomes_the_runs_parent() -> anyhow::Result<()
     let out = std::process::Command::new(bin("capstan"))
         .args(["--server", &c.url(), "submit", "-o", "json"])
         .arg(&file)
+        .env("CAPSTAN_TOKEN", &c.api_token)
         .env("TRACEPARENT", format!("00-{cli_trace}-b7ad6b7169203331-01"))
         .env("TRACESTATE", "ci=1")
         .output()?;

@@ -23,14 +23,12 @@ const PIPELINE: &str =
 async fn submit_anywhere(c: &TestCluster, deadline: Instant) -> anyhow::Result<String> {
     loop {
         for url in c.urls() {
-            let Ok(Ok(mut client)) = tokio::time::timeout(
-                Duration::from_millis(300),
-                api::pipeline_service_client::PipelineServiceClient::connect(url),
-            )
-            .await
+            let Ok(Ok(channel)) =
+                tokio::time::timeout(Duration::from_millis(300), c.admin_channel(&url)).await
             else {
                 continue;
             };
+            let mut client = api::pipeline_service_client::PipelineServiceClient::new(channel);
             let req = api::SubmitRunRequest {
                 pipeline_yaml: PIPELINE.into(),
                 file_name: "failover.yaml".into(),

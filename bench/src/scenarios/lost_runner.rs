@@ -67,7 +67,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
 }
 
 async fn wait_task(
-    client: &mut api::pipeline_service_client::PipelineServiceClient<tonic::transport::Channel>,
+    client: &mut api::pipeline_service_client::PipelineServiceClient<capstan_client::AuthChannel>,
     id: &str,
     pred: impl Fn(&api::Task) -> bool,
 ) -> anyhow::Result<api::Task> {

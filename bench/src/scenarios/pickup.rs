@@ -24,7 +24,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
     let create_ms = file_create_ms(&stamps.join("probe"), 50)?;
-    let [mut samples] = measure([coord.url()], stamps, runs).await?;
+    let [mut samples] = measure([(coord.url(), coord.api_token.clone())], stamps, runs).await?;
     let (p50, p99, max) = summary(&mut samples);
     println!(
         "pickup: {runs} runs, 1 shell runner, {} cores: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms \
@@ -60,7 +60,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
 /// another thread (tonic's buffer task on a worker), and that client-side
 /// cost would be counted against the coordinator (docs/decisions.md).
 async fn measure<const N: usize>(
-    urls: [String; N],
+    urls: [(String, Option<String>); N],
     stamps: std::path::PathBuf,
     runs: usize,
 ) -> anyhow::Result<[Vec<f64>; N]> {
@@ -70,8 +70,8 @@ async fn measure<const N: usize>(
             .build()?;
         rt.block_on(async {
             let mut clients = Vec::with_capacity(N);
-            for url in &urls {
-                clients.push(connect(url).await?);
+            for (url, token) in &urls {
+                clients.push(connect(url, token.as_deref()).await?);
             }
             let mut samples: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(runs));
             for i in 0..WARMUP + runs {
@@ -92,15 +92,17 @@ async fn measure<const N: usize>(
     .context("the pickup loop panicked")?
 }
 
-async fn connect(url: &str) -> anyhow::Result<Client> {
-    Ok(Client::new(
-        tonic::transport::Channel::from_shared(url.to_string())?
-            .connect()
-            .await?,
-    ))
+async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Client> {
+    let channel = tonic::transport::Channel::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    Ok(Client::new(capstan_client::auth::authed(
+        channel,
+        capstan_client::Bearer::new(token)?,
+    )))
 }
 
-type Client = api::pipeline_service_client::PipelineServiceClient<tonic::transport::Channel>;
+type Client = api::pipeline_service_client::PipelineServiceClient<capstan_client::AuthChannel>;
 
 /// One pickup: submits a run whose step writes `date +%s%N` to `file`,
 /// waits for it, and returns the stamp minus the clock read just before
@@ -139,7 +141,10 @@ pub(crate) async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
     ];
     a.wait_connected(1, Duration::from_secs(20)).await?;
     b.wait_connected(1, Duration::from_secs(20)).await?;
-    let urls = [a.url(), b.url()];
+    let urls = [
+        (a.url(), a.api_token.clone()),
+        (b.url(), b.api_token.clone()),
+    ];
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
     let [mut sa, mut sb] = measure(urls, stamps, runs).await?;
@@ -196,10 +201,7 @@ async fn offer_latency(ctx: &Ctx, runs: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// Follows the run with WatchRun until it ends; fails unless it succeeded.
-pub(crate) async fn wait_finished(
-    client: &mut api::pipeline_service_client::PipelineServiceClient<tonic::transport::Channel>,
-    id: &str,
-) -> anyhow::Result<api::Run> {
+pub(crate) async fn wait_finished(client: &mut Client, id: &str) -> anyhow::Result<api::Run> {
     use capstan_proto::pipeline::v1::RunState;
     let mut events = client
         .watch_run(api::WatchRunRequest { run_id: id.into() })

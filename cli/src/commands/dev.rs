@@ -49,8 +49,12 @@ pub(crate) async fn run(ctx: &Context, args: DevArgs) -> Result<Exit, Failure> {
     let url = format!("http://{addr}");
 
     let shutdown = CancellationToken::new();
+    // Its own admin API token, stored in the throw-away data dir: nothing to
+    // pass, nothing left behind.
+    let config = CoordinatorConfig::for_dev(temp.path().join("data"), token.clone());
+    let api_token = config.dev_admin_token.clone();
     let coordinator = tokio::spawn(capstan_coordinator::run(
-        CoordinatorConfig::for_dev(temp.path().join("data"), token.clone()),
+        config,
         grpc,
         None,
         shutdown.child_token(),
@@ -79,7 +83,7 @@ pub(crate) async fn run(ctx: &Context, args: DevArgs) -> Result<Exit, Failure> {
     };
 
     let result = tokio::select! {
-        r = submit_and_follow(ctx, &url, &file, text, args.params) => r,
+        r = submit_and_follow(ctx, &url, api_token.as_deref(), &file, text, args.params) => r,
         failure = embedded.first_failure() => Err(failure),
     };
     embedded.stop().await;
@@ -90,11 +94,12 @@ pub(crate) async fn run(ctx: &Context, args: DevArgs) -> Result<Exit, Failure> {
 async fn submit_and_follow(
     ctx: &Context,
     url: &str,
+    api_token: Option<&str>,
     file: &str,
     text: String,
     params: Vec<(String, String)>,
 ) -> Result<Exit, Failure> {
-    let client = Client::connect(&[url.to_string()]).await?;
+    let client = Client::connect_with_token(&[url.to_string()], api_token).await?;
     let run = client
         .submit_run(SubmitRunRequest {
             pipeline_yaml: text,

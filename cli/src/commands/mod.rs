@@ -9,6 +9,7 @@ pub(crate) mod runners;
 pub(crate) mod runs;
 pub(crate) mod status;
 pub(crate) mod submit;
+pub(crate) mod token;
 pub(crate) mod validate;
 
 use std::io::Read;
@@ -25,16 +26,46 @@ use crate::output::Format;
 pub(crate) struct Context {
     pub(crate) servers: Vec<String>,
     pub(crate) format: Format,
+    /// The API token (--token, CAPSTAN_TOKEN, or the --token-file's text).
+    pub(crate) token: Option<String>,
 }
 
 impl Context {
     pub(crate) async fn connect(&self) -> Result<Client, Failure> {
-        Ok(Client::connect(&self.servers).await?)
+        Client::connect_with_token(&self.servers, self.token.as_deref())
+            .await
+            .map_err(|e| match e {
+                // The token could not even be sent.
+                capstan_client::ClientError::Status(s)
+                    if s.code() == tonic::Code::InvalidArgument =>
+                {
+                    Failure::usage(s.message())
+                }
+                e => Failure::from(e),
+            })
     }
+}
+
+/// The token of --token, or else the text of --token-file.
+fn token(cli: &Cli) -> Result<Option<String>, Failure> {
+    if let Some(token) = &cli.token {
+        return Ok(Some(token.trim().to_string()));
+    }
+    let Some(path) = &cli.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::usage(format!(
+            "cannot read the token file {} (--token-file): {e}",
+            path.display()
+        ))
+    })?;
+    Ok(Some(text.trim().to_string()))
 }
 
 pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
     let ctx = Context {
+        token: token(&cli)?,
         servers: cli.server,
         format: cli.output,
     };
@@ -50,6 +81,7 @@ pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Cluster => cluster::run(&ctx).await,
         Command::Validate { file } => validate::run(&ctx, &file),
         Command::Dev(args) => dev::run(&ctx, args).await,
+        Command::Token(command) => token::run(&ctx, command).await,
     }
 }
 

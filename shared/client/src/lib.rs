@@ -21,6 +21,14 @@
 //!
 //! Streaming calls (`watch_run`, `read_logs`) are retried only until the
 //! stream is open; a stream that breaks later is the caller's to reopen.
+//!
+//! Every call carries [`ClientOptions::token`] (module [`auth`]); the token
+//! calls are in `tokens`.
+
+pub mod auth;
+mod tokens;
+
+pub use auth::{AuthChannel, Bearer};
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -29,7 +37,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
@@ -57,6 +65,8 @@ pub struct ClientOptions {
     pub retry_for: Duration,
     /// Limit on each unary call (streams have none).
     pub request_timeout: Duration,
+    /// The API token sent on every call (`authorization: Bearer`).
+    pub token: Bearer,
 }
 
 impl Default for ClientOptions {
@@ -66,6 +76,7 @@ impl Default for ClientOptions {
             connect_retry_for: Duration::from_secs(2),
             retry_for: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            token: Bearer::default(),
         }
     }
 }
@@ -202,7 +213,7 @@ pub fn is_transport_failure(status: &Status) -> bool {
 #[derive(Clone)]
 struct Connection {
     url: String,
-    channel: Channel,
+    channel: AuthChannel,
 }
 
 struct Inner {
@@ -230,6 +241,23 @@ impl Client {
     /// Connects to the first reachable of `servers` with default options.
     pub async fn connect(servers: &[String]) -> Result<Client, ClientError> {
         Self::connect_with(servers, ClientOptions::default()).await
+    }
+
+    /// [`Self::connect`] with an API token on every call.
+    pub async fn connect_with_token(
+        servers: &[String],
+        token: Option<&str>,
+    ) -> Result<Client, ClientError> {
+        let token = Bearer::new(token)
+            .map_err(|e| ClientError::Status(Status::invalid_argument(e.to_string())))?;
+        Self::connect_with(
+            servers,
+            ClientOptions {
+                token,
+                ..ClientOptions::default()
+            },
+        )
+        .await
     }
 
     /// Connects to the first reachable of `servers` (URLs like
@@ -287,12 +315,12 @@ impl Client {
     }
 
     /// Raw access to the pipeline API on the current connection (no retries).
-    pub fn pipeline(&self) -> PipelineServiceClient<Channel> {
+    pub fn pipeline(&self) -> PipelineServiceClient<AuthChannel> {
         PipelineServiceClient::new(self.current().channel)
     }
 
     /// Raw access to the cluster API on the current connection (no retries).
-    pub fn cluster(&self) -> ClusterServiceClient<Channel> {
+    pub fn cluster(&self) -> ClusterServiceClient<AuthChannel> {
         ClusterServiceClient::new(self.current().channel)
     }
 
@@ -480,7 +508,7 @@ impl Client {
     async fn unary<Req, Resp, F, Fut>(&self, request: Req, rpc: F) -> Result<Resp, ClientError>
     where
         Req: Clone,
-        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        F: Fn(AuthChannel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let timeout = self.inner.options.request_timeout;
@@ -492,7 +520,7 @@ impl Client {
     /// `UNAVAILABLE` retry policy described in the module docs.
     async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, ClientError>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(AuthChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let options = &self.inner.options;
@@ -606,7 +634,7 @@ async fn connect_one(url: &str, options: &ClientOptions) -> Result<Connection, C
     match tokio::time::timeout(options.connect_timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(Connection {
             url: url.to_string(),
-            channel,
+            channel: auth::authed(channel, options.token.clone()),
         }),
         Ok(Err(e)) => Err(unreachable(Box::new(e))),
         Err(_) => Err(unreachable(

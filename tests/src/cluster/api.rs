@@ -38,26 +38,40 @@ impl TestCluster {
             .filter(|r| r.answers())
             .map(super::Replica::url)
             .collect();
-        Ok(Client::connect(&urls).await?)
+        Ok(Client::connect_with_token(&urls, Some(&self.api_token)).await?)
     }
 
-    /// The raw pipeline API: on the standalone coordinator, or on the
-    /// replica that leads now.
-    pub async fn client(&self) -> anyhow::Result<PipelineServiceClient<tonic::transport::Channel>> {
+    /// The raw pipeline API, with the admin token: on the standalone
+    /// coordinator, or on the replica that leads now.
+    pub async fn client(
+        &self,
+    ) -> anyhow::Result<PipelineServiceClient<capstan_client::AuthChannel>> {
         if self.etcd.is_some() {
             return Ok(self.leader_client().await?.pipeline());
         }
-        Ok(PipelineServiceClient::connect(self.url()).await?)
+        Ok(PipelineServiceClient::new(
+            self.admin_channel(&self.url()).await?,
+        ))
     }
 
-    /// Runs the `capstan` CLI against this cluster (every replica).
+    /// Runs the `capstan` CLI against this cluster (every replica), with
+    /// the admin token (in `CAPSTAN_TOKEN`).
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("capstan"))
-            .args(["--server", &self.urls().join(",")])
+        self.cli_with_token(Some(&self.api_token), args)
+    }
+
+    /// Runs the `capstan` CLI with `token` (None: no token at all).
+    pub fn cli_with_token(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("capstan"));
+        cmd.args(["--server", &self.urls().join(",")])
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run capstan")
+            .env_remove("CAPSTAN_TOKEN")
+            .env_remove("CAPSTAN_TOKEN_FILE")
+            .stdin(Stdio::null());
+        if let Some(token) = token {
+            cmd.env("CAPSTAN_TOKEN", token);
+        }
+        cmd.output().expect("run capstan")
     }
 
     /// Submits a pipeline file's text through the API and returns the run id.

@@ -16,7 +16,9 @@
 //! - `mod.rs`: the builder, the cluster's scratch dir, start and drop;
 //! - `replicas`: the coordinator processes, kill/restart/pause, who leads;
 //! - `runners`: the runner processes;
-//! - `api`: submitting runs and waiting on them through the client API.
+//! - `api`: submitting runs and waiting on them through the client API;
+//! - `tokens`: the admin API token made at start (offline, as a user
+//!   bootstraps one), other tokens, authenticated channels.
 //!
 //! Every process is a [`crate::process::Proc`] logging to `<dir>/<name>.log`;
 //! every wait is [`crate::wait`]'s. Without etcd the cluster is one
@@ -27,8 +29,10 @@
 mod api;
 mod replicas;
 mod runners;
+mod tokens;
 
 pub use replicas::Replica;
+pub use tokens::ADMIN_TOKEN_NAME;
 
 use crate::etcd::EtcdCluster;
 use crate::process::{Proc, tail_logs};
@@ -158,10 +162,12 @@ impl Builder {
                 .collect(),
             runners: Vec::new(),
             token: format!("tok-{}", std::process::id()),
+            api_token: String::new(),
             etcd,
             opts: self.clone(),
             dir: scratch_dir()?,
         };
+        c.api_token = c.create_token_offline(ADMIN_TOKEN_NAME, "admin", &[])?;
         if c.etcd.is_some() {
             for i in 0..self.replicas {
                 c.spawn_replica(i)?;
@@ -204,6 +210,10 @@ pub struct TestCluster {
     pub runners: Vec<Proc>,
     /// The registration token every runner presents.
     pub token: String,
+    /// The admin API token (named [`ADMIN_TOKEN_NAME`]) the harness's API
+    /// calls and CLI runs carry; bootstrapped offline before the
+    /// coordinators start.
+    pub api_token: String,
     /// The etcd cluster under the replicas, with [`Builder::etcd`]
     /// (tests reach it through [`TestCluster::etcd`]).
     etcd: Option<EtcdCluster>,

@@ -200,9 +200,9 @@ impl TestCluster {
 
     /// AskLeader on replica `i`.
     pub async fn ask(&self, i: usize) -> anyhow::Result<cluster::AskLeaderResponse> {
-        let mut c =
-            cluster::cluster_service_client::ClusterServiceClient::connect(self.replicas[i].url())
-                .await?;
+        let mut c = cluster::cluster_service_client::ClusterServiceClient::new(
+            self.admin_channel(&self.replicas[i].url()).await?,
+        );
         let r = tokio::time::timeout(
             Duration::from_secs(3),
             c.ask_leader(cluster::AskLeaderRequest {}),
