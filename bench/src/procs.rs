@@ -68,14 +68,31 @@ fn bin_in(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// `capstan-coordinator token create` in `data_dir` (offline, before the
-/// coordinator starts): the admin token it prints. None for a build without
-/// the subcommand, which has no tokens to check either.
-fn bootstrap_token(bins: &Path, data_dir: &Path) -> anyhow::Result<Option<String>> {
-    let out = daemon(bin_in(bins, "capstan-coordinator")?)
-        .args(["token", "create", "--name", "bench", "--scope", "admin"])
+/// `capstan-coordinator token create` in the store the coordinator will use
+/// (`data_dir`, or etcd when `flags` name it), offline, before it starts:
+/// the admin token it prints. None for a build without the subcommand,
+/// which has no tokens to check either.
+fn bootstrap_token(
+    bins: &Path,
+    data_dir: &Path,
+    flags: &[String],
+) -> anyhow::Result<Option<String>> {
+    // One name per coordinator: several may share one etcd prefix.
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "bench-{}",
+        STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut cmd = daemon(bin_in(bins, "capstan-coordinator")?);
+    cmd.args(["token", "create", "--name", &name, "--scope", "admin"])
         .arg("--data-dir")
-        .arg(data_dir)
+        .arg(data_dir);
+    for pair in flags.windows(2) {
+        if matches!(pair[0].as_str(), "--etcd-endpoints" | "--etcd-prefix") {
+            cmd.args(pair);
+        }
+    }
+    let out = cmd
         .output()
         .context("run capstan-coordinator token create")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -134,7 +151,7 @@ impl Coordinator {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let token = format!("bench-{}", std::process::id());
-        let api_token = bootstrap_token(bins, &dir.join("data"))?;
+        let api_token = bootstrap_token(bins, &dir.join("data"), extra)?;
         let mut cmd = daemon(bin_in(bins, "capstan-coordinator")?);
         cmd.args(["--listen", &grpc.to_string()])
             .args(["--http-listen", &http.to_string()])
