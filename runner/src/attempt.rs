@@ -860,7 +860,6 @@ fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
     });
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

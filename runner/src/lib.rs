@@ -11,9 +11,10 @@
 //!   drain, redelivery of final reports.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
 //!   waits for its log to be acknowledged, builds the final report.
-//! - [`executor`]: the [`executor::Executor`] trait and its `docker`, `shell`
-//!   and `fake` implementations.
-//! - [`steps`]: the `build` and `push` step kinds (docker executor).
+//! - [`executor`]: the [`executor::Executor`] trait and its `docker` (with
+//!   the docker-only `build` and `push` step kinds), `shell` and `fake`
+//!   implementations.
+//! - [`steps`]: the `set-image` and `git-push` step kinds.
 //! - [`git`]: checkout of the run's repository at its exact commit.
 //! - [`secrets`]: runner-side secrets from `--secrets-file` and
 //!   `CAPSTAN_SECRET_*`.

@@ -18,10 +18,8 @@ use bollard::query_parameters::{
 use capstan_shared::proto::pipeline::v1::BuildStep;
 use futures::StreamExt as _;
 
+use super::{DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, WORKSPACE, api_error, status};
 use crate::executor::ExecutorError;
-use crate::executor::docker::{
-    DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, WORKSPACE, api_error, status,
-};
 use crate::step::{StepContext, StepEnd, TaskContext};
 
 fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {

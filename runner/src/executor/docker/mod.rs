@@ -27,6 +27,9 @@
 //!
 //! Nothing is ever pulled: a missing image is a step failure naming it.
 
+mod build;
+mod push;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -587,10 +590,8 @@ impl Executor for DockerExecutor {
                 }
                 self.run_container(task, &ctx, image, &run.script).await
             }
-            Some(step::Kind::Build(build)) => {
-                crate::steps::build::run(self, task, &ctx, build).await
-            }
-            Some(step::Kind::Push(push)) => crate::steps::push::run(self, task, &ctx, push).await,
+            Some(step::Kind::Build(build)) => build::run(self, task, &ctx, build).await,
+            Some(step::Kind::Push(push)) => push::run(self, task, &ctx, push).await,
             _ => Ok(StepEnd::Failed {
                 message: format!(
                     "step kind `{}` is not supported by this runner yet",

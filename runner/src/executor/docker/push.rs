@@ -8,10 +8,10 @@ use bollard::query_parameters::PushImageOptionsBuilder;
 use capstan_shared::proto::pipeline::v1::PushStep;
 use futures::StreamExt as _;
 
-use super::{registry_host, split_reference};
+use super::{DockerExecutor, api_error};
 use crate::executor::ExecutorError;
-use crate::executor::docker::{DockerExecutor, api_error};
 use crate::step::{StepContext, StepEnd, TaskContext};
+use crate::steps::{registry_host, split_reference};
 
 fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
     Ok(StepEnd::Failed {
