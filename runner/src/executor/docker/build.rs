@@ -18,15 +18,11 @@ use bollard::query_parameters::{
 use capstan_shared::proto::pipeline::v1::BuildStep;
 use futures::StreamExt as _;
 
-use super::{DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, WORKSPACE, api_error, status};
+use super::{
+    DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, WORKSPACE, api_error, failed, log, status,
+};
 use crate::executor::ExecutorError;
 use crate::step::{StepContext, StepEnd, TaskContext};
-
-fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
-    Ok(StepEnd::Failed {
-        message: message.into(),
-    })
-}
 
 /// `a/./b/` -> `a/b`; `None` if it leaves the workspace.
 fn clean_relative(path: &str) -> Option<String> {
@@ -41,7 +37,7 @@ fn clean_relative(path: &str) -> Option<String> {
     Some(parts.join("/"))
 }
 
-pub async fn run(
+pub(super) async fn run(
     ex: &DockerExecutor,
     task: &TaskContext,
     ctx: &StepContext<'_>,
@@ -166,16 +162,6 @@ pub async fn run(
     }
     task.set_output("image", &build.tag);
     Ok(StepEnd::Exited(0))
-}
-
-async fn log(ctx: &StepContext<'_>, text: &str) -> Result<(), ExecutorError> {
-    ctx.output
-        .write(text.as_bytes())
-        .await
-        .map_err(|source| ExecutorError::Output {
-            index: ctx.index,
-            source,
-        })
 }
 
 /// The text of `name` in a tar archive whose entries are `./`-relative.

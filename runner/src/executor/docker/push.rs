@@ -8,18 +8,12 @@ use bollard::query_parameters::PushImageOptionsBuilder;
 use capstan_shared::proto::pipeline::v1::PushStep;
 use futures::StreamExt as _;
 
-use super::{DockerExecutor, api_error};
+use super::{DockerExecutor, api_error, failed, log};
 use crate::executor::ExecutorError;
 use crate::step::{StepContext, StepEnd, TaskContext};
 use crate::steps::{registry_host, split_reference};
 
-fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
-    Ok(StepEnd::Failed {
-        message: message.into(),
-    })
-}
-
-pub async fn run(
+pub(super) async fn run(
     ex: &DockerExecutor,
     task: &TaskContext,
     ctx: &StepContext<'_>,
@@ -131,14 +125,4 @@ fn explain(image: &str, registry: &str, credentials: &str, error: &str) -> Strin
     } else {
         format!("push of {image} rejected by {registry}: {error}")
     }
-}
-
-async fn log(ctx: &StepContext<'_>, text: &str) -> Result<(), ExecutorError> {
-    ctx.output
-        .write(text.as_bytes())
-        .await
-        .map_err(|source| ExecutorError::Output {
-            index: ctx.index,
-            source,
-        })
 }
