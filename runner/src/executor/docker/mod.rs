@@ -364,11 +364,27 @@ fn setup_error(action: &str, e: BollardError) -> ExecutorError {
     ExecutorError::Setup { message }
 }
 
-/// A step that could not do its work: the message is for the user.
-fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
-    Ok(StepEnd::Failed {
-        message: message.into(),
-    })
+/// Why a docker-only step (`build`, `push`) stopped short of success.
+enum Stop {
+    /// The step could not do its work; the message is for the user.
+    Failed(String),
+    /// The runner could not run the step (outcome ERROR).
+    Error(ExecutorError),
+}
+
+impl From<ExecutorError> for Stop {
+    fn from(e: ExecutorError) -> Self {
+        Self::Error(e)
+    }
+}
+
+/// How a docker-only step that ran with `result` ended.
+fn step_end(result: Result<(), Stop>) -> Result<StepEnd, ExecutorError> {
+    match result {
+        Ok(()) => Ok(StepEnd::Exited(0)),
+        Err(Stop::Failed(message)) => Ok(StepEnd::Failed { message }),
+        Err(Stop::Error(e)) => Err(e),
+    }
 }
 
 /// Writes a line of the runner's own (a `build` or `push` step's progress)
