@@ -50,6 +50,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ExecutorKind;
+pub(crate) use executor::docker::DockerSettings;
 
 /// Everything the agent needs to run. Built by [`config::load`] for the
 /// binary, or directly by an embedding process (`capstan dev`, which fills
@@ -98,33 +99,6 @@ impl Default for RunnerConfig {
             git_author: steps::git_push::Author::default(),
             docker: DockerSettings::default(),
             step_log_cap: logs::cap::StepLogCap::default(),
-        }
-    }
-}
-
-/// `--docker-*` settings.
-#[derive(Clone, Debug)]
-pub struct DockerSettings {
-    pub network: executor::docker::NetworkSetting,
-    pub memory_bytes: Option<i64>,
-    pub cpus: Option<f64>,
-    pub cap_add: Vec<String>,
-    /// Capabilities a task may ask for in its pipeline.
-    pub allow_cap: Vec<String>,
-    pub helper_image: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Default for DockerSettings {
-    fn default() -> Self {
-        Self {
-            network: executor::docker::NetworkSetting::None,
-            memory_bytes: None,
-            cpus: None,
-            cap_add: Vec::new(),
-            allow_cap: Vec::new(),
-            helper_image: executor::docker::DEFAULT_HELPER_IMAGE.into(),
-            labels: BTreeMap::new(),
         }
     }
 }
@@ -214,13 +188,7 @@ pub async fn docker_executor(
 ) -> Result<executor::docker::DockerExecutor, Error> {
     let key = executor::docker::runner_key(&config.name, &config.work_dir);
     let mut options = executor::docker::DockerOptions::new(&config.name, &key);
-    options.network = config.docker.network.clone();
-    options.memory_bytes = config.docker.memory_bytes;
-    options.cpus = config.docker.cpus;
-    options.cap_add = config.docker.cap_add.clone();
-    options.allow_cap = config.docker.allow_cap.clone();
-    options.helper_image = config.docker.helper_image.clone();
-    options.extra_labels = config.docker.labels.clone();
+    options.settings = config.docker.clone();
     let executor = executor::docker::DockerExecutor::connect(options, secrets).await?;
     executor.reap().await?;
     Ok(executor)

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use capstan_runner::executor::Executor;
-use capstan_runner::executor::docker::{DockerExecutor, DockerOptions, NetworkSetting};
+use capstan_runner::executor::docker::{
+    DockerExecutor, DockerOptions, DockerSettings, NetworkSetting,
+};
 use capstan_runner::logs::sink::OutputSink;
 use capstan_runner::secrets::{Secret, Secrets};
 use capstan_runner::step::{StepContext, StepEnd, TaskContext};
@@ -55,15 +57,16 @@ struct Fixture {
     dir: tempfile::TempDir,
 }
 
-async fn fixture(name: &str, tune: impl FnOnce(&mut DockerOptions)) -> Fixture {
+async fn fixture(name: &str, tune: impl FnOnce(&mut DockerSettings)) -> Fixture {
     let tb = testbed();
     let cleanup = Cleanup::new(name);
     let mut options = DockerOptions::new("test-runner", &cleanup.id);
     options
-        .extra_labels
+        .settings
+        .labels
         .insert("capstan.test".into(), cleanup.id.clone());
-    options.helper_image = tb.image.clone();
-    tune(&mut options);
+    options.settings.helper_image = tb.image.clone();
+    tune(&mut options.settings);
     let mut secrets = Secrets::default();
     secrets.insert(
         "registry",

@@ -42,14 +42,14 @@ impl DockerExecutor {
     /// overridden by the task's `resources`, and the runner's capabilities
     /// plus those the task asks for, each of which the runner must allow.
     fn limits(&self, task: &TaskContext) -> Result<StepLimits, String> {
-        let o = &self.options;
+        let o = &self.options.settings;
         let mut cap_add = o.cap_add.clone();
         for cap in &task.task.capabilities {
             if !o.allow_cap.contains(cap) {
                 return Err(format!(
                     "task `{}` asks for capability {cap}, which runner `{}` does not allow \
                      (its operator can allow it with --docker-allow-cap {cap})",
-                    task.task_name, o.runner_name
+                    task.task_name, self.options.runner_name
                 ));
             }
             if !cap_add.contains(cap) {

@@ -98,13 +98,10 @@ impl std::str::FromStr for NetworkSetting {
     }
 }
 
-/// How the docker executor isolates and limits steps.
+/// How the docker executor isolates and limits steps: the operator's
+/// `--docker-*` settings, as [`crate::RunnerConfig`] holds them.
 #[derive(Clone, Debug)]
-pub struct DockerOptions {
-    /// The runner's name (label only).
-    pub runner_name: String,
-    /// Reaping key: see [`LABEL_RUNNER_KEY`].
-    pub runner_key: String,
+pub struct DockerSettings {
     pub network: NetworkSetting,
     /// Memory limit of each step in bytes (swap is not added on top).
     pub memory_bytes: Option<i64>,
@@ -118,25 +115,45 @@ pub struct DockerOptions {
     /// the workspace volume when the task has no image of its own.
     pub helper_image: String,
     /// Extra labels on every object (tests put their id here).
-    pub extra_labels: BTreeMap<String, String>,
-    /// Engine address (`unix:///path`, `tcp://host:port`); `None` reads
-    /// `DOCKER_HOST` or uses the default socket.
-    pub host: Option<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
-impl DockerOptions {
-    pub fn new(runner_name: &str, runner_key: &str) -> Self {
+impl Default for DockerSettings {
+    fn default() -> Self {
         Self {
-            runner_name: runner_name.to_owned(),
-            runner_key: runner_key.to_owned(),
             network: NetworkSetting::None,
             memory_bytes: None,
             cpus: None,
             cap_add: Vec::new(),
             allow_cap: Vec::new(),
             helper_image: DEFAULT_HELPER_IMAGE.to_owned(),
-            extra_labels: BTreeMap::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Everything the docker executor is started with: which runner it works
+/// for, where the engine is, and the [`DockerSettings`].
+#[derive(Clone, Debug)]
+pub struct DockerOptions {
+    /// The runner's name (label only).
+    pub runner_name: String,
+    /// Reaping key: see [`LABEL_RUNNER_KEY`].
+    pub runner_key: String,
+    /// Engine address (`unix:///path`, `tcp://host:port`); `None` reads
+    /// `DOCKER_HOST` or uses the default socket.
+    pub host: Option<String>,
+    pub settings: DockerSettings,
+}
+
+impl DockerOptions {
+    /// Options with the default settings.
+    pub fn new(runner_name: &str, runner_key: &str) -> Self {
+        Self {
+            runner_name: runner_name.to_owned(),
+            runner_key: runner_key.to_owned(),
             host: None,
+            settings: DockerSettings::default(),
         }
     }
 }
@@ -202,7 +219,8 @@ impl DockerExecutor {
     fn labels(&self, task: &TaskContext) -> HashMap<String, String> {
         let mut labels: HashMap<String, String> = self
             .options
-            .extra_labels
+            .settings
+            .labels
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -215,7 +233,7 @@ impl DockerExecutor {
     }
 
     fn network_mode(&self, task: &TaskContext) -> String {
-        match &self.options.network {
+        match &self.options.settings.network {
             NetworkSetting::None => "none".into(),
             NetworkSetting::Internal => object_name(task),
             NetworkSetting::Named(name) => name.clone(),
@@ -241,7 +259,7 @@ impl Executor for DockerExecutor {
     async fn setup_task(&self, task: &TaskContext) -> Result<(), ExecutorError> {
         let labels = self.labels(task);
         self.create_workspace(task, labels.clone()).await?;
-        if self.options.network == NetworkSetting::Internal {
+        if self.options.settings.network == NetworkSetting::Internal {
             let network = NetworkCreateRequest {
                 name: object_name(task),
                 internal: Some(true),

@@ -57,7 +57,7 @@ impl DockerExecutor {
                     _ => None,
                 })
                 .unwrap_or_default(),
-            self.options.helper_image.clone(),
+            self.options.settings.helper_image.clone(),
         ];
         let mut image = None;
         for c in candidates.iter().filter(|c| !c.is_empty()) {
@@ -70,7 +70,7 @@ impl DockerExecutor {
             return Err(ExecutorError::Setup {
                 message: format!(
                     "no image to copy the workspace with: neither the task's image nor the helper image `{}` is present on the engine (nothing is pulled)",
-                    self.options.helper_image
+                    self.options.settings.helper_image
                 ),
             });
         };
