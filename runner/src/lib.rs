@@ -50,6 +50,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ExecutorKind;
+pub(crate) use error::Error;
 pub(crate) use executor::docker::DockerSettings;
 
 /// Everything the agent needs to run. Built by [`config::load`] for the
@@ -103,40 +104,6 @@ impl Default for RunnerConfig {
     }
 }
 
-/// Failures that end the runner. A coordinator that cannot be reached is not
-/// one of them: the agent keeps retrying.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(
-        "starting the docker executor (or pass --executor shell to run steps as host processes)"
-    )]
-    Docker(#[from] executor::docker::DockerError),
-    #[error("loading secrets")]
-    Secrets(#[from] secrets::SecretsError),
-    #[error("no coordinator URL given: pass --coordinator URL")]
-    NoCoordinator,
-    #[error("invalid coordinator URL `{url}`: expected e.g. http://127.0.0.1:7700")]
-    InvalidCoordinatorUrl { url: String },
-    #[error("capacity must be at least 1")]
-    ZeroCapacity,
-    #[error("registration token rejected by the coordinator: check --registration-token")]
-    RegistrationRejected,
-    #[error(
-        "the coordinator rejected this runner's credentials even after registering again: {message}"
-    )]
-    CredentialsRejected { message: String },
-    #[error("the coordinator refused this runner's protocol version: {message}")]
-    ProtocolRejected { message: String },
-    #[error("preparing work dir {path}")]
-    WorkDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Credentials(#[from] credentials::CredentialsError),
-}
-
 /// Runs the agent until `shutdown` is cancelled and the drain completes (or
 /// the coordinator's `Drain` completes), or a fatal error such as a rejected
 /// registration token.
@@ -182,7 +149,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
 
 /// Connects to the engine and reaps what a previous process of this runner
 /// (same name and work dir) left behind.
-pub async fn docker_executor(
+pub(crate) async fn docker_executor(
     config: &RunnerConfig,
     secrets: Arc<secrets::Secrets>,
 ) -> Result<executor::docker::DockerExecutor, Error> {
