@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capstan_shared::ids::{AttemptId, RunId};
 use capstan_shared::proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
 use capstan_shared::telemetry::OpenTelemetrySpanExt as _;
 use futures::FutureExt as _;
@@ -273,9 +274,9 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         )),
     };
     let task = TaskContext {
-        run_id: spec.offer.run_id.clone(),
+        run_id: RunId::from_string(spec.offer.run_id.clone()),
         task_name: spec.offer.task_name.clone(),
-        attempt_id,
+        attempt_id: AttemptId::from_string(attempt_id),
         workspace,
         task: spec.offer.task.clone().unwrap_or_default(),
         repo: spec.offer.repo.clone(),
@@ -415,7 +416,7 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
     } = prepared;
     let report = |o: Outcome, log_length, outputs: std::collections::BTreeMap<String, String>| {
         TaskFinished {
-            attempt_id: task.attempt_id.clone(),
+            attempt_id: task.attempt_id.to_string(),
             outcome: o.outcome.into(),
             exit_code: o.exit_code,
             message: o.message,

@@ -18,6 +18,7 @@ use capstan_runner::executor::docker::{
 use capstan_runner::logs::sink::OutputSink;
 use capstan_runner::secrets::{Secret, Secrets};
 use capstan_runner::step::{StepContext, StepEnd, TaskContext};
+use capstan_shared::ids::{AttemptId, RunId};
 use capstan_shared::proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
 use capstan_tests::testbed::{self, Cleanup, Testbed, remove_image, testbed};
 use tokio::time::Instant;
@@ -118,9 +119,9 @@ impl Fixture {
         let workspace = self.dir.path().join("workspace");
         std::fs::create_dir_all(&workspace).unwrap();
         TaskContext {
-            run_id: format!("run-{}", self.cleanup.id),
+            run_id: RunId::from_string(format!("run-{}", self.cleanup.id)),
             task_name: "test".into(),
-            attempt_id: format!("att-{}-{}", self.cleanup.id, unique()),
+            attempt_id: AttemptId::from_string(format!("att-{}-{}", self.cleanup.id, unique())),
             workspace,
             task: TaskSpec {
                 name: "test".into(),

@@ -175,7 +175,7 @@ impl<'a> StepReport<'a> {
             mark_span(&self.span, state != StepState::Failed, why);
         }
         let _ = self.spec.events.send(AttemptEvent::Step(StepStateChanged {
-            attempt_id: self.task.attempt_id.clone(),
+            attempt_id: self.task.attempt_id.to_string(),
             step_index: self.index,
             state: state.into(),
             exit_code,

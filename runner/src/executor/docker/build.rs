@@ -193,7 +193,7 @@ async fn stream_build(
     archive: Vec<u8>,
 ) -> Result<(), Stop> {
     let labels: HashMap<String, String> = HashMap::from([
-        (LABEL_RUN.to_owned(), task.run_id.clone()),
+        (LABEL_RUN.to_owned(), task.run_id.to_string()),
         (LABEL_TASK.to_owned(), task.task_name.clone()),
         (LABEL_COMMIT.to_owned(), task.rev.clone()),
     ]);

@@ -58,17 +58,17 @@ use crate::secrets::Secrets;
 use crate::step::{StepContext, StepEnd, TaskContext, step_kind_name};
 
 /// Where the workspace volume is mounted in every container.
-pub const WORKSPACE: &str = "/workspace";
+const WORKSPACE: &str = "/workspace";
 
-pub const LABEL_RUNNER: &str = "capstan.runner";
+const LABEL_RUNNER: &str = "capstan.runner";
 /// Identifies one runner installation (name and work dir): what reaping
 /// matches on, so two runners that share a name on one engine (tests) do
 /// not reap each other.
-pub const LABEL_RUNNER_KEY: &str = "capstan.runner-key";
-pub const LABEL_RUN: &str = "capstan.run";
-pub const LABEL_TASK: &str = "capstan.task";
-pub const LABEL_ATTEMPT: &str = "capstan.attempt";
-pub const LABEL_COMMIT: &str = "capstan.commit";
+const LABEL_RUNNER_KEY: &str = "capstan.runner-key";
+const LABEL_RUN: &str = "capstan.run";
+const LABEL_TASK: &str = "capstan.task";
+const LABEL_ATTEMPT: &str = "capstan.attempt";
+const LABEL_COMMIT: &str = "capstan.commit";
 
 /// The network of step containers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,7 +159,7 @@ impl DockerOptions {
 }
 
 /// Default of `--docker-helper-image`.
-pub const DEFAULT_HELPER_IMAGE: &str = "capstan-test/busybox:1";
+pub(crate) const DEFAULT_HELPER_IMAGE: &str = "capstan-test/busybox:1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -212,7 +212,7 @@ impl DockerExecutor {
         })
     }
 
-    pub fn docker(&self) -> &Docker {
+    fn docker(&self) -> &Docker {
         &self.docker
     }
 
@@ -226,9 +226,9 @@ impl DockerExecutor {
             .collect();
         labels.insert(LABEL_RUNNER.into(), self.options.runner_name.clone());
         labels.insert(LABEL_RUNNER_KEY.into(), self.options.runner_key.clone());
-        labels.insert(LABEL_RUN.into(), task.run_id.clone());
+        labels.insert(LABEL_RUN.into(), task.run_id.to_string());
         labels.insert(LABEL_TASK.into(), task.task_name.clone());
-        labels.insert(LABEL_ATTEMPT.into(), task.attempt_id.clone());
+        labels.insert(LABEL_ATTEMPT.into(), task.attempt_id.to_string());
         labels
     }
 
@@ -328,6 +328,7 @@ impl Executor for DockerExecutor {
 fn object_name(task: &TaskContext) -> String {
     let id: String = task
         .attempt_id
+        .as_str()
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
