@@ -10,7 +10,11 @@
 //!   offers (tentative ones wait for their confirm), cancels, heartbeats,
 //!   drain, redelivery of final reports.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
-//!   waits for its log to be acknowledged, builds the final report.
+//!   waits for its log to be acknowledged, builds the final report;
+//!   `attempt::steps` the step loop, which runs the built-in step kinds
+//!   itself.
+//! - [`step`]: what a step runs against, whoever runs it: the task's and
+//!   the step's context and how a step ended.
 //! - [`executor`]: the [`executor::Executor`] trait and its `docker` (with
 //!   the docker-only `build` and `push` step kinds), `shell` and `fake`
 //!   implementations.
@@ -23,6 +27,8 @@
 //!   coordinator does not take it), and the `PushLogs` shipper that drains
 //!   it.
 //! - `backoff`: jittered exponential delays between reconnects.
+//! - `error`: the failures that end the runner, and `chain` (an error and
+//!   its sources on one line).
 //!
 //! Work dir layout: `runner.json` (credentials), `attempts/<attempt_id>/workspace`
 //! (one per running attempt), `spool/<attempt_id>.log` (log spool).

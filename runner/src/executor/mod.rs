@@ -1,4 +1,10 @@
-//! Executors run the steps of one attempt.
+//! Executors run the steps of one attempt: processes (`shell`) or
+//! containers ([`docker`], with its docker-only `build` and `push` step
+//! kinds), or nothing at all (`fake`, fault injection for tests). The
+//! runner's built-in step kinds (`set-image`, `git-push`) are not theirs:
+//! the attempt runs them (see [`Executor::simulates_builtin_steps`]).
+//! Executors import only the step vocabulary ([`crate::step`]), the log
+//! sink trait, the runner's secrets and `crate::error`.
 //!
 //! # Lifecycle contract
 //!

@@ -10,8 +10,8 @@
 //! of time, blocked reading its script from stdin (see [`WarmShell`]). At
 //! the step's start the runner writes `cd WORKSPACE; export VARS; SCRIPT`
 //! to it in one atomic pipe write and closes the pipe, so the fork, the
-//! exec and the shell's own start-up (about 1 ms here, most of a pickup's
-//! process start) happened before the task arrived. The step cannot tell
+//! exec and the shell's own start-up (most of a pickup's process start)
+//! happened before the task arrived. The step cannot tell
 //! the difference: same shell, same `-e`, `$0` and line numbers, and stdin
 //! at end of file. What a warm shell cannot express exactly (a script over
 //! one pipe write, a variable the shell treats specially) starts cold, as

@@ -22,7 +22,7 @@
 //! Objects are named after the attempt (`capstan-<attempt>`,
 //! `capstan-<attempt>-s<step>`, `capstan-<attempt>-ws`) so destroy calls need
 //! no state and are idempotent, and are labelled with runner, run, task and
-//! attempt ([`LABEL_RUNNER`] ...). [`DockerExecutor::reap`] removes whatever
+//! attempt (`capstan.runner`, ...). [`DockerExecutor::reap`] removes whatever
 //! a previous process of the same runner (name and work dir) left behind.
 //!
 //! Nothing is ever pulled: a missing image is a step failure naming it.
@@ -138,7 +138,8 @@ impl Default for DockerSettings {
 pub struct DockerOptions {
     /// The runner's name (label only).
     pub runner_name: String,
-    /// Reaping key: see [`LABEL_RUNNER_KEY`].
+    /// Reaping key: what the `capstan.runner-key` label of every object
+    /// says (the runner's name and work dir hashed, `runner_key`).
     pub runner_key: String,
     /// Engine address (`unix:///path`, `tcp://host:port`); `None` reads
     /// `DOCKER_HOST` or uses the default socket.
