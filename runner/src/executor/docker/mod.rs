@@ -34,7 +34,8 @@
 //! `push` the docker-only step kinds of those names; `reap` the removal of
 //! what the executor made (per step, per attempt, and at start). The child
 //! modules import only from this file, the executor trait and the step
-//! vocabulary ([`crate::step`]).
+//! vocabulary ([`crate::step`]), and `push` the image-reference parser;
+//! none imports another (they share the executor's methods instead).
 
 mod build;
 mod container;
