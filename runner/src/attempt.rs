@@ -14,17 +14,20 @@
 //!    `$ <first line>` header, written with its first output (or when it
 //!    ends, if it printed nothing) so that no file write delays the start of
 //!    its process; the first step that does not succeed ends the attempt;
-//!    then executor teardown (also after a panic in setup or a step);
+//!    then executor teardown (also after a panic in setup or a step)
+//!    ([`steps`] runs the steps);
 //! 3. wait until the coordinator acknowledged every log byte;
 //! 4. empty the attempt's work dir and keep it as the next attempt's spare
 //!    (or remove it; see [`recycle_dir`]);
 //! 5. hand the `TaskFinished` report to the agent, which delivers it.
 
+mod steps;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_proto::pipeline::v1::{StepState, step};
+use capstan_proto::ids::{AttemptId, RunId};
 use capstan_proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
 use capstan_telemetry::OpenTelemetrySpanExt as _;
 use futures::FutureExt as _;
@@ -34,16 +37,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::error::chain;
-use crate::executor::{Executor, ExecutorError};
+use crate::executor::Executor;
 use crate::logs::LogTarget;
-use crate::logs::cap::CappedSink;
 use crate::logs::mask::MaskingSink;
 use crate::logs::shipper::ShipperHandle;
 use crate::logs::sink::OutputSink;
 use crate::logs::spool::Spool;
 use crate::secrets::Secrets;
-use crate::step::{StepContext, StepEnd, TaskContext};
-use crate::steps::git_push::{self, GitOps};
+use crate::step::TaskContext;
+use crate::steps::git_push::GitOps;
 
 /// What an attempt tells the agent.
 #[derive(Debug)]
@@ -272,9 +274,9 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         )),
     };
     let task = TaskContext {
-        run_id: spec.offer.run_id.clone(),
+        run_id: RunId::from_string(spec.offer.run_id.clone()),
         task_name: spec.offer.task_name.clone(),
-        attempt_id,
+        attempt_id: AttemptId::from_string(attempt_id),
         workspace,
         task: spec.offer.task.clone().unwrap_or_default(),
         repo: spec.offer.repo.clone(),
@@ -414,7 +416,7 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
     } = prepared;
     let report = |o: Outcome, log_length, outputs: std::collections::BTreeMap<String, String>| {
         TaskFinished {
-            attempt_id: task.attempt_id.clone(),
+            attempt_id: task.attempt_id.to_string(),
             outcome: o.outcome.into(),
             exit_code: o.exit_code,
             message: o.message,
@@ -573,7 +575,7 @@ async fn run_task(
     // attempt until the runner restarts and reaps them.
     let outcome = std::panic::AssertUnwindSafe(async {
         match executor.setup_task(task).await {
-            Ok(()) => run_steps(spec, task, gitops, spool, task_deadline).await,
+            Ok(()) => steps::run_steps(spec, task, gitops, spool, task_deadline).await,
             Err(e) => Outcome::new(AttemptOutcome::Error, None, chain(&e)),
         }
     })
@@ -584,168 +586,6 @@ async fn run_task(
         warn!(error = %chain(&e), "executor teardown failed");
     }
     outcome
-}
-
-async fn run_steps(
-    spec: &AttemptSpec,
-    task: &TaskContext,
-    gitops: &Arc<GitOps>,
-    spool: &Arc<Spool>,
-    task_deadline: Option<Instant>,
-) -> Outcome {
-    let task_timeout = task.task.timeout_seconds;
-    // `why`: the failure, for the step's span.
-    let send_step =
-        |span: &tracing::Span, index: u32, state: StepState, exit_code: Option<i32>, why: &str| {
-            if state != StepState::Running {
-                span.record("capstan.step.status", state.as_str_name());
-                if let Some(code) = exit_code {
-                    span.record("capstan.step.exit_code", code);
-                }
-                // A cancelled step did not fail.
-                mark_span(span, state != StepState::Failed, why);
-            }
-            let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
-                attempt_id: task.attempt_id.clone(),
-                step_index: index,
-                state: state.into(),
-                exit_code,
-            }));
-        };
-    for (i, step) in task.task.steps.iter().enumerate() {
-        let index = u32::try_from(i).unwrap_or(u32::MAX);
-        let label = format!("step {} ({})", i + 1, step_label(step));
-        if spec.cancel.is_cancelled() {
-            return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
-        }
-        if task_deadline.is_some_and(|d| Instant::now() >= d) {
-            return Outcome::new(
-                AttemptOutcome::Failed,
-                None,
-                format!("task timed out after {task_timeout}s"),
-            );
-        }
-        // One span per step (never per log chunk): README "Tracing".
-        let span = info_span!(
-            "step",
-            capstan.step.index = index,
-            capstan.step.name = %step_label(step),
-            capstan.step.kind = crate::step::step_kind_name(step),
-            capstan.step.status = tracing::field::Empty,
-            capstan.step.exit_code = tracing::field::Empty,
-        );
-        send_step(&span, index, StepState::Running, None, "");
-        let writer = spool.writer(index);
-        let capped = CappedSink::new(&writer, spec.step_log_cap);
-        let masked = MaskingSink::new(&capped, &spec.mask);
-        let header = match &step.kind {
-            Some(step::Kind::Run(run)) => {
-                format!("$ {}\n", run.script.lines().next().unwrap_or_default())
-            }
-            _ => String::new(),
-        };
-        let output = HeaderFirst::new(&masked, header.into_bytes());
-        let step_deadline = (step.timeout_seconds > 0)
-            .then(|| Instant::now() + Duration::from_secs(step.timeout_seconds));
-        let deadline = match (step_deadline, task_deadline) {
-            (Some(s), Some(t)) => Some(s.min(t)),
-            (s, t) => s.or(t),
-        };
-        let ctx = StepContext {
-            index,
-            step,
-            cancel: spec.cancel.clone(),
-            deadline,
-            output: &output,
-        };
-        let result = run_step(spec, task, gitops, ctx)
-            .instrument(span.clone())
-            .await;
-        if let Err(e) = async {
-            output.finish().await?;
-            masked.flush().await?;
-            capped.finish().await
-        }
-        .await
-        {
-            let message = chain(&e);
-            send_step(&span, index, StepState::Failed, None, &message);
-            return Outcome::new(AttemptOutcome::Error, None, message);
-        }
-        if let Err(e) = spec.executor.destroy_step(task, index).await {
-            warn!(step = index, error = %chain(&e), "executor step teardown failed");
-        }
-        let end = match result {
-            Ok(end) => end,
-            Err(e) => {
-                let message = format!("{label} could not run: {}", chain(&e));
-                send_step(&span, index, StepState::Failed, None, &message);
-                return Outcome::new(AttemptOutcome::Error, None, message);
-            }
-        };
-        let failed = |exit_code, message: String| {
-            send_step(&span, index, StepState::Failed, exit_code, &message);
-            Outcome::new(AttemptOutcome::Failed, exit_code, message)
-        };
-        match end {
-            StepEnd::Exited(0) => send_step(&span, index, StepState::Succeeded, Some(0), ""),
-            StepEnd::Exited(code) => {
-                return failed(Some(code), format!("{label} exited with {code}"));
-            }
-            StepEnd::OutOfMemory { exit_code } => {
-                return failed(
-                    Some(exit_code),
-                    format!("{label} ran out of memory (exit code {exit_code})"),
-                );
-            }
-            StepEnd::Failed { message } => return failed(None, format!("{label}: {message}")),
-            StepEnd::TimedOut => {
-                let task_fired = task_deadline.is_some() && deadline == task_deadline;
-                let message = if task_fired {
-                    format!("task timed out after {task_timeout}s")
-                } else {
-                    format!("step {} timed out after {}s", i + 1, step.timeout_seconds)
-                };
-                return failed(None, message);
-            }
-            StepEnd::Cancelled => {
-                send_step(&span, index, StepState::Cancelled, None, "");
-                return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
-            }
-        }
-    }
-    // The coordinator keeps no message for a succeeded task today; the
-    // digest reaches the API through `outputs` (see `execute`).
-    let message = task
-        .outputs
-        .lock()
-        .ok()
-        .and_then(|o| Some(format!("pushed {}@{}", o.get("image")?, o.get("digest")?)))
-        .unwrap_or_default();
-    Outcome::new(AttemptOutcome::Succeeded, None, message)
-}
-
-/// Runs one step: the runner's built-in kinds (`set-image`, `git-push`)
-/// here, with git2, the same under every executor; the rest through the
-/// executor, which only runs processes and containers.
-async fn run_step(
-    spec: &AttemptSpec,
-    task: &TaskContext,
-    gitops: &Arc<GitOps>,
-    ctx: StepContext<'_>,
-) -> Result<StepEnd, ExecutorError> {
-    if !spec.executor.simulates_builtin_steps() {
-        match &ctx.step.kind {
-            Some(step::Kind::SetImage(s)) => {
-                return git_push::run_set_image(gitops, task, &ctx, s).await;
-            }
-            Some(step::Kind::GitPush(g)) => {
-                return git_push::run_git_push(gitops, task, &ctx, g).await;
-            }
-            _ => {}
-        }
-    }
-    spec.executor.run_step(task, ctx).await
 }
 
 /// Checks the run's repository out into the workspace; the log says so
@@ -797,56 +637,6 @@ async fn checkout(
     }
 }
 
-/// A step's output sink that puts `header` before the first byte of output
-/// (in the same write), or writes it alone in [`HeaderFirst::finish`].
-struct HeaderFirst<'a> {
-    inner: &'a dyn OutputSink,
-    /// Still to write; held across that write so that a concurrent writer
-    /// (stdout and stderr) cannot get in before it.
-    header: tokio::sync::Mutex<Vec<u8>>,
-}
-
-impl<'a> HeaderFirst<'a> {
-    fn new(inner: &'a dyn OutputSink, header: Vec<u8>) -> Self {
-        Self {
-            inner,
-            header: tokio::sync::Mutex::new(header),
-        }
-    }
-
-    /// Writes the header if no output did.
-    async fn finish(&self) -> std::io::Result<()> {
-        self.write(&[]).await
-    }
-}
-
-#[async_trait::async_trait]
-impl OutputSink for HeaderFirst<'_> {
-    async fn write(&self, data: &[u8]) -> std::io::Result<()> {
-        let mut header = self.header.lock().await;
-        if header.is_empty() {
-            drop(header);
-            if data.is_empty() {
-                return Ok(());
-            }
-            return self.inner.write(data).await;
-        }
-        header.extend_from_slice(data);
-        self.inner.write(&header).await?;
-        header.clear();
-        Ok(())
-    }
-}
-
-/// The step's display name: its `name`, else its kind.
-fn step_label(step: &capstan_proto::pipeline::v1::Step) -> String {
-    if step.name.is_empty() {
-        crate::step::step_kind_name(step).to_owned()
-    } else {
-        step.name.clone()
-    }
-}
-
 /// Sets a span's OpenTelemetry status: OK, or an error saying `message`.
 /// Does nothing when trace export is off.
 fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
@@ -863,7 +653,8 @@ fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::step::testing;
+    use crate::executor::ExecutorError;
+    use crate::step::{StepContext, StepEnd, testing};
     use crate::testing::dir_names as names;
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -10,10 +10,15 @@
 //!   offers (tentative ones wait for their confirm), cancels, heartbeats,
 //!   drain, redelivery of final reports.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
-//!   waits for its log to be acknowledged, builds the final report.
-//! - [`executor`]: the [`executor::Executor`] trait and its `docker`, `shell`
-//!   and `fake` implementations.
-//! - [`steps`]: the `build` and `push` step kinds (docker executor).
+//!   waits for its log to be acknowledged, builds the final report;
+//!   `attempt::steps` the step loop, which runs the built-in step kinds
+//!   itself.
+//! - [`step`]: what a step runs against, whoever runs it: the task's and
+//!   the step's context and how a step ended.
+//! - [`executor`]: the [`executor::Executor`] trait and its `docker` (with
+//!   the docker-only `build` and `push` step kinds), `shell` and `fake`
+//!   implementations.
+//! - [`steps`]: the `set-image` and `git-push` step kinds.
 //! - [`git`]: checkout of the run's repository at its exact commit.
 //! - [`secrets`]: runner-side secrets from `--secrets-file` and
 //!   `CAPSTAN_SECRET_*`.
@@ -22,6 +27,8 @@
 //!   coordinator does not take it), and the `PushLogs` shipper that drains
 //!   it.
 //! - `backoff`: jittered exponential delays between reconnects.
+//! - `error`: the failures that end the runner, and `chain` (an error and
+//!   its sources on one line).
 //!
 //! Work dir layout: `runner.json` (credentials), `attempts/<attempt_id>/workspace`
 //! (one per running attempt), `spool/<attempt_id>.log` (log spool).
@@ -49,6 +56,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ExecutorKind;
+pub(crate) use error::Error;
+pub(crate) use executor::docker::DockerSettings;
 
 /// Everything the agent needs to run. Built by [`config::load`] for the
 /// binary, or directly by an embedding process (`capstan dev`, which fills
@@ -101,67 +110,6 @@ impl Default for RunnerConfig {
     }
 }
 
-/// `--docker-*` settings.
-#[derive(Clone, Debug)]
-pub struct DockerSettings {
-    pub network: executor::docker::NetworkSetting,
-    pub memory_bytes: Option<i64>,
-    pub cpus: Option<f64>,
-    pub cap_add: Vec<String>,
-    /// Capabilities a task may ask for in its pipeline.
-    pub allow_cap: Vec<String>,
-    pub helper_image: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Default for DockerSettings {
-    fn default() -> Self {
-        Self {
-            network: executor::docker::NetworkSetting::None,
-            memory_bytes: None,
-            cpus: None,
-            cap_add: Vec::new(),
-            allow_cap: Vec::new(),
-            helper_image: executor::docker::DEFAULT_HELPER_IMAGE.into(),
-            labels: BTreeMap::new(),
-        }
-    }
-}
-
-/// Failures that end the runner. A coordinator that cannot be reached is not
-/// one of them: the agent keeps retrying.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(
-        "starting the docker executor (or pass --executor shell to run steps as host processes)"
-    )]
-    Docker(#[from] executor::docker::DockerError),
-    #[error("loading secrets")]
-    Secrets(#[from] secrets::SecretsError),
-    #[error("no coordinator URL given: pass --coordinator URL")]
-    NoCoordinator,
-    #[error("invalid coordinator URL `{url}`: expected e.g. http://127.0.0.1:7700")]
-    InvalidCoordinatorUrl { url: String },
-    #[error("capacity must be at least 1")]
-    ZeroCapacity,
-    #[error("registration token rejected by the coordinator: check --registration-token")]
-    RegistrationRejected,
-    #[error(
-        "the coordinator rejected this runner's credentials even after registering again: {message}"
-    )]
-    CredentialsRejected { message: String },
-    #[error("the coordinator refused this runner's protocol version: {message}")]
-    ProtocolRejected { message: String },
-    #[error("preparing work dir {path}")]
-    WorkDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Credentials(#[from] credentials::CredentialsError),
-}
-
 /// Runs the agent until `shutdown` is cancelled and the drain completes (or
 /// the coordinator's `Drain` completes), or a fatal error such as a rejected
 /// registration token.
@@ -207,19 +155,13 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
 
 /// Connects to the engine and reaps what a previous process of this runner
 /// (same name and work dir) left behind.
-pub async fn docker_executor(
+pub(crate) async fn docker_executor(
     config: &RunnerConfig,
     secrets: Arc<secrets::Secrets>,
 ) -> Result<executor::docker::DockerExecutor, Error> {
     let key = executor::docker::runner_key(&config.name, &config.work_dir);
     let mut options = executor::docker::DockerOptions::new(&config.name, &key);
-    options.network = config.docker.network.clone();
-    options.memory_bytes = config.docker.memory_bytes;
-    options.cpus = config.docker.cpus;
-    options.cap_add = config.docker.cap_add.clone();
-    options.allow_cap = config.docker.allow_cap.clone();
-    options.helper_image = config.docker.helper_image.clone();
-    options.extra_labels = config.docker.labels.clone();
+    options.settings = config.docker.clone();
     let executor = executor::docker::DockerExecutor::connect(options, secrets).await?;
     executor.reap().await?;
     Ok(executor)

@@ -5,9 +5,7 @@
 //! [`git_push`] (the GitOps write-back: the `set-image` and `git-push` step
 //! kinds, run inside the runner with git2 under every executor but `fake`).
 
-pub mod build;
 pub mod git_push;
-pub mod push;
 pub mod set_image;
 
 /// Splits an image reference into (repository, tag); `latest` when no tag.
