@@ -35,6 +35,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::error::chain;
 use crate::executor::{Executor, ExecutorError};
+use crate::gitops::{GitOps, run_git_push, run_set_image};
 use crate::logs::LogTarget;
 use crate::logs::cap::CappedSink;
 use crate::logs::mask::MaskingSink;
@@ -43,7 +44,6 @@ use crate::logs::sink::OutputSink;
 use crate::logs::spool::Spool;
 use crate::secrets::Secrets;
 use crate::step::{StepContext, StepEnd, TaskContext};
-use crate::steps::git_push::{self, GitOps};
 
 /// What an attempt tells the agent.
 #[derive(Debug)]
@@ -73,7 +73,7 @@ pub(crate) struct AttemptSpec {
     /// Name of the secret for fetching the repository, if any.
     pub git_credentials: Option<String>,
     /// Who `git-push` commits as (`--git-author`).
-    pub git_author: crate::steps::git_push::Author,
+    pub git_author: crate::gitops::Author,
     /// How much of each step's output the log keeps.
     pub step_log_cap: crate::logs::cap::StepLogCap,
     /// The memory budget of the attempt's log spool
@@ -737,10 +737,10 @@ async fn run_step(
     if !spec.executor.simulates_builtin_steps() {
         match &ctx.step.kind {
             Some(step::Kind::SetImage(s)) => {
-                return git_push::run_set_image(gitops, task, &ctx, s).await;
+                return run_set_image(gitops, task, &ctx, s).await;
             }
             Some(step::Kind::GitPush(g)) => {
-                return git_push::run_git_push(gitops, task, &ctx, g).await;
+                return run_git_push(gitops, task, &ctx, g).await;
             }
             _ => {}
         }
@@ -860,7 +860,6 @@ fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
     });
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -921,7 +920,7 @@ mod tests {
             secrets: Arc::default(),
             mask: Arc::default(),
             git_credentials: None,
-            git_author: crate::steps::git_push::Author::default(),
+            git_author: crate::gitops::Author::default(),
             step_log_cap: crate::logs::cap::StepLogCap::default(),
             log_memory: crate::logs::spool::MEMORY_BUDGET,
         };

@@ -34,7 +34,8 @@ pub mod credentials;
 mod error;
 pub mod executor;
 pub mod git;
-pub mod git_auth;
+pub mod gitops;
+mod image_ref;
 pub mod logs;
 pub mod secrets;
 pub mod step;
@@ -75,7 +76,7 @@ pub struct RunnerConfig {
     /// The secret used to fetch run repositories, if they need credentials.
     pub git_credentials: Option<String>,
     /// Who `git-push` steps commit as (`--git-author`).
-    pub git_author: steps::git_push::Author,
+    pub git_author: gitops::Author,
     /// Isolation and limits of the docker executor.
     pub docker: DockerSettings,
     /// How much of one step's output the log keeps (`--max-step-log`).
@@ -94,7 +95,7 @@ impl Default for RunnerConfig {
             work_dir: PathBuf::from(config::DEFAULT_WORK_DIR),
             secrets_file: None,
             git_credentials: None,
-            git_author: steps::git_push::Author::default(),
+            git_author: gitops::Author::default(),
             docker: DockerSettings::default(),
             step_log_cap: logs::cap::StepLogCap::default(),
         }

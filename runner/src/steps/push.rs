@@ -8,9 +8,9 @@ use bollard::query_parameters::PushImageOptionsBuilder;
 use capstan_shared::proto::pipeline::v1::PushStep;
 use futures::StreamExt as _;
 
-use super::{registry_host, split_reference};
 use crate::executor::ExecutorError;
 use crate::executor::docker::{DockerExecutor, api_error};
+use crate::image_ref::{registry_host, split_reference};
 use crate::step::{StepContext, StepEnd, TaskContext};
 
 fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
