@@ -247,19 +247,17 @@ mod tests {
         );
     }
 
-    /// Where the push step's old `split_reference`/`registry_host` and
-    /// set-image's parser read a reference differently; Docker's grammar
-    /// decides.
+    /// Corner cases where a looser reading goes wrong; Docker's grammar
+    /// decides (docs/decisions.md has the history).
     #[test]
-    fn the_cases_the_two_old_parsers_disagreed_on() {
+    fn tags_before_digests_upper_case_hosts_and_bare_hosts() {
         // A tag before the digest belongs to neither the repository nor the
-        // digest (the push step used to push repository `x/y:v1`).
+        // digest.
         assert_eq!(
             split_reference(&format!("x/y:v1@{DIGEST}")),
             ("x/y", DIGEST)
         );
-        // An upper-case first component is a host: paths are lower-case
-        // (the push step used to send the credentials to docker.io).
+        // An upper-case first component is a host: paths are lower-case.
         assert_eq!(registry_host("MyRegistry/app"), Some("MyRegistry"));
         assert_eq!(
             ImageRef::parse("MyRegistry/app:v1")
@@ -267,8 +265,8 @@ mod tests {
                 .canonical_repository(),
             "MyRegistry/app"
         );
-        // A host with nothing after it is still a host (the push step used
-        // to say docker.io); such a reference is invalid either way.
+        // A host with nothing after it is still a host; such a reference
+        // is invalid either way.
         assert_eq!(registry_host("localhost/"), Some("localhost"));
         assert!(ImageRef::parse("localhost/:v1").is_err());
     }

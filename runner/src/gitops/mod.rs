@@ -20,9 +20,9 @@
 //!    detached checkout) with an explicit refspec, never forced. A rejected
 //!    ref (reported through `push_update_reference`) or a non-fast-forward
 //!    is a race with another writer: fetch the branch, reset onto its head,
-//!    re-apply every edit and try again, at most `git_push::MAX_TRIES` times with
-//!    jittered exponential backoff. When the edit is already on the branch,
-//!    the step logs "already up to date" and makes no commit.
+//!    re-apply every edit and try again, at most `git_push::MAX_TRIES`
+//!    times with jittered exponential backoff. When the edit is already on
+//!    the branch, the step logs "already up to date" and makes no commit.
 //!
 //! The pushed (or current) commit id is the task output `commit`, the
 //! repository URL the output `repo`.
@@ -34,13 +34,15 @@
 //! - `set_image/`: the `set-image` step and the structural YAML edit;
 //! - `git_push`: the `git-push` step: commit, push, retry a race.
 //!
-//! Doors: [`crate::git`] (its one remote path) for clone, fetch and push;
-//! [`crate::step`] for the step vocabulary; `git_push` uses
-//! `set_image::apply_edit` to re-apply after a race, never the other way.
+//! Doors: [`crate::git`] (its one remote path) for clone, fetch and push,
+//! `crate::image_ref` for references, [`crate::secrets`] for credentials,
+//! [`crate::step`] and `ExecutorError` for the step vocabulary. Only the
+//! attempt calls in. Inside, `git_push` uses `set_image::apply_edit` to
+//! re-apply after a race, never the other way.
 
 mod author;
 mod git_push;
-pub(crate) mod set_image;
+mod set_image;
 #[cfg(test)]
 mod tests;
 

@@ -34,9 +34,10 @@
 //!   update them ([`edit_text`] here checks that the result reads back);
 //! - `yaml_tree`: the YAML tree with source positions the plan walks.
 //!
-//! Doors: `crate::image_ref` for references, [`crate::git`] for the clone;
-//! the children import only each other downwards (`files` -> this file's
-//! [`edit_text`] -> `plan` -> `yaml_tree`).
+//! Doors: `crate::image_ref` for references, [`crate::git`] for the clone,
+//! the parent for the pending write-back. Inside, `files` calls
+//! [`edit_text`], which asks `plan`, which walks a `yaml_tree`; nothing
+//! below this file knows about git or steps.
 
 mod files;
 mod plan;
@@ -54,7 +55,7 @@ use crate::git::Op;
 use crate::git::remote::Remote;
 use crate::image_ref::ImageRef;
 
-pub(crate) use self::files::set_image_in_files;
+use self::files::set_image_in_files;
 
 /// Why a `set-image` edit failed.
 #[derive(Debug, thiserror::Error)]
