@@ -11,7 +11,7 @@
 //!    the run's repository, else a fresh clone into the attempt's
 //!    `manifests` directory. Clone credentials: the secret named by the
 //!    task's next `git-push` step, else the runner's `--git-credentials`.
-//!    It edits the files ([`set_image::set_image_in_files`]), logs
+//!    It edits the files (`set_image::set_image_in_files`), logs
 //!    each changed line, and records a [`Pending`] write-back on the
 //!    attempt's [`GitOps`].
 //! 2. `git-push` takes the pending write-back, commits the listed files

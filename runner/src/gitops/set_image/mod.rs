@@ -124,27 +124,23 @@ pub(crate) struct Edit {
     pub(crate) changed: usize,
 }
 
-/// Replace the tag/digest of every image reference whose repository equals
-/// `new_image`'s repository.
-///
-/// Returns the new text and how many references changed (0 = none matched or
-/// all already up to date; the caller decides if that's an error — use
-/// [`edit_text`] to tell the two apart).
-///
-/// # Errors
-/// An invalid `new_image`, a YAML syntax error, or a matching reference
-/// written in a form that cannot be edited safely (block scalar, multi-line
-/// plain scalar, alias of a scalar).
-#[cfg(test)] // the step uses edit_text (through the files); tests read this shorter form
+/// The new text (0 changed = none matched or all already up to date;
+/// the caller decides if that is an error) and how many references
+/// changed: [`edit_text`] without the count of up-to-date ones.
+#[cfg(test)] // the step goes through `set_image_in_files`, which wants the counts
 pub(crate) fn set_image(text: &str, new_image: &str) -> Result<(String, usize), SetImageError> {
     let edit = edit_text(text, new_image)?;
     Ok((edit.text, edit.changed))
 }
 
-/// Like [`set_image`], also counting references that were already up to date.
+/// Replace the tag/digest of every image reference whose repository equals
+/// `new_image`'s repository, counting the references found (up-to-date
+/// ones included) and those changed.
 ///
 /// # Errors
-/// As [`set_image`].
+/// An invalid `new_image`, a YAML syntax error, or a matching reference
+/// written in a form that cannot be edited safely (block scalar, multi-line
+/// plain scalar, alias of a scalar).
 pub(crate) fn edit_text(text: &str, new_image: &str) -> Result<Edit, SetImageError> {
     let new_ref = ImageRef::parse(new_image).map_err(|reason| SetImageError::InvalidImage {
         reference: new_image.to_owned(),

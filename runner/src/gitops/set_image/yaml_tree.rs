@@ -15,7 +15,7 @@ const MAX_DEPTH: usize = 512;
 /// A position as the parser reports it. The parser's character index and
 /// column drift on lines with non-ASCII text (some paths count bytes, others
 /// characters), so only the line is trusted; the column is a hint that
-/// [`Planner::locate`] checks against the text.
+/// [`super::plan`] checks against the text when it locates a scalar.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Pos {
     /// 1-based line.
