@@ -69,9 +69,9 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::attempt::{self, AttemptEvent, AttemptSpec};
+use crate::error::chain;
 use crate::backoff::Backoff;
 use crate::credentials::{self, Credentials};
-use crate::error::chain;
 use crate::executor::Executor;
 use crate::logs::LogTarget;
 use crate::{Error, RunnerConfig};
