@@ -38,6 +38,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::error::chain;
 use crate::executor::Executor;
+use crate::gitops::GitOps;
 use crate::logs::LogTarget;
 use crate::logs::mask::MaskingSink;
 use crate::logs::shipper::ShipperHandle;
@@ -45,7 +46,6 @@ use crate::logs::sink::OutputSink;
 use crate::logs::spool::Spool;
 use crate::secrets::Secrets;
 use crate::step::TaskContext;
-use crate::steps::git_push::GitOps;
 
 /// What an attempt tells the agent.
 #[derive(Debug)]
@@ -75,7 +75,7 @@ pub(crate) struct AttemptSpec {
     /// Name of the secret for fetching the repository, if any.
     pub git_credentials: Option<String>,
     /// Who `git-push` commits as (`--git-author`).
-    pub git_author: crate::steps::git_push::Author,
+    pub git_author: crate::gitops::Author,
     /// How much of each step's output the log keeps.
     pub step_log_cap: crate::logs::cap::StepLogCap,
     /// The memory budget of the attempt's log spool
@@ -711,7 +711,7 @@ mod tests {
             secrets: Arc::default(),
             mask: Arc::default(),
             git_credentials: None,
-            git_author: crate::steps::git_push::Author::default(),
+            git_author: crate::gitops::Author::default(),
             step_log_cap: crate::logs::cap::StepLogCap::default(),
             log_memory: crate::logs::spool::MEMORY_BUDGET,
         };

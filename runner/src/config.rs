@@ -353,7 +353,7 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
     };
     let git_author = match args.git_author.or(file.git_author) {
         Some(text) => text.parse().map_err(ConfigError::GitAuthor)?,
-        None => crate::steps::git_push::Author::default(),
+        None => crate::gitops::Author::default(),
     };
     let step_log_cap = match args.max_step_log.or(file.max_step_log) {
         Some(text) if text.trim() == "0" => crate::logs::cap::StepLogCap { cap: 0 },

@@ -18,8 +18,11 @@
 //! - [`executor`]: the [`executor::Executor`] trait and its `docker` (with
 //!   the docker-only `build` and `push` step kinds), `shell` and `fake`
 //!   implementations.
-//! - [`steps`]: the `set-image` and `git-push` step kinds.
-//! - [`git`]: checkout of the run's repository at its exact commit.
+//! - [`gitops`]: the `set-image` and `git-push` step kinds (the GitOps
+//!   write-back), run by the runner itself under every executor.
+//! - [`git`]: git2 for everything else: the run's checkout at its exact
+//!   commit, the one clone/fetch/push path with credentials and host keys.
+//! - `image_ref`: the one image-reference parser (Docker's host rules).
 //! - [`secrets`]: runner-side secrets from `--secrets-file` and
 //!   `CAPSTAN_SECRET_*`.
 //! - [`logs`]: secret masking, the spool that holds every output byte until
@@ -41,11 +44,11 @@ pub mod credentials;
 mod error;
 pub mod executor;
 pub mod git;
-pub mod git_auth;
+pub mod gitops;
+mod image_ref;
 pub mod logs;
 pub mod secrets;
 pub mod step;
-pub mod steps;
 #[cfg(test)]
 mod testing;
 
@@ -84,7 +87,7 @@ pub struct RunnerConfig {
     /// The secret used to fetch run repositories, if they need credentials.
     pub git_credentials: Option<String>,
     /// Who `git-push` steps commit as (`--git-author`).
-    pub git_author: steps::git_push::Author,
+    pub git_author: gitops::Author,
     /// Isolation and limits of the docker executor.
     pub docker: DockerSettings,
     /// How much of one step's output the log keeps (`--max-step-log`).
@@ -103,7 +106,7 @@ impl Default for RunnerConfig {
             work_dir: PathBuf::from(config::DEFAULT_WORK_DIR),
             secrets_file: None,
             git_credentials: None,
-            git_author: steps::git_push::Author::default(),
+            git_author: gitops::Author::default(),
             docker: DockerSettings::default(),
             step_log_cap: logs::cap::StepLogCap::default(),
         }

@@ -18,12 +18,12 @@ use tracing::{Instrument as _, info_span, warn};
 use super::{AttemptEvent, AttemptSpec, Outcome, mark_span};
 use crate::error::chain;
 use crate::executor::ExecutorError;
+use crate::gitops::{self, GitOps};
 use crate::logs::cap::CappedSink;
 use crate::logs::mask::MaskingSink;
 use crate::logs::sink::OutputSink;
 use crate::logs::spool::Spool;
 use crate::step::{StepContext, StepEnd, TaskContext, step_kind_name};
-use crate::steps::git_push::{self, GitOps};
 
 /// Runs the task's steps until one does not succeed; the attempt's outcome.
 pub(super) async fn run_steps(
@@ -274,10 +274,10 @@ async fn run_step(
     if !spec.executor.simulates_builtin_steps() {
         match &ctx.step.kind {
             Some(step::Kind::SetImage(s)) => {
-                return git_push::run_set_image(gitops, task, &ctx, s).await;
+                return gitops::run_set_image(gitops, task, &ctx, s).await;
             }
             Some(step::Kind::GitPush(g)) => {
-                return git_push::run_git_push(gitops, task, &ctx, g).await;
+                return gitops::run_git_push(gitops, task, &ctx, g).await;
             }
             _ => {}
         }
