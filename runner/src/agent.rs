@@ -48,7 +48,6 @@
 //! older than the newest seen (from welcomes and messages) are ignored.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +72,7 @@ use crate::backoff::Backoff;
 use crate::credentials::{self, Credentials};
 use crate::executor::Executor;
 use crate::logs::LogTarget;
+use crate::workdir::{WorkDir, valid_attempt_id};
 use crate::{Error, RunnerConfig};
 
 /// Metadata key a follower uses to name the leader.
@@ -82,40 +82,6 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const GOING_AWAY_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 const OUTBOX: usize = 256;
-
-/// Prepares `<work_dir>` and removes what an earlier, killed runner process
-/// left in `attempts/` and `spool/`: a restarted runner has lost those
-/// attempts (the coordinator requeues them).
-pub(crate) async fn prepare_work_dir(work_dir: &Path) -> Result<(), Error> {
-    let err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::WorkDir { path, source }
-    };
-    tokio::fs::create_dir_all(work_dir)
-        .await
-        .map_err(err(work_dir))?;
-    for sub in ["attempts", "spool"] {
-        let dir = work_dir.join(sub);
-        tokio::fs::create_dir_all(&dir).await.map_err(err(&dir))?;
-        let mut entries = tokio::fs::read_dir(&dir).await.map_err(err(&dir))?;
-        while let Some(entry) = entries.next_entry().await.map_err(err(&dir))? {
-            let path = entry.path();
-            info!(path = %path.display(), "removing leftover of an attempt this runner no longer runs");
-            let removed = if entry.file_type().await.is_ok_and(|t| t.is_dir()) {
-                tokio::fs::remove_dir_all(&path).await
-            } else {
-                tokio::fs::remove_file(&path).await
-            };
-            removed.map_err(err(&path))?;
-        }
-    }
-    let (attempts, spool) = (work_dir.join("attempts"), work_dir.join("spool"));
-    let _ = tokio::task::spawn_blocking(move || {
-        crate::attempt::make_spares(&attempts, &spool, "start");
-    })
-    .await;
-    Ok(())
-}
 
 struct Session {
     tx: mpsc::Sender<RunnerMessage>,
@@ -182,6 +148,7 @@ struct FinishedAttempt {
 
 pub(crate) struct Agent {
     config: RunnerConfig,
+    work_dir: Arc<WorkDir>,
     executor: Arc<dyn Executor>,
     credentials: Option<Credentials>,
     reregistered: bool,
@@ -209,6 +176,7 @@ pub(crate) struct Agent {
 impl Agent {
     pub(crate) fn new(
         config: RunnerConfig,
+        work_dir: WorkDir,
         executor: Arc<dyn Executor>,
         credentials: Option<Credentials>,
         shutdown: CancellationToken,
@@ -216,6 +184,7 @@ impl Agent {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Self {
             config,
+            work_dir: Arc::new(work_dir),
             executor,
             credentials,
             reregistered: false,
@@ -464,7 +433,7 @@ impl Agent {
             runner_id: RunnerId::from_string(response.runner_id),
             runner_secret: response.runner_secret,
         };
-        credentials::save(&self.config.work_dir, &credentials)
+        credentials::save(&self.work_dir.credentials_file(), &credentials)
             .await
             .map_err(|e| ConnectError::Fatal(e.into()))?;
         info!(runner_id = %credentials.runner_id, name = %self.config.name, "registered with coordinator");
@@ -626,22 +595,12 @@ impl Agent {
         for id in ids {
             if self.finished.remove(id).is_some() {
                 debug!(attempt = %id, "final report acknowledged");
-                let spool = self.spool_path(id);
-                let path = spool.clone();
-                let retired =
-                    tokio::task::spawn_blocking(move || crate::attempt::retire_spool(&path)).await;
-                if let Ok(Err(e)) = retired {
+                if let Err(e) = self.work_dir.retire_spool(id).await {
+                    let spool = self.work_dir.spool_path(id);
                     warn!(path = %spool.display(), error = %e, "could not remove log spool");
                 }
             }
         }
-    }
-
-    fn spool_path(&self, attempt_id: &str) -> PathBuf {
-        self.config
-            .work_dir
-            .join("spool")
-            .join(format!("{attempt_id}.log"))
     }
 
     async fn send_finished(&mut self, conn: &Conn, id: &str) -> bool {
@@ -870,8 +829,7 @@ impl Agent {
         .set_parent_of(&span);
         let spec = AttemptSpec {
             offer,
-            attempts_dir: self.config.work_dir.join("attempts"),
-            spool_dir: self.config.work_dir.join("spool"),
+            work_dir: Arc::clone(&self.work_dir),
             executor: Arc::clone(&self.executor),
             cancel,
             confirmed,
@@ -963,58 +921,12 @@ async fn open_control(
     }
 }
 
-/// Attempt ids become file names: allow only a safe alphabet.
-fn valid_attempt_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 /// One-minute load average from /proc/loadavg (0 where unavailable).
 fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attempt_ids_are_safe_file_names() {
-        assert!(valid_attempt_id("att-0194f3a2b7c84d1e"));
-        assert!(!valid_attempt_id(""));
-        assert!(!valid_attempt_id("../etc"));
-        assert!(!valid_attempt_id("a/b"));
-        assert!(!valid_attempt_id(".hidden"));
-    }
-
-    #[tokio::test]
-    async fn prepare_work_dir_removes_leftovers() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("attempts/att-old/workspace")).unwrap();
-        std::fs::create_dir_all(dir.path().join("spool")).unwrap();
-        std::fs::write(dir.path().join("spool/att-old.log"), b"x").unwrap();
-        std::fs::write(dir.path().join("runner.json"), b"{}").unwrap();
-        prepare_work_dir(dir.path()).await.unwrap();
-        // What is left is the spares the next attempt starts with.
-        let names = |sub: &str| crate::testing::dir_names(&dir.path().join(sub));
-        assert_eq!(names("attempts"), [crate::attempt::SPARE]);
-        assert_eq!(names("spool"), [crate::attempt::SPARE]);
-        assert!(dir.path().join("attempts/.spare/workspace").is_dir());
-        assert_eq!(
-            std::fs::metadata(dir.path().join("spool/.spare"))
-                .unwrap()
-                .len(),
-            0
-        );
-        assert!(dir.path().join("runner.json").exists());
-    }
 }
 
 #[cfg(test)]
@@ -1026,6 +938,7 @@ mod agent_tests {
     use capstan_shared::proto::runner::v1::{AttemptOutcome, Cancel};
     use coordinator_message::Kind as Down;
     use runner_message::Kind as Up;
+    use std::path::{Path, PathBuf};
 
     fn config(url: String, token: &str, work_dir: &Path) -> RunnerConfig {
         RunnerConfig {
@@ -1331,7 +1244,7 @@ mod agent_tests {
         fn leftovers(&self, sub: &str) -> Vec<String> {
             testing::dir_names(&self.work.path().join(sub))
                 .into_iter()
-                .filter(|n| !n.starts_with(crate::attempt::SPARE))
+                .filter(|n| !n.starts_with(crate::workdir::SPARE))
                 .collect()
         }
 
@@ -1412,8 +1325,8 @@ mod agent_tests {
             .await;
         // The same inode, emptied, and nothing else: no new file was made.
         eventually("the acknowledged spool becomes the spare", || {
-            testing::dir_names(&spools) == [crate::attempt::SPARE]
-                && std::fs::metadata(spools.join(crate::attempt::SPARE))
+            testing::dir_names(&spools) == [crate::workdir::SPARE]
+                && std::fs::metadata(spools.join(crate::workdir::SPARE))
                     .is_ok_and(|m| m.ino() == ino && m.len() == 0)
         })
         .await;

@@ -39,6 +39,7 @@ pub mod secrets;
 pub mod steps;
 #[cfg(test)]
 mod testing;
+mod workdir;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -181,14 +182,16 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
     }
     let secrets =
         Arc::new(secrets::Secrets::load(config.secrets_file.as_deref()).map_err(Error::Secrets)?);
-    agent::prepare_work_dir(&config.work_dir).await?;
+    let work_dir = workdir::WorkDir::new(&config.work_dir);
+    work_dir.prepare().await?;
     let executor: Arc<dyn executor::Executor> = match config.executor {
         ExecutorKind::Shell => Arc::new(executor::shell::ShellExecutor::new()),
         ExecutorKind::Fake => Arc::new(executor::fake::FakeExecutor::new()),
         ExecutorKind::Docker => Arc::new(docker_executor(&config, Arc::clone(&secrets)).await?),
     };
-    let creds = credentials::load(&config.work_dir).await?;
-    let agent = agent::Agent::new(config, executor, creds, shutdown).with_secrets(secrets);
+    let creds = credentials::load(&work_dir.credentials_file()).await?;
+    let agent =
+        agent::Agent::new(config, work_dir, executor, creds, shutdown).with_secrets(secrets);
     // On a worker thread, not in the caller's future: `#[tokio::main]`
     // polls that on the main thread, outside the worker pool, so every
     // message to or from the agent (offer in, accept out, each attempt
