@@ -5,10 +5,17 @@
 //! Layout:
 //! - [`config`]: `--flags`, `CAPSTAN_*` environment and the TOML file, layered
 //!   into a [`RunnerConfig`].
-//! - [`credentials`]: the runner id and secret cached in `<work_dir>/runner.json`.
-//! - `agent`: the Control stream: connect and reconnect, hello/welcome,
-//!   offers (tentative ones wait for their confirm), cancels, heartbeats,
-//!   drain, redelivery of final reports.
+//! - `credentials`: the runner id and secret from `Register`, cached in the
+//!   work dir.
+//! - `workdir`: the work dir's layout and its files: `runner.json`,
+//!   `attempts/<attempt_id>/workspace` (one per running attempt),
+//!   `spool/<attempt_id>.log` (log spool), and the spares the next attempt
+//!   starts with. Nothing else joins paths in the work dir.
+//! - `agent`: the Control stream: `agent/connect` (connect and reconnect,
+//!   leader hints, register, hello/welcome, the leader epoch),
+//!   `agent/attempts` (offers, tentative ones waiting for their confirm,
+//!   cancels, redelivery of final reports), and in `agent/mod.rs`
+//!   heartbeats and drain.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
 //!   waits for its log to be acknowledged, builds the final report.
 //! - [`executor`]: the [`executor::Executor`] trait and its `docker`, `shell`
@@ -20,17 +27,16 @@
 //! - [`logs`]: secret masking, the spool that holds every output byte until
 //!   the coordinator acknowledged it (in memory, spilled to disk while the
 //!   coordinator does not take it), and the `PushLogs` shipper that drains
-//!   it.
+//!   it (`logs/shipper/`: the loop, and one window of streams).
 //! - `backoff`: jittered exponential delays between reconnects.
-//!
-//! Work dir layout: `runner.json` (credentials), `attempts/<attempt_id>/workspace`
-//! (one per running attempt), `spool/<attempt_id>.log` (log spool).
+//! - `testing` (tests only): an in-process coordinator for the agent's and
+//!   the shipper's tests.
 
 mod agent;
 mod attempt;
 mod backoff;
 pub mod config;
-pub mod credentials;
+pub(crate) mod credentials;
 pub mod executor;
 pub mod git;
 pub mod git_auth;

@@ -76,24 +76,24 @@ use crate::logs::LogTarget;
 use crate::logs::spool::{self, Spool};
 
 /// Largest chunk sent (the coordinator accepts messages up to 4 MiB).
-pub(crate) const MAX_CHUNK: usize = 1024 * 1024;
+pub const MAX_CHUNK: usize = 1024 * 1024;
 /// A partial chunk waits at most this long for more output.
-pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// A stream is ended (to get an ack) after this long...
-pub(crate) const STREAM_MAX_AGE: Duration = Duration::from_secs(1);
+pub const STREAM_MAX_AGE: Duration = Duration::from_secs(1);
 /// ... or after this many bytes: a quarter of the spool's memory budget,
 /// so that acks free memory while a fast step still has room to write
 /// (with streams as large as the budget, a step that outran the shipper
 /// would wait for each stream's ack in turn).
-pub(crate) const STREAM_MAX_BYTES: u64 = spool::MEMORY_BUDGET / 4;
+pub const STREAM_MAX_BYTES: u64 = spool::MEMORY_BUDGET / 4;
 /// Streams sent whose ack has not come back yet, at most. With one (a
-/// stop-and-wait protocol) a 1 GiB log went at ~100 MB/s: every 64 MiB the
-/// runner waited for the coordinator to fsync.
-pub(crate) const MAX_IN_FLIGHT: usize = 16;
+/// stop-and-wait protocol) the runner waits for the coordinator's fsync
+/// after every stream.
+pub const MAX_IN_FLIGHT: usize = 16;
 /// Bytes sent but not acknowledged yet, at most: what a resend after an
 /// error may cost. The spool holds them (in memory up to its budget, past
 /// that in its file).
-pub(crate) const MAX_UNACKED: u64 = 1024 * 1024 * 1024;
+pub const MAX_UNACKED: u64 = 1024 * 1024 * 1024;
 
 /// A `PushLogs` call that takes longer than this is abandoned and retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -379,9 +379,7 @@ impl Shipper {
 /// after each welcome, so after a leader failover the shipper tries the new
 /// leader at once and starts its backoff over, instead of sleeping out a
 /// delay that grew (up to 5 s) while the leader was gone. Until then the
-/// attempt cannot report that it finished, and its slot stays taken (seen
-/// in the bench's failover scenario: runs waited 1.3 s for a slot held by
-/// an attempt that had ended seconds before).
+/// attempt cannot report that it finished, and its slot stays taken.
 async fn retry_after(target: &mut watch::Receiver<Option<LogTarget>>, backoff: &mut Backoff) {
     let delay = backoff.next_delay();
     tokio::select! {

@@ -408,8 +408,7 @@ async fn moves_to_a_new_target(old_port: u16, limits: Limits, within: Duration) 
 /// target. A shipper waiting out its backoff after failed pushes to the
 /// old leader must try the new one at once: its attempt cannot report
 /// that it finished before its log is acknowledged, so the wait held the
-/// attempt's slot (1.3 s more before the next task, in the bench's
-/// failover scenario).
+/// attempt's slot.
 #[tokio::test]
 async fn a_new_target_is_tried_without_waiting_out_the_backoff() {
     // The old leader was killed: its port refuses connections.
