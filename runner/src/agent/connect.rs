@@ -4,7 +4,8 @@
 //! stream's sending side ([`Conn`]), and the leader epoch that fences
 //! messages of older leaders ([`Epoch`]).
 //!
-//! Imports no other agent module; `agent/mod.rs` and `attempts.rs` use it.
+//! Of the agent it imports only [`super::LEADER_METADATA`]; `agent/mod.rs`
+//! and `attempts.rs` use it.
 
 use std::path::PathBuf;
 use std::time::Duration;
