@@ -5,10 +5,17 @@
 //! Layout:
 //! - [`config`]: `--flags`, `CAPSTAN_*` environment and the TOML file, layered
 //!   into a [`RunnerConfig`].
-//! - [`credentials`]: the runner id and secret cached in `<work_dir>/runner.json`.
-//! - `agent`: the Control stream: connect and reconnect, hello/welcome,
-//!   offers (tentative ones wait for their confirm), cancels, heartbeats,
-//!   drain, redelivery of final reports.
+//! - `credentials`: the runner id and secret from `Register`, cached in the
+//!   work dir.
+//! - `workdir`: the work dir's layout and its files: `runner.json`,
+//!   `attempts/<attempt_id>/workspace` (one per running attempt),
+//!   `spool/<attempt_id>.log` (log spool), and the spares the next attempt
+//!   starts with. Nothing else joins paths in the work dir.
+//! - `agent`: the Control stream: `agent/connect` (connect and reconnect,
+//!   leader hints, register, hello/welcome, the leader epoch),
+//!   `agent/attempts` (offers, tentative ones waiting for their confirm,
+//!   cancels, redelivery of final reports), and in `agent/mod.rs`
+//!   heartbeats and drain.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
 //!   waits for its log to be acknowledged, builds the final report;
 //!   `attempt::steps` the step loop, which runs the built-in step kinds
@@ -28,19 +35,18 @@
 //! - [`logs`]: secret masking, the spool that holds every output byte until
 //!   the coordinator acknowledged it (in memory, spilled to disk while the
 //!   coordinator does not take it), and the `PushLogs` shipper that drains
-//!   it.
+//!   it (`logs/shipper/`: the loop, and one window of streams).
 //! - `backoff`: jittered exponential delays between reconnects.
 //! - `error`: the failures that end the runner, and `chain` (an error and
 //!   its sources on one line).
-//!
-//! Work dir layout: `runner.json` (credentials), `attempts/<attempt_id>/workspace`
-//! (one per running attempt), `spool/<attempt_id>.log` (log spool).
+//! - `testing` (tests only): an in-process coordinator for the agent's and
+//!   the shipper's tests.
 
 mod agent;
 mod attempt;
 mod backoff;
 pub mod config;
-pub mod credentials;
+pub(crate) mod credentials;
 mod error;
 pub mod executor;
 pub mod git;
@@ -51,6 +57,7 @@ pub mod secrets;
 pub mod step;
 #[cfg(test)]
 mod testing;
+mod workdir;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -134,14 +141,16 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
     }
     let secrets =
         Arc::new(secrets::Secrets::load(config.secrets_file.as_deref()).map_err(Error::Secrets)?);
-    agent::prepare_work_dir(&config.work_dir).await?;
+    let work_dir = workdir::WorkDir::new(&config.work_dir);
+    work_dir.prepare().await?;
     let executor: Arc<dyn executor::Executor> = match config.executor {
         ExecutorKind::Shell => Arc::new(executor::shell::ShellExecutor::new()),
         ExecutorKind::Fake => Arc::new(executor::fake::FakeExecutor::new()),
         ExecutorKind::Docker => Arc::new(docker_executor(&config, Arc::clone(&secrets)).await?),
     };
-    let creds = credentials::load(&config.work_dir).await?;
-    let agent = agent::Agent::new(config, executor, creds, shutdown).with_secrets(secrets);
+    let creds = credentials::load(&work_dir.credentials_file()).await?;
+    let agent =
+        agent::Agent::new(config, work_dir, executor, creds, shutdown).with_secrets(secrets);
     // On a worker thread, not in the caller's future: `#[tokio::main]`
     // polls that on the main thread, outside the worker pool, so every
     // message to or from the agent (offer in, accept out, each attempt
