@@ -14,36 +14,38 @@
 //!    `$ <first line>` header, written with its first output (or when it
 //!    ends, if it printed nothing) so that no file write delays the start of
 //!    its process; the first step that does not succeed ends the attempt;
-//!    then executor teardown (also after a panic in setup or a step);
+//!    then executor teardown (also after a panic in setup or a step)
+//!    ([`steps`] runs the steps);
 //! 3. wait until the coordinator acknowledged every log byte;
 //! 4. empty the attempt's work dir and keep it as the next attempt's spare
-//!    (or remove it; see [`recycle_dir`]);
+//!    (or remove it; see [`WorkDir::retire_attempt_dir`]);
 //! 5. hand the `TaskFinished` report to the agent, which delivers it.
 
-use std::path::PathBuf;
+mod steps;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_proto::pipeline::v1::{StepState, step};
+use capstan_proto::ids::{AttemptId, RunId};
 use capstan_proto::runner::v1::{AttemptOutcome, Offer, StepStateChanged, TaskFinished};
 use capstan_telemetry::OpenTelemetrySpanExt as _;
 use futures::FutureExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::error::chain;
-use crate::executor::{Executor, ExecutorError};
+use crate::executor::Executor;
+use crate::gitops::GitOps;
 use crate::logs::LogTarget;
-use crate::logs::cap::CappedSink;
 use crate::logs::mask::MaskingSink;
 use crate::logs::shipper::ShipperHandle;
 use crate::logs::sink::OutputSink;
 use crate::logs::spool::Spool;
 use crate::secrets::Secrets;
-use crate::step::{StepContext, StepEnd, TaskContext};
-use crate::steps::git_push::{self, GitOps};
+use crate::step::TaskContext;
+use crate::workdir::WorkDir;
 
 /// What an attempt tells the agent.
 #[derive(Debug)]
@@ -55,10 +57,8 @@ pub(crate) enum AttemptEvent {
 /// Everything one attempt needs.
 pub(crate) struct AttemptSpec {
     pub offer: Offer,
-    /// `<work_dir>/attempts`
-    pub attempts_dir: PathBuf,
-    /// `<work_dir>/spool`
-    pub spool_dir: PathBuf,
+    /// Where its dir and log spool go.
+    pub work_dir: Arc<WorkDir>,
     pub executor: Arc<dyn Executor>,
     pub cancel: CancellationToken,
     /// For a tentative offer: fires when the coordinator confirmed it;
@@ -73,7 +73,7 @@ pub(crate) struct AttemptSpec {
     /// Name of the secret for fetching the repository, if any.
     pub git_credentials: Option<String>,
     /// Who `git-push` commits as (`--git-author`).
-    pub git_author: crate::steps::git_push::Author,
+    pub git_author: crate::gitops::Author,
     /// How much of each step's output the log keeps.
     pub step_log_cap: crate::logs::cap::StepLogCap,
     /// The memory budget of the attempt's log spool
@@ -144,14 +144,12 @@ pub(crate) async fn run(mut spec: AttemptSpec) {
     make_spares_after(&spec).await;
 }
 
-/// Replaces the attempt-dir spare if the attempt's dir did not become it,
-/// off the runtime's workers. The spool spare comes back when the spool is
-/// no longer needed ([`retire_spool`], once the coordinator has the final
-/// report); until then an attempt that starts makes its own spool file.
+/// Replaces the attempt-dir spare if the attempt's dir did not become it
+/// ([`WorkDir::replace_dir_spare`]).
 async fn make_spares_after(spec: &AttemptSpec) {
-    let attempts = spec.attempts_dir.clone();
-    let tag = spec.offer.attempt_id.clone();
-    let _ = tokio::task::spawn_blocking(move || make_dir_spare(&attempts, &tag)).await;
+    spec.work_dir
+        .replace_dir_spare(&spec.offer.attempt_id)
+        .await;
 }
 
 /// The outcome of an attempt that panicked: an infrastructure error, so the
@@ -173,8 +171,6 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> Outcome {
 /// What an attempt sets up before it may run: its work dir, its log spool
 /// with the spool's shipper, and the executor's view of the task.
 struct Prepared {
-    /// `<attempts_dir>/<attempt id>`
-    dir: PathBuf,
     /// Whether the work dir (with its `workspace`) could be made.
     made: std::io::Result<()>,
     /// The spool and its shipper, or the outcome when the spool could not
@@ -250,17 +246,9 @@ async fn confirm(confirmed: Option<oneshot::Receiver<()>>, cancel: &Cancellation
 /// Makes the attempt's work dir and log spool and starts the shipper.
 fn prepare(spec: &AttemptSpec) -> Prepared {
     let attempt_id = spec.offer.attempt_id.clone();
-    let dir = spec.attempts_dir.join(&attempt_id);
-    let workspace = dir.join("workspace");
-    // Made inline on this worker: pickup waits for them, and a trip to the
-    // blocking pool and back (two cross-thread wake-ups) cost more than the
-    // calls themselves. Both come from the spares when there are some.
-    let made = match std::fs::rename(spec.attempts_dir.join(SPARE), &dir) {
-        Ok(()) => Ok(()),
-        Err(_) => make_workspace(&dir, &workspace),
-    };
-    let _ = std::fs::rename(spec.spool_dir.join(SPARE), spool_path(spec));
-    let log = match Spool::create_with_budget(&spec.spool_dir, &attempt_id, spec.log_memory) {
+    let made = spec.work_dir.start_attempt(&attempt_id);
+    let spool_dir = spec.work_dir.spool_dir();
+    let log = match Spool::create_with_budget(spool_dir, &attempt_id, spec.log_memory) {
         Ok(spool) => {
             let shipper = ShipperHandle::spawn(Arc::clone(&spool), spec.log_target.clone());
             Ok((spool, shipper))
@@ -272,34 +260,27 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         )),
     };
     let task = TaskContext {
-        run_id: spec.offer.run_id.clone(),
+        run_id: RunId::from_string(spec.offer.run_id.clone()),
         task_name: spec.offer.task_name.clone(),
-        attempt_id,
-        workspace,
+        workspace: spec.work_dir.workspace(&attempt_id),
         task: spec.offer.task.clone().unwrap_or_default(),
         repo: spec.offer.repo.clone(),
         rev: spec.offer.rev.clone(),
         outputs: Arc::default(),
+        attempt_id: AttemptId::from_string(attempt_id.clone()),
     };
     let gitops = Arc::new(GitOps::new(
         Arc::clone(&spec.secrets),
         spec.git_author.clone(),
         spec.git_credentials.clone(),
-        Some(dir.join("manifests")),
+        Some(spec.work_dir.manifests_dir(&attempt_id)),
     ));
     Prepared {
-        dir,
         made,
         log,
         task,
         gitops,
     }
-}
-
-/// `<spool_dir>/<attempt id>.log`
-fn spool_path(spec: &AttemptSpec) -> PathBuf {
-    spec.spool_dir
-        .join(format!("{}.log", spec.offer.attempt_id))
 }
 
 /// Removes what [`prepare`] made, for an attempt that never ran.
@@ -308,105 +289,12 @@ async fn abandon(spec: &AttemptSpec, prepared: Prepared) {
         // Nothing was written, so nothing waits to be shipped.
         shipper.finish().await;
     }
-    let path = spool_path(spec);
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || retire_spool(&path)).await {
-        warn!(error = %e, "could not remove the dropped attempt's log spool");
-    }
-    retire_dir(spec, &prepared.dir).await;
-}
-
-/// Empties the attempt's dir and keeps it as the next attempt's spare
-/// ([`recycle_dir`]), or else removes it.
-async fn retire_dir(spec: &AttemptSpec, dir: &std::path::Path) {
-    let (attempts, dir) = (spec.attempts_dir.clone(), dir.to_path_buf());
-    let removed = tokio::task::spawn_blocking(move || {
-        match recycle_dir(&attempts, &dir) {
-            Ok(()) => return Ok(()),
-            Err(e) => debug!(
-                dir = %dir.display(),
-                error = %e,
-                "removing the attempt's dir instead of keeping it as the spare"
-            ),
-        }
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
-            _ => Ok(()),
-        }
-    })
-    .await;
-    if let Ok(Err((dir, e))) = removed {
-        warn!(dir = %dir.display(), error = %e, "could not remove the attempt's work dir");
-    }
-}
-
-/// Turns a finished attempt's dir back into the [`SPARE`]: removes
-/// everything in it but its `workspace`, and everything in that, then
-/// renames it. The two directories' inodes are kept for the next attempt
-/// instead of being freed and allocated again: on ext4 without a journal
-/// every inode freed in the last minute slows each allocation in its group
-/// (see [`make_spares`]), the step's own files included, so an attempt that
-/// deletes its dirs makes the next one's steps slower to create files.
-///
-/// Refused (the caller removes the dir) when there already is a spare,
-/// when either directory is not as [`make_spares`] would make it (a
-/// symlink, or another mode or owner than the attempts dir: a step may
-/// have changed them), or when the workspace is not empty after emptying
-/// (something still writes there).
-///
-/// With the shell executor a process that left the step's process group
-/// (`setsid`, a daemon) outlives the step, and one whose working directory
-/// is the workspace now sits in the next attempt's. That executor isolates
-/// nothing (such a process can write anywhere the runner can), and GitLab
-/// Runner's shell executor and Buildbot's worker reuse build dirs the same
-/// way; the docker executor's processes are gone with their containers.
-fn recycle_dir(attempts_dir: &std::path::Path, dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let spare = attempts_dir.join(SPARE);
-    if std::fs::symlink_metadata(&spare).is_ok() {
-        return Err(std::io::Error::other("there already is a spare"));
-    }
-    let template = std::fs::metadata(attempts_dir)?;
-    let workspace = dir.join("workspace");
-    for d in [dir, workspace.as_path()] {
-        let meta = std::fs::symlink_metadata(d)?;
-        if !meta.is_dir()
-            || meta.mode() & 0o7777 != template.mode() & 0o7777
-            || (meta.uid(), meta.gid()) != (template.uid(), template.gid())
-        {
-            return Err(std::io::Error::other("not as a spare is made"));
-        }
-    }
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_name() != "workspace" {
-            remove_entry(&entry)?;
-        }
-    }
-    for entry in std::fs::read_dir(&workspace)? {
-        remove_entry(&entry?)?;
-    }
-    if std::fs::read_dir(&workspace)?.next().is_some() {
-        return Err(std::io::Error::other(
-            "the workspace filled again while it was emptied",
-        ));
-    }
-    // Fails if another attempt's dir became the spare meanwhile (a spare is
-    // never empty: it holds its workspace).
-    std::fs::rename(dir, spare)
-}
-
-fn remove_entry(entry: &std::fs::DirEntry) -> std::io::Result<()> {
-    if entry.file_type()?.is_dir() {
-        std::fs::remove_dir_all(entry.path())
-    } else {
-        std::fs::remove_file(entry.path())
-    }
+    spec.work_dir.discard(&spec.offer.attempt_id).await;
 }
 
 /// Runs a prepared (and, if tentative, confirmed) attempt to its report.
 async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
     let Prepared {
-        dir,
         made,
         log,
         task,
@@ -414,7 +302,7 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
     } = prepared;
     let report = |o: Outcome, log_length, outputs: std::collections::BTreeMap<String, String>| {
         TaskFinished {
-            attempt_id: task.attempt_id.clone(),
+            attempt_id: task.attempt_id.to_string(),
             outcome: o.outcome.into(),
             exit_code: o.exit_code,
             message: o.message,
@@ -425,7 +313,9 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
     let (spool, shipper) = match log {
         Ok(log) => log,
         Err(o) => {
-            retire_dir(spec, &dir).await;
+            spec.work_dir
+                .retire_attempt_dir(task.attempt_id.as_str())
+                .await;
             return report(o, 0, Default::default());
         }
     };
@@ -450,99 +340,10 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
         info!(?outputs, "task outputs");
     }
     let log_length = shipper.finish().await;
-    retire_dir(spec, &dir).await;
+    spec.work_dir
+        .retire_attempt_dir(task.attempt_id.as_str())
+        .await;
     report(outcome, log_length, outputs)
-}
-
-/// Name of the spare attempt dir (with its empty `workspace`) in the
-/// attempts dir and of the spare (empty) spool file in the spool dir. An
-/// attempt id never starts with a dot, so it cannot be one.
-pub(crate) const SPARE: &str = ".spare";
-
-/// Makes the spares the next attempt starts with, if they are missing.
-///
-/// Allocating an inode is the slowest part of an attempt's start: on ext4 it
-/// scans the group's inode bitmap, and without a journal it also skips every
-/// inode freed in the last few seconds, reading each one's inode-table
-/// block (measured here: 200 us for the two mkdirs and the spool's create,
-/// 50 us for two renames and an open, in a dir where attempts come and go).
-/// So they are made at start and kept between attempts off the pickup
-/// path (a finished attempt's dir and, once acknowledged, its spool become
-/// the next spares: [`recycle_dir`], [`retire_spool`]), and an attempt's
-/// start renames them into place: a rename allocates no inode. Each is
-/// built under a temporary name and renamed to [`SPARE`]
-/// only when complete, so a spare dir always holds its `workspace`, and
-/// attempts that start together each take a whole spare or none (the loser
-/// of the rename makes its own). Best effort: without spares, attempts
-/// create their dir and spool as before.
-pub(crate) fn make_spares(attempts_dir: &std::path::Path, spool_dir: &std::path::Path, tag: &str) {
-    make_dir_spare(attempts_dir, tag);
-    make_spool_spare(spool_dir, tag);
-}
-
-/// The attempt-dir half of [`make_spares`].
-fn make_dir_spare(attempts_dir: &std::path::Path, tag: &str) {
-    let spare = attempts_dir.join(SPARE);
-    if std::fs::symlink_metadata(&spare).is_err() {
-        let tmp = attempts_dir.join(format!("{SPARE}-{tag}"));
-        let made = std::fs::create_dir(&tmp)
-            .and_then(|()| std::fs::create_dir(tmp.join("workspace")))
-            .and_then(|()| std::fs::rename(&tmp, &spare));
-        if made.is_err() {
-            // Another attempt made one meanwhile (the rename onto its
-            // non-empty dir fails), or the dir is gone.
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-    }
-}
-
-/// The spool half of [`make_spares`].
-fn make_spool_spare(spool_dir: &std::path::Path, tag: &str) {
-    let spare = spool_dir.join(SPARE);
-    if std::fs::symlink_metadata(&spare).is_err() {
-        let tmp = spool_dir.join(format!("{SPARE}-{tag}"));
-        let made = std::fs::File::create(&tmp).and_then(|_| std::fs::rename(&tmp, &spare));
-        if made.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-    }
-}
-
-/// Empties a spool file that is no longer needed and keeps it as the spool
-/// [`SPARE`] if there is none, or else removes it: the inode is kept for
-/// the next attempt instead of being freed (see [`recycle_dir`] for why).
-/// The spare, beside it in the spool dir, is made by a hard link, which
-/// unlike a rename never replaces one that is there already, and the
-/// spool's own name is then removed.
-pub(crate) fn retire_spool(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Not through a symlink: only a regular file the runner made is kept.
-    let _kept = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(path)
-        .and_then(|file| {
-            if file.metadata()?.is_file() {
-                file.set_len(0)
-            } else {
-                Err(std::io::Error::other("not a regular file"))
-            }
-        })
-        .and_then(|()| std::fs::hard_link(path, path.with_file_name(SPARE)));
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// `<attempt dir>/workspace`: two mkdirs where `create_dir_all` makes
-/// three calls (it tries the leaf first); the whole path only if the
-/// attempts dir itself is gone.
-fn make_workspace(dir: &std::path::Path, workspace: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::create_dir(dir) {
-        Ok(()) => std::fs::create_dir(workspace),
-        Err(_) => std::fs::create_dir_all(workspace),
-    }
 }
 
 async fn run_task(
@@ -573,7 +374,7 @@ async fn run_task(
     // attempt until the runner restarts and reaps them.
     let outcome = std::panic::AssertUnwindSafe(async {
         match executor.setup_task(task).await {
-            Ok(()) => run_steps(spec, task, gitops, spool, task_deadline).await,
+            Ok(()) => steps::run_steps(spec, task, gitops, spool, task_deadline).await,
             Err(e) => Outcome::new(AttemptOutcome::Error, None, chain(&e)),
         }
     })
@@ -584,168 +385,6 @@ async fn run_task(
         warn!(error = %chain(&e), "executor teardown failed");
     }
     outcome
-}
-
-async fn run_steps(
-    spec: &AttemptSpec,
-    task: &TaskContext,
-    gitops: &Arc<GitOps>,
-    spool: &Arc<Spool>,
-    task_deadline: Option<Instant>,
-) -> Outcome {
-    let task_timeout = task.task.timeout_seconds;
-    // `why`: the failure, for the step's span.
-    let send_step =
-        |span: &tracing::Span, index: u32, state: StepState, exit_code: Option<i32>, why: &str| {
-            if state != StepState::Running {
-                span.record("capstan.step.status", state.as_str_name());
-                if let Some(code) = exit_code {
-                    span.record("capstan.step.exit_code", code);
-                }
-                // A cancelled step did not fail.
-                mark_span(span, state != StepState::Failed, why);
-            }
-            let _ = spec.events.send(AttemptEvent::Step(StepStateChanged {
-                attempt_id: task.attempt_id.clone(),
-                step_index: index,
-                state: state.into(),
-                exit_code,
-            }));
-        };
-    for (i, step) in task.task.steps.iter().enumerate() {
-        let index = u32::try_from(i).unwrap_or(u32::MAX);
-        let label = format!("step {} ({})", i + 1, step_label(step));
-        if spec.cancel.is_cancelled() {
-            return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
-        }
-        if task_deadline.is_some_and(|d| Instant::now() >= d) {
-            return Outcome::new(
-                AttemptOutcome::Failed,
-                None,
-                format!("task timed out after {task_timeout}s"),
-            );
-        }
-        // One span per step (never per log chunk): README "Tracing".
-        let span = info_span!(
-            "step",
-            capstan.step.index = index,
-            capstan.step.name = %step_label(step),
-            capstan.step.kind = crate::step::step_kind_name(step),
-            capstan.step.status = tracing::field::Empty,
-            capstan.step.exit_code = tracing::field::Empty,
-        );
-        send_step(&span, index, StepState::Running, None, "");
-        let writer = spool.writer(index);
-        let capped = CappedSink::new(&writer, spec.step_log_cap);
-        let masked = MaskingSink::new(&capped, &spec.mask);
-        let header = match &step.kind {
-            Some(step::Kind::Run(run)) => {
-                format!("$ {}\n", run.script.lines().next().unwrap_or_default())
-            }
-            _ => String::new(),
-        };
-        let output = HeaderFirst::new(&masked, header.into_bytes());
-        let step_deadline = (step.timeout_seconds > 0)
-            .then(|| Instant::now() + Duration::from_secs(step.timeout_seconds));
-        let deadline = match (step_deadline, task_deadline) {
-            (Some(s), Some(t)) => Some(s.min(t)),
-            (s, t) => s.or(t),
-        };
-        let ctx = StepContext {
-            index,
-            step,
-            cancel: spec.cancel.clone(),
-            deadline,
-            output: &output,
-        };
-        let result = run_step(spec, task, gitops, ctx)
-            .instrument(span.clone())
-            .await;
-        if let Err(e) = async {
-            output.finish().await?;
-            masked.flush().await?;
-            capped.finish().await
-        }
-        .await
-        {
-            let message = chain(&e);
-            send_step(&span, index, StepState::Failed, None, &message);
-            return Outcome::new(AttemptOutcome::Error, None, message);
-        }
-        if let Err(e) = spec.executor.destroy_step(task, index).await {
-            warn!(step = index, error = %chain(&e), "executor step teardown failed");
-        }
-        let end = match result {
-            Ok(end) => end,
-            Err(e) => {
-                let message = format!("{label} could not run: {}", chain(&e));
-                send_step(&span, index, StepState::Failed, None, &message);
-                return Outcome::new(AttemptOutcome::Error, None, message);
-            }
-        };
-        let failed = |exit_code, message: String| {
-            send_step(&span, index, StepState::Failed, exit_code, &message);
-            Outcome::new(AttemptOutcome::Failed, exit_code, message)
-        };
-        match end {
-            StepEnd::Exited(0) => send_step(&span, index, StepState::Succeeded, Some(0), ""),
-            StepEnd::Exited(code) => {
-                return failed(Some(code), format!("{label} exited with {code}"));
-            }
-            StepEnd::OutOfMemory { exit_code } => {
-                return failed(
-                    Some(exit_code),
-                    format!("{label} ran out of memory (exit code {exit_code})"),
-                );
-            }
-            StepEnd::Failed { message } => return failed(None, format!("{label}: {message}")),
-            StepEnd::TimedOut => {
-                let task_fired = task_deadline.is_some() && deadline == task_deadline;
-                let message = if task_fired {
-                    format!("task timed out after {task_timeout}s")
-                } else {
-                    format!("step {} timed out after {}s", i + 1, step.timeout_seconds)
-                };
-                return failed(None, message);
-            }
-            StepEnd::Cancelled => {
-                send_step(&span, index, StepState::Cancelled, None, "");
-                return Outcome::new(AttemptOutcome::Cancelled, None, "cancelled");
-            }
-        }
-    }
-    // The coordinator keeps no message for a succeeded task today; the
-    // digest reaches the API through `outputs` (see `execute`).
-    let message = task
-        .outputs
-        .lock()
-        .ok()
-        .and_then(|o| Some(format!("pushed {}@{}", o.get("image")?, o.get("digest")?)))
-        .unwrap_or_default();
-    Outcome::new(AttemptOutcome::Succeeded, None, message)
-}
-
-/// Runs one step: the runner's built-in kinds (`set-image`, `git-push`)
-/// here, with git2, the same under every executor; the rest through the
-/// executor, which only runs processes and containers.
-async fn run_step(
-    spec: &AttemptSpec,
-    task: &TaskContext,
-    gitops: &Arc<GitOps>,
-    ctx: StepContext<'_>,
-) -> Result<StepEnd, ExecutorError> {
-    if !spec.executor.simulates_builtin_steps() {
-        match &ctx.step.kind {
-            Some(step::Kind::SetImage(s)) => {
-                return git_push::run_set_image(gitops, task, &ctx, s).await;
-            }
-            Some(step::Kind::GitPush(g)) => {
-                return git_push::run_git_push(gitops, task, &ctx, g).await;
-            }
-            _ => {}
-        }
-    }
-    spec.executor.run_step(task, ctx).await
 }
 
 /// Checks the run's repository out into the workspace; the log says so
@@ -797,56 +436,6 @@ async fn checkout(
     }
 }
 
-/// A step's output sink that puts `header` before the first byte of output
-/// (in the same write), or writes it alone in [`HeaderFirst::finish`].
-struct HeaderFirst<'a> {
-    inner: &'a dyn OutputSink,
-    /// Still to write; held across that write so that a concurrent writer
-    /// (stdout and stderr) cannot get in before it.
-    header: tokio::sync::Mutex<Vec<u8>>,
-}
-
-impl<'a> HeaderFirst<'a> {
-    fn new(inner: &'a dyn OutputSink, header: Vec<u8>) -> Self {
-        Self {
-            inner,
-            header: tokio::sync::Mutex::new(header),
-        }
-    }
-
-    /// Writes the header if no output did.
-    async fn finish(&self) -> std::io::Result<()> {
-        self.write(&[]).await
-    }
-}
-
-#[async_trait::async_trait]
-impl OutputSink for HeaderFirst<'_> {
-    async fn write(&self, data: &[u8]) -> std::io::Result<()> {
-        let mut header = self.header.lock().await;
-        if header.is_empty() {
-            drop(header);
-            if data.is_empty() {
-                return Ok(());
-            }
-            return self.inner.write(data).await;
-        }
-        header.extend_from_slice(data);
-        self.inner.write(&header).await?;
-        header.clear();
-        Ok(())
-    }
-}
-
-/// The step's display name: its `name`, else its kind.
-fn step_label(step: &capstan_proto::pipeline::v1::Step) -> String {
-    if step.name.is_empty() {
-        crate::step::step_kind_name(step).to_owned()
-    } else {
-        step.name.clone()
-    }
-}
-
 /// Sets a span's OpenTelemetry status: OK, or an error saying `message`.
 /// Does nothing when trace export is off.
 fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
@@ -863,8 +452,8 @@ fn mark_span(span: &tracing::Span, ok: bool, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::step::testing;
-    use crate::testing::dir_names as names;
+    use crate::executor::ExecutorError;
+    use crate::step::{StepContext, StepEnd, testing};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -910,8 +499,7 @@ mod tests {
                 attempt_id: "att-1".into(),
                 ..Offer::default()
             },
-            attempts_dir: dir.path().join("attempts"),
-            spool_dir: dir.path().join("spool"),
+            work_dir: Arc::new(WorkDir::new(dir.path())),
             executor,
             cancel: CancellationToken::new(),
             confirmed: None,
@@ -920,12 +508,14 @@ mod tests {
             secrets: Arc::default(),
             mask: Arc::default(),
             git_credentials: None,
-            git_author: crate::steps::git_push::Author::default(),
+            git_author: crate::gitops::Author::default(),
             step_log_cap: crate::logs::cap::StepLogCap::default(),
             log_memory: crate::logs::spool::MEMORY_BUDGET,
         };
         let task = testing::task(dir.path().join("ws"), vec![testing::run_step("true")]);
-        let spool = Spool::create(&spec.spool_dir, "att-1").await.unwrap();
+        let spool = Spool::create(spec.work_dir.spool_dir(), "att-1")
+            .await
+            .unwrap();
         run_task(&spec, &task, &Arc::default(), &spool).await
     }
 
@@ -948,150 +538,5 @@ mod tests {
         assert_eq!(o.outcome, AttemptOutcome::Error);
         assert!(o.message.contains("bug in setup"), "{}", o.message);
         assert_eq!(executor.torn_down.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn spares_are_made_once_whole_and_taken_by_rename() {
-        let root = tempfile::tempdir().unwrap();
-        let (attempts, spool) = (root.path().join("attempts"), root.path().join("spool"));
-        std::fs::create_dir(&attempts).unwrap();
-        std::fs::create_dir(&spool).unwrap();
-        make_spares(&attempts, &spool, "att-1");
-        assert_eq!(names(&attempts), [SPARE]);
-        assert_eq!(names(&spool), [SPARE]);
-        // A file written into the spare before a second call survives it:
-        // an existing spare is kept, and no temporary is left behind.
-        std::fs::write(attempts.join(SPARE).join("workspace/mark"), b"x").unwrap();
-        make_spares(&attempts, &spool, "att-2");
-        assert_eq!(names(&attempts), [SPARE]);
-        assert!(attempts.join(SPARE).join("workspace/mark").exists());
-        std::fs::remove_file(attempts.join(SPARE).join("workspace/mark")).unwrap();
-
-        // What an attempt's start does with them.
-        std::fs::rename(attempts.join(SPARE), attempts.join("att-3")).unwrap();
-        std::fs::rename(spool.join(SPARE), spool.join("att-3.log")).unwrap();
-        assert!(attempts.join("att-3/workspace").is_dir());
-        let log = Spool::create_now(&spool, "att-3").unwrap();
-        assert_eq!(log.path(), spool.join("att-3.log"));
-        assert_eq!(names(&attempts), ["att-3"]);
-        assert_eq!(names(&spool), ["att-3.log"]);
-        // Gone spares are made again.
-        make_spares(&attempts, &spool, "att-3");
-        assert_eq!(names(&attempts), [SPARE, "att-3"]);
-        assert_eq!(names(&spool), [SPARE, "att-3.log"]);
-    }
-}
-
-/// Attempt dirs and spools kept as the next attempt's spares.
-#[cfg(test)]
-mod spare_tests {
-    use super::*;
-    use crate::testing::dir_names as names;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-
-    /// An attempts dir holding a finished attempt's dir `att-1`, with files
-    /// in its workspace and beside it.
-    fn finished_attempt() -> (tempfile::TempDir, PathBuf, PathBuf) {
-        let root = tempfile::tempdir().unwrap();
-        let attempts = root.path().join("attempts");
-        std::fs::create_dir(&attempts).unwrap();
-        let dir = attempts.join("att-1");
-        make_workspace(&dir, &dir.join("workspace")).unwrap();
-        std::fs::create_dir_all(dir.join("workspace/src/deep")).unwrap();
-        std::fs::write(dir.join("workspace/src/deep/f"), b"x").unwrap();
-        std::fs::write(dir.join("workspace/top"), b"x").unwrap();
-        std::os::unix::fs::symlink("/etc", dir.join("workspace/link")).unwrap();
-        std::fs::create_dir(dir.join("manifests")).unwrap();
-        std::fs::write(dir.join("manifests/m.yaml"), b"x").unwrap();
-        (root, attempts, dir)
-    }
-
-    #[test]
-    fn a_finished_attempts_dir_becomes_the_empty_spare() {
-        let (_root, attempts, dir) = finished_attempt();
-        let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
-        let (dir_ino, ws_ino) = (ino(&dir), ino(&dir.join("workspace")));
-        recycle_dir(&attempts, &dir).unwrap();
-        assert_eq!(names(&attempts), [SPARE]);
-        let spare = attempts.join(SPARE);
-        assert_eq!(names(&spare), ["workspace"]);
-        assert!(names(&spare.join("workspace")).is_empty());
-        // The same inodes, not new ones; the symlink's target is untouched.
-        assert_eq!(
-            (ino(&spare), ino(&spare.join("workspace"))),
-            (dir_ino, ws_ino)
-        );
-        assert!(std::path::Path::new("/etc").is_dir());
-        // The next attempt takes it as it takes any spare.
-        std::fs::rename(&spare, attempts.join("att-2")).unwrap();
-        assert!(attempts.join("att-2/workspace").is_dir());
-    }
-
-    #[test]
-    fn a_dir_is_not_recycled_over_an_existing_spare() {
-        let (root, attempts, dir) = finished_attempt();
-        let spool = root.path().join("spool");
-        std::fs::create_dir(&spool).unwrap();
-        make_spares(&attempts, &spool, "x");
-        std::fs::write(attempts.join(SPARE).join("workspace/mark"), b"x").unwrap();
-        assert!(recycle_dir(&attempts, &dir).is_err());
-        // Both left as they were: the caller removes the attempt's dir.
-        assert!(dir.join("workspace/top").exists());
-        assert!(attempts.join(SPARE).join("workspace/mark").exists());
-    }
-
-    #[test]
-    fn a_workspace_a_step_changed_is_not_recycled() {
-        let (_root, attempts, dir) = finished_attempt();
-        let ws = dir.join("workspace");
-        std::fs::set_permissions(&ws, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(recycle_dir(&attempts, &dir).is_err());
-        assert!(ws.join("top").exists(), "nothing removed before the check");
-        // A workspace replaced by a symlink is refused too.
-        let (_root, attempts, dir) = finished_attempt();
-        let ws = dir.join("workspace");
-        std::fs::remove_dir_all(&ws).unwrap();
-        std::os::unix::fs::symlink("/tmp", &ws).unwrap();
-        assert!(recycle_dir(&attempts, &dir).is_err());
-        assert!(std::path::Path::new("/tmp").is_dir());
-    }
-
-    #[test]
-    fn a_spool_no_longer_needed_becomes_the_empty_spare() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = dir.path().join("att-1.log");
-        std::fs::write(&spool, vec![b'x'; 10_000]).unwrap();
-        let ino = std::fs::metadata(&spool).unwrap().ino();
-        retire_spool(&spool).unwrap();
-        assert_eq!(names(dir.path()), [SPARE]);
-        let spare = std::fs::metadata(dir.path().join(SPARE)).unwrap();
-        assert_eq!((spare.ino(), spare.len(), spare.nlink()), (ino, 0, 1));
-    }
-
-    #[test]
-    fn a_spool_is_removed_when_there_is_a_spare_already() {
-        let dir = tempfile::tempdir().unwrap();
-        make_spool_spare(dir.path(), "x");
-        std::fs::write(dir.path().join(SPARE), b"mark").unwrap();
-        let spool = dir.path().join("att-1.log");
-        std::fs::write(&spool, b"log").unwrap();
-        retire_spool(&spool).unwrap();
-        assert_eq!(names(dir.path()), [SPARE]);
-        // The spare there is kept, not replaced.
-        assert_eq!(std::fs::read(dir.path().join(SPARE)).unwrap(), b"mark");
-        // A spool already gone is no error.
-        retire_spool(&spool).unwrap();
-    }
-
-    #[test]
-    fn a_symlinked_spool_is_removed_and_its_target_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("elsewhere");
-        std::fs::write(&target, b"keep me").unwrap();
-        let spool = dir.path().join("att-1.log");
-        std::os::unix::fs::symlink(&target, &spool).unwrap();
-        retire_spool(&spool).unwrap();
-        assert_eq!(names(dir.path()), ["elsewhere"]);
-        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     }
 }

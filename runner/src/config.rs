@@ -1,15 +1,18 @@
 //! Runner configuration layers: built-in defaults -> TOML file (`--config`)
-//! -> environment (`CAPSTAN_<FLAG>`) -> flags.
+//! -> environment (`CAPSTAN_<FLAG>`) -> flags, layered by [`capstan_config`].
 //!
-//! clap merges the environment and the flags into [`Args`] (a flag beats its
-//! variable); [`merge`] then fills what is still unset from the file and
-//! finally from the defaults. TOML keys are the flag names with `-` written
-//! as `_`; an unknown key is an error.
+//! One struct, [`Args`], is both the command line (clap merges the
+//! environment and the flags; a flag beats its variable) and the TOML file
+//! (keys: the flag names with `_`; an unknown key is an error). [`load`]
+//! puts the command line over the file, then fills what is still unset
+//! from the defaults.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use capstan_proto::units::parse_memory;
 
 use crate::RunnerConfig;
 
@@ -21,7 +24,7 @@ pub const DEFAULT_CAPACITY: u32 = 1;
 pub const DEFAULT_EXECUTOR: ExecutorKind = ExecutorKind::Docker;
 
 /// Which executor runs the steps of an attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutorKind {
     /// One container per step through the Docker Engine API.
@@ -32,13 +35,16 @@ pub enum ExecutorKind {
     Fake,
 }
 
-/// Command line of `capstan-runner`. Every value is optional here so that the
-/// file and the defaults can fill the gaps; [`merge`] reports what is missing.
-#[derive(Debug, Default, clap::Parser)]
+/// Command line of `capstan-runner`, and its TOML file. Every value is
+/// optional here so that the file and the defaults can fill the gaps;
+/// [`load`] reports what is missing.
+#[derive(Debug, Default, clap::Parser, Serialize, Deserialize)]
 #[command(name = "capstan-runner", version, about = "Capstan runner agent")]
+#[serde(deny_unknown_fields)]
 pub struct Args {
     /// TOML file with any of the settings below (keys: flag names with `_`).
     #[arg(long, env = "CAPSTAN_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Coordinator gRPC URL(s), comma-separated; the leader is followed.
     #[arg(
@@ -47,6 +53,7 @@ pub struct Args {
         value_name = "URL[,URL]",
         value_delimiter = ','
     )]
+    #[serde(default, deserialize_with = "capstan_config::one_or_many")]
     pub coordinator: Option<Vec<String>>,
     /// The fleet's shared registration token.
     #[arg(
@@ -61,6 +68,7 @@ pub struct Args {
     pub name: Option<String>,
     /// Labels tasks select on with `runs-on`.
     #[arg(long, env = "CAPSTAN_LABELS", value_name = "k=v,k=v", value_parser = parse_labels)]
+    #[serde(default, deserialize_with = "labels_text_or_table")]
     pub labels: Option<BTreeMap<String, String>>,
     /// Attempts run at once [default: 1].
     #[arg(long, env = "CAPSTAN_CAPACITY", value_name = "N")]
@@ -110,6 +118,7 @@ pub struct Args {
         value_name = "CAP[,CAP]",
         value_delimiter = ','
     )]
+    #[serde(default, deserialize_with = "capstan_config::one_or_many")]
     pub docker_cap_add: Option<Vec<String>>,
     /// Capabilities a pipeline may ask for with a task's `capabilities:`
     /// (none by default: a task asking for another one fails), e.g. `NET_ADMIN`.
@@ -119,6 +128,7 @@ pub struct Args {
         value_name = "CAP[,CAP]",
         value_delimiter = ','
     )]
+    #[serde(default, deserialize_with = "capstan_config::one_or_many")]
     pub docker_allow_cap: Option<Vec<String>>,
     /// Image of the never-started container that copies the workspace in and
     /// out of its volume when a task has no image [default: capstan-test/busybox:1].
@@ -126,71 +136,41 @@ pub struct Args {
     pub docker_helper_image: Option<String>,
     /// Extra labels on every container, volume and network the runner creates.
     #[arg(long, env = "CAPSTAN_DOCKER_LABELS", value_name = "k=v,k=v", value_parser = parse_labels)]
+    #[serde(default, deserialize_with = "labels_text_or_table")]
     pub docker_labels: Option<BTreeMap<String, String>>,
 }
 
 /// The TOML file. Same settings as the flags, minus `config`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub coordinator: Option<OneOrMany>,
-    pub registration_token: Option<String>,
-    pub name: Option<String>,
-    pub labels: Option<LabelsValue>,
-    pub capacity: Option<u32>,
-    pub executor: Option<ExecutorKind>,
-    pub work_dir: Option<PathBuf>,
-    pub secrets_file: Option<PathBuf>,
-    pub git_credentials: Option<String>,
-    pub git_author: Option<String>,
-    pub max_step_log: Option<String>,
-    pub docker_network: Option<String>,
-    pub docker_memory: Option<String>,
-    pub docker_cpus: Option<f64>,
-    pub docker_cap_add: Option<Vec<String>>,
-    pub docker_allow_cap: Option<Vec<String>>,
-    pub docker_helper_image: Option<String>,
-    pub docker_labels: Option<LabelsValue>,
-}
-
-/// `coordinator = "URL,URL"` or `coordinator = ["URL", "URL"]`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// `labels = "k=v,k=v"` or `labels = { k = "v" }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum LabelsValue {
-    Text(String),
-    Table(BTreeMap<String, String>),
+/// `deserialize_with` for labels in the file: `"k=v,k=v"` as on the command
+/// line, or a table `{ k = "v" }`.
+fn labels_text_or_table<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Labels {
+        Text(String),
+        Table(BTreeMap<String, String>),
+    }
+    match Option::<Labels>::deserialize(d)? {
+        None => Ok(None),
+        Some(Labels::Table(labels)) => Ok(Some(labels)),
+        Some(Labels::Text(text)) => parse_labels(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("invalid labels: {e}"))),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {origin}")]
-    Parse {
-        origin: String,
-        #[source]
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] capstan_config::FileError),
     #[error("missing setting: pass {flag} (or set {env}, or `{key}` in the config file)")]
     Missing {
         flag: &'static str,
         env: &'static str,
         key: &'static str,
     },
-    #[error("invalid labels: {0}")]
-    Labels(String),
     #[error("--capacity must be at least 1")]
     ZeroCapacity,
     #[error("invalid --docker-network: {0}")]
@@ -205,23 +185,6 @@ pub enum ConfigError {
         "invalid --max-step-log `{0}`: expected bytes or a number with k, m or g, e.g. 256m (0: no cap)"
     )]
     StepLogCap(String),
-}
-
-/// Parses a memory size: `1048576`, `512k`, `512m`, `2g` (powers of 1024).
-pub fn parse_memory(text: &str) -> Option<i64> {
-    let t = text.trim().to_ascii_lowercase();
-    let t = t.strip_suffix('b').unwrap_or(&t);
-    let (digits, unit) = match t.char_indices().last()? {
-        (i, 'k') => (&t[..i], 1i64 << 10),
-        (i, 'm') => (&t[..i], 1 << 20),
-        (i, 'g') => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    digits
-        .parse::<i64>()
-        .ok()?
-        .checked_mul(unit)
-        .filter(|n| *n > 0)
 }
 
 /// Parses `k=v,k=v` (empty string: no labels).
@@ -240,41 +203,56 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(labels)
 }
 
-/// Parses the text of a TOML config file; `origin` names it in errors.
-pub fn parse_file(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|source| ConfigError::Parse {
-        origin: origin.to_owned(),
-        source,
-    })
-}
-
 /// Reads `--config` (if given) and merges every layer.
 pub fn load(args: Args) -> Result<RunnerConfig, ConfigError> {
-    let file = match &args.config {
-        Some(path) => read_file(path)?,
-        None => FileConfig::default(),
-    };
+    let file: Args = capstan_config::load(args.config.as_deref())?;
     merge(args, file)
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse_file(&text, &path.display().to_string())
+/// Merges flags+environment (`args`) over the file over the defaults.
+fn merge(args: Args, file: Args) -> Result<RunnerConfig, ConfigError> {
+    let s = capstan_config::layer(&file, &args)?;
+    let (coordinators, registration_token, name) = identity(&s)?;
+    let capacity = s.capacity.unwrap_or(DEFAULT_CAPACITY);
+    if capacity == 0 {
+        return Err(ConfigError::ZeroCapacity);
+    }
+    let docker = docker_settings(&s)?;
+    let git_author = match s.git_author {
+        Some(text) => text.parse().map_err(ConfigError::GitAuthor)?,
+        None => crate::gitops::Author::default(),
+    };
+    let step_log_cap = match s.max_step_log {
+        Some(text) if text.trim() == "0" => crate::logs::cap::StepLogCap { cap: 0 },
+        Some(text) => crate::logs::cap::StepLogCap {
+            cap: parse_memory(&text).ok_or(ConfigError::StepLogCap(text))?,
+        },
+        None => crate::logs::cap::StepLogCap::default(),
+    };
+    Ok(RunnerConfig {
+        step_log_cap,
+        git_author,
+        secrets_file: s.secrets_file,
+        git_credentials: s.git_credentials.filter(|c| !c.is_empty()),
+        docker,
+        coordinators,
+        registration_token,
+        name,
+        labels: s.labels.unwrap_or_default(),
+        capacity,
+        executor: s.executor.unwrap_or(DEFAULT_EXECUTOR),
+        work_dir: s
+            .work_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
+    })
 }
 
-/// Merges flags+environment (`args`) over the file over the defaults.
-pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> {
-    let coordinators = match (args.coordinator, file.coordinator) {
-        (Some(urls), _) => urls,
-        (None, Some(OneOrMany::One(s))) => s.split(',').map(str::to_owned).collect(),
-        (None, Some(OneOrMany::Many(urls))) => urls,
-        (None, None) => Vec::new(),
-    };
-    let coordinators: Vec<String> = coordinators
-        .into_iter()
+/// The required settings: where to connect, the fleet's token, our name.
+fn identity(s: &Args) -> Result<(Vec<String>, String, String), ConfigError> {
+    let coordinators: Vec<String> = s
+        .coordinator
+        .iter()
+        .flatten()
         .map(|u| u.trim().to_owned())
         .filter(|u| !u.is_empty())
         .collect();
@@ -285,104 +263,59 @@ pub fn merge(args: Args, file: FileConfig) -> Result<RunnerConfig, ConfigError> 
             key: "coordinator",
         });
     }
-    let registration_token = args
+    let registration_token = s
         .registration_token
-        .or(file.registration_token)
+        .clone()
         .filter(|t| !t.is_empty())
         .ok_or(ConfigError::Missing {
             flag: "--registration-token",
             env: "CAPSTAN_REGISTRATION_TOKEN",
             key: "registration_token",
         })?;
-    let name = args
+    let name = s
         .name
-        .or(file.name)
+        .clone()
         .filter(|n| !n.is_empty())
         .ok_or(ConfigError::Missing {
             flag: "--name",
             env: "CAPSTAN_NAME",
             key: "name",
         })?;
-    let labels = match (args.labels, file.labels) {
-        (Some(labels), _) => labels,
-        (None, Some(LabelsValue::Table(labels))) => labels,
-        (None, Some(LabelsValue::Text(text))) => {
-            parse_labels(&text).map_err(ConfigError::Labels)?
-        }
-        (None, None) => BTreeMap::new(),
-    };
-    let capacity = args.capacity.or(file.capacity).unwrap_or(DEFAULT_CAPACITY);
-    if capacity == 0 {
-        return Err(ConfigError::ZeroCapacity);
-    }
-    let network = args
+    Ok((coordinators, registration_token, name))
+}
+
+/// The `--docker-*` settings.
+fn docker_settings(s: &Args) -> Result<crate::DockerSettings, ConfigError> {
+    let network = s
         .docker_network
-        .or(file.docker_network)
-        .unwrap_or_else(|| "none".into())
+        .as_deref()
+        .unwrap_or("none")
         .parse()
         .map_err(ConfigError::Network)?;
-    let memory_bytes = match args.docker_memory.or(file.docker_memory) {
-        Some(text) => Some(parse_memory(&text).ok_or(ConfigError::Memory(text))?),
+    let memory_bytes = match &s.docker_memory {
+        Some(text) => Some(
+            parse_memory(text)
+                .and_then(|n| i64::try_from(n).ok())
+                .ok_or_else(|| ConfigError::Memory(text.clone()))?,
+        ),
         None => None,
     };
-    let cpus = args.docker_cpus.or(file.docker_cpus);
-    if let Some(c) = cpus
+    if let Some(c) = s.docker_cpus
         && !(c > 0.0 && c.is_finite())
     {
         return Err(ConfigError::Cpus(c));
     }
-    let docker_labels = match (args.docker_labels, file.docker_labels) {
-        (Some(labels), _) => labels,
-        (None, Some(LabelsValue::Table(labels))) => labels,
-        (None, Some(LabelsValue::Text(text))) => {
-            parse_labels(&text).map_err(ConfigError::Labels)?
-        }
-        (None, None) => BTreeMap::new(),
-    };
-    let docker = crate::DockerSettings {
+    Ok(crate::DockerSettings {
         network,
         memory_bytes,
-        cpus,
-        cap_add: cap_names(args.docker_cap_add.or(file.docker_cap_add)),
-        allow_cap: cap_names(args.docker_allow_cap.or(file.docker_allow_cap)),
-        helper_image: args
+        cpus: s.docker_cpus,
+        cap_add: cap_names(s.docker_cap_add.clone()),
+        allow_cap: cap_names(s.docker_allow_cap.clone()),
+        helper_image: s
             .docker_helper_image
-            .or(file.docker_helper_image)
+            .clone()
             .unwrap_or_else(|| crate::executor::docker::DEFAULT_HELPER_IMAGE.into()),
-        labels: docker_labels,
-    };
-    let git_author = match args.git_author.or(file.git_author) {
-        Some(text) => text.parse().map_err(ConfigError::GitAuthor)?,
-        None => crate::steps::git_push::Author::default(),
-    };
-    let step_log_cap = match args.max_step_log.or(file.max_step_log) {
-        Some(text) if text.trim() == "0" => crate::logs::cap::StepLogCap { cap: 0 },
-        Some(text) => crate::logs::cap::StepLogCap {
-            cap: parse_memory(&text)
-                .and_then(|n| u64::try_from(n).ok())
-                .ok_or(ConfigError::StepLogCap(text))?,
-        },
-        None => crate::logs::cap::StepLogCap::default(),
-    };
-    Ok(RunnerConfig {
-        step_log_cap,
-        git_author,
-        secrets_file: args.secrets_file.or(file.secrets_file),
-        git_credentials: args
-            .git_credentials
-            .or(file.git_credentials)
-            .filter(|s| !s.is_empty()),
-        docker,
-        coordinators,
-        registration_token,
-        name,
-        labels,
-        capacity,
-        executor: args.executor.or(file.executor).unwrap_or(DEFAULT_EXECUTOR),
-        work_dir: args
-            .work_dir
-            .or(file.work_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
+        labels: s.docker_labels.clone().unwrap_or_default(),
     })
 }
 
@@ -414,7 +347,7 @@ mod tests {
 
     #[test]
     fn example_config_parses() {
-        let file = parse_file(EXAMPLE, "deploy/config/runner.toml").unwrap();
+        let file = capstan_config::parse::<Args>(EXAMPLE, "deploy/config/runner.toml").unwrap();
         let config = merge(Args::default(), file).unwrap();
         assert_eq!(config.coordinators.len(), 2);
         assert_eq!(config.name, "runner-1");
@@ -425,7 +358,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_what_is_unset() {
-        let config = merge(required_args(), FileConfig::default()).unwrap();
+        let config = merge(required_args(), Args::default()).unwrap();
         assert_eq!(config.capacity, DEFAULT_CAPACITY);
         assert_eq!(config.executor, DEFAULT_EXECUTOR);
         assert_eq!(config.work_dir, PathBuf::from(DEFAULT_WORK_DIR));
@@ -434,7 +367,7 @@ mod tests {
 
     #[test]
     fn flags_beat_file_and_file_beats_defaults() {
-        let file = parse_file(
+        let file = capstan_config::parse::<Args>(
             r#"
             coordinator = "http://f1:7700,http://f2:7700"
             registration_token = "file-token"
@@ -487,7 +420,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_an_error() {
-        let err = parse_file("name = \"x\"\ncapacityy = 2\n", "runner.toml").unwrap_err();
+        let err = capstan_config::parse::<Args>("name = \"x\"\ncapacityy = 2\n", "runner.toml")
+            .unwrap_err();
         let text = format!("{}: {}", err, std::error::Error::source(&err).unwrap());
         assert!(text.contains("capacityy"), "{text}");
         assert!(text.contains("runner.toml"), "{text}");
@@ -495,7 +429,7 @@ mod tests {
 
     #[test]
     fn missing_required_setting_names_flag_and_env() {
-        let err = merge(Args::default(), FileConfig::default()).unwrap_err();
+        let err = merge(Args::default(), Args::default()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("--coordinator"), "{text}");
         assert!(text.contains("CAPSTAN_COORDINATOR"), "{text}");
@@ -503,7 +437,7 @@ mod tests {
 
     #[test]
     fn docker_settings() {
-        let file = parse_file(
+        let file = capstan_config::parse::<Args>(
             r#"
             docker_network = "internal"
             docker_memory = "64m"
@@ -524,17 +458,33 @@ mod tests {
         assert_eq!(config.docker.cap_add, ["CHOWN"]);
         assert_eq!(
             config.secrets_file.as_deref(),
-            Some(Path::new("/etc/capstan/secrets.toml"))
+            Some(std::path::Path::new("/etc/capstan/secrets.toml"))
         );
-        assert_eq!(parse_memory("1g"), Some(1 << 30));
-        assert_eq!(parse_memory("100"), Some(100));
-        assert_eq!(parse_memory("12x"), None);
+        let mut args = required_args();
+        args.docker_memory = Some("1.5g".into());
+        assert_eq!(
+            merge(args, Args::default()).unwrap().docker.memory_bytes,
+            Some(3 << 29),
+            "fractions as in a pipeline's `memory:`"
+        );
         let mut args = required_args();
         args.docker_network = Some("host".into());
         assert!(matches!(
-            merge(args, FileConfig::default()),
+            merge(args, Args::default()),
             Err(ConfigError::Network(_))
         ));
+    }
+
+    #[test]
+    fn bad_labels_in_the_file_name_the_file_and_the_pair() {
+        let err =
+            capstan_config::parse::<Args>("labels = \"os=linux,x\"\n", "runner.toml").unwrap_err();
+        let text = format!("{}: {}", err, std::error::Error::source(&err).unwrap());
+        assert!(text.contains("runner.toml"), "{text}");
+        assert!(
+            text.contains("invalid labels: `x` is not of the form key=value"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -544,30 +494,27 @@ mod tests {
         let mut args = required_args();
         args.capacity = Some(0);
         assert!(matches!(
-            merge(args, FileConfig::default()),
+            merge(args, Args::default()),
             Err(ConfigError::ZeroCapacity)
         ));
     }
 
     #[test]
     fn step_log_cap() {
-        let config = merge(required_args(), FileConfig::default()).unwrap();
+        let config = merge(required_args(), Args::default()).unwrap();
         assert_eq!(config.step_log_cap.cap, 256 << 20);
         let mut args = required_args();
         args.max_step_log = Some("64k".into());
         assert_eq!(
-            merge(args, FileConfig::default()).unwrap().step_log_cap.cap,
+            merge(args, Args::default()).unwrap().step_log_cap.cap,
             64 << 10
         );
         let mut args = required_args();
         args.max_step_log = Some("0".into());
-        assert_eq!(
-            merge(args, FileConfig::default()).unwrap().step_log_cap.cap,
-            0
-        );
+        assert_eq!(merge(args, Args::default()).unwrap().step_log_cap.cap, 0);
         let mut args = required_args();
         args.max_step_log = Some("lots".into());
-        let e = merge(args, FileConfig::default()).unwrap_err().to_string();
+        let e = merge(args, Args::default()).unwrap_err().to_string();
         assert!(
             e.contains("--max-step-log `lots`") && e.contains("256m"),
             "{e}"

@@ -1,15 +1,13 @@
-//! The per-runner credential from `Register`, cached in
-//! `<work_dir>/runner.json` so a restarted runner keeps its id. The file does
-//! not name a coordinator: every replica of a cluster accepts it.
+//! The per-runner credential from `Register`, cached in a file
+//! (`<work_dir>/runner.json`, see [`crate::workdir`]) so a restarted runner
+//! keeps its id. The file does not name a coordinator: every replica of a
+//! cluster accepts it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use capstan_proto::ids::RunnerId;
 use serde::{Deserialize, Serialize};
-
-/// File name of the cached credential inside the work dir.
-pub const FILE_NAME: &str = "runner.json";
 
 /// A runner id and its secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,10 +41,11 @@ pub enum CredentialsError {
     },
 }
 
-/// The cached credential, `None` when there is none. A file that does not
-/// parse is logged and ignored: the runner registers again and replaces it.
-pub async fn load(work_dir: &Path) -> Result<Option<Credentials>, CredentialsError> {
-    let path = work_dir.join(FILE_NAME);
+/// The credential cached in `path`, `None` when there is none. A file that
+/// does not parse is logged and ignored: the runner registers again and
+/// replaces it.
+pub(crate) async fn load(path: &Path) -> Result<Option<Credentials>, CredentialsError> {
+    let path = path.to_owned();
     let text = match tokio::fs::read(&path).await {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -62,11 +61,12 @@ pub async fn load(work_dir: &Path) -> Result<Option<Credentials>, CredentialsErr
     }
 }
 
-/// Saves the credential atomically (temp file + rename), readable by the
-/// owner only.
-pub async fn save(work_dir: &Path, creds: &Credentials) -> Result<(), CredentialsError> {
-    let path = work_dir.join(FILE_NAME);
-    let tmp = work_dir.join(format!(".{FILE_NAME}.tmp"));
+/// Saves the credential to `path` atomically (a temporary file beside it,
+/// then a rename), readable by the owner only.
+pub(crate) async fn save(path: &Path, creds: &Credentials) -> Result<(), CredentialsError> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let path = path.to_owned();
     let write_err = |source| CredentialsError::Write {
         path: path.clone(),
         source,
@@ -95,15 +95,17 @@ mod tests {
     #[tokio::test]
     async fn save_then_load_round_trips_and_garbage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(load(dir.path()).await.unwrap().is_none());
+        let file = crate::workdir::WorkDir::new(dir.path()).credentials_file();
+        assert!(load(&file).await.unwrap().is_none());
         let creds = Credentials {
             runner_id: RunnerId::from_string("rnr-1"),
             runner_secret: "s3cret".into(),
         };
-        save(dir.path(), &creds).await.unwrap();
-        assert_eq!(load(dir.path()).await.unwrap(), Some(creds.clone()));
+        save(&file, &creds).await.unwrap();
+        assert_eq!(load(&file).await.unwrap(), Some(creds.clone()));
         assert!(!format!("{creds:?}").contains("s3cret"));
-        std::fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();
-        assert!(load(dir.path()).await.unwrap().is_none());
+        assert!(dir.path().join("runner.json").exists());
+        std::fs::write(&file, b"{not json").unwrap();
+        assert!(load(&file).await.unwrap().is_none());
     }
 }

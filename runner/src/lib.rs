@@ -5,42 +5,59 @@
 //! Layout:
 //! - [`config`]: `--flags`, `CAPSTAN_*` environment and the TOML file, layered
 //!   into a [`RunnerConfig`].
-//! - [`credentials`]: the runner id and secret cached in `<work_dir>/runner.json`.
-//! - `agent`: the Control stream: connect and reconnect, hello/welcome,
-//!   offers (tentative ones wait for their confirm), cancels, heartbeats,
-//!   drain, redelivery of final reports.
+//! - `credentials`: the runner id and secret from `Register`, cached in the
+//!   work dir.
+//! - `workdir`: the work dir's layout and its files: `runner.json`,
+//!   `attempts/<attempt_id>/workspace` (one per running attempt),
+//!   `spool/<attempt_id>.log` (log spool), and the spares the next attempt
+//!   starts with. Nothing else joins paths in the work dir.
+//! - `agent`: the Control stream: `agent/connect` (connect and reconnect,
+//!   leader hints, register, hello/welcome, the leader epoch),
+//!   `agent/attempts` (offers, tentative ones waiting for their confirm,
+//!   cancels, redelivery of final reports), and in `agent/mod.rs`
+//!   heartbeats and drain.
 //! - `attempt`: runs one attempt: workspace, steps through the executor,
-//!   waits for its log to be acknowledged, builds the final report.
-//! - [`executor`]: the [`executor::Executor`] trait and its `docker`, `shell`
-//!   and `fake` implementations.
-//! - [`steps`]: the `build` and `push` step kinds (docker executor).
-//! - [`git`]: checkout of the run's repository at its exact commit.
+//!   waits for its log to be acknowledged, builds the final report;
+//!   `attempt::steps` the step loop, which runs the built-in step kinds
+//!   itself.
+//! - [`step`]: what a step runs against, whoever runs it: the task's and
+//!   the step's context and how a step ended.
+//! - [`executor`]: the [`executor::Executor`] trait and its `docker` (with
+//!   the docker-only `build` and `push` step kinds), `shell` and `fake`
+//!   implementations.
+//! - [`gitops`]: the `set-image` and `git-push` step kinds (the GitOps
+//!   write-back), run by the runner itself under every executor.
+//! - [`git`]: git2 for everything else: the run's checkout at its exact
+//!   commit, the one clone/fetch/push path with credentials and host keys.
+//! - `image_ref`: the one image-reference parser (Docker's host rules).
 //! - [`secrets`]: runner-side secrets from `--secrets-file` and
 //!   `CAPSTAN_SECRET_*`.
 //! - [`logs`]: secret masking, the spool that holds every output byte until
 //!   the coordinator acknowledged it (in memory, spilled to disk while the
 //!   coordinator does not take it), and the `PushLogs` shipper that drains
-//!   it.
+//!   it (`logs/shipper/`: the loop, and one window of streams).
 //! - `backoff`: jittered exponential delays between reconnects.
-//!
-//! Work dir layout: `runner.json` (credentials), `attempts/<attempt_id>/workspace`
-//! (one per running attempt), `spool/<attempt_id>.log` (log spool).
+//! - `error`: the failures that end the runner, and `chain` (an error and
+//!   its sources on one line).
+//! - `testing` (tests only): an in-process coordinator for the agent's and
+//!   the shipper's tests.
 
 mod agent;
 mod attempt;
 mod backoff;
 pub mod config;
-pub mod credentials;
+pub(crate) mod credentials;
 mod error;
 pub mod executor;
 pub mod git;
-pub mod git_auth;
+pub mod gitops;
+mod image_ref;
 pub mod logs;
 pub mod secrets;
 pub mod step;
-pub mod steps;
 #[cfg(test)]
 mod testing;
+mod workdir;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,6 +66,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ExecutorKind;
+pub(crate) use error::Error;
+pub(crate) use executor::docker::DockerSettings;
 
 /// Everything the agent needs to run. Built by [`config::load`] for the
 /// binary, or directly by an embedding process (`capstan dev`, which fills
@@ -75,7 +94,7 @@ pub struct RunnerConfig {
     /// The secret used to fetch run repositories, if they need credentials.
     pub git_credentials: Option<String>,
     /// Who `git-push` steps commit as (`--git-author`).
-    pub git_author: steps::git_push::Author,
+    pub git_author: gitops::Author,
     /// Isolation and limits of the docker executor.
     pub docker: DockerSettings,
     /// How much of one step's output the log keeps (`--max-step-log`).
@@ -94,72 +113,11 @@ impl Default for RunnerConfig {
             work_dir: PathBuf::from(config::DEFAULT_WORK_DIR),
             secrets_file: None,
             git_credentials: None,
-            git_author: steps::git_push::Author::default(),
+            git_author: gitops::Author::default(),
             docker: DockerSettings::default(),
             step_log_cap: logs::cap::StepLogCap::default(),
         }
     }
-}
-
-/// `--docker-*` settings.
-#[derive(Clone, Debug)]
-pub struct DockerSettings {
-    pub network: executor::docker::NetworkSetting,
-    pub memory_bytes: Option<i64>,
-    pub cpus: Option<f64>,
-    pub cap_add: Vec<String>,
-    /// Capabilities a task may ask for in its pipeline.
-    pub allow_cap: Vec<String>,
-    pub helper_image: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Default for DockerSettings {
-    fn default() -> Self {
-        Self {
-            network: executor::docker::NetworkSetting::None,
-            memory_bytes: None,
-            cpus: None,
-            cap_add: Vec::new(),
-            allow_cap: Vec::new(),
-            helper_image: executor::docker::DEFAULT_HELPER_IMAGE.into(),
-            labels: BTreeMap::new(),
-        }
-    }
-}
-
-/// Failures that end the runner. A coordinator that cannot be reached is not
-/// one of them: the agent keeps retrying.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(
-        "starting the docker executor (or pass --executor shell to run steps as host processes)"
-    )]
-    Docker(#[from] executor::docker::DockerError),
-    #[error("loading secrets")]
-    Secrets(#[from] secrets::SecretsError),
-    #[error("no coordinator URL given: pass --coordinator URL")]
-    NoCoordinator,
-    #[error("invalid coordinator URL `{url}`: expected e.g. http://127.0.0.1:7700")]
-    InvalidCoordinatorUrl { url: String },
-    #[error("capacity must be at least 1")]
-    ZeroCapacity,
-    #[error("registration token rejected by the coordinator: check --registration-token")]
-    RegistrationRejected,
-    #[error(
-        "the coordinator rejected this runner's credentials even after registering again: {message}"
-    )]
-    CredentialsRejected { message: String },
-    #[error("the coordinator refused this runner's protocol version: {message}")]
-    ProtocolRejected { message: String },
-    #[error("preparing work dir {path}")]
-    WorkDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Credentials(#[from] credentials::CredentialsError),
 }
 
 /// Runs the agent until `shutdown` is cancelled and the drain completes (or
@@ -183,14 +141,16 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
     }
     let secrets =
         Arc::new(secrets::Secrets::load(config.secrets_file.as_deref()).map_err(Error::Secrets)?);
-    agent::prepare_work_dir(&config.work_dir).await?;
+    let work_dir = workdir::WorkDir::new(&config.work_dir);
+    work_dir.prepare().await?;
     let executor: Arc<dyn executor::Executor> = match config.executor {
         ExecutorKind::Shell => Arc::new(executor::shell::ShellExecutor::new()),
         ExecutorKind::Fake => Arc::new(executor::fake::FakeExecutor::new()),
         ExecutorKind::Docker => Arc::new(docker_executor(&config, Arc::clone(&secrets)).await?),
     };
-    let creds = credentials::load(&config.work_dir).await?;
-    let agent = agent::Agent::new(config, executor, creds, shutdown).with_secrets(secrets);
+    let creds = credentials::load(&work_dir.credentials_file()).await?;
+    let agent =
+        agent::Agent::new(config, work_dir, executor, creds, shutdown).with_secrets(secrets);
     // On a worker thread, not in the caller's future: `#[tokio::main]`
     // polls that on the main thread, outside the worker pool, so every
     // message to or from the agent (offer in, accept out, each attempt
@@ -207,19 +167,13 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
 
 /// Connects to the engine and reaps what a previous process of this runner
 /// (same name and work dir) left behind.
-pub async fn docker_executor(
+pub(crate) async fn docker_executor(
     config: &RunnerConfig,
     secrets: Arc<secrets::Secrets>,
 ) -> Result<executor::docker::DockerExecutor, Error> {
     let key = executor::docker::runner_key(&config.name, &config.work_dir);
     let mut options = executor::docker::DockerOptions::new(&config.name, &key);
-    options.network = config.docker.network.clone();
-    options.memory_bytes = config.docker.memory_bytes;
-    options.cpus = config.docker.cpus;
-    options.cap_add = config.docker.cap_add.clone();
-    options.allow_cap = config.docker.allow_cap.clone();
-    options.helper_image = config.docker.helper_image.clone();
-    options.extra_labels = config.docker.labels.clone();
+    options.settings = config.docker.clone();
     let executor = executor::docker::DockerExecutor::connect(options, secrets).await?;
     executor.reap().await?;
     Ok(executor)

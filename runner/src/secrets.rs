@@ -5,7 +5,7 @@
 //! 1. `--secrets-file PATH`: TOML (`.toml`) or JSON (anything else), a map of
 //!    name to a string, `{ username, password }`, or an SSH key for git
 //!    remotes (`{ ssh_key, username?, passphrase?, known_hosts? }`, see
-//!    [`crate::git_auth`]):
+//!    [`crate::git`]):
 //!
 //!    ```toml
 //!    registry = { username = "ci", password = "s3cret" }

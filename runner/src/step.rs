@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use capstan_proto::ids::{AttemptId, RunId};
 use capstan_proto::pipeline::v1::{Step, TaskSpec, step};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -16,9 +17,9 @@ use crate::logs::sink::OutputSink;
 /// The attempt a step runs in: what executors and the built-in steps work on.
 #[derive(Clone, Debug)]
 pub struct TaskContext {
-    pub run_id: String,
+    pub run_id: RunId,
     pub task_name: String,
-    pub attempt_id: String,
+    pub attempt_id: AttemptId,
     /// The attempt's workspace directory (exists before `setup_task`).
     pub workspace: PathBuf,
     /// The task with every substitution made.
@@ -32,7 +33,7 @@ pub struct TaskContext {
 
 impl TaskContext {
     /// Records an output of the task (a later step overwrites an earlier one).
-    pub fn set_output(&self, key: &str, value: &str) {
+    pub(crate) fn set_output(&self, key: &str, value: &str) {
         if let Ok(mut outputs) = self.outputs.lock() {
             outputs.insert(key.to_owned(), value.to_owned());
         }
@@ -69,7 +70,7 @@ pub enum StepEnd {
 }
 
 /// The kind of a step as written in a pipeline file (`run`, `build`, ...).
-pub fn step_kind_name(step: &Step) -> &'static str {
+pub(crate) fn step_kind_name(step: &Step) -> &'static str {
     match &step.kind {
         Some(step::Kind::Run(_)) => "run",
         Some(step::Kind::Build(_)) => "build",
@@ -95,9 +96,9 @@ pub(crate) mod testing {
 
     pub(crate) fn task(workspace: PathBuf, steps: Vec<Step>) -> TaskContext {
         TaskContext {
-            run_id: "run-1".into(),
+            run_id: RunId::from_string("run-1"),
             task_name: "test".into(),
-            attempt_id: "att-1".into(),
+            attempt_id: AttemptId::from_string("att-1"),
             workspace,
             task: TaskSpec {
                 name: "test".into(),

@@ -186,6 +186,79 @@ async fn start_with(mut server: Server) -> Handle {
     }
 }
 
+impl FakeCoordinator {
+    /// Like the coordinator, waits a little for an earlier stream to fill a
+    /// gap before `chunk` (unless it refuses gaps at once).
+    async fn wait_for_gap(&self, chunk: &LogChunk, refuse_gaps: bool) {
+        let waited = std::time::Instant::now();
+        loop {
+            let held = self
+                .logs
+                .lock()
+                .unwrap()
+                .logs
+                .get(&chunk.attempt_id)
+                .map_or(0, Vec::len) as u64;
+            if chunk.offset <= held
+                || refuse_gaps
+                // The coordinator's GAP_WAIT: a loaded machine can take
+                // well over 200 ms to append the stream before.
+                || waited.elapsed() >= std::time::Duration::from_secs(5)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+}
+
+impl LogState {
+    /// Takes `chunk`, the one after `chunks` others on stream `number`, with
+    /// the coordinator's rules (skip what is held, OUT_OF_RANGE past the
+    /// end) and the faults the test asked for.
+    fn take(&mut self, chunk: &LogChunk, number: usize, chunks: usize) -> Result<(), Status> {
+        if chunk.runner_id != RUNNER_ID || chunk.runner_secret != SECRET {
+            return Err(Status::unauthenticated("bad runner credential"));
+        }
+        if self.refuse_attempts {
+            return Err(Status::permission_denied(format!(
+                "runner {RUNNER_ID} reported on attempt {}, which is not assigned to it",
+                chunk.attempt_id
+            )));
+        }
+        if self.fail_after_chunks == Some(chunks) {
+            self.fail_after_chunks = None;
+            self.faults += 1;
+            return Err(Status::unavailable("injected failure"));
+        }
+        if self.fail_stream == Some(number) && chunks == 1 {
+            self.fail_stream = None;
+            self.faults += 1;
+            return Err(Status::unavailable("injected failure"));
+        }
+        let held = self.logs.get(&chunk.attempt_id).map_or(0, Vec::len) as u64;
+        if chunk.offset > held {
+            self.out_of_range_sent += 1;
+            return Err(Status::out_of_range(format!("durable offset is {held}")));
+        }
+        let end = chunk.offset + chunk.data.len() as u64;
+        if end > held {
+            let skip = usize::try_from(held - chunk.offset).unwrap();
+            let new = &chunk.data[skip..];
+            self.appended += new.len() as u64;
+            self.logs
+                .entry(chunk.attempt_id.clone())
+                .or_default()
+                .extend_from_slice(new);
+            self.steps
+                .entry(chunk.attempt_id.clone())
+                .or_default()
+                .extend(std::iter::repeat_n(chunk.step_index, new.len()));
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl RunnerService for FakeCoordinator {
     async fn register(
@@ -278,67 +351,9 @@ impl RunnerService for FakeCoordinator {
             if !chunk_delay.is_zero() {
                 tokio::time::sleep(chunk_delay).await;
             }
-            // Like the coordinator, wait a little for an earlier stream to
-            // fill a gap before refusing it.
-            let waited = std::time::Instant::now();
-            loop {
-                let held = self
-                    .logs
-                    .lock()
-                    .unwrap()
-                    .logs
-                    .get(&chunk.attempt_id)
-                    .map_or(0, Vec::len) as u64;
-                if chunk.offset <= held
-                    || refuse_gaps
-                    // The coordinator's GAP_WAIT: a loaded machine can take
-                    // well over 200 ms to append the stream before.
-                    || waited.elapsed() >= std::time::Duration::from_secs(5)
-                {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-            let mut st = self.logs.lock().unwrap();
-            if chunk.runner_id != RUNNER_ID || chunk.runner_secret != SECRET {
-                return Err(Status::unauthenticated("bad runner credential"));
-            }
-            if st.refuse_attempts {
-                return Err(Status::permission_denied(format!(
-                    "runner {RUNNER_ID} reported on attempt {}, which is not assigned to it",
-                    chunk.attempt_id
-                )));
-            }
-            if st.fail_after_chunks == Some(chunks) {
-                st.fail_after_chunks = None;
-                st.faults += 1;
-                return Err(Status::unavailable("injected failure"));
-            }
-            if st.fail_stream == Some(number) && chunks == 1 {
-                st.fail_stream = None;
-                st.faults += 1;
-                return Err(Status::unavailable("injected failure"));
-            }
+            self.wait_for_gap(&chunk, refuse_gaps).await;
+            self.logs.lock().unwrap().take(&chunk, number, chunks)?;
             chunks += 1;
-            let held = st.logs.get(&chunk.attempt_id).map_or(0, Vec::len) as u64;
-            if chunk.offset > held {
-                st.out_of_range_sent += 1;
-                return Err(Status::out_of_range(format!("durable offset is {held}")));
-            }
-            let end = chunk.offset + chunk.data.len() as u64;
-            if end > held {
-                let skip = usize::try_from(held - chunk.offset).unwrap();
-                let new = &chunk.data[skip..];
-                st.appended += new.len() as u64;
-                st.logs
-                    .entry(chunk.attempt_id.clone())
-                    .or_default()
-                    .extend_from_slice(new);
-                st.steps
-                    .entry(chunk.attempt_id.clone())
-                    .or_default()
-                    .extend(std::iter::repeat_n(chunk.step_index, new.len()));
-            }
             touched.insert(chunk.attempt_id);
         }
         if !ack_delay.is_zero() {

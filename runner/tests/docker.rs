@@ -11,9 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use capstan_proto::ids::{AttemptId, RunId};
 use capstan_proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
 use capstan_runner::executor::Executor;
-use capstan_runner::executor::docker::{DockerExecutor, DockerOptions, NetworkSetting};
+use capstan_runner::executor::docker::{
+    DockerExecutor, DockerOptions, DockerSettings, NetworkSetting,
+};
 use capstan_runner::logs::sink::OutputSink;
 use capstan_runner::secrets::{Secret, Secrets};
 use capstan_runner::step::{StepContext, StepEnd, TaskContext};
@@ -55,15 +58,16 @@ struct Fixture {
     dir: tempfile::TempDir,
 }
 
-async fn fixture(name: &str, tune: impl FnOnce(&mut DockerOptions)) -> Fixture {
+async fn fixture(name: &str, tune: impl FnOnce(&mut DockerSettings)) -> Fixture {
     let tb = testbed();
     let cleanup = Cleanup::new(name);
     let mut options = DockerOptions::new("test-runner", &cleanup.id);
     options
-        .extra_labels
+        .settings
+        .labels
         .insert("capstan.test".into(), cleanup.id.clone());
-    options.helper_image = tb.image.clone();
-    tune(&mut options);
+    options.settings.helper_image = tb.image.clone();
+    tune(&mut options.settings);
     let mut secrets = Secrets::default();
     secrets.insert(
         "registry",
@@ -115,9 +119,9 @@ impl Fixture {
         let workspace = self.dir.path().join("workspace");
         std::fs::create_dir_all(&workspace).unwrap();
         TaskContext {
-            run_id: format!("run-{}", self.cleanup.id),
+            run_id: RunId::from_string(format!("run-{}", self.cleanup.id)),
             task_name: "test".into(),
-            attempt_id: format!("att-{}-{}", self.cleanup.id, unique()),
+            attempt_id: AttemptId::from_string(format!("att-{}-{}", self.cleanup.id, unique())),
             workspace,
             task: TaskSpec {
                 name: "test".into(),

@@ -165,8 +165,10 @@ impl EtcdElection {
 /// cancelled, lease revoked — as soon as etcd says the lease expired (as
 /// after a SIGSTOP), or when no renewal succeeded for `4/5 ttl`: past that
 /// point the lease may expire before we hear of it, and another replica may
-/// win (and if it does, fenced writes still keep this one from writing). (Stepping down on the first miss, as GreptimeDB does, turned every
-/// etcd leader change — about 1.1 s here — into a coordinator failover.)
+/// win (and if it does, fenced writes still keep this one from writing).
+/// Not on the first miss, as GreptimeDB does: that turns every etcd leader
+/// change into a coordinator failover (docs/decisions.md, "High
+/// availability").
 async fn keep_alive(
     pool: EtcdPool,
     keeper: etcd_client::LeaseKeeper,

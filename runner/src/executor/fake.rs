@@ -25,23 +25,23 @@ use super::{Executor, ExecutorError};
 use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline};
 
 /// Exit code of a step killed for memory (128 + SIGKILL), as Docker reports it.
-pub const OOM_EXIT_CODE: i32 = 137;
+pub(crate) const OOM_EXIT_CODE: i32 = 137;
 const WRITE_SIZE: usize = 64 * 1024;
 const PATTERN: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-\n";
 
 /// Byte `i` of the `output` directive's stream is `output_pattern(i)`; e2e
 /// tests use this to check a shipped log byte for byte.
-pub fn output_pattern(i: u64) -> u8 {
+pub(crate) fn output_pattern(i: u64) -> u8 {
     // The modulo keeps the index below PATTERN.len().
     #[allow(clippy::cast_possible_truncation)]
     PATTERN[(i % PATTERN.len() as u64) as usize]
 }
 
 #[derive(Debug, Default)]
-pub struct FakeExecutor;
+pub(crate) struct FakeExecutor;
 
 impl FakeExecutor {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self
     }
 }
@@ -91,86 +91,16 @@ impl Executor for FakeExecutor {
         _task: &TaskContext,
         ctx: StepContext<'_>,
     ) -> Result<StepEnd, ExecutorError> {
-        let index = ctx.index;
-        let output = ctx.output;
-        let write = |data: Vec<u8>| async move {
-            output
-                .write(&data)
-                .await
-                .map_err(|source| ExecutorError::Output { index, source })
-        };
-        let line = match &ctx.step.kind {
-            Some(step::Kind::Run(_)) => None,
-            Some(step::Kind::Build(b)) => Some(format!(
-                "fake: would build {} from {} ({})",
-                b.tag, b.context, b.dockerfile
-            )),
-            Some(step::Kind::Push(p)) => Some(format!("fake: would push {}", p.image)),
-            Some(step::Kind::SetImage(s)) => Some(format!(
-                "fake: would set image {} in {} of {}",
-                s.image,
-                s.files.join(", "),
-                s.repo
-            )),
-            Some(step::Kind::GitPush(g)) => {
-                Some(format!("fake: would commit and push \"{}\"", g.message))
-            }
-            None => Some("fake: empty step".to_owned()),
-        };
-        if let Some(line) = line {
-            write(format!("{line}\n").into_bytes()).await?;
+        if let Some(line) = simulated(ctx.step) {
+            write(&ctx, format!("{line}\n").into_bytes()).await?;
             return Ok(StepEnd::Exited(0));
         }
         if ctx.cancel.is_cancelled() {
             return Ok(StepEnd::Cancelled);
         }
         for directive in directives(ctx.step) {
-            let (word, arg) = directive
-                .split_once(char::is_whitespace)
-                .map_or((directive, ""), |(w, a)| (w, a.trim()));
-            match (word, arg.parse::<u64>()) {
-                ("echo", _) => write(format!("{arg}\n").into_bytes()).await?,
-                ("sleep", Ok(ms)) => {
-                    let until = Instant::now() + Duration::from_millis(ms);
-                    if let Waited::Stopped(end) = wait(&ctx, Some(until)).await {
-                        return Ok(end);
-                    }
-                }
-                ("exit", _) => match arg.parse::<i32>() {
-                    Ok(code) => return Ok(StepEnd::Exited(code)),
-                    Err(_) => return Ok(bad_directive(directive)),
-                },
-                ("fail-setup", _) => {}
-                ("panic", _) => panic!("fake: panic directive"),
-                ("fail-start", _) => {
-                    return Err(ExecutorError::Start {
-                        index,
-                        message: "fake: fail-start".into(),
-                    });
-                }
-                ("oom", _) => {
-                    return Ok(StepEnd::OutOfMemory {
-                        exit_code: OOM_EXIT_CODE,
-                    });
-                }
-                ("output", Ok(total)) => {
-                    let mut written = 0u64;
-                    while written < total {
-                        let n = (total - written).min(WRITE_SIZE as u64);
-                        let data = (written..written + n).map(output_pattern).collect();
-                        write(data).await?;
-                        written += n;
-                        if ctx.cancel.is_cancelled() {
-                            return Ok(StepEnd::Cancelled);
-                        }
-                    }
-                }
-                ("hang", _) => {
-                    if let Waited::Stopped(end) = wait(&ctx, None).await {
-                        return Ok(end);
-                    }
-                }
-                _ => return Ok(bad_directive(directive)),
+            if let Some(end) = run_directive(&ctx, directive).await? {
+                return Ok(end);
             }
         }
         Ok(StepEnd::Exited(0))
@@ -187,6 +117,94 @@ impl Executor for FakeExecutor {
     fn simulates_builtin_steps(&self) -> bool {
         true
     }
+}
+
+/// The log line of a step kind other than `run`, which succeeds without
+/// doing anything; `None` for a `run` step.
+fn simulated(step: &Step) -> Option<String> {
+    match &step.kind {
+        Some(step::Kind::Run(_)) => None,
+        Some(step::Kind::Build(b)) => Some(format!(
+            "fake: would build {} from {} ({})",
+            b.tag, b.context, b.dockerfile
+        )),
+        Some(step::Kind::Push(p)) => Some(format!("fake: would push {}", p.image)),
+        Some(step::Kind::SetImage(s)) => Some(format!(
+            "fake: would set image {} in {} of {}",
+            s.image,
+            s.files.join(", "),
+            s.repo
+        )),
+        Some(step::Kind::GitPush(g)) => {
+            Some(format!("fake: would commit and push \"{}\"", g.message))
+        }
+        None => Some("fake: empty step".to_owned()),
+    }
+}
+
+async fn write(ctx: &StepContext<'_>, data: Vec<u8>) -> Result<(), ExecutorError> {
+    ctx.output
+        .write(&data)
+        .await
+        .map_err(|source| ExecutorError::Output {
+            index: ctx.index,
+            source,
+        })
+}
+
+/// Runs one directive (see the module docs): `Some` when it ended the step.
+async fn run_directive(
+    ctx: &StepContext<'_>,
+    directive: &str,
+) -> Result<Option<StepEnd>, ExecutorError> {
+    let (word, arg) = directive
+        .split_once(char::is_whitespace)
+        .map_or((directive, ""), |(w, a)| (w, a.trim()));
+    match (word, arg.parse::<u64>()) {
+        ("echo", _) => write(ctx, format!("{arg}\n").into_bytes()).await?,
+        ("sleep", Ok(ms)) => {
+            let until = Instant::now() + Duration::from_millis(ms);
+            if let Waited::Stopped(end) = wait(ctx, Some(until)).await {
+                return Ok(Some(end));
+            }
+        }
+        ("exit", _) => match arg.parse::<i32>() {
+            Ok(code) => return Ok(Some(StepEnd::Exited(code))),
+            Err(_) => return Ok(Some(bad_directive(directive))),
+        },
+        ("fail-setup", _) => {}
+        ("panic", _) => panic!("fake: panic directive"),
+        ("fail-start", _) => {
+            return Err(ExecutorError::Start {
+                index: ctx.index,
+                message: "fake: fail-start".into(),
+            });
+        }
+        ("oom", _) => {
+            return Ok(Some(StepEnd::OutOfMemory {
+                exit_code: OOM_EXIT_CODE,
+            }));
+        }
+        ("output", Ok(total)) => {
+            let mut written = 0u64;
+            while written < total {
+                let n = (total - written).min(WRITE_SIZE as u64);
+                let data = (written..written + n).map(output_pattern).collect();
+                write(ctx, data).await?;
+                written += n;
+                if ctx.cancel.is_cancelled() {
+                    return Ok(Some(StepEnd::Cancelled));
+                }
+            }
+        }
+        ("hang", _) => {
+            if let Waited::Stopped(end) = wait(ctx, None).await {
+                return Ok(Some(end));
+            }
+        }
+        _ => return Ok(Some(bad_directive(directive))),
+    }
+    Ok(None)
 }
 
 fn bad_directive(directive: &str) -> StepEnd {

@@ -1,4 +1,10 @@
-//! Executors run the steps of one attempt.
+//! Executors run the steps of one attempt: processes (`shell`) or
+//! containers ([`docker`], with its docker-only `build` and `push` step
+//! kinds), or nothing at all (`fake`, fault injection for tests). The
+//! runner's built-in step kinds (`set-image`, `git-push`) are not theirs:
+//! the attempt runs them (see [`Executor::simulates_builtin_steps`]).
+//! Executors import only the step vocabulary ([`crate::step`]), the log
+//! sink trait, the runner's secrets and `crate::error`.
 //!
 //! # Lifecycle contract
 //!
@@ -25,8 +31,8 @@
 //! executor keeps per-attempt state keyed by attempt id, if any.
 
 pub mod docker;
-pub mod fake;
-pub mod shell;
+pub(crate) mod fake;
+pub(crate) mod shell;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -89,7 +95,7 @@ pub trait Executor: Send + Sync + 'static {
 
 /// The environment of a step: the task's env, then the step's env over it,
 /// then the `CAPSTAN_*` variables describing the attempt.
-pub fn step_env(task: &TaskContext, step: &Step) -> BTreeMap<String, String> {
+pub(crate) fn step_env(task: &TaskContext, step: &Step) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = task
         .task
         .env
@@ -97,9 +103,9 @@ pub fn step_env(task: &TaskContext, step: &Step) -> BTreeMap<String, String> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env.insert("CAPSTAN_RUN_ID".into(), task.run_id.clone());
+    env.insert("CAPSTAN_RUN_ID".into(), task.run_id.to_string());
     env.insert("CAPSTAN_TASK".into(), task.task_name.clone());
-    env.insert("CAPSTAN_ATTEMPT_ID".into(), task.attempt_id.clone());
+    env.insert("CAPSTAN_ATTEMPT_ID".into(), task.attempt_id.to_string());
     env.insert(
         "CAPSTAN_WORKSPACE".into(),
         task.workspace.display().to_string(),

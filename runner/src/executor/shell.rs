@@ -10,8 +10,8 @@
 //! of time, blocked reading its script from stdin (see [`WarmShell`]). At
 //! the step's start the runner writes `cd WORKSPACE; export VARS; SCRIPT`
 //! to it in one atomic pipe write and closes the pipe, so the fork, the
-//! exec and the shell's own start-up (about 1 ms here, most of a pickup's
-//! process start) happened before the task arrived. The step cannot tell
+//! exec and the shell's own start-up (most of a pickup's process start)
+//! happened before the task arrived. The step cannot tell
 //! the difference: same shell, same `-e`, `$0` and line numbers, and stdin
 //! at end of file. What a warm shell cannot express exactly (a script over
 //! one pipe write, a variable the shell treats specially) starts cold, as
@@ -43,7 +43,7 @@ const SHELL: &str = "/bin/sh";
 /// Runs steps as host processes. Every step's processes are gone when
 /// `run_step` returns; between steps it keeps one idle warm shell.
 #[derive(Debug, Default)]
-pub struct ShellExecutor {
+pub(crate) struct ShellExecutor {
     /// The next step's shell, started ahead. One, not one per slot: it is
     /// refilled when a step ends, which covers a runner's usual case (one
     /// task at a time, steps one after another); concurrent steps beyond it
@@ -57,7 +57,7 @@ pub struct ShellExecutor {
 impl ShellExecutor {
     /// Starts the first warm shell when called inside a Tokio runtime (the
     /// runner); elsewhere the first step starts cold.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let executor = Self {
             warm: Default::default(),
             warm_enabled: tokio::runtime::Handle::try_current().is_ok() && warm_capable(),

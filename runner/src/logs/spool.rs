@@ -5,11 +5,10 @@
 //! watches the length grow and releases what the coordinator acknowledged.
 //!
 //! # Memory first, disk when the coordinator lags
-//! Every byte once went through the file: written to the page cache, read
-//! back by the shipper, dropped with the file. For a big log that copy
-//! into fresh page-cache pages was the largest single cost of the runner
-//! (a 1 GiB log: ~1 s of system time per GB, and far more on a VM whose
-//! memory was never touched since boot; `bench/findings.md`). Now:
+//! Writing every byte to the file (to the page cache, read back by the
+//! shipper, dropped with the file) made that copy into fresh page-cache
+//! pages the largest single cost of the runner for a big log
+//! (docs/decisions.md, "Log spool in memory first"). So:
 //!
 //! - an append goes to memory while the unacknowledged bytes held there
 //!   stay within the spool's budget ([`MEMORY_BUDGET`]);

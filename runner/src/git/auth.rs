@@ -15,6 +15,8 @@
 //! that differs from the listed one refuses the connection, as
 //! `StrictHostKeyChecking yes` does: a runner that pushes deploy commits must
 //! not hand them to whoever answers on the address.
+//!
+//! Doors: imports [`crate::secrets`] only; `git::remote` is its one caller.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -32,7 +34,7 @@ const DEFAULT_SSH_USER: &str = "git";
 /// What the callbacks saw, for turning libgit2's terse errors into ones that
 /// say what to fix. Shared by reference with the callbacks of one operation.
 #[derive(Debug, Default)]
-pub struct AuthReport {
+pub(crate) struct AuthReport {
     /// The server refused the credentials given, or wanted some and none
     /// were configured.
     auth_failed: AtomicBool,
@@ -42,12 +44,12 @@ pub struct AuthReport {
 }
 
 impl AuthReport {
-    pub fn auth_failed(&self) -> bool {
+    pub(crate) fn auth_failed(&self) -> bool {
         self.auth_failed.load(Ordering::SeqCst)
     }
 
     /// The reason the callbacks refused the remote, if they did.
-    pub fn refused(&self) -> Option<String> {
+    pub(crate) fn refused(&self) -> Option<String> {
         self.refused
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -58,7 +60,7 @@ impl AuthReport {
     /// before authenticating, credentials not accepted, or anything else.
     /// The source checkout and the GitOps steps both use this, so the same
     /// failure reads the same way wherever it happens.
-    pub fn classify(&self, source: git2::Error) -> Failure {
+    pub(crate) fn classify(&self, source: git2::Error) -> Failure {
         if let Some(message) = self.refused() {
             return Failure::Refused(message);
         }
@@ -86,7 +88,7 @@ impl AuthReport {
 
 /// A failed git network operation, sorted by [`AuthReport::classify`].
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The callbacks refused the remote (host key, wrong kind of secret):
     /// the whole message, which says what to do.
     Refused(String),
@@ -98,18 +100,34 @@ pub enum Failure {
 
 /// Callbacks for one operation against `url` with `secret` (named
 /// `secret_name` in error messages). `report` says afterwards why it failed.
-pub fn callbacks<'a>(
+pub(crate) fn callbacks<'a>(
     url: &str,
     secret: Option<&'a Secret>,
     secret_name: Option<&str>,
     report: &'a AuthReport,
 ) -> git2::RemoteCallbacks<'a> {
-    let mut callbacks = git2::RemoteCallbacks::new();
     let name = secret_name.map_or_else(|| "(none)".to_owned(), |n| format!("`{n}`"));
-    let wrong_kind = wrong_kind_for_ssh(&name);
+    let mut callbacks = git2::RemoteCallbacks::new();
+    callbacks.certificate_check(host_key_check(
+        url,
+        secret,
+        wrong_kind_for_ssh(&name),
+        report,
+    ));
+    callbacks.credentials(credentials(secret, name, report));
+    callbacks
+}
+
+/// The `credentials` callback: answers once from `secret`, and counts a
+/// second question as the server refusing the answer.
+fn credentials<'a>(
+    secret: Option<&'a Secret>,
+    name: String,
+    report: &'a AuthReport,
+) -> impl FnMut(&str, Option<&str>, CredentialType) -> Result<git2::Cred, git2::Error> + 'a {
     let mut answered = false;
-    callbacks.credentials(move |_url, url_user, allowed| {
-        let user = || match secret {
+    move |_url, url_user, allowed| {
+        let user = match secret {
             Some(Secret::SshKey {
                 username: Some(u), ..
             }) => u.clone(),
@@ -117,7 +135,7 @@ pub fn callbacks<'a>(
         };
         // SSH first asks for the user name alone; that is not an attempt.
         if allowed == CredentialType::USERNAME {
-            return git2::Cred::username(&user());
+            return git2::Cred::username(&user);
         }
         if answered {
             // libgit2 asks again after a refusal; it would replay the same
@@ -143,19 +161,27 @@ pub fn callbacks<'a>(
                         "secret {name} is an SSH key, but the remote asks for a user name and password: use an ssh:// URL, or a {{ username, password }} secret"
                     )));
                 }
-                git2::Cred::ssh_key_from_memory(&user(), None, ssh_key, passphrase.as_deref())
+                git2::Cred::ssh_key_from_memory(&user, None, ssh_key, passphrase.as_deref())
             }
             Some(login) => {
                 if !allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
                     return Err(report.refuse(wrong_kind_for_ssh(&name)));
                 }
-                let (user, pass) = login
-                    .login()
-                    .expect("every kind but an SSH key is a login");
+                let (user, pass) = login.login().expect("every kind but an SSH key is a login");
                 git2::Cred::userpass_plaintext(&user, &pass)
             }
         }
-    });
+    }
+}
+
+/// The `certificate_check` callback: X.509 is libgit2's to check; an SSH
+/// host key must be listed for the URL's host (see the module docs).
+fn host_key_check<'a>(
+    url: &str,
+    secret: Option<&Secret>,
+    wrong_kind: String,
+    report: &'a AuthReport,
+) -> impl FnMut(&git2::cert::Cert<'_>, &str) -> Result<CertificateCheckStatus, git2::Error> + 'a {
     let host = ssh_host(url);
     let known_hosts = match secret {
         Some(Secret::SshKey {
@@ -165,7 +191,7 @@ pub fn callbacks<'a>(
         _ => KnownHostsSource::File(home_known_hosts()),
     };
     let password_secret = secret.is_some_and(|s| s.login().is_some());
-    callbacks.certificate_check(move |cert, _host| {
+    move |cert, _host| {
         let Some(hostkey) = cert.as_hostkey() else {
             // X.509 (HTTPS): libgit2 checks it against the system's CAs.
             return Ok(CertificateCheckStatus::CertificatePassthrough);
@@ -178,31 +204,44 @@ pub fn callbacks<'a>(
             return Err(report.refuse("the SSH server's host key could not be read".into()));
         };
         let Some((host, port)) = &host else {
-            return Err(report.refuse(
-                "cannot tell which host the SSH URL names to check its host key".into(),
-            ));
+            return Err(report
+                .refuse("cannot tell which host the SSH URL names to check its host key".into()));
         };
         let text = known_hosts.read();
-        match check_host_key(&text, host, *port, key) {
-            HostKey::Known => Ok(CertificateCheckStatus::CertificateOk),
-            HostKey::Unknown => Err(report.refuse(format!(
-                "host key check failed: {} is not in {}; add the output of `ssh-keyscan -p {port} {host}` there (after checking its fingerprint)",
-                lookup_name(host, *port),
-                known_hosts.describe(),
-            ))),
-            HostKey::Changed => Err(report.refuse(format!(
-                "host key check failed: the key {} offers differs from the one in {} (the host's key changed, or someone is intercepting the connection); refusing to connect",
-                lookup_name(host, *port),
-                known_hosts.describe(),
-            ))),
-            HostKey::Revoked => Err(report.refuse(format!(
-                "host key check failed: the key {} offers is marked @revoked in {}",
-                lookup_name(host, *port),
-                known_hosts.describe(),
-            ))),
+        match host_key_refusal(
+            check_host_key(&text, host, *port, key),
+            host,
+            *port,
+            &known_hosts,
+        ) {
+            None => Ok(CertificateCheckStatus::CertificateOk),
+            Some(message) => Err(report.refuse(message)),
         }
-    });
-    callbacks
+    }
+}
+
+/// Why the connection is refused after looking the host key up; `None`
+/// when the key is known.
+fn host_key_refusal(
+    found: HostKey,
+    host: &str,
+    port: u16,
+    known_hosts: &KnownHostsSource,
+) -> Option<String> {
+    let name = lookup_name(host, port);
+    let list = known_hosts.describe();
+    match found {
+        HostKey::Known => None,
+        HostKey::Unknown => Some(format!(
+            "host key check failed: {name} is not in {list}; add the output of `ssh-keyscan -p {port} {host}` there (after checking its fingerprint)",
+        )),
+        HostKey::Changed => Some(format!(
+            "host key check failed: the key {name} offers differs from the one in {list} (the host's key changed, or someone is intercepting the connection); refusing to connect",
+        )),
+        HostKey::Revoked => Some(format!(
+            "host key check failed: the key {name} offers is marked @revoked in {list}",
+        )),
+    }
 }
 
 fn wrong_kind_for_ssh(name: &str) -> String {
@@ -246,7 +285,7 @@ fn home_known_hosts() -> Option<PathBuf> {
 
 /// Host and port of an SSH URL (`ssh://[user@]host[:port]/path`, or
 /// scp-like `[user@]host:path`); `None` for other schemes.
-pub fn ssh_host(url: &str) -> Option<(String, u16)> {
+pub(crate) fn ssh_host(url: &str) -> Option<(String, u16)> {
     if url.contains("://") {
         let parsed = url::Url::parse(url).ok()?;
         if !matches!(parsed.scheme(), "ssh" | "git+ssh" | "ssh+git") {

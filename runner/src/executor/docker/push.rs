@@ -4,65 +4,93 @@
 
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
+use bollard::models::PushImageInfo;
 use bollard::query_parameters::PushImageOptionsBuilder;
 use capstan_proto::pipeline::v1::PushStep;
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 
-use super::{registry_host, split_reference};
+use super::{DockerExecutor, Stop, api_error, log, step_end};
 use crate::executor::ExecutorError;
-use crate::executor::docker::{DockerExecutor, api_error};
+use crate::image_ref::{registry_host, split_reference};
 use crate::step::{StepContext, StepEnd, TaskContext};
 
-fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
-    Ok(StepEnd::Failed {
-        message: message.into(),
-    })
-}
-
-pub async fn run(
+/// Runs the `push` step (see the module docs).
+pub(super) async fn run(
     ex: &DockerExecutor,
     task: &TaskContext,
     ctx: &StepContext<'_>,
     push: &PushStep,
 ) -> Result<StepEnd, ExecutorError> {
-    let index = ctx.index;
+    step_end(push_image(ex, task, ctx, push).await)
+}
+
+async fn push_image(
+    ex: &DockerExecutor,
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    push: &PushStep,
+) -> Result<(), Stop> {
     let image = push.image.as_str();
     if image.is_empty() {
-        return failed("push needs an `image`");
+        return Err(Stop::Failed("push needs an `image`".into()));
     }
     let (repository, tag) = split_reference(image);
     let registry = registry_host(repository).unwrap_or("docker.io");
-    let credentials = if push.credentials.is_empty() {
-        None
-    } else {
-        match ex.secrets().get(&push.credentials) {
-            Ok(secret) => {
-                let Some((username, password)) = secret.login() else {
-                    return failed(format!(
-                        "secret `{}` is an SSH key; a registry needs {{ username, password }} or a token",
-                        push.credentials
-                    ));
-                };
-                Some(DockerCredentials {
-                    username: Some(username),
-                    password: Some(password),
-                    serveraddress: Some(registry.to_owned()),
-                    ..DockerCredentials::default()
-                })
-            }
-            Err(e) => return failed(e.to_string()),
-        }
-    };
+    let credentials = credentials(ex, push, registry)?;
     if !ex.image_present(image).await? {
-        return failed(format!(
+        return Err(Stop::Failed(format!(
             "image `{image}` is not present on this runner's Docker Engine: build it in an earlier step of this task"
-        ));
+        )));
     }
     log(ctx, &format!("pushing {image} to {registry}\n")).await?;
     let options = PushImageOptionsBuilder::new().tag(tag).build();
-    let mut stream = ex
+    let stream = ex
         .docker()
         .push_image(repository, Some(options), credentials);
+    let digest = stream_push(ctx, push, registry, stream).await?;
+    log(ctx, &format!("pushed {image}@{digest}\n")).await?;
+    task.set_output("image", image);
+    task.set_output("digest", &digest);
+    Ok(())
+}
+
+/// The registry login from the step's `credentials` secret, if it names one.
+fn credentials(
+    ex: &DockerExecutor,
+    push: &PushStep,
+    registry: &str,
+) -> Result<Option<DockerCredentials>, Stop> {
+    if push.credentials.is_empty() {
+        return Ok(None);
+    }
+    match ex.secrets().get(&push.credentials) {
+        Ok(secret) => {
+            let Some((username, password)) = secret.login() else {
+                return Err(Stop::Failed(format!(
+                    "secret `{}` is an SSH key; a registry needs {{ username, password }} or a token",
+                    push.credentials
+                )));
+            };
+            Ok(Some(DockerCredentials {
+                username: Some(username),
+                password: Some(password),
+                serveraddress: Some(registry.to_owned()),
+                ..DockerCredentials::default()
+            }))
+        }
+        Err(e) => Err(Stop::Failed(e.to_string())),
+    }
+}
+
+/// Follows the engine's push progress into the step's log (without the
+/// byte-level lines) and returns the digest the registry reported.
+async fn stream_push(
+    ctx: &StepContext<'_>,
+    push: &PushStep,
+    registry: &str,
+    mut stream: impl Stream<Item = Result<PushImageInfo, BollardError>> + Unpin,
+) -> Result<String, Stop> {
+    let image = push.image.as_str();
     let mut digest = None;
     while let Some(item) = stream.next().await {
         match item {
@@ -83,24 +111,30 @@ pub async fn run(
             }
             Err(BollardError::DockerStreamError { error }) => {
                 log(ctx, &format!("error: {error}\n")).await?;
-                return failed(explain(image, registry, &push.credentials, &error));
+                return Err(Stop::Failed(explain(
+                    image,
+                    registry,
+                    &push.credentials,
+                    &error,
+                )));
             }
             Err(BollardError::DockerResponseServerError { message, .. }) => {
                 log(ctx, &format!("error: {message}\n")).await?;
-                return failed(explain(image, registry, &push.credentials, &message));
+                return Err(Stop::Failed(explain(
+                    image,
+                    registry,
+                    &push.credentials,
+                    &message,
+                )));
             }
-            Err(e) => return Err(api_error(index, "pushing the image", e)),
+            Err(e) => return Err(api_error(ctx.index, "pushing the image", e).into()),
         }
     }
-    let Some(digest) = digest else {
-        return failed(format!(
+    digest.ok_or_else(|| {
+        Stop::Failed(format!(
             "push of {image} ended without the registry reporting a digest"
-        ));
-    };
-    log(ctx, &format!("pushed {image}@{digest}\n")).await?;
-    task.set_output("image", image);
-    task.set_output("digest", &digest);
-    Ok(StepEnd::Exited(0))
+        ))
+    })
 }
 
 /// A clear message for a failed push. The engine reports registry failures
@@ -131,14 +165,4 @@ fn explain(image: &str, registry: &str, credentials: &str, error: &str) -> Strin
     } else {
         format!("push of {image} rejected by {registry}: {error}")
     }
-}
-
-async fn log(ctx: &StepContext<'_>, text: &str) -> Result<(), ExecutorError> {
-    ctx.output
-        .write(text.as_bytes())
-        .await
-        .map_err(|source| ExecutorError::Output {
-            index: ctx.index,
-            source,
-        })
 }

@@ -18,17 +18,12 @@ use bollard::query_parameters::{
 use capstan_proto::pipeline::v1::BuildStep;
 use futures::StreamExt as _;
 
-use crate::executor::ExecutorError;
-use crate::executor::docker::{
-    DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, WORKSPACE, api_error, status,
+use super::{
+    DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, Stop, WORKSPACE, api_error, log, status,
+    step_end,
 };
+use crate::executor::ExecutorError;
 use crate::step::{StepContext, StepEnd, TaskContext};
-
-fn failed(message: impl Into<String>) -> Result<StepEnd, ExecutorError> {
-    Ok(StepEnd::Failed {
-        message: message.into(),
-    })
-}
 
 /// `a/./b/` -> `a/b`; `None` if it leaves the workspace.
 fn clean_relative(path: &str) -> Option<String> {
@@ -43,33 +38,73 @@ fn clean_relative(path: &str) -> Option<String> {
     Some(parts.join("/"))
 }
 
-pub async fn run(
+/// Runs the `build` step (see the module docs); the image's tag becomes the
+/// task's `image` output.
+pub(super) async fn run(
     ex: &DockerExecutor,
     task: &TaskContext,
     ctx: &StepContext<'_>,
     build: &BuildStep,
 ) -> Result<StepEnd, ExecutorError> {
-    let index = ctx.index;
-    if build.tag.is_empty() {
-        return failed("build needs a `tag`");
+    let built = build_image(ex, task, ctx, build).await;
+    if built.is_ok() {
+        task.set_output("image", &build.tag);
     }
-    let Some(context) = clean_relative(&build.context) else {
-        return failed(format!(
-            "build context `{}` is outside the workspace",
-            build.context
-        ));
-    };
-    let dockerfile_name = if build.dockerfile.is_empty() {
-        "Dockerfile"
-    } else {
-        &build.dockerfile
-    };
-    let Some(dockerfile) = clean_relative(dockerfile_name) else {
-        return failed(format!(
-            "Dockerfile `{dockerfile_name}` is outside the build context"
-        ));
-    };
-    let shown_context = if context.is_empty() { "." } else { &context };
+    step_end(built)
+}
+
+/// Where the build reads from: the context in the workspace and the
+/// Dockerfile in it, both cleaned relative paths.
+struct Paths {
+    context: String,
+    dockerfile: String,
+}
+
+impl Paths {
+    fn of(build: &BuildStep) -> Result<Self, Stop> {
+        if build.tag.is_empty() {
+            return Err(Stop::Failed("build needs a `tag`".into()));
+        }
+        let Some(context) = clean_relative(&build.context) else {
+            return Err(Stop::Failed(format!(
+                "build context `{}` is outside the workspace",
+                build.context
+            )));
+        };
+        let dockerfile_name = if build.dockerfile.is_empty() {
+            "Dockerfile"
+        } else {
+            &build.dockerfile
+        };
+        let Some(dockerfile) = clean_relative(dockerfile_name) else {
+            return Err(Stop::Failed(format!(
+                "Dockerfile `{dockerfile_name}` is outside the build context"
+            )));
+        };
+        Ok(Self {
+            context,
+            dockerfile,
+        })
+    }
+
+    /// The context as the log shows it.
+    fn shown_context(&self) -> &str {
+        if self.context.is_empty() {
+            "."
+        } else {
+            &self.context
+        }
+    }
+}
+
+async fn build_image(
+    ex: &DockerExecutor,
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    build: &BuildStep,
+) -> Result<(), Stop> {
+    let paths = Paths::of(build)?;
+    let (shown_context, dockerfile) = (paths.shown_context(), &paths.dockerfile);
     log(
         ctx,
         &format!(
@@ -78,12 +113,28 @@ pub async fn run(
         ),
     )
     .await?;
+    let archive = read_context(ex, task, ctx.index, &paths).await?;
+    let Some(text) = find_file(&archive, dockerfile) else {
+        return Err(Stop::Failed(format!(
+            "Dockerfile `{dockerfile}` not found in build context `{shown_context}`"
+        )));
+    };
+    check_base_images(ex, ctx, dockerfile, &text).await?;
+    stream_build(ex, task, ctx, build, dockerfile, archive).await
+}
 
+/// The build context, as a tar archive read out of the workspace volume.
+async fn read_context(
+    ex: &DockerExecutor,
+    task: &TaskContext,
+    index: u32,
+    paths: &Paths,
+) -> Result<Vec<u8>, Stop> {
     let helper = ex.ensure_helper(task).await?;
-    let path = if context.is_empty() {
+    let path = if paths.context.is_empty() {
         format!("{WORKSPACE}/.")
     } else {
-        format!("{WORKSPACE}/{context}/.")
+        format!("{WORKSPACE}/{}/.", paths.context)
     };
     let options = DownloadFromContainerOptionsBuilder::new()
         .path(&path)
@@ -94,41 +145,60 @@ pub async fn run(
         match chunk {
             Ok(bytes) => archive.extend_from_slice(&bytes),
             Err(e) if status(&e) == Some(404) => {
-                return failed(format!(
-                    "build context `{shown_context}` does not exist in the workspace"
-                ));
+                return Err(Stop::Failed(format!(
+                    "build context `{}` does not exist in the workspace",
+                    paths.shown_context()
+                )));
             }
-            Err(e) => return Err(api_error(index, "reading the build context", e)),
+            Err(e) => return Err(api_error(index, "reading the build context", e).into()),
         }
     }
-    let Some(text) = find_file(&archive, &dockerfile) else {
-        return failed(format!(
-            "Dockerfile `{dockerfile}` not found in build context `{shown_context}`"
-        ));
-    };
-    for base in base_images(&text) {
+    Ok(archive)
+}
+
+/// Fails the step unless every base image of the Dockerfile is named and
+/// present (the classic builder would pull a missing one).
+async fn check_base_images(
+    ex: &DockerExecutor,
+    ctx: &StepContext<'_>,
+    dockerfile: &str,
+    text: &str,
+) -> Result<(), Stop> {
+    for base in base_images(text) {
         let BaseImage { image, line } = base;
         if image.contains('$') {
-            return failed(format!(
+            return Err(Stop::Failed(format!(
                 "{dockerfile}:{line}: `FROM {image}` uses a variable; base images must be named so the runner can check they are present (nothing is pulled)"
-            ));
+            )));
         }
         if !ex.image_present(&image).await? {
             let message = format!(
                 "{dockerfile}:{line}: base image `{image}` is not present on this runner's Docker Engine (nothing is pulled: build or load it first)"
             );
             log(ctx, &format!("error: {message}\n")).await?;
-            return failed(message);
+            return Err(Stop::Failed(message));
         }
     }
+    Ok(())
+}
 
+/// Builds the image from the context `archive`, streaming the builder's
+/// output into the step's log.
+async fn stream_build(
+    ex: &DockerExecutor,
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    build: &BuildStep,
+    dockerfile: &str,
+    archive: Vec<u8>,
+) -> Result<(), Stop> {
     let labels: HashMap<String, String> = HashMap::from([
-        (LABEL_RUN.to_owned(), task.run_id.clone()),
+        (LABEL_RUN.to_owned(), task.run_id.to_string()),
         (LABEL_TASK.to_owned(), task.task_name.clone()),
         (LABEL_COMMIT.to_owned(), task.rev.clone()),
     ]);
     let options = BuildImageOptionsBuilder::new()
-        .dockerfile(&dockerfile)
+        .dockerfile(dockerfile)
         .t(&build.tag)
         .rm(true)
         .forcerm(true)
@@ -161,23 +231,12 @@ pub async fn run(
                 } else {
                     format!(" at `{last_step}`")
                 };
-                return failed(format!("image build failed{at}: {error}"));
+                return Err(Stop::Failed(format!("image build failed{at}: {error}")));
             }
-            Err(e) => return Err(api_error(index, "building the image", e)),
+            Err(e) => return Err(api_error(ctx.index, "building the image", e).into()),
         }
     }
-    task.set_output("image", &build.tag);
-    Ok(StepEnd::Exited(0))
-}
-
-async fn log(ctx: &StepContext<'_>, text: &str) -> Result<(), ExecutorError> {
-    ctx.output
-        .write(text.as_bytes())
-        .await
-        .map_err(|source| ExecutorError::Output {
-            index: ctx.index,
-            source,
-        })
+    Ok(())
 }
 
 /// The text of `name` in a tar archive whose entries are `./`-relative.

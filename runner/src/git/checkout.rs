@@ -1,47 +1,14 @@
-//! Source checkout: the run's repository at the exact commit, with git2.
+//! Source checkout: the run's repository at the exact commit.
 //!
 //! The checkout goes into the attempt's local workspace directory; the
 //! docker executor copies that directory into the task's workspace volume
 //! through the engine's API (no bind mount), the shell executor runs in it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::git_auth::Failure;
+use super::remote::Remote;
+use super::{GitError, Op};
 use crate::secrets::Secret;
-
-#[derive(Debug, thiserror::Error)]
-pub enum GitError {
-    #[error("fetching {repo}: authentication failed (check the repository credentials secret)")]
-    Auth {
-        repo: String,
-        #[source]
-        source: git2::Error,
-    },
-    #[error("fetching {repo}: {message}")]
-    Refused { repo: String, message: String },
-    #[error("fetching {repo}")]
-    Fetch {
-        repo: String,
-        #[source]
-        source: git2::Error,
-    },
-    #[error("revision `{rev}` not found in {repo}")]
-    RevNotFound {
-        repo: String,
-        rev: String,
-        #[source]
-        source: git2::Error,
-    },
-    #[error("checking out {rev} into {path}")]
-    Checkout {
-        rev: String,
-        path: PathBuf,
-        #[source]
-        source: git2::Error,
-    },
-    #[error("the checkout task failed: {0}")]
-    Join(String),
-}
 
 /// Clones `repo` into `dest` (an empty or missing directory) and checks out
 /// `rev` (a commit id, or anything `git rev-parse` understands such as a
@@ -64,25 +31,12 @@ fn checkout_blocking(
     dest: &Path,
     credentials: Option<&Secret>,
 ) -> Result<String, GitError> {
-    let report = crate::git_auth::AuthReport::default();
-    let mut fetch = git2::FetchOptions::new();
-    fetch.remote_callbacks(crate::git_auth::callbacks(
-        repo_url,
-        credentials,
-        None,
-        &report,
-    ));
-    let repo = git2::build::RepoBuilder::new()
-        .fetch_options(fetch)
-        .clone(repo_url, dest)
-        .map_err(|source| {
-            let repo = repo_url.to_owned();
-            match report.classify(source) {
-                Failure::Refused(message) => GitError::Refused { repo, message },
-                Failure::Auth(source) => GitError::Auth { repo, source },
-                Failure::Other(source) => GitError::Fetch { repo, source },
-            }
-        })?;
+    let remote = Remote {
+        url: repo_url,
+        secret: credentials,
+        secret_name: None,
+    };
+    let repo = remote.clone_into(dest, Op::Checkout)?;
     let spec = if rev.is_empty() { "HEAD" } else { rev };
     let object = repo
         .revparse_single(spec)
@@ -110,6 +64,7 @@ fn checkout_blocking(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// A repository with two commits; returns (path, first id, second id).
     pub(crate) fn two_commit_repo(dir: &Path) -> (PathBuf, String, String) {

@@ -1,0 +1,47 @@
+//! The runner's errors: [`Error`], the failures that end the runner, and
+//! [`chain`], which puts an error and its sources on the one line a log or
+//! a report shows.
+//!
+//! Layout: `chain` lives in a file of its own because everything may use
+//! it, executors included, while [`Error`] names the errors of the
+//! executors, secrets and credentials it wraps.
+
+mod chain;
+
+use std::path::PathBuf;
+
+pub(crate) use chain::chain;
+
+/// Failures that end the runner. A coordinator that cannot be reached is not
+/// one of them: the agent keeps retrying.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error(
+        "starting the docker executor (or pass --executor shell to run steps as host processes)"
+    )]
+    Docker(#[from] crate::executor::docker::DockerError),
+    #[error("loading secrets")]
+    Secrets(#[from] crate::secrets::SecretsError),
+    #[error("no coordinator URL given: pass --coordinator URL")]
+    NoCoordinator,
+    #[error("invalid coordinator URL `{url}`: expected e.g. http://127.0.0.1:7700")]
+    InvalidCoordinatorUrl { url: String },
+    #[error("capacity must be at least 1")]
+    ZeroCapacity,
+    #[error("registration token rejected by the coordinator: check --registration-token")]
+    RegistrationRejected,
+    #[error(
+        "the coordinator rejected this runner's credentials even after registering again: {message}"
+    )]
+    CredentialsRejected { message: String },
+    #[error("the coordinator refused this runner's protocol version: {message}")]
+    ProtocolRejected { message: String },
+    #[error("preparing work dir {path}")]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
+}

@@ -1,0 +1,326 @@
+//! The GitOps write-back: the `set-image` step (clone the manifests
+//! repository, edit image references, remember the edit) and the `git-push`
+//! step (commit as the runner's bot identity and push, re-applying the edit
+//! on a race). The attempt calls [`run_set_image`] and [`run_git_push`].
+//!
+//! Both run inside the runner with git2, never in a container, so they
+//! behave the same under every executor. Per attempt:
+//!
+//! 1. `set-image` picks the repository: the run's own checkout (the
+//!    attempt's local workspace) when the step's `repo` is empty or equals
+//!    the run's repository, else a fresh clone into the attempt's
+//!    `manifests` directory. Clone credentials: the secret named by the
+//!    task's next `git-push` step, else the runner's `--git-credentials`.
+//!    It edits the files (`set_image::set_image_in_files`), logs
+//!    each changed line, and records a [`Pending`] write-back on the
+//!    attempt's [`GitOps`].
+//! 2. `git-push` takes the pending write-back, commits the listed files
+//!    (nothing else) on top of the base commit and pushes that commit to
+//!    `refs/heads/<branch>` (the branch the clone came from, `main` for a
+//!    detached checkout) with an explicit refspec, never forced. A rejected
+//!    ref (reported through `push_update_reference`) or a non-fast-forward
+//!    is a race with another writer: fetch the branch, reset onto its head,
+//!    re-apply every edit and try again, at most `git_push::MAX_TRIES`
+//!    times with jittered exponential backoff. When the edit is already on
+//!    the branch, the step logs "already up to date" and makes no commit.
+//!
+//! The pushed (or current) commit id is the task output `commit`, the
+//! repository URL the output `repo`.
+//!
+//! Layout:
+//! - this file: the entry points, the attempt's [`GitOps`] with the
+//!   [`Pending`] write-back, and [`GitOpsError`];
+//! - `author`: [`Author`], who commits (`--git-author`);
+//! - `set_image/`: the `set-image` step and the structural YAML edit;
+//! - `git_push`: the `git-push` step: commit, push, retry a race.
+//!
+//! Doors: [`crate::git`] (its one remote path) for clone, fetch and push,
+//! `crate::image_ref` for references, [`crate::secrets`] for credentials,
+//! [`crate::step`] and `ExecutorError` for the step vocabulary. Only the
+//! attempt calls in. Inside, `git_push` uses `set_image::apply_edit` to
+//! re-apply after a race, never the other way.
+
+mod author;
+mod git_push;
+mod set_image;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use capstan_proto::pipeline::v1::{GitPushStep, SetImageStep, step};
+
+pub use self::author::{Author, DEFAULT_AUTHOR};
+use self::set_image::SetImageError;
+use crate::executor::ExecutorError;
+use crate::git::GitError;
+use crate::secrets::{Secret, Secrets, SecretsError};
+use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline};
+
+/// The branch pushed to when the manifests checkout is not on a branch.
+pub(crate) const DEFAULT_BRANCH: &str = "main";
+
+/// The runner-wide settings of the write-back steps plus the attempt's
+/// pending write-back. One per attempt, shared by its steps.
+#[derive(Debug, Default)]
+pub(crate) struct GitOps {
+    /// The runner's secrets (credentials are resolved here, on the runner).
+    pub(crate) secrets: Arc<Secrets>,
+    /// Who commits (`--git-author`).
+    pub(crate) author: Author,
+    /// The runner's `--git-credentials`: clone credentials when the task has
+    /// no `git-push` step that names a secret.
+    pub(crate) checkout_credentials: Option<String>,
+    /// Where a separate manifests repository is cloned; `None` puts it
+    /// beside the workspace (`<workspace>.manifests`).
+    pub(crate) manifests_dir: Option<PathBuf>,
+    pending: Mutex<Option<Pending>>,
+}
+
+/// What `set-image` left for `git-push`.
+#[derive(Clone, Debug)]
+pub(crate) struct Pending {
+    /// The working tree of the manifests repository on the runner.
+    pub(crate) dir: PathBuf,
+    /// Where it came from and where the commit goes.
+    pub(crate) repo_url: String,
+    /// `refs/heads/<branch>` is pushed.
+    pub(crate) branch: String,
+    /// The commit the edits sit on.
+    pub(crate) base: git2::Oid,
+    /// Every edit made, in order: re-applied after a race.
+    pub(crate) edits: Vec<PendingEdit>,
+    /// The secret the repository was cloned with, if any.
+    pub(crate) credentials: Option<String>,
+}
+
+/// One `set-image` edit.
+#[derive(Clone, Debug)]
+pub(crate) struct PendingEdit {
+    pub(crate) files: Vec<String>,
+    pub(crate) image: String,
+    /// No matching reference is not an error (`allow-no-match: true`).
+    pub(crate) allow_no_match: bool,
+}
+
+/// Why a `set-image` or `git-push` step failed; the message is the step's.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GitOpsError {
+    #[error(
+        "`set-image` has no `repo` and the run has no repository (--repo): name the manifests repository"
+    )]
+    NoRepository,
+    #[error(
+        "`git-push` needs a `set-image` step before it in the same task (there is nothing to commit)"
+    )]
+    NothingPending,
+    #[error(
+        "this task already edits {pending}; push it with `git-push` before editing {requested}"
+    )]
+    OtherRepository { pending: String, requested: String },
+    #[error(transparent)]
+    Secret(#[from] SecretsError),
+    /// Clone, fetch, push or a local repository operation.
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error("git push to {url} rejected: {refname}: {message}")]
+    Rejected {
+        url: String,
+        refname: String,
+        message: String,
+    },
+    #[error(
+        "git push to {url} was rejected as non-fast-forward {tries} times (others keep pushing); giving up"
+    )]
+    Contended { url: String, tries: usize },
+    #[error(transparent)]
+    Edit(#[from] SetImageError),
+    #[error("reading {path} to log the change")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the git task failed: {0}")]
+    Join(String),
+}
+
+impl GitOps {
+    /// The write-back settings of one attempt, with nothing pending.
+    pub(crate) fn new(
+        secrets: Arc<Secrets>,
+        author: Author,
+        checkout_credentials: Option<String>,
+        manifests_dir: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            secrets,
+            author,
+            checkout_credentials,
+            manifests_dir,
+            pending: Mutex::new(None),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<Pending>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The pending write-back, if a `set-image` made one and no `git-push`
+    /// took it yet.
+    pub(crate) fn peek(&self) -> Option<Pending> {
+        self.pending().clone()
+    }
+
+    /// Records the write-back the next `git-push` takes.
+    fn set_pending(&self, pending: Pending) {
+        *self.pending() = Some(pending);
+    }
+
+    /// Takes the pending write-back (a `git-push` step).
+    fn take_pending(&self) -> Option<Pending> {
+        self.pending().take()
+    }
+
+    fn secret(&self, name: Option<&str>) -> Result<Option<Secret>, GitOpsError> {
+        name.map(|n| self.secrets.get(n).cloned())
+            .transpose()
+            .map_err(GitOpsError::from)
+    }
+}
+
+/// What a finished step wants logged and recorded.
+struct Done {
+    log: String,
+    outputs: Vec<(&'static str, String)>,
+}
+
+/// Runs a `set-image` step (see the module docs).
+pub(crate) async fn run_set_image(
+    gitops: &Arc<GitOps>,
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    step: &SetImageStep,
+) -> Result<StepEnd, ExecutorError> {
+    let credentials = clone_credentials(gitops, task, ctx.index);
+    let gitops = Arc::clone(gitops);
+    let step = step.clone();
+    let task_repo = task.repo.clone();
+    let workspace = task.workspace.clone();
+    let work = move || {
+        set_image::set_image_blocking(
+            &gitops,
+            &step,
+            &task_repo,
+            &workspace,
+            credentials.as_deref(),
+        )
+    };
+    finish(task, ctx, work).await
+}
+
+/// Runs a `git-push` step (see the module docs).
+pub(crate) async fn run_git_push(
+    gitops: &Arc<GitOps>,
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    step: &GitPushStep,
+) -> Result<StepEnd, ExecutorError> {
+    let gitops = Arc::clone(gitops);
+    let step = step.clone();
+    finish(task, ctx, move || {
+        git_push::git_push_blocking(&gitops, &step)
+    })
+    .await
+}
+
+/// Runs `work` on a blocking thread, honouring cancel and deadline, and
+/// turns its result into the step's log, outputs and end.
+async fn finish(
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    work: impl FnOnce() -> Result<Done, GitOpsError> + Send + 'static,
+) -> Result<StepEnd, ExecutorError> {
+    let index = ctx.index;
+    let handle = tokio::task::spawn_blocking(work);
+    // A cancelled git operation finishes in the background; the attempt's
+    // directory is removed after it, and nothing is pushed half-way.
+    let result = tokio::select! {
+        r = handle => r.map_err(|e| GitOpsError::Join(e.to_string())).and_then(|r| r),
+        () = ctx.cancel.cancelled() => return Ok(StepEnd::Cancelled),
+        () = sleep_until_deadline(ctx.deadline) => return Ok(StepEnd::TimedOut),
+    };
+    let write = |text: String| async move {
+        ctx.output
+            .write(text.as_bytes())
+            .await
+            .map_err(|source| ExecutorError::Output { index, source })
+    };
+    match result {
+        Ok(done) => {
+            write(done.log).await?;
+            for (key, value) in done.outputs {
+                task.set_output(key, &value);
+            }
+            Ok(StepEnd::Exited(0))
+        }
+        Err(e) => {
+            let message = crate::error::chain(&e);
+            write(format!("{message}\n")).await?;
+            Ok(StepEnd::Failed { message })
+        }
+    }
+}
+
+/// The secret a `set-image` clones with: the next `git-push` step's, else
+/// the runner's checkout credentials.
+fn clone_credentials(gitops: &GitOps, task: &TaskContext, index: u32) -> Option<String> {
+    let next = usize::try_from(index).map_or(0, |i| i + 1);
+    task.task
+        .steps
+        .iter()
+        .skip(next)
+        .find_map(|s| match &s.kind {
+            Some(step::Kind::GitPush(g)) => Some(g.credentials.clone()),
+            _ => None,
+        })
+        .filter(|c| !c.is_empty())
+        .or_else(|| gitops.checkout_credentials.clone())
+}
+
+fn open(dir: &Path, url: &str) -> Result<git2::Repository, GitOpsError> {
+    git2::Repository::open(dir).map_err(|source| {
+        GitError::Git {
+            op: "opening the run's checkout",
+            url: url.to_owned(),
+            source,
+        }
+        .into()
+    })
+}
+
+fn head_commit(repo: &git2::Repository, url: &str) -> Result<git2::Oid, GitOpsError> {
+    repo.head()
+        .and_then(|h| h.peel_to_commit())
+        .map(|c| c.id())
+        .map_err(|source| {
+            GitError::Git {
+                op: "reading the checkout's HEAD commit",
+                url: url.to_owned(),
+                source,
+            }
+            .into()
+        })
+}
+
+/// The branch HEAD is on, else [`DEFAULT_BRANCH`] (a detached checkout).
+fn branch_of(repo: &git2::Repository) -> String {
+    repo.head()
+        .ok()
+        .filter(git2::Reference::is_branch)
+        .and_then(|h| h.shorthand().ok().map(str::to_owned))
+        .unwrap_or_else(|| DEFAULT_BRANCH.to_owned())
+}
