@@ -76,6 +76,7 @@ impl Fleet {
                     labels: Default::default(),
                     capacity: cfg.capacity,
                     version: "bench".into(),
+                    ..Default::default()
                 };
                 async move {
                     let r = rpc.register(req).await?.into_inner();

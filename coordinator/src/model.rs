@@ -231,3 +231,16 @@ pub(crate) fn hash_secret(secret: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(secret.as_bytes()))
 }
+
+/// Does `secret` hash to `hash` (hex)? Constant time, the length of the
+/// secret included: both sides are fixed-length hashes when compared.
+pub(crate) fn secret_matches(hash: &str, secret: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    hash_secret(secret).as_bytes().ct_eq(hash.as_bytes()).into()
+}
+
+/// Are two secrets equal? Constant time, the lengths included (each is
+/// hashed first, so the comparison is always of 64 bytes).
+pub(crate) fn secrets_equal(a: &str, b: &str) -> bool {
+    secret_matches(&hash_secret(b), a)
+}

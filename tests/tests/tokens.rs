@@ -390,3 +390,99 @@ async fn a_revocation_holds_on_every_replica_and_after_a_failover() -> anyhow::R
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_runner_name_registers_again_only_with_its_credential_or_an_admin_token()
+-> anyhow::Result<()> {
+    use capstan_proto::runner::v1 as rpb;
+    let mut c = TestCluster::builder().executor("fake").start().await?;
+    let taken = "a runner named `spare` is already registered: registering it again needs its current credential (its runner.json) or an admin API token; give a new runner another --name";
+    let register = |token: Option<String>, id: &str, secret: &str| {
+        let url = c.url();
+        let req = rpb::RegisterRequest {
+            registration_token: c.token.clone(),
+            name: "spare".into(),
+            capacity: 1,
+            runner_id: id.into(),
+            runner_secret: secret.into(),
+            ..Default::default()
+        };
+        async move {
+            let ch = TestCluster::channel_to(&url, token.as_deref()).await?;
+            let r = rpb::runner_service_client::RunnerServiceClient::new(ch)
+                .register(req)
+                .await;
+            anyhow::Ok(r.map(tonic::Response::into_inner))
+        }
+    };
+    // A new name with the registration token alone.
+    let first = register(None, "", "").await??;
+    // The same name again: refused, and nothing changes hands.
+    let err = register(None, "", "").await?.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (tonic::Code::PermissionDenied, taken)
+    );
+    let err = register(None, &first.runner_id, "wrong")
+        .await?
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (tonic::Code::PermissionDenied, taken)
+    );
+    // With its credential: the same id, a new secret (the old one is void).
+    let again = register(None, &first.runner_id, &first.runner_secret).await??;
+    assert_eq!(again.runner_id, first.runner_id);
+    assert_ne!(again.runner_secret, first.runner_secret);
+    let err = register(None, &first.runner_id, &first.runner_secret)
+        .await?
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (tonic::Code::PermissionDenied, taken)
+    );
+    // With an admin token; a token of a smaller scope is refused as such.
+    let admin = register(Some(c.api_token.clone()), "", "").await??;
+    assert_eq!(admin.runner_id, first.runner_id);
+    let reader = c.create_token("reader", "read").await?;
+    let err = register(Some(reader), "", "").await?.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        "this call needs a token with the `admin` scope; the token `reader` has `read`"
+    );
+    assert!(
+        c.process_log("coordinator")
+            .lines()
+            .any(|l| l.contains("audit")
+                && l.contains("token=harness-admin")
+                && l.contains("action=\"runner register\"")),
+        "{}",
+        c.process_log("coordinator")
+    );
+
+    // A real runner that lost its runner.json cannot take its old name back:
+    // it stops with the coordinator's reason.
+    c.kill_runner("runner-0");
+    std::fs::remove_file(c.dir().join("work-runner-0").join("runner.json"))?;
+    let mut cmd = c.runner_command("runner-0", &c.token.clone());
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(15),
+        "the runner did not stop",
+    )
+    .await?;
+    assert!(!status.success(), "{status}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err)?;
+    assert!(
+        err.contains(
+            "the coordinator refused to register this runner: a runner named `runner-0` is already registered"
+        ),
+        "{err}"
+    );
+    Ok(())
+}

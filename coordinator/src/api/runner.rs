@@ -1,8 +1,11 @@
 //! RunnerService: registration, the Control stream and log ingestion.
 
 use super::{Shared, status};
+use crate::model::secrets_equal;
 use crate::scheduler::Command;
 use crate::scheduler::lease::HeartbeatFilter;
+use crate::scheduler::state::Takeover;
+use crate::tokens::Scope;
 use capstan_proto::ids::{AttemptId, RunnerId};
 use capstan_proto::runner::v1::*;
 use futures::{Stream, StreamExt};
@@ -26,11 +29,14 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        // An admin API token (a bad one is refused as such) lets an existing
+        // name register again without its credential.
+        let admin = match super::auth::bearer(&req) {
+            Some(_) => Some(self.0.authorize(&req, Scope::Admin).await?),
+            None => None,
+        };
         let req = req.into_inner();
-        if !constant_time_eq(
-            req.registration_token.as_bytes(),
-            self.0.registration_token.as_bytes(),
-        ) {
+        if !secrets_equal(&req.registration_token, &self.0.registration_token) {
             tracing::warn!(name = %req.name, "registration refused: wrong registration token");
             return Err(Status::unauthenticated(
                 "registration token rejected: check the runner's --registration-token",
@@ -42,10 +48,19 @@ impl runner_service_server::RunnerService for RunnerApi {
                 "runner name must be 1 to {MAX_NAME} printable characters"
             )));
         }
+        let takeover = match (&admin, req.runner_id.is_empty()) {
+            (Some(_), _) => Takeover::Admin,
+            (None, false) => Takeover::Credential {
+                id: RunnerId::from_string(req.runner_id),
+                secret: req.runner_secret,
+            },
+            (None, true) => Takeover::Nothing,
+        };
         let (id, secret) = self
             .0
             .ask(|reply| Command::Register {
                 name: name.clone(),
+                takeover,
                 labels: req.labels.into_iter().collect(),
                 capacity: req.capacity,
                 version: req.version,
@@ -53,6 +68,9 @@ impl runner_service_server::RunnerService for RunnerApi {
             })
             .await?;
         tracing::info!(runner = %id, %name, "runner registered");
+        if let Some(caller) = admin {
+            tracing::info!(target: "audit", token = %caller.name, action = "runner register", runner = %id, %name, "runner registered with an admin token");
+        }
         Ok(Response::new(RegisterResponse {
             runner_id: id.to_string(),
             runner_secret: secret,
@@ -312,9 +330,4 @@ impl RunnerApi {
             }
         }
     }
-}
-
-/// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -119,6 +119,7 @@ impl Fixture {
         self.handle
             .ask(|reply| Command::Register {
                 name,
+                takeover: crate::scheduler::state::Takeover::Nothing,
                 labels: BTreeMap::new(),
                 capacity: 1,
                 version: "test".into(),

@@ -85,8 +85,10 @@ pub(crate) enum Command {
         task: Option<String>,
         reply: Reply<(Vec<AttemptLogInfo>, bool)>,
     },
+    /// Refused for a name already registered unless `takeover` allows it.
     Register {
         name: String,
+        takeover: state::Takeover,
         labels: BTreeMap<String, String>,
         capacity: u32,
         version: String,
@@ -341,13 +343,17 @@ impl Scheduler {
             }
             Command::Register {
                 name,
+                takeover,
                 labels,
                 capacity,
                 version,
                 reply,
             } => {
-                let r = self.state.register(&name, labels, capacity, &version, now);
-                self.reply(reply, Ok(r));
+                let r = self
+                    .state
+                    .may_register(&name, &takeover)
+                    .map(|()| self.state.register(&name, labels, capacity, &version, now));
+                self.reply(reply, r);
             }
             Command::Attach { hello, tx, reply } => {
                 let r = self.state.attach(hello, tx, now);

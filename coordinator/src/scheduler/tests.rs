@@ -507,6 +507,40 @@ fn a_submit_token_cancels_only_its_own_runs() {
 }
 
 #[test]
+fn an_existing_name_registers_again_only_with_its_credential_or_an_admin_token() {
+    let mut h = Harness::new();
+    let (id, secret) = h.st.register("r1", BTreeMap::new(), 1, "test", h.now);
+    let err = h.st.may_register("r1", &Takeover::Nothing).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "a runner named `r1` is already registered: registering it again needs its current credential (its runner.json) or an admin API token; give a new runner another --name"
+    );
+    let with = |id: &RunnerId, secret: &str| Takeover::Credential {
+        id: id.clone(),
+        secret: secret.to_string(),
+    };
+    assert!(matches!(
+        h.st.may_register("r1", &with(&id, "wrong")),
+        Err(StateError::NameTaken(_))
+    ));
+    let (other, other_secret) = h.st.register("r2", BTreeMap::new(), 1, "test", h.now);
+    assert!(matches!(
+        h.st.may_register("r1", &with(&other, &other_secret)),
+        Err(StateError::NameTaken(_))
+    ));
+    h.st.may_register("r1", &with(&id, &secret)).unwrap();
+    h.st.may_register("r1", &Takeover::Admin).unwrap();
+    h.st.may_register("new", &Takeover::Nothing).unwrap();
+}
+
+#[test]
+fn secrets_compare_by_their_hashes() {
+    assert!(secrets_equal("tok", "tok"));
+    assert!(!secrets_equal("tok", "tok2") && !secrets_equal("", "tok"));
+    assert!(secret_matches(&hash_secret("s"), "s") && !secret_matches(&hash_secret("s"), "t"));
+}
+
+#[test]
 fn drained_runner_gets_no_offers() {
     let mut h = Harness::new();
     let mut r = h.runner("r1", 1, &[]);

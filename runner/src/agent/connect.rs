@@ -160,6 +160,7 @@ impl Connector {
                 labels: config.labels.clone().into_iter().collect(),
                 capacity: config.capacity,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
+                ..RegisterRequest::default()
             },
             credentials_file: work_dir.credentials_file(),
             credentials,
@@ -294,10 +295,22 @@ impl Connector {
         &mut self,
         client: &mut RunnerServiceClient<Channel>,
     ) -> Result<Credentials, ConnectError> {
-        let response = match client.register(self.registration.clone()).await {
+        // The cached credential, if any, proves this runner owns its name:
+        // an existing name is refused to the registration token alone.
+        let mut request = self.registration.clone();
+        if let Some(c) = &self.credentials {
+            request.runner_id = c.runner_id.to_string();
+            request.runner_secret = c.runner_secret.clone();
+        }
+        let response = match client.register(request).await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
                 return Err(ConnectError::Fatal(Error::RegistrationRejected));
+            }
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                return Err(ConnectError::Fatal(Error::NameTaken {
+                    message: status.message().to_owned(),
+                }));
             }
             Err(status) => return Err(self.retry("register", &status)),
         };

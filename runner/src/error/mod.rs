@@ -34,6 +34,10 @@ pub(crate) enum Error {
         "the coordinator rejected this runner's credentials even after registering again: {message}"
     )]
     CredentialsRejected { message: String },
+    /// Its `--name` belongs to a registered runner and this one cannot
+    /// prove it is that runner.
+    #[error("the coordinator refused to register this runner: {message}")]
+    NameTaken { message: String },
     #[error("the coordinator refused this runner's protocol version: {message}")]
     ProtocolRejected { message: String },
     #[error("preparing work dir {path}")]

@@ -26,7 +26,39 @@ struct Reattach {
     stale: Vec<AttemptId>,
 }
 
+/// What lets a Register take over a name that is already registered.
+#[derive(Clone, Debug)]
+pub(crate) enum Takeover {
+    /// Only the shared registration token: a new name only.
+    Nothing,
+    /// The call carried an admin API token.
+    Admin,
+    /// The runner's current credential (from its `runner.json`).
+    Credential { id: RunnerId, secret: String },
+}
+
 impl SchedulerState {
+    /// May a runner register as `name`? A new name, yes; an existing one
+    /// only with its current credential or an admin token (the shared
+    /// registration token alone would hand anyone its id and labels).
+    pub(crate) fn may_register(&self, name: &str, takeover: &Takeover) -> Result<(), StateError> {
+        let Some(existing) = self.runners.by_name(name) else {
+            return Ok(());
+        };
+        let allowed = match takeover {
+            Takeover::Nothing => false,
+            Takeover::Admin => true,
+            Takeover::Credential { id, secret } => {
+                *id == existing && self.authenticate(id, secret).is_ok()
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(StateError::NameTaken(name.to_string()))
+        }
+    }
+
     /// Registers a runner, or re-registers one with the same name: the id is
     /// kept and the secret rotated. Returns (id, secret).
     pub(crate) fn register(
@@ -67,7 +99,7 @@ impl SchedulerState {
     /// Checks a runner's credentials.
     pub(crate) fn authenticate(&self, id: &RunnerId, secret: &str) -> Result<(), StateError> {
         match self.runners.get(id) {
-            Some(r) if r.record().secret_hash == hash_secret(secret) => Ok(()),
+            Some(r) if secret_matches(&r.record().secret_hash, secret) => Ok(()),
             _ => Err(StateError::BadRunnerCredentials),
         }
     }

@@ -35,6 +35,7 @@ mod runs;
 mod sweep;
 mod tasks;
 
+pub(crate) use connection::Takeover;
 pub(crate) use effects::{Effects, Outgoing, RunnerTx};
 pub(crate) use runners::RunnerSlot;
 
@@ -134,6 +135,10 @@ pub(crate) enum StateError {
         "run {run} was submitted by token `{submitted_by}`: a `submit` token may cancel only its own runs (an `admin` token may cancel any)"
     )]
     NotYourRun { run: String, submitted_by: String },
+    #[error(
+        "a runner named `{0}` is already registered: registering it again needs its current credential (its runner.json) or an admin API token; give a new runner another --name"
+    )]
+    NameTaken(String),
 }
 
 pub(crate) struct SchedulerState {
