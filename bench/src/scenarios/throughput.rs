@@ -28,14 +28,17 @@ const SLOTS: u32 = 4;
 const SUBMITTERS: usize = 32;
 const YAML: &str = "version: 1\nname: trivial\ntasks:\n  t:\n    steps:\n      - run: \"true\"\n";
 
-fn fleet_config(coord: &Coordinator) -> FleetConfig {
+/// The fleet of one phase; each phase's runners have names of their own,
+/// since on etcd both phases share the store and a name already registered
+/// is refused to the registration token alone.
+fn fleet_config(coord: &Coordinator, phase: &str) -> FleetConfig {
     FleetConfig {
         url: coord.url(),
         token: coord.token.clone(),
         count: RUNNERS,
         capacity: SLOTS,
         per_conn: 10,
-        name_prefix: "tp".into(),
+        name_prefix: format!("tp-{phase}"),
     }
 }
 
@@ -92,7 +95,7 @@ impl Measured {
 async fn measure(ctx: &Ctx, flags: &[String], n: usize, store: &str) -> anyhow::Result<Measured> {
     // 1. Submit while the fleet runs.
     let coord = Coordinator::start(&ctx.dir.join("concurrent"), flags).await?;
-    let fleet = Fleet::start(fleet_config(&coord)).await?;
+    let fleet = Fleet::start(fleet_config(&coord, "concurrent")).await?;
     let cpu0 = proc_stat(coord.pid())?.cpu_s;
     let start = Instant::now();
     submit_all(&coord, n).await?;
@@ -120,7 +123,7 @@ async fn measure(ctx: &Ctx, flags: &[String], n: usize, store: &str) -> anyhow::
     submit_all(&coord, n).await?;
     let cpu0 = proc_stat(coord.pid())?.cpu_s;
     let start = Instant::now();
-    let fleet = Fleet::start(fleet_config(&coord)).await?;
+    let fleet = Fleet::start(fleet_config(&coord, "drain")).await?;
     wait_all(&coord, &fleet, n).await?;
     let elapsed = start.elapsed();
     let st = proc_stat(coord.pid())?;
