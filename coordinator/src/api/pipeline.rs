@@ -42,6 +42,14 @@ pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
             req.idempotency_key.len()
         )));
     }
+    // Defence in depth: values reach scripts only as variables, but a rev
+    // that is an option or a revision expression has no business in git.
+    if !req.rev.is_empty() {
+        capstan_pipeline::check_rev(&req.rev).map_err(Status::invalid_argument)?;
+    }
+    if !req.repo.is_empty() {
+        capstan_pipeline::check_repo(&req.repo).map_err(Status::invalid_argument)?;
+    }
     let file = if req.file_name.is_empty() {
         "pipeline.yaml".to_string()
     } else {
@@ -398,6 +406,32 @@ mod tests {
             ..Default::default()
         });
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn a_bad_rev_or_repo_is_refused_at_submit() {
+        let submit = |repo: &str, rev: &str| {
+            build_run(SubmitRunRequest {
+                pipeline_yaml: "version: 1\nname: s\ntasks:\n  t:\n    steps: [ { run: x } ]\n"
+                    .into(),
+                repo: repo.into(),
+                rev: rev.into(),
+                ..Default::default()
+            })
+        };
+        let err = submit("", "main;$(touch f) x").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "--rev `main;$(touch f) x` is not a commit SHA or a valid ref name: it contains ' '"
+        );
+        let err = submit("--upload-pack=touch f", "main").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "--repo `--upload-pack=touch f` is not a repository URL: it starts with `-`"
+        );
+        assert!(submit("https://git.example.com/a.git", "main").is_ok());
     }
 
     /// A follower (`capstan logs --follow`, `submit --follow`) of a task

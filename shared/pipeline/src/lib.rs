@@ -36,6 +36,8 @@ mod error;
 mod model;
 mod names;
 mod parse;
+mod script;
+mod source;
 mod substitute;
 mod validate;
 mod yaml;
@@ -47,6 +49,7 @@ pub use error::{ValidationError, ValidationErrors};
 pub use model::{Pipeline, SourceMap, StepDef, StepKind, TaskDef};
 pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
 pub use parse::{MAX_RETRIES, parse};
+pub use source::{MAX_REPO_LEN, MAX_REV_LEN, check_repo, check_rev};
 pub use substitute::{Context, resolve};
 
 use capstan_proto::pipeline::v1 as pb;
