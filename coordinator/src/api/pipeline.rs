@@ -34,6 +34,19 @@ fn run_id(s: String) -> Result<RunId, Status> {
 /// Longest `SubmitRunRequest.idempotency_key` accepted.
 pub(crate) const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
+/// The run's `--rev` and `--repo`. Values reach scripts only as variables
+/// whatever they are, but a rev that is an option or a revision expression
+/// has no business in git.
+fn check_source(req: &SubmitRunRequest) -> Result<(), Status> {
+    if !req.rev.is_empty() {
+        capstan_pipeline::check_rev(&req.rev).map_err(Status::invalid_argument)?;
+    }
+    if !req.repo.is_empty() {
+        capstan_pipeline::check_repo(&req.repo).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
+}
+
 /// Turns a submit request into a run record, or every validation error.
 pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
     if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
@@ -42,14 +55,7 @@ pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
             req.idempotency_key.len()
         )));
     }
-    // Defence in depth: values reach scripts only as variables, but a rev
-    // that is an option or a revision expression has no business in git.
-    if !req.rev.is_empty() {
-        capstan_pipeline::check_rev(&req.rev).map_err(Status::invalid_argument)?;
-    }
-    if !req.repo.is_empty() {
-        capstan_pipeline::check_repo(&req.repo).map_err(Status::invalid_argument)?;
-    }
+    check_source(&req)?;
     let file = if req.file_name.is_empty() {
         "pipeline.yaml".to_string()
     } else {

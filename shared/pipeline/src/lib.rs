@@ -33,6 +33,7 @@
 //!   values (which are plain text).
 
 mod error;
+mod expr;
 mod model;
 mod names;
 mod parse;

@@ -23,7 +23,7 @@
 //! cost verbatim-ness, never safety: every insertion above is balanced in
 //! every quoting context, and holds no value.
 
-use super::substitute::{Expr, Piece, Rendered};
+use super::expr::{Expr, Piece, Rendered};
 use std::collections::BTreeMap;
 
 /// A `run` script with every substitution made a reference, and the
@@ -247,6 +247,14 @@ impl Lexer {
                     self.line_end();
                 }
             }
+            Frame::Commands { parens } => self.command_char(c, prev, parens),
+            frame => self.nested_char(frame, c, prev),
+        }
+    }
+
+    /// A character inside double quotes, backquotes or arithmetic.
+    fn nested_char(&mut self, frame: Frame, c: char, prev: Option<char>) {
+        match frame {
             Frame::Double if self.reading_delimiter.is_some() => {
                 if c == '"' {
                     self.stack.pop();
@@ -292,7 +300,7 @@ impl Lexer {
                     closing: false,
                 }),
             },
-            Frame::Commands { parens } => self.command_char(c, prev, parens),
+            _ => {}
         }
     }
 

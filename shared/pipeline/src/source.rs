@@ -47,7 +47,8 @@ pub fn check_rev(rev: &str) -> Result<(), String> {
     }
     for (bad, why) in [
         ("..", "it contains `..`"),
-        ("@{", "it contains `@{`"),
+        // `\u{7b}` is an open brace, spelled so that braces balance here.
+        ("@\u{7b}", "it contains `@\u{7b}`"),
         ("//", "it contains `//`"),
     ] {
         if rev.contains(bad) {

@@ -6,9 +6,10 @@
 
 use crate::MAX_FILE_BYTES;
 use crate::error::{ValidationError, ValidationErrors};
+use crate::expr::OPEN;
 use crate::model::{Pipeline, SourceMap, TaskDef};
 use crate::names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
-use crate::substitute::{self, OPEN};
+use crate::substitute;
 use crate::validate::{self, TaskRef, closest};
 use crate::yaml::{self, Node, Pos, Value};
 use capstan_proto::units::parse_timeout;
