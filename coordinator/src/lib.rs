@@ -29,6 +29,7 @@ pub(crate) mod http;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod model;
+pub(crate) mod private;
 pub(crate) mod scheduler;
 mod server;
 pub mod store;

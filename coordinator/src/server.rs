@@ -54,7 +54,7 @@ pub async fn run(
     http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
+    crate::private::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let local = grpc.local_addr()?;
     let advertise = config
