@@ -26,6 +26,7 @@ pub(crate) mod api;
 pub mod config;
 pub(crate) mod election;
 pub(crate) mod http;
+pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod model;
@@ -36,5 +37,6 @@ pub mod store;
 pub(crate) mod trace;
 
 pub use config::CoordinatorConfig;
+pub use limits::Limits;
 pub use scheduler::state::Timing;
 pub use server::run;

@@ -17,8 +17,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 1 MiB).
-const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// HTTP/2 ping interval on idle connections; rare enough to cost nothing
 /// next to the runners' heartbeats at 10,000 connections.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -82,6 +80,7 @@ pub async fn run(
         metrics: metrics.clone(),
         registration_token: config.registration_token.clone().into(),
         advertise: advertise.clone().into(),
+        limits: config.limits,
     };
 
     if let Some(http) = http {
@@ -187,6 +186,7 @@ async fn open_state(
 
 /// The gRPC server with the runner, pipeline and cluster services.
 fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
+    let limits = shared.limits;
     tonic::transport::Server::builder()
         // A runner host that vanishes without closing its connection (power
         // loss, a partition) would otherwise keep its stream task until TCP
@@ -202,13 +202,13 @@ fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
             runnerpb::runner_service_server::RunnerServiceServer::new(api::runner::RunnerApi(
                 shared.clone(),
             ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(limits.request_bytes),
         )
         .add_service(
             apipb::pipeline_service_server::PipelineServiceServer::new(api::pipeline::PipelineApi(
                 shared.clone(),
             ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(limits.request_bytes),
         )
         .add_service(
             clusterpb::cluster_service_server::ClusterServiceServer::new(api::cluster::ClusterApi(

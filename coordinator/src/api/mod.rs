@@ -42,6 +42,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registration_token: Arc<str>,
     pub(crate) advertise: Arc<str>,
+    pub(crate) limits: crate::limits::Limits,
 }
 
 impl LeaderCtx {

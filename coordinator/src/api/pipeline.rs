@@ -1,6 +1,7 @@
 //! PipelineService: what the CLI talks to.
 
 use super::{Shared, status};
+use crate::limits::{Limits, MAX_ERROR_MESSAGE_BYTES};
 use crate::model::*;
 use crate::scheduler::{AttemptLogInfo, Command};
 use capstan_proto::api::v1::*;
@@ -47,8 +48,16 @@ fn check_source(req: &SubmitRunRequest) -> Result<(), Status> {
     Ok(())
 }
 
-/// Turns a submit request into a run record, or every validation error.
+/// [`build_run_within`] the default limits.
+#[cfg(test)]
 pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
+    build_run_within(req, &crate::limits::Limits::default())
+}
+
+/// Turns a submit request into a run record, or every validation error
+/// (as many as [`MAX_ERROR_MESSAGE_BYTES`] holds).
+pub(crate) fn build_run_within(req: SubmitRunRequest, limits: &Limits) -> Result<RunRecord, Status> {
+    limits.check_submit(&req)?;
     if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(Status::invalid_argument(format!(
             "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_BYTES} (a UUID is plenty)",
@@ -61,8 +70,11 @@ pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
     } else {
         req.file_name.clone()
     };
-    let invalid = |e: capstan_pipeline::ValidationErrors| Status::invalid_argument(e.to_string());
+    let invalid = |e: capstan_pipeline::ValidationErrors| {
+        Status::invalid_argument(e.summary(MAX_ERROR_MESSAGE_BYTES))
+    };
     let parsed = capstan_pipeline::parse(&file, &req.pipeline_yaml).map_err(invalid)?;
+    limits.check_tasks(&file, parsed.tasks.len())?;
     let id = RunId::generate();
     let ctx = capstan_pipeline::Context {
         params: req.params.into_iter().collect(),
@@ -151,7 +163,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         } else {
             TraceHeaders::of(&parent.context())
         };
-        let mut run = build_run(req.into_inner())?;
+        let mut run = build_run_within(req.into_inner(), &self.0.limits)?;
         run.traceparent = parent.traceparent;
         run.tracestate = parent.tracestate;
         let id = self
@@ -498,6 +510,7 @@ mod tests {
             metrics,
             registration_token: "t".into(),
             advertise: "http://127.0.0.1:1".into(),
+            limits: Default::default(),
         };
         let (tx, _rx) = mpsc::channel(4);
         let follower =

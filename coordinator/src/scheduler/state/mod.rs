@@ -130,6 +130,8 @@ pub(crate) enum StateError {
     ProtocolVersion { got: u32, want: u32 },
     #[error("runner {runner} reported on attempt {attempt}, which is not assigned to it")]
     NotYourAttempt { runner: String, attempt: String },
+    #[error("attempt {0} has finished: its log takes no more bytes")]
+    AttemptFinished(String),
 }
 
 pub(crate) struct SchedulerState {
@@ -240,12 +242,16 @@ impl SchedulerState {
 
     /// The attempt's place, if `runner` owns it (fencing: a runner may report
     /// only on attempts assigned to it).
-    pub(crate) fn owned_attempt(
-        &self,
-        runner: &RunnerId,
-        a: &AttemptId,
-    ) -> Result<(RunId, usize), StateError> {
-        self.runs.owned(runner, a)
+    /// May `runner` append to `a`'s log? Only while the attempt is its own
+    /// and still active: a runner sends an attempt's final report after its
+    /// log is durable, so nothing legitimate comes after the end (a runner
+    /// the coordinator gave up on keeps running and is refused here).
+    pub(crate) fn log_writable(&self, runner: &RunnerId, a: &AttemptId) -> Result<(), StateError> {
+        self.runs.owned(runner, a)?;
+        match self.runs.attempt_state(a) {
+            Some(state) if state.is_active() => Ok(()),
+            _ => Err(StateError::AttemptFinished(a.to_string())),
+        }
     }
 
     pub(crate) fn queue_depth(&self) -> usize {
