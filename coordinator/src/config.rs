@@ -155,10 +155,7 @@ impl Args {
         let file: Args = capstan_config::load(self.config.as_deref())?;
         let s = capstan_config::layer(&file, &self)?;
         let limits = limits(&s)?;
-        let etcd_endpoints: Vec<String> = s
-            .etcd_endpoints
-            .unwrap_or_default()
-            .into_iter()
+        let etcd_endpoints: Vec<String> = (s.etcd_endpoints.iter().flatten())
             .map(|e| e.trim().to_string())
             .filter(|e| !e.is_empty())
             .collect();
@@ -250,7 +247,11 @@ fn limits(s: &Args) -> Result<Limits, ConfigError> {
     let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     let limits = Limits {
         request_bytes: to_usize(size("max-request", &s.max_request, d.request_bytes as u64)?),
-        pipeline_bytes: to_usize(size("max-pipeline", &s.max_pipeline, d.pipeline_bytes as u64)?),
+        pipeline_bytes: to_usize(size(
+            "max-pipeline",
+            &s.max_pipeline,
+            d.pipeline_bytes as u64,
+        )?),
         tasks: s.max_tasks.unwrap_or(d.tasks),
         params: s.max_params.unwrap_or(d.params),
         param_value_bytes: to_usize(size(
@@ -267,7 +268,9 @@ fn limits(s: &Args) -> Result<Limits, ConfigError> {
         )));
     }
     if limits.tasks == 0 {
-        return Err(ConfigError::Invalid("--max-tasks must be at least 1".into()));
+        return Err(ConfigError::Invalid(
+            "--max-tasks must be at least 1".into(),
+        ));
     }
     Ok(limits)
 }

@@ -134,7 +134,11 @@ mod tests {
             message(limits.check_submit(&req("", &[("a", "1234"), ("b", "")]))),
             "the value of param `a` is 4 bytes; the limit is 3 (--max-param-value on the coordinator)"
         );
-        assert!(limits.check_submit(&req("0123456789", &[("a", "123")])).is_ok());
+        assert!(
+            limits
+                .check_submit(&req("0123456789", &[("a", "123")]))
+                .is_ok()
+        );
         assert_eq!(
             message(limits.check_tasks("p.yaml", 2)),
             "p.yaml has 2 tasks; the limit is 1 (--max-tasks on the coordinator)"

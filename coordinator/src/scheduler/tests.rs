@@ -381,7 +381,10 @@ fn a_log_takes_no_bytes_once_its_attempt_has_finished() {
     let err = h.st.log_writable(&owner.id, &attempt).unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("attempt {} has finished: its log takes no more bytes", offer.attempt_id)
+        format!(
+            "attempt {} has finished: its log takes no more bytes",
+            offer.attempt_id
+        )
     );
     assert_eq!(
         crate::api::status::from_state(err).code(),

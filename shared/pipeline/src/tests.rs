@@ -1415,3 +1415,33 @@ fn set_image_without_repo_edits_the_run_repository() {
     assert_eq!(repo, "", "empty means the run's own repository");
     assert_eq!(files, &["k8s/pod.yaml"]);
 }
+
+#[test]
+fn a_file_full_of_problems_lists_the_first_thousand() {
+    let mut text = s("version: 1\nname: p\ntasks:\n  t:\n    steps:\n");
+    for i in 0..1000 {
+        text.push_str(&format!("      - bogus{i}: x\n"));
+    }
+    let err = parse("p.yaml", &text).unwrap_err();
+    assert_eq!(err.len(), MAX_LISTED_ERRORS + 1);
+    assert_eq!(
+        err.0.last().unwrap().to_string(),
+        "p.yaml: ... and 1000 more problems, not listed: fix these first"
+    );
+    // What travels in a gRPC status: whole lines up to the size, then a count.
+    let summary = err.summary(1024);
+    assert!(summary.len() <= 1024, "{}", summary.len());
+    let lines: Vec<&str> = summary.lines().collect();
+    assert!(lines.len() > 2, "{summary}");
+    assert_eq!(lines[0], err.0[0].to_string());
+    let listed = lines.len() - 1;
+    assert_eq!(
+        *lines.last().unwrap(),
+        format!(
+            "... and {} more problems (`capstan validate FILE` lists them all)",
+            err.len() - listed
+        )
+    );
+    let one = parse("p.yaml", "version: 1\nname: p\ntasks: {}\nbogus: 1\n").unwrap_err();
+    assert_eq!(one.summary(1024), one.to_string(), "what fits is unchanged");
+}
