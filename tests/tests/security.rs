@@ -184,3 +184,39 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The docker executor never passed the runner's environment to a step
+/// container (its env is the step's, built by the runner): keep it so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_docker_step_sees_no_runner_credentials() -> anyhow::Result<()> {
+    let tb = capstan_tests::testbed::testbed();
+    let cleanup = capstan_tests::testbed::Cleanup::new("sec-env");
+    let label = cleanup.label();
+    let c = TestCluster::builder()
+        .executor("docker")
+        .runner_args(&["--docker-labels", &label])
+        .env("CAPSTAN_SECRET_REGISTRY", "registry-secret-value")
+        .env("RUNNER_ONLY_VARIABLE", "runner-only-value")
+        .start()
+        .await?;
+    let yaml = format!(
+        "version: 1\nname: creds\ntasks:\n  t:\n    image: {}\n    steps:\n      - run: env | sort; echo token={}\n",
+        tb.image, c.token
+    );
+    let id = c.submit(&yaml).await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    let log = String::from_utf8(c.task_log(&id, "t").await?)?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{log}");
+    for leak in [
+        "registry-secret-value",
+        "runner-only-value",
+        "CAPSTAN_REGISTRATION_TOKEN",
+        "CAPSTAN_SECRET_",
+        c.token.as_str(),
+    ] {
+        assert!(!log.contains(leak), "{leak} in {log}");
+    }
+    assert!(log.contains("CAPSTAN_RUN_ID="), "{log}");
+    assert!(log.contains("token=[MASKED]\n"), "{log}");
+    Ok(())
+}
