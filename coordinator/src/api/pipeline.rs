@@ -167,7 +167,16 @@ async fn build_on_parser_thread(
             .name("capstan-parse".into())
             .spawn(move || {
                 for (req, limits, reply) in rx {
-                    let _ = reply.send(build_run_within(req, &limits));
+                    // A parser bug must cost one submit, not every later one.
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        build_run_within(req, &limits)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Status::internal(
+                            "the coordinator failed parsing this pipeline; see its log",
+                        ))
+                    });
+                    let _ = reply.send(built);
                 }
             });
         if let Err(e) = spawned {
