@@ -3,6 +3,7 @@
 //! [`Args`] struct is the command line and the file (keys: the flags with
 //! `_`; an unknown key is an error); [`Args::settings`] fills in defaults.
 
+use crate::limits::Limits;
 use crate::scheduler::state::Timing;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,8 @@ pub struct CoordinatorConfig {
     /// for its own client. None for the binary (tokens come from `token
     /// create`).
     pub dev_admin_token: Option<String>,
+    /// Request, pipeline, run and log limits (`--max-*`).
+    pub limits: Limits,
 }
 
 impl CoordinatorConfig {
@@ -48,6 +51,7 @@ impl CoordinatorConfig {
             election_ttl: DEFAULT_ELECTION_TTL,
             log_dir: None,
             dev_admin_token: Some(crate::tokens::generate()),
+            limits: Limits::default(),
         }
     }
 }
@@ -124,6 +128,24 @@ pub struct Args {
     /// `30d`, `12h`, `90m`; `forever` keeps everything [default: 30d].
     #[arg(long, env = "CAPSTAN_RETENTION", value_name = "DURATION")]
     pub retention: Option<String>,
+    /// Largest gRPC request, e.g. `4m` [default: 4m].
+    #[arg(long, env = "CAPSTAN_MAX_REQUEST", value_name = "SIZE")]
+    pub max_request: Option<String>,
+    /// Largest pipeline file, at most `1m` [default: 1m].
+    #[arg(long, env = "CAPSTAN_MAX_PIPELINE", value_name = "SIZE")]
+    pub max_pipeline: Option<String>,
+    /// Most tasks in one run [default: 1000].
+    #[arg(long, env = "CAPSTAN_MAX_TASKS")]
+    pub max_tasks: Option<usize>,
+    /// Most `--param`s in one submit [default: 100].
+    #[arg(long, env = "CAPSTAN_MAX_PARAMS")]
+    pub max_params: Option<usize>,
+    /// Longest `--param` value [default: 64k].
+    #[arg(long, env = "CAPSTAN_MAX_PARAM_VALUE", value_name = "SIZE")]
+    pub max_param_value: Option<String>,
+    /// Most log bytes stored for one attempt of a task [default: 16g].
+    #[arg(long, env = "CAPSTAN_MAX_TASK_LOG", value_name = "SIZE")]
+    pub max_task_log: Option<String>,
 }
 
 /// The binary's offline commands (see `crate::admin`).
@@ -198,6 +220,7 @@ impl Args {
     /// Merges defaults, the TOML file and the flags/environment.
     pub fn settings(self) -> Result<Settings, ConfigError> {
         let s = self.layered()?;
+        let limits = limits(&s)?;
         let etcd_endpoints = endpoints(s.etcd_endpoints);
         let election_ttl = Duration::from_millis(
             s.election_ttl_ms
@@ -268,6 +291,7 @@ impl Args {
                 election_ttl,
                 log_dir: s.log_dir,
                 dev_admin_token: None,
+                limits,
             },
         })
     }
@@ -282,6 +306,50 @@ fn endpoints(list: Option<Vec<String>>) -> Vec<String> {
         .map(|e| e.trim().to_string())
         .filter(|e| !e.is_empty())
         .collect()
+}
+
+/// The `--max-*` flags over [`Limits::default`].
+fn limits(s: &Args) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let size = |flag: &str, text: &Option<String>, default: u64| match text {
+        None => Ok(default),
+        Some(t) => capstan_proto::units::parse_memory(t)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "bad --{flag} `{t}`: use a size such as `512k`, `4m` or `1g`"
+                ))
+            }),
+    };
+    let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let limits = Limits {
+        request_bytes: to_usize(size("max-request", &s.max_request, d.request_bytes as u64)?),
+        pipeline_bytes: to_usize(size(
+            "max-pipeline",
+            &s.max_pipeline,
+            d.pipeline_bytes as u64,
+        )?),
+        tasks: s.max_tasks.unwrap_or(d.tasks),
+        params: s.max_params.unwrap_or(d.params),
+        param_value_bytes: to_usize(size(
+            "max-param-value",
+            &s.max_param_value,
+            d.param_value_bytes as u64,
+        )?),
+        task_log_bytes: size("max-task-log", &s.max_task_log, d.task_log_bytes)?,
+    };
+    if limits.pipeline_bytes > capstan_pipeline::MAX_FILE_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "--max-pipeline may be at most 1m ({} bytes), the parser's own limit",
+            capstan_pipeline::MAX_FILE_BYTES
+        )));
+    }
+    if limits.tasks == 0 {
+        return Err(ConfigError::Invalid(
+            "--max-tasks must be at least 1".into(),
+        ));
+    }
+    Ok(limits)
 }
 
 /// `forever` (or `0`): keep everything; else a duration of whole days

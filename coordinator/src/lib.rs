@@ -30,9 +30,11 @@ pub(crate) mod api;
 pub mod config;
 pub(crate) mod election;
 pub(crate) mod http;
+pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod model;
+pub(crate) mod private;
 pub(crate) mod scheduler;
 mod server;
 pub mod store;
@@ -40,5 +42,6 @@ pub(crate) mod tokens;
 pub(crate) mod trace;
 
 pub use config::CoordinatorConfig;
+pub use limits::Limits;
 pub use scheduler::state::Timing;
 pub use server::run;

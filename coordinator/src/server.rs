@@ -17,8 +17,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Largest gRPC message accepted (pipeline files are capped at 1 MiB, log chunks at 1 MiB).
-const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// HTTP/2 ping interval on idle connections; rare enough to cost nothing
 /// next to the runners' heartbeats at 10,000 connections.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -54,7 +52,7 @@ pub async fn run(
     http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
+    crate::private::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let local = grpc.local_addr()?;
     let advertise = config
@@ -83,6 +81,7 @@ pub async fn run(
         registration_token: config.registration_token.clone().into(),
         advertise: advertise.clone().into(),
         tokens: Arc::new(crate::tokens::Tokens::new(store.clone())),
+        limits: config.limits,
     };
     if let Some(token) = &config.dev_admin_token {
         install_dev_token(&shared.tokens, token).await?;
@@ -206,6 +205,7 @@ async fn open_state(
 
 /// The gRPC server with the runner, pipeline, cluster and token services.
 fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
+    let limits = shared.limits;
     tonic::transport::Server::builder()
         // A runner host that vanishes without closing its connection (power
         // loss, a partition) would otherwise keep its stream task until TCP
@@ -221,13 +221,13 @@ fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
             runnerpb::runner_service_server::RunnerServiceServer::new(api::runner::RunnerApi(
                 shared.clone(),
             ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(limits.request_bytes),
         )
         .add_service(
             apipb::pipeline_service_server::PipelineServiceServer::new(api::pipeline::PipelineApi(
                 shared.clone(),
             ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(limits.request_bytes),
         )
         .add_service(
             clusterpb::cluster_service_server::ClusterServiceServer::new(api::cluster::ClusterApi(

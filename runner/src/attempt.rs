@@ -428,6 +428,7 @@ async fn checkout(
             let outcome = match e {
                 crate::git::GitError::Auth { .. }
                 | crate::git::GitError::Refused { .. }
+                | crate::git::GitError::BadSource(_)
                 | crate::git::GitError::RevNotFound { .. } => AttemptOutcome::Failed,
                 _ => AttemptOutcome::Error,
             };

@@ -105,6 +105,16 @@ impl WorkDir {
         tokio::fs::create_dir_all(&self.root)
             .await
             .map_err(err(&self.root))?;
+        // `runner.json` (the runner's credential) and the spooled logs are
+        // the runner's alone. Other users of the host cannot get in; a shell
+        // step runs as the runner's user and can (README "Executors and
+        // isolation").
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+                .await
+                .map_err(err(&self.root))?;
+        }
         for dir in [&self.attempts, &self.spool] {
             tokio::fs::create_dir_all(dir).await.map_err(err(dir))?;
             let mut entries = tokio::fs::read_dir(dir).await.map_err(err(dir))?;
@@ -360,6 +370,16 @@ mod tests {
         assert!(!valid_attempt_id("../etc"));
         assert!(!valid_attempt_id("a/b"));
         assert!(!valid_attempt_id(".hidden"));
+    }
+
+    #[tokio::test]
+    async fn prepare_makes_the_work_dir_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("work");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        WorkDir::new(&root).prepare().await.unwrap();
+        assert_eq!(std::fs::metadata(&root).unwrap().mode() & 0o777, 0o700);
     }
 
     #[tokio::test]

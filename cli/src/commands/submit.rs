@@ -11,6 +11,13 @@ use crate::follow::follow;
 use crate::output::Format;
 
 pub(crate) async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure> {
+    // The coordinator checks these too; here a mistake costs no connection.
+    if let Some(rev) = &args.rev {
+        capstan_proto::source::check_rev(rev).map_err(Failure::usage)?;
+    }
+    if let Some(repo) = &args.repo {
+        capstan_proto::source::check_repo(repo).map_err(Failure::usage)?;
+    }
     let text = read_pipeline(&args.file)?;
     let client = ctx.connect().await?;
     let request = SubmitRunRequest {

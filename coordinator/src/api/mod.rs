@@ -48,6 +48,7 @@ pub(crate) struct Shared {
     pub(crate) advertise: Arc<str>,
     /// The API tokens, in the same store as the state (every replica reads it).
     pub(crate) tokens: Arc<crate::tokens::Tokens>,
+    pub(crate) limits: crate::limits::Limits,
 }
 
 impl LeaderCtx {

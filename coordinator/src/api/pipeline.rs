@@ -1,6 +1,7 @@
 //! PipelineService: what the CLI talks to.
 
 use super::{Shared, status};
+use crate::limits::{Limits, MAX_ERROR_MESSAGE_BYTES};
 use crate::model::*;
 use crate::scheduler::{AttemptLogInfo, Command};
 use crate::tokens::Scope;
@@ -35,21 +36,49 @@ fn run_id(s: String) -> Result<RunId, Status> {
 /// Longest `SubmitRunRequest.idempotency_key` accepted.
 pub(crate) const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
-/// Turns a submit request into a run record, or every validation error.
-pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
+/// The run's idempotency key, `--rev` and `--repo`. Values reach scripts only as variables
+/// whatever they are, but a rev that is an option or a revision expression
+/// has no business in git.
+fn check_source(req: &SubmitRunRequest) -> Result<(), Status> {
     if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(Status::invalid_argument(format!(
             "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_BYTES} (a UUID is plenty)",
             req.idempotency_key.len()
         )));
     }
+    if !req.rev.is_empty() {
+        capstan_proto::source::check_rev(&req.rev).map_err(Status::invalid_argument)?;
+    }
+    if !req.repo.is_empty() {
+        capstan_proto::source::check_repo(&req.repo).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
+}
+
+/// [`build_run_within`] the default limits.
+#[cfg(test)]
+pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
+    build_run_within(req, &crate::limits::Limits::default())
+}
+
+/// Turns a submit request into a run record, or every validation error
+/// (as many as [`MAX_ERROR_MESSAGE_BYTES`] holds).
+pub(crate) fn build_run_within(
+    req: SubmitRunRequest,
+    limits: &Limits,
+) -> Result<RunRecord, Status> {
+    limits.check_submit(&req)?;
+    check_source(&req)?;
     let file = if req.file_name.is_empty() {
         "pipeline.yaml".to_string()
     } else {
         req.file_name.clone()
     };
-    let invalid = |e: capstan_pipeline::ValidationErrors| Status::invalid_argument(e.to_string());
+    let invalid = |e: capstan_pipeline::ValidationErrors| {
+        Status::invalid_argument(e.summary(MAX_ERROR_MESSAGE_BYTES))
+    };
     let parsed = capstan_pipeline::parse(&file, &req.pipeline_yaml).map_err(invalid)?;
+    limits.check_tasks(&file, parsed.tasks.len())?;
     let id = RunId::generate();
     let ctx = capstan_pipeline::Context {
         params: req.params.into_iter().collect(),
@@ -113,6 +142,60 @@ pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
     Ok(record)
 }
 
+/// A submit to parse, and where its answer goes.
+type ParseJob = (
+    SubmitRunRequest,
+    Limits,
+    tokio::sync::oneshot::Sender<Result<RunRecord, Status>>,
+);
+
+/// [`build_run_within`] on the one thread that parses every submit.
+///
+/// Parsing a large pipeline file takes tens of MB for a moment, and glibc
+/// keeps what a thread freed in that thread's arena: parsed on the runtime's
+/// workers, each rejected 900 KB submit left ~30 MB more resident (one arena
+/// after another, up to 8 per core). On one thread the most the process
+/// keeps is one parse's worth, however many submits come; and parsing, which
+/// is CPU work, stays off the runtime's workers.
+async fn build_on_parser_thread(
+    req: SubmitRunRequest,
+    limits: Limits,
+) -> Result<RunRecord, Status> {
+    static PARSER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<ParseJob>>> =
+        std::sync::OnceLock::new();
+    let parser = PARSER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<ParseJob>();
+        let spawned = std::thread::Builder::new()
+            .name("capstan-parse".into())
+            .spawn(move || {
+                for (req, limits, reply) in rx {
+                    // A parser bug must cost one submit, not every later one.
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        build_run_within(req, &limits)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Status::internal(
+                            "the coordinator failed parsing this pipeline; see its log",
+                        ))
+                    });
+                    let _ = reply.send(built);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the parser thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let sent = parser
+        .lock()
+        .map_err(|_| ())
+        .and_then(|tx| tx.send((req, limits, reply)).map_err(|_| ()));
+    let unavailable = || Status::unavailable("the coordinator's parser is not running; retry");
+    sent.map_err(|()| unavailable())?;
+    answer.await.map_err(|_| unavailable())?
+}
+
 #[tonic::async_trait]
 impl pipeline_service_server::PipelineService for PipelineApi {
     async fn submit_run(
@@ -140,7 +223,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         } else {
             TraceHeaders::of(&parent.context())
         };
-        let mut run = build_run(req.into_inner())?;
+        let mut run = build_on_parser_thread(req.into_inner(), self.0.limits).await?;
         run.traceparent = parent.traceparent;
         run.tracestate = parent.tracestate;
         run.submitted_by = caller.name;
@@ -426,6 +509,32 @@ mod tests {
         assert!(ok.is_ok());
     }
 
+    #[test]
+    fn a_bad_rev_or_repo_is_refused_at_submit() {
+        let submit = |repo: &str, rev: &str| {
+            build_run(SubmitRunRequest {
+                pipeline_yaml: "version: 1\nname: s\ntasks:\n  t:\n    steps: [ { run: x } ]\n"
+                    .into(),
+                repo: repo.into(),
+                rev: rev.into(),
+                ..Default::default()
+            })
+        };
+        let err = submit("", "main;$(touch f) x").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "--rev `main;$(touch f) x` is not a commit SHA or a valid ref name: it contains ' '"
+        );
+        let err = submit("--upload-pack=touch f", "main").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "--repo `--upload-pack=touch f` is not a repository URL: it starts with `-`"
+        );
+        assert!(submit("https://git.example.com/a.git", "main").is_ok());
+    }
+
     /// A follower (`capstan logs --follow`, `submit --follow`) of a task
     /// that still runs must not see a clean end of its stream when this
     /// replica stops leading (failover, or a restart of the coordinator):
@@ -485,6 +594,7 @@ mod tests {
             registration_token: "t".into(),
             advertise: "http://127.0.0.1:1".into(),
             tokens: Arc::new(crate::tokens::Tokens::new(store.clone())),
+            limits: Default::default(),
         };
         let (tx, _rx) = mpsc::channel(4);
         let follower =

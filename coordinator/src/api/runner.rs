@@ -283,6 +283,16 @@ impl RunnerApi {
             Some(&n) => n,
             None => leader.logs.len(attempt).await.map_err(status::from_log)?,
         };
+        let end = offset + parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        let limit = self.0.limits.task_log_bytes;
+        if end > limit {
+            // PERMISSION_DENIED: the runner's shipper stops sending this
+            // log once the attempt has ended, and the report goes out.
+            return Err(Status::permission_denied(format!(
+                "the log of attempt {attempt} would be {end} bytes; the limit is {limit} \
+                 (--max-task-log on the coordinator): the rest is not stored"
+            )));
+        }
         let len = self.append(leader, attempt, offset, parts).await?;
         // Bytes this call added (a chunk that waited for a gap starts
         // where the other stream left the log).

@@ -14,7 +14,8 @@ pub(crate) fn from_state(e: StateError) -> Status {
         StateError::ProtocolVersion { .. } => Status::failed_precondition(e.to_string()),
         StateError::NotYourAttempt { .. }
         | StateError::NotYourRun { .. }
-        | StateError::NameTaken(_) => Status::permission_denied(e.to_string()),
+        | StateError::NameTaken(_)
+        | StateError::AttemptFinished(_) => Status::permission_denied(e.to_string()),
     }
 }
 

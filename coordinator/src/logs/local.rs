@@ -7,7 +7,7 @@ use capstan_proto::ids::AttemptId;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
@@ -62,7 +62,10 @@ impl LogFile {
     fn file(&mut self, path: &Path, create: bool) -> io::Result<Option<&Arc<File>>> {
         if self.file.is_none() {
             let mut options = OpenOptions::new();
-            options.read(true).append(true);
+            options
+                .read(true)
+                .append(true)
+                .mode(crate::private::FILE_MODE);
             let file = match options.open(path) {
                 Ok(file) => file,
                 Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
@@ -120,7 +123,7 @@ impl LocalLogStore {
             path: dir.display().to_string(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(open_error)?;
+        crate::private::private_dir(dir).map_err(open_error)?;
         if !std::fs::metadata(dir).map_err(open_error)?.is_dir() {
             return Err(open_error(io::Error::new(
                 io::ErrorKind::NotADirectory,

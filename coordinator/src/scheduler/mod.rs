@@ -374,7 +374,7 @@ impl Scheduler {
                 let r = self
                     .state
                     .authenticate(&runner, &secret)
-                    .and_then(|()| self.state.owned_attempt(&runner, &attempt).map(|_| ()));
+                    .and_then(|()| self.state.log_writable(&runner, &attempt));
                 let _ = reply.send(r);
             }
             Command::ListRunners { reply } => {

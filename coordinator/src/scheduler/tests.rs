@@ -359,6 +359,40 @@ fn a_runner_cannot_report_on_someone_elses_attempt() {
 }
 
 #[test]
+fn a_log_takes_no_bytes_once_its_attempt_has_finished() {
+    let mut h = Harness::new();
+    h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut owner = h.runner("owner", 1, &[]);
+    let intruder = h.runner("intruder", 1, &[]);
+    let offer = h.accept(&mut owner);
+    let attempt = AttemptId::from_string(offer.attempt_id.clone());
+    assert!(h.st.log_writable(&owner.id, &attempt).is_ok());
+    let err = h.st.log_writable(&intruder.id, &attempt).unwrap_err();
+    assert!(matches!(err, StateError::NotYourAttempt { .. }), "{err}");
+    h.send(
+        &owner,
+        Up::Finished(rpb::TaskFinished {
+            attempt_id: offer.attempt_id.clone(),
+            outcome: rpb::AttemptOutcome::Succeeded as i32,
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    let err = h.st.log_writable(&owner.id, &attempt).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "attempt {} has finished: its log takes no more bytes",
+            offer.attempt_id
+        )
+    );
+    assert_eq!(
+        crate::api::status::from_state(err).code(),
+        tonic::Code::PermissionDenied
+    );
+}
+
+#[test]
 fn lost_runner_requeues_as_new_attempt_and_old_reports_are_ignored() {
     let mut h = Harness::new();
     let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");

@@ -114,6 +114,8 @@ impl RedbStore {
             )
         })?
         .map_err(|err| open_error(describe_open_error(err)))?;
+        // redb creates the file with the process's umask.
+        crate::private::private_file(path).map_err(|e| open_error(e.into()))?;
 
         let wal_path = PathBuf::from(format!("{}.wal", path.display()));
         let wal = (|| -> Result<Wal, BoxError> {

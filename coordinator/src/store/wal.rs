@@ -37,7 +37,7 @@
 use super::Op;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"CWAL");
@@ -73,9 +73,12 @@ impl Wal {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .mode(crate::private::FILE_MODE)
             .create(true)
             .truncate(false)
             .open(path)?;
+        // One written by an older version may be wider.
+        crate::private::private_file(path)?;
         let len = file.metadata()?.len();
         if len < capacity {
             // Write the zeros rather than `fallocate`: a fallocated block is

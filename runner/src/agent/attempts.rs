@@ -70,7 +70,10 @@ impl Attempts {
                 work_dir,
                 executor,
                 secrets: Arc::default(),
-                mask: Arc::default(),
+                mask: Arc::new(crate::logs::mask::patterns(std::slice::from_ref(
+                    &config.registration_token,
+                ))),
+                own: vec![config.registration_token.clone()],
                 git_credentials: config.git_credentials.clone(),
                 git_author: config.git_author.clone(),
                 step_log_cap: config.step_log_cap,
@@ -85,8 +88,19 @@ impl Attempts {
     /// The runner's secrets: resolved for the steps that name them, and
     /// masked in every step's output.
     pub(super) fn set_secrets(&mut self, secrets: Arc<Secrets>) {
-        self.launcher.mask = Arc::new(crate::logs::mask::patterns(&secrets.values()));
         self.launcher.secrets = secrets;
+        self.launcher.remask();
+    }
+
+    /// The runner's own credential (its secret from `Register`): masked
+    /// like a secret in the output of every attempt started from now on,
+    /// next to the registration token, which always is.
+    pub(super) fn mask_runner_secret(&mut self, runner_secret: &str) {
+        if self.launcher.own.get(1).map(String::as_str) != Some(runner_secret) {
+            self.launcher.own.truncate(1);
+            self.launcher.own.push(runner_secret.to_owned());
+            self.launcher.remask();
+        }
     }
 
     /// Attempts holding a slot.
@@ -335,8 +349,12 @@ struct Launcher {
     work_dir: Arc<WorkDir>,
     executor: Arc<dyn Executor>,
     secrets: Arc<Secrets>,
-    /// Byte patterns masked in every step's output (from `secrets`).
+    /// Byte patterns masked in every step's output (from `secrets` and
+    /// `own`).
     mask: Arc<Vec<Vec<u8>>>,
+    /// The runner's own credentials: the registration token, then the
+    /// runner secret once known.
+    own: Vec<String>,
     git_credentials: Option<String>,
     git_author: crate::gitops::Author,
     step_log_cap: crate::logs::cap::StepLogCap,
@@ -347,6 +365,12 @@ struct Launcher {
 }
 
 impl Launcher {
+    fn remask(&mut self) {
+        let mut values = self.secrets.values();
+        values.extend(self.own.iter().cloned());
+        self.mask = Arc::new(crate::logs::mask::patterns(&values));
+    }
+
     /// Starts the attempt task of an accepted offer, in a span that joins
     /// the run's trace.
     fn launch(

@@ -228,6 +228,7 @@ impl Agent {
             log_client,
             credentials,
         } = session;
+        self.attempts.mask_runner_secret(&credentials.runner_secret);
         let target = LogTarget {
             client: log_client,
             credentials,

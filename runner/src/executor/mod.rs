@@ -32,6 +32,7 @@
 
 pub mod docker;
 pub(crate) mod fake;
+pub(crate) mod host_env;
 pub(crate) mod shell;
 
 use std::collections::BTreeMap;

@@ -4,7 +4,9 @@
 //! Each step is `/bin/sh -ec SCRIPT` (a multi-line script stops at the first
 //! failing line, like GitLab), in its own process group so that a timeout or
 //! cancel can stop every process the script started. The runner's own
-//! environment is inherited, with the step's variables on top.
+//! environment is not inherited: a step starts from the allow-list of
+//! [`super::host_env`] (`PATH`, `HOME`, `LANG`, ...; never the runner's
+//! credentials), with the step's variables on top.
 //!
 //! A step usually starts in a *warm* shell: one `/bin/sh -es` started ahead
 //! of time, blocked reading its script from stdin (see [`WarmShell`]). At
@@ -32,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tracing::debug;
 
-use super::{Executor, ExecutorError, step_env};
+use super::{Executor, ExecutorError, host_env, step_env};
 use crate::logs::sink::OutputSink;
 use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline, step_kind_name};
 
@@ -134,6 +136,8 @@ impl WarmShell {
             // Not the workspace: the script `cd`s there, and an idle shell
             // should hold no attempt's directory.
             .current_dir("/")
+            .env_clear()
+            .envs(host_env::base())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -169,12 +173,12 @@ const WARM_MAX: usize = 4096;
 const WARM_RESERVED: [&str; 5] = ["IFS", "OLDPWD", "OPTIND", "PPID", "PWD"];
 
 /// The warm shell's script: `set +s`, `cd` to the workspace (physical path, as a
-/// cold shell's `$PWD`), the runner's `OLDPWD` as it was, each variable
+/// cold shell's `$PWD`), no `OLDPWD` (a cold shell has none), each variable
 /// exported, then the step's script, all on the script's first line so
 /// that line numbers in the shell's messages are the script's own. `None`
 /// when that is not exact: a name that is not a plain shell name or is in
-/// [`WARM_RESERVED`], a newline in a value, the workspace or `OLDPWD`, a
-/// NUL byte (a cold spawn reports it), a non-UTF-8 workspace or `OLDPWD`,
+/// [`WARM_RESERVED`], a newline in a value or the workspace, a
+/// NUL byte (a cold spawn reports it), a non-UTF-8 workspace,
 /// or more than [`WARM_MAX`] bytes.
 fn warm_script(
     workspace: &std::path::Path,
@@ -197,15 +201,8 @@ fn warm_script(
     // the whole script in its buffer by now (one read of one atomic write).
     text.push_str("set +s; exec </dev/null; cd -P -- ");
     quote(&mut text, workspace.to_str()?);
-    text.push_str(" || exit; ");
-    match std::env::var_os("OLDPWD") {
-        Some(old) => {
-            text.push_str("OLDPWD=");
-            quote(&mut text, old.to_str()?);
-            text.push_str("; ");
-        }
-        None => text.push_str("unset OLDPWD; "),
-    }
+    // A cold shell has no `OLDPWD` (not in the allow-list); the `cd` set one.
+    text.push_str(" || exit; unset OLDPWD; ");
     for (name, value) in env {
         if !plain(name) {
             return None;
@@ -262,6 +259,8 @@ impl Executor for ShellExecutor {
                 .arg("-ec")
                 .arg(script.as_ref())
                 .current_dir(&task.workspace)
+                .env_clear()
+                .envs(host_env::base())
                 .envs(&env)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -560,6 +559,55 @@ mod tests {
             sink.text(),
             "task step from-step run-1 test att-1\nin-workspace\n"
         );
+    }
+
+    /// The runner's environment holds its credentials; a step sees only
+    /// the allow-list, its own variables and the attempt's, warm or cold.
+    #[tokio::test]
+    async fn a_step_never_sees_the_runners_environment() {
+        // This test's own process stands for the runner: cargo and nextest
+        // put variables in its environment that no allow-list has.
+        let outside: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| !host_env::passed(k))
+            .collect();
+        assert!(
+            outside.iter().any(|k| k.starts_with("CARGO")),
+            "{outside:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut step = run_step("env | sort");
+        step.env.insert("STEP_VAR".into(), "step".into());
+        for executor in [ShellExecutor::new(), ShellExecutor::default()] {
+            let (end, sink) = run_with(
+                &executor,
+                dir.path(),
+                step.clone(),
+                CancellationToken::new(),
+                None,
+            )
+            .await;
+            assert_eq!(end, StepEnd::Exited(0));
+            let text = sink.text();
+            assert!(!text.contains("leak"), "{text}");
+            let names: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+                .filter(|k| !host_env::passed(k))
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    "CAPSTAN_ATTEMPT_ID",
+                    "CAPSTAN_RUN_ID",
+                    "CAPSTAN_TASK",
+                    "CAPSTAN_WORKSPACE",
+                    "PWD",
+                    "STEP_VAR"
+                ],
+                "{text}"
+            );
+        }
     }
 
     fn process_gone(pid: &str) -> bool {
@@ -901,7 +949,9 @@ mod warm_tests {
         };
         let text = warm_script(ws, &env(&[("A_1", "a'b")]), "echo hi").unwrap();
         assert!(
-            text.starts_with("set +s; exec </dev/null; cd -P -- '/w/it'\\''s' || exit; "),
+            text.starts_with(
+                "set +s; exec </dev/null; cd -P -- '/w/it'\\''s' || exit; unset OLDPWD; "
+            ),
             "{text}"
         );
         assert!(text.ends_with("export A_1='a'\\''b'; echo hi\n"), "{text}");

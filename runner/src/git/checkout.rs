@@ -19,6 +19,10 @@ pub async fn checkout(
     dest: &Path,
     credentials: Option<Secret>,
 ) -> Result<String, GitError> {
+    capstan_proto::source::check_repo(repo).map_err(GitError::BadSource)?;
+    if !rev.is_empty() {
+        capstan_proto::source::check_rev(rev).map_err(GitError::BadSource)?;
+    }
     let (repo, rev, dest) = (repo.to_owned(), rev.to_owned(), dest.to_owned());
     tokio::task::spawn_blocking(move || checkout_blocking(&repo, &rev, &dest, credentials.as_ref()))
         .await
@@ -112,5 +116,26 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, GitError::RevNotFound { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_rev_or_repo_git_must_not_see_is_refused_before_git_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (origin, ..) = two_commit_repo(dir.path());
+        let url = origin.display().to_string();
+        let dest = dir.path().join("ws");
+        let err = checkout(&url, "HEAD~1", &dest, None).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--rev `HEAD~1` is not a commit SHA or a valid ref name: it contains `~`"
+        );
+        let err = checkout("--upload-pack=touch x", "main", &dest, None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--repo `--upload-pack=touch x` is not a repository URL: it starts with `-`"
+        );
+        assert!(!dest.exists(), "nothing was cloned");
     }
 }

@@ -54,6 +54,10 @@ pub enum GitError {
         #[source]
         source: git2::Error,
     },
+    /// The run's `--repo` or `--rev` is not one git may be handed (the
+    /// coordinator refuses them at submit; this is the second check).
+    #[error("{0}")]
+    BadSource(String),
     #[error("revision `{rev}` not found in {repo}")]
     RevNotFound {
         repo: String,

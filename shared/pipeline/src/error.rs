@@ -69,6 +69,36 @@ impl ValidationErrors {
         self.0.is_empty()
     }
 
+    /// The errors one per line, as many whole lines as fit in `max_bytes`,
+    /// then a line that says how many more there are. For messages that
+    /// travel (a gRPC status is an HTTP/2 header: 14 MB of problems in one
+    /// made the coordinator hold 80 MB and the client refuse the answer).
+    pub fn summary(&self, max_bytes: usize) -> String {
+        // The longest "... and N more" line.
+        const TAIL_ROOM: usize = 80;
+        let mut out = String::new();
+        for (i, e) in self.0.iter().enumerate() {
+            let line = e.to_string();
+            let reserve = if i + 1 < self.0.len() { TAIL_ROOM } else { 0 };
+            if out.len() + 1 + line.len() + reserve > max_bytes {
+                let more = self.0.len() - i;
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                let s = if more == 1 { "" } else { "s" };
+                out.push_str(&format!(
+                    "... and {more} more problem{s} (`capstan validate FILE` lists them all)"
+                ));
+                return out;
+            }
+            if i > 0 {
+                out.push('\n');
+            }
+            out.push_str(&line);
+        }
+        out
+    }
+
     /// Sorts by position (stable: errors at the same place keep their order).
     pub(crate) fn sorted(mut errors: Vec<ValidationError>) -> Self {
         errors.sort_by_key(|e| (e.line, e.column));

@@ -33,9 +33,11 @@
 //!   values (which are plain text).
 
 mod error;
+mod expr;
 mod model;
 mod names;
 mod parse;
+mod script;
 mod substitute;
 mod validate;
 mod yaml;
@@ -46,7 +48,7 @@ mod tests;
 pub use error::{ValidationError, ValidationErrors};
 pub use model::{Pipeline, SourceMap, StepDef, StepKind, TaskDef};
 pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
-pub use parse::{MAX_RETRIES, parse};
+pub use parse::{MAX_LISTED_ERRORS, MAX_RETRIES, parse};
 pub use substitute::{Context, resolve};
 
 use capstan_proto::pipeline::v1 as pb;

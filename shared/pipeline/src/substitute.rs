@@ -1,7 +1,9 @@
 //! `${{ ... }}` substitutions: scanning (checked by `parse`) and resolving.
 
 use super::error::{ValidationError, ValidationErrors};
+use super::expr::{Expr, OPEN, Piece, Rendered, scan};
 use super::model::{Pipeline, StepKind, TaskDef};
+use super::script;
 use super::validate::closest;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,85 +18,6 @@ pub struct Context {
     pub git_repo: Option<String>,
     /// `${{ run.id }}`: the run's id.
     pub run_id: Option<String>,
-}
-
-/// One `${{ ... }}` expression.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Expr {
-    Param(String),
-    GitSha,
-    GitRepo,
-    RunId,
-}
-
-impl Expr {
-    fn text(&self) -> String {
-        match self {
-            Expr::Param(p) => format!("${{{{ params.{p} }}}}"),
-            Expr::GitSha => "${{ git.sha }}".to_owned(),
-            Expr::GitRepo => "${{ git.repo }}".to_owned(),
-            Expr::RunId => "${{ run.id }}".to_owned(),
-        }
-    }
-}
-
-#[derive(Debug)]
-pub(crate) enum Piece<'a> {
-    Lit(&'a str),
-    Expr(Expr),
-}
-
-pub(crate) const OPEN: &str = "${{";
-const CLOSE: &str = "}}";
-const EXPECTED: &str = "expected `params.NAME`, `git.sha`, `git.repo` or `run.id`";
-
-/// Splits a string into literal text and expressions. Every problem in the
-/// string is returned (an unterminated `${{` ends the scan).
-pub(crate) fn scan(s: &str) -> Result<Vec<Piece<'_>>, Vec<String>> {
-    let mut pieces = Vec::new();
-    let mut problems = Vec::new();
-    let mut rest = s;
-    while let Some(start) = rest.find(OPEN) {
-        if start > 0 {
-            pieces.push(Piece::Lit(&rest[..start]));
-        }
-        let after = &rest[start + OPEN.len()..];
-        let Some(end) = after.find(CLOSE) else {
-            problems.push(format!(
-                "unterminated `{OPEN}`: close the substitution with `{CLOSE}`"
-            ));
-            rest = "";
-            break;
-        };
-        let inner = after[..end].trim();
-        match parse_expr(inner) {
-            Some(e) => pieces.push(Piece::Expr(e)),
-            None => problems.push(format!(
-                "unknown substitution `${{{{ {inner} }}}}`: {EXPECTED}"
-            )),
-        }
-        rest = &after[end + CLOSE.len()..];
-    }
-    if !rest.is_empty() {
-        pieces.push(Piece::Lit(rest));
-    }
-    if problems.is_empty() {
-        Ok(pieces)
-    } else {
-        Err(problems)
-    }
-}
-
-fn parse_expr(inner: &str) -> Option<Expr> {
-    match inner {
-        "git.sha" => Some(Expr::GitSha),
-        "git.repo" => Some(Expr::GitRepo),
-        "run.id" => Some(Expr::RunId),
-        _ => {
-            let name = inner.strip_prefix("params.")?;
-            crate::names::is_param_name(name).then(|| Expr::Param(name.to_owned()))
-        }
-    }
 }
 
 /// Checks the substitutions of one string against the declared params;
@@ -131,29 +54,41 @@ fn unknown_param_in_expr(name: &str, params: &BTreeMap<String, String>) -> Strin
     msg
 }
 
-/// Calls `f` with the field path and value of every string of a task that
-/// substitutions apply to. The paths are the keys of [`super::SourceMap`].
-pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, &mut String)) {
+/// What a string of a task is, for its substitutions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Field {
+    /// Plain text: the value goes in as it is.
+    Plain,
+    /// The `run` script of the step with this index: shell (see [`script`]).
+    ///
+    /// [`script`]: super::script
+    Script(usize),
+}
+
+/// Calls `f` with the field path, kind and value of every string of a task
+/// that substitutions apply to, in file order. The paths are the keys of
+/// [`super::SourceMap`].
+pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field, &mut String)) {
     let base = format!("tasks.{}", task.name);
     if let Some(image) = &mut task.image {
-        f(&format!("{base}.image"), image);
+        f(&format!("{base}.image"), Field::Plain, image);
     }
     for (k, v) in &mut task.env {
-        f(&format!("{base}.env.{k}"), v);
+        f(&format!("{base}.env.{k}"), Field::Plain, v);
     }
     for (i, step) in task.steps.iter_mut().enumerate() {
         let sb = format!("{base}.steps[{i}]");
         if let Some(name) = &mut step.name {
-            f(&format!("{sb}.name"), name);
+            f(&format!("{sb}.name"), Field::Plain, name);
         }
         for (k, v) in &mut step.env {
-            f(&format!("{sb}.env.{k}"), v);
+            f(&format!("{sb}.env.{k}"), Field::Plain, v);
         }
         match &mut step.kind {
             StepKind::Run { script, image } => {
-                f(&format!("{sb}.run"), script);
+                f(&format!("{sb}.run"), Field::Script(i), script);
                 if let Some(image) = image {
-                    f(&format!("{sb}.image"), image);
+                    f(&format!("{sb}.image"), Field::Plain, image);
                 }
             }
             StepKind::Build {
@@ -161,32 +96,32 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, &mut 
                 dockerfile,
                 tag,
             } => {
-                f(&format!("{sb}.build.context"), context);
-                f(&format!("{sb}.build.dockerfile"), dockerfile);
-                f(&format!("{sb}.build.tag"), tag);
+                f(&format!("{sb}.build.context"), Field::Plain, context);
+                f(&format!("{sb}.build.dockerfile"), Field::Plain, dockerfile);
+                f(&format!("{sb}.build.tag"), Field::Plain, tag);
             }
             StepKind::Push { image, credentials } => {
-                f(&format!("{sb}.push.image"), image);
+                f(&format!("{sb}.push.image"), Field::Plain, image);
                 if let Some(c) = credentials {
-                    f(&format!("{sb}.push.credentials"), c);
+                    f(&format!("{sb}.push.credentials"), Field::Plain, c);
                 }
             }
             StepKind::SetImage {
                 repo, files, image, ..
             } => {
-                f(&format!("{sb}.set-image.repo"), repo);
+                f(&format!("{sb}.set-image.repo"), Field::Plain, repo);
                 for (j, file) in files.iter_mut().enumerate() {
-                    f(&format!("{sb}.set-image.files[{j}]"), file);
+                    f(&format!("{sb}.set-image.files[{j}]"), Field::Plain, file);
                 }
-                f(&format!("{sb}.set-image.image"), image);
+                f(&format!("{sb}.set-image.image"), Field::Plain, image);
             }
             StepKind::GitPush {
                 message,
                 credentials,
             } => {
-                f(&format!("{sb}.git-push.message"), message);
+                f(&format!("{sb}.git-push.message"), Field::Plain, message);
                 if let Some(c) = credentials {
-                    f(&format!("{sb}.git-push.credentials"), c);
+                    f(&format!("{sb}.git-push.credentials"), Field::Plain, c);
                 }
             }
         }
@@ -211,7 +146,9 @@ pub fn resolve(
     // Report a missing value once, where it is first used.
     let mut reported: BTreeSet<Expr> = BTreeSet::new();
     for task in &mut out.tasks {
-        for_each_string(task, &mut |path, value| {
+        // The variables each `run` script refers to, by step index.
+        let mut script_vars: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
+        for_each_string(task, &mut |path, field, value| {
             if !value.contains(OPEN) {
                 return;
             }
@@ -223,34 +160,36 @@ pub fn resolve(
                 Ok(p) => p,
                 Err(problems) => {
                     problems.into_iter().for_each(&mut problem);
+                    value.clear();
                     return;
                 }
             };
-            let mut result = String::with_capacity(value.len());
-            for piece in pieces {
-                let sub = match piece {
-                    Piece::Lit(s) => Ok(s),
-                    Piece::Expr(e) => {
-                        let v = match &e {
-                            Expr::Param(p) => params.get(p).map(String::as_str),
-                            Expr::GitSha => ctx.git_sha.as_deref(),
-                            Expr::GitRepo => ctx.git_repo.as_deref(),
-                            Expr::RunId => ctx.run_id.as_deref(),
-                        };
-                        v.ok_or(e)
-                    }
-                };
-                match sub {
-                    Ok(s) => result.push_str(s),
-                    Err(e) => {
-                        if reported.insert(e.clone()) {
-                            problem(missing(&e, &params));
-                        }
-                    }
+            let lookup = |e: &Expr| match e {
+                Expr::Param(p) => params.get(p).map(String::as_str),
+                Expr::GitSha => ctx.git_sha.as_deref(),
+                Expr::GitRepo => ctx.git_repo.as_deref(),
+                Expr::RunId => ctx.run_id.as_deref(),
+            };
+            let rendered = match field {
+                Field::Plain => plain(pieces, lookup),
+                Field::Script(_) => script::render(pieces, lookup),
+            };
+            for e in &rendered.missing {
+                if reported.insert(e.clone()) {
+                    problem(missing(e, &params));
                 }
             }
-            *value = result;
+            rendered.problems.into_iter().for_each(&mut problem);
+            if let Field::Script(step) = field {
+                script_vars.push((step, rendered.vars));
+            }
+            *value = rendered.text;
         });
+        for (step, vars) in script_vars {
+            // Over the step's own env: the script's references must mean
+            // the values (the `CAPSTAN_` prefix is the runner's).
+            task.steps[step].env.extend(vars);
+        }
     }
     out.source_map = Default::default();
     if errors.is_empty() {
@@ -258,6 +197,21 @@ pub fn resolve(
     } else {
         Err(ValidationErrors::sorted(errors))
     }
+}
+
+/// A plain field: each value goes in as it is.
+fn plain<'v>(pieces: Vec<Piece<'_>>, lookup: impl Fn(&Expr) -> Option<&'v str>) -> Rendered {
+    let mut out = Rendered::default();
+    for piece in pieces {
+        match piece {
+            Piece::Lit(s) => out.text.push_str(s),
+            Piece::Expr(e) => match lookup(&e) {
+                Some(v) => out.text.push_str(v),
+                None => out.missing.push(e),
+            },
+        }
+    }
+    out
 }
 
 /// The file's param defaults with `ctx.params` over them; an unknown

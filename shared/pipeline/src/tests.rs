@@ -249,10 +249,11 @@ fn hello_example_parses() {
     assert_eq!(
         r.tasks[0].steps[0].kind,
         StepKind::Run {
-            script: s("echo \"hello from capstan\""),
+            script: s("echo \"${CAPSTAN_PARAM_greeting} from capstan\""),
             image: None
         }
     );
+    assert_eq!(r.tasks[0].steps[0].env["CAPSTAN_PARAM_greeting"], "hello");
 }
 
 #[test]
@@ -1080,10 +1081,143 @@ fn resolve_covers_task_and_step_strings() {
     assert_eq!(
         t.steps[0].kind,
         StepKind::Run {
-            script: s("echo VV"),
+            script: s("echo \"${CAPSTAN_PARAM_v}\"\"${CAPSTAN_PARAM_v}\""),
             image: Some(s("i:V"))
         }
     );
+    assert_eq!(t.steps[0].env["CAPSTAN_PARAM_v"], "V");
+}
+
+/// Runs `script` with `/bin/sh -ec` and `env`, in `dir`: its stdout.
+fn sh(dir: &std::path::Path, script: &str, env: &BTreeMap<String, String>) -> String {
+    let out = std::process::Command::new("/bin/sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The payloads, in every quoting context a script can put a
+/// substitution in: nothing is injected and the value arrives verbatim.
+#[test]
+fn no_value_can_change_a_scripts_syntax() {
+    let payloads = [
+        "main\"; echo INJECTED-$(id -un) > f; echo \"",
+        "main'; echo INJECTED > f; echo '",
+        "x`touch f`$(touch f) ${HOME} $HOME *  two  spaces\\",
+        "a\nEOF\ntouch f\ncat <<EOF",
+        "-n",
+        "",
+    ];
+    let scripts = [
+        // (script, what it prints for value V)
+        ("printf '%s\\n' ${{ params.b }}", "V\n"),
+        ("printf '%s\\n' \"[${{ params.b }}]\"", "[V]\n"),
+        ("printf '%s\\n' '[${{ params.b }}]'", "[V]\n"),
+        ("printf '%s\\n' x${{ params.b }}y${{ params.b }}", "xVyV\n"),
+        ("printf '%s\\n' \"$(printf '%s' ${{ params.b }})\"", "V\n"),
+        (
+            "printf '%s\\n' \"$(printf '%s' \"<${{ params.b }}>\")\"",
+            "<V>\n",
+        ),
+        ("cat <<EOF\n${{ params.b }}\nEOF", "V\n"),
+        (
+            "cat <<-EOF\n\t[${{ params.b }}]\n\tEOF\nprintf '%s\\n' '${{ params.b }}'",
+            "[V]\nV\n",
+        ),
+        (
+            "# ${{ params.b }} in a comment\nprintf '%s\\n' ${{ params.b }}",
+            "V\n",
+        ),
+        ("b=${{ params.b }}; printf '%s\\n' \"$b\"", "V\n"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for payload in payloads {
+        for (script, want) in scripts {
+            let yaml = format!(
+                "version: 1\nname: p\nparams: {{ b: x }}\ntasks:\n  t:\n    steps:\n      - run: {}\n",
+                serde_json::to_string(script).unwrap()
+            );
+            let p = parse("p.yaml", &yaml).unwrap();
+            let mut c = ctx();
+            c.params.insert(s("b"), s(payload));
+            let r = resolve("p.yaml", &p, &c).unwrap();
+            let step = &r.tasks[0].steps[0];
+            let StepKind::Run { script: text, .. } = &step.kind else {
+                panic!()
+            };
+            assert!(!text.contains(payload) || payload.len() < 3, "{text}");
+            let env: BTreeMap<String, String> = step.env.clone();
+            assert_eq!(env["CAPSTAN_PARAM_b"], payload);
+            let got = sh(dir.path(), text, &env);
+            assert_eq!(got, want.replace('V', payload), "{script:?} -> {text:?}");
+            assert!(
+                !dir.path().join("f").exists(),
+                "{script:?} with {payload:?} injected"
+            );
+        }
+    }
+}
+
+#[test]
+fn git_and_run_values_in_scripts_are_variables_too() {
+    let yaml = "version: 1\nname: p\nparams: { image-tag: t, image_tag2: u }\ntasks:\n  t:\n    steps:\n      - run: echo ${{ git.sha }} ${{ git.repo }} ${{ run.id }} ${{ params.image-tag }}\n";
+    let p = parse("p.yaml", yaml).unwrap();
+    let mut c = ctx();
+    c.git_sha = Some(s("main;touch f"));
+    let r = resolve("p.yaml", &p, &c).unwrap();
+    let step = &r.tasks[0].steps[0];
+    assert_eq!(
+        step.kind,
+        StepKind::Run {
+            script: s(
+                "echo \"${CAPSTAN_GIT_SHA}\" \"${CAPSTAN_GIT_REPO}\" \"${CAPSTAN_RUN_ID}\" \"${CAPSTAN_PARAM_image_tag}\""
+            ),
+            image: None
+        }
+    );
+    let env: Vec<(&str, &str)> = step
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("CAPSTAN_GIT_REPO", "http://git/demo.git"),
+            ("CAPSTAN_GIT_SHA", "main;touch f"),
+            ("CAPSTAN_PARAM_image_tag", "t"),
+            ("CAPSTAN_RUN_ID", "run-1"),
+        ]
+    );
+}
+
+#[test]
+fn script_substitutions_that_cannot_be_passed_safely_are_refused() {
+    let yaml = "version: 1\nname: p\nparams: { a-b: x, a_b: y }\ntasks:\n  t:\n    steps:\n      - run: echo ${{ params.a-b }} ${{ params.a_b }}\n      - run: \"cat <<'EOF'\\n${{ params.a-b }}\\nEOF\"\n";
+    let p = parse("p.yaml", yaml).unwrap();
+    let err = resolve("p.yaml", &p, &ctx()).unwrap_err();
+    let got: Vec<String> = err
+        .iter()
+        .map(|e| format!("{}:{}: {}", e.line, e.column, e.message))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "7:14: `${{ params.a-b }}` and `${{ params.a_b }}` would both be `$CAPSTAN_PARAM_a_b` in this script: rename one of the params",
+            "8:14: `${{ params.a-b }}` inside a here-document with a quoted delimiter (<<'EOF') cannot expand: unquote the delimiter, or write `$CAPSTAN_PARAM_a_b` where it may expand",
+        ]
+    );
+    // Outside scripts, the same substitutions are plain text.
+    let yaml = "version: 1\nname: p\nparams: { a-b: x, a_b: y }\ntasks:\n  t:\n    image: \"${{ params.a-b }}${{ params.a_b }}\"\n    steps:\n      - run: echo\n";
+    let r = resolve("p.yaml", &parse("p.yaml", yaml).unwrap(), &ctx()).unwrap();
+    assert_eq!(r.tasks[0].image.as_deref(), Some("xy"));
 }
 
 #[test]
@@ -1280,4 +1414,34 @@ fn set_image_without_repo_edits_the_run_repository() {
     };
     assert_eq!(repo, "", "empty means the run's own repository");
     assert_eq!(files, &["k8s/pod.yaml"]);
+}
+
+#[test]
+fn a_file_full_of_problems_lists_the_first_thousand() {
+    let mut text = s("version: 1\nname: p\ntasks:\n  t:\n    steps:\n");
+    for i in 0..1000 {
+        text.push_str(&format!("      - bogus{i}: x\n"));
+    }
+    let err = parse("p.yaml", &text).unwrap_err();
+    assert_eq!(err.len(), MAX_LISTED_ERRORS + 1);
+    assert_eq!(
+        err.0.last().unwrap().to_string(),
+        "p.yaml: ... and 1000 more problems, not listed: fix these first"
+    );
+    // What travels in a gRPC status: whole lines up to the size, then a count.
+    let summary = err.summary(1024);
+    assert!(summary.len() <= 1024, "{}", summary.len());
+    let lines: Vec<&str> = summary.lines().collect();
+    assert!(lines.len() > 2, "{summary}");
+    assert_eq!(lines[0], err.0[0].to_string());
+    let listed = lines.len() - 1;
+    assert_eq!(
+        *lines.last().unwrap(),
+        format!(
+            "... and {} more problems (`capstan validate FILE` lists them all)",
+            err.len() - listed
+        )
+    );
+    let one = parse("p.yaml", "version: 1\nname: p\ntasks: {}\nbogus: 1\n").unwrap_err();
+    assert_eq!(one.summary(1024), one.to_string(), "what fits is unchanged");
 }

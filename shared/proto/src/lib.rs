@@ -4,6 +4,8 @@
 //!   for `proto/capstan/<package>/v1`, one module per proto package;
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`, ...);
 //! - [`leader`]: the `capstan-leader` hint a follower answers with;
+//! - [`source`]: what a run's `--repo` and `--rev` may be (checked by the CLI,
+//!   at submit and before the runner's checkout);
 //! - [`units`]: memory sizes and durations as users write them, parsed once
 //!   for pipeline files and daemon flags alike.
 //!
@@ -11,6 +13,7 @@
 
 pub mod ids;
 pub mod leader;
+pub mod source;
 pub mod units;
 
 /// Version of the runner Connect protocol spoken by this build.

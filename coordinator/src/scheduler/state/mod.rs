@@ -139,6 +139,8 @@ pub(crate) enum StateError {
         "a runner named `{0}` is already registered: registering it again needs its current credential (its runner.json) or an admin API token; give a new runner another --name"
     )]
     NameTaken(String),
+    #[error("attempt {0} has finished: its log takes no more bytes")]
+    AttemptFinished(String),
 }
 
 pub(crate) struct SchedulerState {
@@ -249,12 +251,16 @@ impl SchedulerState {
 
     /// The attempt's place, if `runner` owns it (fencing: a runner may report
     /// only on attempts assigned to it).
-    pub(crate) fn owned_attempt(
-        &self,
-        runner: &RunnerId,
-        a: &AttemptId,
-    ) -> Result<(RunId, usize), StateError> {
-        self.runs.owned(runner, a)
+    /// May `runner` append to `a`'s log? Only while the attempt is its own
+    /// and still active: a runner sends an attempt's final report after its
+    /// log is durable, so nothing legitimate comes after the end (a runner
+    /// the coordinator gave up on keeps running and is refused here).
+    pub(crate) fn log_writable(&self, runner: &RunnerId, a: &AttemptId) -> Result<(), StateError> {
+        self.runs.owned(runner, a)?;
+        match self.runs.attempt_state(a) {
+            Some(state) if state.is_active() => Ok(()),
+            _ => Err(StateError::AttemptFinished(a.to_string())),
+        }
     }
 
     pub(crate) fn queue_depth(&self) -> usize {

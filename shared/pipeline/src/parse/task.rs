@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use capstan_proto::units::parse_memory;
 
 use super::{MAX_RETRIES, Parser};
+use crate::expr::OPEN;
 use crate::model::TaskDef;
 use crate::names::{MAX_NAME_LEN, is_label_key, is_label_value};
-use crate::substitute::OPEN;
 use crate::yaml::{Node, Pos, Value};
 
 const TASK_KEYS: &[&str] = &[
