@@ -1281,3 +1281,41 @@ fn set_image_without_repo_edits_the_run_repository() {
     assert_eq!(repo, "", "empty means the run's own repository");
     assert_eq!(files, &["k8s/pod.yaml"]);
 }
+
+/// Found by the `pipeline` fuzz target (fuzz/, issue 18): a `$` before a
+/// substitution whose value starts with `{{`, or a value ending in `$`
+/// before a literal `{{`, made a `${{` in the resolved pipeline.
+#[test]
+fn substitution_never_spells_a_new_substitution() {
+    let file = |image: &str, a: &str| {
+        format!(
+            "version: 1\nname: p\nparams: {{a: \"{a}\"}}\ntasks:\n  t:\n    steps:\n      - push: {{image: \"{image}\"}}\n"
+        )
+    };
+    let want = "after substitution this value contains `${{`: a substitution's value and the \
+                text beside it spell it (a `$` right before `${{ ... }}`, or a value ending in \
+                `$` right before a brace); put a space between them or change the value";
+    for (image, a) in [
+        ("o $${{ params.a }}", "{{ x }}"),
+        ("${{ params.a }}{{ x }}", "$"),
+        ("$${{ params.a }}{ x }}", "{"),
+    ] {
+        let p = parse("p.yaml", &file(image, a)).unwrap();
+        let err = resolve("p.yaml", &p, &ctx()).unwrap_err();
+        let got: Vec<(usize, usize, &str)> = err
+            .iter()
+            .map(|e| (e.line, e.column, e.message.as_str()))
+            .collect();
+        assert_eq!(got, [(7, 23, want)], "{image} with a = {a}");
+    }
+    // The same characters apart are fine.
+    let p = parse("p.yaml", &file("$ ${{ params.a }}", "{{ x }}")).unwrap();
+    let r = resolve("p.yaml", &p, &ctx()).unwrap();
+    assert_eq!(
+        r.tasks[0].steps[0].kind,
+        StepKind::Push {
+            image: s("$ {{ x }}"),
+            credentials: None
+        }
+    );
+}
