@@ -1319,3 +1319,32 @@ fn substitution_never_spells_a_new_substitution() {
         }
     );
 }
+
+/// The `pipeline` fuzz target's crashing input, as it found it
+/// (fuzz/corpus/pipeline/crash-389b772703cf97a4: the file, then the
+/// context `git.sha` = `deadbeef`, empty `git.repo` and `run.id`, params
+/// `branch=$` and `image={{`).
+#[test]
+fn the_fuzzers_crashing_input_is_an_error() {
+    let file = "version: 1\nname: subst\nparams:\n  branch: main\n  image: 127.0.0.1:5000/demo/app\ntasks:\n  build:\n    image: \"${{ params.image }}:${{ git.sha }}\"\n    env: { REPO: \"${{ git.repo }}\", rUN: \"${{ run.id }}\" }\n    steps:\n      - run: echo \u{e}{{ para.s.branch }} $${{ params.branch }}\n      - set-image: { files: [k6s/pod.yaml], image: \"o $${{ params.image }}:${{ git.sha }}\" }\n      - git-push: { message: \"deploy ${{ git.sha }}\" }\n";
+    let p = parse("fuzz.yaml", file).unwrap();
+    let c = Context {
+        params: map(&[("branch", "$"), ("image", "{{")]),
+        git_sha: Some(s("deadbeef")),
+        git_repo: Some(s("")),
+        run_id: Some(s("")),
+    };
+    let err = resolve("fuzz.yaml", &p, &c).unwrap_err();
+    let got: Vec<(usize, usize, bool)> = err
+        .iter()
+        .map(|e| {
+            (
+                e.line,
+                e.column,
+                e.message
+                    .starts_with("after substitution this value contains `${{`"),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(12, 52, true)], "{err}");
+}
