@@ -29,7 +29,6 @@
 //!   write-back), run by the runner itself under every executor.
 //! - [`git`]: git2 for everything else: the run's checkout at its exact
 //!   commit, the one clone/fetch/push path with credentials and host keys.
-//! - `image_ref`: the one image-reference parser (Docker's host rules).
 //! - [`secrets`]: runner-side secrets from `--secrets-file` and
 //!   `CAPSTAN_SECRET_*`.
 //! - [`logs`]: secret masking, the spool that holds every output byte until
@@ -51,7 +50,6 @@ mod error;
 pub mod executor;
 pub mod git;
 pub mod gitops;
-mod image_ref;
 pub mod logs;
 pub mod secrets;
 pub mod step;

@@ -27,16 +27,12 @@ pub mod etcd;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod redb;
-mod wal;
 
 use async_trait::async_trait;
 
-/// One change in a [`Store::apply`] batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Op {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
-}
+/// One change in a [`Store::apply`] batch (defined beside its durable
+/// encoding, the write-ahead log's records).
+pub use capstan_wal::Op;
 
 /// Errors from a store. Each says which operation failed and why.
 #[derive(Debug, thiserror::Error)]

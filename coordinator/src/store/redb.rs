@@ -1,13 +1,13 @@
 //! [`RedbStore`]: the standalone coordinator's [`Store`], a redb file and
 //! its write-ahead log under `--data-dir`.
 
-use super::wal::Wal;
 use super::{Op, Store, StoreError};
 use ::redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
     TableDefinition, TableError, WriteTransaction,
 };
 use async_trait::async_trait;
+use capstan_wal::Wal;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 /// The store's own bookkeeping: [`GENERATION`] and [`LOG_ID`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// The write-ahead log's current generation (see [`super::wal`]), changed
+/// The write-ahead log's current generation (see [`capstan_wal`]), changed
 /// only by durable commits.
 const GENERATION: &str = "wal_generation";
 /// A random number chosen when the database is made, in every log record:
@@ -34,7 +34,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// path plus `.wal`).
 ///
 /// Each [`Store::apply`] is one redb write transaction. It is made durable
-/// by a record in the write-ahead log ([`super::wal`]), written and
+/// by a record in the write-ahead log ([`capstan_wal`]), written and
 /// fsynced before the transaction commits with [`Durability::None`] (no
 /// fsync of its own); when the log is full, the transaction instead
 /// commits with [`Durability::Immediate`], which makes everything before it
@@ -137,6 +137,9 @@ impl RedbStore {
                 (id, meta.get(GENERATION)?.map_or(0, |g| g.value()))
             };
             let (mut wal, batches) = Wal::open(&wal_path, wal_capacity, id, generation)
+                .map_err(|e| format!("the write-ahead log {}: {e}", wal_path.display()))?;
+            // One written by an older version may be wider than 0600.
+            crate::private::private_file(&wal_path)
                 .map_err(|e| format!("the write-ahead log {}: {e}", wal_path.display()))?;
             if !batches.is_empty() {
                 tracing::info!(

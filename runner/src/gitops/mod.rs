@@ -35,7 +35,7 @@
 //! - `git_push`: the `git-push` step: commit, push, retry a race.
 //!
 //! Doors: [`crate::git`] (its one remote path) for clone, fetch and push,
-//! `crate::image_ref` for references, [`crate::secrets`] for credentials,
+//! `capstan_manifest` for the edit and references, [`crate::secrets`] for credentials,
 //! [`crate::step`] and `ExecutorError` for the step vocabulary. Only the
 //! attempt calls in. Inside, `git_push` uses `set_image::apply_edit` to
 //! re-apply after a race, never the other way.

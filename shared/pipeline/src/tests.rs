@@ -1445,3 +1445,70 @@ fn a_file_full_of_problems_lists_the_first_thousand() {
     let one = parse("p.yaml", "version: 1\nname: p\ntasks: {}\nbogus: 1\n").unwrap_err();
     assert_eq!(one.summary(1024), one.to_string(), "what fits is unchanged");
 }
+
+/// Found by the `pipeline` fuzz target (fuzz/, issue 18): a `$` before a
+/// substitution whose value starts with `{{`, or a value ending in `$`
+/// before a literal `{{`, made a `${{` in the resolved pipeline.
+#[test]
+fn substitution_never_spells_a_new_substitution() {
+    let file = |image: &str, a: &str| {
+        format!(
+            "version: 1\nname: p\nparams: {{a: \"{a}\"}}\ntasks:\n  t:\n    steps:\n      - push: {{image: \"{image}\"}}\n"
+        )
+    };
+    let want = "after substitution this value contains `${{`: a substitution's value and the \
+                text beside it spell it (a `$` right before `${{ ... }}`, or a value ending in \
+                `$` right before a brace); put a space between them or change the value";
+    for (image, a) in [
+        ("o $${{ params.a }}", "{{ x }}"),
+        ("${{ params.a }}{{ x }}", "$"),
+        ("$${{ params.a }}{ x }}", "{"),
+    ] {
+        let p = parse("p.yaml", &file(image, a)).unwrap();
+        let err = resolve("p.yaml", &p, &ctx()).unwrap_err();
+        let got: Vec<(usize, usize, &str)> = err
+            .iter()
+            .map(|e| (e.line, e.column, e.message.as_str()))
+            .collect();
+        assert_eq!(got, [(7, 23, want)], "{image} with a = {a}");
+    }
+    // The same characters apart are fine.
+    let p = parse("p.yaml", &file("$ ${{ params.a }}", "{{ x }}")).unwrap();
+    let r = resolve("p.yaml", &p, &ctx()).unwrap();
+    assert_eq!(
+        r.tasks[0].steps[0].kind,
+        StepKind::Push {
+            image: s("$ {{ x }}"),
+            credentials: None
+        }
+    );
+}
+
+/// The `pipeline` fuzz target's crashing input, as it found it
+/// (fuzz/corpus/pipeline/crash-389b772703cf97a4: the file, then the
+/// context `git.sha` = `deadbeef`, empty `git.repo` and `run.id`, params
+/// `branch=$` and `image={{`).
+#[test]
+fn the_fuzzers_crashing_input_is_an_error() {
+    let file = "version: 1\nname: subst\nparams:\n  branch: main\n  image: 127.0.0.1:5000/demo/app\ntasks:\n  build:\n    image: \"${{ params.image }}:${{ git.sha }}\"\n    env: { REPO: \"${{ git.repo }}\", rUN: \"${{ run.id }}\" }\n    steps:\n      - run: echo \u{e}{{ para.s.branch }} $${{ params.branch }}\n      - set-image: { files: [k6s/pod.yaml], image: \"o $${{ params.image }}:${{ git.sha }}\" }\n      - git-push: { message: \"deploy ${{ git.sha }}\" }\n";
+    let p = parse("fuzz.yaml", file).unwrap();
+    let c = Context {
+        params: map(&[("branch", "$"), ("image", "{{")]),
+        git_sha: Some(s("deadbeef")),
+        git_repo: Some(s("")),
+        run_id: Some(s("")),
+    };
+    let err = resolve("fuzz.yaml", &p, &c).unwrap_err();
+    let got: Vec<(usize, usize, bool)> = err
+        .iter()
+        .map(|e| {
+            (
+                e.line,
+                e.column,
+                e.message
+                    .starts_with("after substitution this value contains `${{`"),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(12, 52, true)], "{err}");
+}

@@ -11,8 +11,8 @@ use futures::{Stream, StreamExt as _};
 
 use super::{DockerExecutor, Stop, api_error, log, step_end};
 use crate::executor::ExecutorError;
-use crate::image_ref::{registry_host, split_reference};
 use crate::step::{StepContext, StepEnd, TaskContext};
+use capstan_manifest::image_ref::{registry_host, split_reference};
 
 /// Runs the `push` step (see the module docs).
 pub(super) async fn run(

@@ -8,8 +8,10 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 
-use super::{SetImageError, edit_text};
-use crate::image_ref::ImageRef;
+use capstan_manifest::image_ref::ImageRef;
+use capstan_manifest::{EditError, edit_text};
+
+use super::SetImageError;
 
 /// Files larger than this are refused rather than parsed.
 pub(crate) const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -64,7 +66,7 @@ pub(crate) fn set_image_in_files(
     new_image: &str,
     allow_no_match: bool,
 ) -> Result<SetImageReport, SetImageError> {
-    let new_ref = ImageRef::parse(new_image).map_err(|reason| SetImageError::InvalidImage {
+    let new_ref = ImageRef::parse(new_image).map_err(|reason| EditError::InvalidImage {
         reference: new_image.to_owned(),
         reason,
     })?;
@@ -91,7 +93,7 @@ pub(crate) fn set_image_in_files(
         let text = read_manifest(&path, rel)?;
         let edit = edit_text(&text, new_image).map_err(|e| SetImageError::InFile {
             path: rel.clone(),
-            source: Box::new(e),
+            source: Box::new(e.into()),
         })?;
         if edit.changed > 0 {
             writes.push((path, edit.text));
@@ -133,11 +135,11 @@ fn read_manifest(path: &Path, rel: &str) -> Result<String, SetImageError> {
     let bytes = fs::read(path).map_err(io)?;
     String::from_utf8(bytes).map_err(|_| SetImageError::InFile {
         path: rel.to_owned(),
-        source: Box::new(SetImageError::Yaml {
+        source: Box::new(SetImageError::Edit(EditError::Yaml {
             line: 1,
             column: 1,
             message: "the file is not UTF-8".to_owned(),
-        }),
+        })),
     })
 }
 

@@ -1,82 +1,40 @@
 //! The `set-image` step: point image references in Kubernetes YAML at a new
-//! tag or digest.
+//! tag or digest, in the manifests repository, for `git-push` to write back.
 //!
-//! The edit is structural, not textual: each file is parsed with
-//! `saphyr-parser-bw` (which reports the source span of every scalar), the
-//! documents are walked along the known workload paths, and only the byte
-//! ranges of the image scalars that name the same repository are replaced.
-//! Everything else — comments, key order, indentation, quoting, line endings,
-//! the trailing newline — stays byte-for-byte identical.
+//! The step (this file) picks the repository (the pending one, the run's
+//! checkout, or a fresh clone), makes the edit, logs each changed line and
+//! records the write-back `git-push` takes ([`super::Pending`]).
+//! `files`: [`set_image_in_files`], the paths of one edit inside a checkout,
+//! edited in memory first and written atomically. The edit of one text
+//! (which paths, which references, the byte splices, the read-back check)
+//! is `capstan_manifest::edit_text`: pure, in its own crate (see its docs).
 //!
-//! Paths edited, per document, by `kind`:
-//! - `Pod`: `spec.{containers,initContainers,ephemeralContainers}[].image`
-//! - `Deployment`, `StatefulSet`, `DaemonSet`, `ReplicaSet`, `Job`,
-//!   `ReplicationController`: `spec.template.spec.<containers>[].image`
-//! - `PodTemplate`: `template.spec.<containers>[].image`
-//! - `CronJob`: `spec.jobTemplate.spec.template.spec.<containers>[].image`
-//! - `List`: each of `items[]` as above
-//! - `Kustomization` / `Component` (or a document without `kind` that has a
-//!   top-level `images:` list, as most `kustomization.yaml` files are):
-//!   `images[]` entries whose `newName` (or, without one, `name`) is the
-//!   repository get `newTag` or `digest` set, the key added when absent.
-//!
-//! A reference keeps its repository spelling (`nginx` stays `nginx` even when
-//! the new image is written `docker.io/library/nginx:1.27`); only the tag and
-//! digest change. A new image with only a tag drops an old digest, since a
-//! digest would otherwise keep pinning the old image.
-//!
-//! The step (this file) picks the repository, makes the edit, logs each
-//! changed line and records the write-back `git-push` takes
-//! ([`super::Pending`]). The edit itself is pure and lives below it:
-//! - `files`: [`set_image_in_files`], the paths of one edit inside a
-//!   checkout, edited in memory first and written atomically;
-//! - `plan`: which references one text has and the byte splices that
-//!   update them ([`edit_text`] here checks that the result reads back);
-//! - `yaml_tree`: the YAML tree with source positions the plan walks.
-//!
-//! Doors: `crate::image_ref` for references, [`crate::git`] for the clone,
-//! the parent for the pending write-back. Inside, `files` calls
-//! [`edit_text`], which asks `plan`, which walks a `yaml_tree`; nothing
-//! below this file knows about git or steps.
+//! Doors: `capstan_manifest` for the edit and references, [`crate::git`] for
+//! the clone, the parent for the pending write-back. Nothing in `files`
+//! knows about git or steps.
 
 mod files;
-mod plan;
 #[cfg(test)]
 mod tests;
-mod yaml_tree;
 
 use std::path::{Path, PathBuf};
 
+use capstan_manifest::EditError;
 use capstan_proto::pipeline::v1::SetImageStep;
 
-use self::plan::{Plan, apply, plan};
 use super::{Done, GitOps, GitOpsError, Pending, PendingEdit, branch_of, head_commit, open};
 use crate::git::Op;
 use crate::git::remote::Remote;
-use crate::image_ref::ImageRef;
 
 use self::files::set_image_in_files;
 
 /// Why a `set-image` edit failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SetImageError {
-    /// The image given to the step is not a valid reference.
-    #[error("invalid image reference {reference:?}: {reason}")]
-    InvalidImage { reference: String, reason: String },
-    /// The file is not valid YAML.
-    #[error("YAML syntax error at line {line}, column {column}: {message}")]
-    Yaml {
-        line: usize,
-        column: usize,
-        message: String,
-    },
-    /// A matching reference is written in a form this step cannot edit safely.
-    #[error("cannot edit image reference at line {line}, column {column}: {reason}")]
-    Unsupported {
-        line: usize,
-        column: usize,
-        reason: String,
-    },
+    /// The image is invalid, a file is not YAML, or a reference cannot be
+    /// edited safely (the edit of one text).
+    #[error(transparent)]
+    Edit(#[from] EditError),
     /// An error in one file of a [`set_image_in_files`] call.
     #[error("{path}: {source}")]
     InFile {
@@ -111,76 +69,6 @@ pub(crate) enum SetImageError {
         repository: String,
         files: Vec<String>,
     },
-}
-
-/// The outcome of editing one text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Edit {
-    /// The edited text (equal to the input when `changed == 0`).
-    pub(crate) text: String,
-    /// References to the repository found, including up-to-date ones.
-    pub(crate) matched: usize,
-    /// References that were changed.
-    pub(crate) changed: usize,
-}
-
-/// The new text (0 changed = none matched or all already up to date;
-/// the caller decides if that is an error) and how many references
-/// changed: [`edit_text`] without the count of up-to-date ones.
-#[cfg(test)] // the step goes through `set_image_in_files`, which wants the counts
-pub(crate) fn set_image(text: &str, new_image: &str) -> Result<(String, usize), SetImageError> {
-    let edit = edit_text(text, new_image)?;
-    Ok((edit.text, edit.changed))
-}
-
-/// Replace the tag/digest of every image reference whose repository equals
-/// `new_image`'s repository, counting the references found (up-to-date
-/// ones included) and those changed.
-///
-/// # Errors
-/// An invalid `new_image`, a YAML syntax error, or a matching reference
-/// written in a form that cannot be edited safely (block scalar, multi-line
-/// plain scalar, alias of a scalar).
-pub(crate) fn edit_text(text: &str, new_image: &str) -> Result<Edit, SetImageError> {
-    let new_ref = ImageRef::parse(new_image).map_err(|reason| SetImageError::InvalidImage {
-        reference: new_image.to_owned(),
-        reason,
-    })?;
-    if new_ref.tag.is_none() && new_ref.digest.is_none() {
-        return Err(SetImageError::InvalidImage {
-            reference: new_image.to_owned(),
-            reason: "it needs a tag (`:v1`) or a digest (`@sha256:...`)".to_owned(),
-        });
-    }
-    let Plan {
-        matched,
-        changed,
-        splices,
-    } = plan(text, &new_ref)?;
-    if splices.is_empty() {
-        return Ok(Edit {
-            text: text.to_owned(),
-            matched,
-            changed: 0,
-        });
-    }
-    let out = apply(text, splices);
-    // The edit must read back as done: same references found, none left to change.
-    match plan(&out, &new_ref) {
-        Ok(again) if again.matched == matched && again.splices.is_empty() => {}
-        _ => {
-            return Err(SetImageError::Unsupported {
-                line: 1,
-                column: 1,
-                reason: "the edited file did not read back as expected; edit it by hand".to_owned(),
-            });
-        }
-    }
-    Ok(Edit {
-        text: out,
-        matched,
-        changed,
-    })
 }
 
 /// The `set-image` step on a blocking thread: the manifests repository

@@ -1,5 +1,11 @@
-//! The redb store's write-ahead log: one preallocated file next to the
-//! database, holding the batches committed since redb's last durable commit.
+//! The coordinator's write-ahead log: one preallocated file next to the
+//! redb database, holding the batches committed since redb's last durable
+//! commit; and [`Op`], the store's unit of change that the batches are made
+//! of.
+//!
+//! A crate of its own (std and crc32fast only) so the fuzz target of the
+//! record decoder (`fuzz/`, docs/decisions.md "Fuzzing") builds without the
+//! coordinator's dependencies; the coordinator's `store` re-exports [`Op`].
 //!
 //! Why: a durable redb commit writes several scattered pages (the changed
 //! B-tree path, the allocator state, the header) before its fsync; one
@@ -34,7 +40,6 @@
 //! each op sets or removes a whole key: replaying a prefix of a sequence
 //! that was already applied leaves every key as the last op on it set it.
 
-use super::Op;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -47,9 +52,38 @@ const CRC: usize = HEADER - 4;
 const PUT: u8 = 0;
 const DELETE: u8 = 1;
 
+/// One change in a batch of the store (`Store::apply` in the coordinator).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+/// The record codec, public for the fuzz targets only.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::Op;
+
+    /// See `read_record`: the record at the start of `bytes`, if whole and
+    /// of that log, generation and sequence, and its length.
+    pub fn read_record(
+        bytes: &[u8],
+        id: u64,
+        generation: u64,
+        sequence: u64,
+    ) -> Option<(Vec<Op>, usize)> {
+        super::read_record(bytes, id, generation, sequence)
+    }
+
+    /// See `encode`: the record of `ops`.
+    pub fn encode(id: u64, generation: u64, sequence: u64, ops: &[Op]) -> Option<Vec<u8>> {
+        super::encode(id, generation, sequence, ops)
+    }
+}
+
 /// The log file, positioned after the current generation's last record.
 #[derive(Debug)]
-pub(crate) struct Wal {
+pub struct Wal {
     file: File,
     path: PathBuf,
     capacity: u64,
@@ -64,7 +98,7 @@ impl Wal {
     /// if it is missing or shorter, and returns it with the ops of the
     /// records of log `id` and `generation`, in order. The returned log is positioned
     /// after them; call [`Wal::restart`] after a durable commit.
-    pub(crate) fn open(
+    pub fn open(
         path: &Path,
         capacity: u64,
         id: u64,
@@ -73,12 +107,11 @@ impl Wal {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .mode(crate::private::FILE_MODE)
+            // Only the coordinator reads it: it holds every state write.
+            .mode(0o600)
             .create(true)
             .truncate(false)
             .open(path)?;
-        // One written by an older version may be wider.
-        crate::private::private_file(path)?;
         let len = file.metadata()?.len();
         if len < capacity {
             // Write the zeros rather than `fallocate`: a fallocated block is
@@ -114,9 +147,9 @@ impl Wal {
         Ok((wal, batches))
     }
 
-    /// A log on `file` as it is (tests: a file whose writes fail).
-    #[cfg(test)]
-    pub(crate) fn on_file(file: File, path: &Path, id: u64, generation: u64) -> Self {
+    /// A log on `file` as it is, at its start (for tests of a store whose
+    /// log writes fail: `/dev/full`).
+    pub fn on_file(file: File, path: &Path, id: u64, generation: u64) -> Self {
         Self {
             file,
             path: path.to_path_buf(),
@@ -129,18 +162,18 @@ impl Wal {
     }
 
     /// The file this log is in.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The generation the next record belongs to.
-    pub(crate) fn generation(&self) -> u64 {
+    pub fn generation(&self) -> u64 {
         self.generation
     }
 
     /// `ops` as the next record, or `None` when it does not fit in what is
     /// left of the file: the caller then commits durably instead.
-    pub(crate) fn record(&self, ops: &[Op]) -> Option<Vec<u8>> {
+    pub fn record(&self, ops: &[Op]) -> Option<Vec<u8>> {
         let record = encode(self.id, self.generation, self.sequence, ops)?;
         (self.offset + record.len() as u64 <= self.capacity).then_some(record)
     }
@@ -148,7 +181,7 @@ impl Wal {
     /// Writes `record` (from [`Wal::record`]) after the last one and waits
     /// until it is on disk. On `Err` the record may or may not be on disk,
     /// and the log must not be appended to again.
-    pub(crate) fn append(&mut self, record: &[u8]) -> io::Result<()> {
+    pub fn append(&mut self, record: &[u8]) -> io::Result<()> {
         self.file.write_all_at(record, self.offset)?;
         self.file.sync_data()?;
         self.offset += record.len() as u64;
@@ -159,7 +192,7 @@ impl Wal {
     /// Starts `generation` at the beginning of the file, once the database
     /// durably holds everything logged so far and `generation` as the
     /// current one. What the file still holds is an earlier generation's.
-    pub(crate) fn restart(&mut self, generation: u64) {
+    pub fn restart(&mut self, generation: u64) {
         self.generation = generation;
         self.offset = 0;
         self.sequence = 0;

@@ -6,13 +6,13 @@
 
 use saphyr_parser_bw::ScalarStyle;
 
-use super::SetImageError;
-use super::yaml_tree::{NodeKind, Tree, parse_tree};
+use crate::EditError;
 use crate::image_ref::ImageRef;
+use crate::yaml_tree::{NodeKind, Tree, parse_tree};
 
 /// Replace `start..end` (byte offsets) of the text with `with`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Splice {
+pub(crate) struct Splice {
     start: usize,
     end: usize,
     with: String,
@@ -34,14 +34,14 @@ struct Planner<'a> {
 }
 
 /// The references found in a text and the splices that update them.
-pub(super) struct Plan {
-    pub(super) matched: usize,
-    pub(super) changed: usize,
-    pub(super) splices: Vec<Splice>,
+pub(crate) struct Plan {
+    pub(crate) matched: usize,
+    pub(crate) changed: usize,
+    pub(crate) splices: Vec<Splice>,
 }
 
 /// Find the references and the splices that update them.
-pub(super) fn plan(text: &str, new: &ImageRef<'_>) -> Result<Plan, SetImageError> {
+pub(crate) fn plan(text: &str, new: &ImageRef<'_>) -> Result<Plan, EditError> {
     let tree = parse_tree(text)?;
     let mut planner = Planner {
         text,
@@ -60,7 +60,7 @@ pub(super) fn plan(text: &str, new: &ImageRef<'_>) -> Result<Plan, SetImageError
     splices.sort_by_key(|s| (s.start, s.end));
     splices.dedup();
     if let Some(w) = splices.windows(2).find(|w| w[0].end > w[1].start) {
-        return Err(SetImageError::Unsupported {
+        return Err(EditError::Unsupported {
             line: line_of(text, w[1].start),
             column: 1,
             reason: "two edits overlap".to_owned(),
@@ -82,7 +82,7 @@ fn line_of(text: &str, byte: usize) -> usize {
 }
 
 /// `text` with `splices` (sorted, not overlapping) made.
-pub(super) fn apply(text: &str, splices: Vec<Splice>) -> String {
+pub(crate) fn apply(text: &str, splices: Vec<Splice>) -> String {
     let mut out = String::with_capacity(text.len() + 64);
     let mut at = 0;
     for s in splices {
@@ -95,16 +95,16 @@ pub(super) fn apply(text: &str, splices: Vec<Splice>) -> String {
 }
 
 impl<'a> Planner<'a> {
-    fn unsupported(&self, node: usize, reason: impl Into<String>) -> SetImageError {
+    fn unsupported(&self, node: usize, reason: impl Into<String>) -> EditError {
         let pos = self.tree.nodes[node].start;
-        SetImageError::Unsupported {
+        EditError::Unsupported {
             line: pos.line,
             column: pos.col + 1,
             reason: reason.into(),
         }
     }
 
-    fn document(&mut self, doc: usize, depth: usize) -> Result<(), SetImageError> {
+    fn document(&mut self, doc: usize, depth: usize) -> Result<(), EditError> {
         let t = self.tree;
         let kind = t.get(doc, "kind").and_then(|k| t.scalar(k));
         let pod_spec: &[&str] = match kind {
@@ -171,7 +171,7 @@ impl<'a> Planner<'a> {
         Some((target, parsed))
     }
 
-    fn container_image(&mut self, node: usize) -> Result<(), SetImageError> {
+    fn container_image(&mut self, node: usize) -> Result<(), EditError> {
         let Some((target, old)) = self.matching_ref(node) else {
             return Ok(());
         };
@@ -195,7 +195,7 @@ impl<'a> Planner<'a> {
     }
 
     /// Splice `wanted` over the scalar `node` in the scalar's own style.
-    fn replace_scalar(&mut self, node: usize, wanted: &str) -> Result<(), SetImageError> {
+    fn replace_scalar(&mut self, node: usize, wanted: &str) -> Result<(), EditError> {
         let n = &self.tree.nodes[node];
         let NodeKind::Scalar { value, style } = &n.kind else {
             return Ok(());
@@ -226,7 +226,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The byte range of a one-line scalar's source text, quotes included.
-    fn locate(&self, node: usize) -> Result<(usize, usize), SetImageError> {
+    fn locate(&self, node: usize) -> Result<(usize, usize), EditError> {
         let n = &self.tree.nodes[node];
         let NodeKind::Scalar { value, style } = &n.kind else {
             return Err(self.unsupported(node, "expected a scalar"));
@@ -298,7 +298,7 @@ impl<'a> Planner<'a> {
         self.tree.line_starts.get(line).copied()
     }
 
-    fn kustomization(&mut self, doc: usize) -> Result<(), SetImageError> {
+    fn kustomization(&mut self, doc: usize) -> Result<(), EditError> {
         let t = self.tree;
         let Some(images) = t.get(doc, "images") else {
             return Ok(());
@@ -322,7 +322,7 @@ impl<'a> Planner<'a> {
         Ok(())
     }
 
-    fn kustomize_entry(&mut self, entry: usize, name_node: usize) -> Result<(), SetImageError> {
+    fn kustomize_entry(&mut self, entry: usize, name_node: usize) -> Result<(), EditError> {
         let t = self.tree;
         let new = self.new;
         let tag = t.pair(entry, "newTag");
@@ -363,7 +363,7 @@ impl<'a> Planner<'a> {
         name_node: usize,
         key: &str,
         value: &str,
-    ) -> Result<(), SetImageError> {
+    ) -> Result<(), EditError> {
         let t = self.tree;
         let value = if needs_quotes(value) {
             format!("\"{value}\"")
@@ -452,7 +452,7 @@ impl<'a> Planner<'a> {
     }
 
     /// Remove the line holding `key: value` from a block mapping.
-    fn remove_pair(&mut self, entry: usize, key: usize, value: usize) -> Result<(), SetImageError> {
+    fn remove_pair(&mut self, entry: usize, key: usize, value: usize) -> Result<(), EditError> {
         let t = self.tree;
         let refuse = || {
             self.unsupported(

@@ -21,15 +21,15 @@
 /// A reference cut into its parts; `name` is the repository as written,
 /// domain included.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ImageRef<'a> {
-    pub(crate) name: &'a str,
-    pub(crate) tag: Option<&'a str>,
-    pub(crate) digest: Option<&'a str>,
+pub struct ImageRef<'a> {
+    pub name: &'a str,
+    pub tag: Option<&'a str>,
+    pub digest: Option<&'a str>,
 }
 
 impl<'a> ImageRef<'a> {
     /// Cuts `s` into name, tag and digest, checking nothing.
-    pub(crate) fn split(s: &'a str) -> Self {
+    pub fn split(s: &'a str) -> Self {
         let (rest, digest) = match s.split_once('@') {
             Some((rest, digest)) => (rest, Some(digest)),
             None => (s, None),
@@ -46,7 +46,7 @@ impl<'a> ImageRef<'a> {
 
     /// Parses `[host[:port]/]path[:tag][@algo:hex]` (the distribution
     /// grammar); the error says which part is wrong.
-    pub(crate) fn parse(s: &'a str) -> Result<Self, String> {
+    pub fn parse(s: &'a str) -> Result<Self, String> {
         if s.is_empty() {
             return Err("it is empty".to_owned());
         }
@@ -66,7 +66,7 @@ impl<'a> ImageRef<'a> {
 
     /// The repository with Docker Hub's implicit parts spelled out, so
     /// `nginx`, `library/nginx` and `docker.io/library/nginx` compare equal.
-    pub(crate) fn canonical_repository(&self) -> String {
+    pub fn canonical_repository(&self) -> String {
         let (domain, path) = split_domain(self.name);
         let domain = match domain {
             None | Some("index.docker.io" | "registry-1.docker.io") => "docker.io",
@@ -80,7 +80,7 @@ impl<'a> ImageRef<'a> {
     }
 
     /// `name` with `new`'s tag and digest.
-    pub(crate) fn retagged(&self, new: &ImageRef<'_>) -> String {
+    pub fn retagged(&self, new: &ImageRef<'_>) -> String {
         let mut out = self.name.to_owned();
         if let Some(tag) = new.tag {
             out.push(':');
@@ -97,7 +97,7 @@ impl<'a> ImageRef<'a> {
 /// Splits an image reference into (repository, tag); `latest` when it has
 /// neither tag nor digest. A digest reference (`name[:tag]@sha256:...`)
 /// keeps the digest as its "tag".
-pub(crate) fn split_reference(image: &str) -> (&str, &str) {
+pub fn split_reference(image: &str) -> (&str, &str) {
     let parsed = ImageRef::split(image);
     (
         parsed.name,
@@ -107,7 +107,7 @@ pub(crate) fn split_reference(image: &str) -> (&str, &str) {
 
 /// The registry host of a repository, as Docker reads it (see the module
 /// docs); `None` for Docker Hub's short forms.
-pub(crate) fn registry_host(repository: &str) -> Option<&str> {
+pub fn registry_host(repository: &str) -> Option<&str> {
     split_domain(repository).0
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use saphyr_parser_bw::{Event, Parser, ScalarStyle, ScanError, Span};
 
-use super::SetImageError;
+use crate::EditError;
 
 /// Nesting deeper than this is refused (guards the recursive walk).
 const MAX_DEPTH: usize = 512;
@@ -15,17 +15,17 @@ const MAX_DEPTH: usize = 512;
 /// A position as the parser reports it. The parser's character index and
 /// column drift on lines with non-ASCII text (some paths count bytes, others
 /// characters), so only the line is trusted; the column is a hint that
-/// [`super::plan`] checks against the text when it locates a scalar.
+/// [`crate::plan`] checks against the text when it locates a scalar.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Pos {
+pub(crate) struct Pos {
     /// 1-based line.
-    pub(super) line: usize,
+    pub(crate) line: usize,
     /// 0-based column (a hint).
-    pub(super) col: usize,
+    pub(crate) col: usize,
 }
 
 #[derive(Debug)]
-pub(super) enum NodeKind {
+pub(crate) enum NodeKind {
     Scalar {
         value: String,
         style: ScalarStyle,
@@ -39,20 +39,20 @@ pub(super) enum NodeKind {
 }
 
 #[derive(Debug)]
-pub(super) struct Node {
-    pub(super) kind: NodeKind,
-    pub(super) start: Pos,
-    pub(super) end: Pos,
+pub(crate) struct Node {
+    pub(crate) kind: NodeKind,
+    pub(crate) start: Pos,
+    pub(crate) end: Pos,
 }
 
 /// Every node of a YAML stream, by index; documents, aliases and children
 /// refer to nodes by their index.
-pub(super) struct Tree {
-    pub(super) nodes: Vec<Node>,
+pub(crate) struct Tree {
+    pub(crate) nodes: Vec<Node>,
     /// Byte offset of the start of each line.
-    pub(super) line_starts: Vec<usize>,
+    pub(crate) line_starts: Vec<usize>,
     /// The root node of each document.
-    pub(super) documents: Vec<usize>,
+    pub(crate) documents: Vec<usize>,
     /// Anchor id -> the node it names.
     anchors: HashMap<usize, usize>,
 }
@@ -74,8 +74,8 @@ fn line_starts(text: &str) -> Vec<usize> {
     starts
 }
 
-fn yaml_error(e: &ScanError) -> SetImageError {
-    SetImageError::Yaml {
+fn yaml_error(e: &ScanError) -> EditError {
+    EditError::Yaml {
         line: e.marker().line(),
         column: e.marker().col() + 1,
         message: e.info().to_owned(),
@@ -96,11 +96,11 @@ impl<'t> Builder<'t> {
         }
     }
 
-    fn next(&mut self) -> Result<(Event<'t>, Span), SetImageError> {
+    fn next(&mut self) -> Result<(Event<'t>, Span), EditError> {
         match self.parser.next_event() {
             Some(Ok(ev)) => Ok(ev),
             Some(Err(e)) => Err(yaml_error(&e)),
-            None => Err(SetImageError::Yaml {
+            None => Err(EditError::Yaml {
                 line: 0,
                 column: 0,
                 message: "unexpected end of input".to_owned(),
@@ -108,7 +108,7 @@ impl<'t> Builder<'t> {
         }
     }
 
-    fn build(mut self) -> Result<Tree, SetImageError> {
+    fn build(mut self) -> Result<Tree, EditError> {
         loop {
             let (ev, span) = self.next()?;
             match ev {
@@ -123,7 +123,7 @@ impl<'t> Builder<'t> {
                     self.tree.documents.push(root);
                 }
                 other => {
-                    return Err(SetImageError::Yaml {
+                    return Err(EditError::Yaml {
                         line: span.start.line(),
                         column: span.start.col() + 1,
                         message: format!("unexpected {other:?} outside a document"),
@@ -142,9 +142,9 @@ impl<'t> Builder<'t> {
         id
     }
 
-    fn node(&mut self, ev: Event<'t>, span: Span, depth: usize) -> Result<usize, SetImageError> {
+    fn node(&mut self, ev: Event<'t>, span: Span, depth: usize) -> Result<usize, EditError> {
         if depth > MAX_DEPTH {
-            return Err(SetImageError::Yaml {
+            return Err(EditError::Yaml {
                 line: span.start.line(),
                 column: span.start.col() + 1,
                 message: format!("nesting deeper than {MAX_DEPTH} levels"),
@@ -210,7 +210,7 @@ impl<'t> Builder<'t> {
                 self.tree.nodes[id].kind = NodeKind::Mapping { pairs, flow };
                 Ok(id)
             }
-            other => Err(SetImageError::Yaml {
+            other => Err(EditError::Yaml {
                 line: span.start.line(),
                 column: span.start.col() + 1,
                 message: format!("unexpected {other:?}"),
@@ -220,7 +220,7 @@ impl<'t> Builder<'t> {
 }
 
 /// Parses `text` into a [`Tree`]; a YAML error says where.
-pub(super) fn parse_tree(text: &str) -> Result<Tree, SetImageError> {
+pub(crate) fn parse_tree(text: &str) -> Result<Tree, EditError> {
     Builder {
         parser: Parser::new_from_str(text),
         tree: Tree {
@@ -235,7 +235,7 @@ pub(super) fn parse_tree(text: &str) -> Result<Tree, SetImageError> {
 
 impl Tree {
     /// Follow aliases (bounded, in case of a cycle).
-    pub(super) fn resolve(&self, mut id: usize) -> usize {
+    pub(crate) fn resolve(&self, mut id: usize) -> usize {
         for _ in 0..64 {
             match self.nodes[id].kind {
                 NodeKind::Alias(anchor) => match self.anchors.get(&anchor) {
@@ -248,21 +248,21 @@ impl Tree {
         id
     }
 
-    pub(super) fn scalar(&self, id: usize) -> Option<&str> {
+    pub(crate) fn scalar(&self, id: usize) -> Option<&str> {
         match &self.nodes[self.resolve(id)].kind {
             NodeKind::Scalar { value, .. } => Some(value),
             _ => None,
         }
     }
 
-    pub(super) fn pairs(&self, id: usize) -> &[(usize, usize)] {
+    pub(crate) fn pairs(&self, id: usize) -> &[(usize, usize)] {
         match &self.nodes[self.resolve(id)].kind {
             NodeKind::Mapping { pairs, .. } => pairs,
             _ => &[],
         }
     }
 
-    pub(super) fn items(&self, id: usize) -> &[usize] {
+    pub(crate) fn items(&self, id: usize) -> &[usize] {
         match &self.nodes[self.resolve(id)].kind {
             NodeKind::Sequence(items) => items,
             _ => &[],
@@ -271,7 +271,7 @@ impl Tree {
 
     /// The last pair whose key is the scalar `key` (YAML forbids duplicates;
     /// the last wins in most loaders).
-    pub(super) fn pair(&self, map: usize, key: &str) -> Option<(usize, usize)> {
+    pub(crate) fn pair(&self, map: usize, key: &str) -> Option<(usize, usize)> {
         self.pairs(map)
             .iter()
             .rev()
@@ -279,11 +279,11 @@ impl Tree {
             .copied()
     }
 
-    pub(super) fn get(&self, map: usize, key: &str) -> Option<usize> {
+    pub(crate) fn get(&self, map: usize, key: &str) -> Option<usize> {
         self.pair(map, key).map(|(_, v)| v)
     }
 
-    pub(super) fn path(&self, mut node: usize, keys: &[&str]) -> Option<usize> {
+    pub(crate) fn path(&self, mut node: usize, keys: &[&str]) -> Option<usize> {
         for key in keys {
             node = self.get(node, key)?;
         }
