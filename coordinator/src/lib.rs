@@ -14,6 +14,7 @@
 //! - `model`: the records the store holds;
 //! - `http`: `/healthz`, `/readyz`, `/metrics`, with `metrics`;
 //! - [`config`]: flags, environment and TOML;
+//! - `tls`: the TLS listeners of both ports (handshakes off the accept loop);
 //! - `trace`: the run's spans in its OpenTelemetry trace (off unless configured).
 //!
 //! The facade: [`run`], [`CoordinatorConfig`], [`Timing`], and [`store`]
@@ -32,8 +33,9 @@ pub(crate) mod model;
 pub(crate) mod scheduler;
 mod server;
 pub mod store;
+pub(crate) mod tls;
 pub(crate) mod trace;
 
-pub use config::CoordinatorConfig;
+pub use config::{CoordinatorConfig, TlsSettings};
 pub use scheduler::state::Timing;
 pub use server::run;

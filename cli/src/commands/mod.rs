@@ -25,11 +25,17 @@ use crate::output::Format;
 pub(crate) struct Context {
     pub(crate) servers: Vec<String>,
     pub(crate) format: Format,
+    /// `--ca-cert`.
+    pub(crate) tls: capstan_tls::ClientTls,
 }
 
 impl Context {
     pub(crate) async fn connect(&self) -> Result<Client, Failure> {
-        Ok(Client::connect(&self.servers).await?)
+        let options = capstan_client::ClientOptions {
+            tls: self.tls.clone(),
+            ..Default::default()
+        };
+        Ok(Client::connect_with(&self.servers, options).await?)
     }
 }
 
@@ -37,6 +43,10 @@ pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
     let ctx = Context {
         servers: cli.server,
         format: cli.output,
+        tls: capstan_tls::ClientTls {
+            ca_cert: cli.ca_cert,
+            ..Default::default()
+        },
     };
     match cli.command {
         Command::Submit(args) => submit::run(&ctx, args).await,

@@ -42,6 +42,15 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registration_token: Arc<str>,
     pub(crate) advertise: Arc<str>,
+    /// Runners must present a client certificate (`--tls-client-ca`).
+    pub(crate) mtls: Option<Mtls>,
+}
+
+/// The mTLS policy of the runner service.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mtls {
+    /// The certificate must name the runner (`--tls-require-name-match`).
+    pub(crate) require_name_match: bool,
 }
 
 impl LeaderCtx {

@@ -26,6 +26,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let identity = self.identity(&req)?;
         let req = req.into_inner();
         if !constant_time_eq(
             req.registration_token.as_bytes(),
@@ -42,6 +43,16 @@ impl runner_service_server::RunnerService for RunnerApi {
                 "runner name must be 1 to {MAX_NAME} printable characters"
             )));
         }
+        if let (Some(mtls), Some(identity)) = (self.0.mtls, &identity)
+            && mtls.require_name_match
+            && *identity != name
+        {
+            tracing::warn!(%name, %identity, "registration refused: certificate names another runner");
+            return Err(Status::permission_denied(format!(
+                "this runner's client certificate is for `{identity}` but its --name is `{name}`; \
+                 the coordinator requires them to match (--tls-require-name-match)"
+            )));
+        }
         let (id, secret) = self
             .0
             .ask(|reply| Command::Register {
@@ -49,10 +60,11 @@ impl runner_service_server::RunnerService for RunnerApi {
                 labels: req.labels.into_iter().collect(),
                 capacity: req.capacity,
                 version: req.version,
+                identity: identity.clone(),
                 reply,
             })
             .await?;
-        tracing::info!(runner = %id, %name, "runner registered");
+        tracing::info!(runner = %id, %name, tls_identity = ?identity, "runner registered");
         Ok(Response::new(RegisterResponse {
             runner_id: id.to_string(),
             runner_secret: secret,
@@ -65,6 +77,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<Streaming<RunnerMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
+        let identity = self.identity(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -81,7 +94,12 @@ impl runner_service_server::RunnerService for RunnerApi {
         let (tx, rx) = mpsc::unbounded_channel();
         let leader = self.0.leader().await?;
         let (conn, lease) = leader
-            .ask(|reply| Command::Attach { hello, tx, reply })
+            .ask(|reply| Command::Attach {
+                hello,
+                identity,
+                tx,
+                reply,
+            })
             .await?;
         tracing::info!(%runner, conn, "runner attached");
         let scheduler = leader.scheduler.clone();
@@ -123,6 +141,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<Streaming<LogChunk>>,
     ) -> Result<Response<PushLogsAck>, Status> {
+        self.identity(&req)?;
         let leader = self.0.leader().await?;
         let mut chunks = req.into_inner();
         let mut allowed: HashSet<AttemptId> = HashSet::new();
@@ -250,6 +269,27 @@ const APPEND_BATCH: usize = 2 * 1024 * 1024;
 const GAP_WAIT: Duration = Duration::from_secs(5);
 
 impl RunnerApi {
+    /// Under mTLS, the subject of the caller's client certificate (rustls
+    /// has checked that it chains to `--tls-client-ca`), or the refusal of
+    /// a caller without one; `None` without mTLS.
+    fn identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        if self.0.mtls.is_none() {
+            return Ok(None);
+        }
+        let certs = req.peer_certs();
+        let Some(leaf) = certs.as_deref().and_then(|c| c.first()) else {
+            return Err(Status::unauthenticated(
+                "this coordinator requires runners to present a client certificate \
+                 (--tls-client-ca): start the runner with --tls-client-cert and --tls-client-key",
+            ));
+        };
+        capstan_tls::identity(leaf.as_ref()).map(Some).ok_or_else(|| {
+            Status::unauthenticated(
+                "the runner's client certificate names no one: give it a subject CN or a DNS subjectAltName",
+            )
+        })
+    }
+
     /// Appends `parts` to `attempt`'s log at `offset` and counts the bytes
     /// this call added (`durable`: the lengths this stream already saw).
     /// Returns the log's new length.

@@ -12,7 +12,9 @@ pub(crate) fn from_state(e: StateError) -> Status {
         | StateError::UnknownRunner(_) => Status::not_found(e.to_string()),
         StateError::BadRunnerCredentials => Status::unauthenticated(e.to_string()),
         StateError::ProtocolVersion { .. } => Status::failed_precondition(e.to_string()),
-        StateError::NotYourAttempt { .. } => Status::permission_denied(e.to_string()),
+        StateError::NotYourAttempt { .. } | StateError::TlsIdentity { .. } => {
+            Status::permission_denied(e.to_string())
+        }
     }
 }
 

@@ -88,11 +88,15 @@ pub(crate) enum Command {
         labels: BTreeMap<String, String>,
         capacity: u32,
         version: String,
+        /// Its client certificate's subject, under mTLS.
+        identity: Option<String>,
         reply: Reply<(RunnerId, String)>,
     },
     /// Replies with the connection id and the lease its reader renews.
     Attach {
         hello: rpb::Hello,
+        /// The connection's client certificate subject, under mTLS.
+        identity: Option<String>,
         tx: RunnerTx,
         reply: Reply<(u64, Arc<lease::ConnLease>)>,
     },
@@ -339,13 +343,24 @@ impl Scheduler {
                 labels,
                 capacity,
                 version,
+                identity,
                 reply,
             } => {
                 let r = self.state.register(&name, labels, capacity, &version, now);
+                self.state.set_tls_identity(&r.0, identity);
                 self.reply(reply, Ok(r));
             }
-            Command::Attach { hello, tx, reply } => {
-                let r = self.state.attach(hello, tx, now);
+            Command::Attach {
+                hello,
+                identity,
+                tx,
+                reply,
+            } => {
+                let id = RunnerId::from_string(hello.runner_id.clone());
+                let r = self
+                    .state
+                    .check_tls_identity(&id, identity.as_deref())
+                    .and_then(|()| self.state.attach(hello, tx, now));
                 self.reply(reply, r);
             }
             Command::Detach { runner, conn } => self.state.detach(&runner, conn, now),
