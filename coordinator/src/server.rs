@@ -88,11 +88,13 @@ pub async fn run(
         metrics: metrics.clone(),
         registration_token: config.registration_token.clone().into(),
         advertise: advertise.clone().into(),
-        mtls: config.tls.as_ref().and_then(|t| {
-            t.files.client_ca.as_ref().map(|_| api::Mtls {
-                require_name_match: t.require_name_match,
-            })
-        }),
+        mtls: tls
+            .as_ref()
+            .and_then(|t| t.client_ca.clone())
+            .map(|ca| api::Mtls {
+                ca,
+                require_name_match: config.tls.as_ref().is_some_and(|t| t.require_name_match),
+            }),
     };
 
     if let Some(http) = http {

@@ -47,8 +47,10 @@ pub(crate) struct Shared {
 }
 
 /// The mTLS policy of the runner service.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Mtls {
+    /// What runners' certificates must chain to (`--tls-client-ca`).
+    pub(crate) ca: Arc<capstan_tls::ClientCa>,
     /// The certificate must name the runner (`--tls-require-name-match`).
     pub(crate) require_name_match: bool,
 }

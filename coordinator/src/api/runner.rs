@@ -43,7 +43,7 @@ impl runner_service_server::RunnerService for RunnerApi {
                 "runner name must be 1 to {MAX_NAME} printable characters"
             )));
         }
-        if let (Some(mtls), Some(identity)) = (self.0.mtls, &identity)
+        if let (Some(mtls), Some(identity)) = (&self.0.mtls, &identity)
             && mtls.require_name_match
             && *identity != name
         {
@@ -269,20 +269,28 @@ const APPEND_BATCH: usize = 2 * 1024 * 1024;
 const GAP_WAIT: Duration = Duration::from_secs(5);
 
 impl RunnerApi {
-    /// Under mTLS, the subject of the caller's client certificate (rustls
-    /// has checked that it chains to `--tls-client-ca`), or the refusal of
-    /// a caller without one; `None` without mTLS.
+    /// Under mTLS, the subject of the caller's client certificate once it
+    /// is checked against `--tls-client-ca` (the handshake accepts any:
+    /// `capstan_tls::client_ca` says why), or the refusal of a caller
+    /// without a good one; `None` without mTLS.
     fn identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
-        if self.0.mtls.is_none() {
+        let Some(mtls) = &self.0.mtls else {
             return Ok(None);
-        }
+        };
         let certs = req.peer_certs();
-        let Some(leaf) = certs.as_deref().and_then(|c| c.first()) else {
+        let chain = certs.as_deref().map(Vec::as_slice).unwrap_or_default();
+        let Some(leaf) = chain.first() else {
             return Err(Status::unauthenticated(
                 "this coordinator requires runners to present a client certificate \
                  (--tls-client-ca): start the runner with --tls-client-cert and --tls-client-key",
             ));
         };
+        if let Err(e) = mtls.ca.verify(chain) {
+            return Err(Status::unauthenticated(format!(
+                "the runner's client certificate is not one this coordinator trusts ({e}): \
+                 issue it from the CA given to the coordinator's --tls-client-ca"
+            )));
+        }
         capstan_tls::identity(leaf.as_ref()).map(Some).ok_or_else(|| {
             Status::unauthenticated(
                 "the runner's client certificate names no one: give it a subject CN or a DNS subjectAltName",

@@ -1,6 +1,7 @@
 //! A failed TLS connection explained: found in an error's source chain
 //! (rustls' errors travel inside `std::io::Error`s, whose `source` skips
-//! them, so each `io::Error` is opened with `get_ref`).
+//! them, so each `io::Error` is opened with `get_ref`, and inside
+//! `h2::Error`s, opened with `get_io`).
 
 use std::error::Error as StdError;
 
@@ -51,13 +52,22 @@ pub fn classify(err: &(dyn StdError + 'static)) -> Option<TlsFailure> {
         if let Some(r) = e.downcast_ref::<rustls::Error>() {
             return Some(from_rustls(r));
         }
-        // What the coordinator's TLS port sends a plaintext HTTP/2 client.
-        if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && h2.is_go_away()
-            && h2.is_remote()
-            && h2.reason() == Some(h2::Reason::INADEQUATE_SECURITY)
-        {
-            return Some(TlsFailure::ServerWantsTls);
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // What the coordinator's TLS port sends a plaintext HTTP/2 client.
+            if h2.is_go_away()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::INADEQUATE_SECURITY)
+            {
+                return Some(TlsFailure::ServerWantsTls);
+            }
+            // h2's errors have no `source`: an alert read on an open
+            // connection (a refused client certificate under TLS 1.3) is
+            // only reachable through `get_io`.
+            if let Some(io) = h2.get_io()
+                && let Some(found) = classify(io)
+            {
+                return Some(found);
+            }
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && let Some(inner) = io.get_ref()

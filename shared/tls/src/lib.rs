@@ -7,6 +7,8 @@
 //!   with ALPN `h2`, one for the HTTP port) sharing one certificate
 //!   resolver that re-reads the pair when the files change, and optional
 //!   client certificates checked against `--tls-client-ca`;
+//! - [`client_ca`]: runners' client certificates, asked for in the
+//!   handshake and judged by the runner service against `--tls-client-ca`;
 //! - [`client`]: what a client (CLI, runner) trusts and presents, as
 //!   tonic's `ClientTlsConfig`;
 //! - [`identity`]: the name in a peer's certificate (CN, else the first DNS SAN);
@@ -14,12 +16,14 @@
 //!   and which flag fixes it.
 
 pub mod client;
+pub mod client_ca;
 pub mod failure;
 pub mod identity;
 pub mod pem;
 pub mod server;
 
 pub use client::ClientTls;
+pub use client_ca::ClientCa;
 pub use failure::{TlsFailure, classify};
 pub use identity::identity;
 pub use server::{ServerConfigs, ServerTlsFiles};

@@ -3,19 +3,19 @@
 //! client certificates checked against that CA.
 //!
 //! Client certificates are optional at the TLS layer: the same gRPC port
-//! serves the CLI, which has none. A certificate that is presented must
-//! chain to the CA (else the handshake fails); whether a call needs one is
-//! the RunnerService's to decide, from the peer certificates tonic hands it.
+//! serves the CLI, which has none. Whether a call needs one, and whether
+//! it chains to the CA, is the RunnerService's to decide from the peer
+//! certificates tonic hands it ([`crate::client_ca`] says why).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig};
 
-use crate::{TlsError, pem, provider};
+use crate::{ClientCa, TlsError, pem, provider};
 
 /// The coordinator's TLS files.
 #[derive(Clone, Debug)]
@@ -38,19 +38,25 @@ pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub struct ServerConfigs {
     pub grpc: Arc<ServerConfig>,
     pub http: Arc<ServerConfig>,
+    /// With `--tls-client-ca`: what runners' certificates are checked against.
+    pub client_ca: Option<Arc<ClientCa>>,
 }
 
 impl ServerConfigs {
     /// Reads the files (a bad pair or CA fails the start) and builds both configs.
     pub fn load(files: &ServerTlsFiles) -> Result<Self, TlsError> {
         let resolver = Arc::new(ReloadingCert::load(&files.cert, &files.key)?);
+        let client_ca = match &files.client_ca {
+            Some(path) => Some(Arc::new(ClientCa::load(path)?)),
+            None => None,
+        };
         let build = |alpn: &[u8]| -> Result<Arc<ServerConfig>, TlsError> {
             let builder = ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|source| rustls_error("TLS protocol versions", source))?;
-            let builder = match &files.client_ca {
+            let builder = match &client_ca {
                 None => builder.with_no_client_auth(),
-                Some(ca) => builder.with_client_cert_verifier(client_verifier(ca)?),
+                Some(ca) => builder.with_client_cert_verifier(ca.handshake_verifier()),
             };
             let mut config = builder.with_cert_resolver(resolver.clone());
             config.alpn_protocols = vec![alpn.to_vec()];
@@ -59,6 +65,7 @@ impl ServerConfigs {
         Ok(Self {
             grpc: build(ALPN_H2)?,
             http: build(ALPN_HTTP1)?,
+            client_ca,
         })
     }
 }
@@ -68,22 +75,6 @@ fn rustls_error(what: &str, source: rustls::Error) -> TlsError {
         what: what.to_owned(),
         source,
     }
-}
-
-/// Client certificates must chain to the CA in `ca`; none is also accepted.
-fn client_verifier(
-    ca: &Path,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in pem::certs("--tls-client-ca", ca)? {
-        roots
-            .add(cert)
-            .map_err(|source| rustls_error(&format!("--tls-client-ca {}", ca.display()), source))?;
-    }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Invalid(format!("--tls-client-ca {}: {e}", ca.display())))
 }
 
 /// What identifies a version of a file: a replaced or rewritten file

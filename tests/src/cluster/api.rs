@@ -38,7 +38,20 @@ impl TestCluster {
             .filter(|r| r.answers())
             .map(super::Replica::url)
             .collect();
-        Ok(Client::connect(&urls).await?)
+        let options = capstan_client::ClientOptions {
+            tls: self.client_tls(),
+            ..Default::default()
+        };
+        Ok(Client::connect_with(&urls, options).await?)
+    }
+
+    /// A channel to `url`, trusting the test CA for `https://`.
+    pub async fn channel_to(&self, url: &str) -> anyhow::Result<tonic::transport::Channel> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+        if url.starts_with("https://") {
+            endpoint = endpoint.tls_config(self.client_tls().tonic_config()?)?;
+        }
+        Ok(endpoint.connect().await?)
     }
 
     /// The raw pipeline API: on the standalone coordinator, or on the
@@ -47,14 +60,19 @@ impl TestCluster {
         if self.etcd.is_some() {
             return Ok(self.leader_client().await?.pipeline());
         }
-        Ok(PipelineServiceClient::connect(self.url()).await?)
+        Ok(PipelineServiceClient::new(
+            self.channel_to(&self.url()).await?,
+        ))
     }
 
     /// Runs the `capstan` CLI against this cluster (every replica).
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("capstan"))
-            .args(["--server", &self.urls().join(",")])
-            .args(args)
+        let mut cmd = Command::new(bin("capstan"));
+        cmd.args(["--server", &self.urls().join(",")]);
+        if let Some(pki) = self.pki() {
+            cmd.arg("--ca-cert").arg(pki.ca_cert());
+        }
+        cmd.args(args)
             .stdin(Stdio::null())
             .output()
             .expect("run capstan")
