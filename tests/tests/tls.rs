@@ -232,7 +232,6 @@ async fn runners_without_a_good_client_certificate_are_refused() -> anyhow::Resu
         .coordinator_args(&["--tls-require-name-match"])
         .start()
         .await?;
-    let url = c.url();
 
     let log = refused_runner(&c, "no-cert", &[]).await?;
     assert_eq!(

@@ -71,10 +71,9 @@ pub fn classify(err: &(dyn StdError + 'static)) -> Option<TlsFailure> {
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && let Some(inner) = io.get_ref()
+            && let Some(found) = classify(inner)
         {
-            if let Some(found) = classify(inner) {
-                return Some(found);
-            }
+            return Some(found);
         }
         cur = e.source();
     }
