@@ -163,6 +163,7 @@ impl Args {
         let file: Args = capstan_config::load(self.config.as_deref())?;
         let s = capstan_config::layer(&file, &self)?;
         let tls = tls_settings(&s)?;
+        let (listen, http_listen, advertise) = addresses(&s, tls.is_some())?;
         let etcd_endpoints: Vec<String> = s
             .etcd_endpoints
             .unwrap_or_default()
@@ -181,12 +182,6 @@ impl Args {
             ));
         }
         let etcd_prefix = s.etcd_prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
-        let listen = s.listen.unwrap_or_else(|| {
-            SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_GRPC_PORT))
-        });
-        let http_listen = s.http_listen.unwrap_or_else(|| {
-            SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_HTTP_PORT))
-        });
         let registration_token =
             s.registration_token
                 .filter(|t| !t.is_empty())
@@ -224,14 +219,6 @@ impl Args {
                 timing.heartbeat.as_millis()
             )));
         }
-        if tls.is_none() && !s.insecure.unwrap_or(false) {
-            plaintext_on_loopback(listen, "--listen")?;
-            plaintext_on_loopback(http_listen, "--http-listen")?;
-        }
-        let advertise = s.advertise.or_else(|| {
-            // Clients must know to use TLS from the URL.
-            tls.as_ref().map(|_| format!("https://{listen}"))
-        });
         Ok(Settings {
             listen,
             http_listen,
@@ -248,6 +235,27 @@ impl Args {
             },
         })
     }
+}
+
+/// The listen addresses and the advertised URL. Without TLS both ports
+/// must be on loopback unless `--insecure`.
+fn addresses(s: &Args, tls: bool) -> Result<(SocketAddr, SocketAddr, Option<String>), ConfigError> {
+    let listen = s
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_GRPC_PORT)));
+    let http_listen = s
+        .http_listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_HTTP_PORT)));
+    if !tls && !s.insecure.unwrap_or(false) {
+        plaintext_on_loopback(listen, "--listen")?;
+        plaintext_on_loopback(http_listen, "--http-listen")?;
+    }
+    // Clients must know to use TLS from the URL.
+    let advertise = s
+        .advertise
+        .clone()
+        .or_else(|| tls.then(|| format!("https://{listen}")));
+    Ok((listen, http_listen, advertise))
 }
 
 /// The `--tls-*` settings, checked for the ones that need others.

@@ -88,13 +88,7 @@ pub async fn run(
         metrics: metrics.clone(),
         registration_token: config.registration_token.clone().into(),
         advertise: advertise.clone().into(),
-        mtls: tls
-            .as_ref()
-            .and_then(|t| t.client_ca.clone())
-            .map(|ca| api::Mtls {
-                ca,
-                require_name_match: config.tls.as_ref().is_some_and(|t| t.require_name_match),
-            }),
+        mtls: mtls_policy(&config, tls.as_ref()),
     };
 
     if let Some(http) = http {
@@ -105,19 +99,7 @@ pub async fn run(
         };
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
-    let server = grpc_server(shared);
-    let shut = inner.clone().cancelled_owned();
-    let server_task = match &tls {
-        None => tracker.spawn(server.serve_with_incoming_shutdown(nodelay_incoming(grpc), shut)),
-        Some(tls) => {
-            let incoming = tls::accept(grpc, tls.grpc.clone(), inner.clone());
-            let incoming = tokio_stream::StreamExt::map(
-                tokio_stream::wrappers::ReceiverStream::new(incoming),
-                Ok::<_, std::io::Error>,
-            );
-            tracker.spawn(server.serve_with_incoming_shutdown(incoming, shut))
-        }
-    };
+    let server_task = spawn_grpc(&tracker, grpc_server(shared), grpc, tls.as_ref(), &inner);
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, standalone, tls = tls.is_some(), "coordinator serving");
 
@@ -141,6 +123,40 @@ pub async fn run(
     };
     stop(&inner, &*election, &tracker).await;
     result
+}
+
+/// Serves gRPC on `grpc` (with TLS if `tls`) until `token` is cancelled.
+fn spawn_grpc(
+    tracker: &TaskTracker,
+    server: tonic::transport::server::Router,
+    grpc: tokio::net::TcpListener,
+    tls: Option<&capstan_tls::ServerConfigs>,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let shut = token.clone().cancelled_owned();
+    match tls {
+        None => tracker.spawn(server.serve_with_incoming_shutdown(nodelay_incoming(grpc), shut)),
+        Some(tls) => {
+            let incoming = tls::accept(grpc, tls.grpc.clone(), token.clone());
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(incoming),
+                Ok::<_, std::io::Error>,
+            );
+            tracker.spawn(server.serve_with_incoming_shutdown(incoming, shut))
+        }
+    }
+}
+
+/// The runner service's mTLS policy: with `--tls-client-ca`.
+fn mtls_policy(
+    config: &CoordinatorConfig,
+    tls: Option<&capstan_tls::ServerConfigs>,
+) -> Option<api::Mtls> {
+    let ca = tls?.client_ca.clone()?;
+    Some(api::Mtls {
+        ca,
+        require_name_match: config.tls.as_ref().is_some_and(|t| t.require_name_match),
+    })
 }
 
 /// Stops the replica's tasks and resigns (so another replica takes over
