@@ -122,6 +122,9 @@ mod tests {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ca");
         let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         let client_ca = ClientCa::load(&dir.path().join("ca.pem")).unwrap();
@@ -129,6 +132,8 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "leaf");
         let signed = leaf.signed_by(&key, &ca).unwrap();
         client_ca.verify(&[signed.der().clone()]).unwrap();
 
