@@ -28,6 +28,8 @@ const BACKLOG: usize = 128;
 /// The first bytes of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// Longest a refused plaintext client is read from after the answer.
+const LINGER: Duration = Duration::from_secs(2);
 /// What a plaintext client is told.
 const USE_TLS: &str = "this coordinator port requires TLS: use an https:// URL";
 
@@ -88,6 +90,7 @@ async fn handshake(acceptor: TlsAcceptor, mut stream: TcpStream) -> Option<TlsSt
         };
         let _ = stream.write_all(&answer).await;
         let _ = stream.shutdown().await;
+        linger(stream).await;
         return None;
     }
     match acceptor.accept(stream).await {
@@ -97,6 +100,22 @@ async fn handshake(acceptor: TlsAcceptor, mut stream: TcpStream) -> Option<TlsSt
             None
         }
     }
+}
+
+/// Reads and drops what the client still sends, until it closes (or for
+/// [`LINGER`]): closing a socket with unread data sends a reset, which can
+/// reach the client before the answer and replace it with "broken pipe".
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Peeks until `buf` is full or the client stops sending (a client that

@@ -289,6 +289,38 @@ async fn runners_without_a_good_client_certificate_are_refused() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_runner_credential_with_another_certificate_is_refused() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder()
+        .mtls()
+        .executor("fake")
+        .start()
+        .await?;
+    // runner-0 registered with its certificate (CN runner-0) and cached its
+    // credential in its work dir; the same work dir with another host's
+    // certificate must not connect as runner-0.
+    let mut proc = c.terminate_runner("runner-0").expect("runner-0 runs");
+    wait_exit(&mut proc.child, Duration::from_secs(20), "runner-0 drains").await?;
+    let other = c.pki().unwrap().client("other", "other-host")?;
+    let log = refused_runner(
+        &c,
+        "runner-0",
+        &[
+            "--tls-client-cert",
+            other.cert.to_str().unwrap(),
+            "--tls-client-key",
+            other.key.to_str().unwrap(),
+        ],
+    )
+    .await?;
+    assert_eq!(
+        fatal_line(&log),
+        "Error: the coordinator refused this runner's connection: this runner registered with \
+         a client certificate for `runner-0`, this connection presents `other-host`"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn plaintext_beyond_loopback_is_refused_unless_insecure() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let port = free_port();
