@@ -16,6 +16,11 @@
 //!   [`ClientOptions::retry_for`] is spent;
 //! - any other status is returned at once as [`ClientError::Status`].
 //!
+//! `https://` servers are reached over TLS only (trusting
+//! [`ClientOptions::tls`]'s `--ca-cert`, else the system's roots), never in
+//! plaintext; a handshake that fails is [`ClientError::Tls`], which says
+//! what to fix and is not retried.
+//!
 //! The client is cheap to clone; clones share the current connection, so a
 //! leader found by one call is used by every later call.
 //!
