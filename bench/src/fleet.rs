@@ -20,11 +20,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Clone, Debug)]
 pub(crate) struct FleetConfig {
     pub(crate) url: String,
+    /// The CA of an `https://` coordinator.
+    pub(crate) ca_cert: Option<std::path::PathBuf>,
     pub(crate) token: String,
     pub(crate) count: usize,
     pub(crate) capacity: u32,
@@ -59,7 +61,7 @@ impl Fleet {
         let conns = cfg.count.div_ceil(cfg.per_conn.max(1));
         let mut channels = Vec::with_capacity(conns);
         for _ in 0..conns {
-            let ch = Endpoint::from_shared(cfg.url.clone())?
+            let ch = crate::procs::endpoint(&cfg.url, cfg.ca_cert.as_deref())?
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .connect()
                 .await

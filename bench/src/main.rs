@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 const SCENARIOS: &[&str] = &[
     "store",
     "pickup",
+    "pickup-tls",
     "throughput",
+    "throughput-tls",
     "throughput-etcd",
     "logs",
     "connected",
@@ -53,8 +55,8 @@ struct Args {
     #[arg(long, default_value = "bench/report.json")]
     out: PathBuf,
     /// Run only this scenario (repeatable); its figures are merged into an
-    /// existing report at --out. One of: store, pickup, throughput,
-    /// throughput-etcd, logs, connected, lost-runner, container, buildbot;
+    /// existing report at --out. One of: store, pickup, pickup-tls,
+    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, container, buildbot;
     /// or pickup-ab (two builds' pickup, alternating; build A's binaries in
     /// `$CAPSTAN_AB_BIN_DIR`).
     #[arg(long = "scenario")]
@@ -233,6 +235,8 @@ async fn run_scenario(args: &Args, name: &str, ctx: &Ctx) -> anyhow::Result<Figu
         "store" => scenarios::store_commit::run(ctx).await,
         "pickup" => scenarios::pickup::run(ctx).await,
         "pickup-ab" => scenarios::pickup::run_ab(ctx).await,
+        "pickup-tls" => scenarios::pickup::run_tls(ctx).await,
+        "throughput-tls" => scenarios::throughput::run_tls(ctx).await,
         "throughput" => scenarios::throughput::run(ctx).await,
         "throughput-etcd" => scenarios::throughput::run_etcd(ctx).await,
         "logs" => scenarios::log_throughput::run(ctx).await,

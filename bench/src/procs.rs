@@ -15,7 +15,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tonic::transport::Channel;
 
 /// Where the binaries are: `$CAPSTAN_BIN_DIR`, else the directory of this
 /// executable (`target/<profile>/`), so a release bench runs release daemons.
@@ -118,6 +117,19 @@ pub(crate) fn epoch_ns() -> i128 {
         .unwrap_or(0)
 }
 
+/// An endpoint for `url`, trusting `ca` for `https://` ones.
+pub(crate) fn endpoint(url: &str, ca: Option<&Path>) -> anyhow::Result<tonic::transport::Endpoint> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let tls = capstan_tls::ClientTls {
+        ca_cert: ca.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    Ok(endpoint.tls_config(tls.tonic_config()?)?)
+}
+
 /// A `capstan-coordinator` process; killed on drop.
 pub(crate) struct Coordinator {
     proc: Proc,
@@ -131,13 +143,21 @@ pub(crate) struct Coordinator {
     pub(crate) dir: PathBuf,
     /// Where this coordinator's binary came from; its runners come from there too.
     bins: PathBuf,
+    /// The CA of its certificate, when it serves TLS ([`Coordinator::start_tls`]).
+    pub(crate) ca: Option<PathBuf>,
 }
 
 impl Coordinator {
     /// Starts a coordinator with its data dir under `dir` and waits for `/readyz`.
     /// `extra` are more flags (`--lease-ms 2000`, ...).
     pub(crate) async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
-        Self::start_from(&bin_dir(), dir, extra).await
+        Self::launch(&bin_dir(), dir, extra, false).await
+    }
+
+    /// [`Coordinator::start`] with TLS on both ports (`--tls-cert`, a test
+    /// CA made in `dir/pki`): its clients and runners trust that CA.
+    pub(crate) async fn start_tls(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        Self::launch(&bin_dir(), dir, extra, true).await
     }
 
     /// [`Coordinator::start`] with the binaries (this one and its runners')
@@ -147,6 +167,10 @@ impl Coordinator {
         dir: &Path,
         extra: &[String],
     ) -> anyhow::Result<Self> {
+        Self::launch(bins, dir, extra, false).await
+    }
+
+    async fn launch(bins: &Path, dir: &Path, extra: &[String], tls: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -159,6 +183,17 @@ impl Coordinator {
             .arg(dir.join("data"))
             .args(["--registration-token", &token])
             .args(extra);
+        let ca = if tls {
+            let pki = capstan_tests::certs::Pki::new(&dir.join("pki"), "bench")?;
+            let server = pki.server("server")?;
+            cmd.arg("--tls-cert")
+                .arg(server.cert)
+                .arg("--tls-key")
+                .arg(server.key);
+            Some(pki.ca_cert())
+        } else {
+            None
+        };
         let proc = Proc::spawn(cmd, dir, "coordinator")?;
         let mut c = Self {
             proc,
@@ -168,6 +203,7 @@ impl Coordinator {
             api_token,
             dir: dir.to_path_buf(),
             bins: bins.to_path_buf(),
+            ca,
         };
         // Ready, and leader: an API call answers (a coordinator that is
         // still electing itself answers UNAVAILABLE).
@@ -204,7 +240,8 @@ impl Coordinator {
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -223,14 +260,17 @@ impl Coordinator {
 
     /// A channel to this coordinator carrying the API token.
     pub(crate) async fn channel(&self) -> anyhow::Result<AuthChannel> {
-        let ch = Channel::from_shared(self.url())?.connect().await?;
+        let ch = endpoint(&self.url(), self.ca.as_deref())?.connect().await?;
         let bearer = capstan_client::Bearer::new(self.api_token.as_deref())?;
         Ok(capstan_client::auth::authed(ch, bearer))
     }
 
     /// A plain HTTP/1.0 GET on the side port: (status, body).
     pub(crate) fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        capstan_tests::http_get(self.http, path)
+        match &self.ca {
+            Some(ca) => capstan_tests::https_get(self.http, path, ca).map(|a| (a.status, a.body)),
+            None => capstan_tests::http_get(self.http, path),
+        }
     }
 
     /// Starts a real runner process against this coordinator.
@@ -253,6 +293,9 @@ impl Coordinator {
             .args(["--max-step-log", "0"])
             .arg("--work-dir")
             .arg(&work);
+        if let Some(ca) = &self.ca {
+            cmd.arg("--ca-cert").arg(ca);
+        }
         Ok(Runner {
             name: name.to_string(),
             proc: Proc::spawn(cmd, &self.dir, name)?,

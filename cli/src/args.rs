@@ -21,6 +21,11 @@ pub struct Cli {
     )]
     pub(crate) server: Vec<String>,
 
+    /// CA certificate (PEM) that signed the coordinator's certificate, for
+    /// `https://` servers [default: the system's roots].
+    #[arg(long, global = true, env = "CAPSTAN_CA_CERT", value_name = "PEM")]
+    pub(crate) ca_cert: Option<PathBuf>,
+
     /// Output format.
     #[arg(
         short = 'o',

@@ -109,6 +109,9 @@ impl From<ClientError> for Failure {
                 message: format!("error: {err}"),
             };
         }
+        if let ClientError::TlsConfig(_) = err {
+            return Failure::usage(err);
+        }
         match err.status() {
             // The coordinator's validation message lists every
             // `FILE:LINE:COL: msg`, one a line: print it alone.

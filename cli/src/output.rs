@@ -117,6 +117,7 @@ pub(crate) fn runner_json(runner: &Runner) -> Value {
         "draining": runner.draining,
         "version": opt_str(&runner.version),
         "last_seen_ms": opt_ms(runner.last_seen_ms),
+        "tls_identity": opt_str(&runner.tls_identity),
     })
 }
 
@@ -193,7 +194,15 @@ pub(crate) fn runs_text(runs: &[Run]) -> String {
 
 /// `runners` as text.
 pub(crate) fn runners_text(runners: &[Runner]) -> String {
-    let mut table = Table::new(["NAME", "ID", "CONNECTED", "BUSY", "LABELS", "DRAINING"]);
+    let mut table = Table::new([
+        "NAME",
+        "ID",
+        "CONNECTED",
+        "BUSY",
+        "LABELS",
+        "DRAINING",
+        "IDENTITY",
+    ]);
     for r in runners {
         let mut labels: Vec<_> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
@@ -208,6 +217,12 @@ pub(crate) fn runners_text(runners: &[Runner]) -> String {
                 labels.join(",")
             },
             yes_no(r.draining),
+            // The client certificate's subject under mTLS.
+            if r.tls_identity.is_empty() {
+                "-".into()
+            } else {
+                r.tls_identity.clone()
+            },
         ]);
     }
     table.render()

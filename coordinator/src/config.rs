@@ -35,6 +35,17 @@ pub struct CoordinatorConfig {
     pub dev_admin_token: Option<String>,
     /// Request, pipeline, run and log limits (`--max-*`).
     pub limits: Limits,
+    /// TLS on both ports; `None`: plaintext (loopback only, unless `--insecure`).
+    pub tls: Option<TlsSettings>,
+}
+
+/// `--tls-*`.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub files: capstan_tls::ServerTlsFiles,
+    /// `--tls-require-name-match`: a runner's client certificate must name
+    /// its `--name` (needs `files.client_ca`).
+    pub require_name_match: bool,
 }
 
 impl CoordinatorConfig {
@@ -52,6 +63,7 @@ impl CoordinatorConfig {
             log_dir: None,
             dev_admin_token: Some(crate::tokens::generate()),
             limits: Limits::default(),
+            tls: None,
         }
     }
 }
@@ -146,6 +158,24 @@ pub struct Args {
     /// Most log bytes stored for one attempt of a task [default: 16g].
     #[arg(long, env = "CAPSTAN_MAX_TASK_LOG", value_name = "SIZE")]
     pub max_task_log: Option<String>,
+    /// TLS certificate chain (PEM) for the gRPC and HTTP ports, re-read
+    /// when the file changes; needs --tls-key.
+    #[arg(long, env = "CAPSTAN_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "CAPSTAN_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates runners must present (mTLS for
+    /// the runner service; the CLI needs none).
+    #[arg(long, env = "CAPSTAN_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// A runner's client certificate must name (CN or first DNS SAN) its --name.
+    #[arg(long, env = "CAPSTAN_TLS_REQUIRE_NAME_MATCH", num_args = 0..=1, default_missing_value = "true")]
+    pub tls_require_name_match: Option<bool>,
+    /// Serve plaintext on non-loopback addresses (without TLS the
+    /// coordinator refuses to listen beyond this host).
+    #[arg(long, env = "CAPSTAN_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
 }
 
 /// The binary's offline commands (see `crate::admin`).
@@ -221,6 +251,8 @@ impl Args {
     pub fn settings(self) -> Result<Settings, ConfigError> {
         let s = self.layered()?;
         let limits = limits(&s)?;
+        let tls = tls_settings(&s)?;
+        let (listen, http_listen, advertise) = addresses(&s, tls.is_some())?;
         let etcd_endpoints = endpoints(s.etcd_endpoints);
         let election_ttl = Duration::from_millis(
             s.election_ttl_ms
@@ -233,12 +265,6 @@ impl Args {
             ));
         }
         let etcd_prefix = s.etcd_prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
-        let listen = s.listen.unwrap_or_else(|| {
-            SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_GRPC_PORT))
-        });
-        let http_listen = s.http_listen.unwrap_or_else(|| {
-            SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_HTTP_PORT))
-        });
         let registration_token =
             s.registration_token
                 .filter(|t| !t.is_empty())
@@ -280,11 +306,12 @@ impl Args {
             listen,
             http_listen,
             coordinator: CoordinatorConfig {
+                tls,
                 data_dir: s
                     .data_dir
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
                 registration_token,
-                advertise: s.advertise,
+                advertise,
                 timing,
                 etcd_endpoints,
                 etcd_prefix,
@@ -350,6 +377,79 @@ fn limits(s: &Args) -> Result<Limits, ConfigError> {
         ));
     }
     Ok(limits)
+}
+
+/// The listen addresses and the advertised URL. Without TLS both ports
+/// must be on loopback unless `--insecure`.
+fn addresses(s: &Args, tls: bool) -> Result<(SocketAddr, SocketAddr, Option<String>), ConfigError> {
+    let listen = s
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_GRPC_PORT)));
+    let http_listen = s
+        .http_listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_HTTP_PORT)));
+    if !tls && !s.insecure.unwrap_or(false) {
+        plaintext_on_loopback(listen, "--listen")?;
+        plaintext_on_loopback(http_listen, "--http-listen")?;
+    }
+    // Clients must know to use TLS from the URL.
+    let advertise = s
+        .advertise
+        .clone()
+        .or_else(|| tls.then(|| format!("https://{listen}")));
+    Ok((listen, http_listen, advertise))
+}
+
+/// The `--tls-*` settings, checked for the ones that need others.
+fn tls_settings(s: &Args) -> Result<Option<TlsSettings>, ConfigError> {
+    let name_match = s.tls_require_name_match.unwrap_or(false);
+    let (cert, key) = match (&s.tls_cert, &s.tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) => {
+            if s.tls_client_ca.is_some() {
+                return Err(ConfigError::Invalid(
+                    "--tls-client-ca needs TLS: pass --tls-cert and --tls-key too".into(),
+                ));
+            }
+            if name_match {
+                return Err(ConfigError::Invalid(
+                    "--tls-require-name-match needs --tls-client-ca (and --tls-cert, --tls-key)"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        }
+        _ => {
+            return Err(ConfigError::Invalid(
+                "--tls-cert and --tls-key go together: pass both".into(),
+            ));
+        }
+    };
+    if name_match && s.tls_client_ca.is_none() {
+        return Err(ConfigError::Invalid(
+            "--tls-require-name-match needs --tls-client-ca".into(),
+        ));
+    }
+    Ok(Some(TlsSettings {
+        files: capstan_tls::ServerTlsFiles {
+            cert,
+            key,
+            client_ca: s.tls_client_ca.clone(),
+        },
+        require_name_match: name_match,
+    }))
+}
+
+/// Plaintext is for this host only: anyone on the network could read the
+/// registration token and every runner's secret, and talk to the API.
+fn plaintext_on_loopback(addr: SocketAddr, flag: &str) -> Result<(), ConfigError> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "refusing to serve plaintext on {addr} ({flag}), beyond this host: pass --tls-cert and \
+         --tls-key, or --insecure to serve without TLS anyway"
+    )))
 }
 
 /// `forever` (or `0`): keep everything; else a duration of whole days
@@ -442,6 +542,96 @@ mod tests {
     fn missing_token_says_what_to_do() {
         let e = Args::default().settings().unwrap_err();
         assert!(e.to_string().contains("--registration-token"), "{e}");
+    }
+
+    fn with_token() -> Args {
+        Args {
+            registration_token: Some("t".into()),
+            ..Args::default()
+        }
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_is_refused_unless_insecure() {
+        let any: SocketAddr = "0.0.0.0:7700".parse().unwrap();
+        let e = Args {
+            listen: Some(any),
+            ..with_token()
+        }
+        .settings()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "refusing to serve plaintext on 0.0.0.0:7700 (--listen), beyond this host: pass \
+             --tls-cert and --tls-key, or --insecure to serve without TLS anyway"
+        );
+        let e = Args {
+            http_listen: Some("10.1.2.3:7701".parse().unwrap()),
+            ..with_token()
+        }
+        .settings()
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("10.1.2.3:7701 (--http-listen)"),
+            "{e}"
+        );
+        let ok = Args {
+            listen: Some(any),
+            insecure: Some(true),
+            ..with_token()
+        }
+        .settings()
+        .unwrap();
+        assert_eq!(ok.listen, any);
+        for loopback in ["127.0.0.2:1", "[::1]:1"] {
+            Args {
+                listen: Some(loopback.parse().unwrap()),
+                ..with_token()
+            }
+            .settings()
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn tls_settings_that_need_others() {
+        let e = |a: Args| a.settings().unwrap_err().to_string();
+        assert_eq!(
+            e(Args {
+                tls_cert: Some("c.pem".into()),
+                ..with_token()
+            }),
+            "--tls-cert and --tls-key go together: pass both"
+        );
+        assert_eq!(
+            e(Args {
+                tls_client_ca: Some("ca.pem".into()),
+                ..with_token()
+            }),
+            "--tls-client-ca needs TLS: pass --tls-cert and --tls-key too"
+        );
+        assert_eq!(
+            e(Args {
+                tls_cert: Some("c.pem".into()),
+                tls_key: Some("k.pem".into()),
+                tls_require_name_match: Some(true),
+                ..with_token()
+            }),
+            "--tls-require-name-match needs --tls-client-ca"
+        );
+        let s = Args {
+            listen: Some("0.0.0.0:7700".parse().unwrap()),
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..with_token()
+        }
+        .settings()
+        .unwrap();
+        assert!(s.coordinator.tls.is_some());
+        assert_eq!(
+            s.coordinator.advertise.as_deref(),
+            Some("https://0.0.0.0:7700")
+        );
     }
 
     #[test]

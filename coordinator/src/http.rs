@@ -57,12 +57,16 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// Serves until `shutdown`.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves on `listener` (TCP, or `tls::TlsListener`) until `shutdown`.
+pub(crate) async fn serve<L>(
+    listener: L,
     state: HttpState,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -14,6 +14,7 @@
 //! - `model`: the records the store holds;
 //! - `http`: `/healthz`, `/readyz`, `/metrics`, with `metrics`;
 //! - [`config`]: flags, environment and TOML;
+//! - `tls`: the TLS listeners of both ports (handshakes off the accept loop);
 //! - `trace`: the run's spans in its OpenTelemetry trace (off unless configured);
 //! - `tokens`: API tokens in the store (make, look up, list, revoke); their
 //!   check on each call is `api::auth`;
@@ -38,10 +39,11 @@ pub(crate) mod private;
 pub(crate) mod scheduler;
 mod server;
 pub mod store;
+pub(crate) mod tls;
 pub(crate) mod tokens;
 pub(crate) mod trace;
 
-pub use config::CoordinatorConfig;
+pub use config::{CoordinatorConfig, TlsSettings};
 pub use limits::Limits;
 pub use scheduler::state::Timing;
 pub use server::run;

@@ -209,6 +209,11 @@ pub(crate) struct RunnerRecord {
     pub(crate) version: String,
     pub(crate) draining: bool,
     pub(crate) registered_at_ms: i64,
+    /// The subject (CN, else first DNS SAN) of the client certificate it
+    /// registered with under mTLS (`--tls-client-ca`); its Control
+    /// streams must present the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_identity: Option<String>,
 }
 
 mod spec_hex {

@@ -7,7 +7,7 @@
 //! `logs`, `scheduler`, `store`); nothing imports it but `lib.rs`.
 
 use crate::config::CoordinatorConfig;
-use crate::{api, election, http, logs, metrics, scheduler, store};
+use crate::{api, election, http, logs, metrics, scheduler, store, tls};
 use anyhow::Context as _;
 use capstan_proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
 use std::sync::Arc;
@@ -55,10 +55,16 @@ pub async fn run(
     crate::private::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let local = grpc.local_addr()?;
+    // Read now: a bad certificate, key or CA fails the start.
+    let tls = match &config.tls {
+        Some(t) => Some(capstan_tls::ServerConfigs::load(&t.files)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let advertise = config
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
     let standalone = config.etcd_endpoints.is_empty();
     let (store, election) = open_state(&config, &advertise).await?;
     let log_dir = config
@@ -82,6 +88,7 @@ pub async fn run(
         advertise: advertise.clone().into(),
         tokens: Arc::new(crate::tokens::Tokens::new(store.clone())),
         limits: config.limits,
+        mtls: mtls_policy(&config, tls.as_ref()),
     };
     if let Some(token) = &config.dev_admin_token {
         install_dev_token(&shared.tokens, token).await?;
@@ -93,15 +100,11 @@ pub async fn run(
             ready: ready.clone(),
             role: shared.role.clone(),
         };
-        spawn_http(&tracker, http, state, inner.clone())?;
+        spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
-    let server = grpc_server(shared);
-    let server_task = tracker.spawn(
-        server
-            .serve_with_incoming_shutdown(nodelay_incoming(grpc), inner.clone().cancelled_owned()),
-    );
+    let server_task = spawn_grpc(&tracker, grpc_server(shared), grpc, tls.as_ref(), &inner);
     ready.store(true, Ordering::Release);
-    tracing::info!(%local, %advertise, standalone, "coordinator serving");
+    tracing::info!(%local, %advertise, standalone, tls = tls.is_some(), "coordinator serving");
 
     let lead = lead_loop(LeadLoop {
         store,
@@ -125,6 +128,40 @@ pub async fn run(
     result
 }
 
+/// Serves gRPC on `grpc` (with TLS if `tls`) until `token` is cancelled.
+fn spawn_grpc(
+    tracker: &TaskTracker,
+    server: tonic::transport::server::Router,
+    grpc: tokio::net::TcpListener,
+    tls: Option<&capstan_tls::ServerConfigs>,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let shut = token.clone().cancelled_owned();
+    match tls {
+        None => tracker.spawn(server.serve_with_incoming_shutdown(nodelay_incoming(grpc), shut)),
+        Some(tls) => {
+            let incoming = tls::accept(grpc, tls.grpc.clone(), token.clone());
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(incoming),
+                Ok::<_, std::io::Error>,
+            );
+            tracker.spawn(server.serve_with_incoming_shutdown(incoming, shut))
+        }
+    }
+}
+
+/// The runner service's mTLS policy: with `--tls-client-ca`.
+fn mtls_policy(
+    config: &CoordinatorConfig,
+    tls: Option<&capstan_tls::ServerConfigs>,
+) -> Option<api::Mtls> {
+    let ca = tls?.client_ca.clone()?;
+    Some(api::Mtls {
+        ca,
+        require_name_match: config.tls.as_ref().is_some_and(|t| t.require_name_match),
+    })
+}
+
 /// Stops the replica's tasks and resigns (so another replica takes over
 /// at once), waiting a bounded time for the tasks.
 async fn stop(inner: &CancellationToken, election: &dyn election::Election, tracker: &TaskTracker) {
@@ -139,20 +176,32 @@ async fn stop(inner: &CancellationToken, election: &dyn election::Election, trac
     }
 }
 
-/// Serves the HTTP side port on `listener` until `token` is cancelled.
+/// Serves the HTTP side port on `listener` (with TLS if `tls`) until
+/// `token` is cancelled.
 fn spawn_http(
     tracker: &TaskTracker,
     listener: tokio::net::TcpListener,
+    tls: Option<&capstan_tls::ServerConfigs>,
     state: http::HttpState,
     token: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
+    let served = match tls {
+        None => tracker.spawn(http::serve(listener, state, token)),
+        Some(tls) => {
+            let listener = tls::TlsListener {
+                incoming: tls::accept(listener, tls.http.clone(), token.clone()),
+                local: addr,
+            };
+            tracker.spawn(http::serve(listener, state, token))
+        }
+    };
     tracker.spawn(async move {
-        if let Err(e) = http::serve(listener, state, token).await {
+        if let Ok(Err(e)) = served.await {
             tracing::error!(error = %e, "HTTP side port failed");
         }
     });
-    tracing::info!(%addr, "HTTP side port listening");
+    tracing::info!(%addr, tls = tls.is_some(), "HTTP side port listening");
     Ok(())
 }
 

@@ -138,6 +138,17 @@ pub struct Args {
     #[arg(long, env = "CAPSTAN_DOCKER_LABELS", value_name = "k=v,k=v", value_parser = parse_labels)]
     #[serde(default, deserialize_with = "labels_text_or_table")]
     pub docker_labels: Option<BTreeMap<String, String>>,
+    /// CA certificate (PEM) that signed the coordinator's certificate, for
+    /// `https://` coordinators [default: the system's roots].
+    #[arg(long, env = "CAPSTAN_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) presented to a coordinator with
+    /// --tls-client-ca (mTLS); needs --tls-client-key.
+    #[arg(long, env = "CAPSTAN_TLS_CLIENT_CERT", value_name = "PEM")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert.
+    #[arg(long, env = "CAPSTAN_TLS_CLIENT_KEY", value_name = "PEM")]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// The TOML file. Same settings as the flags, minus `config`.
@@ -230,6 +241,11 @@ fn merge(args: Args, file: Args) -> Result<RunnerConfig, ConfigError> {
         None => crate::logs::cap::StepLogCap::default(),
     };
     Ok(RunnerConfig {
+        tls: capstan_tls::ClientTls {
+            ca_cert: s.ca_cert,
+            client_cert: s.tls_client_cert,
+            client_key: s.tls_client_key,
+        },
         step_log_cap,
         git_author,
         secrets_file: s.secrets_file,

@@ -97,6 +97,9 @@ pub struct RunnerConfig {
     pub docker: DockerSettings,
     /// How much of one step's output the log keeps (`--max-step-log`).
     pub step_log_cap: logs::cap::StepLogCap,
+    /// What `https://` coordinators are trusted with (`--ca-cert`) and the
+    /// client certificate presented under mTLS.
+    pub tls: capstan_tls::ClientTls,
 }
 
 impl Default for RunnerConfig {
@@ -114,6 +117,7 @@ impl Default for RunnerConfig {
             git_author: gitops::Author::default(),
             docker: DockerSettings::default(),
             step_log_cap: logs::cap::StepLogCap::default(),
+            tls: capstan_tls::ClientTls::default(),
         }
     }
 }
@@ -136,6 +140,14 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
     }
     if config.capacity == 0 {
         return Err(Error::ZeroCapacity.into());
+    }
+    if config
+        .coordinators
+        .iter()
+        .any(|u| u.starts_with("https://"))
+    {
+        // A wrong path fails the start, not the first connection.
+        config.tls.tonic_config().map_err(Error::from)?;
     }
     let secrets =
         Arc::new(secrets::Secrets::load(config.secrets_file.as_deref()).map_err(Error::Secrets)?);

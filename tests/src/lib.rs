@@ -13,6 +13,7 @@
 //!   process, with its output in `<dir>/<name>.log`;
 //! - [`bins`], [`net`], [`runs`]: where the binaries are; free ports and a
 //!   plain HTTP GET; reading a run's state;
+//! - [`certs`]: test certificates (a CA, server and client certificates);
 //! - [`etcd`]: a real etcd cluster;
 //! - [`cluster`]: [`TestCluster`] and its [`Builder`] (standalone, or
 //!   replicas on etcd);
@@ -21,6 +22,7 @@
 //!   receiver, the Docker test bed).
 
 pub mod bins;
+pub mod certs;
 pub mod cluster;
 pub mod etcd;
 pub mod git_server;
@@ -34,7 +36,7 @@ pub mod wait;
 
 pub use bins::{bin, bin_dir};
 pub use cluster::{Builder, Replica, TestCluster};
-pub use net::{free_port, http_get};
+pub use net::{free_port, http_get, https_get};
 pub use process::{Proc, tail_logs, wait_exit};
 pub use runs::{is_finished, run_state, task, task_state};
 pub use wait::{eventually, poll_until};

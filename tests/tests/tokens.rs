@@ -79,7 +79,7 @@ async fn every_client_call_needs_a_live_token_of_the_right_scope() -> anyhow::Re
         unknown,
     );
     // Raw gRPC, on every client service.
-    let bare = TestCluster::channel_to(&c.url(), None).await?;
+    let bare = c.channel_with(&c.url(), None).await?;
     let err = api::pipeline_service_client::PipelineServiceClient::new(bare.clone())
         .submit_run(api::SubmitRunRequest {
             pipeline_yaml: SLOW.into(),
@@ -342,7 +342,7 @@ async fn a_revocation_holds_on_every_replica_and_after_a_failover() -> anyhow::R
     client.list_runs(1).await?;
     // A follower authenticates before it says who leads.
     let err = api::pipeline_service_client::PipelineServiceClient::new(
-        TestCluster::channel_to(&c.replicas[follower].url(), None).await?,
+        c.channel_with(&c.replicas[follower].url(), None).await?,
     )
     .list_runs(api::ListRunsRequest { limit: 1 })
     .await
@@ -361,7 +361,7 @@ async fn a_revocation_holds_on_every_replica_and_after_a_failover() -> anyhow::R
     );
     for i in 0..3 {
         let err = api::pipeline_service_client::PipelineServiceClient::new(
-            TestCluster::channel_to(&c.replicas[i].url(), Some(&ci)).await?,
+            c.channel_with(&c.replicas[i].url(), Some(&ci)).await?,
         )
         .list_runs(api::ListRunsRequest { limit: 1 })
         .await
@@ -407,8 +407,9 @@ async fn an_existing_runner_name_registers_again_only_with_its_credential_or_an_
             runner_secret: secret.into(),
             ..Default::default()
         };
+        let c = &c;
         async move {
-            let ch = TestCluster::channel_to(&url, token.as_deref()).await?;
+            let ch = c.channel_with(&url, token.as_deref()).await?;
             let r = rpb::runner_service_client::RunnerServiceClient::new(ch)
                 .register(req)
                 .await;

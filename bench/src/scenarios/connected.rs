@@ -21,6 +21,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let start = Instant::now();
     let fleet = Fleet::start(FleetConfig {
         url: coord.url(),
+        ca_cert: coord.ca.clone(),
         token: coord.token.clone(),
         count: n,
         capacity: 1,

@@ -24,7 +24,8 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
     let create_ms = file_create_ms(&stamps.join("probe"), 50)?;
-    let [mut samples] = measure([(coord.url(), coord.api_token.clone())], stamps, runs).await?;
+    let [mut samples] =
+        measure([(coord.url(), coord.api_token.clone())], None, stamps, runs).await?;
     let (p50, p99, max) = summary(&mut samples);
     println!(
         "pickup: {runs} runs, 1 shell runner, {} cores: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms \
@@ -48,6 +49,33 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     ])
 }
 
+/// The pickup of [`run`] (one real shell runner) with TLS on the
+/// coordinator's ports: the submit, the offer and the report all cross TLS.
+pub(crate) async fn run_tls(ctx: &Ctx) -> anyhow::Result<Figures> {
+    let runs = if ctx.quick { 30 } else { 200 };
+    let coord = Coordinator::start_tls(&ctx.dir, &[]).await?;
+    let _runner = coord.start_runner("pickup-tls-0", "shell", 1)?;
+    coord.wait_connected(1, Duration::from_secs(20)).await?;
+    let stamps = ctx.dir.join("stamps");
+    std::fs::create_dir_all(&stamps)?;
+    let [mut samples] = measure(
+        [(coord.url(), coord.api_token.clone())],
+        coord.ca.clone(),
+        stamps,
+        runs,
+    )
+    .await?;
+    let (p50, p99, max) = summary(&mut samples);
+    println!(
+        "pickup-tls: {runs} runs over TLS, 1 shell runner: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+    );
+    Ok(vec![
+        ("pickup_tls_p50_ms".into(), p50),
+        ("pickup_tls_p99_ms".into(), p99),
+        ("pickup_tls_max_ms".into(), max),
+    ])
+}
+
 /// Submits `runs` pickups (after [`WARMUP`]) to each coordinator at `urls`,
 /// one at a time and alternating between them (the first one first on even
 /// rounds, and so on), and returns each one's stamps minus the clock read
@@ -61,6 +89,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
 /// cost would be counted against the coordinator (docs/decisions.md).
 async fn measure<const N: usize>(
     urls: [(String, Option<String>); N],
+    ca: Option<std::path::PathBuf>,
     stamps: std::path::PathBuf,
     runs: usize,
 ) -> anyhow::Result<[Vec<f64>; N]> {
@@ -71,7 +100,7 @@ async fn measure<const N: usize>(
         rt.block_on(async {
             let mut clients = Vec::with_capacity(N);
             for (url, token) in &urls {
-                clients.push(connect(url, token.as_deref()).await?);
+                clients.push(connect(url, token.as_deref(), ca.as_deref()).await?);
             }
             let mut samples: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(runs));
             for i in 0..WARMUP + runs {
@@ -92,10 +121,12 @@ async fn measure<const N: usize>(
     .context("the pickup loop panicked")?
 }
 
-async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Client> {
-    let channel = tonic::transport::Channel::from_shared(url.to_string())?
-        .connect()
-        .await?;
+async fn connect(
+    url: &str,
+    token: Option<&str>,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<Client> {
+    let channel = crate::procs::endpoint(url, ca)?.connect().await?;
     Ok(Client::new(capstan_client::auth::authed(
         channel,
         capstan_client::Bearer::new(token)?,
@@ -147,7 +178,7 @@ pub(crate) async fn run_ab(ctx: &Ctx) -> anyhow::Result<Figures> {
     ];
     let stamps = ctx.dir.join("stamps");
     std::fs::create_dir_all(&stamps)?;
-    let [mut sa, mut sb] = measure(urls, stamps, runs).await?;
+    let [mut sa, mut sb] = measure(urls, None, stamps, runs).await?;
     let (a50, a99, _) = summary(&mut sa);
     let (b50, b99, _) = summary(&mut sb);
     println!(
@@ -170,6 +201,7 @@ async fn offer_latency(ctx: &Ctx, runs: usize) -> anyhow::Result<(f64, f64)> {
     let coord = Coordinator::start(&ctx.dir.join("offer"), &[]).await?;
     let fleet = Fleet::start(FleetConfig {
         url: coord.url(),
+        ca_cert: coord.ca.clone(),
         token: coord.token.clone(),
         count: 1,
         capacity: 1,

@@ -34,6 +34,7 @@ const YAML: &str = "version: 1\nname: trivial\ntasks:\n  t:\n    steps:\n      -
 fn fleet_config(coord: &Coordinator, phase: &str) -> FleetConfig {
     FleetConfig {
         url: coord.url(),
+        ca_cert: coord.ca.clone(),
         token: coord.token.clone(),
         count: RUNNERS,
         capacity: SLOTS,
@@ -44,8 +45,16 @@ fn fleet_config(coord: &Coordinator, phase: &str) -> FleetConfig {
 
 pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     let n = if ctx.quick { 2_000 } else { 20_000 };
-    let m = measure(ctx, &[], n, "redb").await?;
+    let m = measure(ctx, &[], n, "redb", false).await?;
     Ok(m.figures("throughput", n))
+}
+
+/// [`run`] with TLS on the coordinator's ports (the fleet connects over
+/// TLS): what TLS costs dispatch.
+pub(crate) async fn run_tls(ctx: &Ctx) -> anyhow::Result<Figures> {
+    let n = if ctx.quick { 2_000 } else { 20_000 };
+    let m = measure(ctx, &[], n, "redb, TLS", true).await?;
+    Ok(m.figures("throughput_tls", n))
 }
 
 /// The same on the etcd store: one local etcd member (not a 3-member
@@ -64,7 +73,7 @@ pub(crate) async fn run_etcd(ctx: &Ctx) -> anyhow::Result<Figures> {
         "--etcd-prefix".to_string(),
         format!("/bench-{}/", std::process::id()),
     ];
-    let m = measure(ctx, &flags, n, "etcd (1 local member)").await?;
+    let m = measure(ctx, &flags, n, "etcd (1 local member)", false).await?;
     Ok(m.figures("throughput_etcd", n))
 }
 
@@ -92,9 +101,23 @@ impl Measured {
     }
 }
 
-async fn measure(ctx: &Ctx, flags: &[String], n: usize, store: &str) -> anyhow::Result<Measured> {
+async fn measure(
+    ctx: &Ctx,
+    flags: &[String],
+    n: usize,
+    store: &str,
+    tls: bool,
+) -> anyhow::Result<Measured> {
+    let start_coordinator = async |dir: &str| {
+        let dir = ctx.dir.join(dir);
+        if tls {
+            Coordinator::start_tls(&dir, flags).await
+        } else {
+            Coordinator::start(&dir, flags).await
+        }
+    };
     // 1. Submit while the fleet runs.
-    let coord = Coordinator::start(&ctx.dir.join("concurrent"), flags).await?;
+    let coord = start_coordinator("concurrent").await?;
     let fleet = Fleet::start(fleet_config(&coord, "concurrent")).await?;
     let cpu0 = proc_stat(coord.pid())?.cpu_s;
     let start = Instant::now();
@@ -119,7 +142,7 @@ async fn measure(ctx: &Ctx, flags: &[String], n: usize, store: &str) -> anyhow::
     drop(coord);
 
     // 2. Queue first, then let the fleet drain it.
-    let coord = Coordinator::start(&ctx.dir.join("drain"), flags).await?;
+    let coord = start_coordinator("drain").await?;
     submit_all(&coord, n).await?;
     let cpu0 = proc_stat(coord.pid())?.cpu_s;
     let start = Instant::now();

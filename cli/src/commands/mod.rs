@@ -28,21 +28,20 @@ pub(crate) struct Context {
     pub(crate) format: Format,
     /// The API token (--token, CAPSTAN_TOKEN, or the --token-file's text).
     pub(crate) token: Option<String>,
+    /// `--ca-cert`.
+    pub(crate) tls: capstan_tls::ClientTls,
 }
 
 impl Context {
     pub(crate) async fn connect(&self) -> Result<Client, Failure> {
-        Client::connect_with_token(&self.servers, self.token.as_deref())
-            .await
-            .map_err(|e| match e {
-                // The token could not even be sent.
-                capstan_client::ClientError::Status(s)
-                    if s.code() == tonic::Code::InvalidArgument =>
-                {
-                    Failure::usage(s.message())
-                }
-                e => Failure::from(e),
-            })
+        let token = capstan_client::Bearer::new(self.token.as_deref())
+            .map_err(|e| Failure::usage(e.to_string()))?;
+        let options = capstan_client::ClientOptions {
+            tls: self.tls.clone(),
+            token,
+            ..Default::default()
+        };
+        Ok(Client::connect_with(&self.servers, options).await?)
     }
 }
 
@@ -68,6 +67,10 @@ pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
         token: token(&cli)?,
         servers: cli.server,
         format: cli.output,
+        tls: capstan_tls::ClientTls {
+            ca_cert: cli.ca_cert,
+            ..Default::default()
+        },
     };
     match cli.command {
         Command::Submit(args) => submit::run(&ctx, args).await,

@@ -49,6 +49,17 @@ pub(crate) struct Shared {
     /// The API tokens, in the same store as the state (every replica reads it).
     pub(crate) tokens: Arc<crate::tokens::Tokens>,
     pub(crate) limits: crate::limits::Limits,
+    /// Runners must present a client certificate (`--tls-client-ca`).
+    pub(crate) mtls: Option<Mtls>,
+}
+
+/// The mTLS policy of the runner service.
+#[derive(Clone, Debug)]
+pub(crate) struct Mtls {
+    /// What runners' certificates must chain to (`--tls-client-ca`).
+    pub(crate) ca: Arc<capstan_tls::ClientCa>,
+    /// The certificate must name the runner (`--tls-require-name-match`).
+    pub(crate) require_name_match: bool,
 }
 
 impl LeaderCtx {

@@ -584,6 +584,7 @@ mod tests {
         let (_role_tx, role) =
             tokio::sync::watch::channel(super::super::Role::Leader(leader.clone()));
         let shared = Shared {
+            mtls: None,
             role,
             election: Arc::new(crate::election::standalone::StandaloneElection::new(
                 store.clone(),

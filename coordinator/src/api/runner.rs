@@ -29,6 +29,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let identity = self.identity(&req)?;
         // An admin API token (a bad one is refused as such) lets an existing
         // name register again without its credential.
         let admin = match super::auth::bearer(&req) {
@@ -48,6 +49,16 @@ impl runner_service_server::RunnerService for RunnerApi {
                 "runner name must be 1 to {MAX_NAME} printable characters"
             )));
         }
+        if let (Some(mtls), Some(identity)) = (&self.0.mtls, &identity)
+            && mtls.require_name_match
+            && *identity != name
+        {
+            tracing::warn!(%name, %identity, "registration refused: certificate names another runner");
+            return Err(Status::permission_denied(format!(
+                "this runner's client certificate is for `{identity}` but its --name is `{name}`; \
+                 the coordinator requires them to match (--tls-require-name-match)"
+            )));
+        }
         let takeover = match (&admin, req.runner_id.is_empty()) {
             (Some(_), _) => Takeover::Admin,
             (None, false) => Takeover::Credential {
@@ -64,10 +75,11 @@ impl runner_service_server::RunnerService for RunnerApi {
                 labels: req.labels.into_iter().collect(),
                 capacity: req.capacity,
                 version: req.version,
+                identity: identity.clone(),
                 reply,
             })
             .await?;
-        tracing::info!(runner = %id, %name, "runner registered");
+        tracing::info!(runner = %id, %name, tls_identity = ?identity, "runner registered");
         if let Some(caller) = admin {
             tracing::info!(target: "audit", token = %caller.name, action = "runner register", runner = %id, %name, "runner registered with an admin token");
         }
@@ -83,6 +95,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<Streaming<RunnerMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
+        let identity = self.identity(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -99,7 +112,12 @@ impl runner_service_server::RunnerService for RunnerApi {
         let (tx, rx) = mpsc::unbounded_channel();
         let leader = self.0.leader().await?;
         let (conn, lease) = leader
-            .ask(|reply| Command::Attach { hello, tx, reply })
+            .ask(|reply| Command::Attach {
+                hello,
+                identity,
+                tx,
+                reply,
+            })
             .await?;
         tracing::info!(%runner, conn, "runner attached");
         let scheduler = leader.scheduler.clone();
@@ -141,6 +159,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<Streaming<LogChunk>>,
     ) -> Result<Response<PushLogsAck>, Status> {
+        self.identity(&req)?;
         let leader = self.0.leader().await?;
         let mut chunks = req.into_inner();
         let mut allowed: HashSet<AttemptId> = HashSet::new();
@@ -268,6 +287,35 @@ const APPEND_BATCH: usize = 2 * 1024 * 1024;
 const GAP_WAIT: Duration = Duration::from_secs(5);
 
 impl RunnerApi {
+    /// Under mTLS, the subject of the caller's client certificate once it
+    /// is checked against `--tls-client-ca` (the handshake accepts any:
+    /// `capstan_tls::client_ca` says why), or the refusal of a caller
+    /// without a good one; `None` without mTLS.
+    fn identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        let Some(mtls) = &self.0.mtls else {
+            return Ok(None);
+        };
+        let certs = req.peer_certs();
+        let chain = certs.as_deref().map(Vec::as_slice).unwrap_or_default();
+        let Some(leaf) = chain.first() else {
+            return Err(Status::unauthenticated(
+                "this coordinator requires runners to present a client certificate \
+                 (--tls-client-ca): start the runner with --tls-client-cert and --tls-client-key",
+            ));
+        };
+        if let Err(e) = mtls.ca.verify(chain) {
+            return Err(Status::unauthenticated(format!(
+                "the runner's client certificate is not one this coordinator trusts ({e}): \
+                 issue it from the CA given to the coordinator's --tls-client-ca"
+            )));
+        }
+        capstan_tls::identity(leaf.as_ref()).map(Some).ok_or_else(|| {
+            Status::unauthenticated(
+                "the runner's client certificate names no one: give it a subject CN or a DNS subjectAltName",
+            )
+        })
+    }
+
     /// Appends `parts` to `attempt`'s log at `offset` and counts the bytes
     /// this call added (`durable`: the lengths this stream already saw).
     /// Returns the log's new length.

@@ -15,7 +15,8 @@ pub(crate) fn from_state(e: StateError) -> Status {
         StateError::NotYourAttempt { .. }
         | StateError::NotYourRun { .. }
         | StateError::NameTaken(_)
-        | StateError::AttemptFinished(_) => Status::permission_denied(e.to_string()),
+        | StateError::AttemptFinished(_)
+        | StateError::TlsIdentity { .. } => Status::permission_denied(e.to_string()),
     }
 }
 

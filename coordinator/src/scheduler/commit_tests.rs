@@ -123,6 +123,7 @@ impl Fixture {
                 labels: BTreeMap::new(),
                 capacity: 1,
                 version: "test".into(),
+                identity: None,
                 reply,
             })
             .await
@@ -148,7 +149,12 @@ impl Fixture {
         };
         let (conn, _lease) = self
             .handle
-            .ask(|reply| Command::Attach { hello, tx, reply })
+            .ask(|reply| Command::Attach {
+                hello,
+                identity: None,
+                tx,
+                reply,
+            })
             .await
             .unwrap()
             .unwrap();

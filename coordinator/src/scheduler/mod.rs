@@ -92,11 +92,15 @@ pub(crate) enum Command {
         labels: BTreeMap<String, String>,
         capacity: u32,
         version: String,
+        /// Its client certificate's subject, under mTLS.
+        identity: Option<String>,
         reply: Reply<(RunnerId, String)>,
     },
     /// Replies with the connection id and the lease its reader renews.
     Attach {
         hello: rpb::Hello,
+        /// The connection's client certificate subject, under mTLS.
+        identity: Option<String>,
         tx: RunnerTx,
         reply: Reply<(u64, Arc<lease::ConnLease>)>,
     },
@@ -347,16 +351,27 @@ impl Scheduler {
                 labels,
                 capacity,
                 version,
+                identity,
                 reply,
             } => {
-                let r = self
-                    .state
-                    .may_register(&name, &takeover)
-                    .map(|()| self.state.register(&name, labels, capacity, &version, now));
+                let r = self.state.may_register(&name, &takeover).map(|()| {
+                    let r = self.state.register(&name, labels, capacity, &version, now);
+                    self.state.set_tls_identity(&r.0, identity);
+                    r
+                });
                 self.reply(reply, r);
             }
-            Command::Attach { hello, tx, reply } => {
-                let r = self.state.attach(hello, tx, now);
+            Command::Attach {
+                hello,
+                identity,
+                tx,
+                reply,
+            } => {
+                let id = RunnerId::from_string(hello.runner_id.clone());
+                let r = self
+                    .state
+                    .check_tls_identity(&id, identity.as_deref())
+                    .and_then(|()| self.state.attach(hello, tx, now));
                 self.reply(reply, r);
             }
             Command::Detach { runner, conn } => self.state.detach(&runner, conn, now),

@@ -1062,3 +1062,22 @@ fn offers_to_a_runner_that_does_not_confirm_are_never_tentative() {
     assert!(fx.take_tentative_offers().is_empty());
     assert_eq!(kinds(fx.outbox()), [("offer", false)]);
 }
+
+#[test]
+fn a_runner_registered_with_a_certificate_connects_only_with_its_subject() {
+    let mut h = Harness::new();
+    let (id, _) = h.st.register("r1", BTreeMap::new(), 1, "test", h.now);
+    // Registered without mTLS: anything goes.
+    assert!(h.st.check_tls_identity(&id, Some("anyone")).is_ok());
+    h.st.set_tls_identity(&id, Some("r1".into()));
+    assert!(h.st.check_tls_identity(&id, Some("r1")).is_ok());
+    assert!(h.st.check_tls_identity(&id, None).is_ok(), "mTLS off");
+    let e = h.st.check_tls_identity(&id, Some("r2")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "this runner registered with a client certificate for `r1`, this connection presents `r2`"
+    );
+    // Registering again without a certificate clears it.
+    h.st.register("r1", BTreeMap::new(), 1, "test", h.now);
+    assert!(h.st.check_tls_identity(&id, Some("r2")).is_ok());
+}

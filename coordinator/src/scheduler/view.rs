@@ -55,5 +55,6 @@ pub(crate) fn runner(r: &RunnerSlot) -> api::Runner {
         draining: r.record().draining || (r.is_connected() && r.self_draining()),
         version: r.record().version.clone(),
         last_seen_ms: r.seen_ms(),
+        tls_identity: r.record().tls_identity.clone().unwrap_or_default(),
     }
 }

@@ -140,6 +140,10 @@ pub(super) struct Connector {
     credentials: Option<Credentials>,
     /// Registered again after a rejected credential (once per process).
     reregistered: bool,
+    /// `--ca-cert` and the client certificate, for `https://` URLs.
+    tls: capstan_tls::ClientTls,
+    /// The URL of the current connection, for errors.
+    url: String,
 }
 
 impl Connector {
@@ -165,6 +169,8 @@ impl Connector {
             credentials_file: work_dir.credentials_file(),
             credentials,
             reregistered: false,
+            tls: config.tls.clone(),
+            url: String::new(),
         }
     }
 
@@ -221,19 +227,32 @@ impl Connector {
         hello: Hello,
     ) -> Result<Session, ConnectError> {
         info!(%url, "connecting to coordinator");
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| {
-                ConnectError::Retry(format!("invalid coordinator URL: {}", chain(&source)))
-            })?
+        self.url = url.to_owned();
+        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| {
+            ConnectError::Retry(format!("invalid coordinator URL: {}", chain(&source)))
+        })?;
+        // `https://` is TLS or nothing (tonic refuses it without a config).
+        let endpoint = if url.starts_with("https://") {
+            let config = self
+                .tls
+                .tonic_config()
+                .map_err(|e| ConnectError::Fatal(e.into()))?;
+            endpoint
+                .tls_config(config)
+                .map_err(|e| ConnectError::Retry(chain(&e)))?
+        } else {
+            endpoint
+        };
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ConnectError::Retry(chain(&e)))?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            self.tls_failure(&e)
+                .unwrap_or_else(|| ConnectError::Retry(chain(&e)))
+        })?;
         let mut client = RunnerServiceClient::new(channel);
         // Logs go over a second connection, made on first use. On one
         // connection, log streams the coordinator is slow to read (a log
@@ -279,8 +298,24 @@ impl Connector {
         }
     }
 
+    /// A connection refused for TLS reasons (under TLS 1.3 a refused
+    /// client certificate shows on the first call, not at connect).
+    fn tls_failure(&self, err: &(dyn std::error::Error + 'static)) -> Option<ConnectError> {
+        let failure = capstan_tls::classify(err)?;
+        Some(ConnectError::Fatal(Error::Tls {
+            url: self.url.clone(),
+            failure,
+        }))
+    }
+
     fn control_error(&mut self, status: &tonic::Status) -> ConnectError {
+        if let Some(fatal) = self.tls_failure(status) {
+            return fatal;
+        }
         match status.code() {
+            tonic::Code::PermissionDenied => ConnectError::Fatal(Error::ConnectionRefused {
+                message: status.message().to_owned(),
+            }),
             tonic::Code::Unauthenticated => ConnectError::Fatal(Error::CredentialsRejected {
                 message: status.message().to_owned(),
             }),
@@ -304,14 +339,17 @@ impl Connector {
         }
         let response = match client.register(request).await {
             Ok(response) => response.into_inner(),
-            Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                return Err(ConnectError::Fatal(Error::RegistrationRejected));
-            }
-            Err(status) if status.code() == tonic::Code::PermissionDenied => {
-                return Err(ConnectError::Fatal(Error::NameTaken {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                return Err(ConnectError::Fatal(Error::RegistrationRejected {
                     message: status.message().to_owned(),
                 }));
             }
+            Err(status) if let Some(fatal) = self.tls_failure(&status) => return Err(fatal),
             Err(status) => return Err(self.retry("register", &status)),
         };
         let credentials = Credentials {

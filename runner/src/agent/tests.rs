@@ -229,7 +229,7 @@ async fn wrong_registration_token_is_a_clear_error() {
     .expect("runner kept retrying");
     let text = format!("{:#}", result.unwrap_err());
     assert!(
-        text.contains("registration token rejected by the coordinator"),
+        text.contains("the coordinator refused to register this runner: bad registration token"),
         "{text}"
     );
 }

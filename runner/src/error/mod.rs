@@ -13,7 +13,8 @@ use std::path::PathBuf;
 pub(crate) use chain::chain;
 
 /// Failures that end the runner. A coordinator that cannot be reached is not
-/// one of them: the agent keeps retrying.
+/// one of them: the agent keeps retrying. One that cannot be reached
+/// securely is: its certificate will not become trusted by waiting.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
     #[error(
@@ -28,16 +29,26 @@ pub(crate) enum Error {
     InvalidCoordinatorUrl { url: String },
     #[error("capacity must be at least 1")]
     ZeroCapacity,
-    #[error("registration token rejected by the coordinator: check --registration-token")]
-    RegistrationRejected,
+    /// UNAUTHENTICATED or PERMISSION_DENIED: the coordinator's message says
+    /// which setting (the token, the client certificate, or a name that
+    /// belongs to a registered runner this one cannot prove it is).
+    #[error("the coordinator refused to register this runner: {message}")]
+    RegistrationRejected { message: String },
+    /// PERMISSION_DENIED on the Control stream (a client certificate of
+    /// another subject than the one registered).
+    #[error("the coordinator refused this runner's connection: {message}")]
+    ConnectionRefused { message: String },
+    #[error("cannot connect securely to the coordinator at {url}: {failure}")]
+    Tls {
+        url: String,
+        failure: capstan_tls::TlsFailure,
+    },
+    #[error(transparent)]
+    TlsConfig(#[from] capstan_tls::TlsError),
     #[error(
         "the coordinator rejected this runner's credentials even after registering again: {message}"
     )]
     CredentialsRejected { message: String },
-    /// Its `--name` belongs to a registered runner and this one cannot
-    /// prove it is that runner.
-    #[error("the coordinator refused to register this runner: {message}")]
-    NameTaken { message: String },
     #[error("the coordinator refused this runner's protocol version: {message}")]
     ProtocolRejected { message: String },
     #[error("preparing work dir {path}")]

@@ -16,6 +16,11 @@
 //!   [`ClientOptions::retry_for`] is spent;
 //! - any other status is returned at once as [`ClientError::Status`].
 //!
+//! `https://` servers are reached over TLS only (trusting
+//! [`ClientOptions::tls`]'s `--ca-cert`, else the system's roots), never in
+//! plaintext; a handshake that fails is [`ClientError::Tls`], which says
+//! what to fix and is not retried.
+//!
 //! The client is cheap to clone; clones share the current connection, so a
 //! leader found by one call is used by every later call.
 //!
@@ -67,6 +72,9 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// The API token sent on every call (`authorization: Bearer`).
     pub token: Bearer,
+    /// What `https://` servers are trusted with (`--ca-cert`); `http://`
+    /// ones are plaintext.
+    pub tls: capstan_tls::ClientTls,
 }
 
 impl Default for ClientOptions {
@@ -77,6 +85,7 @@ impl Default for ClientOptions {
             retry_for: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             token: Bearer::default(),
+            tls: capstan_tls::ClientTls::default(),
         }
     }
 }
@@ -92,6 +101,17 @@ pub enum ClientError {
         url: String,
         #[source]
         source: tonic::transport::Error,
+    },
+    /// The TLS settings cannot be used (a `--ca-cert` that is not there...).
+    #[error("{0}")]
+    TlsConfig(#[from] capstan_tls::TlsError),
+    /// A server answered, but not securely: an untrusted or expired
+    /// certificate, a plaintext server behind an `https://` URL (never
+    /// used in plaintext), or a TLS port behind an `http://` one.
+    #[error("cannot connect securely to the coordinator at {url}: {failure}")]
+    Tls {
+        url: String,
+        failure: capstan_tls::TlsFailure,
     },
     /// No server answered (connection refused, timed out, reset...).
     #[error(
@@ -138,7 +158,10 @@ impl ClientError {
 
     /// True if no coordinator (or no leader) could be reached.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Unreachable { .. } | Self::NoLeader { .. })
+        matches!(
+            self,
+            Self::Unreachable { .. } | Self::NoLeader { .. } | Self::Tls { .. }
+        )
     }
 }
 
@@ -286,6 +309,8 @@ impl Client {
         let connection = loop {
             match connect_any(&servers, 0, &options).await {
                 Ok(c) => break c,
+                // A certificate will not become trusted by waiting.
+                Err(e @ (ClientError::Tls { .. } | ClientError::TlsConfig(_))) => return Err(e),
                 Err(e) => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(1));
                     if Instant::now() + delay > deadline {
@@ -579,6 +604,12 @@ impl Client {
     }
 
     fn gave_up(&self, status: Status, retried_for: Duration) -> ClientError {
+        if let Some(failure) = capstan_tls::classify(&status) {
+            return ClientError::Tls {
+                url: self.current_url(),
+                failure,
+            };
+        }
         let servers = self.inner.servers.clone();
         if is_connection_failure(&status) {
             ClientError::Unreachable {
@@ -616,6 +647,18 @@ fn endpoint(url: &str, options: &ClientOptions) -> Result<Endpoint, ClientError>
             url: url.to_string(),
             source,
         })?;
+    // `https://` is TLS or nothing: tonic refuses an https endpoint without
+    // a TLS config instead of speaking plaintext to it.
+    let endpoint = if url.starts_with("https://") {
+        endpoint
+            .tls_config(options.tls.tonic_config()?)
+            .map_err(|source| ClientError::InvalidServer {
+                url: url.to_string(),
+                source,
+            })?
+    } else {
+        endpoint
+    };
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
@@ -636,11 +679,43 @@ async fn connect_one(url: &str, options: &ClientOptions) -> Result<Connection, C
             url: url.to_string(),
             channel: auth::authed(channel, options.token.clone()),
         }),
-        Ok(Err(e)) => Err(unreachable(Box::new(e))),
+        Ok(Err(e)) => Err(match capstan_tls::classify(&e) {
+            Some(failure) => tls_failure(url, failure),
+            // A TLS handshake cut short without a TLS answer: a plaintext
+            // server behind an `https://` URL.
+            None if url.starts_with("https://") && is_eof(&e) => tls_failure(
+                url,
+                capstan_tls::TlsFailure::NotTls(
+                    "the connection closed during the handshake".into(),
+                ),
+            ),
+            None => unreachable(Box::new(e)),
+        }),
         Err(_) => Err(unreachable(
             format!("no answer within {:?}", options.connect_timeout).into(),
         )),
     }
+}
+
+fn tls_failure(url: &str, failure: capstan_tls::TlsFailure) -> ClientError {
+    ClientError::Tls {
+        url: url.to_string(),
+        failure,
+    }
+}
+
+/// True if an `UnexpectedEof` I/O error is in `err`'s chain.
+fn is_eof(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::UnexpectedEof
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Connects to every server at once and asks each who leads (with
@@ -691,6 +766,10 @@ async fn probe(url: &str, options: &ClientOptions) -> Result<(Connection, bool),
     match asked {
         Ok(Ok(answer)) => Ok((connection, answer.into_inner().is_leader)),
         Ok(Err(status)) if !is_connection_failure(&status) => Ok((connection, false)),
+        // Under TLS 1.3 a refused client certificate shows on the first call.
+        Ok(Err(status)) if let Some(failure) = capstan_tls::classify(&status) => {
+            Err(tls_failure(url, failure))
+        }
         Ok(Err(status)) => Err(ClientError::Unreachable {
             servers: vec![url.to_string()],
             source: Box::new(status),

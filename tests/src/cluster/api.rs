@@ -32,13 +32,16 @@ impl TestCluster {
 
     /// A client over every replica that answers; it follows the leader.
     async fn leader_client(&self) -> anyhow::Result<Client> {
-        let urls: Vec<String> = self
-            .replicas
-            .iter()
-            .filter(|r| r.answers())
-            .map(super::Replica::url)
-            .collect();
-        Ok(Client::connect_with_token(&urls, Some(&self.api_token)).await?)
+        self.client_with(Some(&self.api_token)).await
+    }
+
+    /// A channel to `url`, trusting the test CA for `https://`.
+    pub async fn channel_to(&self, url: &str) -> anyhow::Result<tonic::transport::Channel> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+        if url.starts_with("https://") {
+            endpoint = endpoint.tls_config(self.client_tls().tonic_config()?)?;
+        }
+        Ok(endpoint.connect().await?)
     }
 
     /// The raw pipeline API, with the admin token: on the standalone
@@ -63,8 +66,11 @@ impl TestCluster {
     /// Runs the `capstan` CLI with `token` (None: no token at all).
     pub fn cli_with_token(&self, token: Option<&str>, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("capstan"));
-        cmd.args(["--server", &self.urls().join(",")])
-            .args(args)
+        cmd.args(["--server", &self.urls().join(",")]);
+        if let Some(pki) = self.pki() {
+            cmd.arg("--ca-cert").arg(pki.ca_cert());
+        }
+        cmd.args(args)
             .env_remove("CAPSTAN_TOKEN")
             .env_remove("CAPSTAN_TOKEN_FILE")
             .stdin(Stdio::null());

@@ -34,6 +34,7 @@ mod tokens;
 pub use replicas::Replica;
 pub use tokens::ADMIN_TOKEN_NAME;
 
+use crate::certs::{CertFiles, Pki};
 use crate::etcd::EtcdCluster;
 use crate::process::{Proc, tail_logs};
 use anyhow::bail;
@@ -62,6 +63,8 @@ pub struct Builder {
     runner_args: Vec<String>,
     coordinator_args: Vec<String>,
     env: Vec<(String, String)>,
+    tls: bool,
+    mtls: bool,
 }
 
 impl Default for Builder {
@@ -79,6 +82,8 @@ impl Default for Builder {
             runner_args: Vec::new(),
             coordinator_args: Vec::new(),
             env: Vec::new(),
+            tls: false,
+            mtls: false,
         }
     }
 }
@@ -136,6 +141,22 @@ impl Builder {
         self
     }
 
+    /// TLS on the coordinators' ports with a test CA ([`TestCluster::pki`]):
+    /// `https://` URLs, runners and the CLI given `--ca-cert`.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// [`Builder::tls`] and mTLS for runners: the coordinator trusts the
+    /// same CA for client certificates (`--tls-client-ca`), and each runner
+    /// presents one with CN = its name.
+    pub fn mtls(mut self) -> Self {
+        self.tls = true;
+        self.mtls = true;
+        self
+    }
+
     /// Extra arguments for every runner (e.g. `--secrets-file PATH`).
     pub fn runner_args(mut self, args: &[&str]) -> Self {
         self.runner_args.extend(args.iter().map(|s| s.to_string()));
@@ -156,16 +177,25 @@ impl Builder {
         } else {
             None
         };
+        let dir = scratch_dir()?;
+        let pki = if self.tls {
+            let pki = Pki::new(&dir.path().join("pki"), "capstan")?;
+            pki.server("server")?;
+            Some(pki)
+        } else {
+            None
+        };
         let mut c = TestCluster {
+            pki,
             replicas: (0..self.replicas)
-                .map(|i| Replica::new(i, etcd.is_some()))
+                .map(|i| Replica::new(i, etcd.is_some(), self.tls))
                 .collect(),
             runners: Vec::new(),
             token: format!("tok-{}", std::process::id()),
             api_token: String::new(),
             etcd,
             opts: self.clone(),
-            dir: scratch_dir()?,
+            dir,
         };
         c.api_token = c.create_token_offline(ADMIN_TOKEN_NAME, "admin", &[])?;
         if c.etcd.is_some() {
@@ -217,6 +247,8 @@ pub struct TestCluster {
     /// The etcd cluster under the replicas, with [`Builder::etcd`]
     /// (tests reach it through [`TestCluster::etcd`]).
     etcd: Option<EtcdCluster>,
+    /// The test CA, with [`Builder::tls`].
+    pki: Option<Pki>,
     opts: Builder,
     dir: tempfile::TempDir,
 }
@@ -229,6 +261,30 @@ impl TestCluster {
     /// The scratch dir: data dirs, work dirs and `<process>.log` files.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The test CA of a cluster started with [`Builder::tls`]: its
+    /// certificate is `pki().ca_cert()`, the coordinators serve
+    /// [`TestCluster::server_cert`].
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_ref()
+    }
+
+    /// The coordinators' `--tls-cert` and `--tls-key` (replace them to rotate).
+    pub fn server_cert(&self) -> CertFiles {
+        let dir = self.dir().join("pki");
+        CertFiles {
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+        }
+    }
+
+    /// What the cluster's clients trust: the test CA with [`Builder::tls`].
+    pub fn client_tls(&self) -> capstan_tls::ClientTls {
+        capstan_tls::ClientTls {
+            ca_cert: self.pki.as_ref().map(Pki::ca_cert),
+            ..Default::default()
+        }
     }
 
     /// The leader lease TTL of the election, in ms (with etcd).

@@ -4,7 +4,7 @@
 
 use super::TestCluster;
 use crate::bins::bin;
-use crate::net::{free_addr, http_get};
+use crate::net::{free_addr, http_get, https_get};
 use crate::process::Proc;
 use crate::wait::{eventually, poll_until};
 use anyhow::bail;
@@ -20,11 +20,13 @@ pub struct Replica {
     pub name: String,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// Serves TLS on both ports.
+    pub tls: bool,
     proc: Option<Proc>,
 }
 
 impl Replica {
-    pub(super) fn new(i: usize, replicated: bool) -> Self {
+    pub(super) fn new(i: usize, replicated: bool, tls: bool) -> Self {
         Self {
             name: if replicated {
                 format!("coordinator-{i}")
@@ -33,12 +35,14 @@ impl Replica {
             },
             grpc: free_addr(),
             http: free_addr(),
+            tls,
             proc: None,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
     pub fn pid(&self) -> Option<i32> {
@@ -85,9 +89,17 @@ impl TestCluster {
         }
     }
 
-    /// A plain HTTP/1.0 GET on replica 0's side port: (status, body).
+    /// An HTTP/1.0 GET on replica 0's side port (over TLS with
+    /// [`super::Builder::tls`]): (status, body).
     pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        http_get(self.replicas[0].http, path)
+        self.http_get_on(self.replicas[0].http, path)
+    }
+
+    fn http_get_on(&self, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+        match self.pki() {
+            Some(pki) => https_get(addr, path, &pki.ca_cert()).map(|a| (a.status, a.body)),
+            None => http_get(addr, path),
+        }
     }
 
     /// Spawns replica `i`'s process on its ports (no wait).
@@ -102,6 +114,16 @@ impl TestCluster {
             .args(["--registration-token", &self.token])
             .args(["--lease-ms", &self.opts.lease_ms.to_string()])
             .args(["--heartbeat-ms", &self.opts.heartbeat_ms.to_string()]);
+        if let Some(pki) = self.pki() {
+            let server = self.server_cert();
+            cmd.arg("--tls-cert")
+                .arg(server.cert)
+                .arg("--tls-key")
+                .arg(server.key);
+            if self.opts.mtls {
+                cmd.arg("--tls-client-ca").arg(pki.ca_cert());
+            }
+        }
         if let Some(etcd) = &self.etcd {
             // Every replica serves the logs any leader wrote: one log dir.
             cmd.args(["--advertise", &r.url()])
@@ -133,7 +155,7 @@ impl TestCluster {
             Duration::from_secs(20),
             Duration::from_millis(50),
             async || {
-                if let Ok((200, _)) = http_get(http, "/readyz") {
+                if let Ok((200, _)) = self.http_get_on(http, "/readyz") {
                     return Ok(Some(()));
                 }
                 if let Some(p) = self.replicas[i].proc.as_mut()

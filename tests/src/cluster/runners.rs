@@ -32,9 +32,20 @@ impl TestCluster {
             .args(["--capacity", &self.opts.capacity.to_string()])
             .args(["--executor", &self.opts.executor])
             .arg("--work-dir")
-            .arg(self.dir().join(format!("work-{name}")))
-            .args(&self.opts.runner_args)
-            .env("RUST_LOG", "info");
+            .arg(self.dir().join(format!("work-{name}")));
+        if let Some(pki) = self.pki() {
+            cmd.arg("--ca-cert").arg(pki.ca_cert());
+            if self.opts.mtls {
+                let files = pki
+                    .client(&format!("runner-{name}"), name)
+                    .expect("issue a runner's client certificate");
+                cmd.arg("--tls-client-cert")
+                    .arg(files.cert)
+                    .arg("--tls-client-key")
+                    .arg(files.key);
+            }
+        }
+        cmd.args(&self.opts.runner_args).env("RUST_LOG", "info");
         cmd
     }
 

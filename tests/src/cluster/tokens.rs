@@ -72,19 +72,27 @@ impl TestCluster {
             .filter(|r| r.answers())
             .map(super::Replica::url)
             .collect();
-        Ok(capstan_client::Client::connect_with_token(&urls, token).await?)
+        let options = capstan_client::ClientOptions {
+            tls: self.client_tls(),
+            token: Bearer::new(token)?,
+            ..Default::default()
+        };
+        Ok(capstan_client::Client::connect_with(&urls, options).await?)
     }
 
-    /// A channel to `url` carrying `token` (none: no `authorization`).
-    pub async fn channel_to(url: &str, token: Option<&str>) -> anyhow::Result<AuthChannel> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-            .connect()
-            .await?;
+    /// A channel to `url` (trusting the test CA for `https://`) carrying
+    /// `token` (none: no `authorization`).
+    pub async fn channel_with(
+        &self,
+        url: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<AuthChannel> {
+        let channel = self.channel_to(url).await?;
         Ok(capstan_client::auth::authed(channel, Bearer::new(token)?))
     }
 
     /// A channel to `url` with the cluster's admin token.
     pub async fn admin_channel(&self, url: &str) -> anyhow::Result<AuthChannel> {
-        Self::channel_to(url, Some(&self.api_token)).await
+        self.channel_with(url, Some(&self.api_token)).await
     }
 }

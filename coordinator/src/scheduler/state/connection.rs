@@ -87,6 +87,7 @@ impl SchedulerState {
             version: version.to_string(),
             draining: false,
             registered_at_ms: now_ms(),
+            tls_identity: None,
         };
         match self.runners.get_mut(&id) {
             Some(slot) => slot.set_record(record),
@@ -94,6 +95,37 @@ impl SchedulerState {
         }
         self.fx.touch_runner(&id);
         (id, secret)
+    }
+
+    /// Records the client certificate's subject a runner registered with.
+    pub(crate) fn set_tls_identity(&mut self, id: &RunnerId, identity: Option<String>) {
+        if let Some(slot) = self.runners.get_mut(id) {
+            let mut record = slot.record().clone();
+            record.tls_identity = identity;
+            slot.set_record(record);
+            self.fx.touch_runner(id);
+        }
+    }
+
+    /// Under mTLS (`presented` is the connection's certificate subject): a
+    /// runner that registered with a certificate must connect with one of
+    /// the same subject, so its credential alone, copied to another host,
+    /// is not enough.
+    pub(crate) fn check_tls_identity(
+        &self,
+        id: &RunnerId,
+        presented: Option<&str>,
+    ) -> Result<(), StateError> {
+        let (Some(presented), Some(record)) = (presented, self.runners.get(id)) else {
+            return Ok(());
+        };
+        match &record.record().tls_identity {
+            Some(registered) if registered != presented => Err(StateError::TlsIdentity {
+                registered: registered.clone(),
+                presented: presented.to_owned(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Checks a runner's credentials.

@@ -129,6 +129,13 @@ pub(crate) enum StateError {
         "runner speaks protocol version {got}; this coordinator speaks {want}: upgrade the older side"
     )]
     ProtocolVersion { got: u32, want: u32 },
+    #[error(
+        "this runner registered with a client certificate for `{registered}`, this connection presents `{presented}`"
+    )]
+    TlsIdentity {
+        registered: String,
+        presented: String,
+    },
     #[error("runner {runner} reported on attempt {attempt}, which is not assigned to it")]
     NotYourAttempt { runner: String, attempt: String },
     #[error(
