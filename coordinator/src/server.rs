@@ -60,11 +60,7 @@ pub async fn run(
         Some(t) => Some(capstan_tls::ServerConfigs::load(&t.files)?),
         None => None,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let advertise = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let advertise = advertised_url(&config, local, tls.is_some());
     let standalone = config.etcd_endpoints.is_empty();
     let (store, election) = open_state(&config, &advertise).await?;
     let log_dir = config
@@ -126,6 +122,17 @@ pub async fn run(
     };
     stop(&inner, &*election, &tracker).await;
     result
+}
+
+/// The URL clients and runners are told to use: `--advertise`, else this
+/// listener's address, `https://` when the port speaks TLS (clients pick
+/// TLS from the URL).
+fn advertised_url(config: &CoordinatorConfig, local: std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{local}"))
 }
 
 /// Serves gRPC on `grpc` (with TLS if `tls`) until `token` is cancelled.

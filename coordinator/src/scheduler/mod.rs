@@ -322,6 +322,8 @@ impl Scheduler {
 
     /// Applies one command; what it answers goes after the next commit
     /// (through [`Scheduler::reply`]) unless it changes nothing (reads).
+    /// Long because it is the one match over every command, so a reader sees
+    /// them all in one place; each arm is a call or two.
     fn handle(&mut self, cmd: Command) {
         let now = Instant::now();
         match cmd {
