@@ -27,6 +27,8 @@ fn cli(server: &str, args: &[&str]) -> std::process::Output {
         .args(["--server", server])
         .args(args)
         .env_remove("CAPSTAN_CA_CERT")
+        .env_remove("CAPSTAN_TOKEN")
+        .env_remove("CAPSTAN_TOKEN_FILE")
         .output()
         .expect("run capstan")
 }
@@ -345,17 +347,22 @@ async fn plaintext_beyond_loopback_is_refused_unless_insecure() -> anyhow::Resul
         )
     );
     let mut proc = Proc::spawn(coordinator(&["--insecure"]), dir.path(), "insecure")?;
+    // It answers in plaintext: here, that this call needs an API token
+    // (exit 4), which only a serving coordinator can say.
     let out = eventually(
         Duration::from_secs(20),
         Duration::from_millis(50),
         async || {
             let out = cli(&format!("http://127.0.0.1:{port}"), &["runs"]);
-            Ok(out.status.success().then_some(out))
+            Ok((out.status.code() == Some(4)).then_some(out))
         },
         || "the --insecure coordinator did not answer".to_string(),
     )
     .await?;
-    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(
+        stderr(&out),
+        "error: this call needs an API token: pass --token or set CAPSTAN_TOKEN"
+    );
     proc.kill();
     Ok(())
 }
