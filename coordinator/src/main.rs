@@ -30,6 +30,21 @@ async fn main() -> std::process::ExitCode {
 
 async fn main_inner(args: capstan_coordinator::config::Args) -> anyhow::Result<()> {
     let settings = args.settings()?;
+    if settings.coordinator.tls.is_none() {
+        // Only with --insecure (settings refuse it otherwise): say so loudly.
+        for (addr, flag) in [
+            (settings.listen, "--listen"),
+            (settings.http_listen, "--http-listen"),
+        ] {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "--insecure: serving plaintext on {addr} ({flag}) beyond this host; tokens \
+                     and runner secrets cross the network in clear"
+                );
+            }
+        }
+    }
     let grpc = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", settings.listen))?;

@@ -319,6 +319,37 @@ async fn a_runner_credential_with_another_certificate_is_refused() -> anyhow::Re
         "Error: the coordinator refused this runner's connection: this runner registered with \
          a client certificate for `runner-0`, this connection presents `other-host`"
     );
+    // Its logs too: runner-0's credential with the other certificate
+    // writes no log byte.
+    let cached: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        c.dir().join("work-runner-0").join("runner.json"),
+    )?)?;
+    let tls = capstan_tls::ClientTls {
+        ca_cert: Some(c.pki().unwrap().ca_cert()),
+        client_cert: Some(other.cert.clone()),
+        client_key: Some(other.key.clone()),
+    };
+    let channel = tonic::transport::Endpoint::from_shared(c.url())?
+        .tls_config(tls.tonic_config()?)?
+        .connect()
+        .await?;
+    let chunk = capstan_proto::runner::v1::LogChunk {
+        runner_id: cached["runner_id"].as_str().unwrap_or_default().into(),
+        runner_secret: cached["runner_secret"].as_str().unwrap_or_default().into(),
+        attempt_id: "att-forged".into(),
+        data: b"forged\n".to_vec().into(),
+        ..Default::default()
+    };
+    let err = capstan_proto::runner::v1::runner_service_client::RunnerServiceClient::new(channel)
+        .push_logs(tokio_stream::iter(vec![chunk]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "this runner registered with a client certificate for `runner-0`, this connection \
+         presents `other-host`"
+    );
     Ok(())
 }
 
@@ -362,6 +393,14 @@ async fn plaintext_beyond_loopback_is_refused_unless_insecure() -> anyhow::Resul
     assert_eq!(
         stderr(&out),
         "error: this call needs an API token: pass --token or set CAPSTAN_TOKEN"
+    );
+    let log = std::fs::read_to_string(dir.path().join("insecure.log"))?;
+    assert!(
+        log.contains(&format!(
+            "--insecure: serving plaintext on 0.0.0.0:{port} (--listen) beyond this host; \
+             tokens and runner secrets cross the network in clear"
+        )),
+        "{log}"
     );
     proc.kill();
     Ok(())

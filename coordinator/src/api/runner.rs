@@ -159,7 +159,7 @@ impl runner_service_server::RunnerService for RunnerApi {
         &self,
         req: Request<Streaming<LogChunk>>,
     ) -> Result<Response<PushLogsAck>, Status> {
-        self.identity(&req)?;
+        let identity = self.identity(&req)?;
         let leader = self.0.leader().await?;
         let mut chunks = req.into_inner();
         let mut allowed: HashSet<AttemptId> = HashSet::new();
@@ -183,7 +183,8 @@ impl runner_service_server::RunnerService for RunnerApi {
             }
             let attempt = AttemptId::from_string(chunk.attempt_id);
             if !allowed.contains(&attempt) {
-                authorize(&leader, chunk.runner_id, chunk.runner_secret, &attempt).await?;
+                let runner = (chunk.runner_id, chunk.runner_secret);
+                authorize(&leader, runner, identity.clone(), &attempt).await?;
                 allowed.insert(attempt.clone());
             }
             let offset = chunk.offset;
@@ -209,11 +210,12 @@ impl runner_service_server::RunnerService for RunnerApi {
     }
 }
 
-/// Asks the scheduler whether `runner` (with `secret`) may write `attempt`'s log.
+/// Asks the scheduler whether `runner` (its id and secret, and under mTLS
+/// the certificate's `identity`) may write `attempt`'s log.
 async fn authorize(
     leader: &super::LeaderCtx,
-    runner: String,
-    secret: String,
+    (runner, secret): (String, String),
+    identity: Option<String>,
     attempt: &AttemptId,
 ) -> Result<(), Status> {
     let runner = RunnerId::from_string(runner);
@@ -222,6 +224,7 @@ async fn authorize(
         .ask(|reply| Command::AuthorizeLog {
             runner,
             secret,
+            identity,
             attempt,
             reply,
         })

@@ -119,6 +119,9 @@ pub(crate) enum Command {
     AuthorizeLog {
         runner: RunnerId,
         secret: String,
+        /// The client certificate's subject under mTLS: it must be the one
+        /// the runner registered with, as on its Control stream.
+        identity: Option<String>,
         attempt: AttemptId,
         reply: Reply<()>,
     },
@@ -385,12 +388,14 @@ impl Scheduler {
             Command::AuthorizeLog {
                 runner,
                 secret,
+                identity,
                 attempt,
                 reply,
             } => {
                 let r = self
                     .state
                     .authenticate(&runner, &secret)
+                    .and_then(|()| self.state.check_tls_identity(&runner, identity.as_deref()))
                     .and_then(|()| self.state.log_writable(&runner, &attempt));
                 let _ = reply.send(r);
             }
