@@ -119,15 +119,11 @@ pub(crate) fn epoch_ns() -> i128 {
 
 /// An endpoint for `url`, trusting `ca` for `https://` ones.
 pub(crate) fn endpoint(url: &str, ca: Option<&Path>) -> anyhow::Result<tonic::transport::Endpoint> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
-    if !url.starts_with("https://") {
-        return Ok(endpoint);
-    }
     let tls = capstan_tls::ClientTls {
         ca_cert: ca.map(Path::to_path_buf),
         ..Default::default()
     };
-    Ok(endpoint.tls_config(tls.tonic_config()?)?)
+    capstan_tests::endpoint(url, &tls)
 }
 
 /// A `capstan-coordinator` process; killed on drop.

@@ -36,7 +36,7 @@ pub mod wait;
 
 pub use bins::{bin, bin_dir};
 pub use cluster::{Builder, Replica, TestCluster};
-pub use net::{free_port, http_get, https_get};
+pub use net::{endpoint, free_port, http_get, https_get};
 pub use process::{Proc, tail_logs, wait_exit};
 pub use runs::{is_finished, run_state, task, task_state};
 pub use wait::{eventually, poll_until};

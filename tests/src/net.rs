@@ -1,4 +1,5 @@
-//! Loopback helpers: a free port, a plain HTTP GET and one over TLS.
+//! Loopback helpers: a free port, a plain HTTP GET and one over TLS, a
+//! gRPC endpoint that is TLS for `https://`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -90,4 +91,17 @@ pub fn https_get(
         body,
         server_identity,
     })
+}
+
+/// A gRPC endpoint for `url`: over TLS with `tls` for `https://` (as the
+/// CLI and the runner do: never plaintext), plaintext for `http://`.
+pub fn endpoint(
+    url: &str,
+    tls: &capstan_tls::ClientTls,
+) -> anyhow::Result<tonic::transport::Endpoint> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    Ok(endpoint.tls_config(tls.tonic_config()?)?)
 }

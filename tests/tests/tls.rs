@@ -329,10 +329,7 @@ async fn a_runner_credential_with_another_certificate_is_refused() -> anyhow::Re
         client_cert: Some(other.cert.clone()),
         client_key: Some(other.key.clone()),
     };
-    let channel = tonic::transport::Endpoint::from_shared(c.url())?
-        .tls_config(tls.tonic_config()?)?
-        .connect()
-        .await?;
+    let channel = endpoint(&c.url(), &tls)?.connect().await?;
     let chunk = capstan_proto::runner::v1::LogChunk {
         runner_id: cached["runner_id"].as_str().unwrap_or_default().into(),
         runner_secret: cached["runner_secret"].as_str().unwrap_or_default().into(),

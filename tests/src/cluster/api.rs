@@ -37,11 +37,9 @@ impl TestCluster {
 
     /// A channel to `url`, trusting the test CA for `https://`.
     pub async fn channel_to(&self, url: &str) -> anyhow::Result<tonic::transport::Channel> {
-        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
-        if url.starts_with("https://") {
-            endpoint = endpoint.tls_config(self.client_tls().tonic_config()?)?;
-        }
-        Ok(endpoint.connect().await?)
+        Ok(crate::net::endpoint(url, &self.client_tls())?
+            .connect()
+            .await?)
     }
 
     /// The raw pipeline API, with the admin token: on the standalone
