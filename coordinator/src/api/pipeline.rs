@@ -161,7 +161,7 @@ async fn build_on_parser_thread(
     req: SubmitRunRequest,
     limits: Limits,
 ) -> Result<RunRecord, Status> {
-    static PARSER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<ParseJob>>> =
+    static PARSER: std::sync::OnceLock<std::sync::mpsc::Sender<ParseJob>> =
         std::sync::OnceLock::new();
     let parser = PARSER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<ParseJob>();
@@ -184,15 +184,13 @@ async fn build_on_parser_thread(
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the parser thread");
         }
-        std::sync::Mutex::new(tx)
+        tx
     });
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let sent = parser
-        .lock()
-        .map_err(|_| ())
-        .and_then(|tx| tx.send((req, limits, reply)).map_err(|_| ()));
     let unavailable = || Status::unavailable("the coordinator's parser is not running; retry");
-    sent.map_err(|()| unavailable())?;
+    parser
+        .send((req, limits, reply))
+        .map_err(|_| unavailable())?;
     answer.await.map_err(|_| unavailable())?
 }
 
