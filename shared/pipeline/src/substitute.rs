@@ -140,6 +140,11 @@ pub fn resolve(
     ctx: &Context,
 ) -> Result<Pipeline, ValidationErrors> {
     let mut errors = Vec::new();
+    check_context(file, ctx, &mut errors);
+    if !errors.is_empty() {
+        // Every use of the value would repeat the error.
+        return Err(ValidationErrors::sorted(errors));
+    }
     let params = effective_params(file, pipeline, ctx, &mut errors);
 
     let mut out = pipeline.clone();
@@ -267,6 +272,27 @@ fn effective_params(
         }
     }
     params
+}
+
+/// The run's own values go into scripts as environment variables, where
+/// the check on the rendered text does not see them: each must hold no
+/// `${{` either (found by the `pipeline` fuzz target).
+fn check_context(file: &str, ctx: &Context, errors: &mut Vec<ValidationError>) {
+    let values = [
+        (Expr::GitSha, &ctx.git_sha),
+        (Expr::GitRepo, &ctx.git_repo),
+        (Expr::RunId, &ctx.run_id),
+    ];
+    for (expr, value) in values {
+        if value.as_deref().is_some_and(|v| v.contains(OPEN)) {
+            errors.push(ValidationError::new(
+                file,
+                0,
+                0,
+                format!("the value of `{}` must not contain `{OPEN}`", expr.text()),
+            ));
+        }
+    }
 }
 
 fn missing(e: &Expr, params: &BTreeMap<String, String>) -> String {

@@ -1245,6 +1245,31 @@ fn resolve_errors() {
     let err = resolve("p.yaml", &p, &c).unwrap_err();
     assert!(err.0[0].message.contains("must not contain"), "{err}");
 
+    // Nor may the run's own values, which reach scripts as environment
+    // variables (the `pipeline` fuzz target's CI find).
+    for set in [
+        (|c: &mut Context| c.git_sha = Some(s("ab ${{ git.sha"))) as fn(&mut Context),
+        |c| c.git_repo = Some(s("https://h/${{ x }}")),
+        |c| c.run_id = Some(s("${{")),
+    ] {
+        let mut c = ctx();
+        set(&mut c);
+        let err = resolve("p.yaml", &p, &c).unwrap_err();
+        assert_eq!(err.len(), 1, "{err}");
+        assert!(err.0[0].message.contains("must not contain `${{`"), "{err}");
+    }
+    let script =
+        "version: 1\nname: n\ntasks:\n  t:\n    steps:\n      - run: echo ${{ git.sha }}\n";
+    let mut c = ctx();
+    c.git_sha = Some(s("deadbe [by ${{ git.sha s:"));
+    let err = resolve("p.yaml", &parse("p.yaml", script).unwrap(), &c).unwrap_err();
+    assert!(
+        err.0[0]
+            .message
+            .contains("`${{ git.sha }}` must not contain"),
+        "{err}"
+    );
+
     // Missing git.sha: reported once, at its first use (the build tag).
     let mut c = ctx();
     c.git_sha = None;
