@@ -24,9 +24,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Relative to the package root, so the fingerprint follows the clone.
         println!("cargo:rerun-if-changed=../../proto/{f}");
     }
+    // Two passes. The first writes the messages and the clients with
+    // tonic's prost codec; the second only the servers, with our codec
+    // (`codec::ServerCodec`: a request that fails to decode is the caller's
+    // INVALID_ARGUMENT, not tonic's INTERNAL), its messages taken from the
+    // first pass through `extern_path`. One codec for both sides would make
+    // a response the client cannot decode INVALID_ARGUMENT too, which is
+    // wrong there (the client's request was fine).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .build_server(false)
         .bytes(".capstan.runner.v1.LogChunk.data")
         .bytes(".capstan.api.v1.LogData.data")
-        .compile_protos(&paths, &[root])?;
+        .compile_protos(&paths, &[root.clone()])?;
+    let servers = out.join("servers");
+    std::fs::create_dir_all(&servers)?;
+    let mut config = tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&servers)
+        .codec_path("crate::codec::ServerCodec");
+    for package in ["pipeline", "runner", "api", "cluster"] {
+        config = config.extern_path(
+            format!(".capstan.{package}.v1"),
+            format!("crate::{package}::v1"),
+        );
+    }
+    config.compile_protos(&paths, &[root])?;
     Ok(())
 }

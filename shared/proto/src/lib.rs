@@ -2,6 +2,7 @@
 //!
 //! - [`pipeline`], [`runner`], [`api`], [`cluster`]: the generated gRPC code
 //!   for `proto/capstan/<package>/v1`, one module per proto package;
+//! - [`codec`]: the servers' codec (decode errors are INVALID_ARGUMENT);
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`, ...);
 //! - [`leader`]: the `capstan-leader` hint a follower answers with;
 //! - [`source`]: what a run's `--repo` and `--rev` may be (checked by the CLI,
@@ -11,6 +12,7 @@
 //!
 //! Imports nothing of Capstan's; every other crate may import it.
 
+pub mod codec;
 pub mod ids;
 pub mod leader;
 pub mod source;
@@ -35,6 +37,7 @@ pub mod pipeline {
 pub mod runner {
     pub mod v1 {
         tonic::include_proto!("capstan.runner.v1");
+        include!(concat!(env!("OUT_DIR"), "/servers/capstan.runner.v1.rs"));
     }
 }
 /// `capstan.api.v1`: the client API (submit, status, logs, runners).
@@ -42,6 +45,7 @@ pub mod runner {
 pub mod api {
     pub mod v1 {
         tonic::include_proto!("capstan.api.v1");
+        include!(concat!(env!("OUT_DIR"), "/servers/capstan.api.v1.rs"));
     }
 }
 /// `capstan.cluster.v1`: the replicas and who leads.
@@ -49,5 +53,6 @@ pub mod api {
 pub mod cluster {
     pub mod v1 {
         tonic::include_proto!("capstan.cluster.v1");
+        include!(concat!(env!("OUT_DIR"), "/servers/capstan.cluster.v1.rs"));
     }
 }
