@@ -2,7 +2,9 @@
 //! 0 run (or command) succeeded, 1 run failed or was cancelled (and any
 //! other failed command), 2 usage or validation error, 3 coordinator
 //! unreachable, 4 API token refused (missing, unknown, expired, revoked, or
-//! its scope too small), 130 interrupted while following.
+//! its scope too small), 5 a quota of the coordinator is used up
+//! (RESOURCE_EXHAUSTED: the token's queued runs or tasks; wait or cancel,
+//! then submit again), 130 interrupted while following.
 
 use std::process::ExitCode;
 
@@ -24,6 +26,8 @@ pub(crate) enum Exit {
     /// The coordinator refused the API token (UNAUTHENTICATED or
     /// PERMISSION_DENIED).
     Denied,
+    /// A quota is used up (RESOURCE_EXHAUSTED): trying again later works.
+    Exhausted,
     /// Ctrl-C while following.
     Interrupted,
 }
@@ -36,6 +40,7 @@ impl Exit {
             Exit::Usage => 2,
             Exit::Unreachable => 3,
             Exit::Denied => 4,
+            Exit::Exhausted => 5,
             Exit::Interrupted => 130,
         }
     }
@@ -127,6 +132,10 @@ impl From<ClientError> for Failure {
                     message: format!("error: {}", s.message()),
                 }
             }
+            Some(s) if s.code() == Code::ResourceExhausted => Failure {
+                exit: Exit::Exhausted,
+                message: format!("error: {}", s.message()),
+            },
             Some(s) if s.code() == Code::Unavailable => Failure {
                 exit: Exit::Unreachable,
                 message: format!("error: {err}"),
@@ -168,6 +177,9 @@ mod tests {
             (f.exit, f.message.as_str()),
             (Exit::Denied, "error: needs admin")
         );
+
+        let f = Failure::from(ClientError::Status(Status::resource_exhausted("quota")));
+        assert_eq!((f.exit.code(), f.message.as_str()), (5, "error: quota"));
 
         let f = Failure::from(ClientError::Status(Status::internal("boom")));
         assert_eq!(f.exit, Exit::Failed);

@@ -158,6 +158,12 @@ pub struct Args {
     /// Most log bytes stored for one attempt of a task [default: 16g].
     #[arg(long, env = "CAPSTAN_MAX_TASK_LOG", value_name = "SIZE")]
     pub max_task_log: Option<String>,
+    /// Most unfinished (queued or running) runs one API token may have [default: 50000].
+    #[arg(long, env = "CAPSTAN_MAX_QUEUED_RUNS_PER_TOKEN")]
+    pub max_queued_runs_per_token: Option<usize>,
+    /// Most tasks of unfinished runs one API token may have [default: 200000].
+    #[arg(long, env = "CAPSTAN_MAX_QUEUED_TASKS_PER_TOKEN")]
+    pub max_queued_tasks_per_token: Option<usize>,
     /// TLS certificate chain (PEM) for the gRPC and HTTP ports, re-read
     /// when the file changes; needs --tls-key.
     #[arg(long, env = "CAPSTAN_TLS_CERT", value_name = "PEM")]
@@ -364,7 +370,17 @@ fn limits(s: &Args) -> Result<Limits, ConfigError> {
             d.param_value_bytes as u64,
         )?),
         task_log_bytes: size("max-task-log", &s.max_task_log, d.task_log_bytes)?,
+        quota: crate::limits::Quota {
+            runs: s.max_queued_runs_per_token.unwrap_or(d.quota.runs),
+            tasks: s.max_queued_tasks_per_token.unwrap_or(d.quota.tasks),
+        },
     };
+    if limits.quota.runs == 0 || limits.quota.tasks == 0 {
+        return Err(ConfigError::Invalid(
+            "--max-queued-runs-per-token and --max-queued-tasks-per-token must be at least 1"
+                .into(),
+        ));
+    }
     if limits.pipeline_bytes > capstan_pipeline::MAX_FILE_BYTES {
         return Err(ConfigError::Invalid(format!(
             "--max-pipeline may be at most 1m ({} bytes), the parser's own limit",

@@ -22,6 +22,68 @@ pub struct Limits {
     pub param_value_bytes: usize,
     /// Most log bytes one attempt of a task may store (`--max-task-log`).
     pub task_log_bytes: u64,
+    /// What one API token may have queued.
+    pub quota: Quota,
+}
+
+/// What one API token may have submitted and not yet finished (queued or
+/// running): runs (`--max-queued-runs-per-token`) and their tasks
+/// (`--max-queued-tasks-per-token`). Checked by the scheduler in the same
+/// turn as the submit, against counts it derives from the runs it holds,
+/// so they drop as runs finish or are cancelled and are right again after
+/// a restart or a failover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub runs: usize,
+    pub tasks: usize,
+}
+
+impl Quota {
+    /// No bound (the scheduler's own tests).
+    pub const UNLIMITED: Quota = Quota {
+        runs: usize::MAX,
+        tasks: usize::MAX,
+    };
+
+    /// Whether `token`, with `open_runs` unfinished runs of `open_tasks`
+    /// tasks, may submit a run of `tasks` tasks; the refusal names the
+    /// limit, the token and the flag.
+    pub(crate) fn admits(
+        &self,
+        token: &str,
+        (open_runs, open_tasks): (usize, usize),
+        tasks: usize,
+    ) -> Result<(), String> {
+        if open_runs >= self.runs {
+            return Err(format!(
+                "token `{token}` has {} unfinished runs, its limit (--max-queued-runs-per-token \
+                 {} on the coordinator): wait for one to finish or cancel one (`capstan cancel RUN`)",
+                open_runs, self.runs
+            ));
+        }
+        let after = open_tasks.saturating_add(tasks);
+        if after > self.tasks {
+            return Err(format!(
+                "this run's {tasks} tasks would give token `{token}` {after} unfinished tasks; the \
+                 limit is {} (--max-queued-tasks-per-token on the coordinator): wait for runs to \
+                 finish or cancel some (`capstan cancel RUN`)",
+                self.tasks
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        // Far above what people queue by hand and above the bench's 20,000
+        // queued one-task runs; a runaway script stops here instead of at
+        // the coordinator's memory (a run with its tasks is a few KB).
+        Quota {
+            runs: 50_000,
+            tasks: 200_000,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -36,6 +98,7 @@ impl Default for Limits {
             // Past the runner's per-step cap (256 MiB by default) with room
             // for steps that raise theirs; the bench ships 1 GiB logs.
             task_log_bytes: 16 * 1024 * 1024 * 1024,
+            quota: Quota::default(),
         }
     }
 }

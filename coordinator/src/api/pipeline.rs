@@ -229,6 +229,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
             .0
             .ask(|reply| Command::Submit {
                 run: Box::new(run),
+                quota: self.0.limits.quota,
                 reply,
             })
             .await?;
@@ -569,6 +570,7 @@ mod tests {
             handle
                 .ask(|reply| Command::Submit {
                     run: Box::new(run),
+                    quota: crate::limits::Quota::UNLIMITED,
                     reply,
                 })
                 .await,

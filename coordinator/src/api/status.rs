@@ -12,6 +12,7 @@ pub(crate) fn from_state(e: StateError) -> Status {
         | StateError::UnknownRunner(_) => Status::not_found(e.to_string()),
         StateError::BadRunnerCredentials => Status::unauthenticated(e.to_string()),
         StateError::ProtocolVersion { .. } => Status::failed_precondition(e.to_string()),
+        StateError::QuotaExceeded(_) => Status::resource_exhausted(e.to_string()),
         StateError::NotYourAttempt { .. }
         | StateError::NotYourRun { .. }
         | StateError::NameTaken(_)

@@ -199,6 +199,7 @@ impl Fixture {
             handle
                 .ask(|reply| Command::Submit {
                     run: Box::new(run),
+                    quota: crate::limits::Quota::UNLIMITED,
                     reply,
                 })
                 .await
@@ -318,6 +319,7 @@ async fn the_tasks_carrying_tentative_offers_run_before_the_write() {
     f.handle
         .ask(|reply| Command::Submit {
             run: Box::new(run),
+            quota: crate::limits::Quota::UNLIMITED,
             reply,
         })
         .await

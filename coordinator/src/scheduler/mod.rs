@@ -57,8 +57,10 @@ pub(crate) struct AttemptLogInfo {
 
 /// A request to the scheduler loop.
 pub(crate) enum Command {
+    /// Refused beyond `quota` for the run's token.
     Submit {
         run: Box<RunRecord>,
+        quota: crate::limits::Quota,
         reply: Reply<RunId>,
     },
     GetRun {
@@ -330,7 +332,7 @@ impl Scheduler {
     fn handle(&mut self, cmd: Command) {
         let now = Instant::now();
         match cmd {
-            Command::Submit { run, reply } => self.submit(*run, reply),
+            Command::Submit { run, quota, reply } => self.submit(*run, &quota, reply),
             Command::GetRun { id, reply } => {
                 let _ = reply.send(self.run_view(&id));
             }
@@ -414,8 +416,11 @@ impl Scheduler {
         }
     }
 
-    fn submit(&mut self, run: RunRecord, reply: Reply<RunId>) {
-        let (id, new) = self.state.submit(run);
+    fn submit(&mut self, run: RunRecord, quota: &crate::limits::Quota, reply: Reply<RunId>) {
+        let (id, new) = match self.state.submit_within(run, quota) {
+            Ok(submitted) => submitted,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
         if new {
             self.metrics.runs_submitted.inc();
             if capstan_telemetry::enabled() {

@@ -148,6 +148,9 @@ pub(crate) enum StateError {
     NameTaken(String),
     #[error("attempt {0} has finished: its log takes no more bytes")]
     AttemptFinished(String),
+    /// A per-token quota (`crate::limits::Quota::admits` words it).
+    #[error("{0}")]
+    QuotaExceeded(String),
 }
 
 pub(crate) struct SchedulerState {

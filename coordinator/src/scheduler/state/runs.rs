@@ -14,7 +14,19 @@ pub(super) struct Runs {
     keys: HashMap<String, RunId>,
     /// Attempt -> (run, task index), for every attempt of every run held.
     attempts: HashMap<AttemptId, (RunId, usize)>,
+    /// Per token name (`submitted_by`): its unfinished runs and their
+    /// tasks, for the per-token quotas. Derived from the records: counted
+    /// when a run is inserted or restored unfinished, uncounted once, when
+    /// it finishes ([`Runs::finished`]); a finished run is never counted.
+    open: HashMap<String, Open>,
     next_seq: u64,
+}
+
+/// What one token has submitted that has not finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Open {
+    pub(super) runs: usize,
+    pub(super) tasks: usize,
 }
 
 impl Runs {
@@ -52,8 +64,32 @@ impl Runs {
         seq
     }
 
+    /// The unfinished runs and tasks `token` submitted.
+    pub(super) fn open(&self, token: &str) -> Open {
+        self.open.get(token).copied().unwrap_or_default()
+    }
+
+    /// Run `id` has just finished: it no longer counts for its token.
+    pub(super) fn finished(&mut self, id: &RunId) {
+        let Some(run) = self.runs.get(id) else {
+            return;
+        };
+        if let Some(open) = self.open.get_mut(&run.submitted_by) {
+            open.runs = open.runs.saturating_sub(1);
+            open.tasks = open.tasks.saturating_sub(run.tasks.len());
+            if open.runs == 0 {
+                self.open.remove(&run.submitted_by);
+            }
+        }
+    }
+
     /// Adds a new run (it has no attempts yet).
     pub(super) fn insert(&mut self, run: RunRecord) {
+        if !run.state.is_terminal() {
+            let open = self.open.entry(run.submitted_by.clone()).or_default();
+            open.runs += 1;
+            open.tasks += run.tasks.len();
+        }
         if !run.idempotency_key.is_empty() {
             self.keys
                 .insert(run.idempotency_key.clone(), run.id.clone());

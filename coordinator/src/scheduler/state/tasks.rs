@@ -37,6 +37,26 @@ impl SchedulerState {
         (id, true)
     }
 
+    /// [`Self::submit`] within `quota`: refused when the token that
+    /// submits `run` (`submitted_by`) would have more unfinished runs or
+    /// tasks than it allows. A repeat of an earlier submit (same
+    /// idempotency key) is never refused: it queues nothing.
+    pub(crate) fn submit_within(
+        &mut self,
+        run: RunRecord,
+        quota: &crate::limits::Quota,
+    ) -> Result<(RunId, bool), StateError> {
+        let repeat =
+            !run.idempotency_key.is_empty() && self.runs.by_key(&run.idempotency_key).is_some();
+        if !repeat {
+            let open = self.runs.open(&run.submitted_by);
+            quota
+                .admits(&run.submitted_by, (open.runs, open.tasks), run.tasks.len())
+                .map_err(StateError::QuotaExceeded)?;
+        }
+        Ok(self.submit(run))
+    }
+
     /// Cancels a run; with `owner`, only if that token submitted it.
     pub(crate) fn cancel_run(&mut self, id: &RunId, owner: Option<&str>) -> Result<(), StateError> {
         let run = self
@@ -121,6 +141,7 @@ impl SchedulerState {
             StoredRunState::Failed
         };
         run.finished_at_ms = now_ms();
+        self.runs.finished(id);
         self.fx.run_finished(id);
         self.fx.touch_run(id);
     }
