@@ -158,6 +158,11 @@ pub struct Args {
     /// Most log bytes stored for one attempt of a task [default: 16g].
     #[arg(long, env = "CAPSTAN_MAX_TASK_LOG", value_name = "SIZE")]
     pub max_task_log: Option<String>,
+    /// Close a connection whose peer has sent nothing for this long, e.g.
+    /// `90s`, `5m` (live clients answer the server's pings, sent at a third
+    /// of it) [default: 90s].
+    #[arg(long, env = "CAPSTAN_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
     /// Most unfinished (queued or running) runs one API token may have [default: 50000].
     #[arg(long, env = "CAPSTAN_MAX_QUEUED_RUNS_PER_TOKEN")]
     pub max_queued_runs_per_token: Option<usize>,
@@ -373,6 +378,17 @@ fn limits(s: &Args) -> Result<Limits, ConfigError> {
         quota: crate::limits::Quota {
             runs: s.max_queued_runs_per_token.unwrap_or(d.quota.runs),
             tasks: s.max_queued_tasks_per_token.unwrap_or(d.quota.tasks),
+        },
+        idle: match &s.idle_timeout {
+            None => d.idle,
+            Some(t) => capstan_proto::units::parse_age(t.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "bad --idle-timeout `{t}`: use a duration such as `90s` or `5m`"
+                    ))
+                })?,
         },
     };
     if limits.quota.runs == 0 || limits.quota.tasks == 0 {

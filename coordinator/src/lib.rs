@@ -31,6 +31,7 @@ pub(crate) mod api;
 pub mod config;
 pub(crate) mod election;
 pub(crate) mod http;
+pub(crate) mod idle;
 pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod metrics;

@@ -24,6 +24,9 @@ pub struct Limits {
     pub task_log_bytes: u64,
     /// What one API token may have queued.
     pub quota: Quota,
+    /// A connection whose peer sends nothing for this long is closed
+    /// (`--idle-timeout`; [`crate::idle`]).
+    pub idle: std::time::Duration,
 }
 
 /// What one API token may have submitted and not yet finished (queued or
@@ -99,6 +102,7 @@ impl Default for Limits {
             // for steps that raise theirs; the bench ships 1 GiB logs.
             task_log_bytes: 16 * 1024 * 1024 * 1024,
             quota: Quota::default(),
+            idle: crate::idle::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }

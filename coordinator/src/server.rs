@@ -4,7 +4,7 @@
 //! leadership ends.
 //!
 //! Doors: it wires the other modules together (`api`, `election`, `http`,
-//! `logs`, `scheduler`, `store`); nothing imports it but `lib.rs`.
+//! `idle`, `logs`, `scheduler`, `store`, `tls`); nothing imports it but `lib.rs`.
 
 use crate::config::CoordinatorConfig;
 use crate::{api, election, http, logs, metrics, scheduler, store, tls};
@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// HTTP/2 ping interval on idle connections; rare enough to cost nothing
-/// next to the runners' heartbeats at 10,000 connections.
+/// next to the runners' heartbeats at 10,000 connections. At most a third
+/// of `--idle-timeout`, so a live client's PING ACKs keep its connection
+/// from being reaped as silent (`idle.rs`).
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A connection whose ping is not answered within this is closed.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,9 +98,17 @@ pub async fn run(
             ready: ready.clone(),
             role: shared.role.clone(),
         };
+        let http = (http, config.limits.idle);
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
-    let server_task = spawn_grpc(&tracker, grpc_server(shared), grpc, tls.as_ref(), &inner);
+    let idle = config.limits.idle;
+    let server_task = spawn_grpc(
+        &tracker,
+        grpc_server(shared),
+        (grpc, idle),
+        tls.as_ref(),
+        &inner,
+    );
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, standalone, tls = tls.is_some(), "coordinator serving");
 
@@ -135,19 +145,25 @@ fn advertised_url(config: &CoordinatorConfig, local: std::net::SocketAddr, tls: 
         .unwrap_or_else(|| format!("{scheme}://{local}"))
 }
 
-/// Serves gRPC on `grpc` (with TLS if `tls`) until `token` is cancelled.
+/// Serves gRPC on `grpc` (with TLS if `tls`) until `token` is cancelled,
+/// closing connections silent for `idle`.
 fn spawn_grpc(
     tracker: &TaskTracker,
     server: tonic::transport::server::Router,
-    grpc: tokio::net::TcpListener,
+    (grpc, idle): (tokio::net::TcpListener, Duration),
     tls: Option<&capstan_tls::ServerConfigs>,
     token: &CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
     let shut = token.clone().cancelled_owned();
     match tls {
-        None => tracker.spawn(server.serve_with_incoming_shutdown(nodelay_incoming(grpc), shut)),
+        None => {
+            let incoming = tokio_stream::StreamExt::map(nodelay_incoming(grpc), move |conn| {
+                conn.map(|c| crate::idle::Idle::new(c, idle))
+            });
+            tracker.spawn(server.serve_with_incoming_shutdown(incoming, shut))
+        }
         Some(tls) => {
-            let incoming = tls::accept(grpc, tls.grpc.clone(), token.clone());
+            let incoming = tls::accept(grpc, tls.grpc.clone(), token.clone(), idle);
             let incoming = tokio_stream::StreamExt::map(
                 tokio_stream::wrappers::ReceiverStream::new(incoming),
                 Ok::<_, std::io::Error>,
@@ -184,20 +200,26 @@ async fn stop(inner: &CancellationToken, election: &dyn election::Election, trac
 }
 
 /// Serves the HTTP side port on `listener` (with TLS if `tls`) until
-/// `token` is cancelled.
+/// `token` is cancelled, closing connections silent for `idle`.
 fn spawn_http(
     tracker: &TaskTracker,
-    listener: tokio::net::TcpListener,
+    (listener, idle): (tokio::net::TcpListener, Duration),
     tls: Option<&capstan_tls::ServerConfigs>,
     state: http::HttpState,
     token: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let served = match tls {
-        None => tracker.spawn(http::serve(listener, state, token)),
+        None => {
+            let listener = crate::idle::IdleListener {
+                listener,
+                bound: idle,
+            };
+            tracker.spawn(http::serve(listener, state, token))
+        }
         Some(tls) => {
             let listener = tls::TlsListener {
-                incoming: tls::accept(listener, tls.http.clone(), token.clone()),
+                incoming: tls::accept(listener, tls.http.clone(), token.clone(), idle),
                 local: addr,
             };
             tracker.spawn(http::serve(listener, state, token))
@@ -267,7 +289,7 @@ fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
         // loss, a partition) would otherwise keep its stream task until TCP
         // gives up, minutes later; HTTP/2 pings find it in seconds. The lease
         // requeues its work either way.
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL.min(limits.idle / 3)))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .tcp_keepalive(Some(HTTP2_KEEPALIVE_INTERVAL))
         .initial_stream_window_size(STREAM_WINDOW)

@@ -8,7 +8,8 @@
 //! preface) gets a GOAWAY with `INADEQUATE_SECURITY` and a message, an
 //! HTTP/1 client a `400` saying to use `https://` (what Go's net/http does).
 //!
-//! Doors: `server.rs` uses it; it imports nothing of the crate.
+//! Doors: `server.rs` uses it; it imports `idle` (every connection's
+//! bytes go through its bound, the handshake's included).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +21,11 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::idle::Idle;
+
+/// A connection the TLS ports serve.
+pub(crate) type Tls = TlsStream<Idle<TcpStream>>;
 
 /// Longest a client may take from connecting to finishing its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,11 +41,13 @@ const USE_TLS: &str = "this coordinator port requires TLS: use an https:// URL";
 
 /// Accepts on `listener` until `token` is cancelled; every connection gets
 /// TCP_NODELAY (see `server::nodelay_incoming`) and a TLS handshake.
+/// Each connection's bytes go through [`Idle`] with `idle` as its bound.
 pub(crate) fn accept(
     listener: TcpListener,
     config: Arc<tokio_rustls::rustls::ServerConfig>,
     token: CancellationToken,
-) -> mpsc::Receiver<TlsStream<TcpStream>> {
+    idle: Duration,
+) -> mpsc::Receiver<Tls> {
     let (tx, rx) = mpsc::channel(BACKLOG);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -59,7 +67,8 @@ pub(crate) fn accept(
             let _ = stream.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, stream)).await {
+                let handshake = handshake(acceptor, stream, idle);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Some(tls)) => {
                         let _ = tx.send(tls).await;
                     }
@@ -73,9 +82,13 @@ pub(crate) fn accept(
 }
 
 /// The handshake, or a plaintext client told to use TLS (then `None`).
-async fn handshake(acceptor: TlsAcceptor, mut stream: TcpStream) -> Option<TlsStream<TcpStream>> {
+async fn handshake(acceptor: TlsAcceptor, mut stream: TcpStream, idle: Duration) -> Option<Tls> {
     let mut first = [0u8; H2_PREFACE.len()];
-    let n = peek_at_least(&stream, &mut first).await?;
+    // A client silent before its first byte is held to the idle bound as
+    // one silent after it is (by `Idle`, below).
+    let n = tokio::time::timeout(idle, peek_at_least(&stream, &mut first))
+        .await
+        .ok()??;
     if first[0] != TLS_HANDSHAKE_RECORD {
         let peer = stream.peer_addr().ok();
         tracing::debug!(?peer, "plaintext connection on a TLS port refused");
@@ -93,7 +106,7 @@ async fn handshake(acceptor: TlsAcceptor, mut stream: TcpStream) -> Option<TlsSt
         linger(stream).await;
         return None;
     }
-    match acceptor.accept(stream).await {
+    match acceptor.accept(Idle::new(stream, idle)).await {
         Ok(tls) => Some(tls),
         Err(e) => {
             tracing::debug!(error = %e, "TLS handshake failed");
@@ -152,19 +165,19 @@ fn h2_goaway(message: &str) -> Vec<u8> {
 
 /// The HTTP side port's TLS connections as an axum listener.
 pub(crate) struct TlsListener {
-    pub(crate) incoming: mpsc::Receiver<TlsStream<TcpStream>>,
+    pub(crate) incoming: mpsc::Receiver<Tls>,
     pub(crate) local: SocketAddr,
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Tls;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.incoming.recv().await {
                 Some(tls) => {
-                    let peer = tls.get_ref().0.peer_addr().unwrap_or(self.local);
+                    let peer = tls.get_ref().0.get_ref().peer_addr().unwrap_or(self.local);
                     return (tls, peer);
                 }
                 // The accept loop ended (shutdown): wait for axum's graceful
