@@ -226,6 +226,25 @@ pub(crate) fn add_ratios(report: &mut Map<String, Value>) {
             report.insert(name.into(), r.into());
         }
     }
+    // What TLS (with the token check on both sides) keeps of plaintext's
+    // throughput; the goal is >= 0.9.
+    for (name, tls, plain) in [
+        (
+            "ratio_throughput_tls_vs_plain",
+            "throughput_tls_tasks_per_s",
+            "throughput_tasks_per_s",
+        ),
+        (
+            "ratio_throughput_drain_tls_vs_plain",
+            "throughput_tls_drain_tasks_per_s",
+            "throughput_drain_tasks_per_s",
+        ),
+    ] {
+        if let (Some(t), Some(p)) = (num(report, tls), num(report, plain)) {
+            println!("{name}: {:.3} (goal >= 0.9)", t / p);
+            report.insert(name.into(), (t / p).into());
+        }
+    }
 }
 
 /// `; per round: Ax, Bx, Cx` when both figures have a value in every round:
