@@ -92,23 +92,17 @@ pub async fn run(
         install_dev_token(&shared.tokens, token).await?;
     }
 
+    let idle = config.limits.idle; // both ports close connections silent that long
+    let (grpc, http) = ((grpc, idle), http.map(|h| (h, idle)));
     if let Some(http) = http {
         let state = http::HttpState {
             metrics: metrics.clone(),
             ready: ready.clone(),
             role: shared.role.clone(),
         };
-        let http = (http, config.limits.idle);
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
-    let idle = config.limits.idle;
-    let server_task = spawn_grpc(
-        &tracker,
-        grpc_server(shared),
-        (grpc, idle),
-        tls.as_ref(),
-        &inner,
-    );
+    let server_task = spawn_grpc(&tracker, grpc_server(shared), grpc, tls.as_ref(), &inner);
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, standalone, tls = tls.is_some(), "coordinator serving");
 

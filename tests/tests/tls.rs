@@ -402,3 +402,87 @@ async fn plaintext_beyond_loopback_is_refused_unless_insecure() -> anyhow::Resul
     proc.kill();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_ca_cert_the_system_roots_decide() -> anyhow::Result<()> {
+    let c = TestCluster::builder().tls().runners(0).start().await?;
+    let url = c.url();
+    // The test CA is in no system store: refused, naming --ca-cert.
+    let out = cli(&url, &["runs"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: cannot connect securely to the coordinator at {url}: the coordinator's \
+             certificate is not trusted (invalid peer certificate: UnknownIssuer): pass the CA \
+             certificate that signed it with --ca-cert (or CAPSTAN_CA_CERT)"
+        )
+    );
+    // The system roots are what rustls-native-certs reads, which honours
+    // SSL_CERT_FILE: with the test CA there, no --ca-cert is needed.
+    let ca = c.pki().expect("a TLS cluster").ca_cert();
+    let out = Command::new(bin("capstan"))
+        .args(["--server", &url, "runs"])
+        .env_remove("CAPSTAN_CA_CERT")
+        .env_remove("CAPSTAN_TOKEN_FILE")
+        .env("CAPSTAN_TOKEN", &c.api_token)
+        .env("SSL_CERT_FILE", &ca)
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_over_tls_fail_over_and_share_revocations() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder()
+        .replicas(3)
+        .etcd()
+        .tls()
+        .runners(1)
+        .election_ttl_ms(2000)
+        .start()
+        .await?;
+    assert!(
+        c.urls().iter().all(|u| u.starts_with("https://")),
+        "{:?}",
+        c.urls()
+    );
+    let ci = c.create_token("ci", "submit").await?;
+    let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
+    c.wait_runners_connected(1, Duration::from_secs(20)).await?;
+
+    // The leader dies: the runner and the CLI find the new one over https.
+    c.kill_replica(leader);
+    let (new_leader, _) = c
+        .wait_new_leader(Some(leader), Duration::from_secs(20))
+        .await?;
+    let file = c.dir().join("hello.yaml");
+    std::fs::write(&file, HELLO)?;
+    let out = c.cli_with_token(Some(&ci), &["submit", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8(out.stdout)?.trim().to_string();
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:?}");
+
+    // Revoked through one replica (the CLI reaches the leader), refused by
+    // the other one still up, asked directly.
+    let out = c.cli(&["token", "revoke", "ci"]);
+    assert!(out.status.success(), "{out:?}");
+    let other = (0..3).find(|&i| i != leader && i != new_leader).unwrap();
+    let err = capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient::new(
+        c.channel_with(&c.replicas[other].url(), Some(&ci)).await?,
+    )
+    .list_runs(capstan_proto::api::v1::ListRunsRequest { limit: 1 })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            tonic::Code::Unauthenticated,
+            "the API token `ci` was revoked: ask an admin for a new one"
+        )
+    );
+    let out = c.cli_with_token(Some(&ci), &["runs"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    Ok(())
+}
