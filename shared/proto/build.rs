@@ -36,7 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .bytes(".capstan.runner.v1.LogChunk.data")
         .bytes(".capstan.api.v1.LogData.data")
-        .compile_protos(&paths, &[root.clone()])?;
+        .compile_protos(&paths, std::slice::from_ref(&root))?;
     let servers = out.join("servers");
     std::fs::create_dir_all(&servers)?;
     let mut config = tonic_prost_build::configure()
