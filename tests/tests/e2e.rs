@@ -439,7 +439,18 @@ async fn a_runner_cannot_touch_another_runners_attempt() -> anyhow::Result<()> {
         .push_logs(tokio_stream::iter(vec![chunk.clone()]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            tonic::Code::PermissionDenied,
+            format!(
+                "runner {} reported on attempt {attempt}, which is not assigned to it",
+                creds.runner_id
+            )
+            .as_str()
+        ),
+        "{err}"
+    );
     // A wrong secret is refused as unauthenticated.
     let mut bad = chunk;
     bad.runner_secret = "guess".into();
@@ -447,7 +458,14 @@ async fn a_runner_cannot_touch_another_runners_attempt() -> anyhow::Result<()> {
         .push_logs(tokio_stream::iter(vec![bad]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            tonic::Code::Unauthenticated,
+            "runner credentials rejected: re-register the runner"
+        ),
+        "{err}"
+    );
     // Its report that the attempt succeeded is ignored.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(rpb::RunnerMessage {

@@ -487,3 +487,56 @@ async fn an_existing_runner_name_registers_again_only_with_its_credential_or_an_
     );
     Ok(())
 }
+
+/// The runner secret in `runner.json` of runner `name` of `c`.
+fn runner_secret(c: &TestCluster, name: &str) -> String {
+    let path = c.dir().join(format!("work-{name}")).join("runner.json");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("runner.json")).unwrap();
+    let secret = json["runner_secret"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        secret.len() >= 16,
+        "no runner_secret in {}: {json}",
+        path.display()
+    );
+    secret
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_runner_secret_or_registration_token_is_stored_in_clear() -> anyhow::Result<()> {
+    // Standalone: the data dir (redb file, WAL, logs).
+    let c = TestCluster::builder().runners(1).start().await?;
+    c.wait_runners_connected(1, Duration::from_secs(20)).await?;
+    let secrets = [runner_secret(&c, "runner-0"), c.token.clone()];
+    let stored = files(&c.data_dir());
+    assert!(
+        stored.iter().any(|p| p.ends_with("state.redb")),
+        "{stored:?}"
+    );
+    for path in stored {
+        let bytes = std::fs::read(&path)?;
+        for s in &secrets {
+            let found = bytes.windows(s.len()).any(|w| w == s.as_bytes());
+            assert!(!found, "{} holds a secret in clear", path.display());
+        }
+    }
+    // etcd: every key and value.
+    let mut ha = TestCluster::builder()
+        .replicas(1)
+        .etcd()
+        .runners(1)
+        .start()
+        .await?;
+    ha.wait_runners_connected(1, Duration::from_secs(20))
+        .await?;
+    let secrets = [runner_secret(&ha, "runner-0"), ha.token.clone()];
+    let dump = ha.etcd().dump()?;
+    assert!(dump.contains("runners/"), "{dump}");
+    for s in &secrets {
+        assert!(!dump.contains(s.as_str()), "etcd holds a secret in clear");
+    }
+    Ok(())
+}
