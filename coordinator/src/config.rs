@@ -584,6 +584,46 @@ mod tests {
     }
 
     #[test]
+    fn quotas_and_the_idle_bound() {
+        let c = with_token().settings().unwrap().coordinator;
+        assert_eq!(c.limits.quota, crate::limits::Quota::default());
+        assert_eq!(c.limits.idle, Duration::from_secs(90));
+        let c = Args {
+            max_queued_runs_per_token: Some(3),
+            max_queued_tasks_per_token: Some(7),
+            idle_timeout: Some("2s".into()),
+            ..with_token()
+        }
+        .settings()
+        .unwrap()
+        .coordinator;
+        assert_eq!(
+            (c.limits.quota.runs, c.limits.quota.tasks, c.limits.idle),
+            (3, 7, Duration::from_secs(2))
+        );
+        let e = Args {
+            idle_timeout: Some("soon".into()),
+            ..with_token()
+        }
+        .settings()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad --idle-timeout `soon`: use a duration such as `90s` or `5m`"
+        );
+        let e = Args {
+            max_queued_runs_per_token: Some(0),
+            ..with_token()
+        }
+        .settings()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--max-queued-runs-per-token and --max-queued-tasks-per-token must be at least 1"
+        );
+    }
+
+    #[test]
     fn plaintext_beyond_loopback_is_refused_unless_insecure() {
         let any: SocketAddr = "0.0.0.0:7700".parse().unwrap();
         let e = Args {
