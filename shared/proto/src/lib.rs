@@ -5,6 +5,8 @@
 //! - [`codec`]: the servers' codec (decode errors are INVALID_ARGUMENT);
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`, ...);
 //! - [`leader`]: the `capstan-leader` hint a follower answers with;
+//! - [`liveness`]: the timeouts both ends of a Control stream derive from
+//!   the heartbeat interval (runner watchdog, leader's re-attach grace);
 //! - [`source`]: what a run's `--repo` and `--rev` may be (checked by the CLI,
 //!   at submit and before the runner's checkout);
 //! - [`units`]: memory sizes and durations as users write them, parsed once
@@ -15,6 +17,7 @@
 pub mod codec;
 pub mod ids;
 pub mod leader;
+pub mod liveness;
 pub mod source;
 pub mod units;
 
