@@ -199,3 +199,125 @@ async fn runner_partitioned_mid_step_is_requeued_and_its_stale_step_killed() -> 
     eprintln!("fleet: runner cut: requeued after {requeued_after:?}");
     Ok(())
 }
+
+/// Scenario 1: the leader partitioned from the etcd members (runners and
+/// peers still reach it). It stops leading within its election lease,
+/// another coordinator takes over, the runs in flight finish once each, and
+/// after healing the old leader rejoins as a follower naming the new one.
+///
+/// Not here (found with this harness, a product bug to fix first): the
+/// leader cut off together with one etcd member, the two sides split 2/3
+/// and 1+1. The other coordinators whose campaign call waits on that
+/// minority member never learn they won; no leader is elected.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_partitioned_from_etcd_steps_down_and_rejoins() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 80; // 8 s a step
+    let id = submit(&f, &counting_pipeline("etcd-cut", 2, lines, 100)).await?;
+    wait_run(&f, &id, Duration::from_secs(30), all_running).await?;
+    let (old, old_epoch) = f.wait_leader(Duration::from_secs(10)).await?;
+    docker::cut(&old, &f.ips(&f.etcd))?;
+    let cut_at = Instant::now();
+    let stepped_down = eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || {
+            // `/readyz`, not the API: the API's token check reads etcd,
+            // which the cut coordinator cannot.
+            let leads = f
+                .readyz(&old)
+                .is_ok_and(|(status, body)| status == 200 && body.starts_with("ready: leader"));
+            Ok((!leads).then(|| cut_at.elapsed()))
+        },
+        || format!("{old} still leads\n{}", f.all_logs()),
+    )
+    .await?;
+    let ttl = Duration::from_millis(f.timings.election_ttl_ms);
+    assert!(
+        stepped_down <= ttl + Duration::from_millis(1500),
+        "{old} led {stepped_down:?} after losing etcd (lease {ttl:?})"
+    );
+    let (new, new_epoch) = f
+        .wait_new_leader(Some(&old), Duration::from_secs(20))
+        .await?;
+    let took_over = cut_at.elapsed();
+    assert!(new_epoch > old_epoch, "epochs {old_epoch} -> {new_epoch}");
+    check_run(&f, &id, lines, &[]).await?;
+    docker::heal(&old)?;
+    // Back as a follower that points at the new leader.
+    let new_url = f.url(&new);
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        async || {
+            Ok(f.ask(&old)
+                .await
+                .ok()
+                .filter(|r| !r.is_leader && r.leader == new_url))
+        },
+        || {
+            format!(
+                "{old} did not rejoin as a follower of {new}\n{}",
+                f.all_logs()
+            )
+        },
+    )
+    .await?;
+    let out = f.cli(&["cluster", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["leader"], new_url.as_str(), "{v}");
+    let again = submit(&f, &counting_pipeline("after-heal", 1, 5, 10)).await?;
+    check_run(&f, &again, 5, &[]).await?;
+    eprintln!(
+        "fleet: etcd cut: stepped down after {stepped_down:?}, new leader after {took_over:?}"
+    );
+    Ok(())
+}
+
+/// Scenario 7: the leader cut off from everything (etcd, runners, peers;
+/// the host still reaches it) while runs are in flight: every step runs
+/// exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_cut_from_everything_costs_no_step_a_second_execution() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 80; // 8 s a step
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(
+            submit(
+                &f,
+                &counting_pipeline(&format!("cut-all-{i}"), 1, lines, 100),
+            )
+            .await?,
+        );
+    }
+    for id in &ids {
+        wait_run(&f, id, Duration::from_secs(30), all_running).await?;
+    }
+    let (old, old_epoch) = f.wait_leader(Duration::from_secs(10)).await?;
+    let mut others: Vec<String> = f.ips(&f.etcd);
+    others.extend(f.ips(&f.runners));
+    others.extend(
+        f.coordinators
+            .iter()
+            .filter(|c| **c != old)
+            .map(|c| f.ip(c)),
+    );
+    docker::cut(&old, &others)?;
+    let cut_at = Instant::now();
+    let (_, new_epoch) = f
+        .wait_new_leader(Some(&old), Duration::from_secs(20))
+        .await?;
+    let took_over = cut_at.elapsed();
+    assert!(new_epoch > old_epoch);
+    for id in &ids {
+        check_run(&f, id, lines, &[]).await?;
+    }
+    docker::heal(&old)?;
+    eprintln!(
+        "fleet: leader cut from all: new leader after {took_over:?}, runs done after {:?}",
+        cut_at.elapsed()
+    );
+    Ok(())
+}

@@ -361,6 +361,14 @@ impl Fleet {
         Ok(r.into_inner())
     }
 
+    /// The coordinator's `/readyz` (status, body): 200 `ready: leader` on the
+    /// leader only. Unlike the gRPC API it needs no token, so it answers
+    /// even when the coordinator cannot read its tokens from etcd.
+    pub fn readyz(&self, coordinator: &str) -> anyhow::Result<(u16, String)> {
+        let addr = format!("{}:7701", self.ip(coordinator)).parse()?;
+        crate::net::http_get(addr, "/readyz")
+    }
+
     /// The coordinator that says it leads, and its epoch.
     pub async fn leader(&self) -> Option<(String, u64)> {
         for c in &self.coordinators {
