@@ -219,21 +219,19 @@ impl Fleet {
     }
 
     async fn wait_etcd(&self) -> anyhow::Result<()> {
-        let urls: Vec<String> = self
+        let addrs: Vec<std::net::SocketAddr> = self
             .etcd
             .iter()
-            .map(|e| format!("http://{}:2379/health", self.ip(e)))
-            .collect();
+            .map(|e| format!("{}:2379", self.ip(e)).parse())
+            .collect::<Result<_, _>>()?;
         eventually(
             Duration::from_secs(30),
             Duration::from_millis(200),
             async || {
-                let healthy = urls.iter().all(|u| {
-                    Command::new("curl")
-                        .args(["-sf", "-m", "2", u])
-                        .stdout(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
+                let healthy = addrs.iter().all(|a| {
+                    crate::net::http_get(*a, "/health").is_ok_and(|(status, body)| {
+                        status == 200 && body.contains("\"health\":\"true\"")
+                    })
                 });
                 Ok(healthy.then_some(()))
             },
