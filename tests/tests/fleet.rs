@@ -321,3 +321,56 @@ async fn leader_cut_from_everything_costs_no_step_a_second_execution() -> anyhow
     );
     Ok(())
 }
+
+/// Scenario 3: the leader frozen (`docker pause`) past its election lease
+/// while a run is in flight, then thawed. Another coordinator took over;
+/// the thawed one leads no more (it answers as a follower of the new
+/// leader), and nothing it held from the frozen epoch shows: the run
+/// finishes with every step run once.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_frozen_past_its_lease_comes_back_a_follower() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 80;
+    let id = submit(&f, &counting_pipeline("frozen", 2, lines, 100)).await?;
+    wait_run(&f, &id, Duration::from_secs(30), all_running).await?;
+    let (old, old_epoch) = f.wait_leader(Duration::from_secs(10)).await?;
+    docker::docker(&["pause", &old])?;
+    let paused_at = Instant::now();
+    let (new, new_epoch) = f
+        .wait_new_leader(Some(&old), Duration::from_secs(20))
+        .await?;
+    assert!(new_epoch > old_epoch, "epochs {old_epoch} -> {new_epoch}");
+    let past_lease = Duration::from_millis(f.timings.election_ttl_ms + f.timings.lease_ms);
+    tokio::time::sleep(past_lease.saturating_sub(paused_at.elapsed())).await;
+    docker::docker(&["unpause", &old])?;
+    let new_url = f.url(&new);
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || {
+            let leads = f
+                .readyz(&old)
+                .is_ok_and(|(status, body)| status == 200 && body.starts_with("ready: leader"));
+            let follows = f
+                .ask(&old)
+                .await
+                .is_ok_and(|r| !r.is_leader && r.leader == new_url);
+            Ok((!leads && follows).then_some(()))
+        },
+        || {
+            format!(
+                "{old} did not come back as a follower of {new}\n{}",
+                f.all_logs()
+            )
+        },
+    )
+    .await?;
+    check_run(&f, &id, lines, &[]).await?;
+    let (leader, epoch) = f.wait_leader(Duration::from_secs(5)).await?;
+    assert_eq!(
+        (leader, epoch),
+        (new, new_epoch),
+        "leadership moved again after the thaw"
+    );
+    Ok(())
+}
