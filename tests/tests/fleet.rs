@@ -374,3 +374,53 @@ async fn leader_frozen_past_its_lease_comes_back_a_follower() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// Scenario 4: etcd members killed one, then two (quorum lost), then one
+/// restarted. With one member gone scheduling goes on; without quorum no
+/// coordinator leads; once quorum is back a leader leads again, and the run
+/// that was in flight throughout finishes with its step run once.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduling_pauses_only_while_etcd_has_no_quorum() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    docker::docker(&["kill", &f.etcd[2]])?;
+    let a = submit(&f, &counting_pipeline("one-member-down", 1, 5, 10)).await?;
+    check_run(&f, &a, 5, &[]).await?;
+    let lines = 100; // 10 s, across the quorum loss
+    let b = submit(&f, &counting_pipeline("across-quorum-loss", 1, lines, 100)).await?;
+    wait_run(&f, &b, Duration::from_secs(30), all_running).await?;
+    docker::docker(&["kill", &f.etcd[1]])?;
+    let lost_at = Instant::now();
+    let leads = |c: &String| {
+        f.readyz(c)
+            .is_ok_and(|(status, body)| status == 200 && body.starts_with("ready: leader"))
+    };
+    let nobody_leads = eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || Ok((!f.coordinators.iter().any(leads)).then(|| lost_at.elapsed())),
+        || {
+            format!(
+                "a coordinator still leads without etcd quorum\n{}",
+                f.all_logs()
+            )
+        },
+    )
+    .await?;
+    // Still nobody a while later: no coordinator leads on a minority.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !f.coordinators.iter().any(leads),
+        "a coordinator leads without quorum"
+    );
+    docker::docker(&["start", &f.etcd[1]])?;
+    let restored_at = Instant::now();
+    f.wait_leader(Duration::from_secs(30)).await?;
+    let leading_after = restored_at.elapsed();
+    check_run(&f, &b, lines, &[]).await?;
+    let c = submit(&f, &counting_pipeline("quorum-back", 1, 5, 10)).await?;
+    check_run(&f, &c, 5, &[]).await?;
+    eprintln!(
+        "fleet: quorum lost: no leader after {nobody_leads:?}; quorum back: leader after {leading_after:?}"
+    );
+    Ok(())
+}
