@@ -327,6 +327,10 @@ async fn leader_cut_from_everything_costs_no_step_a_second_execution() -> anyhow
 /// the thawed one leads no more (it answers as a follower of the new
 /// leader), and nothing it held from the frozen epoch shows: the run
 /// finishes with every step run once.
+///
+/// Fails today (so scripts/test leaves it out): on thaw the old leader
+/// appends the log chunks it held to the shared log dir, after the new
+/// leader's, and the task log shows lines 2.. again in the middle.
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_frozen_past_its_lease_comes_back_a_follower() -> anyhow::Result<()> {
     let f = fleet().await?;
@@ -421,6 +425,46 @@ async fn scheduling_pauses_only_while_etcd_has_no_quorum() -> anyhow::Result<()>
     check_run(&f, &c, 5, &[]).await?;
     eprintln!(
         "fleet: quorum lost: no leader after {nobody_leads:?}; quorum back: leader after {leading_after:?}"
+    );
+    Ok(())
+}
+
+/// Scenario 5: every coordinator restarted in turn (`docker restart`,
+/// SIGTERM first) while 50 runs are in flight: every run finishes and every
+/// step runs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn rolling_restart_with_50_runs_in_flight_loses_nothing() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 20; // 2 s a step
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(
+            submit(
+                &f,
+                &counting_pipeline(&format!("rolling-{i}"), 1, lines, 100),
+            )
+            .await?,
+        );
+    }
+    let started = Instant::now();
+    for c in f.coordinators.clone() {
+        docker::docker(&["restart", "-t", "10", &c])?;
+        eventually(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            async || Ok(f.readyz(&c).is_ok().then_some(())),
+            || format!("{c} did not come back\n{}", f.all_logs()),
+        )
+        .await?;
+        f.wait_leader(Duration::from_secs(20)).await?;
+    }
+    let restarted_after = started.elapsed();
+    for id in &ids {
+        check_run(&f, id, lines, &[]).await?;
+    }
+    eprintln!(
+        "fleet: rolling restart took {restarted_after:?}; 50 runs done after {:?}",
+        started.elapsed()
     );
     Ok(())
 }

@@ -61,6 +61,9 @@ pub struct Fleet {
     pub timings: Timings,
     /// The runners' `/shared`, on the host.
     pub shared: tempfile::TempDir,
+    /// The coordinators' common `--log-dir` (task logs live in a directory
+    /// every replica reaches: README "high availability").
+    logs: tempfile::TempDir,
     pub registration_token: String,
     pub api_token: String,
 }
@@ -86,6 +89,9 @@ impl Fleet {
         }
         let id = format!("{}-{}", std::process::id(), rand_suffix());
         let shared = tempfile::tempdir()?;
+        let logs = tempfile::tempdir()?;
+        // The coordinator image runs as uid 10001.
+        std::os::unix::fs::chown(logs.path(), Some(10001), Some(10001))?;
         let (network, net24) = create_network(&id)?;
         let mut fleet = Fleet {
             network,
@@ -102,6 +108,7 @@ impl Fleet {
             id,
             timings: Timings::default(),
             shared,
+            logs,
             registration_token: format!("fleet-{}", rand_suffix()),
             api_token: String::new(),
         };
@@ -281,15 +288,18 @@ impl Fleet {
             "--heartbeat-ms",
             &t.heartbeat_ms.to_string(),
             "--insecure",
+            "--log-dir",
+            "/shared-logs",
         ]
         .map(String::from)
         .into();
-        self.run_container(
-            c,
-            &format!("capstan/coordinator:{tag}"),
-            &["-e".into(), "RUST_LOG=info".into()],
-            &args,
-        )
+        let extra: Vec<String> = vec![
+            "-e".into(),
+            "RUST_LOG=info".into(),
+            "-v".into(),
+            format!("{}:/shared-logs", self.logs.path().display()),
+        ];
+        self.run_container(c, &format!("capstan/coordinator:{tag}"), &extra, &args)
     }
 
     fn start_runner(&self, tag: &str, i: usize, capacity: u32) -> anyhow::Result<()> {
