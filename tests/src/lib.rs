@@ -15,6 +15,8 @@
 //!   plain HTTP GET; reading a run's state;
 //! - [`certs`]: test certificates (a CA, server and client certificates);
 //! - [`etcd`]: a real etcd cluster;
+//! - [`faults`]: a loopback TCP proxy that stalls (a partition with no
+//!   RST), resumes or cuts the connections through it;
 //! - [`fleet`]: a fleet in containers on a private network, and its faults;
 //! - [`cluster`]: [`TestCluster`] and its [`Builder`] (standalone, or
 //!   replicas on etcd);
@@ -26,6 +28,7 @@ pub mod bins;
 pub mod certs;
 pub mod cluster;
 pub mod etcd;
+pub mod faults;
 pub mod fleet;
 pub mod git_server;
 pub mod net;
