@@ -328,9 +328,9 @@ async fn leader_cut_from_everything_costs_no_step_a_second_execution() -> anyhow
 /// leader), and nothing it held from the frozen epoch shows: the run
 /// finishes with every step run once.
 ///
-/// Fails today (so scripts/test leaves it out): on thaw the old leader
-/// appends the log chunks it held to the shared log dir, after the new
-/// leader's, and the task log shows lines 2.. again in the middle.
+/// It caught the thawed leader appending the log chunks it held to the
+/// shared log dir after the new leader's (lines 2.. again mid-log); fixed
+/// by re-authorizing a PushLogs stream's attempt (branch `liveness`).
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_frozen_past_its_lease_comes_back_a_follower() -> anyhow::Result<()> {
     let f = fleet().await?;
