@@ -17,6 +17,7 @@
 //! - [`etcd`]: a real etcd cluster;
 //! - [`faults`]: a loopback TCP proxy that stalls (a partition with no
 //!   RST), resumes or cuts the connections through it;
+//! - [`fleet`]: a fleet in containers on a private network, and its faults;
 //! - [`cluster`]: [`TestCluster`] and its [`Builder`] (standalone, or
 //!   replicas on etcd);
 //! - [`git_server`], [`ssh_server`], [`otlp`], [`testbed`]: the outside
@@ -28,6 +29,7 @@ pub mod certs;
 pub mod cluster;
 pub mod etcd;
 pub mod faults;
+pub mod fleet;
 pub mod git_server;
 pub mod net;
 pub mod otlp;
