@@ -16,6 +16,7 @@
 //! - [`certs`]: test certificates (a CA, server and client certificates);
 //! - [`etcd`]: a real etcd cluster;
 //! - [`fleet`]: a fleet in containers on a private network, and its faults;
+//! - [`compose`]: the `deploy/compose` cluster, up and down by its scripts;
 //! - [`cluster`]: [`TestCluster`] and its [`Builder`] (standalone, or
 //!   replicas on etcd);
 //! - [`git_server`], [`ssh_server`], [`otlp`], [`testbed`]: the outside
@@ -25,6 +26,7 @@
 pub mod bins;
 pub mod certs;
 pub mod cluster;
+pub mod compose;
 pub mod etcd;
 pub mod fleet;
 pub mod git_server;
