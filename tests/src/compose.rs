@@ -87,13 +87,57 @@ impl ComposeCluster {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The coordinators' published URLs (`https://127.0.0.1:PORT`).
+    /// The coordinators' published URLs as `up` printed them
+    /// (`https://127.0.0.1:PORT`).
     pub fn servers(&self) -> Vec<String> {
         self.env("CAPSTAN_SERVER")
             .unwrap_or_default()
             .split(',')
             .map(String::from)
             .collect()
+    }
+
+    /// The published URL of each coordinator running now, asked of the
+    /// engine: a container started again, or connected to the network
+    /// again, gets a new port.
+    pub fn live_servers(&self) -> Vec<String> {
+        (1..=3)
+            .filter_map(|i| {
+                let out = self
+                    .compose(&["port", &format!("coordinator-{i}"), "7700"])
+                    .ok()?;
+                let port = String::from_utf8(out.stdout).ok()?.trim().to_string();
+                port.contains(':').then(|| format!("https://{port}"))
+            })
+            .collect()
+    }
+
+    /// A client of `servers` (e.g. [`Self::live_servers`]) with the
+    /// cluster's CA and admin token, and `timeout` for connecting and for
+    /// retrying a call.
+    pub async fn client(
+        &self,
+        servers: &[String],
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<capstan_client::Client> {
+        let token = std::fs::read_to_string(self.state_dir().join("admin.token"))?;
+        let options = capstan_client::ClientOptions {
+            connect_timeout: timeout,
+            connect_retry_for: timeout,
+            retry_for: timeout,
+            request_timeout: timeout,
+            token: capstan_client::Bearer::new(Some(token.trim()))?,
+            tls: capstan_tls::ClientTls {
+                ca_cert: Some(self.state_dir().join("certs/ca.pem")),
+                ..Default::default()
+            },
+        };
+        Ok(capstan_client::Client::connect_with(servers, options).await?)
+    }
+
+    /// The network the services are on (`PROJECT_capstan`).
+    pub fn network(&self) -> String {
+        format!("{}_capstan", self.project)
     }
 
     /// The host's `capstan` CLI with what `up` printed (servers, CA, token).
@@ -135,9 +179,14 @@ impl ComposeCluster {
         Ok(id)
     }
 
-    /// The service whose coordinator leads, from its advertised URL.
+    /// The service whose coordinator leads, from its advertised URL, asked
+    /// through the ports published now.
     pub fn leader_service(&self) -> anyhow::Result<String> {
-        let out = self.cli(&["cluster", "-o", "json"]);
+        let out = self
+            .cli_command()
+            .env("CAPSTAN_SERVER", self.live_servers().join(","))
+            .args(["cluster", "-o", "json"])
+            .output()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("capstan cluster: {out:?}"))?;
         let leader = v["leader"].as_str().unwrap_or_default();
