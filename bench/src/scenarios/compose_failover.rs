@@ -85,10 +85,15 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     // Quick (CI) takes one of each: a partition round costs half a minute
     // with its recovery (runners notice the silent leader late).
     let rounds = if ctx.quick { 1 } else { 10 };
+    let started = Instant::now();
     let c = tokio::task::spawn_blocking(|| {
         ComposeCluster::up("bench", &[("CAPSTAN_ELECTION_TTL_MS", &TTL_MS.to_string())])
     })
     .await??;
+    println!(
+        "compose-failover: cluster up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let mut figures: Figures = vec![
         ("compose_failover_rounds".into(), rounds as f64),
         (
@@ -118,7 +123,12 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
     }
     let lost = runs_lost(&c, &runs).await?;
     figures.push(("compose_failover_runs_lost".into(), lost as f64));
+    let down = Instant::now();
     tokio::task::spawn_blocking(move || c.down()).await??;
+    println!(
+        "compose-failover: cluster removed in {:.1} s",
+        down.elapsed().as_secs_f64()
+    );
     Ok(figures)
 }
 

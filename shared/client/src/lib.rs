@@ -581,6 +581,10 @@ mod tests {
         url: String,
         leader_hint: Option<String>,
         flaky: AtomicU32,
+        /// A leader that answers its first `AskLeader` late and as a
+        /// follower (it is still being elected).
+        late_leader: bool,
+        asks: AtomicU32,
     }
 
     impl Fake {
@@ -609,10 +613,14 @@ mod tests {
             &self,
             _: tonic::Request<AskLeaderRequest>,
         ) -> Result<tonic::Response<AskLeaderResponse>, Status> {
+            let first = self.asks.fetch_add(1, Ordering::SeqCst) == 0;
+            if self.late_leader && first {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             Ok(tonic::Response::new(AskLeaderResponse {
                 leader: self.leader_hint.clone().unwrap_or_else(|| self.url.clone()),
                 epoch: 7,
-                is_leader: self.leader_hint.is_none(),
+                is_leader: self.leader_hint.is_none() && !(self.late_leader && first),
             }))
         }
 
@@ -633,12 +641,18 @@ mod tests {
     }
 
     async fn serve(leader_hint: Option<String>, flaky: u32) -> String {
+        serve_fake(leader_hint, flaky, false).await
+    }
+
+    async fn serve_fake(leader_hint: Option<String>, flaky: u32, late_leader: bool) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let fake = Fake {
             url: url.clone(),
             leader_hint,
             flaky: AtomicU32::new(flaky),
+            late_leader,
+            asks: AtomicU32::new(0),
         };
         let incoming = futures::stream::unfold(listener, |l| async move {
             let conn = l.accept().await.map(|(s, _)| s);
@@ -692,6 +706,31 @@ mod tests {
         let err = client.list_members().await.unwrap_err();
         assert!(matches!(err, ClientError::NoLeader { .. }), "{err}");
         assert!(err.is_unreachable());
+    }
+
+    /// The client starts on a follower (the leader was still being
+    /// elected when it connected) whose hint names an address this client
+    /// cannot reach; the leader is among its servers. It switches to it at
+    /// once: `retry_for` is shorter than the first backoff delay, so only
+    /// the immediate fallback can succeed.
+    #[tokio::test]
+    async fn an_unreachable_hint_falls_back_at_once_to_the_leader_among_the_servers() {
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let advertised = format!("http://{}", gone.local_addr().unwrap());
+        drop(gone);
+        let leader = serve_fake(None, 0, true).await;
+        let follower = serve(Some(advertised), 0).await;
+        let options = ClientOptions {
+            retry_for: Duration::from_millis(50),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(&[leader.clone(), follower.clone()], options)
+            .await
+            .unwrap();
+        assert_eq!(client.current_url(), follower, "no leader at connect");
+        let members = client.list_members().await.unwrap();
+        assert_eq!(members.leader, leader);
+        assert_eq!(client.current_url(), leader, "later calls go to the leader");
     }
 
     /// The leader advertises an address only its own network reaches (a
@@ -873,6 +912,8 @@ mod tests {
             url: url.clone(),
             leader_hint: None,
             flaky: AtomicU32::new(0),
+            late_leader: false,
+            asks: AtomicU32::new(0),
         };
         tokio::spawn(
             Server::builder()
