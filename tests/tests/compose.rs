@@ -73,3 +73,36 @@ fn compose_cluster_up_submit_failover_down() -> anyhow::Result<()> {
     assert_ne!(new, leader, "a new leader");
     c.down()
 }
+
+/// `up` without the images says which one and the command that makes it,
+/// and starts nothing.
+#[test]
+fn compose_up_without_the_images_says_how_to_build_them() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let project = format!("cps-noimages-{}", std::process::id());
+    let out =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/compose/up"))
+            .env("CAPSTAN_COMPOSE_PROJECT", &project)
+            .env("CAPSTAN_COMPOSE_STATE", state.path().join("state"))
+            .env("CAPSTAN_TAG", "no-such-tag")
+            .stdin(std::process::Stdio::null())
+            .output()?;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "image capstan/etcd:no-such-tag is missing: run `deploy/images/build no-such-tag` first"
+        ),
+        "{err}"
+    );
+    let left = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=com.docker.compose.project={project}"))
+        .output()?;
+    assert!(left.stdout.is_empty(), "up started something");
+    assert!(
+        !state.path().join("state").exists(),
+        "up made no state before checking"
+    );
+    Ok(())
+}
