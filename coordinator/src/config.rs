@@ -287,7 +287,9 @@ impl Args {
             offer_timeout: ms(s.offer_timeout_ms, d.offer_timeout),
             max_infra_retries: s.max_infra_retries.unwrap_or(d.max_infra_retries),
             timeout_grace: d.timeout_grace,
-            reattach_grace: d.reattach_grace,
+            // The runners' detection of a silent leader and their reconnect
+            // (docs/decisions.md, issue 25).
+            reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
             // Two missed heartbeats and a reconnect attempt.
             disconnect_grace: heartbeat * 2 + Duration::from_millis(500),
             retention: match s.retention {

@@ -14,6 +14,7 @@ const MAX: Duration = Duration::from_secs(5);
 pub(crate) struct Backoff {
     first: Duration,
     next: Duration,
+    cap: Duration,
 }
 
 impl Backoff {
@@ -27,14 +28,27 @@ impl Backoff {
     /// spin.
     pub(crate) fn starting_at(first: Duration) -> Self {
         let first = first.max(Duration::from_millis(1));
-        Self { first, next: first }
+        Self {
+            first,
+            next: first,
+            cap: MAX,
+        }
+    }
+
+    /// Caps the delays at `cap` from now on (the agent derives it from the
+    /// coordinator's heartbeat: `capstan_proto::liveness::backoff_cap`, so
+    /// that a new leader's re-attach grace covers the wait). Never below
+    /// the first delay.
+    pub(crate) fn cap_at(&mut self, cap: Duration) {
+        self.cap = cap;
+        self.next = self.next.min(self.cap.max(self.first));
     }
 
     /// The delay to wait now; the one after it is twice as long (up to 5 s,
     /// or the first delay if that is longer).
     pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.next;
-        self.next = (base * 2).min(MAX.max(self.first));
+        self.next = (base * 2).min(self.cap.max(self.first));
         base.mul_f64(rand::random_range(0.8..=1.2))
     }
 
@@ -60,6 +74,17 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_secs(4));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+
+    #[test]
+    fn a_cap_limits_the_delays() {
+        let mut b = Backoff::new();
+        b.cap_at(Duration::from_secs(2));
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_millis(2400), "{d:?}");
+        }
+        assert!(b.next_delay() >= Duration::from_millis(1600));
     }
 
     #[test]

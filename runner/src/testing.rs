@@ -7,13 +7,14 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
 use capstan_proto::runner::v1::runner_service_server::{RunnerService, RunnerServiceServer};
 use capstan_proto::runner::v1::{
-    CoordinatorMessage, LogChunk, PushLogsAck, RegisterRequest, RegisterResponse, RunnerMessage,
-    Welcome, coordinator_message,
+    CoordinatorMessage, HeartbeatAck, LogChunk, PushLogsAck, RegisterRequest, RegisterResponse,
+    RunnerMessage, Welcome, coordinator_message, runner_message,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -95,6 +96,13 @@ pub(crate) struct FakeCoordinator {
     to_test: mpsc::UnboundedSender<RunnerMessage>,
     outbound: Arc<Mutex<Option<Outbound>>>,
     pub heartbeat_ms: u32,
+    /// Welcomes say `acks_heartbeats` and every heartbeat is answered, as
+    /// the real coordinator does (off by default: the tests of other
+    /// things see only what they send).
+    pub acks_heartbeats: AtomicBool,
+    /// Stops answering heartbeats while still welcoming with
+    /// `acks_heartbeats`: a partitioned coordinator, as the runner sees it.
+    pub muted: Arc<AtomicBool>,
 }
 
 pub(crate) struct Handle {
@@ -170,6 +178,8 @@ async fn start_with(mut server: Server) -> Handle {
         to_test,
         outbound: Arc::new(Mutex::new(None)),
         heartbeat_ms: 100,
+        acks_heartbeats: AtomicBool::new(false),
+        muted: Arc::new(AtomicBool::new(false)),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -296,6 +306,7 @@ impl RunnerService for FakeCoordinator {
                 lease_ms: 10 * self.heartbeat_ms,
                 reattached: Vec::new(),
                 acknowledged: Vec::new(),
+                acks_heartbeats: self.acks_heartbeats.load(Ordering::SeqCst),
             })),
         }))
         .await
@@ -305,8 +316,19 @@ impl RunnerService for FakeCoordinator {
         *self.outbound.lock().unwrap() = Some(tx);
         let to_test = self.to_test.clone();
         let outbound = Arc::clone(&self.outbound);
+        let acks = self.acks_heartbeats.load(Ordering::SeqCst);
+        let muted = Arc::clone(&self.muted);
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
+                let heartbeat = matches!(message.kind, Some(runner_message::Kind::Heartbeat(_)));
+                if heartbeat
+                    && acks
+                    && !muted.load(Ordering::SeqCst)
+                    && let Some(tx) = mine.upgrade()
+                {
+                    let ack = coordinator_message::Kind::HeartbeatAck(HeartbeatAck {});
+                    let _ = tx.try_send(Ok(CoordinatorMessage { kind: Some(ack) }));
+                }
                 let _ = to_test.send(message);
             }
             // The runner ended its side: end ours, unless a newer stream

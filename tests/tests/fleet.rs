@@ -199,3 +199,272 @@ async fn runner_partitioned_mid_step_is_requeued_and_its_stale_step_killed() -> 
     eprintln!("fleet: runner cut: requeued after {requeued_after:?}");
     Ok(())
 }
+
+/// Scenario 1: the leader partitioned from the etcd members (runners and
+/// peers still reach it). It stops leading within its election lease,
+/// another coordinator takes over, the runs in flight finish once each, and
+/// after healing the old leader rejoins as a follower naming the new one.
+///
+/// Not here (found with this harness, a product bug to fix first): the
+/// leader cut off together with one etcd member, the two sides split 2/3
+/// and 1+1. The other coordinators whose campaign call waits on that
+/// minority member never learn they won; no leader is elected.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_partitioned_from_etcd_steps_down_and_rejoins() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 80; // 8 s a step
+    let id = submit(&f, &counting_pipeline("etcd-cut", 2, lines, 100)).await?;
+    wait_run(&f, &id, Duration::from_secs(30), all_running).await?;
+    let (old, old_epoch) = f.wait_leader(Duration::from_secs(10)).await?;
+    docker::cut(&old, &f.ips(&f.etcd))?;
+    let cut_at = Instant::now();
+    let stepped_down = eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || {
+            // `/readyz`, not the API: the API's token check reads etcd,
+            // which the cut coordinator cannot.
+            let leads = f
+                .readyz(&old)
+                .is_ok_and(|(status, body)| status == 200 && body.starts_with("ready: leader"));
+            Ok((!leads).then(|| cut_at.elapsed()))
+        },
+        || format!("{old} still leads\n{}", f.all_logs()),
+    )
+    .await?;
+    let ttl = Duration::from_millis(f.timings.election_ttl_ms);
+    assert!(
+        stepped_down <= ttl + Duration::from_millis(1500),
+        "{old} led {stepped_down:?} after losing etcd (lease {ttl:?})"
+    );
+    let (new, new_epoch) = f
+        .wait_new_leader(Some(&old), Duration::from_secs(20))
+        .await?;
+    let took_over = cut_at.elapsed();
+    assert!(new_epoch > old_epoch, "epochs {old_epoch} -> {new_epoch}");
+    check_run(&f, &id, lines, &[]).await?;
+    docker::heal(&old)?;
+    // Back as a follower that points at the new leader.
+    let new_url = f.url(&new);
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        async || {
+            Ok(f.ask(&old)
+                .await
+                .ok()
+                .filter(|r| !r.is_leader && r.leader == new_url))
+        },
+        || {
+            format!(
+                "{old} did not rejoin as a follower of {new}\n{}",
+                f.all_logs()
+            )
+        },
+    )
+    .await?;
+    let out = f.cli(&["cluster", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["leader"], new_url.as_str(), "{v}");
+    let again = submit(&f, &counting_pipeline("after-heal", 1, 5, 10)).await?;
+    check_run(&f, &again, 5, &[]).await?;
+    eprintln!(
+        "fleet: etcd cut: stepped down after {stepped_down:?}, new leader after {took_over:?}"
+    );
+    Ok(())
+}
+
+/// Scenario 7: the leader cut off from everything (etcd, runners, peers;
+/// the host still reaches it) while runs are in flight: every step runs
+/// exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_cut_from_everything_costs_no_step_a_second_execution() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 80; // 8 s a step
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(
+            submit(
+                &f,
+                &counting_pipeline(&format!("cut-all-{i}"), 1, lines, 100),
+            )
+            .await?,
+        );
+    }
+    for id in &ids {
+        wait_run(&f, id, Duration::from_secs(30), all_running).await?;
+    }
+    let (old, old_epoch) = f.wait_leader(Duration::from_secs(10)).await?;
+    let mut others: Vec<String> = f.ips(&f.etcd);
+    others.extend(f.ips(&f.runners));
+    others.extend(
+        f.coordinators
+            .iter()
+            .filter(|c| **c != old)
+            .map(|c| f.ip(c)),
+    );
+    docker::cut(&old, &others)?;
+    let cut_at = Instant::now();
+    let (_, new_epoch) = f
+        .wait_new_leader(Some(&old), Duration::from_secs(20))
+        .await?;
+    let took_over = cut_at.elapsed();
+    assert!(new_epoch > old_epoch);
+    for id in &ids {
+        check_run(&f, id, lines, &[]).await?;
+    }
+    docker::heal(&old)?;
+    eprintln!(
+        "fleet: leader cut from all: new leader after {took_over:?}, runs done after {:?}",
+        cut_at.elapsed()
+    );
+    Ok(())
+}
+
+/// Scenario 3: the leader frozen (`docker pause`) past its election lease
+/// while a run is in flight, then thawed. Another coordinator took over;
+/// the thawed one leads no more (it answers as a follower of the new
+/// leader), and nothing it held from the frozen epoch shows: the run
+/// finishes with every step run once.
+///
+/// Fails today (so scripts/test leaves it out): on thaw the old leader
+/// appends the log chunks it held to the shared log dir, after the new
+/// leader's, and the task log shows lines 2.. again in the middle.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_frozen_past_its_lease_comes_back_a_follower() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 80;
+    let id = submit(&f, &counting_pipeline("frozen", 2, lines, 100)).await?;
+    wait_run(&f, &id, Duration::from_secs(30), all_running).await?;
+    let (old, old_epoch) = f.wait_leader(Duration::from_secs(10)).await?;
+    docker::docker(&["pause", &old])?;
+    let paused_at = Instant::now();
+    let (new, new_epoch) = f
+        .wait_new_leader(Some(&old), Duration::from_secs(20))
+        .await?;
+    assert!(new_epoch > old_epoch, "epochs {old_epoch} -> {new_epoch}");
+    let past_lease = Duration::from_millis(f.timings.election_ttl_ms + f.timings.lease_ms);
+    tokio::time::sleep(past_lease.saturating_sub(paused_at.elapsed())).await;
+    docker::docker(&["unpause", &old])?;
+    let new_url = f.url(&new);
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || {
+            let leads = f
+                .readyz(&old)
+                .is_ok_and(|(status, body)| status == 200 && body.starts_with("ready: leader"));
+            let follows = f
+                .ask(&old)
+                .await
+                .is_ok_and(|r| !r.is_leader && r.leader == new_url);
+            Ok((!leads && follows).then_some(()))
+        },
+        || {
+            format!(
+                "{old} did not come back as a follower of {new}\n{}",
+                f.all_logs()
+            )
+        },
+    )
+    .await?;
+    check_run(&f, &id, lines, &[]).await?;
+    let (leader, epoch) = f.wait_leader(Duration::from_secs(5)).await?;
+    assert_eq!(
+        (leader, epoch),
+        (new, new_epoch),
+        "leadership moved again after the thaw"
+    );
+    Ok(())
+}
+
+/// Scenario 4: etcd members killed one, then two (quorum lost), then one
+/// restarted. With one member gone scheduling goes on; without quorum no
+/// coordinator leads; once quorum is back a leader leads again, and the run
+/// that was in flight throughout finishes with its step run once.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduling_pauses_only_while_etcd_has_no_quorum() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    docker::docker(&["kill", &f.etcd[2]])?;
+    let a = submit(&f, &counting_pipeline("one-member-down", 1, 5, 10)).await?;
+    check_run(&f, &a, 5, &[]).await?;
+    let lines = 100; // 10 s, across the quorum loss
+    let b = submit(&f, &counting_pipeline("across-quorum-loss", 1, lines, 100)).await?;
+    wait_run(&f, &b, Duration::from_secs(30), all_running).await?;
+    docker::docker(&["kill", &f.etcd[1]])?;
+    let lost_at = Instant::now();
+    let leads = |c: &String| {
+        f.readyz(c)
+            .is_ok_and(|(status, body)| status == 200 && body.starts_with("ready: leader"))
+    };
+    let nobody_leads = eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || Ok((!f.coordinators.iter().any(leads)).then(|| lost_at.elapsed())),
+        || {
+            format!(
+                "a coordinator still leads without etcd quorum\n{}",
+                f.all_logs()
+            )
+        },
+    )
+    .await?;
+    // Still nobody a while later: no coordinator leads on a minority.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !f.coordinators.iter().any(leads),
+        "a coordinator leads without quorum"
+    );
+    docker::docker(&["start", &f.etcd[1]])?;
+    let restored_at = Instant::now();
+    f.wait_leader(Duration::from_secs(30)).await?;
+    let leading_after = restored_at.elapsed();
+    check_run(&f, &b, lines, &[]).await?;
+    let c = submit(&f, &counting_pipeline("quorum-back", 1, 5, 10)).await?;
+    check_run(&f, &c, 5, &[]).await?;
+    eprintln!(
+        "fleet: quorum lost: no leader after {nobody_leads:?}; quorum back: leader after {leading_after:?}"
+    );
+    Ok(())
+}
+
+/// Scenario 5: every coordinator restarted in turn (`docker restart`,
+/// SIGTERM first) while 50 runs are in flight: every run finishes and every
+/// step runs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn rolling_restart_with_50_runs_in_flight_loses_nothing() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 20; // 2 s a step
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(
+            submit(
+                &f,
+                &counting_pipeline(&format!("rolling-{i}"), 1, lines, 100),
+            )
+            .await?,
+        );
+    }
+    let started = Instant::now();
+    for c in f.coordinators.clone() {
+        docker::docker(&["restart", "-t", "10", &c])?;
+        eventually(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            async || Ok(f.readyz(&c).is_ok().then_some(())),
+            || format!("{c} did not come back\n{}", f.all_logs()),
+        )
+        .await?;
+        f.wait_leader(Duration::from_secs(20)).await?;
+    }
+    let restarted_after = started.elapsed();
+    for id in &ids {
+        check_run(&f, id, lines, &[]).await?;
+    }
+    eprintln!(
+        "fleet: rolling restart took {restarted_after:?}; 50 runs done after {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

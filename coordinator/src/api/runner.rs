@@ -109,7 +109,10 @@ impl runner_service_server::RunnerService for RunnerApi {
             ));
         };
         let runner = RunnerId::from_string(hello.runner_id.clone());
+        let acks_heartbeats = hello.wants_heartbeat_acks;
         let (tx, rx) = mpsc::unbounded_channel();
+        // Weak: the scheduler dropping its sender must still end the stream.
+        let acks = tx.downgrade();
         let leader = self.0.leader().await?;
         let (conn, lease) = leader
             .ask(|reply| Command::Attach {
@@ -129,6 +132,9 @@ impl runner_service_server::RunnerService for RunnerApi {
             loop {
                 match inbound.message().await {
                     Ok(Some(RunnerMessage { kind: Some(kind) })) => {
+                        if acks_heartbeats && matches!(kind, runner_message::Kind::Heartbeat(_)) {
+                            ack_heartbeat(&acks);
+                        }
                         if filter.pass(&kind, tokio::time::Instant::now()) {
                             scheduler.tell(Command::RunnerMessage {
                                 runner: r.clone(),
@@ -207,6 +213,18 @@ impl runner_service_server::RunnerService for RunnerApi {
                 .map(|(a, n)| (a.to_string(), n))
                 .collect(),
         }))
+    }
+}
+
+/// Answers a heartbeat on the stream whose sender `acks` is, so that the
+/// runner can tell a silent (partitioned) coordinator from a quiet one
+/// (`HeartbeatAck` in runner.proto). Nothing once the scheduler has closed
+/// the stream.
+fn ack_heartbeat(acks: &mpsc::WeakUnboundedSender<Result<CoordinatorMessage, Status>>) {
+    if let Some(tx) = acks.upgrade() {
+        let _ = tx.send(Ok(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::HeartbeatAck(HeartbeatAck {})),
+        }));
     }
 }
 

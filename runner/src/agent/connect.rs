@@ -1,6 +1,7 @@
 //! The agent's link to the coordinators: which URL to try next (the
 //! configured ones in turn, or the leader a follower named), registering,
-//! opening the Control stream (hello, then the welcome within 10 s), the
+//! opening the Control stream (hello, then the welcome within a timeout
+//! derived from the last heartbeat interval, 10 s before any), the
 //! stream's sending side ([`Conn`]), and the leader epoch that fences
 //! messages of older leaders ([`Epoch`]).
 //!
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capstan_proto::ids::RunnerId;
+use capstan_proto::liveness;
 use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
 use capstan_proto::runner::v1::{
     CoordinatorMessage, Hello, RegisterRequest, RunnerMessage, Welcome, coordinator_message,
@@ -26,8 +28,10 @@ use crate::error::chain;
 use crate::workdir::WorkDir;
 use crate::{Error, RunnerConfig};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// The heartbeat assumed until a welcome announces one: the timeouts it
+/// gives (`capstan_proto::liveness`) are 5 s to connect and 10 s for the
+/// welcome.
+const FIRST_HEARTBEAT: Duration = Duration::from_secs(5);
 const OUTBOX: usize = 256;
 /// Wait before asking again after a follower's answer.
 pub(super) const NOT_LEADER_RETRY: Duration = Duration::from_millis(200);
@@ -144,6 +148,9 @@ pub(super) struct Connector {
     tls: capstan_tls::ClientTls,
     /// The URL of the current connection, for errors.
     url: String,
+    /// The heartbeat interval of the last welcome: the connect, welcome and
+    /// keepalive timeouts are derived from it (`capstan_proto::liveness`).
+    heartbeat: Duration,
 }
 
 impl Connector {
@@ -171,7 +178,13 @@ impl Connector {
             reregistered: false,
             tls: config.tls.clone(),
             url: String::new(),
+            heartbeat: FIRST_HEARTBEAT,
         }
+    }
+
+    /// A welcome announced `heartbeat`: later connections time out by it.
+    pub(super) fn set_heartbeat(&mut self, heartbeat: Duration) {
+        self.heartbeat = heartbeat;
     }
 
     /// The URL to connect to next: the leader a follower named, else the
@@ -215,6 +228,7 @@ impl Connector {
             last_epoch,
             confirms_offers: true,
             dropped_attempts,
+            wants_heartbeat_acks: true,
         }
     }
 
@@ -243,11 +257,16 @@ impl Connector {
         } else {
             endpoint
         };
+        // A partitioned coordinator sends no RST: keepalive pings, answered
+        // within a bound tied to the heartbeat, find the dead connection
+        // (the Control stream's watchdog finds it too; the log connection
+        // has only this).
+        let (ping_every, ping_timeout) = liveness::keepalive(self.heartbeat);
         let endpoint = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(liveness::connect_timeout(self.heartbeat))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(ping_every)
+            .keep_alive_timeout(ping_timeout)
             .keep_alive_while_idle(true);
         let channel = endpoint.connect().await.map_err(|e| {
             self.tls_failure(&e)
@@ -265,12 +284,13 @@ impl Connector {
             Some(c) => c,
             None => self.register(&mut client).await?,
         };
-        let opened = match open_control(&mut client, signed(&hello, &credentials)).await {
+        let wait = liveness::welcome_timeout(self.heartbeat);
+        let opened = match open_control(&mut client, signed(&hello, &credentials), wait).await {
             Err(status) if status.code() == tonic::Code::Unauthenticated && !self.reregistered => {
                 warn!("the coordinator rejected this runner's credentials; registering again");
                 self.reregistered = true;
                 let credentials = self.register(&mut client).await?;
-                open_control(&mut client, signed(&hello, &credentials))
+                open_control(&mut client, signed(&hello, &credentials), wait)
                     .await
                     .map(|opened| (opened, credentials))
             }
@@ -374,10 +394,12 @@ fn signed(hello: &Hello, credentials: &Credentials) -> Hello {
     }
 }
 
-/// Opens the Control stream: sends `hello`, expects `Welcome` first.
+/// Opens the Control stream: sends `hello`, expects `Welcome` first, each
+/// within `wait`.
 async fn open_control(
     client: &mut RunnerServiceClient<Channel>,
     hello: Hello,
+    wait: Duration,
 ) -> Result<(Conn, Streaming<CoordinatorMessage>, Welcome), tonic::Status> {
     let (tx, rx) = mpsc::channel(OUTBOX);
     tx.send(RunnerMessage {
@@ -385,12 +407,11 @@ async fn open_control(
     })
     .await
     .map_err(|_| tonic::Status::internal("control outbox closed"))?;
-    let mut inbound =
-        tokio::time::timeout(WELCOME_TIMEOUT, client.control(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("no answer to hello in time"))??
-            .into_inner();
-    let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+    let mut inbound = tokio::time::timeout(wait, client.control(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no answer to hello in time"))??
+        .into_inner();
+    let first = tokio::time::timeout(wait, inbound.message())
         .await
         .map_err(|_| tonic::Status::deadline_exceeded("no welcome in time"))??;
     match first.and_then(|m| m.kind) {

@@ -11,6 +11,9 @@
 //! - `connect`: [`connect::Connector`] (coordinator URLs and leader hints,
 //!   `Register`, opening the Control stream) and the leader
 //!   [`connect::Epoch`];
+//! - `liveness`: [`liveness::Watchdog`], which drops a stream whose
+//!   coordinator answered no heartbeat for three intervals (a partition
+//!   sends no RST);
 //! - `attempts`: [`attempts::Attempts`], the book of held, finished and
 //!   dropped attempts (offers, confirms, cancels, report redelivery) and the
 //!   launcher of attempt tasks.
@@ -19,7 +22,8 @@
 //! Coordinator URLs are tried in turn; a `capstan-leader` metadata hint on an
 //! error (a follower's answer) or a `LeaderMoved` message names the URL to
 //! try next. Between attempts the agent waits a jittered exponential backoff
-//! (100 ms doubling to 5 s, reset after each welcome) and keeps handling
+//! (100 ms doubling to 5 s, or to the cap the last welcome's heartbeat
+//! gives, `capstan_proto::liveness::backoff_cap`; reset after each welcome) and keeps handling
 //! attempt events meanwhile: attempts keep running while disconnected.
 //! Each connection: `Register` if there is no cached credential, then
 //! `Control` with `Hello`, then `Welcome` within 10 s.
@@ -59,6 +63,7 @@
 
 mod attempts;
 mod connect;
+mod liveness;
 #[cfg(test)]
 mod tests;
 
@@ -76,6 +81,7 @@ use tracing::{info, warn};
 
 use self::attempts::Attempts;
 use self::connect::{Conn, ConnectError, Connector, Epoch, NOT_LEADER_RETRY, Session};
+use self::liveness::Watchdog;
 use crate::attempt::AttemptEvent;
 use crate::backoff::Backoff;
 use crate::credentials::Credentials;
@@ -155,6 +161,9 @@ impl Agent {
             match self.connector.connect(&url, hello).await {
                 Ok(session) => {
                     backoff.reset();
+                    // Reconnects must fit the next leader's re-attach grace.
+                    let heartbeat = Beats::of(&session.welcome).busy;
+                    backoff.cap_at(capstan_proto::liveness::backoff_cap(heartbeat));
                     let end = self.serve(session).await;
                     // No confirm can come for them any more.
                     self.attempts.drop_unconfirmed("the control stream ended");
@@ -234,6 +243,7 @@ impl Agent {
             credentials,
         };
         let beats = self.welcomed(&welcome, target).await;
+        let mut watchdog = Watchdog::new(beats.busy, welcome.acks_heartbeats);
         if !self.attempts.resend(&conn).await {
             return SessionEnd::Reconnect;
         }
@@ -245,14 +255,24 @@ impl Agent {
             if self.draining && self.attempts.running() == 0 {
                 return self.finish_drain(conn, inbound).await;
             }
+            let silent = watchdog.deadline();
             tokio::select! {
                 () = self.shutdown.cancelled(), if !self.draining => {
                     self.start_drain("shutdown requested");
                     if !self.heartbeat(&conn).await {
                         return SessionEnd::Reconnect;
                     }
+                    watchdog.heartbeat_sent(Instant::now());
+                }
+                () = sleep_until_some(silent), if silent.is_some() => {
+                    warn!(
+                        silent_ms = watchdog.silent_for(Instant::now()).as_millis(),
+                        "the coordinator answered no heartbeat in time; dropping the control stream and reconnecting"
+                    );
+                    return SessionEnd::Reconnect;
                 }
                 message = inbound.message() => {
+                    watchdog.heard();
                     if let Some(end) = self.on_inbound(message, &conn).await {
                         return end;
                     }
@@ -268,6 +288,7 @@ impl Agent {
                     if !self.heartbeat(&conn).await {
                         return SessionEnd::Reconnect;
                     }
+                    watchdog.heartbeat_sent(Instant::now());
                     next_beat = Instant::now() + beats.period(self.attempts.running());
                 }
             }
@@ -281,6 +302,7 @@ impl Agent {
         self.attempts.clear_dropped();
         self.epoch.welcomed(welcome.leader_epoch);
         let beats = Beats::of(welcome);
+        self.connector.set_heartbeat(beats.busy);
         info!(
             epoch = welcome.leader_epoch,
             heartbeat_ms = beats.busy.as_millis(),
@@ -373,7 +395,8 @@ impl Agent {
                 self.connector.leader_moved(moved.endpoint);
                 return Some(SessionEnd::Reconnect);
             }
-            None => true,
+            // Its arrival already fed the watchdog.
+            Some(Kind::HeartbeatAck(_)) | None => true,
         };
         (!alive).then_some(SessionEnd::Reconnect)
     }
@@ -438,6 +461,15 @@ impl Beats {
     /// The interval with `running` attempts.
     fn period(&self, running: usize) -> Duration {
         if running == 0 { self.idle } else { self.busy }
+    }
+}
+
+/// Sleeps until `at`; `None` never wakes (the caller's guard keeps it
+/// from being polled).
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -479,3 +479,55 @@ async fn a_cancel_before_the_confirm_runs_nothing_and_reports_it_cancelled() {
     r.assert_dropped("att-c", &marker).await;
     r.stop().await;
 }
+
+/// A partitioned coordinator sends no RST: its stream just goes quiet. A
+/// runner whose heartbeats go unanswered drops the stream and reconnects,
+/// its attempt still running and listed for re-attach; while heartbeats are
+/// answered it keeps the stream.
+#[tokio::test]
+async fn a_coordinator_that_stops_answering_heartbeats_is_left_and_the_attempt_kept() {
+    let server = testing::start().await;
+    server
+        .coordinator
+        .acks_heartbeats
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut r, first) = TestRunner::start_on(server, ExecutorKind::Fake).await;
+    assert!(first.wants_heartbeat_acks, "{first:?}");
+    r.server.send(offer("att-w", &["sleep 4000"])).await;
+    assert!(matches!(next(&mut r.server).await, Up::Accept(_)));
+    // Ten busy heartbeats, all answered: the stream stays.
+    let window = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(m) = tokio::time::timeout_at(window, r.server.from_runner.recv()).await {
+        let kind = m.expect("channel closed").kind;
+        assert!(
+            !matches!(kind, Some(Up::Hello(_))),
+            "reconnected although every heartbeat was answered"
+        );
+    }
+    let muted = tokio::time::Instant::now();
+    r.server
+        .coordinator
+        .muted
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let hello = loop {
+        match next(&mut r.server).await {
+            Up::Hello(hello) => break hello,
+            Up::Step(_) => {}
+            other => panic!("expected a new hello, got {other:?}"),
+        }
+    };
+    println!(
+        "runner left a silent coordinator after {} ms (heartbeat 100 ms)",
+        muted.elapsed().as_millis()
+    );
+    assert_eq!(
+        hello.running_attempts,
+        ["att-w"],
+        "kept running for re-attach"
+    );
+    r.server
+        .coordinator
+        .muted
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    r.stop().await;
+}

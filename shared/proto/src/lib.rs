@@ -4,6 +4,8 @@
 //!   for `proto/capstan/<package>/v1`, one module per proto package;
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`, ...);
 //! - [`leader`]: the `capstan-leader` hint a follower answers with;
+//! - [`liveness`]: the timeouts both ends of a Control stream derive from
+//!   the heartbeat interval (runner watchdog, leader's re-attach grace);
 //! - [`source`]: what a run's `--repo` and `--rev` may be (checked by the CLI,
 //!   at submit and before the runner's checkout);
 //! - [`units`]: memory sizes and durations as users write them, parsed once
@@ -13,6 +15,7 @@
 
 pub mod ids;
 pub mod leader;
+pub mod liveness;
 pub mod source;
 pub mod units;
 

@@ -61,6 +61,9 @@ pub struct Fleet {
     pub timings: Timings,
     /// The runners' `/shared`, on the host.
     pub shared: tempfile::TempDir,
+    /// The coordinators' common `--log-dir` (task logs live in a directory
+    /// every replica reaches: README "high availability").
+    logs: tempfile::TempDir,
     pub registration_token: String,
     pub api_token: String,
 }
@@ -86,6 +89,9 @@ impl Fleet {
         }
         let id = format!("{}-{}", std::process::id(), rand_suffix());
         let shared = tempfile::tempdir()?;
+        let logs = tempfile::tempdir()?;
+        // The coordinator image runs as uid 10001.
+        std::os::unix::fs::chown(logs.path(), Some(10001), Some(10001))?;
         let (network, net24) = create_network(&id)?;
         let mut fleet = Fleet {
             network,
@@ -102,6 +108,7 @@ impl Fleet {
             id,
             timings: Timings::default(),
             shared,
+            logs,
             registration_token: format!("fleet-{}", rand_suffix()),
             api_token: String::new(),
         };
@@ -219,21 +226,19 @@ impl Fleet {
     }
 
     async fn wait_etcd(&self) -> anyhow::Result<()> {
-        let urls: Vec<String> = self
+        let addrs: Vec<std::net::SocketAddr> = self
             .etcd
             .iter()
-            .map(|e| format!("http://{}:2379/health", self.ip(e)))
-            .collect();
+            .map(|e| format!("{}:2379", self.ip(e)).parse())
+            .collect::<Result<_, _>>()?;
         eventually(
             Duration::from_secs(30),
             Duration::from_millis(200),
             async || {
-                let healthy = urls.iter().all(|u| {
-                    Command::new("curl")
-                        .args(["-sf", "-m", "2", u])
-                        .stdout(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
+                let healthy = addrs.iter().all(|a| {
+                    crate::net::http_get(*a, "/health").is_ok_and(|(status, body)| {
+                        status == 200 && body.contains("\"health\":\"true\"")
+                    })
                 });
                 Ok(healthy.then_some(()))
             },
@@ -283,15 +288,18 @@ impl Fleet {
             "--heartbeat-ms",
             &t.heartbeat_ms.to_string(),
             "--insecure",
+            "--log-dir",
+            "/shared-logs",
         ]
         .map(String::from)
         .into();
-        self.run_container(
-            c,
-            &format!("capstan/coordinator:{tag}"),
-            &["-e".into(), "RUST_LOG=info".into()],
-            &args,
-        )
+        let extra: Vec<String> = vec![
+            "-e".into(),
+            "RUST_LOG=info".into(),
+            "-v".into(),
+            format!("{}:/shared-logs", self.logs.path().display()),
+        ];
+        self.run_container(c, &format!("capstan/coordinator:{tag}"), &extra, &args)
     }
 
     fn start_runner(&self, tag: &str, i: usize, capacity: u32) -> anyhow::Result<()> {
@@ -359,6 +367,14 @@ impl Fleet {
         )
         .await??;
         Ok(r.into_inner())
+    }
+
+    /// The coordinator's `/readyz` (status, body): 200 `ready: leader` on the
+    /// leader only. Unlike the gRPC API it needs no token, so it answers
+    /// even when the coordinator cannot read its tokens from etcd.
+    pub fn readyz(&self, coordinator: &str) -> anyhow::Result<(u16, String)> {
+        let addr = format!("{}:7701", self.ip(coordinator)).parse()?;
+        crate::net::http_get(addr, "/readyz")
     }
 
     /// The coordinator that says it leads, and its epoch.

@@ -158,6 +158,8 @@ impl SchedulerState {
         let conn_id = self.next_conn;
         let reported = attempt_ids(&hello.running_attempts);
         let dropped = attempt_ids(&hello.dropped_attempts);
+        // The stream's reader answers its heartbeats (api/runner.rs).
+        let acks_heartbeats = hello.wants_heartbeat_acks;
         let lease = Arc::new(ConnLease::new(now));
         let slot = self.runners.get_mut(&id).expect("authenticated");
         let conn = Conn::new(conn_id, tx, Arc::clone(&lease), hello.confirms_offers);
@@ -166,7 +168,7 @@ impl SchedulerState {
         self.fx.touch_runner(&id);
         let held: Vec<AttemptId> = slot.active().cloned().collect();
         let answer = self.reattach(held, &reported, &dropped, now);
-        self.welcome(&id, answer);
+        self.welcome(&id, answer, acks_heartbeats);
         Ok((conn_id, lease))
     }
 
@@ -231,7 +233,7 @@ impl SchedulerState {
 
     /// The answer to a hello, all of it down the connection just made: the
     /// welcome, the cancels, and a drain if the runner is drained.
-    fn welcome(&mut self, id: &RunnerId, answer: Reattach) {
+    fn welcome(&mut self, id: &RunnerId, answer: Reattach, acks_heartbeats: bool) {
         let epoch = self.epoch;
         let welcome = Down::Welcome(rpb::Welcome {
             leader_epoch: epoch,
@@ -240,6 +242,7 @@ impl SchedulerState {
             lease_ms: self.timing.lease.as_millis() as u32,
             reattached: answer.reattached,
             acknowledged: answer.acknowledged,
+            acks_heartbeats,
         });
         self.send_to(id, welcome);
         for a in answer.recancel {

@@ -75,8 +75,10 @@ pub struct Timing {
     /// Grace past a task's own timeout before the coordinator fails it itself.
     pub timeout_grace: Duration,
     /// Extra time, on top of one lease, that a newly started leader gives
-    /// runners to re-attach before it requeues their attempts. It covers a
-    /// runner's reconnect backoff (at most 5 s) while no leader was elected.
+    /// runners to re-attach before it requeues their attempts: the runner's
+    /// detection of the old leader's silence plus its reconnect, both derived
+    /// from `heartbeat` ([`capstan_proto::liveness::reattach_grace`],
+    /// docs/decisions.md "issue 25").
     pub reattach_grace: Duration,
     /// A runner whose Control stream broke (process killed, connection
     /// reset) and that has not reconnected within this loses its attempts,
@@ -89,14 +91,15 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
+        let heartbeat = Duration::from_secs(1);
         Self {
-            heartbeat: Duration::from_secs(1),
+            heartbeat,
             idle_heartbeat: DEFAULT_IDLE_HEARTBEAT,
             lease: Duration::from_secs(5),
             offer_timeout: Duration::from_secs(5),
             max_infra_retries: 3,
             timeout_grace: Duration::from_secs(30),
-            reattach_grace: Duration::from_secs(6),
+            reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
             disconnect_grace: Duration::from_millis(2500),
             retention: Some(DEFAULT_RETENTION),
         }
