@@ -156,6 +156,8 @@ async fn client(
         // must only get offers that are already durable.
         confirms_offers: false,
         dropped_attempts: Vec::new(),
+        // An older runner's hello: it reads no `HeartbeatAck`.
+        wants_heartbeat_acks: false,
     })))?;
     let mut inbound = rpc
         .control(UnboundedReceiverStream::new(rx))
