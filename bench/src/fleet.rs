@@ -156,8 +156,9 @@ async fn client(
         // must only get offers that are already durable.
         confirms_offers: false,
         dropped_attempts: Vec::new(),
-        // An older runner's hello: it reads no `HeartbeatAck`.
-        wants_heartbeat_acks: false,
+        // As real runners: each heartbeat is answered (the answers are
+        // part of what the fleet costs the coordinator).
+        wants_heartbeat_acks: true,
     })))?;
     let mut inbound = rpc
         .control(UnboundedReceiverStream::new(rx))
