@@ -15,6 +15,8 @@
 //!   plain HTTP GET; reading a run's state;
 //! - [`certs`]: test certificates (a CA, server and client certificates);
 //! - [`etcd`]: a real etcd cluster;
+//! - [`faults`]: a loopback TCP proxy that stalls (a partition with no
+//!   RST), resumes or cuts the connections through it;
 //! - [`fleet`]: a fleet in containers on a private network, and its faults;
 //! - [`compose`]: the `deploy/compose` cluster, up and down by its scripts;
 //! - [`cluster`]: [`TestCluster`] and its [`Builder`] (standalone, or
@@ -28,6 +30,7 @@ pub mod certs;
 pub mod cluster;
 pub mod compose;
 pub mod etcd;
+pub mod faults;
 pub mod fleet;
 pub mod git_server;
 pub mod net;

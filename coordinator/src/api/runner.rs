@@ -9,7 +9,7 @@ use crate::tokens::Scope;
 use capstan_proto::ids::{AttemptId, RunnerId};
 use capstan_proto::runner::v1::*;
 use futures::{Stream, StreamExt};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -168,7 +168,11 @@ impl runner_service_server::RunnerService for RunnerApi {
         let identity = self.identity(&req)?;
         let leader = self.0.leader().await?;
         let mut chunks = req.into_inner();
-        let mut allowed: HashSet<AttemptId> = HashSet::new();
+        // When each attempt was last authorized: a long stream asks again
+        // for each batch once that is older than [`AUTH_FRESH`], so that
+        // the lines a superseded attempt wrote during a partition, arriving
+        // after it healed, are refused like its late report (issue 25).
+        let mut allowed: HashMap<AttemptId, tokio::time::Instant> = HashMap::new();
         let mut durable: HashMap<AttemptId, u64> = HashMap::new();
         // A chunk taken off the stream that did not fit the last batch.
         let mut carried: Option<LogChunk> = None;
@@ -188,10 +192,14 @@ impl runner_service_server::RunnerService for RunnerApi {
                 ));
             }
             let attempt = AttemptId::from_string(chunk.attempt_id);
-            if !allowed.contains(&attempt) {
+            let now = tokio::time::Instant::now();
+            if allowed
+                .get(&attempt)
+                .is_none_or(|at| now.duration_since(*at) > AUTH_FRESH)
+            {
                 let runner = (chunk.runner_id, chunk.runner_secret);
                 authorize(&leader, runner, identity.clone(), &attempt).await?;
-                allowed.insert(attempt.clone());
+                allowed.insert(attempt.clone(), now);
             }
             let offset = chunk.offset;
             let (parts, stop) = gather(&mut chunks, &attempt, offset, chunk.data);
@@ -297,6 +305,13 @@ fn gather(
     }
     (parts, stop)
 }
+
+/// How long one authorization of an attempt's log on a `PushLogs` stream
+/// holds. An attempt is superseded only after its runner was silent for a
+/// lease (seconds), so bytes that arrive after that are checked again; a
+/// round trip through the scheduler per batch of a busy log would cost
+/// more than this bound buys.
+const AUTH_FRESH: Duration = Duration::from_millis(200);
 
 /// Most bytes of one stream handed to the log store in one call.
 const APPEND_BATCH: usize = 2 * 1024 * 1024;

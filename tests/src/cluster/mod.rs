@@ -118,6 +118,11 @@ impl Builder {
         self.executor = e.into();
         self
     }
+    /// The runners' heartbeat interval (`--heartbeat-ms`, default 250 ms).
+    pub fn heartbeat_ms(mut self, ms: u64) -> Self {
+        self.heartbeat_ms = ms;
+        self
+    }
     /// The coordinator's attempt lease (`--lease-ms`, default 2 s).
     pub fn lease_ms(mut self, ms: u64) -> Self {
         self.lease_ms = ms;
@@ -297,6 +302,16 @@ impl TestCluster {
             ca_cert: self.pki.as_ref().map(Pki::ca_cert),
             ..Default::default()
         }
+    }
+
+    /// The runners' heartbeat interval.
+    pub fn heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.opts.heartbeat_ms)
+    }
+
+    /// The attempt lease.
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.opts.lease_ms)
     }
 
     /// The leader lease TTL of the election, in ms (with etcd).

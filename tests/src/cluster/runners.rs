@@ -20,12 +20,25 @@ impl TestCluster {
     /// (its output goes where the test says; [`TestCluster::start_runner`]
     /// sends it to `<name>.log`).
     pub fn runner_command(&self, name: &str, token: &str) -> Command {
+        self.runner_command_to(name, token, &self.urls())
+    }
+
+    /// Spawns a runner named `name` that knows the coordinators only as
+    /// `urls` (e.g. fault proxies in front of them, `crate::faults`).
+    pub fn start_runner_via(&mut self, name: &str, urls: &[String]) -> anyhow::Result<()> {
+        let cmd = self.runner_command_to(name, &self.token.clone(), urls);
+        self.runners.push(Proc::spawn(cmd, self.dir(), name)?);
+        Ok(())
+    }
+
+    /// [`TestCluster::runner_command`] with the coordinator URLs `urls`.
+    pub fn runner_command_to(&self, name: &str, token: &str, urls: &[String]) -> Command {
         let index = self.runners.len();
         let mut labels = self.opts.labels.clone();
         labels.push(format!("index={index}"));
         let mut cmd = Command::new(bin("capstan-runner"));
         set_env(&mut cmd, &self.opts.env);
-        cmd.args(["--coordinator", &self.urls().join(",")])
+        cmd.args(["--coordinator", &urls.join(",")])
             .args(["--registration-token", token])
             .args(["--name", name])
             .args(["--labels", &labels.join(",")])
