@@ -34,6 +34,7 @@ const SCENARIOS: &[&str] = &[
     "connected",
     "lost-runner",
     "failover",
+    "compose-failover",
     "container",
     "buildbot",
 ];
@@ -56,7 +57,7 @@ struct Args {
     out: PathBuf,
     /// Run only this scenario (repeatable); its figures are merged into an
     /// existing report at --out. One of: store, pickup, pickup-tls,
-    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, container, buildbot;
+    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, failover, compose-failover, container, buildbot;
     /// or pickup-ab (two builds' pickup, alternating; build A's binaries in
     /// `$CAPSTAN_AB_BIN_DIR`).
     #[arg(long = "scenario")]
@@ -243,6 +244,7 @@ async fn run_scenario(args: &Args, name: &str, ctx: &Ctx) -> anyhow::Result<Figu
         "connected" => scenarios::connected::run(ctx).await,
         "lost-runner" => scenarios::lost_runner::run(ctx).await,
         "failover" => scenarios::failover::run(ctx).await,
+        "compose-failover" => scenarios::compose_failover::run(ctx).await,
         "container" => scenarios::container_overhead::run(args.quick).await,
         "buildbot" => {
             if args.quick && args.buildbot_summary.is_none() && args.scenarios.is_empty() {

@@ -18,6 +18,7 @@
 //! - [`faults`]: a loopback TCP proxy that stalls (a partition with no
 //!   RST), resumes or cuts the connections through it;
 //! - [`fleet`]: a fleet in containers on a private network, and its faults;
+//! - [`compose`]: the `deploy/compose` cluster, up and down by its scripts;
 //! - [`cluster`]: [`TestCluster`] and its [`Builder`] (standalone, or
 //!   replicas on etcd);
 //! - [`git_server`], [`ssh_server`], [`otlp`], [`testbed`]: the outside
@@ -27,6 +28,7 @@
 pub mod bins;
 pub mod certs;
 pub mod cluster;
+pub mod compose;
 pub mod etcd;
 pub mod faults;
 pub mod fleet;

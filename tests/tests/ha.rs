@@ -262,3 +262,116 @@ async fn graceful_shutdown_hands_over_quickly() -> anyhow::Result<()> {
     assert!(took < Duration::from_millis(1500), "handover took {took:?}");
     Ok(())
 }
+
+/// Coordinators that advertise addresses a client cannot reach, as
+/// containers advertise names only their own network resolves (the compose
+/// cluster): every hint names a dead address.
+async fn unreachable_advertise_cluster() -> anyhow::Result<TestCluster> {
+    TestCluster::builder()
+        .replicas(3)
+        .etcd()
+        .runners(0)
+        .tls()
+        .advertise_unreachable()
+        .start()
+        .await
+}
+
+fn write_pipeline(dir: &std::path::Path) -> anyhow::Result<String> {
+    let file = dir.join("hello.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nname: hello\ntasks:\n  hi:\n    steps: [ { run: 'echo hi' } ]\n",
+    )?;
+    Ok(file.to_string_lossy().into_owned())
+}
+
+/// The CLI given every coordinator's own URL submits over TLS with a
+/// token although the leader hints name unreachable addresses; a client
+/// whose current coordinator stops leading reaches the new leader through
+/// the URLs it was given, not the dead hinted address.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_reach_the_leader_through_the_given_urls_when_hints_are_unreachable()
+-> anyhow::Result<()> {
+    let mut c = unreachable_advertise_cluster().await?;
+    let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
+    let follower = (leader + 1) % 3;
+    let mut raw = api::pipeline_service_client::PipelineServiceClient::new(
+        c.admin_channel(&c.replicas[follower].url()).await?,
+    );
+    let err = raw
+        .list_runs(api::ListRunsRequest { limit: 1 })
+        .await
+        .unwrap_err();
+    let hint = err.metadata().get("capstan-leader").map(|v| v.to_str());
+    let dead = format!("127.77.0.{}:", leader + 1);
+    assert!(
+        matches!(hint, Some(Ok(h)) if h.contains(&dead)),
+        "the hint names the unreachable address: {hint:?}"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let file = write_pipeline(dir.path())?;
+    let out = c.cli(&["submit", &file]);
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8(out.stdout)?.trim().to_string();
+    let status = c.cli(&["status", &id, "-o", "json"]);
+    assert!(status.status.success(), "{status:?}");
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(v["id"], id.as_str(), "{v}");
+
+    // A client on the leader; the leader hands over and comes back as a
+    // follower whose hint names the new leader's dead address.
+    let client = c.client_with(Some(&c.api_token)).await?;
+    assert_eq!(client.current_url(), c.replicas[leader].url());
+    c.terminate_replica(leader, Duration::from_secs(10))?;
+    let (new, _) = c
+        .wait_new_leader(Some(leader), Duration::from_secs(15))
+        .await?;
+    c.start_replica(leader).await?;
+    let run = client
+        .get_run(&capstan_proto::ids::RunId::from_string(id.clone()))
+        .await?;
+    assert_eq!(run.id, id);
+    assert_eq!(client.current_url(), c.replicas[new].url());
+    Ok(())
+}
+
+/// No given URL leads and the leader's advertised address is unreachable:
+/// the CLI fails (exit 3, unreachable) saying which address failed and
+/// what to give instead, and queues nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_says_what_to_give_when_no_given_url_is_the_leader() -> anyhow::Result<()> {
+    let c = unreachable_advertise_cluster().await?;
+    let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
+    let followers: Vec<String> = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| c.replicas[i].url())
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let file = write_pipeline(dir.path())?;
+    let out = std::process::Command::new(bin("capstan"))
+        .args(["--server", &followers.join(",")])
+        .arg("--ca-cert")
+        .arg(c.pki().expect("tls").ca_cert())
+        .args(["submit", &file])
+        .env("CAPSTAN_TOKEN", &c.api_token)
+        .env_remove("CAPSTAN_TOKEN_FILE")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!(
+            "no coordinator at {} is the leader, and the leader they name, https://127.77.0.{}:",
+            followers.join(","),
+            leader + 1
+        )),
+        "{err}"
+    );
+    assert!(err.contains("cannot be reached from here ("), "{err}");
+    assert!(err.contains("to --server or CAPSTAN_SERVER"), "{err}");
+    let runs = c.cli(&["runs", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&runs.stdout)?;
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! figures as flat `(key, value)` pairs for `report.json`.
 
 pub(crate) mod buildbot;
+pub(crate) mod compose_failover;
 pub(crate) mod connected;
 pub(crate) mod container_overhead;
 pub(crate) mod failover;

@@ -100,8 +100,8 @@ fn is_eof(err: &(dyn StdError + 'static)) -> bool {
 
 /// Connects to every server at once and asks each who leads (with
 /// `start` first in the rotation, which only orders equals). The leader
-/// wins as soon as it answers; otherwise the first follower that answered,
-/// once every probe has ended. A server that accepts TCP but never answers
+/// wins as soon as it answers (`true` beside it); otherwise the first
+/// follower that answered (`false`), once every probe has ended. A server that accepts TCP but never answers
 /// (stopped with SIGSTOP, wedged) costs at most `connect_timeout` instead of
 /// becoming the connection that every later call hangs on. The error names
 /// every server and the last failure.
@@ -109,7 +109,7 @@ pub(crate) async fn connect_any(
     servers: &[String],
     start: usize,
     options: &ClientOptions,
-) -> Result<Connection, ClientError> {
+) -> Result<(Connection, bool), ClientError> {
     use futures::stream::{FuturesUnordered, StreamExt};
     let mut probes: FuturesUnordered<_> = (0..servers.len())
         .map(|i| probe(&servers[(start + i) % servers.len()], options))
@@ -118,7 +118,7 @@ pub(crate) async fn connect_any(
     let mut last: Option<Box<dyn StdError + Send + Sync>> = None;
     while let Some(result) = probes.next().await {
         match result {
-            Ok((connection, true)) => return Ok(connection),
+            Ok((connection, true)) => return Ok((connection, true)),
             Ok((connection, false)) => {
                 follower.get_or_insert(connection);
             }
@@ -126,10 +126,12 @@ pub(crate) async fn connect_any(
             Err(other) => return Err(other),
         }
     }
-    follower.ok_or_else(|| ClientError::Unreachable {
-        servers: servers.to_vec(),
-        source: last.unwrap_or_else(|| "no coordinator address given".into()),
-    })
+    follower
+        .map(|c| (c, false))
+        .ok_or_else(|| ClientError::Unreachable {
+            servers: servers.to_vec(),
+            source: last.unwrap_or_else(|| "no coordinator address given".into()),
+        })
 }
 
 /// Connects to `url` and asks it whether it leads, within

@@ -53,6 +53,21 @@ pub enum ClientError {
         #[source]
         source: Status,
     },
+    /// Every server that answered is a follower, and the leader they name
+    /// cannot be reached from here: an address only the cluster's own
+    /// network reaches (a container's name, a private IP behind NAT). None
+    /// of the given servers led either, so the user must give one that does.
+    #[error(
+        "no coordinator at {} is the leader, and the leader they name, {leader}, cannot be reached from here ({}); add an address of the leader that this host can reach (e.g. its published port) to --server or CAPSTAN_SERVER",
+        servers.join(","),
+        root_cause(&**source)
+    )]
+    LeaderUnreachable {
+        servers: Vec<String>,
+        leader: String,
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
     /// The coordinator answered the call with an error.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(#[source] Status),
@@ -76,7 +91,10 @@ impl ClientError {
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            Self::Unreachable { .. } | Self::NoLeader { .. } | Self::Tls { .. }
+            Self::Unreachable { .. }
+                | Self::NoLeader { .. }
+                | Self::LeaderUnreachable { .. }
+                | Self::Tls { .. }
         )
     }
 }

@@ -197,7 +197,7 @@ impl Client {
         let mut delays = backoff();
         let connection = loop {
             match connect_any(&servers, 0, &options).await {
-                Ok(c) => break c,
+                Ok((c, _)) => break c,
                 // A certificate will not become trusted by waiting.
                 Err(e @ (ClientError::Tls { .. } | ClientError::TlsConfig(_))) => return Err(e),
                 Err(e) => {
@@ -441,6 +441,9 @@ impl Client {
         let started = Instant::now();
         let mut delays = backoff();
         let mut hint_followed = false;
+        // The leader a follower named and why it could not be reached, as
+        // of the last hint: what the final error says if no leader answers.
+        let mut unreachable_hint: Option<(String, ClientError)> = None;
         let mut current = self.current();
         loop {
             let status = match f(current.channel.clone()).await {
@@ -455,25 +458,32 @@ impl Client {
                 }
                 Err(status) => return Err(ClientError::Status(status)),
             };
+            if !hint_followed {
+                unreachable_hint = None;
+            }
             if !hint_followed && let Some(leader) = leader_hint(&status) {
                 hint_followed = true;
                 if leader != current.url {
-                    tracing::debug!(from = %current.url, to = %leader, "following the leader hint");
-                    match connect_one(&leader, options).await {
+                    match self.follow_hint(&leader, &current).await {
                         Ok(c) => {
                             self.set_current(c.clone());
                             current = c;
                             continue;
                         }
-                        Err(error) => {
-                            tracing::debug!(%leader, %error, "cannot reach the hinted leader");
-                        }
+                        Err(error) => unreachable_hint = Some((leader, error)),
                     }
                 }
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(1));
             if started.elapsed() + delay > options.retry_for {
-                return Err(self.gave_up(status, started.elapsed()));
+                return Err(match unreachable_hint {
+                    Some((leader, source)) => ClientError::LeaderUnreachable {
+                        servers: self.inner.servers.clone(),
+                        leader,
+                        source: Box::new(source),
+                    },
+                    None => self.gave_up(status, started.elapsed()),
+                });
             }
             tracing::debug!(url = %current.url, message = status.message(), ?delay, "coordinator unavailable; retrying");
             tokio::time::sleep(delay).await;
@@ -485,10 +495,35 @@ impl Client {
                 .iter()
                 .position(|s| *s == current.url)
                 .map_or(0, |i| i + 1);
-            if let Ok(c) = connect_any(&self.inner.servers, start, options).await {
+            if let Ok((c, _)) = connect_any(&self.inner.servers, start, options).await {
                 self.set_current(c.clone());
                 current = c;
             }
+        }
+    }
+
+    /// A connection to the leader a follower named in its hint, else to a
+    /// leader among the given servers. The hint is the address the leader
+    /// advertises, which may be one only the cluster's own network reaches
+    /// (a container's name, a private IP): a client outside it reaches the
+    /// same leader through the address it was given (a published port), so
+    /// it asks those at once instead of waiting out a backoff round. The
+    /// error is why the hinted address failed.
+    async fn follow_hint(
+        &self,
+        leader: &str,
+        current: &Connection,
+    ) -> Result<Connection, ClientError> {
+        let options = &self.inner.options;
+        tracing::debug!(from = %current.url, to = %leader, "following the leader hint");
+        let error = match connect_one(leader, options).await {
+            Ok(c) => return Ok(c),
+            Err(error) => error,
+        };
+        tracing::debug!(%leader, %error, "cannot reach the hinted leader; asking the given servers");
+        match connect_any(&self.inner.servers, 0, options).await {
+            Ok((c, true)) if c.url != current.url => Ok(c),
+            _ => Err(error),
         }
     }
 
@@ -546,6 +581,10 @@ mod tests {
         url: String,
         leader_hint: Option<String>,
         flaky: AtomicU32,
+        /// A leader that answers its first `AskLeader` late and as a
+        /// follower (it is still being elected).
+        late_leader: bool,
+        asks: AtomicU32,
     }
 
     impl Fake {
@@ -574,10 +613,14 @@ mod tests {
             &self,
             _: tonic::Request<AskLeaderRequest>,
         ) -> Result<tonic::Response<AskLeaderResponse>, Status> {
+            let first = self.asks.fetch_add(1, Ordering::SeqCst) == 0;
+            if self.late_leader && first {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             Ok(tonic::Response::new(AskLeaderResponse {
                 leader: self.leader_hint.clone().unwrap_or_else(|| self.url.clone()),
                 epoch: 7,
-                is_leader: self.leader_hint.is_none(),
+                is_leader: self.leader_hint.is_none() && !(self.late_leader && first),
             }))
         }
 
@@ -598,12 +641,18 @@ mod tests {
     }
 
     async fn serve(leader_hint: Option<String>, flaky: u32) -> String {
+        serve_fake(leader_hint, flaky, false).await
+    }
+
+    async fn serve_fake(leader_hint: Option<String>, flaky: u32, late_leader: bool) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let fake = Fake {
             url: url.clone(),
             leader_hint,
             flaky: AtomicU32::new(flaky),
+            late_leader,
+            asks: AtomicU32::new(0),
         };
         let incoming = futures::stream::unfold(listener, |l| async move {
             let conn = l.accept().await.map(|(s, _)| s);
@@ -657,6 +706,64 @@ mod tests {
         let err = client.list_members().await.unwrap_err();
         assert!(matches!(err, ClientError::NoLeader { .. }), "{err}");
         assert!(err.is_unreachable());
+    }
+
+    /// The client starts on a follower (the leader was still being
+    /// elected when it connected) whose hint names an address this client
+    /// cannot reach; the leader is among its servers. It switches to it at
+    /// once: `retry_for` is shorter than the first backoff delay, so only
+    /// the immediate fallback can succeed.
+    #[tokio::test]
+    async fn an_unreachable_hint_falls_back_at_once_to_the_leader_among_the_servers() {
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let advertised = format!("http://{}", gone.local_addr().unwrap());
+        drop(gone);
+        let leader = serve_fake(None, 0, true).await;
+        let follower = serve(Some(advertised), 0).await;
+        let options = ClientOptions {
+            retry_for: Duration::from_millis(50),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(&[leader.clone(), follower.clone()], options)
+            .await
+            .unwrap();
+        assert_eq!(client.current_url(), follower, "no leader at connect");
+        let members = client.list_members().await.unwrap();
+        assert_eq!(members.leader, leader);
+        assert_eq!(client.current_url(), leader, "later calls go to the leader");
+    }
+
+    /// The leader advertises an address only its own network reaches (a
+    /// container's name), and no given server leads: the error says so and
+    /// what to give instead, rather than "try again shortly".
+    #[tokio::test]
+    async fn an_unreachable_hint_and_no_leader_among_the_servers_says_what_to_give() {
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let leader = format!("http://{}", gone.local_addr().unwrap());
+        drop(gone);
+        let follower = serve(Some(leader.clone()), 0).await;
+        let options = ClientOptions {
+            retry_for: Duration::from_millis(500),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(std::slice::from_ref(&follower), options)
+            .await
+            .unwrap();
+        let err = client.list_members().await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, ClientError::LeaderUnreachable { .. }),
+            "{msg}"
+        );
+        assert!(err.is_unreachable());
+        assert!(
+            msg.starts_with(&format!(
+                "no coordinator at {follower} is the leader, and the leader they name, {leader}, cannot be reached from here ("
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("Connection refused"), "{msg}");
+        assert!(msg.ends_with("to --server or CAPSTAN_SERVER"), "{msg}");
     }
 
     #[tokio::test]
@@ -805,6 +912,8 @@ mod tests {
             url: url.clone(),
             leader_hint: None,
             flaky: AtomicU32::new(0),
+            late_leader: false,
+            asks: AtomicU32::new(0),
         };
         tokio::spawn(
             Server::builder()

@@ -65,6 +65,7 @@ pub struct Builder {
     env: Vec<(String, String)>,
     tls: bool,
     mtls: bool,
+    advertise_unreachable: bool,
 }
 
 impl Default for Builder {
@@ -84,6 +85,7 @@ impl Default for Builder {
             env: Vec::new(),
             tls: false,
             mtls: false,
+            advertise_unreachable: false,
         }
     }
 }
@@ -159,6 +161,16 @@ impl Builder {
     pub fn mtls(mut self) -> Self {
         self.tls = true;
         self.mtls = true;
+        self
+    }
+
+    /// Each replica on etcd advertises (names as the leader in its hints)
+    /// an address nobody serves: its port on a loopback address of its own
+    /// in 127.77.0.0/24, as a container advertises a name only its network
+    /// resolves. Clients must reach the leader through the URLs they were
+    /// given; runners cannot follow such hints, so use it with no runners.
+    pub fn advertise_unreachable(mut self) -> Self {
+        self.advertise_unreachable = true;
         self
     }
 

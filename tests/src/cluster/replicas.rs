@@ -126,7 +126,12 @@ impl TestCluster {
         }
         if let Some(etcd) = &self.etcd {
             // Every replica serves the logs any leader wrote: one log dir.
-            cmd.args(["--advertise", &r.url()])
+            let advertise = if self.opts.advertise_unreachable {
+                unreachable_url(&r.url(), i)
+            } else {
+                r.url()
+            };
+            cmd.args(["--advertise", &advertise])
                 .arg("--log-dir")
                 .arg(self.dir().join("logs"))
                 .args(["--etcd-endpoints", &etcd.endpoints().join(",")])
@@ -266,4 +271,12 @@ impl TestCluster {
         )
         .await
     }
+}
+
+/// `url` with its host replaced by 127.77.0.(i+1): the same port on a
+/// loopback address nothing listens on (connections are refused).
+fn unreachable_url(url: &str, i: usize) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    let port = rest.rsplit_once(':').map_or("7700", |(_, p)| p);
+    format!("{scheme}://127.77.0.{}:{port}", i + 1)
 }

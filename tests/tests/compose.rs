@@ -1,0 +1,108 @@
+//! The compose cluster (deploy/compose) end to end: `up`, a pipeline with
+//! container steps submitted from the host through the published ports with
+//! TLS and the admin token, its logs, a refused call without a token, a
+//! plaintext URL refused, the leader's container killed and the CLI still
+//! submitting through the given ports, `down` leaving nothing behind.
+
+use capstan_tests::compose::ComposeCluster;
+
+const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/compose/hello.yaml");
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn compose_cluster_up_submit_failover_down() -> anyhow::Result<()> {
+    // A short election TTL: the failover below waits for it.
+    let c = ComposeCluster::up("e2e", &[("CAPSTAN_ELECTION_TTL_MS", "2000")])?;
+    assert_eq!(c.servers().len(), 3, "{:?}", c.servers());
+    for s in c.servers() {
+        assert!(
+            s.starts_with("https://127.0.0.1:"),
+            "published on loopback: {s}"
+        );
+    }
+    // The leader advertises its in-network name, which this host cannot
+    // resolve: the CLI reaches it through the published ports it was given.
+    let leader = c.leader_service()?;
+
+    let out = c.cli(&["submit", HELLO, "--follow"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.logs());
+    let runs = c.cli(&["runs", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&runs.stdout)?;
+    let id = v[0]["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(v[0]["state"], "succeeded", "{v}");
+    let logs = String::from_utf8(c.cli(&["logs", &id]).stdout)?;
+    assert!(logs.contains("[hello] hello from capstan in "), "{logs}");
+    assert!(logs.contains("[goodbye] goodbye, world\n"), "{logs}");
+
+    // Tokens are on: no token, no answer (exit 4, auth).
+    let out = c
+        .cli_command()
+        .env_remove("CAPSTAN_TOKEN_FILE")
+        .args(["runs"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // TLS is on: a plaintext URL to a published port is refused (exit 3).
+    let plain = c.servers()[0].replace("https://", "http://");
+    let out = c
+        .cli_command()
+        .env("CAPSTAN_SERVER", &plain)
+        .args(["runs"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("requires TLS"), "{}", stderr(&out));
+
+    // The leader's container dies; the CLI, given the same three ports,
+    // submits to the new leader (its hints name in-network addresses).
+    let killed = std::process::Command::new("docker")
+        .args(["kill", &c.container(&leader)?])
+        .output()?;
+    assert!(killed.status.success(), "{}", stderr(&killed));
+    let started = std::time::Instant::now();
+    let out = c.cli(&["submit", HELLO, "--follow"]);
+    assert!(
+        out.status.success(),
+        "after {:?}: {}\n{}",
+        started.elapsed(),
+        stderr(&out),
+        c.logs()
+    );
+    let new = c.leader_service()?;
+    assert_ne!(new, leader, "a new leader");
+    c.down()
+}
+
+/// `up` without the images says which one and the command that makes it,
+/// and starts nothing.
+#[test]
+fn compose_up_without_the_images_says_how_to_build_them() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let project = format!("cps-noimages-{}", std::process::id());
+    let out =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/compose/up"))
+            .env("CAPSTAN_COMPOSE_PROJECT", &project)
+            .env("CAPSTAN_COMPOSE_STATE", state.path().join("state"))
+            .env("CAPSTAN_TAG", "no-such-tag")
+            .stdin(std::process::Stdio::null())
+            .output()?;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "image capstan/etcd:no-such-tag is missing: run `deploy/images/build no-such-tag` first"
+        ),
+        "{err}"
+    );
+    let left = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=com.docker.compose.project={project}"))
+        .output()?;
+    assert!(left.stdout.is_empty(), "up started something");
+    assert!(
+        !state.path().join("state").exists(),
+        "up made no state before checking"
+    );
+    Ok(())
+}
