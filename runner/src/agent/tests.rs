@@ -123,8 +123,11 @@ async fn heartbeats_go_on_while_the_coordinator_stalls_on_a_log() {
         server.coordinator.logs.lock().unwrap().streams >= 1,
         "the log was not being shipped"
     );
-    let busy = count_beats(&mut server, Duration::from_millis(1500)).await;
-    assert!(busy >= 8, "{busy} heartbeats in 1.5 s with a stalled log");
+    // A held window stops the beats altogether (at most one buffered);
+    // the bound is low because a loaded machine (the 16 MB output runs
+    // beside it) delays beats without stopping them (~15 expected).
+    let busy = count_beats(&mut server, Duration::from_millis(3000)).await;
+    assert!(busy >= 4, "{busy} heartbeats in 3 s with a stalled log");
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), runner).await;
 }
