@@ -29,6 +29,22 @@ async fn submit(f: &Fleet, yaml: &str) -> anyhow::Result<String> {
     Ok(f.client().await?.submit_run(request).await?.to_string())
 }
 
+/// Submits `runs` one-task counting runs (`PREFIX-i`, `lines` lines 100 ms
+/// apart); their ids in order.
+async fn submit_counting(
+    f: &Fleet,
+    prefix: &str,
+    runs: usize,
+    lines: u32,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let yaml = counting_pipeline(&format!("{prefix}-{i}"), 1, lines, 100);
+        ids.push(submit(f, &yaml).await?);
+    }
+    Ok(ids)
+}
+
 async fn get_run(f: &Fleet, id: &str) -> anyhow::Result<api::Run> {
     Ok(f.client().await?.get_run(&RunId::from_string(id)).await?)
 }
@@ -282,16 +298,7 @@ async fn leader_partitioned_from_etcd_steps_down_and_rejoins() -> anyhow::Result
 async fn leader_cut_from_everything_costs_no_step_a_second_execution() -> anyhow::Result<()> {
     let f = fleet().await?;
     let lines = 80; // 8 s a step
-    let mut ids = Vec::new();
-    for i in 0..4 {
-        ids.push(
-            submit(
-                &f,
-                &counting_pipeline(&format!("cut-all-{i}"), 1, lines, 100),
-            )
-            .await?,
-        );
-    }
+    let ids = submit_counting(&f, "cut-all", 4, lines).await?;
     for id in &ids {
         wait_run(&f, id, Duration::from_secs(30), all_running).await?;
     }
@@ -436,16 +443,7 @@ async fn scheduling_pauses_only_while_etcd_has_no_quorum() -> anyhow::Result<()>
 async fn rolling_restart_with_50_runs_in_flight_loses_nothing() -> anyhow::Result<()> {
     let f = fleet().await?;
     let lines = 20; // 2 s a step
-    let mut ids = Vec::new();
-    for i in 0..50 {
-        ids.push(
-            submit(
-                &f,
-                &counting_pipeline(&format!("rolling-{i}"), 1, lines, 100),
-            )
-            .await?,
-        );
-    }
+    let ids = submit_counting(&f, "rolling", 50, lines).await?;
     let started = Instant::now();
     for c in f.coordinators.clone() {
         docker::docker(&["restart", "-t", "10", &c])?;

@@ -98,18 +98,24 @@ async fn leader_killed_mid_run_repeatedly_loses_nothing() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// What replica `follower` answers a client call with, asked directly
+/// (not through the client's leader following): it must refuse.
+async fn follower_refusal(c: &TestCluster, follower: usize) -> anyhow::Result<tonic::Status> {
+    let mut raw = api::pipeline_service_client::PipelineServiceClient::new(
+        c.admin_channel(&c.replicas[follower].url()).await?,
+    );
+    Ok(raw
+        .list_runs(api::ListRunsRequest { limit: 1 })
+        .await
+        .expect_err("a follower served a client call"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn followers_point_at_the_leader() -> anyhow::Result<()> {
     let c = ha_cluster(0, "fake").await?;
     let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
     let follower = (leader + 1) % 3;
-    let mut raw = api::pipeline_service_client::PipelineServiceClient::new(
-        c.admin_channel(&c.replicas[follower].url()).await?,
-    );
-    let err = raw
-        .list_runs(api::ListRunsRequest { limit: 1 })
-        .await
-        .unwrap_err();
+    let err = follower_refusal(&c, follower).await?;
     assert_eq!(err.code(), tonic::Code::Unavailable);
     let hint = err
         .metadata()
@@ -296,13 +302,7 @@ async fn clients_reach_the_leader_through_the_given_urls_when_hints_are_unreacha
     let mut c = unreachable_advertise_cluster().await?;
     let (leader, _) = c.wait_leader(Duration::from_secs(10)).await?;
     let follower = (leader + 1) % 3;
-    let mut raw = api::pipeline_service_client::PipelineServiceClient::new(
-        c.admin_channel(&c.replicas[follower].url()).await?,
-    );
-    let err = raw
-        .list_runs(api::ListRunsRequest { limit: 1 })
-        .await
-        .unwrap_err();
+    let err = follower_refusal(&c, follower).await?;
     let hint = err.metadata().get("capstan-leader").map(|v| v.to_str());
     let dead = format!("127.77.0.{}:", leader + 1);
     assert!(

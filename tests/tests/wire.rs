@@ -80,49 +80,47 @@ where
     }
 }
 
+/// `status` is INVALID_ARGUMENT with the decode error of `message` and
+/// its `cause`.
+fn assert_invalid(status: tonic::Status, message: &str, cause: &str) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.message(), decode_error(message, cause));
+}
+
 async fn garbage_is_invalid_argument(c: &TestCluster) -> anyhow::Result<()> {
     let channel = c.admin_channel(&c.url()).await?;
-    let status = unary(
-        channel.clone(),
-        "/capstan.api.v1.PipelineService/SubmitRun",
-        TRUNCATED,
-    )
-    .await;
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert_eq!(
-        status.message(),
-        decode_error(
-            "SubmitRunRequest",
-            "SubmitRunRequest.pipeline_yaml: buffer underflow"
-        ),
+    assert_invalid(
+        unary(
+            channel.clone(),
+            "/capstan.api.v1.PipelineService/SubmitRun",
+            TRUNCATED,
+        )
+        .await,
+        "SubmitRunRequest",
+        "SubmitRunRequest.pipeline_yaml: buffer underflow",
     );
-    let status = unary(
-        channel.clone(),
-        "/capstan.api.v1.PipelineService/GetRun",
-        BAD_WIRE_TYPE,
-    )
-    .await;
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert_eq!(
-        status.message(),
-        decode_error("GetRunRequest", "invalid wire type value: 7"),
+    assert_invalid(
+        unary(
+            channel.clone(),
+            "/capstan.api.v1.PipelineService/GetRun",
+            BAD_WIRE_TYPE,
+        )
+        .await,
+        "GetRunRequest",
+        "invalid wire type value: 7",
     );
 
     // The runner service: no bearer token there (a runner has none).
     let runner = c.channel_to(&c.url()).await?;
-    let status = unary(
-        runner.clone(),
-        "/capstan.runner.v1.RunnerService/Register",
-        TRUNCATED,
-    )
-    .await;
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert_eq!(
-        status.message(),
-        decode_error(
-            "RegisterRequest",
-            "RegisterRequest.registration_token: buffer underflow"
-        ),
+    assert_invalid(
+        unary(
+            runner.clone(),
+            "/capstan.runner.v1.RunnerService/Register",
+            TRUNCATED,
+        )
+        .await,
+        "RegisterRequest",
+        "RegisterRequest.registration_token: buffer underflow",
     );
     // A stream: its first message does not decode.
     let mut grpc = tonic::client::Grpc::new(runner);
@@ -135,11 +133,7 @@ async fn garbage_is_invalid_argument(c: &TestCluster) -> anyhow::Result<()> {
         .client_streaming(tonic::Request::new(chunks), path, Raw)
         .await
         .expect_err("PushLogs took garbage");
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert_eq!(
-        status.message(),
-        decode_error("LogChunk", "invalid wire type value: 7"),
-    );
+    assert_invalid(status, "LogChunk", "invalid wire type value: 7");
     // And the coordinator still serves a good call.
     let out = c.cli(&["runners"]);
     assert!(out.status.success(), "{out:?}");
