@@ -139,12 +139,9 @@ pub fn resolve(
     pipeline: &Pipeline,
     ctx: &Context,
 ) -> Result<Pipeline, ValidationErrors> {
+    // First and alone: every use of a bad value would repeat its error.
+    check_context(file, ctx)?;
     let mut errors = Vec::new();
-    check_context(file, ctx, &mut errors);
-    if !errors.is_empty() {
-        // Every use of the value would repeat the error.
-        return Err(ValidationErrors::sorted(errors));
-    }
     let params = effective_params(file, pipeline, ctx, &mut errors);
 
     let mut out = pipeline.clone();
@@ -277,7 +274,8 @@ fn effective_params(
 /// The run's own values go into scripts as environment variables, where
 /// the check on the rendered text does not see them: each must hold no
 /// `${{` either (found by the `pipeline` fuzz target).
-fn check_context(file: &str, ctx: &Context, errors: &mut Vec<ValidationError>) {
+fn check_context(file: &str, ctx: &Context) -> Result<(), ValidationErrors> {
+    let mut errors = Vec::new();
     let values = [
         (Expr::GitSha, &ctx.git_sha),
         (Expr::GitRepo, &ctx.git_repo),
@@ -292,6 +290,11 @@ fn check_context(file: &str, ctx: &Context, errors: &mut Vec<ValidationError>) {
                 format!("the value of `{}` must not contain `{OPEN}`", expr.text()),
             ));
         }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors::sorted(errors))
     }
 }
 
