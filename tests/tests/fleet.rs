@@ -291,6 +291,44 @@ async fn leader_partitioned_from_etcd_steps_down_and_rejoins() -> anyhow::Result
     Ok(())
 }
 
+/// Scenario 1, two against one: the leader and the first etcd member
+/// (where every coordinator's etcd client starts) cut off from the other
+/// two members, both still reachable from everyone else. The old leader
+/// cannot renew its lease through a member without quorum and steps down;
+/// the others, campaigning on that member, must notice that it lost its
+/// quorum (its watches stay open without an error) and campaign on the
+/// majority. Before that check no one ever led again.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_and_one_etcd_member_cut_from_the_majority_hand_over() -> anyhow::Result<()> {
+    let f = fleet().await?;
+    let lines = 80;
+    let id = submit(&f, &counting_pipeline("two-one", 2, lines, 100)).await?;
+    wait_run(&f, &id, Duration::from_secs(30), all_running).await?;
+    let (old, old_epoch) = f.wait_leader(Duration::from_secs(10)).await?;
+    let majority = f.ips(&f.etcd[1..]);
+    docker::cut(&f.etcd[0], &majority)?;
+    docker::cut(&old, &majority)?;
+    let cut_at = Instant::now();
+    let (new, new_epoch) = f
+        .wait_new_leader(Some(&old), Duration::from_secs(30))
+        .await?;
+    let took_over = cut_at.elapsed();
+    assert!(new_epoch > old_epoch, "epochs {old_epoch} -> {new_epoch}");
+    let ttl = Duration::from_millis(f.timings.election_ttl_ms);
+    assert!(
+        took_over <= ttl * 3,
+        "{new} took over {took_over:?} after the cut (lease {ttl:?})\n{}",
+        f.all_logs()
+    );
+    check_run(&f, &id, lines, &[]).await?;
+    docker::heal(&f.etcd[0])?;
+    docker::heal(&old)?;
+    let again = submit(&f, &counting_pipeline("two-one-after", 1, 5, 10)).await?;
+    check_run(&f, &again, 5, &[]).await?;
+    eprintln!("fleet: leader + 1 etcd member cut: new leader after {took_over:?}");
+    Ok(())
+}
+
 /// Scenario 7: the leader cut off from everything (etcd, runners, peers;
 /// the host still reaches it) while runs are in flight: every step runs
 /// exactly once.

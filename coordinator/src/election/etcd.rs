@@ -76,6 +76,7 @@ impl EtcdElection {
             lost.clone(),
         ));
         let (i, mut client) = self.pool.client();
+        let probe = client.clone();
         let won = tokio::select! {
             r = client.campaign(self.name.clone(), self.advertise.clone(), lease) => match r {
                 Ok(r) => r,
@@ -89,6 +90,15 @@ impl EtcdElection {
             },
             _ = lost.cancelled() => {
                 return Err(ElectionError::Backend(Box::new(Msg("lease lost while campaigning".into()))));
+            }
+            why = out_of_quorum(probe, self.name.clone(), self.ttl) => {
+                let member = self.pool.endpoint(i).to_string();
+                self.pool.failed(i);
+                lost.cancel();
+                return Err(backend(Msg(format!(
+                    "etcd member {member} {why} while we campaigned on it \
+                     (cut off from its quorum?); campaigning on the next member"
+                ))));
             }
             _ = shutdown.cancelled() => {
                 lost.cancel();
@@ -156,6 +166,31 @@ impl EtcdElection {
                 )
             })
             .collect())
+    }
+}
+
+/// Returns once the member `client` talks to fails a linearizable read
+/// (an error, or no answer within `ttl / 2`); probes every `ttl / 2`.
+///
+/// A campaign waits on a watch of the older candidates' keys, and a member
+/// cut off from its peers (but still reachable) keeps such a watch open
+/// without an error and without events: the campaign would wait forever
+/// while the majority elects no one. A linearizable read needs the member's
+/// raft leader, so it fails on such a member. Returns what went wrong.
+async fn out_of_quorum(mut client: etcd_client::Client, key: String, ttl: Duration) -> String {
+    let every = ttl / 2;
+    loop {
+        tokio::time::sleep(every).await;
+        let read = tokio::time::timeout(
+            every,
+            client.get(key.clone(), Some(GetOptions::new().with_count_only())),
+        )
+        .await;
+        match read {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("failed a read ({e})"),
+            Err(_) => return format!("did not answer a read within {every:?}"),
+        }
     }
 }
 

@@ -106,6 +106,11 @@ impl EtcdPool {
         (i, self.clients[i].1.clone())
     }
 
+    /// The endpoint of client `i`, for log lines.
+    pub(crate) fn endpoint(&self, i: usize) -> &str {
+        &self.clients[i % self.clients.len()].0
+    }
+
     /// Client `i` failed: move to the next one (unless someone already did).
     pub(crate) fn failed(&self, i: usize) {
         let next = (i + 1) % self.clients.len();
