@@ -6,6 +6,7 @@
 //! `docker network disconnect`.
 
 use anyhow::{Context as _, bail};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
 /// Runs `docker ARGS` and returns its stdout, trimmed; fails with stderr.
@@ -40,8 +41,8 @@ pub fn pid_of(container: &str) -> anyhow::Result<u32> {
     Ok(pid)
 }
 
-/// Runs `iptables ARGS` inside the container's network namespace.
-pub fn iptables(container: &str, args: &[&str]) -> anyhow::Result<()> {
+/// Runs `iptables ARGS` inside the container's network namespace; its stdout.
+pub fn iptables(container: &str, args: &[&str]) -> anyhow::Result<String> {
     let pid = pid_of(container)?.to_string();
     let out = Command::new("nsenter")
         .args(["-t", &pid, "-n", "iptables", "-w"])
@@ -56,7 +57,7 @@ pub fn iptables(container: &str, args: &[&str]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Drops every packet between the container and each of `peers` (IPs),
@@ -69,8 +70,80 @@ pub fn cut(container: &str, peers: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes every rule [`cut`] added.
+/// Drops each packet in or out of the container's `eth0` with
+/// `probability` (iptables `statistic`, both directions): loss on its link.
+pub fn lossy(container: &str, probability: f64) -> anyhow::Result<()> {
+    let p = format!("{probability:.4}");
+    for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+        iptables(
+            container,
+            &[
+                "-A",
+                chain,
+                dir,
+                "eth0",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &p,
+                "-j",
+                "DROP",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// How many packets the [`lossy`] rules have dropped so far, both ways.
+pub fn lost_packets(container: &str) -> anyhow::Result<u64> {
+    let mut lost = 0;
+    for chain in ["INPUT", "OUTPUT"] {
+        let rules = iptables(container, &["-L", chain, "-v", "-n", "-x"])?;
+        for rule in rules.lines().filter(|l| l.contains("statistic")) {
+            let packets = rule.split_whitespace().next().unwrap_or_default();
+            lost += packets
+                .parse::<u64>()
+                .with_context(|| format!("packet count in {rule:?}"))?;
+        }
+    }
+    Ok(lost)
+}
+
+/// Sends the container's TCP connections to `to` (`ip:port`) through
+/// `via` (`ip:port`) instead, with a DNAT rule in its own network
+/// namespace: the container still dials `to` (a leader hint's address
+/// too), and a proxy at `via` (e.g. [`crate::faults::Proxy`]) sits on
+/// the path.
+pub fn redirect(container: &str, to: SocketAddr, via: SocketAddr) -> anyhow::Result<()> {
+    let (ip, port, via) = (to.ip().to_string(), to.port().to_string(), via.to_string());
+    iptables(
+        container,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            &ip,
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &via,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes every rule [`cut`], [`lossy`] and [`redirect`] added.
 pub fn heal(container: &str) -> anyhow::Result<()> {
     iptables(container, &["-F", "INPUT"])?;
-    iptables(container, &["-F", "OUTPUT"])
+    iptables(container, &["-F", "OUTPUT"])?;
+    iptables(container, &["-t", "nat", "-F", "OUTPUT"])?;
+    Ok(())
 }
