@@ -1,4 +1,5 @@
-//! The binary's offline subcommands (`capstan-coordinator token create`):
+//! The binary's offline subcommands (`capstan-coordinator token create`,
+//! and `health`, the images' health check: see `crate::health`):
 //! they open the store the coordinator would use (redb in `--data-dir`, or
 //! etcd with `--etcd-endpoints`), act, and exit. This is how the first admin
 //! token is made; later ones can be made over the API (`capstan token create`).
@@ -12,11 +13,22 @@ use std::sync::Arc;
 /// Runs `command` with the store settings of `args` (flags, environment,
 /// the TOML file); prints what the user must see on stdout.
 pub async fn run(args: Args, command: AdminCommand) -> anyhow::Result<()> {
-    let AdminCommand::Token(TokenCommand::Create {
-        name,
-        scope,
-        expires,
-    }) = command;
+    match command {
+        AdminCommand::Token(TokenCommand::Create {
+            name,
+            scope,
+            expires,
+        }) => create_token(args, name, scope, expires).await,
+        AdminCommand::Health => crate::health::run(args.health_target()?).await,
+    }
+}
+
+async fn create_token(
+    args: Args,
+    name: String,
+    scope: String,
+    expires: Option<String>,
+) -> anyhow::Result<()> {
     let scope = Scope::parse(&scope)?;
     let expires = expires
         .as_deref()

@@ -189,6 +189,13 @@ pub struct Args {
     pub insecure: Option<bool>,
 }
 
+/// What `capstan-coordinator health` dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthTarget {
+    pub addr: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+}
+
 /// The binary's offline commands (see `crate::admin`).
 #[derive(clap::Subcommand, Debug)]
 pub enum AdminCommand {
@@ -196,6 +203,10 @@ pub enum AdminCommand {
     /// or --etcd-endpoints and --etcd-prefix).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Exit 0 if the coordinator these settings describe answers
+    /// `/healthz` on its HTTP port (over TLS with --tls-cert): the images'
+    /// health check.
+    Health,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -244,6 +255,26 @@ impl Args {
     fn layered(&self) -> Result<Args, ConfigError> {
         let file: Args = capstan_config::load(self.config.as_deref())?;
         Ok(capstan_config::layer(&file, self)?)
+    }
+
+    /// Where `health` asks (no registration token needed): the HTTP listen
+    /// address, an unspecified IP (0.0.0.0, ::) as loopback, and the
+    /// certificate it serves when TLS is on.
+    pub fn health_target(&self) -> Result<HealthTarget, ConfigError> {
+        let s = self.layered()?;
+        let mut addr = s.http_listen.unwrap_or_else(|| {
+            SocketAddr::from(([127, 0, 0, 1], capstan_proto::DEFAULT_HTTP_PORT))
+        });
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        Ok(HealthTarget {
+            addr,
+            tls_cert: s.tls_cert,
+        })
     }
 
     /// The store settings alone (no registration token needed).

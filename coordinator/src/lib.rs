@@ -30,6 +30,7 @@ pub mod admin;
 pub(crate) mod api;
 pub mod config;
 pub(crate) mod election;
+pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod idle;
 pub(crate) mod limits;

@@ -1,12 +1,16 @@
 //! The compose cluster (deploy/compose) end to end: `up`, a pipeline with
 //! container steps submitted from the host through the published ports with
 //! TLS and the admin token, its logs, a refused call without a token, a
-//! plaintext URL refused, the leader's container killed and the CLI still
+//! plaintext URL refused, every coordinator healthy by its image's TLS
+//! health check, the leader's container killed and the CLI still
 //! submitting through the given ports, `down` leaving nothing behind.
 
 use capstan_tests::compose::ComposeCluster;
 
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/compose/hello.yaml");
+
+/// A container's health and the output of its last checks.
+const HEALTH: &str = "{{.State.Health.Status}} {{range .State.Health.Log}}{{.Output}}{{end}}";
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -26,6 +30,25 @@ fn compose_cluster_up_submit_failover_down() -> anyhow::Result<()> {
     // The leader advertises its in-network name, which this host cannot
     // resolve: the CLI reaches it through the published ports it was given.
     let leader = c.leader_service()?;
+    // The images' health check speaks TLS (`capstan-coordinator health`):
+    // every coordinator reports healthy, and said `ok` to get there.
+    for service in ["coordinator-1", "coordinator-2", "coordinator-3"] {
+        let container = c.container(service)?;
+        let health = capstan_tests::wait::poll_until_blocking(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_millis(500),
+            || {
+                let out = std::process::Command::new("docker")
+                    .args(["inspect", "-f", HEALTH, &container])
+                    .output()?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                Ok(text.starts_with("healthy ").then_some(text))
+            },
+        )?;
+        let health =
+            health.ok_or_else(|| anyhow::anyhow!("{service} never healthy\n{}", c.logs()))?;
+        assert!(health.contains("ok"), "{service}: {health}");
+    }
 
     let out = c.cli(&["submit", HELLO, "--follow"]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), c.logs());

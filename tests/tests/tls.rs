@@ -486,3 +486,66 @@ async fn replicas_over_tls_fail_over_and_share_revocations() -> anyhow::Result<(
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     Ok(())
 }
+
+/// `capstan-coordinator --http-listen ADDR [--tls-cert FILE] health`.
+fn health(http: std::net::SocketAddr, cert: Option<&std::path::Path>) -> std::process::Output {
+    let mut cmd = Command::new(bin("capstan-coordinator"));
+    cmd.args(["--http-listen", &http.to_string()]);
+    if let Some(cert) = cert {
+        cmd.arg("--tls-cert").arg(cert);
+    }
+    cmd.arg("health")
+        .env_remove("CAPSTAN_TLS_CERT")
+        .env_remove("CAPSTAN_HTTP_LISTEN")
+        .output()
+        .expect("run capstan-coordinator health")
+}
+
+/// The images' health check: 200 from `/healthz` over TLS, trusting only
+/// the certificate the coordinator serves (its names need not match
+/// 127.0.0.1); any other certificate, a plaintext probe of the TLS port,
+/// or nothing listening fails with what answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_command_checks_its_own_port_over_tls_with_the_served_certificate()
+-> anyhow::Result<()> {
+    let c = TestCluster::builder().tls().runners(0).start().await?;
+    let http = c.replicas[0].http;
+    let served = c.server_cert().cert;
+    let out = health(http, Some(&served));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+
+    let other = Pki::new(&c.dir().join("other-pki"), "other")?.server("other")?;
+    let out = health(http, Some(&other.cert));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "capstan-coordinator: GET https://{http}/healthz: "
+        )) && err.contains("the server's certificate is not the one in the --tls-cert file"),
+        "{err}"
+    );
+
+    let out = health(http, None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stderr(&out),
+        format!("capstan-coordinator: GET http://{http}/healthz answered 400 Bad Request")
+    );
+
+    let plain = TestCluster::builder().runners(0).start().await?;
+    let out = health(plain.replicas[0].http, None);
+    assert!(out.status.success(), "{out:?}");
+
+    let nobody = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = health(nobody, None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "capstan-coordinator: GET http://{nobody}/healthz: "
+        )),
+        "{err}"
+    );
+    Ok(())
+}

@@ -20,12 +20,14 @@ pub mod client_ca;
 pub mod failure;
 pub mod identity;
 pub mod pem;
+pub mod pinned;
 pub mod server;
 
 pub use client::ClientTls;
 pub use client_ca::ClientCa;
 pub use failure::{TlsFailure, classify};
 pub use identity::identity;
+pub use pinned::pinned_client_config;
 pub use server::{ServerConfigs, ServerTlsFiles};
 
 use std::path::PathBuf;
