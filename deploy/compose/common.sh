@@ -1,4 +1,4 @@
-# Shared by deploy/compose/up and down (sourced): the project, its state dir
+# Shared by the scripts in deploy/compose (sourced): the project, its state dir
 # and the compose environment.
 #   CAPSTAN_COMPOSE_PROJECT  compose project name [capstan]; two projects run side by side
 #   CAPSTAN_COMPOSE_STATE    certificates and tokens [~/.local/state/capstan-compose/PROJECT]
@@ -16,3 +16,16 @@ log() { printf 'compose: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 command -v docker-compose >/dev/null || die "docker-compose is missing: apt-get install docker-compose"
 dc() { docker-compose "$@"; }
+# $STATE/env for the host's CLI: the coordinators' published ports (new
+# ones whenever a coordinator container starts again), the CA, the token.
+write_env() {
+  local servers=() i
+  for i in 1 2 3; do
+    servers+=("https://$(dc port coordinator-$i 7700)")
+  done
+  cat >"$STATE/env" <<ENV
+export CAPSTAN_SERVER=$(IFS=,; echo "${servers[*]}")
+export CAPSTAN_CA_CERT=$STATE/certs/ca.pem
+export CAPSTAN_TOKEN_FILE=$STATE/admin.token
+ENV
+}

@@ -54,15 +54,42 @@ impl ComposeCluster {
                 c.logs()
             );
         }
-        let env_file = c.state_dir().join("env");
+        c.reload_env()?;
+        Ok(c)
+    }
+
+    /// Reads what `up` (or `etcd-restore`) last wrote for the host's CLI.
+    fn reload_env(&mut self) -> anyhow::Result<()> {
+        let env_file = self.state_dir().join("env");
         let text = std::fs::read_to_string(&env_file)
             .with_context(|| format!("read {}", env_file.display()))?;
-        c.env = text
+        self.env = text
             .lines()
             .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Ok(c)
+        Ok(())
+    }
+
+    /// Runs `deploy/compose/NAME ARGS` (e.g. `etcd-backup FILE`) on this
+    /// project, then re-reads the CLI's environment it may have rewritten;
+    /// fails with its output unless it succeeded.
+    pub fn run_script(&mut self, name: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let out = self
+            .script(name)
+            .args(args)
+            .output()
+            .with_context(|| format!("run deploy/compose/{name}"))?;
+        if !out.status.success() {
+            bail!(
+                "deploy/compose/{name} failed ({}):\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+        }
+        self.reload_env()?;
+        Ok(out)
     }
 
     fn state_dir(&self) -> PathBuf {

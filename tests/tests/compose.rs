@@ -97,6 +97,60 @@ fn compose_cluster_up_submit_failover_down() -> anyhow::Result<()> {
     c.down()
 }
 
+/// `etcd-backup` while the cluster runs, a run made after it, then
+/// `etcd-restore`: the cluster comes back with the runs of the snapshot and
+/// without the later one, on new ports the rewritten env file names, and
+/// takes new work.
+#[test]
+fn etcd_backup_and_restore_bring_back_the_snapshot() -> anyhow::Result<()> {
+    let mut c = ComposeCluster::up("restore", &[("CAPSTAN_ELECTION_TTL_MS", "2000")])?;
+    let before = submit(&c)?;
+    let snapshot = tempfile::tempdir()?;
+    let file = snapshot.path().join("etcd.db");
+    let file_arg = file.to_str().expect("utf-8 path");
+    c.run_script("etcd-backup", &[file_arg])?;
+    let after = submit(&c)?;
+    c.run_script("etcd-restore", &[file_arg])?;
+    let ids: Vec<String> = capstan_tests::wait::poll_until_blocking(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(500),
+        || {
+            let out = c.cli(&["runs", "-o", "json"]);
+            Ok(out.status.success().then(|| run_ids(&out)).transpose()?)
+        },
+    )?
+    .ok_or_else(|| anyhow::anyhow!("no leader after the restore\n{}", c.logs()))?;
+    assert!(
+        ids.contains(&before),
+        "{before} missing after the restore: {ids:?}"
+    );
+    assert!(
+        !ids.contains(&after),
+        "{after} is newer than the snapshot: {ids:?}"
+    );
+    let again = submit(&c)?;
+    assert_ne!(again, after);
+    c.down()
+}
+
+/// Submits hello.yaml and follows it to success; its run id.
+fn submit(c: &ComposeCluster) -> anyhow::Result<String> {
+    let out = c.cli(&["submit", HELLO, "--follow"]);
+    anyhow::ensure!(out.status.success(), "{}\n{}", stderr(&out), c.logs());
+    let runs = c.cli(&["runs", "-o", "json"]);
+    Ok(run_ids(&runs)?.into_iter().next().unwrap_or_default())
+}
+
+/// The ids in `capstan runs -o json`, newest first.
+fn run_ids(out: &std::process::Output) -> anyhow::Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["id"].as_str().map(String::from))
+        .collect())
+}
+
 /// `up` without the images says which one and the command that makes it,
 /// and starts nothing.
 #[test]
