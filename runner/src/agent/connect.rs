@@ -273,13 +273,6 @@ impl Connector {
                 .unwrap_or_else(|| ConnectError::Retry(chain(&e)))
         })?;
         let mut client = RunnerServiceClient::new(channel);
-        // Logs go over a second connection, made on first use. On one
-        // connection, log streams the coordinator is slow to read (a log
-        // waiting for its attempt's authorization or for a gap to fill) hold
-        // the connection's HTTP/2 flow-control window, and the Control
-        // stream's heartbeats would wait behind them: a runner shipping a
-        // big log could be judged lost while healthy.
-        let log_client = RunnerServiceClient::new(endpoint.connect_lazy());
         let credentials = match self.credentials.clone() {
             Some(c) => c,
             None => self.register(&mut client).await?,
@@ -298,6 +291,25 @@ impl Connector {
         };
         let ((conn, inbound, welcome), credentials) =
             opened.map_err(|status| self.control_error(&status))?;
+        // Logs go over a second connection, made on first use. On one
+        // connection, log streams the coordinator is slow to read (a log
+        // waiting for its attempt's authorization or for a gap to fill) hold
+        // the connection's HTTP/2 flow-control window, and the Control
+        // stream's heartbeats would wait behind them: a runner shipping a
+        // big log could be judged lost while healthy. Its keepalive comes
+        // from this welcome's heartbeat (the log connection has no watchdog
+        // of its own), not from the interval assumed before the first one.
+        let heartbeat = match welcome.heartbeat_interval_ms {
+            0 => self.heartbeat,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let (ping_every, ping_timeout) = liveness::keepalive(heartbeat);
+        let log_client = RunnerServiceClient::new(
+            endpoint
+                .http2_keep_alive_interval(ping_every)
+                .keep_alive_timeout(ping_timeout)
+                .connect_lazy(),
+        );
         Ok(Session {
             conn,
             inbound,
