@@ -75,35 +75,8 @@ impl EtcdElection {
             self.ttl,
             lost.clone(),
         ));
-        let (i, mut client) = self.pool.client();
-        let probe = client.clone();
-        let won = tokio::select! {
-            r = client.campaign(self.name.clone(), self.advertise.clone(), lease) => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    if is_transport(&e) {
-                        self.pool.failed(i);
-                    }
-                    lost.cancel();
-                    return Err(backend(e));
-                }
-            },
-            _ = lost.cancelled() => {
-                return Err(ElectionError::Backend(Box::new(Msg("lease lost while campaigning".into()))));
-            }
-            why = out_of_quorum(probe, self.name.clone(), self.ttl) => {
-                let member = self.pool.endpoint(i).to_string();
-                self.pool.failed(i);
-                lost.cancel();
-                return Err(backend(Msg(format!(
-                    "etcd member {member} {why} while we campaigned on it \
-                     (cut off from its quorum?); campaigning on the next member"
-                ))));
-            }
-            _ = shutdown.cancelled() => {
-                lost.cancel();
-                return Ok(None);
-            }
+        let Some(won) = self.campaign_on_member(lease, &lost, shutdown).await? else {
+            return Ok(None);
         };
         let key = won
             .leader()
@@ -134,6 +107,49 @@ impl EtcdElection {
         *self.current.lock().expect("lock") = Some((key, lost.clone()));
         tracing::info!(epoch, advertise = %self.advertise, "won the election");
         Ok(Some(Leadership { epoch, lost }))
+    }
+
+    /// Campaigns with `lease` on the pool's current member until it wins
+    /// (`Some`), shutdown (`None`), or something makes this attempt
+    /// worthless: the campaign failed, the lease was lost, or the member
+    /// lost its quorum (its watch would wait forever). On an error `lost`
+    /// is cancelled, so the lease is revoked and a new attempt starts over.
+    async fn campaign_on_member(
+        &self,
+        lease: i64,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<etcd_client::CampaignResponse>, ElectionError> {
+        let (i, mut client) = self.pool.client();
+        let probe = client.clone();
+        tokio::select! {
+            r = client.campaign(self.name.clone(), self.advertise.clone(), lease) => match r {
+                Ok(r) => Ok(Some(r)),
+                Err(e) => {
+                    if is_transport(&e) {
+                        self.pool.failed(i);
+                    }
+                    lost.cancel();
+                    Err(backend(e))
+                }
+            },
+            _ = lost.cancelled() => {
+                Err(ElectionError::Backend(Box::new(Msg("lease lost while campaigning".into()))))
+            }
+            why = out_of_quorum(probe, self.name.clone(), self.ttl) => {
+                let member = self.pool.endpoint(i).to_string();
+                self.pool.failed(i);
+                lost.cancel();
+                Err(backend(Msg(format!(
+                    "etcd member {member} {why} while we campaigned on it \
+                     (cut off from its quorum?); campaigning on the next member"
+                ))))
+            }
+            _ = shutdown.cancelled() => {
+                lost.cancel();
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -291,25 +291,7 @@ impl Connector {
         };
         let ((conn, inbound, welcome), credentials) =
             opened.map_err(|status| self.control_error(&status))?;
-        // Logs go over a second connection, made on first use. On one
-        // connection, log streams the coordinator is slow to read (a log
-        // waiting for its attempt's authorization or for a gap to fill) hold
-        // the connection's HTTP/2 flow-control window, and the Control
-        // stream's heartbeats would wait behind them: a runner shipping a
-        // big log could be judged lost while healthy. Its keepalive comes
-        // from this welcome's heartbeat (the log connection has no watchdog
-        // of its own), not from the interval assumed before the first one.
-        let heartbeat = match welcome.heartbeat_interval_ms {
-            0 => self.heartbeat,
-            ms => Duration::from_millis(u64::from(ms)),
-        };
-        let (ping_every, ping_timeout) = liveness::keepalive(heartbeat);
-        let log_client = RunnerServiceClient::new(
-            endpoint
-                .http2_keep_alive_interval(ping_every)
-                .keep_alive_timeout(ping_timeout)
-                .connect_lazy(),
-        );
+        let log_client = log_client(&endpoint, &welcome, self.heartbeat);
         Ok(Session {
             conn,
             inbound,
@@ -435,4 +417,33 @@ async fn open_control(
             "control stream ended before welcome",
         )),
     }
+}
+
+/// The client of the runner's log connection, made on first use.
+///
+/// Logs go over a second connection: on one connection, log streams the
+/// coordinator is slow to read (a log waiting for its attempt's
+/// authorization or for a gap to fill) hold the connection's HTTP/2
+/// flow-control window, and the Control stream's heartbeats would wait
+/// behind them: a runner shipping a big log could be judged lost while
+/// healthy. Its keepalive comes from `welcome`'s heartbeat (the log
+/// connection has no watchdog of its own), not from `assumed`, the interval
+/// taken before the first welcome.
+fn log_client(
+    endpoint: &Endpoint,
+    welcome: &Welcome,
+    assumed: Duration,
+) -> RunnerServiceClient<Channel> {
+    let heartbeat = match welcome.heartbeat_interval_ms {
+        0 => assumed,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    let (ping_every, ping_timeout) = liveness::keepalive(heartbeat);
+    RunnerServiceClient::new(
+        endpoint
+            .clone()
+            .http2_keep_alive_interval(ping_every)
+            .keep_alive_timeout(ping_timeout)
+            .connect_lazy(),
+    )
 }
