@@ -58,8 +58,9 @@ fn a_wrong_expectation_fails_the_rule_tests() -> anyhow::Result<()> {
         .current_dir(dir.path())
         .output()?;
     assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("CapstanNoLeader"),
+        stderr.contains("FAILED") && stderr.contains("alertname: CapstanNoLeader"),
         "{out:?}"
     );
     Ok(())
