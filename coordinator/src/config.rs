@@ -37,6 +37,9 @@ pub struct CoordinatorConfig {
     pub limits: Limits,
     /// TLS on both ports; `None`: plaintext (loopback only, unless `--insecure`).
     pub tls: Option<TlsSettings>,
+    /// `--runner-pool`: label sets autoscaled pools serve, so their tasks
+    /// count as matchable in the demand signal while no runner is up.
+    pub runner_pools: Vec<std::collections::BTreeMap<String, String>>,
 }
 
 /// `--tls-*`.
@@ -64,6 +67,7 @@ impl CoordinatorConfig {
             dev_admin_token: Some(crate::tokens::generate()),
             limits: Limits::default(),
             tls: None,
+            runner_pools: Vec::new(),
         }
     }
 }
@@ -108,6 +112,17 @@ pub struct Args {
     )]
     #[serde(default, deserialize_with = "capstan_config::one_or_many")]
     pub etcd_endpoints: Option<Vec<String>>,
+    /// Labels an autoscaled runner pool gives its runners (`k=v,k=v`;
+    /// repeatable, `;` between pools in the environment): while the pool
+    /// has no runner up, its tasks are demand, not "unmatched".
+    #[arg(
+        long = "runner-pool",
+        env = "CAPSTAN_RUNNER_POOLS",
+        value_delimiter = ';',
+        value_name = "k=v,k=v"
+    )]
+    #[serde(default, deserialize_with = "capstan_config::one_or_many")]
+    pub runner_pool: Option<Vec<String>>,
     /// Prefix of every etcd key [default: /capstan/].
     #[arg(long, env = "CAPSTAN_ETCD_PREFIX", global = true)]
     pub etcd_prefix: Option<String>,
@@ -363,12 +378,42 @@ impl Args {
                 log_dir: s.log_dir,
                 dev_admin_token: None,
                 limits,
+                runner_pools: runner_pools(s.runner_pool)?,
             },
         })
     }
 }
 
 const DEFAULT_DATA_DIR: &str = "capstan-data";
+
+/// `--runner-pool k=v,k=v` (each pool needs at least one label).
+fn runner_pools(
+    list: Option<Vec<String>>,
+) -> Result<Vec<std::collections::BTreeMap<String, String>>, ConfigError> {
+    let mut pools = Vec::new();
+    for text in list.unwrap_or_default() {
+        let mut pool = std::collections::BTreeMap::new();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    pool.insert(k.trim().to_string(), v.trim().to_string());
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "bad --runner-pool `{text}`: use the pool's runner labels, k=v,k=v"
+                    )));
+                }
+            }
+        }
+        if pool.is_empty() {
+            return Err(ConfigError::Invalid(
+                "an empty --runner-pool would match every task: give the pool's runner labels, k=v,k=v".into(),
+            ));
+        }
+        pools.push(pool);
+    }
+    Ok(pools)
+}
 
 /// `--etcd-endpoints` without blanks.
 fn endpoints(list: Option<Vec<String>>) -> Vec<String> {

@@ -1,4 +1,5 @@
-//! The HTTP side port: `/healthz`, `/readyz`, `/metrics`.
+//! The HTTP side port: `/healthz`, `/readyz`, `/metrics`, and the demand
+//! signal (`crate::demand`).
 
 use crate::metrics::Metrics;
 use axum::Router;
@@ -20,6 +21,8 @@ pub(crate) struct HttpState {
     pub(crate) ready: Arc<AtomicBool>,
     /// Whether this replica leads (and so serves the API) right now.
     pub(crate) role: watch::Receiver<Role>,
+    /// `/api/v1/demand`, and the demand gauges of each scrape.
+    pub(crate) demand: crate::demand::DemandState,
 }
 
 pub(crate) fn router(state: HttpState) -> Router {
@@ -27,7 +30,8 @@ pub(crate) fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::demand::routes(state.demand))
 }
 
 /// 200 only on the replica that leads: a follower answers every API call
@@ -48,6 +52,10 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    // The demand figures are read from the scheduler at each scrape (a
+    // follower has none), not kept up to date on every dispatch.
+    let demand = s.demand.current().await;
+    crate::demand::publish(&s.metrics, demand.as_ref());
     (
         [(
             header::CONTENT_TYPE,

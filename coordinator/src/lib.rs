@@ -12,12 +12,15 @@
 //! - `election`: who leads (`standalone`, `etcd`);
 //! - `logs`: durable task logs (`local`, `memory`) and `logs::feed` for live followers;
 //! - `model`: the records the store holds;
-//! - `http`: `/healthz`, `/readyz`, `/metrics`, with `metrics`;
+//! - `http`: `/healthz`, `/readyz`, `/metrics`, with `metrics`; `demand`,
+//!   the autoscalers' signal (`/api/v1/demand`, `capstan_demand_*`);
+//!   `http_auth`, API tokens on the HTTP port;
 //! - [`config`]: flags, environment and TOML;
 //! - `tls`: the TLS listeners of both ports (handshakes off the accept loop);
 //! - `trace`: the run's spans in its OpenTelemetry trace (off unless configured);
 //! - `tokens`: API tokens in the store (make, look up, list, revoke); their
 //!   check on each call is `api::auth`;
+//! - `runner_tokens`: single-use registration tokens for ephemeral runners;
 //! - [`admin`]: the binary's offline commands (`token create`).
 //!
 //! The facade: [`run`], [`CoordinatorConfig`], [`Timing`], and [`store`]
@@ -29,15 +32,18 @@
 pub mod admin;
 pub(crate) mod api;
 pub mod config;
+pub(crate) mod demand;
 pub(crate) mod election;
 pub(crate) mod health;
 pub(crate) mod http;
+pub(crate) mod http_auth;
 pub(crate) mod idle;
 pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod model;
 pub(crate) mod private;
+pub(crate) mod runner_tokens;
 pub(crate) mod scheduler;
 mod server;
 pub mod store;

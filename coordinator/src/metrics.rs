@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -19,6 +20,60 @@ pub(crate) struct Metrics {
     pub(crate) pickup_ms: Histogram,
     /// Task wall time from first start to end, seconds.
     pub(crate) task_seconds: Histogram,
+    /// The demand signal by `runs-on` label set (`crate::demand`), set at
+    /// each scrape on the leader.
+    pub(crate) demand: DemandGauges,
+}
+
+type ByLabels<G> = Family<Vec<(String, String)>, G>;
+
+/// `capstan_demand_*{labels="k=v,k=v"}`.
+#[derive(Default)]
+pub(crate) struct DemandGauges {
+    pub(crate) queued: ByLabels<Gauge>,
+    pub(crate) running: ByLabels<Gauge>,
+    pub(crate) free_slots: ByLabels<Gauge>,
+    pub(crate) oldest_queued: ByLabels<Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) unmatched: ByLabels<Gauge>,
+}
+
+impl DemandGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "demand_queued_tasks",
+            "Queued tasks by runs-on label set",
+            self.queued.clone(),
+        );
+        registry.register(
+            "demand_running_tasks",
+            "Offered or running tasks by runs-on label set",
+            self.running.clone(),
+        );
+        registry.register(
+            "demand_free_slots",
+            "Free slots of connected runners matching the label set",
+            self.free_slots.clone(),
+        );
+        registry.register(
+            "demand_oldest_queued_seconds",
+            "Age of the longest-waiting queued task of the label set",
+            self.oldest_queued.clone(),
+        );
+        registry.register(
+            "demand_unmatched_tasks",
+            "Queued tasks whose labels no runner, runner token or --runner-pool could match",
+            self.unmatched.clone(),
+        );
+    }
+
+    /// Forgets every label set (before setting the current ones).
+    pub(crate) fn clear(&self) {
+        self.queued.clear();
+        self.running.clear();
+        self.free_slots.clear();
+        self.oldest_queued.clear();
+        self.unmatched.clear();
+    }
 }
 
 impl Default for Metrics {
@@ -58,8 +113,11 @@ impl Default for Metrics {
             "Wall time of finished tasks",
             task_seconds.clone(),
         );
+        let demand = DemandGauges::default();
+        demand.register(&mut registry);
         Self {
             registry,
+            demand,
             queue_depth,
             runners_connected,
             runs_submitted,

@@ -214,6 +214,16 @@ pub(crate) struct RunnerRecord {
     /// streams must present the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_identity: Option<String>,
+    /// Takes one task and leaves (`--ephemeral`, or a single-use token):
+    /// offered nothing once `spent`, deleted when it goes away or is lost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) ephemeral: bool,
+    /// Its labels came from its single-use token: a hello cannot change them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) fixed_labels: bool,
+    /// An ephemeral runner accepted its one task.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) spent: bool,
 }
 
 mod spec_hex {

@@ -85,6 +85,7 @@ pub async fn run(
         registration_token: config.registration_token.clone().into(),
         advertise: advertise.clone().into(),
         tokens: Arc::new(crate::tokens::Tokens::new(store.clone())),
+        runner_tokens: Arc::new(crate::runner_tokens::RunnerTokens::new(store.clone())),
         limits: config.limits,
         mtls: mtls_policy(&config, tls.as_ref()),
     };
@@ -95,11 +96,7 @@ pub async fn run(
     let idle = config.limits.idle; // both ports close connections silent that long
     let (grpc, http) = ((grpc, idle), http.map(|h| (h, idle)));
     if let Some(http) = http {
-        let state = http::HttpState {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-            role: shared.role.clone(),
-        };
+        let state = http_state(&shared, &ready, &config);
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
     let server_task = spawn_grpc(&tracker, grpc_server(shared), grpc, tls.as_ref(), &inner);
@@ -126,6 +123,25 @@ pub async fn run(
     };
     stop(&inner, &*election, &tracker).await;
     result
+}
+
+/// What the HTTP side port serves from.
+fn http_state(
+    shared: &api::Shared,
+    ready: &Arc<AtomicBool>,
+    config: &CoordinatorConfig,
+) -> http::HttpState {
+    http::HttpState {
+        metrics: shared.metrics.clone(),
+        ready: ready.clone(),
+        role: shared.role.clone(),
+        demand: crate::demand::DemandState {
+            role: shared.role.clone(),
+            tokens: shared.tokens.clone(),
+            runner_tokens: shared.runner_tokens.clone(),
+            pools: Arc::new(config.runner_pools.clone()),
+        },
+    }
 }
 
 /// The URL clients and runners are told to use: `--advertise`, else this

@@ -73,6 +73,10 @@ pub struct Args {
     /// Attempts run at once [default: 1].
     #[arg(long, env = "CAPSTAN_CAPACITY", value_name = "N")]
     pub capacity: Option<u32>,
+    /// Take exactly one task, then deregister and exit 0 (for autoscaled
+    /// pools: a fresh runner, container and work dir per task).
+    #[arg(long, env = "CAPSTAN_EPHEMERAL", num_args = 0..=1, default_missing_value = "true")]
+    pub ephemeral: Option<bool>,
     /// Executor for the steps [default: docker].
     #[arg(long, env = "CAPSTAN_EXECUTOR", value_enum)]
     pub executor: Option<ExecutorKind>,
@@ -184,6 +188,8 @@ pub enum ConfigError {
     },
     #[error("--capacity must be at least 1")]
     ZeroCapacity,
+    #[error("an --ephemeral runner runs one task: leave --capacity unset or 1")]
+    EphemeralCapacity,
     #[error("invalid --docker-network: {0}")]
     Network(String),
     #[error("invalid --docker-memory `{0}`: expected bytes or a number with k, m or g, e.g. 512m")]
@@ -228,6 +234,10 @@ fn merge(args: Args, file: Args) -> Result<RunnerConfig, ConfigError> {
     if capacity == 0 {
         return Err(ConfigError::ZeroCapacity);
     }
+    let ephemeral = s.ephemeral.unwrap_or(false);
+    if ephemeral && capacity > 1 {
+        return Err(ConfigError::EphemeralCapacity);
+    }
     let docker = docker_settings(&s)?;
     let git_author = match s.git_author {
         Some(text) => text.parse().map_err(ConfigError::GitAuthor)?,
@@ -256,6 +266,7 @@ fn merge(args: Args, file: Args) -> Result<RunnerConfig, ConfigError> {
         name,
         labels: s.labels.unwrap_or_default(),
         capacity,
+        ephemeral,
         executor: s.executor.unwrap_or(DEFAULT_EXECUTOR),
         work_dir: s
             .work_dir

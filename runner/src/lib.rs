@@ -83,6 +83,8 @@ pub struct RunnerConfig {
     pub labels: BTreeMap<String, String>,
     /// Attempts run at once (default 1).
     pub capacity: u32,
+    /// Take one task, then deregister and exit 0 (`--ephemeral`).
+    pub ephemeral: bool,
     /// Which executor runs the steps.
     pub executor: ExecutorKind,
     /// Per-attempt work dirs, the log spool and the cached credentials.
@@ -110,6 +112,7 @@ impl Default for RunnerConfig {
             name: String::new(),
             labels: BTreeMap::new(),
             capacity: config::DEFAULT_CAPACITY,
+            ephemeral: false,
             executor: config::DEFAULT_EXECUTOR,
             work_dir: PathBuf::from(config::DEFAULT_WORK_DIR),
             secrets_file: None,

@@ -85,6 +85,7 @@ pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Validate { file } => validate::run(&ctx, &file),
         Command::Dev(args) => dev::run(&ctx, args).await,
         Command::Token(command) => token::run(&ctx, command).await,
+        Command::RunnerToken(command) => token::runner_token(&ctx, command).await,
     }
 }
 

@@ -6,7 +6,7 @@ use capstan_proto::api::v1::{TokenInfo, TokenScope};
 use serde_json::{Value, json};
 
 use super::{Context, print_json};
-use crate::args::{Scope, TokenCommand};
+use crate::args::{RunnerTokenCommand, Scope, TokenCommand};
 use crate::exit::{Exit, Failure};
 use crate::output::{Format, Table, format_time};
 
@@ -65,6 +65,46 @@ pub(crate) async fn run(ctx: &Context, command: TokenCommand) -> Result<Exit, Fa
                 Format::Json => print_json(&info_json(&info)),
             }
         }
+    }
+    Ok(Exit::Success)
+}
+
+/// `capstan runner-token create --ephemeral`: the token on stdout, what
+/// it is for on stderr.
+pub(crate) async fn runner_token(
+    ctx: &Context,
+    command: RunnerTokenCommand,
+) -> Result<Exit, Failure> {
+    let RunnerTokenCommand::Create {
+        ephemeral,
+        labels,
+        ttl,
+    } = command;
+    if !ephemeral {
+        return Err(Failure::usage(
+            "pass --ephemeral: the only runner tokens are single-use ones for ephemeral runners \
+             (the fleet's shared token is the coordinator's --registration-token)",
+        ));
+    }
+    let client = ctx.connect().await?;
+    let made = client.create_runner_token(labels.clone(), ttl).await?;
+    match ctx.format {
+        Format::Text => {
+            let mut shown: Vec<_> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            shown.sort();
+            eprintln!(
+                "created a single-use token for one ephemeral runner (labels `{}`; expires {}); \
+                 it is shown only now: pass it as the runner's --registration-token with --ephemeral",
+                shown.join(","),
+                format_time(made.expires_at_ms)
+            );
+            println!("{}", made.token);
+        }
+        Format::Json => print_json(&json!({
+            "token": made.token,
+            "labels": labels,
+            "expires": format_time(made.expires_at_ms),
+        })),
     }
     Ok(Exit::Success)
 }

@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) advertise: Arc<str>,
     /// The API tokens, in the same store as the state (every replica reads it).
     pub(crate) tokens: Arc<crate::tokens::Tokens>,
+    /// Single-use registration tokens (ephemeral runners), same store.
+    pub(crate) runner_tokens: Arc<crate::runner_tokens::RunnerTokens>,
     pub(crate) limits: crate::limits::Limits,
     /// Runners must present a client certificate (`--tls-client-ca`).
     pub(crate) mtls: Option<Mtls>,

@@ -595,6 +595,7 @@ mod tests {
             registration_token: "t".into(),
             advertise: "http://127.0.0.1:1".into(),
             tokens: Arc::new(crate::tokens::Tokens::new(store.clone())),
+            runner_tokens: Arc::new(crate::runner_tokens::RunnerTokens::new(store.clone())),
             limits: Default::default(),
         };
         let (tx, _rx) = mpsc::channel(4);

@@ -1,7 +1,8 @@
 //! RunnerService: registration, the Control stream and log ingestion.
 
 use super::{Shared, status};
-use crate::model::secrets_equal;
+use crate::model::{now_ms, secrets_equal};
+use crate::runner_tokens::{Claim, RunnerTokenError, RunnerTokens};
 use crate::scheduler::Command;
 use crate::scheduler::lease::HeartbeatFilter;
 use crate::scheduler::state::Takeover;
@@ -37,12 +38,7 @@ impl runner_service_server::RunnerService for RunnerApi {
             None => None,
         };
         let req = req.into_inner();
-        if !secrets_equal(&req.registration_token, &self.0.registration_token) {
-            tracing::warn!(name = %req.name, "registration refused: wrong registration token");
-            return Err(Status::unauthenticated(
-                "registration token rejected: check the runner's --registration-token",
-            ));
-        }
+        let claim = self.registration_token(&req).await?;
         let name = req.name.trim().to_string();
         if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
             return Err(Status::invalid_argument(format!(
@@ -67,18 +63,34 @@ impl runner_service_server::RunnerService for RunnerApi {
             },
             (None, true) => Takeover::Nothing,
         };
+        // A single-use token's labels are the runner's, whatever it asks.
+        let (labels, ephemeral) = match &claim {
+            Some(c) => (c.labels().clone(), Some(true)),
+            None => (
+                req.labels.into_iter().collect(),
+                req.ephemeral.then_some(false),
+            ),
+        };
         let (id, secret) = self
             .0
             .ask(|reply| Command::Register {
                 name: name.clone(),
                 takeover,
-                labels: req.labels.into_iter().collect(),
+                labels,
                 capacity: req.capacity,
                 version: req.version,
                 identity: identity.clone(),
+                ephemeral,
                 reply,
             })
             .await?;
+        if let Some(claim) = claim {
+            self.0
+                .runner_tokens
+                .mark_used(claim, &name, now_ms())
+                .await
+                .map_err(|e| runner_token_refusal(&name, e))?;
+        }
         tracing::info!(runner = %id, %name, tls_identity = ?identity, "runner registered");
         if let Some(caller) = admin {
             tracing::info!(target: "audit", token = %caller.name, action = "runner register", runner = %id, %name, "runner registered with an admin token");
@@ -422,6 +434,49 @@ impl RunnerApi {
                 }
                 result => return result.map_err(status::from_log),
             }
+        }
+    }
+}
+
+impl RunnerApi {
+    /// Checks a Register's token: the fleet's shared one (`None`), or a
+    /// single-use one, claimed until the registration is written.
+    async fn registration_token(&self, req: &RegisterRequest) -> Result<Option<Claim<'_>>, Status> {
+        if RunnerTokens::is_runner_token(&req.registration_token) {
+            return self
+                .0
+                .runner_tokens
+                .claim(&req.registration_token, now_ms())
+                .await
+                .map(Some)
+                .map_err(|e| runner_token_refusal(&req.name, e));
+        }
+        if !secrets_equal(&req.registration_token, &self.0.registration_token) {
+            tracing::warn!(name = %req.name, "registration refused: wrong registration token");
+            return Err(Status::unauthenticated(
+                "registration token rejected: check the runner's --registration-token",
+            ));
+        }
+        Ok(None)
+    }
+}
+
+fn runner_token_refusal(name: &str, e: RunnerTokenError) -> Status {
+    match e {
+        RunnerTokenError::Unknown | RunnerTokenError::Expired => {
+            tracing::warn!(%name, reason = %e, "registration refused: single-use token");
+            Status::unauthenticated(e.to_string())
+        }
+        RunnerTokenError::Used { .. } => {
+            tracing::warn!(%name, reason = %e, "registration refused: single-use token");
+            Status::permission_denied(e.to_string())
+        }
+        RunnerTokenError::Store(crate::store::StoreError::Fenced) => {
+            Status::unavailable(e.to_string())
+        }
+        e => {
+            tracing::error!(error = %e, "runner token store failure");
+            Status::internal("the coordinator could not access its runner tokens; see its log")
         }
     }
 }

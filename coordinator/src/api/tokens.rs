@@ -4,6 +4,7 @@
 use super::Shared;
 use super::auth::Caller;
 use crate::model::now_ms;
+use crate::runner_tokens::RunnerTokenError;
 use crate::tokens::{Scope, TokenError, TokenRecord};
 use capstan_proto::api::v1::*;
 use std::time::Duration;
@@ -125,5 +126,55 @@ impl token_service_server::TokenService for TokenApi {
         Ok(Response::new(RevokeTokenResponse {
             info: Some(info(&record)),
         }))
+    }
+
+    async fn create_runner_token(
+        &self,
+        req: Request<CreateRunnerTokenRequest>,
+    ) -> Result<Response<CreateRunnerTokenResponse>, Status> {
+        let caller = self.admin(&req).await?;
+        let req = req.into_inner();
+        let now = now_ms();
+        let runner_tokens = &self.0.runner_tokens;
+        let (token, record) = runner_tokens
+            .create(
+                req.labels.into_iter().collect(),
+                Duration::from_secs(req.expires_in_secs),
+                req.ephemeral,
+                now,
+            )
+            .await
+            .map_err(runner_token_status)?;
+        // Making one is when old ones are cleared: bounded by how many are made.
+        if let Err(e) = runner_tokens.sweep(now).await {
+            tracing::warn!(error = %e, "could not delete old runner tokens");
+        }
+        tracing::info!(
+            target: "audit",
+            token = %caller.name,
+            action = "runner-token create",
+            labels = ?record.labels,
+            expires_at_ms = record.expires_at_ms,
+            "single-use runner token created"
+        );
+        Ok(Response::new(CreateRunnerTokenResponse {
+            token,
+            expires_at_ms: record.expires_at_ms,
+        }))
+    }
+}
+
+fn runner_token_status(e: RunnerTokenError) -> Status {
+    match e {
+        RunnerTokenError::NotEphemeral
+        | RunnerTokenError::BadTtl
+        | RunnerTokenError::BadLabel(_) => Status::invalid_argument(e.to_string()),
+        RunnerTokenError::Store(crate::store::StoreError::Fenced) => {
+            Status::unavailable(e.to_string())
+        }
+        e => {
+            tracing::error!(error = %e, "runner token store failure");
+            Status::internal("the coordinator could not access its runner tokens; see its log")
+        }
     }
 }

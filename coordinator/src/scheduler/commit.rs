@@ -83,12 +83,16 @@ impl Scheduler {
             }
         }
         for id in fx.dirty_runners() {
-            if let Some(r) = self.state.runner(id) {
-                batch.push(Op::Put {
+            batch.push(match self.state.runner(id) {
+                Some(r) => Op::Put {
                     key: runner_key(id),
                     value: serde_json::to_vec(r.record()).expect("records serialize"),
-                });
-            }
+                },
+                // Deleted this batch (an ephemeral runner that left).
+                None => Op::Delete {
+                    key: runner_key(id),
+                },
+            });
         }
         batch
     }

@@ -124,6 +124,7 @@ impl Fixture {
                 capacity: 1,
                 version: "test".into(),
                 identity: None,
+                ephemeral: None,
                 reply,
             })
             .await

@@ -22,7 +22,7 @@
 //! [`state::SchedulerState`]'s methods; `dispatch` and `view` are private.
 
 mod commit;
-mod dispatch;
+pub(crate) mod dispatch;
 pub(crate) mod lease;
 pub(crate) mod state;
 mod view;
@@ -96,6 +96,9 @@ pub(crate) enum Command {
         version: String,
         /// Its client certificate's subject, under mTLS.
         identity: Option<String>,
+        /// One task, then gone; `Some(true)`: with its single-use token's
+        /// labels, which no hello changes.
+        ephemeral: Option<bool>,
         reply: Reply<(RunnerId, String)>,
     },
     /// Replies with the connection id and the lease its reader renews.
@@ -129,6 +132,10 @@ pub(crate) enum Command {
     },
     ListRunners {
         reply: Reply<Vec<api::Runner>>,
+    },
+    /// Queued and running tasks by label set, and the runners' free slots.
+    Demand {
+        reply: Reply<state::DemandSnapshot>,
     },
     Drain {
         runner: String,
@@ -359,11 +366,15 @@ impl Scheduler {
                 capacity,
                 version,
                 identity,
+                ephemeral,
                 reply,
             } => {
                 let r = self.state.may_register(&name, &takeover).map(|()| {
                     let r = self.state.register(&name, labels, capacity, &version, now);
                     self.state.set_tls_identity(&r.0, identity);
+                    if let Some(fixed_labels) = ephemeral {
+                        self.state.set_ephemeral(&r.0, fixed_labels);
+                    }
                     r
                 });
                 self.reply(reply, r);
@@ -403,6 +414,9 @@ impl Scheduler {
             }
             Command::ListRunners { reply } => {
                 let _ = reply.send(Ok(self.list_runners()));
+            }
+            Command::Demand { reply } => {
+                let _ = reply.send(Ok(self.state.demand()));
             }
             Command::Drain { runner, reply } => {
                 let r = self.state.drain(&runner).map(|id| self.runner_view(&id));

@@ -171,6 +171,7 @@ impl Connector {
                 labels: config.labels.clone().into_iter().collect(),
                 capacity: config.capacity,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
+                ephemeral: config.ephemeral,
                 ..RegisterRequest::default()
             },
             credentials_file: work_dir.credentials_file(),

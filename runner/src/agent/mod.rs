@@ -105,6 +105,8 @@ pub(crate) struct Agent {
     epoch: Epoch,
     shutdown: CancellationToken,
     draining: bool,
+    /// One task, then drain and leave (`--ephemeral`).
+    ephemeral: bool,
 }
 
 impl Agent {
@@ -117,6 +119,7 @@ impl Agent {
     ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
         let connector = Connector::new(&config, &work_dir, credentials);
+        let ephemeral = config.ephemeral;
         Self {
             connector,
             attempts: Attempts::new(&config, Arc::new(work_dir), executor, events_tx),
@@ -124,6 +127,7 @@ impl Agent {
             epoch: Epoch::default(),
             shutdown,
             draining: false,
+            ephemeral,
         }
     }
 
@@ -210,9 +214,19 @@ impl Agent {
                     self.start_drain("shutdown requested");
                 }
                 Some(event) = self.events.recv() => {
+                    self.after_ephemeral_task(&event);
                     self.attempts.on_event(event, None).await;
                 }
             }
+        }
+    }
+
+    /// An ephemeral runner drains once its one task has finished: the
+    /// report and log are still delivered, then it says GoingAway (the
+    /// coordinator deletes its record) and [`Agent::run`] returns Ok.
+    fn after_ephemeral_task(&mut self, event: &AttemptEvent) {
+        if self.ephemeral && matches!(event, AttemptEvent::Finished(_)) {
+            self.start_drain("ephemeral: its one task finished");
         }
     }
 
@@ -279,6 +293,7 @@ impl Agent {
                     next_beat = next_beat.min(Instant::now() + beats.busy);
                 }
                 Some(event) = self.events.recv() => {
+                    self.after_ephemeral_task(&event);
                     if !self.attempts.on_event(event, Some(&conn)).await {
                         return SessionEnd::Reconnect;
                     }

@@ -3,8 +3,8 @@
 use crate::{Client, ClientError};
 use capstan_proto::api::v1::token_service_client::TokenServiceClient;
 use capstan_proto::api::v1::{
-    CreateTokenRequest, CreateTokenResponse, ListTokensRequest, RevokeTokenRequest, TokenInfo,
-    TokenScope,
+    CreateRunnerTokenRequest, CreateRunnerTokenResponse, CreateTokenRequest, CreateTokenResponse,
+    ListTokensRequest, RevokeTokenRequest, TokenInfo, TokenScope,
 };
 use std::time::Duration;
 
@@ -23,6 +23,24 @@ impl Client {
         };
         self.unary(request, |ch, req| async move {
             TokenServiceClient::new(ch).create_token(req).await
+        })
+        .await
+    }
+
+    /// Makes a single-use registration token for one ephemeral runner with
+    /// `labels`, valid for `ttl`; the answer holds it, shown this once.
+    pub async fn create_runner_token(
+        &self,
+        labels: std::collections::HashMap<String, String>,
+        ttl: Duration,
+    ) -> Result<CreateRunnerTokenResponse, ClientError> {
+        let request = CreateRunnerTokenRequest {
+            labels,
+            expires_in_secs: ttl.as_secs().max(1),
+            ephemeral: true,
+        };
+        self.unary(request, |ch, req| async move {
+            TokenServiceClient::new(ch).create_runner_token(req).await
         })
         .await
     }

@@ -95,6 +95,15 @@ impl TestCluster {
         self.http_get_on(self.replicas[0].http, path)
     }
 
+    /// A plain HTTP/1.0 GET on replica 0's side port with the bearer
+    /// `token` (None: no Authorization header): (status, body).
+    pub fn http_get_auth(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        crate::net::http_get_with(self.replicas[0].http, path, &headers)
+    }
+
     fn http_get_on(&self, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
         match self.pki() {
             Some(pki) => https_get(addr, path, &pki.ca_cert()).map(|a| (a.status, a.body)),

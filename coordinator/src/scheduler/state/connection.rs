@@ -88,6 +88,9 @@ impl SchedulerState {
             draining: false,
             registered_at_ms: now_ms(),
             tls_identity: None,
+            ephemeral: false,
+            fixed_labels: false,
+            spent: false,
         };
         match self.runners.get_mut(&id) {
             Some(slot) => slot.set_record(record),
@@ -103,6 +106,33 @@ impl SchedulerState {
             let mut record = slot.record().clone();
             record.tls_identity = identity;
             slot.set_record(record);
+            self.fx.touch_runner(id);
+        }
+    }
+
+    /// Makes a just registered runner ephemeral (one task, then gone);
+    /// `fixed_labels`: its labels came from its single-use token.
+    pub(crate) fn set_ephemeral(&mut self, id: &RunnerId, fixed_labels: bool) {
+        if let Some(slot) = self.runners.get_mut(id) {
+            let mut record = slot.record().clone();
+            record.ephemeral = true;
+            record.fixed_labels = fixed_labels;
+            record.capacity = 1;
+            slot.set_record(record);
+            self.fx.touch_runner(id);
+        }
+    }
+
+    /// Deletes an ephemeral runner that has nothing left to run: it said
+    /// GoingAway, or it was lost and its attempts were requeued. Its record
+    /// goes from the store with the batch.
+    pub(crate) fn forget_ephemeral(&mut self, id: &RunnerId) {
+        let Some(slot) = self.runners.get(id) else {
+            return;
+        };
+        if slot.record().ephemeral && slot.active().next().is_none() {
+            tracing::info!(runner = %id, name = %slot.record().name, "ephemeral runner gone; its record is deleted");
+            self.runners.remove(id);
             self.fx.touch_runner(id);
         }
     }

@@ -22,10 +22,12 @@
 //! - `connection`: register, attach (a runner's hello), detach, drain;
 //! - `reports`: the messages a runner sends on its Control stream;
 //! - `offers`: dispatching queued tasks (matching in [`super::dispatch`]);
-//! - `sweep`: the timers (offer timeouts, leases, task timeouts).
+//! - `sweep`: the timers (offer timeouts, leases, task timeouts);
+//! - `demand`: a read of queued and running tasks and runners, for autoscalers.
 
 mod clocks;
 mod connection;
+mod demand;
 mod effects;
 mod offers;
 mod queue;
@@ -36,6 +38,9 @@ mod sweep;
 mod tasks;
 
 pub(crate) use connection::Takeover;
+pub(crate) use demand::DemandSnapshot;
+#[cfg(test)]
+pub(crate) use demand::{Supply, TaskDemand};
 pub(crate) use effects::{Effects, Outgoing, RunnerTx};
 pub(crate) use runners::RunnerSlot;
 

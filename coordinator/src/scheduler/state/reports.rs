@@ -33,7 +33,12 @@ impl SchedulerState {
                 let a = AttemptId::from_string(acc.attempt_id);
                 let (run_id, i) = self.runs.owned(runner, &a)?;
                 match self.runs.attempt_state(&a) {
-                    Some(AttemptState::Offered) => self.mark_running(&run_id, i, &a, now),
+                    Some(AttemptState::Offered) => {
+                        if self.runners.slot_mut(runner).spend() {
+                            self.fx.touch_runner(runner);
+                        }
+                        self.mark_running(&run_id, i, &a, now)
+                    }
                     Some(s) if !s.is_active() => self.cancel_stale(runner, &a),
                     _ => {}
                 }
@@ -65,6 +70,7 @@ impl SchedulerState {
             Up::GoingAway(g) => {
                 tracing::info!(%runner, reason = %g.reason, "runner going away");
                 self.runners.slot_mut(runner).drop_conn();
+                self.forget_ephemeral(runner);
             }
         }
         Ok(())

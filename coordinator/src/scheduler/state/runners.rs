@@ -124,10 +124,12 @@ impl RunnerSlot {
     }
 
     pub(crate) fn accepts_work(&self) -> bool {
+        let spent = self.record.ephemeral && self.record.spent;
         self.conn.is_some()
             && !self.record.draining
             && !self.self_draining
             && !self.paused
+            && !spent
             && self.free_slots() > 0
     }
 
@@ -201,10 +203,11 @@ impl RunnerSlot {
         labels: HashMap<String, String>,
         version: String,
     ) {
-        if capacity > 0 {
+        // An ephemeral runner runs one task at a time whatever it says.
+        if capacity > 0 && !self.record.ephemeral {
             self.record.capacity = capacity;
         }
-        if !labels.is_empty() {
+        if !labels.is_empty() && !self.record.fixed_labels {
             self.record.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
         }
         if !version.is_empty() {
@@ -226,6 +229,14 @@ impl RunnerSlot {
         self.last_seen = self.seen();
         self.conn = None;
         self.detached_at = Some(now);
+    }
+
+    /// An ephemeral runner accepted its one task: it is offered no other.
+    /// True if that changed its record.
+    pub(super) fn spend(&mut self) -> bool {
+        let change = self.record.ephemeral && !self.record.spent;
+        self.record.spent |= self.record.ephemeral;
+        change
     }
 
     /// Forgets its connection (it goes away, or must reconnect).
@@ -288,6 +299,10 @@ impl Runners {
 
     pub(super) fn values(&self) -> impl Iterator<Item = &RunnerSlot> {
         self.slots.values()
+    }
+
+    pub(super) fn remove(&mut self, id: &RunnerId) {
+        self.slots.remove(id);
     }
 
     pub(super) fn insert(&mut self, slot: RunnerSlot) {

@@ -52,6 +52,8 @@ impl SchedulerState {
             for a in attempts {
                 self.lose_attempt(&a, LossReason::RunnerLost, now);
             }
+            // An ephemeral runner does not come back for another task.
+            self.forget_ephemeral(&runner);
         }
     }
 
