@@ -37,6 +37,8 @@ pub struct CoordinatorConfig {
     pub limits: Limits,
     /// TLS on both ports; `None`: plaintext (loopback only, unless `--insecure`).
     pub tls: Option<TlsSettings>,
+    /// Webhooks, commit statuses and schedules (`--public-url`, `--forge-key-file`).
+    pub forge: crate::forge::ForgeSettings,
 }
 
 /// `--tls-*`.
@@ -64,6 +66,7 @@ impl CoordinatorConfig {
             dev_admin_token: Some(crate::tokens::generate()),
             limits: Limits::default(),
             tls: None,
+            forge: Default::default(),
         }
     }
 }
@@ -187,6 +190,15 @@ pub struct Args {
     /// coordinator refuses to listen beyond this host).
     #[arg(long, env = "CAPSTAN_INSECURE", num_args = 0..=1, default_missing_value = "true")]
     pub insecure: Option<bool>,
+    /// Base URL of the web UI, for the links posted with commit statuses
+    /// (`https://ci.example.com`) [default: http://HTTP_LISTEN].
+    #[arg(long, env = "CAPSTAN_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+    /// 32-byte key (base64, one line) that seals repositories' webhook
+    /// secrets and status tokens in the store; every replica needs the same
+    /// one [default: DATA_DIR/forge.key, made on first use].
+    #[arg(long, env = "CAPSTAN_FORGE_KEY_FILE", value_name = "FILE")]
+    pub forge_key_file: Option<PathBuf>,
 }
 
 /// What `capstan-coordinator health` dials.
@@ -363,6 +375,10 @@ impl Args {
                 log_dir: s.log_dir,
                 dev_admin_token: None,
                 limits,
+                forge: crate::forge::ForgeSettings {
+                    public_url: s.public_url.clone(),
+                    key_file: s.forge_key_file.clone(),
+                },
             },
         })
     }

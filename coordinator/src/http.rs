@@ -1,4 +1,5 @@
-//! The HTTP side port: `/healthz`, `/readyz`, `/metrics`.
+//! The HTTP side port: `/healthz`, `/readyz`, `/metrics`, and the routes
+//! other modules own (the forge webhooks: `forge::webhook`).
 
 use crate::metrics::Metrics;
 use axum::Router;
@@ -20,6 +21,8 @@ pub(crate) struct HttpState {
     pub(crate) ready: Arc<AtomicBool>,
     /// Whether this replica leads (and so serves the API) right now.
     pub(crate) role: watch::Receiver<Role>,
+    /// Routes of other modules, merged in (the forge webhooks).
+    pub(crate) extra: Router,
 }
 
 pub(crate) fn router(state: HttpState) -> Router {
@@ -27,7 +30,8 @@ pub(crate) fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(state.extra)
 }
 
 /// 200 only on the replica that leads: a follower answers every API call

@@ -18,7 +18,8 @@
 //! - `trace`: the run's spans in its OpenTelemetry trace (off unless configured);
 //! - `tokens`: API tokens in the store (make, look up, list, revoke); their
 //!   check on each call is `api::auth`;
-//! - [`admin`]: the binary's offline commands (`token create`).
+//! - [`admin`]: the binary's offline commands (`token create`);
+//! - `forge`: repositories, push webhooks, commit statuses, schedules (issue 22).
 //!
 //! The facade: [`run`], [`CoordinatorConfig`], [`Timing`], and [`store`]
 //! (the bench writes to a redb store; the end-to-end tests run the store
@@ -30,6 +31,7 @@ pub mod admin;
 pub(crate) mod api;
 pub mod config;
 pub(crate) mod election;
+pub(crate) mod forge;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod idle;
@@ -46,6 +48,7 @@ pub(crate) mod tokens;
 pub(crate) mod trace;
 
 pub use config::{CoordinatorConfig, TlsSettings};
+pub use forge::ForgeSettings;
 pub use limits::Limits;
 pub use scheduler::state::Timing;
 pub use server::run;

@@ -7,7 +7,7 @@
 //! `idle`, `logs`, `scheduler`, `store`, `tls`); nothing imports it but `lib.rs`.
 
 use crate::config::CoordinatorConfig;
-use crate::{api, election, http, logs, metrics, scheduler, store, tls};
+use crate::{api, election, forge, http, logs, metrics, scheduler, store, tls};
 use anyhow::Context as _;
 use capstan_proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
 use std::sync::Arc;
@@ -91,6 +91,14 @@ pub async fn run(
     if let Some(token) = &config.dev_admin_token {
         install_dev_token(&shared.tokens, token).await?;
     }
+    let http_addr = http.as_ref().and_then(|h| h.local_addr().ok());
+    let forges = Arc::new(forge::Forges::open(
+        store.clone(),
+        &config.forge,
+        &config.data_dir,
+        http_addr,
+    )?);
+    forge::leader_tasks(forges.clone(), shared.clone(), &tracker, inner.clone());
 
     let idle = config.limits.idle; // both ports close connections silent that long
     let (grpc, http) = ((grpc, idle), http.map(|h| (h, idle)));
@@ -99,10 +107,20 @@ pub async fn run(
             metrics: metrics.clone(),
             ready: ready.clone(),
             role: shared.role.clone(),
+            extra: forge::webhook::router(forge::webhook::HookState {
+                shared: shared.clone(),
+                forges: forges.clone(),
+            }),
         };
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
-    let server_task = spawn_grpc(&tracker, grpc_server(shared), grpc, tls.as_ref(), &inner);
+    let server_task = spawn_grpc(
+        &tracker,
+        grpc_server(shared, forges),
+        grpc,
+        tls.as_ref(),
+        &inner,
+    );
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, standalone, tls = tls.is_some(), "coordinator serving");
 
@@ -276,7 +294,10 @@ async fn open_state(
 }
 
 /// The gRPC server with the runner, pipeline, cluster and token services.
-fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
+fn grpc_server(
+    shared: api::Shared,
+    forges: Arc<forge::Forges>,
+) -> tonic::transport::server::Router {
     let limits = shared.limits;
     tonic::transport::Server::builder()
         // A runner host that vanishes without closing its connection (power
@@ -306,6 +327,12 @@ fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
                 shared.clone(),
             )),
         )
+        .add_service(apipb::repo_service_server::RepoServiceServer::new(
+            api::repos::RepoApi {
+                shared: shared.clone(),
+                forges,
+            },
+        ))
         .add_service(apipb::token_service_server::TokenServiceServer::new(
             api::tokens::TokenApi(shared),
         ))

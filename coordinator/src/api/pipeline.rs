@@ -52,6 +52,10 @@ fn check_source(req: &SubmitRunRequest) -> Result<(), Status> {
     if !req.repo.is_empty() {
         capstan_proto::source::check_repo(&req.repo).map_err(Status::invalid_argument)?;
     }
+    if !req.git_ref.is_empty() {
+        capstan_proto::source::check_rev(&req.git_ref)
+            .map_err(|e| Status::invalid_argument(e.replace("--rev", "git_ref")))?;
+    }
     Ok(())
 }
 
@@ -84,6 +88,7 @@ pub(crate) fn build_run_within(
         params: req.params.into_iter().collect(),
         git_sha: (!req.rev.is_empty()).then(|| req.rev.clone()),
         git_repo: (!req.repo.is_empty()).then(|| req.repo.clone()),
+        git_ref: (!req.git_ref.is_empty()).then(|| req.git_ref.clone()),
         run_id: Some(id.to_string()),
     };
     let resolved = capstan_pipeline::resolve(&file, &parsed, &ctx).map_err(invalid)?;
@@ -157,7 +162,7 @@ type ParseJob = (
 /// after another, up to 8 per core). On one thread the most the process
 /// keeps is one parse's worth, however many submits come; and parsing, which
 /// is CPU work, stays off the runtime's workers.
-async fn build_on_parser_thread(
+pub(crate) async fn build_on_parser_thread(
     req: SubmitRunRequest,
     limits: Limits,
 ) -> Result<RunRecord, Status> {

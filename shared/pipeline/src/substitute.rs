@@ -16,6 +16,8 @@ pub struct Context {
     pub git_sha: Option<String>,
     /// `${{ git.repo }}`: the repository the run builds.
     pub git_repo: Option<String>,
+    /// `${{ git.ref }}`: the ref whose push started the run (`refs/heads/main`).
+    pub git_ref: Option<String>,
     /// `${{ run.id }}`: the run's id.
     pub run_id: Option<String>,
 }
@@ -170,6 +172,7 @@ pub fn resolve(
                 Expr::Param(p) => params.get(p).map(String::as_str),
                 Expr::GitSha => ctx.git_sha.as_deref(),
                 Expr::GitRepo => ctx.git_repo.as_deref(),
+                Expr::GitRef => ctx.git_ref.as_deref(),
                 Expr::RunId => ctx.run_id.as_deref(),
             };
             let rendered = match field {
@@ -279,6 +282,7 @@ fn check_context(file: &str, ctx: &Context) -> Result<(), ValidationErrors> {
     let values = [
         (Expr::GitSha, &ctx.git_sha),
         (Expr::GitRepo, &ctx.git_repo),
+        (Expr::GitRef, &ctx.git_ref),
         (Expr::RunId, &ctx.run_id),
     ];
     for (expr, value) in values {
@@ -302,6 +306,10 @@ fn missing(e: &Expr, params: &BTreeMap<String, String>) -> String {
     match e {
         Expr::GitSha => format!("`{}` needs a revision: submit with --rev", e.text()),
         Expr::GitRepo => format!("`{}` needs a repository: submit with --repo", e.text()),
+        Expr::GitRef => format!(
+            "`{}` needs the pushed ref: only runs started by a push or a schedule have one",
+            e.text()
+        ),
         Expr::RunId => format!(
             "`{}` needs the run's id, which this context lacks",
             e.text()

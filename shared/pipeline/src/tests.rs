@@ -967,7 +967,7 @@ fn substitution_problems_are_found_by_parse() {
         12,
         &[
             "unknown substitution `${{ secrets.token }}`",
-            "`params.NAME`, `git.sha`, `git.repo` or `run.id`",
+            "`params.NAME`, `git.sha`, `git.repo`, `git.ref` or `run.id`",
         ],
     );
     one_error(
@@ -1013,6 +1013,7 @@ fn ctx() -> Context {
         params: BTreeMap::new(),
         git_sha: Some(s("abc123")),
         git_repo: Some(s("http://git/demo.git")),
+        git_ref: Some(s("refs/heads/main")),
         run_id: Some(s("run-1")),
     }
 }
@@ -1521,6 +1522,7 @@ fn the_fuzzers_crashing_input_is_an_error() {
         params: map(&[("branch", "$"), ("image", "{{")]),
         git_sha: Some(s("deadbeef")),
         git_repo: Some(s("")),
+        git_ref: None,
         run_id: Some(s("")),
     };
     let err = resolve("fuzz.yaml", &p, &c).unwrap_err();
@@ -1536,4 +1538,28 @@ fn the_fuzzers_crashing_input_is_an_error() {
         })
         .collect();
     assert_eq!(got, [(12, 52, true)], "{err}");
+}
+
+#[test]
+fn git_ref_substitutes_in_fields_and_scripts() {
+    let file = "version: 1\nname: p\ntasks:\n  t:\n    env: { R: \"${{ git.ref }}\" }\n    steps:\n      - run: echo ${{ git.ref }}\n";
+    let p = parse("r.yaml", file).unwrap();
+    let resolved = resolve("r.yaml", &p, &ctx()).unwrap();
+    let task = &resolved.tasks[0];
+    assert_eq!(
+        task.env.get("R").map(String::as_str),
+        Some("refs/heads/main")
+    );
+    assert_eq!(
+        task.steps[0].env.get("CAPSTAN_GIT_REF").map(String::as_str),
+        Some("refs/heads/main")
+    );
+    let mut bare = ctx();
+    bare.git_ref = None;
+    let err = resolve("r.yaml", &p, &bare).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`${{ git.ref }}` needs the pushed ref"),
+        "{err}"
+    );
 }
