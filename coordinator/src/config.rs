@@ -38,7 +38,16 @@ pub struct CoordinatorConfig {
     /// TLS on both ports; `None`: plaintext (loopback only, unless `--insecure`).
     pub tls: Option<TlsSettings>,
     /// Webhooks, commit statuses and schedules (`--public-url`, `--forge-key-file`).
-    pub forge: crate::forge::ForgeSettings,
+    pub forge: ForgeSettings,
+}
+
+/// `--public-url` and `--forge-key-file`.
+#[derive(Clone, Debug, Default)]
+pub struct ForgeSettings {
+    /// Base of the run links posted with statuses.
+    pub public_url: Option<String>,
+    /// The sealing key; default `DATA_DIR/forge.key`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `--tls-*`.
@@ -375,7 +384,7 @@ impl Args {
                 log_dir: s.log_dir,
                 dev_admin_token: None,
                 limits,
-                forge: crate::forge::ForgeSettings {
+                forge: ForgeSettings {
                     public_url: s.public_url.clone(),
                     key_file: s.forge_key_file.clone(),
                 },

@@ -47,8 +47,7 @@ pub(crate) mod tls;
 pub(crate) mod tokens;
 pub(crate) mod trace;
 
-pub use config::{CoordinatorConfig, TlsSettings};
-pub use forge::ForgeSettings;
+pub use config::{CoordinatorConfig, ForgeSettings, TlsSettings};
 pub use limits::Limits;
 pub use scheduler::state::Timing;
 pub use server::run;

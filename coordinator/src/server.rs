@@ -91,14 +91,8 @@ pub async fn run(
     if let Some(token) = &config.dev_admin_token {
         install_dev_token(&shared.tokens, token).await?;
     }
-    let http_addr = http.as_ref().and_then(|h| h.local_addr().ok());
-    let forges = Arc::new(forge::Forges::open(
-        store.clone(),
-        &config.forge,
-        &config.data_dir,
-        http_addr,
-    )?);
-    forge::leader_tasks(forges.clone(), shared.clone(), &tracker, inner.clone());
+    let forges = forge::Forges::open(store.clone(), &config, http.as_ref())?;
+    let forges = forge::start(forges, &shared, &tracker, &inner);
 
     let idle = config.limits.idle; // both ports close connections silent that long
     let (grpc, http) = ((grpc, idle), http.map(|h| (h, idle)));
@@ -107,20 +101,12 @@ pub async fn run(
             metrics: metrics.clone(),
             ready: ready.clone(),
             role: shared.role.clone(),
-            extra: forge::webhook::router(forge::webhook::HookState {
-                shared: shared.clone(),
-                forges: forges.clone(),
-            }),
+            extra: forge::webhook::router(&shared, &forges),
         };
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
-    let server_task = spawn_grpc(
-        &tracker,
-        grpc_server(shared, forges),
-        grpc,
-        tls.as_ref(),
-        &inner,
-    );
+    let routes = grpc_server(shared, forges);
+    let server_task = spawn_grpc(&tracker, routes, grpc, tls.as_ref(), &inner);
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, standalone, tls = tls.is_some(), "coordinator serving");
 

@@ -12,6 +12,7 @@
 //! - `submit`: a run of a repository's pipeline at a commit, queued on the leader;
 //! - `status`: commit statuses owed (in the store) and posted with retries;
 //! - `client`: the one HTTP client of the forge APIs;
+//! - `cron`: cron expressions (the `cron` crate);
 //! - `schedule`: cron schedules, on the leader only.
 //!
 //! Doors: `api` (Shared: the leader's scheduler, the parser thread),
@@ -19,6 +20,7 @@
 //! starts [`leader_tasks`], `http.rs` merges [`webhook::router`].
 
 pub(crate) mod client;
+pub(crate) mod cron;
 pub(crate) mod fetch;
 pub(crate) mod payload;
 pub(crate) mod repos;
@@ -29,17 +31,7 @@ pub(crate) mod submit;
 pub(crate) mod webhook;
 
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 use std::sync::Arc;
-
-/// `--public-url` and `--forge-key-file`.
-#[derive(Clone, Debug, Default)]
-pub struct ForgeSettings {
-    /// Base of the run links posted with statuses.
-    pub public_url: Option<String>,
-    /// The sealing key; default `DATA_DIR/forge.key`.
-    pub key_file: Option<PathBuf>,
-}
 
 /// A forge whose webhooks and status API Capstan speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,10 +77,11 @@ impl Forges {
     /// the start fails), the fetch cache under `data_dir`.
     pub(crate) fn open(
         store: Arc<dyn crate::store::Store>,
-        settings: &ForgeSettings,
-        data_dir: &std::path::Path,
-        http: Option<std::net::SocketAddr>,
+        config: &crate::config::CoordinatorConfig,
+        http: Option<&tokio::net::TcpListener>,
     ) -> Result<Forges, seal::SealError> {
+        let (settings, data_dir) = (&config.forge, &config.data_dir);
+        let http = http.and_then(|h| h.local_addr().ok());
         let sealer = seal::Sealer::load(settings.key_file.as_deref(), data_dir)?;
         let public_url = settings
             .public_url
@@ -110,6 +103,18 @@ impl Forges {
     pub(crate) fn run_url(&self, run: &str) -> String {
         format!("{}/runs/{run}", self.public_url)
     }
+}
+
+/// [`leader_tasks`] for `forges`, shared from then on.
+pub(crate) fn start(
+    forges: Forges,
+    shared: &crate::api::Shared,
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Arc<Forges> {
+    let forges = Arc::new(forges);
+    leader_tasks(forges.clone(), shared.clone(), tracker, shutdown.clone());
+    forges
 }
 
 /// Starts the leader-only work each time this replica leads: owed commit

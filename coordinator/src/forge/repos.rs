@@ -4,7 +4,7 @@
 //! secret (256 random bits) and returns it, the only time it leaves the
 //! coordinator.
 //!
-//! Doors: `store`, `seal`, `branches`; the API layer (`api::repos`), the
+//! Doors: `store`, `seal`, `cron`; the API layer (`api::repos`), the
 //! webhook handler and the schedules use it.
 
 use super::Forge;
@@ -189,7 +189,7 @@ fn check_new(new: &NewRepo) -> Result<(), RepoError> {
     capstan_proto::source::check_repo(&new.url)
         .map_err(|e| RepoError::Invalid(e.replace("--repo", "--url")))?;
     for s in &new.schedules {
-        super::schedule::parse_cron(s).map_err(RepoError::Invalid)?;
+        super::cron::parse_cron(s).map_err(RepoError::Invalid)?;
     }
     for b in &new.branches {
         if b.is_empty() || b.starts_with('-') || b.chars().any(char::is_whitespace) {

@@ -12,13 +12,13 @@
 //! skipped with a log line), so every tick runs exactly once.
 
 use super::Forges;
+pub(crate) use super::cron::parse_cron;
 use super::fetch::Source;
 use super::repos::RepoRecord;
 use super::submit::{RunOf, submit};
 use crate::api::{LeaderCtx, Shared};
 use crate::store::Op;
 use chrono::{DateTime, TimeZone as _, Utc};
-use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,23 +27,6 @@ const TICKS: &str = "schedule-ticks/";
 pub(crate) const MAX_CATCH_UP: usize = 10;
 /// New and removed repositories are seen within this long.
 const RESCAN: Duration = Duration::from_secs(2);
-
-/// A cron expression: 5 fields (minute first) or 6-7 (seconds first, then
-/// an optional year), as the `cron` crate reads them.
-pub(crate) fn parse_cron(text: &str) -> Result<cron::Schedule, String> {
-    let fields = text.split_whitespace().count();
-    let full = if fields == 5 {
-        format!("0 {text}")
-    } else {
-        text.to_string()
-    };
-    cron::Schedule::from_str(&full).map_err(|e| {
-        format!(
-            "bad cron expression `{text}`: {e}; write 5 fields (`0 3 * * *`: 03:00 every day) \
-             or 6 with seconds first"
-        )
-    })
-}
 
 fn tick_key(repo: &RepoRecord, n: usize) -> String {
     format!("{TICKS}{}@{}/{n}", repo.name, repo.created_at_ms)

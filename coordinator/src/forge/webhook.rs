@@ -42,7 +42,11 @@ pub(crate) struct HookState {
     pub(crate) forges: Arc<Forges>,
 }
 
-pub(crate) fn router(state: HookState) -> Router {
+pub(crate) fn router(shared: &Shared, forges: &Arc<Forges>) -> Router {
+    let state = HookState {
+        shared: shared.clone(),
+        forges: forges.clone(),
+    };
     Router::new()
         .route("/hooks/{forge}", post(hook))
         .with_state(state)
@@ -96,48 +100,104 @@ async fn handle(
     delivery: &str,
     body: &[u8],
 ) -> Outcome {
+    let push = match check(s, forge, headers, delivery, body).await {
+        Ok(p) => p,
+        Err(out) => return out,
+    };
+    let verified = match verified_repos(s, forge, headers, &push, body).await {
+        Ok(v) => v,
+        Err(out) => return out,
+    };
+    if push.deleted {
+        return answer(
+            StatusCode::ACCEPTED,
+            format!("ignored: {} was deleted", push.git_ref),
+        );
+    }
+    let mut runs = Vec::new();
+    let mut failure = None;
+    for (repo, secrets) in &verified {
+        match push.branch() {
+            Some(b) if repo.wants(b) => {}
+            _ => {
+                runs.push(json!({"repo": repo.name,
+                    "ignored": format!("{} matches none of {:?}", push.git_ref, repo.branches)}));
+                continue;
+            }
+        }
+        match start(s, repo, secrets, &push, delivery).await {
+            Ok(v) => runs.push(v),
+            Err(out) => {
+                failure.get_or_insert(out);
+            }
+        }
+    }
+    let mut out = match failure {
+        Some(out) => out,
+        None if runs.iter().all(|r| r.get("run").is_none()) => answer(
+            StatusCode::ACCEPTED,
+            format!("ignored: no repository builds {}", push.git_ref),
+        ),
+        None => answer(StatusCode::ACCEPTED, "queued"),
+    };
+    out.body["runs"] = json!(runs);
+    out
+}
+
+/// The leader, the event, the delivery id and the payload.
+async fn check(
+    s: &HookState,
+    forge: Forge,
+    headers: &HeaderMap,
+    delivery: &str,
+    body: &[u8],
+) -> Result<Push, Outcome> {
     if let Err(e) = s.shared.leader().await {
-        return answer(StatusCode::SERVICE_UNAVAILABLE, e.message());
+        return Err(answer(StatusCode::SERVICE_UNAVAILABLE, e.message()));
     }
     match payload::event(forge, headers) {
         Event::Push => {}
-        Event::Ping => return answer(StatusCode::OK, "pong"),
+        Event::Ping => return Err(answer(StatusCode::OK, "pong")),
         Event::Other(name) => {
-            return answer(
+            return Err(answer(
                 StatusCode::ACCEPTED,
                 format!("ignored: `{name}` is not a push event"),
-            );
+            ));
         }
     }
     if delivery.is_empty() || delivery.len() > 64 {
         let h = payload::headers(forge).delivery;
-        return answer(
+        return Err(answer(
             StatusCode::BAD_REQUEST,
             format!("the {h} header (1 to 64 characters) is required: it makes redeliveries safe"),
-        );
+        ));
     }
-    let push = match payload::parse(forge, body) {
-        Ok(p) => p,
-        Err(e) => return answer(StatusCode::BAD_REQUEST, e),
-    };
-    let candidates = match s.forges.repos.by_url(&push.urls).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the repositories");
-            return answer(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "cannot read the repositories; see the coordinator's log",
-            );
-        }
-    };
+    payload::parse(forge, body).map_err(|e| answer(StatusCode::BAD_REQUEST, e))
+}
+
+/// The registered repositories the payload names whose secret verifies it.
+async fn verified_repos(
+    s: &HookState,
+    forge: Forge,
+    headers: &HeaderMap,
+    push: &Push,
+    body: &[u8],
+) -> Result<Vec<(RepoRecord, RepoSecrets)>, Outcome> {
+    let candidates = s.forges.repos.by_url(&push.urls).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot read the repositories");
+        answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot read the repositories; see the coordinator's log",
+        )
+    })?;
     if candidates.is_empty() {
-        return answer(
+        return Err(answer(
             StatusCode::NOT_FOUND,
             format!(
                 "no repository is registered with any of the URLs {:?}: `capstan repo add NAME --url URL`",
                 push.urls
             ),
-        );
+        ));
     }
     let signature = payload::header(headers, payload::headers(forge).signature);
     let mut verified = Vec::new();
@@ -153,52 +213,15 @@ async fn handle(
         }
     }
     if verified.is_empty() {
-        return answer(
+        return Err(answer(
             StatusCode::UNAUTHORIZED,
             format!(
                 "the {} header does not verify with the repository's webhook secret",
                 payload::headers(forge).signature
             ),
-        );
+        ));
     }
-    if push.deleted {
-        return answer(
-            StatusCode::ACCEPTED,
-            format!("ignored: {} was deleted", push.git_ref),
-        );
-    }
-    let mut runs = Vec::new();
-    let mut failure = None;
-    for (repo, secrets) in &verified {
-        match push.branch() {
-            Some(b) if repo.wants(b) => {}
-            _ => {
-                runs.push(json!({"repo": repo.name, "ignored": format!("{} matches none of {:?}", push.git_ref, repo.branches)}));
-                continue;
-            }
-        }
-        match start(s, repo, secrets, &push, delivery).await {
-            Ok(v) => runs.push(v),
-            Err(out) => {
-                failure.get_or_insert(out);
-            }
-        }
-    }
-    if let Some(mut out) = failure {
-        out.body["runs"] = json!(runs);
-        return out;
-    }
-    if runs.iter().all(|r| r.get("run").is_none()) {
-        let mut out = answer(
-            StatusCode::ACCEPTED,
-            format!("ignored: no repository builds {}", push.git_ref),
-        );
-        out.body["runs"] = json!(runs);
-        return out;
-    }
-    let mut out = answer(StatusCode::ACCEPTED, "queued");
-    out.body["runs"] = json!(runs);
-    out
+    Ok(verified)
 }
 
 /// GitHub: `sha256=<hex>`; Gitea: `<hex>`; both HMAC-SHA256 of the body.
