@@ -134,6 +134,8 @@ pub(crate) fn build_run_within(
         traceparent: String::new(),
         tracestate: String::new(),
         submitted_by: String::new(),
+        group: run_group(&resolved),
+        held: false,
     };
     // etcd refuses requests over ~1.5 MiB: a run that could not be stored
     // must be refused here, not knock the leader over when it is written.
@@ -145,6 +147,14 @@ pub(crate) fn build_run_within(
         )));
     }
     Ok(record)
+}
+
+/// The resolved pipeline's `concurrency:` group.
+fn run_group(resolved: &capstan_pipeline::Pipeline) -> Option<RunGroup> {
+    resolved.concurrency.as_ref().map(|c| RunGroup {
+        name: c.group.clone(),
+        cancel_in_progress: c.cancel_in_progress,
+    })
 }
 
 /// A submit to parse, and where its answer goes.

@@ -208,12 +208,56 @@ pub fn resolve(
             task.steps[step].env.extend(vars);
         }
     }
+    let (c, e) = (&mut out.concurrency, &mut errors);
+    resolve_group(file, pipeline, c, &params, ctx, e);
     out.source_map = Default::default();
     if errors.is_empty() {
         Ok(out)
     } else {
         Err(ValidationErrors::sorted(errors))
     }
+}
+
+/// `concurrency.group` with its substitutions made (a plain field).
+fn resolve_group(
+    file: &str,
+    pipeline: &Pipeline,
+    concurrency: &mut Option<super::model::Concurrency>,
+    params: &BTreeMap<String, String>,
+    ctx: &Context,
+    errors: &mut Vec<ValidationError>,
+) {
+    let Some(group) = concurrency.as_mut().map(|c| &mut c.group) else {
+        return;
+    };
+    if !group.contains(OPEN) {
+        return;
+    }
+    let (line, column) = pipeline
+        .source_map
+        .position("concurrency.group")
+        .unwrap_or((0, 0));
+    let pieces = match scan(group) {
+        Ok(p) => p,
+        Err(problems) => {
+            for p in problems {
+                errors.push(ValidationError::new(file, line, column, p));
+            }
+            return;
+        }
+    };
+    let lookup = |e: &Expr| match e {
+        Expr::Param(p) => params.get(p).map(String::as_str),
+        Expr::GitSha => ctx.git_sha.as_deref(),
+        Expr::GitRepo => ctx.git_repo.as_deref(),
+        Expr::GitRef => ctx.git_ref.as_deref(),
+        Expr::RunId => ctx.run_id.as_deref(),
+    };
+    let rendered = plain(pieces, lookup);
+    for e in &rendered.missing {
+        errors.push(ValidationError::new(file, line, column, missing(e, params)));
+    }
+    *group = rendered.text;
 }
 
 /// A plain field: each value goes in as it is.

@@ -136,6 +136,7 @@ fn expected_full() -> Pipeline {
                 ..TaskDef::default()
             },
         ],
+        concurrency: None,
         source_map: SourceMap::default(),
     }
 }
@@ -1562,4 +1563,61 @@ fn git_ref_substitutes_in_fields_and_scripts() {
             .contains("`${{ git.ref }}` needs the pushed ref"),
         "{err}"
     );
+}
+
+#[test]
+fn concurrency_groups_parse_and_substitute() {
+    let file = "version: 1\nname: p\nconcurrency: { group: \"deploy-${{ git.ref }}\", cancel-in-progress: true }\ntasks:\n  t:\n    steps: [run: x]\n";
+    let p = parse("c.yaml", file).unwrap();
+    let c = p.concurrency.clone().unwrap();
+    assert!(c.cancel_in_progress);
+    let resolved = resolve("c.yaml", &p, &ctx()).unwrap();
+    assert_eq!(
+        resolved.concurrency.unwrap().group,
+        "deploy-refs/heads/main"
+    );
+    let mut bare = ctx();
+    bare.git_ref = None;
+    let err = resolve("c.yaml", &p, &bare).unwrap_err().to_string();
+    assert!(
+        err.contains("c.yaml:3:") && err.contains("git.ref"),
+        "{err}"
+    );
+    let plain = parse(
+        "c.yaml",
+        "version: 1\nname: p\nconcurrency:\n  group: deploy\ntasks:\n  t:\n    steps: [run: x]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        plain.concurrency.unwrap(),
+        Concurrency {
+            group: "deploy".into(),
+            cancel_in_progress: false
+        }
+    );
+    for (bad, want) in [
+        (
+            "concurrency: { cancel-in-progress: true }",
+            "missing required key `group` in `concurrency`",
+        ),
+        (
+            "concurrency: { group: g, cancel-in-progress: yes-please }",
+            "`cancel-in-progress` must be true or false",
+        ),
+        (
+            "concurrency: { group: g, cancel: true }",
+            "unknown key `cancel` in `concurrency`",
+        ),
+        (
+            "concurrency: { group: \"\" }",
+            "`concurrency.group` must not be empty",
+        ),
+    ] {
+        let text = format!("version: 1\nname: p\n{bad}\ntasks:\n  t:\n    steps: [run: x]\n");
+        let err = parse("c.yaml", &text).unwrap_err().to_string();
+        assert!(
+            err.contains("c.yaml:3:") && err.contains(want),
+            "{bad}: {err}"
+        );
+    }
 }

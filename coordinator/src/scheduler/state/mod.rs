@@ -27,6 +27,7 @@
 mod clocks;
 mod connection;
 mod effects;
+mod groups;
 mod offers;
 mod queue;
 mod reports;
