@@ -421,3 +421,55 @@ async fn every_refused_webhook_has_its_status_and_queues_nothing() {
     let out = f.cluster.cli_with_token(None, &["repo", "list"]);
     assert!(!out.status.success());
 }
+
+#[tokio::test]
+async fn a_forge_outage_never_holds_a_run_and_is_given_up_after_the_bound() {
+    let f = Fixture::new().await;
+    let secret = f.add_repo("gitea", &[]);
+    let sha = commit(
+        &f.tree,
+        &f.server,
+        &[(".capstan.yaml", GOOD)],
+        "during an outage",
+    );
+    // Five 503s: the pending status is tried 5 times (0.5+1+2+4 s apart),
+    // then given up; a 401 for the next is not retried.
+    f.status.answer_next(&[503, 503, 503, 503, 503, 401]);
+    let body = push_payload(Forge::Gitea, &f.url(), "refs/heads/main", ZERO, &sha);
+    let started = std::time::Instant::now();
+    let (code, v) = f.hook(Forge::Gitea, "o-1", &secret, &body);
+    assert_eq!(code, 202, "{v}");
+    let run = f
+        .cluster
+        .wait_done(&run_id(&v), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run_state(&run), RunState::Succeeded);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the run waited for the forge: {:?}",
+        started.elapsed()
+    );
+    let posted = f.statuses(&sha, 6).await;
+    let states: Vec<_> = posted
+        .iter()
+        .map(|p| p.body["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        states,
+        ["pending"; 5]
+            .iter()
+            .chain(&["success"])
+            .copied()
+            .collect::<Vec<_>>()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        f.status.requests().len(),
+        6,
+        "the refused status was not retried"
+    );
+    let log = f.cluster.process_log("coordinator");
+    assert!(log.contains("giving up on the commit status"), "{log}");
+    assert!(log.contains("the forge refused the commit status"), "{log}");
+}
