@@ -1,7 +1,7 @@
-//! Schedules (issue 22): a repository's cron schedule starts exactly one
-//! run per tick, on the leader only, across a kill of the leader. Two
-//! coordinators on a three-node etcd share one `--forge-key-file`; the
-//! repository lives on the test bed's git server.
+//! The forge side across a leader kill (issue 22): a repository's cron
+//! schedule starts exactly one run per tick, on the leader only, and the
+//! commit statuses a run owes are posted by the next leader. Two
+//! coordinators on a three-node etcd share one `--forge-key-file`.
 
 use capstan_coordinator::store::Store as _;
 use capstan_coordinator::store::etcd::{EtcdStore, connect};
@@ -84,5 +84,111 @@ async fn a_schedule_fires_once_per_tick_across_a_leader_kill() -> anyhow::Result
     );
     let kill_log = c.all_logs();
     assert!(kill_log.contains("scheduled run"), "{kill_log}");
+    Ok(())
+}
+
+/// The statuses a run owes are stored: a leader killed while the run is in
+/// progress leaves its `success` to the next leader.
+#[tokio::test]
+async fn owed_commit_statuses_survive_a_leader_kill() -> anyhow::Result<()> {
+    use capstan_proto::pipeline::v1::RunState;
+    use capstan_tests::forge_api::{Forge, Recorder, deliver, push_payload};
+    let work = tempfile::tempdir()?;
+    let tree = work.path().join("app");
+    std::fs::create_dir_all(&tree)?;
+    git(&tree, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        tree.join(".capstan.yaml"),
+        "version: 1\nname: slow\ntasks:\n  t:\n    steps:\n      - run: sleep 6\n",
+    )?;
+    git(&tree, &["add", "-A"]);
+    git(&tree, &["commit", "-q", "-m", "slow"]);
+    let sha = git(&tree, &["rev-parse", "HEAD"]);
+    let url = format!("file://{}", tree.display());
+    let key = work.path().join("forge.key");
+    std::fs::write(&key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n")?;
+    let status = Recorder::start()?;
+    let mut c = TestCluster::builder()
+        .replicas(2)
+        .etcd()
+        .election_ttl_ms(2000)
+        .executor("shell")
+        .coordinator_args(&["--forge-key-file", &key.display().to_string()])
+        .start()
+        .await?;
+    let (old, _) = c.wait_leader(Duration::from_secs(15)).await?;
+    let api = status.url();
+    let out = c.cli(&[
+        "repo",
+        "add",
+        "app",
+        "--url",
+        &url,
+        "--forge",
+        "github",
+        "--api-url",
+        &api,
+        "--status-token",
+        "tok",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let secret = String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    let body = push_payload(Forge::Github, &url, "refs/heads/main", &sha, &sha);
+    let (code, v) = deliver(c.replicas[old].http, Forge::Github, "ha-1", &secret, &body)?;
+    assert_eq!(code, 202, "{v}");
+    let id = v["runs"][0]["run"].as_str().unwrap().to_string();
+    c.wait_run(&id, Duration::from_secs(20), |r| {
+        capstan_tests::run_state(r) == RunState::Running
+    })
+    .await?;
+    assert_eq!(
+        status.requests().len(),
+        1,
+        "pending: {:?}",
+        status.requests()
+    );
+    c.kill_replica(old);
+    c.wait_new_leader(Some(old), Duration::from_secs(20))
+        .await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        capstan_tests::run_state(&run),
+        RunState::Succeeded,
+        "{}",
+        c.all_logs()
+    );
+    let posted = poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || {
+            let r = status.requests();
+            Ok((r.iter().any(|p| p.body["state"] == "success")).then_some(r))
+        },
+    )
+    .await?
+    .unwrap_or_else(|| {
+        panic!(
+            "no success status: {:?}\n{}",
+            status.requests(),
+            c.all_logs()
+        )
+    });
+    let states: Vec<_> = posted
+        .iter()
+        .map(|p| p.body["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("success"),
+        "{states:?}"
+    );
+    assert!(
+        states.iter().all(|s| s == "pending" || s == "success"),
+        "{states:?}"
+    );
     Ok(())
 }
