@@ -138,6 +138,15 @@ async fn owed_commit_statuses_survive_a_leader_kill() -> anyhow::Result<()> {
         .unwrap()
         .to_string();
     let body = push_payload(Forge::Github, &url, "refs/heads/main", &sha, &sha);
+    // A follower refuses (the forge redelivers), queueing nothing.
+    let (code, v) = deliver(
+        c.replicas[1 - old].http,
+        Forge::Github,
+        "ha-0",
+        &secret,
+        &body,
+    )?;
+    assert_eq!(code, 503, "{v}");
     let (code, v) = deliver(c.replicas[old].http, Forge::Github, "ha-1", &secret, &body)?;
     assert_eq!(code, 202, "{v}");
     let id = v["runs"][0]["run"].as_str().unwrap().to_string();
