@@ -473,3 +473,33 @@ async fn a_forge_outage_never_holds_a_run_and_is_given_up_after_the_bound() {
     assert!(log.contains("giving up on the commit status"), "{log}");
     assert!(log.contains("the forge refused the commit status"), "{log}");
 }
+
+#[tokio::test]
+async fn schedules_in_the_pipeline_file_start_runs_after_the_push() {
+    let f = Fixture::new().await;
+    let secret = f.add_repo("gitea", &[]);
+    let yaml = format!("{GOOD}schedules:\n  - cron: \"*/2 * * * * *\"\n");
+    let sha = commit(&f.tree, &f.server, &[(".capstan.yaml", &yaml)], "nightly");
+    let body = push_payload(Forge::Gitea, &f.url(), "refs/heads/main", ZERO, &sha);
+    let (code, v) = f.hook(Forge::Gitea, "s-1", &secret, &body);
+    assert_eq!(code, 202, "{v}");
+    let scheduled = poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        async || {
+            let runs = f.runs().await;
+            let done: Vec<_> = runs
+                .into_iter()
+                .filter(|r| r.submitted_by == "schedule:app" && run_state(r) == RunState::Succeeded)
+                .collect();
+            Ok((done.len() >= 2).then_some(done))
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap_or_else(|| panic!("no scheduled runs\n{}", f.cluster.all_logs()));
+    for r in &scheduled {
+        assert_eq!(r.rev, sha);
+    }
+    assert!(f.cluster.cli(&["repo", "remove", "app"]).status.success());
+}

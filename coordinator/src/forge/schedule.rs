@@ -23,12 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const TICKS: &str = "schedule-ticks/";
+/// `schedules:` of the pipeline file last pushed to the schedule branch.
+const PIPELINE_SCHEDULES: &str = "pipeline-schedules/";
 /// Missed ticks started by a new leader, at most (the latest ones).
 pub(crate) const MAX_CATCH_UP: usize = 10;
 /// New and removed repositories are seen within this long.
 const RESCAN: Duration = Duration::from_secs(2);
 
-fn tick_key(repo: &RepoRecord, n: usize) -> String {
+fn tick_key(repo: &RepoRecord, n: &str) -> String {
     format!("{TICKS}{}@{}/{n}", repo.name, repo.created_at_ms)
 }
 
@@ -52,12 +54,12 @@ async fn tick_loop(forges: &Forges, shared: &Shared) {
     loop {
         let repos = forges.repos.list().await.unwrap_or_default();
         let mut wake = Utc::now() + RESCAN;
-        for repo in repos.iter().filter(|r| !r.schedules.is_empty()) {
-            for (n, expr) in repo.schedules.iter().enumerate() {
-                let Ok(schedule) = parse_cron(expr) else {
+        for repo in &repos {
+            for (n, expr) in schedules_of(forges, repo).await {
+                let Ok(schedule) = parse_cron(&expr) else {
                     continue;
                 };
-                if let Some(next) = due(forges, shared, repo, n, &schedule).await {
+                if let Some(next) = due(forges, shared, repo, &n, &schedule).await {
                     wake = wake.min(next);
                 }
             }
@@ -67,12 +69,70 @@ async fn tick_loop(forges: &Forges, shared: &Shared) {
     }
 }
 
+fn pipeline_key(repo: &RepoRecord) -> String {
+    format!("{PIPELINE_SCHEDULES}{}@{}", repo.name, repo.created_at_ms)
+}
+
+/// The schedules of a repository by their id: the registration's (`0`,
+/// `1`, ...), then those of its pipeline file as last pushed (`p0`, ...).
+async fn schedules_of(forges: &Forges, repo: &RepoRecord) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = repo
+        .schedules
+        .iter()
+        .enumerate()
+        .map(|(n, e)| (n.to_string(), e.clone()))
+        .collect();
+    if let Ok(Some(v)) = forges.store.get(&pipeline_key(repo)).await {
+        let from_file: Vec<String> = serde_json::from_slice(&v).unwrap_or_default();
+        out.extend(
+            from_file
+                .into_iter()
+                .enumerate()
+                .map(|(n, e)| (format!("p{n}"), e)),
+        );
+    }
+    out
+}
+
+/// Records the `schedules:` of the pipeline file pushed to the
+/// repository's schedule branch (those the cron parser reads; the others
+/// are logged and left out).
+pub(crate) async fn record_pipeline_schedules(
+    forges: &Forges,
+    repo: &RepoRecord,
+    branch_pushed: &str,
+    yaml: &str,
+) {
+    if branch_pushed != branch(repo) {
+        return;
+    }
+    let Ok(p) = capstan_pipeline::parse(&repo.pipeline, yaml) else {
+        return;
+    };
+    let mut good = Vec::new();
+    for expr in p.schedules {
+        match parse_cron(&expr) {
+            Ok(_) => good.push(expr),
+            Err(e) => {
+                tracing::warn!(repo = %repo.name, error = %e, "a schedule of the pipeline file is left out")
+            }
+        }
+    }
+    let op = Op::Put {
+        key: pipeline_key(repo),
+        value: serde_json::to_vec(&good).expect("strings serialize"),
+    };
+    if let Err(e) = forges.store.apply(vec![op]).await {
+        tracing::warn!(repo = %repo.name, error = %e, "cannot store the pipeline file's schedules");
+    }
+}
+
 /// Starts the ticks of one schedule that are due; returns its next tick.
 async fn due(
     forges: &Forges,
     shared: &Shared,
     repo: &RepoRecord,
-    n: usize,
+    n: &str,
     schedule: &cron::Schedule,
 ) -> Option<DateTime<Utc>> {
     let key = tick_key(repo, n);
@@ -124,7 +184,7 @@ async fn fire(
     forges: &Forges,
     shared: &Shared,
     repo: &RepoRecord,
-    n: usize,
+    n: &str,
     tick: DateTime<Utc>,
 ) -> bool {
     let secrets = match forges.repos.secrets(repo) {

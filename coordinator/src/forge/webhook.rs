@@ -272,6 +272,10 @@ async fn start(
         .await
         .map_err(|e| fetch_failure(repo, e))?;
     let fetch_ms = fetch_started.elapsed().as_secs_f64() * 1000.0;
+    if yaml.contains("schedules") {
+        let branch = push.branch().unwrap_or("");
+        super::schedule::record_pipeline_schedules(&s.forges, repo, branch, &yaml).await;
+    }
     let queued = submit(
         &s.shared,
         RunOf {

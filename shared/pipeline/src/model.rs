@@ -15,6 +15,11 @@ pub struct Pipeline {
     /// `concurrency:`: runs of one group run one at a time.
     #[serde(default)]
     pub concurrency: Option<Concurrency>,
+    /// `schedules: [{cron: "0 3 * * *"}]`: cron expressions (5 fields, or 6-7
+    /// with seconds first) that start runs of the registered repository's
+    /// branch (the coordinator reads them from the file at each push).
+    #[serde(default)]
+    pub schedules: Vec<String>,
     /// Where the substitutions of this pipeline were written, so [`resolve`]
     /// can point at them. Filled in by [`parse`]; not part of the pipeline's
     /// value (ignored by `PartialEq`, not serialized). Leave it at its default

@@ -137,6 +137,7 @@ fn expected_full() -> Pipeline {
             },
         ],
         concurrency: None,
+        schedules: vec![],
         source_map: SourceMap::default(),
     }
 }
@@ -1617,6 +1618,37 @@ fn concurrency_groups_parse_and_substitute() {
         let err = parse("c.yaml", &text).unwrap_err().to_string();
         assert!(
             err.contains("c.yaml:3:") && err.contains(want),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn schedules_parse_with_their_shape_checked() {
+    let ok = parse("s.yaml", "version: 1\nname: p\nschedules:\n  - cron: \"0 3 * * *\"\n  - { cron: \"*/2 * * * * *\" }\ntasks:\n  t:\n    steps: [run: x]\n").unwrap();
+    assert_eq!(ok.schedules, ["0 3 * * *", "*/2 * * * * *"]);
+    for (bad, line, want) in [
+        ("schedules: daily", 3, "`schedules` must be a list"),
+        (
+            "schedules:\n  - cron: every day",
+            4,
+            "bad cron expression `every day`",
+        ),
+        (
+            "schedules:\n  - { when: x }",
+            4,
+            "unknown key `when` in a schedule",
+        ),
+        (
+            "schedules:\n  - cron: \"0 3 * * * ; rm\"",
+            4,
+            "bad cron expression",
+        ),
+    ] {
+        let text = format!("version: 1\nname: p\n{bad}\ntasks:\n  t:\n    steps: [run: x]\n");
+        let err = parse("s.yaml", &text).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("s.yaml:{line}:")) && err.contains(want),
             "{bad}: {err}"
         );
     }

@@ -19,7 +19,14 @@ use std::time::Duration;
 /// Most script-failure retries a task may ask for.
 pub const MAX_RETRIES: u32 = 10;
 
-const TOP_KEYS: &[&str] = &["version", "name", "params", "tasks", "concurrency"];
+const TOP_KEYS: &[&str] = &[
+    "version",
+    "name",
+    "params",
+    "tasks",
+    "concurrency",
+    "schedules",
+];
 
 mod step;
 mod task;
@@ -331,6 +338,9 @@ impl Parser<'_> {
         if let Some(v) = f.get("concurrency").filter(|v| !v.is_null()) {
             pipeline.concurrency = self.concurrency(v);
         }
+        if let Some(v) = f.get("schedules").filter(|v| !v.is_null()) {
+            pipeline.schedules = self.schedules(v);
+        }
         pipeline.source_map = SourceMap {
             positions: std::mem::take(&mut self.positions),
         };
@@ -364,6 +374,47 @@ impl Parser<'_> {
             group,
             cancel_in_progress,
         })
+    }
+
+    /// `schedules:`, a list of `{cron: EXPR}`; each expression's shape is
+    /// checked here (its meaning by the coordinator's cron parser).
+    fn schedules(&mut self, node: &Node) -> Vec<String> {
+        let Value::Seq(items) = &node.value else {
+            self.err(
+                node.pos,
+                format!(
+                    "`schedules` must be a list of `{{cron: \"...\"}}`, found {}",
+                    node.kind()
+                ),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let Some(f) = self.fields(item, "a schedule", &["cron"]) else {
+                continue;
+            };
+            let Some(c) = f.get("cron") else {
+                self.missing(f.pos, "cron", "a schedule");
+                continue;
+            };
+            let Some(expr) = self.text(c, "`cron`") else {
+                continue;
+            };
+            let fields = expr.split_whitespace().count();
+            let chars_ok = expr
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || " */,-?#".contains(ch));
+            if !(5..=7).contains(&fields) || !chars_ok {
+                self.err(
+                    c.pos,
+                    format!("bad cron expression `{expr}`: write 5 fields (`0 3 * * *`: 03:00 every day) or 6 with seconds first"),
+                );
+                continue;
+            }
+            out.push(expr);
+        }
+        out
     }
 
     fn params(&mut self, node: &Node) -> BTreeMap<String, String> {
