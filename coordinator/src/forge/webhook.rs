@@ -35,6 +35,9 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
+/// Largest delivery read.
+const MAX_BODY: usize = 25 * 1024 * 1024;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub(crate) struct HookState {
@@ -49,6 +52,9 @@ pub(crate) fn router(shared: &Shared, forges: &Arc<Forges>) -> Router {
     };
     Router::new()
         .route("/hooks/{forge}", post(hook))
+        // GitHub caps a delivery at 25 MB (a push of many commits); larger
+        // bodies are refused with 413 before they are read.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
