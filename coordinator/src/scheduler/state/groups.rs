@@ -75,3 +75,72 @@ impl SchedulerState {
 fn in_group(r: &RunRecord, group: &str) -> bool {
     r.group.as_ref().is_some_and(|g| g.name == group)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Timing;
+    use super::*;
+    use crate::api::pipeline::build_run;
+    use capstan_proto::api::v1::SubmitRunRequest;
+
+    fn run(cancel: bool) -> RunRecord {
+        build_run(SubmitRunRequest {
+            pipeline_yaml: format!(
+                "version: 1\nname: g\nconcurrency: {{ group: deploy, cancel-in-progress: {cancel} }}\n\
+                 tasks:\n  t: {{ steps: [ {{ run: x }} ] }}\n"
+            ),
+            file_name: "g.yaml".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn task(st: &SchedulerState, id: &RunId) -> StoredTaskState {
+        st.run(id).unwrap().tasks[0].state
+    }
+
+    #[test]
+    fn a_held_run_goes_when_the_first_ends_also_after_a_reload() {
+        let mut st = SchedulerState::new(1, Timing::default());
+        let (a, _) = st.submit(run(false));
+        let (b, _) = st.submit(run(false));
+        let (c, _) = st.submit(run(false));
+        assert_eq!(task(&st, &a), StoredTaskState::Queued);
+        assert!(st.run(&b).unwrap().held && st.run(&c).unwrap().held);
+        assert_eq!(task(&st, &b), StoredTaskState::Waiting);
+        // A new leader loads the records as they were stored.
+        let records: Vec<RunRecord> = st.runs().cloned().collect();
+        let mut st = SchedulerState::load(
+            2,
+            Timing::default(),
+            records,
+            vec![],
+            tokio::time::Instant::now(),
+        );
+        assert!(st.run(&b).unwrap().held);
+        assert_eq!(task(&st, &b), StoredTaskState::Waiting);
+        st.cancel_run(&a, None).unwrap();
+        // The oldest held run goes; the next stays held.
+        assert!(!st.run(&b).unwrap().held);
+        assert_eq!(task(&st, &b), StoredTaskState::Queued);
+        assert!(st.run(&c).unwrap().held);
+        // Cancelling a held run releases nothing while b is in progress.
+        st.cancel_run(&c, None).unwrap();
+        assert_eq!(task(&st, &b), StoredTaskState::Queued);
+    }
+
+    #[test]
+    fn cancel_in_progress_cancels_every_unfinished_run_of_the_group() {
+        let mut st = SchedulerState::new(1, Timing::default());
+        let (a, _) = st.submit(run(false));
+        let (b, _) = st.submit(run(false));
+        let (c, _) = st.submit(run(true));
+        for old in [&a, &b] {
+            let r = st.run(old).unwrap();
+            assert_eq!(r.state, StoredRunState::Cancelled, "{old}");
+            assert!(r.tasks[0].message.contains("newer run of group `deploy`"));
+        }
+        assert!(!st.run(&c).unwrap().held);
+        assert_eq!(task(&st, &c), StoredTaskState::Queued);
+    }
+}
