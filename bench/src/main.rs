@@ -37,6 +37,7 @@ const SCENARIOS: &[&str] = &[
     "compose-failover",
     "container",
     "buildbot",
+    "webhook",
 ];
 
 /// Scenarios a full run leaves out; they run only when named.
@@ -57,7 +58,7 @@ struct Args {
     out: PathBuf,
     /// Run only this scenario (repeatable); its figures are merged into an
     /// existing report at --out. One of: store, pickup, pickup-tls,
-    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, failover, compose-failover, container, buildbot;
+    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, failover, compose-failover, container, buildbot, webhook;
     /// or pickup-ab (two builds' pickup, alternating; build A's binaries in
     /// `$CAPSTAN_AB_BIN_DIR`).
     #[arg(long = "scenario")]
@@ -246,6 +247,7 @@ async fn run_scenario(args: &Args, name: &str, ctx: &Ctx) -> anyhow::Result<Figu
         "failover" => scenarios::failover::run(ctx).await,
         "compose-failover" => scenarios::compose_failover::run(ctx).await,
         "container" => scenarios::container_overhead::run(args.quick).await,
+        "webhook" => scenarios::webhook::run(ctx).await,
         "buildbot" => {
             if args.quick && args.buildbot_summary.is_none() && args.scenarios.is_empty() {
                 Err(anyhow::anyhow!(

@@ -115,6 +115,9 @@ pub(crate) enum Command {
     /// Single-use runner registration tokens (needs an admin token).
     #[command(subcommand, name = "runner-token")]
     RunnerToken(RunnerTokenCommand),
+    /// Repositories whose pushes start runs (needs an admin token).
+    #[command(subcommand)]
+    Repo(RepoCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +150,61 @@ fn parse_labels(text: &str) -> Result<std::collections::HashMap<String, String>,
         labels.insert(k.trim().to_owned(), v.trim().to_owned());
     }
     Ok(labels)
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RepoCommand {
+    /// Register a repository; prints its webhook secret, once, as the last word.
+    Add(RepoAdd),
+    /// List the repositories (never a secret).
+    List,
+    /// Forget a repository: its webhooks are refused from then on.
+    Remove {
+        /// Repository name.
+        name: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RepoAdd {
+    /// Unique name.
+    pub(crate) name: String,
+    /// What git fetches (https, ssh, git, file); `https://user:token@...`
+    /// gives the coordinator a fetch login, kept sealed.
+    #[arg(long)]
+    pub(crate) url: String,
+    /// The pipeline file's path in the repository.
+    #[arg(long, default_value = ".capstan.yaml")]
+    pub(crate) pipeline: String,
+    /// Branches whose pushes start runs, comma-separated globs
+    /// (`main,release/*`) [default: every branch].
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) branches: Vec<String>,
+    /// The forge to post commit statuses to.
+    #[arg(long, value_enum, requires_all = ["api_url", "status_token"])]
+    pub(crate) forge: Option<ForgeKind>,
+    /// The forge's API base (`https://api.github.com`, `https://gitea.example.com`).
+    #[arg(long, value_name = "URL")]
+    pub(crate) api_url: Option<String>,
+    /// The token the forge's status API takes (kept sealed, never shown).
+    #[arg(
+        long,
+        env = "CAPSTAN_STATUS_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) status_token: Option<String>,
+    /// A cron schedule (`0 3 * * *`) that runs the first branch's head; repeatable.
+    #[arg(long = "schedule", value_name = "CRON")]
+    pub(crate) schedules: Vec<String>,
+}
+
+/// A forge whose status API Capstan speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ForgeKind {
+    Github,
+    Gitea,
+    Gitlab,
 }
 
 #[derive(Debug, Subcommand)]

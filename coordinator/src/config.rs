@@ -40,6 +40,17 @@ pub struct CoordinatorConfig {
     /// `--runner-pool`: label sets autoscaled pools serve, so their tasks
     /// count as matchable in the demand signal while no runner is up.
     pub runner_pools: Vec<std::collections::BTreeMap<String, String>>,
+    /// Webhooks, commit statuses and schedules (`--public-url`, `--forge-key-file`).
+    pub forge: ForgeSettings,
+}
+
+/// `--public-url` and `--forge-key-file`.
+#[derive(Clone, Debug, Default)]
+pub struct ForgeSettings {
+    /// Base of the run links posted with statuses.
+    pub public_url: Option<String>,
+    /// The sealing key; default `DATA_DIR/forge.key`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `--tls-*`.
@@ -68,6 +79,7 @@ impl CoordinatorConfig {
             limits: Limits::default(),
             tls: None,
             runner_pools: Vec::new(),
+            forge: Default::default(),
         }
     }
 }
@@ -202,6 +214,15 @@ pub struct Args {
     /// coordinator refuses to listen beyond this host).
     #[arg(long, env = "CAPSTAN_INSECURE", num_args = 0..=1, default_missing_value = "true")]
     pub insecure: Option<bool>,
+    /// Base URL of the web UI, for the links posted with commit statuses
+    /// (`https://ci.example.com`) [default: http://HTTP_LISTEN].
+    #[arg(long, env = "CAPSTAN_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+    /// 32-byte key (base64, one line) that seals repositories' webhook
+    /// secrets and status tokens in the store; every replica needs the same
+    /// one [default: DATA_DIR/forge.key, made on first use].
+    #[arg(long, env = "CAPSTAN_FORGE_KEY_FILE", value_name = "FILE")]
+    pub forge_key_file: Option<PathBuf>,
 }
 
 /// What `capstan-coordinator health` dials.
@@ -379,6 +400,10 @@ impl Args {
                 dev_admin_token: None,
                 limits,
                 runner_pools: runner_pools(s.runner_pool)?,
+                forge: ForgeSettings {
+                    public_url: s.public_url.clone(),
+                    key_file: s.forge_key_file.clone(),
+                },
             },
         })
     }

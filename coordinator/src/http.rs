@@ -1,5 +1,7 @@
 //! The HTTP side port: `/healthz`, `/readyz`, `/metrics`, and the demand
 //! signal (`crate::demand`).
+//! The HTTP side port: `/healthz`, `/readyz`, `/metrics`, and the routes
+//! other modules own (the forge webhooks: `forge::webhook`).
 
 use crate::metrics::Metrics;
 use axum::Router;
@@ -23,6 +25,8 @@ pub(crate) struct HttpState {
     pub(crate) role: watch::Receiver<Role>,
     /// `/api/v1/demand`, and the demand gauges of each scrape.
     pub(crate) demand: crate::demand::DemandState,
+    /// Routes of other modules, merged in (the forge webhooks).
+    pub(crate) extra: Router,
 }
 
 pub(crate) fn router(state: HttpState) -> Router {
@@ -32,6 +36,7 @@ pub(crate) fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .with_state(state.clone())
         .merge(crate::demand::routes(state.demand))
+        .merge(state.extra)
 }
 
 /// 200 only on the replica that leads: a follower answers every API call

@@ -21,7 +21,8 @@
 //! - `tokens`: API tokens in the store (make, look up, list, revoke); their
 //!   check on each call is `api::auth`;
 //! - `runner_tokens`: single-use registration tokens for ephemeral runners;
-//! - [`admin`]: the binary's offline commands (`token create`).
+//! - [`admin`]: the binary's offline commands (`token create`);
+//! - `forge`: repositories, push webhooks, commit statuses, schedules (issue 22).
 //!
 //! The facade: [`run`], [`CoordinatorConfig`], [`Timing`], and [`store`]
 //! (the bench writes to a redb store; the end-to-end tests run the store
@@ -34,6 +35,7 @@ pub(crate) mod api;
 pub mod config;
 pub(crate) mod demand;
 pub(crate) mod election;
+pub(crate) mod forge;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod http_auth;
@@ -51,7 +53,7 @@ pub(crate) mod tls;
 pub(crate) mod tokens;
 pub(crate) mod trace;
 
-pub use config::{CoordinatorConfig, TlsSettings};
+pub use config::{CoordinatorConfig, ForgeSettings, TlsSettings};
 pub use limits::Limits;
 pub use scheduler::state::Timing;
 pub use server::run;

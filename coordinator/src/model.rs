@@ -64,6 +64,20 @@ pub(crate) struct RunRecord {
     /// tokens existed). A `submit` token may cancel only its own runs.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) submitted_by: String,
+    /// The pipeline's `concurrency:` group, resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) group: Option<RunGroup>,
+    /// Waiting for the run in progress of its group: no task is queued yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) held: bool,
+}
+
+/// A run's concurrency group: one run of a group at a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RunGroup {
+    pub(crate) name: String,
+    /// A new run cancels the group's unfinished ones instead of waiting.
+    pub(crate) cancel_in_progress: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

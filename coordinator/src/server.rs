@@ -7,7 +7,7 @@
 //! `idle`, `logs`, `scheduler`, `store`, `tls`); nothing imports it but `lib.rs`.
 
 use crate::config::CoordinatorConfig;
-use crate::{api, election, http, logs, metrics, scheduler, store, tls};
+use crate::{api, election, forge, http, logs, metrics, scheduler, store, tls};
 use anyhow::Context as _;
 use capstan_proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
 use std::sync::Arc;
@@ -92,14 +92,18 @@ pub async fn run(
     if let Some(token) = &config.dev_admin_token {
         install_dev_token(&shared.tokens, token).await?;
     }
+    let forges = forge::Forges::open(store.clone(), &config, http.as_ref())?;
+    let forges = forge::start(forges, &shared, &tracker, &inner);
 
     let idle = config.limits.idle; // both ports close connections silent that long
     let (grpc, http) = ((grpc, idle), http.map(|h| (h, idle)));
     if let Some(http) = http {
-        let state = http_state(&shared, &ready, &config);
+        let extra = forge::webhook::router(&shared, &forges);
+        let state = http_state(&shared, &ready, &config, extra);
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }
-    let server_task = spawn_grpc(&tracker, grpc_server(shared), grpc, tls.as_ref(), &inner);
+    let routes = grpc_server(shared, forges);
+    let server_task = spawn_grpc(&tracker, routes, grpc, tls.as_ref(), &inner);
     ready.store(true, Ordering::Release);
     tracing::info!(%local, %advertise, standalone, tls = tls.is_some(), "coordinator serving");
 
@@ -130,11 +134,13 @@ fn http_state(
     shared: &api::Shared,
     ready: &Arc<AtomicBool>,
     config: &CoordinatorConfig,
+    extra: axum::Router,
 ) -> http::HttpState {
     http::HttpState {
         metrics: shared.metrics.clone(),
         ready: ready.clone(),
         role: shared.role.clone(),
+        extra,
         demand: crate::demand::DemandState {
             role: shared.role.clone(),
             tokens: shared.tokens.clone(),
@@ -292,7 +298,10 @@ async fn open_state(
 }
 
 /// The gRPC server with the runner, pipeline, cluster and token services.
-fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
+fn grpc_server(
+    shared: api::Shared,
+    forges: Arc<forge::Forges>,
+) -> tonic::transport::server::Router {
     let limits = shared.limits;
     tonic::transport::Server::builder()
         // A runner host that vanishes without closing its connection (power
@@ -322,6 +331,12 @@ fn grpc_server(shared: api::Shared) -> tonic::transport::server::Router {
                 shared.clone(),
             )),
         )
+        .add_service(apipb::repo_service_server::RepoServiceServer::new(
+            api::repos::RepoApi {
+                shared: shared.clone(),
+                forges,
+            },
+        ))
         .add_service(apipb::token_service_server::TokenServiceServer::new(
             api::tokens::TokenApi(shared),
         ))

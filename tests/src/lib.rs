@@ -21,6 +21,8 @@
 //! - [`compose`]: the `deploy/compose` cluster, up and down by its scripts;
 //! - [`cluster`]: [`TestCluster`] and its [`Builder`] (standalone, or
 //!   replicas on etcd);
+//! - [`forge_api`]: a recording stand-in for a forge's status API, and
+//!   webhook deliveries as forges sign them;
 //! - [`git_server`], [`ssh_server`], [`otlp`], [`testbed`]: the outside
 //!   systems tests talk to (a git smart-HTTP server, sshd, an OTLP
 //!   receiver, the Docker test bed).
@@ -32,6 +34,7 @@ pub mod compose;
 pub mod etcd;
 pub mod faults;
 pub mod fleet;
+pub mod forge_api;
 pub mod git_server;
 pub mod net;
 pub mod otlp;

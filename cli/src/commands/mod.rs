@@ -5,6 +5,7 @@ pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod drain;
 pub(crate) mod logs;
+pub(crate) mod repo;
 pub(crate) mod runners;
 pub(crate) mod runs;
 pub(crate) mod status;
@@ -86,6 +87,7 @@ pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Dev(args) => dev::run(&ctx, args).await,
         Command::Token(command) => token::run(&ctx, command).await,
         Command::RunnerToken(command) => token::runner_token(&ctx, command).await,
+        Command::Repo(command) => repo::run(&ctx, command).await,
     }
 }
 

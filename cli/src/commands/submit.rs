@@ -28,6 +28,7 @@ pub(crate) async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure
         rev: args.rev.unwrap_or_default(),
         priority: args.priority,
         idempotency_key: args.idempotency_key.unwrap_or_default(),
+        git_ref: String::new(),
     };
     // INVALID_ARGUMENT carries every `FILE:LINE:COL: msg`; `Failure` prints it alone, exit 2.
     // A CI job that is itself traced hands its context down the usual

@@ -52,6 +52,10 @@ fn check_source(req: &SubmitRunRequest) -> Result<(), Status> {
     if !req.repo.is_empty() {
         capstan_proto::source::check_repo(&req.repo).map_err(Status::invalid_argument)?;
     }
+    if !req.git_ref.is_empty() {
+        capstan_proto::source::check_rev(&req.git_ref)
+            .map_err(|e| Status::invalid_argument(e.replace("--rev", "git_ref")))?;
+    }
     Ok(())
 }
 
@@ -84,6 +88,7 @@ pub(crate) fn build_run_within(
         params: req.params.into_iter().collect(),
         git_sha: (!req.rev.is_empty()).then(|| req.rev.clone()),
         git_repo: (!req.repo.is_empty()).then(|| req.repo.clone()),
+        git_ref: (!req.git_ref.is_empty()).then(|| req.git_ref.clone()),
         run_id: Some(id.to_string()),
     };
     let resolved = capstan_pipeline::resolve(&file, &parsed, &ctx).map_err(invalid)?;
@@ -129,6 +134,8 @@ pub(crate) fn build_run_within(
         traceparent: String::new(),
         tracestate: String::new(),
         submitted_by: String::new(),
+        group: run_group(&resolved),
+        held: false,
     };
     // etcd refuses requests over ~1.5 MiB: a run that could not be stored
     // must be refused here, not knock the leader over when it is written.
@@ -140,6 +147,14 @@ pub(crate) fn build_run_within(
         )));
     }
     Ok(record)
+}
+
+/// The resolved pipeline's `concurrency:` group.
+fn run_group(resolved: &capstan_pipeline::Pipeline) -> Option<RunGroup> {
+    resolved.concurrency.as_ref().map(|c| RunGroup {
+        name: c.group.clone(),
+        cancel_in_progress: c.cancel_in_progress,
+    })
 }
 
 /// A submit to parse, and where its answer goes.
@@ -157,7 +172,7 @@ type ParseJob = (
 /// after another, up to 8 per core). On one thread the most the process
 /// keeps is one parse's worth, however many submits come; and parsing, which
 /// is CPU work, stays off the runtime's workers.
-async fn build_on_parser_thread(
+pub(crate) async fn build_on_parser_thread(
     req: SubmitRunRequest,
     limits: Limits,
 ) -> Result<RunRecord, Status> {

@@ -33,6 +33,7 @@
 pub mod auth;
 mod connect;
 mod error;
+mod repos;
 mod tokens;
 
 pub use auth::{AuthChannel, Bearer};

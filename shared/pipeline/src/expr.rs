@@ -10,6 +10,7 @@ pub(crate) enum Expr {
     Param(String),
     GitSha,
     GitRepo,
+    GitRef,
     RunId,
 }
 
@@ -19,6 +20,7 @@ impl Expr {
             Expr::Param(p) => format!("${{{{ params.{p} }}}}"),
             Expr::GitSha => "${{ git.sha }}".to_owned(),
             Expr::GitRepo => "${{ git.repo }}".to_owned(),
+            Expr::GitRef => "${{ git.ref }}".to_owned(),
             Expr::RunId => "${{ run.id }}".to_owned(),
         }
     }
@@ -32,7 +34,7 @@ pub(crate) enum Piece<'a> {
 
 pub(crate) const OPEN: &str = "${{";
 const CLOSE: &str = "}}";
-const EXPECTED: &str = "expected `params.NAME`, `git.sha`, `git.repo` or `run.id`";
+const EXPECTED: &str = "expected `params.NAME`, `git.sha`, `git.repo`, `git.ref` or `run.id`";
 
 /// Splits a string into literal text and expressions. Every problem in the
 /// string is returned (an unterminated `${{` ends the scan).
@@ -75,6 +77,7 @@ fn parse_expr(inner: &str) -> Option<Expr> {
     match inner {
         "git.sha" => Some(Expr::GitSha),
         "git.repo" => Some(Expr::GitRepo),
+        "git.ref" => Some(Expr::GitRef),
         "run.id" => Some(Expr::RunId),
         _ => {
             let name = inner.strip_prefix("params.")?;

@@ -46,7 +46,7 @@ mod yaml;
 mod tests;
 
 pub use error::{ValidationError, ValidationErrors};
-pub use model::{Pipeline, SourceMap, StepDef, StepKind, TaskDef};
+pub use model::{Concurrency, Pipeline, SourceMap, StepDef, StepKind, TaskDef};
 pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
 pub use parse::{MAX_LISTED_ERRORS, MAX_RETRIES, parse};
 pub use substitute::{Context, resolve};

@@ -12,6 +12,14 @@ pub struct Pipeline {
     pub params: BTreeMap<String, String>,
     /// Tasks in file order.
     pub tasks: Vec<TaskDef>,
+    /// `concurrency:`: runs of one group run one at a time.
+    #[serde(default)]
+    pub concurrency: Option<Concurrency>,
+    /// `schedules: [{cron: "0 3 * * *"}]`: cron expressions (5 fields, or 6-7
+    /// with seconds first) that start runs of the registered repository's
+    /// branch (the coordinator reads them from the file at each push).
+    #[serde(default)]
+    pub schedules: Vec<String>,
     /// Where the substitutions of this pipeline were written, so [`resolve`]
     /// can point at them. Filled in by [`parse`]; not part of the pipeline's
     /// value (ignored by `PartialEq`, not serialized). Leave it at its default
@@ -21,6 +29,16 @@ pub struct Pipeline {
     /// [`resolve`]: super::resolve
     #[serde(skip)]
     pub source_map: SourceMap,
+}
+
+/// `concurrency: {group, cancel-in-progress}`: at most one run of a group
+/// runs at a time. A new run either waits for the one in progress
+/// (`cancel-in-progress: false`, the default) or cancels it (`true`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Concurrency {
+    /// May hold substitutions (`deploy-${{ git.ref }}`).
+    pub group: String,
+    pub cancel_in_progress: bool,
 }
 
 /// One task: steps run in order on one runner.

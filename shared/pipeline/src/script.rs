@@ -87,6 +87,7 @@ pub(crate) fn var_name(e: &Expr) -> String {
         Expr::Param(p) => format!("CAPSTAN_PARAM_{}", p.replace('-', "_")),
         Expr::GitSha => "CAPSTAN_GIT_SHA".to_owned(),
         Expr::GitRepo => "CAPSTAN_GIT_REPO".to_owned(),
+        Expr::GitRef => "CAPSTAN_GIT_REF".to_owned(),
         Expr::RunId => "CAPSTAN_RUN_ID".to_owned(),
     }
 }

@@ -16,6 +16,8 @@ pub struct Context {
     pub git_sha: Option<String>,
     /// `${{ git.repo }}`: the repository the run builds.
     pub git_repo: Option<String>,
+    /// `${{ git.ref }}`: the ref whose push started the run (`refs/heads/main`).
+    pub git_ref: Option<String>,
     /// `${{ run.id }}`: the run's id.
     pub run_id: Option<String>,
 }
@@ -170,6 +172,7 @@ pub fn resolve(
                 Expr::Param(p) => params.get(p).map(String::as_str),
                 Expr::GitSha => ctx.git_sha.as_deref(),
                 Expr::GitRepo => ctx.git_repo.as_deref(),
+                Expr::GitRef => ctx.git_ref.as_deref(),
                 Expr::RunId => ctx.run_id.as_deref(),
             };
             let rendered = match field {
@@ -205,12 +208,56 @@ pub fn resolve(
             task.steps[step].env.extend(vars);
         }
     }
+    let (c, e) = (&mut out.concurrency, &mut errors);
+    resolve_group(file, pipeline, c, &params, ctx, e);
     out.source_map = Default::default();
     if errors.is_empty() {
         Ok(out)
     } else {
         Err(ValidationErrors::sorted(errors))
     }
+}
+
+/// `concurrency.group` with its substitutions made (a plain field).
+fn resolve_group(
+    file: &str,
+    pipeline: &Pipeline,
+    concurrency: &mut Option<super::model::Concurrency>,
+    params: &BTreeMap<String, String>,
+    ctx: &Context,
+    errors: &mut Vec<ValidationError>,
+) {
+    let Some(group) = concurrency.as_mut().map(|c| &mut c.group) else {
+        return;
+    };
+    if !group.contains(OPEN) {
+        return;
+    }
+    let (line, column) = pipeline
+        .source_map
+        .position("concurrency.group")
+        .unwrap_or((0, 0));
+    let pieces = match scan(group) {
+        Ok(p) => p,
+        Err(problems) => {
+            for p in problems {
+                errors.push(ValidationError::new(file, line, column, p));
+            }
+            return;
+        }
+    };
+    let lookup = |e: &Expr| match e {
+        Expr::Param(p) => params.get(p).map(String::as_str),
+        Expr::GitSha => ctx.git_sha.as_deref(),
+        Expr::GitRepo => ctx.git_repo.as_deref(),
+        Expr::GitRef => ctx.git_ref.as_deref(),
+        Expr::RunId => ctx.run_id.as_deref(),
+    };
+    let rendered = plain(pieces, lookup);
+    for e in &rendered.missing {
+        errors.push(ValidationError::new(file, line, column, missing(e, params)));
+    }
+    *group = rendered.text;
 }
 
 /// A plain field: each value goes in as it is.
@@ -279,6 +326,7 @@ fn check_context(file: &str, ctx: &Context) -> Result<(), ValidationErrors> {
     let values = [
         (Expr::GitSha, &ctx.git_sha),
         (Expr::GitRepo, &ctx.git_repo),
+        (Expr::GitRef, &ctx.git_ref),
         (Expr::RunId, &ctx.run_id),
     ];
     for (expr, value) in values {
@@ -302,6 +350,10 @@ fn missing(e: &Expr, params: &BTreeMap<String, String>) -> String {
     match e {
         Expr::GitSha => format!("`{}` needs a revision: submit with --rev", e.text()),
         Expr::GitRepo => format!("`{}` needs a repository: submit with --repo", e.text()),
+        Expr::GitRef => format!(
+            "`{}` needs the pushed ref: only runs started by a push or a schedule have one",
+            e.text()
+        ),
         Expr::RunId => format!(
             "`{}` needs the run's id, which this context lacks",
             e.text()

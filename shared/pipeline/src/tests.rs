@@ -136,6 +136,8 @@ fn expected_full() -> Pipeline {
                 ..TaskDef::default()
             },
         ],
+        concurrency: None,
+        schedules: vec![],
         source_map: SourceMap::default(),
     }
 }
@@ -967,7 +969,7 @@ fn substitution_problems_are_found_by_parse() {
         12,
         &[
             "unknown substitution `${{ secrets.token }}`",
-            "`params.NAME`, `git.sha`, `git.repo` or `run.id`",
+            "`params.NAME`, `git.sha`, `git.repo`, `git.ref` or `run.id`",
         ],
     );
     one_error(
@@ -1013,6 +1015,7 @@ fn ctx() -> Context {
         params: BTreeMap::new(),
         git_sha: Some(s("abc123")),
         git_repo: Some(s("http://git/demo.git")),
+        git_ref: Some(s("refs/heads/main")),
         run_id: Some(s("run-1")),
     }
 }
@@ -1521,6 +1524,7 @@ fn the_fuzzers_crashing_input_is_an_error() {
         params: map(&[("branch", "$"), ("image", "{{")]),
         git_sha: Some(s("deadbeef")),
         git_repo: Some(s("")),
+        git_ref: None,
         run_id: Some(s("")),
     };
     let err = resolve("fuzz.yaml", &p, &c).unwrap_err();
@@ -1536,4 +1540,116 @@ fn the_fuzzers_crashing_input_is_an_error() {
         })
         .collect();
     assert_eq!(got, [(12, 52, true)], "{err}");
+}
+
+#[test]
+fn git_ref_substitutes_in_fields_and_scripts() {
+    let file = "version: 1\nname: p\ntasks:\n  t:\n    env: { R: \"${{ git.ref }}\" }\n    steps:\n      - run: echo ${{ git.ref }}\n";
+    let p = parse("r.yaml", file).unwrap();
+    let resolved = resolve("r.yaml", &p, &ctx()).unwrap();
+    let task = &resolved.tasks[0];
+    assert_eq!(
+        task.env.get("R").map(String::as_str),
+        Some("refs/heads/main")
+    );
+    assert_eq!(
+        task.steps[0].env.get("CAPSTAN_GIT_REF").map(String::as_str),
+        Some("refs/heads/main")
+    );
+    let mut bare = ctx();
+    bare.git_ref = None;
+    let err = resolve("r.yaml", &p, &bare).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`${{ git.ref }}` needs the pushed ref"),
+        "{err}"
+    );
+}
+
+#[test]
+fn concurrency_groups_parse_and_substitute() {
+    let file = "version: 1\nname: p\nconcurrency: { group: \"deploy-${{ git.ref }}\", cancel-in-progress: true }\ntasks:\n  t:\n    steps: [run: x]\n";
+    let p = parse("c.yaml", file).unwrap();
+    let c = p.concurrency.clone().unwrap();
+    assert!(c.cancel_in_progress);
+    let resolved = resolve("c.yaml", &p, &ctx()).unwrap();
+    assert_eq!(
+        resolved.concurrency.unwrap().group,
+        "deploy-refs/heads/main"
+    );
+    let mut bare = ctx();
+    bare.git_ref = None;
+    let err = resolve("c.yaml", &p, &bare).unwrap_err().to_string();
+    assert!(
+        err.contains("c.yaml:3:") && err.contains("git.ref"),
+        "{err}"
+    );
+    let plain = parse(
+        "c.yaml",
+        "version: 1\nname: p\nconcurrency:\n  group: deploy\ntasks:\n  t:\n    steps: [run: x]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        plain.concurrency.unwrap(),
+        Concurrency {
+            group: "deploy".into(),
+            cancel_in_progress: false
+        }
+    );
+    for (bad, want) in [
+        (
+            "concurrency: { cancel-in-progress: true }",
+            "missing required key `group` in `concurrency`",
+        ),
+        (
+            "concurrency: { group: g, cancel-in-progress: yes-please }",
+            "`cancel-in-progress` must be true or false",
+        ),
+        (
+            "concurrency: { group: g, cancel: true }",
+            "unknown key `cancel` in `concurrency`",
+        ),
+        (
+            "concurrency: { group: \"\" }",
+            "`concurrency.group` must not be empty",
+        ),
+    ] {
+        let text = format!("version: 1\nname: p\n{bad}\ntasks:\n  t:\n    steps: [run: x]\n");
+        let err = parse("c.yaml", &text).unwrap_err().to_string();
+        assert!(
+            err.contains("c.yaml:3:") && err.contains(want),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn schedules_parse_with_their_shape_checked() {
+    let ok = parse("s.yaml", "version: 1\nname: p\nschedules:\n  - cron: \"0 3 * * *\"\n  - { cron: \"*/2 * * * * *\" }\ntasks:\n  t:\n    steps: [run: x]\n").unwrap();
+    assert_eq!(ok.schedules, ["0 3 * * *", "*/2 * * * * *"]);
+    for (bad, line, want) in [
+        ("schedules: daily", 3, "`schedules` must be a list"),
+        (
+            "schedules:\n  - cron: every day",
+            4,
+            "bad cron expression `every day`",
+        ),
+        (
+            "schedules:\n  - { when: x }",
+            4,
+            "unknown key `when` in a schedule",
+        ),
+        (
+            "schedules:\n  - cron: \"0 3 * * * ; rm\"",
+            4,
+            "bad cron expression",
+        ),
+    ] {
+        let text = format!("version: 1\nname: p\n{bad}\ntasks:\n  t:\n    steps: [run: x]\n");
+        let err = parse("s.yaml", &text).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("s.yaml:{line}:")) && err.contains(want),
+            "{bad}: {err}"
+        );
+    }
 }

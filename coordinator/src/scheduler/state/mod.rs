@@ -29,6 +29,7 @@ mod clocks;
 mod connection;
 mod demand;
 mod effects;
+mod groups;
 mod offers;
 mod queue;
 mod reports;

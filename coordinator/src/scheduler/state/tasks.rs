@@ -21,20 +21,37 @@ impl SchedulerState {
         }
         run.seq = self.runs.take_seq();
         let id = run.id.clone();
-        let now = now_ms();
-        let (priority, seq) = (run.priority, run.seq);
-        for (i, t) in run.tasks.iter_mut().enumerate() {
-            if t.needs.is_empty() {
-                t.state = StoredTaskState::Queued;
-                t.queued_at_ms = now;
-                self.queue.insert(priority, seq, &id, i);
-            } else {
-                t.state = StoredTaskState::Waiting;
-            }
+        run.held = self.admit_to_group(&run);
+        for t in &mut run.tasks {
+            t.state = StoredTaskState::Waiting;
         }
+        let held = run.held;
         self.runs.insert(run);
+        if !held {
+            self.queue_roots(&id);
+        }
         self.fx.touch_run(&id);
         (id, true)
+    }
+
+    /// Queues the tasks of a run that need none.
+    pub(super) fn queue_roots(&mut self, id: &RunId) {
+        let now = now_ms();
+        let Some(run) = self.runs.get_mut(id) else {
+            return;
+        };
+        let (priority, seq) = (run.priority, run.seq);
+        let mut queued = Vec::new();
+        for (i, t) in run.tasks.iter_mut().enumerate() {
+            if t.needs.is_empty() && t.state == StoredTaskState::Waiting {
+                t.state = StoredTaskState::Queued;
+                t.queued_at_ms = now;
+                queued.push(i);
+            }
+        }
+        for i in queued {
+            self.queue.insert(priority, seq, id, i);
+        }
     }
 
     /// [`Self::submit`] within `quota`: refused when the token that
@@ -141,9 +158,13 @@ impl SchedulerState {
             StoredRunState::Failed
         };
         run.finished_at_ms = now_ms();
+        let group = run.group.clone();
         self.runs.finished(id);
         self.fx.run_finished(id);
         self.fx.touch_run(id);
+        if let Some(g) = group {
+            self.release_group(&g.name);
+        }
     }
 
     /// A task succeeded: queue the dependents whose needs all succeeded.

@@ -7,7 +7,7 @@
 use crate::MAX_FILE_BYTES;
 use crate::error::{ValidationError, ValidationErrors};
 use crate::expr::OPEN;
-use crate::model::{Pipeline, SourceMap, TaskDef};
+use crate::model::{Concurrency, Pipeline, SourceMap, TaskDef};
 use crate::names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
 use crate::substitute;
 use crate::validate::{self, TaskRef, closest};
@@ -19,7 +19,14 @@ use std::time::Duration;
 /// Most script-failure retries a task may ask for.
 pub const MAX_RETRIES: u32 = 10;
 
-const TOP_KEYS: &[&str] = &["version", "name", "params", "tasks"];
+const TOP_KEYS: &[&str] = &[
+    "version",
+    "name",
+    "params",
+    "tasks",
+    "concurrency",
+    "schedules",
+];
 
 mod step;
 mod task;
@@ -328,10 +335,86 @@ impl Parser<'_> {
             None => self.missing(top, "tasks", "the pipeline file"),
             Some(v) => pipeline.tasks = self.tasks(v),
         }
+        if let Some(v) = f.get("concurrency").filter(|v| !v.is_null()) {
+            pipeline.concurrency = self.concurrency(v);
+        }
+        if let Some(v) = f.get("schedules").filter(|v| !v.is_null()) {
+            pipeline.schedules = self.schedules(v);
+        }
         pipeline.source_map = SourceMap {
             positions: std::mem::take(&mut self.positions),
         };
         pipeline
+    }
+
+    fn concurrency(&mut self, node: &Node) -> Option<Concurrency> {
+        const KEYS: &[&str] = &["group", "cancel-in-progress"];
+        let f = self.fields(node, "`concurrency`", KEYS)?;
+        let Some(g) = f.get("group") else {
+            self.missing(f.pos, "group", "`concurrency`");
+            return None;
+        };
+        let group = self.subst(g, "`concurrency.group`", "concurrency.group".into())?;
+        let cancel_in_progress = match f.get("cancel-in-progress").map(|n| &n.value) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                let n = f.get("cancel-in-progress").expect("just matched");
+                self.err(
+                    n.pos,
+                    format!(
+                        "`cancel-in-progress` must be true or false, found {}",
+                        n.kind()
+                    ),
+                );
+                false
+            }
+        };
+        Some(Concurrency {
+            group,
+            cancel_in_progress,
+        })
+    }
+
+    /// `schedules:`, a list of `{cron: EXPR}`; each expression's shape is
+    /// checked here (its meaning by the coordinator's cron parser).
+    fn schedules(&mut self, node: &Node) -> Vec<String> {
+        let Value::Seq(items) = &node.value else {
+            self.err(
+                node.pos,
+                format!(
+                    "`schedules` must be a list of `{{cron: \"...\"}}`, found {}",
+                    node.kind()
+                ),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let Some(f) = self.fields(item, "a schedule", &["cron"]) else {
+                continue;
+            };
+            let Some(c) = f.get("cron") else {
+                self.missing(f.pos, "cron", "a schedule");
+                continue;
+            };
+            let Some(expr) = self.text(c, "`cron`") else {
+                continue;
+            };
+            let fields = expr.split_whitespace().count();
+            let chars_ok = expr
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || " */,-?#".contains(ch));
+            if !(5..=7).contains(&fields) || !chars_ok {
+                self.err(
+                    c.pos,
+                    format!("bad cron expression `{expr}`: write 5 fields (`0 3 * * *`: 03:00 every day) or 6 with seconds first"),
+                );
+                continue;
+            }
+            out.push(expr);
+        }
+        out
     }
 
     fn params(&mut self, node: &Node) -> BTreeMap<String, String> {
