@@ -150,6 +150,13 @@ impl Attempts {
             }
             held.confirm.is_none()
         });
+        self.count_slots();
+    }
+
+    /// Updates the slot gauges after `running` changed.
+    fn count_slots(&self) {
+        let busy = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
+        crate::metrics::get().slots(busy, self.capacity);
     }
 
     /// Stops every attempt (the agent is failing).
@@ -222,6 +229,7 @@ impl Attempts {
             AttemptEvent::Finished(report) => {
                 let id = AttemptId::from_string(report.attempt_id.clone());
                 self.running.remove(&id);
+                self.count_slots();
                 self.finished.insert(id.clone(), report);
                 match conn {
                     Some(conn) => {
@@ -276,6 +284,7 @@ impl Attempts {
                 confirm,
             },
         );
+        self.count_slots();
         self.launcher.launch(offer, cancel, confirmed);
         true
     }

@@ -79,9 +79,11 @@ impl StepRunner<'_> {
         let report = StepReport::new(spec, task, index, step);
         report.send(StepState::Running, None, "");
         let deadline = Deadline::new(step, i + 1, task, task_deadline);
+        let started = Instant::now();
         let (result, logged) = self
             .run_logged(&report.span, index, step, deadline.at)
             .await;
+        crate::metrics::get().step_ran(step_kind_name(step), started.elapsed().as_secs_f64());
         if let Err(e) = logged {
             let message = chain(&e);
             report.send(StepState::Failed, None, &message);

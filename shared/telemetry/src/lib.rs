@@ -24,6 +24,8 @@
 //! ([`TraceHeaders`]): in the run record, in the runner's `Offer`, and in
 //! SubmitRun's gRPC metadata.
 
+pub mod exposition;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -28,6 +28,7 @@ mod clocks;
 mod connection;
 mod effects;
 mod offers;
+mod outcome;
 mod queue;
 mod reports;
 mod runners;
@@ -37,6 +38,7 @@ mod tasks;
 
 pub(crate) use connection::Takeover;
 pub(crate) use effects::{Effects, Outgoing, RunnerTx};
+pub(crate) use outcome::{RetryClass, RunOutcome, Tally, TaskOutcome};
 pub(crate) use runners::RunnerSlot;
 
 use crate::model::*;

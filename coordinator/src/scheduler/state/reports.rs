@@ -1,7 +1,7 @@
 //! Transitions for what a runner reports on its Control stream: heartbeats,
 //! accepts and rejects of offers, step states, an attempt's end, going away.
 
-use super::{LossReason, SchedulerState, StateError};
+use super::{LossReason, RetryClass, SchedulerState, StateError, TaskOutcome};
 use crate::model::*;
 use capstan_proto::ids::{AttemptId, RunId, RunnerId};
 use capstan_proto::runner::v1 as rpb;
@@ -107,12 +107,17 @@ impl SchedulerState {
         let t = self.runs.task_mut(&run_id, i);
         let duration = (now_ms - t.started_at_ms).max(0) as f64 / 1000.0;
         let requeue = judge(t, ended, &fin, max_infra);
-        let name = t.name.clone();
+        let (class, outcome) = match ended {
+            AttemptState::Succeeded => (RetryClass::Script, TaskOutcome::Succeeded),
+            AttemptState::Failed => (RetryClass::Script, TaskOutcome::Failed),
+            _ => (RetryClass::Infra, TaskOutcome::InfraFailed),
+        };
         if requeue {
+            self.fx.retried(class);
             self.requeue(&run_id, i);
         } else {
             self.runs.task_mut(&run_id, i).finished_at_ms = now_ms;
-            self.fx.task_finished(name, duration);
+            self.fx.task_finished(outcome, Some(duration));
             self.propagate(&run_id, i);
             self.finish_run_if_done(&run_id);
         }
