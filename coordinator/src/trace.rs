@@ -43,7 +43,10 @@ fn run_attributes(run: &RunRecord, epoch: u64) -> Vec<KeyValue> {
     vec![
         KeyValue::new("capstan.run.id", run.id.to_string()),
         KeyValue::new("capstan.pipeline", run.pipeline.clone()),
-        KeyValue::new("capstan.repo", run.repo.clone()),
+        KeyValue::new(
+            "capstan.repo",
+            capstan_proto::redact::redact_url(&run.repo).into_owned(),
+        ),
         KeyValue::new("capstan.commit", run.rev.clone()),
         KeyValue::new("capstan.leader_epoch", epoch as i64),
     ]

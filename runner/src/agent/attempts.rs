@@ -403,6 +403,15 @@ impl Launcher {
             tracestate: offer.tracestate.clone(),
         }
         .set_parent_of(&span);
+        // A password in the run's repository URL is masked like a secret.
+        let url_passwords = capstan_proto::redact::url_passwords(&offer.repo);
+        let mask = if url_passwords.is_empty() {
+            Arc::clone(&self.mask)
+        } else {
+            let mut patterns = (*self.mask).clone();
+            patterns.extend(crate::logs::mask::patterns(&url_passwords));
+            Arc::new(patterns)
+        };
         let spec = AttemptSpec {
             offer,
             work_dir: Arc::clone(&self.work_dir),
@@ -412,7 +421,7 @@ impl Launcher {
             events: self.events.clone(),
             log_target: self.log_target.subscribe(),
             secrets: Arc::clone(&self.secrets),
-            mask: Arc::clone(&self.mask),
+            mask,
             git_credentials: self.git_credentials.clone(),
             git_author: self.git_author.clone(),
             step_log_cap: self.step_log_cap,

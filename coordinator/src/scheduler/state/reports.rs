@@ -185,7 +185,7 @@ fn judge(t: &mut TaskRecord, ended: AttemptState, fin: &rpb::TaskFinished, max_i
         AttemptState::Failed => {
             t.script_failures += 1;
             t.exit_code = fin.exit_code;
-            t.message = fin.message.clone();
+            t.message = capstan_proto::redact::redact_urls(&fin.message).into_owned();
             if t.script_failures <= t.retries {
                 return true;
             }
@@ -196,14 +196,15 @@ fn judge(t: &mut TaskRecord, ended: AttemptState, fin: &rpb::TaskFinished, max_i
             // Cancelled on the runner's own initiative, or an executor
             // error: the infrastructure failed, not the script.
             t.infra_failures += 1;
-            t.message = format!("runner error: {}", fin.message);
+            let said = capstan_proto::redact::redact_urls(&fin.message);
+            t.message = format!("runner error: {said}");
             if t.infra_failures <= max_infra {
                 return true;
             }
             t.state = StoredTaskState::Failed;
             t.message = format!(
-                "gave up after {} infrastructure failures; last: {}",
-                t.infra_failures, fin.message
+                "gave up after {} infrastructure failures; last: {said}",
+                t.infra_failures
             );
             false
         }
