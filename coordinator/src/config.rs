@@ -87,6 +87,17 @@ pub struct Args {
     #[arg(long, env = "CAPSTAN_CONFIG", global = true)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// How log lines on stderr are written: `text`, or `json` (one object
+    /// a line, with trace and span ids) [default: text]. Flag or
+    /// environment only: it applies before the config file is read.
+    #[arg(
+        long,
+        env = "CAPSTAN_LOG_FORMAT",
+        value_name = "text|json",
+        global = true
+    )]
+    #[serde(skip)]
+    pub log_format: Option<capstan_telemetry::LogFormat>,
     /// gRPC listen address [default: 127.0.0.1:7700].
     #[arg(long, env = "CAPSTAN_LISTEN")]
     pub listen: Option<SocketAddr>,

@@ -153,8 +153,17 @@ pub(crate) fn dispatch(
             KeyValue::new("capstan.runner", runner.to_owned()),
         ])
         .start_with_context(tracer, &headers(run).context());
-    let out =
-        TraceHeaders::of(&Context::new().with_remote_span_context(span.span_context().clone()));
+    let sc = span.span_context().clone();
+    tracing::info!(
+        run = %run.id,
+        task = %task.name,
+        attempt,
+        runner,
+        trace_id = %sc.trace_id(),
+        span_id = %sc.span_id(),
+        "task dispatched"
+    );
+    let out = TraceHeaders::of(&Context::new().with_remote_span_context(sc));
     span.end();
     out
 }

@@ -159,6 +159,12 @@ pub struct Args {
     #[arg(long, env = "CAPSTAN_HTTP_INSECURE")]
     #[serde(default)]
     pub http_insecure: Option<bool>,
+    /// How log lines on stderr are written: `text`, or `json` (one object
+    /// a line, with trace and span ids) [default: text]. Flag or
+    /// environment only: it applies before the config file is read.
+    #[arg(long, env = "CAPSTAN_LOG_FORMAT", value_name = "text|json")]
+    #[serde(skip)]
+    pub log_format: Option<capstan_telemetry::LogFormat>,
 }
 
 /// The TOML file. Same settings as the flags, minus `config`.

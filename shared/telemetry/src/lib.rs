@@ -25,6 +25,9 @@
 //! SubmitRun's gRPC metadata.
 
 pub mod exposition;
+mod json;
+
+pub use json::LogFormat;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -168,18 +171,30 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber: stderr lines filtered by `RUST_LOG` (else
-/// `default_filter`), plus OTLP export when the environment asks for it
+/// Installs the global subscriber: stderr lines (`format`) filtered by
+/// `RUST_LOG` (else `default_filter`), plus OTLP export when the environment asks for it
 /// (module docs), with `service_name` unless `OTEL_SERVICE_NAME` or
 /// `OTEL_RESOURCE_ATTRIBUTES` names the service. Must run inside a tokio
 /// runtime.
-pub fn init(service_name: &'static str, default_filter: &str) -> Result<Telemetry, TelemetryError> {
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        );
+pub fn init(
+    service_name: &'static str,
+    default_filter: &str,
+    format: LogFormat,
+) -> Result<Telemetry, TelemetryError> {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(json::JsonLines)
+            .with_filter(filter)
+            .boxed(),
+    };
     let registry = tracing_subscriber::registry().with(fmt);
     if export_setting(|name| std::env::var(name).ok())? == ExportSetting::Off {
         registry
