@@ -147,6 +147,14 @@ pub struct Args {
     /// Infrastructure failures retried per task [default: 3].
     #[arg(long, env = "CAPSTAN_MAX_INFRA_RETRIES")]
     pub max_infra_retries: Option<u32>,
+    /// Milliseconds before the first infrastructure retry; doubled for each
+    /// further one, jittered, capped by --infra-retry-backoff-max-ms; 0:
+    /// retry at once [default: 1000].
+    #[arg(long, env = "CAPSTAN_INFRA_RETRY_BACKOFF_MS")]
+    pub infra_retry_backoff_ms: Option<u64>,
+    /// Longest wait in milliseconds before an infrastructure retry [default: 30000].
+    #[arg(long, env = "CAPSTAN_INFRA_RETRY_BACKOFF_MAX_MS")]
+    pub infra_retry_backoff_max_ms: Option<u64>,
     /// Delete finished runs and their logs this long after they end, e.g.
     /// `30d`, `12h`, `90m`; `forever` keeps everything [default: 30d].
     #[arg(long, env = "CAPSTAN_RETENTION", value_name = "DURATION")]
@@ -339,6 +347,8 @@ impl Args {
             lease: ms(s.lease_ms, d.lease),
             offer_timeout: ms(s.offer_timeout_ms, d.offer_timeout),
             max_infra_retries: s.max_infra_retries.unwrap_or(d.max_infra_retries),
+            infra_backoff: ms(s.infra_retry_backoff_ms, d.infra_backoff),
+            infra_backoff_max: ms(s.infra_retry_backoff_max_ms, d.infra_backoff_max),
             timeout_grace: d.timeout_grace,
             // The runners' detection of a silent leader and their reconnect
             // (docs/decisions.md, issue 25).

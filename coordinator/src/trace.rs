@@ -153,6 +153,24 @@ pub(crate) fn dispatch(
             KeyValue::new("capstan.runner", runner.to_owned()),
         ])
         .start_with_context(tracer, &headers(run).context());
+    if number > 1 && !task.message.is_empty() {
+        // Why this attempt exists: the last one's failure, and the
+        // backoff waited for an infrastructure retry.
+        span.add_event(
+            "retry",
+            vec![
+                KeyValue::new("capstan.retry.reason", task.message.clone()),
+                KeyValue::new(
+                    "capstan.retry.infra_failures",
+                    i64::from(task.infra_failures),
+                ),
+                KeyValue::new(
+                    "capstan.retry.script_failures",
+                    i64::from(task.script_failures),
+                ),
+            ],
+        );
+    }
     let sc = span.span_context().clone();
     tracing::info!(
         run = %run.id,

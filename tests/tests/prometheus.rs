@@ -216,6 +216,7 @@ async fn metrics_count_outcomes_and_carry_every_name_operators_use() -> anyhow::
         .runners(0)
         .executor("fake")
         .lease_ms(1000)
+        .coordinator_args(&["--infra-retry-backoff-ms", "50"])
         .start()
         .await?;
     // A runner lost mid-task: its attempt is requeued when its lease ends.

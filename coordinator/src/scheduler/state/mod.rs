@@ -24,6 +24,7 @@
 //! - `offers`: dispatching queued tasks (matching in [`super::dispatch`]);
 //! - `sweep`: the timers (offer timeouts, leases, task timeouts).
 
+mod backoff;
 mod clocks;
 mod connection;
 mod effects;
@@ -74,6 +75,11 @@ pub struct Timing {
     pub offer_timeout: Duration,
     /// Infrastructure failures (lost runner, executor error) retried per task.
     pub max_infra_retries: u32,
+    /// The wait before the first infrastructure retry; it doubles with
+    /// each further one, jittered (`state/backoff.rs`).
+    pub infra_backoff: Duration,
+    /// The longest wait before an infrastructure retry.
+    pub infra_backoff_max: Duration,
     /// Grace past a task's own timeout before the coordinator fails it itself.
     pub timeout_grace: Duration,
     /// Extra time, on top of one lease, that a newly started leader gives
@@ -100,6 +106,8 @@ impl Default for Timing {
             lease: Duration::from_secs(5),
             offer_timeout: Duration::from_secs(5),
             max_infra_retries: 3,
+            infra_backoff: Duration::from_secs(1),
+            infra_backoff_max: Duration::from_secs(30),
             timeout_grace: Duration::from_secs(30),
             reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
             disconnect_grace: Duration::from_millis(2500),
@@ -167,6 +175,7 @@ pub(crate) struct SchedulerState {
     clocks: Clocks,
     next_conn: u64,
     fx: Effects,
+    backoffs: backoff::Backoffs,
 }
 
 impl SchedulerState {
@@ -180,6 +189,7 @@ impl SchedulerState {
             clocks: Clocks::default(),
             next_conn: 0,
             fx: Effects::default(),
+            backoffs: backoff::Backoffs::default(),
         }
     }
 
@@ -212,7 +222,10 @@ impl SchedulerState {
                         _ => {}
                     }
                 }
-                if t.state == StoredTaskState::Queued {
+                if t.state == StoredTaskState::Queued && t.retry_at_ms > now_ms {
+                    let left = Duration::from_millis((t.retry_at_ms - now_ms) as u64);
+                    st.backoffs.wait(now + left, run.id.clone(), i);
+                } else if t.state == StoredTaskState::Queued {
                     st.queue.insert(run.priority, run.seq, &run.id, i);
                 }
             }

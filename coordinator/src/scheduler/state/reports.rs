@@ -114,14 +114,18 @@ impl SchedulerState {
         };
         if requeue {
             self.fx.retried(class);
-            self.requeue(&run_id, i);
+            match class {
+                RetryClass::Infra => {
+                    self.requeue_backed_off(&run_id, i, now);
+                }
+                RetryClass::Script => self.requeue(&run_id, i),
+            }
         } else {
             self.runs.task_mut(&run_id, i).finished_at_ms = now_ms;
             self.fx.task_finished(outcome, Some(duration));
             self.propagate(&run_id, i);
             self.finish_run_if_done(&run_id);
         }
-        let _ = now;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ impl SchedulerState {
     /// Expires offers, requeues the attempts of runners past their lease and
     /// fails tasks far past their own timeout.
     pub(crate) fn sweep(&mut self, now: Instant) {
+        self.release_backed_off(now);
         self.expire_offers(now);
         self.expire_leases(now);
         self.fail_overdue(now);

@@ -247,7 +247,7 @@ impl SchedulerState {
 
     /// The attempt ended through no fault of its script: free its slot and
     /// requeue the task (or fail it after too many infrastructure failures).
-    pub(super) fn lose_attempt(&mut self, a: &AttemptId, why: LossReason, _now: Instant) {
+    pub(super) fn lose_attempt(&mut self, a: &AttemptId, why: LossReason, now: Instant) {
         let Some((run_id, i)) = self.runs.locate(a) else {
             return;
         };
@@ -292,8 +292,10 @@ impl SchedulerState {
             self.fx.requeued(why);
             if counts {
                 self.fx.retried(RetryClass::Infra);
+                self.requeue_backed_off(&run_id, i, now);
+            } else {
+                self.requeue(&run_id, i);
             }
-            self.requeue(&run_id, i);
         }
     }
 
