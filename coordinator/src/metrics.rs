@@ -217,7 +217,7 @@ impl Metrics {
                 .get_or_create(&[("outcome", o.label())])
                 .inc();
         }
-        for r in &tally.requeues {
+        for r in tally.requeues.iter().map(|r| r.why) {
             self.task_requeues
                 .get_or_create(&[("reason", r.label())])
                 .inc();

@@ -92,6 +92,21 @@ impl RunSpans {
         self.0.insert(run.id.clone(), span);
     }
 
+    /// Records on the run's span that an attempt of `task` ended without a
+    /// report (`reason`: runner_lost, offer_timeout, ...) and was requeued.
+    pub(crate) fn requeued(&mut self, run: &RunId, task: &str, attempt: u32, reason: &'static str) {
+        if let Some(span) = self.0.get_mut(run) {
+            span.add_event(
+                "requeue",
+                vec![
+                    KeyValue::new("capstan.task", task.to_owned()),
+                    KeyValue::new("capstan.attempt.number", i64::from(attempt)),
+                    KeyValue::new("capstan.requeue.reason", reason),
+                ],
+            );
+        }
+    }
+
     /// Ends the run's span with its final state; a failed run's is an error.
     pub(crate) fn finished(&mut self, run: &RunRecord) {
         if self.0.is_empty() {

@@ -212,7 +212,10 @@ async fn metrics_count_outcomes_and_carry_every_name_operators_use() -> anyhow::
     use capstan_proto::pipeline::v1 as api;
     use capstan_tests::*;
     use std::time::Duration;
+    let receiver = capstan_tests::otlp::OtlpReceiver::start().await?;
     let mut c = TestCluster::builder()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .runners(0)
         .executor("fake")
         .lease_ms(1000)
@@ -239,6 +242,21 @@ async fn metrics_count_outcomes_and_carry_every_name_operators_use() -> anyhow::
     c.runners.push(Proc::spawn(cmd, c.dir(), "metered")?);
     let run = c.wait_done(&lost, Duration::from_secs(30)).await?;
     assert_eq!(run_state(&run), api::RunState::Succeeded, "{run:#?}");
+    // The run's span records the requeue and its reason.
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter()
+                .any(|s| s.name == "run" && s.attr("capstan.run.id") == Some(lost.as_str()))
+        })
+        .await?;
+    let run_span = spans
+        .iter()
+        .find(|s| s.name == "run" && s.attr("capstan.run.id") == Some(lost.as_str()))
+        .expect("waited for");
+    assert!(
+        run_span.raw.contains("name: \"requeue\"") && run_span.raw.contains("runner_lost"),
+        "no requeue event with its reason on {run_span:#?}"
+    );
 
     let runs = [
         ("ok", "  t:\n    steps: [ { run: 'echo fine' } ]\n"),

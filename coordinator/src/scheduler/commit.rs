@@ -125,6 +125,10 @@ impl Scheduler {
             }
         }
         self.metrics.count(fx.tally());
+        for r in &fx.tally().requeues {
+            self.run_spans
+                .requeued(&r.run, &r.task, r.attempt, r.why.label());
+        }
         self.metrics
             .queue_depth
             .set(self.state.queue_depth() as i64);

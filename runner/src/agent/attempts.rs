@@ -388,12 +388,14 @@ impl Launcher {
         cancel: CancellationToken,
         confirmed: Option<oneshot::Receiver<()>>,
     ) {
+        // `otel.name`: the exported span is called `attempt <task>`.
         let span = info_span!(
             "attempt",
-            run = %offer.run_id,
-            task = %offer.task_name,
-            attempt = %offer.attempt_id,
-            capstan.attempt.number = offer.attempt_number,
+            otel.name = %format!("attempt {}", offer.task_name),
+            capstan.run.id = %offer.run_id,
+            capstan.task = %offer.task_name,
+            capstan.attempt.id = %offer.attempt_id,
+            capstan.attempt.number = i64::from(offer.attempt_number),
             capstan.attempt.outcome = tracing::field::Empty,
         );
         // The coordinator's dispatch span (README "Tracing"): this attempt

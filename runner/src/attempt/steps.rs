@@ -149,9 +149,12 @@ struct StepReport<'a> {
 
 impl<'a> StepReport<'a> {
     fn new(spec: &'a AttemptSpec, task: &'a TaskContext, index: u32, step: &Step) -> Self {
+        // Exported as `step <n> <name>`, numbered from 1 like the messages.
+        let number = index + 1;
         let span = info_span!(
             "step",
-            capstan.step.index = index,
+            otel.name = %format!("step {number} {}", step_label(step)),
+            capstan.step.number = i64::from(number),
             capstan.step.name = %step_label(step),
             capstan.step.kind = step_kind_name(step),
             capstan.step.status = tracing::field::Empty,

@@ -232,8 +232,12 @@ pub fn init(
     for t in EXPORTED_TARGETS {
         targets = targets.with_target(t, tracing::Level::INFO);
     }
+    // No `busy_ns`/`idle_ns`/`thread.*` on every span: tracing's
+    // bookkeeping, not the work's.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer.clone())
+        .with_tracked_inactivity(false)
+        .with_threads(false)
         .with_filter(targets);
     registry
         .with(otel)

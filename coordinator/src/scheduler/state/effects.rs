@@ -127,8 +127,13 @@ impl Effects {
     }
 
     /// An attempt ended without a report and its task was queued again.
-    pub(super) fn requeued(&mut self, why: LossReason) {
-        self.tally.requeues.push(why);
+    pub(super) fn requeued(&mut self, why: LossReason, run: &RunId, task: &str, attempt: u32) {
+        self.tally.requeues.push(super::outcome::Requeue {
+            why,
+            run: run.clone(),
+            task: task.to_owned(),
+            attempt,
+        });
     }
 
     /// A task failed and is run again.

@@ -109,6 +109,15 @@ impl LossReason {
     }
 }
 
+/// An attempt that ended without a report and was queued again.
+pub(crate) struct Requeue {
+    pub(crate) why: LossReason,
+    pub(crate) run: capstan_proto::ids::RunId,
+    pub(crate) task: String,
+    /// The attempt's number.
+    pub(crate) attempt: u32,
+}
+
 /// What a batch of transitions tallied, read by the commit's metrics.
 #[derive(Default)]
 pub(crate) struct Tally {
@@ -116,6 +125,6 @@ pub(crate) struct Tally {
     /// Run times in seconds of the tasks that ended on a runner's report.
     pub(crate) task_seconds: Vec<f64>,
     pub(crate) runs: Vec<RunOutcome>,
-    pub(crate) requeues: Vec<LossReason>,
+    pub(crate) requeues: Vec<Requeue>,
     pub(crate) retries: Vec<RetryClass>,
 }

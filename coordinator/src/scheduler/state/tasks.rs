@@ -266,6 +266,7 @@ impl SchedulerState {
         att.finished_at_ms = now_ms();
         let runner = att.runner.clone();
         let runner_name = att.runner_name.clone();
+        let number = att.number;
         if let Some(slot) = self.runners.get_mut(&runner) {
             slot.release(a);
         }
@@ -289,7 +290,8 @@ impl SchedulerState {
             self.propagate(&run_id, i);
             self.finish_run_if_done(&run_id);
         } else {
-            self.fx.requeued(why);
+            let name = t.name.clone();
+            self.fx.requeued(why, &run_id, &name, number);
             if counts {
                 self.fx.retried(RetryClass::Infra);
                 self.requeue_backed_off(&run_id, i, now);
