@@ -378,3 +378,56 @@ async fn metrics_count_outcomes_and_carry_every_name_operators_use() -> anyhow::
     .await?;
     Ok(())
 }
+
+/// Two replicas on etcd: the leader reports `capstan_is_leader 1` and its
+/// epoch, the follower 0; etcd requests are timed; after kill -9 of the
+/// leader the other replica leads, counts the change and a newer epoch.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_and_etcd_metrics_follow_a_leader_kill() -> anyhow::Result<()> {
+    use capstan_tests::*;
+    use std::time::Duration;
+    let mut c = TestCluster::builder()
+        .replicas(2)
+        .etcd()
+        .election_ttl_ms(2000)
+        .runners(0)
+        .start()
+        .await?;
+    let (leader, epoch) = c.wait_leader(Duration::from_secs(20)).await?;
+    let follower = 1 - leader;
+    let (lead_http, follow_http) = (c.replicas[leader].http, c.replicas[follower].http);
+    let before = scrape_until(lead_http, "the leader's gauges", |s| {
+        s.get("capstan_is_leader") == Some(&1.0)
+            && s.get("capstan_leader_epoch") == Some(&(epoch as f64))
+            && s.get("capstan_leader_changes_total") == Some(&1.0)
+            && s.get("capstan_etcd_request_seconds_count")
+                .is_some_and(|n| *n > 0.0)
+    })
+    .await?;
+    promtool_check_metrics(&before).map_err(anyhow::Error::msg)?;
+    scrape_until(follow_http, "the follower's gauges", |s| {
+        s.get("capstan_is_leader") == Some(&0.0)
+            && s.get("capstan_leader_changes_total") == Some(&0.0)
+    })
+    .await?;
+    c.kill_replica(leader);
+    let (now, new_epoch) = c
+        .wait_new_leader(Some(leader), Duration::from_secs(30))
+        .await?;
+    assert_eq!(now, follower);
+    assert!(new_epoch > epoch);
+    let after = scrape_until(follow_http, "the new leader's gauges", |s| {
+        s.get("capstan_is_leader") == Some(&1.0)
+            && s.get("capstan_leader_epoch") == Some(&(new_epoch as f64))
+            && s.get("capstan_leader_changes_total") == Some(&1.0)
+    })
+    .await?;
+    // Requests to etcd kept being timed on the survivor.
+    let s = samples(&after);
+    assert!(
+        s.get("capstan_etcd_request_seconds_count")
+            .is_some_and(|n| *n > 0.0),
+        "{after}"
+    );
+    Ok(())
+}
