@@ -272,6 +272,36 @@ async fn a_submitters_traceparent_becomes_the_runs_parent() -> anyhow::Result<()
     assert_eq!(root.trace_id, cli_trace);
     assert_eq!(root.parent_span_id, "b7ad6b7169203331");
 
+    // With an OTLP endpoint of its own, the CLI exports a `capstan submit`
+    // span between its TRACEPARENT and the run.
+    let out = std::process::Command::new(bin("capstan"))
+        .args(["--server", &c.url(), "submit", "-o", "json"])
+        .arg(&file)
+        .env("CAPSTAN_TOKEN", &c.api_token)
+        .env("TRACEPARENT", format!("00-{cli_trace}-b7ad6b7169203331-01"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let traced_id = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    c.wait_done(&traced_id, Duration::from_secs(30)).await?;
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter()
+                .any(|s| s.name == "run" && s.attr("capstan.run.id") == Some(traced_id.as_str()))
+        })
+        .await?;
+    let (trace, root) = trace_of(&spans, &traced_id);
+    let cli_span = trace
+        .get(&root.parent_span_id)
+        .unwrap_or_else(|| panic!("the run's parent was not exported: {trace:#?}"));
+    assert_eq!(cli_span.name, "capstan submit");
+    assert_eq!(cli_span.service, "capstan");
+    assert_eq!(cli_span.trace_id, cli_trace);
+    assert_eq!(cli_span.parent_span_id, "b7ad6b7169203331");
+
     // A malformed traceparent is ignored: the run gets a trace of its own.
     let mut req = tonic::Request::new(api::SubmitRunRequest {
         pipeline_yaml:

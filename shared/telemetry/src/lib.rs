@@ -52,9 +52,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Crates whose spans and events are exported: ours. tonic's, h2's and the
 /// SDK's own are not (the last would feed back into the exporter).
-const EXPORTED_TARGETS: [&str; 4] = [
+const EXPORTED_TARGETS: [&str; 5] = [
     "capstan_coordinator",
     "capstan_runner",
+    "capstan_cli",
     "capstan_client",
     "capstan_pipeline",
 ];
