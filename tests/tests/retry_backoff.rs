@@ -77,6 +77,8 @@ async fn infra_retries_back_off_visibly_in_status_and_trace() -> anyhow::Result<
         digits.parse::<u64>().expect("nanoseconds") / 1_000_000
     };
     let starts: Vec<u64> = dispatches.iter().map(|s| start_ms(&s.raw)).collect();
+    let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("dispatch gaps between attempts: {gaps:?} ms");
     for (k, floor) in [(0usize, 200u64), (1, 400), (2, 400)] {
         let gap = starts[k + 1] - starts[k];
         assert!(
