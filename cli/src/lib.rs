@@ -23,19 +23,25 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 /// Runs a parsed command line to its exit code.
+/// What the CLI logs on stderr unless `RUST_LOG` says otherwise.
+const LOG_FILTER: &str = "warn,capstan_coordinator=error";
+
 pub fn main(cli: args::Cli) -> ExitCode {
     // Only `capstan dev` logs much (the embedded coordinator and runner):
     // warnings go to stderr unless RUST_LOG says otherwise, except the
     // coordinator's, whose standalone-mode warning means nothing for a
     // throw-away dev data dir.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,capstan_coordinator=error")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    let traced = capstan_telemetry::export_setting(|name| std::env::var(name).ok())
+        .is_ok_and(|s| s == capstan_telemetry::ExportSetting::Otlp);
+    if !traced {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(LOG_FILTER)),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -46,7 +52,23 @@ pub fn main(cli: args::Cli) -> ExitCode {
             return exit::Exit::Failed.into();
         }
     };
-    let result = runtime.block_on(commands::run(cli));
+    // With an OTLP endpoint, the CLI's own span (`capstan submit`) is the
+    // run's parent; it is flushed before exit.
+    let result = runtime.block_on(async {
+        let telemetry = if traced {
+            match capstan_telemetry::init("capstan", LOG_FILTER, Default::default()) {
+                Ok(t) => Some(t),
+                Err(e) => return Err(exit::Failure::usage(e.to_string())),
+            }
+        } else {
+            None
+        };
+        let result = commands::run(cli).await;
+        if let Some(t) = telemetry {
+            t.shutdown().await;
+        }
+        result
+    });
     // Do not wait on stray tasks (log readers of an interrupted follow).
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {

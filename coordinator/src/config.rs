@@ -103,6 +103,17 @@ pub struct Args {
     #[arg(long, env = "CAPSTAN_CONFIG", global = true)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// How log lines on stderr are written: `text`, or `json` (one object
+    /// a line, with trace and span ids) [default: text]. Flag or
+    /// environment only: it applies before the config file is read.
+    #[arg(
+        long,
+        env = "CAPSTAN_LOG_FORMAT",
+        value_name = "text|json",
+        global = true
+    )]
+    #[serde(skip)]
+    pub log_format: Option<capstan_telemetry::LogFormat>,
     /// gRPC listen address [default: 127.0.0.1:7700].
     #[arg(long, env = "CAPSTAN_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -163,6 +174,14 @@ pub struct Args {
     /// Infrastructure failures retried per task [default: 3].
     #[arg(long, env = "CAPSTAN_MAX_INFRA_RETRIES")]
     pub max_infra_retries: Option<u32>,
+    /// Milliseconds before the first infrastructure retry; doubled for each
+    /// further one, jittered, capped by --infra-retry-backoff-max-ms; 0:
+    /// retry at once [default: 1000].
+    #[arg(long, env = "CAPSTAN_INFRA_RETRY_BACKOFF_MS")]
+    pub infra_retry_backoff_ms: Option<u64>,
+    /// Longest wait in milliseconds before an infrastructure retry [default: 30000].
+    #[arg(long, env = "CAPSTAN_INFRA_RETRY_BACKOFF_MAX_MS")]
+    pub infra_retry_backoff_max_ms: Option<u64>,
     /// Delete finished runs and their logs this long after they end, e.g.
     /// `30d`, `12h`, `90m`; `forever` keeps everything [default: 30d].
     #[arg(long, env = "CAPSTAN_RETENTION", value_name = "DURATION")]
@@ -364,6 +383,8 @@ impl Args {
             lease: ms(s.lease_ms, d.lease),
             offer_timeout: ms(s.offer_timeout_ms, d.offer_timeout),
             max_infra_retries: s.max_infra_retries.unwrap_or(d.max_infra_retries),
+            infra_backoff: ms(s.infra_retry_backoff_ms, d.infra_backoff),
+            infra_backoff_max: ms(s.infra_retry_backoff_max_ms, d.infra_backoff_max),
             timeout_grace: d.timeout_grace,
             // The runners' detection of a silent leader and their reconnect
             // (docs/decisions.md, issue 25).

@@ -6,7 +6,7 @@
 use crate::metrics::Metrics;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use std::sync::Arc;
@@ -56,17 +56,17 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+/// OpenMetrics or Prometheus text 0.0.4, as the `Accept` header prefers.
+async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = capstan_telemetry::exposition::negotiate(accept);
     // The demand figures are read from the scheduler at each scrape (a
     // follower has none), not kept up to date on every dispatch.
     let demand = s.demand.current().await;
     crate::demand::publish(&s.metrics, demand.as_ref());
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.render(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        s.metrics.render(format),
     )
 }
 

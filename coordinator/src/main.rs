@@ -5,14 +5,15 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let telemetry = match capstan_telemetry::init("capstan-coordinator", "info") {
+    let mut args = capstan_coordinator::config::Args::parse();
+    let format = args.log_format.unwrap_or_default();
+    let telemetry = match capstan_telemetry::init("capstan-coordinator", "info", format) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("capstan-coordinator: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    let mut args = capstan_coordinator::config::Args::parse();
     let result = match args.command.take() {
         Some(command) => capstan_coordinator::admin::run(args, command).await,
         None => main_inner(args).await,

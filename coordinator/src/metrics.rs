@@ -1,11 +1,18 @@
-//! Prometheus metrics served on the HTTP side port at `/metrics`.
+//! Prometheus metrics served on the HTTP side port at `/metrics` (README
+//! "Metrics" lists them; deploy/prometheus/alerts.yaml alerts on them).
+//! Names are in base units (seconds, bytes); label values are bounded
+//! (outcomes, reasons, classes: never a run or runner id).
 
-use prometheus_client::encoding::text::encode;
+use crate::scheduler::state::{LossReason, RetryClass, RunOutcome, Tally, TaskOutcome};
+use capstan_telemetry::exposition::{self, Format};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// A counter with one bounded label.
+pub(crate) type Labeled = Family<[(&'static str, &'static str); 1], Counter>;
 
 /// Every metric the coordinator exports. Cheap to update from any task.
 pub(crate) struct Metrics {
@@ -16,10 +23,24 @@ pub(crate) struct Metrics {
     /// Finished runs deleted by retention.
     pub(crate) runs_deleted: Counter,
     pub(crate) log_bytes: Counter,
-    /// Queued -> accepted by a runner, milliseconds.
-    pub(crate) pickup_ms: Histogram,
+    /// Queued -> accepted by a runner, seconds.
+    pub(crate) pickup_seconds: Histogram,
     /// Task wall time from first start to end, seconds.
     pub(crate) task_seconds: Histogram,
+    /// One group commit's store write, seconds.
+    pub(crate) store_commit_seconds: Histogram,
+    tasks_finished: Labeled,
+    runs_finished: Labeled,
+    task_requeues: Labeled,
+    task_retries: Labeled,
+    is_leader: Gauge,
+    leader_epoch: Gauge,
+    leader_changes: Counter,
+    /// etcd request tries (election and store) that failed, by kind.
+    etcd_request_errors: Labeled,
+    /// etcd request latency, seconds.
+    etcd_request_seconds: Histogram,
+    pub(crate) log_store: crate::logs::usage::LogStoreUsage,
     /// The demand signal by `runs-on` label set (`crate::demand`), set at
     /// each scrape on the leader.
     pub(crate) demand: DemandGauges,
@@ -39,30 +60,35 @@ pub(crate) struct DemandGauges {
 
 impl DemandGauges {
     fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "demand_queued_tasks",
-            "Queued tasks by runs-on label set",
-            self.queued.clone(),
-        );
-        registry.register(
-            "demand_running_tasks",
-            "Offered or running tasks by runs-on label set",
-            self.running.clone(),
-        );
-        registry.register(
-            "demand_free_slots",
-            "Free slots of connected runners matching the label set",
-            self.free_slots.clone(),
-        );
+        let counts = [
+            (
+                "demand_queued_tasks",
+                "Queued tasks by runs-on label set",
+                &self.queued,
+            ),
+            (
+                "demand_running_tasks",
+                "Offered or running tasks by runs-on label set",
+                &self.running,
+            ),
+            (
+                "demand_free_slots",
+                "Free slots of connected runners matching the label set",
+                &self.free_slots,
+            ),
+            (
+                "demand_unmatched_tasks",
+                "Queued tasks whose labels no runner, runner token or --runner-pool could match",
+                &self.unmatched,
+            ),
+        ];
+        for (name, help, g) in counts {
+            registry.register(name, help, g.clone());
+        }
         registry.register(
             "demand_oldest_queued_seconds",
             "Age of the longest-waiting queued task of the label set",
             self.oldest_queued.clone(),
-        );
-        registry.register(
-            "demand_unmatched_tasks",
-            "Queued tasks whose labels no runner, runner token or --runner-pool could match",
-            self.unmatched.clone(),
         );
     }
 
@@ -78,62 +104,242 @@ impl DemandGauges {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("capstan");
-        let queue_depth = Gauge::default();
-        let runners_connected = Gauge::default();
-        let runs_submitted = Counter::default();
-        let runs_deleted = Counter::default();
-        let log_bytes = Counter::default();
-        let pickup_ms = Histogram::new(exponential_buckets(0.5, 2.0, 16));
-        let task_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 20));
-        registry.register(
-            "queue_depth",
-            "Tasks waiting for a runner",
-            queue_depth.clone(),
-        );
-        registry.register(
-            "runners_connected",
-            "Runners with an open control stream",
-            runners_connected.clone(),
-        );
-        registry.register("runs_submitted", "Runs accepted", runs_submitted.clone());
-        registry.register(
-            "runs_deleted",
-            "Finished runs deleted by retention",
-            runs_deleted.clone(),
-        );
-        registry.register("log_bytes", "Log bytes written", log_bytes.clone());
-        registry.register(
-            "pickup_latency_ms",
-            "Time from a task being queued to a runner accepting it",
-            pickup_ms.clone(),
-        );
-        registry.register(
-            "task_duration_seconds",
-            "Wall time of finished tasks",
-            task_seconds.clone(),
-        );
-        let demand = DemandGauges::default();
-        demand.register(&mut registry);
-        Self {
-            registry,
-            demand,
-            queue_depth,
-            runners_connected,
-            runs_submitted,
-            runs_deleted,
-            log_bytes,
-            pickup_ms,
-            task_seconds,
+        let mut r = Registry::with_prefix("capstan");
+        let m = Self {
+            queue_depth: Gauge::default(),
+            runners_connected: Gauge::default(),
+            runs_submitted: Counter::default(),
+            runs_deleted: Counter::default(),
+            log_bytes: Counter::default(),
+            // 10 ms .. ~46 min.
+            pickup_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 19)),
+            task_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
+            // 0.25 ms .. ~4 s.
+            store_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
+            tasks_finished: Labeled::default(),
+            runs_finished: Labeled::default(),
+            task_requeues: Labeled::default(),
+            task_retries: Labeled::default(),
+            is_leader: Gauge::default(),
+            leader_epoch: Gauge::default(),
+            leader_changes: Counter::default(),
+            etcd_request_errors: Labeled::default(),
+            etcd_request_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
+            log_store: crate::logs::usage::LogStoreUsage::default(),
+            demand: DemandGauges::default(),
+            registry: Registry::default(),
+        };
+        m.register_scalars(&mut r);
+        m.register_families(&mut r);
+        m.register_histograms(&mut r);
+        m.log_store.register(&mut r);
+        m.demand.register(&mut r);
+        m.zero_every_label();
+        Self { registry: r, ..m }
+    }
+}
+
+/// Registration, by kind.
+impl Metrics {
+    fn register_scalars(&self, r: &mut Registry) {
+        let m = self;
+        let gauges = [
+            ("queue_depth", "Tasks waiting for a runner", &m.queue_depth),
+            (
+                "runners_connected",
+                "Runners with an open control stream to this replica",
+                &m.runners_connected,
+            ),
+            (
+                "is_leader",
+                "1 while this replica leads (schedules and serves the API), else 0",
+                &m.is_leader,
+            ),
+            (
+                "leader_epoch",
+                "The epoch (etcd create revision of the leader key) of this replica's \
+                 current or last leadership; 0 before it first led",
+                &m.leader_epoch,
+            ),
+        ];
+        for (name, help, g) in gauges {
+            r.register(name, help, g.clone());
+        }
+        let counters = [
+            ("runs_submitted", "Runs accepted", &m.runs_submitted),
+            (
+                "runs_deleted",
+                "Finished runs deleted by retention",
+                &m.runs_deleted,
+            ),
+            (
+                "log_bytes",
+                "Log bytes written to the log store",
+                &m.log_bytes,
+            ),
+            (
+                "leader_changes",
+                "Times this replica started or stopped leading",
+                &m.leader_changes,
+            ),
+        ];
+        for (name, help, c) in counters {
+            r.register(name, help, c.clone());
+        }
+    }
+
+    fn register_families(&self, r: &mut Registry) {
+        let m = self;
+        let families = [
+            (
+                "tasks_finished",
+                "Tasks ended, by outcome: succeeded, failed (script), infra_failed, \
+                 cancelled, skipped",
+                &m.tasks_finished,
+            ),
+            (
+                "runs_finished",
+                "Runs ended, by outcome: succeeded, failed, infra_failed, cancelled",
+                &m.runs_finished,
+            ),
+            (
+                "task_requeues",
+                "Attempts that ended without a report and were queued again, by reason: \
+                 runner_lost, offer_timeout, offer_rejected, offer_dropped",
+                &m.task_requeues,
+            ),
+            (
+                "task_retries",
+                "Failed tasks run again, by class: script (the pipeline's retries) or \
+                 infra (infrastructure failures)",
+                &m.task_retries,
+            ),
+            (
+                "etcd_request_errors",
+                "etcd request tries that failed, by kind: unavailable (member down or \
+                 without a raft leader), timeout, error (refused)",
+                &m.etcd_request_errors,
+            ),
+        ];
+        for (name, help, f) in families {
+            r.register(name, help, f.clone());
+        }
+    }
+
+    fn register_histograms(&self, r: &mut Registry) {
+        let m = self;
+        let histograms = [
+            (
+                "pickup_latency_seconds",
+                "Time from a task being queued to a runner accepting it",
+                &m.pickup_seconds,
+            ),
+            (
+                "task_duration_seconds",
+                "Wall time of tasks ended by their runner's report",
+                &m.task_seconds,
+            ),
+            (
+                "store_commit_seconds",
+                "Time of one group commit's write to the state store",
+                &m.store_commit_seconds,
+            ),
+            (
+                "etcd_request_seconds",
+                "Latency of etcd requests (store and election)",
+                &m.etcd_request_seconds,
+            ),
+        ];
+        for (name, help, h) in histograms {
+            r.register(name, help, h.clone());
         }
     }
 }
 
 impl Metrics {
-    /// The Prometheus text exposition of every metric.
-    pub(crate) fn render(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+    /// The exposition of every metric in `format`.
+    pub(crate) fn render(&self, format: Format) -> String {
+        self.log_store.refresh();
+        exposition::render(&self.registry, format)
+    }
+
+    /// Counts what a committed batch of transitions tallied.
+    pub(crate) fn count(&self, tally: &Tally) {
+        for o in &tally.tasks {
+            self.tasks_finished
+                .get_or_create(&[("outcome", o.label())])
+                .inc();
+        }
+        for &secs in &tally.task_seconds {
+            self.task_seconds.observe(secs);
+        }
+        for o in &tally.runs {
+            self.runs_finished
+                .get_or_create(&[("outcome", o.label())])
+                .inc();
+        }
+        for r in tally.requeues.iter().map(|r| r.why) {
+            self.task_requeues
+                .get_or_create(&[("reason", r.label())])
+                .inc();
+        }
+        for c in &tally.retries {
+            self.task_retries
+                .get_or_create(&[("class", c.label())])
+                .inc();
+        }
+    }
+
+    /// Creates every series at 0, so a scrape shows each family before
+    /// its first event and `rate()` sees the first increase.
+    fn zero_every_label(&self) {
+        for o in TaskOutcome::ALL {
+            self.tasks_finished
+                .get_or_create(&[("outcome", o.label())])
+                .inc_by(0);
+        }
+        for o in RunOutcome::ALL {
+            self.runs_finished
+                .get_or_create(&[("outcome", o.label())])
+                .inc_by(0);
+        }
+        for r in LossReason::ALL {
+            self.task_requeues
+                .get_or_create(&[("reason", r.label())])
+                .inc_by(0);
+        }
+        for c in RetryClass::ALL {
+            self.task_retries
+                .get_or_create(&[("class", c.label())])
+                .inc_by(0);
+        }
+        for kind in ["unavailable", "timeout", "error"] {
+            self.etcd_request_errors
+                .get_or_create(&[("kind", kind)])
+                .inc_by(0);
+        }
+    }
+
+    /// Where the etcd pool records its requests.
+    pub(crate) fn etcd_observer(&self) -> crate::store::etcd::EtcdObserver {
+        crate::store::etcd::EtcdObserver {
+            errors: self.etcd_request_errors.clone(),
+            seconds: self.etcd_request_seconds.clone(),
+        }
+    }
+
+    /// This replica leads from now on, at `epoch`.
+    pub(crate) fn leading(&self, epoch: u64) {
+        self.is_leader.set(1);
+        self.leader_epoch.set(epoch as i64);
+        self.leader_changes.inc();
+    }
+
+    /// This replica stopped leading.
+    pub(crate) fn stopped_leading(&self) {
+        if self.is_leader.get() == 1 {
+            self.is_leader.set(0);
+            self.leader_changes.inc();
+        }
     }
 }

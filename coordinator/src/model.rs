@@ -102,6 +102,10 @@ pub(crate) struct TaskRecord {
     pub(crate) queued_at_ms: i64,
     pub(crate) started_at_ms: i64,
     pub(crate) finished_at_ms: i64,
+    /// While an infrastructure retry waits out its backoff: when it is
+    /// queued for a runner (0: not waiting).
+    #[serde(default)]
+    pub(crate) retry_at_ms: i64,
 }
 
 impl TaskRecord {

@@ -64,14 +64,15 @@ pub async fn run(
     };
     let advertise = advertised_url(&config, local, tls.is_some());
     let standalone = config.etcd_endpoints.is_empty();
-    let (store, election) = open_state(&config, &advertise).await?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (store, election) = open_state(&config, &advertise, &metrics).await?;
     let log_dir = config
         .log_dir
         .clone()
         .unwrap_or_else(|| config.data_dir.join("logs"));
     // Opened here once so a bad directory fails the start, then anew per leadership.
     logs::local::LocalLogStore::open(&log_dir)?;
-    let metrics = Arc::new(metrics::Metrics::default());
+    metrics.log_store.watch(&log_dir);
 
     let tracker = TaskTracker::new();
     let inner = shutdown.child_token();
@@ -270,6 +271,7 @@ async fn install_dev_token(tokens: &crate::tokens::Tokens, token: &str) -> anyho
 async fn open_state(
     config: &CoordinatorConfig,
     advertise: &str,
+    metrics: &metrics::Metrics,
 ) -> anyhow::Result<(Arc<dyn store::Store>, Arc<dyn election::Election>)> {
     if config.etcd_endpoints.is_empty() {
         tracing::warn!(
@@ -285,6 +287,7 @@ async fn open_state(
         return Ok((store, election));
     }
     let pool = store::etcd::connect(&config.etcd_endpoints).await?;
+    pool.observe(metrics.etcd_observer());
     let etcd_store = store::etcd::EtcdStore::new(pool.clone(), &config.etcd_prefix);
     let election = Arc::new(election::etcd::EtcdElection::new(
         pool,
@@ -384,6 +387,7 @@ async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
             token: token.clone(),
             logs,
         }));
+        l.metrics.leading(lead.epoch);
         tracing::info!(epoch = lead.epoch, "leading");
         // The scheduler gets its own task, on a worker thread: in the
         // caller's future it ran wherever that is polled, which under
@@ -409,6 +413,7 @@ async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
         };
         token.cancel();
         l.role.send_replace(api::Role::Follower);
+        l.metrics.stopped_leading();
         if l.shutdown.is_cancelled() {
             return Ok(());
         }

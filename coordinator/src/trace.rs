@@ -43,7 +43,10 @@ fn run_attributes(run: &RunRecord, epoch: u64) -> Vec<KeyValue> {
     vec![
         KeyValue::new("capstan.run.id", run.id.to_string()),
         KeyValue::new("capstan.pipeline", run.pipeline.clone()),
-        KeyValue::new("capstan.repo", run.repo.clone()),
+        KeyValue::new(
+            "capstan.repo",
+            capstan_proto::redact::redact_url(&run.repo).into_owned(),
+        ),
         KeyValue::new("capstan.commit", run.rev.clone()),
         KeyValue::new("capstan.leader_epoch", epoch as i64),
     ]
@@ -87,6 +90,21 @@ impl RunSpans {
             .with_attributes(run_attributes(run, epoch))
             .start_with_context(tracer, &headers(run).context());
         self.0.insert(run.id.clone(), span);
+    }
+
+    /// Records on the run's span that an attempt of `task` ended without a
+    /// report (`reason`: runner_lost, offer_timeout, ...) and was requeued.
+    pub(crate) fn requeued(&mut self, run: &RunId, task: &str, attempt: u32, reason: &'static str) {
+        if let Some(span) = self.0.get_mut(run) {
+            span.add_event(
+                "requeue",
+                vec![
+                    KeyValue::new("capstan.task", task.to_owned()),
+                    KeyValue::new("capstan.attempt.number", i64::from(attempt)),
+                    KeyValue::new("capstan.requeue.reason", reason),
+                ],
+            );
+        }
     }
 
     /// Ends the run's span with its final state; a failed run's is an error.
@@ -150,8 +168,35 @@ pub(crate) fn dispatch(
             KeyValue::new("capstan.runner", runner.to_owned()),
         ])
         .start_with_context(tracer, &headers(run).context());
-    let out =
-        TraceHeaders::of(&Context::new().with_remote_span_context(span.span_context().clone()));
+    if number > 1 && !task.message.is_empty() {
+        // Why this attempt exists: the last one's failure, and the
+        // backoff waited for an infrastructure retry.
+        span.add_event(
+            "retry",
+            vec![
+                KeyValue::new("capstan.retry.reason", task.message.clone()),
+                KeyValue::new(
+                    "capstan.retry.infra_failures",
+                    i64::from(task.infra_failures),
+                ),
+                KeyValue::new(
+                    "capstan.retry.script_failures",
+                    i64::from(task.script_failures),
+                ),
+            ],
+        );
+    }
+    let sc = span.span_context().clone();
+    tracing::info!(
+        run = %run.id,
+        task = %task.name,
+        attempt,
+        runner,
+        trace_id = %sc.trace_id(),
+        span_id = %sc.span_id(),
+        "task dispatched"
+    );
+    let out = TraceHeaders::of(&Context::new().with_remote_span_context(sc));
     span.end();
     out
 }

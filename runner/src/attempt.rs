@@ -358,7 +358,7 @@ async fn run_task(
     if !task.repo.is_empty() {
         let span = info_span!(
             "git.checkout",
-            capstan.repo = %task.repo,
+            capstan.repo = %capstan_proto::redact::redact_url(&task.repo),
             capstan.commit = %task.rev,
         );
         let checked_out = checkout(spec, task, spool).instrument(span.clone()).await;
@@ -417,11 +417,15 @@ async fn checkout(
     };
     match crate::git::checkout(&task.repo, rev, &task.workspace, credentials).await {
         Ok(id) => {
-            note(format!("checked out {} at {id}\n", task.repo)).await;
+            let repo = capstan_proto::redact::redact_url(&task.repo);
+            note(format!("checked out {repo} at {id}\n")).await;
             Ok(())
         }
         Err(e) => {
-            let message = format!("checkout failed: {}", chain(&e));
+            let message = format!(
+                "checkout failed: {}",
+                capstan_proto::redact::redact_urls(&chain(&e))
+            );
             note(format!("{message}\n")).await;
             // A wrong password or revision is the user's to fix; anything
             // else (network, disk) is retried as an infrastructure failure.

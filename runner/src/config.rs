@@ -153,6 +153,22 @@ pub struct Args {
     /// Private key (PEM) of --tls-client-cert.
     #[arg(long, env = "CAPSTAN_TLS_CLIENT_KEY", value_name = "PEM")]
     pub tls_client_key: Option<PathBuf>,
+    /// Serve `/healthz` and `/metrics` (Prometheus) over HTTP on this
+    /// address, e.g. 127.0.0.1:7702 [default: off]. Plaintext and
+    /// unauthenticated: beyond loopback only with --http-insecure.
+    #[arg(long, env = "CAPSTAN_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Allow --http-listen on an address beyond this host (the port holds
+    /// counters only, no run data), e.g. for a Prometheus in the cluster.
+    #[arg(long, env = "CAPSTAN_HTTP_INSECURE")]
+    #[serde(default)]
+    pub http_insecure: Option<bool>,
+    /// How log lines on stderr are written: `text`, or `json` (one object
+    /// a line, with trace and span ids) [default: text]. Flag or
+    /// environment only: it applies before the config file is read.
+    #[arg(long, env = "CAPSTAN_LOG_FORMAT", value_name = "text|json")]
+    #[serde(skip)]
+    pub log_format: Option<capstan_telemetry::LogFormat>,
 }
 
 /// The TOML file. Same settings as the flags, minus `config`.
@@ -202,6 +218,11 @@ pub enum ConfigError {
         "invalid --max-step-log `{0}`: expected bytes or a number with k, m or g, e.g. 256m (0: no cap)"
     )]
     StepLogCap(String),
+    #[error(
+        "refusing to serve plaintext metrics on {0} (--http-listen), beyond this host: listen on \
+         127.0.0.1, or pass --http-insecure to serve them there anyway"
+    )]
+    HttpBeyondLoopback(std::net::SocketAddr),
 }
 
 /// Parses `k=v,k=v` (empty string: no labels).
@@ -250,7 +271,15 @@ fn merge(args: Args, file: Args) -> Result<RunnerConfig, ConfigError> {
         },
         None => crate::logs::cap::StepLogCap::default(),
     };
+    let http_listen = s.http_listen;
+    if let Some(addr) = http_listen
+        && !addr.ip().is_loopback()
+        && !s.http_insecure.unwrap_or(false)
+    {
+        return Err(ConfigError::HttpBeyondLoopback(addr));
+    }
     Ok(RunnerConfig {
+        http_listen,
         tls: capstan_tls::ClientTls {
             ca_cert: s.ca_cert,
             client_cert: s.tls_client_cert,

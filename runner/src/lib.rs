@@ -35,6 +35,8 @@
 //!   the coordinator acknowledged it (in memory, spilled to disk while the
 //!   coordinator does not take it), and the `PushLogs` shipper that drains
 //!   it (`logs/shipper/`: the loop, and one window of streams).
+//! - `metrics` and `http`: the Prometheus metrics and the optional
+//!   `--http-listen` port serving them with `/healthz`.
 //! - `backoff`: jittered exponential delays between reconnects.
 //! - `error`: the failures that end the runner, and `chain` (an error and
 //!   its sources on one line).
@@ -50,7 +52,9 @@ mod error;
 pub mod executor;
 pub mod git;
 pub mod gitops;
+mod http;
 pub mod logs;
+pub(crate) mod metrics;
 pub mod secrets;
 pub mod step;
 #[cfg(test)]
@@ -102,6 +106,8 @@ pub struct RunnerConfig {
     /// What `https://` coordinators are trusted with (`--ca-cert`) and the
     /// client certificate presented under mTLS.
     pub tls: capstan_tls::ClientTls,
+    /// Where `/healthz` and `/metrics` are served (`--http-listen`); none: not served.
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for RunnerConfig {
@@ -121,6 +127,7 @@ impl Default for RunnerConfig {
             docker: DockerSettings::default(),
             step_log_cap: logs::cap::StepLogCap::default(),
             tls: capstan_tls::ClientTls::default(),
+            http_listen: None,
         }
     }
 }
@@ -162,6 +169,11 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> anyhow::R
         ExecutorKind::Docker => Arc::new(docker_executor(&config, Arc::clone(&secrets)).await?),
     };
     let creds = credentials::load(&work_dir.credentials_file()).await?;
+    metrics::get().slots(0, config.capacity);
+    let _http = match config.http_listen {
+        Some(addr) => Some(http::spawn(addr).await?),
+        None => None,
+    };
     let agent =
         agent::Agent::new(config, work_dir, executor, creds, shutdown).with_secrets(secrets);
     // On a worker thread, not in the caller's future: `#[tokio::main]`

@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = capstan_runner::config::Args::parse();
-    let telemetry = capstan_telemetry::init("capstan-runner", "info")?;
+    let format = args.log_format.unwrap_or_default();
+    let telemetry = capstan_telemetry::init("capstan-runner", "info", format)?;
     let result = main_inner(args).await;
     // After the drain (SIGTERM included): the last attempts' spans.
     telemetry.shutdown().await;

@@ -20,7 +20,7 @@ pub fn free_addr() -> SocketAddr {
 
 /// A plain HTTP/1.0 GET on `addr`: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    http_get_with(addr, path, &[])
+    http_get_full(addr, path, "").map(|(code, _, body)| (code, body))
 }
 
 /// [`http_get`] with extra request headers (`Authorization`, ...).
@@ -29,13 +29,23 @@ pub fn http_get_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let extra: String = headers
         .iter()
         .map(|(k, v)| format!("{k}: {v}\r\n"))
         .collect();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{extra}\r\n")?;
+    http_get_full(addr, path, &extra).map(|(code, _, body)| (code, body))
+}
+
+/// A plain HTTP/1.0 GET on `addr` with `headers` (each line ending in
+/// `\r\n`): (status, response headers, body).
+pub fn http_get_full(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+) -> anyhow::Result<(u16, String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{headers}\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let code = resp
@@ -43,8 +53,8 @@ pub fn http_get_with(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    Ok((code, body))
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    Ok((code, head.to_string(), body.to_string()))
 }
 
 /// What [`https_get`] got.

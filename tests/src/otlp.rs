@@ -34,6 +34,9 @@ pub struct ReceivedSpan {
     /// OTLP status code: 0 unset, 1 ok, 2 error.
     pub status_code: i32,
     pub status_message: String,
+    /// The whole span as received (events and links included), for tests
+    /// that grep everything a span carries.
+    pub raw: String,
 }
 
 impl ReceivedSpan {
@@ -84,6 +87,7 @@ impl TraceService for Service {
                 .map(|kv| text(&kv.value))
                 .unwrap_or_default();
             for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                let raw = format!("{span:?}");
                 let status = span.status.unwrap_or_default();
                 out.push(ReceivedSpan {
                     service: service.clone(),
@@ -98,6 +102,7 @@ impl TraceService for Service {
                         .collect(),
                     status_code: status.code,
                     status_message: status.message,
+                    raw,
                 });
             }
         }

@@ -381,7 +381,10 @@ async fn http_side_port_serves_health_and_metrics() -> anyhow::Result<()> {
     assert_eq!(code, 200);
     assert!(body.contains("capstan_runners_connected 1"), "{body}");
     assert!(body.contains("capstan_runs_submitted_total 1"), "{body}");
-    assert!(body.contains("capstan_pickup_latency_ms_count 1"), "{body}");
+    assert!(
+        body.contains("capstan_pickup_latency_seconds_count 1"),
+        "{body}"
+    );
     assert!(body.contains("capstan_log_bytes_total"), "{body}");
     Ok(())
 }

@@ -74,8 +74,8 @@ fn descends_from(
 /// (Each span is exported when it ends: an attempt's after its last step's
 /// and its log's acknowledgement, the run's after the final report.)
 fn arrived(spans: &[ReceivedSpan], steps: usize, attempts: usize) -> bool {
-    let count = |name| spans.iter().filter(|s| s.name == name).count();
-    count("step") >= steps && count("attempt") >= attempts && count("run") >= 1
+    let count = |prefix: &str| spans.iter().filter(|s| s.name.starts_with(prefix)).count();
+    count("step ") >= steps && count("attempt ") >= attempts && count("run") >= 1
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,7 +109,8 @@ async fn a_run_is_one_trace_from_submit_to_the_last_step() -> anyhow::Result<()>
     // Both services' spans are in the run's trace, and every span that
     // names the run is.
     for s in spans.iter().filter(|s| {
-        s.attr("capstan.run.id") == Some(id.as_str()) || s.attr("run") == Some(id.as_str())
+        s.attr("capstan.run.id") == Some(id.as_str())
+            || s.attr("capstan.run.id") == Some(id.as_str())
     }) {
         assert_eq!(
             s.trace_id, root.trace_id,
@@ -124,7 +125,27 @@ async fn a_run_is_one_trace_from_submit_to_the_last_step() -> anyhow::Result<()>
     };
     let dispatches = named("capstan-coordinator", "task.dispatch");
     assert_eq!(dispatches.len(), 2, "one dispatch per task: {trace:#?}");
-    let attempts = named("capstan-runner", "attempt");
+    let attempts: Vec<&ReceivedSpan> = trace
+        .values()
+        .filter(|s| s.service == "capstan-runner" && s.name.starts_with("attempt "))
+        .collect();
+    for a in &attempts {
+        assert_eq!(
+            Some(a.name.as_str()),
+            a.attr("capstan.task")
+                .map(|t| format!("attempt {t}"))
+                .as_deref()
+        );
+        assert!(
+            a.raw.contains("IntValue(1)"),
+            "capstan.attempt.number is an int: {a:#?}"
+        );
+    }
+    for s in trace.values() {
+        for noise in ["busy_ns", "idle_ns", "thread.id", "thread.name"] {
+            assert!(s.attr(noise).is_none(), "{noise} on {s:#?}");
+        }
+    }
     assert_eq!(attempts.len(), 2, "{trace:#?}");
     for a in &attempts {
         let d = trace
@@ -134,10 +155,26 @@ async fn a_run_is_one_trace_from_submit_to_the_last_step() -> anyhow::Result<()>
             d.name, "task.dispatch",
             "the runner continues the offer's context"
         );
-        assert_eq!(d.attr("capstan.task"), a.attr("task"));
+        assert_eq!(d.attr("capstan.task"), a.attr("capstan.task"));
     }
 
-    let steps = named("capstan-runner", "step");
+    let steps: Vec<&ReceivedSpan> = trace
+        .values()
+        .filter(|s| s.service == "capstan-runner" && s.name.starts_with("step "))
+        .collect();
+    for s in &steps {
+        let want = format!(
+            "step {} {}",
+            s.attr("capstan.step.number").unwrap_or("?"),
+            s.attr("capstan.step.name").unwrap_or("?")
+        );
+        assert_eq!(s.name, want);
+        assert_ne!(
+            s.attr("capstan.step.number"),
+            Some("0"),
+            "steps count from 1"
+        );
+    }
     let by_name: HashMap<&str, &ReceivedSpan> = steps
         .iter()
         .map(|s| (s.attr("capstan.step.name").unwrap_or(""), *s))
@@ -165,7 +202,7 @@ async fn a_run_is_one_trace_from_submit_to_the_last_step() -> anyhow::Result<()>
     assert_eq!(unit.status_message, "step 2 (unit) exited with 3");
     let check = attempts
         .iter()
-        .find(|a| a.attr("task") == Some("check"))
+        .find(|a| a.attr("capstan.task") == Some("check"))
         .expect("check's attempt");
     assert!(check.is_error());
     assert_eq!(
@@ -200,7 +237,7 @@ async fn a_submitters_traceparent_becomes_the_runs_parent() -> anyhow::Result<()
     assert!(!root.is_error());
     let step = trace
         .values()
-        .find(|s| s.name == "step")
+        .find(|s| s.name.starts_with("step "))
         .expect("the step joined the submitter's trace");
     assert!(descends_from(&trace, step, &root.span_id));
 
@@ -234,6 +271,36 @@ async fn a_submitters_traceparent_becomes_the_runs_parent() -> anyhow::Result<()
     let (_, root) = trace_of(&spans, &cli_id);
     assert_eq!(root.trace_id, cli_trace);
     assert_eq!(root.parent_span_id, "b7ad6b7169203331");
+
+    // With an OTLP endpoint of its own, the CLI exports a `capstan submit`
+    // span between its TRACEPARENT and the run.
+    let out = std::process::Command::new(bin("capstan"))
+        .args(["--server", &c.url(), "submit", "-o", "json"])
+        .arg(&file)
+        .env("CAPSTAN_TOKEN", &c.api_token)
+        .env("TRACEPARENT", format!("00-{cli_trace}-b7ad6b7169203331-01"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let traced_id = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    c.wait_done(&traced_id, Duration::from_secs(30)).await?;
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter()
+                .any(|s| s.name == "run" && s.attr("capstan.run.id") == Some(traced_id.as_str()))
+        })
+        .await?;
+    let (trace, root) = trace_of(&spans, &traced_id);
+    let cli_span = trace
+        .get(&root.parent_span_id)
+        .unwrap_or_else(|| panic!("the run's parent was not exported: {trace:#?}"));
+    assert_eq!(cli_span.name, "capstan submit");
+    assert_eq!(cli_span.service, "capstan");
+    assert_eq!(cli_span.trace_id, cli_trace);
+    assert_eq!(cli_span.parent_span_id, "b7ad6b7169203331");
 
     // A malformed traceparent is ignored: the run gets a trace of its own.
     let mut req = tonic::Request::new(api::SubmitRunRequest {
@@ -349,7 +416,10 @@ async fn sigterm_flushes_the_last_spans() -> anyhow::Result<()> {
         })
         .await?;
     let (trace, root) = trace_of(&spans, &id);
-    let step = trace.values().find(|s| s.name == "step").expect("step");
+    let step = trace
+        .values()
+        .find(|s| s.name.starts_with("step "))
+        .expect("step");
     assert!(descends_from(&trace, step, &root.span_id));
     assert!(
         spans.iter().all(|s| s.service == "fleet-a"),
@@ -522,7 +592,7 @@ async fn checkout_and_gitops_steps_are_spans_of_the_run() -> anyhow::Result<()> 
     for kind in ["set-image", "git-push"] {
         let step = trace
             .values()
-            .find(|s| s.name == "step" && s.attr("capstan.step.kind") == Some(kind))
+            .find(|s| s.name.starts_with("step ") && s.attr("capstan.step.kind") == Some(kind))
             .unwrap_or_else(|| panic!("no {kind} step span: {trace:#?}"));
         assert_eq!(
             step.attr("capstan.step.status"),

@@ -38,7 +38,22 @@ pub(crate) async fn run(ctx: &Context, args: SubmitArgs) -> Result<Exit, Failure
         traceparent: std::env::var("TRACEPARENT").unwrap_or_default(),
         tracestate: std::env::var("TRACESTATE").unwrap_or_default(),
     };
-    let run = client.submit_run_in_trace(request, &parent).await?;
+    // With export on, the CLI's own span sits between the two.
+    let span = tracing::info_span!("capstan submit", capstan.pipeline.file = %request.file_name);
+    parent.set_parent_of(&span);
+    let parent = if capstan_telemetry::enabled() {
+        use capstan_telemetry::OpenTelemetrySpanExt as _;
+        capstan_telemetry::TraceHeaders::of(&span.context())
+    } else {
+        parent
+    };
+    let run = {
+        use tracing::Instrument as _;
+        client
+            .submit_run_in_trace(request, &parent)
+            .instrument(span)
+            .await?
+    };
     match (args.follow, ctx.format) {
         (false, Format::Text) => println!("{run}"),
         (false, Format::Json) => print_json(&json!({ "id": run.as_str() })),

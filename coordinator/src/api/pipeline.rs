@@ -116,6 +116,7 @@ pub(crate) fn build_run_within(
             queued_at_ms: 0,
             started_at_ms: 0,
             finished_at_ms: 0,
+            retry_at_ms: 0,
         })
         .collect();
     let record = RunRecord {

@@ -39,6 +39,7 @@ pub(crate) mod feed;
 pub(crate) mod local;
 #[cfg(test)]
 pub(crate) mod memory;
+pub(crate) mod usage;
 
 use async_trait::async_trait;
 use capstan_proto::ids::AttemptId;

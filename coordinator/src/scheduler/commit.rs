@@ -42,11 +42,16 @@ impl Scheduler {
             // task changes the state, so the batch above still holds.
             tokio::task::yield_now().await;
         }
-        if !batch.is_empty()
-            && let Err(e) = self.store.apply(batch).await
-        {
-            tracing::error!(error = %e, "state write failed; stopping the scheduler");
-            return Err(e);
+        if !batch.is_empty() {
+            let started = Instant::now();
+            let written = self.store.apply(batch).await;
+            self.metrics
+                .store_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if let Err(e) = written {
+                tracing::error!(error = %e, "state write failed; stopping the scheduler");
+                return Err(e);
+            }
         }
         self.state
             .restart_offer_clocks(fx.offered(), Instant::now());
@@ -116,15 +121,17 @@ impl Scheduler {
     /// Metrics and trace spans of what the batch did.
     fn observe(&mut self, fx: &Effects) {
         for &ms in fx.pickups_ms() {
-            self.metrics.pickup_ms.observe(ms);
+            self.metrics.pickup_seconds.observe(ms / 1000.0);
         }
         for id in fx.runs_finished() {
             if let Some(run) = self.state.run(id) {
                 self.run_spans.finished(run);
             }
         }
-        for secs in fx.task_seconds() {
-            self.metrics.task_seconds.observe(secs);
+        self.metrics.count(fx.tally());
+        for r in &fx.tally().requeues {
+            self.run_spans
+                .requeued(&r.run, &r.task, r.attempt, r.why.label());
         }
         self.metrics
             .queue_depth

@@ -42,9 +42,18 @@ tasks:
 "#;
 
 impl Harness {
+    /// Infrastructure retries at once, unless a test sets a backoff
+    /// ([`Harness::with_timing`]).
     fn new() -> Self {
+        Self::with_timing(Timing {
+            infra_backoff: Duration::ZERO,
+            ..Timing::default()
+        })
+    }
+
+    fn with_timing(timing: Timing) -> Self {
         Self {
-            st: SchedulerState::new(1, Timing::default()),
+            st: SchedulerState::new(1, timing),
             now: Instant::now(),
         }
     }
@@ -1080,4 +1089,51 @@ fn a_runner_registered_with_a_certificate_connects_only_with_its_subject() {
     // Registering again without a certificate clears it.
     h.st.register("r1", BTreeMap::new(), 1, "test", h.now);
     assert!(h.st.check_tls_identity(&id, Some("r2")).is_ok());
+}
+
+#[test]
+fn infra_retries_wait_a_growing_jittered_backoff_and_say_so() {
+    let (base, max) = (Duration::from_secs(1), Duration::from_secs(3));
+    let mut h = Harness::with_timing(Timing {
+        infra_backoff: base,
+        infra_backoff_max: max,
+        ..Timing::default()
+    });
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    let offer_in = |r: &mut TestRunner| {
+        std::iter::from_fn(|| r.next()).find_map(|m| match m {
+            Down::Offer(o) => Some(o),
+            _ => None,
+        })
+    };
+    let mut o = h.accept(&mut r);
+    // Retry n waits within [d/2, d], d = min(base * 2^(n-1), max).
+    for (n, d) in [(1u32, 1000u64), (2, 2000), (3, 3000)] {
+        h.finish(&mut r, &o.attempt_id, rpb::AttemptOutcome::Error);
+        assert_eq!(h.state_of(&run, "t"), Queued);
+        let t = &h.run(&run).tasks[0];
+        assert!(
+            t.message.contains(&format!("infrastructure failure {n}")),
+            "{}",
+            t.message
+        );
+        assert!(t.retry_at_ms > 0);
+        h.advance(Duration::from_millis(d / 2 - 50));
+        assert!(
+            offer_in(&mut r).is_none(),
+            "retry {n} offered before its backoff"
+        );
+        h.advance(Duration::from_millis(d / 2 + 150));
+        o = offer_in(&mut r).unwrap_or_else(|| panic!("retry {n} not offered after its backoff"));
+        assert_eq!(o.attempt_number, n + 1);
+        h.send(
+            &r,
+            Up::Accept(rpb::OfferAccepted {
+                attempt_id: o.attempt_id.clone(),
+            }),
+        )
+        .unwrap();
+    }
+    assert!(max < base * 4, "the cap bounded the third wait");
 }

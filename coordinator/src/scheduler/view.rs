@@ -36,7 +36,7 @@ pub(crate) fn run(r: &RunRecord) -> api::Run {
             .collect(),
         created_at_ms: r.created_at_ms,
         finished_at_ms: r.finished_at_ms,
-        repo: r.repo.clone(),
+        repo: capstan_proto::redact::redact_url(&r.repo).into_owned(),
         rev: r.rev.clone(),
         priority: r.priority,
         submitted_by: r.submitted_by.clone(),

@@ -84,6 +84,20 @@ fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 pub struct EtcdPool {
     clients: Arc<Vec<(String, Client)>>,
     current: Arc<AtomicUsize>,
+    observer: Arc<std::sync::OnceLock<EtcdObserver>>,
+}
+
+/// Where [`EtcdPool::call`] records each try: its latency, and its failure
+/// by kind (`unavailable`: the member's connection failed or it had no
+/// raft leader; `timeout`: no answer within a try's time; `error`: etcd
+/// refused the request).
+#[derive(Clone)]
+pub(crate) struct EtcdObserver {
+    pub(crate) errors: prometheus_client::metrics::family::Family<
+        [(&'static str, &'static str); 1],
+        prometheus_client::metrics::counter::Counter,
+    >,
+    pub(crate) seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Is this a failure of the connection to one member (worth trying another)?
@@ -100,6 +114,20 @@ pub(crate) fn is_transport(e: &etcd_client::Error) -> bool {
 }
 
 impl EtcdPool {
+    /// Records every later call's tries in `observer` (the first call wins).
+    pub(crate) fn observe(&self, observer: EtcdObserver) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn tried(&self, started: tokio::time::Instant, failure: Option<&'static str>) {
+        if let Some(o) = self.observer.get() {
+            o.seconds.observe(started.elapsed().as_secs_f64());
+            if let Some(kind) = failure {
+                o.errors.get_or_create(&[("kind", kind)]).inc();
+            }
+        }
+    }
+
     /// The client in use now, with its index.
     pub fn client(&self) -> (usize, Client) {
         let i = self.current.load(Ordering::Acquire) % self.clients.len();
@@ -135,17 +163,30 @@ impl EtcdPool {
         let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
         loop {
             let (i, client) = self.client();
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let started = tokio::time::Instant::now();
+            let left = deadline.saturating_duration_since(started);
             let err = match tokio::time::timeout(TRY_TIMEOUT.min(left.max(MIN_TRY)), call(client))
                 .await
             {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if is_transport(&e) => e,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => etcd_client::Error::IoError(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("etcd did not answer within {TRY_TIMEOUT:?}"),
-                )),
+                Ok(Ok(v)) => {
+                    self.tried(started, None);
+                    return Ok(v);
+                }
+                Ok(Err(e)) if is_transport(&e) => {
+                    self.tried(started, Some("unavailable"));
+                    e
+                }
+                Ok(Err(e)) => {
+                    self.tried(started, Some("error"));
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.tried(started, Some("timeout"));
+                    etcd_client::Error::IoError(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("etcd did not answer within {TRY_TIMEOUT:?}"),
+                    ))
+                }
             };
             self.failed(i);
             if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
@@ -180,6 +221,7 @@ pub async fn connect(endpoints: &[String]) -> Result<EtcdPool, StoreError> {
     let pool = EtcdPool {
         clients: Arc::new(clients),
         current: Arc::new(AtomicUsize::new(0)),
+        observer: Arc::default(),
     };
     pool.call(|mut c| async move { c.status().await })
         .await

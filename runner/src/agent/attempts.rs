@@ -150,6 +150,13 @@ impl Attempts {
             }
             held.confirm.is_none()
         });
+        self.count_slots();
+    }
+
+    /// Updates the slot gauges after `running` changed.
+    fn count_slots(&self) {
+        let busy = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
+        crate::metrics::get().slots(busy, self.capacity);
     }
 
     /// Stops every attempt (the agent is failing).
@@ -222,6 +229,7 @@ impl Attempts {
             AttemptEvent::Finished(report) => {
                 let id = AttemptId::from_string(report.attempt_id.clone());
                 self.running.remove(&id);
+                self.count_slots();
                 self.finished.insert(id.clone(), report);
                 match conn {
                     Some(conn) => {
@@ -276,6 +284,7 @@ impl Attempts {
                 confirm,
             },
         );
+        self.count_slots();
         self.launcher.launch(offer, cancel, confirmed);
         true
     }
@@ -379,12 +388,14 @@ impl Launcher {
         cancel: CancellationToken,
         confirmed: Option<oneshot::Receiver<()>>,
     ) {
+        // `otel.name`: the exported span is called `attempt <task>`.
         let span = info_span!(
             "attempt",
-            run = %offer.run_id,
-            task = %offer.task_name,
-            attempt = %offer.attempt_id,
-            capstan.attempt.number = offer.attempt_number,
+            otel.name = %format!("attempt {}", offer.task_name),
+            capstan.run.id = %offer.run_id,
+            capstan.task = %offer.task_name,
+            capstan.attempt.id = %offer.attempt_id,
+            capstan.attempt.number = i64::from(offer.attempt_number),
             capstan.attempt.outcome = tracing::field::Empty,
         );
         // The coordinator's dispatch span (README "Tracing"): this attempt
@@ -394,6 +405,15 @@ impl Launcher {
             tracestate: offer.tracestate.clone(),
         }
         .set_parent_of(&span);
+        // A password in the run's repository URL is masked like a secret.
+        let url_passwords = capstan_proto::redact::url_passwords(&offer.repo);
+        let mask = if url_passwords.is_empty() {
+            Arc::clone(&self.mask)
+        } else {
+            let mut patterns = (*self.mask).clone();
+            patterns.extend(crate::logs::mask::patterns(&url_passwords));
+            Arc::new(patterns)
+        };
         let spec = AttemptSpec {
             offer,
             work_dir: Arc::clone(&self.work_dir),
@@ -403,7 +423,7 @@ impl Launcher {
             events: self.events.clone(),
             log_target: self.log_target.subscribe(),
             secrets: Arc::clone(&self.secrets),
-            mask: Arc::clone(&self.mask),
+            mask,
             git_credentials: self.git_credentials.clone(),
             git_author: self.git_author.clone(),
             step_log_cap: self.step_log_cap,

@@ -164,6 +164,7 @@ impl Agent {
             let hello = self.hello();
             match self.connector.connect(&url, hello).await {
                 Ok(session) => {
+                    crate::metrics::get().connected();
                     backoff.reset();
                     // Reconnects must fit the next leader's re-attach grace.
                     let heartbeat = Beats::of(&session.welcome).busy;

@@ -79,9 +79,11 @@ impl StepRunner<'_> {
         let report = StepReport::new(spec, task, index, step);
         report.send(StepState::Running, None, "");
         let deadline = Deadline::new(step, i + 1, task, task_deadline);
+        let started = Instant::now();
         let (result, logged) = self
             .run_logged(&report.span, index, step, deadline.at)
             .await;
+        crate::metrics::get().step_ran(step_kind_name(step), started.elapsed().as_secs_f64());
         if let Err(e) = logged {
             let message = chain(&e);
             report.send(StepState::Failed, None, &message);
@@ -147,9 +149,12 @@ struct StepReport<'a> {
 
 impl<'a> StepReport<'a> {
     fn new(spec: &'a AttemptSpec, task: &'a TaskContext, index: u32, step: &Step) -> Self {
+        // Exported as `step <n> <name>`, numbered from 1 like the messages.
+        let number = index + 1;
         let span = info_span!(
             "step",
-            capstan.step.index = index,
+            otel.name = %format!("step {number} {}", step_label(step)),
+            capstan.step.number = i64::from(number),
             capstan.step.name = %step_label(step),
             capstan.step.kind = step_kind_name(step),
             capstan.step.status = tracing::field::Empty,

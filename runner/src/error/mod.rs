@@ -29,6 +29,12 @@ pub(crate) enum Error {
     InvalidCoordinatorUrl { url: String },
     #[error("capacity must be at least 1")]
     ZeroCapacity,
+    #[error("cannot listen on {addr} (--http-listen): {source}; pick a free port or drop the flag")]
+    HttpListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     /// UNAUTHENTICATED or PERMISSION_DENIED: the coordinator's message says
     /// which setting (the token, the client certificate, or a name that
     /// belongs to a registered runner this one cannot prove it is).

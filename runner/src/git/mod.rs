@@ -100,6 +100,7 @@ pub enum Op {
 impl Op {
     /// What the message of a refused remote starts with.
     fn subject(self, url: &str) -> String {
+        let url = &*capstan_proto::redact::redact_url(url);
         match self {
             Op::Checkout => format!("fetching {url}"),
             Op::CloneManifests | Op::Push | Op::FetchBranch => url.to_owned(),
@@ -107,6 +108,7 @@ impl Op {
     }
 
     fn auth_failed(self, url: &str, secret: Option<&str>) -> String {
+        let url = &*capstan_proto::redact::redact_url(url);
         match self {
             Op::Checkout => format!(
                 "fetching {url}: authentication failed (check the repository credentials secret)"
@@ -123,6 +125,7 @@ impl Op {
     }
 
     fn failed(self, url: &str) -> String {
+        let url = &*capstan_proto::redact::redact_url(url);
         match self {
             Op::Checkout => format!("fetching {url}"),
             Op::CloneManifests => format!("cloning the manifests repository ({url})"),

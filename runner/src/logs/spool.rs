@@ -112,6 +112,19 @@ pub struct Spool {
     /// changed only under the appender lock.
     segments: Mutex<Vec<(u64, u32)>>,
     state: watch::Sender<SpoolState>,
+    /// The highest acknowledged offset taken off `capstan_runner_log_spool_bytes`.
+    acked_counted: std::sync::atomic::AtomicU64,
+}
+
+impl Drop for Spool {
+    /// What the coordinator never acknowledged leaves the spool gauge with it.
+    fn drop(&mut self) {
+        let len = self.state.borrow().len;
+        let acked = *self.acked_counted.get_mut();
+        crate::metrics::get()
+            .spool_bytes
+            .dec_by(len.saturating_sub(acked) as i64);
+    }
 }
 
 /// Where the bytes of the log are.
@@ -298,6 +311,7 @@ impl Spool {
             segments: Mutex::new(Vec::new()),
             state: watch::Sender::new(SpoolState::default()),
             path,
+            acked_counted: Default::default(),
         }))
     }
 
@@ -385,6 +399,7 @@ impl Spool {
         *len += n;
         let new_len = *len;
         self.state.send_modify(|s| s.len = new_len);
+        crate::metrics::get().spool_bytes.inc_by(n as i64);
         Ok(())
     }
 
@@ -435,6 +450,14 @@ impl Spool {
     /// from is ever dropped.
     pub fn release(&self, acked: u64) {
         let len = self.state().len;
+        let before = self
+            .acked_counted
+            .fetch_max(acked, std::sync::atomic::Ordering::AcqRel);
+        if acked > before {
+            crate::metrics::get()
+                .spool_bytes
+                .dec_by((acked - before) as i64);
+        }
         let freed = {
             let mut held = self.held();
             held.released = held.released.max(acked);

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod ids;
 pub mod leader;
 pub mod liveness;
+pub mod redact;
 pub mod source;
 pub mod units;
 

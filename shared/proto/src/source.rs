@@ -78,7 +78,7 @@ pub fn check_repo(repo: &str) -> Result<(), String> {
     let refuse = |why: &str| {
         Err(format!(
             "--repo `{}` is not a repository URL: {why}",
-            repo.escape_debug()
+            crate::redact::redact_urls(repo).escape_debug()
         ))
     };
     if repo.is_empty() {

@@ -24,6 +24,11 @@
 //! ([`TraceHeaders`]): in the run record, in the runner's `Offer`, and in
 //! SubmitRun's gRPC metadata.
 
+pub mod exposition;
+mod json;
+
+pub use json::LogFormat;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -47,9 +52,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Crates whose spans and events are exported: ours. tonic's, h2's and the
 /// SDK's own are not (the last would feed back into the exporter).
-const EXPORTED_TARGETS: [&str; 4] = [
+const EXPORTED_TARGETS: [&str; 5] = [
     "capstan_coordinator",
     "capstan_runner",
+    "capstan_cli",
     "capstan_client",
     "capstan_pipeline",
 ];
@@ -166,18 +172,30 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber: stderr lines filtered by `RUST_LOG` (else
-/// `default_filter`), plus OTLP export when the environment asks for it
+/// Installs the global subscriber: stderr lines (`format`) filtered by
+/// `RUST_LOG` (else `default_filter`), plus OTLP export when the environment asks for it
 /// (module docs), with `service_name` unless `OTEL_SERVICE_NAME` or
 /// `OTEL_RESOURCE_ATTRIBUTES` names the service. Must run inside a tokio
 /// runtime.
-pub fn init(service_name: &'static str, default_filter: &str) -> Result<Telemetry, TelemetryError> {
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        );
+pub fn init(
+    service_name: &'static str,
+    default_filter: &str,
+    format: LogFormat,
+) -> Result<Telemetry, TelemetryError> {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(json::JsonLines)
+            .with_filter(filter)
+            .boxed(),
+    };
     let registry = tracing_subscriber::registry().with(fmt);
     if export_setting(|name| std::env::var(name).ok())? == ExportSetting::Off {
         registry
@@ -215,8 +233,12 @@ pub fn init(service_name: &'static str, default_filter: &str) -> Result<Telemetr
     for t in EXPORTED_TARGETS {
         targets = targets.with_target(t, tracing::Level::INFO);
     }
+    // No `busy_ns`/`idle_ns`/`thread.*` on every span: tracing's
+    // bookkeeping, not the work's.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer.clone())
+        .with_tracked_inactivity(false)
+        .with_threads(false)
         .with_filter(targets);
     registry
         .with(otel)

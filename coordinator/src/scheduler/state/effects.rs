@@ -7,6 +7,8 @@
 //! whole ([`super::SchedulerState::take_effects`]) and reads it through the
 //! accessors. Nothing else writes it.
 
+use super::LossReason;
+use super::outcome::{RetryClass, RunOutcome, Tally, TaskOutcome};
 use capstan_proto::ids::{AttemptId, RunId, RunnerId};
 use capstan_proto::runner::v1 as rpb;
 use rpb::coordinator_message::Kind as Down;
@@ -80,8 +82,8 @@ pub(crate) struct Effects {
     offered: Vec<AttemptId>,
     /// Pickup latencies (queued -> accepted) observed, for metrics.
     pickups_ms: Vec<f64>,
-    /// Tasks that ended, with their run time in seconds.
-    tasks_finished: Vec<(String, f64)>,
+    /// How tasks and runs ended, requeues and retries (for metrics).
+    tally: Tally,
     /// Runs that reached a final state in this batch (their trace span ends).
     runs_finished: Vec<RunId>,
 }
@@ -113,12 +115,30 @@ impl Effects {
         self.pickups_ms.push(ms);
     }
 
-    pub(super) fn task_finished(&mut self, name: String, secs: f64) {
-        self.tasks_finished.push((name, secs));
+    /// A task ended; `secs`: its run time, when a runner's report ended it.
+    pub(super) fn task_finished(&mut self, outcome: TaskOutcome, secs: Option<f64>) {
+        self.tally.tasks.push(outcome);
+        self.tally.task_seconds.extend(secs);
     }
 
-    pub(super) fn run_finished(&mut self, id: &RunId) {
+    pub(super) fn run_finished(&mut self, id: &RunId, outcome: RunOutcome) {
         self.runs_finished.push(id.clone());
+        self.tally.runs.push(outcome);
+    }
+
+    /// An attempt ended without a report and its task was queued again.
+    pub(super) fn requeued(&mut self, why: LossReason, run: &RunId, task: &str, attempt: u32) {
+        self.tally.requeues.push(super::outcome::Requeue {
+            why,
+            run: run.clone(),
+            task: task.to_owned(),
+            attempt,
+        });
+    }
+
+    /// A task failed and is run again.
+    pub(super) fn retried(&mut self, class: RetryClass) {
+        self.tally.retries.push(class);
     }
 }
 
@@ -155,9 +175,9 @@ impl Effects {
         &self.pickups_ms
     }
 
-    /// The run times in seconds of the tasks that ended.
-    pub(crate) fn task_seconds(&self) -> impl Iterator<Item = f64> + '_ {
-        self.tasks_finished.iter().map(|(_, secs)| *secs)
+    /// How the batch's tasks and runs ended, and what it ran again.
+    pub(crate) fn tally(&self) -> &Tally {
+        &self.tally
     }
 
     pub(crate) fn runs_finished(&self) -> &[RunId] {

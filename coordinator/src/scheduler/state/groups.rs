@@ -6,7 +6,7 @@
 //! once. Held runs are stored as such, so a new leader keeps them held;
 //! their release is written in the same batch as the end that caused it.
 
-use super::SchedulerState;
+use super::{SchedulerState, TaskOutcome};
 use crate::model::*;
 use capstan_proto::ids::RunId;
 
@@ -38,7 +38,7 @@ impl SchedulerState {
             }
             let n = self.runs.get(&id).map_or(0, |r| r.tasks.len());
             for i in 0..n {
-                self.cancel_task(&id, i, &why);
+                self.cancel_task(&id, i, &why, TaskOutcome::Cancelled);
             }
             self.finish_run_if_done(&id);
         }

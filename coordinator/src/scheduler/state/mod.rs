@@ -25,12 +25,14 @@
 //! - `sweep`: the timers (offer timeouts, leases, task timeouts);
 //! - `demand`: a read of queued and running tasks and runners, for autoscalers.
 
+mod backoff;
 mod clocks;
 mod connection;
 mod demand;
 mod effects;
 mod groups;
 mod offers;
+mod outcome;
 mod queue;
 mod reports;
 mod runners;
@@ -43,6 +45,7 @@ pub(crate) use demand::DemandSnapshot;
 #[cfg(test)]
 pub(crate) use demand::{Supply, TaskDemand};
 pub(crate) use effects::{Effects, Outgoing, RunnerTx};
+pub(crate) use outcome::{RetryClass, RunOutcome, Tally, TaskOutcome};
 pub(crate) use runners::RunnerSlot;
 
 use crate::model::*;
@@ -78,6 +81,11 @@ pub struct Timing {
     pub offer_timeout: Duration,
     /// Infrastructure failures (lost runner, executor error) retried per task.
     pub max_infra_retries: u32,
+    /// The wait before the first infrastructure retry; it doubles with
+    /// each further one, jittered (`state/backoff.rs`).
+    pub infra_backoff: Duration,
+    /// The longest wait before an infrastructure retry.
+    pub infra_backoff_max: Duration,
     /// Grace past a task's own timeout before the coordinator fails it itself.
     pub timeout_grace: Duration,
     /// Extra time, on top of one lease, that a newly started leader gives
@@ -104,6 +112,8 @@ impl Default for Timing {
             lease: Duration::from_secs(5),
             offer_timeout: Duration::from_secs(5),
             max_infra_retries: 3,
+            infra_backoff: Duration::from_secs(1),
+            infra_backoff_max: Duration::from_secs(30),
             timeout_grace: Duration::from_secs(30),
             reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
             disconnect_grace: Duration::from_millis(2500),
@@ -171,6 +181,7 @@ pub(crate) struct SchedulerState {
     clocks: Clocks,
     next_conn: u64,
     fx: Effects,
+    backoffs: backoff::Backoffs,
 }
 
 impl SchedulerState {
@@ -184,6 +195,7 @@ impl SchedulerState {
             clocks: Clocks::default(),
             next_conn: 0,
             fx: Effects::default(),
+            backoffs: backoff::Backoffs::default(),
         }
     }
 
@@ -216,7 +228,10 @@ impl SchedulerState {
                         _ => {}
                     }
                 }
-                if t.state == StoredTaskState::Queued {
+                if t.state == StoredTaskState::Queued && t.retry_at_ms > now_ms {
+                    let left = Duration::from_millis((t.retry_at_ms - now_ms) as u64);
+                    st.backoffs.wait(now + left, run.id.clone(), i);
+                } else if t.state == StoredTaskState::Queued {
                     st.queue.insert(run.priority, run.seq, &run.id, i);
                 }
             }

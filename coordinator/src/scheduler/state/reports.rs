@@ -1,7 +1,7 @@
 //! Transitions for what a runner reports on its Control stream: heartbeats,
 //! accepts and rejects of offers, step states, an attempt's end, going away.
 
-use super::{LossReason, SchedulerState, StateError};
+use super::{LossReason, RetryClass, SchedulerState, StateError, TaskOutcome};
 use crate::model::*;
 use capstan_proto::ids::{AttemptId, RunId, RunnerId};
 use capstan_proto::runner::v1 as rpb;
@@ -113,16 +113,25 @@ impl SchedulerState {
         let t = self.runs.task_mut(&run_id, i);
         let duration = (now_ms - t.started_at_ms).max(0) as f64 / 1000.0;
         let requeue = judge(t, ended, &fin, max_infra);
-        let name = t.name.clone();
+        let (class, outcome) = match ended {
+            AttemptState::Succeeded => (RetryClass::Script, TaskOutcome::Succeeded),
+            AttemptState::Failed => (RetryClass::Script, TaskOutcome::Failed),
+            _ => (RetryClass::Infra, TaskOutcome::InfraFailed),
+        };
         if requeue {
-            self.requeue(&run_id, i);
+            self.fx.retried(class);
+            match class {
+                RetryClass::Infra => {
+                    self.requeue_backed_off(&run_id, i, now);
+                }
+                RetryClass::Script => self.requeue(&run_id, i),
+            }
         } else {
             self.runs.task_mut(&run_id, i).finished_at_ms = now_ms;
-            self.fx.task_finished(name, duration);
+            self.fx.task_finished(outcome, Some(duration));
             self.propagate(&run_id, i);
             self.finish_run_if_done(&run_id);
         }
-        let _ = now;
         Ok(())
     }
 
@@ -186,7 +195,7 @@ fn judge(t: &mut TaskRecord, ended: AttemptState, fin: &rpb::TaskFinished, max_i
         AttemptState::Failed => {
             t.script_failures += 1;
             t.exit_code = fin.exit_code;
-            t.message = fin.message.clone();
+            t.message = capstan_proto::redact::redact_urls(&fin.message).into_owned();
             if t.script_failures <= t.retries {
                 return true;
             }
@@ -197,14 +206,15 @@ fn judge(t: &mut TaskRecord, ended: AttemptState, fin: &rpb::TaskFinished, max_i
             // Cancelled on the runner's own initiative, or an executor
             // error: the infrastructure failed, not the script.
             t.infra_failures += 1;
-            t.message = format!("runner error: {}", fin.message);
+            let said = capstan_proto::redact::redact_urls(&fin.message);
+            t.message = format!("runner error: {said}");
             if t.infra_failures <= max_infra {
                 return true;
             }
             t.state = StoredTaskState::Failed;
             t.message = format!(
-                "gave up after {} infrastructure failures; last: {}",
-                t.infra_failures, fin.message
+                "gave up after {} infrastructure failures; last: {said}",
+                t.infra_failures
             );
             false
         }

@@ -1,7 +1,7 @@
 //! The timers, judged on every sweep: offers not accepted in time, runners
 //! past their lease, and tasks far past their own timeout.
 
-use super::{LossReason, SchedulerState};
+use super::{LossReason, SchedulerState, TaskOutcome};
 use crate::model::*;
 use capstan_proto::ids::{AttemptId, RunnerId};
 use tokio::time::{Duration, Instant};
@@ -10,6 +10,7 @@ impl SchedulerState {
     /// Expires offers, requeues the attempts of runners past their lease and
     /// fails tasks far past their own timeout.
     pub(crate) fn sweep(&mut self, now: Instant) {
+        self.release_backed_off(now);
         self.expire_offers(now);
         self.expire_leases(now);
         self.fail_overdue(now);
@@ -72,7 +73,7 @@ impl SchedulerState {
         for a in overdue {
             if let Some((run, i)) = self.runs.locate(&a) {
                 let limit = self.runs.task(&run, i).spec.timeout_seconds;
-                self.cancel_task(&run, i, "");
+                self.cancel_task(&run, i, "", TaskOutcome::Failed);
                 let t = self.runs.task_mut(&run, i);
                 t.state = StoredTaskState::Failed;
                 t.message = format!(

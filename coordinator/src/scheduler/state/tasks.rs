@@ -2,7 +2,7 @@
 //! running or is lost, a task's end and what it means for the tasks that
 //! need it and for its run, and retention.
 
-use super::{LossReason, SchedulerState, StateError};
+use super::{LossReason, RetryClass, RunOutcome, SchedulerState, StateError, TaskOutcome};
 use crate::model::*;
 use capstan_proto::ids::{AttemptId, RunId};
 use capstan_proto::runner::v1 as rpb;
@@ -94,14 +94,22 @@ impl SchedulerState {
         run.cancel_requested = true;
         let n = run.tasks.len();
         for i in 0..n {
-            self.cancel_task(id, i, "cancelled by user");
+            self.cancel_task(id, i, "cancelled by user", TaskOutcome::Cancelled);
         }
         self.finish_run_if_done(id);
         Ok(())
     }
 
-    /// Ends a task as cancelled, telling its runner to stop an active attempt.
-    pub(super) fn cancel_task(&mut self, run_id: &RunId, i: usize, why: &str) {
+    /// Ends a task as cancelled, telling its runner to stop an active
+    /// attempt; `outcome` is what the metrics count it as (a timeout's
+    /// caller marks the task failed).
+    pub(super) fn cancel_task(
+        &mut self,
+        run_id: &RunId,
+        i: usize,
+        why: &str,
+        outcome: TaskOutcome,
+    ) {
         let epoch = self.epoch;
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
@@ -123,6 +131,7 @@ impl SchedulerState {
         }
         self.queue.remove(priority, seq, run_id, i);
         self.fx.touch_run(run_id);
+        self.fx.task_finished(outcome, None);
         if let Some((runner, attempt)) = notify {
             // An offer's timer stays: if the runner rejects or ignores it,
             // its expiry frees the slot.
@@ -146,21 +155,33 @@ impl SchedulerState {
         if run.state.is_terminal() || !run.tasks.iter().all(|t| t.state.is_terminal()) {
             return;
         }
-        run.state = if run.cancel_requested {
-            StoredRunState::Cancelled
+        let max_infra = self.timing.max_infra_retries;
+        let outcome = if run.cancel_requested {
+            RunOutcome::Cancelled
         } else if run
             .tasks
             .iter()
             .all(|t| t.state == StoredTaskState::Succeeded)
         {
-            StoredRunState::Succeeded
+            RunOutcome::Succeeded
+        } else if run
+            .tasks
+            .iter()
+            .any(|t| t.state == StoredTaskState::Failed && t.infra_failures > max_infra)
+        {
+            RunOutcome::InfraFailed
         } else {
-            StoredRunState::Failed
+            RunOutcome::Failed
+        };
+        run.state = match outcome {
+            RunOutcome::Cancelled => StoredRunState::Cancelled,
+            RunOutcome::Succeeded => StoredRunState::Succeeded,
+            RunOutcome::Failed | RunOutcome::InfraFailed => StoredRunState::Failed,
         };
         run.finished_at_ms = now_ms();
         let group = run.group.clone();
         self.runs.finished(id);
-        self.fx.run_finished(id);
+        self.fx.run_finished(id, outcome);
         self.fx.touch_run(id);
         if let Some(g) = group {
             self.release_group(&g.name);
@@ -199,6 +220,7 @@ impl SchedulerState {
                     t.message = format!("skipped: `{name}` did not succeed");
                     t.finished_at_ms = now;
                     to_skip.push(i);
+                    self.fx.task_finished(TaskOutcome::Skipped, None);
                 }
             }
         }
@@ -246,7 +268,7 @@ impl SchedulerState {
 
     /// The attempt ended through no fault of its script: free its slot and
     /// requeue the task (or fail it after too many infrastructure failures).
-    pub(super) fn lose_attempt(&mut self, a: &AttemptId, why: LossReason, _now: Instant) {
+    pub(super) fn lose_attempt(&mut self, a: &AttemptId, why: LossReason, now: Instant) {
         let Some((run_id, i)) = self.runs.locate(a) else {
             return;
         };
@@ -265,6 +287,7 @@ impl SchedulerState {
         att.finished_at_ms = now_ms();
         let runner = att.runner.clone();
         let runner_name = att.runner_name.clone();
+        let number = att.number;
         if let Some(slot) = self.runners.get_mut(&runner) {
             slot.release(a);
         }
@@ -284,10 +307,18 @@ impl SchedulerState {
                 t.infra_failures
             );
             t.finished_at_ms = now_ms();
+            self.fx.task_finished(TaskOutcome::InfraFailed, None);
             self.propagate(&run_id, i);
             self.finish_run_if_done(&run_id);
         } else {
-            self.requeue(&run_id, i);
+            let name = t.name.clone();
+            self.fx.requeued(why, &run_id, &name, number);
+            if counts {
+                self.fx.retried(RetryClass::Infra);
+                self.requeue_backed_off(&run_id, i, now);
+            } else {
+                self.requeue(&run_id, i);
+            }
         }
     }
 

@@ -88,11 +88,15 @@ impl DockerExecutor {
             Err(message) => return Ok(StepEnd::Failed { message }),
         };
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
+        let starting = tokio::time::Instant::now();
         self.docker
             .create_container(Some(options), body)
             .await
             .map_err(|e| api_error(index, "creating the step container", e))?;
         let output = self.attach_and_start(&name, index).await?;
+        crate::metrics::get()
+            .container_start_seconds
+            .observe(starting.elapsed().as_secs_f64());
         let (pumped, ended) = tokio::join!(pump(output, ctx), self.supervise(&name, ctx));
         pumped?;
         let code = match ended? {

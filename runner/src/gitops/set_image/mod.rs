@@ -171,7 +171,8 @@ fn fresh_clone(
     let repo = remote.clone_into(&dir, Op::CloneManifests)?;
     let base = head_commit(&repo, url)?;
     let branch = branch_of(&repo);
-    log.push_str(&format!("cloned {url} ({branch} at {base})\n"));
+    let shown = capstan_proto::redact::redact_url(url);
+    log.push_str(&format!("cloned {shown} ({branch} at {base})\n"));
     Ok(Pending {
         dir,
         repo_url: url.to_owned(),
