@@ -181,6 +181,7 @@ pub(crate) fn publish(metrics: &Metrics, d: Option<&Demand>) {
     let g = &metrics.demand;
     g.clear();
     let Some(d) = d else { return };
+    g.unmatched_total.set(i64::from(d.unmatched_queued));
     for s in &d.label_sets {
         let key = vec![("labels".to_string(), s.labels.clone())];
         g.queued.get_or_create(&key).set(i64::from(s.queued));

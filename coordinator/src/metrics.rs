@@ -56,6 +56,8 @@ pub(crate) struct DemandGauges {
     pub(crate) free_slots: ByLabels<Gauge>,
     pub(crate) oldest_queued: ByLabels<Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub(crate) unmatched: ByLabels<Gauge>,
+    /// The sum of `unmatched`: always there (0 on a follower), for alerts.
+    pub(crate) unmatched_total: Gauge,
 }
 
 impl DemandGauges {
@@ -86,6 +88,11 @@ impl DemandGauges {
             registry.register(name, help, g.clone());
         }
         registry.register(
+            "demand_unmatched_queued_tasks",
+            "Queued tasks of every label set no runner, runner token or --runner-pool could match",
+            self.unmatched_total.clone(),
+        );
+        registry.register(
             "demand_oldest_queued_seconds",
             "Age of the longest-waiting queued task of the label set",
             self.oldest_queued.clone(),
@@ -99,6 +106,7 @@ impl DemandGauges {
         self.free_slots.clear();
         self.oldest_queued.clear();
         self.unmatched.clear();
+        self.unmatched_total.set(0);
     }
 }
 

@@ -316,6 +316,7 @@ async fn the_demand_endpoint_and_gauges_match_a_known_queue() -> anyhow::Result<
         "capstan_demand_running_tasks{labels=\"pool=linux\"} 1",
         "capstan_demand_unmatched_tasks{labels=\"gpu=h100\"} 1",
         "capstan_demand_queued_tasks{labels=\"zone=eu\"} 1",
+        "capstan_demand_unmatched_queued_tasks 1",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

@@ -30,7 +30,7 @@ fn every_overlay_and_application_renders_and_validates() {
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     for (target, objects) in [
         ("deploy/k8s/overlays/dev", 11),
-        ("deploy/k8s/overlays/ha", 17),
+        ("deploy/k8s/overlays/ha", 19),
         ("deploy/argocd/capstan.yaml", 1),
         ("deploy/argocd/application.yaml", 1),
     ] {
@@ -54,7 +54,12 @@ fn a_broken_manifest_fails_the_check_naming_the_object_and_field() -> anyhow::Re
          apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata: {name: a}\n\
          spec: {project: default, source: {repoURL: r}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {prots: []}\n---\n\
-         apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n",
+         apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n---\n\
+         apiVersion: keda.sh/v1alpha1\nkind: ScaledJob\nmetadata: {name: j1}\nspec: {jobTargetRef: \
+         {template: {spec: {containers: [{name: c, image: i}]}}}, triggers: [{type: metrics-api}]}\n---\n\
+         apiVersion: keda.sh/v1alpha1\nkind: ScaledJob\nmetadata: {name: j2}\nspec: {jobTargetRef: \
+         {template: {spec: {restartPolicy: Never, containers: [{name: c, image: i, prots: 1}]}}}, \
+         triggers: [{type: metrics-api, metadata: {url: u}}]}\n",
     )?;
     let out = check(&[&bad]);
     let stdout = text(&out.stdout);
@@ -65,6 +70,12 @@ fn a_broken_manifest_fails_the_check_naming_the_object_and_field() -> anyhow::Re
         format!("{name}: Application/a: spec: 'destination' is a required property"),
         format!(
             "{name}: Service/s: spec: Additional properties are not allowed ('prots' was unexpected)"
+        ),
+        format!("{name}: ScaledJob/j1: spec.triggers.0: 'metadata' is a required property"),
+        // The ScaledJob's job template is checked as a Job, strictly.
+        format!(
+            "{name}: ScaledJob/j2: spec.jobTargetRef.spec.template.spec.containers.0: \
+             Additional properties are not allowed ('prots' was unexpected)"
         ),
         format!(
             "{name}: Widget/w: no schema for example.com/v1 Widget in Kubernetes 1.32.0, and \
@@ -78,7 +89,7 @@ fn a_broken_manifest_fails_the_check_naming_the_object_and_field() -> anyhow::Re
     }
     // The committed manifests still pass in the same run.
     assert!(
-        stdout.contains("deploy/k8s/overlays/ha: 17 objects valid"),
+        stdout.contains("deploy/k8s/overlays/ha: 19 objects valid"),
         "{stdout}"
     );
     Ok(())

@@ -29,7 +29,7 @@ fn alert_rules_check_and_pass_their_unit_tests() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 9 rules found"), "{text}");
     let out = promtool(&["test", "rules", "alerts_test.yaml"]);
     assert!(
         out.status.success(),
