@@ -129,27 +129,12 @@ pub(crate) enum RunnerTokenCommand {
         #[arg(long)]
         ephemeral: bool,
         /// The runner's labels (its own --labels are ignored).
-        #[arg(long, value_name = "k=v,k=v", value_parser = parse_labels, default_value = "")]
-        labels: std::collections::HashMap<String, String>,
+        #[arg(long, value_name = "k=v,k=v", value_parser = capstan_proto::labels::parse, default_value = "")]
+        labels: std::collections::BTreeMap<String, String>,
         /// How long it waits for its runner, e.g. `10m` (at most 7 days).
         #[arg(long, value_name = "DURATION", value_parser = capstan_proto::units::parse_age, default_value = "10m")]
         ttl: std::time::Duration,
     },
-}
-
-/// `k=v,k=v` (empty: no labels).
-fn parse_labels(text: &str) -> Result<std::collections::HashMap<String, String>, String> {
-    let mut labels = std::collections::HashMap::new();
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("`{pair}` is not of the form key=value"))?;
-        if k.trim().is_empty() {
-            return Err(format!("`{pair}` has an empty key"));
-        }
-        labels.insert(k.trim().to_owned(), v.trim().to_owned());
-    }
-    Ok(labels)
 }
 
 #[derive(Debug, Subcommand)]

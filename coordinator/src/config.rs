@@ -438,19 +438,11 @@ fn runner_pools(
 ) -> Result<Vec<std::collections::BTreeMap<String, String>>, ConfigError> {
     let mut pools = Vec::new();
     for text in list.unwrap_or_default() {
-        let mut pool = std::collections::BTreeMap::new();
-        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some((k, v)) if !k.trim().is_empty() => {
-                    pool.insert(k.trim().to_string(), v.trim().to_string());
-                }
-                _ => {
-                    return Err(ConfigError::Invalid(format!(
-                        "bad --runner-pool `{text}`: use the pool's runner labels, k=v,k=v"
-                    )));
-                }
-            }
-        }
+        let pool = capstan_proto::labels::parse(&text).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "bad --runner-pool `{text}` ({e}): use the pool's runner labels, k=v,k=v"
+            ))
+        })?;
         if pool.is_empty() {
             return Err(ConfigError::Invalid(
                 "an empty --runner-pool would match every task: give the pool's runner labels, k=v,k=v".into(),

@@ -276,22 +276,13 @@ async fn demand(
     }
 }
 
-/// `k=v,k=v` (empty: no labels, the pool of runners without labels).
+/// `?runner_labels=k=v,k=v` (empty: the pool of runners without labels).
 fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut labels = BTreeMap::new();
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => {
-                labels.insert(k.trim().to_string(), v.trim().to_string());
-            }
-            _ => {
-                return Err(format!(
-                    "bad runner_labels `{text}`: expected k=v,k=v (e.g. runner_labels=pool=linux)"
-                ));
-            }
-        }
-    }
-    Ok(labels)
+    capstan_proto::labels::parse(text).map_err(|e| {
+        format!(
+            "bad runner_labels `{text}` ({e}): expected k=v,k=v (e.g. runner_labels=pool=linux)"
+        )
+    })
 }
 
 #[cfg(test)]

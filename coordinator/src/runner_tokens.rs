@@ -14,12 +14,11 @@
 //! them a day after they stopped working, so that a second use is told why
 //! it is refused instead of "unknown".
 //!
-//! Doors: imports `store` and `model` (`hash_secret`); the runner API's
+//! Doors: imports `store`, `model` (`hash_secret`) and `tokens` (`random_secret`); the runner API's
 //! `Register` and the token API use it.
 
 use crate::model::hash_secret;
 use crate::store::{Op, Store, StoreError};
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -107,14 +106,6 @@ impl Claim<'_> {
     }
 }
 
-fn generate() -> String {
-    let bytes: [u8; 32] = rand::random();
-    format!(
-        "{RUNNER_TOKEN_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    )
-}
-
 impl RunnerTokens {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
@@ -149,7 +140,7 @@ impl RunnerTokens {
         {
             return Err(RunnerTokenError::BadLabel(format!("{k}={v}")));
         }
-        let token = generate();
+        let token = crate::tokens::random_secret(RUNNER_TOKEN_PREFIX);
         let record = RunnerTokenRecord {
             labels,
             created_at_ms: now_ms,

@@ -121,9 +121,15 @@ pub struct Tokens {
 
 /// A fresh token: the prefix and 256 random bits, base64url.
 pub fn generate() -> String {
+    random_secret(TOKEN_PREFIX)
+}
+
+/// `prefix` and 256 random bits, base64url: every secret the coordinator
+/// hands out this way (API and runner registration tokens).
+pub(crate) fn random_secret(prefix: &str) -> String {
     let bytes: [u8; 32] = rand::random();
     format!(
-        "{TOKEN_PREFIX}{}",
+        "{prefix}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     )
 }

@@ -227,18 +227,7 @@ pub enum ConfigError {
 
 /// Parses `k=v,k=v` (empty string: no labels).
 pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut labels = BTreeMap::new();
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("`{pair}` is not of the form key=value"))?;
-        let k = k.trim();
-        if k.is_empty() {
-            return Err(format!("`{pair}` has an empty key"));
-        }
-        labels.insert(k.to_owned(), v.trim().to_owned());
-    }
-    Ok(labels)
+    capstan_proto::labels::parse(text)
 }
 
 /// Reads `--config` (if given) and merges every layer.

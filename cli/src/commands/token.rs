@@ -87,11 +87,12 @@ pub(crate) async fn runner_token(
         ));
     }
     let client = ctx.connect().await?;
-    let made = client.create_runner_token(labels.clone(), ttl).await?;
+    let made = client
+        .create_runner_token(labels.clone().into_iter().collect(), ttl)
+        .await?;
     match ctx.format {
         Format::Text => {
-            let mut shown: Vec<_> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            shown.sort();
+            let shown: Vec<_> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             eprintln!(
                 "created a single-use token for one ephemeral runner (labels `{}`; expires {}); \
                  it is shown only now: pass it as the runner's --registration-token with --ephemeral",

@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod ids;
+pub mod labels;
 pub mod leader;
 pub mod liveness;
 pub mod redact;
