@@ -213,6 +213,12 @@ impl DemandState {
     /// scheduler stops).
     pub(crate) async fn current(&self) -> Option<Demand> {
         let snap = self.snapshot().await?;
+        Some(self.figures(&snap).await)
+    }
+
+    /// The figures of `snap`, with the pools some runner could have now:
+    /// `--runner-pool` and the live runner tokens' labels.
+    async fn figures(&self, snap: &DemandSnapshot) -> Demand {
         let mut pools = (*self.pools).clone();
         match self.runner_tokens.live_labels(now_ms()).await {
             Ok(live) => pools.extend(live),
@@ -220,7 +226,7 @@ impl DemandState {
                 tracing::warn!(error = %e, "cannot read runner tokens for the demand figures")
             }
         }
-        Some(figures(&snap, &pools, now_ms()))
+        figures(snap, &pools, now_ms())
     }
 
     async fn snapshot(&self) -> Option<DemandSnapshot> {
@@ -269,10 +275,7 @@ async fn demand(
     };
     match pool {
         Some(labels) => Json(for_pool(&snap, &labels, now_ms())).into_response(),
-        None => match s.current().await {
-            Some(d) => Json(d).into_response(),
-            None => (StatusCode::SERVICE_UNAVAILABLE, "the scheduler stopped\n").into_response(),
-        },
+        None => Json(s.figures(&snap).await).into_response(),
     }
 }
 
