@@ -154,12 +154,20 @@ async fn owed_commit_statuses_survive_a_leader_kill() -> anyhow::Result<()> {
         capstan_tests::run_state(r) == RunState::Running
     })
     .await?;
-    assert_eq!(
-        status.requests().len(),
-        1,
-        "pending: {:?}",
-        status.requests()
-    );
+    // The pending status is posted by the run's watch, beside the run: it
+    // may reach the forge a moment after the run is already running.
+    let pending = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        async || {
+            let r = status.requests();
+            Ok((!r.is_empty()).then_some(r))
+        },
+    )
+    .await?
+    .unwrap_or_default();
+    assert_eq!(pending.len(), 1, "pending: {pending:?}");
+    assert_eq!(pending[0].body["state"], "pending", "{pending:?}");
     c.kill_replica(old);
     c.wait_new_leader(Some(old), Duration::from_secs(20))
         .await?;
