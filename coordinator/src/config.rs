@@ -349,6 +349,8 @@ impl Args {
         let s = self.layered()?;
         let limits = limits(&s)?;
         let tls = tls_settings(&s)?;
+        // Read before fields move out of `s`; its errors come in their old order below.
+        let timing = timing(&s);
         let (listen, http_listen, advertise) = addresses(&s, tls.is_some())?;
         let etcd_endpoints = endpoints(s.etcd_endpoints);
         let election_ttl = Duration::from_millis(
@@ -372,37 +374,7 @@ impl Args {
                             .into(),
                     )
                 })?;
-        let d = Timing::default();
-        let ms = |setting: Option<u64>, default: Duration| {
-            setting.map(Duration::from_millis).unwrap_or(default)
-        };
-        let heartbeat = ms(s.heartbeat_ms, d.heartbeat);
-        let timing = Timing {
-            heartbeat,
-            idle_heartbeat: ms(s.idle_heartbeat_ms, d.idle_heartbeat).max(heartbeat),
-            lease: ms(s.lease_ms, d.lease),
-            offer_timeout: ms(s.offer_timeout_ms, d.offer_timeout),
-            max_infra_retries: s.max_infra_retries.unwrap_or(d.max_infra_retries),
-            infra_backoff: ms(s.infra_retry_backoff_ms, d.infra_backoff),
-            infra_backoff_max: ms(s.infra_retry_backoff_max_ms, d.infra_backoff_max),
-            timeout_grace: d.timeout_grace,
-            // The runners' detection of a silent leader and their reconnect
-            // (docs/decisions.md, issue 25).
-            reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
-            // Two missed heartbeats and a reconnect attempt.
-            disconnect_grace: heartbeat * 2 + Duration::from_millis(500),
-            retention: match s.retention {
-                None => d.retention,
-                Some(text) => parse_retention(&text).map_err(ConfigError::Invalid)?,
-            },
-        };
-        if timing.lease <= timing.heartbeat {
-            return Err(ConfigError::Invalid(format!(
-                "the lease ({} ms) must be longer than the heartbeat interval ({} ms)",
-                timing.lease.as_millis(),
-                timing.heartbeat.as_millis()
-            )));
-        }
+        let timing = timing?;
         Ok(Settings {
             listen,
             http_listen,
@@ -460,6 +432,42 @@ fn endpoints(list: Option<Vec<String>>) -> Vec<String> {
         .map(|e| e.trim().to_string())
         .filter(|e| !e.is_empty())
         .collect()
+}
+
+/// The scheduler's clocks: heartbeats, leases, offer timeout, retries, retention.
+fn timing(s: &Args) -> Result<Timing, ConfigError> {
+    let d = Timing::default();
+    let ms = |setting: Option<u64>, default: Duration| {
+        setting.map(Duration::from_millis).unwrap_or(default)
+    };
+    let heartbeat = ms(s.heartbeat_ms, d.heartbeat);
+    let timing = Timing {
+        heartbeat,
+        idle_heartbeat: ms(s.idle_heartbeat_ms, d.idle_heartbeat).max(heartbeat),
+        lease: ms(s.lease_ms, d.lease),
+        offer_timeout: ms(s.offer_timeout_ms, d.offer_timeout),
+        max_infra_retries: s.max_infra_retries.unwrap_or(d.max_infra_retries),
+        infra_backoff: ms(s.infra_retry_backoff_ms, d.infra_backoff),
+        infra_backoff_max: ms(s.infra_retry_backoff_max_ms, d.infra_backoff_max),
+        timeout_grace: d.timeout_grace,
+        // The runners' detection of a silent leader and their reconnect
+        // (docs/decisions.md, issue 25).
+        reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
+        // Two missed heartbeats and a reconnect attempt.
+        disconnect_grace: heartbeat * 2 + Duration::from_millis(500),
+        retention: match &s.retention {
+            None => d.retention,
+            Some(text) => parse_retention(text).map_err(ConfigError::Invalid)?,
+        },
+    };
+    if timing.lease <= timing.heartbeat {
+        return Err(ConfigError::Invalid(format!(
+            "the lease ({} ms) must be longer than the heartbeat interval ({} ms)",
+            timing.lease.as_millis(),
+            timing.heartbeat.as_millis()
+        )));
+    }
+    Ok(timing)
 }
 
 /// The `--max-*` flags over [`Limits::default`].

@@ -118,16 +118,25 @@ pub async fn run(
         standalone,
         shutdown: inner.clone(),
     });
-    let result = tokio::select! {
+    let result = until_either(lead, server_task).await;
+    stop(&inner, &*election, &tracker).await;
+    result
+}
+
+/// The leadership loop's end or the gRPC server's, whichever comes first:
+/// either one ending stops the coordinator.
+async fn until_either(
+    lead: impl std::future::Future<Output = anyhow::Result<()>>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
         r = lead => r,
-        r = server_task => match r {
+        r = server => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server failed")),
             Err(e) => Err(anyhow::anyhow!("gRPC server task panicked: {e}")),
         },
-    };
-    stop(&inner, &*election, &tracker).await;
-    result
+    }
 }
 
 /// What the HTTP side port serves from.

@@ -92,33 +92,7 @@ pub(crate) fn build_run_within(
         run_id: Some(id.to_string()),
     };
     let resolved = capstan_pipeline::resolve(&file, &parsed, &ctx).map_err(invalid)?;
-    let index: HashMap<&str, usize> = resolved
-        .tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
-    let tasks = resolved
-        .tasks
-        .iter()
-        .map(|t| TaskRecord {
-            name: t.name.clone(),
-            needs: t.needs.iter().map(|n| index[n.as_str()]).collect(),
-            spec: TaskSpec::from(t),
-            state: StoredTaskState::Waiting,
-            retries: t.retries,
-            script_failures: 0,
-            infra_failures: 0,
-            attempts: Vec::new(),
-            message: String::new(),
-            exit_code: None,
-            outputs: Default::default(),
-            queued_at_ms: 0,
-            started_at_ms: 0,
-            finished_at_ms: 0,
-            retry_at_ms: 0,
-        })
-        .collect();
+    let tasks = task_records(&resolved);
     let record = RunRecord {
         id,
         pipeline: resolved.name.clone(),
@@ -148,6 +122,37 @@ pub(crate) fn build_run_within(
         )));
     }
     Ok(record)
+}
+
+/// The run's tasks as stored, waiting, with `needs` as indexes.
+fn task_records(resolved: &capstan_pipeline::Pipeline) -> Vec<TaskRecord> {
+    let index: HashMap<&str, usize> = resolved
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    resolved
+        .tasks
+        .iter()
+        .map(|t| TaskRecord {
+            name: t.name.clone(),
+            needs: t.needs.iter().map(|n| index[n.as_str()]).collect(),
+            spec: TaskSpec::from(t),
+            state: StoredTaskState::Waiting,
+            retries: t.retries,
+            script_failures: 0,
+            infra_failures: 0,
+            attempts: Vec::new(),
+            message: String::new(),
+            exit_code: None,
+            outputs: Default::default(),
+            queued_at_ms: 0,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            retry_at_ms: 0,
+        })
+        .collect()
 }
 
 /// The resolved pipeline's `concurrency:` group.

@@ -185,17 +185,8 @@ pub fn resolve(
                 }
             }
             rendered.problems.into_iter().for_each(&mut problem);
-            // A value joined to the text beside it can spell a new OPEN
-            // (a `$` before a substitution whose value starts with two
-            // braces): found by the `pipeline` fuzz target. The result must
-            // hold none (see the docs).
             if rendered.text.contains(OPEN) {
-                problem(format!(
-                    "after substitution this value contains `{OPEN}`: a substitution's value \
-                     and the text beside it spell it (a `$` right before `${{{{ ... }}}}`, or a \
-                     value ending in `$` right before a brace); put a space between them or \
-                     change the value"
-                ));
+                problem(respelled_open());
             }
             if let Field::Script(step) = field {
                 script_vars.push((step, rendered.vars));
@@ -216,6 +207,18 @@ pub fn resolve(
     } else {
         Err(ValidationErrors::sorted(errors))
     }
+}
+
+/// A value joined to the text beside it can spell a new OPEN (a `$` before
+/// a substitution whose value starts with two braces): found by the
+/// `pipeline` fuzz target. The result must hold none (see the docs).
+fn respelled_open() -> String {
+    format!(
+        "after substitution this value contains `{OPEN}`: a substitution's value \
+         and the text beside it spell it (a `$` right before `${{{{ ... }}}}`, or a \
+         value ending in `$` right before a brace); put a space between them or \
+         change the value"
+    )
 }
 
 /// `concurrency.group` with its substitutions made (a plain field).
