@@ -375,3 +375,99 @@ async fn the_cli_says_what_to_give_when_no_given_url_is_the_leader() -> anyhow::
     assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
     Ok(())
 }
+
+/// What replica `i` has logged so far.
+fn replica_log(c: &TestCluster, i: usize) -> String {
+    std::fs::read_to_string(c.dir().join(format!("coordinator-{i}.log"))).unwrap_or_default()
+}
+
+const ENDED_EARLY: &str = "ended its term early";
+
+/// Issue 24: with the product's election TTL (5 s, renewed every second) a
+/// standby ends the term of a leader whose process is gone instead of
+/// waiting out its lease, and the run in flight goes on under the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_leaders_term_is_ended_by_a_standby_before_its_lease_runs_out()
+-> anyhow::Result<()> {
+    let mut c = ha_cluster(1, "shell").await?;
+    assert_eq!(c.election_ttl_ms(), 5000, "the product's default TTL");
+    let (old, old_epoch) = c.wait_leader(Duration::from_secs(15)).await?;
+    let id = c
+        .submit(
+            "version: 1\nname: k\ntasks:\n  t:\n    steps: [ { run: 'sleep 2; echo after' } ]\n",
+        )
+        .await?;
+    c.wait_run(&id, Duration::from_secs(20), |r| {
+        task(r, "t").state == TaskState::Running as i32
+    })
+    .await?;
+    let killed = Instant::now();
+    c.kill_replica(old);
+    let (_, new_epoch) = c
+        .wait_new_leader(Some(old), Duration::from_secs(15))
+        .await?;
+    let took = killed.elapsed();
+    println!("new leader {took:?} after kill -9 of the leader");
+    assert!(new_epoch > old_epoch);
+    let ended = (0..3)
+        .filter(|&i| i != old)
+        .any(|i| replica_log(&c, i).contains(ENDED_EARLY));
+    assert!(ended, "no standby ended the term\n{}", c.all_logs());
+    // Renewed at most 1 s before the kill, the lease had at least 4 s left:
+    // a leader this soon was not waiting for it.
+    assert!(
+        took < Duration::from_millis(3500),
+        "new leader only {took:?} after the kill\n{}",
+        c.all_logs()
+    );
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{}", c.all_logs());
+    Ok(())
+}
+
+/// Issue 24: a leader frozen for a second (SIGSTOP) is slow, not dead. Its
+/// listening socket still completes connections, so no standby ends its
+/// term: no other replica leads meanwhile, it leads on with its epoch
+/// afterwards (no write of another epoch to fence), and the run in flight
+/// ends after one attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_frozen_for_a_second_keeps_its_term_and_nobody_else_leads() -> anyhow::Result<()> {
+    let c = ha_cluster(1, "shell").await?;
+    let (old, epoch) = c.wait_leader(Duration::from_secs(15)).await?;
+    let id = c
+        .submit(
+            "version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: 'sleep 3; echo after' } ]\n",
+        )
+        .await?;
+    c.wait_run(&id, Duration::from_secs(20), |r| {
+        task(r, "t").state == TaskState::Running as i32
+    })
+    .await?;
+    c.pause(old);
+    let frozen = Instant::now();
+    while frozen.elapsed() < Duration::from_secs(1) {
+        for i in (0..3).filter(|&i| i != old) {
+            if let Ok(r) = c.ask(i).await {
+                assert!(
+                    !r.is_leader,
+                    "replica {i} leads while {old} is frozen\n{}",
+                    c.all_logs()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.resume(old);
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{}", c.all_logs());
+    assert_eq!(task(&run, "t").attempts, 1, "{}", c.all_logs());
+    assert_eq!(c.leader().await, Some((old, epoch)), "{}", c.all_logs());
+    for i in 0..3 {
+        assert!(
+            !replica_log(&c, i).contains(ENDED_EARLY),
+            "replica {i} ended a frozen leader's term\n{}",
+            c.all_logs()
+        );
+    }
+    Ok(())
+}

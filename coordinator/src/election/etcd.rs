@@ -6,6 +6,8 @@
 //! Losing the lease cancels `lost` at once, and the lease is revoked when
 //! etcd can still be reached so the next replica need not wait out the TTL.
 //! The leader key's create revision is the epoch and the store's fence.
+//! While campaigning, a replica ends a dead leader's term early
+//! ([`super::watch`]).
 
 use super::*;
 use crate::store::etcd::{EtcdPool, EtcdStore, Fence, is_transport};
@@ -145,6 +147,7 @@ impl EtcdElection {
                      (cut off from its quorum?); campaigning on the next member"
                 ))))
             }
+            never = super::watch::end_dead_terms(self.pool.clone(), self.name.clone(), lease, self.ttl) => match never {},
             _ = shutdown.cancelled() => {
                 lost.cancel();
                 Ok(None)

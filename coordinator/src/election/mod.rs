@@ -20,6 +20,7 @@
 
 pub(crate) mod etcd;
 pub(crate) mod standalone;
+mod watch;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
