@@ -116,7 +116,7 @@ const ROWS: &[Row] = &[
         what: "lost runner: kill -9 -> running elsewhere",
         key: "lost_runner_requeue_s",
         unit: "s",
-        goal: Goal::AtMost(5.0),
+        goal: Goal::AtMost(1.5),
         peer: None,
     },
     Row {

@@ -453,8 +453,7 @@ fn timing(s: &Args) -> Result<Timing, ConfigError> {
         // The runners' detection of a silent leader and their reconnect
         // (docs/decisions.md, issue 25).
         reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
-        // Two missed heartbeats and a reconnect attempt.
-        disconnect_grace: heartbeat * 2 + Duration::from_millis(500),
+        disconnect_grace: capstan_proto::liveness::disconnect_grace(heartbeat),
         retention: match &s.retention {
             None => d.retention,
             Some(text) => parse_retention(text).map_err(ConfigError::Invalid)?,

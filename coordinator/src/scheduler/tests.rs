@@ -437,9 +437,10 @@ fn a_broken_stream_requeues_after_the_disconnect_grace_not_the_lease() {
     h.accept(&mut r1);
     let mut r2 = h.runner("r2", 1, &[]);
     h.st.detach(&r1.id, r1.conn, h.now);
-    h.advance(Duration::from_millis(2000));
+    let grace = h.st.timing().disconnect_grace;
+    h.advance(grace - Duration::from_millis(100));
     assert!(r2.next().is_none(), "still within the disconnect grace");
-    h.advance(Duration::from_millis(600));
+    h.advance(Duration::from_millis(200));
     let second = h.accept(&mut r2);
     assert_eq!(second.attempt_number, 2);
     assert!(Timing::default().disconnect_grace < Timing::default().lease);
@@ -453,7 +454,7 @@ fn reconnect_within_lease_reattaches() {
     let mut r = h.runner("r1", 1, &[]);
     let offer = h.accept(&mut r);
     h.st.detach(&r.id, r.conn, h.now);
-    h.advance(Duration::from_secs(2));
+    h.advance(h.st.timing().disconnect_grace - Duration::from_millis(100));
     let mut r = h.connect(
         r.id.clone(),
         r.secret.clone(),

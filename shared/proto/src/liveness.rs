@@ -84,6 +84,16 @@ pub fn reattach_grace(heartbeat: Duration) -> Duration {
     detection_bound(heartbeat) + reconnect_bound(heartbeat)
 }
 
+/// How long the coordinator waits for a runner whose Control stream broke
+/// to come back before it requeues the runner's attempts. A live runner
+/// reconnects after its first backoff (about 100 ms); a dead one never does,
+/// and the wait is most of the time a killed runner's task takes to run
+/// elsewhere (issue 24: <= 1.5 s at the default heartbeat). At least 1 s, so
+/// a loaded machine's slow reconnect is not taken for a death.
+pub fn disconnect_grace(heartbeat: Duration) -> Duration {
+    (heartbeat + Duration::from_millis(250)).max(MIN_TRY)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +109,8 @@ mod tests {
         assert_eq!(backoff_cap(h), Duration::from_secs(2));
         assert_eq!(reconnect_bound(h), Duration::from_millis(6400));
         assert_eq!(reattach_grace(h), Duration::from_millis(10_400));
+        assert_eq!(disconnect_grace(h), Duration::from_millis(1250));
+        assert_eq!(disconnect_grace(h / 4), Duration::from_secs(1));
     }
 
     #[test]

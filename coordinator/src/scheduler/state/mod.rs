@@ -116,7 +116,7 @@ impl Default for Timing {
             infra_backoff_max: Duration::from_secs(30),
             timeout_grace: Duration::from_secs(30),
             reattach_grace: capstan_proto::liveness::reattach_grace(heartbeat),
-            disconnect_grace: Duration::from_millis(2500),
+            disconnect_grace: capstan_proto::liveness::disconnect_grace(heartbeat),
             retention: Some(DEFAULT_RETENTION),
         }
     }

@@ -315,6 +315,12 @@ impl SchedulerState {
             self.fx.requeued(why, &run_id, &name, number);
             if counts {
                 self.fx.retried(RetryClass::Infra);
+            }
+            // A first loss goes to another runner at once (the lost runner
+            // was the failing part, and the loss already waited out the
+            // disconnect grace); a task that keeps losing its runners backs
+            // off like any infrastructure retry.
+            if counts && t.infra_failures > 1 {
                 self.requeue_backed_off(&run_id, i, now);
             } else {
                 self.requeue(&run_id, i);
