@@ -378,7 +378,7 @@ async fn the_cli_says_what_to_give_when_no_given_url_is_the_leader() -> anyhow::
 
 /// What replica `i` has logged so far.
 fn replica_log(c: &TestCluster, i: usize) -> String {
-    std::fs::read_to_string(c.dir().join(format!("coordinator-{i}.log"))).unwrap_or_default()
+    c.process_log(&c.replicas[i].name)
 }
 
 const ENDED_EARLY: &str = "ended its term early";

@@ -9,6 +9,7 @@
 //! While campaigning, a replica ends a dead leader's term early
 //! ([`super::watch`]).
 
+use super::candidates::{candidates, revoke};
 use super::*;
 use crate::store::etcd::{EtcdPool, EtcdStore, Fence, is_transport};
 use etcd_client::{GetOptions, LeaderKey, ResignOptions};
@@ -159,31 +160,11 @@ impl EtcdElection {
 impl EtcdElection {
     /// Candidates (value, create revision), oldest first; `limit` 0 for all.
     async fn candidates(&self, limit: i64) -> Result<Vec<(String, u64)>, ElectionError> {
-        let key = format!("{}/", self.name);
-        let resp = self
-            .pool
-            .call(|mut c| {
-                let key = key.clone();
-                let opts = GetOptions::new()
-                    .with_prefix()
-                    .with_sort(
-                        etcd_client::SortTarget::Create,
-                        etcd_client::SortOrder::Ascend,
-                    )
-                    .with_limit(limit);
-                async move { c.get(key, Some(opts)).await }
-            })
+        Ok(candidates(&self.pool, &self.name, limit)
             .await
-            .map_err(backend)?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                    kv.create_revision() as u64,
-                )
-            })
+            .map_err(backend)?
+            .into_iter()
+            .map(|c| (c.url, c.revision))
             .collect())
     }
 }
@@ -288,16 +269,7 @@ async fn keep_alive(
         }
     }
     lost.cancel();
-    revoke(&pool, lease).await;
-}
-
-/// Best effort: lets the next candidate win at once instead of after the TTL.
-async fn revoke(pool: &EtcdPool, lease: i64) {
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        pool.call(|mut c| async move { c.lease_revoke(lease).await }),
-    )
-    .await;
+    let _ = revoke(&pool, lease).await;
 }
 
 #[async_trait]
@@ -355,7 +327,7 @@ impl Election for EtcdElection {
             )
             .await;
             lost.cancel();
-            revoke(&self.pool, lease).await;
+            let _ = revoke(&self.pool, lease).await;
             tracing::info!("resigned leadership");
         }
     }

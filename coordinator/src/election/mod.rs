@@ -18,6 +18,7 @@
 //! - [`Election::resign`] gives leadership up at once (graceful shutdown);
 //!   it is safe to call when not leading.
 
+mod candidates;
 pub(crate) mod etcd;
 pub(crate) mod standalone;
 mod watch;

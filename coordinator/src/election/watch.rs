@@ -25,8 +25,8 @@
 //! offer that was not confirmed after a successful write. A leader that was
 //! only slow learns it lost at its next keep-alive (TTL 0) and steps down.
 
+use super::candidates::{Candidate, candidates, revoke};
 use crate::store::etcd::EtcdPool;
-use etcd_client::GetOptions;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -159,28 +159,6 @@ async fn probe(url: &str) -> Probe {
     }
 }
 
-/// The candidates of the election `name`, oldest (the leader) first:
-/// (advertised URL, lease).
-async fn candidates(pool: &EtcdPool, name: &str) -> Vec<(String, i64)> {
-    let key = format!("{name}/");
-    let read = pool.call(|mut c| {
-        let key = key.clone();
-        let opts = GetOptions::new().with_prefix().with_sort(
-            etcd_client::SortTarget::Create,
-            etcd_client::SortOrder::Ascend,
-        );
-        async move { c.get(key, Some(opts)).await }
-    });
-    match tokio::time::timeout(Duration::from_secs(1), read).await {
-        Ok(Ok(resp)) => resp
-            .kvs()
-            .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 async fn remaining_s(pool: &EtcdPool, lease: i64) -> Option<i64> {
     let read = pool.call(|mut c| async move { c.lease_time_to_live(lease, None).await });
     let resp = tokio::time::timeout(Duration::from_secs(1), read)
@@ -205,14 +183,17 @@ pub(super) async fn end_dead_terms(
     let mut answered: HashSet<String> = HashSet::new();
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
-        let all = candidates(&pool, &name).await;
-        for (url, lease) in all.iter().skip(1) {
-            if *lease != own_lease && !answered.contains(url) && probe(url).await == Probe::Answered
+        let all = tokio::time::timeout(Duration::from_secs(1), candidates(&pool, &name, 0)).await;
+        let all = all.ok().and_then(Result::ok).unwrap_or_default();
+        for c in all.iter().skip(1) {
+            if c.lease != own_lease
+                && !answered.contains(&c.url)
+                && probe(&c.url).await == Probe::Answered
             {
-                answered.insert(url.clone());
+                answered.insert(c.url.clone());
             }
         }
-        let Some((url, lease)) = all.into_iter().next() else {
+        let Some(Candidate { url, lease, .. }) = all.into_iter().next() else {
             continue;
         };
         if lease == own_lease || lease == 0 {
@@ -235,21 +216,13 @@ pub(super) async fn end_dead_terms(
                 _ => continue,
             },
         };
-        let revoked = tokio::time::timeout(
-            Duration::from_secs(1),
-            pool.call(|mut c| async move { c.lease_revoke(lease).await }),
-        )
-        .await;
-        match revoked {
-            Ok(Ok(_)) => tracing::warn!(
-                leader = %url,
-                lease,
-                "the leader {why}; ended its term early"
-            ),
-            Ok(Err(e)) => {
+        match revoke(&pool, lease).await {
+            Ok(()) => {
+                tracing::warn!(leader = %url, lease, "the leader {why}; ended its term early")
+            }
+            Err(e) => {
                 tracing::info!(leader = %url, lease, error = %e, "could not end the leader's term")
             }
-            Err(_) => tracing::info!(leader = %url, lease, "ending the leader's term timed out"),
         }
         evidence = Evidence::default();
     }
