@@ -60,6 +60,10 @@ pub(crate) struct RunRecord {
     pub(crate) traceparent: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) tracestate: String,
+    /// The submitter's span (16 hex digits), the `run` span's parent; empty:
+    /// the run span is a root. The span is emitted when the run ends.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) parent_span_id: String,
     /// Name of the API token that submitted the run (empty: stored before
     /// tokens existed). A `submit` token may cancel only its own runs.
     #[serde(default, skip_serializing_if = "String::is_empty")]

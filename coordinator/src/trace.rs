@@ -1,27 +1,29 @@
 //! The coordinator's part of a run's trace (README "Tracing").
 //!
-//! - `run`: the root, opened when the scheduler accepts a SubmitRun (a child
-//!   of the submitter's context if the request carried `traceparent`) and
-//!   ended when the run finishes. Its context is persisted in the run record.
+//! - `run`: the root (a child of the submitter's context if SubmitRun
+//!   carried `traceparent`), from submission to the run's end. Its ids are
+//!   chosen when the scheduler accepts the run and persisted in the run
+//!   record; the span is emitted when the run ends, by whichever leader
+//!   ends it, so no crash or failover loses or splits it.
 //! - `run.resumed`: opened by a new leader for each unfinished run it loads,
-//!   a child of the persisted `run`, ended when the run finishes: the trace
-//!   goes on across failovers and restarts. (The old leader's `run` span
-//!   ends when its scheduler stops, if the process lives to export it.)
+//!   a child of `run`, ended when the run finishes: it shows the takeover.
 //! - `task.dispatch`: one per offer, from the moment the task was queued to
-//!   the offer, a child of `run`. Its context goes to the runner in the
-//!   `Offer`, so the runner's `attempt` and `step` spans hang below it.
+//!   the offer, a child of `run`, exported as soon as it ends. Its context
+//!   goes to the runner in the `Offer`, so the runner's `attempt` and `step`
+//!   spans hang below it.
 //!
-//! Spans are built with the OpenTelemetry API rather than `tracing` because
-//! their ids outlive the process (persisted) and their start times lie in
-//! the past. Every function is a no-op unless export is on
-//! ([`capstan_telemetry::enabled`]), so the scheduler's hot path pays one load.
+//! `run` and `task.dispatch` go through [`capstan_telemetry::durable`]
+//! (ids chosen up front, start times in the past, eager export). Every
+//! function is a no-op unless export is on ([`capstan_telemetry::enabled`]),
+//! so the scheduler's hot path pays one load.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use capstan_proto::ids::RunId;
+use capstan_telemetry::durable;
 use capstan_telemetry::opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _,
+    Event, Span as _, SpanId, SpanKind, Status, TraceContextExt as _, Tracer as _,
 };
 use capstan_telemetry::opentelemetry::{Context, KeyValue};
 use capstan_telemetry::{OtelSpan, TraceHeaders};
@@ -52,29 +54,37 @@ fn run_attributes(run: &RunRecord, epoch: u64) -> Vec<KeyValue> {
     ]
 }
 
-/// The open run spans of this leadership, by run. Dropping it ends them.
+/// What this leadership adds to the `run` spans of its runs before they end
+/// (requeue events), and the `run.resumed` spans it opened.
 #[derive(Default)]
-pub(crate) struct RunSpans(HashMap<RunId, OtelSpan>);
+pub(crate) struct RunSpans {
+    events: HashMap<RunId, Vec<Event>>,
+    resumed: HashMap<RunId, OtelSpan>,
+}
 
 impl RunSpans {
-    /// Opens the `run` span of a newly accepted run and stores its context
-    /// in the record (replacing the submitter's, which becomes its parent).
+    /// Chooses the `run` span's ids for a newly accepted run and stores
+    /// them in the record (the submitter's context, if any, moves to
+    /// `parent_span_id`). The span itself is emitted when the run ends.
     pub(crate) fn submitted(&mut self, run: &mut RunRecord, epoch: u64) {
-        let Some(tracer) = capstan_telemetry::tracer() else {
+        let parent = headers(run).context();
+        let Some(sc) = durable::new_context(
+            &parent,
+            "run",
+            SpanKind::Server,
+            &run_attributes(run, epoch),
+        ) else {
             return;
         };
-        let parent = headers(run).context();
-        let span = tracer
-            .span_builder("run")
-            .with_kind(SpanKind::Server)
-            .with_start_time(at_ms(run.created_at_ms))
-            .with_attributes(run_attributes(run, epoch))
-            .start_with_context(tracer, &parent);
-        let own =
-            TraceHeaders::of(&Context::new().with_remote_span_context(span.span_context().clone()));
+        let parent_span = parent.span().span_context().span_id();
+        run.parent_span_id = if parent_span == SpanId::INVALID {
+            String::new()
+        } else {
+            parent_span.to_string()
+        };
+        let own = TraceHeaders::of(&Context::new().with_remote_span_context(sc));
         run.traceparent = own.traceparent;
         run.tracestate = own.tracestate;
-        self.0.insert(run.id.clone(), span);
     }
 
     /// Opens `run.resumed` for an unfinished run a new leader loaded.
@@ -89,55 +99,78 @@ impl RunSpans {
             .span_builder("run.resumed")
             .with_attributes(run_attributes(run, epoch))
             .start_with_context(tracer, &headers(run).context());
-        self.0.insert(run.id.clone(), span);
+        self.resumed.insert(run.id.clone(), span);
     }
 
-    /// Records on the run's span that an attempt of `task` ended without a
+    /// Records for the run's span that an attempt of `task` ended without a
     /// report (`reason`: runner_lost, offer_timeout, ...) and was requeued.
     pub(crate) fn requeued(&mut self, run: &RunId, task: &str, attempt: u32, reason: &'static str) {
-        if let Some(span) = self.0.get_mut(run) {
-            span.add_event(
-                "requeue",
-                vec![
-                    KeyValue::new("capstan.task", task.to_owned()),
-                    KeyValue::new("capstan.attempt.number", i64::from(attempt)),
-                    KeyValue::new("capstan.requeue.reason", reason),
-                ],
-            );
+        if !capstan_telemetry::enabled() {
+            return;
         }
+        let event = Event::new(
+            "requeue",
+            SystemTime::now(),
+            vec![
+                KeyValue::new("capstan.task", task.to_owned()),
+                KeyValue::new("capstan.attempt.number", i64::from(attempt)),
+                KeyValue::new("capstan.requeue.reason", reason),
+            ],
+            0,
+        );
+        self.events.entry(run.clone()).or_default().push(event);
     }
 
-    /// Ends the run's span with its final state; a failed run's is an error.
-    pub(crate) fn finished(&mut self, run: &RunRecord) {
-        if self.0.is_empty() {
+    /// Emits the run's `run` span, from its submission to now, with its
+    /// final state (a failed run's is an error), and ends `run.resumed`.
+    /// Whichever leader ends the run emits it, with the ids chosen at
+    /// submit, so the span exists once, after any number of failovers.
+    pub(crate) fn finished(&mut self, run: &RunRecord, epoch: u64) {
+        if !capstan_telemetry::enabled() {
             return;
         }
-        let Some(mut span) = self.0.remove(&run.id) else {
-            return;
-        };
         let state = format!("{:?}", run.state).to_lowercase();
-        span.set_attribute(KeyValue::new("capstan.run.state", state));
-        if run.state == StoredRunState::Failed {
+        let status = if run.state == StoredRunState::Failed {
             let failed: Vec<&str> = run
                 .tasks
                 .iter()
                 .filter(|t| t.state == crate::model::StoredTaskState::Failed)
                 .map(|t| t.name.as_str())
                 .collect();
-            span.set_status(Status::error(format!(
-                "failed tasks: {}",
-                failed.join(", ")
-            )));
+            Status::error(format!("failed tasks: {}", failed.join(", ")))
         } else {
-            span.set_status(Status::Ok);
+            Status::Ok
+        };
+        let events = self.events.remove(&run.id).unwrap_or_default();
+        if let Some(mut span) = self.resumed.remove(&run.id) {
+            span.set_attribute(KeyValue::new("capstan.run.state", state.clone()));
+            span.set_status(status.clone());
+            span.end();
         }
-        span.end();
+        let Some(context) = durable::context_of(&run.traceparent, &run.tracestate) else {
+            return;
+        };
+        let mut attributes = run_attributes(run, epoch);
+        attributes.push(KeyValue::new("capstan.run.state", state));
+        durable::emit(durable::Recorded {
+            context,
+            parent: SpanId::from_hex(&run.parent_span_id).unwrap_or(SpanId::INVALID),
+            kind: SpanKind::Server,
+            name: "run".into(),
+            start: at_ms(run.created_at_ms),
+            end: SystemTime::now(),
+            attributes,
+            events,
+            status,
+        });
     }
 }
 
-/// Records the `task.dispatch` span of an offer and returns the context the
-/// runner continues. With export off, the run's own context (a submitter's,
-/// if any) passes through, so a runner that exports still joins that trace.
+/// Records the `task.dispatch` span of an offer (exported at once, so that
+/// the runner's spans below it are never orphans) and returns the context
+/// the runner continues. With export off, the run's own context (a
+/// submitter's, if any) passes through, so a runner that exports still
+/// joins that trace.
 pub(crate) fn dispatch(
     run: &RunRecord,
     task: &TaskRecord,
@@ -148,7 +181,20 @@ pub(crate) fn dispatch(
     if run.traceparent.is_empty() {
         return TraceHeaders::default();
     }
-    let Some(tracer) = capstan_telemetry::tracer() else {
+    let Some(parent) = durable::context_of(&run.traceparent, &run.tracestate) else {
+        return TraceHeaders::default();
+    };
+    let attributes = vec![
+        KeyValue::new("capstan.run.id", run.id.to_string()),
+        KeyValue::new("capstan.task", task.name.clone()),
+        KeyValue::new("capstan.attempt.id", attempt.to_owned()),
+        KeyValue::new("capstan.attempt.number", i64::from(number)),
+        KeyValue::new("capstan.runner", runner.to_owned()),
+    ];
+    let parent_cx = Context::new().with_remote_span_context(parent.clone());
+    let Some(sc) =
+        durable::new_context(&parent_cx, "task.dispatch", SpanKind::Producer, &attributes)
+    else {
         return headers(run);
     };
     let start = if task.queued_at_ms > 0 {
@@ -156,23 +202,13 @@ pub(crate) fn dispatch(
     } else {
         SystemTime::now()
     };
-    let mut span = tracer
-        .span_builder("task.dispatch")
-        .with_kind(SpanKind::Producer)
-        .with_start_time(start)
-        .with_attributes([
-            KeyValue::new("capstan.run.id", run.id.to_string()),
-            KeyValue::new("capstan.task", task.name.clone()),
-            KeyValue::new("capstan.attempt.id", attempt.to_owned()),
-            KeyValue::new("capstan.attempt.number", i64::from(number)),
-            KeyValue::new("capstan.runner", runner.to_owned()),
-        ])
-        .start_with_context(tracer, &headers(run).context());
+    let mut events = Vec::new();
     if number > 1 && !task.message.is_empty() {
         // Why this attempt exists: the last one's failure, and the
         // backoff waited for an infrastructure retry.
-        span.add_event(
+        events.push(Event::new(
             "retry",
+            SystemTime::now(),
             vec![
                 KeyValue::new("capstan.retry.reason", task.message.clone()),
                 KeyValue::new(
@@ -184,9 +220,9 @@ pub(crate) fn dispatch(
                     i64::from(task.script_failures),
                 ),
             ],
-        );
+            0,
+        ));
     }
-    let sc = span.span_context().clone();
     tracing::info!(
         run = %run.id,
         task = %task.name,
@@ -196,8 +232,18 @@ pub(crate) fn dispatch(
         span_id = %sc.span_id(),
         "task dispatched"
     );
-    let out = TraceHeaders::of(&Context::new().with_remote_span_context(sc));
-    span.end();
+    let out = TraceHeaders::of(&Context::new().with_remote_span_context(sc.clone()));
+    durable::emit(durable::Recorded {
+        context: sc,
+        parent: parent.span_id(),
+        kind: SpanKind::Producer,
+        name: "task.dispatch".into(),
+        start,
+        end: SystemTime::now(),
+        attributes,
+        events,
+        status: Status::Unset,
+    });
     out
 }
 
@@ -236,8 +282,9 @@ mod tests {
         let mut r = run();
         spans.submitted(&mut r, 1);
         spans.resumed(&r, 2);
-        assert!(r.traceparent.is_empty());
-        assert!(spans.0.is_empty());
+        spans.requeued(&r.id, "t", 1, "runner_lost");
+        assert!(r.traceparent.is_empty() && r.parent_span_id.is_empty());
+        assert!(spans.events.is_empty() && spans.resumed.is_empty());
     }
 
     #[test]

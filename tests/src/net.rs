@@ -1,16 +1,41 @@
 //! Loopback helpers: a free port, a plain HTTP GET and one over TLS, a
 //! gRPC endpoint that is TLS for `https://`.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
 use std::time::Duration;
 
-/// A free loopback port (bound and released; good enough for tests).
+/// Test ports come from below the kernel's ephemeral range (32768-60999
+/// here), so no outgoing connection and no server bound to port 0 can take
+/// one between the pick and the bind of the process it is for.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// The lock file of every port this test process holds: a held `flock`
+/// keeps other test processes (nextest runs one per test) off the port
+/// until this one exits, across restarts of the process that serves it;
+/// the kernel drops the lock when the holder dies, so nothing goes stale.
+static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
+
+/// A loopback port no other test process holds, free when picked, and
+/// kept for this process's lifetime (a replica restarted on it finds it
+/// still free).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    let dir = std::env::temp_dir().join("capstan-test-ports");
+    std::fs::create_dir_all(&dir).expect("create the test port lock dir");
+    for _ in 0..10_000 {
+        let port = rand::random_range(PORTS);
+        let file = File::create(dir.join(port.to_string())).expect("create a port lock file");
+        if file.try_lock().is_err() {
+            continue; // another test holds it (or this one already does)
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().expect("port list").push(file);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORTS:?} after 10000 tries");
 }
 
 /// A free loopback address ([`free_port`] on 127.0.0.1).

@@ -108,6 +108,7 @@ pub(crate) fn build_run_within(
         idempotency_key: req.idempotency_key,
         traceparent: String::new(),
         tracestate: String::new(),
+        parent_span_id: String::new(),
         submitted_by: String::new(),
         group: run_group(&resolved),
         held: false,

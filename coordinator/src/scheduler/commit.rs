@@ -123,16 +123,18 @@ impl Scheduler {
         for &ms in fx.pickups_ms() {
             self.metrics.pickup_seconds.observe(ms / 1000.0);
         }
-        for id in fx.runs_finished() {
-            if let Some(run) = self.state.run(id) {
-                self.run_spans.finished(run);
-            }
-        }
-        self.metrics.count(fx.tally());
+        // Requeues first: a run that ends in the same batch carries them.
         for r in &fx.tally().requeues {
             self.run_spans
                 .requeued(&r.run, &r.task, r.attempt, r.why.label());
         }
+        let epoch = self.state.epoch();
+        for id in fx.runs_finished() {
+            if let Some(run) = self.state.run(id) {
+                self.run_spans.finished(run, epoch);
+            }
+        }
+        self.metrics.count(fx.tally());
         self.metrics
             .queue_depth
             .set(self.state.queue_depth() as i64);

@@ -24,6 +24,7 @@
 //! ([`TraceHeaders`]): in the run record, in the runner's `Offer`, and in
 //! SubmitRun's gRPC metadata.
 
+pub mod durable;
 pub mod exposition;
 mod json;
 
@@ -160,7 +161,11 @@ impl Telemetry {
         };
         // The SDK blocks its caller until the export task answers; that
         // task runs on this runtime, so block a pool thread, not a worker.
-        let done = tokio::task::spawn_blocking(move || provider.shutdown());
+        let done = tokio::task::spawn_blocking(move || {
+            let eager = durable::shutdown(SHUTDOWN_GRACE);
+            provider.shutdown()?;
+            eager.map_err(opentelemetry_sdk::error::OTelSdkError::InternalFailure)
+        });
         match tokio::time::timeout(SHUTDOWN_GRACE, done).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "flushing trace spans failed"),
@@ -203,13 +208,15 @@ pub fn init(
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
         return Ok(Telemetry { provider: None });
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-        .map_err(|source| TelemetryError::Exporter { source })?;
+    let exporter = || {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|source| TelemetryError::Exporter { source })
+    };
     let batch =
         opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
-            exporter,
+            exporter()?,
             opentelemetry_sdk::runtime::Tokio,
         )
         .build();
@@ -222,6 +229,7 @@ pub fn init(
             .with_service_name(service_name)
             .build();
     }
+    durable::install(exporter()?, &resource)?;
     // The sampler comes from OTEL_TRACES_SAMPLER through the SDK's default
     // config; the builder does not override it.
     let provider = SdkTracerProvider::builder()
