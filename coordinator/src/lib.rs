@@ -47,6 +47,7 @@ pub(crate) mod model;
 pub(crate) mod private;
 pub(crate) mod runner_tokens;
 pub(crate) mod scheduler;
+pub(crate) mod seal;
 mod server;
 pub mod store;
 pub(crate) mod tls;

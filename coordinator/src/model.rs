@@ -60,6 +60,11 @@ pub(crate) struct RunRecord {
     pub(crate) traceparent: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) tracestate: String,
+    /// Stored records only: the sealed password of `repo`, whose URL then
+    /// has `***` in its place (`scheduler/stored.rs`). Empty in memory once
+    /// opened.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) repo_password: String,
     /// The submitter's span (16 hex digits), the `run` span's parent; empty:
     /// the run span is a root. The span is emitted when the run ends.
     #[serde(default, skip_serializing_if = "String::is_empty")]

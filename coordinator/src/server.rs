@@ -93,7 +93,10 @@ pub async fn run(
     if let Some(token) = &config.dev_admin_token {
         install_dev_token(&shared.tokens, token).await?;
     }
-    let forges = forge::Forges::open(store.clone(), &config, http.as_ref())?;
+    // Seals repository secrets and run URLs' passwords at rest; it must
+    // load, or the start fails.
+    let sealer = crate::seal::Sealer::load(config.forge.key_file.as_deref(), &config.data_dir)?;
+    let forges = forge::Forges::open(store.clone(), &config, http.as_ref(), sealer.clone());
     let forges = forge::start(forges, &shared, &tracker, &inner);
 
     let idle = config.limits.idle; // both ports close connections silent that long
@@ -114,6 +117,7 @@ pub async fn run(
         election: election.clone(),
         timing: config.timing.clone(),
         metrics,
+        sealer,
         role: role_tx,
         standalone,
         shutdown: inner.clone(),
@@ -360,6 +364,7 @@ struct LeadLoop {
     election: Arc<dyn election::Election>,
     timing: scheduler::state::Timing,
     metrics: Arc<metrics::Metrics>,
+    sealer: crate::seal::Sealer,
     role: watch::Sender<api::Role>,
     standalone: bool,
     shutdown: CancellationToken,
@@ -378,6 +383,7 @@ async fn lead_loop(l: LeadLoop) -> anyhow::Result<()> {
             logs.clone(),
             l.timing.clone(),
             l.metrics.clone(),
+            l.sealer.clone(),
             lead.epoch,
         )
         .await;

@@ -1,7 +1,8 @@
 //! A password in a repository URL (`capstan submit --repo
 //! http://bob:PASSWORD@host/r.git`) reaches no output channel: not the
 //! CLI's output, not either daemon's log, not the run the API returns,
-//! not a span or span event exported over OTLP, not the task's log.
+//! not a span or span event exported over OTLP, not the task's log, and
+//! not the coordinator's data dir (the stored run has it sealed).
 
 use capstan_tests::git_server::{GitServer, git};
 use capstan_tests::otlp::OtlpReceiver;
@@ -123,5 +124,35 @@ async fn a_password_in_the_repo_url_reaches_no_output() -> anyhow::Result<()> {
         "the daemons log the URL, redacted:\n{logs}"
     );
     assert_clean("the daemons' logs", &logs);
+    // At rest: the coordinator's store holds the password sealed, and no
+    // other file of its data dir (or its logs) holds it in clear.
+    for entry in walk(&c.data_dir()) {
+        let bytes = std::fs::read(&entry)?;
+        assert!(
+            !bytes
+                .windows(PASSWORD.len())
+                .any(|w| w == PASSWORD.as_bytes()),
+            "the URL's password is in clear in {}",
+            entry.display()
+        );
+    }
     Ok(())
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(!files.is_empty(), "no file in {}", dir.display());
+    files
 }

@@ -87,7 +87,10 @@ pub(crate) fn build_run_within(
     let ctx = capstan_pipeline::Context {
         params: req.params.into_iter().collect(),
         git_sha: (!req.rev.is_empty()).then(|| req.rev.clone()),
-        git_repo: (!req.repo.is_empty()).then(|| req.repo.clone()),
+        // Redacted: the substituted value is stored with the task and
+        // reaches the step's environment; the runner checks out itself.
+        git_repo: (!req.repo.is_empty())
+            .then(|| capstan_proto::redact::redact_url(&req.repo).into_owned()),
         git_ref: (!req.git_ref.is_empty()).then(|| req.git_ref.clone()),
         run_id: Some(id.to_string()),
     };
@@ -108,6 +111,7 @@ pub(crate) fn build_run_within(
         idempotency_key: req.idempotency_key,
         traceparent: String::new(),
         tracestate: String::new(),
+        repo_password: String::new(),
         parent_span_id: String::new(),
         submitted_by: String::new(),
         group: run_group(&resolved),
@@ -576,6 +580,7 @@ mod tests {
             Arc::clone(&logs),
             crate::scheduler::state::Timing::default(),
             Arc::clone(&metrics),
+            crate::seal::Sealer::from_key(&[1; 32]),
             1,
         )
         .await

@@ -4,7 +4,6 @@
 //! schedules.
 //!
 //! Layout:
-//! - `seal`: the key that seals repository secrets at rest;
 //! - `repos`: registered repositories in the store;
 //! - `fetch`: the pipeline file at one commit (git2, cached by SHA);
 //! - `payload`: the push events of GitHub, Gitea and GitLab;
@@ -25,7 +24,6 @@ pub(crate) mod fetch;
 pub(crate) mod payload;
 pub(crate) mod repos;
 pub(crate) mod schedule;
-pub(crate) mod seal;
 pub(crate) mod status;
 pub(crate) mod submit;
 pub(crate) mod webhook;
@@ -73,16 +71,16 @@ pub(crate) struct Forges {
 }
 
 impl Forges {
-    /// The forge side of a replica: the sealing key (which must load, or
-    /// the start fails), the fetch cache under `data_dir`.
+    /// The forge side of a replica: its secrets sealed with `sealer`, the
+    /// fetch cache under the data dir.
     pub(crate) fn open(
         store: Arc<dyn crate::store::Store>,
         config: &crate::config::CoordinatorConfig,
         http: Option<&tokio::net::TcpListener>,
-    ) -> Result<Forges, seal::SealError> {
+        sealer: crate::seal::Sealer,
+    ) -> Forges {
         let (settings, data_dir) = (&config.forge, &config.data_dir);
         let http = http.and_then(|h| h.local_addr().ok());
-        let sealer = seal::Sealer::load(settings.key_file.as_deref(), data_dir)?;
         let public_url = settings
             .public_url
             .clone()
@@ -90,13 +88,13 @@ impl Forges {
             .unwrap_or_default()
             .trim_end_matches('/')
             .to_string();
-        Ok(Forges {
+        Forges {
             repos: repos::Repos::new(store.clone(), sealer),
             fetcher: fetch::Fetcher::new(data_dir.join("forge-cache")),
             statuses: status::Statuses::new(store.clone()),
             public_url,
             store,
-        })
+        }
     }
 
     /// The dashboard link of a run.

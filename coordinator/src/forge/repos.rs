@@ -1,6 +1,6 @@
 //! Registered repositories in the store: `repos/<name>` holds a
 //! [`RepoRecord`] (JSON) whose webhook secret, status token and fetch
-//! credentials are sealed ([`super::seal`]). Adding one makes its webhook
+//! credentials are sealed ([`crate::seal`]). Adding one makes its webhook
 //! secret (256 random bits) and returns it, the only time it leaves the
 //! coordinator.
 //!
@@ -8,7 +8,7 @@
 //! webhook handler and the schedules use it.
 
 use super::Forge;
-use super::seal::{SealError, Sealer};
+use crate::seal::{SealError, Sealer};
 use crate::store::{Op, Store, StoreError};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};

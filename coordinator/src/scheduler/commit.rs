@@ -83,7 +83,7 @@ impl Scheduler {
             if let Some(run) = self.state.run(id) {
                 batch.push(Op::Put {
                     key: run_key(id),
-                    value: serde_json::to_vec(run).expect("records serialize"),
+                    value: super::stored::encode(run, &self.sealer),
                 });
             }
         }

@@ -89,6 +89,7 @@ impl Fixture {
             Arc::new(crate::logs::memory::MemoryLogStore::new()),
             state::Timing::default(),
             Arc::new(Metrics::default()),
+            crate::seal::Sealer::from_key(&[1; 32]),
             EPOCH,
         )
         .await

@@ -25,6 +25,7 @@ mod commit;
 pub(crate) mod dispatch;
 pub(crate) mod lease;
 pub(crate) mod state;
+mod stored;
 mod view;
 
 use crate::logs::LogStore;
@@ -185,11 +186,12 @@ pub(crate) async fn start(
     logs: Arc<dyn LogStore>,
     timing: Timing,
     metrics: Arc<Metrics>,
+    sealer: crate::seal::Sealer,
     epoch: u64,
 ) -> Result<(Scheduler, SchedulerHandle), StoreError> {
     let mut runs = Vec::new();
     for (key, value) in store.scan_prefix(RUNS_PREFIX).await? {
-        match serde_json::from_slice::<RunRecord>(&value) {
+        match stored::decode(&value, &sealer) {
             Ok(r) => runs.push(r),
             Err(e) => tracing::error!(%key, error = %e, "skipping an unreadable run record"),
         }
@@ -237,6 +239,7 @@ pub(crate) async fn start(
             watchers: HashMap::new(),
             replies: Vec::new(),
             metrics,
+            sealer,
             run_spans,
         },
         SchedulerHandle { tx },
@@ -253,6 +256,8 @@ pub(crate) struct Scheduler {
     watchers: HashMap<RunId, watch::Sender<api::Run>>,
     replies: Vec<Box<dyn FnOnce() + Send>>,
     metrics: Arc<Metrics>,
+    /// Seals the password of a run's repository URL in the stored record.
+    sealer: crate::seal::Sealer,
     /// Trace spans of the unfinished runs (empty unless export is on).
     run_spans: crate::trace::RunSpans,
 }

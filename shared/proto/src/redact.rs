@@ -58,27 +58,28 @@ pub fn redact_urls(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The password in `url`'s userinfo, raw and percent-decoded (both forms
-/// may appear in output), for a masker that hides it in logs.
-pub fn url_passwords(url: &str) -> Vec<String> {
-    let Some(start) = url.find("://").map(|i| i + 3) else {
-        return Vec::new();
-    };
+/// Where the password of `url`'s userinfo lies (a byte range of `url`),
+/// if it has a non-empty one: for splitting it off to store it apart.
+pub fn password_range(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + 3;
     let rest = &url[start..];
     let end = rest
         .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
         .unwrap_or(rest.len());
     let authority = &rest[..end];
-    let Some(at_sign) = authority.rfind('@') else {
+    let at_sign = authority.rfind('@')?;
+    let colon = authority[..at_sign].find(':')?;
+    let range = start + colon + 1..start + at_sign;
+    (!range.is_empty()).then_some(range)
+}
+
+/// The password in `url`'s userinfo, raw and percent-decoded (both forms
+/// may appear in output), for a masker that hides it in logs.
+pub fn url_passwords(url: &str) -> Vec<String> {
+    let Some(range) = password_range(url) else {
         return Vec::new();
     };
-    let Some(colon) = authority[..at_sign].find(':') else {
-        return Vec::new();
-    };
-    let raw = &authority[colon + 1..at_sign];
-    if raw.is_empty() {
-        return Vec::new();
-    }
+    let raw = &url[range];
     let mut out = vec![raw.to_string()];
     let decoded = percent_decode(raw);
     if decoded != raw {

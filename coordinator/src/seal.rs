@@ -1,5 +1,7 @@
-//! Sealing the secrets a repository registration holds (its webhook secret
-//! and its forge status token) before they reach the store.
+//! Sealing secrets before they reach the store: those a repository
+//! registration holds (its webhook secret, its forge status token, its
+//! fetch login) and the password in a run's repository URL
+//! (`scheduler/stored.rs`).
 //!
 //! Both must stay usable (the webhook secret is an HMAC key, the status
 //! token goes to the forge's API), so hashing them as API tokens are hashed
