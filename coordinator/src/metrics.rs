@@ -11,6 +11,31 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The `result` label values of `capstan_webhook_deliveries_total`.
+const WEBHOOK_RESULTS: [&str; 3] = ["accepted", "refused", "failed"];
+
+/// How sending a commit status ended (`capstan_commit_statuses_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StatusResult {
+    Posted,
+    /// A 4xx other than 429: not retried.
+    Refused,
+    /// Given up after the retries, or no token to send.
+    Failed,
+}
+
+impl StatusResult {
+    const ALL: [StatusResult; 3] = [Self::Posted, Self::Refused, Self::Failed];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Posted => "posted",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// A counter with one bounded label.
 pub(crate) type Labeled = Family<[(&'static str, &'static str); 1], Counter>;
 
@@ -33,6 +58,8 @@ pub(crate) struct Metrics {
     runs_finished: Labeled,
     task_requeues: Labeled,
     task_retries: Labeled,
+    webhook_deliveries: Labeled,
+    commit_statuses: Labeled,
     is_leader: Gauge,
     leader_epoch: Gauge,
     leader_changes: Counter,
@@ -128,6 +155,8 @@ impl Default for Metrics {
             runs_finished: Labeled::default(),
             task_requeues: Labeled::default(),
             task_retries: Labeled::default(),
+            webhook_deliveries: Labeled::default(),
+            commit_statuses: Labeled::default(),
             is_leader: Gauge::default(),
             leader_epoch: Gauge::default(),
             leader_changes: Counter::default(),
@@ -221,6 +250,20 @@ impl Metrics {
                 "Failed tasks run again, by class: script (the pipeline's retries) or \
                  infra (infrastructure failures)",
                 &m.task_retries,
+            ),
+            (
+                "webhook_deliveries",
+                "Forge webhook deliveries answered, by result: accepted (2xx: queued or \
+                 ignored), refused (4xx: signature, repository, payload), failed (5xx: no \
+                 leader, pipeline fetch or submit failed; the forge redelivers)",
+                &m.webhook_deliveries,
+            ),
+            (
+                "commit_statuses",
+                "Commit statuses sent to forges, by result: posted, refused (4xx, not \
+                 retried: check the status token and API URL), failed (given up after \
+                 retries, or the token could not be opened)",
+                &m.commit_statuses,
             ),
             (
                 "etcd_request_errors",
@@ -321,11 +364,40 @@ impl Metrics {
                 .get_or_create(&[("class", c.label())])
                 .inc_by(0);
         }
+        for result in WEBHOOK_RESULTS {
+            self.webhook_deliveries
+                .get_or_create(&[("result", result)])
+                .inc_by(0);
+        }
+        for result in StatusResult::ALL {
+            self.commit_statuses
+                .get_or_create(&[("result", result.label())])
+                .inc_by(0);
+        }
         for kind in ["unavailable", "timeout", "error"] {
             self.etcd_request_errors
                 .get_or_create(&[("kind", kind)])
                 .inc_by(0);
         }
+    }
+
+    /// A webhook delivery answered with HTTP `code`.
+    pub(crate) fn webhook_answered(&self, code: u16) {
+        let result = match code {
+            200..=299 => WEBHOOK_RESULTS[0],
+            400..=499 => WEBHOOK_RESULTS[1],
+            _ => WEBHOOK_RESULTS[2],
+        };
+        self.webhook_deliveries
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// How sending one commit status to a forge ended.
+    pub(crate) fn commit_status(&self, result: StatusResult) {
+        self.commit_statuses
+            .get_or_create(&[("result", result.label())])
+            .inc();
     }
 
     /// Where the etcd pool records its requests.

@@ -96,7 +96,13 @@ pub async fn run(
     // Seals repository secrets and run URLs' passwords at rest; it must
     // load, or the start fails.
     let sealer = crate::seal::Sealer::load(config.forge.key_file.as_deref(), &config.data_dir)?;
-    let forges = forge::Forges::open(store.clone(), &config, http.as_ref(), sealer.clone());
+    let forges = forge::Forges::open(
+        store.clone(),
+        &config,
+        http.as_ref(),
+        sealer.clone(),
+        shared.metrics.clone(),
+    );
     let forges = forge::start(forges, &shared, &tracker, &inner);
 
     let idle = config.limits.idle; // both ports close connections silent that long

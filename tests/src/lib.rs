@@ -36,6 +36,7 @@ pub mod faults;
 pub mod fleet;
 pub mod forge_api;
 pub mod git_server;
+pub mod metrics;
 pub mod net;
 pub mod otlp;
 pub mod process;

@@ -5,6 +5,7 @@
 //! (deploy/grafana/capstan.json) name is one a real coordinator or runner
 //! exports.
 
+use capstan_tests::metrics::samples;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -64,18 +65,6 @@ fn a_wrong_expectation_fails_the_rule_tests() -> anyhow::Result<()> {
         "{out:?}"
     );
     Ok(())
-}
-
-/// The sample names of a text exposition, with each sample's value keyed
-/// by its name and labels as written (`name{a="b"}`).
-fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
 }
 
 /// The `capstan_*` names the alerts and the dashboard use.

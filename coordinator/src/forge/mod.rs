@@ -68,6 +68,8 @@ pub(crate) struct Forges {
     pub(crate) public_url: String,
     /// The coordinator's store (owed statuses, schedule ticks).
     pub(crate) store: Arc<dyn crate::store::Store>,
+    /// Where status posts are counted.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Forges {
@@ -78,6 +80,7 @@ impl Forges {
         config: &crate::config::CoordinatorConfig,
         http: Option<&tokio::net::TcpListener>,
         sealer: crate::seal::Sealer,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Forges {
         let (settings, data_dir) = (&config.forge, &config.data_dir);
         let http = http.and_then(|h| h.local_addr().ok());
@@ -94,6 +97,7 @@ impl Forges {
             statuses: status::Statuses::new(store.clone()),
             public_url,
             store,
+            metrics,
         }
     }
 

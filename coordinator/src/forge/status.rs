@@ -16,6 +16,7 @@ use super::client::{Answer, post_json};
 use super::repos::RepoRecord;
 use super::{Forge, Forges};
 use crate::api::LeaderCtx;
+use crate::metrics::StatusResult;
 use crate::scheduler::Command;
 use crate::store::{Op, Store};
 use capstan_proto::api::v1 as api;
@@ -190,11 +191,22 @@ pub(crate) async fn post(forges: &Forges, repo: &RepoRecord, status: &Status<'_>
     let Some(forge) = repo.forge else {
         return true;
     };
+    let result = send(forges, repo, forge, status).await;
+    forges.metrics.commit_status(result);
+    result == StatusResult::Posted
+}
+
+async fn send(
+    forges: &Forges,
+    repo: &RepoRecord,
+    forge: Forge,
+    status: &Status<'_>,
+) -> StatusResult {
     let token = match forges.repos.secrets(repo) {
         Ok(s) => s.status_token,
         Err(e) => {
             tracing::error!(repo = %repo.name, error = %e, "cannot open the status token; no status posted");
-            return false;
+            return StatusResult::Failed;
         }
     };
     let (url, headers, body) = request(repo, forge, &token, status);
@@ -206,12 +218,12 @@ pub(crate) async fn post(forges: &Forges, repo: &RepoRecord, status: &Status<'_>
             Answer::Status(code, _) if (200..300).contains(code) => {
                 tracing::info!(repo = %repo.name, sha = %status.sha, state = status.state.wire(forge),
                     context = %status.context, attempt, "commit status posted");
-                return true;
+                return StatusResult::Posted;
             }
             Answer::Status(code, body) if *code != 429 && *code < 500 => {
                 tracing::error!(repo = %repo.name, sha = %status.sha, %url, code, body = %body,
                     "the forge refused the commit status (check --status-token and --api-url); not retried");
-                return false;
+                return StatusResult::Refused;
             }
             Answer::Status(code, _) => format!("HTTP {code}"),
             Answer::Failed(e) => e.clone(),
@@ -219,14 +231,14 @@ pub(crate) async fn post(forges: &Forges, repo: &RepoRecord, status: &Status<'_>
         if attempt == ATTEMPTS {
             tracing::error!(repo = %repo.name, sha = %status.sha, %url, attempts = ATTEMPTS, last = %why,
                 "giving up on the commit status");
-            return false;
+            return StatusResult::Failed;
         }
         tracing::warn!(repo = %repo.name, %url, attempt, error = %why, retry_in_ms = delay.as_millis() as u64,
             "commit status not accepted; retrying");
         tokio::time::sleep(delay).await;
         delay *= 2;
     }
-    false
+    StatusResult::Failed
 }
 
 /// The description of a run's state: what ended it, for a failure.

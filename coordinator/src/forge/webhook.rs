@@ -79,6 +79,9 @@ async fn hook(
 ) -> Response {
     let started = Instant::now();
     let Some(forge) = Forge::parse(&forge) else {
+        s.shared
+            .metrics
+            .webhook_answered(StatusCode::NOT_FOUND.as_u16());
         return (
             StatusCode::NOT_FOUND,
             "no such webhook: use /hooks/github, /hooks/gitea or /hooks/gitlab\n",
@@ -89,6 +92,7 @@ async fn hook(
     let out = handle(&s, forge, &headers, &delivery, &body).await;
     let message = out.body["message"].as_str().unwrap_or("").to_string();
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    s.shared.metrics.webhook_answered(out.code.as_u16());
     if out.code.is_success() {
         tracing::info!(target: "webhook", forge = forge.as_str(), %delivery, status = out.code.as_u16(),
             elapsed_ms, %message, "webhook handled");
