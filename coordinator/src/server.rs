@@ -10,6 +10,7 @@ use crate::config::CoordinatorConfig;
 use crate::{api, election, forge, http, logs, metrics, scheduler, store, tls};
 use anyhow::Context as _;
 use capstan_proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -66,13 +67,7 @@ pub async fn run(
     let standalone = config.etcd_endpoints.is_empty();
     let metrics = Arc::new(metrics::Metrics::default());
     let (store, election) = open_state(&config, &advertise, &metrics).await?;
-    let log_dir = config
-        .log_dir
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("logs"));
-    // Opened here once so a bad directory fails the start, then anew per leadership.
-    logs::local::LocalLogStore::open(&log_dir)?;
-    metrics.log_store.watch(&log_dir);
+    let log_dir = log_dir(&config, &metrics)?;
 
     let tracker = TaskTracker::new();
     let inner = shutdown.child_token();
@@ -364,9 +359,22 @@ fn grpc_server(
         ))
 }
 
+/// The log dir (`--log-dir`, else `DATA_DIR/logs`), opened once here so a
+/// bad directory fails the start (each leadership opens it anew), and
+/// watched for the log store metrics.
+fn log_dir(config: &CoordinatorConfig, metrics: &metrics::Metrics) -> anyhow::Result<PathBuf> {
+    let log_dir = config
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("logs"));
+    logs::local::LocalLogStore::open(&log_dir)?;
+    metrics.log_store.watch(&log_dir);
+    Ok(log_dir)
+}
+
 struct LeadLoop {
     store: Arc<dyn store::Store>,
-    log_dir: std::path::PathBuf,
+    log_dir: PathBuf,
     election: Arc<dyn election::Election>,
     timing: scheduler::state::Timing,
     metrics: Arc<metrics::Metrics>,
