@@ -951,6 +951,48 @@ fn an_ignored_offer_pauses_until_a_heartbeat_the_reader_forwards() {
     assert_eq!(o.attempt_number, 2);
 }
 
+/// A runner that keeps rejecting offers, while heartbeating every second,
+/// is offered again after a backoff that doubles (1 s, 2 s, ...), not at
+/// each heartbeat; accepting one ends the backoff.
+#[test]
+fn a_runner_that_keeps_rejecting_offers_backs_off() {
+    let mut h = Harness::new();
+    let run = h.submit("version: 1\nname: f\ntasks:\n  t:\n    steps: [ { run: x } ]\n");
+    let mut r = h.runner("r1", 1, &[]);
+    let reject = |h: &mut Harness, r: &mut TestRunner| {
+        let Some(Down::Offer(offer)) = r.next() else {
+            panic!("expected an offer")
+        };
+        assert!(h.via_reader(
+            r,
+            Up::Reject(rpb::OfferRejected {
+                attempt_id: offer.attempt_id,
+                reason: "broken".into(),
+            })
+        ));
+    };
+    // The first rejection waits only for the next heartbeat.
+    reject(&mut h, &mut r);
+    assert!(h.beat(&mut r));
+    assert!(!h.slot(&r.id).is_paused());
+    // The second: 1 s; the third: 2 s. Heartbeats before the end of the
+    // backoff keep the runner paused (and are all forwarded).
+    for backoff_ms in [1000, 2000] {
+        reject(&mut h, &mut r);
+        h.advance(Duration::from_millis(backoff_ms - 100));
+        assert!(h.beat(&mut r), "forwarded while backing off");
+        assert!(h.slot(&r.id).is_paused(), "still backing off");
+        assert!(r.next().is_none(), "no offer while backing off");
+        h.advance(Duration::from_millis(100));
+        assert!(h.beat(&mut r));
+        assert!(!h.slot(&r.id).is_paused());
+    }
+    // Accepting ends it: a rejection after that waits for a heartbeat only.
+    let o = h.accept(&mut r);
+    assert_eq!(o.attempt_number, 4);
+    assert_eq!(h.state_of(&run, "t"), Running);
+}
+
 /// Idle runners heartbeat rarely (5 s by default, the lease's length): one
 /// not heard from for longer than a lease keeps what it is offered, and its
 /// accept starts the lease.

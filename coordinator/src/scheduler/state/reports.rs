@@ -28,12 +28,13 @@ impl SchedulerState {
         slot.heard(now, now_ms());
         match m {
             Up::Hello(_) => {}
-            Up::Heartbeat(hb) => slot.heartbeat(hb.draining),
+            Up::Heartbeat(hb) => slot.heartbeat(hb.draining, now),
             Up::Accept(acc) => {
                 let a = AttemptId::from_string(acc.attempt_id);
                 let (run_id, i) = self.runs.owned(runner, &a)?;
                 match self.runs.attempt_state(&a) {
                     Some(AttemptState::Offered) => {
+                        self.runners.slot_mut(runner).offer_accepted();
                         if self.runners.slot_mut(runner).spend() {
                             self.fx.touch_runner(runner);
                         }
@@ -48,7 +49,7 @@ impl SchedulerState {
                 self.runs.owned(runner, &a)?;
                 tracing::info!(%runner, attempt = %a, reason = %rej.reason, "offer rejected");
                 if let Some(slot) = self.runners.get_mut(runner) {
-                    slot.pause();
+                    slot.pause(now);
                 }
                 // A cancelled task's offer frees its slot on rejection too.
                 if matches!(

@@ -47,11 +47,28 @@ pub(crate) struct RunnerSlot {
     detached_at: Option<Instant>,
     /// Attempts holding a slot on this runner.
     active: BTreeSet<AttemptId>,
-    /// No offers until its next heartbeat (it rejected or ignored one).
+    /// No offers until its next heartbeat (it rejected or ignored one),
+    /// and not before `paused_until`.
     paused: bool,
+    /// Offers it rejected or let expire since it last accepted one.
+    offer_failures: u32,
+    /// The end of the backoff of a runner that keeps failing offers.
+    paused_until: Option<Instant>,
     /// The runner itself said it drains (SIGTERM). In memory only: a
     /// restarted runner is not draining; `capstan drain` sets the record's flag.
     self_draining: bool,
+}
+
+/// The longest a runner that keeps failing offers waits between them.
+const MAX_OFFER_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The backoff after `failures` offer failures in a row: none after the
+/// first (the heartbeat gate suffices), then 1 s, 2 s, 4 s ... up to
+/// [`MAX_OFFER_BACKOFF`].
+fn offer_backoff(failures: u32) -> Option<Duration> {
+    let doublings = failures.checked_sub(2)?;
+    let secs = 1u64.checked_shl(doublings.min(16)).unwrap_or(u64::MAX);
+    Some(Duration::from_secs(secs).min(MAX_OFFER_BACKOFF))
 }
 
 impl RunnerSlot {
@@ -65,6 +82,8 @@ impl RunnerSlot {
             detached_at: None,
             active: BTreeSet::new(),
             paused: false,
+            offer_failures: 0,
+            paused_until: None,
             self_draining: false,
         }
     }
@@ -164,13 +183,28 @@ impl RunnerSlot {
         ))
     }
 
-    /// No offers until its next heartbeat, which its stream's reader is
-    /// told to forward.
-    pub(super) fn pause(&mut self) {
+    /// It rejected or let expire an offer at `now`: no offers until its
+    /// next heartbeat, which its stream's reader is told to forward, and,
+    /// from the second failure in a row, not before a backoff of 1 s
+    /// doubling to [`MAX_OFFER_BACKOFF`]: a runner that heartbeats but
+    /// cannot take work must not be offered every task again each second.
+    pub(super) fn pause(&mut self, now: Instant) {
         self.paused = true;
+        self.offer_failures += 1;
+        self.paused_until = offer_backoff(self.offer_failures).map(|d| now + d);
         if let Some(c) = &self.conn {
             c.lease.want_heartbeat();
         }
+    }
+
+    /// It accepted an offer: its backoff is over.
+    pub(super) fn offer_accepted(&mut self) {
+        self.offer_failures = 0;
+        self.paused_until = None;
+    }
+
+    fn backing_off(&self, now: Instant) -> bool {
+        self.paused_until.is_some_and(|t| now < t)
     }
 
     /// Re-registered: a new record (the secret rotated).
@@ -193,7 +227,7 @@ impl RunnerSlot {
         self.self_draining = false;
         self.last_seen = now;
         self.last_seen_ms = now_ms;
-        self.paused = false;
+        self.paused = self.backing_off(now);
     }
 
     /// What its hello says about it (empty or zero: unchanged).
@@ -250,10 +284,15 @@ impl RunnerSlot {
         self.last_seen_ms = now_ms;
     }
 
-    /// A heartbeat that reached the scheduler.
-    pub(super) fn heartbeat(&mut self, draining: bool) {
-        self.paused = false;
+    /// A heartbeat that reached the scheduler at `now`; it ends a pause
+    /// unless the backoff runs on (then the next one is asked for).
+    pub(super) fn heartbeat(&mut self, draining: bool, now: Instant) {
         self.self_draining = draining;
+        if !self.backing_off(now) {
+            self.paused = false;
+        } else if let Some(c) = &self.conn {
+            c.lease.want_heartbeat();
+        }
     }
 
     /// An offer to it at `now`.
@@ -336,5 +375,19 @@ impl Runners {
 
     pub(super) fn connected(&self) -> usize {
         self.slots.values().filter(|r| r.conn.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_offer_backoff_doubles_to_its_bound() {
+        assert_eq!(offer_backoff(1), None);
+        assert_eq!(offer_backoff(2), Some(Duration::from_secs(1)));
+        assert_eq!(offer_backoff(4), Some(Duration::from_secs(4)));
+        assert_eq!(offer_backoff(7), Some(MAX_OFFER_BACKOFF));
+        assert_eq!(offer_backoff(u32::MAX), Some(MAX_OFFER_BACKOFF));
     }
 }

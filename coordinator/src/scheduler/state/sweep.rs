@@ -29,7 +29,7 @@ impl SchedulerState {
             if let Some(att) = self.runs.attempt(&a)
                 && let Some(slot) = self.runners.get_mut(&att.runner)
             {
-                slot.pause();
+                slot.pause(now);
             }
             self.lose_attempt(&a, LossReason::OfferExpired, now);
         }
