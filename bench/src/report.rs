@@ -120,6 +120,13 @@ const ROWS: &[Row] = &[
         peer: None,
     },
     Row {
+        what: "lost runner: false requeues of short tasks, 2 busy loops per core",
+        key: "lost_runner_false_requeues_under_load",
+        unit: "requeues",
+        goal: Goal::AtMost(0.0),
+        peer: None,
+    },
+    Row {
         what: "leader failover: kill -9 -> first task dispatched, p50 (default flags, TTL 5 s)",
         key: "failover_first_task_p50_s",
         unit: "s",

@@ -65,6 +65,12 @@ pub(crate) struct RunRecord {
     /// opened.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) repo_password: String,
+    /// The `run` span's ids in `traceparent` were chosen by the scheduler
+    /// (export on at submit): the leader that ends the run emits it. False:
+    /// `traceparent` is the submitter's own context, or the record predates
+    /// spans emitted at the end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) run_span: bool,
     /// The submitter's span (16 hex digits), the `run` span's parent; empty:
     /// the run span is a root. The span is emitted when the run ends.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -85,6 +85,7 @@ impl RunSpans {
         let own = TraceHeaders::of(&Context::new().with_remote_span_context(sc));
         run.traceparent = own.traceparent;
         run.tracestate = own.tracestate;
+        run.run_span = true;
     }
 
     /// Opens `run.resumed` for an unfinished run a new leader loaded.
@@ -146,6 +147,9 @@ impl RunSpans {
             span.set_attribute(KeyValue::new("capstan.run.state", state.clone()));
             span.set_status(status.clone());
             span.end();
+        }
+        if !run.run_span {
+            return;
         }
         let Some(context) = durable::context_of(&run.traceparent, &run.tracestate) else {
             return;
@@ -283,7 +287,7 @@ mod tests {
         spans.submitted(&mut r, 1);
         spans.resumed(&r, 2);
         spans.requeued(&r.id, "t", 1, "runner_lost");
-        assert!(r.traceparent.is_empty() && r.parent_span_id.is_empty());
+        assert!(r.traceparent.is_empty() && r.parent_span_id.is_empty() && !r.run_span);
         assert!(spans.events.is_empty() && spans.resumed.is_empty());
     }
 

@@ -112,6 +112,7 @@ pub(crate) fn build_run_within(
         traceparent: String::new(),
         tracestate: String::new(),
         repo_password: String::new(),
+        run_span: false,
         parent_span_id: String::new(),
         submitted_by: String::new(),
         group: run_group(&resolved),

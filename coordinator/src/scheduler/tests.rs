@@ -993,6 +993,38 @@ fn a_runner_that_keeps_rejecting_offers_backs_off() {
     assert_eq!(h.state_of(&run, "t"), Running);
 }
 
+/// A runner that reconnects while backing off is not stuck paused: its new
+/// stream forwards the first heartbeat past the backoff; and offers that
+/// fail together (one stall) count once.
+#[test]
+fn a_runner_reconnecting_while_backing_off_gets_offers_after_it() {
+    let mut h = Harness::new();
+    let yaml = "version: 1\nname: f\ntasks:\n  a:\n    steps: [ { run: x } ]\n  b:\n    steps: [ { run: x } ]\n";
+    h.submit(yaml);
+    let mut r = h.runner("r1", 2, &[]);
+    // Both offers ignored: they expire in one sweep, one failure.
+    assert!(matches!(r.next(), Some(Down::Offer(_))));
+    assert!(matches!(r.next(), Some(Down::Offer(_))));
+    h.advance(Duration::from_secs(6));
+    assert!(h.slot(&r.id).is_paused());
+    assert!(h.beat(&mut r));
+    assert!(!h.slot(&r.id).is_paused(), "one failure: no backoff yet");
+    // Offered again and ignored again: the second failure, 1 s of backoff.
+    assert!(matches!(r.next(), Some(Down::Offer(_))));
+    assert!(matches!(r.next(), Some(Down::Offer(_))));
+    h.advance(Duration::from_millis(5100));
+    assert!(h.slot(&r.id).is_paused());
+    // It reconnects within the backoff.
+    let (id, secret) = (r.id.clone(), r.secret.clone());
+    drop(r);
+    let mut again = h.connect(id, secret, vec![]);
+    assert!(h.slot(&again.id).is_paused(), "still backing off");
+    h.advance(Duration::from_secs(1));
+    assert!(h.beat(&mut again), "the new stream forwards a heartbeat");
+    assert!(!h.slot(&again.id).is_paused());
+    assert!(matches!(again.next(), Some(Down::Offer(_))));
+}
+
 /// Idle runners heartbeat rarely (5 s by default, the lease's length): one
 /// not heard from for longer than a lease keeps what it is offered, and its
 /// accept starts the lease.

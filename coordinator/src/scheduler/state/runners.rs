@@ -189,6 +189,11 @@ impl RunnerSlot {
     /// doubling to [`MAX_OFFER_BACKOFF`]: a runner that heartbeats but
     /// cannot take work must not be offered every task again each second.
     pub(super) fn pause(&mut self, now: Instant) {
+        if self.paused {
+            // Another offer of the same stall (say, all of a runner's
+            // slots expiring in one sweep): one failure, not several.
+            return;
+        }
         self.paused = true;
         self.offer_failures += 1;
         self.paused_until = offer_backoff(self.offer_failures).map(|d| now + d);
@@ -228,6 +233,13 @@ impl RunnerSlot {
         self.last_seen = now;
         self.last_seen_ms = now_ms;
         self.paused = self.backing_off(now);
+        if self.paused
+            && let Some(c) = &self.conn
+        {
+            // Its reader forwards no plain heartbeat unless asked: without
+            // this, one that reconnects while backing off stays paused.
+            c.lease.want_heartbeat();
+        }
     }
 
     /// What its hello says about it (empty or zero: unchanged).
