@@ -402,12 +402,20 @@ async fn missing_image_is_a_clear_failure() {
 }
 
 fn build(tag: &str, dockerfile: &str) -> Step {
+    build_asking(tag, dockerfile, "")
+}
+
+/// A build that asks the registry with the secret `credentials` whether it
+/// already has `tag` (what a pipeline's build gets from its push).
+fn build_asking(tag: &str, dockerfile: &str, credentials: &str) -> Step {
     Step {
         name: "build".into(),
         kind: Some(step::Kind::Build(BuildStep {
             context: "app".into(),
             dockerfile: dockerfile.into(),
             tag: tag.into(),
+            force: false,
+            credentials: credentials.into(),
         })),
         ..Step::default()
     }
@@ -419,6 +427,7 @@ fn push(image: &str, credentials: &str) -> Step {
         kind: Some(step::Kind::Push(PushStep {
             image: image.into(),
             credentials: credentials.into(),
+            force: false,
         })),
         ..Step::default()
     }
@@ -454,10 +463,13 @@ async fn build_push_and_verify_through_the_registry_api() {
         run("echo generated-by-a-step > app/generated.txt"),
         build(&image, "Dockerfile"),
         push(&image, "registry"),
+        // Again: the registry has the tag now, so both skip.
+        build_asking(&image, "Dockerfile", "registry"),
+        push(&image, "registry"),
     ]);
     f.ex.setup_task(&task).await.unwrap();
     let mut logs = Vec::new();
-    for i in 0..3 {
+    for i in 0..5 {
         let (end, text) = f.step(&task, i, CancellationToken::new(), None).await;
         assert_eq!(end, StepEnd::Exited(0), "step {i}: {text}");
         logs.push(text);
@@ -473,8 +485,19 @@ async fn build_push_and_verify_through_the_registry_api() {
     let digest = outputs.get("digest").expect("digest output").clone();
     assert!(digest.starts_with("sha256:"), "{digest}");
     assert!(logs[2].contains(&digest), "{}", logs[2]);
+    for (i, verb) in [(3, "build"), (4, "push")] {
+        assert!(
+            logs[i].contains(&format!(
+                "{image} is already in {} as {digest}: {verb} skipped",
+                f.tb.registry
+            )),
+            "{}",
+            logs[i]
+        );
+    }
+    assert!(!logs[4].contains("pushed"), "{}", logs[4]);
 
-    // The image carries the run's labels and the step's file.
+    // The image carries its commit (nothing per run) and the step's file.
     let labels = std::process::Command::new("docker")
         .args([
             "image",
@@ -491,8 +514,8 @@ async fn build_push_and_verify_through_the_registry_api() {
         "{labels}"
     );
     assert!(
-        labels.contains(&format!("\"capstan.run\":\"{}\"", task.run_id)),
-        "{labels}"
+        !labels.contains("capstan.run") && !labels.contains("capstan.task"),
+        "nothing per run in the image: {labels}"
     );
 
     let (code, _, body) = registry_get(&f.tb, &format!("/v2/{name}/tags/list"));

@@ -308,6 +308,71 @@ async fn seed_pipeline_end_to_end() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The digest the registry serves for `<name>:<tag>`.
+fn registry_digest(f: &Fixture, tag: &str) -> String {
+    let (code, resp) = registry_get(&f.tb, &format!("/v2/{}/manifests/{tag}", f.name));
+    assert_eq!(code, 200, "{resp}");
+    resp.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("docker-content-digest")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no Docker-Content-Digest in {resp}"))
+}
+
+/// One commit, one digest: a second run of the same commit finds
+/// `<image>:<sha>` in the registry and skips its build and push, keeping
+/// the digest (the registry's, checked through its API); with
+/// `skip-if-exists: false` both run again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_commit_twice_keeps_one_digest() -> anyhow::Result<()> {
+    let f = Fixture::new("twice");
+    let image = f.image();
+    let (_, sha) = f.source_repo();
+    let _images = ImageCleanup(vec![format!("{image}:{sha}")]);
+    let c = f.cluster("docker", 1).await?;
+    let pipeline = |extra: &str| {
+        format!(
+            "version: 1\nname: twice\ntasks:\n  image:\n    steps:\n      \
+             - build: {{ context: ., tag: \"{image}:{sha}\"{extra} }}\n      \
+             - push: {{ image: \"{image}:{sha}\", credentials: registry{extra} }}\n"
+        )
+    };
+    let mut digests = Vec::new();
+    let mut logs_of = Vec::new();
+    for extra in ["", "", ", skip-if-exists: false"] {
+        let id = submit(&c, &pipeline(extra), &[], &f.server.url("demo/app"), &sha).await?;
+        let run = c.wait_done(&id, Duration::from_secs(120)).await?;
+        let log = logs(&c, &id, &["image"]).await;
+        assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+        let digest = task(&run, "image").outputs.get("digest").cloned();
+        let digest = digest.unwrap_or_else(|| panic!("no digest output: {run:#?}"));
+        assert_eq!(registry_digest(&f, &sha), digest, "{log}");
+        digests.push(digest);
+        logs_of.push(log);
+    }
+    let pushed = format!("pushed {image}:{sha}@");
+    assert!(logs_of[0].contains(&pushed), "{}", logs_of[0]);
+    assert!(!logs_of[0].contains("skipped"), "{}", logs_of[0]);
+    for verb in ["build", "push"] {
+        assert!(
+            logs_of[1].contains(&format!(
+                "{image}:{sha} is already in {} as {}: {verb} skipped",
+                f.tb.registry, digests[0]
+            )),
+            "{}",
+            logs_of[1]
+        );
+    }
+    assert!(!logs_of[1].contains(&pushed), "{}", logs_of[1]);
+    assert_eq!(digests[1], digests[0], "one commit, one digest");
+    // Forced: built and pushed again.
+    assert!(logs_of[2].contains(&pushed), "{}", logs_of[2]);
+    assert!(!logs_of[2].contains("skipped"), "{}", logs_of[2]);
+    Ok(())
+}
+
 /// A failing unit test stops the pipeline before any image or commit.
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_unit_test_makes_no_image_and_no_commit() -> anyhow::Result<()> {

@@ -346,6 +346,7 @@ mod tests {
             kind: Some(step::Kind::Push(PushStep {
                 image: "reg/app:1".into(),
                 credentials: "harbor".into(),
+                force: false,
             })),
             ..Step::default()
         };

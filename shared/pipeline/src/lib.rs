@@ -73,7 +73,7 @@ impl From<&TaskDef> for pb::TaskSpec {
                 .steps
                 .iter()
                 .enumerate()
-                .map(|(i, s)| step_spec(i, s))
+                .map(|(i, s)| step_spec(task, i, s))
                 .collect(),
             timeout_seconds: seconds(task.timeout),
             runs_on: task.runs_on.clone().into_iter().collect(),
@@ -84,7 +84,20 @@ impl From<&TaskDef> for pb::TaskSpec {
     }
 }
 
-fn step_spec(index: usize, step: &StepDef) -> pb::Step {
+/// The credentials of `task`'s push of `image`, if it has one: what its
+/// build asks the registry with before building.
+fn push_credentials(task: &TaskDef, image: &str) -> Option<String> {
+    task.steps.iter().find_map(|s| match &s.kind {
+        StepKind::Push {
+            image: pushed,
+            credentials,
+            ..
+        } if pushed == image => credentials.clone(),
+        _ => None,
+    })
+}
+
+fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
     use pb::step::Kind;
     let kind = match &step.kind {
         StepKind::Run { script, image } => Kind::Run(pb::RunStep {
@@ -95,14 +108,26 @@ fn step_spec(index: usize, step: &StepDef) -> pb::Step {
             context,
             dockerfile,
             tag,
+            skip_if_exists,
+            credentials,
         } => Kind::Build(pb::BuildStep {
             context: context.clone(),
             dockerfile: dockerfile.clone(),
             tag: tag.clone(),
+            force: !skip_if_exists,
+            credentials: credentials
+                .clone()
+                .or_else(|| push_credentials(task, tag))
+                .unwrap_or_default(),
         }),
-        StepKind::Push { image, credentials } => Kind::Push(pb::PushStep {
+        StepKind::Push {
+            image,
+            credentials,
+            skip_if_exists,
+        } => Kind::Push(pb::PushStep {
             image: image.clone(),
             credentials: credentials.clone().unwrap_or_default(),
+            force: !skip_if_exists,
         }),
         StepKind::SetImage {
             repo,

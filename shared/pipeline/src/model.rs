@@ -91,11 +91,18 @@ pub enum StepKind {
         context: String,
         dockerfile: String,
         tag: String,
+        /// Skip the build when the registry already has `tag` (default).
+        skip_if_exists: bool,
+        /// The secret to ask the registry with (default: that of the
+        /// task's push of `tag`).
+        credentials: Option<String>,
     },
     /// Push an image; `credentials` names a runner-side secret.
     Push {
         image: String,
         credentials: Option<String>,
+        /// Skip the push when the registry already has the image (default).
+        skip_if_exists: bool,
     },
     /// Set the image in Kubernetes YAML files of a repository.
     SetImage {

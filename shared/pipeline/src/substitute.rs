@@ -97,12 +97,19 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field
                 context,
                 dockerfile,
                 tag,
+                credentials,
+                ..
             } => {
                 f(&format!("{sb}.build.context"), Field::Plain, context);
                 f(&format!("{sb}.build.dockerfile"), Field::Plain, dockerfile);
                 f(&format!("{sb}.build.tag"), Field::Plain, tag);
+                if let Some(c) = credentials {
+                    f(&format!("{sb}.build.credentials"), Field::Plain, c);
+                }
             }
-            StepKind::Push { image, credentials } => {
+            StepKind::Push {
+                image, credentials, ..
+            } => {
                 f(&format!("{sb}.push.image"), Field::Plain, image);
                 if let Some(c) = credentials {
                     f(&format!("{sb}.push.credentials"), Field::Plain, c);

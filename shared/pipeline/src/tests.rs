@@ -93,10 +93,13 @@ fn expected_full() -> Pipeline {
                         context: s("."),
                         dockerfile: s("Dockerfile"),
                         tag: s("${{ params.image }}:${{ git.sha }}"),
+                        skip_if_exists: true,
+                        credentials: None,
                     }),
                     step(StepKind::Push {
                         image: s("${{ params.image }}:${{ git.sha }}"),
                         credentials: Some(s("harbor")),
+                        skip_if_exists: true,
                     }),
                     step(StepKind::SetImage {
                         repo: s("${{ git.repo }}"),
@@ -123,10 +126,13 @@ fn expected_full() -> Pipeline {
                         context: s("."),
                         dockerfile: s("Dockerfile"),
                         tag: s("t"),
+                        skip_if_exists: true,
+                        credentials: None,
                     }),
                     step(StepKind::Push {
                         image: s("i"),
                         credentials: None,
+                        skip_if_exists: true,
                     }),
                     step(StepKind::GitPush {
                         message: s("m"),
@@ -1032,14 +1038,17 @@ fn resolve_substitutes_everything() {
         StepKind::Build {
             context: s("."),
             dockerfile: s("Dockerfile"),
-            tag: s("reg/app:abc123")
+            tag: s("reg/app:abc123"),
+            skip_if_exists: true,
+            credentials: None,
         }
     );
     assert_eq!(
         steps[2].kind,
         StepKind::Push {
             image: s("reg/app:abc123"),
-            credentials: Some(s("harbor"))
+            credentials: Some(s("harbor")),
+            skip_if_exists: true,
         }
     );
     assert_eq!(
@@ -1066,7 +1075,8 @@ fn resolve_substitutes_everything() {
         r.tasks[0].steps[2].kind,
         StepKind::Push {
             image: s("127.0.0.1:5000/demo-ns/go-sampleapp:abc123"),
-            credentials: Some(s("harbor"))
+            credentials: Some(s("harbor")),
+            skip_if_exists: true,
         }
     );
 }
@@ -1367,7 +1377,8 @@ fn task_spec_conversion() {
         other.steps[2].kind,
         Some(pb::step::Kind::Push(pb::PushStep {
             image: s("i"),
-            credentials: s("")
+            credentials: s(""),
+            force: false,
         }))
     );
 }
@@ -1507,7 +1518,8 @@ fn substitution_never_spells_a_new_substitution() {
         r.tasks[0].steps[0].kind,
         StepKind::Push {
             image: s("$ {{ x }}"),
-            credentials: None
+            credentials: None,
+            skip_if_exists: true,
         }
     );
 }
@@ -1652,4 +1664,48 @@ fn schedules_parse_with_their_shape_checked() {
             "{bad}: {err}"
         );
     }
+}
+
+#[test]
+fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
+    use capstan_proto::pipeline::v1::{TaskSpec, step::Kind};
+    let yaml = |build: &str, push: &str| {
+        format!(
+            "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - build: {{ tag: reg/app:1{build} }}\n      - push: {{ image: reg/app:1, credentials: reg{push} }}\n      - push: {{ image: reg/other:1, credentials: other }}\n"
+        )
+    };
+    let spec = TaskSpec::from(&parse("a.yaml", &yaml("", "")).unwrap().tasks[0]);
+    let (Some(Kind::Build(b)), Some(Kind::Push(p))) = (&spec.steps[0].kind, &spec.steps[1].kind)
+    else {
+        panic!("{spec:?}")
+    };
+    assert!(!b.force && !p.force, "skipped when the registry has it");
+    assert_eq!(b.credentials, "reg", "the push of the same image's login");
+
+    let p = parse(
+        "a.yaml",
+        &yaml(
+            ", skip-if-exists: false, credentials: mine",
+            ", skip-if-exists: false",
+        ),
+    )
+    .unwrap();
+    let spec = TaskSpec::from(&p.tasks[0]);
+    let (Some(Kind::Build(b)), Some(Kind::Push(p))) = (&spec.steps[0].kind, &spec.steps[1].kind)
+    else {
+        panic!("{spec:?}")
+    };
+    assert!(b.force && p.force);
+    assert_eq!(b.credentials, "mine");
+
+    let err = parse("a.yaml", &yaml(", skip-if-exists: sometimes", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a.yaml:6:")
+            && err.contains(
+                "`skip-if-exists` of `build` of step 1 of task `t` must be true or false"
+            ),
+        "{err}"
+    );
 }

@@ -5,7 +5,11 @@
 //! what earlier steps produced), the Dockerfile's base images are checked to
 //! be present first (the classic builder pulls a missing base image even
 //! with `pull` off, and nothing may be pulled), `RUN` instructions get no
-//! network, and the image is labelled with run, task and commit.
+//! network, and the image is labelled with its commit (nothing per run, so
+//! the label does not make two builds of a commit differ). A tag the
+//! registry already has is not built again (`skip-if-exists`,
+//! `registry.rs`): its digest is recorded instead, and no image is left on
+//! this engine.
 //! `dockerfile` is relative to `context`.
 
 use std::collections::HashMap;
@@ -18,10 +22,7 @@ use bollard::query_parameters::{
 use capstan_proto::pipeline::v1::BuildStep;
 use futures::StreamExt as _;
 
-use super::{
-    DockerExecutor, LABEL_COMMIT, LABEL_RUN, LABEL_TASK, Stop, WORKSPACE, api_error, log, status,
-    step_end,
-};
+use super::{DockerExecutor, LABEL_COMMIT, Stop, WORKSPACE, api_error, log, status, step_end};
 use crate::executor::ExecutorError;
 use crate::step::{StepContext, StepEnd, TaskContext};
 
@@ -46,6 +47,20 @@ pub(super) async fn run(
     ctx: &StepContext<'_>,
     build: &BuildStep,
 ) -> Result<StepEnd, ExecutorError> {
+    if !build.tag.is_empty() && !build.force {
+        let found = ex
+            .already_pushed(ctx, &build.tag, &build.credentials, "build")
+            .await;
+        match found {
+            Ok(Some(digest)) => {
+                task.set_output("image", &build.tag);
+                task.set_output("digest", &digest);
+                return step_end(Ok(()));
+            }
+            Ok(None) => {}
+            Err(stop) => return step_end(Err(stop)),
+        }
+    }
     let built = build_image(ex, task, ctx, build).await;
     if built.is_ok() {
         task.set_output("image", &build.tag);
@@ -192,11 +207,10 @@ async fn stream_build(
     dockerfile: &str,
     archive: Vec<u8>,
 ) -> Result<(), Stop> {
-    let labels: HashMap<String, String> = HashMap::from([
-        (LABEL_RUN.to_owned(), task.run_id.to_string()),
-        (LABEL_TASK.to_owned(), task.task_name.clone()),
-        (LABEL_COMMIT.to_owned(), task.rev.clone()),
-    ]);
+    // Only the commit: per-run metadata (run, task) would make every
+    // build of one commit a different image; the run record has it.
+    let labels: HashMap<String, String> =
+        HashMap::from([(LABEL_COMMIT.to_owned(), task.rev.clone())]);
     let options = BuildImageOptionsBuilder::new()
         .dockerfile(dockerfile)
         .t(&build.tag)

@@ -31,16 +31,19 @@
 //! [`Executor`] implementation (which dispatches the step kinds), object
 //! names and labels, and engine errors; `workspace` the task's volume and
 //! its helper container; `container` a `run` step's container; `build` and
-//! `push` the docker-only step kinds of those names; `reap` the removal of
-//! what the executor made (per step, per attempt, and at start). The child
+//! `push` the docker-only step kinds of those names; `registry` what the
+//! registry already holds (their `skip-if-exists`) and the registry login;
+//! `reap` the removal of what the executor made (per step, per attempt,
+//! and at start). The child
 //! modules import only from this file, the executor trait and the step
-//! vocabulary ([`crate::step`]), and `push` the image-reference parser;
+//! vocabulary ([`crate::step`]), and `registry` the image-reference parser;
 //! none imports another (they share the executor's methods instead).
 
 mod build;
 mod container;
 mod push;
 mod reap;
+mod registry;
 mod workspace;
 
 use std::collections::{BTreeMap, HashMap};
@@ -357,7 +360,7 @@ pub(super) fn status(e: &BollardError) -> Option<u16> {
 
 /// Whether the engine could not be reached at all (as opposed to answering
 /// with an error).
-fn is_unreachable(e: &BollardError) -> bool {
+pub(super) fn is_unreachable(e: &BollardError) -> bool {
     matches!(
         e,
         BollardError::HyperLegacyError { .. }

@@ -1,8 +1,8 @@
 //! The `push` step: push a local image to its registry with credentials from
 //! a runner secret, and record the pushed digest on the task (`image`,
-//! `digest` outputs).
+//! `digest` outputs). An image the registry already has is not pushed again
+//! (`skip-if-exists`, `registry.rs`); its digest is recorded instead.
 
-use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
 use bollard::models::PushImageInfo;
 use bollard::query_parameters::PushImageOptionsBuilder;
@@ -34,9 +34,18 @@ async fn push_image(
     if image.is_empty() {
         return Err(Stop::Failed("push needs an `image`".into()));
     }
+    if !push.force
+        && let Some(digest) = ex
+            .already_pushed(ctx, image, &push.credentials, "push")
+            .await?
+    {
+        task.set_output("image", image);
+        task.set_output("digest", &digest);
+        return Ok(());
+    }
     let (repository, tag) = split_reference(image);
     let registry = registry_host(repository).unwrap_or("docker.io");
-    let credentials = credentials(ex, push, registry)?;
+    let credentials = ex.registry_login(&push.credentials, registry)?;
     if !ex.image_present(image).await? {
         return Err(Stop::Failed(format!(
             "image `{image}` is not present on this runner's Docker Engine: build it in an earlier step of this task"
@@ -52,34 +61,6 @@ async fn push_image(
     task.set_output("image", image);
     task.set_output("digest", &digest);
     Ok(())
-}
-
-/// The registry login from the step's `credentials` secret, if it names one.
-fn credentials(
-    ex: &DockerExecutor,
-    push: &PushStep,
-    registry: &str,
-) -> Result<Option<DockerCredentials>, Stop> {
-    if push.credentials.is_empty() {
-        return Ok(None);
-    }
-    match ex.secrets().get(&push.credentials) {
-        Ok(secret) => {
-            let Some((username, password)) = secret.login() else {
-                return Err(Stop::Failed(format!(
-                    "secret `{}` is an SSH key; a registry needs {{ username, password }} or a token",
-                    push.credentials
-                )));
-            };
-            Ok(Some(DockerCredentials {
-                username: Some(username),
-                password: Some(password),
-                serveraddress: Some(registry.to_owned()),
-                ..DockerCredentials::default()
-            }))
-        }
-        Err(e) => Err(Stop::Failed(e.to_string())),
-    }
 }
 
 /// Follows the engine's push progress into the step's log (without the

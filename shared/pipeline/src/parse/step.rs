@@ -20,9 +20,15 @@ const STEP_KEYS: &[&str] = &[
     "image",
 ];
 
-const BUILD_KEYS: &[&str] = &["context", "dockerfile", "tag"];
+const BUILD_KEYS: &[&str] = &[
+    "context",
+    "dockerfile",
+    "tag",
+    "skip-if-exists",
+    "credentials",
+];
 
-const PUSH_KEYS: &[&str] = &["image", "credentials"];
+const PUSH_KEYS: &[&str] = &["image", "credentials", "skip-if-exists"];
 
 const SET_IMAGE_KEYS: &[&str] = &["repo", "files", "image", "allow-no-match"];
 
@@ -171,10 +177,19 @@ impl Parser<'_> {
             None => Some("Dockerfile".to_owned()),
         };
         let tag = self.required(&f, "tag", what, path);
+        let skip_if_exists = self.flag(&f, "skip-if-exists", what, true);
+        let credentials = self.opt_subst(
+            &f,
+            "credentials",
+            &format!("`credentials` of {what}"),
+            format!("{path}.credentials"),
+        );
         Some(StepKind::Build {
             context: context?,
             dockerfile: dockerfile?,
             tag: tag?,
+            skip_if_exists,
+            credentials,
         })
     }
 
@@ -187,9 +202,11 @@ impl Parser<'_> {
             &format!("`credentials` of {what}"),
             format!("{path}.credentials"),
         );
+        let skip_if_exists = self.flag(&f, "skip-if-exists", what, true);
         Some(StepKind::Push {
             image: image?,
             credentials,
+            skip_if_exists,
         })
     }
 
@@ -208,21 +225,7 @@ impl Parser<'_> {
             Some(v) => self.files(v, what, path),
         };
         let image = self.required(&f, "image", what, path);
-        let allow_no_match = match f.get("allow-no-match").map(|v| &v.value) {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                let v = f.get("allow-no-match").expect("matched above");
-                self.err(
-                    v.pos,
-                    format!(
-                        "`allow-no-match` of {what} must be true or false, found {}",
-                        v.kind()
-                    ),
-                );
-                false
-            }
-        };
+        let allow_no_match = self.flag(&f, "allow-no-match", what, false);
         Some(StepKind::SetImage {
             repo: repo?,
             files: files?,
@@ -245,6 +248,25 @@ impl Parser<'_> {
             credentials,
         })
     }
+    /// A true/false field; `default` when absent or null.
+    fn flag(&mut self, f: &Fields, key: &str, what: &str, default: bool) -> bool {
+        match f.get(key).map(|v| &v.value) {
+            None | Some(Value::Null) => default,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                let v = f.get(key).expect("matched above");
+                self.err(
+                    v.pos,
+                    format!(
+                        "`{key}` of {what} must be true or false, found {}",
+                        v.kind()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
     fn required(&mut self, f: &Fields, key: &str, what: &str, path: &str) -> Option<String> {
         match f.get(key) {
             None => {
