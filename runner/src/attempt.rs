@@ -267,6 +267,7 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         repo: spec.offer.repo.clone(),
         rev: spec.offer.rev.clone(),
         outputs: Arc::default(),
+        pushed: spec.offer.pushed_digests.clone().into_iter().collect(),
         attempt_id: AttemptId::from_string(attempt_id.clone()),
     };
     let gitops = Arc::new(GitOps::new(

@@ -29,6 +29,8 @@ pub struct TaskContext {
     pub rev: String,
     /// What steps produce for the task's report (e.g. `digest` of a push).
     pub outputs: Arc<Mutex<BTreeMap<String, String>>>,
+    /// What the run's finished tasks pushed: image reference -> digest.
+    pub pushed: BTreeMap<String, String>,
 }
 
 impl TaskContext {
@@ -108,6 +110,7 @@ pub(crate) mod testing {
             repo: String::new(),
             rev: String::new(),
             outputs: Arc::default(),
+            pushed: BTreeMap::new(),
         }
     }
 

@@ -132,6 +132,7 @@ impl Fixture {
             repo: String::new(),
             rev: "0123abcd".into(),
             outputs: Arc::default(),
+            pushed: Default::default(),
         }
     }
 

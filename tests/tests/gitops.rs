@@ -260,9 +260,10 @@ async fn seed_pipeline_end_to_end() -> anyhow::Result<()> {
     assert!(log.contains("ok   greets by name"), "{log}");
     assert!(log.contains("lint: clean"), "{log}");
 
-    // The registry has <repo>:<sha>.
-    let (code, resp) = registry_get(&f.tb, &format!("/v2/{}/manifests/{sha}", f.name));
-    assert_eq!(code, 200, "{resp}");
+    // The registry has <repo>:<sha>, and the manifest is pinned to the
+    // digest it serves (`pin: digest`, from the image task's push).
+    let digest = registry_digest(&f, &sha);
+    let pinned = format!("{image}:{sha}@{digest}");
 
     // The manifests repository's new head changes exactly the image line.
     let new_head = head(&f.server, "demo/manifests");
@@ -282,7 +283,7 @@ async fn seed_pipeline_end_to_end() -> anyhow::Result<()> {
     let old_text = String::from_utf8(old_pod)?;
     let old_ref = format!("{image}:old");
     assert_eq!(old_text.matches(&old_ref).count(), 1);
-    let expected = old_text.replace(&old_ref, &format!("{image}:{sha}"));
+    let expected = old_text.replace(&old_ref, &pinned);
     let new_pod = show(&manifests_bare, &new_head, "k8s/pod.yaml");
     assert_eq!(String::from_utf8(new_pod)?, expected);
     assert_eq!(
@@ -299,7 +300,7 @@ async fn seed_pipeline_end_to_end() -> anyhow::Result<()> {
     assert_eq!(outputs.get("repo"), Some(&manifests), "{outputs:?}");
     assert!(
         log.contains(&format!(
-            "image: {image}:old # bumped by CI -> image: {image}:{sha} # bumped by CI"
+            "image: {image}:old # bumped by CI -> image: {pinned} # bumped by CI"
         )),
         "{log}"
     );

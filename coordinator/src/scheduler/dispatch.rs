@@ -71,7 +71,19 @@ pub(crate) fn offer_message(
         tracestate: trace.tracestate,
         // Set when it leaves early (`Effects::take_tentative_offers`).
         tentative: false,
+        pushed_digests: pushed_digests(run),
     }
+}
+
+/// What the run's succeeded tasks pushed: their `image` and `digest`
+/// outputs (a `push` records both), for `set-image` with `pin: digest`.
+fn pushed_digests(run: &RunRecord) -> HashMap<String, String> {
+    run.tasks
+        .iter()
+        .filter(|t| t.state == crate::model::StoredTaskState::Succeeded)
+        .filter_map(|t| Some((t.outputs.get("image")?, t.outputs.get("digest")?)))
+        .map(|(image, digest)| (image.clone(), digest.clone()))
+        .collect()
 }
 
 /// The runners that accept work, most free slots first (ties: the smallest

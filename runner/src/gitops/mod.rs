@@ -207,7 +207,22 @@ pub(crate) async fn run_set_image(
 ) -> Result<StepEnd, ExecutorError> {
     let credentials = clone_credentials(gitops, task, ctx.index);
     let gitops = Arc::clone(gitops);
-    let step = step.clone();
+    let mut step = step.clone();
+    let pinned = match pinned_image(task, &step) {
+        Ok(p) => p,
+        Err(e) => return Ok(StepEnd::Failed { message: e }),
+    };
+    if let Some((image, how)) = pinned {
+        let line = format!("pinning {} to {image} ({how})\n", step.image);
+        ctx.output
+            .write(line.as_bytes())
+            .await
+            .map_err(|source| ExecutorError::Output {
+                index: ctx.index,
+                source,
+            })?;
+        step.image = image;
+    }
     let task_repo = task.repo.clone();
     let workspace = task.workspace.clone();
     let work = move || {
@@ -220,6 +235,44 @@ pub(crate) async fn run_set_image(
         )
     };
     finish(task, ctx, work).await
+}
+
+/// For `pin: digest`, the reference to write (`image@sha256:...`) and where
+/// its digest came from: the step's `digest`, this task's push of the
+/// image, or another task of the run. None without a pin. The error says
+/// what to do when no digest is known.
+fn pinned_image(
+    task: &TaskContext,
+    step: &SetImageStep,
+) -> Result<Option<(String, &'static str)>, String> {
+    if step.pin != "digest" {
+        return Ok(None);
+    }
+    if step.image.contains('@') {
+        return Err(format!(
+            "`pin: digest` with `image: {}`, which already has a digest: drop one of them",
+            step.image
+        ));
+    }
+    let own = task.outputs.lock().ok().and_then(|o| {
+        (o.get("image") == Some(&step.image))
+            .then(|| o.get("digest").cloned())
+            .flatten()
+    });
+    let (digest, how) = if !step.digest.is_empty() {
+        (step.digest.clone(), "the step's `digest`")
+    } else if let Some(d) = own {
+        (d, "pushed by this task")
+    } else if let Some(d) = task.pushed.get(&step.image) {
+        (d.clone(), "pushed by an earlier task of this run")
+    } else {
+        return Err(format!(
+            "`pin: digest` needs the digest of {}: no task of this run pushed it; push it in \
+             this run (in this task or one it needs) or give `digest:`",
+            step.image
+        ));
+    };
+    Ok(Some((format!("{}@{digest}", step.image), how)))
 }
 
 /// Runs a `git-push` step (see the module docs).

@@ -41,9 +41,20 @@ fn set_image(repo: &str, file: &str, image: &str) -> Step {
             files: vec![file.into()],
             image: image.into(),
             allow_no_match: false,
+            ..SetImageStep::default()
         })),
         ..Step::default()
     }
+}
+
+/// [`set_image`] with `pin: digest` (and `digest:` if not empty).
+fn set_image_pinned(repo: &str, file: &str, image: &str, digest: &str) -> Step {
+    let mut s = set_image(repo, file, image);
+    if let Some(step::Kind::SetImage(si)) = s.kind.as_mut() {
+        si.pin = "digest".into();
+        si.digest = digest.into();
+    }
+    s
 }
 
 fn git_push(message: &str) -> Step {
@@ -216,4 +227,90 @@ async fn git_push_without_set_image_and_a_missing_match_fail_clearly() {
     let t = new_task(dir.path(), "c", vec![lenient]);
     let (ends, log) = run_all(&t).await;
     assert_eq!(ends[0], StepEnd::Exited(0), "{log}");
+}
+
+#[tokio::test]
+async fn pin_digest_writes_the_digest_the_run_pushed_or_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let url = bare.display().to_string();
+    let image = "127.0.0.1:5000/demo/app:abc123";
+    let (d1, d2, d3) = (
+        format!("sha256:{}", "1".repeat(64)),
+        format!("sha256:{}", "2".repeat(64)),
+        format!("sha256:{}", "3".repeat(64)),
+    );
+    let pod =
+        |digest: &str| POD.replace("127.0.0.1:5000/demo/app:old", &format!("{image}@{digest}"));
+
+    // Pushed by an earlier task of the run (the offer's map).
+    let mut t = new_task(
+        dir.path(),
+        "a",
+        vec![
+            set_image_pinned(&url, "k8s/pod.yaml", image, ""),
+            git_push("pin"),
+        ],
+    );
+    t.pushed.insert(image.into(), d1.clone());
+    t.pushed
+        .insert("127.0.0.1:5000/demo/other:abc123".into(), d2.clone());
+    let (ends, log) = run_all(&t).await;
+    assert_eq!(ends, vec![StepEnd::Exited(0); 2], "{log}");
+    assert!(
+        log.contains(&format!(
+            "pinning {image} to {image}@{d1} (pushed by an earlier task of this run)"
+        )),
+        "{log}"
+    );
+    let show = || format!("{}\n", git(&bare, &["show", "main:k8s/pod.yaml"]));
+    assert_eq!(show(), pod(&d1));
+
+    // Pushed by this task: its own output wins over the run's.
+    let mut t = new_task(
+        dir.path(),
+        "b",
+        vec![
+            set_image_pinned(&url, "k8s/pod.yaml", image, ""),
+            git_push("pin"),
+        ],
+    );
+    t.pushed.insert(image.into(), d1.clone());
+    t.set_output("image", image);
+    t.set_output("digest", &d2);
+    let (ends, log) = run_all(&t).await;
+    assert_eq!(ends, vec![StepEnd::Exited(0); 2], "{log}");
+    assert!(log.contains("(pushed by this task)"), "{log}");
+    assert_eq!(show(), pod(&d2));
+
+    // The step's `digest` wins over both.
+    let mut t = new_task(
+        dir.path(),
+        "c",
+        vec![
+            set_image_pinned(&url, "k8s/pod.yaml", image, &d3),
+            git_push("pin"),
+        ],
+    );
+    t.pushed.insert(image.into(), d1.clone());
+    let (ends, log) = run_all(&t).await;
+    assert_eq!(ends, vec![StepEnd::Exited(0); 2], "{log}");
+    assert_eq!(show(), pod(&d3));
+
+    // Nobody pushed it: the step fails saying what to do, nothing changes.
+    let head = git(&bare, &["rev-parse", "main"]);
+    let t = new_task(
+        dir.path(),
+        "d",
+        vec![set_image_pinned(&url, "k8s/pod.yaml", image, "")],
+    );
+    let (ends, log) = run_all(&t).await;
+    let [StepEnd::Failed { message }] = ends.as_slice() else {
+        panic!("{ends:?} {log}")
+    };
+    assert!(
+        message.contains("no task of this run pushed it") && message.contains("`digest:`"),
+        "{message}"
+    );
+    assert_eq!(git(&bare, &["rev-parse", "main"]), head);
 }

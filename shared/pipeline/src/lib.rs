@@ -134,11 +134,15 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
             files,
             image,
             allow_no_match,
+            pin_digest,
+            digest,
         } => Kind::SetImage(pb::SetImageStep {
             allow_no_match: *allow_no_match,
             repo: repo.clone(),
             files: files.clone(),
             image: image.clone(),
+            pin: if *pin_digest { "digest" } else { "" }.to_owned(),
+            digest: digest.clone().unwrap_or_default(),
         }),
         StepKind::GitPush {
             message,

@@ -114,6 +114,12 @@ pub enum StepKind {
         /// Succeed when no file references the image's repository.
         #[serde(default)]
         allow_no_match: bool,
+        /// `pin: digest`: write `image@<digest>`, the digest from this
+        /// run's push of `image` unless `digest` names one.
+        #[serde(default)]
+        pin_digest: bool,
+        #[serde(default)]
+        digest: Option<String>,
     },
     /// Commit the workspace's changes and push them; `credentials` names a
     /// runner-side secret.

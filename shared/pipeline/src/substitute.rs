@@ -116,13 +116,20 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field
                 }
             }
             StepKind::SetImage {
-                repo, files, image, ..
+                repo,
+                files,
+                image,
+                digest,
+                ..
             } => {
                 f(&format!("{sb}.set-image.repo"), Field::Plain, repo);
                 for (j, file) in files.iter_mut().enumerate() {
                     f(&format!("{sb}.set-image.files[{j}]"), Field::Plain, file);
                 }
                 f(&format!("{sb}.set-image.image"), Field::Plain, image);
+                if let Some(d) = digest {
+                    f(&format!("{sb}.set-image.digest"), Field::Plain, d);
+                }
             }
             StepKind::GitPush {
                 message,

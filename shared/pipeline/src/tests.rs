@@ -106,6 +106,8 @@ fn expected_full() -> Pipeline {
                         files: vec![s("k8s/pod.yaml")],
                         image: s("x:${{run.id}}"),
                         allow_no_match: false,
+                        pin_digest: false,
+                        digest: None,
                     }),
                     step(StepKind::GitPush {
                         message: s("deploy ${{ git.sha }}"),
@@ -1058,6 +1060,8 @@ fn resolve_substitutes_everything() {
             files: vec![s("k8s/pod.yaml")],
             image: s("x:run-1"),
             allow_no_match: false,
+            pin_digest: false,
+            digest: None,
         }
     );
     assert_eq!(
@@ -1429,6 +1433,8 @@ fn set_image_allow_no_match() {
         p.tasks[0].steps[0].kind,
         StepKind::SetImage {
             allow_no_match: true,
+            pin_digest: false,
+            digest: None,
             ..
         }
     ));
@@ -1708,4 +1714,39 @@ fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
             ),
         "{err}"
     );
+}
+
+#[test]
+fn set_image_pin_digest_and_its_errors() {
+    use capstan_proto::pipeline::v1::{TaskSpec, step::Kind};
+    let yaml = |extra: &str| {
+        format!(
+            "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - set-image: {{ repo: r, files: [f.yaml], image: x:1{extra} }}\n"
+        )
+    };
+    let spec = |extra: &str| TaskSpec::from(&parse("a.yaml", &yaml(extra)).unwrap().tasks[0]);
+    let set = |spec: &TaskSpec| match &spec.steps[0].kind {
+        Some(Kind::SetImage(si)) => si.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(set(&spec("")).pin, "");
+    assert_eq!(set(&spec(", pin: tag")).pin, "");
+    let pinned = set(&spec(", pin: digest"));
+    assert_eq!(
+        (pinned.pin.as_str(), pinned.digest.as_str()),
+        ("digest", "")
+    );
+    let given = set(&spec(", pin: digest, digest: \"sha256:ab\""));
+    assert_eq!(given.digest, "sha256:ab");
+    let err = parse("a.yaml", &yaml(", pin: sha"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a.yaml:6:") && err.contains("must be `digest` or `tag`, found `sha`"),
+        "{err}"
+    );
+    let err = parse("a.yaml", &yaml(", digest: \"sha256:ab\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs `pin: digest`"), "{err}");
 }

@@ -30,7 +30,7 @@ const BUILD_KEYS: &[&str] = &[
 
 const PUSH_KEYS: &[&str] = &["image", "credentials", "skip-if-exists"];
 
-const SET_IMAGE_KEYS: &[&str] = &["repo", "files", "image", "allow-no-match"];
+const SET_IMAGE_KEYS: &[&str] = &["repo", "files", "image", "allow-no-match", "pin", "digest"];
 
 const GIT_PUSH_KEYS: &[&str] = &["message", "credentials"];
 
@@ -226,11 +226,27 @@ impl Parser<'_> {
         };
         let image = self.required(&f, "image", what, path);
         let allow_no_match = self.flag(&f, "allow-no-match", what, false);
+        let pin = self.pin(&f, what)?;
+        let digest = self.opt_subst(
+            &f,
+            "digest",
+            &format!("`digest` of {what}"),
+            format!("{path}.digest"),
+        );
+        if digest.is_some() && !pin {
+            let v = f.get("digest").expect("digest is set");
+            self.err(
+                v.pos,
+                format!("`digest` of {what} needs `pin: digest` (it is what gets pinned)"),
+            );
+        }
         Some(StepKind::SetImage {
             repo: repo?,
             files: files?,
             image: image?,
             allow_no_match,
+            pin_digest: pin,
+            digest,
         })
     }
 
@@ -248,6 +264,29 @@ impl Parser<'_> {
             credentials,
         })
     }
+    /// `pin:` of a set-image step: true for `digest`, false for `tag` or
+    /// absent; None after an error.
+    fn pin(&mut self, f: &Fields, what: &str) -> Option<bool> {
+        let Some(v) = f.get("pin").filter(|n| !n.is_null()) else {
+            return Some(false);
+        };
+        match &v.value {
+            Value::Str(s) if s == "digest" => Some(true),
+            Value::Str(s) if s == "tag" => Some(false),
+            other => {
+                let found = match other {
+                    Value::Str(s) => format!("`{s}`"),
+                    _ => v.kind().to_owned(),
+                };
+                self.err(
+                    v.pos,
+                    format!("`pin` of {what} must be `digest` or `tag`, found {found}"),
+                );
+                None
+            }
+        }
+    }
+
     /// A true/false field; `default` when absent or null.
     fn flag(&mut self, f: &Fields, key: &str, what: &str, default: bool) -> bool {
         match f.get(key).map(|v| &v.value) {
