@@ -130,7 +130,10 @@ impl Fixture {
                 ..TaskSpec::default()
             },
             repo: String::new(),
-            rev: "0123abcd".into(),
+            // Per test: builds of one commit are the same image (no
+            // per-run label), and tests remove their images while others
+            // build theirs.
+            rev: format!("0123abcd-{}", self.cleanup.id),
             outputs: Arc::default(),
             pushed: Default::default(),
         }
@@ -511,7 +514,7 @@ async fn build_push_and_verify_through_the_registry_api() {
         .unwrap();
     let labels = String::from_utf8_lossy(&labels.stdout);
     assert!(
-        labels.contains("\"capstan.commit\":\"0123abcd\""),
+        labels.contains(&format!("\"capstan.commit\":\"{}\"", task.rev)),
         "{labels}"
     );
     assert!(

@@ -167,7 +167,11 @@ impl Fixture {
         copy_tree(&example("app"), &dir);
         self.server.create_repo("demo/app").unwrap();
         git(&dir, &["init", "-q"]);
-        let sha = commit_and_push(&self.server, &dir, "demo/app", "sample app");
+        // The message names the test: two tests committing the same tree in
+        // one second would get one SHA, so one image, which the first to
+        // finish removes under the other.
+        let message = format!("sample app for {}", self.name);
+        let sha = commit_and_push(&self.server, &dir, "demo/app", &message);
         (dir, sha)
     }
 
@@ -514,6 +518,84 @@ async fn racing_pushes_both_land_in_order() -> anyhow::Result<()> {
     );
     // They really raced: the later one re-applied its edit on the new head.
     assert!(all.contains("re-applying the edit"), "{all}");
+    Ok(())
+}
+
+/// `order: monotonic`: after a run of a newer commit, a run of its parent
+/// makes no commit ("newer image already deployed"); a line with a
+/// `# capstan: pin` comment is never touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn monotonic_order_keeps_the_newer_image_and_pins_hold() -> anyhow::Result<()> {
+    let f = Fixture::new("monotonic");
+    let image = f.image();
+    let src = seed_repo(
+        &f.server,
+        f.work.path(),
+        "demo/src",
+        &[("README", b"one\n")],
+    );
+    let older = git(&src, &["rev-parse", "HEAD"]);
+    std::fs::write(src.join("README"), "two\n")?;
+    let newer = commit_and_push(&f.server, &src, "demo/src", "newer");
+    let pinned = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: y\nspec:\n  containers:\n    - name: y\n      image: {image}:rollback # capstan: pin\n"
+    );
+    seed_repo(
+        &f.server,
+        f.work.path(),
+        "demo/manifests",
+        &[
+            ("k8s/a.yaml", pod(&image).as_bytes()),
+            ("k8s/b.yaml", pinned.as_bytes()),
+        ],
+    );
+    let c = f.cluster("shell", 1).await?;
+    let yaml = format!(
+        "version: 1\nname: mono\ntasks:\n  deploy:\n    steps:\n      \
+         - set-image: {{ repo: \"{}\", files: [k8s/a.yaml, k8s/b.yaml], image: \"{image}:${{{{ git.sha }}}}\", order: monotonic }}\n      \
+         - git-push: {{ message: \"deploy ${{{{ git.sha }}}}\", credentials: gitops }}\n",
+        f.server.url("demo/manifests")
+    );
+    let src_url = f.server.url("demo/src");
+    let mut logs_of = Vec::new();
+    let mut heads = Vec::new();
+    for rev in [&newer, &older] {
+        let id = submit(&c, &yaml, &[], &src_url, rev).await?;
+        let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+        let log = logs(&c, &id, &["deploy"]).await;
+        assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+        logs_of.push(log);
+        heads.push(head(&f.server, "demo/manifests"));
+    }
+    let bare = bare(&f.server, "demo/manifests");
+    let a = String::from_utf8(show(&bare, "main", "k8s/a.yaml"))?;
+    assert!(
+        a.contains(&format!("image: {image}:{newer} # pinned")),
+        "{a}"
+    );
+    assert_eq!(
+        String::from_utf8(show(&bare, "main", "k8s/b.yaml"))?,
+        pinned
+    );
+    for log in &logs_of {
+        assert!(
+            log.contains("k8s/b.yaml:8: left")
+                && log.contains("pinned by its `# capstan: pin` comment"),
+            "{log}"
+        );
+    }
+    assert_eq!(
+        heads[0], heads[1],
+        "the older commit made no commit: {}",
+        logs_of[1]
+    );
+    assert!(
+        logs_of[1].contains("newer image already deployed")
+            && logs_of[1].contains(&format!("built from {newer}")),
+        "{}",
+        logs_of[1]
+    );
+    assert!(logs_of[1].contains("already up to date"), "{}", logs_of[1]);
     Ok(())
 }
 

@@ -102,6 +102,9 @@ pub(crate) struct PendingEdit {
     pub(crate) image: String,
     /// No matching reference is not an error (`allow-no-match: true`).
     pub(crate) allow_no_match: bool,
+    /// `order: monotonic`: the run's source checkout and commit; a
+    /// reference built from a descendant of that commit stays.
+    pub(crate) monotonic: Option<(PathBuf, String)>,
 }
 
 /// Why a `set-image` or `git-push` step failed; the message is the step's.
@@ -111,6 +114,11 @@ pub(crate) enum GitOpsError {
         "`set-image` has no `repo` and the run has no repository (--repo): name the manifests repository"
     )]
     NoRepository,
+    #[error(
+        "`order: monotonic` compares commits in the run's repository: submit the run with \
+         --repo and --rev (its checkout is what is compared)"
+    )]
+    MonotonicWithoutSource,
     #[error(
         "`git-push` needs a `set-image` step before it in the same task (there is nothing to commit)"
     )]
@@ -224,12 +232,14 @@ pub(crate) async fn run_set_image(
         step.image = image;
     }
     let task_repo = task.repo.clone();
+    let task_rev = task.rev.clone();
     let workspace = task.workspace.clone();
     let work = move || {
         set_image::set_image_blocking(
             &gitops,
             &step,
             &task_repo,
+            &task_rev,
             &workspace,
             credentials.as_deref(),
         )

@@ -2,7 +2,7 @@
 //! the check that the result reads back as done.
 
 use crate::image_ref::ImageRef;
-use crate::plan::{Plan, apply, plan};
+use crate::plan::{Kept, Plan, apply, plan};
 
 /// Why an edit of one text failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +31,13 @@ pub enum EditError {
 pub struct Edit {
     /// The edited text (equal to the input when `changed == 0`).
     pub text: String,
-    /// References to the repository found, including up-to-date ones.
+    /// References to the repository found, including up-to-date and kept
+    /// ones.
     pub matched: usize,
     /// References that were changed.
     pub changed: usize,
+    /// References left as they were on purpose, in text order.
+    pub kept: Vec<Kept>,
 }
 
 /// The new text (0 changed = none matched or all already up to date;
@@ -55,6 +58,22 @@ pub(crate) fn set_image(text: &str, new_image: &str) -> Result<(String, usize), 
 /// written in a form that cannot be edited safely (block scalar, multi-line
 /// plain scalar, alias of a scalar).
 pub fn edit_text(text: &str, new_image: &str) -> Result<Edit, EditError> {
+    edit_text_keeping(text, new_image, &|_| None)
+}
+
+/// [`edit_text`], leaving alone every matching reference on a line with a
+/// `# capstan: pin` comment ([`crate::PIN_COMMENT`]) and every one for which
+/// `keep` gives a reason (`order: monotonic`: a newer image is there).
+/// `keep` sees the reference as written and must answer the same for the
+/// same reference (the result is checked by editing it again).
+///
+/// # Errors
+/// As [`edit_text`].
+pub fn edit_text_keeping(
+    text: &str,
+    new_image: &str,
+    keep: &dyn Fn(&ImageRef<'_>) -> Option<String>,
+) -> Result<Edit, EditError> {
     let new_ref = ImageRef::parse(new_image).map_err(|reason| EditError::InvalidImage {
         reference: new_image.to_owned(),
         reason,
@@ -69,17 +88,19 @@ pub fn edit_text(text: &str, new_image: &str) -> Result<Edit, EditError> {
         matched,
         changed,
         splices,
-    } = plan(text, &new_ref)?;
+        kept,
+    } = plan(text, &new_ref, keep)?;
     if splices.is_empty() {
         return Ok(Edit {
             text: text.to_owned(),
             matched,
             changed: 0,
+            kept,
         });
     }
     let out = apply(text, splices);
     // The edit must read back as done: same references found, none left to change.
-    match plan(&out, &new_ref) {
+    match plan(&out, &new_ref, keep) {
         Ok(again) if again.matched == matched && again.splices.is_empty() => {}
         _ => {
             return Err(EditError::Unsupported {
@@ -93,5 +114,6 @@ pub fn edit_text(text: &str, new_image: &str) -> Result<Edit, EditError> {
         text: out,
         matched,
         changed,
+        kept,
     })
 }

@@ -21,6 +21,10 @@
 //!   `images[]` entries whose `newName` (or, without one, `name`) is the
 //!   repository get `newTag` or `digest` set, the key added when absent.
 //!
+//! A reference on a line with a `# capstan: pin` comment is never changed,
+//! nor one the caller's `keep` judges (`order: monotonic`: a newer image);
+//! [`Edit::kept`] lists them.
+//!
 //! A reference keeps its repository spelling (`nginx` stays `nginx` even when
 //! the new image is written `docker.io/library/nginx:1.27`); only the tag and
 //! digest change. A new image with only a tag drops an old digest, since a
@@ -46,4 +50,5 @@ mod plan;
 mod tests;
 mod yaml_tree;
 
-pub use edit::{Edit, EditError, edit_text};
+pub use edit::{Edit, EditError, edit_text, edit_text_keeping};
+pub use plan::{Kept, PIN_COMMENT};

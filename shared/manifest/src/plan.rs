@@ -10,6 +10,21 @@ use crate::EditError;
 use crate::image_ref::ImageRef;
 use crate::yaml_tree::{NodeKind, Tree, parse_tree};
 
+/// A matching reference left as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    /// 1-based line of the reference.
+    pub line: usize,
+    /// The reference as written.
+    pub reference: String,
+    /// Why: the line's `# capstan: pin` comment, or the caller's reason.
+    pub why: String,
+}
+
+/// The comment that pins a reference: `set-image` leaves its line alone
+/// (a rollback someone made by hand stays until they remove it).
+pub const PIN_COMMENT: &str = "capstan: pin";
+
 /// Replace `start..end` (byte offsets) of the text with `with`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Splice {
@@ -24,6 +39,8 @@ struct Planner<'a> {
     text: &'a str,
     tree: &'a Tree,
     new: &'a ImageRef<'a>,
+    keep: &'a dyn Fn(&ImageRef<'_>) -> Option<String>,
+    kept: Vec<Kept>,
     repository: String,
     matched: usize,
     /// References that needed at least one splice.
@@ -38,15 +55,23 @@ pub(crate) struct Plan {
     pub(crate) matched: usize,
     pub(crate) changed: usize,
     pub(crate) splices: Vec<Splice>,
+    pub(crate) kept: Vec<Kept>,
 }
 
-/// Find the references and the splices that update them.
-pub(crate) fn plan(text: &str, new: &ImageRef<'_>) -> Result<Plan, EditError> {
+/// Find the references and the splices that update them, leaving those
+/// `keep` or a pin comment keeps (see [`crate::edit_text_keeping`]).
+pub(crate) fn plan(
+    text: &str,
+    new: &ImageRef<'_>,
+    keep: &dyn Fn(&ImageRef<'_>) -> Option<String>,
+) -> Result<Plan, EditError> {
     let tree = parse_tree(text)?;
     let mut planner = Planner {
         text,
         tree: &tree,
         new,
+        keep,
+        kept: Vec::new(),
         repository: new.canonical_repository(),
         matched: 0,
         changed: 0,
@@ -70,6 +95,7 @@ pub(crate) fn plan(text: &str, new: &ImageRef<'_>) -> Result<Plan, EditError> {
         matched: planner.matched,
         changed: planner.changed,
         splices,
+        kept: planner.kept,
     })
 }
 
@@ -171,11 +197,40 @@ impl<'a> Planner<'a> {
         Some((target, parsed))
     }
 
+    /// Whether the reference `old` at `node` stays as it is: a pin comment
+    /// on its line, or the caller's `keep`. Records it if so.
+    fn kept(&mut self, node: usize, old: &ImageRef<'_>) -> bool {
+        let line = self.tree.nodes[node].start.line;
+        let text = self.text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+        let pinned = text
+            .split('#')
+            .skip(1)
+            .any(|c| c.trim_start().starts_with(PIN_COMMENT));
+        let why = if pinned {
+            Some(format!("pinned by its `# {PIN_COMMENT}` comment"))
+        } else {
+            (self.keep)(old)
+        };
+        let Some(why) = why else {
+            return false;
+        };
+        let reference = self.tree.scalar(node).unwrap_or_default().to_owned();
+        self.kept.push(Kept {
+            line,
+            reference,
+            why,
+        });
+        true
+    }
+
     fn container_image(&mut self, node: usize) -> Result<(), EditError> {
         let Some((target, old)) = self.matching_ref(node) else {
             return Ok(());
         };
         self.matched += 1;
+        if self.kept(node, &old) {
+            return Ok(());
+        }
         let wanted = old.retagged(self.new);
         if target != node {
             if self.tree.scalar(target) == Some(wanted.as_str()) {
@@ -309,10 +364,20 @@ impl<'a> Planner<'a> {
             let Some(name_node) = t.get(entry, "newName").or_else(|| t.get(entry, "name")) else {
                 continue;
             };
-            if self.matching_ref(name_node).is_none() {
+            let Some((_, old)) = self.matching_ref(name_node) else {
+                continue;
+            };
+            self.matched += 1;
+            // The entry's name line carries the pin comment; its tag is the
+            // old reference's.
+            let tag = t.get(entry, "newTag").and_then(|n| t.scalar(n));
+            let old = ImageRef {
+                tag: tag.or(old.tag),
+                ..old
+            };
+            if self.kept(name_node, &old) {
                 continue;
             }
-            self.matched += 1;
             let before = self.splices.len();
             self.kustomize_entry(entry, name_node)?;
             if self.splices.len() > before {

@@ -437,3 +437,60 @@ fn a_thousand_documents_are_quick() {
     assert_eq!(e.text, input.replace("app:v1", "app:v2"));
     assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
 }
+
+#[test]
+fn a_pin_comment_and_the_callers_keep_leave_references_alone() {
+    let input = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+spec:
+  containers:
+    - name: rolled-back
+      image: 127.0.0.1:5000/demo-ns/app:v0 # capstan: pin (rollback, INC-12)
+    - name: newer
+      image: 127.0.0.1:5000/demo-ns/app:v3
+    - name: older
+      image: 127.0.0.1:5000/demo-ns/app:v1
+";
+    let keep =
+        |old: &image_ref::ImageRef<'_>| (old.tag == Some("v3")).then(|| "v3 is newer".to_owned());
+    let e = edit_text_keeping(input, NEW, &keep).unwrap();
+    assert_eq!((e.matched, e.changed), (3, 1));
+    assert_only(input, &e.text, "app:v1\n", "app:v2\n");
+    assert_eq!(
+        e.kept,
+        vec![
+            Kept {
+                line: 8,
+                reference: "127.0.0.1:5000/demo-ns/app:v0".into(),
+                why: "pinned by its `# capstan: pin` comment".into(),
+            },
+            Kept {
+                line: 10,
+                reference: "127.0.0.1:5000/demo-ns/app:v3".into(),
+                why: "v3 is newer".into(),
+            },
+        ]
+    );
+    // Without a keep the pin comment still holds.
+    let e = edit(input, NEW);
+    assert_eq!((e.matched, e.changed, e.kept.len()), (3, 2, 1));
+    assert!(e.text.contains("app:v0 # capstan: pin"));
+}
+
+#[test]
+fn a_pinned_kustomize_entry_is_left_alone() {
+    let input = "\
+images:
+  - name: 127.0.0.1:5000/demo-ns/app # capstan: pin
+    newTag: v1
+  - name: 127.0.0.1:5000/demo-ns/app2
+    newTag: v1
+";
+    let e = edit(input, NEW);
+    assert_eq!((e.matched, e.changed), (1, 0));
+    assert_eq!(e.text, input);
+    assert_eq!(e.kept.len(), 1);
+}

@@ -136,6 +136,7 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
             allow_no_match,
             pin_digest,
             digest,
+            monotonic,
         } => Kind::SetImage(pb::SetImageStep {
             allow_no_match: *allow_no_match,
             repo: repo.clone(),
@@ -143,6 +144,7 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
             image: image.clone(),
             pin: if *pin_digest { "digest" } else { "" }.to_owned(),
             digest: digest.clone().unwrap_or_default(),
+            order: if *monotonic { "monotonic" } else { "" }.to_owned(),
         }),
         StepKind::GitPush {
             message,

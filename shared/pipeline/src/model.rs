@@ -120,6 +120,10 @@ pub enum StepKind {
         pin_digest: bool,
         #[serde(default)]
         digest: Option<String>,
+        /// `order: monotonic`: never replace a newer image (one built from
+        /// a descendant of the run's commit).
+        #[serde(default)]
+        monotonic: bool,
     },
     /// Commit the workspace's changes and push them; `credentials` names a
     /// runner-side secret.

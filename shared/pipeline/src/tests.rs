@@ -108,6 +108,7 @@ fn expected_full() -> Pipeline {
                         allow_no_match: false,
                         pin_digest: false,
                         digest: None,
+                        monotonic: false,
                     }),
                     step(StepKind::GitPush {
                         message: s("deploy ${{ git.sha }}"),
@@ -1062,6 +1063,7 @@ fn resolve_substitutes_everything() {
             allow_no_match: false,
             pin_digest: false,
             digest: None,
+            monotonic: false,
         }
     );
     assert_eq!(
@@ -1435,6 +1437,7 @@ fn set_image_allow_no_match() {
             allow_no_match: true,
             pin_digest: false,
             digest: None,
+            monotonic: false,
             ..
         }
     ));
@@ -1742,11 +1745,21 @@ fn set_image_pin_digest_and_its_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("a.yaml:6:") && err.contains("must be `digest` or `tag`, found `sha`"),
+        err.contains("a.yaml:6:") && err.contains("must be `tag` or `digest`, found `sha`"),
         "{err}"
     );
     let err = parse("a.yaml", &yaml(", digest: \"sha256:ab\""))
         .unwrap_err()
         .to_string();
     assert!(err.contains("needs `pin: digest`"), "{err}");
+    assert_eq!(set(&spec("")).order, "");
+    assert_eq!(set(&spec(", order: monotonic")).order, "monotonic");
+    assert_eq!(set(&spec(", order: any")).order, "");
+    let err = parse("a.yaml", &yaml(", order: sideways"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a.yaml:6:") && err.contains("`order` of") && err.contains("found `sideways`"),
+        "{err}"
+    );
 }

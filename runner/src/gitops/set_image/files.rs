@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 
 use capstan_manifest::image_ref::ImageRef;
-use capstan_manifest::{EditError, edit_text};
+use capstan_manifest::{EditError, edit_text_keeping};
 
 use super::SetImageError;
 
@@ -25,6 +25,8 @@ pub(crate) struct FileReport {
     pub(crate) matched: usize,
     /// References changed (the file was rewritten iff this is non-zero).
     pub(crate) changed: usize,
+    /// References left alone on purpose (pin comment, `order: monotonic`).
+    pub(crate) kept: Vec<capstan_manifest::Kept>,
 }
 
 /// What [`set_image_in_files`] did, file by file, in the order given.
@@ -60,11 +62,23 @@ impl SetImageReport {
 /// A path problem, a missing file, an edit error (wrapped in
 /// [`SetImageError::InFile`]), an I/O error, or — unless `allow_no_match` —
 /// [`SetImageError::NoMatch`] when no listed file references the repository.
+#[cfg(test)]
 pub(crate) fn set_image_in_files(
     root: &Path,
     files: &[String],
     new_image: &str,
     allow_no_match: bool,
+) -> Result<SetImageReport, SetImageError> {
+    set_image_in_files_keeping(root, files, new_image, allow_no_match, &|_| None)
+}
+
+/// [`set_image_in_files`] with `keep` (see `capstan_manifest::edit_text_keeping`).
+pub(crate) fn set_image_in_files_keeping(
+    root: &Path,
+    files: &[String],
+    new_image: &str,
+    allow_no_match: bool,
+    keep: &dyn Fn(&ImageRef<'_>) -> Option<String>,
 ) -> Result<SetImageReport, SetImageError> {
     let new_ref = ImageRef::parse(new_image).map_err(|reason| EditError::InvalidImage {
         reference: new_image.to_owned(),
@@ -86,15 +100,17 @@ pub(crate) fn set_image_in_files(
                 path: rel.clone(),
                 matched: 0,
                 changed: 0,
+                kept: Vec::new(),
             });
             continue;
         }
         seen.push(path.clone());
         let text = read_manifest(&path, rel)?;
-        let edit = edit_text(&text, new_image).map_err(|e| SetImageError::InFile {
-            path: rel.clone(),
-            source: Box::new(e.into()),
-        })?;
+        let edit =
+            edit_text_keeping(&text, new_image, keep).map_err(|e| SetImageError::InFile {
+                path: rel.clone(),
+                source: Box::new(e.into()),
+            })?;
         if edit.changed > 0 {
             writes.push((path, edit.text));
         }
@@ -102,6 +118,7 @@ pub(crate) fn set_image_in_files(
             path: rel.clone(),
             matched: edit.matched,
             changed: edit.changed,
+            kept: edit.kept,
         });
     }
     if report.matched() == 0 && !allow_no_match {

@@ -26,7 +26,8 @@ use super::{Done, GitOps, GitOpsError, Pending, PendingEdit, branch_of, head_com
 use crate::git::Op;
 use crate::git::remote::Remote;
 
-use self::files::set_image_in_files;
+use self::files::set_image_in_files_keeping;
+use capstan_manifest::image_ref::ImageRef;
 
 /// Why a `set-image` edit failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,7 @@ pub(super) fn set_image_blocking(
     gitops: &GitOps,
     step: &SetImageStep,
     task_repo: &str,
+    task_rev: &str,
     workspace: &Path,
     credentials: Option<&str>,
 ) -> Result<Done, GitOpsError> {
@@ -106,10 +108,16 @@ pub(super) fn set_image_blocking(
         None if source => in_checkout(workspace, url, credentials, &mut log)?,
         None => fresh_clone(gitops, workspace, url, credentials, &mut log)?,
     };
+    let monotonic = match step.order.as_str() {
+        "monotonic" if task_rev.is_empty() => return Err(GitOpsError::MonotonicWithoutSource),
+        "monotonic" => Some((workspace.to_path_buf(), task_rev.to_owned())),
+        _ => None,
+    };
     let edit = PendingEdit {
         files: step.files.clone(),
         image: step.image.clone(),
         allow_no_match: step.allow_no_match,
+        monotonic,
     };
     log.push_str(&apply_edit(&pending.dir, &edit)?);
     pending.edits.push(edit);
@@ -189,11 +197,20 @@ pub(super) fn apply_edit(dir: &Path, edit: &PendingEdit) -> Result<String, GitOp
     // Only for the log: set_image_in_files reports missing and unsafe paths.
     let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
     let before: Vec<String> = edit.files.iter().map(|f| read(f)).collect();
-    let report = set_image_in_files(dir, &edit.files, &edit.image, edit.allow_no_match)?;
+    let newer = Newer::open(edit.monotonic.as_ref())?;
+    let keep = |old: &ImageRef<'_>| newer.as_ref().and_then(|n| n.newer(old));
+    let report =
+        set_image_in_files_keeping(dir, &edit.files, &edit.image, edit.allow_no_match, &keep)?;
     let mut log = String::new();
     for ((file, old), r) in edit.files.iter().zip(&before).zip(&report.files) {
+        for k in &r.kept {
+            log.push_str(&format!(
+                "{file}:{}: left {} alone: {}\n",
+                k.line, k.reference, k.why
+            ));
+        }
         if r.changed == 0 {
-            if r.matched > 0 {
+            if r.matched > r.kept.len() {
                 log.push_str(&format!("{file}: already {}\n", edit.image));
             }
             continue;
@@ -206,6 +223,52 @@ pub(super) fn apply_edit(dir: &Path, edit: &PendingEdit) -> Result<String, GitOp
         }
     }
     Ok(log)
+}
+
+/// `order: monotonic`'s judge: the run's source repository and commit.
+struct Newer {
+    repo: git2::Repository,
+    rev: git2::Oid,
+}
+
+impl Newer {
+    fn open(monotonic: Option<&(PathBuf, String)>) -> Result<Option<Self>, GitOpsError> {
+        let Some((source, rev)) = monotonic else {
+            return Ok(None);
+        };
+        let repo =
+            git2::Repository::open(source).map_err(|_| GitOpsError::MonotonicWithoutSource)?;
+        let rev = repo
+            .revparse_single(rev)
+            .and_then(|o| o.peel_to_commit())
+            .map_err(|_| GitOpsError::MonotonicWithoutSource)?
+            .id();
+        Ok(Some(Self { repo, rev }))
+    }
+
+    /// Why `old` stays: its tag names a commit of the source repository
+    /// that descends from (is newer than) the run's. A tag that is no
+    /// commit here (a version, another repository's SHA) says nothing.
+    fn newer(&self, old: &ImageRef<'_>) -> Option<String> {
+        let tag = old.tag?;
+        if !(7..=40).contains(&tag.len()) || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let built = self
+            .repo
+            .revparse_single(tag)
+            .ok()?
+            .peel_to_commit()
+            .ok()?
+            .id();
+        (built != self.rev && self.repo.graph_descendant_of(built, self.rev).ok()?).then(|| {
+            format!(
+                "newer image already deployed (built from {tag}, which descends from this \
+                 run's {}; order: monotonic)",
+                self.rev
+            )
+        })
+    }
 }
 
 fn same_repo(a: &str, b: &str) -> bool {

@@ -1,4 +1,4 @@
-use super::files::FileReport;
+use super::files::{FileReport, set_image_in_files};
 use super::*;
 use capstan_manifest::EditError;
 use std::fs;
@@ -30,7 +30,8 @@ fn files_are_edited_in_place_and_reported() {
         FileReport {
             path: files[0].clone(),
             matched: 1,
-            changed: 1
+            changed: 1,
+            kept: Vec::new(),
         }
     );
     assert_eq!(

@@ -30,7 +30,15 @@ const BUILD_KEYS: &[&str] = &[
 
 const PUSH_KEYS: &[&str] = &["image", "credentials", "skip-if-exists"];
 
-const SET_IMAGE_KEYS: &[&str] = &["repo", "files", "image", "allow-no-match", "pin", "digest"];
+const SET_IMAGE_KEYS: &[&str] = &[
+    "repo",
+    "files",
+    "image",
+    "allow-no-match",
+    "pin",
+    "digest",
+    "order",
+];
 
 const GIT_PUSH_KEYS: &[&str] = &["message", "credentials"];
 
@@ -226,7 +234,8 @@ impl Parser<'_> {
         };
         let image = self.required(&f, "image", what, path);
         let allow_no_match = self.flag(&f, "allow-no-match", what, false);
-        let pin = self.pin(&f, what)?;
+        let pin = self.choice(&f, "pin", what, ["tag", "digest"])? == Some("digest");
+        let monotonic = self.choice(&f, "order", what, ["any", "monotonic"])? == Some("monotonic");
         let digest = self.opt_subst(
             &f,
             "digest",
@@ -247,6 +256,7 @@ impl Parser<'_> {
             allow_no_match,
             pin_digest: pin,
             digest,
+            monotonic,
         })
     }
 
@@ -264,27 +274,35 @@ impl Parser<'_> {
             credentials,
         })
     }
-    /// `pin:` of a set-image step: true for `digest`, false for `tag` or
-    /// absent; None after an error.
-    fn pin(&mut self, f: &Fields, what: &str) -> Option<bool> {
-        let Some(v) = f.get("pin").filter(|n| !n.is_null()) else {
-            return Some(false);
+    /// A field that is one of `values` (None when absent or null); the
+    /// outer None after an error.
+    fn choice(
+        &mut self,
+        f: &Fields,
+        key: &str,
+        what: &str,
+        values: [&'static str; 2],
+    ) -> Option<Option<&'static str>> {
+        let Some(v) = f.get(key).filter(|n| !n.is_null()) else {
+            return Some(None);
         };
-        match &v.value {
-            Value::Str(s) if s == "digest" => Some(true),
-            Value::Str(s) if s == "tag" => Some(false),
-            other => {
-                let found = match other {
-                    Value::Str(s) => format!("`{s}`"),
-                    _ => v.kind().to_owned(),
-                };
-                self.err(
-                    v.pos,
-                    format!("`pin` of {what} must be `digest` or `tag`, found {found}"),
-                );
-                None
-            }
+        if let Value::Str(s) = &v.value
+            && let Some(hit) = values.iter().find(|&&x| x == s)
+        {
+            return Some(Some(hit));
         }
+        let found = match &v.value {
+            Value::Str(s) => format!("`{s}`"),
+            _ => v.kind().to_owned(),
+        };
+        self.err(
+            v.pos,
+            format!(
+                "`{key}` of {what} must be `{}` or `{}`, found {found}",
+                values[0], values[1]
+            ),
+        );
+        None
     }
 
     /// A true/false field; `default` when absent or null.
