@@ -20,6 +20,9 @@
 //!   top-level `images:` list, as most `kustomization.yaml` files are):
 //!   `images[]` entries whose `newName` (or, without one, `name`) is the
 //!   repository get `newTag` or `digest` set, the key added when absent.
+//! - any other document without `kind` (Helm values, compose files):
+//!   `image:` strings and `repository:`/`tag:` mappings at any depth
+//!   (`helm`).
 //!
 //! A reference on a line with a `# capstan: pin` comment is never changed,
 //! nor one the caller's `keep` judges (`order: monotonic`: a newer image);
@@ -35,6 +38,7 @@
 //!   result reads back.
 //! - `plan`: which references one text has and the byte splices that update
 //!   them. Walks a `yaml_tree`.
+//! - `helm`: the walk of a document without `kind`.
 //! - `yaml_tree`: a YAML stream as a tree of nodes with source positions.
 //! - [`image_ref`]: the one image-reference parser (Docker's grammar).
 //!
@@ -44,6 +48,7 @@
 //! runner's dependencies (docs/decisions.md, "Fuzzing").
 
 mod edit;
+mod helm;
 pub mod image_ref;
 mod plan;
 #[cfg(test)]

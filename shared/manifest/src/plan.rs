@@ -35,19 +35,19 @@ pub(crate) struct Splice {
 
 const CONTAINER_LISTS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
 
-struct Planner<'a> {
-    text: &'a str,
-    tree: &'a Tree,
-    new: &'a ImageRef<'a>,
-    keep: &'a dyn Fn(&ImageRef<'_>) -> Option<String>,
-    kept: Vec<Kept>,
-    repository: String,
-    matched: usize,
+pub(crate) struct Planner<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) tree: &'a Tree,
+    pub(crate) new: &'a ImageRef<'a>,
+    pub(crate) keep: &'a dyn Fn(&ImageRef<'_>) -> Option<String>,
+    pub(crate) kept: Vec<Kept>,
+    pub(crate) repository: String,
+    pub(crate) matched: usize,
     /// References that needed at least one splice.
-    changed: usize,
-    splices: Vec<Splice>,
+    pub(crate) changed: usize,
+    pub(crate) splices: Vec<Splice>,
     /// Nodes already visited through another alias, so each counts once.
-    done: Vec<usize>,
+    pub(crate) done: Vec<usize>,
 }
 
 /// The references found in a text and the splices that update them.
@@ -121,7 +121,7 @@ pub(crate) fn apply(text: &str, splices: Vec<Splice>) -> String {
 }
 
 impl<'a> Planner<'a> {
-    fn unsupported(&self, node: usize, reason: impl Into<String>) -> EditError {
+    pub(crate) fn unsupported(&self, node: usize, reason: impl Into<String>) -> EditError {
         let pos = self.tree.nodes[node].start;
         EditError::Unsupported {
             line: pos.line,
@@ -155,6 +155,7 @@ impl<'a> Planner<'a> {
             }
             Some("Kustomization" | "Component") => return self.kustomization(doc),
             None if t.get(doc, "images").is_some() => return self.kustomization(doc),
+            None if depth == 0 => return self.helm_values(doc, 0),
             _ => return Ok(()),
         };
         let Some(spec) = t.path(doc, pod_spec) else {
@@ -173,7 +174,7 @@ impl<'a> Planner<'a> {
     }
 
     /// Whether a (resolved) scalar names the repository; visits each node once.
-    fn matching_ref(&mut self, node: usize) -> Option<(usize, ImageRef<'a>)> {
+    pub(crate) fn matching_ref(&mut self, node: usize) -> Option<(usize, ImageRef<'a>)> {
         let t: &'a Tree = self.tree;
         let target = t.resolve(node);
         if self.done.contains(&target) {
@@ -199,7 +200,7 @@ impl<'a> Planner<'a> {
 
     /// Whether the reference `old` at `node` stays as it is: a pin comment
     /// on its line, or the caller's `keep`. Records it if so.
-    fn kept(&mut self, node: usize, old: &ImageRef<'_>) -> bool {
+    pub(crate) fn kept(&mut self, node: usize, old: &ImageRef<'_>) -> bool {
         let line = self.tree.nodes[node].start.line;
         let text = self.text.lines().nth(line.saturating_sub(1)).unwrap_or("");
         let pinned = text
@@ -223,7 +224,7 @@ impl<'a> Planner<'a> {
         true
     }
 
-    fn container_image(&mut self, node: usize) -> Result<(), EditError> {
+    pub(crate) fn container_image(&mut self, node: usize) -> Result<(), EditError> {
         let Some((target, old)) = self.matching_ref(node) else {
             return Ok(());
         };
@@ -250,7 +251,7 @@ impl<'a> Planner<'a> {
     }
 
     /// Splice `wanted` over the scalar `node` in the scalar's own style.
-    fn replace_scalar(&mut self, node: usize, wanted: &str) -> Result<(), EditError> {
+    pub(crate) fn replace_scalar(&mut self, node: usize, wanted: &str) -> Result<(), EditError> {
         let n = &self.tree.nodes[node];
         let NodeKind::Scalar { value, style } = &n.kind else {
             return Ok(());

@@ -494,3 +494,67 @@ images:
     assert_eq!(e.text, input);
     assert_eq!(e.kept.len(), 1);
 }
+
+#[test]
+fn helm_values_image_strings_and_repository_tag_pairs() {
+    let input = "\
+# values.yaml of a chart
+replicaCount: 2
+image:
+  registry: 127.0.0.1:5000
+  repository: demo-ns/app   # the app
+  tag: \"v1\"
+  pullPolicy: IfNotPresent
+defaults: &defaults
+  image: 127.0.0.1:5000/demo-ns/app:v1
+worker:
+  <<: *defaults
+sidecars:
+  - name: log
+    image: 127.0.0.1:5000/demo-ns/sidecar:v1
+  - name: proxy
+    image:
+        repository: 127.0.0.1:5000/demo-ns/app
+        tag: v1
+        digest: \"\"
+";
+    let e = edit(input, NEW);
+    assert_eq!((e.matched, e.changed), (3, 3), "{}", e.text);
+    let want = input
+        .replace("tag: \"v1\"", "tag: \"v2\"")
+        .replace("demo-ns/app:v1", "demo-ns/app:v2")
+        .replace("        tag: v1", "        tag: v2");
+    assert_eq!(e.text, want);
+    // Pinned to a digest: `digest:` where there is one, after the tag
+    // where there is none.
+    let pinned = format!("127.0.0.1:5000/demo-ns/app:v2@{DIGEST}");
+    let e = edit(input, &pinned);
+    assert!(
+        e.text.contains(&format!("tag: \"v2@{DIGEST}\"")),
+        "{}",
+        e.text
+    );
+    assert!(
+        e.text.contains(&format!("digest: \"{DIGEST}\"")),
+        "{}",
+        e.text
+    );
+    assert!(e.text.contains("        tag: v2\n"), "{}", e.text);
+    assert!(e.text.contains("# the app"), "{}", e.text);
+}
+
+#[test]
+fn helm_values_of_another_repository_and_pinned_lines_stay() {
+    let input = "\
+image:
+  repository: other/app
+  tag: v1
+app:
+  image:
+    repository: 127.0.0.1:5000/demo-ns/app
+    tag: v1 # capstan: pin
+";
+    let e = edit(input, NEW);
+    assert_eq!((e.matched, e.changed, e.kept.len()), (1, 0, 1));
+    assert_eq!(e.text, input);
+}
