@@ -24,8 +24,9 @@ const MAX_CACHED: usize = 256;
 /// blocking pool. Reads and fsyncs of a log whose file is open take the lock
 /// only to copy the length and the file handle: they run beside appends
 /// (an fsync of a big log takes a while, and the next stream of the runner
-/// is being appended meanwhile). The store assumes it is the only writer of
-/// its directory.
+/// is being appended meanwhile). The store expects to be the only writer
+/// of its directory but for a moment after a failover, when a deposed
+/// leader may finish an append: each append reads the file's length first.
 #[derive(Debug)]
 pub(crate) struct LocalLogStore {
     dir: PathBuf,
@@ -299,10 +300,26 @@ impl LogStore for LocalLogStore {
     ) -> Result<u64, LogError> {
         let id = attempt.clone();
         self.with_log(attempt, move |log, path, io_error| {
-            let mut len = log.len(path).map_err(io_error)?;
             let total = parts.iter().map(Bytes::len).sum();
+            if total == 0 {
+                let len = log.len(path).map_err(io_error)?;
+                plan_append(&id, len, offset, 0)?;
+                return Ok(len);
+            }
+            // The file's length, not the cached one: with a log dir shared
+            // by replicas, a deposed leader may still finish an append the
+            // new leader's data already covers. Read afresh, the overlap is
+            // skipped instead of written twice.
+            let mut len = match log.file(path, false).map_err(io_error)? {
+                Some(f) => f
+                    .metadata()
+                    .map_err(|e| io_error(context(e, "cannot stat", path)))?
+                    .len(),
+                None => 0,
+            };
             let mut skip = plan_append(&id, len, offset, total)?;
             if skip == total {
+                log.len = Some(len);
                 return Ok(len);
             }
             let file = log
@@ -456,6 +473,39 @@ mod tests {
             .trim()
             .parse()
             .unwrap()
+    }
+
+    /// A deposed leader's store (its cached length stale) finishing an
+    /// append the new leader's store already covers writes nothing twice.
+    #[tokio::test]
+    async fn a_second_writer_of_the_dir_does_not_duplicate_an_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            LocalLogStore::open(dir.path()).unwrap(),
+            LocalLogStore::open(dir.path()).unwrap(),
+        );
+        let a = AttemptId::from_string("att-overlap");
+        let part = |s: &str| vec![Bytes::from(s.to_owned())];
+        assert_eq!(
+            old.append_parts(&a, 0, part("0123456789")).await.unwrap(),
+            10
+        );
+        // The runner resends from 0 to the new leader, and goes on.
+        assert_eq!(
+            new.append_parts(&a, 0, part("0123456789abcdefghij"))
+                .await
+                .unwrap(),
+            20
+        );
+        // The old leader's last chunk, at the offset it expected.
+        assert_eq!(
+            old.append_parts(&a, 10, part("abcdefghij")).await.unwrap(),
+            20
+        );
+        assert_eq!(
+            &new.read(&a, 0, 100).await.unwrap()[..],
+            b"0123456789abcdefghij"
+        );
     }
 
     /// After an fsync, a log's pages leave the page cache except for its
