@@ -420,6 +420,7 @@ fn build_asking(tag: &str, dockerfile: &str, credentials: &str) -> Step {
             tag: tag.into(),
             force: false,
             credentials: credentials.into(),
+            args: Default::default(),
         })),
         ..Step::default()
     }
@@ -679,12 +680,23 @@ async fn build_failures_are_clear() {
         "FROM capstan-test/not-here:1\nRUN true\n",
     )
     .unwrap();
+    std::fs::write(
+        ws.join("app/Dockerfile.arg"),
+        "ARG BASE\nFROM ${BASE}\nRUN echo on \"$(cat /etc/hostname)\" > /dev/null\n",
+    )
+    .unwrap();
     let tag = format!("capstan-tests/broken-{}:1", unique());
+    let mut with_base = build(&tag, "Dockerfile.arg");
+    if let Some(step::Kind::Build(b)) = with_base.kind.as_mut() {
+        b.args.insert("BASE".into(), f.tb.image.clone());
+    }
     let out = f
         .run_task(vec![
             build(&tag, "Dockerfile"),
             build(&tag, "Dockerfile.missing"),
             build(&tag, "Dockerfile.absent"),
+            build(&tag, "Dockerfile.arg"),
+            with_base,
         ])
         .await;
     remove_image(&tag);
@@ -715,6 +727,14 @@ async fn build_failures_are_clear() {
         message(1)
     );
     assert!(message(2).contains("not found"), "{}", message(2));
+    // `FROM ${BASE}`: unset, the step says which arg to give; given, the
+    // base image is checked and the build runs.
+    assert!(
+        message(3).contains("Dockerfile.arg:2") && message(3).contains("uses $BASE"),
+        "{}",
+        message(3)
+    );
+    assert_eq!(out[4].0, StepEnd::Exited(0), "{}", out[4].1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

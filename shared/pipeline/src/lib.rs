@@ -110,6 +110,7 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
             tag,
             skip_if_exists,
             credentials,
+            args,
         } => Kind::Build(pb::BuildStep {
             context: context.clone(),
             dockerfile: dockerfile.clone(),
@@ -119,6 +120,7 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
                 .clone()
                 .or_else(|| push_credentials(task, tag))
                 .unwrap_or_default(),
+            args: args.clone().into_iter().collect(),
         }),
         StepKind::Push {
             image,

@@ -96,6 +96,9 @@ pub enum StepKind {
         /// The secret to ask the registry with (default: that of the
         /// task's push of `tag`).
         credentials: Option<String>,
+        /// Build arguments (`ARG`s of the Dockerfile).
+        #[serde(default)]
+        args: BTreeMap<String, String>,
     },
     /// Push an image; `credentials` names a runner-side secret.
     Push {

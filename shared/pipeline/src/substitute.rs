@@ -98,8 +98,12 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field
                 dockerfile,
                 tag,
                 credentials,
+                args,
                 ..
             } => {
+                for (k, v) in args.iter_mut() {
+                    f(&format!("{sb}.build.args.{k}"), Field::Plain, v);
+                }
                 f(&format!("{sb}.build.context"), Field::Plain, context);
                 f(&format!("{sb}.build.dockerfile"), Field::Plain, dockerfile);
                 f(&format!("{sb}.build.tag"), Field::Plain, tag);

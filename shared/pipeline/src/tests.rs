@@ -95,6 +95,7 @@ fn expected_full() -> Pipeline {
                         tag: s("${{ params.image }}:${{ git.sha }}"),
                         skip_if_exists: true,
                         credentials: None,
+                        args: BTreeMap::new(),
                     }),
                     step(StepKind::Push {
                         image: s("${{ params.image }}:${{ git.sha }}"),
@@ -131,6 +132,7 @@ fn expected_full() -> Pipeline {
                         tag: s("t"),
                         skip_if_exists: true,
                         credentials: None,
+                        args: BTreeMap::new(),
                     }),
                     step(StepKind::Push {
                         image: s("i"),
@@ -1044,6 +1046,7 @@ fn resolve_substitutes_everything() {
             tag: s("reg/app:abc123"),
             skip_if_exists: true,
             credentials: None,
+            args: BTreeMap::new(),
         }
     );
     assert_eq!(

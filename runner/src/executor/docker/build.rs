@@ -134,7 +134,7 @@ async fn build_image(
             "Dockerfile `{dockerfile}` not found in build context `{shown_context}`"
         )));
     };
-    check_base_images(ex, ctx, dockerfile, &text).await?;
+    check_base_images(ex, ctx, dockerfile, &text, &build.args).await?;
     stream_build(ex, task, ctx, build, dockerfile, archive).await
 }
 
@@ -178,14 +178,18 @@ async fn check_base_images(
     ctx: &StepContext<'_>,
     dockerfile: &str,
     text: &str,
+    args: &HashMap<String, String>,
 ) -> Result<(), Stop> {
+    let vars = global_args(text, args);
     for base in base_images(text) {
         let BaseImage { image, line } = base;
-        if image.contains('$') {
-            return Err(Stop::Failed(format!(
-                "{dockerfile}:{line}: `FROM {image}` uses a variable; base images must be named so the runner can check they are present (nothing is pulled)"
-            )));
-        }
+        let image = expand(&image, &vars).map_err(|name| {
+            Stop::Failed(format!(
+                "{dockerfile}:{line}: `FROM {image}` uses ${name}, which no `args:` of the step \
+                 and no `ARG {name}=...` before the first FROM sets; base images must be known \
+                 so the runner can check they are present (nothing is pulled)"
+            ))
+        })?;
         if !ex.image_present(&image).await? {
             let message = format!(
                 "{dockerfile}:{line}: base image `{image}` is not present on this runner's Docker Engine (nothing is pulled: build or load it first)"
@@ -212,6 +216,7 @@ async fn stream_build(
     let labels: HashMap<String, String> =
         HashMap::from([(LABEL_COMMIT.to_owned(), task.rev.clone())]);
     let options = BuildImageOptionsBuilder::new()
+        .buildargs(&build.args)
         .dockerfile(dockerfile)
         .t(&build.tag)
         .rm(true)
@@ -268,6 +273,58 @@ fn find_file(archive: &[u8], name: &str) -> Option<String> {
     None
 }
 
+/// The values `FROM` lines may use: the `ARG NAME=default`s before the
+/// first `FROM`, overridden by the step's `args`.
+fn global_args(dockerfile: &str, args: &HashMap<String, String>) -> HashMap<String, String> {
+    let mut vars = HashMap::new();
+    for line in dockerfile.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some(w) if w.eq_ignore_ascii_case("from") => break,
+            Some(w) if w.eq_ignore_ascii_case("arg") => {
+                for decl in words {
+                    if let Some((name, value)) = decl.split_once('=') {
+                        vars.insert(name.to_owned(), value.trim_matches('"').to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    vars.extend(args.iter().map(|(k, v)| (k.clone(), v.clone())));
+    vars
+}
+
+/// `text` with `$NAME` and `${NAME}` replaced from `vars`; the name of the
+/// first one `vars` lacks.
+fn expand(text: &str, vars: &HashMap<String, String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, len) = match after.strip_prefix('{') {
+            Some(inner) => match inner.find('}') {
+                Some(end) => (&inner[..end], end + 2),
+                None => return Err(inner.to_owned()),
+            },
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        match vars.get(name) {
+            Some(value) if !name.is_empty() => out.push_str(value),
+            _ => return Err(name.to_owned()),
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 struct BaseImage {
     image: String,
@@ -307,6 +364,24 @@ fn base_images(dockerfile: &str) -> Vec<BaseImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_variables_come_from_global_args_and_the_steps_args() {
+        let dockerfile = "ARG BASE=capstan-test/busybox:1\nARG TAG\nFROM ${BASE}\nARG LATE=x\nFROM $OTHER:$TAG AS b\n";
+        let args = HashMap::from([("OTHER".to_owned(), "reg/app".to_owned())]);
+        let vars = global_args(dockerfile, &args);
+        assert_eq!(expand("${BASE}", &vars).unwrap(), "capstan-test/busybox:1");
+        assert_eq!(expand("$OTHER:$TAG", &vars), Err("TAG".to_owned()));
+        assert!(
+            !vars.contains_key("LATE"),
+            "an ARG after the first FROM is the stage's"
+        );
+        let args = HashMap::from([("BASE".to_owned(), "mine:2".to_owned())]);
+        let vars = global_args(dockerfile, &args);
+        assert_eq!(expand("${BASE}", &vars).unwrap(), "mine:2");
+        assert_eq!(expand("plain:1", &vars).unwrap(), "plain:1");
+        assert_eq!(expand("${BASE", &vars), Err("BASE".to_owned()));
+    }
 
     #[test]
     fn finds_base_images() {

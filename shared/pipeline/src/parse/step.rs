@@ -26,6 +26,7 @@ const BUILD_KEYS: &[&str] = &[
     "tag",
     "skip-if-exists",
     "credentials",
+    "args",
 ];
 
 const PUSH_KEYS: &[&str] = &["image", "credentials", "skip-if-exists"];
@@ -192,12 +193,17 @@ impl Parser<'_> {
             &format!("`credentials` of {what}"),
             format!("{path}.credentials"),
         );
+        let args = match f.get("args") {
+            Some(v) => self.string_map(v, &format!("`args` of {what}"), &format!("{path}.args")),
+            None => BTreeMap::new(),
+        };
         Some(StepKind::Build {
             context: context?,
             dockerfile: dockerfile?,
             tag: tag?,
             skip_if_exists,
             credentials,
+            args,
         })
     }
 
