@@ -15,17 +15,30 @@ use crate::EditError;
 use crate::image_ref::ImageRef;
 use crate::plan::Planner;
 use crate::yaml_tree::NodeKind;
+use std::collections::HashSet;
 
 /// Deeper than any values file; stops a pathological nesting.
 const MAX_DEPTH: usize = 64;
 
 impl Planner<'_> {
-    pub(crate) fn helm_values(&mut self, node: usize, depth: usize) -> Result<(), EditError> {
+    pub(crate) fn helm_values(&mut self, doc: usize) -> Result<(), EditError> {
+        self.walk(doc, 0, &mut HashSet::new())
+    }
+
+    /// Each mapping and sequence once (`seen`: resolved ids), whatever
+    /// aliases point at it: `a: &a [*a, *a]` would otherwise never end.
+    fn walk(
+        &mut self,
+        node: usize,
+        depth: usize,
+        seen: &mut HashSet<usize>,
+    ) -> Result<(), EditError> {
         let t = self.tree;
-        if depth > MAX_DEPTH {
+        let id = t.resolve(node);
+        if depth > MAX_DEPTH || !seen.insert(id) {
             return Ok(());
         }
-        match &t.nodes[t.resolve(node)].kind {
+        match &t.nodes[id].kind {
             NodeKind::Mapping { .. } => {
                 if let (Some(repo), Some(tag)) = (t.get(node, "repository"), t.get(node, "tag")) {
                     self.repository_and_tag(node, repo, tag)?;
@@ -34,13 +47,13 @@ impl Planner<'_> {
                     match (t.scalar(key), &t.nodes[t.resolve(value)].kind) {
                         (Some("image"), NodeKind::Scalar { .. }) => self.container_image(value)?,
                         (_, NodeKind::Scalar { .. }) => {}
-                        _ => self.helm_values(value, depth + 1)?,
+                        _ => self.walk(value, depth + 1, seen)?,
                     }
                 }
             }
             NodeKind::Sequence(items) => {
                 for &item in items {
-                    self.helm_values(item, depth + 1)?;
+                    self.walk(item, depth + 1, seen)?;
                 }
             }
             _ => {}
@@ -65,16 +78,23 @@ impl Planner<'_> {
         }
         self.done.push(tag);
         self.matched += 1;
+        // `tag: <sha>@sha256:...` is how a pin without `digest:` is written.
+        let (old_tag, old_digest) = match t.scalar(tag).map(|s| s.split_once('@')) {
+            Some(Some((tag, digest))) => (Some(tag), Some(digest)),
+            Some(None) => (t.scalar(tag), None),
+            None => (None, None),
+        };
         let old = ImageRef {
             name: repository,
-            tag: t.scalar(tag),
-            digest: None,
+            tag: old_tag,
+            digest: old_digest,
         };
-        if self.kept(tag, &old) {
+        let digest_node = t.get(map, "digest");
+        let lines: Vec<usize> = [tag, repo].into_iter().chain(digest_node).collect();
+        if self.kept(&lines, &old) {
             return Ok(());
         }
         let new = self.new;
-        let digest_node = t.get(map, "digest");
         let wanted_tag = match (new.tag, new.digest, digest_node) {
             (Some(tag), Some(d), None) => format!("{tag}@{d}"),
             (Some(tag), _, _) => tag.to_owned(),
@@ -87,8 +107,10 @@ impl Planner<'_> {
         };
         let before = self.splices.len();
         self.replace_scalar(tag, &wanted_tag)?;
-        if let (Some(d), Some(node)) = (new.digest, digest_node) {
-            self.replace_scalar(node, d)?;
+        if let Some(node) = digest_node {
+            // A new image without a digest clears the old one, which would
+            // otherwise keep pinning the old image (as for kustomize).
+            self.replace_scalar(node, new.digest.unwrap_or(""))?;
         }
         if self.splices.len() > before {
             self.changed += 1;

@@ -155,7 +155,7 @@ impl<'a> Planner<'a> {
             }
             Some("Kustomization" | "Component") => return self.kustomization(doc),
             None if t.get(doc, "images").is_some() => return self.kustomization(doc),
-            None if depth == 0 => return self.helm_values(doc, 0),
+            None if depth == 0 => return self.helm_values(doc),
             _ => return Ok(()),
         };
         let Some(spec) = t.path(doc, pod_spec) else {
@@ -198,15 +198,28 @@ impl<'a> Planner<'a> {
         Some((target, parsed))
     }
 
-    /// Whether the reference `old` at `node` stays as it is: a pin comment
-    /// on its line, or the caller's `keep`. Records it if so.
-    pub(crate) fn kept(&mut self, node: usize, old: &ImageRef<'_>) -> bool {
+    /// The text of 1-based `line` (YAML's line breaks, lone CR included).
+    fn line_text(&self, line: usize) -> &'a str {
+        let starts = &self.tree.line_starts;
+        let Some(&start) = starts.get(line.saturating_sub(1)) else {
+            return "";
+        };
+        let end = starts.get(line).copied().unwrap_or(self.text.len());
+        self.text.get(start..end).unwrap_or("")
+    }
+
+    /// Whether the reference `old`, written in the scalars `nodes` (the
+    /// first names it), stays as it is: a pin comment on a line of any of
+    /// them, or the caller's `keep`. Records it if so.
+    pub(crate) fn kept(&mut self, nodes: &[usize], old: &ImageRef<'_>) -> bool {
+        let node = nodes[0];
         let line = self.tree.nodes[node].start.line;
-        let text = self.text.lines().nth(line.saturating_sub(1)).unwrap_or("");
-        let pinned = text
-            .split('#')
-            .skip(1)
-            .any(|c| c.trim_start().starts_with(PIN_COMMENT));
+        let pinned = nodes.iter().any(|&n| {
+            self.line_text(self.tree.nodes[n].start.line)
+                .split('#')
+                .skip(1)
+                .any(|c| c.trim_start().starts_with(PIN_COMMENT))
+        });
         let why = if pinned {
             Some(format!("pinned by its `# {PIN_COMMENT}` comment"))
         } else {
@@ -229,7 +242,7 @@ impl<'a> Planner<'a> {
             return Ok(());
         };
         self.matched += 1;
-        if self.kept(node, &old) {
+        if self.kept(&[node], &old) {
             return Ok(());
         }
         let wanted = old.retagged(self.new);
@@ -369,14 +382,18 @@ impl<'a> Planner<'a> {
                 continue;
             };
             self.matched += 1;
-            // The entry's name line carries the pin comment; its tag is the
-            // old reference's.
+            // A pin comment on the entry's name, tag or digest line holds;
+            // its tag is the old reference's.
             let tag = t.get(entry, "newTag").and_then(|n| t.scalar(n));
             let old = ImageRef {
                 tag: tag.or(old.tag),
                 ..old
             };
-            if self.kept(name_node, &old) {
+            let lines: Vec<usize> = std::iter::once(name_node)
+                .chain(t.get(entry, "newTag"))
+                .chain(t.get(entry, "digest"))
+                .collect();
+            if self.kept(&lines, &old) {
                 continue;
             }
             let before = self.splices.len();

@@ -558,3 +558,58 @@ app:
     assert_eq!((e.matched, e.changed, e.kept.len()), (1, 0, 1));
     assert_eq!(e.text, input);
 }
+
+#[test]
+fn helm_aliases_that_repeat_or_nest_are_walked_once() {
+    // Without a walked set, each level doubles: 2^N visits.
+    let mut input = String::from("a0: &a0 [{image: 127.0.0.1:5000/demo-ns/app:v1}]\n");
+    for i in 1..40 {
+        input.push_str(&format!("a{i}: &a{i} [*a{}, *a{}]\n", i - 1, i - 1));
+    }
+    let e = edit(&input, NEW);
+    assert_eq!((e.matched, e.changed), (1, 1));
+    // An alias inside its own anchor's node is refused by the parser or
+    // walked once; either way it ends.
+    let _ = edit_text("a: &a [*a, *a]\n", NEW);
+}
+
+#[test]
+fn helm_a_new_image_without_digest_clears_the_old_one_and_pins_hold_on_any_line() {
+    let input = "\
+image:
+  repository: 127.0.0.1:5000/demo-ns/app
+  tag: v1
+  digest: sha256:aaaa
+";
+    let e = edit(input, NEW);
+    assert!(e.text.contains("tag: v2\n"), "{}", e.text);
+    assert!(
+        e.text.contains("digest: \"\"") || e.text.contains("digest: ''"),
+        "{}",
+        e.text
+    );
+    let pinned = input.replace("digest: sha256:aaaa", "digest: sha256:aaaa # capstan: pin");
+    let e = edit(&pinned, NEW);
+    assert_eq!((e.changed, e.kept.len()), (0, 1), "{}", e.text);
+    let kustomize =
+        "images:\n  - name: 127.0.0.1:5000/demo-ns/app\n    newTag: v1 # capstan: pin\n";
+    let e = edit(kustomize, NEW);
+    assert_eq!(
+        (e.changed, e.kept.len(), e.text.as_str()),
+        (0, 1, kustomize)
+    );
+}
+
+#[test]
+fn a_pin_comment_is_found_on_the_right_line_with_lone_cr_breaks() {
+    let input = "apiVersion: v1\rkind: Pod\rspec:\r  containers:\r    - image: 127.0.0.1:5000/demo-ns/app:v1 # capstan: pin\r    - image: 127.0.0.1:5000/demo-ns/app:v0\r";
+    let e = edit(input, NEW);
+    assert_eq!(
+        (e.matched, e.changed, e.kept.len()),
+        (2, 1, 1),
+        "{:?}",
+        e.text
+    );
+    assert_eq!(e.kept[0].line, 5);
+    assert!(e.text.contains("app:v1 # capstan: pin"), "{:?}", e.text);
+}

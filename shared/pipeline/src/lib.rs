@@ -84,6 +84,19 @@ impl From<&TaskDef> for pb::TaskSpec {
     }
 }
 
+/// Whether `build`/`push` of `image` skip a reference the registry has
+/// when the step does not say: only for a tag that names a commit (7 to 40
+/// hex digits, as `${{ git.sha }}` gives), which no later commit reuses. A
+/// branch or `latest` tag moves on purpose and is built and pushed again.
+fn skip_by_default(image: &str) -> bool {
+    let rest = image.split('@').next().unwrap_or(image);
+    let tag = match rest.rfind(':') {
+        Some(colon) if !rest[colon..].contains('/') => &rest[colon + 1..],
+        _ => return false,
+    };
+    (7..=40).contains(&tag.len()) && tag.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The credentials of `task`'s push of `image`, if it has one: what its
 /// build asks the registry with before building.
 fn push_credentials(task: &TaskDef, image: &str) -> Option<String> {
@@ -115,7 +128,7 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
             context: context.clone(),
             dockerfile: dockerfile.clone(),
             tag: tag.clone(),
-            force: !skip_if_exists,
+            force: !skip_if_exists.unwrap_or_else(|| skip_by_default(tag)),
             credentials: credentials
                 .clone()
                 .or_else(|| push_credentials(task, tag))
@@ -129,7 +142,7 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
         } => Kind::Push(pb::PushStep {
             image: image.clone(),
             credentials: credentials.clone().unwrap_or_default(),
-            force: !skip_if_exists,
+            force: !skip_if_exists.unwrap_or_else(|| skip_by_default(image)),
         }),
         StepKind::SetImage {
             repo,

@@ -91,8 +91,9 @@ pub enum StepKind {
         context: String,
         dockerfile: String,
         tag: String,
-        /// Skip the build when the registry already has `tag` (default).
-        skip_if_exists: bool,
+        /// Skip the build when the registry already has `tag`; None: only
+        /// for a commit-like tag (see `skip_by_default`).
+        skip_if_exists: Option<bool>,
         /// The secret to ask the registry with (default: that of the
         /// task's push of `tag`).
         credentials: Option<String>,
@@ -104,8 +105,9 @@ pub enum StepKind {
     Push {
         image: String,
         credentials: Option<String>,
-        /// Skip the push when the registry already has the image (default).
-        skip_if_exists: bool,
+        /// Skip the push when the registry already has the image; None:
+        /// only for a commit-like tag.
+        skip_if_exists: Option<bool>,
     },
     /// Set the image in Kubernetes YAML files of a repository.
     SetImage {

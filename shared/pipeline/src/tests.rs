@@ -93,14 +93,14 @@ fn expected_full() -> Pipeline {
                         context: s("."),
                         dockerfile: s("Dockerfile"),
                         tag: s("${{ params.image }}:${{ git.sha }}"),
-                        skip_if_exists: true,
+                        skip_if_exists: None,
                         credentials: None,
                         args: BTreeMap::new(),
                     }),
                     step(StepKind::Push {
                         image: s("${{ params.image }}:${{ git.sha }}"),
                         credentials: Some(s("harbor")),
-                        skip_if_exists: true,
+                        skip_if_exists: None,
                     }),
                     step(StepKind::SetImage {
                         repo: s("${{ git.repo }}"),
@@ -130,14 +130,14 @@ fn expected_full() -> Pipeline {
                         context: s("."),
                         dockerfile: s("Dockerfile"),
                         tag: s("t"),
-                        skip_if_exists: true,
+                        skip_if_exists: None,
                         credentials: None,
                         args: BTreeMap::new(),
                     }),
                     step(StepKind::Push {
                         image: s("i"),
                         credentials: None,
-                        skip_if_exists: true,
+                        skip_if_exists: None,
                     }),
                     step(StepKind::GitPush {
                         message: s("m"),
@@ -1044,7 +1044,7 @@ fn resolve_substitutes_everything() {
             context: s("."),
             dockerfile: s("Dockerfile"),
             tag: s("reg/app:abc123"),
-            skip_if_exists: true,
+            skip_if_exists: None,
             credentials: None,
             args: BTreeMap::new(),
         }
@@ -1054,7 +1054,7 @@ fn resolve_substitutes_everything() {
         StepKind::Push {
             image: s("reg/app:abc123"),
             credentials: Some(s("harbor")),
-            skip_if_exists: true,
+            skip_if_exists: None,
         }
     );
     assert_eq!(
@@ -1085,7 +1085,7 @@ fn resolve_substitutes_everything() {
         StepKind::Push {
             image: s("127.0.0.1:5000/demo-ns/go-sampleapp:abc123"),
             credentials: Some(s("harbor")),
-            skip_if_exists: true,
+            skip_if_exists: None,
         }
     );
 }
@@ -1387,7 +1387,8 @@ fn task_spec_conversion() {
         Some(pb::step::Kind::Push(pb::PushStep {
             image: s("i"),
             credentials: s(""),
-            force: false,
+            // No commit tag: pushed every time.
+            force: true,
         }))
     );
 }
@@ -1531,7 +1532,7 @@ fn substitution_never_spells_a_new_substitution() {
         StepKind::Push {
             image: s("$ {{ x }}"),
             credentials: None,
-            skip_if_exists: true,
+            skip_if_exists: None,
         }
     );
 }
@@ -1683,7 +1684,7 @@ fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
     use capstan_proto::pipeline::v1::{TaskSpec, step::Kind};
     let yaml = |build: &str, push: &str| {
         format!(
-            "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - build: {{ tag: reg/app:1{build} }}\n      - push: {{ image: reg/app:1, credentials: reg{push} }}\n      - push: {{ image: reg/other:1, credentials: other }}\n"
+            "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - build: {{ tag: reg/app:0123abcd{build} }}\n      - push: {{ image: reg/app:0123abcd, credentials: reg{push} }}\n      - push: {{ image: reg/other:0123abcd, credentials: other }}\n"
         )
     };
     let spec = TaskSpec::from(&parse("a.yaml", &yaml("", "")).unwrap().tasks[0]);
@@ -1691,7 +1692,10 @@ fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
     else {
         panic!("{spec:?}")
     };
-    assert!(!b.force && !p.force, "skipped when the registry has it");
+    assert!(
+        !b.force && !p.force,
+        "a commit tag is skipped when the registry has it"
+    );
     assert_eq!(b.credentials, "reg", "the push of the same image's login");
 
     let p = parse(
@@ -1719,6 +1723,25 @@ fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
                 "`skip-if-exists` of `build` of step 1 of task `t` must be true or false"
             ),
         "{err}"
+    );
+    // A tag that moves (a branch, `latest`, no tag) is built and pushed
+    // again unless the step says otherwise.
+    let kinds = |yaml: &str| {
+        let spec = TaskSpec::from(&parse("a.yaml", yaml).unwrap().tasks[0]);
+        spec.steps
+            .iter()
+            .map(|s| match &s.kind {
+                Some(Kind::Build(b)) => b.force,
+                Some(Kind::Push(p)) => p.force,
+                other => panic!("{other:?}"),
+            })
+            .collect::<Vec<bool>>()
+    };
+    assert_eq!(
+        kinds(
+            "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - build: { tag: reg/app:main }\n      - push: { image: reg/app:latest }\n      - push: { image: reg/app }\n      - push: { image: \"127.0.0.1:5000/app\" }\n      - push: { image: reg/app:main, skip-if-exists: true }\n"
+        ),
+        [true, true, true, true, false]
     );
 }
 

@@ -190,6 +190,9 @@ async fn check_base_images(
                  so the runner can check they are present (nothing is pulled)"
             ))
         })?;
+        if image == "scratch" {
+            continue;
+        }
         if !ex.image_present(&image).await? {
             let message = format!(
                 "{dockerfile}:{line}: base image `{image}` is not present on this runner's Docker Engine (nothing is pulled: build or load it first)"
@@ -295,28 +298,38 @@ fn global_args(dockerfile: &str, args: &HashMap<String, String>) -> HashMap<Stri
     vars
 }
 
-/// `text` with `$NAME` and `${NAME}` replaced from `vars`; the name of the
-/// first one `vars` lacks.
+/// `text` with `$NAME`, `${NAME}` and `${NAME:-default}` (or `-default`)
+/// replaced from `vars`; the name of the first one `vars` lacks with no
+/// default.
 fn expand(text: &str, vars: &HashMap<String, String>) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
         let after = &rest[at + 1..];
-        let (name, len) = match after.strip_prefix('{') {
+        let (name, default, len) = match after.strip_prefix('{') {
             Some(inner) => match inner.find('}') {
-                Some(end) => (&inner[..end], end + 2),
+                Some(end) => {
+                    let body = &inner[..end];
+                    let (name, default) =
+                        match body.split_once(":-").or_else(|| body.split_once('-')) {
+                            Some((name, default)) => (name, Some(default)),
+                            None => (body, None),
+                        };
+                    (name, default, end + 2)
+                }
                 None => return Err(inner.to_owned()),
             },
             None => {
                 let end = after
                     .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                     .unwrap_or(after.len());
-                (&after[..end], end)
+                (&after[..end], None, end)
             }
         };
-        match vars.get(name) {
-            Some(value) if !name.is_empty() => out.push_str(value),
+        match (vars.get(name), default) {
+            (Some(value), _) if !name.is_empty() => out.push_str(value),
+            (_, Some(default)) if !name.is_empty() => out.push_str(default),
             _ => return Err(name.to_owned()),
         }
         rest = &after[len..];
@@ -381,6 +394,9 @@ mod tests {
         assert_eq!(expand("${BASE}", &vars).unwrap(), "mine:2");
         assert_eq!(expand("plain:1", &vars).unwrap(), "plain:1");
         assert_eq!(expand("${BASE", &vars), Err("BASE".to_owned()));
+        assert_eq!(expand("${NOPE:-alpine:3}", &vars).unwrap(), "alpine:3");
+        assert_eq!(expand("${BASE:-alpine:3}", &vars).unwrap(), "mine:2");
+        assert_eq!(expand("${NOPE-x}", &vars).unwrap(), "x");
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl Parser<'_> {
             None => Some("Dockerfile".to_owned()),
         };
         let tag = self.required(&f, "tag", what, path);
-        let skip_if_exists = self.flag(&f, "skip-if-exists", what, true);
+        let skip_if_exists = self.opt_flag(&f, "skip-if-exists", what);
         let credentials = self.opt_subst(
             &f,
             "credentials",
@@ -216,7 +216,7 @@ impl Parser<'_> {
             &format!("`credentials` of {what}"),
             format!("{path}.credentials"),
         );
-        let skip_if_exists = self.flag(&f, "skip-if-exists", what, true);
+        let skip_if_exists = self.opt_flag(&f, "skip-if-exists", what);
         Some(StepKind::Push {
             image: image?,
             credentials,
@@ -313,9 +313,15 @@ impl Parser<'_> {
 
     /// A true/false field; `default` when absent or null.
     fn flag(&mut self, f: &Fields, key: &str, what: &str, default: bool) -> bool {
+        self.opt_flag(f, key, what).unwrap_or(default)
+    }
+
+    /// A true/false field; None when absent, null or not a boolean (an
+    /// error then).
+    fn opt_flag(&mut self, f: &Fields, key: &str, what: &str) -> Option<bool> {
         match f.get(key).map(|v| &v.value) {
-            None | Some(Value::Null) => default,
-            Some(Value::Bool(b)) => *b,
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
             Some(_) => {
                 let v = f.get(key).expect("matched above");
                 self.err(
@@ -325,7 +331,7 @@ impl Parser<'_> {
                         v.kind()
                     ),
                 );
-                default
+                None
             }
         }
     }
