@@ -216,13 +216,11 @@ pub(super) async fn end_dead_terms(
                 _ => continue,
             },
         };
-        match revoke(&pool, lease).await {
-            Ok(()) => {
-                tracing::warn!(leader = %url, lease, "the leader {why}; ended its term early")
-            }
-            Err(e) => {
-                tracing::info!(leader = %url, lease, error = %e, "could not end the leader's term")
-            }
+        // Logged before the revoke: once etcd deletes the key, this
+        // replica's own campaign may win and drop this future at the await.
+        tracing::warn!(leader = %url, lease, "the leader {why}; ending its term early");
+        if let Err(e) = revoke(&pool, lease).await {
+            tracing::info!(leader = %url, lease, error = %e, "could not end the leader's term");
         }
         evidence = Evidence::default();
     }
