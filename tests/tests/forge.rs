@@ -130,6 +130,17 @@ impl Fixture {
 
     /// The statuses posted for `sha`, once `n` of them arrived.
     async fn statuses(&self, sha: &str, n: usize) -> Vec<capstan_tests::forge_api::Recorded> {
+        self.statuses_until(sha, &format!("{n} statuses"), |s| s.len() >= n)
+            .await
+    }
+
+    /// The statuses posted for `sha` once `done` holds of them.
+    async fn statuses_until(
+        &self,
+        sha: &str,
+        what: &str,
+        done: impl Fn(&[capstan_tests::forge_api::Recorded]) -> bool,
+    ) -> Vec<capstan_tests::forge_api::Recorded> {
         let got = poll_until(
             Duration::from_secs(30),
             Duration::from_millis(50),
@@ -140,14 +151,14 @@ impl Fixture {
                     .into_iter()
                     .filter(|r| r.path.ends_with(sha))
                     .collect();
-                Ok((for_sha.len() >= n).then_some(for_sha))
+                Ok(done(&for_sha).then_some(for_sha))
             },
         )
         .await
         .unwrap();
         got.unwrap_or_else(|| {
             panic!(
-                "{n} statuses for {sha}: {:#?}\n{}",
+                "{what} for {sha}: {:#?}\n{}",
                 self.status.requests(),
                 self.cluster.all_logs()
             )
@@ -314,7 +325,14 @@ async fn a_failing_pipeline_reports_failure_and_github_and_gitlab_shapes_work() 
         .await
         .unwrap();
     assert_eq!(run_state(&run), RunState::Succeeded);
-    let posted = f.statuses(&sha, 2).await;
+    // pending, maybe running, then success: each is posted by the run's
+    // watch, so the last one may still be on its way.
+    let posted = f
+        .statuses_until(&sha, "a success status", |s| {
+            s.last().is_some_and(|r| r.body["state"] == "success")
+        })
+        .await;
+    assert!(posted.len() >= 2, "{posted:#?}");
     assert_eq!(
         posted[0].path,
         format!("/api/v4/projects/demo%2Fapp/statuses/{sha}")
