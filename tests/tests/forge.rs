@@ -166,12 +166,13 @@ impl Fixture {
     }
 }
 
-/// The value of `series` in the coordinator's scrape (0 when absent).
-fn metric(f: &Fixture, series: &str) -> f64 {
+/// `family{result="<result>"}` in the coordinator's scrape (0 when absent).
+fn counted(f: &Fixture, family: &str, result: &str) -> f64 {
     let (code, body) = f.cluster.http_get("/metrics").expect("scrape /metrics");
     assert_eq!(code, 200, "{body}");
+    let series = format!("{family}{{result=\"{result}\"}}");
     capstan_tests::metrics::samples(&body)
-        .get(series)
+        .get(&series)
         .copied()
         .unwrap_or(0.0)
 }
@@ -447,20 +448,12 @@ async fn every_refused_webhook_has_its_status_and_queues_nothing() {
     assert_eq!(code, 404, "{v}");
     // Counted by result: 400, 404, 400, 422, 422, 404 refused; two 202s
     // and the ping accepted; one failure status posted.
-    let count = |result: &str| {
-        metric(
-            &f,
-            &format!("capstan_webhook_deliveries_total{{result=\"{result}\"}}"),
-        )
-    };
+    let count = |result: &str| counted(&f, "capstan_webhook_deliveries_total", result);
     assert_eq!(
         (count("refused"), count("accepted"), count("failed")),
         (6.0, 3.0, 0.0)
     );
-    assert_eq!(
-        metric(&f, "capstan_commit_statuses_total{result=\"posted\"}"),
-        1.0
-    );
+    assert_eq!(counted(&f, "capstan_commit_statuses_total", "posted"), 1.0);
     // Without an admin token the API refuses.
     let out = f.cluster.cli_with_token(None, &["repo", "list"]);
     assert!(!out.status.success());
@@ -516,19 +509,14 @@ async fn a_forge_outage_never_holds_a_run_and_is_given_up_after_the_bound() {
     let log = f.cluster.process_log("coordinator");
     assert!(log.contains("giving up on the commit status"), "{log}");
     assert!(log.contains("the forge refused the commit status"), "{log}");
-    let count = |result: &str| {
-        metric(
-            &f,
-            &format!("capstan_commit_statuses_total{{result=\"{result}\"}}"),
-        )
-    };
+    let count = |result: &str| counted(&f, "capstan_commit_statuses_total", result);
     assert_eq!(
         (count("failed"), count("refused"), count("posted")),
         (1.0, 1.0, 0.0),
         "the pending status given up, the success refused"
     );
     assert_eq!(
-        metric(&f, "capstan_webhook_deliveries_total{result=\"accepted\"}"),
+        counted(&f, "capstan_webhook_deliveries_total", "accepted"),
         1.0
     );
 }

@@ -70,6 +70,18 @@ pub enum ExecutorError {
     },
 }
 
+/// Writes text of the runner's own (a built-in step's progress or result)
+/// into the step's log.
+pub(crate) async fn step_log(ctx: &StepContext<'_>, text: &str) -> Result<(), ExecutorError> {
+    ctx.output
+        .write(text.as_bytes())
+        .await
+        .map_err(|source| ExecutorError::Output {
+            index: ctx.index,
+            source,
+        })
+}
+
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {
     /// Prepares the task (see the lifecycle contract above).

@@ -53,7 +53,7 @@ use capstan_proto::pipeline::v1::{GitPushStep, SetImageStep, step};
 
 pub use self::author::{Author, DEFAULT_AUTHOR};
 use self::set_image::SetImageError;
-use crate::executor::ExecutorError;
+use crate::executor::{ExecutorError, step_log};
 use crate::git::GitError;
 use crate::secrets::{Secret, Secrets, SecretsError};
 use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline};
@@ -221,14 +221,7 @@ pub(crate) async fn run_set_image(
         Err(e) => return Ok(StepEnd::Failed { message: e }),
     };
     if let Some((image, how)) = pinned {
-        let line = format!("pinning {} to {image} ({how})\n", step.image);
-        ctx.output
-            .write(line.as_bytes())
-            .await
-            .map_err(|source| ExecutorError::Output {
-                index: ctx.index,
-                source,
-            })?;
+        step_log(ctx, &format!("pinning {} to {image} ({how})\n", step.image)).await?;
         step.image = image;
     }
     let task_repo = task.repo.clone();
@@ -307,7 +300,6 @@ async fn finish(
     ctx: &StepContext<'_>,
     work: impl FnOnce() -> Result<Done, GitOpsError> + Send + 'static,
 ) -> Result<StepEnd, ExecutorError> {
-    let index = ctx.index;
     let handle = tokio::task::spawn_blocking(work);
     // A cancelled git operation finishes in the background; the attempt's
     // directory is removed after it, and nothing is pushed half-way.
@@ -316,15 +308,9 @@ async fn finish(
         () = ctx.cancel.cancelled() => return Ok(StepEnd::Cancelled),
         () = sleep_until_deadline(ctx.deadline) => return Ok(StepEnd::TimedOut),
     };
-    let write = |text: String| async move {
-        ctx.output
-            .write(text.as_bytes())
-            .await
-            .map_err(|source| ExecutorError::Output { index, source })
-    };
     match result {
         Ok(done) => {
-            write(done.log).await?;
+            step_log(ctx, &done.log).await?;
             for (key, value) in done.outputs {
                 task.set_output(key, &value);
             }
@@ -332,7 +318,7 @@ async fn finish(
         }
         Err(e) => {
             let message = crate::error::chain(&e);
-            write(format!("{message}\n")).await?;
+            step_log(ctx, &format!("{message}\n")).await?;
             Ok(StepEnd::Failed { message })
         }
     }

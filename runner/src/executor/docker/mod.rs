@@ -57,7 +57,8 @@ use capstan_proto::pipeline::v1::step;
 
 pub(crate) use reap::runner_key;
 
-use super::{Executor, ExecutorError};
+// `log`: a `build` or `push` step's own progress lines, for the children.
+use super::{Executor, ExecutorError, step_log as log};
 use crate::secrets::Secrets;
 use crate::step::{StepContext, StepEnd, TaskContext, step_kind_name};
 
@@ -409,16 +410,4 @@ fn step_end(result: Result<(), Stop>) -> Result<StepEnd, ExecutorError> {
         Err(Stop::Failed(message)) => Ok(StepEnd::Failed { message }),
         Err(Stop::Error(e)) => Err(e),
     }
-}
-
-/// Writes a line of the runner's own (a `build` or `push` step's progress)
-/// into the step's log.
-async fn log(ctx: &StepContext<'_>, text: &str) -> Result<(), ExecutorError> {
-    ctx.output
-        .write(text.as_bytes())
-        .await
-        .map_err(|source| ExecutorError::Output {
-            index: ctx.index,
-            source,
-        })
 }
