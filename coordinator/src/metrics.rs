@@ -13,6 +13,9 @@ use prometheus_client::registry::Registry;
 
 /// The `result` label values of `capstan_webhook_deliveries_total`.
 const WEBHOOK_RESULTS: [&str; 3] = ["accepted", "refused", "failed"];
+/// How asking a forge for a pull request ended (`capstan_pull_requests_total`):
+/// opened, found already open, refused by the forge (4xx), or no answer.
+pub(crate) const PULL_REQUEST_RESULTS: [&str; 4] = ["opened", "existing", "refused", "failed"];
 
 /// How sending a commit status ended (`capstan_commit_statuses_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +63,7 @@ pub(crate) struct Metrics {
     task_retries: Labeled,
     webhook_deliveries: Labeled,
     commit_statuses: Labeled,
+    pull_requests: Labeled,
     is_leader: Gauge,
     leader_epoch: Gauge,
     leader_changes: Counter,
@@ -157,6 +161,7 @@ impl Default for Metrics {
             task_retries: Labeled::default(),
             webhook_deliveries: Labeled::default(),
             commit_statuses: Labeled::default(),
+            pull_requests: Labeled::default(),
             is_leader: Gauge::default(),
             leader_epoch: Gauge::default(),
             leader_changes: Counter::default(),
@@ -266,6 +271,13 @@ impl Metrics {
                 &m.commit_statuses,
             ),
             (
+                "pull_requests",
+                "Pull requests asked of forges by git-push steps in pull-request mode, by \
+                 result: opened, existing (already open from that branch), refused (4xx: \
+                 check the status token and API URL), failed (no answer)",
+                &m.pull_requests,
+            ),
+            (
                 "etcd_request_errors",
                 "etcd request tries that failed, by kind: unavailable (member down or \
                  without a raft leader), timeout, error (refused)",
@@ -369,6 +381,11 @@ impl Metrics {
                 .get_or_create(&[("result", result)])
                 .inc_by(0);
         }
+        for result in PULL_REQUEST_RESULTS {
+            self.pull_requests
+                .get_or_create(&[("result", result)])
+                .inc_by(0);
+        }
         for result in StatusResult::ALL {
             self.commit_statuses
                 .get_or_create(&[("result", result.label())])
@@ -394,6 +411,14 @@ impl Metrics {
     }
 
     /// How sending one commit status to a forge ended.
+    /// `result` is one of [`PULL_REQUEST_RESULTS`].
+    pub(crate) fn pull_request(&self, result: &'static str) {
+        debug_assert!(PULL_REQUEST_RESULTS.contains(&result));
+        self.pull_requests
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
     pub(crate) fn commit_status(&self, result: StatusResult) {
         self.commit_statuses
             .get_or_create(&[("result", result.label())])

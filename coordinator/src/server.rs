@@ -348,6 +348,12 @@ fn grpc_server(
                 shared.clone(),
             )),
         )
+        .add_service(runnerpb::forge_service_server::ForgeServiceServer::new(
+            api::pulls::ForgeApi {
+                shared: shared.clone(),
+                forges: forges.clone(),
+            },
+        ))
         .add_service(apipb::repo_service_server::RepoServiceServer::new(
             api::repos::RepoApi {
                 shared: shared.clone(),

@@ -270,12 +270,18 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         pushed: spec.offer.pushed_digests.clone().into_iter().collect(),
         attempt_id: AttemptId::from_string(attempt_id.clone()),
     };
-    let gitops = Arc::new(GitOps::new(
-        Arc::clone(&spec.secrets),
-        spec.git_author.clone(),
-        spec.git_credentials.clone(),
-        Some(spec.work_dir.manifests_dir(&attempt_id)),
-    ));
+    let pull_requests = crate::gitops::pull_request::Coordinator {
+        target: spec.log_target.clone(),
+    };
+    let gitops = Arc::new(
+        GitOps::new(
+            Arc::clone(&spec.secrets),
+            spec.git_author.clone(),
+            spec.git_credentials.clone(),
+            Some(spec.work_dir.manifests_dir(&attempt_id)),
+        )
+        .with_pull_requests(Arc::new(pull_requests)),
+    );
     Prepared {
         made,
         log,

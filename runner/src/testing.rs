@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
 use capstan_proto::runner::v1::runner_service_server::{RunnerService, RunnerServiceServer};
 use capstan_proto::runner::v1::{
     CoordinatorMessage, HeartbeatAck, LogChunk, PushLogsAck, RegisterRequest, RegisterResponse,
@@ -117,8 +116,11 @@ impl Handle {
         format!("http://{}", self.addr)
     }
 
-    pub(crate) async fn client(&self) -> RunnerServiceClient<Channel> {
-        RunnerServiceClient::connect(self.url()).await.unwrap()
+    /// A lazy connection to the server.
+    pub(crate) fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("the server's URL parses")
+            .connect_lazy()
     }
 
     /// Sends a message down the current Control stream. A stream whose

@@ -1,7 +1,9 @@
 //! A forge's side of the webhook tests: [`Recorder`], a small HTTP server
 //! that stands in for the commit status API (it records every request and
-//! answers with the statuses it is told to), and [`deliver`], a webhook
-//! POST signed as GitHub, Gitea or GitLab sign theirs.
+//! answers with the statuses it is told to) and the pull request API (it
+//! keeps the pull requests POSTed and lists them on GET, as GitHub, Gitea
+//! and GitLab do), and [`deliver`], a webhook POST signed as GitHub, Gitea
+//! or GitLab sign theirs.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -36,6 +38,42 @@ struct Inner {
     requests: Vec<Recorded>,
     /// Statuses to answer, in order; 201 once empty.
     script: VecDeque<u16>,
+    /// The pull requests opened, as the forge answers them.
+    pulls: Vec<serde_json::Value>,
+}
+
+/// Where the stand-in says its pull requests are.
+pub const PULL_URL: &str = "https://forge.test/pull/";
+
+/// The pull request API's answer to `method path` (the query dropped), if
+/// it is one: GET lists every one opened, POST opens one (GitHub and
+/// Gitea's `head`/`base`, GitLab's `source_branch`/`target_branch`).
+fn pull_answer(
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+    pulls: &mut Vec<serde_json::Value>,
+) -> Option<(u16, String)> {
+    let path = path.split('?').next().unwrap_or(path);
+    if !(path.ends_with("/pulls") || path.ends_with("/merge_requests")) {
+        return None;
+    }
+    if method == "GET" {
+        return Some((200, serde_json::Value::Array(pulls.clone()).to_string()));
+    }
+    let field = |a: &str, b: &str| body.get(a).or_else(|| body.get(b)).cloned();
+    let (head, base) = (
+        field("head", "source_branch")?,
+        field("base", "target_branch")?,
+    );
+    let n = pulls.len() + 1;
+    let pr = serde_json::json!({
+        "number": n, "html_url": format!("{PULL_URL}{n}"), "web_url": format!("{PULL_URL}{n}"),
+        "title": body["title"], "head": {"ref": head}, "base": {"ref": base},
+        "source_branch": head, "target_branch": base,
+    });
+    pulls.push(pr.clone());
+    Some((201, pr.to_string()))
 }
 
 /// The recording status API; stops when dropped.
@@ -118,20 +156,29 @@ fn serve(conn: TcpStream, inner: &Mutex<Inner>) -> std::io::Result<()> {
         .unwrap_or(0);
     let mut body = vec![0; len];
     reader.read_exact(&mut body)?;
-    let code = {
+    let (code, answer) = {
         let mut i = inner.lock().unwrap();
+        let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        let scripted = i.script.pop_front();
+        let answer = match scripted {
+            Some(code) => (code, "{}".to_owned()),
+            None => {
+                pull_answer(&method, &path, &body, &mut i.pulls).unwrap_or((201, "{}".to_owned()))
+            }
+        };
         i.requests.push(Recorded {
             method,
             path,
             headers,
-            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            body,
         });
-        i.script.pop_front().unwrap_or(201)
+        answer
     };
     let mut conn = conn;
     write!(
         conn,
-        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
     )
 }
 

@@ -713,6 +713,131 @@ async fn already_up_to_date_makes_no_commit() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `git-push` with `mode: pull-request` against the git server and the
+/// recording forge stand-in (the manifests repository registered with
+/// `--forge github`): the run's branch `capstan/<pipeline>/<sha>` is pushed,
+/// `main` is untouched, the coordinator opens one pull request with the
+/// registration's token, and a rerun of the same commit pushes nothing and
+/// opens nothing new. An unregistered repository only gets the branch.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_request_mode_opens_one_pull_request_per_commit() -> anyhow::Result<()> {
+    let f = Fixture::new("pr");
+    let image = f.image();
+    let src = seed_repo(&f.server, f.work.path(), "demo/src", &[("README", b"pr\n")]);
+    let sha = git(&src, &["rev-parse", "HEAD"]);
+    for repo in ["demo/manifests", "demo/unregistered"] {
+        seed_repo(
+            &f.server,
+            f.work.path(),
+            repo,
+            &[("k8s/pod.yaml", pod(&image).as_bytes())],
+        );
+    }
+    let main = head(&f.server, "demo/manifests");
+    let forge = capstan_tests::forge_api::Recorder::start()?;
+    let c = f.cluster("shell", 1).await?;
+    let manifests = f.server.url("demo/manifests");
+    let api_url = forge.url();
+    let out = c.cli(&[
+        "repo",
+        "add",
+        "manifests",
+        "--url",
+        &manifests,
+        "--forge",
+        "github",
+        "--api-url",
+        &api_url,
+        "--status-token",
+        "pr-token-77",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let yaml = |repo: &str| {
+        format!(
+            "version: 1\nname: promote\ntasks:\n  deploy:\n    steps:\n      \
+             - set-image: {{ repo: \"{repo}\", files: [k8s/pod.yaml], image: \"{image}:${{{{ git.sha }}}}\" }}\n      \
+             - git-push: {{ message: \"deploy ${{{{ git.sha }}}}\", credentials: gitops, mode: pull-request }}\n"
+        )
+    };
+    let branch = format!("capstan/promote/{sha}");
+    let src_url = f.server.url("demo/src");
+    let mut pushed = Vec::new();
+    for round in 0..2 {
+        let id = submit(&c, &yaml(&manifests), &[], &src_url, &sha).await?;
+        let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+        let log = logs(&c, &id, &["deploy"]).await;
+        assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+        let outputs = &task(&run, "deploy").outputs;
+        assert_eq!(outputs.get("branch"), Some(&branch), "{log}");
+        assert_eq!(
+            outputs.get("pull-request").map(String::as_str),
+            Some("https://forge.test/pull/1"),
+            "{log}"
+        );
+        let verb = ["pull request opened", "pull request already open:"][round];
+        assert!(log.contains(verb), "{log}");
+        pushed.push(git(
+            &bare(&f.server, "demo/manifests"),
+            &["rev-parse", &branch],
+        ));
+    }
+    assert_eq!(pushed[0], pushed[1], "the rerun pushed nothing new");
+    assert_eq!(head(&f.server, "demo/manifests"), main, "main untouched");
+    let pod_on_branch = String::from_utf8(show(
+        &bare(&f.server, "demo/manifests"),
+        &branch,
+        "k8s/pod.yaml",
+    ))?;
+    assert!(
+        pod_on_branch.contains(&format!("{image}:{sha}")),
+        "{pod_on_branch}"
+    );
+    let requests = forge.requests();
+    let creates: Vec<_> = requests.iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(creates.len(), 1, "{requests:#?}");
+    assert_eq!(creates[0].path, "/repos/demo/manifests/pulls");
+    assert_eq!(creates[0].body["head"], branch.as_str());
+    assert_eq!(creates[0].body["base"], "main");
+    assert_eq!(creates[0].body["title"], format!("deploy {sha}").as_str());
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.header("authorization") == Some("Bearer pr-token-77")),
+        "{requests:#?}"
+    );
+    assert_eq!(
+        requests.iter().filter(|r| r.method == "GET").count(),
+        2,
+        "{requests:#?}"
+    );
+    let scrape = c.http_get("/metrics").map(|(_, b)| b).unwrap_or_default();
+    let samples = capstan_tests::metrics::samples(&scrape);
+    assert_eq!(
+        samples.get("capstan_pull_requests_total{result=\"opened\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(
+        samples.get("capstan_pull_requests_total{result=\"existing\"}"),
+        Some(&1.0)
+    );
+
+    let other = f.server.url("demo/unregistered");
+    let id = submit(&c, &yaml(&other), &[], &src_url, &sha).await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    let log = logs(&c, &id, &["deploy"]).await;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+    assert!(
+        log.contains(&format!("no forge is registered for {other}: open a pull request from {branch} into main by hand")),
+        "{log}"
+    );
+    git(
+        &bare(&f.server, "demo/unregistered"),
+        &["rev-parse", &branch],
+    );
+    assert_eq!(forge.requests().len(), requests.len(), "no forge was asked");
+    Ok(())
+}
+
 /// `git-push` (and the source checkout) over SSH with a key from a secret, the server checked against
 /// the secret's `known_hosts`: a real sshd on loopback serves the manifests
 /// repository. The right key and host key push the bump as the bot; a host

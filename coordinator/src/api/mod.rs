@@ -6,6 +6,7 @@
 pub(crate) mod auth;
 pub(crate) mod cluster;
 pub(crate) mod pipeline;
+pub(crate) mod pulls;
 pub(crate) mod repos;
 pub(crate) mod runner;
 pub(crate) mod status;

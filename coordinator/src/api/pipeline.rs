@@ -7,7 +7,6 @@ use crate::scheduler::{AttemptLogInfo, Command};
 use crate::tokens::Scope;
 use capstan_proto::api::v1::*;
 use capstan_proto::ids::{AttemptId, RunId};
-use capstan_proto::pipeline::v1::TaskSpec;
 use capstan_telemetry::TraceHeaders;
 use futures::Stream;
 use std::collections::HashMap;
@@ -144,7 +143,7 @@ fn task_records(resolved: &capstan_pipeline::Pipeline) -> Vec<TaskRecord> {
         .map(|t| TaskRecord {
             name: t.name.clone(),
             needs: t.needs.iter().map(|n| index[n.as_str()]).collect(),
-            spec: TaskSpec::from(t),
+            spec: capstan_pipeline::task_spec(&resolved.name, t),
             state: StoredTaskState::Waiting,
             retries: t.retries,
             script_failures: 0,

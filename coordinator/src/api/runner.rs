@@ -249,8 +249,9 @@ fn ack_heartbeat(acks: &mpsc::WeakUnboundedSender<Result<CoordinatorMessage, Sta
 }
 
 /// Asks the scheduler whether `runner` (its id and secret, and under mTLS
-/// the certificate's `identity`) may write `attempt`'s log.
-async fn authorize(
+/// the certificate's `identity`) may write `attempt`'s log (and, by the same
+/// rule, act for it: `api::pulls`).
+pub(super) async fn authorize(
     leader: &super::LeaderCtx,
     (runner, secret): (String, String),
     identity: Option<String>,
@@ -335,33 +336,9 @@ const APPEND_BATCH: usize = 2 * 1024 * 1024;
 const GAP_WAIT: Duration = Duration::from_secs(5);
 
 impl RunnerApi {
-    /// Under mTLS, the subject of the caller's client certificate once it
-    /// is checked against `--tls-client-ca` (the handshake accepts any:
-    /// `capstan_tls::client_ca` says why), or the refusal of a caller
-    /// without a good one; `None` without mTLS.
+    /// See [`identity`].
     fn identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
-        let Some(mtls) = &self.0.mtls else {
-            return Ok(None);
-        };
-        let certs = req.peer_certs();
-        let chain = certs.as_deref().map(Vec::as_slice).unwrap_or_default();
-        let Some(leaf) = chain.first() else {
-            return Err(Status::unauthenticated(
-                "this coordinator requires runners to present a client certificate \
-                 (--tls-client-ca): start the runner with --tls-client-cert and --tls-client-key",
-            ));
-        };
-        if let Err(e) = mtls.ca.verify(chain) {
-            return Err(Status::unauthenticated(format!(
-                "the runner's client certificate is not one this coordinator trusts ({e}): \
-                 issue it from the CA given to the coordinator's --tls-client-ca"
-            )));
-        }
-        capstan_tls::identity(leaf.as_ref()).map(Some).ok_or_else(|| {
-            Status::unauthenticated(
-                "the runner's client certificate names no one: give it a subject CN or a DNS subjectAltName",
-            )
-        })
+        identity(&self.0, req)
     }
 
     /// Appends `parts` to `attempt`'s log at `offset` and counts the bytes
@@ -479,4 +456,33 @@ fn runner_token_refusal(name: &str, e: RunnerTokenError) -> Status {
             Status::internal("the coordinator could not access its runner tokens; see its log")
         }
     }
+}
+
+/// Under mTLS, the subject of the caller's client certificate once it is
+/// checked against `--tls-client-ca` (the handshake accepts any:
+/// `capstan_tls::client_ca` says why), or the refusal of a caller without a
+/// good one; `None` without mTLS.
+pub(super) fn identity<T>(shared: &Shared, req: &Request<T>) -> Result<Option<String>, Status> {
+    let Some(mtls) = &shared.mtls else {
+        return Ok(None);
+    };
+    let certs = req.peer_certs();
+    let chain = certs.as_deref().map(Vec::as_slice).unwrap_or_default();
+    let Some(leaf) = chain.first() else {
+        return Err(Status::unauthenticated(
+            "this coordinator requires runners to present a client certificate \
+                 (--tls-client-ca): start the runner with --tls-client-cert and --tls-client-key",
+        ));
+    };
+    if let Err(e) = mtls.ca.verify(chain) {
+        return Err(Status::unauthenticated(format!(
+            "the runner's client certificate is not one this coordinator trusts ({e}): \
+                 issue it from the CA given to the coordinator's --tls-client-ca"
+        )));
+    }
+    capstan_tls::identity(leaf.as_ref()).map(Some).ok_or_else(|| {
+            Status::unauthenticated(
+                "the runner's client certificate names no one: give it a subject CN or a DNS subjectAltName",
+            )
+        })
 }

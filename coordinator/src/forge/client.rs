@@ -1,6 +1,6 @@
-//! The forge API's one HTTP client: a JSON POST over HTTP/1.1, TLS (rustls,
-//! the system's CA store) for `https://`, one connection per request (a
-//! status is a few per run), each request under a timeout.
+//! The forge API's one HTTP client: JSON GETs and POSTs over HTTP/1.1, TLS
+//! (rustls, the system's CA store) for `https://`, one connection per
+//! request (a status is a few per run), each request under a timeout.
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -12,10 +12,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// One request, connect to the end of the answer.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How a POST went.
+/// The most of an answer's body read; a longer one is cut here (a list of
+/// pull requests is the longest answer asked for).
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// How a request went.
 #[derive(Debug)]
 pub(crate) enum Answer {
-    /// The server answered with this status and (the start of) this body.
+    /// The server answered with this status and this body (cut at
+    /// [`MAX_BODY`]).
     Status(u16, String),
     /// No answer: connect, TLS, or the timeout.
     Failed(String),
@@ -46,14 +51,33 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 /// POSTs `body` (JSON) to `url` with `headers`.
 pub(crate) async fn post_json(url: &str, headers: &[(&str, String)], body: String) -> Answer {
-    match tokio::time::timeout(REQUEST_TIMEOUT, post(url, headers, body)).await {
+    timed(exchange(hyper::Method::POST, url, headers, body)).await
+}
+
+/// GETs `url` with `headers`.
+pub(crate) async fn get_json(url: &str, headers: &[(&str, String)]) -> Answer {
+    timed(exchange(hyper::Method::GET, url, headers, String::new())).await
+}
+
+/// The first characters of an answer's body, for a log line.
+pub(crate) fn snippet(body: &str) -> String {
+    body.chars().take(300).collect()
+}
+
+async fn timed(f: impl Future<Output = Result<Answer, String>>) -> Answer {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => Answer::Failed(e),
         Err(_) => Answer::Failed(format!("no answer within {REQUEST_TIMEOUT:?}")),
     }
 }
 
-async fn post(url: &str, headers: &[(&str, String)], body: String) -> Result<Answer, String> {
+async fn exchange(
+    method: hyper::Method,
+    url: &str,
+    headers: &[(&str, String)],
+    body: String,
+) -> Result<Answer, String> {
     let u = url::Url::parse(url).map_err(|e| format!("bad URL {url}: {e}"))?;
     let host = u
         .host_str()
@@ -72,6 +96,7 @@ async fn post(url: &str, headers: &[(&str, String)], body: String) -> Result<Ans
         None => host.clone(),
     };
     let req = Request {
+        method,
         path,
         authority,
         headers,
@@ -94,6 +119,7 @@ async fn post(url: &str, headers: &[(&str, String)], body: String) -> Result<Ans
 }
 
 struct Request<'a> {
+    method: hyper::Method,
     path: String,
     authority: String,
     headers: &'a [(&'a str, String)],
@@ -108,7 +134,9 @@ where
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
     tokio::spawn(conn);
-    let mut req = hyper::Request::post(r.path)
+    let mut req = hyper::Request::builder()
+        .method(r.method)
+        .uri(r.path)
         .header(hyper::header::HOST, r.authority)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::USER_AGENT, "capstan");
@@ -123,16 +151,10 @@ where
         .await
         .map_err(|e| format!("request: {e}"))?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
-        .map(|b| {
-            String::from_utf8_lossy(&b.to_bytes())
-                .chars()
-                .take(300)
-                .collect()
-        })
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
         .unwrap_or_default();
     Ok(Answer::Status(status, body))
 }

@@ -10,6 +10,7 @@
 //! - `webhook`: `POST /hooks/{github,gitea,gitlab}` (verify, resolve, fetch, submit);
 //! - `submit`: a run of a repository's pipeline at a commit, queued on the leader;
 //! - `status`: commit statuses owed (in the store) and posted with retries;
+//! - `pulls`: pull requests opened for a runner's `git-push` (pull-request mode);
 //! - `client`: the one HTTP client of the forge APIs;
 //! - `cron`: cron expressions (the `cron` crate);
 //! - `schedule`: cron schedules, on the leader only.
@@ -22,6 +23,7 @@ pub(crate) mod client;
 pub(crate) mod cron;
 pub(crate) mod fetch;
 pub(crate) mod payload;
+pub(crate) mod pulls;
 pub(crate) mod repos;
 pub(crate) mod schedule;
 pub(crate) mod status;
@@ -46,6 +48,18 @@ impl Forge {
             Forge::Github => "github",
             Forge::Gitea => "gitea",
             Forge::Gitlab => "gitlab",
+        }
+    }
+
+    /// The headers that carry `token` to this forge's API.
+    pub(crate) fn auth(self, token: &str) -> Vec<(&'static str, String)> {
+        match self {
+            Forge::Github => vec![
+                ("authorization", format!("Bearer {token}")),
+                ("accept", "application/vnd.github+json".into()),
+            ],
+            Forge::Gitea => vec![("authorization", format!("token {token}"))],
+            Forge::Gitlab => vec![("private-token", token.to_string())],
         }
     }
 

@@ -161,6 +161,21 @@ impl RepoRecord {
         let path = path.trim_matches('/');
         path.strip_suffix(".git").unwrap_or(path).to_string()
     }
+
+    /// The repository's resource in `forge`'s API (statuses, pull requests
+    /// and merge requests hang below it).
+    pub(crate) fn api_root(&self, forge: Forge) -> String {
+        let path = self.forge_path();
+        match forge {
+            Forge::Github => format!("{}/repos/{path}", self.api_url),
+            Forge::Gitea => format!("{}/api/v1/repos/{path}", self.api_url),
+            Forge::Gitlab => format!(
+                "{}/api/v4/projects/{}",
+                self.api_url,
+                url::form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>()
+            ),
+        }
+    }
 }
 
 /// `*` matches any run of characters but `/`; `**` any run at all.

@@ -12,7 +12,7 @@
 //! given up with a log line. A 4xx (a bad token, an unknown repository) is
 //! not retried.
 
-use super::client::{Answer, post_json};
+use super::client::{Answer, post_json, snippet};
 use super::repos::RepoRecord;
 use super::{Forge, Forges};
 use crate::api::LeaderCtx;
@@ -121,40 +121,22 @@ pub(crate) fn request(
     token: &str,
     s: &Status<'_>,
 ) -> (String, Vec<(&'static str, String)>, String) {
-    let path = repo.forge_path();
     let description = truncate(s.description, MAX_DESCRIPTION);
     let state = s.state.wire(forge);
-    match forge {
-        Forge::Github => (
-            format!("{}/repos/{path}/statuses/{}", repo.api_url, s.sha),
-            vec![
-                ("authorization", format!("Bearer {token}")),
-                ("accept", "application/vnd.github+json".into()),
-            ],
-            serde_json::json!({"state": state, "target_url": s.target_url,
-                "description": description, "context": s.context})
-            .to_string(),
-        ),
-        Forge::Gitea => (
-            format!("{}/api/v1/repos/{path}/statuses/{}", repo.api_url, s.sha),
-            vec![("authorization", format!("token {token}"))],
-            serde_json::json!({"state": state, "target_url": s.target_url,
-                "description": description, "context": s.context})
-            .to_string(),
-        ),
-        Forge::Gitlab => (
-            format!(
-                "{}/api/v4/projects/{}/statuses/{}",
-                repo.api_url,
-                url::form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>(),
-                s.sha
-            ),
-            vec![("private-token", token.to_string())],
-            serde_json::json!({"state": state, "target_url": s.target_url,
-                "description": description, "name": s.context})
-            .to_string(),
-        ),
-    }
+    // GitLab calls the context `name`.
+    let context_key = if forge == Forge::Gitlab {
+        "name"
+    } else {
+        "context"
+    };
+    let mut body = serde_json::json!({"state": state, "target_url": s.target_url,
+        "description": description});
+    body[context_key] = s.context.into();
+    (
+        format!("{}/statuses/{}", repo.api_root(forge), s.sha),
+        forge.auth(token),
+        body.to_string(),
+    )
 }
 
 impl Statuses {
@@ -221,7 +203,7 @@ async fn send(
                 return StatusResult::Posted;
             }
             Answer::Status(code, body) if *code != 429 && *code < 500 => {
-                tracing::error!(repo = %repo.name, sha = %status.sha, %url, code, body = %body,
+                tracing::error!(repo = %repo.name, sha = %status.sha, %url, code, body = %snippet(body),
                     "the forge refused the commit status (check --status-token and --api-url); not retried");
                 return StatusResult::Refused;
             }

@@ -43,8 +43,9 @@ pub(super) struct Session {
     pub(super) welcome: Welcome,
     /// The Control stream's connection, held for as long as the stream.
     pub(super) client: RunnerServiceClient<Channel>,
-    /// For `PushLogs`: its own HTTP/2 connection (see [`Connector::connect`]).
-    pub(super) log_client: RunnerServiceClient<Channel>,
+    /// For `PushLogs` (and `ForgeService`): its own HTTP/2 connection (see
+    /// [`Connector::connect`]).
+    pub(super) log_channel: Channel,
     pub(super) credentials: Credentials,
 }
 
@@ -292,13 +293,13 @@ impl Connector {
         };
         let ((conn, inbound, welcome), credentials) =
             opened.map_err(|status| self.control_error(&status))?;
-        let log_client = log_client(&endpoint, &welcome, self.heartbeat);
+        let log_channel = log_channel(&endpoint, &welcome, self.heartbeat);
         Ok(Session {
             conn,
             inbound,
             welcome,
             client,
-            log_client,
+            log_channel,
             credentials,
         })
     }
@@ -430,21 +431,15 @@ async fn open_control(
 /// healthy. Its keepalive comes from `welcome`'s heartbeat (the log
 /// connection has no watchdog of its own), not from `assumed`, the interval
 /// taken before the first welcome.
-fn log_client(
-    endpoint: &Endpoint,
-    welcome: &Welcome,
-    assumed: Duration,
-) -> RunnerServiceClient<Channel> {
+fn log_channel(endpoint: &Endpoint, welcome: &Welcome, assumed: Duration) -> Channel {
     let heartbeat = match welcome.heartbeat_interval_ms {
         0 => assumed,
         ms => Duration::from_millis(u64::from(ms)),
     };
     let (ping_every, ping_timeout) = liveness::keepalive(heartbeat);
-    RunnerServiceClient::new(
-        endpoint
-            .clone()
-            .http2_keep_alive_interval(ping_every)
-            .keep_alive_timeout(ping_timeout)
-            .connect_lazy(),
-    )
+    endpoint
+        .clone()
+        .http2_keep_alive_interval(ping_every)
+        .keep_alive_timeout(ping_timeout)
+        .connect_lazy()
 }

@@ -249,14 +249,11 @@ impl Agent {
             mut inbound,
             welcome,
             client: _control_client,
-            log_client,
+            log_channel,
             credentials,
         } = session;
         self.attempts.mask_runner_secret(&credentials.runner_secret);
-        let target = LogTarget {
-            client: log_client,
-            credentials,
-        };
+        let target = LogTarget::new(log_channel, credentials);
         let beats = self.welcomed(&welcome, target).await;
         let mut watchdog = Watchdog::new(beats.busy, welcome.acks_heartbeats);
         if !self.attempts.resend(&conn).await {

@@ -72,12 +72,56 @@ impl Remote<'_> {
             .map_err(self.git("reading the fetched branch"))
     }
 
+    /// Fetches `branch` like [`Remote::fetch_branch`]; `None` when the
+    /// remote has no such branch.
+    pub(crate) fn fetch_branch_if_any(
+        &self,
+        repo: &git2::Repository,
+        branch: &str,
+    ) -> Result<Option<git2::Oid>, GitError> {
+        // A fetch of a missing branch fetches nothing and fails nothing, so
+        // a tracking ref left from before must not answer for it.
+        let tracking = format!("refs/remotes/origin/{branch}");
+        if let Ok(mut old) = repo.find_reference(&tracking) {
+            old.delete()
+                .map_err(self.git("clearing the tracking ref"))?;
+        }
+        match self.fetch_branch(repo, branch) {
+            Ok(oid) => Ok(Some(oid)),
+            Err(GitError::Git { source, .. }) if source.code() == git2::ErrorCode::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Pushes `commit` to `refname`, never forced.
     pub(crate) fn push(
         &self,
         repo: &git2::Repository,
         commit: git2::Oid,
         refname: &str,
+    ) -> Result<Pushed, GitError> {
+        self.push_with(repo, commit, refname, false)
+    }
+
+    /// Pushes `commit` to `refname` whatever the remote's ref holds: only
+    /// for a branch Capstan owns (a pull request's `capstan/...`).
+    pub(crate) fn push_forced(
+        &self,
+        repo: &git2::Repository,
+        commit: git2::Oid,
+        refname: &str,
+    ) -> Result<Pushed, GitError> {
+        self.push_with(repo, commit, refname, true)
+    }
+
+    fn push_with(
+        &self,
+        repo: &git2::Repository,
+        commit: git2::Oid,
+        refname: &str,
+        force: bool,
     ) -> Result<Pushed, GitError> {
         repo.reference(PUSH_REF, commit, true, "capstan git-push")
             .map_err(self.git("creating the push ref"))?;
@@ -95,8 +139,13 @@ impl Remote<'_> {
             });
             let mut options = git2::PushOptions::new();
             options.remote_callbacks(callbacks);
-            self.anonymous(repo)?
-                .push(&[format!("{PUSH_REF}:{refname}")], Some(&mut options))
+            self.anonymous(repo)?.push(
+                &[format!(
+                    "{}{PUSH_REF}:{refname}",
+                    if force { "+" } else { "" }
+                )],
+                Some(&mut options),
+            )
         };
         if let Err(source) = result {
             return match self.error(Op::Push, &report, source) {

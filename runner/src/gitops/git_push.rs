@@ -4,6 +4,12 @@
 //! or a refused ref while the branch moved) fetches the branch, resets onto
 //! its head, re-applies every edit and tries again, at most [`MAX_TRIES`]
 //! times with jittered exponential backoff.
+//!
+//! In pull-request mode the commit goes to the run's own branch,
+//! `capstan/<pipeline>/<sha>`, instead: pushed forced (the branch is
+//! Capstan's, rewritten when the base moved), or not at all when it already
+//! holds the same tree (a rerun). The pull request itself is opened by the
+//! caller ([`super::pull_request`]), which holds the coordinator's line.
 
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -26,11 +32,30 @@ enum Outcome {
     Raced,
 }
 
-/// The `git-push` step on a blocking thread.
-pub(super) fn git_push_blocking(gitops: &GitOps, step: &GitPushStep) -> Result<Done, GitOpsError> {
+/// The branch a pull request goes from: the run's, so a rerun of the same
+/// commit finds its own.
+pub(crate) fn pull_request_branch(pipeline: &str, sha: &str) -> String {
+    format!("{}{pipeline}/{sha}", super::pull_request::BRANCH_PREFIX)
+}
+
+/// The `git-push` step on a blocking thread; `source_sha` is the run's
+/// commit (names a pull request's branch).
+pub(super) fn git_push_blocking(
+    gitops: &GitOps,
+    step: &GitPushStep,
+    source_sha: Option<&str>,
+) -> Result<Done, GitOpsError> {
     let Some(mut pending) = gitops.take_pending() else {
         return Err(GitOpsError::NothingPending);
     };
+    let pull_request = match step.mode.as_str() {
+        "" | "direct" => false,
+        "pull-request" => true,
+        other => return Err(GitOpsError::BadMode(other.to_owned())),
+    };
+    if !step.branch.is_empty() && !valid_branch(&step.branch) {
+        return Err(GitOpsError::BadBranch(step.branch.clone()));
+    }
     let url = pending.repo_url.clone();
     let secret_name = if step.credentials.is_empty() {
         pending.credentials.clone()
@@ -46,19 +71,46 @@ pub(super) fn git_push_blocking(gitops: &GitOps, step: &GitPushStep) -> Result<D
     let repo = open(&pending.dir, &url)?;
     let sig = git2::Signature::now(&gitops.author.name, &gitops.author.email)
         .map_err(git(&url, "making the commit signature"))?;
+    let mut log = String::new();
+    if !step.branch.is_empty() && step.branch != pending.branch {
+        pending.branch = step.branch.clone();
+        reapply_on_head(&repo, &remote, &mut pending, &mut log)?;
+    }
+    if pull_request {
+        let sha = source_sha.map_or_else(|| pending.base.to_string(), str::to_owned);
+        let head = pull_request_branch(&step.pipeline, &sha);
+        if !valid_branch(&head) {
+            return Err(GitOpsError::BadBranch(head));
+        }
+        return push_pull_request(&repo, &remote, &pending, &sig, step, head, log);
+    }
+    let who = gitops.author.to_string();
+    push_direct(&repo, &remote, pending, (&sig, &who), &step.message, log)
+}
+
+/// Direct mode: commits the edits and pushes them to the branch, again on
+/// its new head after each race.
+fn push_direct(
+    repo: &git2::Repository,
+    remote: &Remote<'_>,
+    mut pending: Pending,
+    (sig, who): (&git2::Signature<'_>, &str),
+    message: &str,
+    mut log: String,
+) -> Result<Done, GitOpsError> {
+    let url = remote.url.to_owned();
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(2))
         .with_jitter()
         .with_max_times(MAX_TRIES)
         .build();
-    let mut log = String::new();
     for attempt in 1..=MAX_TRIES {
         if attempt > 1 {
             std::thread::sleep(delays.next().unwrap_or(Duration::from_millis(500)));
-            reapply_on_head(&repo, &remote, &mut pending, &mut log)?;
+            reapply_on_head(repo, remote, &mut pending, &mut log)?;
         }
-        let Some(commit) = commit_edits(&repo, &pending, &sig, &step.message)? else {
+        let Some(commit) = commit_edits(repo, &pending, sig, message)? else {
             log.push_str(&format!(
                 "already up to date: {} has the image at {}\n",
                 pending.branch, pending.base
@@ -66,18 +118,20 @@ pub(super) fn git_push_blocking(gitops: &GitOps, step: &GitPushStep) -> Result<D
             return Ok(Done {
                 log,
                 outputs: vec![("commit", pending.base.to_string()), ("repo", url)],
+                pull_request: None,
             });
         };
         let refname = format!("refs/heads/{}", pending.branch);
-        match push(&repo, &remote, commit, &refname)? {
+        match push(repo, remote, commit, &refname)? {
             Outcome::Done => {
                 log.push_str(&format!(
-                    "pushed {commit} to {url} {} as {}\n",
-                    pending.branch, gitops.author
+                    "pushed {commit} to {url} {} as {who}\n",
+                    pending.branch
                 ));
                 return Ok(Done {
                     log,
                     outputs: vec![("commit", commit.to_string()), ("repo", url)],
+                    pull_request: None,
                 });
             }
             Outcome::Raced => log.push_str(&format!(
@@ -89,6 +143,71 @@ pub(super) fn git_push_blocking(gitops: &GitOps, step: &GitPushStep) -> Result<D
     Err(GitOpsError::Contended {
         url,
         tries: MAX_TRIES,
+    })
+}
+
+/// Pull-request mode: commits the edits on the base and puts that on
+/// `head`, unless `head` already has the same tree (then its commit is
+/// kept). Nothing to commit: no branch and no pull request.
+fn push_pull_request(
+    repo: &git2::Repository,
+    remote: &Remote<'_>,
+    pending: &Pending,
+    sig: &git2::Signature<'_>,
+    step: &GitPushStep,
+    head: String,
+    mut log: String,
+) -> Result<Done, GitOpsError> {
+    let url = remote.url.to_owned();
+    let Some(commit) = commit_edits(repo, pending, sig, &step.message)? else {
+        log.push_str(&format!(
+            "already up to date: {} has the image at {}; no pull request\n",
+            pending.branch, pending.base
+        ));
+        return Ok(Done {
+            log,
+            outputs: vec![("commit", pending.base.to_string()), ("repo", url)],
+            pull_request: None,
+        });
+    };
+    let tree = |oid| {
+        repo.find_commit(oid)
+            .map(|c| c.tree_id())
+            .map_err(git(remote.url, "reading a commit's tree"))
+    };
+    let pushed = match remote.fetch_branch_if_any(repo, &head)? {
+        Some(there) if tree(there)? == tree(commit)? => {
+            log.push_str(&format!("{head} already has this change at {there}\n"));
+            there
+        }
+        _ => {
+            let refname = format!("refs/heads/{head}");
+            let rejected = match remote.push_forced(repo, commit, &refname)? {
+                Pushed::Done => None,
+                // A forced push is never judged a fast-forward; a server
+                // that says so refuses forced pushes to the branch.
+                Pushed::NonFastForward => Some((refname, "non-fast-forward".to_owned())),
+                Pushed::RefRejected { refname, message } => Some((refname, message)),
+            };
+            if let Some((refname, message)) = rejected {
+                return Err(GitOpsError::Rejected {
+                    url,
+                    refname,
+                    message,
+                });
+            }
+            log.push_str(&format!("pushed {commit} to {url} {head}\n"));
+            commit
+        }
+    };
+    Ok(Done {
+        log,
+        outputs: vec![
+            ("commit", pushed.to_string()),
+            ("repo", url),
+            ("branch", head.clone()),
+        ],
+        pull_request: Some((head, pending.branch.clone())),
     })
 }
 
@@ -182,6 +301,10 @@ fn push(
         });
     }
     Ok(Outcome::Raced)
+}
+
+fn valid_branch(name: &str) -> bool {
+    git2::Reference::is_valid_name(&format!("refs/heads/{name}"))
 }
 
 /// `files` as index paths (`./k8s/a.yaml` -> `k8s/a.yaml`); set-image has

@@ -42,6 +42,9 @@
 
 mod author;
 mod git_push;
+pub(crate) mod pull_request;
+#[cfg(test)]
+mod pull_request_tests;
 mod set_image;
 #[cfg(test)]
 mod tests;
@@ -52,6 +55,7 @@ use std::sync::{Arc, Mutex};
 use capstan_proto::pipeline::v1::{GitPushStep, SetImageStep, step};
 
 pub use self::author::{Author, DEFAULT_AUTHOR};
+use self::pull_request::PullRequests;
 use self::set_image::SetImageError;
 use crate::executor::{ExecutorError, step_log};
 use crate::git::GitError;
@@ -75,6 +79,9 @@ pub(crate) struct GitOps {
     /// Where a separate manifests repository is cloned; `None` puts it
     /// beside the workspace (`<workspace>.manifests`).
     pub(crate) manifests_dir: Option<PathBuf>,
+    /// Who opens the pull requests of `mode: pull-request`; `None`: no
+    /// forge (the branch is pushed and printed).
+    pull_requests: Option<Arc<dyn PullRequests>>,
     pending: Mutex<Option<Pending>>,
 }
 
@@ -152,6 +159,10 @@ pub(crate) enum GitOpsError {
     },
     #[error("the git task failed: {0}")]
     Join(String),
+    #[error("unknown `mode: {0}` of `git-push`: use direct or pull-request")]
+    BadMode(String),
+    #[error("`{0}` is not a branch name git accepts: fix the step's `branch`")]
+    BadBranch(String),
 }
 
 impl GitOps {
@@ -167,8 +178,15 @@ impl GitOps {
             author,
             checkout_credentials,
             manifests_dir,
+            pull_requests: None,
             pending: Mutex::new(None),
         }
+    }
+
+    /// Pull requests are opened through `p`.
+    pub(crate) fn with_pull_requests(mut self, p: Arc<dyn PullRequests>) -> Self {
+        self.pull_requests = Some(p);
+        self
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Option<Pending>> {
@@ -204,6 +222,8 @@ impl GitOps {
 struct Done {
     log: String,
     outputs: Vec<(&'static str, String)>,
+    /// Pull-request mode: the pushed branch and the one it merges into.
+    pull_request: Option<(String, String)>,
 }
 
 /// Runs a `set-image` step (see the module docs).
@@ -278,19 +298,75 @@ fn pinned_image(
     Ok(Some((format!("{}@{digest}", step.image), how)))
 }
 
-/// Runs a `git-push` step (see the module docs).
+/// Runs a `git-push` step (see the module docs); in pull-request mode it
+/// then asks for the pull request, whose URL is the output `pull-request`.
 pub(crate) async fn run_git_push(
     gitops: &Arc<GitOps>,
     task: &TaskContext,
     ctx: &StepContext<'_>,
     step: &GitPushStep,
 ) -> Result<StepEnd, ExecutorError> {
-    let gitops = Arc::clone(gitops);
-    let step = step.clone();
-    finish(task, ctx, move || {
-        git_push::git_push_blocking(&gitops, &step)
+    let worker = Arc::clone(gitops);
+    let gstep = step.clone();
+    let (repo, workspace) = (task.repo.clone(), task.workspace.clone());
+    let result = blocking(ctx, move || {
+        // The run's commit names the pull request's branch: its checkout's
+        // HEAD, so a `--rev main` names the commit it was.
+        let source = (!repo.is_empty())
+            .then(|| open(&workspace, &repo).and_then(|r| head_commit(&r, &repo)))
+            .transpose()?
+            .map(|oid| oid.to_string());
+        git_push::git_push_blocking(&worker, &gstep, source.as_deref())
     })
-    .await
+    .await;
+    let mut done = match result {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => return report(task, ctx, Err(e)).await,
+        Err(end) => return Ok(end),
+    };
+    if let Some((head, base)) = done.pull_request.take() {
+        let url = done
+            .outputs
+            .iter()
+            .find(|(k, _)| *k == "repo")
+            .map(|(_, v)| pull_request::bare_url(v))
+            .unwrap_or_default();
+        let (title, body) =
+            pull_request::title_and_body(&step.message, task.run_id.as_str(), &task.task_name);
+        let ask = pull_request::Ask {
+            repo: url,
+            head,
+            base,
+            title,
+            body,
+        };
+        let opened = match &gitops.pull_requests {
+            Some(p) => tokio::select! {
+                r = p.open(&task.attempt_id, &ask) => r,
+                () = ctx.cancel.cancelled() => return Ok(StepEnd::Cancelled),
+                () = sleep_until_deadline(ctx.deadline) => return Ok(StepEnd::TimedOut),
+            },
+            None => Ok(None),
+        };
+        match opened {
+            Ok(Some(o)) => {
+                let verb = if o.created { "opened" } else { "already open:" };
+                done.log
+                    .push_str(&format!("pull request {verb} {}\n", o.url));
+                done.outputs.push(("pull-request", o.url));
+            }
+            Ok(None) => done.log.push_str(&format!(
+                "no forge is registered for {}: open a pull request from {} into {} by hand\n",
+                ask.repo, ask.head, ask.base
+            )),
+            Err(message) => {
+                step_log(ctx, &done.log).await?;
+                step_log(ctx, &format!("{message}\n")).await?;
+                return Ok(StepEnd::Failed { message });
+            }
+        }
+    }
+    report(task, ctx, Ok(done)).await
 }
 
 /// Runs `work` on a blocking thread, honouring cancel and deadline, and
@@ -300,14 +376,34 @@ async fn finish(
     ctx: &StepContext<'_>,
     work: impl FnOnce() -> Result<Done, GitOpsError> + Send + 'static,
 ) -> Result<StepEnd, ExecutorError> {
+    match blocking(ctx, work).await {
+        Ok(result) => report(task, ctx, result).await,
+        Err(end) => Ok(end),
+    }
+}
+
+/// Runs `work` on a blocking thread; `Err` is the step's end when it was
+/// cancelled or timed out first.
+async fn blocking(
+    ctx: &StepContext<'_>,
+    work: impl FnOnce() -> Result<Done, GitOpsError> + Send + 'static,
+) -> Result<Result<Done, GitOpsError>, StepEnd> {
     let handle = tokio::task::spawn_blocking(work);
     // A cancelled git operation finishes in the background; the attempt's
     // directory is removed after it, and nothing is pushed half-way.
-    let result = tokio::select! {
-        r = handle => r.map_err(|e| GitOpsError::Join(e.to_string())).and_then(|r| r),
-        () = ctx.cancel.cancelled() => return Ok(StepEnd::Cancelled),
-        () = sleep_until_deadline(ctx.deadline) => return Ok(StepEnd::TimedOut),
-    };
+    tokio::select! {
+        r = handle => Ok(r.map_err(|e| GitOpsError::Join(e.to_string())).and_then(|r| r)),
+        () = ctx.cancel.cancelled() => Err(StepEnd::Cancelled),
+        () = sleep_until_deadline(ctx.deadline) => Err(StepEnd::TimedOut),
+    }
+}
+
+/// Logs and records what a step did, or its failure.
+async fn report(
+    task: &TaskContext,
+    ctx: &StepContext<'_>,
+    result: Result<Done, GitOpsError>,
+) -> Result<StepEnd, ExecutorError> {
     match result {
         Ok(done) => {
             step_log(ctx, &done.log).await?;

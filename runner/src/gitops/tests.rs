@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app # the app\nspec:\n  containers:\n    - name: app\n      image: \"127.0.0.1:5000/demo/app:old\" # bumped by CI\n";
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(super) fn git(dir: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
         .args(["-c", "init.defaultBranch=main"])
@@ -19,7 +19,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A bare `main` repository with k8s/pod.yaml and k8s/other.yaml.
-fn origin(dir: &Path) -> PathBuf {
+pub(super) fn origin(dir: &Path) -> PathBuf {
     let bare = dir.join("origin.git");
     std::fs::create_dir_all(&bare).unwrap();
     git(&bare, &["init", "--bare", "-b", "main"]);
@@ -34,7 +34,7 @@ fn origin(dir: &Path) -> PathBuf {
     bare
 }
 
-fn set_image(repo: &str, file: &str, image: &str) -> Step {
+pub(super) fn set_image(repo: &str, file: &str, image: &str) -> Step {
     Step {
         kind: Some(step::Kind::SetImage(SetImageStep {
             repo: repo.into(),
@@ -57,11 +57,12 @@ fn set_image_pinned(repo: &str, file: &str, image: &str, digest: &str) -> Step {
     s
 }
 
-fn git_push(message: &str) -> Step {
+pub(super) fn git_push(message: &str) -> Step {
     Step {
         kind: Some(step::Kind::GitPush(GitPushStep {
             message: message.into(),
-            credentials: String::new(),
+            pipeline: "deploy".into(),
+            ..GitPushStep::default()
         })),
         ..Step::default()
     }
@@ -69,7 +70,11 @@ fn git_push(message: &str) -> Step {
 
 /// Runs every step of `t` as one attempt does.
 async fn run_all(t: &TaskContext) -> (Vec<StepEnd>, String) {
-    let gitops = Arc::<GitOps>::default();
+    run_all_with(t, Arc::<GitOps>::default()).await
+}
+
+/// [`run_all`] with the attempt's `gitops`.
+pub(super) async fn run_all_with(t: &TaskContext, gitops: Arc<GitOps>) -> (Vec<StepEnd>, String) {
     let sink = VecSink::default();
     let mut ends = Vec::new();
     for (i, s) in t.task.steps.iter().enumerate() {
@@ -90,7 +95,7 @@ async fn run_all(t: &TaskContext) -> (Vec<StepEnd>, String) {
     (ends, sink.text())
 }
 
-fn new_task(dir: &Path, name: &str, steps: Vec<Step>) -> TaskContext {
+pub(super) fn new_task(dir: &Path, name: &str, steps: Vec<Step>) -> TaskContext {
     let ws = dir.join(name);
     std::fs::create_dir_all(&ws).unwrap();
     task(ws, steps)

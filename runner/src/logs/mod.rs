@@ -14,15 +14,29 @@ pub mod shipper;
 pub mod sink;
 pub mod spool;
 
+use capstan_proto::runner::v1::forge_service_client::ForgeServiceClient;
 use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
 use tonic::transport::Channel;
 
 use crate::credentials::Credentials;
 
 /// Where logs go: a connection to the current leader and the credential to
-/// present. The agent publishes a new one after every welcome.
+/// present. The agent publishes a new one after every welcome. The forge
+/// calls of a `git-push` step (`ForgeService`) use the same connection.
 #[derive(Clone, Debug)]
 pub struct LogTarget {
     pub client: RunnerServiceClient<Channel>,
+    pub forge: ForgeServiceClient<Channel>,
     pub credentials: Credentials,
+}
+
+impl LogTarget {
+    /// Both services on `channel`.
+    pub fn new(channel: Channel, credentials: Credentials) -> Self {
+        Self {
+            client: RunnerServiceClient::new(channel.clone()),
+            forge: ForgeServiceClient::new(channel),
+            credentials,
+        }
+    }
 }

@@ -61,10 +61,11 @@ fn seconds(d: Option<std::time::Duration>) -> u64 {
     d.map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
-impl From<&TaskDef> for pb::TaskSpec {
-    /// Converts a resolved task. Steps without a name are named after their
-    /// kind and 1-based index (`run-1`, `build-2`).
-    fn from(task: &TaskDef) -> Self {
+/// Converts a resolved task of the pipeline named `pipeline`. Steps
+/// without a name are named after their kind and 1-based index (`run-1`,
+/// `build-2`).
+pub fn task_spec(pipeline: &str, task: &TaskDef) -> pb::TaskSpec {
+    {
         pb::TaskSpec {
             name: task.name.clone(),
             image: task.image.clone().unwrap_or_default(),
@@ -73,7 +74,7 @@ impl From<&TaskDef> for pb::TaskSpec {
                 .steps
                 .iter()
                 .enumerate()
-                .map(|(i, s)| step_spec(task, i, s))
+                .map(|(i, s)| step_spec(pipeline, task, i, s))
                 .collect(),
             timeout_seconds: seconds(task.timeout),
             runs_on: task.runs_on.clone().into_iter().collect(),
@@ -110,7 +111,7 @@ fn push_credentials(task: &TaskDef, image: &str) -> Option<String> {
     })
 }
 
-fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
+fn step_spec(pipeline: &str, task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
     use pb::step::Kind;
     let kind = match &step.kind {
         StepKind::Run { script, image } => Kind::Run(pb::RunStep {
@@ -164,9 +165,19 @@ fn step_spec(task: &TaskDef, index: usize, step: &StepDef) -> pb::Step {
         StepKind::GitPush {
             message,
             credentials,
+            branch,
+            pull_request,
         } => Kind::GitPush(pb::GitPushStep {
             message: message.clone(),
             credentials: credentials.clone().unwrap_or_default(),
+            branch: branch.clone().unwrap_or_default(),
+            mode: if *pull_request {
+                "pull-request"
+            } else {
+                "direct"
+            }
+            .to_owned(),
+            pipeline: pipeline.to_owned(),
         }),
     };
     pb::Step {

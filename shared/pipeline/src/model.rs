@@ -135,6 +135,14 @@ pub enum StepKind {
     GitPush {
         message: String,
         credentials: Option<String>,
+        /// The branch pushed to (direct) or the pull request's base; the
+        /// checkout's branch when absent.
+        #[serde(default)]
+        branch: Option<String>,
+        /// `mode: pull-request`: push `capstan/<pipeline>/<sha>` and open a
+        /// pull request into `branch` instead of pushing to it.
+        #[serde(default)]
+        pull_request: bool,
     },
 }
 

@@ -86,62 +86,77 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field
         for (k, v) in &mut step.env {
             f(&format!("{sb}.env.{k}"), Field::Plain, v);
         }
-        match &mut step.kind {
-            StepKind::Run { script, image } => {
-                f(&format!("{sb}.run"), Field::Script(i), script);
-                if let Some(image) = image {
-                    f(&format!("{sb}.image"), Field::Plain, image);
-                }
+        kind_strings(&sb, i, &mut step.kind, f);
+    }
+}
+
+/// [`for_each_string`] for the strings of one step's kind; `sb` is the
+/// step's field path, `i` its index.
+fn kind_strings(
+    sb: &str,
+    i: usize,
+    kind: &mut StepKind,
+    f: &mut impl FnMut(&str, Field, &mut String),
+) {
+    match kind {
+        StepKind::Run { script, image } => {
+            f(&format!("{sb}.run"), Field::Script(i), script);
+            if let Some(image) = image {
+                f(&format!("{sb}.image"), Field::Plain, image);
             }
-            StepKind::Build {
-                context,
-                dockerfile,
-                tag,
-                credentials,
-                args,
-                ..
-            } => {
-                for (k, v) in args.iter_mut() {
-                    f(&format!("{sb}.build.args.{k}"), Field::Plain, v);
-                }
-                f(&format!("{sb}.build.context"), Field::Plain, context);
-                f(&format!("{sb}.build.dockerfile"), Field::Plain, dockerfile);
-                f(&format!("{sb}.build.tag"), Field::Plain, tag);
-                if let Some(c) = credentials {
-                    f(&format!("{sb}.build.credentials"), Field::Plain, c);
-                }
+        }
+        StepKind::Build {
+            context,
+            dockerfile,
+            tag,
+            credentials,
+            args,
+            ..
+        } => {
+            for (k, v) in args.iter_mut() {
+                f(&format!("{sb}.build.args.{k}"), Field::Plain, v);
             }
-            StepKind::Push {
-                image, credentials, ..
-            } => {
-                f(&format!("{sb}.push.image"), Field::Plain, image);
-                if let Some(c) = credentials {
-                    f(&format!("{sb}.push.credentials"), Field::Plain, c);
-                }
+            f(&format!("{sb}.build.context"), Field::Plain, context);
+            f(&format!("{sb}.build.dockerfile"), Field::Plain, dockerfile);
+            f(&format!("{sb}.build.tag"), Field::Plain, tag);
+            if let Some(c) = credentials {
+                f(&format!("{sb}.build.credentials"), Field::Plain, c);
             }
-            StepKind::SetImage {
-                repo,
-                files,
-                image,
-                digest,
-                ..
-            } => {
-                f(&format!("{sb}.set-image.repo"), Field::Plain, repo);
-                for (j, file) in files.iter_mut().enumerate() {
-                    f(&format!("{sb}.set-image.files[{j}]"), Field::Plain, file);
-                }
-                f(&format!("{sb}.set-image.image"), Field::Plain, image);
-                if let Some(d) = digest {
-                    f(&format!("{sb}.set-image.digest"), Field::Plain, d);
-                }
+        }
+        StepKind::Push {
+            image, credentials, ..
+        } => {
+            f(&format!("{sb}.push.image"), Field::Plain, image);
+            if let Some(c) = credentials {
+                f(&format!("{sb}.push.credentials"), Field::Plain, c);
             }
-            StepKind::GitPush {
-                message,
-                credentials,
-            } => {
-                f(&format!("{sb}.git-push.message"), Field::Plain, message);
-                if let Some(c) = credentials {
-                    f(&format!("{sb}.git-push.credentials"), Field::Plain, c);
+        }
+        StepKind::SetImage {
+            repo,
+            files,
+            image,
+            digest,
+            ..
+        } => {
+            f(&format!("{sb}.set-image.repo"), Field::Plain, repo);
+            for (j, file) in files.iter_mut().enumerate() {
+                f(&format!("{sb}.set-image.files[{j}]"), Field::Plain, file);
+            }
+            f(&format!("{sb}.set-image.image"), Field::Plain, image);
+            if let Some(d) = digest {
+                f(&format!("{sb}.set-image.digest"), Field::Plain, d);
+            }
+        }
+        StepKind::GitPush {
+            message,
+            credentials,
+            branch,
+            ..
+        } => {
+            f(&format!("{sb}.git-push.message"), Field::Plain, message);
+            for (key, v) in [("credentials", credentials), ("branch", branch)] {
+                if let Some(v) = v {
+                    f(&format!("{sb}.git-push.{key}"), Field::Plain, v);
                 }
             }
         }

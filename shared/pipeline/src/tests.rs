@@ -114,6 +114,8 @@ fn expected_full() -> Pipeline {
                     step(StepKind::GitPush {
                         message: s("deploy ${{ git.sha }}"),
                         credentials: Some(s("gitops")),
+                        branch: None,
+                        pull_request: false,
                     }),
                 ],
             },
@@ -142,6 +144,8 @@ fn expected_full() -> Pipeline {
                     step(StepKind::GitPush {
                         message: s("m"),
                         credentials: None,
+                        branch: None,
+                        pull_request: false,
                     }),
                 ],
                 ..TaskDef::default()
@@ -501,10 +505,14 @@ fn unknown_keys_at_every_level() {
         &["unknown key `tag`", "`repo`, `files`, `image`"],
     );
     one_error(
-        &with_task("    steps:\n      - git-push: {message: m, branch: main}\n"),
+        &with_task("    steps:\n      - git-push: {message: m, brnch: main}\n"),
         6,
         32,
-        &["unknown key `branch`", "`message`, `credentials`"],
+        &[
+            "unknown key `brnch`",
+            "did you mean `branch`?",
+            "`message`, `credentials`",
+        ],
     );
 }
 
@@ -1073,7 +1081,9 @@ fn resolve_substitutes_everything() {
         steps[4].kind,
         StepKind::GitPush {
             message: s("deploy abc123"),
-            credentials: Some(s("gitops"))
+            credentials: Some(s("gitops")),
+            branch: None,
+            pull_request: false,
         }
     );
     let json = serde_json::to_string(&r).unwrap();
@@ -1351,7 +1361,7 @@ fn resolve_checks_hand_built_pipelines() {
 fn task_spec_conversion() {
     let p = parse("p.yaml", FULL).unwrap();
     let r = resolve("p.yaml", &p, &ctx()).unwrap();
-    let spec = pb::TaskSpec::from(&r.tasks[0]);
+    let spec = crate::task_spec("p", &r.tasks[0]);
     assert_eq!(spec.name, "unit-test");
     assert_eq!(spec.image, "capstan-test/golang");
     assert_eq!(spec.timeout_seconds, 600);
@@ -1376,10 +1386,13 @@ fn task_spec_conversion() {
         spec.steps[4].kind,
         Some(pb::step::Kind::GitPush(pb::GitPushStep {
             message: s("deploy abc123"),
-            credentials: s("gitops")
+            credentials: s("gitops"),
+            branch: s(""),
+            mode: s("direct"),
+            pipeline: s("p"),
         }))
     );
-    let other = pb::TaskSpec::from(&r.tasks[1]);
+    let other = crate::task_spec("p", &r.tasks[1]);
     assert_eq!(other.image, "");
     assert_eq!(other.timeout_seconds, 90);
     assert_eq!(
@@ -1404,7 +1417,7 @@ fn capabilities_and_resources() {
     assert_eq!(t.capabilities, vec![s("NET_BIND_SERVICE"), s("CHOWN")]);
     assert_eq!(t.cpus, Some(1.5));
     assert_eq!(t.memory_bytes, Some(512 * 1024 * 1024));
-    let spec = capstan_proto::pipeline::v1::TaskSpec::from(t);
+    let spec = crate::task_spec("p", t);
     assert_eq!(spec.capabilities, vec![s("NET_BIND_SERVICE"), s("CHOWN")]);
     assert_eq!(spec.memory_bytes, 512 * 1024 * 1024);
 
@@ -1445,7 +1458,7 @@ fn set_image_allow_no_match() {
             ..
         }
     ));
-    let spec = capstan_proto::pipeline::v1::TaskSpec::from(&p.tasks[0]);
+    let spec = crate::task_spec("p", &p.tasks[0]);
     let Some(capstan_proto::pipeline::v1::step::Kind::SetImage(si)) = &spec.steps[0].kind else {
         panic!("{spec:?}")
     };
@@ -1681,13 +1694,13 @@ fn schedules_parse_with_their_shape_checked() {
 
 #[test]
 fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
-    use capstan_proto::pipeline::v1::{TaskSpec, step::Kind};
+    use capstan_proto::pipeline::v1::step::Kind;
     let yaml = |build: &str, push: &str| {
         format!(
             "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - build: {{ tag: reg/app:0123abcd{build} }}\n      - push: {{ image: reg/app:0123abcd, credentials: reg{push} }}\n      - push: {{ image: reg/other:0123abcd, credentials: other }}\n"
         )
     };
-    let spec = TaskSpec::from(&parse("a.yaml", &yaml("", "")).unwrap().tasks[0]);
+    let spec = crate::task_spec("p", &parse("a.yaml", &yaml("", "")).unwrap().tasks[0]);
     let (Some(Kind::Build(b)), Some(Kind::Push(p))) = (&spec.steps[0].kind, &spec.steps[1].kind)
     else {
         panic!("{spec:?}")
@@ -1706,7 +1719,7 @@ fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
         ),
     )
     .unwrap();
-    let spec = TaskSpec::from(&p.tasks[0]);
+    let spec = crate::task_spec("p", &p.tasks[0]);
     let (Some(Kind::Build(b)), Some(Kind::Push(p))) = (&spec.steps[0].kind, &spec.steps[1].kind)
     else {
         panic!("{spec:?}")
@@ -1727,7 +1740,7 @@ fn skip_if_exists_defaults_on_and_the_build_asks_with_the_push_login() {
     // A tag that moves (a branch, `latest`, no tag) is built and pushed
     // again unless the step says otherwise.
     let kinds = |yaml: &str| {
-        let spec = TaskSpec::from(&parse("a.yaml", yaml).unwrap().tasks[0]);
+        let spec = crate::task_spec("p", &parse("a.yaml", yaml).unwrap().tasks[0]);
         spec.steps
             .iter()
             .map(|s| match &s.kind {
@@ -1753,7 +1766,8 @@ fn set_image_pin_digest_and_its_errors() {
             "version: 1\nname: a\ntasks:\n  t:\n    steps:\n      - set-image: {{ repo: r, files: [f.yaml], image: x:1{extra} }}\n"
         )
     };
-    let spec = |extra: &str| TaskSpec::from(&parse("a.yaml", &yaml(extra)).unwrap().tasks[0]);
+    let spec =
+        |extra: &str| crate::task_spec("p", &parse("a.yaml", &yaml(extra)).unwrap().tasks[0]);
     let set = |spec: &TaskSpec| match &spec.steps[0].kind {
         Some(Kind::SetImage(si)) => si.clone(),
         other => panic!("{other:?}"),
@@ -1788,4 +1802,50 @@ fn set_image_pin_digest_and_its_errors() {
         err.contains("a.yaml:6:") && err.contains("`order` of") && err.contains("found `sideways`"),
         "{err}"
     );
+}
+
+#[test]
+fn git_push_branch_and_pull_request_mode() {
+    use capstan_proto::pipeline::v1::step::Kind;
+    let yaml = |extra: &str| {
+        format!(
+            "version: 1\nname: promote\nparams:\n  n: 2\ntasks:\n  t:\n    steps:\n      - set-image: {{ repo: r, files: [f.yaml], image: x:1 }}\n      - git-push: {{ message: m{extra} }}\n"
+        )
+    };
+    let push = |extra: &str| {
+        let p = parse("a.yaml", &yaml(extra)).unwrap();
+        let r = resolve("a.yaml", &p, &Context::default()).unwrap();
+        match &crate::task_spec(&r.name, &r.tasks[0]).steps[1].kind {
+            Some(Kind::GitPush(g)) => g.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let plain = push("");
+    assert_eq!(
+        (
+            plain.mode.as_str(),
+            plain.branch.as_str(),
+            plain.pipeline.as_str()
+        ),
+        ("direct", "", "promote")
+    );
+    let pr = push(", mode: pull-request, branch: \"release-${{ params.n }}\"");
+    assert_eq!(
+        (pr.mode.as_str(), pr.branch.as_str()),
+        ("pull-request", "release-2")
+    );
+    assert_eq!(push(", mode: direct, branch: prod").branch, "prod");
+    let err = parse("a.yaml", &yaml(", mode: merge"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a.yaml:9:")
+            && err.contains("`mode` of")
+            && err.contains("must be `direct` or `pull-request`, found `merge`"),
+        "{err}"
+    );
+    let err = parse("a.yaml", &yaml(", brnch: x"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("brnch") && err.contains("branch"), "{err}");
 }

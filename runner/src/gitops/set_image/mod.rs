@@ -125,6 +125,7 @@ pub(super) fn set_image_blocking(
     Ok(Done {
         log,
         outputs: Vec::new(),
+        pull_request: None,
     })
 }
 

@@ -12,13 +12,13 @@ async fn target(
     watch::Sender<Option<LogTarget>>,
     watch::Receiver<Option<LogTarget>>,
 ) {
-    let target = LogTarget {
-        client: server.client().await,
-        credentials: Credentials {
+    let target = LogTarget::new(
+        server.channel(),
+        Credentials {
             runner_id: RunnerId::from_string(RUNNER_ID),
             runner_secret: SECRET.into(),
         },
-    };
+    );
     watch::channel(Some(target))
 }
 
@@ -370,7 +370,6 @@ async fn gives_up_when_the_attempt_is_not_the_runners() {
 /// waits), and returns whether the line reached the new one within
 /// `within`.
 async fn moves_to_a_new_target(old_port: u16, limits: Limits, within: Duration) -> bool {
-    use capstan_proto::runner::v1::runner_service_client::RunnerServiceClient;
     let credentials = || Credentials {
         runner_id: RunnerId::from_string(RUNNER_ID),
         runner_secret: SECRET.into(),
@@ -378,10 +377,7 @@ async fn moves_to_a_new_target(old_port: u16, limits: Limits, within: Duration) 
     let old = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{old_port}"))
         .unwrap()
         .connect_lazy();
-    let (target_tx, target_rx) = watch::channel(Some(LogTarget {
-        client: RunnerServiceClient::new(old),
-        credentials: credentials(),
-    }));
+    let (target_tx, target_rx) = watch::channel(Some(LogTarget::new(old, credentials())));
     let dir = tempfile::tempdir().unwrap();
     let spool =
         Spool::create_with_budget(dir.path(), "att-moved", crate::logs::spool::MEMORY_BUDGET)
@@ -392,10 +388,7 @@ async fn moves_to_a_new_target(old_port: u16, limits: Limits, within: Duration) 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(shipper.acked(), 0, "acknowledged by the old target");
     let server = testing::start().await;
-    target_tx.send_replace(Some(LogTarget {
-        client: server.client().await,
-        credentials: credentials(),
-    }));
+    target_tx.send_replace(Some(LogTarget::new(server.channel(), credentials())));
     let Ok(total) = tokio::time::timeout(within, shipper.finish()).await else {
         return false;
     };

@@ -41,7 +41,7 @@ const SET_IMAGE_KEYS: &[&str] = &[
     "order",
 ];
 
-const GIT_PUSH_KEYS: &[&str] = &["message", "credentials"];
+const GIT_PUSH_KEYS: &[&str] = &["message", "credentials", "branch", "mode"];
 
 impl Parser<'_> {
     pub(super) fn steps(&mut self, node: &Node, what: &str, base: &str) -> Vec<StepDef> {
@@ -275,9 +275,18 @@ impl Parser<'_> {
             &format!("`credentials` of {what}"),
             format!("{path}.credentials"),
         );
+        let branch = self.opt_subst(
+            &f,
+            "branch",
+            &format!("`branch` of {what}"),
+            format!("{path}.branch"),
+        );
+        let mode = self.choice(&f, "mode", what, ["direct", "pull-request"]);
         Some(StepKind::GitPush {
             message: message?,
             credentials,
+            branch,
+            pull_request: mode? == Some("pull-request"),
         })
     }
     /// A field that is one of `values` (None when absent or null); the
