@@ -821,6 +821,51 @@ async fn pull_request_mode_opens_one_pull_request_per_commit() -> anyhow::Result
         Some(&1.0)
     );
 
+    // The forge refuses the token: the task fails saying what to check.
+    forge.answer_next(&[401]);
+    let id = submit(&c, &yaml(&manifests), &[], &src_url, &sha).await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    let message = task(&run, "deploy").message.clone();
+    assert_eq!(run_state(&run), RunState::Failed, "{run:#?}");
+    assert!(
+        message.contains("the forge refused to look for a pull request for `manifests` (HTTP 401")
+            && message.contains("--status-token"),
+        "{message}"
+    );
+    // Only a runner holding a live attempt may ask, and only for capstan/.
+    use capstan_proto::runner::v1 as rpb;
+    let mut fc = rpb::forge_service_client::ForgeServiceClient::new(c.channel_to(&c.url()).await?);
+    let ask = |attempt: &str, head: &str| rpb::OpenPullRequestRequest {
+        runner_id: "not-a-runner".into(),
+        runner_secret: "guess".into(),
+        attempt_id: attempt.into(),
+        repo: manifests.clone(),
+        head: head.into(),
+        base: "main".into(),
+        title: "t".into(),
+        body: String::new(),
+    };
+    let attempt = task(&run, "deploy").attempt_id.clone();
+    let before = forge.requests().len();
+    for head in [branch.as_str(), "feature/x"] {
+        let err = fc
+            .open_pull_request(ask(&attempt, head))
+            .await
+            .expect_err("a stranger is refused");
+        assert!(
+            matches!(
+                err.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ),
+            "{err:?}"
+        );
+    }
+    assert_eq!(
+        forge.requests().len(),
+        before,
+        "no stranger reached the forge"
+    );
+
     let other = f.server.url("demo/unregistered");
     let id = submit(&c, &yaml(&other), &[], &src_url, &sha).await?;
     let run = c.wait_done(&id, Duration::from_secs(60)).await?;
@@ -834,7 +879,7 @@ async fn pull_request_mode_opens_one_pull_request_per_commit() -> anyhow::Result
         &bare(&f.server, "demo/unregistered"),
         &["rev-parse", &branch],
     );
-    assert_eq!(forge.requests().len(), requests.len(), "no forge was asked");
+    assert_eq!(forge.requests().len(), before, "no forge was asked");
     Ok(())
 }
 

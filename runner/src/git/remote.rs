@@ -72,6 +72,20 @@ impl Remote<'_> {
             .map_err(self.git("reading the fetched branch"))
     }
 
+    /// Fetches every branch into `refs/remotes/origin/*` of `repo`.
+    pub(crate) fn fetch_branches(&self, repo: &git2::Repository) -> Result<(), GitError> {
+        let report = AuthReport::default();
+        let mut options = git2::FetchOptions::new();
+        options.remote_callbacks(self.callbacks(&report));
+        self.anonymous(repo)?
+            .fetch(
+                &["+refs/heads/*:refs/remotes/origin/*"],
+                Some(&mut options),
+                None,
+            )
+            .map_err(|source| self.error(Op::FetchBranch, &report, source))
+    }
+
     /// Fetches `branch` like [`Remote::fetch_branch`]; `None` when the
     /// remote has no such branch.
     pub(crate) fn fetch_branch_if_any(

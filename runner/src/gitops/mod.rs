@@ -24,6 +24,12 @@
 //!    times with jittered exponential backoff. When the edit is already on
 //!    the branch, the step logs "already up to date" and makes no commit.
 //!
+//!    `branch:` names another branch to push to (the edit is re-applied
+//!    on its head first). With `mode: pull-request` the commit goes to
+//!    `capstan/<pipeline>/<run's sha>` instead, and the step asks the
+//!    coordinator to open (or find) the pull request into the branch
+//!    (`pull_request`); its URL is the output `pull-request`.
+//!
 //! The pushed (or current) commit id is the task output `commit`, the
 //! repository URL the output `repo`.
 //!
@@ -32,7 +38,8 @@
 //!   [`Pending`] write-back, and [`GitOpsError`];
 //! - `author`: [`Author`], who commits (`--git-author`);
 //! - `set_image/`: the `set-image` step and the structural YAML edit;
-//! - `git_push`: the `git-push` step: commit, push, retry a race.
+//! - `git_push`: the `git-push` step: commit, push, retry a race;
+//! - `pull_request`: who opens pull requests ([`pull_request::PullRequests`]).
 //!
 //! Doors: [`crate::git`] (its one remote path) for clone, fetch and push,
 //! `capstan_manifest` for the edit and references, [`crate::secrets`] for credentials,

@@ -319,3 +319,78 @@ async fn pin_digest_writes_the_digest_the_run_pushed_or_says_what_is_missing() {
     );
     assert_eq!(git(&bare, &["rev-parse", "main"]), head);
 }
+
+/// `order: monotonic` fetches the source first: a commit pushed after the
+/// run's checkout, whose image is already deployed, still counts as newer.
+#[tokio::test]
+async fn monotonic_knows_commits_pushed_after_the_checkout() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.git");
+    std::fs::create_dir_all(&src).unwrap();
+    git(&src, &["init", "--bare", "-b", "main"]);
+    let seed = dir.path().join("src-seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    git(&seed, &["init", "-b", "main"]);
+    std::fs::write(seed.join("README"), "one\n").unwrap();
+    git(&seed, &["add", "."]);
+    git(&seed, &["commit", "-m", "older"]);
+    git(&seed, &["push", src.to_str().unwrap(), "main"]);
+    let older = git(&seed, &["rev-parse", "HEAD"]);
+    std::fs::write(seed.join("README"), "two\n").unwrap();
+    git(&seed, &["commit", "-am", "newer"]);
+    git(&seed, &["push", src.to_str().unwrap(), "main"]);
+    let newer = git(&seed, &["rev-parse", "HEAD"]);
+
+    let manifests = origin(dir.path());
+    let url = manifests.display().to_string();
+    let deployed = format!("127.0.0.1:5000/demo/app:{newer}");
+    let newer_run = new_task(
+        dir.path(),
+        "newer",
+        vec![
+            set_image(&url, "k8s/pod.yaml", &deployed),
+            git_push("newer"),
+        ],
+    );
+    let (ends, log) = run_all(&newer_run).await;
+    assert_eq!(ends, vec![StepEnd::Exited(0); 2], "{log}");
+    let head = git(&manifests, &["rev-parse", "main"]);
+
+    let mut step = set_image(
+        &url,
+        "k8s/pod.yaml",
+        &format!("127.0.0.1:5000/demo/app:{older}"),
+    );
+    if let Some(step::Kind::SetImage(si)) = step.kind.as_mut() {
+        si.order = "monotonic".into();
+    }
+    // The older run's checkout as it was before the newer commit existed.
+    let ws2 = dir.path().join("ws2");
+    git(dir.path(), &["clone", "-q", src.to_str().unwrap(), "ws2"]);
+    git(&ws2, &["reset", "-q", "--hard", &older]);
+    git(&ws2, &["update-ref", "-d", "refs/remotes/origin/main"]);
+    git(&ws2, &["reflog", "expire", "--expire=now", "--all"]);
+    git(&ws2, &["gc", "-q", "--prune=now"]);
+    assert!(
+        std::process::Command::new("git")
+            .args(["cat-file", "-e", &newer])
+            .current_dir(&ws2)
+            .status()
+            .is_ok_and(|s| !s.success()),
+        "the checkout must not know the newer commit yet"
+    );
+    let older_run = TaskContext {
+        repo: src.display().to_string(),
+        rev: older.clone(),
+        ..task(ws2, vec![step, git_push("older")])
+    };
+    let (ends, log) = run_all(&older_run).await;
+    assert_eq!(ends, vec![StepEnd::Exited(0); 2], "{log}");
+    assert!(log.contains("fetched "), "{log}");
+    assert!(log.contains("newer image already deployed"), "{log}");
+    assert_eq!(
+        git(&manifests, &["rev-parse", "main"]),
+        head,
+        "no commit: {log}"
+    );
+}

@@ -110,7 +110,10 @@ pub(super) fn set_image_blocking(
     };
     let monotonic = match step.order.as_str() {
         "monotonic" if task_rev.is_empty() => return Err(GitOpsError::MonotonicWithoutSource),
-        "monotonic" => Some((workspace.to_path_buf(), task_rev.to_owned())),
+        "monotonic" => {
+            refresh_source(gitops, workspace, task_repo, &mut log)?;
+            Some((workspace.to_path_buf(), task_rev.to_owned()))
+        }
         _ => None,
     };
     let edit = PendingEdit {
@@ -224,6 +227,32 @@ pub(super) fn apply_edit(dir: &Path, edit: &PendingEdit) -> Result<String, GitOp
         }
     }
     Ok(log)
+}
+
+/// Fetches the source repository's branches into the run's checkout, so
+/// that `order: monotonic` knows the commits pushed since the checkout (a
+/// newer run may have deployed one of them).
+fn refresh_source(
+    gitops: &GitOps,
+    workspace: &Path,
+    url: &str,
+    log: &mut String,
+) -> Result<(), GitOpsError> {
+    let repo =
+        git2::Repository::open(workspace).map_err(|_| GitOpsError::MonotonicWithoutSource)?;
+    let name = gitops.checkout_credentials.as_deref();
+    let secret = gitops.secret(name)?;
+    let remote = Remote {
+        url,
+        secret: secret.as_ref(),
+        secret_name: name,
+    };
+    remote.fetch_branches(&repo)?;
+    log.push_str(&format!(
+        "fetched {}'s branches to compare commits (order: monotonic)\n",
+        super::pull_request::bare_url(url)
+    ));
+    Ok(())
 }
 
 /// `order: monotonic`'s judge: the run's source repository and commit.
