@@ -12,6 +12,8 @@ pub(crate) enum Expr {
     GitRepo,
     GitRef,
     RunId,
+    /// `${{ matrix.KEY }}`: the task's matrix value (a task of a matrix only).
+    Matrix(String),
 }
 
 impl Expr {
@@ -22,6 +24,7 @@ impl Expr {
             Expr::GitRepo => "${{ git.repo }}".to_owned(),
             Expr::GitRef => "${{ git.ref }}".to_owned(),
             Expr::RunId => "${{ run.id }}".to_owned(),
+            Expr::Matrix(k) => format!("${{{{ matrix.{k} }}}}"),
         }
     }
 }
@@ -34,7 +37,8 @@ pub(crate) enum Piece<'a> {
 
 pub(crate) const OPEN: &str = "${{";
 const CLOSE: &str = "}}";
-const EXPECTED: &str = "expected `params.NAME`, `git.sha`, `git.repo`, `git.ref` or `run.id`";
+const EXPECTED: &str =
+    "expected `params.NAME`, `matrix.KEY`, `git.sha`, `git.repo`, `git.ref` or `run.id`";
 
 /// Splits a string into literal text and expressions. Every problem in the
 /// string is returned (an unterminated `${{` ends the scan).
@@ -80,6 +84,9 @@ fn parse_expr(inner: &str) -> Option<Expr> {
         "git.ref" => Some(Expr::GitRef),
         "run.id" => Some(Expr::RunId),
         _ => {
+            if let Some(key) = inner.strip_prefix("matrix.") {
+                return crate::names::is_param_name(key).then(|| Expr::Matrix(key.to_owned()));
+            }
             let name = inner.strip_prefix("params.")?;
             crate::names::is_param_name(name).then(|| Expr::Param(name.to_owned()))
         }

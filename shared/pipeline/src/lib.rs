@@ -34,6 +34,7 @@
 
 mod error;
 mod expr;
+mod matrix;
 mod model;
 mod names;
 mod parse;
@@ -43,10 +44,13 @@ mod validate;
 mod yaml;
 
 #[cfg(test)]
+mod matrix_tests;
+#[cfg(test)]
 mod tests;
 
 pub use error::{ValidationError, ValidationErrors};
-pub use model::{Concurrency, Pipeline, SourceMap, StepDef, StepKind, TaskDef};
+pub use matrix::{MAX_MATRIX, expanded_name};
+pub use model::{Concurrency, Matrix, Pipeline, SourceMap, StepDef, StepKind, TaskDef};
 pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
 pub use parse::{MAX_LISTED_ERRORS, MAX_RETRIES, parse};
 pub use substitute::{Context, resolve};

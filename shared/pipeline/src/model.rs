@@ -66,6 +66,29 @@ pub struct TaskDef {
     #[serde(default)]
     pub memory_bytes: Option<u64>,
     pub steps: Vec<StepDef>,
+    /// `matrix:` as parsed; `resolve` expands the task into one per
+    /// combination and clears it.
+    #[serde(default)]
+    pub matrix: Option<Matrix>,
+    /// In an expansion: the task of the file it came from (`test` for
+    /// `test[shard=1]`), whose fields' positions it shares.
+    #[serde(default)]
+    pub expanded_from: Option<String>,
+    /// In an expansion: its `${{ matrix.KEY }}` values.
+    #[serde(default)]
+    pub matrix_values: BTreeMap<String, String>,
+}
+
+/// A task's `matrix:`: every combination of the axes' values, less those
+/// matching an `exclude` entry, plus the `include` entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Matrix {
+    /// Key -> its values, in file order.
+    pub axes: BTreeMap<String, Vec<String>>,
+    /// Combinations removed: each names some of the keys.
+    pub exclude: Vec<BTreeMap<String, String>>,
+    /// Combinations added: each names every key.
+    pub include: Vec<BTreeMap<String, String>>,
 }
 
 /// One step of a task.

@@ -89,6 +89,7 @@ pub(crate) fn var_name(e: &Expr) -> String {
         Expr::GitRepo => "CAPSTAN_GIT_REPO".to_owned(),
         Expr::GitRef => "CAPSTAN_GIT_REF".to_owned(),
         Expr::RunId => "CAPSTAN_RUN_ID".to_owned(),
+        Expr::Matrix(k) => format!("CAPSTAN_MATRIX_{}", k.replace('-', "_")),
     }
 }
 

@@ -71,7 +71,11 @@ pub(crate) enum Field {
 /// that substitutions apply to, in file order. The paths are the keys of
 /// [`super::SourceMap`].
 pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field, &mut String)) {
-    let base = format!("tasks.{}", task.name);
+    // An expansion's fields stand where its matrix task's do.
+    let base = format!(
+        "tasks.{}",
+        task.expanded_from.as_ref().unwrap_or(&task.name)
+    );
     if let Some(image) = &mut task.image {
         f(&format!("{base}.image"), Field::Plain, image);
     }
@@ -180,9 +184,11 @@ pub fn resolve(
     let params = effective_params(file, pipeline, ctx, &mut errors);
 
     let mut out = pipeline.clone();
+    out.tasks = crate::matrix::expand(&pipeline.tasks);
     // Report a missing value once, where it is first used.
     let mut reported: BTreeSet<Expr> = BTreeSet::new();
     for task in &mut out.tasks {
+        let matrix = task.matrix_values.clone();
         // The variables each `run` script refers to, by step index.
         let mut script_vars: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
         for_each_string(task, &mut |path, field, value| {
@@ -207,6 +213,7 @@ pub fn resolve(
                 Expr::GitRepo => ctx.git_repo.as_deref(),
                 Expr::GitRef => ctx.git_ref.as_deref(),
                 Expr::RunId => ctx.run_id.as_deref(),
+                Expr::Matrix(k) => matrix.get(k).map(String::as_str),
             };
             let rendered = match field {
                 Field::Plain => plain(pieces, lookup),
@@ -288,6 +295,7 @@ fn resolve_group(
         Expr::GitRepo => ctx.git_repo.as_deref(),
         Expr::GitRef => ctx.git_ref.as_deref(),
         Expr::RunId => ctx.run_id.as_deref(),
+        Expr::Matrix(_) => None,
     };
     let rendered = plain(pieces, lookup);
     for e in &rendered.missing {
@@ -395,5 +403,9 @@ fn missing(e: &Expr, params: &BTreeMap<String, String>) -> String {
             e.text()
         ),
         Expr::Param(name) => unknown_param_in_expr(name, params),
+        Expr::Matrix(k) => format!(
+            "`{}` has no value here: only the fields of a task with `matrix:` (key `{k}`) may use it",
+            e.text()
+        ),
     }
 }

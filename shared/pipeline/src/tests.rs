@@ -118,6 +118,9 @@ fn expected_full() -> Pipeline {
                         pull_request: false,
                     }),
                 ],
+                matrix: None,
+                expanded_from: None,
+                matrix_values: BTreeMap::new(),
             },
             TaskDef {
                 name: s("other-task"),
@@ -158,7 +161,7 @@ fn expected_full() -> Pipeline {
 }
 
 /// The errors of a file that must not parse, as (line, column, message).
-fn errors(text: &str) -> Vec<(usize, usize, String)> {
+pub(crate) fn errors(text: &str) -> Vec<(usize, usize, String)> {
     match parse("p.yaml", text) {
         Ok(p) => panic!("expected errors, parsed {p:#?}"),
         Err(e) => {
@@ -176,7 +179,7 @@ fn errors(text: &str) -> Vec<(usize, usize, String)> {
 /// Asserts that the file has exactly one error, at `line:column`, whose
 /// message contains every one of `needles`.
 #[track_caller]
-fn one_error(text: &str, line: usize, column: usize, needles: &[&str]) {
+pub(crate) fn one_error(text: &str, line: usize, column: usize, needles: &[&str]) {
     let errs = errors(text);
     assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
     let (l, c, m) = &errs[0];
@@ -188,7 +191,7 @@ fn one_error(text: &str, line: usize, column: usize, needles: &[&str]) {
 
 /// A minimal valid file with `task` as the body of the only task `a`
 /// (indented by 4), starting at line 5.
-fn with_task(task: &str) -> String {
+pub(crate) fn with_task(task: &str) -> String {
     format!("version: 1\nname: p\ntasks:\n  a:\n{task}")
 }
 
@@ -988,7 +991,7 @@ fn substitution_problems_are_found_by_parse() {
         12,
         &[
             "unknown substitution `${{ secrets.token }}`",
-            "`params.NAME`, `git.sha`, `git.repo`, `git.ref` or `run.id`",
+            "`params.NAME`, `matrix.KEY`, `git.sha`, `git.repo`, `git.ref` or `run.id`",
         ],
     );
     one_error(

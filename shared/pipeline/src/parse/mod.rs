@@ -28,6 +28,7 @@ const TOP_KEYS: &[&str] = &[
     "schedules",
 ];
 
+mod matrix;
 mod step;
 mod task;
 

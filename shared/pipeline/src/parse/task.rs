@@ -20,6 +20,7 @@ const TASK_KEYS: &[&str] = &[
     "capabilities",
     "resources",
     "steps",
+    "matrix",
 ];
 
 const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
@@ -81,6 +82,10 @@ impl Parser<'_> {
             None => self.missing(key_pos, "steps", &what),
             Some(v) => task.steps = self.steps(v, &what, &base),
         }
+        if let Some(v) = f.get("matrix").filter(|v| !v.is_null()) {
+            task.matrix = self.matrix(v, &what);
+        }
+        self.check_matrix_refs(&mut task, key_pos);
         (task, needs)
     }
     /// `capabilities: [NET_ADMIN, chown]`: names normalised to upper case
