@@ -410,7 +410,6 @@ impl Metrics {
             .inc();
     }
 
-    /// How sending one commit status to a forge ended.
     /// `result` is one of [`PULL_REQUEST_RESULTS`].
     pub(crate) fn pull_request(&self, result: &'static str) {
         debug_assert!(PULL_REQUEST_RESULTS.contains(&result));
@@ -419,6 +418,7 @@ impl Metrics {
             .inc();
     }
 
+    /// How sending one commit status to a forge ended.
     pub(crate) fn commit_status(&self, result: StatusResult) {
         self.commit_statuses
             .get_or_create(&[("result", result.label())])

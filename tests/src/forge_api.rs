@@ -69,8 +69,10 @@ fn pull_answer(
     let n = pulls.len() + 1;
     let pr = serde_json::json!({
         "number": n, "html_url": format!("{PULL_URL}{n}"), "web_url": format!("{PULL_URL}{n}"),
-        "title": body["title"], "head": {"ref": head}, "base": {"ref": base},
-        "source_branch": head, "target_branch": base,
+        "title": body["title"],
+        "head": {"ref": head, "repo": {"full_name": path}},
+        "base": {"ref": base, "repo": {"full_name": path}},
+        "source_branch": head, "target_branch": base, "source_project_id": 1, "target_project_id": 1,
     });
     pulls.push(pr.clone());
     Some((201, pr.to_string()))

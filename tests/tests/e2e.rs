@@ -677,3 +677,64 @@ async fn a_step_past_the_log_cap_keeps_head_and_tail() -> anyhow::Result<()> {
     assert!(log.len() < 70 * 1024, "{} bytes", log.len());
     Ok(())
 }
+
+const MATRIX: &str = r#"version: 1
+name: matrix
+tasks:
+  test:
+    matrix:
+      shard: [1, 2, 3]
+      db: [pg15, pg16]
+      exclude: [{shard: 3, db: pg15}]
+      include: [{shard: 4, db: pg16}]
+    env: {DB: "${{ matrix.db }}"}
+    steps:
+      - run: echo "shard ${{ matrix.shard }} on $DB"
+  report:
+    needs: [test]
+    steps:
+      - run: echo "report ran"
+"#;
+
+/// A 2x3 matrix with an exclude and an include runs as six tasks named by
+/// their values on two runners, each with its own values, and the task
+/// that needs the matrix starts after every one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_matrix_fans_out_and_back_in() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(2).start().await?;
+    let id = c.submit(MATRIX).await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
+    let names: Vec<&str> = run.tasks.iter().map(|t| t.name.as_str()).collect();
+    let expected = [
+        ("pg15", "1"),
+        ("pg15", "2"),
+        ("pg16", "1"),
+        ("pg16", "2"),
+        ("pg16", "3"),
+        ("pg16", "4"),
+    ];
+    let mut last_end = 0;
+    for (db, shard) in expected {
+        let name = format!("test[db={db},shard={shard}]");
+        assert!(names.contains(&name.as_str()), "{names:?}");
+        assert_eq!(task_state(&run, &name), TaskState::Succeeded);
+        let log = String::from_utf8(c.task_log(&id, &name).await?)?;
+        assert!(
+            log.contains(&format!("shard {shard} on {db}")),
+            "{name}: {log}"
+        );
+        last_end = last_end.max(task(&run, &name).finished_at_ms);
+    }
+    assert_eq!(names.len(), 7, "{names:?}");
+    let report = task(&run, "report");
+    assert_eq!(report.needs.len(), 6, "{:?}", report.needs);
+    assert!(report.started_at_ms >= last_end);
+    let out = c.cli(&["logs", &id, "--task", "test[db=pg16,shard=4]"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("shard 4 on pg16"),
+        "{out:?}"
+    );
+    Ok(())
+}

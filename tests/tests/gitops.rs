@@ -759,7 +759,7 @@ async fn pull_request_mode_opens_one_pull_request_per_commit() -> anyhow::Result
              - git-push: {{ message: \"deploy ${{{{ git.sha }}}}\", credentials: gitops, mode: pull-request }}\n"
         )
     };
-    let branch = format!("capstan/promote/{sha}");
+    let branch = format!("capstan/promote/deploy/{sha}");
     let src_url = f.server.url("demo/src");
     let mut pushed = Vec::new();
     for round in 0..2 {

@@ -36,7 +36,7 @@ impl ForgeService for ForgeApi {
         let r = req.into_inner();
         let attempt = AttemptId::from_string(r.attempt_id);
         authorize(&leader, (r.runner_id, r.runner_secret), identity, &attempt).await?;
-        if !r.head.starts_with(BRANCH_PREFIX) || r.base.is_empty() || r.repo.is_empty() {
+        if !asks_for_ours(&r.head, &r.base, &r.repo) {
             return Err(Status::invalid_argument(format!(
                 "a pull request needs a repository, a base branch and a head branch under \
                  `{BRANCH_PREFIX}` (got head `{}`, base `{}`)",
@@ -57,8 +57,45 @@ impl ForgeService for ForgeApi {
                 forge: o.forge.as_str().to_owned(),
             })),
             Err(e @ PullError::NoForge(_)) => Err(Status::not_found(e.to_string())),
-            Err(e @ PullError::Failed { .. }) => Err(Status::unavailable(e.to_string())),
+            Err(
+                e @ (PullError::Failed { .. }
+                | PullError::Repo(crate::forge::repos::RepoError::Store(_))),
+            ) => Err(Status::unavailable(e.to_string())),
             Err(e) => Err(Status::failed_precondition(e.to_string())),
         }
+    }
+}
+
+/// A pull request a runner may ask for: from a `capstan/` branch into a
+/// branch, both names git accepts, of a named repository.
+fn asks_for_ours(head: &str, base: &str, repo: &str) -> bool {
+    let branch = |b: &str| {
+        !b.is_empty()
+            && !b.contains("..")
+            && !b.starts_with('-')
+            && !b.ends_with('/')
+            && b.chars()
+                .all(|c| c.is_ascii_graphic() && !"~^:?*[\\".contains(c))
+    };
+    head.starts_with(BRANCH_PREFIX) && branch(head) && branch(base) && !repo.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asks_for_ours;
+
+    #[test]
+    fn only_capstan_branches_with_valid_names() {
+        let repo = "https://git.example/acme/app";
+        assert!(asks_for_ours("capstan/promote/deploy/abc", "main", repo));
+        assert!(
+            !asks_for_ours("feature/x", "main", repo),
+            "a person's branch"
+        );
+        assert!(!asks_for_ours("capstan/a/../b", "main", repo));
+        assert!(!asks_for_ours("capstan/a b", "main", repo));
+        assert!(!asks_for_ours("capstan/x", "main:other", repo));
+        assert!(!asks_for_ours("capstan/x", "", repo));
+        assert!(!asks_for_ours("capstan/x", "main", ""));
     }
 }

@@ -12,15 +12,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// One request, connect to the end of the answer.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most of an answer's body read; a longer one is cut here (a list of
-/// pull requests is the longest answer asked for).
+/// The most of an answer's body read; a longer one is read as empty (a
+/// list of pull requests is the longest answer asked for).
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
 /// How a request went.
 #[derive(Debug)]
 pub(crate) enum Answer {
-    /// The server answered with this status and this body (cut at
-    /// [`MAX_BODY`]).
+    /// The server answered with this status and this body (empty when
+    /// over [`MAX_BODY`]).
     Status(u16, String),
     /// No answer: connect, TLS, or the timeout.
     Failed(String),

@@ -164,18 +164,40 @@ async fn find(
     let Some(items) = list.as_array() else {
         return Err(unreadable(repo, "not a list"));
     };
-    let (head_key, base_key) = match forge {
-        Forge::Gitlab => ("/source_branch", "/target_branch"),
-        Forge::Github | Forge::Gitea => ("/head/ref", "/base/ref"),
-    };
-    items
-        .iter()
-        .find(|pr| {
-            pr.pointer(head_key).and_then(|v| v.as_str()) == Some(ask.head.as_str())
-                && pr.pointer(base_key).and_then(|v| v.as_str()) == Some(ask.base.as_str())
-        })
+    ours(forge, items, ask)
         .map(|pr| web_url(repo, forge, pr))
         .transpose()
+}
+
+/// The pull request of `items` from `ask.head` into `ask.base` of the
+/// repository itself: a fork's from a branch of the same name (the SHA is
+/// public) is not ours.
+fn ours<'a>(
+    forge: Forge,
+    items: &'a [serde_json::Value],
+    ask: &Ask,
+) -> Option<&'a serde_json::Value> {
+    let (head_key, base_key, [from, to]) = match forge {
+        Forge::Gitlab => (
+            "/source_branch",
+            "/target_branch",
+            ["/source_project_id", "/target_project_id"],
+        ),
+        Forge::Github | Forge::Gitea => (
+            "/head/ref",
+            "/base/ref",
+            ["/head/repo/full_name", "/base/repo/full_name"],
+        ),
+    };
+    let text = |pr: &serde_json::Value, key: &str| {
+        pr.pointer(key).and_then(|v| v.as_str()).map(str::to_owned)
+    };
+    items.iter().find(|pr| {
+        text(pr, head_key).as_deref() == Some(ask.head.as_str())
+            && text(pr, base_key).as_deref() == Some(ask.base.as_str())
+            && pr.pointer(from).is_some()
+            && pr.pointer(from) == pr.pointer(to)
+    })
 }
 
 /// The GET that lists the open pull requests from `ask.head` (all open ones
@@ -339,6 +361,36 @@ mod tests {
             (body["head"].as_str(), body["base"].as_str()),
             (Some("capstan/deploy/abc"), Some("main"))
         );
+    }
+
+    #[test]
+    fn a_forks_pull_request_from_a_branch_of_the_same_name_is_not_ours() {
+        let a = ask();
+        let gh = |url: &str, from: &str, base: &str| {
+            serde_json::json!({"html_url": url,
+            "head": {"ref": "capstan/deploy/abc", "repo": {"full_name": from}},
+            "base": {"ref": base, "repo": {"full_name": "acme/app"}}})
+        };
+        let items = [
+            gh("fork", "mallory/app", "main"),
+            gh("release", "acme/app", "release"),
+            gh("ours", "acme/app", "main"),
+        ];
+        assert_eq!(
+            ours(Forge::Github, &items, &a).map(|p| &p["html_url"]),
+            Some(&"ours".into())
+        );
+        assert!(ours(Forge::Gitea, &items[..2], &a).is_none());
+        let gl = |url: &str, from: u64| {
+            serde_json::json!({"web_url": url, "source_branch": "capstan/deploy/abc",
+            "target_branch": "main", "source_project_id": from, "target_project_id": 7})
+        };
+        let items = [gl("fork", 8), gl("ours", 7)];
+        assert_eq!(
+            ours(Forge::Gitlab, &items, &a).map(|p| &p["web_url"]),
+            Some(&"ours".into())
+        );
+        assert!(ours(Forge::Gitlab, &items[..1], &a).is_none());
     }
 
     #[test]

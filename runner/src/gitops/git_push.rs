@@ -5,8 +5,8 @@
 //! its head, re-applies every edit and tries again, at most [`MAX_TRIES`]
 //! times with jittered exponential backoff.
 //!
-//! In pull-request mode the commit goes to the run's own branch,
-//! `capstan/<pipeline>/<sha>`, instead: pushed forced (the branch is
+//! In pull-request mode the commit goes to the task's own branch,
+//! `capstan/<pipeline>/<task>/<sha>`, instead: pushed forced (the branch is
 //! Capstan's, rewritten when the base moved), or not at all when it already
 //! holds the same tree (a rerun). The pull request itself is opened by the
 //! caller ([`super::pull_request`]), which holds the coordinator's line.
@@ -32,18 +32,41 @@ enum Outcome {
     Raced,
 }
 
-/// The branch a pull request goes from: the run's, so a rerun of the same
-/// commit finds its own.
-pub(crate) fn pull_request_branch(pipeline: &str, sha: &str) -> String {
-    format!("{}{pipeline}/{sha}", super::pull_request::BRANCH_PREFIX)
+/// The branch a pull request goes from: the task's in the run's commit, so
+/// a rerun of the same commit finds its own and two tasks of one run (a
+/// matrix, a staging and a prod bump) never share one. Characters git
+/// refuses in a ref (a matrix task's `[`, `=`, `,`) become `-`.
+pub(crate) fn pull_request_branch(pipeline: &str, task: &str, sha: &str) -> String {
+    let task: String = task
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{}{pipeline}/{}/{sha}",
+        super::pull_request::BRANCH_PREFIX,
+        task.trim_matches('-')
+    )
 }
 
-/// The `git-push` step on a blocking thread; `source_sha` is the run's
-/// commit (names a pull request's branch).
+/// Where a `git-push` in pull-request mode names its branch after.
+pub(super) struct Origin {
+    pub(super) task: String,
+    /// The run's commit; `None` (no source repository): the manifests'
+    /// base commit.
+    pub(super) sha: Option<String>,
+}
+
+/// The `git-push` step on a blocking thread.
 pub(super) fn git_push_blocking(
     gitops: &GitOps,
     step: &GitPushStep,
-    source_sha: Option<&str>,
+    origin: &Origin,
 ) -> Result<Done, GitOpsError> {
     let Some(mut pending) = gitops.take_pending() else {
         return Err(GitOpsError::NothingPending);
@@ -77,8 +100,11 @@ pub(super) fn git_push_blocking(
         reapply_on_head(&repo, &remote, &mut pending, &mut log)?;
     }
     if pull_request {
-        let sha = source_sha.map_or_else(|| pending.base.to_string(), str::to_owned);
-        let head = pull_request_branch(&step.pipeline, &sha);
+        let sha = origin
+            .sha
+            .clone()
+            .unwrap_or_else(|| pending.base.to_string());
+        let head = pull_request_branch(&step.pipeline, &origin.task, &sha);
         if !valid_branch(&head) {
             return Err(GitOpsError::BadBranch(head));
         }

@@ -26,7 +26,7 @@
 //!
 //!    `branch:` names another branch to push to (the edit is re-applied
 //!    on its head first). With `mode: pull-request` the commit goes to
-//!    `capstan/<pipeline>/<run's sha>` instead, and the step asks the
+//!    `capstan/<pipeline>/<task>/<run's sha>` instead, and the step asks the
 //!    coordinator to open (or find) the pull request into the branch
 //!    (`pull_request`); its URL is the output `pull-request`.
 //!
@@ -168,7 +168,10 @@ pub(crate) enum GitOpsError {
     Join(String),
     #[error("unknown `mode: {0}` of `git-push`: use direct or pull-request")]
     BadMode(String),
-    #[error("`{0}` is not a branch name git accepts: fix the step's `branch`")]
+    #[error(
+        "`{0}` is not a branch name git accepts: fix the step's `branch` (or, for a pull \
+         request's branch, the pipeline's name)"
+    )]
     BadBranch(String),
 }
 
@@ -315,15 +318,20 @@ pub(crate) async fn run_git_push(
 ) -> Result<StepEnd, ExecutorError> {
     let worker = Arc::clone(gitops);
     let gstep = step.clone();
-    let (repo, workspace) = (task.repo.clone(), task.workspace.clone());
+    let pull_request = step.mode == "pull-request";
+    let (repo, workspace, name) = (
+        task.repo.clone(),
+        task.workspace.clone(),
+        task.task_name.clone(),
+    );
     let result = blocking(ctx, move || {
         // The run's commit names the pull request's branch: its checkout's
         // HEAD, so a `--rev main` names the commit it was.
-        let source = (!repo.is_empty())
+        let sha = (pull_request && !repo.is_empty())
             .then(|| open(&workspace, &repo).and_then(|r| head_commit(&r, &repo)))
             .transpose()?
             .map(|oid| oid.to_string());
-        git_push::git_push_blocking(&worker, &gstep, source.as_deref())
+        git_push::git_push_blocking(&worker, &gstep, &git_push::Origin { task: name, sha })
     })
     .await;
     let mut done = match result {
@@ -331,49 +339,54 @@ pub(crate) async fn run_git_push(
         Ok(Err(e)) => return report(task, ctx, Err(e)).await,
         Err(end) => return Ok(end),
     };
-    if let Some((head, base)) = done.pull_request.take() {
-        let url = done
-            .outputs
-            .iter()
-            .find(|(k, _)| *k == "repo")
-            .map(|(_, v)| pull_request::bare_url(v))
-            .unwrap_or_default();
-        let (title, body) =
-            pull_request::title_and_body(&step.message, task.run_id.as_str(), &task.task_name);
-        let ask = pull_request::Ask {
-            repo: url,
-            head,
-            base,
-            title,
-            body,
-        };
-        let opened = match &gitops.pull_requests {
-            Some(p) => tokio::select! {
-                r = p.open(&task.attempt_id, &ask) => r,
-                () = ctx.cancel.cancelled() => return Ok(StepEnd::Cancelled),
-                () = sleep_until_deadline(ctx.deadline) => return Ok(StepEnd::TimedOut),
-            },
-            None => Ok(None),
-        };
-        match opened {
-            Ok(Some(o)) => {
-                let verb = if o.created { "opened" } else { "already open:" };
-                done.log
-                    .push_str(&format!("pull request {verb} {}\n", o.url));
-                done.outputs.push(("pull-request", o.url));
-            }
-            Ok(None) => done.log.push_str(&format!(
+    let Some((head, base)) = done.pull_request.take() else {
+        return report(task, ctx, Ok(done)).await;
+    };
+    // What was pushed is logged and recorded whatever the forge says.
+    let repo_url = done
+        .outputs
+        .iter()
+        .find(|(k, _)| *k == "repo")
+        .map(|(_, v)| pull_request::bare_url(v))
+        .unwrap_or_default();
+    report(task, ctx, Ok(done)).await?;
+    let (title, body) =
+        pull_request::title_and_body(&step.message, task.run_id.as_str(), &task.task_name);
+    let ask = pull_request::Ask {
+        repo: repo_url,
+        head,
+        base,
+        title,
+        body,
+    };
+    let opened = match &gitops.pull_requests {
+        Some(p) => tokio::select! {
+            r = p.open(&task.attempt_id, &ask) => r,
+            () = ctx.cancel.cancelled() => return Ok(StepEnd::Cancelled),
+            () = sleep_until_deadline(ctx.deadline) => return Ok(StepEnd::TimedOut),
+        },
+        None => Ok(None),
+    };
+    let (line, end) = match opened {
+        Ok(Some(o)) => {
+            let verb = if o.created { "opened" } else { "already open:" };
+            task.set_output("pull-request", &o.url);
+            (
+                format!("pull request {verb} {}\n", o.url),
+                StepEnd::Exited(0),
+            )
+        }
+        Ok(None) => (
+            format!(
                 "no forge is registered for {}: open a pull request from {} into {} by hand\n",
                 ask.repo, ask.head, ask.base
-            )),
-            Err(message) => {
-                step_log(ctx, &done.log).await?;
-                step_log(ctx, &format!("{message}\n")).await?;
-                return Ok(StepEnd::Failed { message });
-            }
-        }
-    }
-    report(task, ctx, Ok(done)).await
+            ),
+            StepEnd::Exited(0),
+        ),
+        Err(message) => (format!("{message}\n"), StepEnd::Failed { message }),
+    };
+    step_log(ctx, &line).await?;
+    Ok(end)
 }
 
 /// Runs `work` on a blocking thread, honouring cancel and deadline, and

@@ -17,9 +17,12 @@ use crate::logs::LogTarget;
 /// Every pull request branch starts here; the coordinator opens none other.
 pub(crate) const BRANCH_PREFIX: &str = "capstan/";
 
-/// Tries of a call the leader did not answer (it may be changing).
-const TRIES: u32 = 5;
-const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Tries of a call the leader did not answer: 1 s apart, longer than a
+/// failover with the default flags takes (the step's deadline still holds).
+const TRIES: u32 = 30;
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// One call: the coordinator's two forge requests at their 10 s bound each.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the step asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,7 +63,7 @@ pub(crate) struct Coordinator {
 #[async_trait::async_trait]
 impl PullRequests for Coordinator {
     async fn open(&self, attempt: &AttemptId, ask: &Ask) -> Result<Option<Opened>, String> {
-        let mut last = String::new();
+        let mut last = "not connected to a coordinator".to_owned();
         for _ in 0..TRIES {
             let Some(target) = self.target.borrow().clone() else {
                 tokio::time::sleep(RETRY_DELAY).await;
@@ -76,6 +79,8 @@ impl PullRequests for Coordinator {
                 title: ask.title.clone(),
                 body: ask.body.clone(),
             };
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(CALL_TIMEOUT);
             match target.forge.clone().open_pull_request(request).await {
                 Ok(r) => {
                     let r = r.into_inner();
@@ -85,7 +90,12 @@ impl PullRequests for Coordinator {
                     }));
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
-                Err(s) if s.code() == tonic::Code::Unavailable => {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) =>
+                {
                     last = s.message().to_owned();
                     tokio::time::sleep(RETRY_DELAY).await;
                 }

@@ -1,6 +1,7 @@
 //! `git-push` with `branch:` and `mode: pull-request`, against bare
 //! repositories on disk and a recording [`PullRequests`].
 
+use super::git_push;
 use super::pull_request::{Ask, Opened, PullRequests};
 use super::tests::{git, git_push, new_task, origin, run_all_with, set_image};
 use super::*;
@@ -22,11 +23,12 @@ impl PullRequests for Recording {
             return Err(f.clone());
         }
         let mut asks = self.asks.lock().unwrap();
-        let created = !asks.iter().any(|a| a.head == ask.head);
+        let first = asks.iter().position(|a| a.head == ask.head);
         asks.push(ask.clone());
+        let number = first.map_or(asks.len(), |i| i + 1);
         Ok(Some(Opened {
-            url: format!("https://forge.example/pull/{}", asks.len()),
-            created,
+            url: format!("https://forge.example/pull/{number}"),
+            created: first.is_none(),
         }))
     }
 }
@@ -60,7 +62,7 @@ async fn pull_request_mode_pushes_the_runs_branch_once_and_asks_for_the_pull_req
     let (ends, log) = run_all_with(&t, gitops_with(forge.clone())).await;
     assert_eq!(ends, vec![StepEnd::Exited(0); 2], "{log}");
     // No source checkout: the branch is named after the manifests' base.
-    let branch = format!("capstan/deploy/{main}");
+    let branch = format!("capstan/deploy/test/{main}");
     assert_eq!(git(&bare, &["rev-parse", "main"]), main, "main untouched");
     let pushed = git(&bare, &["rev-parse", &branch]);
     assert!(
@@ -104,7 +106,7 @@ async fn pull_request_mode_pushes_the_runs_branch_once_and_asks_for_the_pull_req
         "{log}"
     );
     assert!(
-        log.contains("pull request already open: https://forge.example/pull/2"),
+        log.contains("pull request already open: https://forge.example/pull/1"),
         "{log}"
     );
     assert_eq!(git(&bare, &["rev-parse", &branch]), pushed);
@@ -228,4 +230,15 @@ async fn branch_names_where_the_commit_goes_and_bad_settings_say_what_to_fix() {
             "{ends:?} {log}"
         );
     }
+}
+
+#[test]
+fn each_task_has_its_own_branch_and_a_matrix_task_a_valid_one() {
+    assert_eq!(
+        git_push::pull_request_branch("promote", "deploy", "abc"),
+        "capstan/promote/deploy/abc"
+    );
+    let b = git_push::pull_request_branch("promote", "deploy[env=prod,zone=b]", "abc");
+    assert_eq!(b, "capstan/promote/deploy-env-prod-zone-b/abc");
+    assert!(git2::Reference::is_valid_name(&format!("refs/heads/{b}")));
 }
