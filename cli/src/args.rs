@@ -82,6 +82,27 @@ pub(crate) enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Approve a task waiting at its `approval:` gate; it is queued.
+    Approve {
+        /// Run id.
+        run: String,
+        /// The task (quote a matrix task's name).
+        task: String,
+        /// Why, shown with the decision.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Reject a task waiting at its `approval:` gate; it fails and what
+    /// needs it is skipped.
+    Reject {
+        /// Run id.
+        run: String,
+        /// The task.
+        task: String,
+        /// Why, shown with the decision.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Cancel every unfinished task of a run.
     Cancel {
         /// Run id.

@@ -84,6 +84,18 @@ pub(crate) fn task_json(task: &Task) -> Value {
         "attempt_id": opt_str(&task.attempt_id),
         "started_at_ms": opt_ms(task.started_at_ms),
         "finished_at_ms": opt_ms(task.finished_at_ms),
+        "approval": task.approval.as_ref().map(|a| json!({
+            "prompt": a.prompt,
+            "by": a.by,
+            "asked_at_ms": opt_ms(a.asked_at_ms),
+            "timeout_ms": a.timeout_ms,
+            "decision": a.decided.then(|| json!({
+                "approved": a.approved,
+                "by": a.decided_by,
+                "at_ms": opt_ms(a.decided_at_ms),
+                "reason": opt_str(&a.reason),
+            })),
+        })),
     })
 }
 
@@ -407,6 +419,7 @@ mod tests {
                 "name": "test", "state": "failed", "attempts": 2, "runner": "dev",
                 "message": "step 1 exited with 3", "exit_code": 3, "needs": ["build"],
                 "outputs": {}, "attempt_id": null, "started_at_ms": null, "finished_at_ms": null,
+                "approval": null,
             })
         );
         assert_eq!(tasks[2]["state"], "skipped");

@@ -121,6 +121,39 @@ pub(crate) struct TaskRecord {
     /// queued for a runner (0: not waiting).
     #[serde(default)]
     pub(crate) retry_at_ms: i64,
+    /// Its `approval:` gate, if it has one (`scheduler::state::approvals`).
+    #[serde(default)]
+    pub(crate) approval: Option<ApprovalRecord>,
+}
+
+/// A task's approval gate as stored: what it asks, and what was decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ApprovalRecord {
+    pub(crate) prompt: String,
+    /// The token scopes that may decide (an admin token always may).
+    pub(crate) by: Vec<String>,
+    /// 0: no timeout.
+    pub(crate) timeout_ms: i64,
+    /// When the task reached the gate (its needs all succeeded); 0: not yet.
+    pub(crate) asked_at_ms: i64,
+    pub(crate) decision: Option<Decision>,
+}
+
+/// Who decided a gate, how and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Decision {
+    pub(crate) approved: bool,
+    /// The token's name, or `timeout`.
+    pub(crate) by: String,
+    pub(crate) at_ms: i64,
+    pub(crate) reason: String,
+}
+
+impl ApprovalRecord {
+    /// Waiting at the gate for a decision.
+    pub(crate) fn pending(&self) -> bool {
+        self.asked_at_ms > 0 && self.decision.is_none()
+    }
 }
 
 impl TaskRecord {

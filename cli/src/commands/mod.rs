@@ -1,6 +1,7 @@
 //! One module per subcommand; each returns the exit or a [`Failure`].
 
-pub(crate) mod cancel;
+mod approve;
+mod cancel;
 pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod drain;
@@ -79,6 +80,12 @@ pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Runs { limit } => runs::run(&ctx, limit).await,
         Command::Logs { run, task, follow } => logs::run(&ctx, &run, task.as_deref(), follow).await,
         Command::Cancel { run } => cancel::run(&ctx, &run).await,
+        Command::Approve { run, task, reason } => {
+            approve::run(&ctx, &run, &task, true, &reason).await
+        }
+        Command::Reject { run, task, reason } => {
+            approve::run(&ctx, &run, &task, false, &reason).await
+        }
         Command::Runners => runners::run(&ctx).await,
         Command::Drain { runner } => drain::run(&ctx, &runner).await,
         Command::Resume { runner } => drain::resume(&ctx, &runner).await,

@@ -94,6 +94,8 @@ pub(crate) fn build_run_within(
         run_id: Some(id.to_string()),
     };
     let resolved = capstan_pipeline::resolve(&file, &parsed, &ctx).map_err(invalid)?;
+    // Again with the matrices expanded.
+    limits.check_tasks(&file, resolved.tasks.len())?;
     let tasks = task_records(&resolved);
     let record = RunRecord {
         id,
@@ -156,6 +158,14 @@ fn task_records(resolved: &capstan_pipeline::Pipeline) -> Vec<TaskRecord> {
             started_at_ms: 0,
             finished_at_ms: 0,
             retry_at_ms: 0,
+            approval: t.approval.as_ref().map(|a| ApprovalRecord {
+                prompt: a.prompt.clone(),
+                by: a.by.clone(),
+                timeout_ms: a
+                    .timeout
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+                ..ApprovalRecord::default()
+            }),
         })
         .collect()
 }
@@ -286,6 +296,34 @@ impl pipeline_service_server::PipelineService for PipelineApi {
             .ask(|reply| Command::ListRuns { limit, reply })
             .await?;
         Ok(Response::new(ListRunsResponse { runs }))
+    }
+
+    async fn decide_approval(
+        &self,
+        req: Request<DecideApprovalRequest>,
+    ) -> Result<Response<Run>, Status> {
+        // Which scopes may decide is the gate's: the scheduler checks it.
+        let caller = self.0.authorize(&req, Scope::Read).await?;
+        let r = req.into_inner();
+        let id = run_id(r.run_id)?;
+        let decision = Box::new(crate::scheduler::OwnedDecision {
+            task: r.task.clone(),
+            approve: r.approve,
+            by: caller.name.clone(),
+            scope: caller.scope.as_str().to_owned(),
+            reason: r.reason.chars().take(MAX_ERROR_MESSAGE_BYTES).collect(),
+        });
+        let run = self
+            .0
+            .ask(|reply| Command::DecideApproval {
+                id,
+                decision,
+                reply,
+            })
+            .await?;
+        tracing::info!(target: "audit", token = %caller.name, action = if r.approve { "approve" } else { "reject" },
+            run = %run.id, task = %r.task, "approval decided");
+        Ok(Response::new(run))
     }
 
     async fn cancel_run(&self, req: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {

@@ -11,7 +11,10 @@ pub(crate) fn from_state(e: StateError) -> Status {
         | StateError::UnknownTask { .. }
         | StateError::UnknownRunner(_) => Status::not_found(e.to_string()),
         StateError::BadRunnerCredentials => Status::unauthenticated(e.to_string()),
-        StateError::ProtocolVersion { .. } => Status::failed_precondition(e.to_string()),
+        StateError::ProtocolVersion { .. } | StateError::NotAtGate(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        StateError::MayNotDecide { .. } => Status::permission_denied(e.to_string()),
         StateError::QuotaExceeded(_) => Status::resource_exhausted(e.to_string()),
         StateError::NotYourAttempt { .. }
         | StateError::NotYourRun { .. }

@@ -82,6 +82,12 @@ pub(crate) enum Command {
         id: RunId,
         reply: Reply<watch::Receiver<api::Run>>,
     },
+    /// Approve or reject a task at its gate, as the token `by` with `scope`.
+    DecideApproval {
+        id: RunId,
+        decision: Box<OwnedDecision>,
+        reply: Reply<api::Run>,
+    },
     /// The attempts of a run's tasks (all tasks if `task` is None), in order.
     Attempts {
         id: RunId,
@@ -149,6 +155,28 @@ pub(crate) enum Command {
     /// The log store's attempts, listed at the start of the leadership:
     /// those no run names any more are deleted (see `orphan_logs`).
     OrphanLogs(Vec<AttemptId>),
+}
+
+/// [`state::Decide`] with its strings owned, to travel in a [`Command`].
+#[derive(Debug)]
+pub(crate) struct OwnedDecision {
+    pub(crate) task: String,
+    pub(crate) approve: bool,
+    pub(crate) by: String,
+    pub(crate) scope: String,
+    pub(crate) reason: String,
+}
+
+impl OwnedDecision {
+    fn borrowed(&self) -> state::Decide<'_> {
+        state::Decide {
+            task: &self.task,
+            approve: self.approve,
+            by: &self.by,
+            scope: &self.scope,
+            reason: &self.reason,
+        }
+    }
 }
 
 /// The API side's way to reach the scheduler loop. Cheap to clone.
@@ -360,6 +388,15 @@ impl Scheduler {
             }
             Command::WatchRun { id, reply } => {
                 let _ = reply.send(self.watch_run(id));
+            }
+            Command::DecideApproval {
+                id,
+                decision,
+                reply,
+            } => {
+                let r = (self.state.decide(&id, &decision.borrowed()))
+                    .and_then(|()| self.run_view(&id));
+                self.reply(reply, r);
             }
             Command::Attempts { id, task, reply } => {
                 let _ = reply.send(self.attempts(&id, task.as_deref()));

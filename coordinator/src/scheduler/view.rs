@@ -1,7 +1,7 @@
 //! Records as the client API shows them.
 
 use super::state::RunnerSlot;
-use crate::model::{RunRecord, StoredTaskState};
+use crate::model::{ApprovalRecord, RunRecord, StoredTaskState};
 use capstan_proto::api::v1 as api;
 use capstan_proto::pipeline::v1::{RunState, TaskState};
 
@@ -31,6 +31,7 @@ pub(crate) fn run(r: &RunRecord) -> api::Run {
                     started_at_ms: t.started_at_ms,
                     finished_at_ms: t.finished_at_ms,
                     outputs: t.outputs.clone().into_iter().collect(),
+                    approval: t.approval.as_ref().map(approval),
                 }
             })
             .collect(),
@@ -56,5 +57,20 @@ pub(crate) fn runner(r: &RunnerSlot) -> api::Runner {
         version: r.record().version.clone(),
         last_seen_ms: r.seen_ms(),
         tls_identity: r.record().tls_identity.clone().unwrap_or_default(),
+    }
+}
+
+fn approval(a: &ApprovalRecord) -> api::Approval {
+    let d = a.decision.as_ref();
+    api::Approval {
+        prompt: a.prompt.clone(),
+        by: a.by.clone(),
+        asked_at_ms: a.asked_at_ms,
+        timeout_ms: a.timeout_ms,
+        decided: d.is_some(),
+        approved: d.is_some_and(|d| d.approved),
+        decided_by: d.map(|d| d.by.clone()).unwrap_or_default(),
+        decided_at_ms: d.map_or(0, |d| d.at_ms),
+        reason: d.map(|d| d.reason.clone()).unwrap_or_default(),
     }
 }

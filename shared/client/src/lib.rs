@@ -51,9 +51,9 @@ use tonic::{Code, Status};
 
 use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
 use capstan_proto::api::v1::{
-    CancelRunRequest, DrainRunnerRequest, GetRunRequest, ListRunnersRequest, ListRunsRequest,
-    LogData, ReadLogsRequest, ResumeRunnerRequest, Run, RunEvent, Runner, SubmitRunRequest,
-    WatchRunRequest,
+    CancelRunRequest, DecideApprovalRequest, DrainRunnerRequest, GetRunRequest, ListRunnersRequest,
+    ListRunsRequest, LogData, ReadLogsRequest, ResumeRunnerRequest, Run, RunEvent, Runner,
+    SubmitRunRequest, WatchRunRequest,
 };
 use capstan_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
 use capstan_proto::cluster::v1::{
@@ -308,6 +308,27 @@ impl Client {
         };
         self.unary(request, |ch, req| async move {
             PipelineServiceClient::new(ch).cancel_run(req).await
+        })
+        .await
+    }
+
+    /// Approves (`approve`) or rejects the task `task` of `run` at its
+    /// approval gate, with `reason` shown beside the decision.
+    pub async fn decide_approval(
+        &self,
+        run: &RunId,
+        task: &str,
+        approve: bool,
+        reason: &str,
+    ) -> Result<Run, ClientError> {
+        let request = DecideApprovalRequest {
+            run_id: run.to_string(),
+            task: task.to_owned(),
+            approve,
+            reason: reason.to_owned(),
+        };
+        self.unary(request, |ch, req| async move {
+            PipelineServiceClient::new(ch).decide_approval(req).await
         })
         .await
     }
@@ -848,6 +869,12 @@ mod tests {
         async fn cancel_run(
             &self,
             _: tonic::Request<CancelRunRequest>,
+        ) -> Result<tonic::Response<Run>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn decide_approval(
+            &self,
+            _: tonic::Request<DecideApprovalRequest>,
         ) -> Result<tonic::Response<Run>, Status> {
             Err(Status::unimplemented(""))
         }

@@ -100,8 +100,12 @@ impl ValidationErrors {
     }
 
     /// Sorts by position (stable: errors at the same place keep their order).
+    /// In file order, each once (a matrix's expansions share their
+    /// fields' places, so they would repeat one error).
     pub(crate) fn sorted(mut errors: Vec<ValidationError>) -> Self {
         errors.sort_by_key(|e| (e.line, e.column));
+        let mut seen = std::collections::HashSet::new();
+        errors.retain(|e| seen.insert((e.line, e.column, e.message.clone())));
         Self(errors)
     }
 }

@@ -50,7 +50,7 @@ mod tests;
 
 pub use error::{ValidationError, ValidationErrors};
 pub use matrix::{MAX_MATRIX, expanded_name};
-pub use model::{Concurrency, Matrix, Pipeline, SourceMap, StepDef, StepKind, TaskDef};
+pub use model::{Approval, Concurrency, Matrix, Pipeline, SourceMap, StepDef, StepKind, TaskDef};
 pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
 pub use parse::{MAX_LISTED_ERRORS, MAX_RETRIES, parse};
 pub use substitute::{Context, resolve};

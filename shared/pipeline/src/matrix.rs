@@ -28,8 +28,9 @@ impl Matrix {
                 .collect();
         }
         out.retain(|c| !self.exclude.iter().any(|x| matches(c, x)));
+        let mut seen: std::collections::BTreeSet<_> = out.iter().cloned().collect();
         for extra in &self.include {
-            if !out.contains(extra) {
+            if seen.insert(extra.clone()) {
                 out.push(extra.clone());
             }
         }

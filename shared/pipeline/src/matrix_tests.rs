@@ -88,7 +88,7 @@ fn matrix_errors_say_where_and_what_to_do() {
         &task("      n: [a b]\n", "x"),
         6,
         11,
-        &["bad matrix value `a b`", "`[`, `]`"],
+        &["bad matrix value `a b`", "a-z A-Z 0-9 . _ -"],
     );
     one_error(
         &task("      n: [1, 1]\n", "x"),
@@ -129,4 +129,60 @@ fn matrix_errors_say_where_and_what_to_do() {
         &["is another key's environment variable"],
     );
     assert!(parse("p.yaml", &task("      n: [1, 2]\n", "echo ${{ matrix.n }}")).is_ok());
+}
+
+#[test]
+fn matrix_bounds_and_values_that_could_not_name_a_task() {
+    let task = |m: &str| {
+        with_task(&format!(
+            "    matrix:\n{m}    steps:\n      - run: echo ${{{{ matrix.a }}}}\n"
+        ))
+    };
+    for bad in ["\"${{\"", "a/b", ".hidden", "é"] {
+        one_error(
+            &task(&format!("      a: [{bad}]\n")),
+            6,
+            11,
+            &["bad matrix value", "a-z A-Z 0-9 . _ -"],
+        );
+    }
+    let keys: String = (0..17).map(|i| format!("      k{i}: [1]\n")).collect();
+    one_error(
+        &task(&format!("      a: [1]\n{keys}")),
+        6,
+        7,
+        &["has 18 keys; at most 16"],
+    );
+    // 2^13 combinations are refused before any is built.
+    let wide: String = (0..13).map(|i| format!("      k{i}: [x, y]\n")).collect();
+    one_error(
+        &task(&format!("      a: [1]\n{wide}")),
+        6,
+        7,
+        &["more than 4096 combinations before `exclude`"],
+    );
+    one_error(
+        &task("      a: [1, 2]\n      exclude: [{a: 3}]\n"),
+        7,
+        21,
+        &["`3` in `exclude` of", "is not a value of `a` (1, 2)"],
+    );
+    one_error(
+        &task("      a: [1, 2]\n      exclude: [{}]\n"),
+        7,
+        17,
+        &["is empty: name a key and its value"],
+    );
+    // A bad matrix does not also make every use of it an error.
+    one_error(&task("      a: []\n"), 6, 10, &["is empty"]);
+}
+
+#[test]
+fn an_expansions_error_is_reported_once_at_the_matrix_tasks_field() {
+    let text = "version: 1\nname: m\ntasks:\n  t:\n    matrix: {n: [1, 2, 3]}\n    image: \"x:${{ git.sha }}\"\n    steps: [run: echo]\n";
+    let p = parse("m.yaml", text).unwrap();
+    let err = resolve("m.yaml", &p, &Context::default()).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert_eq!((err.0[0].line, err.0[0].column), (6, 12), "{err}");
+    assert!(err.0[0].message.contains("needs a revision"), "{err}");
 }

@@ -77,6 +77,21 @@ pub struct TaskDef {
     /// In an expansion: its `${{ matrix.KEY }}` values.
     #[serde(default)]
     pub matrix_values: BTreeMap<String, String>,
+    /// `approval:`: a person decides before the task is queued.
+    #[serde(default)]
+    pub approval: Option<Approval>,
+}
+
+/// A task's `approval:` gate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// What the approver is asked.
+    pub prompt: String,
+    /// The token scopes that may decide (`read`, `submit`, `admin`); an
+    /// admin token always may.
+    pub by: Vec<String>,
+    /// Undecided this long after the task could start: rejected.
+    pub timeout: Option<Duration>,
 }
 
 /// A task's `matrix:`: every combination of the axes' values, less those

@@ -82,6 +82,13 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field
     for (k, v) in &mut task.env {
         f(&format!("{base}.env.{k}"), Field::Plain, v);
     }
+    if let Some(a) = &mut task.approval {
+        f(
+            &format!("{base}.approval.prompt"),
+            Field::Plain,
+            &mut a.prompt,
+        );
+    }
     for (i, step) in task.steps.iter_mut().enumerate() {
         let sb = format!("{base}.steps[{i}]");
         if let Some(name) = &mut step.name {

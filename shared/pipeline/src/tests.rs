@@ -121,6 +121,7 @@ fn expected_full() -> Pipeline {
                 matrix: None,
                 expanded_from: None,
                 matrix_values: BTreeMap::new(),
+                approval: None,
             },
             TaskDef {
                 name: s("other-task"),
@@ -1851,4 +1852,57 @@ fn git_push_branch_and_pull_request_mode() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("brnch") && err.contains("branch"), "{err}");
+}
+
+#[test]
+fn approval_gates_and_their_errors() {
+    let yaml = |gate: &str| {
+        format!(
+            "version: 1\nname: a\ntasks:\n  deploy:\n    approval: {gate}\n    steps: [run: x]\n"
+        )
+    };
+    let gate = |g: &str| {
+        parse("a.yaml", &yaml(g)).unwrap().tasks[0]
+            .approval
+            .clone()
+            .unwrap()
+    };
+    let full = gate("{prompt: \"bump it?\", by: [submit, admin], timeout: 10m}");
+    assert_eq!(full.prompt, "bump it?");
+    assert_eq!(full.by, ["submit", "admin"]);
+    assert_eq!(full.timeout, Some(Duration::from_secs(600)));
+    let plain = gate("{}");
+    assert_eq!(
+        (plain.prompt.as_str(), plain.by.as_slice()),
+        ("run task `deploy`?", &["admin".to_string()][..])
+    );
+    assert_eq!(plain.timeout, None);
+    one_error(
+        &yaml("{by: []}"),
+        5,
+        20,
+        &["no token could approve the task"],
+    );
+    one_error(
+        &yaml("{by: [owner]}"),
+        5,
+        21,
+        &["names scopes: read, submit or admin, found owner"],
+    );
+    one_error(&yaml("{by: admin}"), 5, 20, &["must be a list of scopes"]);
+    one_error(
+        &yaml("{timeout: soon}"),
+        5,
+        25,
+        &["`timeout` of `approval` of task `deploy`"],
+    );
+    one_error(&yaml("{prompt: x, who: y}"), 5, 27, &["unknown key `who`"]);
+    // The prompt takes substitutions.
+    let p = parse("a.yaml", &yaml("{prompt: \"deploy ${{ git.sha }}?\"}")).unwrap();
+    let c = Context {
+        git_sha: Some(s("abc")),
+        ..Context::default()
+    };
+    let r = resolve("a.yaml", &p, &c).unwrap();
+    assert_eq!(r.tasks[0].approval.as_ref().unwrap().prompt, "deploy abc?");
 }

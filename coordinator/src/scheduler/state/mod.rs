@@ -25,6 +25,8 @@
 //! - `sweep`: the timers (offer timeouts, leases, task timeouts);
 //! - `demand`: a read of queued and running tasks and runners, for autoscalers.
 
+mod approvals;
+pub(crate) use approvals::Decide;
 mod backoff;
 mod clocks;
 mod connection;
@@ -170,6 +172,17 @@ pub(crate) enum StateError {
     /// A per-token quota (`crate::limits::Quota::admits` words it).
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A decision on a task that is not waiting at its gate.
+    #[error("{0}")]
+    NotAtGate(String),
+    #[error(
+        "the approval of task `{task}` may be decided by a token with scope {allowed}; this token has `{scope}`"
+    )]
+    MayNotDecide {
+        task: String,
+        allowed: String,
+        scope: String,
+    },
 }
 
 pub(crate) struct SchedulerState {
@@ -182,6 +195,9 @@ pub(crate) struct SchedulerState {
     next_conn: u64,
     fx: Effects,
     backoffs: backoff::Backoffs,
+    /// Tasks waiting at their approval gate -> when it times out (ms since
+    /// the epoch; `i64::MAX`: never).
+    gates: std::collections::HashMap<(RunId, usize), i64>,
 }
 
 impl SchedulerState {
@@ -196,6 +212,7 @@ impl SchedulerState {
             next_conn: 0,
             fx: Effects::default(),
             backoffs: backoff::Backoffs::default(),
+            gates: Default::default(),
         }
     }
 
@@ -227,6 +244,11 @@ impl SchedulerState {
                         AttemptState::Running => st.clocks.started(&a.id, now),
                         _ => {}
                     }
+                }
+                if t.state == StoredTaskState::Waiting
+                    && let Some(a) = t.approval.as_ref().filter(|a| a.pending())
+                {
+                    st.gates.insert((run.id.clone(), i), approvals::deadline(a));
                 }
                 if t.state == StoredTaskState::Queued && t.retry_at_ms > now_ms {
                     let left = Duration::from_millis((t.retry_at_ms - now_ms) as u64);

@@ -1,5 +1,6 @@
 //! The timers, judged on every sweep: offers not accepted in time, runners
-//! past their lease, and tasks far past their own timeout.
+//! past their lease, tasks far past their own timeout, and approval gates
+//! past theirs.
 
 use super::{LossReason, SchedulerState, TaskOutcome};
 use crate::model::*;
@@ -14,6 +15,7 @@ impl SchedulerState {
         self.expire_offers(now);
         self.expire_leases(now);
         self.fail_overdue(now);
+        self.expire_gates(now_ms());
     }
 
     /// Restarts the offer timeout of `offered` at `now` (after a slow write,

@@ -41,9 +41,13 @@ impl SchedulerState {
             return;
         };
         let (priority, seq) = (run.priority, run.seq);
-        let mut queued = Vec::new();
+        let (mut queued, mut held) = (Vec::new(), Vec::new());
         for (i, t) in run.tasks.iter_mut().enumerate() {
             if t.needs.is_empty() && t.state == StoredTaskState::Waiting {
+                if let Some(deadline) = super::approvals::gate(t, now) {
+                    held.push((i, deadline));
+                    continue;
+                }
                 t.state = StoredTaskState::Queued;
                 t.queued_at_ms = now;
                 queued.push(i);
@@ -52,6 +56,7 @@ impl SchedulerState {
         for i in queued {
             self.queue.insert(priority, seq, id, i);
         }
+        self.hold_at_gates(id, held);
     }
 
     /// [`Self::submit`] within `quota`: refused when the token that
@@ -224,11 +229,17 @@ impl SchedulerState {
                 }
             }
         }
+        let mut held = Vec::new();
         for i in to_queue {
+            if let Some(deadline) = super::approvals::gate(&mut run.tasks[i], now) {
+                held.push((i, deadline));
+                continue;
+            }
             run.tasks[i].state = StoredTaskState::Queued;
             run.tasks[i].queued_at_ms = now;
             self.queue.insert(run.priority, run.seq, run_id, i);
         }
+        self.hold_at_gates(run_id, held);
         self.fx.touch_run(run_id);
     }
 

@@ -12,6 +12,11 @@ use crate::yaml::{Node, Pos, Value};
 
 /// Longest matrix value (it goes into the task's name).
 const MAX_VALUE: usize = 64;
+/// Most keys, and most `exclude` or `include` entries, of one matrix.
+const MAX_KEYS: usize = 16;
+const MAX_ENTRIES: usize = MAX_MATRIX;
+/// Most combinations of the axes before `exclude` (they are built).
+const MAX_PRODUCT: usize = 16 * MAX_MATRIX;
 
 impl Parser<'_> {
     /// `matrix: { KEY: [values...], exclude: [...], include: [...] }`.
@@ -43,6 +48,18 @@ impl Parser<'_> {
                 node.pos,
                 format!("{what} has no keys: give at least one, such as `shard: [1, 2]`"),
             );
+            return None;
+        }
+        if m.axes.len() > MAX_KEYS {
+            let n = m.axes.len();
+            self.err(node.pos, format!("{what} has {n} keys; at most {MAX_KEYS}"));
+            return None;
+        }
+        let product = (m.axes.values())
+            .try_fold(1usize, |n, v| n.checked_mul(v.len()))
+            .filter(|&n| n <= MAX_PRODUCT);
+        if product.is_none() {
+            self.err(node.pos, format!("{what} has more than {MAX_PRODUCT} combinations before `exclude`; at most {MAX_MATRIX} tasks: use fewer values"));
             return None;
         }
         for (list, v) in lists {
@@ -113,9 +130,9 @@ impl Parser<'_> {
             );
             return None;
         };
-        let bad = |c: char| c.is_whitespace() || c.is_control() || "[],=".contains(c);
-        if v.is_empty() || v.len() > MAX_VALUE || v.chars().any(bad) {
-            self.err(node.pos, format!("bad matrix value `{v}` in {what}: 1 to {MAX_VALUE} characters without spaces, `[`, `]`, `,` or `=` (it becomes part of the task's name)"));
+        let good = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        if v.is_empty() || v.len() > MAX_VALUE || !v.chars().all(good) || v.starts_with('.') {
+            self.err(node.pos, format!("bad matrix value `{v}` in {what}: 1 to {MAX_VALUE} of the characters a-z A-Z 0-9 . _ -, not starting with `.` (it becomes part of the task's name and branch names)"));
             return None;
         }
         Some(v)
@@ -140,11 +157,24 @@ impl Parser<'_> {
             );
             return Vec::new();
         };
+        if items.len() > MAX_ENTRIES {
+            let n = items.len();
+            self.err(
+                node.pos,
+                format!("{what} has {n} entries; at most {MAX_ENTRIES}"),
+            );
+            return Vec::new();
+        }
         let mut out = Vec::new();
         for item in items {
             let Some(f) = self.entries(item, what) else {
                 continue;
             };
+            if f.entries.is_empty() {
+                let msg = format!("an entry of {what} is empty: name a key and its value");
+                self.err(item.pos, msg);
+                continue;
+            }
             let mut c = BTreeMap::new();
             for (key, k, v) in &f.entries {
                 if !m.axes.contains_key(key) {
@@ -156,8 +186,15 @@ impl Parser<'_> {
                             keys.join(", ")
                         ),
                     );
-                } else if let Some(v) = self.value(v, what) {
-                    c.insert(key.clone(), v);
+                } else if let Some(value) = self.value(v, what) {
+                    // An exclude of a value no axis has removes nothing: a typo.
+                    if !all && !m.axes[key].contains(&value) {
+                        let values = m.axes[key].join(", ");
+                        let msg =
+                            format!("`{value}` in {what} is not a value of `{key}` ({values})");
+                        self.err(v.pos, msg);
+                    }
+                    c.insert(key.clone(), value);
                 }
             }
             if all

@@ -6,7 +6,7 @@ use capstan_proto::units::parse_memory;
 
 use super::{MAX_RETRIES, Parser};
 use crate::expr::OPEN;
-use crate::model::TaskDef;
+use crate::model::{Approval, TaskDef};
 use crate::names::{MAX_NAME_LEN, is_label_key, is_label_value};
 use crate::yaml::{Node, Pos, Value};
 
@@ -21,7 +21,12 @@ const TASK_KEYS: &[&str] = &[
     "resources",
     "steps",
     "matrix",
+    "approval",
 ];
+
+const APPROVAL_KEYS: &[&str] = &["prompt", "by", "timeout"];
+/// The scopes an `approval.by` may name.
+const SCOPES: &[&str] = &["read", "submit", "admin"];
 
 const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
 
@@ -82,12 +87,70 @@ impl Parser<'_> {
             None => self.missing(key_pos, "steps", &what),
             Some(v) => task.steps = self.steps(v, &what, &base),
         }
-        if let Some(v) = f.get("matrix").filter(|v| !v.is_null()) {
+        let matrix = f.get("matrix").filter(|v| !v.is_null());
+        if let Some(v) = matrix {
             task.matrix = self.matrix(v, &what);
         }
-        self.check_matrix_refs(&mut task, key_pos);
+        if let Some(v) = f.get("approval").filter(|v| !v.is_null()) {
+            task.approval = self.approval(v, &what, &base);
+        }
+        // A matrix that did not parse has its own errors already.
+        if matrix.is_none() || task.matrix.is_some() {
+            self.check_matrix_refs(&mut task, key_pos);
+        }
         (task, needs)
     }
+    /// `approval: { prompt, by: [scopes], timeout }`; `by` defaults to
+    /// `[admin]`, the prompt to a question naming the task.
+    fn approval(&mut self, node: &Node, what: &str, base: &str) -> Option<Approval> {
+        let aw = format!("`approval` of {what}");
+        let f = self.fields(node, &aw, APPROVAL_KEYS)?;
+        let prompt = self
+            .opt_subst(
+                &f,
+                "prompt",
+                &format!("`prompt` of {aw}"),
+                format!("{base}.approval.prompt"),
+            )
+            .unwrap_or_else(|| format!("run {what}?"));
+        let mut by = Vec::new();
+        match f.get("by").map(|n| (n, &n.value)) {
+            None | Some((_, Value::Null)) => by.push("admin".to_owned()),
+            Some((n, Value::Seq(items))) => {
+                if items.is_empty() {
+                    self.err(n.pos, format!("`by` of {aw} is empty: no token could approve the task; name scopes such as [admin]"));
+                }
+                for item in items {
+                    match item.scalar_text() {
+                        Some(s) if SCOPES.contains(&s.as_str()) => by.push(s),
+                        _ => self.err(
+                            item.pos,
+                            format!(
+                                "`by` of {aw} names scopes: read, submit or admin, found {}",
+                                item.scalar_text().unwrap_or_else(|| item.kind().to_owned())
+                            ),
+                        ),
+                    }
+                }
+            }
+            Some((n, _)) => self.err(
+                n.pos,
+                format!(
+                    "`by` of {aw} must be a list of scopes such as [admin], found {}",
+                    n.kind()
+                ),
+            ),
+        }
+        let timeout = f
+            .get("timeout")
+            .and_then(|v| self.timeout(v, &format!("`timeout` of {aw}")));
+        Some(Approval {
+            prompt,
+            by,
+            timeout,
+        })
+    }
+
     /// `capabilities: [NET_ADMIN, chown]`: names normalised to upper case
     /// without a `CAP_` prefix.
     fn capabilities(&mut self, node: &Node, what: &str) -> Vec<String> {

@@ -1,0 +1,180 @@
+//! Approval gates. A task with `approval:` whose needs have all succeeded
+//! is not queued: it stays `Waiting`, holding no runner slot, with the
+//! moment it reached the gate in its record, until a token the gate allows
+//! approves it (then it is queued) or rejects it (then it fails and what
+//! needs it is skipped), or the gate's timeout rejects it. Everything is
+//! in the task's record, so a new leader resumes the gate where the old
+//! one left it (`load` rebuilds the deadlines).
+
+use super::{SchedulerState, StateError, TaskOutcome};
+use crate::model::*;
+use capstan_proto::ids::RunId;
+
+/// Who rejects a gate that timed out.
+pub(crate) const TIMEOUT: &str = "timeout";
+
+/// When `a` times out (ms since the epoch), or never.
+pub(super) fn deadline(a: &ApprovalRecord) -> i64 {
+    match a.timeout_ms {
+        0 => i64::MAX,
+        t => a.asked_at_ms.saturating_add(t),
+    }
+}
+
+/// Task `t` is ready to queue at `now_ms`: `Some(deadline)` when its gate
+/// holds it instead (asked now, the first time).
+pub(super) fn gate(t: &mut TaskRecord, now_ms: i64) -> Option<i64> {
+    let a = t.approval.as_mut()?;
+    match &a.decision {
+        Some(d) if d.approved => return None,
+        Some(_) => return Some(i64::MAX),
+        None => {}
+    }
+    if a.asked_at_ms == 0 {
+        a.asked_at_ms = now_ms;
+        t.message = format!("waiting for approval: {}", a.prompt);
+    }
+    Some(deadline(a))
+}
+
+/// A decision on a gate.
+pub(crate) struct Decide<'a> {
+    pub(crate) task: &'a str,
+    pub(crate) approve: bool,
+    /// The deciding token's name and scope.
+    pub(crate) by: &'a str,
+    pub(crate) scope: &'a str,
+    pub(crate) reason: &'a str,
+}
+
+impl SchedulerState {
+    /// Records the held tasks of a run at their gates.
+    pub(super) fn hold_at_gates(&mut self, run: &RunId, held: Vec<(usize, i64)>) {
+        for (i, deadline) in held {
+            self.gates.insert((run.clone(), i), deadline);
+        }
+    }
+
+    /// Approves or rejects the gate of task `d.task` of `run_id`.
+    pub(crate) fn decide(&mut self, run_id: &RunId, d: &Decide<'_>) -> Result<(), StateError> {
+        let run = self
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| StateError::UnknownRun(run_id.to_string()))?;
+        let unknown = || StateError::UnknownTask {
+            run: run_id.to_string(),
+            task: d.task.to_owned(),
+        };
+        let i = run
+            .tasks
+            .iter()
+            .position(|t| t.name == d.task)
+            .ok_or_else(unknown)?;
+        let t = &mut run.tasks[i];
+        let waiting = t.state == StoredTaskState::Waiting;
+        let Some(a) = t.approval.as_mut() else {
+            return Err(StateError::NotAtGate(format!(
+                "task `{}` has no `approval:` gate",
+                d.task
+            )));
+        };
+        if let Some(done) = &a.decision {
+            let verb = if done.approved {
+                "approved"
+            } else {
+                "rejected"
+            };
+            return Err(StateError::NotAtGate(format!(
+                "task `{}` was already {verb} by {}",
+                d.task, done.by
+            )));
+        }
+        if a.asked_at_ms == 0 || !waiting {
+            return Err(StateError::NotAtGate(format!(
+                "task `{}` is not at its approval gate yet: it waits for the tasks it needs (see `capstan status`)",
+                d.task
+            )));
+        }
+        if d.scope != "admin" && !a.by.iter().any(|s| s == d.scope) {
+            let mut allowed = a.by.clone();
+            if !allowed.iter().any(|s| s == "admin") {
+                allowed.push("admin".to_owned());
+            }
+            return Err(StateError::MayNotDecide {
+                task: d.task.to_owned(),
+                allowed: allowed.join(" or "),
+                scope: d.scope.to_owned(),
+            });
+        }
+        let now = now_ms();
+        a.decision = Some(Decision {
+            approved: d.approve,
+            by: d.by.to_owned(),
+            at_ms: now,
+            reason: d.reason.to_owned(),
+        });
+        self.gates.remove(&(run_id.clone(), i));
+        self.decided(run_id, i, now);
+        Ok(())
+    }
+
+    /// Rejects the gates whose timeout has passed at `now_ms`.
+    pub(super) fn expire_gates(&mut self, now_ms: i64) {
+        let due: Vec<(RunId, usize)> = self
+            .gates
+            .iter()
+            .filter(|&(_, &at)| at <= now_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (run, i) in due {
+            self.gates.remove(&(run.clone(), i));
+            // Cancelled, or the run deleted, since it was held.
+            let Some(t) = self.runs.get_mut(&run).and_then(|r| r.tasks.get_mut(i)) else {
+                continue;
+            };
+            if t.state != StoredTaskState::Waiting {
+                continue;
+            }
+            let Some(a) = t.approval.as_mut().filter(|a| a.pending()) else {
+                continue;
+            };
+            let secs = a.timeout_ms / 1000;
+            a.decision = Some(Decision {
+                approved: false,
+                by: TIMEOUT.to_owned(),
+                at_ms: now_ms,
+                reason: format!("no decision within {secs}s"),
+            });
+            self.decided(&run, i, now_ms);
+        }
+    }
+
+    /// Acts on the decision just recorded on task `i`'s gate.
+    fn decided(&mut self, run_id: &RunId, i: usize, now: i64) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let (priority, seq) = (run.priority, run.seq);
+        let t = &mut run.tasks[i];
+        let Some(d) = t.approval.as_ref().and_then(|a| a.decision.clone()) else {
+            return;
+        };
+        if d.approved {
+            t.message = format!("approved by {}", d.by);
+            t.state = StoredTaskState::Queued;
+            t.queued_at_ms = now;
+            self.queue.insert(priority, seq, run_id, i);
+        } else {
+            t.state = StoredTaskState::Failed;
+            t.finished_at_ms = now;
+            t.message = match d.reason.as_str() {
+                "" => format!("rejected by {}", d.by),
+                why => format!("rejected by {}: {why}", d.by),
+            };
+            self.fx.task_finished(TaskOutcome::Failed, None);
+            self.propagate(run_id, i);
+            self.finish_run_if_done(run_id);
+        }
+        self.fx.touch_run(run_id);
+    }
+}
