@@ -124,6 +124,14 @@ pub(crate) struct TaskRecord {
     /// Its `approval:` gate, if it has one (`scheduler::state::approvals`).
     #[serde(default)]
     pub(crate) approval: Option<ApprovalRecord>,
+    /// Its `if:` with the submit's values folded in: only task states
+    /// are left to read (`scheduler::state::conditions`).
+    #[serde(default)]
+    pub(crate) condition: Option<String>,
+    /// `finally: true`: ready once its needs have ended in any state; not
+    /// counted for the run's state.
+    #[serde(default)]
+    pub(crate) finally: bool,
 }
 
 /// A task's approval gate as stored: what it asks, and what was decided.

@@ -147,3 +147,59 @@ async fn a_gate_survives_a_leader_kill() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Scopes include the ones before them: a gate for `submit` takes a submit
+/// or an admin token, not a read one; the same decision asked twice (a
+/// retried call) is answered, a different one refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submit_gate_takes_submit_and_above_and_a_repeat_is_answered() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    let yaml = gated("").replace("bump the manifest?\"", "bump the manifest?\", by: [submit]");
+    let id = c.submit(&yaml).await?;
+    at_gate(&c, &id).await?;
+    let run_id = capstan_proto::ids::RunId::from_string(&id);
+    let reader = c
+        .client_with(Some(&c.create_token("r", "read").await?))
+        .await?;
+    let err = reader
+        .decide_approval(&run_id, "deploy", true, "")
+        .await
+        .expect_err("read is below submit");
+    assert!(
+        err.to_string()
+            .contains("scope submit or above; this token has `read`"),
+        "{err}"
+    );
+    let submitter = c
+        .client_with(Some(&c.create_token("s", "submit").await?))
+        .await?;
+    submitter
+        .decide_approval(&run_id, "deploy", true, "ok")
+        .await?;
+    let again = submitter
+        .decide_approval(&run_id, "deploy", true, "ok")
+        .await?;
+    assert_eq!(
+        task(&again, "deploy")
+            .approval
+            .as_ref()
+            .map(|a| a.decided_by.as_str()),
+        Some("s")
+    );
+    let err = submitter
+        .decide_approval(&run_id, "deploy", false, "")
+        .await
+        .expect_err("a second, different decision");
+    assert!(
+        err.to_string().contains("was already approved by s"),
+        "{err}"
+    );
+    let out = c.cli(&["approve", &id, "no-such-task"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no task `no-such-task`"),
+        "{out:?}"
+    );
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}");
+    Ok(())
+}

@@ -18,7 +18,7 @@ pub(crate) async fn run(
     let after = client
         .decide_approval(&RunId::from_string(run), task, approve, reason)
         .await
-        .map_err(|e| Failure::for_run(e, run))?;
+        .map_err(Failure::from)?;
     match ctx.format {
         Format::Text => {
             let t = after.tasks.iter().find(|t| t.name == task);

@@ -64,6 +64,18 @@ pub(crate) fn build_run(req: SubmitRunRequest) -> Result<RunRecord, Status> {
     build_run_within(req, &crate::limits::Limits::default())
 }
 
+/// `s` without control characters, cut to at most `max` bytes.
+fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in s.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Turns a submit request into a run record, or every validation error
 /// (as many as [`MAX_ERROR_MESSAGE_BYTES`] holds).
 pub(crate) fn build_run_within(
@@ -166,6 +178,8 @@ fn task_records(resolved: &capstan_pipeline::Pipeline) -> Vec<TaskRecord> {
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
                 ..ApprovalRecord::default()
             }),
+            condition: t.condition.clone(),
+            finally: t.finally,
         })
         .collect()
 }
@@ -311,7 +325,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
             approve: r.approve,
             by: caller.name.clone(),
             scope: caller.scope.as_str().to_owned(),
-            reason: r.reason.chars().take(MAX_ERROR_MESSAGE_BYTES).collect(),
+            reason: one_line(&r.reason, 500),
         });
         let run = self
             .0
@@ -321,8 +335,9 @@ impl pipeline_service_server::PipelineService for PipelineApi {
                 reply,
             })
             .await?;
-        tracing::info!(target: "audit", token = %caller.name, action = if r.approve { "approve" } else { "reject" },
-            run = %run.id, task = %r.task, "approval decided");
+        tracing::info!(target: "audit", token = %caller.name, scope = caller.scope.as_str(),
+            action = if r.approve { "approve" } else { "reject" }, run = %run.id, task = %r.task,
+            submitted_by = %run.submitted_by, reason = %r.reason, "approval decided");
         Ok(Response::new(run))
     }
 

@@ -32,6 +32,7 @@
 //!   field of the other step kinds; not to names, `needs`, `runs-on` or param
 //!   values (which are plain text).
 
+pub mod cond;
 mod error;
 mod expr;
 mod matrix;

@@ -80,6 +80,14 @@ pub struct TaskDef {
     /// `approval:`: a person decides before the task is queued.
     #[serde(default)]
     pub approval: Option<Approval>,
+    /// `if:` as written; after `resolve`, with every value known at
+    /// submit folded in (`crate::cond`), so only task states are left.
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// `finally: true`: runs once its needs have ended, however they
+    /// ended; the run's state is decided by the other tasks.
+    #[serde(default)]
+    pub finally: bool,
 }
 
 /// A task's `approval:` gate.

@@ -196,6 +196,7 @@ pub fn resolve(
     let mut reported: BTreeSet<Expr> = BTreeSet::new();
     for task in &mut out.tasks {
         let matrix = task.matrix_values.clone();
+        fold_condition(task, &params, ctx);
         // The variables each `run` script refers to, by step index.
         let mut script_vars: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
         for_each_string(task, &mut |path, field, value| {
@@ -254,6 +255,30 @@ pub fn resolve(
     } else {
         Err(ValidationErrors::sorted(errors))
     }
+}
+
+/// Folds every value known at submit into the task's `if:`; what is
+/// unknown (no `--rev`, not a push) is empty. The parser has checked it.
+fn fold_condition(task: &mut TaskDef, params: &BTreeMap<String, String>, ctx: &Context) {
+    use crate::cond::Ref;
+    let Some(c) = task
+        .condition
+        .as_deref()
+        .and_then(|t| crate::cond::parse(t).ok())
+    else {
+        return;
+    };
+    let known = |v: &Option<String>| Some(v.clone().unwrap_or_default());
+    let folded = c.fold(&|r| match r {
+        Ref::GitSha => known(&ctx.git_sha),
+        Ref::GitRef => known(&ctx.git_ref),
+        Ref::GitRepo => known(&ctx.git_repo),
+        Ref::RunId => known(&ctx.run_id),
+        Ref::Param(p) => Some(params.get(p).cloned().unwrap_or_default()),
+        Ref::Matrix(k) => Some(task.matrix_values.get(k).cloned().unwrap_or_default()),
+        Ref::TaskState(_) => None,
+    });
+    task.condition = Some(folded.to_string());
 }
 
 /// A value joined to the text beside it can spell a new OPEN (a `$` before

@@ -122,6 +122,8 @@ fn expected_full() -> Pipeline {
                 expanded_from: None,
                 matrix_values: BTreeMap::new(),
                 approval: None,
+                condition: None,
+                finally: false,
             },
             TaskDef {
                 name: s("other-task"),
@@ -1905,4 +1907,45 @@ fn approval_gates_and_their_errors() {
     };
     let r = resolve("a.yaml", &p, &c).unwrap();
     assert_eq!(r.tasks[0].approval.as_ref().unwrap().prompt, "deploy abc?");
+}
+
+#[test]
+fn conditions_and_finally_parse_and_fold() {
+    let yaml = |extra: &str| {
+        format!(
+            "version: 1\nname: a\nparams:\n  env: dev\ntasks:\n  test:\n    steps: [run: x]\n  deploy:\n    needs: [test]\n{extra}    steps: [run: x]\n"
+        )
+    };
+    let p = parse("a.yaml", &yaml("    if: ${{ git.ref == 'refs/heads/main' && tasks.test.state == 'succeeded' }}\n    finally: true\n")).unwrap();
+    assert!(p.tasks[1].finally);
+    let r = resolve("a.yaml", &p, &Context::default()).unwrap();
+    assert_eq!(
+        r.tasks[1].condition.as_deref(),
+        Some("(('' == 'refs/heads/main') && (tasks.test.state == 'succeeded'))")
+    );
+    one_error(
+        &yaml("    if: git.ref = 'x'\n"),
+        10,
+        9,
+        &["`if` of task `deploy` does not parse: unknown operator `=`"],
+    );
+    one_error(
+        &yaml("    if: params.region == 'eu'\n"),
+        10,
+        9,
+        &["no param `region` is declared"],
+    );
+    one_error(
+        &yaml("    if: matrix.db == 'pg'\n"),
+        10,
+        9,
+        &["the task's matrix has no key `db`"],
+    );
+    one_error(
+        &yaml("    if: tasks.other.state == 'failed'\n"),
+        10,
+        9,
+        &["add `other` to its `needs`"],
+    );
+    one_error(&yaml("    finally: yes\n"), 10, 14, &["`finally`"]);
 }

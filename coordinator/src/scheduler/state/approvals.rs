@@ -49,8 +49,9 @@ pub(crate) struct Decide<'a> {
 
 impl SchedulerState {
     /// Records the held tasks of a run at their gates.
+    /// (A gate without a timeout needs no clock.)
     pub(super) fn hold_at_gates(&mut self, run: &RunId, held: Vec<(usize, i64)>) {
-        for (i, deadline) in held {
+        for (i, deadline) in held.into_iter().filter(|&(_, d)| d < i64::MAX) {
             self.gates.insert((run.clone(), i), deadline);
         }
     }
@@ -79,6 +80,11 @@ impl SchedulerState {
             )));
         };
         if let Some(done) = &a.decision {
+            // The same decision again (a client retrying a call whose answer
+            // was lost with a leader) is what was asked.
+            if done.approved == d.approve && done.by == d.by {
+                return Ok(());
+            }
             let verb = if done.approved {
                 "approved"
             } else {
@@ -90,19 +96,27 @@ impl SchedulerState {
             )));
         }
         if a.asked_at_ms == 0 || !waiting {
+            let why = if waiting {
+                "it waits for the tasks it needs (see `capstan status`)"
+            } else {
+                "it has ended"
+            };
             return Err(StateError::NotAtGate(format!(
-                "task `{}` is not at its approval gate yet: it waits for the tasks it needs (see `capstan status`)",
+                "task `{}` is not at its approval gate: {why}",
                 d.task
             )));
         }
-        if d.scope != "admin" && !a.by.iter().any(|s| s == d.scope) {
-            let mut allowed = a.by.clone();
-            if !allowed.iter().any(|s| s == "admin") {
-                allowed.push("admin".to_owned());
-            }
+        // Each scope includes the ones before it (`crate::tokens::Scope`).
+        const SCOPES: [&str; 3] = ["read", "submit", "admin"];
+        let rank = |s: &str| SCOPES.iter().position(|x| *x == s);
+        let least = a.by.iter().filter_map(|s| rank(s)).min().unwrap_or(2);
+        if rank(d.scope).is_none_or(|r| r < least) {
             return Err(StateError::MayNotDecide {
                 task: d.task.to_owned(),
-                allowed: allowed.join(" or "),
+                allowed: match least {
+                    2 => "admin".to_owned(),
+                    _ => format!("{} or above", SCOPES[least]),
+                },
                 scope: d.scope.to_owned(),
             });
         }
@@ -139,6 +153,8 @@ impl SchedulerState {
                 continue;
             };
             let secs = a.timeout_ms / 1000;
+            tracing::info!(target: "audit", run = %run, task = %t.name, action = "reject",
+                token = TIMEOUT, "approval timed out");
             a.decision = Some(Decision {
                 approved: false,
                 by: TIMEOUT.to_owned(),

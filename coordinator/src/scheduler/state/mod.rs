@@ -29,6 +29,7 @@ mod approvals;
 pub(crate) use approvals::Decide;
 mod backoff;
 mod clocks;
+mod conditions;
 mod connection;
 mod demand;
 mod effects;
@@ -248,7 +249,10 @@ impl SchedulerState {
                 if t.state == StoredTaskState::Waiting
                     && let Some(a) = t.approval.as_ref().filter(|a| a.pending())
                 {
-                    st.gates.insert((run.id.clone(), i), approvals::deadline(a));
+                    let deadline = approvals::deadline(a);
+                    if deadline < i64::MAX {
+                        st.gates.insert((run.id.clone(), i), deadline);
+                    }
                 }
                 if t.state == StoredTaskState::Queued && t.retry_at_ms > now_ms {
                     let left = Duration::from_millis((t.retry_at_ms - now_ms) as u64);

@@ -34,29 +34,65 @@ impl SchedulerState {
         (id, true)
     }
 
-    /// Queues the tasks of a run that need none.
+    /// Starts the tasks of a run that need none.
     pub(super) fn queue_roots(&mut self, id: &RunId) {
+        let Some(run) = self.runs.get(id) else {
+            return;
+        };
+        let roots: Vec<usize> = (run.tasks.iter().enumerate())
+            .filter(|(_, t)| t.needs.is_empty() && t.state == StoredTaskState::Waiting)
+            .map(|(i, _)| i)
+            .collect();
+        self.start_ready(id, roots);
+    }
+
+    /// Tasks whose needs are met: each is skipped or failed by its `if:`,
+    /// held at its approval gate, or queued.
+    fn start_ready(&mut self, id: &RunId, ready: Vec<usize>) {
         let now = now_ms();
         let Some(run) = self.runs.get_mut(id) else {
             return;
         };
         let (priority, seq) = (run.priority, run.seq);
-        let (mut queued, mut held) = (Vec::new(), Vec::new());
-        for (i, t) in run.tasks.iter_mut().enumerate() {
-            if t.needs.is_empty() && t.state == StoredTaskState::Waiting {
-                if let Some(deadline) = super::approvals::gate(t, now) {
-                    held.push((i, deadline));
+        let (mut queued, mut held, mut ended) = (Vec::new(), Vec::new(), Vec::new());
+        for i in ready {
+            let verdict = super::conditions::judge(run, i);
+            let t = &mut run.tasks[i];
+            let (state, message, outcome) = match verdict {
+                super::conditions::Verdict::Run => {
+                    if let Some(deadline) = super::approvals::gate(t, now) {
+                        held.push((i, deadline));
+                    } else {
+                        t.state = StoredTaskState::Queued;
+                        t.queued_at_ms = now;
+                        queued.push(i);
+                    }
                     continue;
                 }
-                t.state = StoredTaskState::Queued;
-                t.queued_at_ms = now;
-                queued.push(i);
-            }
+                super::conditions::Verdict::Skip(m) => {
+                    (StoredTaskState::Skipped, m, TaskOutcome::Skipped)
+                }
+                super::conditions::Verdict::Fail(m) => {
+                    (StoredTaskState::Failed, m, TaskOutcome::Failed)
+                }
+            };
+            t.state = state;
+            t.message = message;
+            t.finished_at_ms = now;
+            self.fx.task_finished(outcome, None);
+            ended.push(i);
         }
         for i in queued {
             self.queue.insert(priority, seq, id, i);
         }
         self.hold_at_gates(id, held);
+        self.fx.touch_run(id);
+        for i in &ended {
+            self.propagate(id, *i);
+        }
+        if !ended.is_empty() {
+            self.finish_run_if_done(id);
+        }
     }
 
     /// [`Self::submit`] within `quota`: refused when the token that
@@ -163,15 +199,15 @@ impl SchedulerState {
         let max_infra = self.timing.max_infra_retries;
         let outcome = if run.cancel_requested {
             RunOutcome::Cancelled
-        } else if run
-            .tasks
-            .iter()
-            .all(|t| t.state == StoredTaskState::Succeeded)
-        {
+        } else if counted(&run.tasks).all(|t| {
+            // Skipped with nothing failed: by its `if:`.
+            matches!(
+                t.state,
+                StoredTaskState::Succeeded | StoredTaskState::Skipped
+            )
+        }) {
             RunOutcome::Succeeded
-        } else if run
-            .tasks
-            .iter()
+        } else if counted(&run.tasks)
             .any(|t| t.state == StoredTaskState::Failed && t.infra_failures > max_infra)
         {
             RunOutcome::InfraFailed
@@ -193,54 +229,51 @@ impl SchedulerState {
         }
     }
 
-    /// A task succeeded: queue the dependents whose needs all succeeded.
-    /// A task failed: skip everything that (transitively) needs it.
+    /// Task `done` ended: the dependents whose needs are now met start
+    /// (all succeeded; for a `finally` task, all ended), and, when it did
+    /// not succeed, everything else that (transitively) needs it is skipped.
     pub(super) fn propagate(&mut self, run_id: &RunId, done: usize) {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
         let now = now_ms();
-        let succeeded = run.tasks[done].state == StoredTaskState::Succeeded;
-        let mut to_queue = Vec::new();
-        let mut to_skip = vec![done];
-        if succeeded {
-            for (i, t) in run.tasks.iter().enumerate() {
-                if t.state == StoredTaskState::Waiting
-                    && t.needs.contains(&done)
-                    && t.needs
-                        .iter()
-                        .all(|&n| run.tasks[n].state == StoredTaskState::Succeeded)
-                {
-                    to_queue.push(i);
-                }
-            }
-            to_skip.clear();
-        }
-        while let Some(failed) = to_skip.pop() {
-            let name = run.tasks[failed].name.clone();
+        let mut ready = Vec::new();
+        let mut ended = vec![done];
+        while let Some(e) = ended.pop() {
+            let ok = run.tasks[e].state == StoredTaskState::Succeeded;
+            let name = run.tasks[e].name.clone();
             for i in 0..run.tasks.len() {
-                let t = &mut run.tasks[i];
-                if t.state == StoredTaskState::Waiting && t.needs.contains(&failed) {
+                let t = &run.tasks[i];
+                if t.state != StoredTaskState::Waiting
+                    || !t.needs.contains(&e)
+                    || ready.contains(&i)
+                {
+                    continue;
+                }
+                if !ok && !t.finally {
+                    let t = &mut run.tasks[i];
                     t.state = StoredTaskState::Skipped;
                     t.message = format!("skipped: `{name}` did not succeed");
                     t.finished_at_ms = now;
-                    to_skip.push(i);
+                    ended.push(i);
                     self.fx.task_finished(TaskOutcome::Skipped, None);
+                    continue;
+                }
+                let met = |n: &usize| {
+                    let s = run.tasks[*n].state;
+                    if t.finally {
+                        s.is_terminal()
+                    } else {
+                        s == StoredTaskState::Succeeded
+                    }
+                };
+                if t.needs.iter().all(met) {
+                    ready.push(i);
                 }
             }
         }
-        let mut held = Vec::new();
-        for i in to_queue {
-            if let Some(deadline) = super::approvals::gate(&mut run.tasks[i], now) {
-                held.push((i, deadline));
-                continue;
-            }
-            run.tasks[i].state = StoredTaskState::Queued;
-            run.tasks[i].queued_at_ms = now;
-            self.queue.insert(run.priority, run.seq, run_id, i);
-        }
-        self.hold_at_gates(run_id, held);
         self.fx.touch_run(run_id);
+        self.start_ready(run_id, ready);
     }
 
     pub(super) fn requeue(&mut self, run_id: &RunId, i: usize) {
@@ -354,4 +387,11 @@ impl SchedulerState {
         }
         out
     }
+}
+
+/// The tasks that decide a run's state: all but the `finally` ones (all of
+/// them when every task is `finally`).
+fn counted(tasks: &[TaskRecord]) -> impl Iterator<Item = &TaskRecord> {
+    let all_finally = tasks.iter().all(|t| t.finally);
+    tasks.iter().filter(move |t| all_finally || !t.finally)
 }

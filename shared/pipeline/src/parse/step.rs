@@ -321,7 +321,7 @@ impl Parser<'_> {
     }
 
     /// A true/false field; `default` when absent or null.
-    fn flag(&mut self, f: &Fields, key: &str, what: &str, default: bool) -> bool {
+    pub(super) fn flag(&mut self, f: &Fields, key: &str, what: &str, default: bool) -> bool {
         self.opt_flag(f, key, what).unwrap_or(default)
     }
 

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use capstan_proto::units::parse_memory;
 
 use super::{MAX_RETRIES, Parser};
+use crate::cond::Ref;
 use crate::expr::OPEN;
 use crate::model::{Approval, TaskDef};
 use crate::names::{MAX_NAME_LEN, is_label_key, is_label_value};
@@ -22,6 +23,8 @@ const TASK_KEYS: &[&str] = &[
     "steps",
     "matrix",
     "approval",
+    "if",
+    "finally",
 ];
 
 const APPROVAL_KEYS: &[&str] = &["prompt", "by", "timeout"];
@@ -94,12 +97,46 @@ impl Parser<'_> {
         if let Some(v) = f.get("approval").filter(|v| !v.is_null()) {
             task.approval = self.approval(v, &what, &base);
         }
+        if let Some(v) = f.get("if").filter(|v| !v.is_null()) {
+            task.condition = self.condition(v, &what, &task);
+        }
+        task.finally = self.flag(&f, "finally", &what, false);
         // A matrix that did not parse has its own errors already.
         if matrix.is_none() || task.matrix.is_some() {
             self.check_matrix_refs(&mut task, key_pos);
         }
         (task, needs)
     }
+    /// `if:` checked: it parses, and names declared params, keys of the
+    /// task's matrix and tasks it needs.
+    fn condition(&mut self, node: &Node, what: &str, task: &TaskDef) -> Option<String> {
+        let text = self.text(node, &format!("`if` of {what}"))?;
+        let c = match crate::cond::parse(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                self.err(node.pos, format!("`if` of {what} does not parse: {e}"));
+                return None;
+            }
+        };
+        let keys = task.matrix.as_ref().map(|m| &m.axes);
+        for r in c.refs() {
+            let problem = match r {
+                Ref::Param(p) if !self.params.contains_key(p) => {
+                    format!("`{r}` in `if` of {what}: no param `{p}` is declared")
+                }
+                Ref::Matrix(k) if !keys.is_some_and(|a| a.contains_key(k)) => {
+                    format!("`{r}` in `if` of {what}: the task's matrix has no key `{k}`")
+                }
+                Ref::TaskState(t) if !task.needs.contains(t) => format!(
+                    "`{r}` in `if` of {what}: a condition may read the state of a task it needs; add `{t}` to its `needs`"
+                ),
+                _ => continue,
+            };
+            self.err(node.pos, problem);
+        }
+        Some(text)
+    }
+
     /// `approval: { prompt, by: [scopes], timeout }`; `by` defaults to
     /// `[admin]`, the prompt to a question naming the task.
     fn approval(&mut self, node: &Node, what: &str, base: &str) -> Option<Approval> {
