@@ -167,9 +167,31 @@ pub(crate) fn run_text(run: &Run) -> String {
     }
     out.push('\n');
     let mut table = Table::new(["TASK", "STATE", "ATTEMPTS", "RUNNER", "MESSAGE"]);
+    let mut group = "";
     for t in &run.tasks {
+        let mut name = t.name.clone();
+        // A matrix's expansions (`NAME[k=v,...]`, side by side) go under
+        // one row for `NAME` that counts their states.
+        if let Some((base, values)) = matrix_name(&t.name) {
+            if base != group {
+                group = base;
+                let members: Vec<&Task> = (run.tasks.iter())
+                    .filter(|m| matrix_name(&m.name).is_some_and(|(b, _)| b == base))
+                    .collect();
+                table.row([
+                    base.to_string(),
+                    state_counts(&members),
+                    members.iter().map(|m| m.attempts).sum::<u32>().to_string(),
+                    "-".into(),
+                    format!("matrix of {}", members.len()),
+                ]);
+            }
+            name = format!("  [{values}]");
+        } else {
+            group = "";
+        }
         table.row([
-            t.name.clone(),
+            name,
             task_state_name(t.state).to_string(),
             t.attempts.to_string(),
             dash(&t.runner),
@@ -184,6 +206,26 @@ pub(crate) fn run_text(run: &Run) -> String {
         }
     }
     out
+}
+
+/// `NAME[k=v,...]` as (`NAME`, `k=v,...`): a matrix task's expansion.
+fn matrix_name(name: &str) -> Option<(&str, &str)> {
+    let (base, rest) = name.split_once('[')?;
+    Some((base, rest.strip_suffix(']')?))
+}
+
+/// `4 succeeded, 2 running`: how many of `tasks` are in each state.
+fn state_counts(tasks: &[&Task]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for t in tasks {
+        let s = task_state_name(t.state);
+        match counts.iter_mut().find(|(n, _)| *n == s) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((s, 1)),
+        }
+    }
+    let parts: Vec<String> = counts.iter().map(|(s, c)| format!("{c} {s}")).collect();
+    parts.join(", ")
 }
 
 /// `runs` as text.
@@ -468,6 +510,44 @@ mod tests {
             lines[4],
             "deploy  skipped    0         -       skipped: test failed"
         );
+    }
+
+    #[test]
+    fn a_matrix_is_grouped_under_its_name() {
+        let task = |name: &str, state: TaskState| Task {
+            name: name.into(),
+            state: state as i32,
+            attempts: 1,
+            ..Task::default()
+        };
+        let run = Run {
+            id: "r".into(),
+            tasks: vec![
+                task("test[db=pg15]", TaskState::Succeeded),
+                task("test[db=pg16]", TaskState::Failed),
+                task("test[db=pg17]", TaskState::Succeeded),
+                task("report", TaskState::Skipped),
+            ],
+            ..Run::default()
+        };
+        let text = run_text(&run);
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        let cells = |l: &str| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[2]),
+            ["test", "2 succeeded, 1 failed", "3", "-", "matrix of 3"],
+            "{text}"
+        );
+        assert_eq!(cells(lines[3])[..2], ["[db=pg15]", "succeeded"], "{text}");
+        assert!(lines[3].starts_with("  [db=pg15]"), "{text}");
+        assert_eq!(cells(lines[5])[..2], ["[db=pg17]", "succeeded"], "{text}");
+        assert_eq!(cells(lines[6])[..2], ["report", "skipped"], "{text}");
     }
 
     #[test]

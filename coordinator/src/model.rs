@@ -132,6 +132,10 @@ pub(crate) struct TaskRecord {
     /// counted for the run's state.
     #[serde(default)]
     pub(crate) finally: bool,
+    /// Skipped with nothing failed: by its `if:`, or because a task it
+    /// needs was (such a skip fails no run).
+    #[serde(default)]
+    pub(crate) benign_skip: bool,
 }
 
 /// A task's approval gate as stored: what it asks, and what was decided.

@@ -180,6 +180,7 @@ fn task_records(resolved: &capstan_pipeline::Pipeline) -> Vec<TaskRecord> {
             }),
             condition: t.condition.clone(),
             finally: t.finally,
+            benign_skip: false,
         })
         .collect()
 }
@@ -337,7 +338,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
             .await?;
         tracing::info!(target: "audit", token = %caller.name, scope = caller.scope.as_str(),
             action = if r.approve { "approve" } else { "reject" }, run = %run.id, task = %r.task,
-            submitted_by = %run.submitted_by, reason = %r.reason, "approval decided");
+            submitted_by = %run.submitted_by, reason = %one_line(&r.reason, 500), "approval decided");
         Ok(Response::new(run))
     }
 

@@ -289,6 +289,48 @@ impl Cond {
         }
     }
 
+    /// The condition with every part that reads no task state worked out:
+    /// what `fold` left is then only task states and the literals they are
+    /// compared with (no param value, however long, is kept).
+    pub fn simplify(&self) -> Cond {
+        if self.refs().is_empty() {
+            return Cond::Bool(self.eval(&|_| None).unwrap_or(false));
+        }
+        let b = |c: &Cond| Box::new(c.simplify());
+        let v = |c: &Cond| Box::new(c.simplify_value());
+        match self {
+            Cond::And(x, y) => match (x.simplify(), y.simplify()) {
+                (Cond::Bool(false), _) | (_, Cond::Bool(false)) => Cond::Bool(false),
+                (Cond::Bool(true), o) | (o, Cond::Bool(true)) => o,
+                (x, y) => Cond::And(Box::new(x), Box::new(y)),
+            },
+            Cond::Or(x, y) => match (x.simplify(), y.simplify()) {
+                (Cond::Bool(true), _) | (_, Cond::Bool(true)) => Cond::Bool(true),
+                (Cond::Bool(false), o) | (o, Cond::Bool(false)) => o,
+                (x, y) => Cond::Or(Box::new(x), Box::new(y)),
+            },
+            Cond::Not(x) => Cond::Not(b(x)),
+            Cond::Eq(x, y, eq) => Cond::Eq(v(x), v(y), *eq),
+            Cond::StartsWith(x, y) => Cond::StartsWith(v(x), v(y)),
+            Cond::Str(_) | Cond::Bool(_) | Cond::Ref(_) => self.clone(),
+        }
+    }
+
+    /// [`Cond::simplify`] of a part used as a value (compared, or an
+    /// argument of `startsWith`): a constant one becomes its text.
+    fn simplify_value(&self) -> Cond {
+        if self.refs().is_empty() {
+            return match self.text(&|_| None) {
+                Ok(s) => Cond::Str(s),
+                Err(_) => self.clone(),
+            };
+        }
+        match self {
+            Cond::Ref(_) => self.clone(),
+            other => other.simplify(),
+        }
+    }
+
     /// True or false; a value alone is true unless empty or `false`. A
     /// reference `value` does not know is an error.
     pub fn eval(&self, value: &impl Fn(&Ref) -> Option<String>) -> Result<bool, String> {
@@ -341,7 +383,7 @@ impl fmt::Display for Cond {
             Cond::Eq(a, b, false) => write!(f, "({a} != {b})"),
             Cond::And(a, b) => write!(f, "({a} && {b})"),
             Cond::Or(a, b) => write!(f, "({a} || {b})"),
-            Cond::Not(a) => write!(f, "!{a}"),
+            Cond::Not(a) => write!(f, "(!{a})"),
             Cond::StartsWith(a, b) => write!(f, "startsWith({a}, {b})"),
         }
     }
@@ -377,6 +419,8 @@ mod tests {
             ("true && !false", true),
             ("params.env", true),
             ("'it\\'s' == \"it's\"", true),
+            ("(!params.env) == 'true'", false),
+            ("'false' == (!params.env)", true),
         ];
         for (text, want) in cases {
             let c = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -400,6 +444,32 @@ mod tests {
                 "{v}: {folded}"
             );
         }
+    }
+
+    #[test]
+    fn simplifying_keeps_only_task_states_and_their_literals() {
+        let long = "x".repeat(10_000);
+        let c = parse(
+            "params.msg != '' && (git.ref == 'refs/heads/main' || tasks.t.state == 'failed')",
+        )
+        .unwrap();
+        let folded = c.fold(&|r| match r {
+            Ref::Param(_) => Some(long.clone()),
+            Ref::GitRef => Some("refs/heads/dev".into()),
+            _ => None,
+        });
+        let s = folded.simplify();
+        assert_eq!(s.to_string(), "(tasks.t.state == 'failed')");
+        // A long flat chain prints flat enough to read back.
+        let chain = (0..200)
+            .map(|i| format!("git.ref == 'b{i}'"))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        let chained = parse(&chain)
+            .unwrap()
+            .fold(&|_| Some("b7".into()))
+            .simplify();
+        assert_eq!(chained, Cond::Bool(true));
     }
 
     #[test]

@@ -196,7 +196,9 @@ pub fn resolve(
     let mut reported: BTreeSet<Expr> = BTreeSet::new();
     for task in &mut out.tasks {
         let matrix = task.matrix_values.clone();
-        fold_condition(task, &params, ctx);
+        if let Some(problem) = fold_condition(task, &params, ctx) {
+            errors.push(at_field(file, pipeline, task, "if", problem));
+        }
         // The variables each `run` script refers to, by step index.
         let mut script_vars: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
         for_each_string(task, &mut |path, field, value| {
@@ -257,17 +259,31 @@ pub fn resolve(
     }
 }
 
-/// Folds every value known at submit into the task's `if:`; what is
-/// unknown (no `--rev`, not a push) is empty. The parser has checked it.
-fn fold_condition(task: &mut TaskDef, params: &BTreeMap<String, String>, ctx: &Context) {
+/// `problem` at field `key` of `task` (of an expansion: of its matrix task).
+fn at_field(
+    file: &str,
+    pipeline: &Pipeline,
+    task: &TaskDef,
+    key: &str,
+    problem: String,
+) -> ValidationError {
+    let base = task.expanded_from.as_ref().unwrap_or(&task.name);
+    let path = format!("tasks.{base}.{key}");
+    let (line, column) = pipeline.source_map.position(&path).unwrap_or((0, 0));
+    ValidationError::new(file, line, column, problem)
+}
+
+/// Folds every value known at submit into the task's `if:` (what is
+/// unknown, no `--rev` or not a push, is empty) and works out what reads
+/// no task state. The parser has checked it; the problem, if what is left
+/// would not read back.
+fn fold_condition(
+    task: &mut TaskDef,
+    params: &BTreeMap<String, String>,
+    ctx: &Context,
+) -> Option<String> {
     use crate::cond::Ref;
-    let Some(c) = task
-        .condition
-        .as_deref()
-        .and_then(|t| crate::cond::parse(t).ok())
-    else {
-        return;
-    };
+    let c = (task.condition.as_deref()).and_then(|t| crate::cond::parse(t).ok())?;
     let known = |v: &Option<String>| Some(v.clone().unwrap_or_default());
     let folded = c.fold(&|r| match r {
         Ref::GitSha => known(&ctx.git_sha),
@@ -278,7 +294,15 @@ fn fold_condition(task: &mut TaskDef, params: &BTreeMap<String, String>, ctx: &C
         Ref::Matrix(k) => Some(task.matrix_values.get(k).cloned().unwrap_or_default()),
         Ref::TaskState(_) => None,
     });
-    task.condition = Some(folded.to_string());
+    let text = folded.simplify().to_string();
+    if let Err(e) = crate::cond::parse(&text) {
+        let name = &task.name;
+        return Some(format!(
+            "`if` of task `{name}` is too complex once its values are in ({e}): split it"
+        ));
+    }
+    task.condition = Some(text);
+    None
 }
 
 /// A value joined to the text beside it can spell a new OPEN (a `$` before

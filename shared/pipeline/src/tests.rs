@@ -1916,12 +1916,12 @@ fn conditions_and_finally_parse_and_fold() {
             "version: 1\nname: a\nparams:\n  env: dev\ntasks:\n  test:\n    steps: [run: x]\n  deploy:\n    needs: [test]\n{extra}    steps: [run: x]\n"
         )
     };
-    let p = parse("a.yaml", &yaml("    if: ${{ git.ref == 'refs/heads/main' && tasks.test.state == 'succeeded' }}\n    finally: true\n")).unwrap();
+    let p = parse("a.yaml", &yaml("    if: ${{ git.ref == 'refs/heads/main' || tasks.test.state == 'succeeded' }}\n    finally: true\n")).unwrap();
     assert!(p.tasks[1].finally);
     let r = resolve("a.yaml", &p, &Context::default()).unwrap();
     assert_eq!(
         r.tasks[1].condition.as_deref(),
-        Some("(('' == 'refs/heads/main') && (tasks.test.state == 'succeeded'))")
+        Some("(tasks.test.state == 'succeeded')")
     );
     one_error(
         &yaml("    if: git.ref = 'x'\n"),
@@ -1948,4 +1948,24 @@ fn conditions_and_finally_parse_and_fold() {
         &["add `other` to its `needs`"],
     );
     one_error(&yaml("    finally: yes\n"), 10, 14, &["`finally`"]);
+}
+
+#[test]
+fn a_condition_too_complex_once_folded_is_refused_at_submit() {
+    let chain: Vec<String> = (0..70)
+        .map(|i| format!("tasks.t.state == 's{i}'"))
+        .collect();
+    let text = format!(
+        "version: 1\nname: a\ntasks:\n  t:\n    steps: [run: x]\n  u:\n    needs: [t]\n    if: \"{}\"\n    steps: [run: x]\n",
+        chain.join(" || ")
+    );
+    let p = parse("a.yaml", &text).unwrap();
+    let err = resolve("a.yaml", &p, &Context::default()).unwrap_err();
+    assert_eq!((err.0[0].line, err.0[0].column), (8, 9), "{err}");
+    assert!(
+        err.0[0]
+            .message
+            .contains("too complex once its values are in"),
+        "{err}"
+    );
 }

@@ -194,3 +194,104 @@ impl SchedulerState {
         self.fx.touch_run(run_id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Timing;
+    use super::*;
+    use crate::api::pipeline::build_run;
+    use capstan_proto::api::v1::SubmitRunRequest;
+
+    fn run(gate: &str) -> RunRecord {
+        build_run(SubmitRunRequest {
+            pipeline_yaml: format!(
+                "version: 1\nname: g\ntasks:\n  a: {{ steps: [ {{ run: x }} ] }}\n  \
+                 d: {{ needs: [a], approval: {gate}, steps: [ {{ run: x }} ] }}\n  \
+                 root: {{ approval: {gate}, steps: [ {{ run: x }} ] }}\n"
+            ),
+            file_name: "g.yaml".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn decide<'a>(task: &'a str, approve: bool, scope: &'a str) -> Decide<'a> {
+        Decide {
+            task,
+            approve,
+            by: "alice",
+            scope,
+            reason: "",
+        }
+    }
+
+    fn task<'a>(st: &'a SchedulerState, id: &RunId, name: &str) -> &'a TaskRecord {
+        let run = st.run(id).unwrap();
+        run.tasks.iter().find(|t| t.name == name).unwrap()
+    }
+
+    #[test]
+    fn a_root_gate_holds_until_approved_and_a_later_gate_waits_for_its_needs() {
+        let mut st = SchedulerState::new(1, Timing::default());
+        let (id, _) = st.submit(run("{ by: [read] }"));
+        assert_eq!(task(&st, &id, "root").state, StoredTaskState::Waiting);
+        assert!(task(&st, &id, "root").approval.as_ref().unwrap().pending());
+        assert_eq!(st.queue_depth(), 1, "only `a` is queued");
+        let early = st.decide(&id, &decide("d", true, "admin")).unwrap_err();
+        assert!(
+            early.to_string().contains("waits for the tasks it needs"),
+            "{early}"
+        );
+        // `by: [read]`: a submit token is above read.
+        st.decide(&id, &decide("root", true, "submit")).unwrap();
+        assert_eq!(task(&st, &id, "root").state, StoredTaskState::Queued);
+        assert_eq!(st.queue_depth(), 2);
+        st.decide(&id, &decide("root", true, "submit")).unwrap();
+        assert_eq!(st.queue_depth(), 2, "a repeat changes nothing");
+        let other = st.decide(&id, &decide("root", false, "admin")).unwrap_err();
+        assert!(
+            other.to_string().contains("already approved by alice"),
+            "{other}"
+        );
+    }
+
+    #[test]
+    fn a_cancelled_gate_never_times_out_into_a_failure() {
+        let mut st = SchedulerState::new(1, Timing::default());
+        let (id, _) = st.submit(run("{ timeout: 1s }"));
+        st.cancel_run(&id, None).unwrap();
+        st.expire_gates(now_ms() + 5_000);
+        let root = task(&st, &id, "root");
+        assert_eq!(root.state, StoredTaskState::Cancelled);
+        assert!(root.approval.as_ref().unwrap().decision.is_none());
+        assert_eq!(st.run(&id).unwrap().state, StoredRunState::Cancelled);
+    }
+
+    #[test]
+    fn a_new_leader_times_out_a_gate_whose_deadline_passed_meanwhile() {
+        let mut st = SchedulerState::new(1, Timing::default());
+        let (id, _) = st.submit(run("{ timeout: 1s }"));
+        let records: Vec<RunRecord> = st.runs().cloned().collect();
+        let mut st = SchedulerState::load(
+            2,
+            Timing::default(),
+            records,
+            vec![],
+            tokio::time::Instant::now(),
+        );
+        st.expire_gates(now_ms() + 5_000);
+        let root = task(&st, &id, "root");
+        assert_eq!(root.state, StoredTaskState::Failed);
+        assert_eq!(root.message, "rejected by timeout: no decision within 1s");
+        // Without a timeout a gate keeps no clock at all.
+        let (open, _) = st.submit(run("{}"));
+        st.expire_gates(i64::MAX - 1);
+        assert!(
+            task(&st, &open, "root")
+                .approval
+                .as_ref()
+                .unwrap()
+                .pending()
+        );
+    }
+}

@@ -68,3 +68,81 @@ fn word(s: StoredTaskState) -> &'static str {
         StoredTaskState::Skipped => "skipped",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{SchedulerState, Timing};
+    use crate::api::pipeline::build_run;
+    use crate::model::*;
+    use capstan_proto::api::v1::SubmitRunRequest;
+
+    fn run(yaml: &str) -> RunRecord {
+        build_run(SubmitRunRequest {
+            pipeline_yaml: yaml.into(),
+            file_name: "c.yaml".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn state(st: &SchedulerState, run: &RunRecord, name: &str) -> StoredTaskState {
+        let r = st.run(&run.id).unwrap();
+        r.tasks.iter().find(|t| t.name == name).unwrap().state
+    }
+
+    #[test]
+    fn a_false_condition_skips_without_failing_and_finally_still_starts() {
+        let r = run("version: 1\nname: c\nparams: {env: dev}\ntasks:\n  \
+             deploy: { if: \"params.env == 'prod'\", steps: [ { run: x } ] }\n  \
+             after: { needs: [deploy], steps: [ { run: x } ] }\n  \
+             report: { needs: [deploy], finally: true, steps: [ { run: x } ] }\n");
+        let mut st = SchedulerState::new(1, Timing::default());
+        st.submit(r.clone());
+        assert_eq!(state(&st, &r, "deploy"), StoredTaskState::Skipped);
+        assert_eq!(state(&st, &r, "after"), StoredTaskState::Skipped);
+        assert_eq!(state(&st, &r, "report"), StoredTaskState::Queued);
+        // Everything skipped by the condition: nothing failed.
+        let r2 = run("version: 1\nname: c\ntasks:\n  \
+             deploy: { if: \"false\", steps: [ { run: x } ] }\n");
+        st.submit(r2.clone());
+        assert_eq!(st.run(&r2.id).unwrap().state, StoredRunState::Succeeded);
+    }
+
+    #[test]
+    fn a_task_skipped_after_a_failed_finally_task_fails_the_run() {
+        let mut r = run(
+            "version: 1\nname: c\ntasks:\n  t: { steps: [ { run: x } ] }\n  \
+             cleanup: { needs: [t], finally: true, steps: [ { run: x } ] }\n  \
+             report: { needs: [cleanup], steps: [ { run: x } ] }\n",
+        );
+        // cleanup's condition cannot be read: it fails, report is skipped.
+        r.tasks[0].condition = Some("false".into());
+        r.tasks[1].condition = Some("(".into());
+        let mut st = SchedulerState::new(1, Timing::default());
+        st.submit(r.clone());
+        assert_eq!(state(&st, &r, "t"), StoredTaskState::Skipped);
+        assert_eq!(state(&st, &r, "cleanup"), StoredTaskState::Failed);
+        assert_eq!(state(&st, &r, "report"), StoredTaskState::Skipped);
+        assert_eq!(st.run(&r.id).unwrap().state, StoredRunState::Failed);
+    }
+
+    #[test]
+    fn a_condition_that_cannot_be_read_fails_the_task_saying_why() {
+        let mut r = run(
+            "version: 1\nname: c\ntasks:\n  t: { steps: [ { run: x } ] }\n  \
+             u: { needs: [t], steps: [ { run: x } ] }\n",
+        );
+        r.tasks[0].condition = Some("tasks.gone.state == 'failed' || (".into());
+        let mut st = SchedulerState::new(1, Timing::default());
+        st.submit(r.clone());
+        let t = &st.run(&r.id).unwrap().tasks[0];
+        assert_eq!(t.state, StoredTaskState::Failed);
+        assert!(
+            t.message.starts_with("its `if` could not be judged"),
+            "{}",
+            t.message
+        );
+        assert_eq!(state(&st, &r, "u"), StoredTaskState::Skipped);
+        assert_eq!(st.run(&r.id).unwrap().state, StoredRunState::Failed);
+    }
+}

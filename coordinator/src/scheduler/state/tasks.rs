@@ -76,6 +76,7 @@ impl SchedulerState {
                     (StoredTaskState::Failed, m, TaskOutcome::Failed)
                 }
             };
+            t.benign_skip = state == StoredTaskState::Skipped;
             t.state = state;
             t.message = message;
             t.finished_at_ms = now;
@@ -200,11 +201,8 @@ impl SchedulerState {
         let outcome = if run.cancel_requested {
             RunOutcome::Cancelled
         } else if counted(&run.tasks).all(|t| {
-            // Skipped with nothing failed: by its `if:`.
-            matches!(
-                t.state,
-                StoredTaskState::Succeeded | StoredTaskState::Skipped
-            )
+            t.state == StoredTaskState::Succeeded
+                || (t.state == StoredTaskState::Skipped && t.benign_skip)
         }) {
             RunOutcome::Succeeded
         } else if counted(&run.tasks)
@@ -241,6 +239,7 @@ impl SchedulerState {
         let mut ended = vec![done];
         while let Some(e) = ended.pop() {
             let ok = run.tasks[e].state == StoredTaskState::Succeeded;
+            let benign = run.tasks[e].state == StoredTaskState::Skipped && run.tasks[e].benign_skip;
             let name = run.tasks[e].name.clone();
             for i in 0..run.tasks.len() {
                 let t = &run.tasks[i];
@@ -253,6 +252,7 @@ impl SchedulerState {
                 if !ok && !t.finally {
                     let t = &mut run.tasks[i];
                     t.state = StoredTaskState::Skipped;
+                    t.benign_skip = benign;
                     t.message = format!("skipped: `{name}` did not succeed");
                     t.finished_at_ms = now;
                     ended.push(i);

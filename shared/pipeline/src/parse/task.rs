@@ -99,6 +99,8 @@ impl Parser<'_> {
         }
         if let Some(v) = f.get("if").filter(|v| !v.is_null()) {
             task.condition = self.condition(v, &what, &task);
+            self.positions
+                .insert(format!("{base}.if"), (v.pos.line, v.pos.column));
         }
         task.finally = self.flag(&f, "finally", &what, false);
         // A matrix that did not parse has its own errors already.
