@@ -1,13 +1,17 @@
 //! ForgeService: what a runner asks of the forges the coordinator knows.
 //! Only the runner that holds a live attempt may ask for it (the check of
-//! its log writes), and only for a `capstan/` branch, so a runner's
-//! credential opens no pull request of a person's branch.
+//! its log writes), only for a task with a pull-request `git-push`, only
+//! from that pipeline's `capstan/<pipeline>/` branches and only in a
+//! repository the task's `set-image` edits, so a runner's credential opens
+//! no pull request of a person's branch or of another repository.
 
 use super::Shared;
-use super::runner::{authorize, identity};
+use super::runner::{attempt_task, identity};
 use crate::forge::Forges;
 use crate::forge::pulls::{self, Ask, PullError};
+use crate::forge::repos::normalize;
 use capstan_proto::ids::AttemptId;
+use capstan_proto::pipeline::v1::{TaskSpec, step::Kind};
 use capstan_proto::runner::v1::{
     OpenPullRequestRequest, OpenPullRequestResponse, forge_service_server::ForgeService,
 };
@@ -35,7 +39,12 @@ impl ForgeService for ForgeApi {
         let leader = self.shared.leader().await?;
         let r = req.into_inner();
         let attempt = AttemptId::from_string(r.attempt_id);
-        authorize(&leader, (r.runner_id, r.runner_secret), identity, &attempt).await?;
+        let (spec, run_repo) =
+            attempt_task(&leader, (r.runner_id, r.runner_secret), identity, &attempt).await?;
+        if let Err(why) = task_may_ask(&spec, &run_repo, &r.repo, &r.head) {
+            tracing::warn!(%attempt, repo = %r.repo, head = %r.head, %why, "pull request refused");
+            return Err(Status::permission_denied(why));
+        }
         if !asks_for_ours(&r.head, &r.base, &r.repo) {
             return Err(Status::invalid_argument(format!(
                 "a pull request needs a repository, a base branch and a head branch under \
@@ -66,6 +75,45 @@ impl ForgeService for ForgeApi {
     }
 }
 
+/// May the attempt of task `spec` (of a run of `run_repo`) ask for a pull
+/// request from `head` in `repo`? Its `git-push` must be in pull-request
+/// mode, `head` that pipeline's branch, and `repo` one its `set-image`
+/// steps edit (an empty `repo` there: the run's own).
+fn task_may_ask(spec: &TaskSpec, run_repo: &str, repo: &str, head: &str) -> Result<(), String> {
+    let push = spec.steps.iter().find_map(|s| match &s.kind {
+        Some(Kind::GitPush(g)) if g.mode == "pull-request" => Some(g),
+        _ => None,
+    });
+    let Some(push) = push else {
+        return Err(format!(
+            "task `{}` has no `git-push` in pull-request mode",
+            spec.name
+        ));
+    };
+    let prefix = format!("{BRANCH_PREFIX}{}/", push.pipeline);
+    if !head.starts_with(&prefix) {
+        return Err(format!(
+            "task `{}` opens pull requests from `{prefix}...` only",
+            spec.name
+        ));
+    }
+    let wanted = normalize(repo);
+    let edits = spec.steps.iter().any(|s| match &s.kind {
+        Some(Kind::SetImage(si)) => {
+            normalize(if si.repo.is_empty() {
+                run_repo
+            } else {
+                &si.repo
+            }) == wanted
+        }
+        _ => false,
+    });
+    if !edits {
+        return Err(format!("task `{}` edits no repository {repo}", spec.name));
+    }
+    Ok(())
+}
+
 /// A pull request a runner may ask for: from a `capstan/` branch into a
 /// branch, both names git accepts, of a named repository.
 fn asks_for_ours(head: &str, base: &str, repo: &str) -> bool {
@@ -82,7 +130,70 @@ fn asks_for_ours(head: &str, base: &str, repo: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::asks_for_ours;
+    use super::*;
+    use capstan_proto::pipeline::v1::{GitPushStep, SetImageStep, Step};
+
+    fn spec(set_image_repo: &str, mode: &str) -> TaskSpec {
+        let step = |kind| Step {
+            kind: Some(kind),
+            ..Step::default()
+        };
+        TaskSpec {
+            name: "deploy".into(),
+            steps: vec![
+                step(Kind::SetImage(SetImageStep {
+                    repo: set_image_repo.into(),
+                    ..SetImageStep::default()
+                })),
+                step(Kind::GitPush(GitPushStep {
+                    mode: mode.into(),
+                    pipeline: "promote".into(),
+                    ..GitPushStep::default()
+                })),
+            ],
+            ..TaskSpec::default()
+        }
+    }
+
+    #[test]
+    fn only_the_task_that_edits_a_repository_asks_for_its_pull_request() {
+        let m = "https://git.example/acme/manifests";
+        let head = "capstan/promote/deploy/abc";
+        assert_eq!(
+            task_may_ask(&spec(m, "pull-request"), "", &format!("{m}.git"), head),
+            Ok(())
+        );
+        // `set-image` without `repo` edits the run's repository.
+        let src = "https://bot:***@git.example/acme/app";
+        assert_eq!(
+            task_may_ask(
+                &spec("", "pull-request"),
+                src,
+                "https://git.example/acme/app",
+                head
+            ),
+            Ok(())
+        );
+        let other = task_may_ask(
+            &spec(m, "pull-request"),
+            "",
+            "https://git.example/acme/other",
+            head,
+        );
+        assert!(other.unwrap_err().contains("edits no repository"));
+        let direct = task_may_ask(&spec(m, "direct"), "", m, head);
+        assert!(
+            direct
+                .unwrap_err()
+                .contains("no `git-push` in pull-request mode")
+        );
+        let foreign = task_may_ask(&spec(m, "pull-request"), "", m, "capstan/other/deploy/abc");
+        assert!(
+            foreign
+                .unwrap_err()
+                .contains("from `capstan/promote/...` only")
+        );
+    }
 
     #[test]
     fn only_capstan_branches_with_valid_names() {

@@ -270,6 +270,27 @@ pub(super) async fn authorize(
         .await
 }
 
+/// [`authorize`], answering with the attempt's task spec and its run's
+/// repository.
+pub(super) async fn attempt_task(
+    leader: &super::LeaderCtx,
+    (runner, secret): (String, String),
+    identity: Option<String>,
+    attempt: &AttemptId,
+) -> Result<(capstan_proto::pipeline::v1::TaskSpec, String), Status> {
+    let runner = RunnerId::from_string(runner);
+    let attempt = attempt.clone();
+    leader
+        .ask(|reply| Command::AttemptTask {
+            runner,
+            secret,
+            identity,
+            attempt,
+            reply,
+        })
+        .await
+}
+
 /// What ended a [`gather`] short of [`APPEND_BATCH`].
 #[derive(Default)]
 struct Stop {

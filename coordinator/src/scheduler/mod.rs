@@ -137,6 +137,15 @@ pub(crate) enum Command {
         attempt: AttemptId,
         reply: Reply<()>,
     },
+    /// [`Command::AuthorizeLog`], answering with the attempt's task spec
+    /// and its run's repository (what the attempt may act on).
+    AttemptTask {
+        runner: RunnerId,
+        secret: String,
+        identity: Option<String>,
+        attempt: AttemptId,
+        reply: Reply<(capstan_proto::pipeline::v1::TaskSpec, String)>,
+    },
     ListRunners {
         reply: Reply<Vec<api::Runner>>,
     },
@@ -454,6 +463,15 @@ impl Scheduler {
                     .and_then(|()| self.state.log_writable(&runner, &attempt));
                 let _ = reply.send(r);
             }
+            Command::AttemptTask {
+                runner,
+                secret,
+                identity,
+                attempt,
+                reply,
+            } => {
+                let _ = reply.send(self.attempt_task(&runner, &secret, identity, &attempt));
+            }
             Command::ListRunners { reply } => {
                 let _ = reply.send(Ok(self.list_runners()));
             }
@@ -470,6 +488,25 @@ impl Scheduler {
                 self.reply(reply, r);
             }
         }
+    }
+
+    /// The task spec and run repository of `attempt`, if `runner` (with
+    /// `secret`, and `identity` under mTLS) holds it and it is live.
+    fn attempt_task(
+        &self,
+        runner: &RunnerId,
+        secret: &str,
+        identity: Option<String>,
+        attempt: &AttemptId,
+    ) -> Result<(capstan_proto::pipeline::v1::TaskSpec, String), StateError> {
+        self.state.authenticate(runner, secret)?;
+        self.state.check_tls_identity(runner, identity.as_deref())?;
+        self.state.log_writable(runner, attempt)?;
+        let (spec, repo) = self.state.attempt_task(attempt).unzip();
+        Ok((
+            spec.cloned().unwrap_or_default(),
+            repo.unwrap_or_default().to_owned(),
+        ))
     }
 
     fn submit(&mut self, run: RunRecord, quota: &crate::limits::Quota, reply: Reply<RunId>) {

@@ -323,6 +323,16 @@ impl SchedulerState {
         }
     }
 
+    /// The task spec and the run's repository of attempt `a`.
+    pub(crate) fn attempt_task(
+        &self,
+        a: &AttemptId,
+    ) -> Option<(&capstan_proto::pipeline::v1::TaskSpec, &str)> {
+        let (run, i) = self.runs.locate(a)?;
+        let r = self.runs.get(&run)?;
+        Some((&r.tasks.get(i)?.spec, r.repo.as_str()))
+    }
+
     pub(crate) fn queue_depth(&self) -> usize {
         self.queue.len()
     }
