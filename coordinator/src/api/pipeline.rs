@@ -321,7 +321,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let caller = self.0.authorize(&req, Scope::Read).await?;
         let r = req.into_inner();
         let id = run_id(r.run_id)?;
-        let decision = Box::new(crate::scheduler::OwnedDecision {
+        let decision = Box::new(crate::scheduler::state::Decide {
             task: r.task.clone(),
             approve: r.approve,
             by: caller.name.clone(),

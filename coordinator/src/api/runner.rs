@@ -3,9 +3,9 @@
 use super::{Shared, status};
 use crate::model::{now_ms, secrets_equal};
 use crate::runner_tokens::{Claim, RunnerTokenError, RunnerTokens};
-use crate::scheduler::Command;
 use crate::scheduler::lease::HeartbeatFilter;
 use crate::scheduler::state::Takeover;
+use crate::scheduler::{AttemptAsk, Command};
 use crate::tokens::Scope;
 use capstan_proto::ids::{AttemptId, RunnerId};
 use capstan_proto::runner::v1::*;
@@ -253,20 +253,13 @@ fn ack_heartbeat(acks: &mpsc::WeakUnboundedSender<Result<CoordinatorMessage, Sta
 /// rule, act for it: `api::pulls`).
 pub(super) async fn authorize(
     leader: &super::LeaderCtx,
-    (runner, secret): (String, String),
+    runner: (String, String),
     identity: Option<String>,
     attempt: &AttemptId,
 ) -> Result<(), Status> {
-    let runner = RunnerId::from_string(runner);
-    let attempt = attempt.clone();
+    let ask = attempt_ask(runner, identity, attempt);
     leader
-        .ask(|reply| Command::AuthorizeLog {
-            runner,
-            secret,
-            identity,
-            attempt,
-            reply,
-        })
+        .ask(|reply| Command::AuthorizeLog { ask, reply })
         .await
 }
 
@@ -274,21 +267,27 @@ pub(super) async fn authorize(
 /// repository.
 pub(super) async fn attempt_task(
     leader: &super::LeaderCtx,
-    (runner, secret): (String, String),
+    runner: (String, String),
     identity: Option<String>,
     attempt: &AttemptId,
 ) -> Result<(capstan_proto::pipeline::v1::TaskSpec, String), Status> {
-    let runner = RunnerId::from_string(runner);
-    let attempt = attempt.clone();
+    let ask = attempt_ask(runner, identity, attempt);
     leader
-        .ask(|reply| Command::AttemptTask {
-            runner,
-            secret,
-            identity,
-            attempt,
-            reply,
-        })
+        .ask(|reply| Command::AttemptTask { ask, reply })
         .await
+}
+
+fn attempt_ask(
+    (runner, secret): (String, String),
+    identity: Option<String>,
+    attempt: &AttemptId,
+) -> AttemptAsk {
+    AttemptAsk {
+        runner: RunnerId::from_string(runner),
+        secret,
+        identity,
+        attempt: attempt.clone(),
+    }
 }
 
 /// What ended a [`gather`] short of [`APPEND_BATCH`].

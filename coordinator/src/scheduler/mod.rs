@@ -85,7 +85,7 @@ pub(crate) enum Command {
     /// Approve or reject a task at its gate, as the token `by` with `scope`.
     DecideApproval {
         id: RunId,
-        decision: Box<OwnedDecision>,
+        decision: Box<state::Decide>,
         reply: Reply<api::Run>,
     },
     /// The attempts of a run's tasks (all tasks if `task` is None), in order.
@@ -129,21 +129,13 @@ pub(crate) enum Command {
     },
     /// May `runner` (with `secret`) write the log of `attempt`?
     AuthorizeLog {
-        runner: RunnerId,
-        secret: String,
-        /// The client certificate's subject under mTLS: it must be the one
-        /// the runner registered with, as on its Control stream.
-        identity: Option<String>,
-        attempt: AttemptId,
+        ask: AttemptAsk,
         reply: Reply<()>,
     },
     /// [`Command::AuthorizeLog`], answering with the attempt's task spec
     /// and its run's repository (what the attempt may act on).
     AttemptTask {
-        runner: RunnerId,
-        secret: String,
-        identity: Option<String>,
-        attempt: AttemptId,
+        ask: AttemptAsk,
         reply: Reply<(capstan_proto::pipeline::v1::TaskSpec, String)>,
     },
     ListRunners {
@@ -166,26 +158,15 @@ pub(crate) enum Command {
     OrphanLogs(Vec<AttemptId>),
 }
 
-/// [`state::Decide`] with its strings owned, to travel in a [`Command`].
+/// A runner's claim to act for one of its attempts.
 #[derive(Debug)]
-pub(crate) struct OwnedDecision {
-    pub(crate) task: String,
-    pub(crate) approve: bool,
-    pub(crate) by: String,
-    pub(crate) scope: String,
-    pub(crate) reason: String,
-}
-
-impl OwnedDecision {
-    fn borrowed(&self) -> state::Decide<'_> {
-        state::Decide {
-            task: &self.task,
-            approve: self.approve,
-            by: &self.by,
-            scope: &self.scope,
-            reason: &self.reason,
-        }
-    }
+pub(crate) struct AttemptAsk {
+    pub(crate) runner: RunnerId,
+    pub(crate) secret: String,
+    /// The client certificate's subject under mTLS: it must be the one
+    /// the runner registered with, as on its Control stream.
+    pub(crate) identity: Option<String>,
+    pub(crate) attempt: AttemptId,
 }
 
 /// The API side's way to reach the scheduler loop. Cheap to clone.
@@ -403,8 +384,7 @@ impl Scheduler {
                 decision,
                 reply,
             } => {
-                let r = (self.state.decide(&id, &decision.borrowed()))
-                    .and_then(|()| self.run_view(&id));
+                let r = (self.state.decide(&id, &decision)).and_then(|()| self.run_view(&id));
                 self.reply(reply, r);
             }
             Command::Attempts { id, task, reply } => {
@@ -449,28 +429,11 @@ impl Scheduler {
                     tracing::warn!(%runner, error = %e, "refused a runner report");
                 }
             }
-            Command::AuthorizeLog {
-                runner,
-                secret,
-                identity,
-                attempt,
-                reply,
-            } => {
-                let r = self
-                    .state
-                    .authenticate(&runner, &secret)
-                    .and_then(|()| self.state.check_tls_identity(&runner, identity.as_deref()))
-                    .and_then(|()| self.state.log_writable(&runner, &attempt));
-                let _ = reply.send(r);
+            Command::AuthorizeLog { ask, reply } => {
+                let _ = reply.send(self.check_attempt(&ask));
             }
-            Command::AttemptTask {
-                runner,
-                secret,
-                identity,
-                attempt,
-                reply,
-            } => {
-                let _ = reply.send(self.attempt_task(&runner, &secret, identity, &attempt));
+            Command::AttemptTask { ask, reply } => {
+                let _ = reply.send(self.attempt_task(&ask));
             }
             Command::ListRunners { reply } => {
                 let _ = reply.send(Ok(self.list_runners()));
@@ -490,19 +453,23 @@ impl Scheduler {
         }
     }
 
-    /// The task spec and run repository of `attempt`, if `runner` (with
-    /// `secret`, and `identity` under mTLS) holds it and it is live.
+    /// Does `ask`'s runner (its secret, and its certificate under mTLS)
+    /// hold the attempt, still live?
+    fn check_attempt(&self, ask: &AttemptAsk) -> Result<(), StateError> {
+        self.state.authenticate(&ask.runner, &ask.secret)?;
+        self.state
+            .check_tls_identity(&ask.runner, ask.identity.as_deref())?;
+        self.state.log_writable(&ask.runner, &ask.attempt)
+    }
+
+    /// The task spec and run repository of the attempt, after
+    /// [`Self::check_attempt`].
     fn attempt_task(
         &self,
-        runner: &RunnerId,
-        secret: &str,
-        identity: Option<String>,
-        attempt: &AttemptId,
+        ask: &AttemptAsk,
     ) -> Result<(capstan_proto::pipeline::v1::TaskSpec, String), StateError> {
-        self.state.authenticate(runner, secret)?;
-        self.state.check_tls_identity(runner, identity.as_deref())?;
-        self.state.log_writable(runner, attempt)?;
-        let (spec, repo) = self.state.attempt_task(attempt).unzip();
+        self.check_attempt(ask)?;
+        let (spec, repo) = self.state.attempt_task(&ask.attempt).unzip();
         Ok((
             spec.cloned().unwrap_or_default(),
             repo.unwrap_or_default().to_owned(),

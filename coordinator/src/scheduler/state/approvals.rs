@@ -37,14 +37,15 @@ pub(super) fn gate(t: &mut TaskRecord, now_ms: i64) -> Option<i64> {
     Some(deadline(a))
 }
 
-/// A decision on a gate.
-pub(crate) struct Decide<'a> {
-    pub(crate) task: &'a str,
+/// A decision on a gate (it travels to the scheduler in a command).
+#[derive(Debug)]
+pub(crate) struct Decide {
+    pub(crate) task: String,
     pub(crate) approve: bool,
     /// The deciding token's name and scope.
-    pub(crate) by: &'a str,
-    pub(crate) scope: &'a str,
-    pub(crate) reason: &'a str,
+    pub(crate) by: String,
+    pub(crate) scope: String,
+    pub(crate) reason: String,
 }
 
 impl SchedulerState {
@@ -57,14 +58,14 @@ impl SchedulerState {
     }
 
     /// Approves or rejects the gate of task `d.task` of `run_id`.
-    pub(crate) fn decide(&mut self, run_id: &RunId, d: &Decide<'_>) -> Result<(), StateError> {
+    pub(crate) fn decide(&mut self, run_id: &RunId, d: &Decide) -> Result<(), StateError> {
         let run = self
             .runs
             .get_mut(run_id)
             .ok_or_else(|| StateError::UnknownRun(run_id.to_string()))?;
         let unknown = || StateError::UnknownTask {
             run: run_id.to_string(),
-            task: d.task.to_owned(),
+            task: d.task.clone(),
         };
         let i = run
             .tasks
@@ -110,22 +111,22 @@ impl SchedulerState {
         const SCOPES: [&str; 3] = ["read", "submit", "admin"];
         let rank = |s: &str| SCOPES.iter().position(|x| *x == s);
         let least = a.by.iter().filter_map(|s| rank(s)).min().unwrap_or(2);
-        if rank(d.scope).is_none_or(|r| r < least) {
+        if rank(&d.scope).is_none_or(|r| r < least) {
             return Err(StateError::MayNotDecide {
-                task: d.task.to_owned(),
+                task: d.task.clone(),
                 allowed: match least {
                     2 => "admin".to_owned(),
                     _ => format!("{} or above", SCOPES[least]),
                 },
-                scope: d.scope.to_owned(),
+                scope: d.scope.clone(),
             });
         }
         let now = now_ms();
         a.decision = Some(Decision {
             approved: d.approve,
-            by: d.by.to_owned(),
+            by: d.by.clone(),
             at_ms: now,
-            reason: d.reason.to_owned(),
+            reason: d.reason.clone(),
         });
         self.gates.remove(&(run_id.clone(), i));
         self.decided(run_id, i, now);
@@ -215,13 +216,13 @@ mod tests {
         .unwrap()
     }
 
-    fn decide<'a>(task: &'a str, approve: bool, scope: &'a str) -> Decide<'a> {
+    fn decide(task: &str, approve: bool, scope: &str) -> Decide {
         Decide {
-            task,
+            task: task.into(),
             approve,
-            by: "alice",
-            scope,
-            reason: "",
+            by: "alice".into(),
+            scope: scope.into(),
+            reason: String::new(),
         }
     }
 
