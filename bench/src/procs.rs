@@ -284,6 +284,8 @@ impl Coordinator {
             .args(["--labels", &format!("bench={name}")])
             .args(["--capacity", &capacity.to_string()])
             .args(["--executor", executor])
+            // Every image the benchmarks use is built here; nothing is pulled.
+            .args(["--docker-pull", "never"])
             // The log scenario writes 1 GiB in one step: measure the whole
             // path, not the per-step cap (default 256 MiB).
             .args(["--max-step-log", "0"])

@@ -14,6 +14,7 @@
 //!    `$ <first line>` header, written with its first output (or when it
 //!    ends, if it printed nothing) so that no file write delays the start of
 //!    its process; the first step that does not succeed ends the attempt;
+//!    then the services' output into the log (a task with services),
 //!    then executor teardown (also after a panic in setup or a step)
 //!    ([`steps`] runs the steps);
 //! 3. wait until the coordinator acknowledged every log byte;
@@ -388,6 +389,9 @@ async fn run_task(
     .catch_unwind()
     .await
     .unwrap_or_else(|panic| panicked(panic.as_ref()));
+    if !task.task.services.is_empty() {
+        steps::log_services(spec, task, spool).await;
+    }
     if let Err(e) = executor.destroy_task(task).await {
         warn!(error = %chain(&e), "executor teardown failed");
     }

@@ -138,6 +138,31 @@ pub struct Args {
     /// out of its volume when a task has no image [default: capstan-test/busybox:1].
     #[arg(long, env = "CAPSTAN_DOCKER_HELPER_IMAGE", value_name = "IMAGE")]
     pub docker_helper_image: Option<String>,
+    /// When images are pulled for a task whose `pull:` does not say:
+    /// `always`, `if-not-present` or `never` [default: if-not-present].
+    #[arg(long, env = "CAPSTAN_DOCKER_PULL", value_name = "POLICY")]
+    pub docker_pull: Option<String>,
+    /// The only images steps, services and builds may use: globs over the
+    /// reference as written, `*` within a path segment and `**` across,
+    /// e.g. `registry.internal:5000/ci/**` [default: any image].
+    #[arg(
+        long,
+        env = "CAPSTAN_DOCKER_ALLOWED_IMAGES",
+        value_name = "GLOB[,GLOB]",
+        value_delimiter = ','
+    )]
+    #[serde(default, deserialize_with = "capstan_config::one_or_many")]
+    pub docker_allowed_images: Option<Vec<String>>,
+    /// Which secret (of --secrets-file) to pull each registry's images
+    /// with, when the task names no `pull-credentials:`, e.g.
+    /// `127.0.0.1:5000=registry-ci` (in the file: a table).
+    #[arg(
+        long,
+        env = "CAPSTAN_DOCKER_PULL_CREDENTIALS",
+        value_name = "REGISTRY=SECRET[,...]",
+        value_parser = parse_registry_map
+    )]
+    pub docker_pull_credentials: Option<BTreeMap<String, String>>,
     /// Extra labels on every container, volume and network the runner creates.
     #[arg(long, env = "CAPSTAN_DOCKER_LABELS", value_name = "k=v,k=v", value_parser = parse_labels)]
     #[serde(default, deserialize_with = "labels_text_or_table")]
@@ -212,6 +237,10 @@ pub enum ConfigError {
     Memory(String),
     #[error("invalid --docker-cpus {0}: expected a positive number")]
     Cpus(f64),
+    #[error("invalid --docker-pull: {0}")]
+    Pull(String),
+    #[error("invalid --docker-allowed-images: {0}")]
+    AllowedImages(String),
     #[error("invalid --git-author: {0}")]
     GitAuthor(String),
     #[error(
@@ -228,6 +257,26 @@ pub enum ConfigError {
 /// Parses `k=v,k=v` (empty string: no labels).
 pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     capstan_proto::labels::parse(text)
+}
+
+/// Parses `registry=secret,registry=secret` (`--docker-pull-credentials`).
+pub fn parse_registry_map(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut map = BTreeMap::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        match entry.split_once('=') {
+            Some((registry, secret))
+                if !registry.trim().is_empty() && !secret.trim().is_empty() =>
+            {
+                map.insert(registry.trim().to_owned(), secret.trim().to_owned());
+            }
+            _ => {
+                return Err(format!(
+                    "`{entry}` is not REGISTRY=SECRET, e.g. 127.0.0.1:5000=registry-ci"
+                ));
+            }
+        }
+    }
+    Ok(map)
 }
 
 /// Reads `--config` (if given) and merges every layer.
@@ -361,6 +410,18 @@ fn docker_settings(s: &Args) -> Result<crate::DockerSettings, ConfigError> {
             .clone()
             .unwrap_or_else(|| crate::executor::docker::DEFAULT_HELPER_IMAGE.into()),
         labels: s.docker_labels.clone().unwrap_or_default(),
+        pull: s
+            .docker_pull
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(ConfigError::Pull)?
+            .unwrap_or_default(),
+        allowed_images: crate::executor::docker::AllowedImages::new(
+            s.docker_allowed_images.clone().unwrap_or_default(),
+        )
+        .map_err(ConfigError::AllowedImages)?,
+        pull_credentials: s.docker_pull_credentials.clone().unwrap_or_default(),
     })
 }
 

@@ -15,7 +15,7 @@ use capstan_proto::ids::{AttemptId, RunId};
 use capstan_proto::pipeline::v1::{BuildStep, PushStep, RunStep, Step, TaskSpec, step};
 use capstan_runner::executor::Executor;
 use capstan_runner::executor::docker::{
-    DockerExecutor, DockerOptions, DockerSettings, NetworkSetting,
+    DockerExecutor, DockerOptions, DockerSettings, NetworkSetting, PullPolicy,
 };
 use capstan_runner::logs::sink::OutputSink;
 use capstan_runner::secrets::{Secret, Secrets};
@@ -67,6 +67,8 @@ async fn fixture(name: &str, tune: impl FnOnce(&mut DockerSettings)) -> Fixture 
         .labels
         .insert("capstan.test".into(), cleanup.id.clone());
     options.settings.helper_image = tb.image.clone();
+    // Nothing is pulled from outside this machine; the pull tests say so.
+    options.settings.pull = PullPolicy::Never;
     tune(&mut options.settings);
     let mut secrets = Secrets::default();
     secrets.insert(
@@ -214,8 +216,24 @@ async fn workspace_is_shared_and_holds_the_checkout() {
         ])
         .await;
     assert_eq!(out[0].0, StepEnd::Exited(0), "{}", out[0].1);
-    assert_eq!(out[0].1, "/workspace\nfrom the checkout\n");
-    assert_eq!(out[1].1, "made-by-step-1\n/workspace\n");
+    assert_eq!(
+        after_image_line(&out[0].1),
+        "/workspace\nfrom the checkout\n"
+    );
+    assert_eq!(after_image_line(&out[1].1), "made-by-step-1\n/workspace\n");
+}
+
+/// A `run` step's output after the runner's first line, which says what
+/// the step's image resolved to (`image capstan-test/busybox:1 is
+/// sha256:...`, the engine's id for an image no registry has seen).
+fn after_image_line(text: &str) -> &str {
+    let (first, rest) = text.split_once('\n').unwrap_or((text, ""));
+    let tb = testbed();
+    assert!(
+        first.starts_with(&format!("image {} is sha256:", tb.image)),
+        "{text}"
+    );
+    rest
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -230,7 +248,7 @@ async fn isolation_no_network_no_socket_no_privileges() {
              if mount -t tmpfs none /mnt 2>/dev/null; then echo mounted; else echo cannot-mount; fi",
         )])
         .await;
-    let text = &out[0].1;
+    let text = after_image_line(&out[0].1);
     assert_eq!(out[0].0, StepEnd::Exited(0), "{text}");
     assert!(text.starts_with("lo\n"), "only loopback expected: {text}");
     assert!(!text.contains("eth0"), "{text}");

@@ -61,6 +61,27 @@ pub(super) async fn run_steps(
     Outcome::new(AttemptOutcome::Succeeded, None, message)
 }
 
+/// Writes the output of the task's services into its log, after the last
+/// step, through the same cap and masking as a step's.
+pub(super) async fn log_services(spec: &AttemptSpec, task: &TaskContext, spool: &Arc<Spool>) {
+    let index = u32::try_from(task.task.steps.len()).unwrap_or(u32::MAX);
+    let writer = spool.writer(index);
+    let capped = CappedSink::new(&writer, spec.step_log_cap);
+    let masked = MaskingSink::new(&capped, &spec.mask);
+    let written = spec.executor.write_service_logs(task, &masked).await;
+    let flushed = async {
+        masked.flush().await?;
+        capped.finish().await
+    }
+    .await;
+    if let Err(e) = written {
+        warn!(error = %chain(&e), "writing the services' output failed");
+    }
+    if let Err(e) = flushed {
+        warn!(error = %chain(&e), "storing the services' output failed");
+    }
+}
+
 /// What every step of the attempt runs with.
 struct StepRunner<'a> {
     spec: &'a AttemptSpec,

@@ -24,7 +24,9 @@
 //!    all (infrastructure, outcome ERROR); a step that ran and failed is an
 //!    `Ok` with a non-success [`StepEnd`].
 //!    Then [`Executor::destroy_step`], also after an error.
-//! 3. [`Executor::destroy_task`] once, also after a failed setup.
+//! 3. For a task with services, [`Executor::write_service_logs`] once,
+//!    also after a failed setup.
+//! 4. [`Executor::destroy_task`] once, also after a failed setup.
 //!
 //! Destroy calls are idempotent and safe to call for things that were never
 //! created. Different attempts run concurrently on one executor, so an
@@ -96,6 +98,18 @@ pub trait Executor: Send + Sync + 'static {
     async fn destroy_step(&self, task: &TaskContext, index: u32) -> Result<(), ExecutorError>;
     /// Removes what the task left behind. Idempotent, safe after a failed setup.
     async fn destroy_task(&self, task: &TaskContext) -> Result<(), ExecutorError>;
+
+    /// Writes what the task's service containers (`services:`) printed
+    /// into `out`, one section per service. Called once, after the steps
+    /// (or a failed setup) and before [`Executor::destroy_task`], only for
+    /// a task with services; executors that run none write nothing.
+    async fn write_service_logs(
+        &self,
+        _task: &TaskContext,
+        _out: &dyn crate::logs::sink::OutputSink,
+    ) -> Result<(), ExecutorError> {
+        Ok(())
+    }
 
     /// Whether the runner's built-in step kinds (`set-image`, `git-push`)
     /// go to [`Executor::run_step`] too. The attempt runs them itself

@@ -230,8 +230,17 @@ enum Stop {
 
 #[async_trait]
 impl Executor for ShellExecutor {
-    async fn setup_task(&self, _task: &TaskContext) -> Result<(), ExecutorError> {
-        Ok(())
+    async fn setup_task(&self, task: &TaskContext) -> Result<(), ExecutorError> {
+        match task.task.services.first() {
+            None => Ok(()),
+            Some(s) => Err(ExecutorError::Setup {
+                message: format!(
+                    "the task has services (`{}`), which only the docker executor runs: \
+                     send it to a docker runner with `runs-on`",
+                    s.name
+                ),
+            }),
+        }
     }
 
     async fn run_step(

@@ -28,9 +28,11 @@
 //!   booleans. A null `env` value or param default is the empty string.
 //! - `needs` may be a single task name instead of a list.
 //! - Timeouts are whole seconds, from 1 second to 7 days.
-//! - Substitutions apply to images, env values, step names, scripts and every
-//!   field of the other step kinds; not to names, `needs`, `runs-on` or param
-//!   values (which are plain text).
+//! - Substitutions apply to images, env values, step names, scripts, every
+//!   field of the other step kinds and a service's image, command, env
+//!   values and `ready`; not to names, `needs`, `runs-on`, `pull`,
+//!   `pull-credentials` or param values (which are plain text). A `ready`
+//!   command is shell: its substitutions are made like a `run` script's.
 
 pub mod cond;
 mod error;
@@ -47,11 +49,15 @@ mod yaml;
 #[cfg(test)]
 mod matrix_tests;
 #[cfg(test)]
+mod services_tests;
+#[cfg(test)]
 mod tests;
 
 pub use error::{ValidationError, ValidationErrors};
 pub use matrix::{MAX_MATRIX, expanded_name};
-pub use model::{Approval, Concurrency, Matrix, Pipeline, SourceMap, StepDef, StepKind, TaskDef};
+pub use model::{
+    Approval, Concurrency, Matrix, Pipeline, ServiceDef, SourceMap, StepDef, StepKind, TaskDef,
+};
 pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
 pub use parse::{MAX_LISTED_ERRORS, MAX_RETRIES, parse};
 pub use substitute::{Context, resolve};
@@ -86,7 +92,21 @@ pub fn task_spec(pipeline: &str, task: &TaskDef) -> pb::TaskSpec {
             capabilities: task.capabilities.clone(),
             cpus: task.cpus.unwrap_or_default(),
             memory_bytes: task.memory_bytes.unwrap_or_default(),
+            services: task.services.iter().map(service_spec).collect(),
+            pull: task.pull.clone().unwrap_or_default(),
+            pull_credentials: task.pull_credentials.clone().unwrap_or_default(),
         }
+    }
+}
+
+fn service_spec(s: &ServiceDef) -> pb::Service {
+    pb::Service {
+        name: s.name.clone(),
+        image: s.image.clone(),
+        command: s.command.clone(),
+        env: s.env.clone().into_iter().collect(),
+        ready: s.ready.clone().unwrap_or_default(),
+        ready_timeout_seconds: seconds(s.ready_timeout),
     }
 }
 

@@ -88,6 +88,45 @@ pub struct TaskDef {
     /// ended; the run's state is decided by the other tasks.
     #[serde(default)]
     pub finally: bool,
+    /// `services:`, in file order: containers started before the steps
+    /// on the task's private network (docker executor).
+    #[serde(default)]
+    pub services: Vec<ServiceDef>,
+    /// `pull:`: when images are pulled (`always`, `if-not-present`,
+    /// `never`); the runner's `--docker-pull` if None.
+    #[serde(default)]
+    pub pull: Option<String>,
+    /// `pull-credentials:`: the runner-side secret images are pulled with;
+    /// the runner's `--docker-pull-credentials` if None.
+    #[serde(default)]
+    pub pull_credentials: Option<String>,
+}
+
+/// One of a task's `services:`: a container started before the task's
+/// steps on its private network, reachable from them by `name`, removed
+/// with the task.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDef {
+    /// Its host name on the task's network: a DNS label (`db`, `redis-1`).
+    pub name: String,
+    /// May hold substitutions.
+    pub image: String,
+    /// Replaces the image's CMD when not empty; each entry may hold
+    /// substitutions (each goes in as it is, one argument).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// The service container's environment; values may hold substitutions.
+    /// After `resolve`, also the variables `ready` refers to.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A shell command run inside the service until it exits 0; None:
+    /// ready once started. Its substitutions are made like a `run`
+    /// script's (references to variables of `env`).
+    #[serde(default)]
+    pub ready: Option<String>,
+    /// How long `ready` may take; the runner's default (60 s) if None.
+    #[serde(default)]
+    pub ready_timeout: Option<Duration>,
 }
 
 /// A task's `approval:` gate.

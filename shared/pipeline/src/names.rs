@@ -1,5 +1,6 @@
-//! What a name may look like: tasks, pipelines, params, env variables and
-//! runner labels. The parser and the substitutions both ask here.
+//! What a name may look like: tasks, pipelines, params, env variables,
+//! runner labels, services and secrets. The parser and the substitutions
+//! both ask here.
 
 /// Longest task, pipeline and param name.
 pub const MAX_NAME_LEN: usize = 63;
@@ -47,4 +48,21 @@ pub(crate) fn is_label_key(s: &str) -> bool {
 /// A runner label value: non-empty, no whitespace, `,` or `=`.
 pub(crate) fn is_label_value(s: &str) -> bool {
     !s.is_empty() && s.len() <= 255 && !s.chars().any(|c| c.is_whitespace() || c == ',' || c == '=')
+}
+
+/// A service name, its host name on the task's network: a DNS label,
+/// 1-63 of `[a-z0-9-]`, starting and ending with a letter or digit.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (1..=MAX_NAME_LEN).contains(&s.len())
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+        && s.chars().all(|c| alnum(c) || c == '-')
+}
+
+/// The name of a runner-side secret: `[A-Za-z0-9_.-]+`.
+pub(crate) fn is_secret_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }

@@ -65,6 +65,9 @@ pub(crate) enum Field {
     ///
     /// [`script`]: super::script
     Script(usize),
+    /// The `ready` command of the service with this index: shell too, its
+    /// variables go into the service's env.
+    Ready(usize),
 }
 
 /// Calls `f` with the field path, kind and value of every string of a task
@@ -81,6 +84,19 @@ pub(crate) fn for_each_string(task: &mut TaskDef, f: &mut impl FnMut(&str, Field
     }
     for (k, v) in &mut task.env {
         f(&format!("{base}.env.{k}"), Field::Plain, v);
+    }
+    for (i, s) in task.services.iter_mut().enumerate() {
+        let sb = format!("{base}.services.{}", s.name);
+        f(&format!("{sb}.image"), Field::Plain, &mut s.image);
+        for (j, arg) in s.command.iter_mut().enumerate() {
+            f(&format!("{sb}.command[{j}]"), Field::Plain, arg);
+        }
+        for (k, v) in &mut s.env {
+            f(&format!("{sb}.env.{k}"), Field::Plain, v);
+        }
+        if let Some(ready) = &mut s.ready {
+            f(&format!("{sb}.ready"), Field::Ready(i), ready);
+        }
     }
     if let Some(a) = &mut task.approval {
         f(
@@ -199,8 +215,8 @@ pub fn resolve(
         if let Some(problem) = fold_condition(task, &params, ctx) {
             errors.push(at_field(file, pipeline, task, "if", problem));
         }
-        // The variables each `run` script refers to, by step index.
-        let mut script_vars: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
+        // The variables each shell field (a `run` script, a `ready`) refers to.
+        let mut shell_vars: Vec<(Field, BTreeMap<String, String>)> = Vec::new();
         for_each_string(task, &mut |path, field, value| {
             if !value.contains(OPEN) {
                 return;
@@ -227,7 +243,7 @@ pub fn resolve(
             };
             let rendered = match field {
                 Field::Plain => plain(pieces, lookup),
-                Field::Script(_) => script::render(pieces, lookup),
+                Field::Script(_) | Field::Ready(_) => script::render(pieces, lookup),
             };
             for e in &rendered.missing {
                 if reported.insert(e.clone()) {
@@ -238,15 +254,13 @@ pub fn resolve(
             if rendered.text.contains(OPEN) {
                 problem(respelled_open());
             }
-            if let Field::Script(step) = field {
-                script_vars.push((step, rendered.vars));
+            if field != Field::Plain {
+                shell_vars.push((field, rendered.vars));
             }
             *value = rendered.text;
         });
-        for (step, vars) in script_vars {
-            // Over the step's own env: the script's references must mean
-            // the values (the `CAPSTAN_` prefix is the runner's).
-            task.steps[step].env.extend(vars);
+        for (field, vars) in shell_vars {
+            give_vars(task, field, vars);
         }
     }
     let (c, e) = (&mut out.concurrency, &mut errors);
@@ -256,6 +270,18 @@ pub fn resolve(
         Ok(out)
     } else {
         Err(ValidationErrors::sorted(errors))
+    }
+}
+
+/// Puts the variables a shell field refers to into the environment it runs
+/// with: over its step's own env (the script's references must mean the
+/// values; the `CAPSTAN_` prefix is the runner's), or its service's
+/// (`ready` runs inside the service).
+fn give_vars(task: &mut TaskDef, field: Field, vars: BTreeMap<String, String>) {
+    match field {
+        Field::Script(step) => task.steps[step].env.extend(vars),
+        Field::Ready(service) => task.services[service].env.extend(vars),
+        Field::Plain => {}
     }
 }
 

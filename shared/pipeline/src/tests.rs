@@ -124,6 +124,9 @@ fn expected_full() -> Pipeline {
                 approval: None,
                 condition: None,
                 finally: false,
+                services: vec![],
+                pull: None,
+                pull_credentials: None,
             },
             TaskDef {
                 name: s("other-task"),

@@ -326,9 +326,12 @@ impl<'t> Lines<'t> {
     /// The plain scalar token at a position.
     fn token(&self, at: Pos) -> Option<&'t str> {
         let rest = self.from(at)?;
+        let ends = |c: char| c.is_whitespace() || matches!(c, ',' | ']' | '}' | '#');
+        // A key's token stops before its `:` (`0: x` is the key `0`).
         let end = rest
-            .find(|c: char| c.is_whitespace() || matches!(c, ',' | ']' | '}' | '#'))
-            .unwrap_or(rest.len());
+            .char_indices()
+            .find(|&(i, c)| ends(c) || (c == ':' && rest[i + 1..].chars().next().is_none_or(ends)))
+            .map_or(rest.len(), |(i, _)| i);
         // An anchor or tag in front means the location is not the scalar's own.
         Some(&rest[..end]).filter(|t| !t.is_empty() && !t.starts_with(['&', '*', '!']))
     }
@@ -410,6 +413,20 @@ mod tests {
 
         let err = load("a: \"é✓\", b: [\n").unwrap_err();
         assert_eq!(err.pos.line, 1);
+    }
+
+    #[test]
+    fn a_number_key_keeps_its_text_without_the_colon() {
+        let root = load("0: a\n1.50:\n{2: b}: c\nd: {3: e}\n").unwrap();
+        let Value::Map(entries) = &root.value else {
+            panic!("{root:?}")
+        };
+        let keys: Vec<Option<String>> = entries.iter().map(|(k, _)| k.scalar_text()).collect();
+        assert_eq!(keys[..2], [Some("0".into()), Some("1.50".into())]);
+        let Value::Map(inner) = &entries[3].1.value else {
+            panic!("{root:?}")
+        };
+        assert_eq!(inner[0].0.scalar_text().as_deref(), Some("3"));
     }
 
     #[test]

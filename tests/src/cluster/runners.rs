@@ -37,6 +37,10 @@ impl TestCluster {
         let mut labels = self.opts.labels.clone();
         labels.push(format!("index={index}"));
         let mut cmd = Command::new(bin("capstan-runner"));
+        // Nothing a test runs may pull from outside this machine: a test
+        // that pulls (from the test bed's registry) says so with a flag,
+        // which beats this.
+        cmd.env("CAPSTAN_DOCKER_PULL", "never");
         set_env(&mut cmd, &self.opts.env);
         cmd.args(["--coordinator", &urls.join(",")])
             .args(["--registration-token", token])

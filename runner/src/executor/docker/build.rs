@@ -2,9 +2,10 @@
 //! workspace volume, through the engine's (classic) build API.
 //!
 //! The context is read out of the volume through the API (so it includes
-//! what earlier steps produced), the Dockerfile's base images are checked to
-//! be present first (the classic builder pulls a missing base image even
-//! with `pull` off, and nothing may be pulled), `RUN` instructions get no
+//! what earlier steps produced), the Dockerfile's base images are got
+//! first as the task's pull policy says (the classic builder would pull a
+//! missing base image itself, past the runner's allowed images, its
+//! credentials and the policy), `RUN` instructions get no
 //! network, and the image is labelled with its commit (nothing per run, so
 //! the label does not make two builds of a commit differ). A tag the
 //! registry already has is not built again (`skip-if-exists`,
@@ -22,6 +23,7 @@ use bollard::query_parameters::{
 use capstan_proto::pipeline::v1::BuildStep;
 use futures::StreamExt as _;
 
+use super::pull::StepProgress;
 use super::{DockerExecutor, LABEL_COMMIT, Stop, WORKSPACE, api_error, log, status, step_end};
 use crate::executor::ExecutorError;
 use crate::step::{StepContext, StepEnd, TaskContext};
@@ -123,7 +125,7 @@ async fn build_image(
     log(
         ctx,
         &format!(
-            "building {} from {shown_context}/{dockerfile} (no pull, no network)\n",
+            "building {} from {shown_context}/{dockerfile} (no network)\n",
             build.tag
         ),
     )
@@ -134,7 +136,7 @@ async fn build_image(
             "Dockerfile `{dockerfile}` not found in build context `{shown_context}`"
         )));
     };
-    check_base_images(ex, ctx, dockerfile, &text, &build.args).await?;
+    check_base_images(ex, task, ctx, dockerfile, &text, &build.args).await?;
     stream_build(ex, task, ctx, build, dockerfile, archive).await
 }
 
@@ -171,10 +173,11 @@ async fn read_context(
     Ok(archive)
 }
 
-/// Fails the step unless every base image of the Dockerfile is named and
-/// present (the classic builder would pull a missing one).
+/// Fails the step unless every base image of the Dockerfile is named,
+/// allowed and present (pulled if the policy says so).
 async fn check_base_images(
     ex: &DockerExecutor,
+    task: &TaskContext,
     ctx: &StepContext<'_>,
     dockerfile: &str,
     text: &str,
@@ -187,18 +190,20 @@ async fn check_base_images(
             Stop::Failed(format!(
                 "{dockerfile}:{line}: `FROM {image}` uses ${name}, which no `args:` of the step \
                  and no `ARG {name}=...` before the first FROM sets; base images must be known \
-                 so the runner can check they are present (nothing is pulled)"
+                 so the runner can check and get them first"
             ))
         })?;
         if image == "scratch" {
             continue;
         }
-        if !ex.image_present(&image).await? {
-            let message = format!(
-                "{dockerfile}:{line}: base image `{image}` is not present on this runner's Docker Engine (nothing is pulled: build or load it first)"
-            );
-            log(ctx, &format!("error: {message}\n")).await?;
-            return Err(Stop::Failed(message));
+        match ex.ensure_image(task, &StepProgress(ctx), &image).await {
+            Ok(_) => {}
+            Err(Stop::Failed(why)) => {
+                let message = format!("{dockerfile}:{line}: base image: {why}");
+                log(ctx, &format!("error: {message}\n")).await?;
+                return Err(Stop::Failed(message));
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(())

@@ -14,7 +14,8 @@ use bollard::query_parameters::{
 };
 use futures::{Stream, StreamExt as _};
 
-use super::{DockerExecutor, WORKSPACE, api_error, status, step_container_name};
+use super::pull::StepProgress;
+use super::{DockerExecutor, Stop, WORKSPACE, api_error, status, step_container_name};
 use crate::executor::{ExecutorError, step_env};
 use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline};
 
@@ -75,12 +76,12 @@ impl DockerExecutor {
         script: &str,
     ) -> Result<StepEnd, ExecutorError> {
         let index = ctx.index;
-        if !self.image_present(image).await? {
-            return Ok(StepEnd::Failed {
-                message: format!(
-                    "image `{image}` is not present on this runner's Docker Engine (nothing is pulled: build or load it first)"
-                ),
-            });
+        match self.ensure_image(task, &StepProgress(ctx), image).await {
+            Ok(resolved) => {
+                task.set_output(&format!("steps.{}.image", index + 1), &resolved.digest)
+            }
+            Err(Stop::Failed(message)) => return Ok(StepEnd::Failed { message }),
+            Err(Stop::Error(e)) => return Err(e),
         }
         let name = step_container_name(task, index);
         let body = match self.limits(task) {
@@ -93,6 +94,9 @@ impl DockerExecutor {
             .create_container(Some(options), body)
             .await
             .map_err(|e| api_error(index, "creating the step container", e))?;
+        self.join_services_network(task, &name)
+            .await
+            .map_err(|e| api_error(index, "connecting the step to the services' network", e))?;
         let output = self.attach_and_start(&name, index).await?;
         crate::metrics::get()
             .container_start_seconds

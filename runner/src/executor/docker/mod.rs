@@ -25,7 +25,9 @@
 //! attempt (`capstan.runner`, ...). [`DockerExecutor::reap`] removes whatever
 //! a previous process of the same runner (name and work dir) left behind.
 //!
-//! Nothing is ever pulled: a missing image is a step failure naming it.
+//! Images are pulled as the task's pull policy says, and only those the
+//! runner's `--docker-allowed-images` match are used at all (`pull`). A
+//! task's services run beside its steps on the task's network (`services`).
 //!
 //! Layout: this file holds the options, the executor and its
 //! [`Executor`] implementation (which dispatches the step kinds), object
@@ -34,20 +36,25 @@
 //! `push` the docker-only step kinds of those names; `registry` what the
 //! registry already holds (their `skip-if-exists`) and the registry login;
 //! `reap` the removal of what the executor made (per step, per attempt,
-//! and at start). The child
+//! and at start); `pull` the allowed images, the pull policy and the pull;
+//! `services` the task's service containers. The child
 //! modules import only from this file, the executor trait and the step
 //! vocabulary ([`crate::step`]), and `registry` the image-reference parser;
-//! none imports another (they share the executor's methods instead).
+//! none imports another but for `pull`'s progress writers, which
+//! `container`, `build` and `services` use (they share the executor's
+//! methods instead).
 
 mod build;
 mod container;
+mod pull;
 mod push;
 mod reap;
 mod registry;
+mod services;
 mod workspace;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bollard::Docker;
@@ -55,10 +62,12 @@ use bollard::errors::Error as BollardError;
 use bollard::models::NetworkCreateRequest;
 use capstan_proto::pipeline::v1::step;
 
+pub use pull::{AllowedImages, PullPolicy};
 pub(crate) use reap::runner_key;
 
 // `log`: a `build` or `push` step's own progress lines, for the children.
 use super::{Executor, ExecutorError, step_log as log};
+use crate::logs::sink::OutputSink;
 use crate::secrets::Secrets;
 use crate::step::{StepContext, StepEnd, TaskContext, step_kind_name};
 
@@ -121,6 +130,12 @@ pub struct DockerSettings {
     pub helper_image: String,
     /// Extra labels on every object (tests put their id here).
     pub labels: BTreeMap<String, String>,
+    /// When images are pulled for a task whose `pull:` does not say.
+    pub pull: PullPolicy,
+    /// The only images steps, services and builds may use (none: any).
+    pub allowed_images: AllowedImages,
+    /// Registry host -> the runner secret to pull from it with.
+    pub pull_credentials: BTreeMap<String, String>,
 }
 
 impl Default for DockerSettings {
@@ -133,6 +148,9 @@ impl Default for DockerSettings {
             allow_cap: Vec::new(),
             helper_image: DEFAULT_HELPER_IMAGE.to_owned(),
             labels: BTreeMap::new(),
+            pull: PullPolicy::default(),
+            allowed_images: AllowedImages::default(),
+            pull_credentials: BTreeMap::new(),
         }
     }
 }
@@ -189,6 +207,8 @@ pub struct DockerExecutor {
     docker: Docker,
     options: DockerOptions,
     secrets: Arc<Secrets>,
+    /// Per service container: how its image was got, for its log section.
+    service_notes: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl DockerExecutor {
@@ -215,6 +235,7 @@ impl DockerExecutor {
             docker,
             options,
             secrets,
+            service_notes: Mutex::default(),
         })
     }
 
@@ -239,14 +260,14 @@ impl DockerExecutor {
     }
 
     fn network_mode(&self, task: &TaskContext) -> String {
-        match &self.options.settings.network {
-            NetworkSetting::None => "none".into(),
-            NetworkSetting::Internal => object_name(task),
-            NetworkSetting::Named(name) => name.clone(),
+        match (&self.options.settings.network, self.task_network(task)) {
+            (NetworkSetting::Named(name), _) => name.clone(),
+            (_, Some(network)) => network,
+            (_, None) => "none".into(),
         }
     }
 
-    /// Whether `image` is present on the engine (never pulled).
+    /// Whether `image` is present on the engine (nothing is pulled).
     async fn image_present(&self, image: &str) -> Result<bool, ExecutorError> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(true),
@@ -265,9 +286,9 @@ impl Executor for DockerExecutor {
     async fn setup_task(&self, task: &TaskContext) -> Result<(), ExecutorError> {
         let labels = self.labels(task);
         self.create_workspace(task, labels.clone()).await?;
-        if self.options.settings.network == NetworkSetting::Internal {
+        if let Some(name) = self.task_network(task) {
             let network = NetworkCreateRequest {
-                name: object_name(task),
+                name,
                 internal: Some(true),
                 labels: Some(labels),
                 ..NetworkCreateRequest::default()
@@ -278,7 +299,8 @@ impl Executor for DockerExecutor {
                 Err(e) => return Err(setup_error("creating the task network", e)),
             }
         }
-        self.upload_workspace(task).await
+        self.upload_workspace(task).await?;
+        self.start_services(task).await
     }
 
     async fn run_step(
@@ -319,7 +341,21 @@ impl Executor for DockerExecutor {
             .map_err(|e| api_error(index, "removing the step container", e))
     }
 
+    async fn write_service_logs(
+        &self,
+        task: &TaskContext,
+        out: &dyn OutputSink,
+    ) -> Result<(), ExecutorError> {
+        self.write_service_sections(task, out)
+            .await
+            .map_err(|source| ExecutorError::Output {
+                index: u32::try_from(task.task.steps.len()).unwrap_or(u32::MAX),
+                source,
+            })
+    }
+
     async fn destroy_task(&self, task: &TaskContext) -> Result<(), ExecutorError> {
+        self.forget_service_notes(task);
         let filter = format!("{LABEL_ATTEMPT}={}", task.attempt_id);
         reap::remove_labelled(&self.docker, &filter)
             .await

@@ -240,8 +240,8 @@ impl Parser<'_> {
         };
         let image = self.required(&f, "image", what, path);
         let allow_no_match = self.flag(&f, "allow-no-match", what, false);
-        let pin = self.choice(&f, "pin", what, ["tag", "digest"])? == Some("digest");
-        let monotonic = self.choice(&f, "order", what, ["any", "monotonic"])? == Some("monotonic");
+        let pin = self.choice(&f, "pin", what, &["tag", "digest"])? == Some("digest");
+        let monotonic = self.choice(&f, "order", what, &["any", "monotonic"])? == Some("monotonic");
         let digest = self.opt_subst(
             &f,
             "digest",
@@ -281,7 +281,7 @@ impl Parser<'_> {
             &format!("`branch` of {what}"),
             format!("{path}.branch"),
         );
-        let mode = self.choice(&f, "mode", what, ["direct", "pull-request"]);
+        let mode = self.choice(&f, "mode", what, &["direct", "pull-request"]);
         Some(StepKind::GitPush {
             message: message?,
             credentials,
@@ -291,12 +291,12 @@ impl Parser<'_> {
     }
     /// A field that is one of `values` (None when absent or null); the
     /// outer None after an error.
-    fn choice(
+    pub(super) fn choice(
         &mut self,
         f: &Fields,
         key: &str,
         what: &str,
-        values: [&'static str; 2],
+        values: &[&'static str],
     ) -> Option<Option<&'static str>> {
         let Some(v) = f.get(key).filter(|n| !n.is_null()) else {
             return Some(None);
@@ -310,12 +310,15 @@ impl Parser<'_> {
             Value::Str(s) => format!("`{s}`"),
             _ => v.kind().to_owned(),
         };
+        let quoted: Vec<String> = values.iter().map(|x| format!("`{x}`")).collect();
+        let one_of = match quoted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
         self.err(
             v.pos,
-            format!(
-                "`{key}` of {what} must be `{}` or `{}`, found {found}",
-                values[0], values[1]
-            ),
+            format!("`{key}` of {what} must be {one_of}, found {found}"),
         );
         None
     }
@@ -345,7 +348,13 @@ impl Parser<'_> {
         }
     }
 
-    fn required(&mut self, f: &Fields, key: &str, what: &str, path: &str) -> Option<String> {
+    pub(super) fn required(
+        &mut self,
+        f: &Fields,
+        key: &str,
+        what: &str,
+        path: &str,
+    ) -> Option<String> {
         match f.get(key) {
             None => {
                 self.missing(f.pos, key, what);

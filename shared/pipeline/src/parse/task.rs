@@ -1,14 +1,15 @@
-//! A task: its fields, resources, capabilities, `runs-on` and `needs`.
+//! A task: its fields, resources, capabilities, `runs-on`, `needs`,
+//! `services` and how its images are pulled.
 
 use std::collections::{BTreeMap, HashMap};
 
 use capstan_proto::units::parse_memory;
 
-use super::{MAX_RETRIES, Parser};
+use super::{Fields, MAX_RETRIES, Parser};
 use crate::cond::Ref;
 use crate::expr::OPEN;
-use crate::model::{Approval, TaskDef};
-use crate::names::{MAX_NAME_LEN, is_label_key, is_label_value};
+use crate::model::{Approval, ServiceDef, TaskDef};
+use crate::names::{MAX_NAME_LEN, is_dns_label, is_label_key, is_label_value, is_secret_name};
 use crate::yaml::{Node, Pos, Value};
 
 const TASK_KEYS: &[&str] = &[
@@ -25,7 +26,16 @@ const TASK_KEYS: &[&str] = &[
     "approval",
     "if",
     "finally",
+    "services",
+    "pull",
+    "pull-credentials",
 ];
+
+const SERVICE_KEYS: &[&str] = &["image", "command", "env", "ready", "ready-timeout"];
+/// Most services of one task.
+const MAX_SERVICES: usize = 16;
+/// The values of `pull`.
+const PULL: &[&str] = &["always", "if-not-present", "never"];
 
 const APPROVAL_KEYS: &[&str] = &["prompt", "by", "timeout"];
 /// The scopes an `approval.by` may name.
@@ -71,14 +81,7 @@ impl Parser<'_> {
             task.timeout = self.timeout(v, &format!("`timeout` of {what}"));
         }
         if let Some(v) = f.get("retries") {
-            match &v.value {
-                Value::Null => {}
-                Value::Int(n) if (0..=i128::from(MAX_RETRIES)).contains(n) => {
-                    task.retries = u32::try_from(*n).unwrap_or_default();
-                }
-                Value::Int(n) => self.err(v.pos, format!("`retries` of {what} must be between 0 and {MAX_RETRIES}, found {n}")),
-                _ => self.err(v.pos, format!("`retries` of {what} must be a whole number between 0 and {MAX_RETRIES}, found {}", v.kind())),
-            }
+            task.retries = self.retries(v, &what);
         }
         if let Some(v) = f.get("capabilities") {
             task.capabilities = self.capabilities(v, &what);
@@ -86,6 +89,7 @@ impl Parser<'_> {
         if let Some(v) = f.get("resources") {
             (task.cpus, task.memory_bytes) = self.resources(v, &what);
         }
+        self.images(&f, &what, &base, &mut task);
         match f.get("steps") {
             None => self.missing(key_pos, "steps", &what),
             Some(v) => task.steps = self.steps(v, &what, &base),
@@ -109,6 +113,35 @@ impl Parser<'_> {
         }
         (task, needs)
     }
+    /// `retries:` (0 when it is not a whole number in range, which is
+    /// reported).
+    fn retries(&mut self, v: &Node, what: &str) -> u32 {
+        match &v.value {
+            Value::Null => {}
+            Value::Int(n) if (0..=i128::from(MAX_RETRIES)).contains(n) => {
+                return u32::try_from(*n).unwrap_or_default();
+            }
+            Value::Int(n) => self.err(v.pos, format!("`retries` of {what} must be between 0 and {MAX_RETRIES}, found {n}")),
+            _ => self.err(v.pos, format!("`retries` of {what} must be a whole number between 0 and {MAX_RETRIES}, found {}", v.kind())),
+        }
+        0
+    }
+
+    /// The task's containers beyond its steps and how their images are
+    /// got: `services`, `pull`, `pull-credentials`.
+    fn images(&mut self, f: &Fields, what: &str, base: &str, task: &mut TaskDef) {
+        if let Some(v) = f.get("services") {
+            task.services = self.services(v, what, base);
+        }
+        task.pull = self
+            .choice(f, "pull", what, PULL)
+            .flatten()
+            .map(str::to_owned);
+        if let Some(v) = f.get("pull-credentials").filter(|v| !v.is_null()) {
+            task.pull_credentials = self.secret_name(v, &format!("`pull-credentials` of {what}"));
+        }
+    }
+
     /// `if:` checked: it parses, and names declared params, keys of the
     /// task's matrix and tasks it needs.
     fn condition(&mut self, node: &Node, what: &str, task: &TaskDef) -> Option<String> {
@@ -188,6 +221,143 @@ impl Parser<'_> {
             by,
             timeout,
         })
+    }
+
+    /// `services: { NAME: { image, command, env, ready, ready-timeout } }`,
+    /// in file order.
+    fn services(&mut self, node: &Node, what: &str, base: &str) -> Vec<ServiceDef> {
+        let sw = format!("`services` of {what}");
+        if node.is_null() {
+            return Vec::new();
+        }
+        if !matches!(node.value, Value::Map(_)) {
+            self.err(
+                node.pos,
+                format!(
+                    "{sw} must be a mapping of service names to services such as `db: {{image: postgres:16}}`, found {}",
+                    node.kind()
+                ),
+            );
+            return Vec::new();
+        }
+        let Some(fields) = self.entries(node, &sw) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, (name, k, v)) in fields.entries.into_iter().enumerate() {
+            if i == MAX_SERVICES {
+                let n = i + 1;
+                self.err(k.pos, format!("service `{name}` is number {n} in {sw}; at most {MAX_SERVICES} services per task: drop some or split the task"));
+            }
+            if !is_dns_label(&name) {
+                self.err(k.pos, format!("bad service name `{name}` in {sw}: it is the service's host name, a DNS label of 1 to {MAX_NAME_LEN} lower-case letters, digits and `-`, starting and ending with a letter or digit"));
+            }
+            let sw = format!("service `{name}` of {what}");
+            if let Some(s) = self.service(&name, k.pos, v, &sw, &format!("{base}.services.{name}"))
+            {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// One service; `path` is its field path (`tasks.T.services.NAME`).
+    fn service(
+        &mut self,
+        name: &str,
+        key_pos: Pos,
+        node: &Node,
+        what: &str,
+        path: &str,
+    ) -> Option<ServiceDef> {
+        if !matches!(node.value, Value::Map(_)) {
+            let pos = if node.is_null() { key_pos } else { node.pos };
+            self.err(
+                pos,
+                format!(
+                    "{what} must be a mapping with at least `image`, such as `{{image: postgres:16}}`, found {}",
+                    node.kind()
+                ),
+            );
+            return None;
+        }
+        let f = self.fields(node, what, SERVICE_KEYS)?;
+        let image = self.required(&f, "image", what, path);
+        let command = match f.get("command") {
+            Some(v) => self.command(
+                v,
+                &format!("`command` of {what}"),
+                &format!("{path}.command"),
+            ),
+            None => Some(Vec::new()),
+        };
+        let env = match f.get("env") {
+            Some(v) => self.string_map(v, &format!("`env` of {what}"), &format!("{path}.env")),
+            None => BTreeMap::new(),
+        };
+        let ready = self.opt_subst(
+            &f,
+            "ready",
+            &format!("`ready` of {what}"),
+            format!("{path}.ready"),
+        );
+        let ready_timeout = f
+            .get("ready-timeout")
+            .and_then(|v| self.timeout(v, &format!("`ready-timeout` of {what}")));
+        Some(ServiceDef {
+            name: name.to_owned(),
+            image: image?,
+            command: command?,
+            env,
+            ready,
+            ready_timeout,
+        })
+    }
+
+    /// A service's `command`: a list of arguments, each substitutable.
+    fn command(&mut self, node: &Node, what: &str, path: &str) -> Option<Vec<String>> {
+        let items = match &node.value {
+            Value::Null => return Some(Vec::new()),
+            Value::Seq(items) => items,
+            _ => {
+                self.err(
+                    node.pos,
+                    format!(
+                        "{what} must be a list of arguments such as [\"postgres\", \"-c\", \"fsync=off\"], found {}",
+                        node.kind()
+                    ),
+                );
+                return None;
+            }
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (j, item) in items.iter().enumerate() {
+            let Some(arg) = self.text(item, &format!("an entry of {what}")) else {
+                ok = false;
+                continue;
+            };
+            self.check_subst(item.pos, &arg, format!("{path}[{j}]"));
+            out.push(arg);
+        }
+        ok.then_some(out)
+    }
+
+    /// The name of a runner-side secret, as written (no substitutions).
+    fn secret_name(&mut self, node: &Node, what: &str) -> Option<String> {
+        let name = self.text(node, what)?;
+        if name.contains(OPEN) {
+            self.err(
+                node.pos,
+                format!("substitutions are not allowed in {what}: name a runner-side secret"),
+            );
+            return None;
+        }
+        if !is_secret_name(&name) {
+            self.err(node.pos, format!("bad secret name `{name}` in {what}: name a runner-side secret with letters, digits, `_`, `.` and `-`"));
+            return None;
+        }
+        Some(name)
     }
 
     /// `capabilities: [NET_ADMIN, chown]`: names normalised to upper case

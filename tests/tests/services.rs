@@ -1,0 +1,202 @@
+//! Service containers (`services:`) end to end on the docker executor: the
+//! real binaries and the real Docker Engine of `scripts/testbed up`. A
+//! service is reachable by its name from a step, sits only on the task's
+//! internal network, logs into its own section of the task's log, and is
+//! gone with the task; a service that never gets ready, or dies first,
+//! fails its task as an infrastructure error naming it.
+
+use capstan_proto::pipeline::v1::{RunState, TaskState};
+use capstan_tests::testbed::{Cleanup, testbed};
+use capstan_tests::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_is_reachable_by_name_logs_apart_and_is_gone_afterwards() -> anyhow::Result<()> {
+    let tb = testbed();
+    let cleanup = Cleanup::new("services");
+    let label = cleanup.label();
+    let c = TestCluster::builder()
+        .executor("docker")
+        .runner_args(&["--docker-labels", &label])
+        .start()
+        .await?;
+    let yaml = format!(
+        r#"
+version: 1
+name: services
+tasks:
+  it:
+    image: {image}
+    services:
+      web:
+        image: {image}
+        command: ["sh", "-c", "mkdir -p /www && echo hello-from-web > /www/index.html && echo web-starting && exec httpd -f -vv -p 8080 -h /www"]
+        env: {{ GREETING: hi }}
+        ready: "wget -q -O /dev/null http://127.0.0.1:8080/"
+        ready-timeout: 20s
+    steps:
+      - run: |
+          timeout 5 wget -q -O - http://web:8080/
+          touch /workspace/.fetched
+          sleep 3
+"#,
+        image = tb.image
+    );
+    let id = c.submit(&yaml).await?;
+    // While the step sleeps: the service sits on one network, the task's,
+    // which has no route out.
+    let service_filter = format!("label={label}");
+    let mut service = String::new();
+    for _ in 0..300 {
+        service = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &service_filter,
+            "--filter",
+            "label=capstan.service=web",
+        ]);
+        if !service.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !service.is_empty(),
+        "no service container ran\n{}",
+        c.all_logs()
+    );
+    let networks = docker(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+        &service,
+    ]);
+    let networks: Vec<&str> = networks.split_whitespace().collect();
+    assert_eq!(networks.len(), 1, "{networks:?}");
+    assert!(networks[0].starts_with("capstan-"), "{networks:?}");
+    assert_eq!(
+        docker(&["network", "inspect", "-f", "{{.Internal}}", networks[0]]),
+        "true"
+    );
+    let env = docker(&["inspect", "-f", "{{json .Config.Env}}", &service]);
+    assert!(env.contains("GREETING=hi"), "{env}");
+
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    let log = String::from_utf8(c.task_log(&id, "it").await?)?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+    assert!(
+        log.contains("hello-from-web"),
+        "the step reached web by name:\n{log}"
+    );
+    let section = log
+        .find("--- service web (")
+        .unwrap_or_else(|| panic!("no service section in\n{log}"));
+    assert!(
+        log[section..].contains("web-starting"),
+        "the service's own output is in its section:\n{log}"
+    );
+    assert!(
+        !log[..section].contains("web-starting"),
+        "the service's output stays out of the step's:\n{log}"
+    );
+    assert!(
+        log[section..].contains(&format!("image {} is ", tb.image)),
+        "how its image was got:\n{log}"
+    );
+    cleanup
+        .wait(
+            "service, network and volume removed",
+            Duration::from_secs(10),
+            |c| c.leftovers().is_empty(),
+        )
+        .await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_that_never_gets_ready_or_dies_fails_its_task_as_infrastructure()
+-> anyhow::Result<()> {
+    let tb = testbed();
+    let cleanup = Cleanup::new("services-bad");
+    let label = cleanup.label();
+    let c = TestCluster::builder()
+        .executor("docker")
+        .coordinator_args(&["--max-infra-retries", "0"])
+        .capacity(2)
+        .runner_args(&["--docker-labels", &label])
+        .start()
+        .await?;
+    let yaml = format!(
+        r#"
+version: 1
+name: services-bad
+tasks:
+  slow:
+    image: {image}
+    services:
+      db:
+        image: {image}
+        command: ["sh", "-c", "echo db-booting; exec sleep 60"]
+        ready: "echo not-yet; false"
+        ready-timeout: 2s
+    steps: [ {{ run: "echo step-ran" }} ]
+  dies:
+    image: {image}
+    services:
+      cache:
+        image: {image}
+        command: ["sh", "-c", "echo cache-crashing; exit 3"]
+        ready: "true"
+    steps: [ {{ run: "echo step-ran" }} ]
+"#,
+        image = tb.image
+    );
+    let id = c.submit(&yaml).await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    assert_eq!(run_state(&run), RunState::Failed, "{run:#?}");
+    let slow = task(&run, "slow");
+    assert_eq!(task_state(&run, "slow"), TaskState::Failed, "{run:#?}");
+    assert!(
+        slow.message
+            .contains("service `db` was not ready within 2s")
+            && slow.message.contains("last exited 1: not-yet")
+            && slow.message.contains("infrastructure"),
+        "{}",
+        slow.message
+    );
+    let dies = task(&run, "dies");
+    assert!(
+        dies.message
+            .contains("service `cache` exited with code 3 before it was ready: cache-crashing"),
+        "{}",
+        dies.message
+    );
+    for name in ["slow", "dies"] {
+        let log = String::from_utf8(c.task_log(&id, name).await?)?;
+        assert!(
+            !log.contains("step-ran"),
+            "no step runs without its services:\n{log}"
+        );
+    }
+    let log = String::from_utf8(c.task_log(&id, "slow").await?)?;
+    assert!(
+        log.contains("--- service db (") && log.contains("db-booting"),
+        "a failed setup still logs its services:\n{log}"
+    );
+    cleanup
+        .wait("nothing left", Duration::from_secs(10), |c| {
+            c.leftovers().is_empty()
+        })
+        .await;
+    Ok(())
+}
