@@ -270,6 +270,7 @@ fn prepare(spec: &AttemptSpec) -> Prepared {
         outputs: Arc::default(),
         pushed: spec.offer.pushed_digests.clone().into_iter().collect(),
         attempt_id: AttemptId::from_string(attempt_id.clone()),
+        cancel: spec.cancel.clone(),
     };
     let pull_requests = crate::gitops::pull_request::Coordinator {
         target: spec.log_target.clone(),
@@ -383,6 +384,10 @@ async fn run_task(
     let outcome = std::panic::AssertUnwindSafe(async {
         match executor.setup_task(task).await {
             Ok(()) => steps::run_steps(spec, task, gitops, spool, task_deadline).await,
+            // A setup that gave up on a cancel (a service's probes).
+            Err(_) if spec.cancel.is_cancelled() => {
+                Outcome::new(AttemptOutcome::Cancelled, None, "cancelled")
+            }
             Err(e) => Outcome::new(AttemptOutcome::Error, None, chain(&e)),
         }
     })

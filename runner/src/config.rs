@@ -606,6 +606,77 @@ mod tests {
     }
 
     #[test]
+    fn pull_settings_from_file_and_flags() {
+        use crate::executor::docker::PullPolicy;
+        let file = capstan_config::parse::<Args>(
+            r#"
+            docker_pull = "never"
+            docker_allowed_images = ["127.0.0.1:5000/ci/**"]
+            docker_pull_credentials = { "127.0.0.1:5000" = "registry" }
+            "#,
+            "test",
+        )
+        .unwrap();
+        let config = merge(required_args(), file).unwrap();
+        assert_eq!(config.docker.pull, PullPolicy::Never);
+        assert!(
+            config
+                .docker
+                .allowed_images
+                .allows("127.0.0.1:5000/ci/a/b:1")
+        );
+        assert!(!config.docker.allowed_images.allows("busybox:1"));
+        assert_eq!(
+            config
+                .docker
+                .pull_credentials
+                .get("127.0.0.1:5000")
+                .map(String::as_str),
+            Some("registry")
+        );
+        let defaults = merge(required_args(), Args::default()).unwrap();
+        assert_eq!(defaults.docker.pull, PullPolicy::IfNotPresent);
+        assert!(defaults.docker.allowed_images.allows("anything:1"));
+
+        let args = Args::try_parse_from([
+            "capstan-runner",
+            "--docker-pull-credentials",
+            "a:5000=one, b.example=two",
+            "--docker-allowed-images",
+            "a:5000/**,b.example/x/*",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.docker_pull_credentials
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [
+                ("a:5000".into(), "one".into()),
+                ("b.example".into(), "two".into())
+            ]
+        );
+        assert_eq!(args.docker_allowed_images.unwrap().len(), 2);
+        let e = parse_registry_map("a:5000").unwrap_err();
+        assert!(e.contains("`a:5000` is not REGISTRY=SECRET"), "{e}");
+
+        let mut args = required_args();
+        args.docker_pull = Some("sometimes".into());
+        let e = merge(args, Args::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("--docker-pull") && e.contains("always, if-not-present or never"),
+            "{e}"
+        );
+        let mut args = required_args();
+        args.docker_allowed_images = Some(vec!["bad[".into()]);
+        let e = merge(args, Args::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("--docker-allowed-images: `bad[` is not a glob"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn step_log_cap() {
         let config = merge(required_args(), Args::default()).unwrap();
         assert_eq!(config.step_log_cap.cap, 256 << 20);

@@ -31,6 +31,9 @@ pub struct TaskContext {
     pub outputs: Arc<Mutex<BTreeMap<String, String>>>,
     /// What the run's finished tasks pushed: image reference -> digest.
     pub pushed: BTreeMap<String, String>,
+    /// The attempt's cancel: what a long setup (a service's `ready`
+    /// probes) gives up on. Each step has its own in [`StepContext`].
+    pub cancel: CancellationToken,
 }
 
 impl TaskContext {
@@ -111,6 +114,7 @@ pub(crate) mod testing {
             rev: String::new(),
             outputs: Arc::default(),
             pushed: BTreeMap::new(),
+            cancel: CancellationToken::new(),
         }
     }
 

@@ -138,6 +138,7 @@ impl Fixture {
             rev: format!("0123abcd-{}", self.cleanup.id),
             outputs: Arc::default(),
             pushed: Default::default(),
+            cancel: CancellationToken::new(),
         }
     }
 

@@ -198,5 +198,41 @@ tasks:
             c.leftovers().is_empty()
         })
         .await;
+
+    // A cancel while a service is probed ends the wait at once: cancelled,
+    // not an infrastructure failure, and nothing left.
+    let waiting = yaml
+        .replace("ready-timeout: 2s", "ready-timeout: 120s")
+        .split("  dies:")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        waiting.contains("  slow:") && !waiting.contains("cache"),
+        "{waiting}"
+    );
+    let id = c.submit(&waiting).await?;
+    cleanup
+        .wait("service probed", Duration::from_secs(30), |c| {
+            !c.running().is_empty()
+        })
+        .await;
+    let out = c.cli(&["cancel", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let cancelled = std::time::Instant::now();
+    let run = c.wait_done(&id, Duration::from_secs(15)).await?;
+    eprintln!("cancel -> run done: {:?}", cancelled.elapsed());
+    assert_eq!(task_state(&run, "slow"), TaskState::Cancelled, "{run:#?}");
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(10),
+        "the probe wait ended on the cancel"
+    );
+    cleanup
+        .wait(
+            "nothing left after the cancel",
+            Duration::from_secs(10),
+            |c| c.leftovers().is_empty(),
+        )
+        .await;
     Ok(())
 }

@@ -464,6 +464,23 @@ mod tests {
         run_with(&ShellExecutor::new(), workspace, step, cancel, deadline).await
     }
 
+    #[tokio::test]
+    async fn a_task_with_services_is_refused_naming_the_docker_executor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = task(dir.path().to_owned(), vec![run_step("true")]);
+        t.task.services.push(capstan_proto::pipeline::v1::Service {
+            name: "db".into(),
+            image: "postgres:16".into(),
+            ..Default::default()
+        });
+        let e = ShellExecutor::new().setup_task(&t).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("services (`db`)") && text.contains("docker executor"),
+            "{text}"
+        );
+    }
+
     /// Runs `step` with `executor` in `workspace`: its end and its output.
     pub(super) async fn run_with(
         executor: &ShellExecutor,

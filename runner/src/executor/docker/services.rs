@@ -186,7 +186,10 @@ impl DockerExecutor {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let probe = tokio::time::timeout(left, self.probe(&name, &service.ready)).await;
+            let probe = tokio::select! {
+                p = tokio::time::timeout(left, self.probe(&name, &service.ready)) => p,
+                () = task.cancel.cancelled() => return Err(failed("was being probed when the attempt was cancelled".into())),
+            };
             match probe {
                 Ok(Ok((0, _))) => return Ok(()),
                 Ok(Ok((code, output))) => last = format!("last exited {code}{}", quoted(&output)),
@@ -203,7 +206,10 @@ impl DockerExecutor {
                     service.ready
                 )));
             }
-            tokio::time::sleep(PROBE_INTERVAL).await;
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_INTERVAL) => {}
+                () = task.cancel.cancelled() => return Err(failed("was being probed when the attempt was cancelled".into())),
+            }
         }
     }
 
