@@ -103,6 +103,8 @@ pub struct Args {
     pub git_author: Option<String>,
     /// Network of step containers: `none`, `internal` (a per-task network
     /// with no route out) or the name of an existing network [default: none].
+    /// A task with `services:` always gets an internal network of its own,
+    /// which its steps join.
     #[arg(
         long,
         env = "CAPSTAN_DOCKER_NETWORK",
@@ -147,6 +149,7 @@ pub struct Args {
     /// e.g. `registry.internal:5000/ci/**` [default: any image].
     #[arg(
         long,
+        alias = "allowed-images",
         env = "CAPSTAN_DOCKER_ALLOWED_IMAGES",
         value_name = "GLOB[,GLOB]",
         value_delimiter = ','

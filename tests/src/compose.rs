@@ -99,6 +99,8 @@ impl ComposeCluster {
     fn script(&self, name: &str) -> Command {
         let mut cmd = Command::new(scripts_dir().join(name));
         cmd.env("CAPSTAN_COMPOSE_PROJECT", &self.project)
+            // Only local images: nothing a test runs may pull from outside.
+            .env("CAPSTAN_DOCKER_PULL", "never")
             .env("CAPSTAN_COMPOSE_STATE", self.state_dir())
             .env("CAPSTAN_TAG", crate::fleet::image_tag())
             .env("CAPSTAN_CLI", bin("capstan"))
@@ -186,6 +188,8 @@ impl ComposeCluster {
         let token = std::fs::read_to_string(self.state_dir().join("registration.token"))
             .unwrap_or_default();
         Ok(Command::new("docker-compose")
+            // Only local images: nothing a test runs may pull from outside.
+            .env("CAPSTAN_DOCKER_PULL", "never")
             .env("COMPOSE_PROJECT_NAME", &self.project)
             .env("COMPOSE_FILE", scripts_dir().join("docker-compose.yaml"))
             .env("CAPSTAN_COMPOSE_STATE", self.state_dir())

@@ -326,7 +326,7 @@ async fn runner_in_a_container_with_the_socket_mounted() -> anyhow::Result<()> {
             "--work-dir",
             "/work",
         ])
-        .args(["--docker-labels", &label])
+        .args(["--docker-labels", &label, "--docker-pull", "never"])
         .output()?;
     assert!(out.status.success(), "{out:?}");
     let container = String::from_utf8_lossy(&out.stdout).trim().to_owned();

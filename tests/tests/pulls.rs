@@ -88,10 +88,16 @@ async fn pulls_with_good_bad_and_missing_credentials_and_refuses_what_is_not_all
         };
         format!("version: 1\nname: pulls\ntasks:\n  t:\n{task}{steps}")
     };
+    // Every log and message of every run, to check no password is in any.
+    let said = std::sync::Mutex::new(String::new());
     let run_one = async |task: String| -> anyhow::Result<(api::Run, String)> {
         let id = c.submit(&yaml(&task)).await?;
         let run = c.wait_done(&id, Duration::from_secs(60)).await?;
         let log = String::from_utf8(c.task_log(&id, "t").await?)?;
+        if let Ok(mut said) = said.lock() {
+            said.push_str(&log);
+            said.push_str(&format!("{run:?}"));
+        }
         Ok((run, log))
     };
 
@@ -118,6 +124,13 @@ async fn pulls_with_good_bad_and_missing_credentials_and_refuses_what_is_not_all
     assert!(
         digest.starts_with(&format!("{repo}@sha256:")),
         "{digest}\n{log}"
+    );
+    let engine = Command::new("docker")
+        .args(["image", "inspect", "-f", "{{json .RepoDigests}}", &pulled])
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&engine.stdout).contains(&digest),
+        "the engine's record of the pulled image has {digest}: {engine:?}"
     );
     assert!(
         log.contains(&format!("image {pulled} is {digest}")),
@@ -195,6 +208,27 @@ async fn pulls_with_good_bad_and_missing_credentials_and_refuses_what_is_not_all
         "{message}"
     );
     assert!(!log.contains("pulling"), "{log}");
+
+    // The allowed list holds for a build's base image too.
+    let (run, log) = run_one(format!(
+        "    image: {image}\n    steps:\n      - run: printf 'FROM {refused}\\n' > Dockerfile\n      - build: {{ context: ., dockerfile: Dockerfile, tag: \"capstan-e2e/never-built:1\" }}\n",
+        image = tb.image
+    ))
+    .await?;
+    assert_eq!(task_state(&run, "t"), TaskState::Failed, "{run:#?}\n{log}");
+    let message = &task(&run, "t").message;
+    assert!(
+        message.contains("Dockerfile:1: base image: image `") && message.contains("is not allowed"),
+        "{message}"
+    );
+    assert!(!log.contains("pulling"), "{log}");
+
+    let said = said.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(!said.is_empty());
+    assert!(
+        !said.contains(&tb.password) && !said.contains("not-it"),
+        "a registry password reached a log or a message"
+    );
     remove_image(&pulled);
     cleanup
         .wait("nothing left", Duration::from_secs(10), |c| {
@@ -235,6 +269,10 @@ async fn a_pull_without_the_registrys_login_says_how_to_give_one() -> anyhow::Re
         "{message}"
     );
     remove_image(&pulled);
-    drop(cleanup);
+    cleanup
+        .wait("nothing left", Duration::from_secs(10), |c| {
+            c.leftovers().is_empty()
+        })
+        .await;
     Ok(())
 }

@@ -83,7 +83,19 @@ tasks:
     ]);
     let networks: Vec<&str> = networks.split_whitespace().collect();
     assert_eq!(networks.len(), 1, "{networks:?}");
-    assert!(networks[0].starts_with("capstan-"), "{networks:?}");
+    let attempt = c
+        .get_run(&id)
+        .await?
+        .tasks
+        .into_iter()
+        .find(|t| t.name == "it")
+        .map(|t| t.attempt_id)
+        .unwrap_or_default();
+    assert_eq!(
+        networks[0],
+        format!("capstan-{attempt}"),
+        "the task's own network"
+    );
     assert_eq!(
         docker(&["network", "inspect", "-f", "{{.Internal}}", networks[0]]),
         "true"
@@ -94,13 +106,13 @@ tasks:
     let run = c.wait_done(&id, Duration::from_secs(60)).await?;
     let log = String::from_utf8(c.task_log(&id, "it").await?)?;
     assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
-    assert!(
-        log.contains("hello-from-web"),
-        "the step reached web by name:\n{log}"
-    );
     let section = log
         .find("--- service web (")
         .unwrap_or_else(|| panic!("no service section in\n{log}"));
+    assert!(
+        log[..section].contains("hello-from-web"),
+        "the step reached web by name:\n{log}"
+    );
     assert!(
         log[section..].contains("web-starting"),
         "the service's own output is in its section:\n{log}"
@@ -147,7 +159,7 @@ tasks:
       db:
         image: {image}
         command: ["sh", "-c", "echo db-booting; exec sleep 60"]
-        ready: "echo not-yet; false"
+        ready: "echo probe says $((6*7)); false"
         ready-timeout: 2s
     steps: [ {{ run: "echo step-ran" }} ]
   dies:
@@ -169,7 +181,7 @@ tasks:
     assert!(
         slow.message
             .contains("service `db` was not ready within 2s")
-            && slow.message.contains("last exited 1: not-yet")
+            && slow.message.contains("last exited 1")
             && slow.message.contains("infrastructure"),
         "{}",
         slow.message
@@ -177,9 +189,14 @@ tasks:
     let dies = task(&run, "dies");
     assert!(
         dies.message
-            .contains("service `cache` exited with code 3 before it was ready: cache-crashing"),
+            .contains("service `cache` exited with code 3 before it was ready")
+            && dies.message.contains("infrastructure"),
         "{}",
         dies.message
+    );
+    assert!(
+        !slow.message.contains("probe says 42") && !dies.message.contains("cache-crashing"),
+        "what a service prints stays in the (masked) log, out of the messages"
     );
     for name in ["slow", "dies"] {
         let log = String::from_utf8(c.task_log(&id, name).await?)?;
@@ -190,8 +207,15 @@ tasks:
     }
     let log = String::from_utf8(c.task_log(&id, "slow").await?)?;
     assert!(
-        log.contains("--- service db (") && log.contains("db-booting"),
-        "a failed setup still logs its services:\n{log}"
+        log.contains("--- service db (")
+            && log.contains("db-booting")
+            && log.contains("`ready` last exited 1: probe says 42"),
+        "a failed setup still logs its services, and the last probe:\n{log}"
+    );
+    let log = String::from_utf8(c.task_log(&id, "dies").await?)?;
+    assert!(
+        log.contains("--- service cache (") && log.contains("cache-crashing"),
+        "{log}"
     );
     cleanup
         .wait("nothing left", Duration::from_secs(10), |c| {
@@ -234,5 +258,74 @@ tasks:
             |c| c.leftovers().is_empty(),
         )
         .await;
+    Ok(())
+}
+
+/// With `--docker-network NAME` the steps stay on the operator's network
+/// and join the task's network too, where the service is; the service is
+/// only on the task's.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_named_network_steps_join_the_tasks_network_for_its_services() -> anyhow::Result<()> {
+    let tb = testbed();
+    let cleanup = Cleanup::new("services-named");
+    let label = cleanup.label();
+    let network = format!("capstan-e2e-named-{}", std::process::id());
+    let made = Command::new("docker")
+        .args([
+            "network",
+            "create",
+            "--internal",
+            "--label",
+            &label,
+            &network,
+        ])
+        .output()?;
+    assert!(made.status.success(), "{made:?}");
+    let c = TestCluster::builder()
+        .executor("docker")
+        .runner_args(&["--docker-labels", &label, "--docker-network", &network])
+        .start()
+        .await?;
+    let yaml = format!(
+        r#"
+version: 1
+name: services-named
+tasks:
+  it:
+    image: {image}
+    services:
+      web:
+        image: {image}
+        command: ["sh", "-c", "mkdir -p /www && echo hello-over-two-networks > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ready: "wget -q -O /dev/null http://127.0.0.1:8080/"
+    steps:
+      - run: |
+          timeout 5 wget -q -O - http://web:8080/
+          ls /sys/class/net | grep -v '^lo$' | wc -l | sed 's/^/interfaces=/'
+"#,
+        image = tb.image
+    );
+    let id = c.submit(&yaml).await?;
+    let run = c.wait_done(&id, Duration::from_secs(60)).await?;
+    let log = String::from_utf8(c.task_log(&id, "it").await?)?;
+    assert_eq!(run_state(&run), RunState::Succeeded, "{run:#?}\n{log}");
+    assert!(log.contains("hello-over-two-networks"), "{log}");
+    assert!(
+        log.contains("interfaces=2"),
+        "the named network and the task's:\n{log}"
+    );
+    cleanup
+        .wait("the task's objects removed", Duration::from_secs(10), |c| {
+            // The operator's network is the test's own; it stays until the
+            // cleanup drops it.
+            c.list(&["ps", "-a"]).is_empty() && c.list(&["volume", "ls"]).is_empty()
+        })
+        .await;
+    let networks = cleanup.list(&["network", "ls"]);
+    assert_eq!(
+        networks.split_whitespace().count(),
+        1,
+        "only the operator's network is left: {networks}"
+    );
     Ok(())
 }

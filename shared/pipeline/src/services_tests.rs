@@ -345,23 +345,27 @@ fn service_field_errors_say_where_and_what_to_do() {
     );
     let errs = parse(
         "s.yaml",
-        &db("        image: x\n        ready-timeout: soon\n"),
+        &db("        image: x\n        ready: x\n        ready-timeout: soon\n"),
     )
     .unwrap_err()
     .to_string();
-    assert!(errs.starts_with("s.yaml:8:24: "), "{errs}");
+    assert!(errs.starts_with("s.yaml:9:24: "), "{errs}");
     assert!(
         errs.ends_with("(`ready-timeout` of service `db` of task `t`)"),
         "{errs}"
     );
     let p = parse(
         "s.yaml",
-        &db("        image: x\n        ready-timeout: 45\n"),
+        &db("        image: x\n        ready: x\n        ready-timeout: 45\n"),
     )
     .unwrap();
     assert_eq!(
         task_spec("s", &p.tasks[0]).services[0].ready_timeout_seconds,
         45
+    );
+    one(
+        &db("        image: x\n        ready-timeout: 45\n"),
+        "s.yaml:8:24: `ready-timeout` of service `db` of task `t` bounds its `ready` command, which it has none of: add `ready:`",
     );
 }
 
@@ -390,24 +394,34 @@ fn pull_values() {
 #[test]
 fn pull_credentials_name_a_runner_secret() {
     for name in ["registry-ci", "harbor.robot_1", "X"] {
-        let p = parse("s.yaml", &task(&format!("    pull-credentials: {name}\n"))).unwrap();
+        let p = parse(
+            "s.yaml",
+            &task(&format!(
+                "    image: r:5000/x:1\n    pull-credentials: {name}\n"
+            )),
+        )
+        .unwrap();
         assert_eq!(p.tasks[0].pull_credentials.as_deref(), Some(name));
         assert_eq!(task_spec("s", &p.tasks[0]).pull_credentials, name);
     }
     one(
-        &task("    pull-credentials: \"registry ci\"\n"),
-        "s.yaml:5:23: bad secret name `registry ci` in `pull-credentials` of task `t`: name a runner-side secret with letters, digits, `_`, `.` and `-`",
+        &task("    image: r:5000/x:1\n    pull-credentials: \"registry ci\"\n"),
+        "s.yaml:6:23: bad secret name `registry ci` in `pull-credentials` of task `t`: name a runner-side secret with letters, digits, `_`, `.` and `-`",
     );
     one(
-        &task("    pull-credentials: \"\"\n"),
-        "s.yaml:5:23: bad secret name `` in `pull-credentials` of task `t`",
+        &task("    image: r:5000/x:1\n    pull-credentials: \"\"\n"),
+        "s.yaml:6:23: bad secret name `` in `pull-credentials` of task `t`",
     );
     one(
-        &task("    pull-credentials: \"${{ git.sha }}\"\n"),
-        "s.yaml:5:23: substitutions are not allowed in `pull-credentials` of task `t`: name a runner-side secret",
+        &task("    image: r:5000/x:1\n    pull-credentials: \"${{ git.sha }}\"\n"),
+        "s.yaml:6:23: substitutions are not allowed in `pull-credentials` of task `t`: name a runner-side secret",
     );
     one(
-        &task("    pull-credentials: {name: x}\n"),
-        "s.yaml:5:23: `pull-credentials` of task `t` must be a string, found a mapping",
+        &task("    image: r:5000/x:1\n    pull-credentials: {name: x}\n"),
+        "s.yaml:6:23: `pull-credentials` of task `t` must be a string, found a mapping",
+    );
+    one(
+        &task("    pull-credentials: registry-ci\n"),
+        "s.yaml:5:23: `pull-credentials` of task `t` is sent to the registry of the task's `image:`, and it has none: set `image:`",
     );
 }

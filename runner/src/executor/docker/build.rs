@@ -350,14 +350,35 @@ struct BaseImage {
     line: usize,
 }
 
-/// The images a Dockerfile's `FROM` lines name, minus `scratch` and earlier
-/// stages.
+/// The images a Dockerfile's `FROM` lines and `COPY --from=` flags name,
+/// minus `scratch` and earlier stages (by name or index): everything the
+/// builder would otherwise pull itself. Continuation lines (`\` at the
+/// end) are read as one instruction, at the line it starts on.
 fn base_images(dockerfile: &str) -> Vec<BaseImage> {
     let mut stages: Vec<String> = Vec::new();
     let mut out = Vec::new();
-    for (i, line) in dockerfile.lines().enumerate() {
-        let mut words = line.split_whitespace();
-        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) {
+    for (line, text) in instructions(dockerfile) {
+        let mut words = text.split_whitespace();
+        let Some(keyword) = words.next().map(str::to_ascii_lowercase) else {
+            continue;
+        };
+        if keyword == "copy" || keyword == "add" {
+            for flag in words.take_while(|w| w.starts_with("--")) {
+                let Some(from) = flag.strip_prefix("--from=") else {
+                    continue;
+                };
+                let is_stage = stages.contains(&from.to_ascii_lowercase())
+                    || from.bytes().all(|b| b.is_ascii_digit());
+                if !is_stage && from != "scratch" {
+                    out.push(BaseImage {
+                        image: from.to_owned(),
+                        line,
+                    });
+                }
+            }
+            continue;
+        }
+        if keyword != "from" {
             continue;
         }
         let mut words = words.skip_while(|w| w.starts_with("--"));
@@ -373,9 +394,37 @@ fn base_images(dockerfile: &str) -> Vec<BaseImage> {
         }
         out.push(BaseImage {
             image: image.to_owned(),
-            line: i + 1,
+            line,
         });
     }
+    out
+}
+
+/// The Dockerfile's instructions with their continuation lines joined,
+/// each with the 1-based line it starts on; comments and blank lines
+/// (also inside a continuation) left out.
+fn instructions(dockerfile: &str) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = Vec::new();
+    let mut open: Option<(usize, String)> = None;
+    for (i, raw) in dockerfile.lines().enumerate() {
+        let trimmed = raw.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && open.is_none()) {
+            continue;
+        }
+        let (text, continues) = match trimmed.strip_suffix('\\') {
+            Some(text) => (text, true),
+            None => (trimmed, false),
+        };
+        let (start, mut joined) = open.take().unwrap_or((i + 1, String::new()));
+        joined.push(' ');
+        joined.push_str(text);
+        if continues {
+            open = Some((start, joined));
+        } else {
+            out.push((start, joined));
+        }
+    }
+    out.extend(open);
     out
 }
 
@@ -402,6 +451,23 @@ mod tests {
         assert_eq!(expand("${NOPE:-alpine:3}", &vars).unwrap(), "alpine:3");
         assert_eq!(expand("${BASE:-alpine:3}", &vars).unwrap(), "mine:2");
         assert_eq!(expand("${NOPE-x}", &vars).unwrap(), "x");
+    }
+
+    #[test]
+    fn finds_images_behind_continuations_and_copy_from() {
+        let text = "FROM \\\n  # a comment inside\n  capstan-test/busybox:1 AS base\nFROM base\nCOPY --chown=1:1 --from=other/image:2 /a /b\nCOPY --from=base /x /y\nCOPY --from=0 /x /y\nADD --from=third:3 a b\n";
+        let found: Vec<(String, usize)> = base_images(text)
+            .into_iter()
+            .map(|b| (b.image, b.line))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("capstan-test/busybox:1".to_owned(), 1),
+                ("other/image:2".to_owned(), 5),
+                ("third:3".to_owned(), 8),
+            ]
+        );
     }
 
     #[test]

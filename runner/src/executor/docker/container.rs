@@ -76,13 +76,26 @@ impl DockerExecutor {
         script: &str,
     ) -> Result<StepEnd, ExecutorError> {
         let index = ctx.index;
-        match self.ensure_image(task, &StepProgress(ctx), image).await {
+        // A pull can hang on a registry: the step's cancel and deadline
+        // bound it like the step itself.
+        let progress = StepProgress(ctx);
+        let got = tokio::select! {
+            got = self.ensure_image(task, &progress, image) => got,
+            () = ctx.cancel.cancelled() => return Ok(StepEnd::Cancelled),
+            () = sleep_until_deadline(ctx.deadline) => return Ok(StepEnd::TimedOut),
+        };
+        // The container is made from the image that was inspected, so a
+        // tag moved meanwhile (another attempt's `pull: always`) does not
+        // make the recorded digest a lie.
+        let image = match got {
             Ok(resolved) => {
-                task.set_output(&format!("steps.{}.image", index + 1), &resolved.digest)
+                task.set_output(&format!("steps.{}.image", index + 1), &resolved.digest);
+                resolved.id
             }
             Err(Stop::Failed(message)) => return Ok(StepEnd::Failed { message }),
             Err(Stop::Error(e)) => return Err(e),
-        }
+        };
+        let image = image.as_str();
         let name = step_container_name(task, index);
         let body = match self.limits(task) {
             Ok(limits) => self.step_container(task, ctx, image, script, &limits),

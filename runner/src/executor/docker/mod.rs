@@ -87,7 +87,9 @@ const LABEL_COMMIT: &str = "capstan.commit";
 /// The network of step containers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetworkSetting {
-    /// No network at all (`NetworkMode: none`).
+    /// No network at all (`NetworkMode: none`), but for a task with
+    /// services: its steps join the task's internal network, where only
+    /// the services are.
     None,
     /// A per-task network created with `internal: true`: steps of the task
     /// reach each other, nothing else.
@@ -300,7 +302,14 @@ impl Executor for DockerExecutor {
             }
         }
         self.upload_workspace(task).await?;
-        self.start_services(task).await
+        // A cancel drops a pull or a probe midway; the teardown removes
+        // whatever was made by its labels.
+        tokio::select! {
+            started = self.start_services(task) => started,
+            () = task.cancel.cancelled() => Err(ExecutorError::Setup {
+                message: "cancelled while starting the task's services".into(),
+            }),
+        }
     }
 
     async fn run_step(

@@ -123,6 +123,8 @@ pub(super) struct Resolved {
     /// `repository@sha256:...` from the registry, or the engine's image id
     /// for an image no registry has seen (built or loaded locally).
     pub digest: String,
+    /// The engine's image id: what a container is made from.
+    pub id: String,
 }
 
 impl DockerExecutor {
@@ -236,18 +238,14 @@ impl DockerExecutor {
         Ok(())
     }
 
-    /// The secret to pull from `registry` with: the task's
-    /// `pull-credentials`, else the runner's map entry, else none.
+    /// The secret to pull from `registry` with ([`pull_secret`]).
     fn pull_secret(&self, task: &TaskContext, registry: &str) -> String {
-        if !task.task.pull_credentials.is_empty() {
-            return task.task.pull_credentials.clone();
-        }
-        self.options
-            .settings
-            .pull_credentials
-            .get(registry)
-            .cloned()
-            .unwrap_or_default()
+        pull_secret(
+            &task.task.image,
+            &task.task.pull_credentials,
+            &self.options.settings.pull_credentials,
+            registry,
+        )
     }
 
     /// What a failed pull tells the user: the registry's answer, and what
@@ -262,10 +260,13 @@ impl DockerExecutor {
             e => e.to_string(),
         };
         let lower = why.to_ascii_lowercase();
-        // "unauthorized: ...", "no basic auth credentials", "denied: ...".
-        let hint = if lower.contains("unauthorized")
-            || lower.contains("auth")
-            || lower.contains("denied")
+        // "unauthorized: ...", "no basic auth credentials", "denied: ...",
+        // but not Docker Hub's "pull access denied ... does not exist".
+        let missing = lower.contains("does not exist") || lower.contains("not found");
+        let hint = if !missing
+            && (lower.contains("unauthorized")
+                || lower.contains("auth")
+                || lower.contains("denied"))
         {
             if secret.is_empty() {
                 format!(
@@ -283,6 +284,27 @@ impl DockerExecutor {
     }
 }
 
+/// The secret to pull from `registry` with: the task's `pull-credentials`
+/// for the registry of the task's `image:`, else the runner's map entry
+/// for `registry`, else none (empty).
+///
+/// The task's secret goes only to the registry of its `image:` (GitHub
+/// Actions' `container.credentials` is the container image's alone): a
+/// public service image elsewhere is pulled without it, and the secret is
+/// not offered to every registry a task names.
+fn pull_secret(
+    task_image: &str,
+    task_secret: &str,
+    map: &BTreeMap<String, String>,
+    registry: &str,
+) -> String {
+    let task_registry = registry_host(split_reference(task_image).0).unwrap_or("docker.io");
+    if !task_secret.is_empty() && !task_image.is_empty() && task_registry == registry {
+        return task_secret.to_owned();
+    }
+    map.get(registry).cloned().unwrap_or_default()
+}
+
 /// The digest `image` resolved to: the registry's digest for its
 /// repository, or the engine's id for an image no registry has seen.
 fn resolved(image: &str, found: ImageInspect) -> Resolved {
@@ -292,10 +314,9 @@ fn resolved(image: &str, found: ImageInspect) -> Resolved {
         .unwrap_or_default()
         .into_iter()
         .find(|d| ImageRef::split(d).canonical_repository() == canonical);
-    let digest = from_registry
-        .or(found.id)
-        .unwrap_or_else(|| "an image without an id".into());
-    Resolved { digest }
+    let id = found.id.unwrap_or_default();
+    let digest = from_registry.unwrap_or_else(|| id.clone());
+    Resolved { digest, id }
 }
 
 #[cfg(test)]
@@ -338,6 +359,29 @@ mod tests {
             refusal.contains("127.0.0.1:*/ci/*, capstan-test/**"),
             "{refusal}"
         );
+    }
+
+    #[test]
+    fn the_tasks_secret_goes_only_to_the_registry_of_its_image() {
+        let map = BTreeMap::from([("mirror:5000".to_owned(), "mirror-login".to_owned())]);
+        let image = "private:5000/ci/rust:1";
+        assert_eq!(pull_secret(image, "ci", &map, "private:5000"), "ci");
+        assert_eq!(
+            pull_secret(image, "ci", &map, "docker.io"),
+            "",
+            "a public service image"
+        );
+        assert_eq!(
+            pull_secret(image, "ci", &map, "mirror:5000"),
+            "mirror-login"
+        );
+        assert_eq!(pull_secret(image, "", &map, "private:5000"), "");
+        assert_eq!(
+            pull_secret("postgres:16", "hub", &map, "docker.io"),
+            "hub",
+            "Docker Hub is the registry of a short name"
+        );
+        assert_eq!(pull_secret("", "ci", &map, "private:5000"), "");
     }
 
     #[test]

@@ -5,10 +5,10 @@
 //! into the task's log as its own section. Removal is the attempt's
 //! ([`super::reap`]: service containers carry the attempt's labels).
 //!
-//! Services keep the engine's default capabilities (less `NET_RAW`), unlike
-//! steps: database images chown their data dir and drop to their own user
-//! at start. They never get the workspace, the Docker socket, privileges or
-//! a route out (the task's network is `internal`).
+//! Services drop every capability but [`SERVICE_CAPS`] (steps keep none
+//! but the operator's): database images chown their data dir and drop to
+//! their own user at start. They never get the workspace, the Docker
+//! socket, privileges or a route out (the task's network is `internal`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -34,10 +34,12 @@ use crate::step::TaskContext;
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between two `ready` probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// How much of a failed probe's (or a dead service's) output an error
-/// quotes.
+/// How much of a failed probe's output its service's log section keeps.
 const QUOTED_BYTES: usize = 2048;
 const LABEL_SERVICE: &str = "capstan.service";
+/// What a service keeps of the capabilities: what database images need
+/// to chown their data and drop to their own user at start.
+const SERVICE_CAPS: &[&str] = &["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"];
 
 /// Lines about getting a service's image, kept for its log section.
 #[derive(Default)]
@@ -137,7 +139,8 @@ impl DockerExecutor {
             host_config: Some(HostConfig {
                 init: Some(true),
                 privileged: Some(false),
-                cap_drop: Some(vec!["NET_RAW".into()]),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(SERVICE_CAPS.iter().map(|c| (*c).to_owned()).collect()),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 network_mode: Some(network.clone()),
                 memory,
@@ -160,7 +163,10 @@ impl DockerExecutor {
 
     /// Runs the service's `ready` command in it until it exits 0, the
     /// service dies, or the timeout passes. Without `ready`, the service
-    /// only has to be running.
+    /// only has to be running. Errors name the service and say why, but
+    /// quote nothing it or the probe printed: that goes to the service's
+    /// section of the task's log, which is masked (the error message is
+    /// not).
     async fn wait_ready(&self, task: &TaskContext, service: &Service) -> Result<(), ExecutorError> {
         let name = container_name(task, &service.name);
         let timeout = match service.ready_timeout_seconds {
@@ -169,17 +175,19 @@ impl DockerExecutor {
         };
         let deadline = Instant::now() + timeout;
         let failed = |why: String| ExecutorError::Setup {
-            message: format!("service `{}` {why}", service.name),
+            message: format!(
+                "service `{}` {why} (its output is in the task's log, under `--- service {}`)",
+                service.name, service.name
+            ),
         };
-        // What the last probe that finished said: the error quotes it even
-        // when the deadline cuts a later probe short.
-        let mut last = "did not finish in time".to_owned();
+        let cancelled = || failed("was being probed when the attempt was cancelled".into());
+        // What the last probe that finished said, for the error and the
+        // log, even when the deadline cuts a later probe short.
+        let mut last: Option<(i64, String)> = None;
         loop {
             if let Some(code) = self.exited(&name).await? {
-                let output = self.tail_of_logs(&name).await;
                 return Err(failed(format!(
-                    "exited with code {code} before it was ready{}",
-                    quoted(&output)
+                    "exited with code {code} before it was ready"
                 )));
             }
             if service.ready.is_empty() {
@@ -188,11 +196,14 @@ impl DockerExecutor {
             let left = deadline.saturating_duration_since(Instant::now());
             let probe = tokio::select! {
                 p = tokio::time::timeout(left, self.probe(&name, &service.ready)) => p,
-                () = task.cancel.cancelled() => return Err(failed("was being probed when the attempt was cancelled".into())),
+                () = task.cancel.cancelled() => return Err(cancelled()),
             };
             match probe {
-                Ok(Ok((0, _))) => return Ok(()),
-                Ok(Ok((code, output))) => last = format!("last exited {code}{}", quoted(&output)),
+                // Ready, unless it died just after (`exec` can win a race
+                // against a service's exit).
+                Ok(Ok((0, _))) if self.exited(&name).await?.is_none() => return Ok(()),
+                Ok(Ok((0, _))) => continue,
+                Ok(Ok(result)) => last = Some(result),
                 // It died between the check and the probe: the check
                 // above says so on the next round.
                 Ok(Err(_)) if self.exited(&name).await?.is_some() => continue,
@@ -200,16 +211,37 @@ impl DockerExecutor {
                 Err(_) => {}
             }
             if Instant::now() + PROBE_INTERVAL >= deadline {
+                let said = match last {
+                    Some((code, output)) => {
+                        self.note(
+                            task,
+                            service,
+                            &format!("`ready` last exited {code}{}", quoted(&output)),
+                        );
+                        format!("last exited {code}")
+                    }
+                    None => "did not finish in time".to_owned(),
+                };
                 return Err(failed(format!(
-                    "was not ready within {}s: `ready` ({}) {last}; raise `ready-timeout` if it needs longer",
+                    "was not ready within {}s: `ready` ({}) {said}; raise `ready-timeout` if it needs longer",
                     timeout.as_secs(),
                     service.ready
                 )));
             }
             tokio::select! {
                 () = tokio::time::sleep(PROBE_INTERVAL) => {}
-                () = task.cancel.cancelled() => return Err(failed("was being probed when the attempt was cancelled".into())),
+                () = task.cancel.cancelled() => return Err(cancelled()),
             }
+        }
+    }
+
+    /// Adds a line to the service's log section.
+    fn note(&self, task: &TaskContext, service: &Service, line: &str) {
+        if let Ok(mut notes) = self.service_notes.lock() {
+            notes
+                .entry(container_name(task, &service.name))
+                .or_default()
+                .push(line.to_owned());
         }
     }
 
@@ -258,22 +290,6 @@ impl DockerExecutor {
             .exit_code
             .unwrap_or(-1);
         Ok((code, String::from_utf8_lossy(&output).into_owned()))
-    }
-
-    /// The last bytes the container printed, for an error.
-    async fn tail_of_logs(&self, name: &str) -> String {
-        let options = LogsOptionsBuilder::new()
-            .stdout(true)
-            .stderr(true)
-            .tail("20")
-            .build();
-        let mut stream = self.docker().logs(name, Some(options));
-        let mut out = Vec::new();
-        while let Some(Ok(chunk)) = stream.next().await {
-            out.extend_from_slice(&chunk.into_bytes());
-        }
-        let start = out.len().saturating_sub(QUOTED_BYTES);
-        String::from_utf8_lossy(&out[start..]).into_owned()
     }
 
     /// A step container on a named network also joins the task's network,
@@ -339,7 +355,7 @@ impl DockerExecutor {
     }
 }
 
-/// `: <output>` of a failed probe or a dead service, or nothing.
+/// `: <output>` of a failed probe, or nothing.
 fn quoted(output: &str) -> String {
     let output = output.trim();
     if output.is_empty() {

@@ -139,6 +139,12 @@ impl Parser<'_> {
             .map(str::to_owned);
         if let Some(v) = f.get("pull-credentials").filter(|v| !v.is_null()) {
             task.pull_credentials = self.secret_name(v, &format!("`pull-credentials` of {what}"));
+            if task.image.is_none() {
+                self.err(
+                    v.pos,
+                    format!("`pull-credentials` of {what} is sent to the registry of the task's `image:`, and it has none: set `image:`, or map the registry to a secret with the runner's --docker-pull-credentials"),
+                );
+            }
         }
     }
 
@@ -304,6 +310,14 @@ impl Parser<'_> {
         let ready_timeout = f
             .get("ready-timeout")
             .and_then(|v| self.timeout(v, &format!("`ready-timeout` of {what}")));
+        if ready.is_none()
+            && let Some(v) = f.get("ready-timeout").filter(|v| !v.is_null())
+        {
+            self.err(
+                v.pos,
+                format!("`ready-timeout` of {what} bounds its `ready` command, which it has none of: add `ready:` or remove `ready-timeout`"),
+            );
+        }
         Some(ServiceDef {
             name: name.to_owned(),
             image: image?,
