@@ -55,6 +55,7 @@ pub mod gitops;
 mod http;
 pub mod logs;
 pub(crate) mod metrics;
+mod outputs;
 pub mod secrets;
 pub mod step;
 #[cfg(test)]

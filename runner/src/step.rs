@@ -14,6 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::logs::sink::OutputSink;
 
+/// The file in the workspace a task's steps write their outputs to
+/// (`$CAPSTAN_OUTPUT`, [`crate::outputs`]).
+pub const OUTPUT_FILE: &str = ".capstan-output";
+/// What of that file is read: outputs travel in every later offer of the
+/// run, so they stay small.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
 /// The attempt a step runs in: what executors and the built-in steps work on.
 #[derive(Clone, Debug)]
 pub struct TaskContext {

@@ -57,13 +57,20 @@ pub(crate) fn offer_message(
     let number = t.attempts.len() as u32;
     let runner_name = t.attempts.last().map_or("", |x| x.runner_name.as_str());
     let trace = crate::trace::dispatch(run, t, attempt.as_str(), number, runner_name);
+    // The outputs of the tasks it needs, all there (checked when it was
+    // ready: `state::outputs`).
+    let mut spec = t.spec.clone();
+    capstan_pipeline::outputs::fill(&mut spec, |task, key| {
+        let t = run.tasks.iter().find(|t| t.name == task)?;
+        t.outputs.get(key).cloned()
+    });
     rpb::Offer {
         leader_epoch: epoch,
         attempt_id: attempt.to_string(),
         run_id: run.id.to_string(),
         task_name: t.name.clone(),
         attempt_number: number,
-        task: Some(t.spec.clone()),
+        task: Some(spec),
         repo: run.repo.clone(),
         rev: run.rev.clone(),
         offer_timeout_ms: offer_timeout.as_millis() as u32,

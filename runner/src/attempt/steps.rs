@@ -50,6 +50,9 @@ pub(super) async fn run_steps(
             return outcome;
         }
     }
+    if let Err(e) = record_outputs(spec, task, spool).await {
+        return Outcome::new(AttemptOutcome::Error, None, chain(&e));
+    }
     // The coordinator keeps no message for a succeeded task today; the
     // digest reaches the API through `outputs` (see `execute`).
     let message = task
@@ -59,6 +62,37 @@ pub(super) async fn run_steps(
         .and_then(|o| Some(format!("pushed {}@{}", o.get("image")?, o.get("digest")?)))
         .unwrap_or_default();
     Outcome::new(AttemptOutcome::Succeeded, None, message)
+}
+
+/// Records the outputs the steps wrote to `$CAPSTAN_OUTPUT`; what was not
+/// taken is said in the log, after the last step.
+async fn record_outputs(
+    spec: &AttemptSpec,
+    task: &TaskContext,
+    spool: &Arc<Spool>,
+) -> Result<(), ExecutorError> {
+    let Some(bytes) = spec.executor.read_output_file(task).await? else {
+        return Ok(());
+    };
+    let (outputs, notes) = crate::outputs::parse(&String::from_utf8_lossy(&bytes));
+    for (key, value) in &outputs {
+        task.set_output(key, value);
+    }
+    if notes.is_empty() {
+        return Ok(());
+    }
+    let index = u32::try_from(task.task.steps.len()).unwrap_or(u32::MAX);
+    let writer = spool.writer(index);
+    let capped = CappedSink::new(&writer, spec.step_log_cap);
+    let masked = MaskingSink::new(&capped, &spec.mask);
+    let text: String = notes.iter().map(|n| format!("{n}\n")).collect();
+    let written = async {
+        masked.write(text.as_bytes()).await?;
+        masked.flush().await?;
+        capped.finish().await
+    }
+    .await;
+    written.map_err(|source| ExecutorError::Output { index, source })
 }
 
 /// Writes the output of the task's services into its log, after the last

@@ -43,7 +43,7 @@ use std::io;
 use async_trait::async_trait;
 use capstan_proto::pipeline::v1::Step;
 
-use crate::step::{StepContext, StepEnd, TaskContext};
+use crate::step::{MAX_OUTPUT_BYTES, OUTPUT_FILE, StepContext, StepEnd, TaskContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
@@ -111,6 +111,32 @@ pub trait Executor: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The start (at most [`MAX_OUTPUT_BYTES`]) of the file the task's
+    /// steps wrote their outputs to (`$CAPSTAN_OUTPUT`), if they wrote
+    /// one; read after the last step succeeded, before the teardown. By
+    /// default from the local workspace.
+    async fn read_output_file(&self, task: &TaskContext) -> Result<Option<Vec<u8>>, ExecutorError> {
+        use tokio::io::AsyncReadExt as _;
+        let path = task.workspace.join(OUTPUT_FILE);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(ExecutorError::Setup {
+                    message: format!("reading {}: {e}", path.display()),
+                });
+            }
+        };
+        let mut text = Vec::new();
+        file.take(MAX_OUTPUT_BYTES as u64)
+            .read_to_end(&mut text)
+            .await
+            .map_err(|e| ExecutorError::Setup {
+                message: format!("reading {}: {e}", path.display()),
+            })?;
+        Ok(Some(text))
+    }
+
     /// Whether the runner's built-in step kinds (`set-image`, `git-push`)
     /// go to [`Executor::run_step`] too. The attempt runs them itself
     /// otherwise; only the fake executor, which simulates every kind, says
@@ -136,6 +162,10 @@ pub(crate) fn step_env(task: &TaskContext, step: &Step) -> BTreeMap<String, Stri
     env.insert(
         "CAPSTAN_WORKSPACE".into(),
         task.workspace.display().to_string(),
+    );
+    env.insert(
+        "CAPSTAN_OUTPUT".into(),
+        task.workspace.join(OUTPUT_FILE).display().to_string(),
     );
     env
 }

@@ -625,6 +625,7 @@ mod tests {
                 names,
                 [
                     "CAPSTAN_ATTEMPT_ID",
+                    "CAPSTAN_OUTPUT",
                     "CAPSTAN_RUN_ID",
                     "CAPSTAN_TASK",
                     "CAPSTAN_WORKSPACE",

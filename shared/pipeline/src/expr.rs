@@ -14,6 +14,14 @@ pub(crate) enum Expr {
     RunId,
     /// `${{ matrix.KEY }}`: the task's matrix value (a task of a matrix only).
     Matrix(String),
+    /// `${{ tasks.NAME.outputs.KEY }}`: an output of a task this one needs,
+    /// known only when this one is dispatched: resolving keeps it as its
+    /// text ([`Expr::text`]) and the coordinator fills it in
+    /// ([`crate::outputs`]).
+    TaskOutput {
+        task: String,
+        key: String,
+    },
 }
 
 impl Expr {
@@ -25,6 +33,7 @@ impl Expr {
             Expr::GitRef => "${{ git.ref }}".to_owned(),
             Expr::RunId => "${{ run.id }}".to_owned(),
             Expr::Matrix(k) => format!("${{{{ matrix.{k} }}}}"),
+            Expr::TaskOutput { task, key } => format!("${{{{ tasks.{task}.outputs.{key} }}}}"),
         }
     }
 }
@@ -37,8 +46,7 @@ pub(crate) enum Piece<'a> {
 
 pub(crate) const OPEN: &str = "${{";
 const CLOSE: &str = "}}";
-const EXPECTED: &str =
-    "expected `params.NAME`, `matrix.KEY`, `git.sha`, `git.repo`, `git.ref` or `run.id`";
+const EXPECTED: &str = "expected `params.NAME`, `matrix.KEY`, `tasks.NAME.outputs.KEY`, `git.sha`, `git.repo`, `git.ref` or `run.id`";
 
 /// Splits a string into literal text and expressions. Every problem in the
 /// string is returned (an unterminated `${{` ends the scan).
@@ -86,6 +94,14 @@ fn parse_expr(inner: &str) -> Option<Expr> {
         _ => {
             if let Some(key) = inner.strip_prefix("matrix.") {
                 return crate::names::is_param_name(key).then(|| Expr::Matrix(key.to_owned()));
+            }
+            if let Some(rest) = inner.strip_prefix("tasks.") {
+                let (task, key) = rest.split_once(".outputs.")?;
+                let names = crate::names::is_task_name(task) && crate::names::is_output_key(key);
+                return names.then(|| Expr::TaskOutput {
+                    task: task.to_owned(),
+                    key: key.to_owned(),
+                });
             }
             let name = inner.strip_prefix("params.")?;
             crate::names::is_param_name(name).then(|| Expr::Param(name.to_owned()))

@@ -40,6 +40,7 @@ mod expr;
 mod matrix;
 mod model;
 mod names;
+pub mod outputs;
 mod parse;
 mod script;
 mod substitute;
@@ -48,6 +49,8 @@ mod yaml;
 
 #[cfg(test)]
 mod matrix_tests;
+#[cfg(test)]
+mod outputs_tests;
 #[cfg(test)]
 mod services_tests;
 #[cfg(test)]
@@ -58,7 +61,10 @@ pub use matrix::{MAX_MATRIX, expanded_name};
 pub use model::{
     Approval, Concurrency, Matrix, Pipeline, ServiceDef, SourceMap, StepDef, StepKind, TaskDef,
 };
-pub use names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
+pub use names::{
+    MAX_NAME_LEN, MAX_OUTPUT_KEY_LEN, is_env_name, is_output_key, is_param_name, is_pipeline_name,
+    is_task_name,
+};
 pub use parse::{MAX_LISTED_ERRORS, MAX_RETRIES, parse};
 pub use substitute::{Context, resolve};
 

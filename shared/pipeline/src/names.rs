@@ -28,6 +28,20 @@ pub fn is_param_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
+/// Longest key of a task output.
+pub const MAX_OUTPUT_KEY_LEN: usize = 128;
+
+/// A task output's key: `[A-Za-z0-9_][A-Za-z0-9_.-]*`, at most 128 chars
+/// (`digest`, `steps.1.image`, a `run` step's `version`).
+pub fn is_output_key(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= MAX_OUTPUT_KEY_LEN
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn is_env_name(s: &str) -> bool {
     let mut chars = s.chars();

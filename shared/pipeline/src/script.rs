@@ -50,7 +50,7 @@ pub(crate) fn render<'v>(
         match meaning.get(&var) {
             Some(other) if *other != e => {
                 out.problems.push(format!(
-                    "`{}` and `{}` would both be `${var}` in this script: rename one of the params",
+                    "`{}` and `{}` would both be `${var}` in this script: rename one of them",
                     other.text(),
                     e.text()
                 ));
@@ -58,9 +58,15 @@ pub(crate) fn render<'v>(
             }
             _ => {}
         }
-        let Some(value) = lookup(&e) else {
-            out.missing.push(e);
-            continue;
+        // A task's output is known at dispatch: the variable holds its
+        // placeholder until the coordinator fills it in.
+        let value = match (&e, lookup(&e)) {
+            (Expr::TaskOutput { .. }, _) => e.text(),
+            (_, Some(value)) => value.to_owned(),
+            (_, None) => {
+                out.missing.push(e);
+                continue;
+            }
         };
         let Some(reference) = reference(&var, lexer.context()) else {
             out.problems.push(format!(
@@ -72,7 +78,7 @@ pub(crate) fn render<'v>(
         };
         out.text.push_str(&reference);
         lexer.reference_written();
-        out.vars.insert(var.clone(), value.to_owned());
+        out.vars.insert(var.clone(), value);
         meaning.insert(var, e);
     }
     out
@@ -90,6 +96,10 @@ pub(crate) fn var_name(e: &Expr) -> String {
         Expr::GitRef => "CAPSTAN_GIT_REF".to_owned(),
         Expr::RunId => "CAPSTAN_RUN_ID".to_owned(),
         Expr::Matrix(k) => format!("CAPSTAN_MATRIX_{}", k.replace('-', "_")),
+        Expr::TaskOutput { task, key } => {
+            let safe = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+            format!("CAPSTAN_OUTPUT_{}_{}", safe(task), safe(key))
+        }
     }
 }
 

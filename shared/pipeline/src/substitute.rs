@@ -211,53 +211,27 @@ pub fn resolve(
     // Report a missing value once, where it is first used.
     let mut reported: BTreeSet<Expr> = BTreeSet::new();
     for task in &mut out.tasks {
-        let matrix = task.matrix_values.clone();
         if let Some(problem) = fold_condition(task, &params, ctx) {
             errors.push(at_field(file, pipeline, task, "if", problem));
         }
+        let base = task
+            .expanded_from
+            .clone()
+            .unwrap_or_else(|| task.name.clone());
+        let r = Resolving {
+            file,
+            pipeline,
+            params: &params,
+            ctx,
+            matrix: task.matrix_values.clone(),
+            needed: ancestors(pipeline, &base),
+        };
         // The variables each shell field (a `run` script, a `ready`) refers to.
         let mut shell_vars: Vec<(Field, BTreeMap<String, String>)> = Vec::new();
         for_each_string(task, &mut |path, field, value| {
-            if !value.contains(OPEN) {
-                return;
+            if let Some(vars) = r.string(path, field, value, &mut errors, &mut reported) {
+                shell_vars.push((field, vars));
             }
-            let (line, column) = pipeline.source_map.position(path).unwrap_or((0, 0));
-            let mut problem = |msg: String| {
-                errors.push(ValidationError::new(file, line, column, msg));
-            };
-            let pieces = match scan(value) {
-                Ok(p) => p,
-                Err(problems) => {
-                    problems.into_iter().for_each(&mut problem);
-                    value.clear();
-                    return;
-                }
-            };
-            let lookup = |e: &Expr| match e {
-                Expr::Param(p) => params.get(p).map(String::as_str),
-                Expr::GitSha => ctx.git_sha.as_deref(),
-                Expr::GitRepo => ctx.git_repo.as_deref(),
-                Expr::GitRef => ctx.git_ref.as_deref(),
-                Expr::RunId => ctx.run_id.as_deref(),
-                Expr::Matrix(k) => matrix.get(k).map(String::as_str),
-            };
-            let rendered = match field {
-                Field::Plain => plain(pieces, lookup),
-                Field::Script(_) | Field::Ready(_) => script::render(pieces, lookup),
-            };
-            for e in &rendered.missing {
-                if reported.insert(e.clone()) {
-                    problem(missing(e, &params));
-                }
-            }
-            rendered.problems.into_iter().for_each(&mut problem);
-            if rendered.text.contains(OPEN) {
-                problem(respelled_open());
-            }
-            if field != Field::Plain {
-                shell_vars.push((field, rendered.vars));
-            }
-            *value = rendered.text;
         });
         for (field, vars) in shell_vars {
             give_vars(task, field, vars);
@@ -271,6 +245,140 @@ pub fn resolve(
     } else {
         Err(ValidationErrors::sorted(errors))
     }
+}
+
+/// What the strings of one task are resolved against.
+struct Resolving<'a> {
+    file: &'a str,
+    pipeline: &'a Pipeline,
+    params: &'a BTreeMap<String, String>,
+    ctx: &'a Context,
+    /// The task's `${{ matrix.KEY }}` values.
+    matrix: BTreeMap<String, String>,
+    /// The tasks it needs, directly or through their needs: whose outputs
+    /// it may use.
+    needed: BTreeSet<String>,
+}
+
+impl Resolving<'_> {
+    /// Makes the substitutions of the field at `path`: the variables a
+    /// shell field needs (none for a plain one); problems go to `errors`.
+    fn string(
+        &self,
+        path: &str,
+        field: Field,
+        value: &mut String,
+        errors: &mut Vec<ValidationError>,
+        reported: &mut BTreeSet<Expr>,
+    ) -> Option<BTreeMap<String, String>> {
+        if !value.contains(OPEN) {
+            return None;
+        }
+        let (line, column) = self.pipeline.source_map.position(path).unwrap_or((0, 0));
+        let mut problem = |msg: String| {
+            errors.push(ValidationError::new(self.file, line, column, msg));
+        };
+        let pieces = match scan(value) {
+            Ok(p) => p,
+            Err(problems) => {
+                problems.into_iter().for_each(&mut problem);
+                value.clear();
+                return None;
+            }
+        };
+        let outputs = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Expr(Expr::TaskOutput { .. })))
+            .count();
+        for p in &pieces {
+            if let Piece::Expr(e @ Expr::TaskOutput { task, .. }) = p {
+                self.check_output(e, task).map(&mut problem);
+            }
+        }
+        let (params, ctx, matrix) = (self.params, self.ctx, &self.matrix);
+        let lookup = |e: &Expr| match e {
+            Expr::Param(p) => params.get(p).map(String::as_str),
+            Expr::GitSha => ctx.git_sha.as_deref(),
+            Expr::GitRepo => ctx.git_repo.as_deref(),
+            Expr::GitRef => ctx.git_ref.as_deref(),
+            Expr::RunId => ctx.run_id.as_deref(),
+            Expr::Matrix(k) => matrix.get(k).map(String::as_str),
+            Expr::TaskOutput { .. } => None,
+        };
+        let rendered = match field {
+            Field::Plain => plain(pieces, lookup, true),
+            Field::Script(_) | Field::Ready(_) => script::render(pieces, lookup),
+        };
+        for e in &rendered.missing {
+            if reported.insert(e.clone()) {
+                problem(missing(e, params));
+            }
+        }
+        rendered.problems.into_iter().for_each(&mut problem);
+        // What is left of the opening marker must be the outputs'
+        // placeholders, as many as were written (no value may spell
+        // another one).
+        let left = match field {
+            Field::Plain => outputs,
+            _ => 0,
+        };
+        if rendered.text.contains(OPEN) && placeholders(&rendered.text) != Some(left) {
+            problem(respelled_open());
+        }
+        *value = rendered.text;
+        (field != Field::Plain).then_some(rendered.vars)
+    }
+
+    /// Why the task may not use `e`, an output of `task`, if it may not.
+    fn check_output(&self, e: &Expr, task: &str) -> Option<String> {
+        let def = self.pipeline.tasks.iter().find(|t| t.name == task);
+        if def.is_some_and(|t| t.matrix.is_some()) {
+            return Some(format!(
+                "`{}`: task `{task}` has a `matrix:`, and its expansions' outputs cannot be told apart; \
+                 give the output to a task that needs them all",
+                e.text()
+            ));
+        }
+        (!self.needed.contains(task)).then(|| {
+            format!(
+                "`{}`: a task may use the outputs of the tasks it needs (directly or through their needs); add `{task}` to its `needs`",
+                e.text()
+            )
+        })
+    }
+}
+
+/// The number of `${{ tasks.X.outputs.Y }}` placeholders in `text`, if
+/// it holds no other substitution and scans.
+fn placeholders(text: &str) -> Option<usize> {
+    let pieces = scan(text).ok()?;
+    let mut n = 0;
+    for p in pieces {
+        match p {
+            Piece::Expr(Expr::TaskOutput { .. }) => n += 1,
+            Piece::Expr(_) => return None,
+            Piece::Lit(_) => {}
+        }
+    }
+    Some(n)
+}
+
+/// The tasks `name` needs, directly or through their needs (by the names
+/// the file gives them).
+fn ancestors(pipeline: &Pipeline, name: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut todo = vec![name.to_owned()];
+    while let Some(n) = todo.pop() {
+        let Some(t) = pipeline.tasks.iter().find(|t| t.name == n) else {
+            continue;
+        };
+        for need in &t.needs {
+            if found.insert(need.clone()) {
+                todo.push(need.clone());
+            }
+        }
+    }
+    found
 }
 
 /// Puts the variables a shell field refers to into the environment it runs
@@ -377,21 +485,27 @@ fn resolve_group(
         Expr::GitRepo => ctx.git_repo.as_deref(),
         Expr::GitRef => ctx.git_ref.as_deref(),
         Expr::RunId => ctx.run_id.as_deref(),
-        Expr::Matrix(_) => None,
+        Expr::Matrix(_) | Expr::TaskOutput { .. } => None,
     };
-    let rendered = plain(pieces, lookup);
+    let rendered = plain(pieces, lookup, false);
     for e in &rendered.missing {
         errors.push(ValidationError::new(file, line, column, missing(e, params)));
     }
     *group = rendered.text;
 }
 
-/// A plain field: each value goes in as it is.
-fn plain<'v>(pieces: Vec<Piece<'_>>, lookup: impl Fn(&Expr) -> Option<&'v str>) -> Rendered {
+/// A plain field: each value goes in as it is; with `outputs`, a task's
+/// output stays as its placeholder, to be filled in at dispatch.
+fn plain<'v>(
+    pieces: Vec<Piece<'_>>,
+    lookup: impl Fn(&Expr) -> Option<&'v str>,
+    outputs: bool,
+) -> Rendered {
     let mut out = Rendered::default();
     for piece in pieces {
         match piece {
             Piece::Lit(s) => out.text.push_str(s),
+            Piece::Expr(e @ Expr::TaskOutput { .. }) if outputs => out.text.push_str(&e.text()),
             Piece::Expr(e) => match lookup(&e) {
                 Some(v) => out.text.push_str(v),
                 None => out.missing.push(e),
@@ -487,6 +601,10 @@ fn missing(e: &Expr, params: &BTreeMap<String, String>) -> String {
         Expr::Param(name) => unknown_param_in_expr(name, params),
         Expr::Matrix(k) => format!(
             "`{}` has no value here: only the fields of a task with `matrix:` (key `{k}`) may use it",
+            e.text()
+        ),
+        Expr::TaskOutput { .. } => format!(
+            "`{}` has no value here: a task's outputs are known when a task that needs it is dispatched, so only the fields of tasks may use them",
             e.text()
         ),
     }

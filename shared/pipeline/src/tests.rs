@@ -997,7 +997,7 @@ fn substitution_problems_are_found_by_parse() {
         12,
         &[
             "unknown substitution `${{ secrets.token }}`",
-            "`params.NAME`, `matrix.KEY`, `git.sha`, `git.repo`, `git.ref` or `run.id`",
+            "`params.NAME`, `matrix.KEY`, `tasks.NAME.outputs.KEY`, `git.sha`, `git.repo`, `git.ref` or `run.id`",
         ],
     );
     one_error(
@@ -1251,7 +1251,7 @@ fn script_substitutions_that_cannot_be_passed_safely_are_refused() {
     assert_eq!(
         got,
         [
-            "7:14: `${{ params.a-b }}` and `${{ params.a_b }}` would both be `$CAPSTAN_PARAM_a_b` in this script: rename one of the params",
+            "7:14: `${{ params.a-b }}` and `${{ params.a_b }}` would both be `$CAPSTAN_PARAM_a_b` in this script: rename one of them",
             "8:14: `${{ params.a-b }}` inside a here-document with a quoted delimiter (<<'EOF') cannot expand: unquote the delimiter, or write `$CAPSTAN_PARAM_a_b` where it may expand",
         ]
     );

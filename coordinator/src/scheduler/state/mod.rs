@@ -36,6 +36,7 @@ mod effects;
 mod groups;
 mod offers;
 mod outcome;
+mod outputs;
 mod queue;
 mod reports;
 mod runners;

@@ -47,7 +47,8 @@ impl SchedulerState {
     }
 
     /// Tasks whose needs are met: each is skipped or failed by its `if:`,
-    /// held at its approval gate, or queued.
+    /// failed for an output it uses that is missing, held at its approval
+    /// gate, or queued.
     fn start_ready(&mut self, id: &RunId, ready: Vec<usize>) {
         let now = now_ms();
         let Some(run) = self.runs.get_mut(id) else {
@@ -56,7 +57,13 @@ impl SchedulerState {
         let (priority, seq) = (run.priority, run.seq);
         let (mut queued, mut held, mut ended) = (Vec::new(), Vec::new(), Vec::new());
         for i in ready {
-            let verdict = super::conditions::judge(run, i);
+            let verdict = match super::conditions::judge(run, i) {
+                super::conditions::Verdict::Run => super::outputs::missing(run, i).map_or(
+                    super::conditions::Verdict::Run,
+                    super::conditions::Verdict::Fail,
+                ),
+                other => other,
+            };
             let t = &mut run.tasks[i];
             let (state, message, outcome) = match verdict {
                 super::conditions::Verdict::Run => {

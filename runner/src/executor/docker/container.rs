@@ -17,7 +17,7 @@ use futures::{Stream, StreamExt as _};
 use super::pull::StepProgress;
 use super::{DockerExecutor, Stop, WORKSPACE, api_error, status, step_container_name};
 use crate::executor::{ExecutorError, step_env};
-use crate::step::{StepContext, StepEnd, TaskContext, sleep_until_deadline};
+use crate::step::{OUTPUT_FILE, StepContext, StepEnd, TaskContext, sleep_until_deadline};
 
 /// Seconds between SIGTERM and SIGKILL when a step container is stopped;
 /// with the engine's own latency a stop completes within 2 s.
@@ -140,6 +140,10 @@ impl DockerExecutor {
     ) -> ContainerCreateBody {
         let mut env = step_env(task, ctx.step);
         env.insert("CAPSTAN_WORKSPACE".into(), WORKSPACE.into());
+        env.insert(
+            "CAPSTAN_OUTPUT".into(),
+            format!("{WORKSPACE}/{OUTPUT_FILE}"),
+        );
         ContainerCreateBody {
             image: Some(image.to_owned()),
             entrypoint: Some(vec!["/bin/sh".into(), "-ec".into()]),

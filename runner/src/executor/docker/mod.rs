@@ -350,6 +350,10 @@ impl Executor for DockerExecutor {
             .map_err(|e| api_error(index, "removing the step container", e))
     }
 
+    async fn read_output_file(&self, task: &TaskContext) -> Result<Option<Vec<u8>>, ExecutorError> {
+        self.read_output(task).await
+    }
+
     async fn write_service_logs(
         &self,
         task: &TaskContext,

@@ -5,14 +5,20 @@
 //! the attempt's local workspace (the checkout) into it.
 
 use std::collections::HashMap;
+use std::io::Read as _;
+
+use futures::StreamExt as _;
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, VolumeCreateRequest};
-use bollard::query_parameters::{CreateContainerOptionsBuilder, UploadToContainerOptionsBuilder};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
+};
 use capstan_proto::pipeline::v1::step;
 
 use super::{DockerExecutor, WORKSPACE, object_name, setup_error, status};
 use crate::executor::ExecutorError;
-use crate::step::TaskContext;
+use crate::step::{MAX_OUTPUT_BYTES, OUTPUT_FILE, TaskContext};
 
 impl DockerExecutor {
     /// Creates the task's workspace volume, `capstan-<attempt>`.
@@ -130,5 +136,46 @@ impl DockerExecutor {
             )
             .await
             .map_err(|e| setup_error("copying the checkout into the workspace volume", e))
+    }
+
+    /// The start (at most [`MAX_OUTPUT_BYTES`]) of the task's
+    /// `$CAPSTAN_OUTPUT` file in the volume, if a step wrote one.
+    pub(super) async fn read_output(
+        &self,
+        task: &TaskContext,
+    ) -> Result<Option<Vec<u8>>, ExecutorError> {
+        let helper = self.ensure_helper(task).await?;
+        let options = DownloadFromContainerOptionsBuilder::new()
+            .path(&format!("{WORKSPACE}/{OUTPUT_FILE}"))
+            .build();
+        let mut download = self.docker.download_from_container(&helper, Some(options));
+        // The tar header and the part of the file that is read.
+        let enough = MAX_OUTPUT_BYTES + 4096;
+        let mut archive = Vec::new();
+        while let Some(chunk) = download.next().await {
+            match chunk {
+                Ok(bytes) => archive.extend_from_slice(&bytes),
+                Err(e) if status(&e) == Some(404) => return Ok(None),
+                Err(e) => return Err(setup_error("reading $CAPSTAN_OUTPUT", e)),
+            }
+            if archive.len() >= enough {
+                break;
+            }
+        }
+        let unreadable = |e: std::io::Error| ExecutorError::Setup {
+            message: format!("reading $CAPSTAN_OUTPUT out of the workspace: {e}"),
+        };
+        let mut tar = tar::Archive::new(archive.as_slice());
+        let mut entries = tar.entries().map_err(unreadable)?;
+        let Some(entry) = entries.next() else {
+            return Ok(None);
+        };
+        let mut text = Vec::new();
+        entry
+            .map_err(unreadable)?
+            .take(MAX_OUTPUT_BYTES as u64)
+            .read_to_end(&mut text)
+            .map_err(unreadable)?;
+        Ok(Some(text))
     }
 }
