@@ -228,7 +228,10 @@ impl Coordinator {
     async fn answers(&self) -> bool {
         match self.client().await {
             Ok(mut client) => client
-                .list_runs(api::ListRunsRequest { limit: 1 })
+                .list_runs(api::ListRunsRequest {
+                    limit: 1,
+                    ..Default::default()
+                })
                 .await
                 .is_ok(),
             Err(_) => false,

@@ -65,12 +65,8 @@ pub(crate) enum Command {
         /// Run id.
         run: String,
     },
-    /// List runs, newest first.
-    Runs {
-        /// At most this many.
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-    },
+    /// List runs, newest first, a page at a time.
+    Runs(RunsArgs),
     /// Print a run's logs.
     Logs {
         /// Run id.
@@ -203,6 +199,45 @@ pub(crate) struct RepoAdd {
     /// A cron schedule (`0 3 * * *`) that runs the first branch's head; repeatable.
     #[arg(long = "schedule", value_name = "CRON")]
     pub(crate) schedules: Vec<String>,
+}
+
+/// `capstan runs`: which runs, and which page.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunsArgs {
+    /// At most this many (at most 1000).
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: u32,
+    /// Only runs in this state.
+    #[arg(long, value_enum)]
+    pub(crate) state: Option<RunStateArg>,
+    /// Only runs of this pipeline.
+    #[arg(long)]
+    pub(crate) pipeline: Option<String>,
+    /// Only runs submitted with the API token of this name.
+    #[arg(long)]
+    pub(crate) submitter: Option<String>,
+    /// Only runs of this repository.
+    #[arg(long)]
+    pub(crate) repo: Option<String>,
+    /// Only runs of this commit (or a prefix of at least 4 characters).
+    #[arg(long)]
+    pub(crate) commit: Option<String>,
+    /// Only runs created within this long before now: 30m, 2h, 7d.
+    #[arg(long, value_parser = capstan_proto::units::parse_age)]
+    pub(crate) since: Option<std::time::Duration>,
+    /// The next page: the cursor the previous page printed.
+    #[arg(long)]
+    pub(crate) cursor: Option<String>,
+}
+
+/// A run's state, as `capstan runs --state` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RunStateArg {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
 }
 
 /// A forge whose status API Capstan speaks.

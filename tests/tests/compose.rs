@@ -54,8 +54,8 @@ fn compose_cluster_up_submit_failover_down() -> anyhow::Result<()> {
     assert!(out.status.success(), "{}\n{}", stderr(&out), c.logs());
     let runs = c.cli(&["runs", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&runs.stdout)?;
-    let id = v[0]["id"].as_str().unwrap_or_default().to_string();
-    assert_eq!(v[0]["state"], "succeeded", "{v}");
+    let id = v["runs"][0]["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(v["runs"][0]["state"], "succeeded", "{v}");
     let logs = String::from_utf8(c.cli(&["logs", &id]).stdout)?;
     assert!(logs.contains("[hello] hello from capstan in "), "{logs}");
     assert!(logs.contains("[goodbye] goodbye, world\n"), "{logs}");
@@ -144,7 +144,8 @@ fn submit(c: &ComposeCluster) -> anyhow::Result<String> {
 /// The ids in `capstan runs -o json`, newest first.
 fn run_ids(out: &std::process::Output) -> anyhow::Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v.as_array()
+    Ok(v["runs"]
+        .as_array()
         .into_iter()
         .flatten()
         .filter_map(|r| r["id"].as_str().map(String::from))

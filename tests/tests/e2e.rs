@@ -95,7 +95,10 @@ tasks:
     let runs = c
         .client()
         .await?
-        .list_runs(capstan_proto::api::v1::ListRunsRequest { limit: 1 })
+        .list_runs(capstan_proto::api::v1::ListRunsRequest {
+            limit: 1,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .runs;
@@ -260,7 +263,8 @@ async fn bad_input_gets_clear_errors() -> anyhow::Result<()> {
     // Nothing reached the queue.
     let runs = c.cli(&["runs", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&runs.stdout)?;
-    assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["runs"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(v["next"].is_null(), "{v}");
 
     let out = c.cli(&["status", "run-unknown"]);
     assert_eq!(out.status.code(), Some(2));
@@ -549,7 +553,10 @@ async fn a_repeated_idempotency_key_queues_one_run() -> anyhow::Result<()> {
     let runs = c
         .client()
         .await?
-        .list_runs(capstan_proto::api::v1::ListRunsRequest { limit: 10 })
+        .list_runs(capstan_proto::api::v1::ListRunsRequest {
+            limit: 10,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .runs;

@@ -121,11 +121,14 @@ impl Fixture {
 
     async fn runs(&self) -> Vec<api::Run> {
         let mut c = self.cluster.client().await.unwrap();
-        c.list_runs(api::ListRunsRequest { limit: 1000 })
-            .await
-            .unwrap()
-            .into_inner()
-            .runs
+        c.list_runs(api::ListRunsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs
     }
 
     /// The statuses posted for `sha`, once `n` of them arrived.

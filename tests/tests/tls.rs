@@ -472,7 +472,10 @@ async fn replicas_over_tls_fail_over_and_share_revocations() -> anyhow::Result<(
     let err = capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient::new(
         c.channel_with(&c.replicas[other].url(), Some(&ci)).await?,
     )
-    .list_runs(capstan_proto::api::v1::ListRunsRequest { limit: 1 })
+    .list_runs(capstan_proto::api::v1::ListRunsRequest {
+        limit: 1,
+        ..Default::default()
+    })
     .await
     .unwrap_err();
     assert_eq!(

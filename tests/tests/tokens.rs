@@ -111,7 +111,10 @@ async fn every_client_call_needs_a_live_token_of_the_right_scope() -> anyhow::Re
     assert_eq!(
         c.client()
             .await?
-            .list_runs(api::ListRunsRequest { limit: 0 })
+            .list_runs(api::ListRunsRequest {
+                limit: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner()
             .runs
@@ -344,7 +347,10 @@ async fn a_revocation_holds_on_every_replica_and_after_a_failover() -> anyhow::R
     let err = api::pipeline_service_client::PipelineServiceClient::new(
         c.channel_with(&c.replicas[follower].url(), None).await?,
     )
-    .list_runs(api::ListRunsRequest { limit: 1 })
+    .list_runs(api::ListRunsRequest {
+        limit: 1,
+        ..Default::default()
+    })
     .await
     .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
@@ -363,7 +369,10 @@ async fn a_revocation_holds_on_every_replica_and_after_a_failover() -> anyhow::R
         let err = api::pipeline_service_client::PipelineServiceClient::new(
             c.channel_with(&c.replicas[i].url(), Some(&ci)).await?,
         )
-        .list_runs(api::ListRunsRequest { limit: 1 })
+        .list_runs(api::ListRunsRequest {
+            limit: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
         assert_eq!(

@@ -196,7 +196,10 @@ pub(crate) async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> an
     let mut client = coord.client().await?;
     loop {
         let runs = client
-            .list_runs(api::ListRunsRequest { limit: n as u32 })
+            .list_runs(api::ListRunsRequest {
+                limit: n as u32,
+                ..Default::default()
+            })
             .await?
             .into_inner()
             .runs;

@@ -77,7 +77,7 @@ pub(crate) async fn run(cli: Cli) -> Result<Exit, Failure> {
     match cli.command {
         Command::Submit(args) => submit::run(&ctx, args).await,
         Command::Status { run } => status::run(&ctx, &run).await,
-        Command::Runs { limit } => runs::run(&ctx, limit).await,
+        Command::Runs(args) => runs::run(&ctx, &args).await,
         Command::Logs { run, task, follow } => logs::run(&ctx, &run, task.as_deref(), follow).await,
         Command::Cancel { run } => cancel::run(&ctx, &run).await,
         Command::Approve { run, task, reason } => {

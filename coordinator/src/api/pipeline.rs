@@ -302,15 +302,16 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         req: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
         self.0.authorize(&req, Scope::Read).await?;
-        let limit = match req.into_inner().limit {
-            0 => 50,
-            n => n as usize,
-        };
-        let runs = self
+        let query = crate::scheduler::listing::RunQuery::from_request(req.get_ref())
+            .map_err(Status::invalid_argument)?;
+        let (runs, next) = self
             .0
-            .ask(|reply| Command::ListRuns { limit, reply })
+            .ask(|reply| Command::ListRuns { query, reply })
             .await?;
-        Ok(Response::new(ListRunsResponse { runs }))
+        Ok(Response::new(ListRunsResponse {
+            runs,
+            next_cursor: next.unwrap_or_default(),
+        }))
     }
 
     async fn decide_approval(

@@ -38,8 +38,9 @@ pub(crate) enum Command {
         reply: Reply<api::Run>,
     },
     ListRuns {
-        limit: usize,
-        reply: Reply<Vec<api::Run>>,
+        query: super::listing::RunQuery,
+        /// A page of runs and the next page's cursor.
+        reply: Reply<(Vec<api::Run>, Option<String>)>,
     },
     /// With `owner`, only a run that token submitted may be cancelled.
     CancelRun {

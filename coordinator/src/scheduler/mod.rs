@@ -26,6 +26,7 @@ mod command;
 mod commit;
 pub(crate) mod dispatch;
 pub(crate) mod lease;
+pub(crate) mod listing;
 pub(crate) mod state;
 mod stored;
 mod view;
@@ -241,8 +242,9 @@ impl Scheduler {
             Command::GetRun { id, reply } => {
                 let _ = reply.send(self.run_view(&id));
             }
-            Command::ListRuns { limit, reply } => {
-                let _ = reply.send(Ok(self.list_runs(limit)));
+            Command::ListRuns { query, reply } => {
+                let (page, next) = listing::page(self.state.runs(), &query);
+                let _ = reply.send(Ok((page.into_iter().map(view::run).collect(), next)));
             }
             Command::CancelRun { id, owner, reply } => {
                 let r = self
@@ -369,13 +371,6 @@ impl Scheduler {
         // A repeat is answered after the next commit too, so it
         // never names a run that is not yet durable.
         self.reply(reply, Ok(id));
-    }
-
-    /// The newest `limit` runs, newest first.
-    fn list_runs(&self, limit: usize) -> Vec<api::Run> {
-        let mut runs: Vec<&RunRecord> = self.state.runs().collect();
-        runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
-        runs.into_iter().take(limit).map(view::run).collect()
     }
 
     /// A receiver of the run's view, updated after every commit that changes it.

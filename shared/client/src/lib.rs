@@ -294,11 +294,27 @@ impl Client {
     /// Up to `limit` runs (0: the server's default), newest first.
     pub async fn list_runs(&self, limit: u32) -> Result<Vec<Run>, ClientError> {
         let response = self
-            .unary(ListRunsRequest { limit }, |ch, req| async move {
-                PipelineServiceClient::new(ch).list_runs(req).await
-            })
+            .unary(
+                ListRunsRequest {
+                    limit,
+                    ..Default::default()
+                },
+                |ch, req| async move { PipelineServiceClient::new(ch).list_runs(req).await },
+            )
             .await?;
         Ok(response.runs)
+    }
+
+    /// One page of runs, newest first, matching the request's filters
+    /// (`next_cursor` asks for the next page).
+    pub async fn list_runs_page(
+        &self,
+        request: ListRunsRequest,
+    ) -> Result<capstan_proto::api::v1::ListRunsResponse, ClientError> {
+        self.unary(request, |ch, req| async move {
+            PipelineServiceClient::new(ch).list_runs(req).await
+        })
+        .await
     }
 
     /// Cancels every unfinished task of a run; returns the run afterwards.

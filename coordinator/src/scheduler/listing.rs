@@ -1,0 +1,237 @@
+//! `ListRuns`: a page of runs, newest first (by submission order, `seq`),
+//! that match a [`RunQuery`]'s filters, with the cursor of the next page.
+//! The cursor is the `seq` of the last run listed, so a page never repeats
+//! or skips a run however many are submitted between two pages (new runs
+//! are newer than every cursor).
+
+use capstan_proto::api::v1::ListRunsRequest;
+use capstan_proto::pipeline::v1::RunState;
+
+use crate::model::{RunRecord, StoredRunState};
+
+/// The default page, and the largest.
+pub(crate) const DEFAULT_LIMIT: usize = 50;
+pub(crate) const MAX_LIMIT: usize = 1000;
+/// The shortest commit prefix a filter takes.
+const MIN_REV_PREFIX: usize = 4;
+
+/// What `ListRuns` asks for, checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RunQuery {
+    pub(crate) limit: usize,
+    /// Only runs submitted before the run with this `seq`.
+    pub(crate) before_seq: Option<u64>,
+    pub(crate) state: Option<StoredRunState>,
+    pub(crate) pipeline: Option<String>,
+    pub(crate) submitted_by: Option<String>,
+    pub(crate) repo: Option<String>,
+    pub(crate) rev: Option<String>,
+    pub(crate) created_after_ms: Option<i64>,
+    pub(crate) created_before_ms: Option<i64>,
+}
+
+impl RunQuery {
+    /// The query of a request; the error says what to fix.
+    pub(crate) fn from_request(r: &ListRunsRequest) -> Result<Self, String> {
+        let limit = match r.limit as usize {
+            0 => DEFAULT_LIMIT,
+            n if n > MAX_LIMIT => {
+                return Err(format!(
+                    "limit {n} is over {MAX_LIMIT}: ask for pages of at most {MAX_LIMIT} and follow next_cursor"
+                ));
+            }
+            n => n,
+        };
+        let before_seq = match r.cursor.as_str() {
+            "" => None,
+            c => Some(parse_cursor(c).ok_or_else(|| {
+                format!("cursor `{c}` is not one ListRuns gave: pass the next_cursor of the previous page")
+            })?),
+        };
+        let state = match RunState::try_from(r.state) {
+            Ok(RunState::Unspecified) => None,
+            Ok(RunState::Queued) => Some(StoredRunState::Queued),
+            Ok(RunState::Running) => Some(StoredRunState::Running),
+            Ok(RunState::Succeeded) => Some(StoredRunState::Succeeded),
+            Ok(RunState::Failed) => Some(StoredRunState::Failed),
+            Ok(RunState::Cancelled) => Some(StoredRunState::Cancelled),
+            Err(_) => return Err(format!("unknown run state {}", r.state)),
+        };
+        if !r.rev.is_empty() && r.rev.len() < MIN_REV_PREFIX {
+            return Err(format!(
+                "commit `{}` is too short a prefix: give at least {MIN_REV_PREFIX} characters",
+                r.rev
+            ));
+        }
+        let set = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Ok(Self {
+            limit,
+            before_seq,
+            state,
+            pipeline: set(&r.pipeline),
+            submitted_by: set(&r.submitted_by),
+            repo: set(&r.repo),
+            rev: set(&r.rev),
+            created_after_ms: (r.created_after_ms > 0).then_some(r.created_after_ms),
+            created_before_ms: (r.created_before_ms > 0).then_some(r.created_before_ms),
+        })
+    }
+
+    fn matches(&self, r: &RunRecord) -> bool {
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        self.before_seq.is_none_or(|s| r.seq < s)
+            && self.state.is_none_or(|s| r.state == s)
+            && eq(&self.pipeline, &r.pipeline)
+            && eq(&self.submitted_by, &r.submitted_by)
+            && eq(&self.repo, &r.repo)
+            && self.rev.as_deref().is_none_or(|p| r.rev.starts_with(p))
+            && self.created_after_ms.is_none_or(|t| r.created_at_ms >= t)
+            && self.created_before_ms.is_none_or(|t| r.created_at_ms < t)
+    }
+}
+
+/// The page `q` asks for out of `runs`, newest first, and the cursor of
+/// the next page (none when no matching run is left).
+pub(crate) fn page<'a>(
+    runs: impl Iterator<Item = &'a RunRecord>,
+    q: &RunQuery,
+) -> (Vec<&'a RunRecord>, Option<String>) {
+    let mut found: Vec<&RunRecord> = runs.filter(|r| q.matches(r)).collect();
+    found.sort_unstable_by_key(|r| std::cmp::Reverse(r.seq));
+    let more = found.len() > q.limit;
+    found.truncate(q.limit);
+    let next = more.then(|| found.last().map(|r| cursor(r.seq))).flatten();
+    (found, next)
+}
+
+fn cursor(seq: u64) -> String {
+    format!("s{seq}")
+}
+
+fn parse_cursor(c: &str) -> Option<u64> {
+    c.strip_prefix('s')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(seq: u64, pipeline: &str, state: StoredRunState, by: &str, rev: &str) -> RunRecord {
+        let mut r = crate::api::pipeline::build_run(capstan_proto::api::v1::SubmitRunRequest {
+            pipeline_yaml: "version: 1\nname: p\ntasks:\n  t:\n    steps: [ { run: 'true' } ]\n"
+                .into(),
+            ..Default::default()
+        })
+        .expect("valid pipeline");
+        r.seq = seq;
+        r.pipeline = pipeline.into();
+        r.state = state;
+        r.submitted_by = by.into();
+        r.rev = rev.into();
+        r.created_at_ms = 1000 * seq as i64;
+        r
+    }
+
+    fn ids(page: &[&RunRecord]) -> Vec<u64> {
+        page.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn pages_cover_every_match_once_while_runs_arrive() {
+        use StoredRunState::*;
+        let mut runs: Vec<RunRecord> = (1..=7)
+            .map(|s| {
+                run(
+                    s,
+                    if s % 2 == 0 { "even" } else { "odd" },
+                    Succeeded,
+                    "ci",
+                    "abcdef",
+                )
+            })
+            .collect();
+        let mut q = RunQuery {
+            limit: 2,
+            ..RunQuery::default()
+        };
+        let (p1, next) = page(runs.iter(), &q);
+        assert_eq!(ids(&p1), [7, 6]);
+        // Runs submitted between two pages are newer than the cursor.
+        runs.push(run(8, "odd", Running, "ci", "abcdef"));
+        q.before_seq = parse_cursor(&next.unwrap());
+        let (p2, next) = page(runs.iter(), &q);
+        assert_eq!(ids(&p2), [5, 4]);
+        q.before_seq = parse_cursor(&next.unwrap());
+        let (p3, next) = page(runs.iter(), &q);
+        assert_eq!(ids(&p3), [3, 2]);
+        q.before_seq = parse_cursor(&next.unwrap());
+        let (p4, next) = page(runs.iter(), &q);
+        assert_eq!(ids(&p4), [1]);
+        assert_eq!(next, None, "the last page has no cursor");
+
+        let q = RunQuery {
+            limit: 10,
+            pipeline: Some("odd".into()),
+            state: Some(Succeeded),
+            ..RunQuery::default()
+        };
+        assert_eq!(ids(&page(runs.iter(), &q).0), [7, 5, 3, 1]);
+        let q = RunQuery {
+            limit: 10,
+            rev: Some("abcd".into()),
+            created_after_ms: Some(3000),
+            created_before_ms: Some(6000),
+            ..RunQuery::default()
+        };
+        assert_eq!(ids(&page(runs.iter(), &q).0), [5, 4, 3]);
+        let q = RunQuery {
+            limit: 10,
+            submitted_by: Some("someone".into()),
+            ..RunQuery::default()
+        };
+        assert!(page(runs.iter(), &q).0.is_empty());
+        // Exactly a page's worth left: no cursor to an empty page.
+        let q = RunQuery {
+            limit: 8,
+            ..RunQuery::default()
+        };
+        assert_eq!(page(runs.iter(), &q).1, None);
+    }
+
+    #[test]
+    fn bad_requests_say_what_to_fix() {
+        let bad = |r: ListRunsRequest| RunQuery::from_request(&r).unwrap_err();
+        let e = bad(ListRunsRequest {
+            cursor: "x9".into(),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("pass the next_cursor of the previous page"),
+            "{e}"
+        );
+        let e = bad(ListRunsRequest {
+            limit: 5000,
+            ..Default::default()
+        });
+        assert!(e.contains("at most 1000"), "{e}");
+        let e = bad(ListRunsRequest {
+            rev: "ab".into(),
+            ..Default::default()
+        });
+        assert!(e.contains("at least 4 characters"), "{e}");
+        let e = bad(ListRunsRequest {
+            state: 99,
+            ..Default::default()
+        });
+        assert!(e.contains("unknown run state 99"), "{e}");
+        let q = RunQuery::from_request(&ListRunsRequest {
+            cursor: "s12".into(),
+            state: RunState::Failed as i32,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(q.limit, DEFAULT_LIMIT);
+        assert_eq!(q.before_seq, Some(12));
+        assert_eq!(q.state, Some(StoredRunState::Failed));
+    }
+}
