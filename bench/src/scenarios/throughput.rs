@@ -18,7 +18,9 @@
 use super::{Ctx, Figures, cores};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::procs::{Coordinator, proc_stat};
+use capstan_client::AuthChannel;
 use capstan_proto::api::v1 as api;
+use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
 use capstan_proto::pipeline::v1::RunState;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
@@ -195,18 +197,7 @@ pub(crate) async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> an
     }
     let mut client = coord.client().await?;
     loop {
-        let runs = client
-            .list_runs(api::ListRunsRequest {
-                limit: n as u32,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .runs;
-        let done = runs
-            .iter()
-            .filter(|r| r.state == RunState::Succeeded as i32)
-            .count();
+        let done = count_succeeded(&mut client, n).await?;
         if done >= n {
             return Ok(());
         }
@@ -214,5 +205,31 @@ pub(crate) async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> an
             anyhow::bail!("only {done} of {n} runs succeeded in 600 s");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How many runs succeeded, up to `n`: ListRuns pages (at most 1000 a page)
+/// of succeeded runs, counted.
+async fn count_succeeded(
+    client: &mut PipelineServiceClient<AuthChannel>,
+    n: usize,
+) -> anyhow::Result<usize> {
+    let mut count = 0;
+    let mut cursor = String::new();
+    loop {
+        let page = client
+            .list_runs(api::ListRunsRequest {
+                state: RunState::Succeeded as i32,
+                limit: 1000,
+                cursor,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        count += page.runs.len();
+        if count >= n || page.next_cursor.is_empty() {
+            return Ok(count);
+        }
+        cursor = page.next_cursor;
     }
 }
