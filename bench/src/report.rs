@@ -57,6 +57,13 @@ const ROWS: &[Row] = &[
         peer: Some(("buildbot_throughput_builds_per_s", false)),
     },
     Row {
+        what: "ListRuns: a filtered page of 50 (issue 28; full: of 20,000 runs)",
+        key: "throughput_list_runs_page_ms",
+        unit: "ms",
+        goal: Goal::AtMost(10.0),
+        peer: None,
+    },
+    Row {
         what: "dispatch throughput, etcd (submit + run concurrently)",
         key: "throughput_etcd_tasks_per_s",
         unit: "tasks/s",

@@ -85,7 +85,13 @@ struct Measured {
     cpu_us: f64,
     drain_rate: f64,
     drain_cpu_us: f64,
+    /// ListRuns of one filtered page of 50 out of the `n` finished runs,
+    /// p50 over [`QUERIES`] calls.
+    list_runs_page_ms: f64,
 }
+
+/// ListRuns calls the page latency is the median of.
+const QUERIES: usize = 30;
 
 impl Measured {
     fn figures(&self, prefix: &str, n: usize) -> Figures {
@@ -98,6 +104,10 @@ impl Measured {
             (
                 format!("{prefix}_drain_coordinator_cpu_us_per_task"),
                 self.drain_cpu_us,
+            ),
+            (
+                format!("{prefix}_list_runs_page_ms"),
+                self.list_runs_page_ms,
             ),
         ]
     }
@@ -160,13 +170,42 @@ async fn measure(
          in {:.2} s; coordinator CPU {drain_cpu_us:.0} us/task",
         elapsed.as_secs_f64()
     );
+    let list_runs_page_ms = page_latency(&coord).await?;
+    println!(
+        "throughput: ListRuns, a page of 50 succeeded runs of one pipeline out of {n}: \
+         {list_runs_page_ms:.2} ms p50 of {QUERIES}"
+    );
     Ok(Measured {
         rate,
         submit_rate,
         cpu_us,
         drain_rate,
         drain_cpu_us,
+        list_runs_page_ms,
     })
+}
+
+/// The median time of a filtered ListRuns page of 50, asked [`QUERIES`]
+/// times (each a round trip to the coordinator on loopback).
+async fn page_latency(coord: &Coordinator) -> anyhow::Result<f64> {
+    let mut client = coord.client().await?;
+    let mut times = Vec::with_capacity(QUERIES);
+    for _ in 0..QUERIES {
+        let start = Instant::now();
+        let page = client
+            .list_runs(api::ListRunsRequest {
+                limit: 50,
+                state: RunState::Succeeded as i32,
+                pipeline: "trivial".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(page.runs.len() == 50, "a page of {} runs", page.runs.len());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// Submits `n` single-task runs with `SUBMITTERS` calls in flight.

@@ -4,6 +4,9 @@
 //! or skips a run however many are submitted between two pages (new runs
 //! are newer than every cursor).
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use capstan_proto::api::v1::ListRunsRequest;
 use capstan_proto::pipeline::v1::RunState;
 
@@ -96,12 +99,41 @@ pub(crate) fn page<'a>(
     runs: impl Iterator<Item = &'a RunRecord>,
     q: &RunQuery,
 ) -> (Vec<&'a RunRecord>, Option<String>) {
-    let mut found: Vec<&RunRecord> = runs.filter(|r| q.matches(r)).collect();
-    found.sort_unstable_by_key(|r| std::cmp::Reverse(r.seq));
+    // The newest `limit + 1` matches (one more tells whether a next page
+    // exists), kept in a min-heap by `seq`: no sort of every run.
+    let mut newest: BinaryHeap<Reverse<Newest<'a>>> = BinaryHeap::with_capacity(q.limit + 2);
+    for r in runs.filter(|r| q.matches(r)) {
+        newest.push(Reverse(Newest(r)));
+        if newest.len() > q.limit + 1 {
+            newest.pop();
+        }
+    }
+    let mut found: Vec<&RunRecord> = newest.into_iter().map(|Reverse(Newest(r))| r).collect();
+    found.sort_unstable_by_key(|r| Reverse(r.seq));
     let more = found.len() > q.limit;
     found.truncate(q.limit);
     let next = more.then(|| found.last().map(|r| cursor(r.seq))).flatten();
     (found, next)
+}
+
+/// A run ordered by its submission order alone.
+struct Newest<'a>(&'a RunRecord);
+
+impl PartialEq for Newest<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.seq == other.0.seq
+    }
+}
+impl Eq for Newest<'_> {}
+impl PartialOrd for Newest<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Newest<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.seq.cmp(&other.0.seq)
+    }
 }
 
 fn cursor(seq: u64) -> String {
