@@ -57,13 +57,7 @@ pub(crate) fn offer_message(
     let number = t.attempts.len() as u32;
     let runner_name = t.attempts.last().map_or("", |x| x.runner_name.as_str());
     let trace = crate::trace::dispatch(run, t, attempt.as_str(), number, runner_name);
-    // The outputs of the tasks it needs, all there (checked when it was
-    // ready: `state::outputs`).
-    let mut spec = t.spec.clone();
-    capstan_pipeline::outputs::fill(&mut spec, |task, key| {
-        let t = run.tasks.iter().find(|t| t.name == task)?;
-        t.outputs.get(key).cloned()
-    });
+    let spec = offered_spec(run, i);
     rpb::Offer {
         leader_epoch: epoch,
         attempt_id: attempt.to_string(),
@@ -80,6 +74,18 @@ pub(crate) fn offer_message(
         tentative: false,
         pushed_digests: pushed_digests(run),
     }
+}
+
+/// Task `i`'s spec as its attempts get it: with the outputs of the tasks
+/// it needs filled in (all there: checked when it was ready,
+/// `state::outputs`).
+pub(crate) fn offered_spec(run: &RunRecord, i: usize) -> capstan_proto::pipeline::v1::TaskSpec {
+    let mut spec = run.tasks[i].spec.clone();
+    capstan_pipeline::outputs::fill(&mut spec, |task, key| {
+        let t = run.tasks.iter().find(|t| t.name == task)?;
+        t.outputs.get(key).cloned()
+    });
+    spec
 }
 
 /// What the run's succeeded tasks pushed: their `image` and `digest`

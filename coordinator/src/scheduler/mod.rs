@@ -348,7 +348,7 @@ impl Scheduler {
         self.check_attempt(ask)?;
         let (spec, repo) = self.state.attempt_task(&ask.attempt).unzip();
         Ok((
-            spec.cloned().unwrap_or_default(),
+            spec.unwrap_or_default(),
             repo.unwrap_or_default().to_owned(),
         ))
     }

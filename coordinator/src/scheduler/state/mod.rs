@@ -324,14 +324,19 @@ impl SchedulerState {
         }
     }
 
-    /// The task spec and the run's repository of attempt `a`.
+    /// The task spec of attempt `a` as it was offered (outputs filled in)
+    /// and the run's repository.
     pub(crate) fn attempt_task(
         &self,
         a: &AttemptId,
-    ) -> Option<(&capstan_proto::pipeline::v1::TaskSpec, &str)> {
+    ) -> Option<(capstan_proto::pipeline::v1::TaskSpec, &str)> {
         let (run, i) = self.runs.locate(a)?;
         let r = self.runs.get(&run)?;
-        Some((&r.tasks.get(i)?.spec, r.repo.as_str()))
+        r.tasks.get(i)?;
+        Some((
+            crate::scheduler::dispatch::offered_spec(r, i),
+            r.repo.as_str(),
+        ))
     }
 
     pub(crate) fn queue_depth(&self) -> usize {
