@@ -57,13 +57,11 @@ impl DockerExecutor {
                 cap_add.push(cap.clone());
             }
         }
+        let (memory_bytes, cpus) = self.resources(task);
         Ok(StepLimits {
             cap_add,
-            memory_bytes: match task.task.memory_bytes {
-                0 => o.memory_bytes,
-                n => i64::try_from(n).ok(),
-            },
-            cpus: (task.task.cpus > 0.0).then_some(task.task.cpus).or(o.cpus),
+            memory_bytes,
+            cpus,
         })
     }
 

@@ -261,6 +261,18 @@ impl DockerExecutor {
         labels
     }
 
+    /// Memory (bytes) and CPU limits of each of the task's containers: the
+    /// task's `resources`, else the runner's defaults.
+    fn resources(&self, task: &TaskContext) -> (Option<i64>, Option<f64>) {
+        let o = &self.options.settings;
+        let memory = match task.task.memory_bytes {
+            0 => o.memory_bytes,
+            n => i64::try_from(n).ok(),
+        };
+        let cpus = (task.task.cpus > 0.0).then_some(task.task.cpus).or(o.cpus);
+        (memory, cpus)
+    }
+
     fn network_mode(&self, task: &TaskContext) -> String {
         match (&self.options.settings.network, self.task_network(task)) {
             (NetworkSetting::Named(name), _) => name.clone(),

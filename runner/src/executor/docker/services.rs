@@ -116,14 +116,7 @@ impl DockerExecutor {
         let network = object_name(task);
         let mut labels = self.labels(task);
         labels.insert(LABEL_SERVICE.into(), service.name.clone());
-        let settings = &self.options.settings;
-        let memory = match task.task.memory_bytes {
-            0 => settings.memory_bytes,
-            n => i64::try_from(n).ok(),
-        };
-        let cpus = (task.task.cpus > 0.0)
-            .then_some(task.task.cpus)
-            .or(settings.cpus);
+        let (memory, cpus) = self.resources(task);
         ContainerCreateBody {
             image: Some(service.image.clone()),
             cmd: (!service.command.is_empty()).then(|| service.command.clone()),
