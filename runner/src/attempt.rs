@@ -511,16 +511,17 @@ mod tests {
         }
     }
 
-    async fn run_panicky(executor: Arc<Panicky>) -> Outcome {
-        let dir = tempfile::tempdir().unwrap();
-        let (events, _events_rx) = mpsc::unbounded_channel();
-        let (_target_tx, log_target) = watch::channel(None);
-        let spec = AttemptSpec {
+    /// The spec of attempt `att-1` with its work dir in `dir`: no
+    /// repository, no secrets, nobody listening to its events.
+    pub(super) fn spec(dir: &std::path::Path, executor: Arc<dyn Executor>) -> AttemptSpec {
+        let (events, _) = mpsc::unbounded_channel();
+        let (_, log_target) = watch::channel(None);
+        AttemptSpec {
             offer: Offer {
                 attempt_id: "att-1".into(),
                 ..Offer::default()
             },
-            work_dir: Arc::new(WorkDir::new(dir.path())),
+            work_dir: Arc::new(WorkDir::new(dir)),
             executor,
             cancel: CancellationToken::new(),
             confirmed: None,
@@ -532,7 +533,12 @@ mod tests {
             git_author: crate::gitops::Author::default(),
             step_log_cap: crate::logs::cap::StepLogCap::default(),
             log_memory: crate::logs::spool::MEMORY_BUDGET,
-        };
+        }
+    }
+
+    async fn run_panicky(executor: Arc<Panicky>) -> Outcome {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path(), executor);
         let task = testing::task(dir.path().join("ws"), vec![testing::run_step("true")]);
         let spool = Spool::create(spec.work_dir.spool_dir(), "att-1")
             .await

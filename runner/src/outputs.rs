@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::step::MAX_OUTPUT_BYTES;
+
 /// Most outputs one task may write.
 pub(crate) const MAX_OUTPUTS: usize = 100;
 
@@ -22,6 +24,27 @@ fn reserved(key: &str) -> bool {
         key,
         "image" | "digest" | "commit" | "repo" | "branch" | "pull-request"
     ) || key.starts_with("steps.")
+}
+
+/// The outputs of the file from what the executor read of it (at most one
+/// byte more than [`MAX_OUTPUT_BYTES`]: that byte says the file is over
+/// the limit), and the lines for the log, as [`parse`]. Of a file over the
+/// limit only the lines that end within it are read (the line the limit
+/// cuts would give a cut value), and the log says so first.
+pub(crate) fn read(bytes: &[u8]) -> (BTreeMap<String, String>, Vec<String>) {
+    if bytes.len() <= MAX_OUTPUT_BYTES {
+        return parse(&String::from_utf8_lossy(bytes));
+    }
+    let kept = &bytes[..MAX_OUTPUT_BYTES];
+    let end = kept.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let (outputs, notes) = parse(&String::from_utf8_lossy(&kept[..end]));
+    let over = format!(
+        "$CAPSTAN_OUTPUT is larger than its limit of {} KiB: only the lines within its first {} KiB were read, \
+         the rest is ignored (outputs travel with every later task of the run: write a big result to a file)",
+        MAX_OUTPUT_BYTES / 1024,
+        MAX_OUTPUT_BYTES / 1024,
+    );
+    (outputs, std::iter::once(over).chain(notes).collect())
 }
 
 /// The file's outputs (the last value of a key wins), and a line for the
@@ -35,7 +58,10 @@ pub(crate) fn parse(text: &str) -> (BTreeMap<String, String>, Vec<String>) {
         if line.trim().is_empty() {
             continue;
         }
-        let (key, value) = if let Some((key, delim)) = line.split_once("<<") {
+        // `k=a<<b` is a value with `<<` in it: a block only when its `<<`
+        // comes before any `=`.
+        let block = line.split_once("<<").filter(|(key, _)| !key.contains('='));
+        let (key, value) = if let Some((key, delim)) = block {
             let mut value: Vec<&str> = Vec::new();
             let mut closed = false;
             for (_, l) in lines.by_ref() {
@@ -128,6 +154,42 @@ mod tests {
         ] {
             assert!(all.contains(want), "{want}\n{all}");
         }
+    }
+
+    #[test]
+    fn an_equals_sign_before_the_angle_brackets_is_a_value() {
+        let (out, notes) = parse("k=a<<b\nurl=x?q=<<y\nblock<<E=F\none\nE=F\n");
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(out["k"], "a<<b");
+        assert_eq!(out["url"], "x?q=<<y");
+        assert_eq!(out["block"], "one", "`<<` before `=`: a block");
+        assert_eq!(out.len(), 3, "{out:?}");
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_said_and_cut_at_a_line() {
+        // What an executor reads: one byte past the limit.
+        let read_of = |text: &str| read(&text.as_bytes()[..text.len().min(MAX_OUTPUT_BYTES + 1)]);
+        let big = "x".repeat(MAX_OUTPUT_BYTES);
+        let (out, notes) = read_of(&format!("first=1\nbig={big}\nlast=2\n"));
+        // The line the limit cuts gives no cut value; none beyond it.
+        assert_eq!(out.keys().collect::<Vec<_>>(), ["first"], "{out:?}");
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("$CAPSTAN_OUTPUT is larger than its limit of 64 KiB"),
+            "{notes:?}"
+        );
+        // A block the limit cuts is never closed, and said so too.
+        let (out, notes) = read_of(&format!("first=1\nnotes<<EOF\n{big}\nEOF\n"));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[1].contains("never closed"), "{notes:?}");
+        // A file of just the limit is whole, the last line without its
+        // line end too.
+        let exact = format!("v={}", "x".repeat(MAX_OUTPUT_BYTES - 2));
+        let (out, notes) = read_of(&exact);
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(out["v"].len(), MAX_OUTPUT_BYTES - 2);
     }
 
     #[test]

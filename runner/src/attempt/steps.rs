@@ -64,20 +64,46 @@ pub(super) async fn run_steps(
     Outcome::new(AttemptOutcome::Succeeded, None, message)
 }
 
-/// Records the outputs the steps wrote to `$CAPSTAN_OUTPUT`; what was not
-/// taken is said in the log, after the last step.
+/// Records the outputs the `run` steps wrote to `$CAPSTAN_OUTPUT` (a task
+/// without one has none, and its file is not read); what was not taken is
+/// said in the log, after the last step.
+///
+/// A file that cannot be read (an I/O error, the container gone) is a
+/// warning in the log, and the task keeps its success without outputs of
+/// its own: as an infrastructure error it would be retried, and its steps,
+/// which may have pushed images or commits, would run again. `Err` only
+/// when the log could not be stored.
 async fn record_outputs(
     spec: &AttemptSpec,
     task: &TaskContext,
     spool: &Arc<Spool>,
 ) -> Result<(), ExecutorError> {
-    let Some(bytes) = spec.executor.read_output_file(task).await? else {
+    let runs = (task.task.steps.iter()).any(|s| matches!(s.kind, Some(step::Kind::Run(_))));
+    if !runs {
         return Ok(());
-    };
-    let (outputs, notes) = crate::outputs::parse(&String::from_utf8_lossy(&bytes));
-    for (key, value) in &outputs {
-        task.set_output(key, value);
     }
+    let notes = match spec.executor.read_output_file(task).await {
+        Ok(None) => return Ok(()),
+        Ok(Some(bytes)) => {
+            let (outputs, notes) = crate::outputs::read(&bytes);
+            for (key, value) in &outputs {
+                task.set_output(key, value);
+            }
+            notes
+        }
+        Err(e) => {
+            // The readers' errors say what was read (`Setup` only says
+            // it is not a step's).
+            let error = match &e {
+                ExecutorError::Setup { message } => message.clone(),
+                e => chain(e),
+            };
+            warn!(%error, "reading $CAPSTAN_OUTPUT failed; the task keeps its success, without its own outputs");
+            vec![format!(
+                "warning: $CAPSTAN_OUTPUT could not be read ({error}): the task succeeded, but without the outputs its steps wrote"
+            )]
+        }
+    };
     if notes.is_empty() {
         return Ok(());
     }
@@ -403,5 +429,133 @@ fn step_label(step: &Step) -> String {
         step_kind_name(step).to_owned()
     } else {
         step.name.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::Executor;
+    use crate::executor::fake::FakeExecutor;
+    use crate::step::{MAX_OUTPUT_BYTES, OUTPUT_FILE, testing};
+    use capstan_proto::pipeline::v1::PushStep;
+    use std::collections::BTreeMap;
+
+    /// Every step succeeds; the output file cannot be read.
+    struct Unreadable;
+
+    #[async_trait::async_trait]
+    impl Executor for Unreadable {
+        async fn setup_task(&self, _: &TaskContext) -> Result<(), ExecutorError> {
+            Ok(())
+        }
+        async fn run_step(
+            &self,
+            _: &TaskContext,
+            _: StepContext<'_>,
+        ) -> Result<StepEnd, ExecutorError> {
+            Ok(StepEnd::Exited(0))
+        }
+        async fn destroy_step(&self, _: &TaskContext, _: u32) -> Result<(), ExecutorError> {
+            Ok(())
+        }
+        async fn destroy_task(&self, _: &TaskContext) -> Result<(), ExecutorError> {
+            Ok(())
+        }
+        async fn read_output_file(
+            &self,
+            _: &TaskContext,
+        ) -> Result<Option<Vec<u8>>, ExecutorError> {
+            Err(ExecutorError::Setup {
+                message: "the helper container is gone".into(),
+            })
+        }
+    }
+
+    /// Runs `steps` with `file` as the workspace's output file: the
+    /// outcome, the task's outputs and its log.
+    async fn run(
+        executor: impl Executor + 'static,
+        steps: Vec<Step>,
+        file: Option<&[u8]>,
+    ) -> (Outcome, BTreeMap<String, String>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = super::super::tests::spec(dir.path(), Arc::new(executor));
+        let task = testing::task(dir.path().join("ws"), steps);
+        std::fs::create_dir_all(&task.workspace).unwrap();
+        if let Some(file) = file {
+            std::fs::write(task.workspace.join(OUTPUT_FILE), file).unwrap();
+        }
+        let spool = Spool::create(spec.work_dir.spool_dir(), "att-1")
+            .await
+            .unwrap();
+        let outcome = run_steps(&spec, &task, &Arc::default(), &spool, None).await;
+        let mut log = Vec::new();
+        loop {
+            let chunk = spool.read_at(log.len() as u64, 1 << 20).await.unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            log.extend_from_slice(&chunk);
+        }
+        let outputs = task.outputs.lock().unwrap().clone();
+        (outcome, outputs, String::from_utf8_lossy(&log).into_owned())
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_output_file_is_a_warning_and_the_task_succeeds() {
+        let steps = vec![testing::run_step("echo wrote k=v")];
+        let (outcome, outputs, log) = run(Unreadable, steps, None).await;
+        assert_eq!(
+            outcome.outcome,
+            AttemptOutcome::Succeeded,
+            "{}",
+            outcome.message
+        );
+        assert!(outputs.is_empty(), "{outputs:?}");
+        assert!(
+            log.contains(
+                "warning: $CAPSTAN_OUTPUT could not be read (the helper container is gone): the task succeeded"
+            ),
+            "{log}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_without_run_steps_reads_no_output_file() {
+        let push = Step {
+            kind: Some(step::Kind::Push(PushStep {
+                image: "r/app:1".into(),
+                ..PushStep::default()
+            })),
+            ..Step::default()
+        };
+        // Neither a file there (from the checkout, say) nor a failing reader.
+        let (outcome, outputs, log) =
+            run(FakeExecutor, vec![push.clone()], Some(b"k=v\nbad line\n")).await;
+        assert_eq!(outcome.outcome, AttemptOutcome::Succeeded);
+        assert!(outputs.is_empty(), "{outputs:?}");
+        assert!(!log.contains("CAPSTAN_OUTPUT"), "{log}");
+        let (outcome, _, log) = run(Unreadable, vec![push], None).await;
+        assert_eq!(outcome.outcome, AttemptOutcome::Succeeded);
+        assert!(log.is_empty(), "{log}");
+        // With a `run` step it is read.
+        let steps = vec![testing::run_step("exit 0")];
+        let (_, outputs, _) = run(FakeExecutor, steps, Some(b"k=v\n")).await;
+        assert_eq!(outputs["k"], "v");
+    }
+
+    #[tokio::test]
+    async fn an_output_file_over_the_limit_is_said_in_the_log() {
+        let big = "x".repeat(MAX_OUTPUT_BYTES);
+        let file = format!("first=1\nbig={big}\nlast=2\n");
+        let steps = vec![testing::run_step("exit 0")];
+        let (outcome, outputs, log) = run(FakeExecutor, steps, Some(file.as_bytes())).await;
+        assert_eq!(outcome.outcome, AttemptOutcome::Succeeded);
+        assert_eq!(outputs.keys().collect::<Vec<_>>(), ["first"], "{outputs:?}");
+        assert!(
+            log.contains("$CAPSTAN_OUTPUT is larger than its limit of 64 KiB"),
+            "{log}"
+        );
     }
 }

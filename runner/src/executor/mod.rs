@@ -111,10 +111,11 @@ pub trait Executor: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The start (at most [`MAX_OUTPUT_BYTES`]) of the file the task's
-    /// steps wrote their outputs to (`$CAPSTAN_OUTPUT`), if they wrote
-    /// one; read after the last step succeeded, before the teardown. By
-    /// default from the local workspace.
+    /// The start (at most [`MAX_OUTPUT_BYTES`] and one byte, which tells a
+    /// file over the limit: [`crate::outputs::read`]) of the file the
+    /// task's `run` steps wrote their outputs to (`$CAPSTAN_OUTPUT`), if
+    /// they wrote one; read after the last step succeeded, before the
+    /// teardown. By default from the local workspace.
     async fn read_output_file(&self, task: &TaskContext) -> Result<Option<Vec<u8>>, ExecutorError> {
         use tokio::io::AsyncReadExt as _;
         let path = task.workspace.join(OUTPUT_FILE);
@@ -128,7 +129,7 @@ pub trait Executor: Send + Sync + 'static {
             }
         };
         let mut text = Vec::new();
-        file.take(MAX_OUTPUT_BYTES as u64)
+        file.take(MAX_OUTPUT_BYTES as u64 + 1)
             .read_to_end(&mut text)
             .await
             .map_err(|e| ExecutorError::Setup {

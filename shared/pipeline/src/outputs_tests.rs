@@ -116,3 +116,41 @@ fn a_value_cannot_spell_a_placeholder() {
         "{errs}"
     );
 }
+
+#[test]
+fn no_outputs_in_credentials_or_a_prompt() {
+    let head = "version: 1\nname: o\ntasks:\n  a:\n    steps: [ { run: x } ]\n  b:\n    needs: [a]\n    steps:\n";
+    one(
+        &format!(
+            "{head}      - push: {{ image: r/app, credentials: \"${{{{ tasks.a.outputs.v }}}}\" }}\n"
+        ),
+        "o.yaml:9:44: `${{ tasks.a.outputs.v }}`: outputs cannot choose a secret: `credentials` names a runner-side secret, and an upstream task's output must never choose which secret a later task gets",
+    );
+    one(
+        &format!(
+            "{head}      - build: {{ tag: r/app, credentials: \"reg-${{{{ tasks.a.outputs.v }}}}\" }}\n"
+        ),
+        "o.yaml:9:43: `${{ tasks.a.outputs.v }}`: outputs cannot choose a secret",
+    );
+    one(
+        &format!(
+            "{head}      - git-push: {{ message: m, credentials: \"${{{{ tasks.a.outputs.v }}}}\" }}\n"
+        ),
+        "o.yaml:9:46: `${{ tasks.a.outputs.v }}`: outputs cannot choose a secret",
+    );
+    // Refused whoever's output it is: one problem, not also the `needs` one.
+    one(
+        "version: 1\nname: o\ntasks:\n  a:\n    steps: [ { run: x } ]\n  b:\n    steps:\n      - push: { image: r/app, credentials: \"${{ tasks.a.outputs.v }}\" }\n",
+        "o.yaml:8:44: `${{ tasks.a.outputs.v }}`: outputs cannot choose a secret",
+    );
+    one(
+        "version: 1\nname: o\ntasks:\n  a:\n    steps: [ { run: x } ]\n  b:\n    needs: [a]\n    approval: { prompt: \"deploy ${{ tasks.a.outputs.v }}?\" }\n    steps: [ { run: x } ]\n",
+        "o.yaml:8:25: `${{ tasks.a.outputs.v }}`: outputs cannot be used in an approval prompt",
+    );
+    // A field named like one is not one: a build arg `credentials`, and
+    // the fields of a task whose name has a dot.
+    let fine = format!(
+        "{head}      - build: {{ tag: r/app, args: {{ credentials: \"${{{{ tasks.a.outputs.v }}}}\" }} }}\n  c.d:\n    needs: [a]\n    env: {{ X: \"${{{{ tasks.a.outputs.v }}}}\" }}\n    steps: [ {{ run: x }} ]\n"
+    );
+    resolved(&fine).unwrap();
+}

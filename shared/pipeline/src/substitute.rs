@@ -225,6 +225,7 @@ pub fn resolve(
             ctx,
             matrix: task.matrix_values.clone(),
             needed: ancestors(pipeline, &base),
+            base: &base,
         };
         // The variables each shell field (a `run` script, a `ready`) refers to.
         let mut shell_vars: Vec<(Field, BTreeMap<String, String>)> = Vec::new();
@@ -258,6 +259,9 @@ struct Resolving<'a> {
     /// The tasks it needs, directly or through their needs: whose outputs
     /// it may use.
     needed: BTreeSet<String>,
+    /// The task's name in the file (of an expansion: its matrix task's),
+    /// which its field paths start with (`tasks.BASE.`).
+    base: &'a str,
 }
 
 impl Resolving<'_> {
@@ -292,7 +296,7 @@ impl Resolving<'_> {
             .count();
         for p in &pieces {
             if let Piece::Expr(e @ Expr::TaskOutput { task, .. }) = p {
-                self.check_output(e, task).map(&mut problem);
+                self.check_output(path, e, task).map(&mut problem);
             }
         }
         let (params, ctx, matrix) = (self.params, self.ctx, &self.matrix);
@@ -329,8 +333,16 @@ impl Resolving<'_> {
         (field != Field::Plain).then_some(rendered.vars)
     }
 
-    /// Why the task may not use `e`, an output of `task`, if it may not.
-    fn check_output(&self, e: &Expr, task: &str) -> Option<String> {
+    /// Why the task may not use `e`, an output of `task`, in the field at
+    /// `path`, if it may not.
+    fn check_output(&self, path: &str, e: &Expr, task: &str) -> Option<String> {
+        let field = path
+            .strip_prefix("tasks.")
+            .and_then(|p| p.strip_prefix(self.base))
+            .and_then(|p| p.strip_prefix('.'));
+        if let Some(why) = field.and_then(no_outputs_in) {
+            return Some(format!("`{}`: {why}", e.text()));
+        }
         let def = self.pipeline.tasks.iter().find(|t| t.name == task);
         if def.is_some_and(|t| t.matrix.is_some()) {
             return Some(format!(
@@ -346,6 +358,33 @@ impl Resolving<'_> {
             )
         })
     }
+}
+
+/// Why no output may stand in the field of a task at `field` (its path
+/// after `tasks.NAME.`), if none may. A step's `credentials` name a
+/// runner-side secret: an upstream task's scripts write its outputs, and
+/// must never choose which secret a later task gets. An approval's prompt
+/// is what an approver reads and decides on: the upstream scripts must not
+/// write it (and the gate holds the task before its dispatch, where
+/// outputs are filled in).
+fn no_outputs_in(field: &str) -> Option<&'static str> {
+    if field == "approval.prompt" {
+        return Some(
+            "outputs cannot be used in an approval prompt: an upstream task's scripts would \
+             write what the approver reads; write the prompt in the file",
+        );
+    }
+    let (index, rest) = field.strip_prefix("steps[")?.split_once("].")?;
+    let secret = index.bytes().all(|b| b.is_ascii_digit())
+        && matches!(
+            rest,
+            "build.credentials" | "push.credentials" | "git-push.credentials"
+        );
+    secret.then_some(
+        "outputs cannot choose a secret: `credentials` names a runner-side secret, and an \
+         upstream task's output must never choose which secret a later task gets; name the \
+         secret in the file",
+    )
 }
 
 /// The number of `${{ tasks.X.outputs.Y }}` placeholders in `text`, if

@@ -138,8 +138,9 @@ impl DockerExecutor {
             .map_err(|e| setup_error("copying the checkout into the workspace volume", e))
     }
 
-    /// The start (at most [`MAX_OUTPUT_BYTES`]) of the task's
-    /// `$CAPSTAN_OUTPUT` file in the volume, if a step wrote one.
+    /// The start (at most [`MAX_OUTPUT_BYTES`] and one byte, which tells a
+    /// file over the limit) of the task's `$CAPSTAN_OUTPUT` file in the
+    /// volume, if a step wrote one.
     pub(super) async fn read_output(
         &self,
         task: &TaskContext,
@@ -173,7 +174,7 @@ impl DockerExecutor {
         let mut text = Vec::new();
         entry
             .map_err(unreadable)?
-            .take(MAX_OUTPUT_BYTES as u64)
+            .take(MAX_OUTPUT_BYTES as u64 + 1)
             .read_to_end(&mut text)
             .map_err(unreadable)?;
         Ok(Some(text))
