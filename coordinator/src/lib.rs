@@ -33,6 +33,7 @@
 pub mod admin;
 pub(crate) mod api;
 pub mod config;
+pub(crate) mod dashboard;
 pub(crate) mod demand;
 pub(crate) mod election;
 pub(crate) mod forge;

@@ -7,7 +7,7 @@
 //! `idle`, `logs`, `scheduler`, `store`, `tls`); nothing imports it but `lib.rs`.
 
 use crate::config::CoordinatorConfig;
-use crate::{api, election, forge, http, logs, metrics, scheduler, store, tls};
+use crate::{api, dashboard, election, forge, http, logs, metrics, scheduler, store, tls};
 use anyhow::Context as _;
 use capstan_proto::{api::v1 as apipb, cluster::v1 as clusterpb, runner::v1 as runnerpb};
 use std::path::PathBuf;
@@ -103,7 +103,8 @@ pub async fn run(
     let idle = config.limits.idle; // both ports close connections silent that long
     let (grpc, http) = ((grpc, idle), http.map(|h| (h, idle)));
     if let Some(http) = http {
-        let extra = forge::webhook::router(&shared, &forges);
+        let extra = forge::webhook::router(&shared, &forges)
+            .merge(dashboard::router(&shared, tls.is_some()));
         let state = http_state(&shared, &ready, &config, extra);
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }

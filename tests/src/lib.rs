@@ -23,11 +23,13 @@
 //!   replicas on etcd);
 //! - [`forge_api`]: a recording stand-in for a forge's status API, and
 //!   webhook deliveries as forges sign them;
+//! - [`browser`]: headless Chromium over WebDriver (the dashboard's tests);
 //! - [`git_server`], [`ssh_server`], [`otlp`], [`testbed`]: the outside
 //!   systems tests talk to (a git smart-HTTP server, sshd, an OTLP
 //!   receiver, the Docker test bed).
 
 pub mod bins;
+pub mod browser;
 pub mod certs;
 pub mod cluster;
 pub mod compose;

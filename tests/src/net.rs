@@ -68,9 +68,30 @@ pub fn http_get_full(
     path: &str,
     headers: &str,
 ) -> anyhow::Result<(u16, String, String)> {
+    http_request(addr, "GET", path, headers, "")
+}
+
+/// A plain HTTP/1.0 request on `addr` with `headers` (each line ending in
+/// `\r\n`) and `body` (a form: its content type is the caller's header):
+/// (status, response headers, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{headers}\r\n")?;
+    let length = if method == "GET" {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{headers}{length}\r\n{body}"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let code = resp

@@ -43,7 +43,17 @@ pub(crate) async fn authorize<T>(
     req: &Request<T>,
     need: Scope,
 ) -> Result<Caller, Status> {
-    let Some(token) = bearer(req) else {
+    check(tokens, bearer(req), need).await
+}
+
+/// [`authorize`] for a token got some other way (the dashboard's session
+/// cookie): the same answers, word for word.
+pub(crate) async fn check(
+    tokens: &Tokens,
+    token: Option<&str>,
+    need: Scope,
+) -> Result<Caller, Status> {
+    let Some(token) = token else {
         return Err(Status::unauthenticated(
             "this call needs an API token: pass --token or set CAPSTAN_TOKEN",
         ));

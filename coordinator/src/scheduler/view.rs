@@ -1,7 +1,7 @@
 //! Records as the client API shows them.
 
 use super::state::RunnerSlot;
-use crate::model::{ApprovalRecord, RunRecord, StoredTaskState};
+use crate::model::{ApprovalRecord, AttemptRecord, AttemptState, RunRecord, StoredTaskState};
 use capstan_proto::api::v1 as api;
 use capstan_proto::pipeline::v1::{RunState, TaskState};
 
@@ -32,6 +32,7 @@ pub(crate) fn run(r: &RunRecord) -> api::Run {
                     finished_at_ms: t.finished_at_ms,
                     outputs: t.outputs.clone().into_iter().collect(),
                     approval: t.approval.as_ref().map(approval),
+                    history: t.attempts.iter().map(attempt).collect(),
                 }
             })
             .collect(),
@@ -57,6 +58,32 @@ pub(crate) fn runner(r: &RunnerSlot) -> api::Runner {
         version: r.record().version.clone(),
         last_seen_ms: r.seen_ms(),
         tls_identity: r.record().tls_identity.clone().unwrap_or_default(),
+    }
+}
+
+fn attempt(a: &AttemptRecord) -> api::Attempt {
+    api::Attempt {
+        id: a.id.to_string(),
+        number: a.number,
+        runner: a.runner_name.clone(),
+        state: attempt_state_name(a.state).to_string(),
+        offered_at_ms: a.offered_at_ms,
+        started_at_ms: a.started_at_ms,
+        finished_at_ms: a.finished_at_ms,
+        log_bytes: a.log_length,
+    }
+}
+
+/// The names `api::Attempt.state` documents.
+fn attempt_state_name(s: AttemptState) -> &'static str {
+    match s {
+        AttemptState::Offered => "offered",
+        AttemptState::Running => "running",
+        AttemptState::Cancelling => "cancelling",
+        AttemptState::Succeeded => "succeeded",
+        AttemptState::Failed => "failed",
+        AttemptState::Cancelled => "cancelled",
+        AttemptState::Lost => "lost",
     }
 }
 

@@ -7,6 +7,8 @@
 //! - [`leader`]: the `capstan-leader` hint a follower answers with;
 //! - [`liveness`]: the timeouts both ends of a Control stream derive from
 //!   the heartbeat interval (runner watchdog, leader's re-attach grace);
+//! - [`render`]: state names, times and the `-o json` JSON of runs, tasks,
+//!   runners and the cluster (the CLI's and the dashboard's);
 //! - [`source`]: what a run's `--repo` and `--rev` may be (checked by the CLI,
 //!   at submit and before the runner's checkout);
 //! - [`units`]: memory sizes and durations as users write them, parsed once
@@ -20,6 +22,7 @@ pub mod labels;
 pub mod leader;
 pub mod liveness;
 pub mod redact;
+pub mod render;
 pub mod source;
 pub mod units;
 
