@@ -18,8 +18,10 @@ use capstan_proto::render::task_state_name;
 use maud::{Markup, PreEscaped, html};
 use serde::Deserialize;
 
-/// Bytes of the head and of the tail the page shows of a long log.
-pub(crate) const HALF_PAGE: u64 = 512 * 1024;
+/// The head and the tail a page shows of a long log: each at most this
+/// many bytes and `PAGE_LINES` lines (a line is ~70 bytes of markup).
+pub(crate) const HALF_PAGE: u64 = 256 * 1024;
+pub(crate) const PAGE_LINES: usize = 2500;
 /// One read of the log store.
 const CHUNK: usize = 256 * 1024;
 
@@ -215,51 +217,92 @@ async fn count_lines(
 async fn shown_log(leader: &LeaderCtx, a: &Attempt) -> Result<Shown, crate::logs::LogError> {
     let id = AttemptId::from_string(a.id.clone());
     let total = leader.logs.len(&id).await?;
-    let done = finished(a);
-    if total <= 2 * HALF_PAGE {
-        let bytes = read_all(leader, &id, 0, total).await?;
-        // A running attempt's last line may be incomplete: the stream sends it.
-        let whole = if done {
-            bytes.len()
-        } else {
-            bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
-        };
-        let (html, lines) = render_lines(&bytes[..whole], 1);
+    // A running attempt's last line may be incomplete: the stream sends it.
+    let end = if finished(a) {
+        total
+    } else {
+        let last = read_all(leader, &id, total.saturating_sub(HALF_PAGE), total).await?;
+        total
+            - last
+                .iter()
+                .rev()
+                .position(|&b| b == b'\n')
+                .map_or(last.len(), |i| i) as u64
+    };
+    let head = read_all(leader, &id, 0, end.min(HALF_PAGE)).await?;
+    let head_end = cut_after_lines(&head, PAGE_LINES);
+    let tail_from = end.saturating_sub(HALF_PAGE);
+    let tail = read_all(leader, &id, tail_from, end).await?;
+    let tail_skip = keep_last_lines(&tail, PAGE_LINES, tail_from > 0);
+    let tail_start = tail_from + tail_skip as u64;
+    if tail_start <= head_end as u64 {
+        // Head and tail meet: the whole log fits on the page.
+        let bytes = read_all(leader, &id, 0, end).await?;
+        let (html, lines) = render_lines(&bytes, 1);
         return Ok(Shown {
             total,
             head: html,
             omitted: 0,
             tail: String::new(),
-            resume_offset: whole as u64,
+            resume_offset: end,
             resume_line: 1 + lines,
         });
     }
-    let head = read_all(leader, &id, 0, HALF_PAGE).await?;
-    let head_end = head
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(head.len(), |i| i + 1);
     let (head_html, _) = render_lines(&head[..head_end], 1);
-    let tail_from = total - HALF_PAGE;
-    let tail = read_all(leader, &id, tail_from, total).await?;
-    let skip = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let tail_start = tail_from + skip as u64;
     let first_tail_line = 1 + count_lines(leader, &id, 0, tail_start).await?;
-    let tail = &tail[skip..];
-    let whole = if done {
-        tail.len()
-    } else {
-        tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
-    };
-    let (tail_html, tail_lines) = render_lines(&tail[..whole], first_tail_line);
+    let (tail_html, tail_lines) = render_lines(&tail[tail_skip..], first_tail_line);
     Ok(Shown {
         total,
         head: head_html,
         omitted: tail_start - head_end as u64,
         tail: tail_html,
-        resume_offset: tail_start + whole as u64,
+        resume_offset: end,
         resume_line: first_tail_line + tail_lines,
     })
+}
+
+/// The length of the first `max` lines of `bytes` (a last line without its
+/// newline counts only if it is all there is).
+fn cut_after_lines(bytes: &[u8], max: usize) -> usize {
+    let mut seen = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\n' {
+            seen += 1;
+            if seen == max {
+                return i + 1;
+            }
+        }
+    }
+    if seen == 0 {
+        return bytes.len();
+    }
+    bytes
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| i + 1)
+}
+
+/// Where the last `max` lines of `bytes` start; `partial_first`: `bytes`
+/// starts inside a line, which is not shown.
+fn keep_last_lines(bytes: &[u8], max: usize, partial_first: bool) -> usize {
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut seen = 0;
+    for (i, &b) in body.iter().enumerate().rev() {
+        if b == b'\n' {
+            seen += 1;
+            if seen == max {
+                return i + 1;
+            }
+        }
+    }
+    if partial_first {
+        bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(bytes.len(), |i| i + 1)
+    } else {
+        0
+    }
 }
 
 /// Log bytes as numbered, linkable lines with ANSI colours as spans; the
@@ -376,6 +419,18 @@ mod tests {
             "{html}"
         );
         assert!(!html.contains('\r'));
+    }
+
+    #[test]
+    fn head_and_tail_are_cut_at_whole_lines() {
+        let text = b"1\n2\n3\n4\n5\n";
+        assert_eq!(cut_after_lines(text, 2), 4);
+        assert_eq!(cut_after_lines(text, 9), text.len());
+        assert_eq!(cut_after_lines(b"no newline", 2), 10);
+        assert_eq!(&text[keep_last_lines(text, 2, false)..], b"4\n5\n");
+        assert_eq!(keep_last_lines(text, 9, false), 0);
+        let partial = b"ial\n4\n5\n";
+        assert_eq!(&partial[keep_last_lines(partial, 9, true)..], b"4\n5\n");
     }
 
     #[test]

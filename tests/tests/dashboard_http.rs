@@ -1,0 +1,338 @@
+//! The dashboard over plain HTTP (the browser test is `dashboard.rs`):
+//! login and its nonce, the session cookie's attributes, scopes and CSRF on
+//! every POST, revocation, JSON equal to the CLI's `-o json`, a long log as
+//! head and tail with the whole of it downloadable, and a follower's answer.
+
+use capstan_proto::pipeline::v1::RunState;
+use capstan_tests::net::http_request;
+use capstan_tests::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const QUICK: &str = "version: 1\nname: quick\ntasks:\n  a:\n    steps: [ { run: echo a } ]\n  b:\n    needs: [a]\n    steps: [ { run: echo b } ]\n";
+const LONG: &str = "version: 1\nname: long\ntasks:\n  wait:\n    steps: [ { run: 'sleep 120' } ]\n";
+
+fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
+    http_request(addr, "GET", path, headers, "").expect("GET")
+}
+
+fn post(addr: SocketAddr, path: &str, cookie: &str, form: &str) -> (u16, String, String) {
+    let headers =
+        format!("Cookie: {cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\n");
+    http_request(addr, "POST", path, &headers, form).expect("POST")
+}
+
+fn json_get(addr: SocketAddr, path: &str, token: &str) -> serde_json::Value {
+    let (code, _, body) = get(
+        addr,
+        path,
+        &format!("Authorization: Bearer {token}\r\nAccept: application/json\r\n"),
+    );
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+fn cli_json(c: &TestCluster, args: &[&str]) -> serde_json::Value {
+    let out = c.cli(args);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// A response header's value (first of that name).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// `value="..."` of the hidden input `name` in a page.
+fn hidden(page: &str, name: &str) -> String {
+    let at = page
+        .find(&format!("name=\"{name}\" value=\""))
+        .unwrap_or_else(|| panic!("no {name} in {page}"));
+    let rest = &page[at + name.len() + 15..];
+    rest[..rest.find('"').unwrap()].to_string()
+}
+
+/// Logs in through the form as a browser does: the session cookie.
+fn log_in(addr: SocketAddr, token: &str) -> String {
+    let (code, head, page) = get(addr, "/login?next=%2Frunners", "");
+    assert_eq!(code, 200, "{page}");
+    let nonce_cookie = header(&head, "set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let nonce = hidden(&page, "nonce");
+    let form = format!("token={token}&nonce={nonce}&next=%2Frunners");
+    let (code, head, body) = post(addr, "/login", &nonce_cookie, &form);
+    assert_eq!(code, 303, "{head}\n{body}");
+    assert_eq!(header(&head, "location"), Some("/runners"));
+    let session = head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .find(|l| l.contains("capstan_session="))
+        .expect("a session cookie")
+        .to_string();
+    assert!(session.contains("HttpOnly"), "{session}");
+    assert!(session.contains("SameSite=Strict"), "{session}");
+    assert!(
+        !session.contains("Secure"),
+        "plain HTTP: not Secure: {session}"
+    );
+    session["set-cookie:".len()..]
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_scopes_csrf_and_json() -> anyhow::Result<()> {
+    let c = TestCluster::builder()
+        .runners(1)
+        .capacity(4)
+        .start()
+        .await?;
+    let addr = c.replicas[0].http;
+    let done = c.submit(QUICK).await?;
+    c.wait_done(&done, Duration::from_secs(30)).await?;
+
+    // No session: browsers go to the login page, JSON callers get 401.
+    let (code, head, _) = get(addr, "/runs/x", "");
+    assert_eq!(code, 303);
+    assert!(
+        header(&head, "location")
+            .unwrap()
+            .starts_with("/login?next=%2Fruns%2Fx"),
+        "{head}"
+    );
+    let (code, _, body) = get(addr, "/", "Accept: application/json\r\n");
+    assert_eq!(code, 401);
+    assert!(body.contains("log in with an API token"), "{body}");
+    assert!(
+        header(&head, "content-security-policy")
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+
+    // The login form: a stale nonce and a bad token are refused, clearly.
+    let (_, _, page) = get(addr, "/login", "");
+    let nonce = hidden(&page, "nonce");
+    let (code, _, body) = post(
+        addr,
+        "/login",
+        "capstan_login=other",
+        &format!("token=x&nonce={nonce}"),
+    );
+    assert_eq!(code, 403);
+    assert!(body.contains("expired or came from another site"), "{body}");
+    let (code, _, body) = post(
+        addr,
+        "/login",
+        &format!("capstan_login={nonce}"),
+        &format!("token=capstan_wrong&nonce={nonce}"),
+    );
+    assert_eq!(code, 401);
+    assert!(body.contains("not known to this coordinator"), "{body}");
+
+    // JSON is the CLI's.
+    let reader = c.create_token("viewer", "read").await?;
+    assert_eq!(
+        json_get(addr, "/", &reader),
+        cli_json(&c, &["runs", "-o", "json"])
+    );
+    assert_eq!(
+        json_get(addr, &format!("/runs/{done}"), &reader),
+        cli_json(&c, &["status", &done, "-o", "json"])
+    );
+    assert_eq!(
+        json_get(addr, "/cluster", &reader),
+        cli_json(&c, &["cluster", "-o", "json"])
+    );
+    let runners = json_get(addr, "/runners", &reader);
+    assert_eq!(runners[0]["name"], "runner-0", "{runners}");
+    let history = &json_get(addr, &format!("/runs/{done}"), &reader)["tasks"][0]["history"];
+    assert_eq!(history[0]["state"], "succeeded", "{history}");
+    assert_eq!(history[0]["runner"], "runner-0", "{history}");
+
+    // Errors say what is wrong, as the API does.
+    let (code, _, body) = get(
+        addr,
+        "/runs/run-nope",
+        &format!("Authorization: Bearer {reader}\r\n"),
+    );
+    assert_eq!(code, 404, "{body}");
+    let (code, _, body) = get(
+        addr,
+        &format!("/runs/{done}/tasks/zz"),
+        &format!("Authorization: Bearer {reader}\r\n"),
+    );
+    assert_eq!(code, 404);
+    assert!(body.contains("has no task `zz`"), "{body}");
+    let (code, _, body) = get(
+        addr,
+        "/?state=bogus",
+        &format!("Authorization: Bearer {reader}\r\n"),
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("is not one of queued, running"), "{body}");
+
+    // Buttons and POSTs: scope and CSRF.
+    let long = c.submit(LONG).await?;
+    c.wait_run(&long, Duration::from_secs(20), |r| {
+        task(r, "wait").started_at_ms > 0
+    })
+    .await?;
+    let reader_cookie = log_in(addr, &reader);
+    let (code, _, page) = get(
+        addr,
+        &format!("/runs/{long}"),
+        &format!("Cookie: {reader_cookie}\r\n"),
+    );
+    assert_eq!(code, 200);
+    assert!(
+        !page.contains("id=\"cancel\""),
+        "a read token sees no cancel button"
+    );
+    let reader_csrf = hidden(&page, "csrf");
+    let (code, _, body) = post(
+        addr,
+        &format!("/runs/{long}/cancel"),
+        &reader_cookie,
+        &format!("csrf={reader_csrf}"),
+    );
+    assert_eq!(code, 403);
+    assert!(
+        body.contains("needs a token with the `submit` scope"),
+        "{body}"
+    );
+    let (code, _, body) = post(
+        addr,
+        "/runners/runner-0/drain",
+        &reader_cookie,
+        &format!("csrf={reader_csrf}"),
+    );
+    assert_eq!(code, 403);
+    assert!(body.contains("`admin` scope"), "{body}");
+
+    let admin_cookie = log_in(addr, &c.api_token);
+    let (_, _, page) = get(
+        addr,
+        &format!("/runs/{long}"),
+        &format!("Cookie: {admin_cookie}\r\n"),
+    );
+    assert!(
+        page.contains("id=\"cancel\""),
+        "an admin sees the cancel button"
+    );
+    let admin_csrf = hidden(&page, "csrf");
+    assert_ne!(admin_csrf, reader_csrf, "a CSRF token per session");
+    for forged in ["", "csrf=", &format!("csrf={reader_csrf}")] {
+        let (code, _, body) = post(addr, &format!("/runs/{long}/cancel"), &admin_cookie, forged);
+        assert!(code == 403 || code == 422, "{forged}: {code} {body}");
+    }
+    assert_eq!(
+        c.get_run(&long).await?.state,
+        RunState::Running as i32,
+        "no forged POST cancelled it"
+    );
+    let (code, head, _) = post(
+        addr,
+        &format!("/runs/{long}/cancel"),
+        &admin_cookie,
+        &format!("csrf={admin_csrf}"),
+    );
+    assert_eq!(code, 303, "{head}");
+    let run = c.wait_done(&long, Duration::from_secs(20)).await?;
+    assert_eq!(run.state, RunState::Cancelled as i32);
+
+    // A revoked token's session ends at its next request.
+    let out = c.cli(&["token", "revoke", "viewer"]);
+    assert!(out.status.success(), "{out:?}");
+    let (code, head, _) = get(addr, "/", &format!("Cookie: {reader_cookie}\r\n"));
+    assert_eq!(code, 303);
+    assert!(
+        header(&head, "location").unwrap().contains("revoked"),
+        "{head}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_log_shows_head_and_tail_and_downloads_whole() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    let addr = c.replicas[0].http;
+    let yaml = "version: 1\nname: big\ntasks:\n  t:\n    steps: [ { run: 'seq 1 300000' } ]\n";
+    let id = c.submit(yaml).await?;
+    c.wait_done(&id, Duration::from_secs(60)).await?;
+    let log = c.task_log(&id, "t").await?;
+    let lines = log.iter().filter(|&&b| b == b'\n').count();
+    assert!(log.len() > 1_500_000, "{} bytes", log.len());
+
+    let auth = format!("Authorization: Bearer {}\r\n", c.api_token);
+    let (code, _, page) = get(addr, &format!("/runs/{id}/tasks/t"), &auth);
+    assert_eq!(code, 200);
+    assert!(
+        page.len() < 3 * 1024 * 1024,
+        "a page, not the log: {} bytes",
+        page.len()
+    );
+    assert!(page.contains("id=\"omitted\""), "the cut is said");
+    assert!(
+        page.contains("id=\"L1\"") && page.contains(&format!("id=\"L{lines}\"")),
+        "head and tail, numbered as in the log"
+    );
+    let last = String::from_utf8_lossy(&log)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    assert!(
+        page.contains(&format!("href=\"#L{lines}\">{lines}</a>{last}")),
+        "the last line is line {lines}: {last}"
+    );
+    assert!(
+        !page.contains("id=\"L150000\""),
+        "the middle is not on the page"
+    );
+    let value = json_get(addr, &format!("/runs/{id}/tasks/t"), &c.api_token);
+    let omitted = value["omitted_bytes"].as_u64().unwrap();
+    assert!(omitted > 0 && omitted < log.len() as u64, "{value}");
+
+    let (code, head, raw) = get(addr, &format!("/runs/{id}/tasks/t/raw"), &auth);
+    assert_eq!(code, 200);
+    assert!(
+        header(&head, "content-disposition")
+            .unwrap()
+            .starts_with("attachment"),
+        "{head}"
+    );
+    assert_eq!(
+        raw.as_bytes(),
+        &log[..],
+        "the download is the whole log, byte for byte"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_names_the_leader() -> anyhow::Result<()> {
+    let c = TestCluster::builder().replicas(2).etcd().start().await?;
+    let (leader, _) = c.wait_leader(Duration::from_secs(30)).await?;
+    let follower = 1 - leader;
+    let auth = format!("Authorization: Bearer {}\r\n", c.api_token);
+    let (code, _, page) = get(c.replicas[follower].http, "/", &auth);
+    assert_eq!(code, 503, "{page}");
+    assert!(page.contains("is a follower"), "{page}");
+    assert!(
+        page.contains(&c.replicas[leader].url()),
+        "names the leader: {page}"
+    );
+    let (code, _, _) = get(c.replicas[leader].http, "/", &auth);
+    assert_eq!(code, 200);
+    Ok(())
+}
