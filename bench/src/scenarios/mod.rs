@@ -5,6 +5,7 @@ pub(crate) mod buildbot;
 pub(crate) mod compose_failover;
 pub(crate) mod connected;
 pub(crate) mod container_overhead;
+pub(crate) mod dashboard;
 pub(crate) mod failover;
 pub(crate) mod log_throughput;
 pub(crate) mod lost_runner;
