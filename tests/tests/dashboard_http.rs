@@ -336,3 +336,45 @@ async fn a_follower_names_the_leader() -> anyhow::Result<()> {
     assert_eq!(code, 200);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_log_goes_on_from_the_last_event_id() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    let addr = c.replicas[0].http;
+    let yaml = "version: 1\nname: few\ntasks:\n  t:\n    steps: [ { run: 'seq 1 40' } ]\n";
+    let id = c.submit(yaml).await?;
+    c.wait_done(&id, Duration::from_secs(30)).await?;
+    let log = c.task_log(&id, "t").await?;
+    let lines: Vec<&[u8]> = log.split_inclusive(|&b| b == b'\n').collect();
+    // Where line 10 starts.
+    let offset: usize = lines[..9].iter().map(|l| l.len()).sum();
+    let auth = format!("Authorization: Bearer {}\r\n", c.api_token);
+    let path = format!("/runs/{id}/tasks/t/events");
+
+    let resumed = format!("{auth}Last-Event-ID: 1:{offset}:10\r\n");
+    let (code, head, body) = get(addr, &path, &resumed);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        header(&head, "content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(
+        body.contains("id=\"L10\"") && !body.contains("id=\"L9\""),
+        "from line 10 on: {body}"
+    );
+    let total = lines.len();
+    assert!(
+        body.contains(&format!("id=\"L{total}\"")),
+        "to the last line: {body}"
+    );
+    let end = format!("event: end\ndata: end\nid: 1:{}:{}\n", log.len(), total + 1);
+    assert!(body.contains(&end), "ends where the log ends: {body}");
+
+    // The page's own `from=` does the same; a bad position starts over.
+    let (_, _, from_query) = get(addr, &format!("{path}?from=1:{offset}:10"), &auth);
+    assert!(from_query.contains("id=\"L10\"") && !from_query.contains("id=\"L9\""));
+    let (_, _, again) = get(addr, &path, &format!("{auth}Last-Event-ID: nonsense\r\n"));
+    assert!(again.contains("id=\"L1\""), "{again}");
+    Ok(())
+}
