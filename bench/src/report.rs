@@ -85,6 +85,13 @@ const ROWS: &[Row] = &[
         peer: Some(("buildbot_log_mb_per_s", false)),
     },
     Row {
+        what: "a 2 MB log of numbered lines on disk once sealed (issue 28), % of raw",
+        key: "log_at_rest_pct",
+        unit: "%",
+        goal: Goal::AtMost(25.0),
+        peer: None,
+    },
+    Row {
         what: "coordinator peak RSS during the log",
         key: "log_coordinator_peak_rss_mb",
         unit: "MB",

@@ -51,6 +51,11 @@ pub(crate) struct Metrics {
     /// Finished runs deleted by retention.
     pub(crate) runs_deleted: Counter,
     pub(crate) log_bytes: Counter,
+    /// Raw and stored bytes of the logs this replica sealed, and their
+    /// ratio (stored / raw): what compression at rest saves.
+    log_sealed_raw: Counter,
+    log_sealed_stored: Counter,
+    log_compression_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Queued -> accepted by a runner, seconds.
     pub(crate) pickup_seconds: Histogram,
     /// Task wall time from first start to end, seconds.
@@ -150,6 +155,9 @@ impl Default for Metrics {
             runs_submitted: Counter::default(),
             runs_deleted: Counter::default(),
             log_bytes: Counter::default(),
+            log_sealed_raw: Counter::default(),
+            log_sealed_stored: Counter::default(),
+            log_compression_ratio: Gauge::default(),
             // 10 ms .. ~46 min.
             pickup_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 19)),
             task_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
@@ -224,10 +232,25 @@ impl Metrics {
                 "Times this replica started or stopped leading",
                 &m.leader_changes,
             ),
+            (
+                "log_sealed_raw_bytes",
+                "Bytes of the ended attempts' logs this replica compressed at rest",
+                &m.log_sealed_raw,
+            ),
+            (
+                "log_sealed_stored_bytes",
+                "What those logs take on disk once compressed",
+                &m.log_sealed_stored,
+            ),
         ];
         for (name, help, c) in counters {
             r.register(name, help, c.clone());
         }
+        r.register(
+            "log_compression_ratio",
+            "Stored / raw bytes of the logs this replica sealed (0 until one is)",
+            m.log_compression_ratio.clone(),
+        );
     }
 
     fn register_families(&self, r: &mut Registry) {
@@ -324,6 +347,15 @@ impl Metrics {
     pub(crate) fn render(&self, format: Format) -> String {
         self.log_store.refresh();
         exposition::render(&self.registry, format)
+    }
+
+    /// Counts a sealed log.
+    pub(crate) fn sealed(&self, stats: crate::logs::sealed::SealStats) {
+        let raw = self.log_sealed_raw.inc_by(stats.raw) + stats.raw;
+        let stored = self.log_sealed_stored.inc_by(stats.stored) + stats.stored;
+        if raw > 0 {
+            self.log_compression_ratio.set(stored as f64 / raw as f64);
+        }
     }
 
     /// Counts what a committed batch of transitions tallied.

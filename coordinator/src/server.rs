@@ -103,8 +103,8 @@ pub async fn run(
     let idle = config.limits.idle; // both ports close connections silent that long
     let (grpc, http) = ((grpc, idle), http.map(|h| (h, idle)));
     if let Some(http) = http {
-        let extra = forge::webhook::router(&shared, &forges)
-            .merge(dashboard::router(&shared, tls.is_some()));
+        let dash = dashboard::router(&shared, store.clone(), tls.is_some());
+        let extra = forge::webhook::router(&shared, &forges).merge(dash);
         let state = http_state(&shared, &ready, &config, extra);
         spawn_http(&tracker, http, tls.as_ref(), state, inner.clone())?;
     }

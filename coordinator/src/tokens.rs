@@ -239,6 +239,18 @@ impl Tokens {
     }
 
     /// Every live (not revoked) token, by name.
+    /// The record of the token whose SHA-256 is `hash` (a dashboard
+    /// session names its token so, never by the token itself).
+    pub(crate) async fn lookup_hash(&self, hash: &str) -> Result<Option<TokenRecord>, TokenError> {
+        let key = format!("{RECORDS}{hash}");
+        match self.store.get(&key).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| TokenError::Corrupt { key, source }),
+        }
+    }
+
     pub async fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
         let mut out = Vec::new();
         for (key, value) in self.store.scan_prefix(RECORDS).await? {

@@ -587,8 +587,13 @@ async fn retention_deletes_finished_runs_and_their_logs() -> anyhow::Result<()> 
     let log = c.task_log(&quick, "t").await?;
     assert!(String::from_utf8_lossy(&log).contains("kept-for-a-while"));
     let attempt = run.tasks[0].attempt_id.clone();
-    let log_file = c.data_dir().join("logs").join(format!("{attempt}.log"));
-    assert!(log_file.exists(), "{}", log_file.display());
+    let logs = c.data_dir().join("logs");
+    // Plain while written, sealed (`.logz`) once the run ended.
+    let log_exists = || {
+        logs.join(format!("{attempt}.log")).exists()
+            || logs.join(format!("{attempt}.logz")).exists()
+    };
+    assert!(log_exists(), "no log of {attempt} in {}", logs.display());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match c.get_run(&quick).await {
@@ -600,7 +605,7 @@ async fn retention_deletes_finished_runs_and_their_logs() -> anyhow::Result<()> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while log_file.exists() {
+    while log_exists() {
         assert!(Instant::now() < deadline, "the log file outlived its run");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -624,8 +629,13 @@ async fn a_new_leadership_deletes_orphan_logs_only() -> anyhow::Result<()> {
         .await?;
     let run = c.wait_done(&id, Duration::from_secs(15)).await?;
     let logs = c.data_dir().join("logs");
-    let kept = logs.join(format!("{}.log", run.tasks[0].attempt_id));
-    assert!(kept.exists(), "{}", kept.display());
+    let attempt = &run.tasks[0].attempt_id;
+    // Plain while written, sealed (`.logz`) once the run ended.
+    let kept = || {
+        logs.join(format!("{attempt}.log")).exists()
+            || logs.join(format!("{attempt}.logz")).exists()
+    };
+    assert!(kept(), "no log of {attempt}");
     let orphan = logs.join("0192f0aa-0000-7000-8000-00000000beef.log");
     std::fs::write(&orphan, b"output of a run deleted before a crash\n")?;
     let not_a_log = logs.join("notes.txt");
@@ -638,7 +648,7 @@ async fn a_new_leadership_deletes_orphan_logs_only() -> anyhow::Result<()> {
         assert!(Instant::now() < deadline, "the orphan log was not deleted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(kept.exists(), "the log of a run still held was deleted");
+    assert!(kept(), "the log of a run still held was deleted");
     assert!(not_a_log.exists(), "a file that is not a log was deleted");
     let log = c.task_log(&id, "t").await?;
     assert!(String::from_utf8_lossy(&log).contains("still-here"));

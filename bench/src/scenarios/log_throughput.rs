@@ -7,6 +7,10 @@
 //! `SubmitRun` counts the bytes; the figure is bytes / (submit -> last byte
 //! received), in MB = 10^6 bytes. The RSS of the coordinator and the runner is
 //! sampled every 100 ms (peak), and VmHWM read at the end.
+//!
+//! Then a 2 MB log of numbered lines (`seq -f`, 40-byte lines): its bytes on
+//! disk once the coordinator sealed it, as a share of its raw size
+//! (`log_at_rest_pct`; issue 28's goal: at most 25 %).
 
 use super::{Ctx, Figures, cores};
 use crate::procs::{Coordinator, RssSampler, proc_stat};
@@ -70,7 +74,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         peaks[1],
         end_r.hwm_mb,
     );
+    let at_rest = at_rest_pct(&coord, &mut client).await?;
     Ok(vec![
+        ("log_at_rest_pct".into(), at_rest),
         ("log_mb_per_s".into(), rate),
         ("log_mb".into(), mb),
         ("log_coordinator_rss_start_mb".into(), base_c.rss_mb),
@@ -83,4 +89,44 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         ("log_coordinator_cpu_s_per_gb".into(), cpu_c),
         ("log_runner_cpu_s_per_gb".into(), cpu_r),
     ])
+}
+
+/// Bytes on disk of a sealed 2 MB log of numbered lines, in % of its size.
+async fn at_rest_pct(
+    coord: &Coordinator,
+    client: &mut capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient<
+        capstan_client::AuthChannel,
+    >,
+) -> anyhow::Result<f64> {
+    let yaml = "version: 1\nname: numbered\ntasks:\n  t:\n    steps:\n      - run: \"seq -f '%08g a numbered line of a log' 1 52000\"\n";
+    let id = Coordinator::submit(client, yaml).await?;
+    let run = super::pickup::wait_finished(client, &id).await?;
+    let task = run
+        .tasks
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no task"))?;
+    let logs = coord.dir.join("data").join("logs");
+    let sealed = logs.join(format!("{}.logz", task.attempt_id));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sealed.exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} not sealed in 30 s",
+            sealed.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let raw = client
+        .get_run(api::GetRunRequest { run_id: id })
+        .await?
+        .into_inner()
+        .tasks[0]
+        .history[0]
+        .log_bytes;
+    let stored = std::fs::metadata(&sealed)?.len();
+    let pct = stored as f64 * 100.0 / raw as f64;
+    println!(
+        "log at rest: {raw} bytes of numbered lines take {stored} on disk sealed ({pct:.1} %)"
+    );
+    Ok(pct)
 }

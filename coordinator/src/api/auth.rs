@@ -38,16 +38,27 @@ pub(crate) fn bearer<T>(req: &Request<T>) -> Option<&str> {
 /// The caller of `req` if its token is live and has at least `need`;
 /// otherwise UNAUTHENTICATED (no, unknown, expired or revoked token) or
 /// PERMISSION_DENIED (a scope too small), each saying what to do.
+///
+/// A call the dashboard makes in-process carries its viewer, already
+/// authenticated, as a [`Delegated`] extension instead of a token (a remote
+/// peer cannot set extensions); only the scope is checked then.
 pub(crate) async fn authorize<T>(
     tokens: &Tokens,
     req: &Request<T>,
     need: Scope,
 ) -> Result<Caller, Status> {
+    if let Some(Delegated(caller)) = req.extensions().get::<Delegated>() {
+        return in_scope(caller.clone(), need);
+    }
     check(tokens, bearer(req), need).await
 }
 
-/// [`authorize`] for a token got some other way (the dashboard's session
-/// cookie): the same answers, word for word.
+/// The viewer of a dashboard request, on the API calls it makes for them.
+#[derive(Clone, Debug)]
+pub(crate) struct Delegated(pub(crate) Caller);
+
+/// [`authorize`] for a token got some other way (the dashboard's bearer
+/// header): the same answers, word for word.
 pub(crate) async fn check(
     tokens: &Tokens,
     token: Option<&str>,
@@ -72,6 +83,15 @@ pub(crate) async fn check(
             ));
         }
     };
+    check_record(record, need)
+}
+
+/// The caller a token's record makes, if it is live and has at least
+/// `need` (the dashboard's sessions name their token by its record).
+pub(crate) fn check_record(
+    record: crate::tokens::TokenRecord,
+    need: Scope,
+) -> Result<Caller, Status> {
     let name = &record.name;
     if record.revoked_at_ms != 0 {
         return Err(Status::unauthenticated(format!(
@@ -83,16 +103,23 @@ pub(crate) async fn check(
             "the API token `{name}` has expired: ask an admin for a new one"
         )));
     }
-    if record.scope < need {
+    in_scope(
+        Caller {
+            name: record.name,
+            scope: record.scope,
+        },
+        need,
+    )
+}
+
+fn in_scope(caller: Caller, need: Scope) -> Result<Caller, Status> {
+    if caller.scope < need {
         return Err(Status::permission_denied(format!(
-            "this call needs a token with the `{need}` scope; the token `{name}` has `{}`",
-            record.scope
+            "this call needs a token with the `{need}` scope; the token `{}` has `{}`",
+            caller.name, caller.scope
         )));
     }
-    Ok(Caller {
-        name: record.name,
-        scope: record.scope,
-    })
+    Ok(caller)
 }
 
 #[cfg(test)]

@@ -393,6 +393,9 @@ impl pipeline_service_server::PipelineService for PipelineApi {
                         }
                     }
                     _ = shutdown.cancelled() => return,
+                    // The client went away: a run that never changes again
+                    // would otherwise keep this task and its watch forever.
+                    _ = tx.closed() => return,
                 }
             }
         });

@@ -32,6 +32,7 @@ pub(crate) fn from_log(e: LogError) -> Status {
     match e {
         LogError::Gap { .. } => Status::out_of_range(e.to_string()),
         LogError::BadId(_) => Status::invalid_argument(e.to_string()),
+        LogError::Sealed { .. } => Status::failed_precondition(e.to_string()),
         // Never leak paths of the coordinator's disk to a client.
         LogError::Io { .. } | LogError::Open { .. } => {
             tracing::error!(error = %e, "log store failure");

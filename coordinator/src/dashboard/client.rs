@@ -4,6 +4,7 @@
 //! CLI's call would be.
 
 use crate::api::Shared;
+use crate::api::auth::{Caller, Delegated};
 use crate::api::cluster::ClusterApi;
 use crate::api::pipeline::PipelineApi;
 use capstan_proto::api::v1::pipeline_service_server::PipelineService;
@@ -18,19 +19,17 @@ use tonic::{Request, Status};
 /// The API as one viewer.
 pub(crate) struct Api<'a> {
     shared: &'a Shared,
-    token: &'a str,
+    caller: &'a Caller,
 }
 
 impl<'a> Api<'a> {
-    pub(crate) fn new(shared: &'a Shared, token: &'a str) -> Self {
-        Self { shared, token }
+    pub(crate) fn new(shared: &'a Shared, caller: &'a Caller) -> Self {
+        Self { shared, caller }
     }
 
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        if let Ok(value) = format!("Bearer {}", self.token).parse() {
-            req.metadata_mut().insert("authorization", value);
-        }
+        req.extensions_mut().insert(Delegated(self.caller.clone()));
         req
     }
 

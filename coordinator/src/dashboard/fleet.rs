@@ -11,7 +11,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use capstan_proto::api::v1::Runner;
 use capstan_proto::cluster::v1::{AskLeaderResponse, ListMembersResponse};
-use capstan_proto::render::{cluster_json, format_duration_ms, runner_json};
+use capstan_proto::render::{cluster_json, runner_json};
 use maud::{Markup, html};
 
 pub(crate) async fn runners(
@@ -20,7 +20,7 @@ pub(crate) async fn runners(
     headers: HeaderMap,
 ) -> Response {
     let json = super::wants_json(&headers);
-    let list = match Api::new(&dash.shared, &viewer.token).runners().await {
+    let list = match Api::new(&dash.shared, &viewer.caller).runners().await {
         Ok(list) => list,
         Err(status) => return refusal(&status, json),
     };
@@ -38,7 +38,6 @@ pub(crate) async fn runners(
 
 /// The table: what the live refresh replaces.
 pub(crate) fn runners_table(list: &[Runner], viewer: &Viewer) -> Markup {
-    let now = crate::model::now_ms();
     let admin = viewer.may(Scope::Admin);
     html! {
         @if list.is_empty() { p.empty { "No runner has registered." } }
@@ -58,7 +57,7 @@ pub(crate) fn runners_table(list: &[Runner], viewer: &Viewer) -> Markup {
                             td.busy { (r.busy) }
                             td { (r.capacity.saturating_sub(r.busy)) }
                             td { (if r.connected { "yes" } else { "no" }) }
-                            td { @if r.last_seen_ms > 0 { (format_duration_ms(now - r.last_seen_ms)) " ago" } @else { "–" } }
+                            td { @if r.last_seen_ms > 0 { (layout::clock(r.last_seen_ms)) } @else { "–" } }
                             td.drain { (if r.draining { "draining" } else { "–" }) }
                             @if admin {
                                 td {
@@ -94,7 +93,7 @@ pub(crate) async fn drain(
     if let Some(refused) = viewer.csrf_refusal(&form.csrf) {
         return refused;
     }
-    match Api::new(&dash.shared, &viewer.token).drain(&name).await {
+    match Api::new(&dash.shared, &viewer.caller).drain(&name).await {
         Ok(()) => Redirect::to("/runners").into_response(),
         Err(status) => refusal(&status, super::wants_json(&headers)),
     }
@@ -110,7 +109,7 @@ pub(crate) async fn resume(
     if let Some(refused) = viewer.csrf_refusal(&form.csrf) {
         return refused;
     }
-    match Api::new(&dash.shared, &viewer.token).resume(&name).await {
+    match Api::new(&dash.shared, &viewer.caller).resume(&name).await {
         Ok(()) => Redirect::to("/runners").into_response(),
         Err(status) => refusal(&status, super::wants_json(&headers)),
     }
@@ -122,7 +121,7 @@ pub(crate) async fn cluster(
     headers: HeaderMap,
 ) -> Response {
     let json = super::wants_json(&headers);
-    let (leader, members) = match Api::new(&dash.shared, &viewer.token).cluster().await {
+    let (leader, members) = match Api::new(&dash.shared, &viewer.caller).cluster().await {
         Ok(c) => c,
         Err(status) => return refusal(&status, json),
     };

@@ -88,14 +88,22 @@ pub(crate) fn time(ms: i64) -> Markup {
     }
 }
 
-/// How long from `start` to `end`; still running (`end` 0): ticks in the
-/// browser from `data-since`.
-pub(crate) fn duration(start: i64, end: i64, now: i64) -> Markup {
+/// How long from `start` to `end`. Still running (`end` 0): the start
+/// time, which the browser turns into a ticking duration (`data-since`).
+/// Nothing here depends on the clock, so a live refresh of an unchanged
+/// page renders the same bytes and sends nothing.
+pub(crate) fn duration(start: i64, end: i64) -> Markup {
     html! {
         @if start <= 0 { "–" }
         @else if end >= start { span.dur { (format_duration_ms(end - start)) } }
-        @else { span.dur data-since=(start) { (format_duration_ms(now - start)) } }
+        @else { span.dur data-since=(start) { "since " (clock(start)) } }
     }
+}
+
+/// `HH:MM:SSZ` of a time.
+pub(crate) fn clock(ms: i64) -> String {
+    let t = format_time(ms);
+    t.get(11..).unwrap_or(&t).to_string()
 }
 
 /// A button that POSTs to `action` with the session's CSRF token.

@@ -79,7 +79,7 @@ pub(crate) async fn runs(
     poll(move || {
         let (dash, viewer, q) = (dash.clone(), viewer.clone(), q.clone());
         async move {
-            let list = Api::new(&dash.shared, &viewer.token)
+            let list = Api::new(&dash.shared, &viewer.caller)
                 .runs(q.request()?)
                 .await?;
             Ok(runs::table(&list, &q).into_string())
@@ -91,7 +91,7 @@ pub(crate) async fn runners(State(dash): State<Dash>, viewer: Viewer) -> Respons
     poll(move || {
         let (dash, viewer) = (dash.clone(), viewer.clone());
         async move {
-            let list = Api::new(&dash.shared, &viewer.token).runners().await?;
+            let list = Api::new(&dash.shared, &viewer.caller).runners().await?;
             Ok(fleet::runners_table(&list, &viewer).into_string())
         }
     })
@@ -101,7 +101,7 @@ pub(crate) async fn cluster(State(dash): State<Dash>, viewer: Viewer) -> Respons
     poll(move || {
         let (dash, viewer) = (dash.clone(), viewer.clone());
         async move {
-            let (leader, members) = Api::new(&dash.shared, &viewer.token).cluster().await?;
+            let (leader, members) = Api::new(&dash.shared, &viewer.caller).cluster().await?;
             Ok(fleet::cluster_body(&leader, &members).into_string())
         }
     })
@@ -113,7 +113,7 @@ pub(crate) async fn run(
     viewer: Viewer,
     Path(id): Path<String>,
 ) -> Response {
-    let mut events = match Api::new(&dash.shared, &viewer.token).watch(&id).await {
+    let mut events = match Api::new(&dash.shared, &viewer.caller).watch(&id).await {
         Ok(events) => events,
         Err(status) => return refusal(&status, false),
     };
@@ -140,8 +140,13 @@ pub(crate) async fn run(
                     }
                 }
                 Some(Err(status)) => return failed(&tx, &status).await,
-                // The leadership ended: the browser reconnects to whoever leads.
-                None => return,
+                // The leadership ended (this replica's watch stops with it).
+                None => {
+                    let status = tonic::Status::unavailable(
+                        "this coordinator is no longer the leader: reload the page at the leader",
+                    );
+                    return failed(&tx, &status).await;
+                }
             }
         }
     });

@@ -84,7 +84,7 @@ pub(crate) async fn page(
     Query(q): Query<AttemptQuery>,
 ) -> Response {
     let json = super::wants_json(&headers);
-    let api = Api::new(&dash.shared, &viewer.token);
+    let api = Api::new(&dash.shared, &viewer.caller);
     let at = match locate(&api, &id, &task, q.attempt).await {
         Ok(at) => at,
         Err(status) => return refusal(&status, json),
@@ -337,7 +337,7 @@ pub(crate) async fn raw(
     Query(q): Query<AttemptQuery>,
 ) -> Response {
     let json = super::wants_json(&headers);
-    let api = Api::new(&dash.shared, &viewer.token);
+    let api = Api::new(&dash.shared, &viewer.caller);
     let at = match locate(&api, &id, &task, q.attempt).await {
         Ok(at) => at,
         Err(status) => return refusal(&status, json),

@@ -22,6 +22,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// One read of the store; a line longer than this is sent in pieces.
 const CHUNK: usize = 256 * 1024;
+/// Log bytes in one `lines` event, at most.
+const EVENT_BYTES: usize = 16 * 1024;
 /// How often the task's attempts are looked at again (a new attempt, the end).
 const RECHECK: Duration = Duration::from_millis(300);
 
@@ -76,10 +78,10 @@ pub(crate) async fn events(
             line: 1,
         });
     // Refuse an unknown run or task before the stream starts.
-    if let Err(status) = locate(&Api::new(&dash.shared, &viewer.token), &id, &task, None).await {
+    if let Err(status) = locate(&Api::new(&dash.shared, &viewer.caller), &id, &task, None).await {
         return refusal(&status, false);
     }
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         if let Err(message) = follow(&dash, &viewer, &id, &task, from, &tx).await {
             let _ = tx
@@ -102,7 +104,7 @@ async fn follow(
     mut at: Position,
     tx: &Tx,
 ) -> Result<(), String> {
-    let api = Api::new(&dash.shared, &viewer.token);
+    let api = Api::new(&dash.shared, &viewer.caller);
     let leader = dash
         .shared
         .leader()
@@ -126,6 +128,17 @@ async fn follow(
                 at.attempt = history.first().map_or(0, |a| a.number);
             }
             newest = history.iter().map(|a| a.number).max().unwrap_or(0);
+            let ended = capstan_proto::render::task_finished(located.task.state);
+            if at.attempt > newest && (ended || newest > 0) {
+                // Skipped or cancelled before any attempt; or an attempt
+                // this task never had: nothing will ever come.
+                return if at.attempt == 0 {
+                    let _ = tx.send(Ok(Event::default().event("end").data("end"))).await;
+                    Ok(())
+                } else {
+                    Err(format!("task `{task}` has no attempt {}", at.attempt))
+                };
+            }
             attempt = history.into_iter().find(|a| a.number == at.attempt);
         }
         if let Some(a) = &attempt {
@@ -153,8 +166,9 @@ async fn follow(
             _ = feed.changed() => refresh = false,
             _ = recheck.tick() => refresh = true,
             _ = tx.closed() => return Ok(()),
-            // The browser reconnects (Last-Event-ID) and finds the leader's answer.
-            _ = leader.token.cancelled() => return Ok(()),
+            _ = leader.token.cancelled() => return Err(
+                "this coordinator is no longer the leader: reload the page at the leader".into(),
+            ),
         }
     }
 }
@@ -179,7 +193,12 @@ async fn send_new(
         pending.extend_from_slice(&data);
         let whole = match pending.iter().rposition(|&b| b == b'\n') {
             Some(i) => i + 1,
-            None if pending.len() >= CHUNK => pending.len(),
+            // A line longer than a chunk goes in pieces (each numbered as
+            // a line), cut between characters.
+            None if pending.len() >= CHUNK => match std::str::from_utf8(pending) {
+                Ok(_) => pending.len(),
+                Err(e) => e.valid_up_to().max(1),
+            },
             None => continue,
         };
         if !send(tx, at, pending, whole).await {
@@ -188,14 +207,38 @@ async fn send_new(
     }
 }
 
-/// Sends the first `n` pending bytes as lines; false once the browser left.
+/// Sends the first `n` pending bytes as lines, in events of at most
+/// [`EVENT_BYTES`] of log each (a short line is ~70 bytes of markup: a
+/// backlog of newlines must not become one huge event); false once the
+/// browser left.
 async fn send(tx: &Tx, at: &mut Position, pending: &mut Vec<u8>, n: usize) -> bool {
-    let (html, lines) = render_lines(&pending[..n], at.line);
-    at.offset += n as u64;
-    at.line += lines;
+    let mut sent = 0;
+    while sent < n {
+        let rest = &pending[sent..n];
+        let cut = if rest.len() <= EVENT_BYTES {
+            rest.len()
+        } else {
+            // Whole lines: the last newline within the bound, else the end
+            // of the one long line that crosses it.
+            match rest[..EVENT_BYTES].iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => rest
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(rest.len(), |i| i + 1),
+            }
+        };
+        let (html, lines) = render_lines(&rest[..cut], at.line);
+        at.offset += cut as u64;
+        at.line += lines;
+        sent += cut;
+        let event = Event::default().event("lines").id(at.id()).data(html);
+        if tx.send(Ok(event)).await.is_err() {
+            return false;
+        }
+    }
     pending.drain(..n);
-    let event = Event::default().event("lines").id(at.id()).data(html);
-    tx.send(Ok(event)).await.is_ok()
+    true
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! binary. Every page answers `Accept: application/json` with the JSON the
 //! CLI's `-o json` prints (`capstan_proto::render`).
 //!
-//! Rooms: `session` (login, the session cookie, CSRF), `client` (the API
+//! Rooms: `session` (login, the session cookie, CSRF), `sessions` (their
+//! records in the state store), `client` (the API
 //! handlers called in-process with the viewer's token), `layout` (the page
 //! frame and small pieces), `runs`, `run`, `dag` (the SVG), `log` (the log
 //! page and raw download), `log_stream` (its live lines), `fleet` (runners
@@ -23,6 +24,7 @@ mod log_stream;
 mod run;
 mod runs;
 mod session;
+mod sessions;
 
 use crate::api::Shared;
 use axum::Router;
@@ -36,13 +38,19 @@ pub(crate) use session::Viewer;
 #[derive(Clone)]
 pub(crate) struct Dash {
     pub(crate) shared: Shared,
+    pub(crate) sessions: std::sync::Arc<sessions::Sessions>,
     /// The HTTP port serves TLS: the session cookie is `Secure`.
     pub(crate) secure: bool,
 }
 
-pub(crate) fn router(shared: &Shared, secure: bool) -> Router {
+pub(crate) fn router(
+    shared: &Shared,
+    store: std::sync::Arc<dyn crate::store::Store>,
+    secure: bool,
+) -> Router {
     let state = Dash {
         shared: shared.clone(),
+        sessions: std::sync::Arc::new(sessions::Sessions::new(store)),
         secure,
     };
     Router::new()

@@ -22,7 +22,7 @@ pub(crate) async fn page(
     Path(id): Path<String>,
 ) -> Response {
     let json = super::wants_json(&headers);
-    let run = match Api::new(&dash.shared, &viewer.token).run(&id).await {
+    let run = match Api::new(&dash.shared, &viewer.caller).run(&id).await {
         Ok(run) => run,
         Err(status) => return refusal(&status, json),
     };
@@ -40,7 +40,6 @@ pub(crate) async fn page(
 
 /// Everything below the title: what the live refresh replaces.
 pub(crate) fn body(run: &Run, viewer: &Viewer) -> Markup {
-    let now = crate::model::now_ms();
     let may_cancel = viewer.may(Scope::Admin)
         || (viewer.may(Scope::Submit) && run.submitted_by == viewer.caller.name);
     html! {
@@ -51,7 +50,7 @@ pub(crate) fn body(run: &Run, viewer: &Viewer) -> Markup {
             dt { "Repository" } dd { (or_dash(&run.repo)) }
             dt { "Commit" } dd { code { (or_dash(&run.rev)) } }
             dt { "Created" } dd { (layout::time(run.created_at_ms)) }
-            dt { "Duration" } dd { (layout::duration(run.created_at_ms, run.finished_at_ms, now)) }
+            dt { "Duration" } dd { (layout::duration(run.created_at_ms, run.finished_at_ms)) }
         }
         @if may_cancel && !run_finished(run.state) {
             (layout::post_button(viewer, &format!("/runs/{}/cancel", run.id), "Cancel run", "cancel"))
@@ -62,13 +61,13 @@ pub(crate) fn body(run: &Run, viewer: &Viewer) -> Markup {
                 th { "Task" } th { "State" } th { "Attempt" } th { "Runner" } th { "Exit" }
                 th { "Failure" } th { "Started" } th { "Duration" } th { "Message" }
             } }
-            tbody { @for task in &run.tasks { (task_rows(run, task, now)) } }
+            tbody { @for task in &run.tasks { (task_rows(run, task)) } }
         }
     }
 }
 
 /// The task's row, then one row per earlier attempt (newest first).
-fn task_rows(run: &Run, task: &Task, now: i64) -> Markup {
+fn task_rows(run: &Run, task: &Task) -> Markup {
     let state = task_state_name(task.state);
     let href = format!("/runs/{}/tasks/{}", run.id, dag::url_path(&task.name));
     let last = task.history.last();
@@ -81,7 +80,7 @@ fn task_rows(run: &Run, task: &Task, now: i64) -> Markup {
             td { (task.exit_code.map_or("–".to_string(), |c| c.to_string())) }
             td { (last.and_then(failure_class).unwrap_or("–")) }
             td { (layout::time(task.started_at_ms)) }
-            td { (layout::duration(task.started_at_ms, task.finished_at_ms, now)) }
+            td { (layout::duration(task.started_at_ms, task.finished_at_ms)) }
             td.msg { (task.message) }
         }
         @for a in task.history.iter().rev().skip(1) {
@@ -93,7 +92,7 @@ fn task_rows(run: &Run, task: &Task, now: i64) -> Markup {
                 td { "–" }
                 td { (failure_class(a).unwrap_or("–")) }
                 td { (layout::time(a.started_at_ms.max(a.offered_at_ms))) }
-                td { (layout::duration(a.started_at_ms.max(a.offered_at_ms), a.finished_at_ms, now)) }
+                td { (layout::duration(a.started_at_ms.max(a.offered_at_ms), a.finished_at_ms)) }
                 td {}
             }
         }
@@ -114,7 +113,7 @@ pub(crate) async fn cancel(
     if let Some(refused) = viewer.csrf_refusal(&form.csrf) {
         return refused;
     }
-    match Api::new(&dash.shared, &viewer.token).cancel(&id).await {
+    match Api::new(&dash.shared, &viewer.caller).cancel(&id).await {
         Ok(run) => Redirect::to(&format!("/runs/{}", run.id)).into_response(),
         Err(status) => refusal(&status, super::wants_json(&headers)),
     }

@@ -79,7 +79,7 @@ pub(crate) async fn page(
 ) -> Response {
     let json = super::wants_json(&headers);
     let listed = match q.request() {
-        Ok(req) => Api::new(&dash.shared, &viewer.token).runs(req).await,
+        Ok(req) => Api::new(&dash.shared, &viewer.caller).runs(req).await,
         Err(e) => Err(e),
     };
     let list = match listed {
@@ -135,7 +135,6 @@ fn filter_form(q: &RunsQuery) -> Markup {
 
 /// The table and the paging links: the part the live refresh replaces.
 pub(crate) fn table(list: &ListRunsResponse, q: &RunsQuery) -> Markup {
-    let now = crate::model::now_ms();
     html! {
         @if list.runs.is_empty() {
             p.empty { "No runs match." }
@@ -146,7 +145,7 @@ pub(crate) fn table(list: &ListRunsResponse, q: &RunsQuery) -> Markup {
                     th { "Duration" } th { "Submitted by" } th { "Commit" } th { "Created" }
                 } }
                 tbody {
-                    @for run in &list.runs { (row(run, now)) }
+                    @for run in &list.runs { (row(run)) }
                 }
             }
         }
@@ -160,7 +159,7 @@ pub(crate) fn table(list: &ListRunsResponse, q: &RunsQuery) -> Markup {
     }
 }
 
-fn row(run: &Run, now: i64) -> Markup {
+fn row(run: &Run) -> Markup {
     let state = capstan_proto::render::run_state_name(run.state);
     html! {
         tr data-run=(run.id) {
@@ -168,7 +167,7 @@ fn row(run: &Run, now: i64) -> Markup {
             td { (run.pipeline) }
             td { (layout::badge(state)) }
             td.counts { (task_counts(run)) }
-            td { (layout::duration(run.created_at_ms, run.finished_at_ms, now)) }
+            td { (layout::duration(run.created_at_ms, run.finished_at_ms)) }
             td { (dash(&run.submitted_by)) }
             td { code title=(run.rev) { (short(&run.rev)) } }
             td { (layout::time(run.created_at_ms)) }
@@ -193,10 +192,11 @@ fn dash(s: &str) -> &str {
     if s.is_empty() { "–" } else { s }
 }
 
-fn short(rev: &str) -> &str {
+/// The first 10 characters of a commit (a rev may be any text a user gave).
+fn short(rev: &str) -> String {
     if rev.is_empty() {
-        "–"
+        "–".to_string()
     } else {
-        &rev[..rev.len().min(10)]
+        rev.chars().take(10).collect()
     }
 }

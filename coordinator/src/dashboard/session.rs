@@ -1,17 +1,20 @@
 //! Who is looking: the login page, the session cookie and CSRF.
 //!
-//! The session cookie holds the API token itself (HttpOnly, SameSite=Strict,
-//! Secure on a TLS port), looked up in the store on every request exactly as
-//! a gRPC call's bearer token is (`api::auth::check`): a revocation holds
-//! from the next request, on every replica, and no session table has to be
-//! kept or replicated. `Authorization: Bearer` works too (scripts reading the
-//! JSON). Every POST carries a CSRF token derived from the session's token
-//! (a keyed hash: unguessable without the HttpOnly cookie); the login form,
-//! which has no session yet, a random nonce that must match a cookie set
-//! with the form (double submit), so no other site can log a browser in.
+//! Logging in with an API token opens a session (`sessions`: a random
+//! secret in an HttpOnly, SameSite=Strict cookie, `Secure` and `__Host-`
+//! named behind TLS; the store keeps its hash, the token's hash and a
+//! 12-hour expiry). Every request looks the session's token up again (a
+//! revocation ends its sessions at once, on every replica); logging out
+//! deletes the session. Scripts may send `Authorization: Bearer TOKEN`
+//! instead (not ambient, so no CSRF to fear). Every form of a session
+//! carries a CSRF token derived from the session's secret (a keyed hash:
+//! unguessable without the HttpOnly cookie); the login form, which has no
+//! session yet, a random nonce that must match a cookie set with the form
+//! (double submit), so no other site can log a browser in.
 
 use super::{Dash, layout};
-use crate::api::auth::{Caller, check};
+use crate::api::auth::{Caller, check, check_record};
+use crate::model::now_ms;
 use crate::tokens::Scope;
 use axum::extract::{Form, FromRequestParts, Query, State};
 use axum::http::request::Parts;
@@ -23,16 +26,18 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 const SESSION: &str = "capstan_session";
+/// The name behind TLS: a `__Host-` cookie is only accepted Secure, for
+/// this host, path `/` (no sibling host or plain-HTTP page can plant one).
+const SECURE_SESSION: &str = "__Host-capstan_session";
 const LOGIN_NONCE: &str = "capstan_login";
-/// A browser session lasts at most this long (the token may expire sooner).
-const SESSION_SECS: i64 = 12 * 3600;
 
-/// A request's viewer: its token, who that is, and its CSRF token.
+/// A request's viewer: who that is and the CSRF token of their session.
 #[derive(Clone)]
 pub(crate) struct Viewer {
-    pub(crate) token: String,
     pub(crate) caller: Caller,
     pub(crate) csrf: String,
+    /// Authenticated by a bearer header, not a cookie: no CSRF check.
+    bearer: bool,
 }
 
 impl Viewer {
@@ -41,9 +46,9 @@ impl Viewer {
     }
 
     /// The refusal of a POST whose form does not carry this session's CSRF
-    /// token; None when it does.
+    /// token; None when it does (or the caller sent its token itself).
     pub(crate) fn csrf_refusal(&self, sent: &str) -> Option<Response> {
-        if bool::from(sent.as_bytes().ct_eq(self.csrf.as_bytes())) {
+        if self.bearer || bool::from(sent.as_bytes().ct_eq(self.csrf.as_bytes())) {
             return None;
         }
         Some((
@@ -59,10 +64,10 @@ impl Viewer {
 }
 
 /// The CSRF token of a session: a hash keyed by the session's secret.
-fn csrf_for(token: &str) -> String {
+fn csrf_for(secret: &str) -> String {
     let digest = Sha256::new()
         .chain_update(b"capstan-dashboard-csrf\0")
-        .chain_update(token.as_bytes())
+        .chain_update(secret.as_bytes())
         .finalize();
     hex::encode(&digest[..16])
 }
@@ -84,43 +89,105 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// Whether the browser talks TLS to us: this port serves it, or the proxy
+/// in front of it says so (`X-Forwarded-Proto: https`).
+fn over_tls(dash: &Dash, headers: &HeaderMap) -> bool {
+    dash.secure
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+/// Why the login page is shown: a fixed reason, never text from the URL.
+#[derive(Clone, Copy)]
+enum Why {
+    NoSession,
+    Expired,
+    TokenGone,
+}
+
+impl Why {
+    fn code(self) -> &'static str {
+        match self {
+            Why::NoSession => "login",
+            Why::Expired => "expired",
+            Why::TokenGone => "token",
+        }
+    }
+
+    fn text(code: &str) -> &'static str {
+        match code {
+            "expired" => "your session has ended: log in again",
+            "token" => {
+                "the token of your session was revoked or has expired: log in with a valid one"
+            }
+            _ => "log in with an API token to see this page",
+        }
+    }
+}
+
 impl FromRequestParts<Dash> for Viewer {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, dash: &Dash) -> Result<Self, Response> {
-        let token = bearer(&parts.headers).or_else(|| cookie_value(&parts.headers, SESSION));
         let json = super::wants_json(&parts.headers);
-        let Some(token) = token else {
-            return Err(to_login(parts, json, None));
+        if let Some(token) = bearer(&parts.headers) {
+            return match check(&dash.shared.tokens, Some(token), Scope::Read).await {
+                Ok(caller) => Ok(Viewer {
+                    caller,
+                    csrf: String::new(),
+                    bearer: true,
+                }),
+                Err(status) => Err(super::refusal(&status, json)),
+            };
+        }
+        let secret = cookie_value(&parts.headers, SECURE_SESSION)
+            .or_else(|| cookie_value(&parts.headers, SESSION));
+        let Some(secret) = secret else {
+            return Err(to_login(parts, json, Why::NoSession));
         };
-        match check(&dash.shared.tokens, Some(token), Scope::Read).await {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "cannot look up a dashboard session");
+            let status = tonic::Status::unavailable(
+                "the coordinator cannot check sessions now (its state store failed); retry shortly",
+            );
+            super::refusal(&status, json)
+        };
+        let hash = match dash.sessions.lookup(secret, now_ms()).await {
+            Ok(Some(hash)) => hash,
+            Ok(None) => return Err(to_login(parts, json, Why::Expired)),
+            Err(e) => return Err(unavailable(&e)),
+        };
+        let record = match dash.shared.tokens.lookup_hash(&hash).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Err(to_login(parts, json, Why::TokenGone)),
+            Err(e) => return Err(unavailable(&e)),
+        };
+        match check_record(record, Scope::Read) {
             Ok(caller) => Ok(Viewer {
-                csrf: csrf_for(token),
-                token: token.to_string(),
                 caller,
+                csrf: csrf_for(secret),
+                bearer: false,
             }),
-            Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                Err(to_login(parts, json, Some(status.message())))
-            }
-            Err(status) => Err(super::refusal(&status, json)),
+            Err(_) => Err(to_login(parts, json, Why::TokenGone)),
         }
     }
 }
 
 /// No (live) session: JSON callers get 401, browsers the login page, and
-/// then back where they were.
-fn to_login(parts: &Parts, json: bool, why: Option<&str>) -> Response {
-    let why = why.unwrap_or("log in with an API token to see this page");
+/// then back where they were (a GET of the page a form was on).
+fn to_login(parts: &Parts, json: bool, why: Why) -> Response {
     if json {
-        let body = serde_json::json!({ "error": why });
+        let body = serde_json::json!({ "error": Why::text(why.code()) });
         return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
     }
-    let next = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let target = format!("/login?next={}&why={}", url_encode(&next), url_encode(why));
+    let next = if parts.method == axum::http::Method::GET {
+        parts.uri.path_and_query().map_or("/", |p| p.as_str())
+    } else {
+        "/"
+    };
+    let target = format!("/login?next={}&why={}", url_encode(next), why.code());
     Redirect::to(&target).into_response()
 }
 
@@ -128,10 +195,18 @@ fn url_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Only a path of this site (not `//host`): no open redirect.
+/// Only a path of this site: `/`, then printable ASCII without `\`, not
+/// `//` (another host). Browsers drop tabs and newlines from URLs, so
+/// `/\t/evil` would become `//evil`: no control character passes.
 fn safe_next(next: Option<&str>) -> &str {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n,
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n
+        }
         _ => "/",
     }
 }
@@ -142,25 +217,55 @@ pub(crate) struct LoginQuery {
     why: Option<String>,
 }
 
-pub(crate) async fn login_form(State(dash): State<Dash>, Query(q): Query<LoginQuery>) -> Response {
-    let nonce = crate::tokens::random_secret("");
-    let cookie = Cookie::build((LOGIN_NONCE, nonce.clone()))
+fn login_nonce_cookie(value: &str, secure: bool, age: cookie::time::Duration) -> String {
+    Cookie::build((LOGIN_NONCE, value.to_string()))
         .path("/login")
         .http_only(true)
         .same_site(SameSite::Strict)
-        .secure(dash.secure)
-        .max_age(cookie::time::Duration::minutes(30))
-        .build();
+        .secure(secure)
+        .max_age(age)
+        .build()
+        .to_string()
+}
+
+pub(crate) async fn login_form(
+    State(dash): State<Dash>,
+    headers: HeaderMap,
+    Query(q): Query<LoginQuery>,
+) -> Response {
+    let nonce = crate::tokens::random_secret("");
+    let cookie = login_nonce_cookie(
+        &nonce,
+        over_tls(&dash, &headers),
+        cookie::time::Duration::minutes(30),
+    );
     let next = safe_next(q.next.as_deref());
-    let page = layout::login_page(next, &nonce, q.why.as_deref());
-    ([(header::SET_COOKIE, cookie.to_string())], page).into_response()
+    let why = q.why.as_deref().map(Why::text);
+    let page = layout::login_page(next, &nonce, why);
+    ([(header::SET_COOKIE, cookie)], page).into_response()
 }
 
 #[derive(Deserialize)]
 pub(crate) struct LoginForm {
+    #[serde(default)]
     token: String,
+    #[serde(default)]
     nonce: String,
     next: Option<String>,
+}
+
+/// A refused token said for a person at a login form (not the CLI's words).
+fn login_refusal(status: &tonic::Status) -> String {
+    let m = status.message();
+    if m.contains("revoked") {
+        "this token was revoked: ask an admin for a new one".into()
+    } else if m.contains("expired") {
+        "this token has expired: ask an admin for a new one".into()
+    } else if status.code() == tonic::Code::Unauthenticated {
+        "this coordinator does not know that token: paste one `capstan token create` printed".into()
+    } else {
+        m.to_string()
+    }
 }
 
 pub(crate) async fn login(
@@ -185,26 +290,34 @@ pub(crate) async fn login(
             _ => StatusCode::UNAUTHORIZED,
         };
         // The same nonce stays valid for another try.
-        return (
-            code,
-            layout::login_page(&next, &form.nonce, Some(status.message())),
-        )
-            .into_response();
+        let why = login_refusal(&status);
+        return (code, layout::login_page(&next, &form.nonce, Some(&why))).into_response();
     }
-    let session = Cookie::build((SESSION, token.to_string()))
+    let secret = match dash.sessions.open(token, now_ms()).await {
+        Ok(secret) => secret,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store a dashboard session");
+            let status = tonic::Status::unavailable(
+                "the coordinator cannot store sessions now (its state store failed); retry shortly",
+            );
+            return super::refusal(&status, false);
+        }
+    };
+    let secure = over_tls(&dash, &headers);
+    let name = if secure { SECURE_SESSION } else { SESSION };
+    let session = Cookie::build((name, secret))
         .path("/")
         .http_only(true)
         .same_site(SameSite::Strict)
-        .secure(dash.secure)
-        .max_age(cookie::time::Duration::seconds(SESSION_SECS))
+        .secure(secure)
+        .max_age(cookie::time::Duration::milliseconds(
+            super::sessions::SESSION_MS,
+        ))
         .build();
-    let spent = Cookie::build((LOGIN_NONCE, ""))
-        .path("/login")
-        .max_age(cookie::time::Duration::ZERO)
-        .build();
+    let spent = login_nonce_cookie("", secure, cookie::time::Duration::ZERO);
     let mut res = Redirect::to(&next).into_response();
     let h = res.headers_mut();
-    for c in [session.to_string(), spent.to_string()] {
+    for c in [session.to_string(), spent] {
         if let Ok(v) = c.parse() {
             h.append(header::SET_COOKIE, v);
         }
@@ -214,22 +327,42 @@ pub(crate) async fn login(
 
 #[derive(Deserialize)]
 pub(crate) struct CsrfForm {
+    /// Missing is the same as wrong: 403, not a form error.
+    #[serde(default)]
     pub(crate) csrf: String,
 }
 
-pub(crate) async fn logout(viewer: Viewer, Form(form): Form<CsrfForm>) -> Response {
+pub(crate) async fn logout(
+    State(dash): State<Dash>,
+    viewer: Viewer,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
     if let Some(refused) = viewer.csrf_refusal(&form.csrf) {
         return refused;
     }
-    let gone = Cookie::build((SESSION, ""))
-        .path("/")
-        .max_age(cookie::time::Duration::ZERO)
-        .build();
-    (
-        [(header::SET_COOKIE, gone.to_string())],
-        Redirect::to("/login"),
-    )
-        .into_response()
+    let secret = cookie_value(&headers, SECURE_SESSION).or_else(|| cookie_value(&headers, SESSION));
+    if let Some(secret) = secret
+        && let Err(e) = dash.sessions.close(secret).await
+    {
+        tracing::error!(error = %e, "cannot delete a dashboard session");
+        let status = tonic::Status::unavailable(
+            "the coordinator could not end the session (its state store failed); retry shortly",
+        );
+        return super::refusal(&status, false);
+    }
+    let mut res = Redirect::to("/login").into_response();
+    for name in [SESSION, SECURE_SESSION] {
+        let gone = Cookie::build((name, ""))
+            .path("/")
+            .secure(name == SECURE_SESSION)
+            .max_age(cookie::time::Duration::ZERO)
+            .build();
+        if let Ok(v) = gone.to_string().parse() {
+            res.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    res
 }
 
 #[cfg(test)]
@@ -249,6 +382,13 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example/")), "/");
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
         assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+        assert_eq!(safe_next(Some("/\n/evil.example")), "/");
+        assert_eq!(safe_next(Some("/ /x")), "/");
+        assert_eq!(
+            safe_next(Some("/runs?state=failed&pipeline=a")),
+            "/runs?state=failed&pipeline=a"
+        );
         assert_eq!(safe_next(None), "/");
     }
 

@@ -1,5 +1,7 @@
-//! [`LocalLogStore`]: attempt logs as files in a local directory.
+//! [`LocalLogStore`]: attempt logs as files in a local directory: plain
+//! `<attempt>.log` while written, `<attempt>.logz` once sealed (`sealed`).
 
+use super::sealed::{SealStats, Sealed};
 use super::{LogError, LogStore, check_id, plan_append};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -43,6 +45,8 @@ struct LogFile {
     /// How far [`drop_behind`] has dropped the page cache: the next sync
     /// advises only from here, not from 0 again.
     dropped: Arc<AtomicU64>,
+    /// The sealed log, once looked for (`None` inside: there is none).
+    sealed: Option<Option<Arc<Sealed>>>,
 }
 
 impl LogFile {
@@ -97,13 +101,29 @@ impl LogFile {
         Ok(self.file.as_ref())
     }
 
+    /// The sealed log of `path` (the plain log's path), if there is one.
+    fn sealed(&mut self, path: &Path) -> io::Result<Option<Arc<Sealed>>> {
+        if self.sealed.is_none() {
+            let found = Sealed::open(&sealed_path(path))
+                .map_err(|e| context(e, "cannot open", &sealed_path(path)))?;
+            self.sealed = Some(found.map(Arc::new));
+        }
+        Ok(self.sealed.clone().flatten())
+    }
+
     /// Forgets what is cached, so the next call looks at the file again.
     fn reset(&mut self) {
         self.file = None;
         self.len = None;
+        self.sealed = None;
         // The file may be another one next time (deleted and made again).
         self.dropped = Arc::default();
     }
+}
+
+/// `<attempt>.logz` beside `<attempt>.log`.
+fn sealed_path(plain: &Path) -> PathBuf {
+    plain.with_extension("logz")
 }
 
 fn context(err: io::Error, what: &str, path: &Path) -> io::Error {
@@ -300,7 +320,14 @@ impl LogStore for LocalLogStore {
     ) -> Result<u64, LogError> {
         let id = attempt.clone();
         self.with_log(attempt, move |log, path, io_error| {
-            let total = parts.iter().map(Bytes::len).sum();
+            let total: usize = parts.iter().map(Bytes::len).sum();
+            if let Some(sealed) = log.sealed(path).map_err(io_error)? {
+                // A resend of what it holds is answered as before the seal.
+                if offset + total as u64 <= sealed.len() {
+                    return Ok(sealed.len());
+                }
+                return Err(LogError::Sealed { attempt: id });
+            }
             if total == 0 {
                 let len = log.len(path).map_err(io_error)?;
                 plan_append(&id, len, offset, 0)?;
@@ -347,11 +374,19 @@ impl LogStore for LocalLogStore {
         self.with_log(attempt, |log, path, io_error| {
             // Drop the open file and the cached length with the file.
             log.reset();
-            match std::fs::remove_file(path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(io_error(context(e, "cannot delete", path))),
+            let sealed = sealed_path(path);
+            for p in [
+                path.to_path_buf(),
+                sealed.with_extension("logz.tmp"),
+                sealed,
+            ] {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error(context(e, "cannot delete", &p))),
+                }
             }
+            Ok(())
         })
         .await?;
         self.logs
@@ -364,19 +399,22 @@ impl LogStore for LocalLogStore {
     async fn list(&self) -> Result<Vec<AttemptId>, LogError> {
         let dir = self.dir.clone();
         let listed = tokio::task::spawn_blocking(move || -> io::Result<Vec<AttemptId>> {
-            let mut out = Vec::new();
+            let mut out = std::collections::BTreeSet::new();
             for entry in std::fs::read_dir(&dir)? {
                 let name = entry?.file_name();
-                // Only `<attempt id>.log`: anything else in the directory
-                // (an operator's file, a temporary) is not a log.
-                if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".log")) {
+                // Only `<attempt id>.log` and `.logz`: anything else in the
+                // directory (an operator's file, a temporary) is not a log.
+                let id = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".log").or_else(|| n.strip_suffix(".logz")));
+                if let Some(id) = id {
                     let id = AttemptId::from_string(id.to_owned());
                     if check_id(&id).is_ok() {
-                        out.push(id);
+                        out.insert(id);
                     }
                 }
             }
-            Ok(out)
+            Ok(out.into_iter().collect())
         })
         .await
         .map_err(|e| io::Error::other(e.to_string()))
@@ -389,6 +427,9 @@ impl LogStore for LocalLogStore {
 
     async fn len(&self, attempt: &AttemptId) -> Result<u64, LogError> {
         self.with_log(attempt, |log, path, io_error| {
+            if let Some(sealed) = log.sealed(path).map_err(io_error)? {
+                return Ok(sealed.len());
+            }
             log.len(path).map_err(io_error)
         })
         .await
@@ -406,6 +447,13 @@ impl LogStore for LocalLogStore {
                 .await;
         }
         self.with_log(attempt, move |log, path, io_error| {
+            if let Some(sealed) = log.sealed(path).map_err(io_error)? {
+                let zpath = sealed_path(path);
+                return sealed
+                    .read(offset, max, &zpath)
+                    .map(Bytes::from)
+                    .map_err(|e| io_error(context(e, "cannot read", &zpath)));
+            }
             let len = log.len(path).map_err(io_error)?;
             if offset >= len || max == 0 {
                 return Ok(Bytes::new());
@@ -452,6 +500,36 @@ impl LogStore for LocalLogStore {
             }
             None => Ok(()),
         }
+    }
+
+    async fn seal(&self, attempt: &AttemptId) -> Result<Option<SealStats>, LogError> {
+        self.with_log(attempt, |log, path, io_error| {
+            if log.sealed(path).map_err(io_error)?.is_some() {
+                return Ok(None);
+            }
+            let Some(file) = log.file(path, false).map_err(io_error)?.cloned() else {
+                return Ok(None);
+            };
+            let len = file
+                .metadata()
+                .map_err(|e| io_error(context(e, "cannot stat", path)))?
+                .len();
+            let zpath = sealed_path(path);
+            let stats = super::sealed::seal(&file, len, &zpath, crate::private::FILE_MODE)
+                .map_err(|e| io_error(context(e, "cannot seal", path)))?;
+            let sealed =
+                Sealed::open(&zpath).map_err(|e| io_error(context(e, "cannot open", &zpath)))?;
+            // The sealed copy is durable (fsynced, renamed): the plain one goes.
+            log.reset();
+            log.sealed = Some(sealed.map(Arc::new));
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(context(e, "cannot delete", path))),
+            }
+            Ok(Some(stats))
+        })
+        .await
     }
 }
 
@@ -591,6 +669,84 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalLogStore::open(&dir.path().join("logs")).unwrap();
         conformance::run_all(Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn a_sealed_log_reads_the_same_and_takes_no_new_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalLogStore::open(dir.path()).unwrap();
+        let a = AttemptId::from_string("att-seal".to_string());
+        let data: Vec<u8> = (1..=60_000)
+            .flat_map(|i| format!("{i:08} compiling crate number {i}\n").into_bytes())
+            .collect();
+        for (i, chunk) in data.chunks(100_003).enumerate() {
+            store.append(&a, (i * 100_003) as u64, chunk).await.unwrap();
+        }
+        store.sync(&a).await.unwrap();
+        let stats = store.seal(&a).await.unwrap().expect("sealed");
+        assert_eq!(stats.raw, data.len() as u64);
+        assert!(stats.stored * 4 < stats.raw, "at most a quarter: {stats:?}");
+        assert!(
+            !dir.path().join("att-seal.log").exists(),
+            "the plain log is gone"
+        );
+        assert!(dir.path().join("att-seal.logz").exists());
+        assert_eq!(store.seal(&a).await.unwrap(), None, "sealed once");
+        // A fresh store (a restart, the next leader) reads it the same.
+        for store in [store, LocalLogStore::open(dir.path()).unwrap()] {
+            assert_eq!(store.len(&a).await.unwrap(), data.len() as u64);
+            for offset in [0usize, 5, 262_143, 262_144, 700_001, data.len() - 1] {
+                let got = store.read(&a, offset as u64, 300_000).await.unwrap();
+                let end = (offset + 300_000).min(data.len());
+                assert_eq!(&got[..], &data[offset..end], "offset {offset}");
+            }
+            // A resend of held bytes is answered as before; new bytes are refused.
+            assert_eq!(store.append(&a, 10, b"x").await.unwrap(), data.len() as u64);
+            let err = store
+                .append(&a, data.len() as u64, b"more")
+                .await
+                .unwrap_err();
+            assert!(matches!(err, LogError::Sealed { .. }), "{err}");
+            assert_eq!(store.list().await.unwrap(), vec![a.clone()]);
+        }
+        let store = LocalLogStore::open(dir.path()).unwrap();
+        store.delete(&a).await.unwrap();
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing left"
+        );
+        assert_eq!(store.len(&a).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_crash_while_sealing_leaves_the_plain_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalLogStore::open(dir.path()).unwrap();
+        let a = AttemptId::from_string("att-torn".to_string());
+        store.append(&a, 0, b"line one\nline two\n").await.unwrap();
+        // What a kill -9 mid-seal leaves: a partial temporary beside the log.
+        std::fs::write(dir.path().join("att-torn.logz.tmp"), b"\x28\xb5\x2f").unwrap();
+        let store = LocalLogStore::open(dir.path()).unwrap();
+        assert_eq!(
+            &store.read(&a, 5, 100).await.unwrap()[..],
+            b"one\nline two\n"
+        );
+        assert_eq!(store.list().await.unwrap(), vec![a.clone()]);
+        store
+            .seal(&a)
+            .await
+            .unwrap()
+            .expect("sealed over the torn temporary");
+        assert_eq!(
+            &store.read(&a, 0, 100).await.unwrap()[..],
+            b"line one\nline two\n"
+        );
+        assert!(!dir.path().join("att-torn.logz.tmp").exists());
+        store.delete(&a).await.unwrap();
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing left"
+        );
     }
 
     #[tokio::test]

@@ -39,6 +39,7 @@ pub(crate) mod feed;
 pub(crate) mod local;
 #[cfg(test)]
 pub(crate) mod memory;
+pub(crate) mod sealed;
 pub(crate) mod usage;
 
 use async_trait::async_trait;
@@ -74,6 +75,12 @@ pub(crate) enum LogError {
          '_' and '-'"
     )]
     BadId(String),
+    /// The attempt's log was sealed ([`LogStore::seal`]): no byte it does
+    /// not already hold is stored.
+    #[error(
+        "log of attempt {attempt}: the attempt has ended and its log is sealed; nothing more is stored"
+    )]
+    Sealed { attempt: AttemptId },
     /// The log store itself could not be opened.
     #[error("cannot open the log store at {path}: {source}")]
     Open {
@@ -129,6 +136,17 @@ pub(crate) trait LogStore: Send + Sync + 'static {
     /// Every attempt that has a log (in no particular order), for the sweep
     /// of orphan logs (see `Scheduler::sweep_orphan_logs`).
     async fn list(&self) -> Result<Vec<AttemptId>, LogError>;
+    /// Stores an ended attempt's log compactly (`local`: zstd frames, see
+    /// `sealed`). Afterwards `len` and `read` answer exactly as before; an
+    /// append of bytes the log does not hold is [`LogError::Sealed`] (a
+    /// resend of ones it holds still succeeds); `delete` removes it. `None`:
+    /// nothing was sealed (no log, sealed already, or a store that keeps
+    /// logs as they are). Called once the run has ended, when no runner
+    /// may append any more.
+    async fn seal(&self, attempt: &AttemptId) -> Result<Option<sealed::SealStats>, LogError> {
+        let _ = attempt;
+        Ok(None)
+    }
 }
 
 /// Checks that `attempt` may name a log: `Err(BadId)` otherwise.

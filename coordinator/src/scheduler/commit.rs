@@ -21,6 +21,7 @@ use super::state::{Effects, Outgoing, RunnerTx};
 use super::{Scheduler, view};
 use crate::model::{run_key, runner_key};
 use crate::store::{Op, StoreError};
+use capstan_proto::ids::AttemptId;
 use capstan_proto::runner::v1 as rpb;
 use tokio::time::Instant;
 
@@ -129,16 +130,30 @@ impl Scheduler {
                 .requeued(&r.run, &r.task, r.attempt, r.why.label());
         }
         let epoch = self.state.epoch();
+        let mut ended = Vec::new();
         for id in fx.runs_finished() {
             if let Some(run) = self.state.run(id) {
                 self.run_spans.finished(run, epoch);
+                ended.extend(logged_attempts(run));
             }
         }
+        self.seal_logs(ended);
         self.metrics.count(fx.tally());
         self.metrics
             .queue_depth
             .set(self.state.queue_depth() as i64);
     }
+}
+
+/// The attempts of `run` that have a log.
+pub(super) fn logged_attempts(
+    run: &crate::model::RunRecord,
+) -> impl Iterator<Item = AttemptId> + '_ {
+    run.tasks
+        .iter()
+        .flat_map(|t| t.attempts.iter())
+        .filter(|a| a.log_length > 0)
+        .map(|a| a.id.clone())
 }
 
 /// Sends the tentative offers and returns their confirms, to send once the

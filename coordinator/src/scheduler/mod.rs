@@ -111,9 +111,9 @@ pub(crate) async fn start(
         }
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    if state.timing().retention.is_some() {
+    {
         // Listed off the loop (a big log directory takes a while), judged
-        // in it.
+        // in it: orphans deleted, the ended runs' logs not yet sealed sealed.
         let (logs, tx) = (Arc::clone(&logs), tx.clone());
         tokio::spawn(async move {
             match logs.list().await {
@@ -155,6 +155,11 @@ pub(crate) struct Scheduler {
     /// Trace spans of the unfinished runs (empty unless export is on).
     run_spans: crate::trace::RunSpans,
 }
+
+/// How long after its run ended an attempt's log is sealed: a reader that
+/// was following it has read its end by then (a read is never refused, but
+/// a sealed log costs a frame's decompression per read).
+const SEAL_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most commands applied before one commit.
 const MAX_BATCH: usize = 1024;
@@ -444,11 +449,16 @@ impl Scheduler {
     /// authorized, so every file listed at the start of this leadership
     /// belongs to an attempt still in the state or to one deleted with its
     /// run; those are the ones deleted.
+    ///
+    /// The logs of runs that ended are sealed (a crash or a leader change
+    /// may have come between a run's end and its seal; sealing a sealed log
+    /// is a no-op).
     fn orphan_logs(&mut self, listed: Vec<AttemptId>) {
-        let orphans: Vec<AttemptId> = listed
+        let (orphans, ended): (Vec<AttemptId>, Vec<AttemptId>) = listed
             .into_iter()
-            .filter(|a| !self.state.knows_attempt(a))
-            .collect();
+            .filter(|a| !self.state.knows_attempt(a) || self.state.attempt_run_ended(a))
+            .partition(|a| !self.state.knows_attempt(a));
+        self.seal_logs(ended);
         if orphans.is_empty() {
             return;
         }
@@ -464,6 +474,25 @@ impl Scheduler {
             for attempt in attempts {
                 if let Err(e) = logs.delete(&attempt).await {
                     tracing::warn!(%attempt, error = %e, "could not delete a log");
+                }
+            }
+        });
+    }
+
+    /// Seals these ended attempts' logs off the loop, [`SEAL_DELAY`] from
+    /// now; a failure is logged (the next leadership tries again).
+    fn seal_logs(&self, attempts: Vec<AttemptId>) {
+        if attempts.is_empty() {
+            return;
+        }
+        let (logs, metrics) = (Arc::clone(&self.logs), Arc::clone(&self.metrics));
+        tokio::spawn(async move {
+            tokio::time::sleep(SEAL_DELAY).await;
+            for attempt in attempts {
+                match logs.seal(&attempt).await {
+                    Ok(Some(stats)) => metrics.sealed(stats),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%attempt, error = %e, "could not seal a log"),
                 }
             }
         });

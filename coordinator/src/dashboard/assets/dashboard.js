@@ -29,11 +29,18 @@ function live(el) {
     tick();
   });
   es.addEventListener("end", () => es.close());
-  es.addEventListener("failed", (e) => {
-    es.close();
-    el.insertAdjacentHTML("afterbegin", '<p class="error"></p>');
-    el.firstChild.textContent = "Live updates stopped: " + e.data;
-  });
+  es.addEventListener("failed", (e) => stopped(el, es, e.data));
+  // A refused reconnect (a follower's 503, a logged-out session) closes
+  // the source for good: say so rather than look live.
+  es.onerror = () => {
+    if (es.readyState === EventSource.CLOSED) stopped(el, es, "the server refused to go on; reload the page");
+  };
+}
+
+function stopped(el, es, why) {
+  es.close();
+  el.insertAdjacentHTML("afterbegin", '<p class="error"></p>');
+  el.firstChild.textContent = "Live updates stopped: " + why;
 }
 
 // The log page: lines are appended as the step prints them; the view
@@ -60,6 +67,11 @@ function follow(log) {
     es.close();
     if (note) note.textContent = "Following stopped: " + e.data;
   });
+  es.onerror = () => {
+    if (es.readyState === EventSource.CLOSED && note) {
+      note.textContent = "Following stopped: the server refused to go on; reload the page";
+    }
+  };
 }
 
 // The line a #L120 link names, marked (and kept marked as lines arrive).

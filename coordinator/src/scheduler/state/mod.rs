@@ -310,6 +310,14 @@ impl SchedulerState {
         self.runs.knows_attempt(attempt)
     }
 
+    /// Whether `attempt` belongs to a run that has ended.
+    pub(crate) fn attempt_run_ended(&self, attempt: &AttemptId) -> bool {
+        self.runs
+            .locate(attempt)
+            .and_then(|(run, _)| self.runs.get(&run))
+            .is_some_and(|r| r.state.is_terminal())
+    }
+
     /// The attempt's place, if `runner` owns it (fencing: a runner may report
     /// only on attempts assigned to it).
     /// May `runner` append to `a`'s log? Only while the attempt is its own
