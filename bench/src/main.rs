@@ -39,6 +39,7 @@ const SCENARIOS: &[&str] = &[
     "buildbot",
     "webhook",
     "dashboard",
+    "history",
 ];
 
 /// Scenarios a full run leaves out; they run only when named.
@@ -59,7 +60,7 @@ struct Args {
     out: PathBuf,
     /// Run only this scenario (repeatable); its figures are merged into an
     /// existing report at --out. One of: store, pickup, pickup-tls,
-    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, failover, compose-failover, container, buildbot, webhook, dashboard;
+    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, failover, compose-failover, container, buildbot, webhook, dashboard, history;
     /// or pickup-ab (two builds' pickup, alternating; build A's binaries in
     /// `$CAPSTAN_AB_BIN_DIR`).
     #[arg(long = "scenario")]
@@ -250,6 +251,7 @@ async fn run_scenario(args: &Args, name: &str, ctx: &Ctx) -> anyhow::Result<Figu
         "container" => scenarios::container_overhead::run(args.quick).await,
         "webhook" => scenarios::webhook::run(ctx).await,
         "dashboard" => scenarios::dashboard::run(ctx).await,
+        "history" => scenarios::history::run(ctx).await,
         "buildbot" => {
             if args.quick && args.buildbot_summary.is_none() && args.scenarios.is_empty() {
                 Err(anyhow::anyhow!(

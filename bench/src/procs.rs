@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Where the binaries are: `$CAPSTAN_BIN_DIR`, else the directory of this
 /// executable (`target/<profile>/`), so a release bench runs release daemons.
@@ -141,6 +141,8 @@ pub(crate) struct Coordinator {
     bins: PathBuf,
     /// The CA of its certificate, when it serves TLS ([`Coordinator::start_tls`]).
     pub(crate) ca: Option<PathBuf>,
+    /// Process start -> `/readyz` 200 and an API call answered (5 ms polls).
+    pub(crate) ready_in: Duration,
 }
 
 impl Coordinator {
@@ -190,6 +192,7 @@ impl Coordinator {
         } else {
             None
         };
+        let spawned = Instant::now();
         let proc = Proc::spawn(cmd, dir, "coordinator")?;
         let mut c = Self {
             proc,
@@ -200,12 +203,13 @@ impl Coordinator {
             dir: dir.to_path_buf(),
             bins: bins.to_path_buf(),
             ca,
+            ready_in: Duration::ZERO,
         };
         // Ready, and leader: an API call answers (a coordinator that is
         // still electing itself answers UNAVAILABLE).
         let ready = poll_until(
-            Duration::from_secs(20),
-            Duration::from_millis(20),
+            Duration::from_secs(120),
+            Duration::from_millis(5),
             async || {
                 if let Ok((200, _)) = c.http_get("/readyz")
                     && c.answers().await
@@ -220,8 +224,9 @@ impl Coordinator {
         )
         .await?;
         if ready.is_none() {
-            bail!("coordinator not ready in 20 s:\n{}", c.log());
+            bail!("coordinator not ready in 120 s:\n{}", c.log());
         }
+        c.ready_in = spawned.elapsed();
         Ok(c)
     }
 

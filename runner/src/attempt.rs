@@ -344,15 +344,23 @@ async fn run_prepared(spec: &AttemptSpec, prepared: Prepared) -> TaskFinished {
             ),
         ),
     };
+    steps::withhold_secret_outputs(spec, &task, &spool).await;
     let outputs = task.outputs.lock().map(|o| o.clone()).unwrap_or_default();
-    if !outputs.is_empty() {
-        info!(?outputs, "task outputs");
-    }
+    log_outputs(&outputs);
     let log_length = shipper.finish().await;
     spec.work_dir
         .retire_attempt_dir(task.attempt_id.as_str())
         .await;
     report(outcome, log_length, outputs)
+}
+
+/// Says which outputs the report carries: their names only, at info; a
+/// value may be anything a script wrote, so none is in the runner's own log.
+fn log_outputs(outputs: &std::collections::BTreeMap<String, String>) {
+    if !outputs.is_empty() {
+        let keys: Vec<&str> = outputs.keys().map(String::as_str).collect();
+        info!(?keys, "task outputs");
+    }
 }
 
 async fn run_task(
@@ -544,6 +552,32 @@ mod tests {
             .await
             .unwrap();
         run_task(&spec, &task, &Arc::default(), &spool).await
+    }
+
+    #[test]
+    fn the_runners_log_names_outputs_but_holds_no_value() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let outputs = [("version".to_owned(), "value-of-an-output".to_owned())].into();
+        tracing::subscriber::with_default(subscriber, || log_outputs(&outputs));
+        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("version"), "{logged}");
+        assert!(!logged.contains("value-of-an-output"), "{logged}");
     }
 
     #[tokio::test]

@@ -13,17 +13,58 @@
 
 use std::collections::BTreeMap;
 
+use capstan_proto::outputs::{MAX_OUTPUTS, is_runners_own as reserved, within_budget};
+
 use crate::step::MAX_OUTPUT_BYTES;
 
-/// Most outputs one task may write.
-pub(crate) const MAX_OUTPUTS: usize = 100;
+/// Keeps `outputs` (the runner's own and the file's) to the budget the
+/// coordinator keeps to as well ([`capstan_proto::outputs`]: 100 outputs
+/// and 64 KiB of keys and values, the runner's own first), and a line for
+/// the log about each one it drops. The file's own bounds keep its outputs
+/// within it; the runner's own outputs can push the last of them out.
+pub(crate) fn fit(outputs: &mut BTreeMap<String, String>) -> Vec<String> {
+    let (kept, dropped) = within_budget(std::mem::take(outputs));
+    *outputs = kept;
+    dropped
+        .into_iter()
+        .map(|key| {
+            format!(
+                "$CAPSTAN_OUTPUT: `{key}` ignored: a task keeps at most {MAX_OUTPUTS} outputs and {} KiB \
+                 of their keys and values, the runner's own outputs first",
+                capstan_proto::outputs::MAX_OUTPUT_BYTES / 1024
+            )
+        })
+        .collect()
+}
 
-/// The outputs the runner records itself: a task's file cannot set them.
-fn reserved(key: &str) -> bool {
-    matches!(
-        key,
-        "image" | "digest" | "commit" | "repo" | "branch" | "pull-request"
-    ) || key.starts_with("steps.")
+/// Takes out of `outputs` each one whose value holds a value the log masks
+/// (`mask`, [`crate::logs::mask::patterns`]: the runner's secrets in every
+/// spelling it masks), and a warning for the log naming each: an output
+/// travels to the coordinator, its API and every later task of the run,
+/// where no mask applies (GitHub Actions skips such an output too).
+pub(crate) fn withhold_secrets(
+    outputs: &mut BTreeMap<String, String>,
+    mask: &[Vec<u8>],
+) -> Vec<String> {
+    let secret = |value: &str| {
+        let value = value.as_bytes();
+        mask.iter()
+            .any(|p| !p.is_empty() && value.windows(p.len()).any(|w| w == p.as_slice()))
+    };
+    let withheld: Vec<String> = (outputs.iter())
+        .filter(|(_, v)| secret(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    withheld
+        .into_iter()
+        .map(|key| {
+            outputs.remove(&key);
+            format!(
+                "warning: skip output `{key}` since it may contain a secret (its value holds a value \
+                 this log masks): it is not passed on"
+            )
+        })
+        .collect()
 }
 
 /// The outputs of the file from what the executor read of it (at most one
@@ -190,6 +231,54 @@ mod tests {
         let (out, notes) = read_of(&exact);
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(out["v"].len(), MAX_OUTPUT_BYTES - 2);
+    }
+
+    #[test]
+    fn the_runners_own_outputs_count_in_the_budget() {
+        let mut outputs: BTreeMap<String, String> = (0..MAX_OUTPUTS)
+            .map(|i| (format!("k{i:03}"), "v".to_owned()))
+            .collect();
+        outputs.insert("steps.1.image".into(), "r/app@sha256:ab".into());
+        let notes = fit(&mut outputs);
+        assert_eq!(outputs.len(), MAX_OUTPUTS);
+        assert!(outputs.contains_key("steps.1.image"));
+        assert!(!outputs.contains_key("k099"));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0]
+                .starts_with("$CAPSTAN_OUTPUT: `k099` ignored: a task keeps at most 100 outputs"),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn an_output_holding_a_secret_is_withheld_and_named() {
+        let mask = crate::logs::mask::patterns(&["hunter22".to_owned()]);
+        let mut outputs: BTreeMap<String, String> = [
+            ("token", "Bearer hunter22!"),
+            ("encoded", "aHVudGVyMjI="),
+            ("fine", "hunter2"),
+            ("digest", "x-hunter22"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let notes = withhold_secrets(&mut outputs, &mask);
+        assert_eq!(outputs.keys().collect::<Vec<_>>(), ["fine"], "{outputs:?}");
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert_eq!(
+            notes[2],
+            "warning: skip output `token` since it may contain a secret (its value holds a value \
+             this log masks): it is not passed on"
+        );
+        for (note, key) in notes.iter().zip(["digest", "encoded", "token"]) {
+            assert!(note.contains(&format!("`{key}`")), "{note}");
+            assert!(!note.contains("hunter22"), "{note}");
+        }
+        // Nothing to mask, nothing withheld.
+        let mut outputs: BTreeMap<String, String> = [("k".to_owned(), "v".to_owned())].into();
+        assert!(withhold_secrets(&mut outputs, &[]).is_empty());
+        assert_eq!(outputs.len(), 1);
     }
 
     #[test]

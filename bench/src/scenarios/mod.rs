@@ -7,6 +7,7 @@ pub(crate) mod connected;
 pub(crate) mod container_overhead;
 pub(crate) mod dashboard;
 pub(crate) mod failover;
+pub(crate) mod history;
 pub(crate) mod log_throughput;
 pub(crate) mod lost_runner;
 pub(crate) mod pickup;

@@ -94,7 +94,7 @@ pub(crate) async fn page(
         Err(status) => return refusal(&status, json),
     };
     let shown = match &at.attempt {
-        Some(a) => match shown_log(&leader, a).await {
+        Some(a) => match shown_log(&leader, a, &dash.line_counts).await {
             Ok(s) => Some(s),
             Err(e) => return refusal(&crate::api::status::from_log(e), json),
         },
@@ -214,7 +214,34 @@ async fn count_lines(
     Ok(lines)
 }
 
-async fn shown_log(leader: &LeaderCtx, a: &Attempt) -> Result<Shown, crate::logs::LogError> {
+/// Newlines before the tail of ended attempts' logs, counted once: a page
+/// of a 100 MB log would otherwise read all of it on every view.
+#[derive(Default)]
+pub(crate) struct LineCounts(std::sync::Mutex<std::collections::HashMap<(String, u64), u64>>);
+
+impl LineCounts {
+    /// At most this many logs' counts are kept (then all are forgotten).
+    const MAX: usize = 1024;
+
+    fn get(&self, key: &(String, u64)) -> Option<u64> {
+        self.0.lock().ok()?.get(key).copied()
+    }
+
+    fn put(&self, key: (String, u64), lines: u64) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= Self::MAX {
+                map.clear();
+            }
+            map.insert(key, lines);
+        }
+    }
+}
+
+async fn shown_log(
+    leader: &LeaderCtx,
+    a: &Attempt,
+    counts: &LineCounts,
+) -> Result<Shown, crate::logs::LogError> {
     let id = AttemptId::from_string(a.id.clone());
     let total = leader.logs.len(&id).await?;
     // A running attempt's last line may be incomplete: the stream sends it.
@@ -249,7 +276,19 @@ async fn shown_log(leader: &LeaderCtx, a: &Attempt) -> Result<Shown, crate::logs
         });
     }
     let (head_html, _) = render_lines(&head[..head_end], 1);
-    let first_tail_line = 1 + count_lines(leader, &id, 0, tail_start).await?;
+    let key = (a.id.clone(), tail_start);
+    let cached = finished(a).then(|| counts.get(&key)).flatten();
+    let before_tail = match cached {
+        Some(n) => n,
+        None => {
+            let n = count_lines(leader, &id, 0, tail_start).await?;
+            if finished(a) {
+                counts.put(key, n);
+            }
+            n
+        }
+    };
+    let first_tail_line = 1 + before_tail;
     let (tail_html, tail_lines) = render_lines(&tail[tail_skip..], first_tail_line);
     Ok(Shown {
         total,

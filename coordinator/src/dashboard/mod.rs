@@ -39,6 +39,7 @@ pub(crate) use session::Viewer;
 pub(crate) struct Dash {
     pub(crate) shared: Shared,
     pub(crate) sessions: std::sync::Arc<sessions::Sessions>,
+    pub(crate) line_counts: std::sync::Arc<log::LineCounts>,
     /// The HTTP port serves TLS: the session cookie is `Secure`.
     pub(crate) secure: bool,
 }
@@ -51,6 +52,7 @@ pub(crate) fn router(
     let state = Dash {
         shared: shared.clone(),
         sessions: std::sync::Arc::new(sessions::Sessions::new(store)),
+        line_counts: std::sync::Arc::default(),
         secure,
     };
     Router::new()

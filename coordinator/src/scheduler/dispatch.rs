@@ -5,7 +5,7 @@
 //! this returns. Doors: it imports the records (`crate::model`) and the
 //! trace context (`crate::trace`), never the state.
 
-use crate::model::RunRecord;
+use crate::model::{RunRecord, StoredTaskState};
 use capstan_proto::ids::{AttemptId, RunnerId};
 use capstan_proto::runner::v1 as rpb;
 use std::collections::HashMap;
@@ -78,12 +78,18 @@ pub(crate) fn offer_message(
 
 /// Task `i`'s spec as its attempts get it: with the outputs of the tasks
 /// it needs filled in (all there: checked when it was ready,
-/// `state::outputs`).
+/// `state::outputs`). A `finally` task is not checked: an output its
+/// producer did not record (it failed, was skipped, or never wrote it) is
+/// the empty string, GitHub's value for a missing output, so that cleanup
+/// still runs.
 pub(crate) fn offered_spec(run: &RunRecord, i: usize) -> capstan_proto::pipeline::v1::TaskSpec {
     let mut spec = run.tasks[i].spec.clone();
+    let finally = run.tasks[i].finally;
     capstan_pipeline::outputs::fill(&mut spec, |task, key| {
-        let t = run.tasks.iter().find(|t| t.name == task)?;
-        t.outputs.get(key).cloned()
+        let produced = (run.tasks.iter())
+            .find(|t| t.name == task && t.state == StoredTaskState::Succeeded)
+            .and_then(|t| t.outputs.get(key).cloned());
+        produced.or_else(|| finally.then(String::new))
     });
     spec
 }
@@ -93,7 +99,7 @@ pub(crate) fn offered_spec(run: &RunRecord, i: usize) -> capstan_proto::pipeline
 fn pushed_digests(run: &RunRecord) -> HashMap<String, String> {
     run.tasks
         .iter()
-        .filter(|t| t.state == crate::model::StoredTaskState::Succeeded)
+        .filter(|t| t.state == StoredTaskState::Succeeded)
         .filter_map(|t| Some((t.outputs.get("image")?, t.outputs.get("digest")?)))
         .map(|(image, digest)| (image.clone(), digest.clone()))
         .collect()

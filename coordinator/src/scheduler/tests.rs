@@ -1212,3 +1212,131 @@ fn infra_retries_wait_a_growing_jittered_backoff_and_say_so() {
     }
     assert!(max < base * 4, "the cap bounded the third wait");
 }
+
+/// Ends `attempt` succeeded, reporting `outputs`.
+fn finish_with(h: &mut Harness, r: &mut TestRunner, attempt: &str, outputs: Vec<(String, String)>) {
+    h.send(
+        r,
+        Up::Finished(rpb::TaskFinished {
+            attempt_id: attempt.into(),
+            outcome: rpb::AttemptOutcome::Succeeded as i32,
+            exit_code: Some(0),
+            message: String::new(),
+            log_length: 0,
+            outputs: outputs.into_iter().collect(),
+        }),
+    )
+    .unwrap();
+    assert!(matches!(r.next(), Some(Down::Welcome(_))));
+}
+
+#[test]
+fn outputs_beyond_the_budget_are_not_kept_and_the_message_says_so() {
+    use capstan_proto::outputs::{MAX_OUTPUT_BYTES, MAX_OUTPUTS};
+    let one = "version: 1\nname: o\ntasks:\n  t: { steps: [ { run: x } ] }\n";
+    let mut h = Harness::new();
+    let mut r = h.runner("r1", 1, &[]);
+
+    // Too many keys: the runner's own first, then the rest in key order.
+    let run = h.submit(one);
+    let a = h.accept(&mut r);
+    let mut outputs: Vec<(String, String)> = (0..MAX_OUTPUTS + 50)
+        .map(|i| (format!("k{i:03}"), "v".to_owned()))
+        .collect();
+    outputs.push(("digest".into(), "sha256:ab".into()));
+    finish_with(&mut h, &mut r, &a.attempt_id, outputs);
+    let t = &h.run(&run).tasks[0];
+    assert_eq!(t.state, Succeeded);
+    assert_eq!(t.outputs.len(), MAX_OUTPUTS);
+    assert_eq!(t.outputs["digest"], "sha256:ab");
+    assert!(t.outputs.contains_key("k098") && !t.outputs.contains_key("k099"));
+    assert_eq!(
+        t.message,
+        "the runner reported more outputs than a task keeps (at most 100, 64 KiB of keys and \
+         values): 51 dropped: `k099`, `k100`, `k101`, `k102`, `k103`, `k104`, `k105`, `k106`, \
+         `k107`, `k108`, and 41 more"
+    );
+
+    // Too many bytes: a value as big as a run record.
+    let run = h.submit(one);
+    let a = h.accept(&mut r);
+    let outputs = vec![
+        ("a".to_owned(), "small".to_owned()),
+        ("b".to_owned(), "x".repeat(1 << 20)),
+        ("c".to_owned(), "small".to_owned()),
+    ];
+    finish_with(&mut h, &mut r, &a.attempt_id, outputs);
+    let t = &h.run(&run).tasks[0];
+    assert_eq!(t.outputs.keys().collect::<Vec<_>>(), ["a"]);
+    let bytes: usize = t.outputs.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert!(bytes <= MAX_OUTPUT_BYTES);
+    assert!(t.message.ends_with("2 dropped: `b`, `c`"), "{}", t.message);
+
+    // Within the budget: kept whole, no message.
+    let run = h.submit(one);
+    let a = h.accept(&mut r);
+    finish_with(
+        &mut h,
+        &mut r,
+        &a.attempt_id,
+        vec![("k".into(), "v".into())],
+    );
+    let t = &h.run(&run).tasks[0];
+    assert_eq!(t.outputs.len(), 1);
+    assert!(t.message.is_empty(), "{}", t.message);
+}
+
+#[test]
+fn a_finally_task_gets_an_empty_string_for_a_missing_output() {
+    let yaml = "version: 1\nname: o\ntasks:\n  \
+         build: { steps: [ { run: x } ] }\n  \
+         use: { needs: [build], steps: [ { run: \"echo ${{ tasks.build.outputs.tag }}\" } ] }\n  \
+         cleanup:\n    needs: [build]\n    finally: true\n    \
+         image: \"img-${{ tasks.build.outputs.tag }}\"\n    \
+         steps: [ { run: \"echo ${{ tasks.build.outputs.tag }}\" } ]\n";
+    let var = "CAPSTAN_OUTPUT_build_tag";
+    let mut h = Harness::new();
+    let mut r = h.runner("r1", 1, &[]);
+
+    // `build` succeeded without `tag`: `use` fails, `cleanup` runs.
+    let run = h.submit(yaml);
+    let b = h.accept(&mut r);
+    h.finish(&mut r, &b.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.state_of(&run, "use"), Failed);
+    let c = h.accept(&mut r);
+    assert_eq!(c.task_name, "cleanup");
+    let spec = c.task.unwrap();
+    assert_eq!(spec.image, "img-");
+    assert_eq!(spec.steps[0].env[var], "");
+    h.finish(&mut r, &c.attempt_id, rpb::AttemptOutcome::Succeeded);
+
+    // `build` failed: `use` is skipped, `cleanup` still runs, with "".
+    let run = h.submit(yaml);
+    let b = h.accept(&mut r);
+    h.finish(&mut r, &b.attempt_id, rpb::AttemptOutcome::Failed);
+    assert_eq!(h.state_of(&run, "use"), Skipped);
+    let c = h.accept(&mut r);
+    assert_eq!(c.task_name, "cleanup");
+    assert_eq!(c.task.unwrap().image, "img-");
+    h.finish(&mut r, &c.attempt_id, rpb::AttemptOutcome::Succeeded);
+    assert_eq!(h.state_of(&run, "cleanup"), Succeeded);
+
+    // A recorded output is its value, for a `finally` task too.
+    let run = h.submit(yaml);
+    let b = h.accept(&mut r);
+    finish_with(
+        &mut h,
+        &mut r,
+        &b.attempt_id,
+        vec![("tag".into(), "1.2".into())],
+    );
+    let mut offers = Vec::new();
+    for _ in 0..2 {
+        let o = h.accept(&mut r);
+        h.finish(&mut r, &o.attempt_id, rpb::AttemptOutcome::Succeeded);
+        offers.push(o);
+    }
+    let c = offers.iter().find(|o| o.task_name == "cleanup").unwrap();
+    assert_eq!(c.task.as_ref().unwrap().image, "img-1.2");
+    assert_eq!(h.state_of(&run, "use"), Succeeded);
+}

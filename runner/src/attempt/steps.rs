@@ -85,9 +85,10 @@ async fn record_outputs(
     let notes = match spec.executor.read_output_file(task).await {
         Ok(None) => return Ok(()),
         Ok(Some(bytes)) => {
-            let (outputs, notes) = crate::outputs::read(&bytes);
-            for (key, value) in &outputs {
-                task.set_output(key, value);
+            let (outputs, mut notes) = crate::outputs::read(&bytes);
+            if let Ok(mut all) = task.outputs.lock() {
+                all.extend(outputs);
+                notes.extend(crate::outputs::fit(&mut all));
             }
             notes
         }
@@ -104,6 +105,40 @@ async fn record_outputs(
             )]
         }
     };
+    log_notes(spec, task, spool, &notes).await
+}
+
+/// Takes the outputs whose values hold a secret out of the task's report,
+/// saying so in its log after the last step ([`crate::outputs::withhold_secrets`]),
+/// whatever the outcome: a report carries its outputs in any case.
+pub(super) async fn withhold_secret_outputs(
+    spec: &AttemptSpec,
+    task: &TaskContext,
+    spool: &Arc<Spool>,
+) {
+    let notes = match task.outputs.lock() {
+        Ok(mut outputs) => crate::outputs::withhold_secrets(&mut outputs, &spec.mask),
+        Err(_) => return,
+    };
+    if !notes.is_empty() {
+        warn!(
+            withheld = notes.len(),
+            "outputs that may contain a secret were not reported"
+        );
+    }
+    if let Err(e) = log_notes(spec, task, spool, &notes).await {
+        warn!(error = %chain(&e), "storing the withheld outputs' warnings failed");
+    }
+}
+
+/// Writes `notes`, one a line, into the task's log after its last step,
+/// through the same cap and masking as a step's output.
+async fn log_notes(
+    spec: &AttemptSpec,
+    task: &TaskContext,
+    spool: &Arc<Spool>,
+    notes: &[String],
+) -> Result<(), ExecutorError> {
     if notes.is_empty() {
         return Ok(());
     }
@@ -479,8 +514,21 @@ mod tests {
         steps: Vec<Step>,
         file: Option<&[u8]>,
     ) -> (Outcome, BTreeMap<String, String>, String) {
+        run_with_secrets(executor, steps, file, &[]).await
+    }
+
+    /// [`run`] on a runner with `secrets`, and the report's outputs as
+    /// `run_prepared` takes them (what may hold a secret withheld).
+    async fn run_with_secrets(
+        executor: impl Executor + 'static,
+        steps: Vec<Step>,
+        file: Option<&[u8]>,
+        secrets: &[&str],
+    ) -> (Outcome, BTreeMap<String, String>, String) {
         let dir = tempfile::tempdir().unwrap();
-        let spec = super::super::tests::spec(dir.path(), Arc::new(executor));
+        let mut spec = super::super::tests::spec(dir.path(), Arc::new(executor));
+        let secrets: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
+        spec.mask = Arc::new(crate::logs::mask::patterns(&secrets));
         let task = testing::task(dir.path().join("ws"), steps);
         std::fs::create_dir_all(&task.workspace).unwrap();
         if let Some(file) = file {
@@ -490,6 +538,7 @@ mod tests {
             .await
             .unwrap();
         let outcome = run_steps(&spec, &task, &Arc::default(), &spool, None).await;
+        withhold_secret_outputs(&spec, &task, &spool).await;
         let mut log = Vec::new();
         loop {
             let chunk = spool.read_at(log.len() as u64, 1 << 20).await.unwrap();
@@ -557,5 +606,46 @@ mod tests {
             log.contains("$CAPSTAN_OUTPUT is larger than its limit of 64 KiB"),
             "{log}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_output_holding_a_secret_does_not_leave_the_runner() {
+        let steps = vec![testing::run_step("exit 0")];
+        let file = b"version=1.2\nurl=https://ci:s3cret-token@git.example/r.git\n";
+        let (outcome, outputs, log) =
+            run_with_secrets(FakeExecutor, steps, Some(file), &["s3cret-token"]).await;
+        assert_eq!(outcome.outcome, AttemptOutcome::Succeeded);
+        assert_eq!(
+            outputs.keys().collect::<Vec<_>>(),
+            ["version"],
+            "{outputs:?}"
+        );
+        assert!(
+            log.contains("warning: skip output `url` since it may contain a secret"),
+            "{log}"
+        );
+        assert!(!log.contains("s3cret-token"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn the_runners_own_outputs_can_push_the_files_last_ones_out() {
+        let steps = vec![testing::run_step("exit 0")];
+        let file: String = (0..capstan_proto::outputs::MAX_OUTPUTS)
+            .map(|i| format!("k{i:03}=v\n"))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = super::super::tests::spec(dir.path(), Arc::new(FakeExecutor));
+        let task = testing::task(dir.path().join("ws"), steps);
+        std::fs::create_dir_all(&task.workspace).unwrap();
+        std::fs::write(task.workspace.join(OUTPUT_FILE), &file).unwrap();
+        task.set_output("steps.1.image", "r/app@sha256:ab");
+        let spool = Spool::create(spec.work_dir.spool_dir(), "att-1")
+            .await
+            .unwrap();
+        run_steps(&spec, &task, &Arc::default(), &spool, None).await;
+        let outputs = task.outputs.lock().unwrap().clone();
+        assert_eq!(outputs.len(), capstan_proto::outputs::MAX_OUTPUTS);
+        assert!(outputs.contains_key("steps.1.image"));
+        assert!(!outputs.contains_key("k099"), "the last in key order");
     }
 }

@@ -96,6 +96,9 @@ fn parse_expr(inner: &str) -> Option<Expr> {
                 return crate::names::is_param_name(key).then(|| Expr::Matrix(key.to_owned()));
             }
             if let Some(rest) = inner.strip_prefix("tasks.") {
+                // The first `.outputs.`: no task name holds one, nor ends
+                // in `.outputs` (`names::hides_outputs`, refused by the
+                // parser), so the split is the only one.
                 let (task, key) = rest.split_once(".outputs.")?;
                 let names = crate::names::is_task_name(task) && crate::names::is_output_key(key);
                 return names.then(|| Expr::TaskOutput {

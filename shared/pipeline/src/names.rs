@@ -13,6 +13,15 @@ pub fn is_task_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// A task name that `${{ tasks.NAME.outputs.KEY }}` could not name
+/// unambiguously: one holding `.outputs.` or ending in `.outputs` (in
+/// `tasks.a.outputs.b.outputs.c`, is the task `a` or `a.outputs.b`?). The
+/// parser refuses such names, so a reference's task is what comes before
+/// its first `.outputs.` ([`crate::expr`]).
+pub(crate) fn hides_outputs(task: &str) -> bool {
+    task.contains(".outputs.") || task.ends_with(".outputs")
+}
+
 /// `[a-z0-9][a-z0-9_.-]*`, at most 63 chars.
 pub fn is_pipeline_name(s: &str) -> bool {
     is_task_name(s) && !s.chars().any(|c| c.is_ascii_uppercase())

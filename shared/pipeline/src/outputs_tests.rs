@@ -154,3 +154,39 @@ fn no_outputs_in_credentials_or_a_prompt() {
     );
     resolved(&fine).unwrap();
 }
+
+#[test]
+fn an_output_of_a_task_that_is_not_there_says_so_and_lists_the_tasks() {
+    one(
+        "version: 1\nname: o\ntasks:\n  build:\n    steps: [ { run: x } ]\n  b:\n    needs: [build]\n    image: \"${{ tasks.biuld.outputs.v }}\"\n    steps: [ { run: x } ]\n",
+        "o.yaml:8:12: `${{ tasks.biuld.outputs.v }}`: no task `biuld` in this pipeline (its tasks: `build`, `b`)",
+    );
+}
+
+#[test]
+fn a_task_name_that_would_make_a_reference_ambiguous_is_refused() {
+    // `tasks.a.outputs.b.outputs.c`: task `a`'s `b.outputs.c`, or task
+    // `a.outputs.b`'s `c`? Neither name may hide `.outputs`.
+    for name in ["a.outputs.b", "a.outputs"] {
+        let text = format!(
+            "version: 1\nname: o\ntasks:\n  a:\n    steps: [ {{ run: x }} ]\n  {name}:\n    steps: [ {{ run: x }} ]\n"
+        );
+        let errs = parse("o.yaml", &text).unwrap_err().to_string();
+        assert!(
+            errs.starts_with(&format!(
+                "o.yaml:6:3: bad task name `{name}`: a task name may not contain `.outputs.` or end in `.outputs`"
+            )),
+            "{errs}"
+        );
+    }
+    // Names that only look alike are fine, and the reference is the
+    // first `.outputs.`'s.
+    let text = "version: 1\nname: o\ntasks:\n  outputs.a:\n    steps: [ { run: x } ]\n  a.outputsx:\n    steps: [ { run: x } ]\n  u:\n    needs: [outputs.a, a.outputsx]\n    image: \"${{ tasks.outputs.a.outputs.k.outputs.v }}\"\n    env: { X: \"${{ tasks.a.outputsx.outputs.k }}\" }\n    steps: [ { run: x } ]\n";
+    let p = resolved(text).unwrap();
+    let refs: Vec<(String, String)> = outputs::references(&spec(&p, "u")).into_iter().collect();
+    let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        refs,
+        [pair("a.outputsx", "k"), pair("outputs.a", "k.outputs.v")]
+    );
+}

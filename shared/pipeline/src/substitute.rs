@@ -343,8 +343,17 @@ impl Resolving<'_> {
         if let Some(why) = field.and_then(no_outputs_in) {
             return Some(format!("`{}`: {why}", e.text()));
         }
-        let def = self.pipeline.tasks.iter().find(|t| t.name == task);
-        if def.is_some_and(|t| t.matrix.is_some()) {
+        let Some(def) = self.pipeline.tasks.iter().find(|t| t.name == task) else {
+            let names: Vec<String> = (self.pipeline.tasks.iter())
+                .map(|t| format!("`{}`", t.name))
+                .collect();
+            return Some(format!(
+                "`{}`: no task `{task}` in this pipeline (its tasks: {})",
+                e.text(),
+                names.join(", ")
+            ));
+        };
+        if def.matrix.is_some() {
             return Some(format!(
                 "`{}`: task `{task}` has a `matrix:`, and its expansions' outputs cannot be told apart; \
                  give the output to a task that needs them all",

@@ -5,6 +5,8 @@
 //! - [`codec`]: the servers' codec (decode errors are INVALID_ARGUMENT);
 //! - [`ids`]: id newtypes (`RunId`, `AttemptId`, `RunnerId`, ...);
 //! - [`leader`]: the `capstan-leader` hint a follower answers with;
+//! - [`outputs`]: the budget of one task's outputs, which runner and
+//!   coordinator both keep to;
 //! - [`liveness`]: the timeouts both ends of a Control stream derive from
 //!   the heartbeat interval (runner watchdog, leader's re-attach grace);
 //! - [`render`]: state names, times and the `-o json` JSON of runs, tasks,
@@ -21,6 +23,7 @@ pub mod ids;
 pub mod labels;
 pub mod leader;
 pub mod liveness;
+pub mod outputs;
 pub mod redact;
 pub mod render;
 pub mod source;

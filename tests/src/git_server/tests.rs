@@ -275,25 +275,35 @@ fn gzip_request_bodies_reach_http_backend() {
     let url = server.url_with_auth("gz");
     git.ok(work.path(), &["clone", "--quiet", &url, "up"]);
     let up = work.path().join("up");
-    git.ok(&up, &["commit", "--quiet", "--allow-empty", "-m", "base"]);
+    // Commits at distinct, increasing times: the fetch negotiation walks
+    // the client's commits newest first, and commits made within one
+    // second tie, which could put `base` (common with the server) in the
+    // first round of `have`s; the server is then ready at once and the
+    // second, gzipped, request never comes.
+    let commit_at = |dir: &Path, msg: &str, at: u64| {
+        let date = format!("@{at} +0000");
+        let out = git
+            .command(dir, &["commit", "--quiet", "--allow-empty", "-m", msg])
+            .env("GIT_COMMITTER_DATE", &date)
+            .env("GIT_AUTHOR_DATE", &date)
+            .output()
+            .expect("running git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    commit_at(&up, "base", 1_700_000_000);
     git.ok(&up, &["push", "--quiet", "origin", "HEAD:refs/heads/main"]);
     git.ok(work.path(), &["clone", "--quiet", &url, "down"]);
     let down = work.path().join("down");
     // Many local commits the server lacks: the fetch negotiation sends
     // enough `have` lines that git gzips the request body.
     for i in 0..200 {
-        git.ok(
-            &down,
-            &[
-                "commit",
-                "--quiet",
-                "--allow-empty",
-                "-m",
-                &format!("local {i}"),
-            ],
-        );
+        commit_at(&down, &format!("local {i}"), 1_700_001_000 + i);
     }
-    git.ok(&up, &["commit", "--quiet", "--allow-empty", "-m", "remote"]);
+    commit_at(&up, "remote", 1_700_002_000);
     git.ok(&up, &["push", "--quiet", "origin", "HEAD:refs/heads/main"]);
     git.ok(&down, &["fetch", "--quiet", "origin"]);
     assert_eq!(

@@ -189,8 +189,12 @@ fn judge(t: &mut TaskRecord, ended: AttemptState, fin: &rpb::TaskFinished, max_i
         AttemptState::Succeeded => {
             t.state = StoredTaskState::Succeeded;
             t.exit_code = Some(0);
-            t.message.clear();
-            t.outputs = fin.outputs.clone().into_iter().collect();
+            let (outputs, dropped) = super::outputs::kept(fin.outputs.clone());
+            if let Some(note) = &dropped {
+                tracing::warn!(task = %t.name, "{note}");
+            }
+            t.message = dropped.unwrap_or_default();
+            t.outputs = outputs;
             false
         }
         AttemptState::Failed => {

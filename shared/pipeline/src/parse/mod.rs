@@ -8,7 +8,9 @@ use crate::MAX_FILE_BYTES;
 use crate::error::{ValidationError, ValidationErrors};
 use crate::expr::OPEN;
 use crate::model::{Concurrency, Pipeline, SourceMap, TaskDef};
-use crate::names::{MAX_NAME_LEN, is_env_name, is_param_name, is_pipeline_name, is_task_name};
+use crate::names::{
+    MAX_NAME_LEN, hides_outputs, is_env_name, is_param_name, is_pipeline_name, is_task_name,
+};
 use crate::substitute;
 use crate::validate::{self, TaskRef, closest};
 use crate::yaml::{self, Node, Pos, Value};
@@ -463,6 +465,8 @@ impl Parser<'_> {
         for (name, k, v) in fields.entries {
             if !is_task_name(&name) {
                 self.err(k.pos, format!("bad task name `{name}`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit, at most {MAX_NAME_LEN} characters"));
+            } else if hides_outputs(&name) {
+                self.err(k.pos, format!("bad task name `{name}`: a task name may not contain `.outputs.` or end in `.outputs`, or `${{{{ tasks.{name}.outputs.KEY }}}}` could name another task's output; rename it"));
             }
             let (task, needs) = self.task(&name, k.pos, v);
             refs.push(TaskRef {
