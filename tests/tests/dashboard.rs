@@ -14,6 +14,8 @@ use std::time::Duration;
 
 const SLOW: &str = "version: 1\nname: slow\ntasks:\n  build:\n    steps:\n      - run: |\n          for i in 1 2 3 4 5 6; do echo \"line $i\"; sleep 1; done\n          printf '\\033[31mred done\\033[0m\\n'\n  test:\n    needs: [build]\n    steps: [ { run: echo tested } ]\n";
 
+const GATED: &str = "version: 1\nname: gated\ntasks:\n  build:\n    steps: [run: echo built]\n  deploy:\n    needs: [build]\n    approval: {prompt: \"bump the manifest?\"}\n    steps: [run: echo deployed]\n";
+
 const LONG: &str = "version: 1\nname: long\ntasks:\n  wait:\n    steps: [ { run: 'sleep 120' } ]\n";
 
 /// A value the page keeps until it is reloaded.
@@ -158,6 +160,23 @@ async fn a_person_follows_runs_logs_and_the_fleet_in_a_browser() -> anyhow::Resu
         .await?;
     let run = c.get_run(&long).await?;
     assert_eq!(run.state, RunState::Cancelled as i32, "{run:#?}");
+
+    // Approve a gate from the run's page.
+    let gated = c.submit(GATED).await?;
+    b.client.goto(&format!("{base}/runs/{gated}")).await?;
+    let prompt = b.text(".gate[data-task=\"deploy\"] .prompt").await?;
+    assert_eq!(prompt, "bump the manifest?");
+    b.screenshot("approval").await?;
+    b.click("#approve-deploy").await?;
+    b.wait_text("#run-state", "succeeded", |t| t == "succeeded")
+        .await?;
+    let run = c.get_run(&gated).await?;
+    let decision = task(&run, "deploy").approval.clone().unwrap_or_default();
+    assert!(decision.approved, "{run:#?}");
+    assert_eq!(
+        decision.decided_by,
+        capstan_tests::cluster::ADMIN_TOKEN_NAME
+    );
 
     // Drain and resume a runner.
     b.client.goto(&format!("{base}/runners")).await?;

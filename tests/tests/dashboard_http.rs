@@ -445,3 +445,71 @@ async fn hostile_text_is_escaped_and_breaks_no_page() -> anyhow::Result<()> {
     assert_eq!(code, 200, "{run}");
     Ok(())
 }
+
+/// An approval gate on the run's page: a token whose scope the gate does
+/// not take sees no buttons, and its POST is refused by the scheduler's
+/// check; an admin's approval queues the task.
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_buttons_follow_the_gates_scopes() -> anyhow::Result<()> {
+    let c = TestCluster::builder().runners(1).start().await?;
+    let addr = c.replicas[0].http;
+    let yaml = "version: 1\nname: gated\ntasks:\n  build:\n    steps: [run: echo built]\n  deploy:\n    needs: [build]\n    approval: {prompt: \"ship <it>?\"}\n    steps: [run: echo deployed]\n";
+    let id = c.submit(yaml).await?;
+    c.wait_run(&id, Duration::from_secs(30), |r| {
+        task(r, "deploy")
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.asked_at_ms > 0)
+    })
+    .await?;
+    let reader = c.create_token("looker", "read").await?;
+    let reader_cookie = log_in(addr, &reader);
+    let (code, _, page) = get(
+        addr,
+        &format!("/runs/{id}"),
+        &format!("Cookie: {reader_cookie}\r\n"),
+    );
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("ship &lt;it&gt;?"),
+        "the prompt, escaped: {page}"
+    );
+    assert!(
+        !page.contains("id=\"approve-deploy\""),
+        "no button for a read token"
+    );
+    let csrf = hidden(&page, "csrf");
+    let (code, _, body) = post(
+        addr,
+        &format!("/runs/{id}/tasks/deploy/approve"),
+        &reader_cookie,
+        &format!("csrf={csrf}"),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        task(&c.get_run(&id).await?, "deploy")
+            .approval
+            .as_ref()
+            .is_some_and(|a| !a.decided)
+    );
+
+    let admin_cookie = log_in(addr, &c.api_token);
+    let (_, _, page) = get(
+        addr,
+        &format!("/runs/{id}"),
+        &format!("Cookie: {admin_cookie}\r\n"),
+    );
+    assert!(page.contains("id=\"approve-deploy\"") && page.contains("id=\"reject-deploy\""));
+    let csrf = hidden(&page, "csrf");
+    let (code, head, _) = post(
+        addr,
+        &format!("/runs/{id}/tasks/deploy/approve"),
+        &admin_cookie,
+        &format!("csrf={csrf}&reason=looks+good"),
+    );
+    assert_eq!(code, 303, "{head}");
+    let run = c.wait_done(&id, Duration::from_secs(30)).await?;
+    let a = task(&run, "deploy").approval.clone().unwrap_or_default();
+    assert!(a.approved && a.reason == "looks good", "{a:?}");
+    Ok(())
+}

@@ -59,6 +59,23 @@ impl<'a> Api<'a> {
         Ok(self.pipeline().cancel_run(req).await?.into_inner())
     }
 
+    /// Approves or rejects the approval gate of `task`.
+    pub(crate) async fn decide(
+        &self,
+        id: &str,
+        task: &str,
+        approve: bool,
+        reason: &str,
+    ) -> Result<Run, Status> {
+        let req = self.req(DecideApprovalRequest {
+            run_id: id.to_string(),
+            task: task.to_string(),
+            approve,
+            reason: reason.to_string(),
+        });
+        Ok(self.pipeline().decide_approval(req).await?.into_inner())
+    }
+
     /// The run now, then after every change, until it ends.
     pub(crate) async fn watch(
         &self,

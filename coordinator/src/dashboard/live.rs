@@ -34,10 +34,12 @@ fn html(fragment: String) -> Result<Event, Infallible> {
 
 /// Renders every `POLL` and sends what changed, until the browser leaves or
 /// a render fails (said in a `failed` event: the page stays as it was).
+/// `render` may answer `None`: nothing changed since its last answer (it
+/// compared the data, so it did not render).
 fn poll<F, Fut>(mut render: F) -> Response
 where
     F: FnMut() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<String, tonic::Status>> + Send,
+    Fut: Future<Output = Result<Option<String>, tonic::Status>> + Send,
 {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
@@ -50,8 +52,9 @@ where
                 _ = tx.closed() => return,
             }
             match render().await {
-                Ok(fragment) if fragment == last => {}
-                Ok(fragment) => {
+                Ok(None) => {}
+                Ok(Some(fragment)) if fragment == last => {}
+                Ok(Some(fragment)) => {
                     if tx.send(html(fragment.clone())).await.is_err() {
                         return;
                     }
@@ -76,13 +79,22 @@ pub(crate) async fn runs(
     viewer: Viewer,
     Query(q): Query<RunsQuery>,
 ) -> Response {
+    // The last page listed: an equal page (the usual idle case) is not
+    // rendered again.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
     poll(move || {
-        let (dash, viewer, q) = (dash.clone(), viewer.clone(), q.clone());
+        let (dash, viewer, q, seen) = (dash.clone(), viewer.clone(), q.clone(), seen.clone());
         async move {
             let list = Api::new(&dash.shared, &viewer.caller)
                 .runs(q.request()?)
                 .await?;
-            Ok(runs::table(&list, &q).into_string())
+            let mut last = seen.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_ref() == Some(&list) {
+                return Ok(None);
+            }
+            let fragment = runs::table(&list, &q).into_string();
+            *last = Some(list);
+            Ok(Some(fragment))
         }
     })
 }
@@ -92,7 +104,7 @@ pub(crate) async fn runners(State(dash): State<Dash>, viewer: Viewer) -> Respons
         let (dash, viewer) = (dash.clone(), viewer.clone());
         async move {
             let list = Api::new(&dash.shared, &viewer.caller).runners().await?;
-            Ok(fleet::runners_table(&list, &viewer).into_string())
+            Ok(Some(fleet::runners_table(&list, &viewer).into_string()))
         }
     })
 }
@@ -102,7 +114,7 @@ pub(crate) async fn cluster(State(dash): State<Dash>, viewer: Viewer) -> Respons
         let (dash, viewer) = (dash.clone(), viewer.clone());
         async move {
             let (leader, members) = Api::new(&dash.shared, &viewer.caller).cluster().await?;
-            Ok(fleet::cluster_body(&leader, &members).into_string())
+            Ok(Some(fleet::cluster_body(&leader, &members).into_string()))
         }
     })
 }

@@ -66,6 +66,8 @@ pub(crate) fn router(
         .route("/runs/{id}/tasks/{task}", get(log::page))
         .route("/runs/{id}/tasks/{task}/raw", get(log::raw))
         .route("/runs/{id}/tasks/{task}/events", get(log_stream::events))
+        .route("/runs/{id}/tasks/{task}/approve", post(run::approve))
+        .route("/runs/{id}/tasks/{task}/reject", post(run::reject))
         .route("/runners", get(fleet::runners))
         .route("/runners/events", get(live::runners))
         .route("/runners/{name}/drain", post(fleet::drain))

@@ -55,6 +55,9 @@ pub(crate) fn body(run: &Run, viewer: &Viewer) -> Markup {
         @if may_cancel && !run_finished(run.state) {
             (layout::post_button(viewer, &format!("/runs/{}/cancel", run.id), "Cancel run", "cancel"))
         }
+        @for task in run.tasks.iter().filter(|t| at_gate(t)) {
+            (gate(run, task, viewer))
+        }
         div.graph { (dag::svg(run)) }
         table.tasks {
             thead { tr {
@@ -62,6 +65,46 @@ pub(crate) fn body(run: &Run, viewer: &Viewer) -> Markup {
                 th { "Failure" } th { "Started" } th { "Duration" } th { "Message" }
             } }
             tbody { @for task in &run.tasks { (task_rows(run, task)) } }
+        }
+    }
+}
+
+/// The task waits at its approval gate.
+fn at_gate(task: &Task) -> bool {
+    task.approval
+        .as_ref()
+        .is_some_and(|a| a.asked_at_ms > 0 && !a.decided)
+}
+
+/// A gate's prompt and, for a viewer whose scope it accepts, the approve
+/// and reject buttons (the scheduler checks the scope again).
+fn gate(run: &Run, task: &Task, viewer: &Viewer) -> Markup {
+    let Some(a) = &task.approval else {
+        return html! {};
+    };
+    let may =
+        a.by.iter()
+            .filter_map(|s| Scope::parse(s).ok())
+            .any(|s| viewer.may(s));
+    let base = format!("/runs/{}/tasks/{}", run.id, dag::url_path(&task.name));
+    html! {
+        div.gate data-task=(task.name) {
+            p { strong { (task.name) } " waits for approval: " span.prompt { (a.prompt) } }
+            @if may {
+                form.inline method="post" action=(format!("{base}/approve")) {
+                    input type="hidden" name="csrf" value=(viewer.csrf);
+                    input type="text" name="reason" placeholder="reason (optional)" maxlength="500";
+                    button type="submit" id=(format!("approve-{}", task.name)) { "Approve" }
+                }
+                " "
+                form.inline method="post" action=(format!("{base}/reject")) {
+                    input type="hidden" name="csrf" value=(viewer.csrf);
+                    input type="hidden" name="reason" value="rejected in the dashboard";
+                    button type="submit" id=(format!("reject-{}", task.name)) { "Reject" }
+                }
+            } @else {
+                span.hint { " (a token with scope " (a.by.join(" or ")) " may decide)" }
+            }
         }
     }
 }
@@ -114,6 +157,53 @@ pub(crate) async fn cancel(
         return refused;
     }
     match Api::new(&dash.shared, &viewer.caller).cancel(&id).await {
+        Ok(run) => Redirect::to(&format!("/runs/{}", run.id)).into_response(),
+        Err(status) => refusal(&status, super::wants_json(&headers)),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct DecisionForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    reason: String,
+}
+
+pub(crate) async fn approve(
+    State(dash): State<Dash>,
+    viewer: Viewer,
+    headers: HeaderMap,
+    Path((id, task)): Path<(String, String)>,
+    Form(form): Form<DecisionForm>,
+) -> Response {
+    decide(dash, viewer, headers, id, task, form, true).await
+}
+
+pub(crate) async fn reject(
+    State(dash): State<Dash>,
+    viewer: Viewer,
+    headers: HeaderMap,
+    Path((id, task)): Path<(String, String)>,
+    Form(form): Form<DecisionForm>,
+) -> Response {
+    decide(dash, viewer, headers, id, task, form, false).await
+}
+
+async fn decide(
+    dash: Dash,
+    viewer: Viewer,
+    headers: HeaderMap,
+    id: String,
+    task: String,
+    form: DecisionForm,
+    approve: bool,
+) -> Response {
+    if let Some(refused) = viewer.csrf_refusal(&form.csrf) {
+        return refused;
+    }
+    let api = Api::new(&dash.shared, &viewer.caller);
+    match api.decide(&id, &task, approve, form.reason.trim()).await {
         Ok(run) => Redirect::to(&format!("/runs/{}", run.id)).into_response(),
         Err(status) => refusal(&status, super::wants_json(&headers)),
     }
