@@ -40,6 +40,7 @@ const SCENARIOS: &[&str] = &[
     "webhook",
     "dashboard",
     "history",
+    "retention",
 ];
 
 /// Scenarios a full run leaves out; they run only when named.
@@ -60,7 +61,7 @@ struct Args {
     out: PathBuf,
     /// Run only this scenario (repeatable); its figures are merged into an
     /// existing report at --out. One of: store, pickup, pickup-tls,
-    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, failover, compose-failover, container, buildbot, webhook, dashboard, history;
+    /// throughput, throughput-tls, throughput-etcd, logs, connected, lost-runner, failover, compose-failover, container, buildbot, webhook, dashboard, history, retention;
     /// or pickup-ab (two builds' pickup, alternating; build A's binaries in
     /// `$CAPSTAN_AB_BIN_DIR`).
     #[arg(long = "scenario")]
@@ -252,6 +253,7 @@ async fn run_scenario(args: &Args, name: &str, ctx: &Ctx) -> anyhow::Result<Figu
         "webhook" => scenarios::webhook::run(ctx).await,
         "dashboard" => scenarios::dashboard::run(ctx).await,
         "history" => scenarios::history::run(ctx).await,
+        "retention" => scenarios::retention::run(ctx).await,
         "buildbot" => {
             if args.quick && args.buildbot_summary.is_none() && args.scenarios.is_empty() {
                 Err(anyhow::anyhow!(

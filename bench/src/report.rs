@@ -260,6 +260,20 @@ const ROWS: &[Row] = &[
         peer: None,
     },
     Row {
+        what: "retention deleting 100,000 runs under load: longest gap between offers (issue 28)",
+        key: "retention_max_dispatch_gap_ms",
+        unit: "ms",
+        goal: Goal::AtMost(50.0),
+        peer: None,
+    },
+    Row {
+        what: "the same before deletion began (the load's own spacing)",
+        key: "retention_baseline_gap_ms",
+        unit: "ms",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
         what: "creating a file where the pickup step writes its stamp (context)",
         key: "pickup_file_create_ms",
         unit: "ms",

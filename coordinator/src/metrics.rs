@@ -62,6 +62,9 @@ pub(crate) struct Metrics {
     pub(crate) task_seconds: Histogram,
     /// One group commit's store write, seconds.
     pub(crate) store_commit_seconds: Histogram,
+    /// One retention pass (find, forget, delete in the store): the loop
+    /// dispatches nothing meanwhile.
+    pub(crate) retention_pass_seconds: Histogram,
     tasks_finished: Labeled,
     runs_finished: Labeled,
     task_requeues: Labeled,
@@ -163,6 +166,7 @@ impl Default for Metrics {
             task_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             // 0.25 ms .. ~4 s.
             store_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
+            retention_pass_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
             tasks_finished: Labeled::default(),
             runs_finished: Labeled::default(),
             task_requeues: Labeled::default(),
@@ -334,6 +338,11 @@ impl Metrics {
                 "etcd_request_seconds",
                 "Latency of etcd requests (store and election)",
                 &m.etcd_request_seconds,
+            ),
+            (
+                "retention_pass_seconds",
+                "One retention pass, during which the scheduler dispatches nothing",
+                &m.retention_pass_seconds,
             ),
         ];
         for (name, help, h) in histograms {

@@ -374,8 +374,13 @@ async fn leader_and_one_etcd_member_cut_from_the_majority_hand_over() -> anyhow:
     let took_over = cut_at.elapsed();
     assert!(new_epoch > old_epoch, "epochs {old_epoch} -> {new_epoch}");
     let ttl = Duration::from_millis(f.timings.election_ttl_ms);
+    // The old lease runs out (one TTL), the others notice their member lost
+    // its quorum and campaign on the majority, whose own raft may be
+    // electing meanwhile: about three TTLs, and CI on 2 shared cores once
+    // took 9.25 s of a 9 s bound, so a fourth TTL of slack (a handover
+    // that never comes still fails here).
     assert!(
-        took_over <= ttl * 3,
+        took_over <= ttl * 4,
         "{new} took over {took_over:?} after the cut (lease {ttl:?})\n{}",
         f.all_logs()
     );

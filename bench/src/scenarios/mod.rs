@@ -11,6 +11,7 @@ pub(crate) mod history;
 pub(crate) mod log_throughput;
 pub(crate) mod lost_runner;
 pub(crate) mod pickup;
+pub(crate) mod retention;
 pub(crate) mod store_commit;
 pub(crate) mod throughput;
 pub(crate) mod webhook;

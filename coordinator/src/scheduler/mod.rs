@@ -167,6 +167,11 @@ const MAX_BATCH: usize = 1024;
 /// over a long history does not stall the loop; the next pass takes more.
 const MAX_EXPIRED_PER_PASS: usize = 500;
 
+/// The next retention pass after a full one: passes of at most
+/// [`MAX_EXPIRED_PER_PASS`] runs, each a short pause of the loop, with
+/// dispatch going on between them.
+const BACKLOG_PASS_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How often retention looks for expired runs: a quarter of the retention,
 /// between 100 ms (tests) and a minute.
 fn retention_check(timing: &Timing) -> std::time::Duration {
@@ -191,7 +196,12 @@ impl Scheduler {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = retention.tick(), if self.state.timing().retention.is_some() => {
-                    self.expire().await?;
+                    // A full pass means more are due: the next one soon, not
+                    // a retention period later (a backlog after a long stop,
+                    // or more runs expiring than a pass takes).
+                    if self.expire().await? {
+                        retention.reset_after(BACKLOG_PASS_EVERY);
+                    }
                 }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { return Ok(()) };
@@ -500,16 +510,19 @@ impl Scheduler {
 
     /// Retention: deletes the records of finished runs past the retention,
     /// then their logs. Records go first, so a crash in between leaves
-    /// orphan log files, never a run whose log is gone.
-    async fn expire(&mut self) -> Result<(), StoreError> {
+    /// orphan log files, never a run whose log is gone. True when the pass
+    /// was full (more may be due). The pass is a pause of the loop, timed
+    /// in `capstan_retention_pass_seconds`.
+    async fn expire(&mut self) -> Result<bool, StoreError> {
         let Some(retention) = self.state.timing().retention else {
-            return Ok(());
+            return Ok(false);
         };
+        let started = std::time::Instant::now();
         let cutoff =
             now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
         let runs = self.state.expire_runs(cutoff, MAX_EXPIRED_PER_PASS);
         if runs.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         for run in &runs {
             self.watchers.remove(&run.id);
@@ -525,8 +538,13 @@ impl Scheduler {
             return Err(e);
         }
         self.metrics.runs_deleted.inc_by(runs.len() as u64);
+        let pause = started.elapsed();
+        self.metrics
+            .retention_pass_seconds
+            .observe(pause.as_secs_f64());
         tracing::info!(
             runs = runs.len(),
+            pause_ms = pause.as_secs_f64() * 1e3,
             ?retention,
             "deleted finished runs past the retention"
         );
@@ -536,7 +554,7 @@ impl Scheduler {
             .map(|a| a.id.clone())
             .collect();
         self.delete_logs(attempts);
-        Ok(())
+        Ok(runs.len() == MAX_EXPIRED_PER_PASS)
     }
 }
 
