@@ -3,7 +3,7 @@
 //! answers (401 no or bad token, 403 scope too small, 503 store down),
 //! with the same one-line messages.
 
-use crate::api::auth::{Caller, authorize};
+use crate::api::auth::{Caller, bearer_token, check};
 use crate::tokens::{Scope, Tokens};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -27,24 +27,25 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// The token of a request's `Authorization: Bearer` header.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    bearer_token(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
+}
+
 /// The caller of a request with these headers, if its token has `need`.
 pub(crate) async fn caller(
     tokens: &Tokens,
     headers: &HeaderMap,
     need: Scope,
 ) -> Result<Caller, Refusal> {
-    let mut req = tonic::Request::new(());
-    if let Some(value) = headers.get(header::AUTHORIZATION)
-        && let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_bytes())
-    {
-        req.metadata_mut().insert("authorization", value);
-    }
-    authorize(tokens, &req, need).await.map_err(|s| Refusal {
-        status: match s.code() {
-            tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        },
-        message: s.message().to_string(),
-    })
+    check(tokens, bearer(headers), need)
+        .await
+        .map_err(|s| Refusal {
+            status: match s.code() {
+                tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            message: s.message().to_string(),
+        })
 }

@@ -30,7 +30,12 @@ impl Caller {
 
 /// The bearer token of a request, if it carries one.
 pub(crate) fn bearer<T>(req: &Request<T>) -> Option<&str> {
-    let value = req.metadata().get(AUTHORIZATION)?.to_str().ok()?;
+    bearer_token(req.metadata().get(AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The token of an `authorization` value `Bearer <token>` (gRPC metadata
+/// and HTTP headers alike).
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

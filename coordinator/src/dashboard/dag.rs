@@ -15,14 +15,18 @@ const COL_GAP: i64 = 60;
 const ROW_GAP: i64 = 14;
 const MARGIN: i64 = 8;
 
-/// Where each task's box goes: (column, row), indexed like `run.tasks`.
-pub(crate) fn layout(run: &Run) -> Vec<(usize, usize)> {
-    let index: HashMap<&str, usize> = run
-        .tasks
+/// Each task's index in `run.tasks`, by name.
+fn by_name(run: &Run) -> HashMap<&str, usize> {
+    run.tasks
         .iter()
         .enumerate()
         .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
+        .collect()
+}
+
+/// Where each task's box goes: (column, row), indexed like `run.tasks`.
+pub(crate) fn layout(run: &Run) -> Vec<(usize, usize)> {
+    let index = by_name(run);
     let needs: Vec<Vec<usize>> = run
         .tasks
         .iter()
@@ -79,12 +83,7 @@ fn origin((col, row): (usize, usize)) -> (i64, i64) {
 /// The SVG of the run's DAG.
 pub(crate) fn svg(run: &Run) -> Markup {
     let places = layout(run);
-    let index: HashMap<&str, usize> = run
-        .tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
+    let index = by_name(run);
     let cols = places.iter().map(|p| p.0 + 1).max().unwrap_or(0) as i64;
     let rows = places.iter().map(|p| p.1 + 1).max().unwrap_or(0) as i64;
     let width = 2 * MARGIN + cols * NODE_W + (cols - 1).max(0) * COL_GAP;

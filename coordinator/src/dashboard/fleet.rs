@@ -90,13 +90,7 @@ pub(crate) async fn drain(
     Path(name): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Some(refused) = viewer.csrf_refusal(&form.csrf) {
-        return refused;
-    }
-    match Api::new(&dash.shared, &viewer.caller).drain(&name).await {
-        Ok(()) => Redirect::to("/runners").into_response(),
-        Err(status) => refusal(&status, super::wants_json(&headers)),
-    }
+    set_draining(&dash, &viewer, &headers, &name, &form, true).await
 }
 
 pub(crate) async fn resume(
@@ -106,12 +100,30 @@ pub(crate) async fn resume(
     Path(name): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
+    set_draining(&dash, &viewer, &headers, &name, &form, false).await
+}
+
+/// Drains (`drain`) or resumes the runner `name`, then back to the list.
+async fn set_draining(
+    dash: &Dash,
+    viewer: &Viewer,
+    headers: &HeaderMap,
+    name: &str,
+    form: &CsrfForm,
+    drain: bool,
+) -> Response {
     if let Some(refused) = viewer.csrf_refusal(&form.csrf) {
         return refused;
     }
-    match Api::new(&dash.shared, &viewer.caller).resume(&name).await {
+    let api = Api::new(&dash.shared, &viewer.caller);
+    let done = if drain {
+        api.drain(name).await
+    } else {
+        api.resume(name).await
+    };
+    match done {
         Ok(()) => Redirect::to("/runners").into_response(),
-        Err(status) => refusal(&status, super::wants_json(&headers)),
+        Err(status) => refusal(&status, super::wants_json(headers)),
     }
 }
 

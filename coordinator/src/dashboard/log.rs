@@ -71,6 +71,28 @@ pub(crate) async fn locate(
     })
 }
 
+/// [`locate`] for the viewer, and the leader whose store holds the log;
+/// otherwise the refusal, as page or JSON.
+async fn open(
+    dash: &Dash,
+    viewer: &Viewer,
+    id: &str,
+    task: &str,
+    number: Option<u32>,
+    json: bool,
+) -> Result<(Located, LeaderCtx), Response> {
+    let api = Api::new(&dash.shared, &viewer.caller);
+    let at = locate(&api, id, task, number)
+        .await
+        .map_err(|status| refusal(&status, json))?;
+    let leader = dash
+        .shared
+        .leader()
+        .await
+        .map_err(|status| refusal(&status, json))?;
+    Ok((at, leader))
+}
+
 /// The attempt's log will not grow.
 pub(crate) fn finished(a: &Attempt) -> bool {
     !matches!(a.state.as_str(), "offered" | "running" | "cancelling")
@@ -84,14 +106,9 @@ pub(crate) async fn page(
     Query(q): Query<AttemptQuery>,
 ) -> Response {
     let json = super::wants_json(&headers);
-    let api = Api::new(&dash.shared, &viewer.caller);
-    let at = match locate(&api, &id, &task, q.attempt).await {
-        Ok(at) => at,
-        Err(status) => return refusal(&status, json),
-    };
-    let leader = match dash.shared.leader().await {
-        Ok(l) => l,
-        Err(status) => return refusal(&status, json),
+    let (at, leader) = match open(&dash, &viewer, &id, &task, q.attempt, json).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let shown = match &at.attempt {
         Some(a) => match shown_log(&leader, a, &dash.line_counts).await {
@@ -376,17 +393,12 @@ pub(crate) async fn raw(
     Query(q): Query<AttemptQuery>,
 ) -> Response {
     let json = super::wants_json(&headers);
-    let api = Api::new(&dash.shared, &viewer.caller);
-    let at = match locate(&api, &id, &task, q.attempt).await {
-        Ok(at) => at,
-        Err(status) => return refusal(&status, json),
+    let (at, leader) = match open(&dash, &viewer, &id, &task, q.attempt, json).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let Some(attempt) = at.attempt else {
         return (StatusCode::NOT_FOUND, "no attempt has started yet\n").into_response();
-    };
-    let leader = match dash.shared.leader().await {
-        Ok(l) => l,
-        Err(status) => return refusal(&status, json),
     };
     let log_id = AttemptId::from_string(attempt.id.clone());
     // A chunk at a time: memory stays at one chunk whatever the log's size.

@@ -14,6 +14,7 @@
 
 use super::{Dash, layout};
 use crate::api::auth::{Caller, check, check_record};
+use crate::http_auth::bearer;
 use crate::model::now_ms;
 use crate::tokens::Scope;
 use axum::extract::{Form, FromRequestParts, Query, State};
@@ -81,12 +82,6 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Whether the browser talks TLS to us: this port serves it, or the proxy
