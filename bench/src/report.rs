@@ -260,6 +260,13 @@ const ROWS: &[Row] = &[
         peer: None,
     },
     Row {
+        what: "ListRuns page of 50 with a filter, 100,000 finished runs",
+        key: "history_list_page_ms_100k",
+        unit: "ms",
+        goal: Goal::AtMost(10.0),
+        peer: None,
+    },
+    Row {
         what: "retention deleting 100,000 runs under load: longest gap between offers (issue 28)",
         key: "retention_max_dispatch_gap_ms",
         unit: "ms",

@@ -47,6 +47,9 @@ pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) queue_depth: Gauge,
     pub(crate) runners_connected: Gauge,
+    /// Runs the scheduler holds in memory: the unfinished ones (finished
+    /// runs live in the store).
+    pub(crate) runs_held: Gauge,
     pub(crate) runs_submitted: Counter,
     /// Finished runs deleted by retention.
     pub(crate) runs_deleted: Counter,
@@ -155,6 +158,7 @@ impl Default for Metrics {
         let m = Self {
             queue_depth: Gauge::default(),
             runners_connected: Gauge::default(),
+            runs_held: Gauge::default(),
             runs_submitted: Counter::default(),
             runs_deleted: Counter::default(),
             log_bytes: Counter::default(),
@@ -203,6 +207,11 @@ impl Metrics {
                 "runners_connected",
                 "Runners with an open control stream to this replica",
                 &m.runners_connected,
+            ),
+            (
+                "runs_held",
+                "Runs the scheduler holds in memory: the unfinished ones (finished runs are read from the store)",
+                &m.runs_held,
             ),
             (
                 "is_leader",

@@ -87,6 +87,19 @@ pub(crate) struct RunRecord {
     pub(crate) held: bool,
 }
 
+impl RunRecord {
+    /// Finished, with no attempt still active (a cancel its runner has not
+    /// confirmed keeps a run going): nothing will change it any more.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.state.is_terminal()
+            && self
+                .tasks
+                .iter()
+                .flat_map(|t| &t.attempts)
+                .all(|a| !a.state.is_active())
+    }
+}
+
 /// A run's concurrency group: one run of a group at a time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RunGroup {

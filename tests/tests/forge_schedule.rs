@@ -57,7 +57,10 @@ async fn a_schedule_fires_once_per_tick_across_a_leader_kill() -> anyhow::Result
 
     let store = EtcdStore::new(connect(&c.etcd().endpoints()).await?, "/capstan/");
     let mut ticks = Vec::new();
-    for (_, value) in store.scan_prefix("runs/").await? {
+    // Runs still going are under `runs/`, finished ones under `done/runs/`.
+    let mut stored = store.scan_prefix("runs/").await?;
+    stored.extend(store.scan_prefix("done/runs/").await?);
+    for (_, value) in stored {
         let run: serde_json::Value = serde_json::from_slice(&value)?;
         let key = run["idempotency_key"].as_str().unwrap_or("").to_string();
         if let Some(tick) = key.strip_prefix("schedule:app:0:") {

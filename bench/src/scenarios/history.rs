@@ -5,9 +5,11 @@
 //! data dir: `history_takeover_s_N` is process start -> `/readyz` 200 and
 //! an API call answered (5 ms polls; what a new leader's load costs), and
 //! `history_rss_mb_N` its RSS a second later. The goal: within 10 %
-//! and 20 MB of the empty case; today every finished run is loaded.
+//! and 20 MB of the empty case (a leader loads only unfinished runs).
+//! `history_list_page_ms_N`: then a ListRuns page of 50 succeeded runs of
+//! one pipeline, p50 (goal 10 ms at 100,000).
 
-use super::throughput::{submit_all, wait_all};
+use super::throughput::{page_latency, submit_all, wait_all};
 use super::{Ctx, Figures};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::procs::{Coordinator, proc_stat};
@@ -49,6 +51,11 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         let label = label(n);
         figures.push((format!("history_takeover_s_{label}"), takeover));
         figures.push((format!("history_rss_mb_{label}"), rss));
+        if n > 0 {
+            let page_ms = page_latency(&again).await?;
+            println!("history: ListRuns page of 50 with a filter among {n}: {page_ms:.2} ms p50");
+            figures.push((format!("history_list_page_ms_{label}"), page_ms));
+        }
     }
     Ok(figures)
 }

@@ -187,7 +187,7 @@ async fn measure(
 
 /// The median time of a filtered ListRuns page of 50, asked [`QUERIES`]
 /// times (each a round trip to the coordinator on loopback).
-async fn page_latency(coord: &Coordinator) -> anyhow::Result<f64> {
+pub(crate) async fn page_latency(coord: &Coordinator) -> anyhow::Result<f64> {
     let mut client = coord.client().await?;
     let mut times = Vec::with_capacity(QUERIES);
     for _ in 0..QUERIES {

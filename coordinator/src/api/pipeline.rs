@@ -276,14 +276,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         run.traceparent = parent.traceparent;
         run.tracestate = parent.tracestate;
         run.submitted_by = caller.name;
-        let id = self
-            .0
-            .ask(|reply| Command::Submit {
-                run: Box::new(run),
-                quota: self.0.limits.quota,
-                reply,
-            })
-            .await?;
+        let leader = self.0.leader().await?;
+        let id = status::flatten(leader.scheduler.submit(run, self.0.limits.quota).await)?;
         tracing::info!(run = %id, "run submitted");
         Ok(Response::new(SubmitRunResponse {
             run_id: id.to_string(),
@@ -293,7 +287,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
     async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
         self.0.authorize(&req, Scope::Read).await?;
         let id = run_id(req.into_inner().run_id)?;
-        let run = self.0.ask(|reply| Command::GetRun { id, reply }).await?;
+        let run = status::flatten(self.0.leader().await?.scheduler.get_run(id).await)?;
         Ok(Response::new(run))
     }
 
@@ -304,10 +298,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         self.0.authorize(&req, Scope::Read).await?;
         let query = crate::scheduler::listing::RunQuery::from_request(req.get_ref())
             .map_err(Status::invalid_argument)?;
-        let (runs, next) = self
-            .0
-            .ask(|reply| Command::ListRuns { query, reply })
-            .await?;
+        let leader = self.0.leader().await?;
+        let (runs, next) = status::flatten(leader.scheduler.list_runs(query).await)?;
         Ok(Response::new(ListRunsResponse {
             runs,
             next_cursor: next.unwrap_or_default(),
@@ -322,21 +314,15 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let caller = self.0.authorize(&req, Scope::Read).await?;
         let r = req.into_inner();
         let id = run_id(r.run_id)?;
-        let decision = Box::new(crate::scheduler::state::Decide {
+        let decision = crate::scheduler::state::Decide {
             task: r.task.clone(),
             approve: r.approve,
             by: caller.name.clone(),
             scope: caller.scope.as_str().to_owned(),
             reason: one_line(&r.reason, 500),
-        });
-        let run = self
-            .0
-            .ask(|reply| Command::DecideApproval {
-                id,
-                decision,
-                reply,
-            })
-            .await?;
+        };
+        let leader = self.0.leader().await?;
+        let run = status::flatten(leader.scheduler.decide(id, decision).await)?;
         tracing::info!(target: "audit", token = %caller.name, scope = caller.scope.as_str(),
             action = if r.approve { "approve" } else { "reject" }, run = %run.id, task = %r.task,
             submitted_by = %run.submitted_by, reason = %one_line(&r.reason, 500), "approval decided");
@@ -347,10 +333,8 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let caller = self.0.authorize(&req, Scope::Submit).await?;
         let id = run_id(req.into_inner().run_id)?;
         let owner = (!caller.is_admin()).then(|| caller.name.clone());
-        let run = self
-            .0
-            .ask(|reply| Command::CancelRun { id, owner, reply })
-            .await?;
+        let leader = self.0.leader().await?;
+        let run = status::flatten(leader.scheduler.cancel_run(id, owner).await)?;
         if caller.is_admin() && run.submitted_by != caller.name {
             tracing::info!(
                 target: "audit",
@@ -373,7 +357,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         self.0.authorize(&req, Scope::Read).await?;
         let id = run_id(req.into_inner().run_id)?;
         let leader = self.0.leader().await?;
-        let mut rx = leader.ask(|reply| Command::WatchRun { id, reply }).await?;
+        let mut rx = status::flatten(leader.scheduler.watch_run(id).await)?;
         let (tx, out) = mpsc::channel(16);
         let shutdown = leader.token.clone();
         tokio::spawn(async move {
@@ -416,13 +400,7 @@ impl pipeline_service_server::PipelineService for PipelineApi {
         let probe_id = id.clone();
         let probe_task = task.clone();
         let leader = self.0.leader().await?;
-        leader
-            .ask(|reply| Command::Attempts {
-                id: probe_id,
-                task: probe_task,
-                reply,
-            })
-            .await?;
+        status::flatten(leader.scheduler.attempts(probe_id, probe_task).await)?;
         // Up to READ_CHUNK each: a slow client holds this much (plus HTTP/2
         // buffers) in memory, not the whole backlog.
         let (tx, out) = mpsc::channel(4);
@@ -502,13 +480,8 @@ async fn stream_logs(
         // The attempt list changes only with task state: asking the
         // scheduler on every log append cost a round trip per chunk.
         if refresh {
-            (attempts, all_done) = leader
-                .ask(|reply| Command::Attempts {
-                    id: id.clone(),
-                    task: task.clone(),
-                    reply,
-                })
-                .await?;
+            (attempts, all_done) =
+                status::flatten(leader.scheduler.attempts(id.clone(), task.clone()).await)?;
         }
         for info in &attempts {
             if !send_new_bytes(&leader, info, &mut sent, tx).await? {

@@ -16,6 +16,7 @@ pub(crate) fn from_state(e: StateError) -> Status {
         }
         StateError::MayNotDecide { .. } => Status::permission_denied(e.to_string()),
         StateError::QuotaExceeded(_) => Status::resource_exhausted(e.to_string()),
+        StateError::History(_) => Status::unavailable(e.to_string()),
         StateError::NotYourAttempt { .. }
         | StateError::NotYourRun { .. }
         | StateError::NameTaken(_)

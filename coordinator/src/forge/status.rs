@@ -17,7 +17,6 @@ use super::repos::RepoRecord;
 use super::{Forge, Forges};
 use crate::api::LeaderCtx;
 use crate::metrics::StatusResult;
-use crate::scheduler::Command;
 use crate::store::{Op, Store};
 use capstan_proto::api::v1 as api;
 use capstan_proto::ids::RunId;
@@ -301,7 +300,7 @@ async fn watch(forges: &Forges, leader: &LeaderCtx, mut owed: Owed) {
         return;
     };
     let id = RunId::from_string(owed.run.clone());
-    let mut rx = match leader.ask(|reply| Command::WatchRun { id, reply }).await {
+    let mut rx = match crate::api::status::flatten(leader.scheduler.watch_run(id).await) {
         Ok(rx) => rx,
         Err(e) => {
             tracing::warn!(run = %owed.run, error = %e, "cannot watch the run; its commit status stops");

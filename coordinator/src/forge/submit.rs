@@ -3,7 +3,6 @@
 //! idempotency keys), submitted by `hook:<repo>` or `schedule:<repo>`.
 
 use crate::api::Shared;
-use crate::scheduler::Command;
 use capstan_proto::api::v1::SubmitRunRequest;
 
 /// What to run.
@@ -45,13 +44,7 @@ pub(crate) async fn submit(shared: &Shared, what: RunOf<'_>) -> Result<Queued, t
     run.submitted_by = format!("{}:{}", what.by, what.repo.name);
     let fresh = run.id.clone();
     let pipeline = run.pipeline.clone();
-    let id = leader
-        .ask(|reply| Command::Submit {
-            run: Box::new(run),
-            quota: shared.limits.quota,
-            reply,
-        })
-        .await?;
+    let id = crate::api::status::flatten(leader.scheduler.submit(run, shared.limits.quota).await)?;
     Ok(Queued {
         new: id == fresh,
         run: id.to_string(),

@@ -37,10 +37,11 @@ pub(crate) enum Command {
         id: RunId,
         reply: Reply<api::Run>,
     },
+    /// The newest `limit + 1` held runs that match (`reads` merges them
+    /// with the history's).
     ListRuns {
         query: super::listing::RunQuery,
-        /// A page of runs and the next page's cursor.
-        reply: Reply<(Vec<api::Run>, Option<String>)>,
+        reply: Reply<Vec<RunRecord>>,
     },
     /// With `owner`, only a run that token submitted may be cancelled.
     CancelRun {

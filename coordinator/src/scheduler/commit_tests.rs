@@ -4,6 +4,7 @@
 use super::*;
 use crate::api::pipeline::build_run;
 use crate::store::memory::MemoryStore;
+use crate::store::{Op, Page};
 use async_trait::async_trait;
 use capstan_proto::api::v1::SubmitRunRequest;
 use capstan_proto::runner::v1 as rpb;
@@ -38,6 +39,10 @@ impl Store for HeldStore {
 
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.scan_prefix(prefix).await
+    }
+
+    async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.scan_page(page).await
     }
 
     async fn apply(&self, batch: Vec<Op>) -> Result<(), StoreError> {

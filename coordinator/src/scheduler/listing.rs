@@ -10,7 +10,9 @@ use std::collections::BinaryHeap;
 use capstan_proto::api::v1::ListRunsRequest;
 use capstan_proto::pipeline::v1::RunState;
 
+use super::history::keys::Summary;
 use crate::model::{RunRecord, StoredRunState};
+use capstan_proto::redact::redact_url;
 
 /// The default page, and the largest.
 pub(crate) const DEFAULT_LIMIT: usize = 50;
@@ -81,26 +83,53 @@ impl RunQuery {
     }
 
     fn matches(&self, r: &RunRecord) -> bool {
+        self.matches_summary(&Summary::of(r))
+    }
+
+    /// Does a run with this summary match? Repositories compare redacted
+    /// (an index holds no password).
+    pub(crate) fn matches_summary(&self, r: &Summary) -> bool {
         let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
         self.before_seq.is_none_or(|s| r.seq < s)
             && self.state.is_none_or(|s| r.state == s)
             && eq(&self.pipeline, &r.pipeline)
             && eq(&self.submitted_by, &r.submitted_by)
-            && eq(&self.repo, &r.repo)
+            && self
+                .repo
+                .as_deref()
+                .is_none_or(|w| redact_url(w) == r.repo.as_str())
             && self.rev.as_deref().is_none_or(|p| r.rev.starts_with(p))
             && self.created_after_ms.is_none_or(|t| r.created_at_ms >= t)
             && self.created_before_ms.is_none_or(|t| r.created_at_ms < t)
     }
 }
 
-/// The page `q` asks for out of `runs`, newest first, and the cursor of
-/// the next page (none when no matching run is left).
-pub(crate) fn page<'a>(
+/// The page of `q` out of the newest matches the loop holds (`live`) and
+/// those of the history (`finished`), each newest first: newest first,
+/// each run once (one that finished between the two reads is in both),
+/// and the cursor of the next page.
+pub(crate) fn merge(
+    live: Vec<RunRecord>,
+    finished: Vec<RunRecord>,
+    q: &RunQuery,
+) -> (Vec<RunRecord>, Option<String>) {
+    let mut all: Vec<RunRecord> = finished;
+    let held: std::collections::HashSet<_> = all.iter().map(|r| r.id.clone()).collect();
+    all.extend(live.into_iter().filter(|r| !held.contains(&r.id)));
+    all.sort_unstable_by_key(|r| Reverse(r.seq));
+    let more = all.len() > q.limit;
+    all.truncate(q.limit);
+    let next = more.then(|| all.last().map(|r| cursor(r.seq))).flatten();
+    (all, next)
+}
+
+/// The newest `q.limit + 1` runs of `runs` that match `q` (one more than a
+/// page tells whether a next page exists), newest first.
+pub(crate) fn newest<'a>(
     runs: impl Iterator<Item = &'a RunRecord>,
     q: &RunQuery,
-) -> (Vec<&'a RunRecord>, Option<String>) {
-    // The newest `limit + 1` matches (one more tells whether a next page
-    // exists), kept in a min-heap by `seq`: no sort of every run.
+) -> Vec<&'a RunRecord> {
+    // Kept in a min-heap by `seq`: no sort of every run.
     let mut newest: BinaryHeap<Reverse<Newest<'a>>> = BinaryHeap::with_capacity(q.limit + 2);
     for r in runs.filter(|r| q.matches(r)) {
         newest.push(Reverse(Newest(r)));
@@ -110,10 +139,7 @@ pub(crate) fn page<'a>(
     }
     let mut found: Vec<&RunRecord> = newest.into_iter().map(|Reverse(Newest(r))| r).collect();
     found.sort_unstable_by_key(|r| Reverse(r.seq));
-    let more = found.len() > q.limit;
-    found.truncate(q.limit);
-    let next = more.then(|| found.last().map(|r| cursor(r.seq))).flatten();
-    (found, next)
+    found
 }
 
 /// A run ordered by its submission order alone.
@@ -164,8 +190,20 @@ mod tests {
         r
     }
 
-    fn ids(page: &[&RunRecord]) -> Vec<u64> {
+    fn ids(page: &[RunRecord]) -> Vec<u64> {
         page.iter().map(|r| r.seq).collect()
+    }
+
+    /// A page of runs all held live.
+    fn page<'a>(
+        runs: impl Iterator<Item = &'a RunRecord>,
+        q: &RunQuery,
+    ) -> (Vec<RunRecord>, Option<String>) {
+        merge(
+            newest(runs, q).into_iter().cloned().collect(),
+            Vec::new(),
+            q,
+        )
     }
 
     #[test]

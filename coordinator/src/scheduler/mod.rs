@@ -25,8 +25,10 @@
 mod command;
 mod commit;
 pub(crate) mod dispatch;
+pub(crate) mod history;
 pub(crate) mod lease;
 pub(crate) mod listing;
+mod reads;
 pub(crate) mod state;
 mod stored;
 mod view;
@@ -34,10 +36,11 @@ mod view;
 use crate::logs::LogStore;
 use crate::metrics::Metrics;
 use crate::model::*;
-use crate::store::{Op, Store, StoreError};
+use crate::store::{Store, StoreError};
 use capstan_proto::api::v1 as api;
 use capstan_proto::ids::{AttemptId, RunId, RunnerId};
 pub(crate) use command::{AttemptAsk, AttemptLogInfo, Command, Reply};
+use history::History;
 use state::{SchedulerState, StateError, Timing};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +52,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub(crate) struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Command>,
+    /// The finished runs the loop no longer holds (`reads`).
+    history: History,
 }
 
 /// The scheduler loop stopped (shutdown or a fatal store error).
@@ -83,13 +88,17 @@ pub(crate) async fn start(
     sealer: crate::seal::Sealer,
     epoch: u64,
 ) -> Result<(Scheduler, SchedulerHandle), StoreError> {
-    let mut runs = Vec::new();
+    let history = History::new(Arc::clone(&store), sealer.clone());
+    let (mut runs, mut settled) = (Vec::new(), Vec::new());
     for (key, value) in store.scan_prefix(RUNS_PREFIX).await? {
         match stored::decode(&value, &sealer) {
+            Ok(r) if r.is_settled() => settled.push(r),
             Ok(r) => runs.push(r),
             Err(e) => tracing::error!(%key, error = %e, "skipping an unreadable run record"),
         }
     }
+    history.archive_found(&settled).await?;
+    let next_seq = history.next_seq().await?;
     let mut runners = Vec::new();
     for (key, value) in store.scan_prefix(RUNNERS_PREFIX).await? {
         match serde_json::from_slice::<RunnerRecord>(&value) {
@@ -100,10 +109,13 @@ pub(crate) async fn start(
     tracing::info!(
         epoch,
         runs = runs.len(),
+        archived = settled.len(),
         runners = runners.len(),
         "scheduler state loaded"
     );
-    let state = SchedulerState::load(epoch, timing, runs, runners, Instant::now());
+    let mut state = SchedulerState::load(epoch, timing, runs, runners, Instant::now());
+    state.number_from(next_seq);
+    metrics.runs_held.set(state.runs_held() as i64);
     let mut run_spans = crate::trace::RunSpans::default();
     if capstan_telemetry::enabled() {
         for run in state.runs() {
@@ -135,8 +147,9 @@ pub(crate) async fn start(
             metrics,
             sealer,
             run_spans,
+            history: history.clone(),
         },
-        SchedulerHandle { tx },
+        SchedulerHandle { tx, history },
     ))
 }
 
@@ -144,7 +157,7 @@ pub(crate) async fn start(
 pub(crate) struct Scheduler {
     state: SchedulerState,
     store: Arc<dyn Store>,
-    /// Only for retention: deleting the logs of expired runs.
+    /// Sealing ended runs' logs, deleting orphans, and retention's deletes.
     logs: Arc<dyn LogStore>,
     rx: mpsc::UnboundedReceiver<Command>,
     watchers: HashMap<RunId, watch::Sender<api::Run>>,
@@ -154,6 +167,8 @@ pub(crate) struct Scheduler {
     sealer: crate::seal::Sealer,
     /// Trace spans of the unfinished runs (empty unless export is on).
     run_spans: crate::trace::RunSpans,
+    /// The finished runs: the orphan-log sweep asks which attempts they name.
+    history: History,
 }
 
 /// How long after its run ended an attempt's log is sealed: a reader that
@@ -163,46 +178,25 @@ const SEAL_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most commands applied before one commit.
 const MAX_BATCH: usize = 1024;
-/// Most runs one retention pass deletes (one store batch), so a first pass
-/// over a long history does not stall the loop; the next pass takes more.
-const MAX_EXPIRED_PER_PASS: usize = 500;
-
-/// The next retention pass after a full one: passes of at most
-/// [`MAX_EXPIRED_PER_PASS`] runs, each a short pause of the loop, with
-/// dispatch going on between them.
-const BACKLOG_PASS_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// How often retention looks for expired runs: a quarter of the retention,
-/// between 100 ms (tests) and a minute.
-fn retention_check(timing: &Timing) -> std::time::Duration {
-    timing
-        .retention
-        .map_or(std::time::Duration::from_secs(60), |r| {
-            (r / 4).clamp(
-                std::time::Duration::from_millis(100),
-                std::time::Duration::from_secs(60),
-            )
-        })
-}
 
 impl Scheduler {
     /// Runs until `shutdown` or a store failure.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(std::time::Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut retention = tokio::time::interval(retention_check(self.state.timing()));
-        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Off the loop, and gone with it (an abort of this future included).
+        let _retention = self.state.timing().retention.map(|retention| {
+            let task = history::retention::Retention {
+                store: Arc::clone(&self.store),
+                logs: Arc::clone(&self.logs),
+                metrics: Arc::clone(&self.metrics),
+                retention,
+            };
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(task.run(shutdown.clone())))
+        });
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = retention.tick(), if self.state.timing().retention.is_some() => {
-                    // A full pass means more are due: the next one soon, not
-                    // a retention period later (a backlog after a long stop,
-                    // or more runs expiring than a pass takes).
-                    if self.expire().await? {
-                        retention.reset_after(BACKLOG_PASS_EVERY);
-                    }
-                }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { return Ok(()) };
                     self.handle(cmd);
@@ -258,8 +252,8 @@ impl Scheduler {
                 let _ = reply.send(self.run_view(&id));
             }
             Command::ListRuns { query, reply } => {
-                let (page, next) = listing::page(self.state.runs(), &query);
-                let _ = reply.send(Ok((page.into_iter().map(view::run).collect(), next)));
+                let newest = listing::newest(self.state.runs(), &query);
+                let _ = reply.send(Ok(newest.into_iter().cloned().collect()));
             }
             Command::CancelRun { id, owner, reply } => {
                 let r = self
@@ -425,67 +419,53 @@ impl Scheduler {
             .state
             .run(id)
             .ok_or_else(|| StateError::UnknownRun(id.to_string()))?;
-        if let Some(name) = task
-            && !run.tasks.iter().any(|t| t.name == name)
-        {
-            return Err(StateError::UnknownTask {
-                run: id.to_string(),
-                task: name.to_string(),
-            });
-        }
-        let mut out = Vec::new();
-        let mut all_done = true;
-        for t in run
-            .tasks
-            .iter()
-            .filter(|t| task.is_none_or(|name| t.name == name))
-        {
-            all_done &= t.state.is_terminal();
-            for a in &t.attempts {
-                out.push(AttemptLogInfo {
-                    task: t.name.clone(),
-                    attempt: a.id.clone(),
-                    number: a.number,
-                    finished: !a.state.is_active() || t.state.is_terminal(),
-                });
-            }
-        }
-        Ok((out, all_done))
+        reads::attempt_infos(run, task)
     }
 
     /// Deletes the logs of attempts no run names: retention deletes a run's
     /// record before its log files, so a crash in between leaves them
     /// behind. A log file is only ever made for an attempt the leader
     /// authorized, so every file listed at the start of this leadership
-    /// belongs to an attempt still in the state or to one deleted with its
-    /// run; those are the ones deleted.
+    /// belongs to an attempt of a run held here, of one in the history, or
+    /// of one deleted with its run; the last are the ones deleted.
     ///
     /// The logs of runs that ended are sealed (a crash or a leader change
     /// may have come between a run's end and its seal; sealing a sealed log
     /// is a no-op).
+    ///
+    /// The history is read after this partition: a run this loop held
+    /// when it judged was archived, if at all, by a commit before the read.
     fn orphan_logs(&mut self, listed: Vec<AttemptId>) {
-        let (orphans, ended): (Vec<AttemptId>, Vec<AttemptId>) = listed
+        let (unknown, known): (Vec<AttemptId>, Vec<AttemptId>) = listed
             .into_iter()
-            .filter(|a| !self.state.knows_attempt(a) || self.state.attempt_run_ended(a))
             .partition(|a| !self.state.knows_attempt(a));
+        let ended = known
+            .into_iter()
+            .filter(|a| self.state.attempt_run_ended(a))
+            .collect();
         self.seal_logs(ended);
-        if orphans.is_empty() {
+        if unknown.is_empty() {
             return;
         }
-        tracing::info!(logs = orphans.len(), "deleting the logs of deleted runs");
-        self.delete_logs(orphans);
-    }
-
-    /// Deletes these attempts' logs off the loop; a failure is logged (the
-    /// next leadership's orphan sweep tries again).
-    fn delete_logs(&self, attempts: Vec<AttemptId>) {
-        let logs = Arc::clone(&self.logs);
+        let (history, logs, metrics) = (
+            self.history.clone(),
+            Arc::clone(&self.logs),
+            Arc::clone(&self.metrics),
+        );
         tokio::spawn(async move {
-            for attempt in attempts {
-                if let Err(e) = logs.delete(&attempt).await {
-                    tracing::warn!(%attempt, error = %e, "could not delete a log");
+            let finished = match history.attempts().await {
+                Ok(f) => f,
+                Err(e) => {
+                    return tracing::warn!(error = %e, "could not read the history to sweep orphan logs");
                 }
+            };
+            let (archived, orphans): (Vec<AttemptId>, Vec<AttemptId>) =
+                unknown.into_iter().partition(|a| finished.contains(a));
+            if !orphans.is_empty() {
+                tracing::info!(logs = orphans.len(), "deleting the logs of deleted runs");
             }
+            delete_logs(&*logs, orphans).await;
+            seal_now(&*logs, &metrics, archived).await;
         });
     }
 
@@ -498,63 +478,30 @@ impl Scheduler {
         let (logs, metrics) = (Arc::clone(&self.logs), Arc::clone(&self.metrics));
         tokio::spawn(async move {
             tokio::time::sleep(SEAL_DELAY).await;
-            for attempt in attempts {
-                match logs.seal(&attempt).await {
-                    Ok(Some(stats)) => metrics.sealed(stats),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(%attempt, error = %e, "could not seal a log"),
-                }
-            }
+            seal_now(&*logs, &metrics, attempts).await;
         });
     }
+}
 
-    /// Retention: deletes the records of finished runs past the retention,
-    /// then their logs. Records go first, so a crash in between leaves
-    /// orphan log files, never a run whose log is gone. True when the pass
-    /// was full (more may be due). The pass is a pause of the loop, timed
-    /// in `capstan_retention_pass_seconds`.
-    async fn expire(&mut self) -> Result<bool, StoreError> {
-        let Some(retention) = self.state.timing().retention else {
-            return Ok(false);
-        };
-        let started = std::time::Instant::now();
-        let cutoff =
-            now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        let runs = self.state.expire_runs(cutoff, MAX_EXPIRED_PER_PASS);
-        if runs.is_empty() {
-            return Ok(false);
+/// Deletes these attempts' logs; a failure is logged (the next
+/// leadership's orphan sweep tries again).
+async fn delete_logs(logs: &dyn LogStore, attempts: Vec<AttemptId>) {
+    for attempt in attempts {
+        if let Err(e) = logs.delete(&attempt).await {
+            tracing::warn!(%attempt, error = %e, "could not delete a log");
         }
-        for run in &runs {
-            self.watchers.remove(&run.id);
+    }
+}
+
+/// Seals these ended attempts' logs; a failure is logged (the next
+/// leadership tries again).
+async fn seal_now(logs: &dyn LogStore, metrics: &Metrics, attempts: Vec<AttemptId>) {
+    for attempt in attempts {
+        match logs.seal(&attempt).await {
+            Ok(Some(stats)) => metrics.sealed(stats),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%attempt, error = %e, "could not seal a log"),
         }
-        let batch = runs
-            .iter()
-            .map(|r| Op::Delete {
-                key: run_key(&r.id),
-            })
-            .collect();
-        if let Err(e) = self.store.apply(batch).await {
-            tracing::error!(error = %e, "deleting expired runs failed; stopping the scheduler");
-            return Err(e);
-        }
-        self.metrics.runs_deleted.inc_by(runs.len() as u64);
-        let pause = started.elapsed();
-        self.metrics
-            .retention_pass_seconds
-            .observe(pause.as_secs_f64());
-        tracing::info!(
-            runs = runs.len(),
-            pause_ms = pause.as_secs_f64() * 1e3,
-            ?retention,
-            "deleted finished runs past the retention"
-        );
-        let attempts: Vec<AttemptId> = runs
-            .iter()
-            .flat_map(|r| r.tasks.iter().flat_map(|t| &t.attempts))
-            .map(|a| a.id.clone())
-            .collect();
-        self.delete_logs(attempts);
-        Ok(runs.len() == MAX_EXPIRED_PER_PASS)
     }
 }
 

@@ -749,7 +749,7 @@ fn a_repeated_idempotency_key_queues_nothing_new() {
 }
 
 #[test]
-fn retention_expires_only_finished_runs_past_the_cutoff() {
+fn only_settled_runs_are_evicted_and_their_keys_outlive_them_a_while() {
     let mut h = Harness::new();
     let one = "version: 1\nname: p\ntasks:\n  t:\n    steps: [ { run: x } ]\n";
     let keyed = SubmitRunRequest {
@@ -772,16 +772,15 @@ fn retention_expires_only_finished_runs_past_the_cutoff() {
         &done_attempt.attempt_id,
         rpb::AttemptOutcome::Succeeded,
     );
-    let finished_at = h.run(&done).finished_at_ms;
-    assert!(finished_at > 0);
-    // Not yet past the cutoff: kept.
-    assert!(h.st.expire_runs(finished_at - 1, 10).is_empty());
-    let gone = h.st.expire_runs(finished_at + 60_000, 10);
-    assert_eq!(gone.len(), 1, "only the finished run expires");
+    assert!(h.st.settled(&done) && !h.st.settled(&busy));
+    let now = Instant::now();
+    let gone = h.st.evict_settled([&done, &busy], now);
+    assert_eq!(gone.len(), 1, "only the finished run goes");
     assert_eq!(gone[0].id, done);
     assert!(h.st.run(&done).is_none());
     assert!(h.st.run(&busy).is_some(), "a running run is kept");
-    // The expired attempt is forgotten: its late report is refused.
+    assert_eq!(h.st.runs_held(), 1);
+    // The evicted attempt is forgotten: its late report is refused.
     let late = h.send(
         &r,
         Up::Finished(rpb::TaskFinished {
@@ -791,17 +790,21 @@ fn retention_expires_only_finished_runs_past_the_cutoff() {
         }),
     );
     assert!(late.is_err(), "{late:?}");
-    // Its idempotency key is free again.
-    let (again, new) = h.st.submit(build_run(keyed).unwrap());
-    assert!(new && again != done);
-    // The busy run finishes and then expires as well.
+    // Its idempotency key still names it for a while (a repeat that
+    // checked the history before the run settled)...
+    let (again, new) = h.st.submit(build_run(keyed.clone()).unwrap());
+    assert!(!new && again == done);
+    // ...and is let go by a later eviction past that while (the history
+    // answers for it then).
     h.finish(
         &mut r,
         &busy_attempt.attempt_id,
         rpb::AttemptOutcome::Succeeded,
     );
-    let gone = h.st.expire_runs(i64::MAX, 10);
-    assert!(gone.iter().any(|g| g.id == busy), "{gone:?}");
+    let later = now + std::time::Duration::from_secs(61);
+    assert_eq!(h.st.evict_settled([&busy], later).len(), 1);
+    let (again, new) = h.st.submit(build_run(keyed).unwrap());
+    assert!(new && again != done);
 }
 
 // ----- leases renewed by the Control stream's reader ------------------------

@@ -7,7 +7,7 @@
 //! `conformance/` when it starts (an etcd store should use a fresh key
 //! prefix).
 
-use super::{Op, Store};
+use super::{Op, Order, Page, Store};
 use std::sync::Arc;
 
 fn put(key: &str, value: &[u8]) -> Op {
@@ -31,6 +31,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     delete_key(&*store).await;
     batch_applies_in_order(&*store).await;
     scan_prefix_order_and_boundaries(&*store).await;
+    scan_page_orders_bounds_and_limits(&*store).await;
     empty_batch(&*store).await;
     large_value(&*store).await;
     many_keys(&*store).await;
@@ -258,6 +259,324 @@ pub async fn scan_prefix_order_and_boundaries(store: &dyn Store) {
     for key in keys {
         assert!(all_keys.contains(&key), "scan \"\": has {key}");
     }
+}
+
+/// Pages: at most `limit` keys of the prefix, in either order, strictly
+/// beyond `from` whatever it is; paging with each page's last key as the
+/// next `from` returns every key once.
+pub async fn scan_page_orders_bounds_and_limits(store: &dyn Store) {
+    const P: &str = "conformance/page/";
+    let keys: Vec<String> = [
+        // Around the prefix "idx/b/".
+        "idx/a/1",
+        "idx/a/z",
+        "idx/b",
+        "idx/b.",
+        "idx/b/",
+        "idx/b/01",
+        "idx/b/02",
+        "idx/b/04",
+        "idx/b/04/x",
+        "idx/b/10",
+        "idx/b/Z",
+        "idx/b/z",
+        "idx/b/~",
+        "idx/b/é",
+        "idx/b/中",
+        // U+FF21 sorts before U+1F600 by bytes (EF.. < F0..), after it in
+        // UTF-16 (FF21 > D83D).
+        "idx/b/\u{FF21}",
+        "idx/b/😀",
+        "idx/b/\u{10FFFF}",
+        "idx/b0",
+        "idx/c/1",
+        // Prefixes ending in a multi-byte character, the last one before
+        // the surrogates, and the last one of all.
+        "idx/é",
+        "idx/é/x",
+        "idx/éa",
+        "idx/é\u{10FFFF}",
+        "idx/ê",
+        "sur/\u{D7FF}",
+        "sur/\u{D7FF}1",
+        "sur/\u{E000}",
+        "max/\u{10FFFF}",
+        "max/\u{10FFFF}x",
+        "max/\u{10FFFF}\u{10FFFF}",
+        "max0",
+    ]
+    .iter()
+    .map(|k| format!("{P}{k}"))
+    .collect();
+    // Written in an order unrelated to the sorted one, over several batches.
+    for chunk in keys.rchunks(5) {
+        store
+            .apply(chunk.iter().map(|k| put(k, k.as_bytes())).collect())
+            .await
+            .unwrap();
+    }
+
+    let page = |prefix: String, from: Option<String>, limit: usize, order: Order| async move {
+        let got = store
+            .scan_page(Page {
+                prefix: &prefix,
+                from: from.as_deref(),
+                limit,
+                order,
+            })
+            .await
+            .unwrap();
+        for (key, value) in &got {
+            assert_eq!(
+                key.as_bytes(),
+                &value[..],
+                "scan_page {prefix:?} from {from:?}: value of {key}"
+            );
+        }
+        got.into_iter().map(|(key, _)| key).collect::<Vec<_>>()
+    };
+    // What a page should be, from the keys written.
+    let expected = |prefix: &str, from: Option<&str>, limit: usize, order: Order| {
+        let mut want: Vec<&String> = keys.iter().filter(|k| k.starts_with(prefix)).collect();
+        want.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        if order == Order::Descending {
+            want.reverse();
+        }
+        want.into_iter()
+            .filter(|k| match (from, order) {
+                (None, _) => true,
+                (Some(f), Order::Ascending) => k.as_bytes() > f.as_bytes(),
+                (Some(f), Order::Descending) => k.as_bytes() < f.as_bytes(),
+            })
+            .take(limit)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let p = |k: &str| format!("{P}{k}");
+    let orders = [Order::Ascending, Order::Descending];
+
+    // Spelled out, in case `expected` and the store agree on something wrong.
+    let b = p("idx/b/");
+    let all_b: Vec<String> = [
+        "idx/b/",
+        "idx/b/01",
+        "idx/b/02",
+        "idx/b/04",
+        "idx/b/04/x",
+        "idx/b/10",
+        "idx/b/Z",
+        "idx/b/z",
+        "idx/b/~",
+        "idx/b/é",
+        "idx/b/中",
+        "idx/b/\u{FF21}",
+        "idx/b/😀",
+        "idx/b/\u{10FFFF}",
+    ]
+    .iter()
+    .map(|k| p(k))
+    .collect();
+    let rev_b: Vec<String> = all_b.iter().rev().cloned().collect();
+    assert_eq!(
+        page(b.clone(), None, 100, Order::Ascending).await,
+        all_b,
+        "scan_page: ascending, every key of the prefix, sorted by bytes"
+    );
+    assert_eq!(
+        page(b.clone(), None, 100, Order::Descending).await,
+        rev_b,
+        "scan_page: descending, every key of the prefix, by bytes"
+    );
+    assert_eq!(
+        page(b.clone(), None, 3, Order::Ascending).await,
+        all_b[..3],
+        "scan_page: ascending, the first 3"
+    );
+    assert_eq!(
+        page(b.clone(), None, 3, Order::Descending).await,
+        rev_b[..3],
+        "scan_page: descending, the last 3"
+    );
+    assert_eq!(
+        page(b.clone(), Some(p("idx/b/02")), 2, Order::Ascending).await,
+        [p("idx/b/04"), p("idx/b/04/x")],
+        "scan_page: ascending after a present key excludes it"
+    );
+    assert_eq!(
+        page(b.clone(), Some(p("idx/b/04")), 2, Order::Descending).await,
+        [p("idx/b/02"), p("idx/b/01")],
+        "scan_page: descending before a present key excludes it"
+    );
+    assert_eq!(
+        page(b.clone(), Some(p("idx/b/03")), 1, Order::Ascending).await,
+        [p("idx/b/04")],
+        "scan_page: ascending after an absent key"
+    );
+    assert_eq!(
+        page(b.clone(), Some(p("idx/b/03")), 1, Order::Descending).await,
+        [p("idx/b/02")],
+        "scan_page: descending before an absent key"
+    );
+    assert_eq!(
+        page(b.clone(), Some(p("idx/b")), 1, Order::Ascending).await,
+        [p("idx/b/")],
+        "scan_page: ascending from before the prefix starts at its first key"
+    );
+    assert_eq!(
+        page(b.clone(), Some(p("idx/c/")), 1, Order::Descending).await,
+        [p("idx/b/\u{10FFFF}")],
+        "scan_page: descending from after the prefix starts at its last key"
+    );
+    assert_eq!(
+        page(b.clone(), Some(p("idx/b/")), 100, Order::Descending).await,
+        Vec::<String>::new(),
+        "scan_page: nothing of the prefix is before the prefix itself"
+    );
+    assert_eq!(
+        page(
+            b.clone(),
+            Some(p("idx/b/\u{10FFFF}")),
+            100,
+            Order::Ascending
+        )
+        .await,
+        Vec::<String>::new(),
+        "scan_page: nothing after the last key"
+    );
+    for order in orders {
+        assert!(
+            page(b.clone(), None, 0, order).await.is_empty(),
+            "scan_page: limit 0 {order:?}"
+        );
+        assert!(
+            page(p("idx/nothing/"), None, 10, order).await.is_empty(),
+            "scan_page: an unused prefix {order:?}"
+        );
+    }
+    assert_eq!(
+        page(p("idx/é"), None, 100, Order::Descending).await,
+        [p("idx/é\u{10FFFF}"), p("idx/éa"), p("idx/é/x"), p("idx/é")],
+        "scan_page: descending, a prefix ending in a multi-byte character"
+    );
+    assert_eq!(
+        page(p("max/\u{10FFFF}"), None, 100, Order::Descending).await,
+        [
+            p("max/\u{10FFFF}\u{10FFFF}"),
+            p("max/\u{10FFFF}x"),
+            p("max/\u{10FFFF}"),
+        ],
+        "scan_page: descending, a prefix ending in char::MAX"
+    );
+    assert_eq!(
+        page(p("sur/\u{D7FF}"), None, 100, Order::Descending).await,
+        [p("sur/\u{D7FF}1"), p("sur/\u{D7FF}")],
+        "scan_page: descending, a prefix ending in U+D7FF"
+    );
+
+    // Against `expected`: every prefix, order, `from` and limit.
+    let prefixes = [
+        "idx/b/",
+        "idx/b",
+        "idx/",
+        "idx/b/04",
+        "idx/é",
+        "sur/\u{D7FF}",
+        "max/\u{10FFFF}",
+        "max",
+        "",
+        "nothing/",
+    ];
+    let mut froms: Vec<Option<String>> = vec![None, Some(String::new()), Some(P.to_string())];
+    froms.extend(keys.iter().map(|k| Some(k.clone())));
+    froms.extend(
+        [
+            "idx/",
+            "idx/b/00",
+            "idx/b/03",
+            "idx/b/0",
+            "idx/b/ü",
+            "idx/b/\u{FFFF}",
+            "idx/b/\u{10FFFF}\u{10FFFF}",
+            "idx/c/",
+            "idx/é0",
+            "sur/\u{D7FF}0",
+            "zzz",
+        ]
+        .iter()
+        .map(|k| Some(p(k))),
+    );
+    froms.extend(["a", "\u{10FFFF}"].iter().map(|k| Some(k.to_string())));
+    for prefix in prefixes {
+        let prefix = p(prefix);
+        let n = keys.iter().filter(|k| k.starts_with(&prefix)).count();
+        for order in orders {
+            for from in &froms {
+                for limit in [0, 1, 2, n.saturating_sub(1), n, n + 1, 1000] {
+                    assert_eq!(
+                        page(prefix.clone(), from.clone(), limit, order).await,
+                        expected(&prefix, from.as_deref(), limit, order),
+                        "scan_page {prefix:?} from {from:?}, limit {limit}, {order:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    // Paging with the last key as the next `from` returns every key once.
+    for prefix in ["idx/b/", "idx/", ""] {
+        let prefix = p(prefix);
+        for order in orders {
+            let all = expected(&prefix, None, usize::MAX, order);
+            for size in [1, 2, 3, 5, all.len()] {
+                let mut seen = Vec::new();
+                let mut from = None;
+                loop {
+                    let got = page(prefix.clone(), from.clone(), size, order).await;
+                    assert!(got.len() <= size, "scan_page: a page of {size}");
+                    match got.last() {
+                        Some(last) => from = Some(last.clone()),
+                        None => break,
+                    }
+                    seen.extend(got);
+                }
+                assert_eq!(
+                    seen, all,
+                    "scan_page: paging {prefix:?} {size} at a time, {order:?}"
+                );
+            }
+        }
+    }
+
+    // More keys than one read of a store may return (etcd's pages).
+    const N: usize = 450;
+    let many = |i: usize| format!("{P}many/{i:04}");
+    store
+        .apply((0..N).map(|i| put(&many(i), many(i).as_bytes())).collect())
+        .await
+        .unwrap();
+    let prefix = format!("{P}many/");
+    let ascending: Vec<String> = (0..N).map(many).collect();
+    let descending: Vec<String> = (0..N).rev().map(many).collect();
+    assert_eq!(
+        page(prefix.clone(), None, 1000, Order::Ascending).await,
+        ascending,
+        "scan_page: many keys ascending"
+    );
+    assert_eq!(
+        page(prefix.clone(), None, 1000, Order::Descending).await,
+        descending,
+        "scan_page: many keys descending"
+    );
+    assert_eq!(
+        page(prefix.clone(), Some(many(20)), 401, Order::Ascending).await,
+        ascending[21..422],
+        "scan_page: many keys ascending, after one, limited"
+    );
+    assert_eq!(
+        page(prefix.clone(), Some(many(430)), 401, Order::Descending).await,
+        descending[20..421],
+        "scan_page: many keys descending, before one, limited"
+    );
 }
 
 /// An empty batch succeeds and changes nothing.

@@ -14,7 +14,7 @@
 //! atomicity then holds per part. The scheduler's records are independent
 //! documents, so a crash between parts leaves each record whole.
 
-use super::{Op, Store, StoreError};
+use super::{Op, Order, Page, Store, StoreError};
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -331,6 +331,78 @@ impl Store for EtcdStore {
                     from = last.key().to_vec();
                     from.push(0);
                 }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // etcd reads a limit of 0 as no limit.
+        if page.limit == 0 {
+            return Ok(Vec::new());
+        }
+        // The range still to read, [lower, upper) (`None`: to the end of the
+        // key space), narrowed page by page from the end already read; all
+        // pages at the first one's revision, as in `scan_prefix`.
+        let mut lower = self.key(page.prefix);
+        let end = prefix_end(&lower);
+        let mut upper = (end != [0]).then_some(end);
+        match (page.order, page.from) {
+            (Order::Ascending, Some(from)) => {
+                // The first key after `from`.
+                let mut next = self.key(from);
+                next.push(0);
+                lower = lower.max(next);
+            }
+            (Order::Descending, Some(from)) => {
+                let from = self.key(from);
+                upper = Some(upper.map_or(from.clone(), |end| end.min(from)));
+            }
+            (_, None) => {}
+        }
+        let sort = match page.order {
+            Order::Ascending => etcd_client::SortOrder::Ascend,
+            Order::Descending => etcd_client::SortOrder::Descend,
+        };
+        let strip = self.prefix.len();
+        let mut out = Vec::new();
+        let mut revision = 0;
+        loop {
+            if upper.as_ref().is_some_and(|upper| *upper <= lower) {
+                return Ok(out);
+            }
+            let want = (page.limit - out.len()).min(SCAN_PAGE as usize) as i64;
+            let (k, e) = (lower.clone(), upper.clone().unwrap_or_else(|| vec![0]));
+            let resp = self
+                .pool
+                .call(|c| {
+                    let (k, e) = (k.clone(), e.clone());
+                    let opts = GetOptions::new()
+                        .with_range(e)
+                        .with_limit(want)
+                        .with_revision(revision)
+                        .with_sort(etcd_client::SortTarget::Key, sort);
+                    async move { c.kv_client().get(k, Some(opts)).await }
+                })
+                .await
+                .map_err(read_err)?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                out.push((
+                    String::from_utf8_lossy(&kv.key()[strip..]).into_owned(),
+                    kv.value().to_vec(),
+                ));
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() && out.len() < page.limit => match page.order {
+                    Order::Ascending => {
+                        lower = last.key().to_vec();
+                        lower.push(0);
+                    }
+                    Order::Descending => upper = Some(last.key().to_vec()),
+                },
                 _ => return Ok(out),
             }
         }

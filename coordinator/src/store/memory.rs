@@ -1,6 +1,7 @@
 //! [`MemoryStore`]: the [`Store`] of unit tests. Nothing survives the process.
 
-use super::{Op, Store, StoreError};
+use super::redb::page_range;
+use super::{Op, Order, Page, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -41,6 +42,19 @@ impl Store for MemoryStore {
             .take_while(|(key, _)| key.starts_with(prefix))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect())
+    }
+
+    async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let Some(range) = page_range(&page) else {
+            return Ok(Vec::new());
+        };
+        let map = self.map();
+        let entries = map.range::<String, _>(range);
+        let clone = |(key, value): (&String, &Vec<u8>)| (key.clone(), value.clone());
+        Ok(match page.order {
+            Order::Ascending => entries.take(page.limit).map(clone).collect(),
+            Order::Descending => entries.rev().take(page.limit).map(clone).collect(),
+        })
     }
 
     async fn apply(&self, batch: Vec<Op>) -> Result<(), StoreError> {

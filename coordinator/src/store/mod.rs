@@ -18,6 +18,10 @@
 //!   leaves it absent).
 //! - [`Store::scan_prefix`] returns every key starting with the prefix, sorted
 //!   by key bytes, with its value.
+//! - [`Store::scan_page`] returns at most `page.limit` of those keys, in
+//!   `page.order`, strictly beyond `page.from` when it is given (after it
+//!   ascending, before it descending), whatever `from` is (it need not be
+//!   a key present, nor start with the prefix).
 //! - Calls may be made concurrently from several tasks; each call is
 //!   linearizable with respect to the others.
 
@@ -53,6 +57,25 @@ pub enum StoreError {
     Fenced,
 }
 
+/// Which way [`Store::scan_page`] walks the keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Ascending,
+    Descending,
+}
+
+/// One page of a prefix scan: what [`Store::scan_page`] returns.
+#[derive(Clone, Copy, Debug)]
+pub struct Page<'a> {
+    pub prefix: &'a str,
+    /// Exclusive: ascending, only keys after it; descending, only keys
+    /// before it. `None`: from the first (ascending) or last (descending)
+    /// key of the prefix.
+    pub from: Option<&'a str>,
+    pub limit: usize,
+    pub order: Order,
+}
+
 /// An ordered key-value store; see the module docs for the contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -60,6 +83,10 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every `(key, value)` whose key starts with `prefix`, sorted by key.
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// At most `page.limit` `(key, value)`s whose key starts with
+    /// `page.prefix`, in `page.order`, strictly beyond `page.from`: the
+    /// paged queries over an index (`ListRuns`, retention).
+    async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Applies every op of `batch` atomically and durably.
     async fn apply(&self, batch: Vec<Op>) -> Result<(), StoreError>;
 }

@@ -1,13 +1,14 @@
 //! [`RedbStore`]: the standalone coordinator's [`Store`], a redb file and
 //! its write-ahead log under `--data-dir`.
 
-use super::{Op, Store, StoreError};
+use super::{Op, Order, Page, Store, StoreError};
 use ::redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
     TableDefinition, TableError, WriteTransaction,
 };
 use async_trait::async_trait;
 use capstan_wal::Wal;
+use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -200,6 +201,57 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     }
 }
 
+/// The smallest string greater than every string starting with `prefix`;
+/// `None` when there is none (an empty prefix, or one of only
+/// `char::MAX`s). UTF-8 orders strings by their bytes as by their code
+/// points, so the next code point after the prefix's last one bounds it.
+pub(crate) fn str_prefix_end(prefix: &str) -> Option<String> {
+    let mut end = prefix.to_owned();
+    while let Some(last) = end.pop() {
+        let next = match last {
+            // The surrogates are not `char`s.
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(u32::from(c) + 1),
+        };
+        if let Some(next) = next {
+            end.push(next);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The key range of `page` (its order aside): the keys starting with
+/// `page.prefix`, after (ascending) or before (descending) `page.from`.
+/// `None` when the range is empty, or `page.limit` is 0. An ordered map's
+/// `range` over these bounds yields exactly the page's keys, in order.
+pub(crate) fn page_range(page: &Page<'_>) -> Option<(Bound<String>, Bound<String>)> {
+    if page.limit == 0 {
+        return None;
+    }
+    let mut lower = Bound::Included(page.prefix.to_owned());
+    let mut upper = str_prefix_end(page.prefix).map_or(Bound::Unbounded, Bound::Excluded);
+    if let Some(from) = page.from {
+        match page.order {
+            Order::Ascending if from >= page.prefix => lower = Bound::Excluded(from.to_owned()),
+            Order::Ascending => {}
+            Order::Descending => match &upper {
+                Bound::Excluded(end) if end.as_str() <= from => {}
+                _ => upper = Bound::Excluded(from.to_owned()),
+            },
+        }
+    }
+    // Empty unless the upper bound is above the lower one (an ordered
+    // map's `range` panics on some empty ranges).
+    let (Bound::Included(low) | Bound::Excluded(low)) = &lower else {
+        unreachable!("the lower bound is never unbounded")
+    };
+    match &upper {
+        Bound::Excluded(up) if up <= low => None,
+        _ => Some((lower, upper)),
+    }
+}
+
 /// Runs `f` on the blocking pool; a panic or a cancelled task becomes an error.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BoxError> + Send + 'static,
@@ -271,6 +323,39 @@ impl Store for RedbStore {
                     break;
                 }
                 out.push((key.to_owned(), value.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(StoreError::Read)
+    }
+
+    async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let Some((lower, upper)) = page_range(&page) else {
+            return Ok(Vec::new());
+        };
+        let (limit, order) = (page.limit, page.order);
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(STATE) {
+                Ok(table) => table,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            // redb orders `&str` keys by their bytes, as the contract requires.
+            let range = table.range::<&str>((
+                lower.as_ref().map(String::as_str),
+                upper.as_ref().map(String::as_str),
+            ))?;
+            let entries: Box<dyn Iterator<Item = _> + '_> = match order {
+                Order::Ascending => Box::new(range),
+                Order::Descending => Box::new(range.rev()),
+            };
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in entries.take(limit) {
+                let (key, value) = entry?;
+                out.push((key.value().to_owned(), value.value().to_vec()));
             }
             Ok(out)
         })
@@ -350,6 +435,16 @@ mod tests {
         let (_dir, path) = temp_db();
         let store = RedbStore::open(&path).unwrap();
         conformance::run_all(Arc::new(store)).await;
+    }
+
+    #[test]
+    fn str_prefix_end_is_the_next_code_point_after_the_prefix() {
+        assert_eq!(str_prefix_end("runs/").as_deref(), Some("runs0"));
+        assert_eq!(str_prefix_end("runs/é").as_deref(), Some("runs/ê"));
+        assert_eq!(str_prefix_end("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(str_prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(str_prefix_end("\u{10FFFF}\u{10FFFF}"), None);
+        assert_eq!(str_prefix_end(""), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,11 +94,6 @@ impl Effects {
         self.dirty_runs.insert(id.clone());
     }
 
-    /// The run is gone (retention deletes its record itself).
-    pub(super) fn forget_run(&mut self, id: &RunId) {
-        self.dirty_runs.remove(id);
-    }
-
     pub(super) fn touch_runner(&mut self, id: &RunnerId) {
         self.dirty_runners.insert(id.clone());
     }

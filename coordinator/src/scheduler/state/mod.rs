@@ -169,6 +169,9 @@ pub(crate) enum StateError {
         "a runner named `{0}` is already registered: registering it again needs its current credential (its runner.json) or an admin API token; give a new runner another --name"
     )]
     NameTaken(String),
+    /// Reading a finished run from the store failed.
+    #[error("could not read finished runs from the state store ({0}); retry")]
+    History(String),
     #[error("attempt {0} has finished: its log takes no more bytes")]
     AttemptFinished(String),
     /// A per-token quota (`crate::limits::Quota::admits` words it).
@@ -277,6 +280,25 @@ impl SchedulerState {
 
     pub(crate) fn run(&self, id: &RunId) -> Option<&RunRecord> {
         self.runs.get(id)
+    }
+
+    /// Finished with no attempt still active: archived at the next commit,
+    /// then evicted.
+    #[cfg(test)]
+    pub(crate) fn settled(&self, id: &RunId) -> bool {
+        self.runs.settled(id)
+    }
+
+    /// Runs are numbered from `next` on at least: the history's newest run
+    /// is not loaded, yet no new run may share its number.
+    pub(crate) fn number_from(&mut self, next: u64) {
+        self.runs.number_from(next);
+    }
+
+    /// How many runs the state holds (the unfinished, and the settled not
+    /// yet evicted).
+    pub(crate) fn runs_held(&self) -> usize {
+        self.runs.len()
     }
 
     pub(crate) fn runs(&self) -> impl Iterator<Item = &RunRecord> {

@@ -1,17 +1,32 @@
 //! The runs the state holds: their records (with their tasks and attempts),
 //! the idempotency keys they were submitted with, the index from each
 //! attempt to its task, and the next submit sequence number.
+//!
+//! Only runs still going are held: a settled run (finished, no attempt
+//! active) is evicted once the commit that archived it is durable
+//! (`scheduler::history`). Its idempotency key stays a minute more
+//! ([`RECENT_KEYS`]): a repeated submit checks the history before it
+//! reaches the loop, and a run that settled in between is still caught
+//! here.
 
 use super::StateError;
 use crate::model::*;
 use capstan_proto::ids::{AttemptId, RunId, RunnerId};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long an evicted run's idempotency key is still answered from memory.
+pub(super) const RECENT_KEYS: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub(super) struct Runs {
     runs: HashMap<RunId, RunRecord>,
-    /// Idempotency key -> the run submitted with it.
+    /// Idempotency key -> the run submitted with it (held runs, and those
+    /// evicted in the last [`RECENT_KEYS`]).
     keys: HashMap<String, RunId>,
+    /// The keys of evicted runs, oldest first, with when they were evicted.
+    evicted_keys: VecDeque<(Instant, String)>,
     /// Attempt -> (run, task index), for every attempt of every run held.
     attempts: HashMap<AttemptId, (RunId, usize)>,
     /// Per token name (`submitted_by`): its unfinished runs and their
@@ -170,37 +185,45 @@ impl Runs {
         Ok((run.clone(), *i))
     }
 
-    /// Removes up to `max` runs that finished at or before `cutoff_ms` and
-    /// have no attempt still active, with their idempotency keys and attempt
-    /// index entries, and returns them.
-    pub(super) fn expire(&mut self, cutoff_ms: i64, max: usize) -> Vec<RunRecord> {
-        let expired: Vec<RunId> = self
-            .runs
-            .values()
-            .filter(|r| {
-                r.state.is_terminal()
-                    && r.finished_at_ms <= cutoff_ms
-                    && r.tasks
-                        .iter()
-                        .flat_map(|t| &t.attempts)
-                        .all(|a| !a.state.is_active())
-            })
-            .take(max)
-            .map(|r| r.id.clone())
-            .collect();
-        let mut out = Vec::with_capacity(expired.len());
-        for id in expired {
-            let Some(run) = self.runs.remove(&id) else {
-                continue;
-            };
-            if !run.idempotency_key.is_empty() {
-                self.keys.remove(&run.idempotency_key);
+    /// Finished, with no attempt still active (a cancel its runner has not
+    /// confirmed keeps the run going): nothing will change it any more.
+    pub(super) fn settled(&self, id: &RunId) -> bool {
+        self.runs.get(id).is_some_and(RunRecord::is_settled)
+    }
+
+    /// Forgets settled run `id` (archived by a durable commit) and returns
+    /// it; its key is kept for [`RECENT_KEYS`] from `now`.
+    pub(super) fn evict(&mut self, id: &RunId, now: Instant) -> Option<RunRecord> {
+        while let Some((at, _)) = self.evicted_keys.front()
+            && now.duration_since(*at) > RECENT_KEYS
+        {
+            let (_, key) = self.evicted_keys.pop_front().expect("front exists");
+            if self
+                .keys
+                .get(&key)
+                .is_some_and(|r| !self.runs.contains_key(r))
+            {
+                self.keys.remove(&key);
             }
-            for a in run.tasks.iter().flat_map(|t| &t.attempts) {
-                self.attempts.remove(&a.id);
-            }
-            out.push(run);
         }
-        out
+        let run = self.runs.remove(id)?;
+        if !run.idempotency_key.is_empty() {
+            self.evicted_keys
+                .push_back((now, run.idempotency_key.clone()));
+        }
+        for a in run.tasks.iter().flat_map(|t| &t.attempts) {
+            self.attempts.remove(&a.id);
+        }
+        Some(run)
+    }
+
+    /// Runs are numbered from `next` on at least (the history's newest is
+    /// `next - 1`).
+    pub(super) fn number_from(&mut self, next: u64) {
+        self.next_seq = self.next_seq.max(next);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.runs.len()
     }
 }

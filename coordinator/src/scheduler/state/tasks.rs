@@ -379,18 +379,27 @@ impl SchedulerState {
         }
     }
 
-    /// Retention: forgets up to `max` runs that finished at or before
-    /// `cutoff_ms` and have no attempt still active (a cancel not yet
-    /// confirmed by its runner keeps the run): their records, idempotency
-    /// keys and attempt index entries. Returns them, so the caller deletes
-    /// their stored records and logs.
-    pub(crate) fn expire_runs(&mut self, cutoff_ms: i64, max: usize) -> Vec<RunRecord> {
-        let out = self.runs.expire(cutoff_ms, max);
-        for run in &out {
+    /// Evicts those of `ids` that are settled (their archive is durable):
+    /// their records, attempt index entries and offer clocks. Returns them.
+    pub(crate) fn evict_settled<'a>(
+        &mut self,
+        ids: impl IntoIterator<Item = &'a RunId>,
+        now: Instant,
+    ) -> Vec<RunRecord> {
+        let settled: Vec<RunId> = ids
+            .into_iter()
+            .filter(|id| self.runs.settled(id))
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(settled.len());
+        for id in settled {
+            let Some(run) = self.runs.evict(&id, now) else {
+                continue;
+            };
             for a in run.tasks.iter().flat_map(|t| &t.attempts) {
                 self.clocks.forget(&a.id);
             }
-            self.fx.forget_run(&run.id);
+            out.push(run);
         }
         out
     }

@@ -1,0 +1,247 @@
+//! Finished runs, in the store and out of the scheduler's memory (issue
+//! 28): the scheduler holds only the runs still going, so its memory and a
+//! new leader's load do not grow with history.
+//!
+//! A run leaves memory once it is *settled*: finished, with no attempt
+//! still active (a cancel its runner has not confirmed keeps it). The
+//! commit that settles it writes [`archive`]'s ops instead of its live
+//! record (`runs/<id>`), and the loop then forgets it. Reads of a run the
+//! loop does not hold come here ([`History`]); so does the finished part
+//! of a `ListRuns` page. Retention (`retention`) deletes from here, off
+//! the loop. Key layout: [`keys`].
+
+pub(crate) mod keys;
+pub(crate) mod retention;
+
+use super::listing::RunQuery;
+use crate::model::{RunRecord, run_key};
+use crate::seal::Sealer;
+use crate::store::{Op, Order, Page, Store, StoreError};
+use capstan_proto::ids::{AttemptId, RunId};
+use keys::{Index, Summary};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Runs archived per store batch when a leadership starts.
+const ARCHIVE_CHUNK: usize = 200;
+
+/// Index entries read per store call while looking for a page's matches.
+const SCAN_CHUNK: usize = 256;
+
+/// The ops that move settled `run` from the live records to the history,
+/// in an order a crash may cut anywhere (etcd splits a big batch): the
+/// index entries, then the record, then the live record's delete. Cut
+/// before the delete, the run is still live and a later commit (or the
+/// next leader's load) archives it again; no reader ever misses it.
+pub(crate) fn archive(run: &RunRecord, sealer: &Sealer) -> Vec<Op> {
+    let summary = Summary::of(run);
+    let value = serde_json::to_vec(&summary).expect("summaries serialize");
+    let mut ops: Vec<Op> = Index::of(&summary)
+        .iter()
+        .map(|i| Op::Put {
+            key: i.key(run.seq),
+            value: value.clone(),
+        })
+        .collect();
+    for a in run.tasks.iter().flat_map(|t| &t.attempts) {
+        ops.push(Op::Put {
+            key: keys::attempt(&a.id),
+            value: run.id.to_string().into_bytes(),
+        });
+    }
+    if !run.idempotency_key.is_empty() {
+        ops.push(Op::Put {
+            key: keys::idempotency(&run.idempotency_key),
+            value: run.id.to_string().into_bytes(),
+        });
+    }
+    ops.push(Op::Put {
+        key: keys::record(&run.id),
+        value: super::stored::encode(run, sealer),
+    });
+    ops.push(Op::Put {
+        key: keys::finished_at(run.finished_at_ms, run.seq),
+        value: run.id.to_string().into_bytes(),
+    });
+    ops.push(Op::Delete {
+        key: run_key(&run.id),
+    });
+    ops
+}
+
+/// The ops that delete archived `run` (retention), in an order a crash may
+/// cut anywhere: its `done/at` entry, which is how retention finds it,
+/// goes last, so a cut pass is finished by the next one.
+pub(crate) fn forget(run: &RunRecord) -> Vec<Op> {
+    let summary = Summary::of(run);
+    let mut ops: Vec<Op> = Index::of(&summary)
+        .iter()
+        .map(|i| Op::Delete {
+            key: i.key(run.seq),
+        })
+        .collect();
+    ops.extend(
+        run.tasks
+            .iter()
+            .flat_map(|t| &t.attempts)
+            .map(|a| Op::Delete {
+                key: keys::attempt(&a.id),
+            }),
+    );
+    if !run.idempotency_key.is_empty() {
+        ops.push(Op::Delete {
+            key: keys::idempotency(&run.idempotency_key),
+        });
+    }
+    ops.push(Op::Delete {
+        key: keys::record(&run.id),
+    });
+    ops.push(Op::Delete {
+        key: keys::finished_at(run.finished_at_ms, run.seq),
+    });
+    ops
+}
+
+/// Reads of the finished runs. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct History {
+    store: Arc<dyn Store>,
+    sealer: Sealer,
+}
+
+impl History {
+    pub(crate) fn new(store: Arc<dyn Store>, sealer: Sealer) -> Self {
+        Self { store, sealer }
+    }
+
+    /// The finished run `id`, if the history holds it.
+    pub(crate) async fn get(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError> {
+        let Some(bytes) = self.store.get(&keys::record(id)).await? else {
+            return Ok(None);
+        };
+        self.decode(&keys::record(id), &bytes).map(Some)
+    }
+
+    /// The finished run an earlier submit with idempotency key `key` made.
+    pub(crate) async fn by_key(&self, key: &str) -> Result<Option<RunId>, StoreError> {
+        let found = self.store.get(&keys::idempotency(key)).await?;
+        Ok(found.map(|v| RunId::from_string(String::from_utf8_lossy(&v).into_owned())))
+    }
+
+    /// The number after the newest finished run's (0: none).
+    pub(crate) async fn next_seq(&self) -> Result<u64, StoreError> {
+        let all = Index::all();
+        let newest = self
+            .store
+            .scan_page(Page {
+                prefix: &all.0,
+                from: None,
+                limit: 1,
+                order: Order::Ascending,
+            })
+            .await?;
+        Ok(newest
+            .first()
+            .and_then(|(k, _)| all.seq_of(k))
+            .map_or(0, |s| s + 1))
+    }
+
+    /// Archives `settled` runs found among the live records (a store
+    /// written before finished runs left memory, or an archive cut by a
+    /// crash), a bounded batch at a time.
+    pub(crate) async fn archive_found(&self, settled: &[RunRecord]) -> Result<(), StoreError> {
+        for chunk in settled.chunks(ARCHIVE_CHUNK) {
+            let batch = chunk
+                .iter()
+                .flat_map(|r| archive(r, &self.sealer))
+                .collect();
+            self.store.apply(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Every attempt of every finished run (the orphan-log sweep).
+    pub(crate) async fn attempts(&self) -> Result<HashSet<AttemptId>, StoreError> {
+        let listed = self.store.scan_prefix(keys::ATTEMPTS).await?;
+        Ok(listed
+            .into_iter()
+            .map(|(k, _)| AttemptId::from_string(k[keys::ATTEMPTS.len()..].to_owned()))
+            .collect())
+    }
+
+    /// The newest `q.limit + 1` finished runs that match `q` (one more
+    /// than a page tells whether a next page exists), newest first.
+    pub(crate) async fn page(&self, q: &RunQuery) -> Result<Vec<RunRecord>, StoreError> {
+        let Some(index) = index_for(q) else {
+            return Ok(Vec::new());
+        };
+        let want = q.limit + 1;
+        let mut found: Vec<Summary> = Vec::new();
+        let mut from = q.before_seq.map(|s| index.key(s));
+        loop {
+            let chunk = self
+                .store
+                .scan_page(Page {
+                    prefix: &index.0,
+                    from: from.as_deref(),
+                    limit: SCAN_CHUNK,
+                    // Newest first (the keys are inverted).
+                    order: Order::Ascending,
+                })
+                .await?;
+            for (key, value) in &chunk {
+                match serde_json::from_slice::<Summary>(value) {
+                    Ok(s) if q.matches_summary(&s) => found.push(s),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(%key, error = %e, "skipping an unreadable index entry")
+                    }
+                }
+                if found.len() == want {
+                    break;
+                }
+            }
+            if found.len() == want || chunk.len() < SCAN_CHUNK {
+                break;
+            }
+            from = chunk.last().map(|(k, _)| k.clone());
+        }
+        self.records(&found).await
+    }
+
+    /// The records of `found`, in its order; one an index names but the
+    /// store no longer holds (deleted meanwhile) is left out.
+    async fn records(&self, found: &[Summary]) -> Result<Vec<RunRecord>, StoreError> {
+        let reads = found.iter().map(|s| self.get(&s.id));
+        let got = futures::future::try_join_all(reads).await?;
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    fn decode(&self, key: &str, bytes: &[u8]) -> Result<RunRecord, StoreError> {
+        super::stored::decode(bytes, &self.sealer).map_err(|e| {
+            StoreError::Read(format!("the record at {key} does not decode: {e}").into())
+        })
+    }
+}
+
+/// The most selective index for `q`, or `None` when no finished run can
+/// match (a filter on a state that is never finished).
+fn index_for(q: &RunQuery) -> Option<Index> {
+    if q.state.is_some_and(|s| !s.is_terminal()) {
+        return None;
+    }
+    Some(if let Some(p) = &q.pipeline {
+        Index::pipeline(p)
+    } else if let Some(by) = &q.submitted_by {
+        Index::submitted_by(by)
+    } else if let Some(repo) = &q.repo {
+        Index::repo(&capstan_proto::redact::redact_url(repo))
+    } else if let Some(s) = q.state {
+        Index::state(s)
+    } else {
+        Index::all()
+    })
+}
+
+#[cfg(test)]
+mod tests;
