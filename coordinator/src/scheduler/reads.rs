@@ -133,10 +133,11 @@ impl SchedulerHandle {
         .await
     }
 
-    /// Approves or rejects a task at its gate. On a finished run only the
-    /// same decision again (a client's retry) is answered, with the run.
+    /// Approves or rejects a task at its gate; a finished run's gate is
+    /// judged as the loop would (a repeat of its decision is answered with
+    /// the run, anything else says why not).
     pub(crate) async fn decide(&self, id: RunId, d: state::Decide) -> Answer<api::Run> {
-        let (task, approve, by) = (d.task.clone(), d.approve, d.by.clone());
+        let asked_for = d.clone();
         let asked = self
             .ask(|reply| Command::DecideApproval {
                 id: id.clone(),
@@ -145,19 +146,7 @@ impl SchedulerHandle {
             })
             .await;
         or_history(&self.history, &id, asked, |run| {
-            let t = run.tasks.iter().find(|t| t.name == task).ok_or_else(|| {
-                StateError::UnknownTask {
-                    run: id.to_string(),
-                    task: task.clone(),
-                }
-            })?;
-            let decided = t.approval.as_ref().and_then(|a| a.decision.as_ref());
-            match decided {
-                Some(done) if done.approved == approve && done.by == by => Ok(view::run(&run)),
-                _ => Err(StateError::NotAtGate(format!(
-                    "run `{id}` has finished: task `{task}` is not waiting at a gate"
-                ))),
-            }
+            state::decidable(&run, &asked_for).map(|_| view::run(&run))
         })
         .await
     }

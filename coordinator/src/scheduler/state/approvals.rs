@@ -38,7 +38,7 @@ pub(super) fn gate(t: &mut TaskRecord, now_ms: i64) -> Option<i64> {
 }
 
 /// A decision on a gate (it travels to the scheduler in a command).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Decide {
     pub(crate) task: String,
     pub(crate) approve: bool,
@@ -63,64 +63,10 @@ impl SchedulerState {
             .runs
             .get_mut(run_id)
             .ok_or_else(|| StateError::UnknownRun(run_id.to_string()))?;
-        let unknown = || StateError::UnknownTask {
-            run: run_id.to_string(),
-            task: d.task.clone(),
+        let Some(i) = decidable(run, d)? else {
+            return Ok(());
         };
-        let i = run
-            .tasks
-            .iter()
-            .position(|t| t.name == d.task)
-            .ok_or_else(unknown)?;
-        let t = &mut run.tasks[i];
-        let waiting = t.state == StoredTaskState::Waiting;
-        let Some(a) = t.approval.as_mut() else {
-            return Err(StateError::NotAtGate(format!(
-                "task `{}` has no `approval:` gate",
-                d.task
-            )));
-        };
-        if let Some(done) = &a.decision {
-            // The same decision again (a client retrying a call whose answer
-            // was lost with a leader) is what was asked.
-            if done.approved == d.approve && done.by == d.by {
-                return Ok(());
-            }
-            let verb = if done.approved {
-                "approved"
-            } else {
-                "rejected"
-            };
-            return Err(StateError::NotAtGate(format!(
-                "task `{}` was already {verb} by {}",
-                d.task, done.by
-            )));
-        }
-        if a.asked_at_ms == 0 || !waiting {
-            let why = if waiting {
-                "it waits for the tasks it needs (see `capstan status`)"
-            } else {
-                "it has ended"
-            };
-            return Err(StateError::NotAtGate(format!(
-                "task `{}` is not at its approval gate: {why}",
-                d.task
-            )));
-        }
-        // Each scope includes the ones before it (`crate::tokens::Scope`).
-        const SCOPES: [&str; 3] = ["read", "submit", "admin"];
-        let rank = |s: &str| SCOPES.iter().position(|x| *x == s);
-        let least = a.by.iter().filter_map(|s| rank(s)).min().unwrap_or(2);
-        if rank(&d.scope).is_none_or(|r| r < least) {
-            return Err(StateError::MayNotDecide {
-                task: d.task.clone(),
-                allowed: match least {
-                    2 => "admin".to_owned(),
-                    _ => format!("{} or above", SCOPES[least]),
-                },
-                scope: d.scope.clone(),
-            });
-        }
+        let a = run.tasks[i].approval.as_mut().expect("checked: a gate");
         let now = now_ms();
         a.decision = Some(Decision {
             approved: d.approve,
@@ -194,6 +140,71 @@ impl SchedulerState {
         }
         self.fx.touch_run(run_id);
     }
+}
+
+/// Whether `d` may be applied to `run`: `Some(i)`, the gate's task index;
+/// `None`, a repeat of the decision already recorded (a client retrying a
+/// call whose answer was lost with a leader: what was asked is done);
+/// else why not. Pure: the decision of a finished run, read from the
+/// history, is judged by it too.
+pub(crate) fn decidable(run: &RunRecord, d: &Decide) -> Result<Option<usize>, StateError> {
+    let unknown = || StateError::UnknownTask {
+        run: run.id.to_string(),
+        task: d.task.clone(),
+    };
+    let i = run
+        .tasks
+        .iter()
+        .position(|t| t.name == d.task)
+        .ok_or_else(unknown)?;
+    let t = &run.tasks[i];
+    let waiting = t.state == StoredTaskState::Waiting;
+    let Some(a) = t.approval.as_ref() else {
+        return Err(StateError::NotAtGate(format!(
+            "task `{}` has no `approval:` gate",
+            d.task
+        )));
+    };
+    if let Some(done) = &a.decision {
+        if done.approved == d.approve && done.by == d.by {
+            return Ok(None);
+        }
+        let verb = if done.approved {
+            "approved"
+        } else {
+            "rejected"
+        };
+        return Err(StateError::NotAtGate(format!(
+            "task `{}` was already {verb} by {}",
+            d.task, done.by
+        )));
+    }
+    if a.asked_at_ms == 0 || !waiting {
+        let why = if waiting {
+            "it waits for the tasks it needs (see `capstan status`)"
+        } else {
+            "it has ended"
+        };
+        return Err(StateError::NotAtGate(format!(
+            "task `{}` is not at its approval gate: {why}",
+            d.task
+        )));
+    }
+    // Each scope includes the ones before it (`crate::tokens::Scope`).
+    const SCOPES: [&str; 3] = ["read", "submit", "admin"];
+    let rank = |s: &str| SCOPES.iter().position(|x| *x == s);
+    let least = a.by.iter().filter_map(|s| rank(s)).min().unwrap_or(2);
+    if rank(&d.scope).is_none_or(|r| r < least) {
+        return Err(StateError::MayNotDecide {
+            task: d.task.clone(),
+            allowed: match least {
+                2 => "admin".to_owned(),
+                _ => format!("{} or above", SCOPES[least]),
+            },
+            scope: d.scope.clone(),
+        });
+    }
+    Ok(Some(i))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@
 //! - `demand`: a read of queued and running tasks and runners, for autoscalers.
 
 mod approvals;
-pub(crate) use approvals::Decide;
+pub(crate) use approvals::{Decide, decidable};
 mod backoff;
 mod clocks;
 mod conditions;
