@@ -87,7 +87,7 @@ async fn a_restart_with_many_finished_runs_holds_only_the_unfinished() -> anyhow
         );
         finished.push(c.submit(&yaml).await?);
     }
-    let parked_ids = vec![
+    let parked_ids = [
         c.submit(&parked("parked")).await?,
         c.submit(&parked("parked")).await?,
     ];

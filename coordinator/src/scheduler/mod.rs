@@ -187,7 +187,7 @@ impl Scheduler {
         // Off the loop, and gone with it (an abort of this future included).
         let _retention = self.state.timing().retention.map(|retention| {
             let task = history::retention::Retention {
-                store: Arc::clone(&self.store),
+                history: self.history.clone(),
                 logs: Arc::clone(&self.logs),
                 metrics: Arc::clone(&self.metrics),
                 retention,

@@ -44,7 +44,7 @@ impl SchedulerHandle {
                 reply,
             })
             .await;
-        or_history(&self.history, &id, asked, |run| Ok(view::run(&run))).await
+        or_history(&self.history, &id, asked, |run| Ok(view::run(run))).await
     }
 
     /// A page of runs and the next page's cursor: the loop's newest
@@ -83,7 +83,7 @@ impl SchedulerHandle {
             })
             .await;
         or_history(&self.history, &id, asked, |run| {
-            Ok(watch::channel(view::run(&run)).1)
+            Ok(watch::channel(view::run(run)).1)
         })
         .await
     }
@@ -103,7 +103,7 @@ impl SchedulerHandle {
             })
             .await;
         or_history(&self.history, &id, asked, |run| {
-            attempt_infos(&run, task.as_deref())
+            attempt_infos(run, task.as_deref())
         })
         .await
     }
@@ -128,7 +128,7 @@ impl SchedulerHandle {
                     submitted_by: run.submitted_by.clone(),
                 });
             }
-            Ok(view::run(&run))
+            Ok(view::run(run))
         })
         .await
     }
@@ -146,7 +146,7 @@ impl SchedulerHandle {
             })
             .await;
         or_history(&self.history, &id, asked, |run| {
-            state::decidable(&run, &asked_for).map(|_| view::run(&run))
+            state::decidable(run, &asked_for).map(|_| view::run(run))
         })
         .await
     }
@@ -158,11 +158,11 @@ async fn or_history<T>(
     history: &History,
     id: &RunId,
     asked: Answer<T>,
-    f: impl FnOnce(RunRecord) -> Result<T, StateError>,
+    f: impl FnOnce(&RunRecord) -> Result<T, StateError>,
 ) -> Answer<T> {
     match asked? {
         Err(StateError::UnknownRun(_)) => Ok(match history.get(id).await {
-            Ok(Some(run)) => f(run),
+            Ok(Some(run)) => f(&run),
             Ok(None) => Err(StateError::UnknownRun(id.to_string())),
             Err(e) => Err(StateError::History(e.to_string())),
         }),

@@ -19,8 +19,10 @@ use crate::seal::Sealer;
 use crate::store::{Op, Order, Page, Store, StoreError};
 use capstan_proto::ids::{AttemptId, RunId};
 use keys::{Index, Summary};
+use lru::LruCache;
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 
 /// Runs archived per store batch when a leadership starts.
 const ARCHIVE_CHUNK: usize = 200;
@@ -102,24 +104,54 @@ pub(crate) fn forget(run: &RunRecord) -> Vec<Op> {
     ops
 }
 
-/// Reads of the finished runs. Cheap to clone.
+/// Reads of the finished runs. Cheap to clone (clones share the cache).
 #[derive(Clone)]
 pub(crate) struct History {
     store: Arc<dyn Store>,
     sealer: Sealer,
+    /// Records read lately. An archived record never changes, so a cached
+    /// one is never stale; retention drops what it deletes.
+    cache: Arc<Mutex<LruCache<RunId, Arc<RunRecord>>>>,
 }
+
+/// Finished runs kept decoded: the pages a dashboard's live lists ask for
+/// every two seconds, and more (a few MB at most).
+const CACHED_RUNS: usize = 1024;
 
 impl History {
     pub(crate) fn new(store: Arc<dyn Store>, sealer: Sealer) -> Self {
-        Self { store, sealer }
+        let size = NonZeroUsize::new(CACHED_RUNS).expect("not zero");
+        Self {
+            store,
+            sealer,
+            cache: Arc::new(Mutex::new(LruCache::new(size))),
+        }
     }
 
     /// The finished run `id`, if the history holds it.
-    pub(crate) async fn get(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError> {
+    pub(crate) async fn get(&self, id: &RunId) -> Result<Option<Arc<RunRecord>>, StoreError> {
+        if let Some(run) = self.cache().get(id) {
+            return Ok(Some(Arc::clone(run)));
+        }
         let Some(bytes) = self.store.get(&keys::record(id)).await? else {
             return Ok(None);
         };
-        self.decode(&keys::record(id), &bytes).map(Some)
+        let run = Arc::new(self.decode(&keys::record(id), &bytes)?);
+        self.cache().put(id.clone(), Arc::clone(&run));
+        Ok(Some(run))
+    }
+
+    /// Retention deleted these runs.
+    pub(crate) fn forgotten<'a>(&self, ids: impl IntoIterator<Item = &'a RunId>) {
+        let mut cache = self.cache();
+        for id in ids {
+            cache.pop(id);
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<RunId, Arc<RunRecord>>> {
+        // Nothing panics while holding it; a poisoned cache is still whole.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The finished run an earlier submit with idempotency key `key` made.
@@ -214,7 +246,11 @@ impl History {
     async fn records(&self, found: &[Summary]) -> Result<Vec<RunRecord>, StoreError> {
         let reads = found.iter().map(|s| self.get(&s.id));
         let got = futures::future::try_join_all(reads).await?;
-        Ok(got.into_iter().flatten().collect())
+        Ok(got
+            .into_iter()
+            .flatten()
+            .map(Arc::unwrap_or_clone)
+            .collect())
     }
 
     fn decode(&self, key: &str, bytes: &[u8]) -> Result<RunRecord, StoreError> {

@@ -12,7 +12,7 @@ use super::keys;
 use crate::logs::LogStore;
 use crate::metrics::Metrics;
 use crate::model::{RunRecord, now_ms};
-use crate::store::{Op, Order, Page, Store, StoreError};
+use crate::store::{Op, Order, Page, StoreError};
 use capstan_proto::ids::{AttemptId, RunId};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,8 @@ fn check_every(retention: Duration) -> Duration {
 
 /// The retention task of one leadership.
 pub(crate) struct Retention {
-    pub(crate) store: Arc<dyn Store>,
+    /// Its store is where the runs are deleted; its cache forgets them.
+    pub(crate) history: super::History,
     pub(crate) logs: Arc<dyn LogStore>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) retention: Duration,
@@ -66,6 +67,7 @@ impl Retention {
         let ms = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = now_ms().saturating_sub(ms);
         let oldest = self
+            .history
             .store
             .scan_page(Page {
                 prefix: keys::AT,
@@ -86,7 +88,8 @@ impl Retention {
             return Ok(false);
         }
         let (batch, runs) = self.deletes(&due).await?;
-        self.store.apply(batch).await?;
+        self.history.store.apply(batch).await?;
+        self.history.forgotten(due.iter().map(|(_, id)| id));
         self.metrics.runs_deleted.inc_by(due.len() as u64);
         let took = started.elapsed();
         self.metrics
@@ -115,7 +118,7 @@ impl Retention {
         due: &[(String, RunId)],
     ) -> Result<(Vec<Op>, Vec<RunRecord>), StoreError> {
         let records: Vec<String> = due.iter().map(|(_, id)| keys::record(id)).collect();
-        let reads = records.iter().map(|k| self.store.get(k));
+        let reads = records.iter().map(|k| self.history.store.get(k));
         let got = futures::future::try_join_all(reads).await?;
         let mut batch = Vec::new();
         let mut runs = Vec::new();

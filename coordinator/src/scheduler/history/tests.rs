@@ -250,7 +250,7 @@ async fn retention_deletes_every_key_of_an_expired_run_and_keeps_the_rest() {
     let before = store.scan_prefix("done/").await.unwrap();
     assert!(before.len() >= 8, "{before:?}");
     let retention = Retention {
-        store: Arc::clone(&store),
+        history: History::new(Arc::clone(&store), Sealer::from_key(&[1; 32])),
         logs: Arc::new(crate::logs::memory::MemoryLogStore::new()),
         metrics: Arc::clone(&l.metrics),
         retention: std::time::Duration::from_secs(3600),
