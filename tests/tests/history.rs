@@ -13,7 +13,12 @@ use std::time::{Duration, Instant};
 const FINISHED: usize = 40;
 
 fn held(c: &TestCluster) -> anyhow::Result<f64> {
-    let (_, body) = c.http_get("/metrics")?;
+    held_on(c, 0)
+}
+
+/// `capstan_runs_held` of replica `i`.
+fn held_on(c: &TestCluster, i: usize) -> anyhow::Result<f64> {
+    let (_, body) = c.http_get_replica(i, "/metrics")?;
     let samples = capstan_tests::metrics::samples(&body);
     samples
         .get("capstan_runs_held")
@@ -21,10 +26,10 @@ fn held(c: &TestCluster) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow::anyhow!("no capstan_runs_held in\n{body}"))
 }
 
-async fn wait_held(c: &TestCluster, want: f64) -> anyhow::Result<()> {
+async fn wait_held(c: &TestCluster, i: usize, want: f64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = held(c)?;
+        let now = held_on(c, i)?;
         if now == want {
             return Ok(());
         }
@@ -95,7 +100,7 @@ async fn a_restart_with_many_finished_runs_holds_only_the_unfinished() -> anyhow
         let run = c.wait_done(id, Duration::from_secs(60)).await?;
         assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
     }
-    wait_held(&c, 2.0).await?;
+    wait_held(&c, 0, 2.0).await?;
 
     c.kill_replica(0);
     c.start_replica(0).await?;
@@ -201,5 +206,54 @@ async fn a_restart_with_many_finished_runs_holds_only_the_unfinished() -> anyhow
         c.get_run(&finished[0]).await?.state,
         RunState::Succeeded as i32
     );
+    Ok(())
+}
+
+/// On etcd: a new leader loads only the unfinished runs, and reads the
+/// finished ones, their logs and pages of them, from etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_on_etcd_reads_the_finished_runs_it_did_not_load() -> anyhow::Result<()> {
+    let mut c = TestCluster::builder()
+        .replicas(3)
+        .etcd()
+        .runners(1)
+        .capacity(4)
+        .start()
+        .await?;
+    let (old, _) = c.wait_leader(Duration::from_secs(15)).await?;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let yaml = format!(
+            "version: 1\nname: etcd-history\ntasks:\n  t:\n    steps: [ {{ run: 'echo from-etcd-{i}' }} ]\n"
+        );
+        ids.push(c.submit(&yaml).await?);
+    }
+    for id in &ids {
+        let run = c.wait_done(id, Duration::from_secs(60)).await?;
+        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
+    }
+    ids.push(c.submit(&parked("parked")).await?);
+    wait_held(&c, old, 1.0).await?;
+
+    c.kill_replica(old);
+    let (new, _) = c
+        .wait_new_leader(Some(old), Duration::from_secs(20))
+        .await?;
+    wait_held(&c, new, 1.0).await?;
+    let log = String::from_utf8(c.task_log(&ids[3], "t").await?)?;
+    assert!(log.contains("from-etcd-3\n"), "{log}");
+    let all = list_all(
+        &c,
+        ListRunsRequest {
+            limit: 2,
+            pipeline: "etcd-history".into(),
+            ..Default::default()
+        },
+        &mut Vec::new(),
+    )
+    .await?;
+    let mut newest_first: Vec<String> = ids[..6].to_vec();
+    newest_first.reverse();
+    assert_eq!(all, newest_first);
     Ok(())
 }

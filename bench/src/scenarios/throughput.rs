@@ -18,9 +18,7 @@
 use super::{Ctx, Figures, cores};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::procs::{Coordinator, proc_stat};
-use capstan_client::AuthChannel;
 use capstan_proto::api::v1 as api;
-use capstan_proto::api::v1::pipeline_service_client::PipelineServiceClient;
 use capstan_proto::pipeline::v1::RunState;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
@@ -225,7 +223,11 @@ pub(crate) async fn submit_all(coord: &Coordinator, n: usize) -> anyhow::Result<
     Ok(())
 }
 
-/// Waits until the fleet got `n` offers and ListRuns shows `n` succeeded runs.
+/// Waits until the fleet got `n` offers and the coordinator counts `n`
+/// succeeded runs (`capstan_runs_finished_total`, counted once a run's end
+/// is durable). Polled on `/metrics`, not by listing the runs: a listing of
+/// every finished run reads them back from the store, and every 5 ms that
+/// was most of what the coordinator did during the drain.
 pub(crate) async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while fleet.offers() < n as u64 {
@@ -234,10 +236,9 @@ pub(crate) async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> an
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let mut client = coord.client().await?;
     loop {
-        let done = count_succeeded(&mut client, n).await?;
-        if done >= n {
+        let done = succeeded(coord)?;
+        if done >= n as f64 {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -247,28 +248,13 @@ pub(crate) async fn wait_all(coord: &Coordinator, fleet: &Fleet, n: usize) -> an
     }
 }
 
-/// How many runs succeeded, up to `n`: ListRuns pages (at most 1000 a page)
-/// of succeeded runs, counted.
-async fn count_succeeded(
-    client: &mut PipelineServiceClient<AuthChannel>,
-    n: usize,
-) -> anyhow::Result<usize> {
-    let mut count = 0;
-    let mut cursor = String::new();
-    loop {
-        let page = client
-            .list_runs(api::ListRunsRequest {
-                state: RunState::Succeeded as i32,
-                limit: 1000,
-                cursor,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        count += page.runs.len();
-        if count >= n || page.next_cursor.is_empty() {
-            return Ok(count);
-        }
-        cursor = page.next_cursor;
-    }
+/// The coordinator's count of succeeded runs.
+fn succeeded(coord: &Coordinator) -> anyhow::Result<f64> {
+    let (status, body) = coord.http_get("/metrics")?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    let samples = capstan_tests::metrics::samples(&body);
+    Ok(samples
+        .get("capstan_runs_finished_total{outcome=\"succeeded\"}")
+        .copied()
+        .unwrap_or(0.0))
 }

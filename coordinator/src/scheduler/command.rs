@@ -127,6 +127,9 @@ pub(crate) enum Command {
     /// The log store's attempts, listed at the start of the leadership:
     /// those no run names any more are deleted (see `orphan_logs`).
     OrphanLogs(Vec<AttemptId>),
+    /// These settled runs are in the history now (`history::archiver`):
+    /// the loop lets them go.
+    Archived(Vec<RunId>),
 }
 
 /// A runner's claim to act for one of its attempts.

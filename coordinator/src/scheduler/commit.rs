@@ -74,10 +74,15 @@ impl Scheduler {
             out.deliver();
         }
         self.observe(&fx);
-        // Archived by the write above: only the history holds them now.
-        let evicted = self.state.evict_settled(fx.dirty_runs(), Instant::now());
-        for run in &evicted {
-            self.watchers.remove(&run.id);
+        // Settled by this (durable) commit: to the archiver, which moves
+        // them into the history; the loop evicts them when it is told.
+        for id in fx.dirty_runs() {
+            if let Some(run) = self.state.run(id)
+                && run.is_settled()
+                && self.archiving.insert(id.clone())
+            {
+                let _ = self.archive.send(run.clone());
+            }
         }
         self.metrics.runs_held.set(self.state.runs_held() as i64);
         Ok(())
@@ -87,16 +92,11 @@ impl Scheduler {
     fn dirty_records(&self, fx: &Effects) -> Vec<Op> {
         let mut batch = Vec::new();
         for id in fx.dirty_runs() {
-            match self.state.run(id) {
-                // Settled: into the history, out of memory after this commit.
-                Some(run) if run.is_settled() => {
-                    batch.extend(super::history::archive(run, &self.sealer));
-                }
-                Some(run) => batch.push(Op::Put {
+            if let Some(run) = self.state.run(id) {
+                batch.push(Op::Put {
                     key: run_key(id),
                     value: super::stored::encode(run, &self.sealer),
-                }),
-                None => {}
+                });
             }
         }
         for id in fx.dirty_runners() {

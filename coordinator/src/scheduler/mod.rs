@@ -123,6 +123,7 @@ pub(crate) async fn start(
         }
     }
     let (tx, rx) = mpsc::unbounded_channel();
+    let (archive, settled) = mpsc::unbounded_channel();
     {
         // Listed off the loop (a big log directory takes a while), judged
         // in it: orphans deleted, the ended runs' logs not yet sealed sealed.
@@ -148,6 +149,10 @@ pub(crate) async fn start(
             sealer,
             run_spans,
             history: history.clone(),
+            archive,
+            archiving: Default::default(),
+            settled: Some(settled),
+            loop_tx: tx.downgrade(),
         },
         SchedulerHandle { tx, history },
     ))
@@ -169,6 +174,15 @@ pub(crate) struct Scheduler {
     run_spans: crate::trace::RunSpans,
     /// The finished runs: the orphan-log sweep asks which attempts they name.
     history: History,
+    /// Settled runs, to the archiver (`history::archiver`).
+    archive: mpsc::UnboundedSender<RunRecord>,
+    /// What the archiver has and has not answered for yet.
+    archiving: std::collections::HashSet<RunId>,
+    /// The archiver's end of `archive`, taken when the loop starts it.
+    settled: Option<mpsc::UnboundedReceiver<RunRecord>>,
+    /// The loop's own channel, for the archiver's answers (weak: the loop
+    /// still ends when every handle is gone).
+    loop_tx: mpsc::WeakUnboundedSender<Command>,
 }
 
 /// How long after its run ended an attempt's log is sealed: a reader that
@@ -184,7 +198,16 @@ impl Scheduler {
     pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(std::time::Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Off the loop, and gone with it (an abort of this future included).
+        // Off the loop, and gone with them (an abort of this future included).
+        let _archiver = self.settled.take().map(|settled| {
+            let archiver = history::archiver::run(
+                self.history.clone(),
+                settled,
+                self.loop_tx.clone(),
+                shutdown.clone(),
+            );
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(archiver))
+        });
         let _retention = self.state.timing().retention.map(|retention| {
             let task = history::retention::Retention {
                 history: self.history.clone(),
@@ -332,11 +355,22 @@ impl Scheduler {
                 self.reply(reply, r);
             }
             Command::OrphanLogs(listed) => self.orphan_logs(listed),
+            Command::Archived(ids) => self.archived(&ids, now),
             Command::Resume { runner, reply } => {
                 let r = self.state.resume(&runner).map(|id| self.runner_view(&id));
                 self.reply(reply, r);
             }
         }
+    }
+
+    /// The archiver moved these settled runs into the history: forget them.
+    fn archived(&mut self, ids: &[RunId], now: Instant) {
+        for id in ids {
+            self.archiving.remove(id);
+            self.watchers.remove(id);
+        }
+        self.state.evict_settled(ids, now);
+        self.metrics.runs_held.set(self.state.runs_held() as i64);
     }
 
     /// Does `ask`'s runner (its secret, and its certificate under mTLS)

@@ -29,6 +29,12 @@ const LOG_ID: &str = "wal_id";
 /// checkpoints, and replays in well under a second at start-up.
 pub(crate) const WAL_CAPACITY: u64 = 8 << 20;
 
+/// redb's page cache. Its default, 1 GiB, filled with the whole file at
+/// every open (the integrity check reads every page), so a restarted
+/// coordinator's RSS grew with its history; the reads that follow are
+/// indexed and small.
+const CACHE_BYTES: usize = 16 << 20;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A [`Store`] on a redb database file and its write-ahead log (the file's
@@ -102,6 +108,7 @@ impl RedbStore {
         // what a file it wrote cannot contain); report that as an open error.
         let db = catch_unwind(AssertUnwindSafe(|| {
             Database::builder()
+                .set_cache_size(CACHE_BYTES)
                 .set_check_integrity_on_open(true)
                 .create(path)
         }))

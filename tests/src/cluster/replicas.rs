@@ -95,6 +95,11 @@ impl TestCluster {
         self.http_get_on(self.replicas[0].http, path)
     }
 
+    /// [`Self::http_get`] on replica `i`'s side port.
+    pub fn http_get_replica(&self, i: usize, path: &str) -> anyhow::Result<(u16, String)> {
+        self.http_get_on(self.replicas[i].http, path)
+    }
+
     /// A plain HTTP/1.0 GET on replica 0's side port with the bearer
     /// `token` (None: no Authorization header): (status, body).
     pub fn http_get_auth(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {

@@ -4,8 +4,9 @@
 //! - `done/runs/<id>`: the record (sealed as `scheduler::stored` stores it);
 //! - `done/seq/<seq>`: every finished run, by submission order;
 //! - `done/pipeline/<hex>/<seq>`, `done/by/<hex>/<seq>`,
-//!   `done/state/<state>/<seq>`, `done/repo/<sha256>/<seq>`: the same, by
-//!   filter (`ListRuns` walks the most selective one);
+//!   `done/state/<state>/<seq>` (not for `succeeded`),
+//!   `done/repo/<sha256>/<seq>` (runs with a repository): the same, by
+//!   filter (`ListRuns` walks the most selective one there is);
 //! - `done/at/<finished ms>/<seq>`: by the time it finished (retention);
 //! - `done/attempts/<attempt>`: its attempts (the orphan-log sweep);
 //! - `done/keys/<sha256>`: its idempotency key, if it had one.
@@ -86,15 +87,24 @@ impl Index {
         Some(u64::MAX - inverted)
     }
 
-    /// Every index a finished run is in.
-    pub(crate) fn of(s: &Summary) -> [Self; 5] {
-        [
+    /// Every index a finished run is in. Each entry is a store write at
+    /// the run's end (the drain benchmark's cost), so an index is kept only
+    /// where walking `all` would be slow: none for the succeeded (most runs:
+    /// a filter on them matches most of `all`), none for a run without a
+    /// repository.
+    pub(crate) fn of(s: &Summary) -> Vec<Self> {
+        let mut of = vec![
             Self::all(),
             Self::pipeline(&s.pipeline),
             Self::submitted_by(&s.submitted_by),
-            Self::state(s.state),
-            Self::repo(&s.repo),
-        ]
+        ];
+        if s.state != StoredRunState::Succeeded {
+            of.push(Self::state(s.state));
+        }
+        if !s.repo.is_empty() {
+            of.push(Self::repo(&s.repo));
+        }
+        of
     }
 }
 

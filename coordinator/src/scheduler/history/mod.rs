@@ -3,18 +3,20 @@
 //! new leader's load do not grow with history.
 //!
 //! A run leaves memory once it is *settled*: finished, with no attempt
-//! still active (a cancel its runner has not confirmed keeps it). The
-//! commit that settles it writes [`archive`]'s ops instead of its live
-//! record (`runs/<id>`), and the loop then forgets it. Reads of a run the
+//! still active (a cancel its runner has not confirmed keeps it). After
+//! the commit that settles it, the `archiver` writes [`archive`]'s ops,
+//! which move it from its live record (`runs/<id>`) into the history, and
+//! the loop then forgets it. Reads of a run the
 //! loop does not hold come here ([`History`]); so does the finished part
 //! of a `ListRuns` page. Retention (`retention`) deletes from here, off
 //! the loop. Key layout: [`keys`].
 
+pub(crate) mod archiver;
 pub(crate) mod keys;
 pub(crate) mod retention;
 
 use super::listing::RunQuery;
-use crate::model::{RunRecord, run_key};
+use crate::model::{RunRecord, StoredRunState, run_key};
 use crate::seal::Sealer;
 use crate::store::{Op, Order, Page, Store, StoreError};
 use capstan_proto::ids::{AttemptId, RunId};
@@ -178,9 +180,10 @@ impl History {
             .map_or(0, |s| s + 1))
     }
 
-    /// Archives `settled` runs found among the live records (a store
-    /// written before finished runs left memory, or an archive cut by a
-    /// crash), a bounded batch at a time.
+    /// Archives `settled` runs (the archiver's, or ones a new leadership
+    /// finds among the live records: a crash before their archive, or a
+    /// store written before finished runs left memory), a bounded batch at
+    /// a time.
     pub(crate) async fn archive_found(&self, settled: &[RunRecord]) -> Result<(), StoreError> {
         for chunk in settled.chunks(ARCHIVE_CHUNK) {
             let batch = chunk
@@ -272,7 +275,7 @@ fn index_for(q: &RunQuery) -> Option<Index> {
         Index::submitted_by(by)
     } else if let Some(repo) = &q.repo {
         Index::repo(&capstan_proto::redact::redact_url(repo))
-    } else if let Some(s) = q.state {
+    } else if let Some(s) = q.state.filter(|s| *s != StoredRunState::Succeeded) {
         Index::state(s)
     } else {
         Index::all()

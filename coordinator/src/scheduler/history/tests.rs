@@ -80,6 +80,17 @@ impl Leader {
     fn held(&self) -> i64 {
         self.metrics.runs_held.get()
     }
+    /// Waits until the loop holds `n` runs (the archiver's answers come
+    /// after its write).
+    async fn wait_held(&self, n: i64) {
+        for _ in 0..500 {
+            if self.held() == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{} runs held, not {n}", self.held());
+    }
     /// Every run `q` lists, page after page of `limit`.
     async fn list_all(&self, mut q: RunQuery) -> Vec<String> {
         let mut ids = Vec::new();
@@ -113,7 +124,7 @@ async fn finished_runs_leave_memory_and_every_read_still_finds_them() {
     for id in &ids[..3] {
         assert_eq!(l.cancel(id).await.state, RunState::Cancelled as i32);
     }
-    assert_eq!(l.held(), 2, "only the unfinished runs are held");
+    l.wait_held(2).await;
     for id in &ids[..3] {
         assert!(
             store.get(&run_key(id)).await.unwrap().is_none(),
@@ -247,6 +258,7 @@ async fn retention_deletes_every_key_of_an_expired_run_and_keeps_the_rest() {
     let gone = l.submit("a", "key-a").await;
     l.cancel(&gone).await;
     let kept = l.submit("b", "key-b").await;
+    l.wait_held(1).await;
     let before = store.scan_prefix("done/").await.unwrap();
     assert!(before.len() >= 8, "{before:?}");
     let retention = Retention {
