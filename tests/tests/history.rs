@@ -57,6 +57,22 @@ async fn list_all(
     }
 }
 
+/// A run submitted with the idempotency key `push-event-7`.
+async fn submit_keyed(c: &TestCluster) -> anyhow::Result<String> {
+    let request = SubmitRunRequest {
+        pipeline_yaml:
+            "version: 1\nname: keyed\ntasks:\n  t:\n    steps: [ { run: 'echo keyed' } ]\n".into(),
+        idempotency_key: "push-event-7".into(),
+        ..Default::default()
+    };
+    Ok(c.client()
+        .await?
+        .submit_run(request)
+        .await?
+        .into_inner()
+        .run_id)
+}
+
 /// A run no runner takes: it stays queued.
 fn parked(name: &str) -> String {
     format!(
@@ -71,19 +87,7 @@ async fn a_restart_with_many_finished_runs_holds_only_the_unfinished() -> anyhow
         .capacity(4)
         .start()
         .await?;
-    let keyed = c
-        .client()
-        .await?
-        .submit_run(SubmitRunRequest {
-            pipeline_yaml:
-                "version: 1\nname: keyed\ntasks:\n  t:\n    steps: [ { run: 'echo keyed' } ]\n"
-                    .into(),
-            idempotency_key: "push-event-7".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .run_id;
+    let keyed = submit_keyed(&c).await?;
     let mut finished = vec![keyed.clone()];
     for i in 1..FINISHED {
         let pipeline = if i % 2 == 0 { "even" } else { "odd" };
@@ -165,19 +169,7 @@ async fn a_restart_with_many_finished_runs_holds_only_the_unfinished() -> anyhow
     assert_eq!(queued.runs.len(), parked_ids.len() + arriving.len());
 
     // A repeat of the finished run's idempotency key names it.
-    let again = c
-        .client()
-        .await?
-        .submit_run(SubmitRunRequest {
-            pipeline_yaml:
-                "version: 1\nname: keyed\ntasks:\n  t:\n    steps: [ { run: 'echo keyed' } ]\n"
-                    .into(),
-            idempotency_key: "push-event-7".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .run_id;
+    let again = submit_keyed(&c).await?;
     assert_eq!(again, keyed);
 
     // The CLI's filtered, paged listing, as JSON.

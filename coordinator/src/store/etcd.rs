@@ -296,44 +296,13 @@ impl Store for EtcdStore {
         // Paged, all pages at the first page's revision: one reply for every
         // run would pass etcd-client's 4 MiB reply limit after a few
         // thousand runs, and a new leader could not load the state.
-        let start = self.key(prefix);
-        let end = prefix_end(&start);
-        let strip = self.prefix.len();
-        let mut out = Vec::new();
-        let mut from = start;
-        let mut revision = 0;
-        loop {
-            let (k, e) = (from.clone(), end.clone());
-            let resp = self
-                .pool
-                .call(|c| {
-                    let (k, e) = (k.clone(), e.clone());
-                    let opts = GetOptions::new()
-                        .with_range(e)
-                        .with_limit(SCAN_PAGE)
-                        .with_revision(revision)
-                        .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
-                    async move { c.kv_client().get(k, Some(opts)).await }
-                })
-                .await
-                .map_err(read_err)?;
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            for kv in resp.kvs() {
-                out.push((
-                    String::from_utf8_lossy(&kv.key()[strip..]).into_owned(),
-                    kv.value().to_vec(),
-                ));
-            }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => return Ok(out),
-            }
-        }
+        self.scan_page(Page {
+            prefix,
+            from: None,
+            limit: usize::MAX,
+            order: Order::Ascending,
+        })
+        .await
     }
 
     async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

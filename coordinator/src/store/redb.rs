@@ -312,29 +312,13 @@ impl Store for RedbStore {
     }
 
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let db = self.db.clone();
-        let prefix = prefix.to_owned();
-        blocking(move || {
-            let txn = db.begin_read()?;
-            let table = match txn.open_table(STATE) {
-                Ok(table) => table,
-                Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
-            };
-            let mut out = Vec::new();
-            // redb orders `&str` keys by their bytes, as the contract requires.
-            for entry in table.range(prefix.as_str()..)? {
-                let (key, value) = entry?;
-                let key = key.value();
-                if !key.starts_with(prefix.as_str()) {
-                    break;
-                }
-                out.push((key.to_owned(), value.value().to_vec()));
-            }
-            Ok(out)
+        self.scan_page(Page {
+            prefix,
+            from: None,
+            limit: usize::MAX,
+            order: Order::Ascending,
         })
         .await
-        .map_err(StoreError::Read)
     }
 
     async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
