@@ -260,6 +260,27 @@ const ROWS: &[Row] = &[
         peer: None,
     },
     Row {
+        what: "leader takeover on etcd, empty store",
+        key: "history_etcd_takeover_s_0",
+        unit: "s",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
+        what: "leader takeover on etcd, 100,000 finished runs (goal: within 10 % of empty)",
+        key: "history_etcd_takeover_s_100k",
+        unit: "s",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
+        what: "coordinator RSS after an etcd takeover, 100,000 finished runs",
+        key: "history_etcd_rss_mb_100k",
+        unit: "MB",
+        goal: Goal::None,
+        peer: None,
+    },
+    Row {
         what: "ListRuns page of 50 with a filter, 100,000 finished runs",
         key: "history_list_page_ms_100k",
         unit: "ms",

@@ -38,10 +38,10 @@ pub(crate) enum Command {
         reply: Reply<api::Run>,
     },
     /// The newest `limit + 1` held runs that match (`reads` merges them
-    /// with the history's).
+    /// with the history's), and the seq the next submitted run gets.
     ListRuns {
         query: super::listing::RunQuery,
-        reply: Reply<Vec<RunRecord>>,
+        reply: Reply<(Vec<RunRecord>, u64)>,
     },
     /// With `owner`, only a run that token submitted may be cancelled.
     CancelRun {

@@ -276,7 +276,8 @@ impl Scheduler {
             }
             Command::ListRuns { query, reply } => {
                 let newest = listing::newest(self.state.runs(), &query);
-                let _ = reply.send(Ok(newest.into_iter().cloned().collect()));
+                let live = newest.into_iter().cloned().collect();
+                let _ = reply.send(Ok((live, self.state.next_seq())));
             }
             Command::CancelRun { id, owner, reply } => {
                 let r = self

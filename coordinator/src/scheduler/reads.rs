@@ -53,7 +53,7 @@ impl SchedulerHandle {
         &self,
         query: RunQuery,
     ) -> Answer<(Vec<api::Run>, Option<String>)> {
-        let live = match self
+        let (live, next_seq) = match self
             .ask(|reply| Command::ListRuns {
                 query: query.clone(),
                 reply,
@@ -65,7 +65,7 @@ impl SchedulerHandle {
         };
         // Read after the loop answered: a run it no longer held then was
         // archived by a commit that is durable by now.
-        let finished = match self.history.page(&query).await {
+        let finished = match self.history.page(&query, next_seq).await {
             Ok(f) => f,
             Err(e) => return Ok(Err(StateError::History(e.to_string()))),
         };

@@ -81,6 +81,32 @@ impl Index {
         format!("{}{}", self.0, seq_text(u64::MAX - seq))
     }
 
+    /// The key of inverted seq `inv` (`u64::MAX - seq`).
+    pub(crate) fn inv_key(&self, inv: u64) -> String {
+        format!("{}{}", self.0, seq_text(inv))
+    }
+
+    /// The window of `10^level` inverted seqs holding `inv`: the prefix
+    /// its keys share (the index's own at level 20), and its first and
+    /// past-the-last inverted seq. etcd counts every key of a range it is
+    /// asked for, whatever the limit, so a page reads windows, not the
+    /// whole rest of the index.
+    pub(crate) fn window(&self, inv: u128, level: u32) -> (String, u128, u128) {
+        if level >= 20 {
+            return (self.0.clone(), 0, 10u128.pow(20));
+        }
+        let width = 10u128.pow(level);
+        let start = inv / width * width;
+        let digits = 20 - level as usize;
+        let prefix = format!("{}{:0digits$}", self.0, inv / width);
+        (prefix, start, start + width)
+    }
+
+    /// The inverted seq of one of this index's keys.
+    pub(crate) fn inv_of(&self, key: &str) -> Option<u64> {
+        key.strip_prefix(self.0.as_str())?.parse().ok()
+    }
+
     /// The `seq` of one of this index's keys.
     pub(crate) fn seq_of(&self, key: &str) -> Option<u64> {
         let inverted: u64 = key.strip_prefix(self.0.as_str())?.parse().ok()?;
@@ -158,6 +184,15 @@ mod tests {
         assert!(all.key(u64::MAX) < all.key(10));
         assert_eq!(all.seq_of(&all.key(12_345)), Some(12_345));
         assert_eq!(all.seq_of(&all.key(0)), Some(0));
+        // A window's prefix holds exactly its keys.
+        let (prefix, start, end) = all.window(123_456, 3);
+        assert_eq!((start, end), (123_000, 124_000));
+        assert!(all.inv_key(123_000).starts_with(&prefix));
+        assert!(all.inv_key(123_999).starts_with(&prefix));
+        assert!(!all.inv_key(124_000).starts_with(&prefix));
+        assert!(!all.inv_key(122_999).starts_with(&prefix));
+        assert_eq!(all.window(5, 20).0, all.0);
+        assert_eq!(all.inv_of(&all.inv_key(77)), Some(77));
         assert!(finished_at(999, 5) < finished_at(1000, 1));
         assert_eq!(finished_at_ms(&finished_at(1234, 7)), Some(1234));
         // `a` is a prefix of `a/b` as text, not as an index.

@@ -29,6 +29,9 @@ use std::sync::{Arc, Mutex};
 /// Runs archived per store batch when a leadership starts.
 const ARCHIVE_CHUNK: usize = 200;
 
+/// The first window a page reads: 10^3 seqs.
+const FIRST_WINDOW_LEVEL: u32 = 3;
+
 /// Index entries read per store call while looking for a page's matches.
 const SCAN_CHUNK: usize = 256;
 
@@ -205,22 +208,40 @@ impl History {
     }
 
     /// The newest `q.limit + 1` finished runs that match `q` (one more
-    /// than a page tells whether a next page exists), newest first.
-    pub(crate) async fn page(&self, q: &RunQuery) -> Result<Vec<RunRecord>, StoreError> {
+    /// than a page tells whether a next page exists), newest first; every
+    /// run numbered so far is below `next_seq`.
+    ///
+    /// The index is read a window of seqs at a time from the newest
+    /// possible key on, each window ten times wider than the last one that
+    /// ran out: a page of a common filter reads one window, a rare one a
+    /// few growing ones, never a range of the whole index at once (etcd
+    /// would count all of it).
+    pub(crate) async fn page(
+        &self,
+        q: &RunQuery,
+        next_seq: u64,
+    ) -> Result<Vec<RunRecord>, StoreError> {
         let Some(index) = index_for(q) else {
+            return Ok(Vec::new());
+        };
+        let bound = q.before_seq.map_or(next_seq, |b| b.min(next_seq));
+        let Some(newest) = bound.checked_sub(1) else {
             return Ok(Vec::new());
         };
         let want = q.limit + 1;
         let mut found: Vec<Summary> = Vec::new();
-        let mut from = q.before_seq.map(|s| index.key(s));
-        loop {
+        // The next inverted seq to read (keys are `u64::MAX - seq`).
+        let mut next = u128::from(u64::MAX - newest);
+        let mut level = FIRST_WINDOW_LEVEL;
+        while found.len() < want && next <= u128::from(u64::MAX) {
+            let (prefix, start, end) = index.window(next, level);
+            let from = (next > start).then(|| index.inv_key((next - 1) as u64));
             let chunk = self
                 .store
                 .scan_page(Page {
-                    prefix: &index.0,
+                    prefix: &prefix,
                     from: from.as_deref(),
                     limit: SCAN_CHUNK,
-                    // Newest first (the keys are inverted).
                     order: Order::Ascending,
                 })
                 .await?;
@@ -236,10 +257,14 @@ impl History {
                     break;
                 }
             }
-            if found.len() == want || chunk.len() < SCAN_CHUNK {
-                break;
+            match chunk.last().and_then(|(k, _)| index.inv_of(k)) {
+                // The window holds more: go on in it.
+                Some(last) if chunk.len() == SCAN_CHUNK => next = u128::from(last) + 1,
+                _ => {
+                    next = end;
+                    level = (level + 1).min(20);
+                }
             }
-            from = chunk.last().map(|(k, _)| k.clone());
         }
         self.records(&found).await
     }

@@ -288,3 +288,57 @@ async fn retention_deletes_every_key_of_an_expired_run_and_keeps_the_rest() {
     assert!(err.to_string().contains("no run"), "{err}");
     assert_eq!(l.get(&kept).await.state, RunState::Queued as i32);
 }
+
+/// Pages over runs whose seqs lie far apart (windows of the index met
+/// empty, full and in part), with a cursor and a rare filter: every run
+/// once, newest first, whatever the newest possible seq.
+#[tokio::test]
+async fn pages_walk_windows_of_the_index_in_order() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let sealer = Sealer::from_key(&[1; 32]);
+    let seqs = [0u64, 3, 998, 999, 1000, 1001, 2500, 123_456, 5_000_000];
+    let mut batch = Vec::new();
+    for (i, &seq) in seqs.iter().enumerate() {
+        let mut run = request(if i % 4 == 0 { "rare" } else { "common" }, "");
+        run.state = crate::model::StoredRunState::Succeeded;
+        run.seq = seq;
+        run.finished_at_ms = crate::model::now_ms();
+        batch.extend(archive(&run, &sealer));
+    }
+    store.apply(batch).await.unwrap();
+    let history = History::new(store, sealer);
+    let walk = |q: RunQuery, next_seq: u64| {
+        let history = history.clone();
+        async move {
+            let mut q = q;
+            let mut out = Vec::new();
+            loop {
+                let page = history.page(&q, next_seq).await.unwrap();
+                let more = page.len() > q.limit;
+                out.extend(page.iter().take(q.limit).map(|r| r.seq));
+                if !more {
+                    return out;
+                }
+                q.before_seq = out.last().copied();
+            }
+        }
+    };
+    let newest_first: Vec<u64> = seqs.iter().rev().copied().collect();
+    for next_seq in [5_000_001, 1 << 40, u64::MAX] {
+        for limit in [1, 2, 3, 50] {
+            assert_eq!(
+                walk(query(limit), next_seq).await,
+                newest_first,
+                "limit {limit}"
+            );
+        }
+    }
+    let rare = RunQuery {
+        pipeline: Some("rare".into()),
+        ..query(1)
+    };
+    assert_eq!(walk(rare, 5_000_001).await, [5_000_000, 1000, 0]);
+    // Only what is below the newest seq handed out.
+    assert_eq!(walk(query(10), 1001).await, [1000, 999, 998, 3, 0]);
+    assert!(walk(query(10), 0).await.is_empty());
+}

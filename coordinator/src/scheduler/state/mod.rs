@@ -295,6 +295,11 @@ impl SchedulerState {
         self.runs.number_from(next);
     }
 
+    /// The seq the next submitted run gets: every run has a lower one.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.runs.next_seq()
+    }
+
     /// How many runs the state holds (the unfinished, and the settled not
     /// yet evicted).
     pub(crate) fn runs_held(&self) -> usize {

@@ -223,6 +223,10 @@ impl Runs {
         self.next_seq = self.next_seq.max(next);
     }
 
+    pub(super) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     pub(super) fn len(&self) -> usize {
         self.runs.len()
     }
