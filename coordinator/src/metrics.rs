@@ -492,6 +492,8 @@ impl Metrics {
 
     /// This replica stopped leading.
     pub(crate) fn stopped_leading(&self) {
+        // Held by a leader only: a follower holds none.
+        self.runs_held.set(0);
         if self.is_leader.get() == 1 {
             self.is_leader.set(0);
             self.leader_changes.inc();

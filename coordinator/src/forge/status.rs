@@ -300,12 +300,20 @@ async fn watch(forges: &Forges, leader: &LeaderCtx, mut owed: Owed) {
         return;
     };
     let id = RunId::from_string(owed.run.clone());
-    let mut rx = match crate::api::status::flatten(leader.scheduler.watch_run(id).await) {
-        Ok(rx) => rx,
-        Err(e) => {
-            tracing::warn!(run = %owed.run, error = %e, "cannot watch the run; its commit status stops");
-            forges.statuses.done(&owed.run).await;
-            return;
+    let mut rx = loop {
+        match crate::api::status::flatten(leader.scheduler.watch_run(id.clone()).await) {
+            Ok(rx) => break rx,
+            // A finished run is read from the store: a failed read is tried
+            // again (the status is still owed); a run that is gone is not.
+            Err(e) if e.code() == tonic::Code::Unavailable && !leader.token.is_cancelled() => {
+                tracing::warn!(run = %owed.run, error = %e, "cannot watch the run yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                tracing::warn!(run = %owed.run, error = %e, "cannot watch the run; its commit status stops");
+                forges.statuses.done(&owed.run).await;
+                return;
+            }
         }
     };
     let w = Watched {

@@ -80,8 +80,9 @@ impl Scheduler {
             if let Some(run) = self.state.run(id)
                 && run.is_settled()
                 && self.archiving.insert(id.clone())
+                && self.archive.send(run.clone()).is_err()
             {
-                let _ = self.archive.send(run.clone());
+                tracing::error!(run = %id, "the archiver is gone: the run stays in memory");
             }
         }
         self.metrics.runs_held.set(self.state.runs_held() as i64);

@@ -111,13 +111,16 @@ impl RunQuery {
 pub(crate) fn merge(
     live: Vec<RunRecord>,
     finished: Vec<RunRecord>,
+    finished_more: bool,
     q: &RunQuery,
 ) -> (Vec<RunRecord>, Option<String>) {
     let mut all: Vec<RunRecord> = finished;
     let held: std::collections::HashSet<_> = all.iter().map(|r| r.id.clone()).collect();
     all.extend(live.into_iter().filter(|r| !held.contains(&r.id)));
     all.sort_unstable_by_key(|r| Reverse(r.seq));
-    let more = all.len() > q.limit;
+    // `finished_more`: the history had more matches than a page, though
+    // some records went (retention) between its index and its reads.
+    let more = all.len() > q.limit || finished_more;
     all.truncate(q.limit);
     let next = more.then(|| all.last().map(|r| cursor(r.seq))).flatten();
     (all, next)
@@ -202,6 +205,7 @@ mod tests {
         merge(
             newest(runs, q).into_iter().cloned().collect(),
             Vec::new(),
+            false,
             q,
         )
     }

@@ -199,7 +199,7 @@ impl Scheduler {
         let mut sweep = tokio::time::interval(std::time::Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Off the loop, and gone with them (an abort of this future included).
-        let _archiver = self.settled.take().map(|settled| {
+        let mut archiver = self.settled.take().map(|settled| {
             let archiver = history::archiver::run(
                 self.history.clone(),
                 settled,
@@ -220,6 +220,15 @@ impl Scheduler {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                // It ends early only when its writes are fenced or it
+                // panicked: settled runs would pile up in memory unseen.
+                ended = async { archiver.as_mut().expect("guarded").await }, if archiver.is_some() => {
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    tracing::error!(?ended, "the archiver of finished runs stopped; stopping the scheduler");
+                    return Err(StoreError::Write("the archiver of finished runs stopped".into()));
+                }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { return Ok(()) };
                     self.handle(cmd);
@@ -488,7 +497,7 @@ impl Scheduler {
             Arc::clone(&self.metrics),
         );
         tokio::spawn(async move {
-            let finished = match history.attempts().await {
+            let finished = match history.finished_attempts(&unknown).await {
                 Ok(f) => f,
                 Err(e) => {
                     return tracing::warn!(error = %e, "could not read the history to sweep orphan logs");

@@ -23,10 +23,18 @@ impl SchedulerHandle {
         quota: crate::limits::Quota,
     ) -> Answer<RunId> {
         if !run.idempotency_key.is_empty() {
-            match self.history.by_key(&run.idempotency_key).await {
-                Ok(Some(id)) => return Ok(Ok(id)),
-                Ok(None) => {}
+            let found = match self.history.by_key(&run.idempotency_key).await {
+                Ok(found) => found,
                 Err(e) => return Ok(Err(StateError::History(e.to_string()))),
+            };
+            // A key whose run is gone (a retention pass cut by a crash
+            // before it deleted the key) names nothing: a new run.
+            if let Some(id) = found {
+                match self.history.get(&id).await {
+                    Ok(Some(_)) => return Ok(Ok(id)),
+                    Ok(None) => {}
+                    Err(e) => return Ok(Err(StateError::History(e.to_string()))),
+                }
             }
         }
         self.ask(|reply| Command::Submit {
@@ -69,7 +77,7 @@ impl SchedulerHandle {
             Ok(f) => f,
             Err(e) => return Ok(Err(StateError::History(e.to_string()))),
         };
-        let (page, next) = listing::merge(live, finished, &query);
+        let (page, next) = listing::merge(live, finished.runs, finished.more, &query);
         Ok(Ok((page.iter().map(view::run).collect(), next)))
     }
 

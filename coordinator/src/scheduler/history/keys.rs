@@ -147,6 +147,11 @@ pub(crate) fn finished_at_ms(key: &str) -> Option<i64> {
     key.strip_prefix(AT)?.split('/').next()?.parse().ok()
 }
 
+/// The seq in a [`finished_at`] key.
+pub(crate) fn finished_at_seq(key: &str) -> Option<u64> {
+    key.strip_prefix(AT)?.split('/').nth(1)?.parse().ok()
+}
+
 pub(crate) fn attempt(id: &AttemptId) -> String {
     format!("{ATTEMPTS}{id}")
 }
@@ -195,6 +200,7 @@ mod tests {
         assert_eq!(all.inv_of(&all.inv_key(77)), Some(77));
         assert!(finished_at(999, 5) < finished_at(1000, 1));
         assert_eq!(finished_at_ms(&finished_at(1234, 7)), Some(1234));
+        assert_eq!(finished_at_seq(&finished_at(1234, 7)), Some(7));
         // `a` is a prefix of `a/b` as text, not as an index.
         let (a, ab) = (Index::pipeline("a"), Index::pipeline("a/b"));
         assert!(!ab.key(1).starts_with(&a.0), "{} under {}", ab.key(1), a.0);

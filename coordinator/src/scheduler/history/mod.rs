@@ -78,11 +78,15 @@ pub(crate) fn archive(run: &RunRecord, sealer: &Sealer) -> Vec<Op> {
 
 /// The ops that delete archived `run` (retention), in an order a crash may
 /// cut anywhere: its `done/at` entry, which is how retention finds it,
-/// goes last, so a cut pass is finished by the next one.
+/// goes last, so a cut pass is finished by the next one; before it its
+/// `done/seq` entry, which a new leader numbers after.
 pub(crate) fn forget(run: &RunRecord) -> Vec<Op> {
     let summary = Summary::of(run);
+    // `done/seq` (how the next leader numbers on) stays until the record
+    // is gone: a cut pass leaves it, and the next pass deletes it.
     let mut ops: Vec<Op> = Index::of(&summary)
         .iter()
+        .filter(|i| **i != Index::all())
         .map(|i| Op::Delete {
             key: i.key(run.seq),
         })
@@ -104,9 +108,22 @@ pub(crate) fn forget(run: &RunRecord) -> Vec<Op> {
         key: keys::record(&run.id),
     });
     ops.push(Op::Delete {
+        key: Index::all().key(run.seq),
+    });
+    ops.push(Op::Delete {
         key: keys::finished_at(run.finished_at_ms, run.seq),
     });
     ops
+}
+
+/// The history's part of a `ListRuns` page.
+#[derive(Debug, Default)]
+pub(crate) struct Finished {
+    /// Its newest `limit + 1` matches at most, newest first (one whose
+    /// record went meanwhile is left out).
+    pub(crate) runs: Vec<RunRecord>,
+    /// More than `limit` matched.
+    pub(crate) more: bool,
 }
 
 /// Reads of the finished runs. Cheap to clone (clones share the cache).
@@ -117,6 +134,9 @@ pub(crate) struct History {
     /// Records read lately. An archived record never changes, so a cached
     /// one is never stale; retention drops what it deletes.
     cache: Arc<Mutex<LruCache<RunId, Arc<RunRecord>>>>,
+    /// Bumped by every [`History::forgotten`]: a read that began before
+    /// does not put what it read into the cache (the run may be gone).
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Finished runs kept decoded: the pages a dashboard's live lists ask for
@@ -130,25 +150,33 @@ impl History {
             store,
             sealer,
             cache: Arc::new(Mutex::new(LruCache::new(size))),
+            generation: Default::default(),
         }
     }
 
     /// The finished run `id`, if the history holds it.
     pub(crate) async fn get(&self, id: &RunId) -> Result<Option<Arc<RunRecord>>, StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
         if let Some(run) = self.cache().get(id) {
             return Ok(Some(Arc::clone(run)));
         }
+        let generation = self.generation.load(SeqCst);
         let Some(bytes) = self.store.get(&keys::record(id)).await? else {
             return Ok(None);
         };
         let run = Arc::new(self.decode(&keys::record(id), &bytes)?);
-        self.cache().put(id.clone(), Arc::clone(&run));
+        let mut cache = self.cache();
+        if self.generation.load(SeqCst) == generation {
+            cache.put(id.clone(), Arc::clone(&run));
+        }
         Ok(Some(run))
     }
 
     /// Retention deleted these runs.
     pub(crate) fn forgotten<'a>(&self, ids: impl IntoIterator<Item = &'a RunId>) {
         let mut cache = self.cache();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         for id in ids {
             cache.pop(id);
         }
@@ -198,13 +226,26 @@ impl History {
         Ok(())
     }
 
-    /// Every attempt of every finished run (the orphan-log sweep).
-    pub(crate) async fn attempts(&self) -> Result<HashSet<AttemptId>, StoreError> {
-        let listed = self.store.scan_prefix(keys::ATTEMPTS).await?;
-        Ok(listed
-            .into_iter()
-            .map(|(k, _)| AttemptId::from_string(k[keys::ATTEMPTS.len()..].to_owned()))
-            .collect())
+    /// Which of `attempts` belong to finished runs (the orphan-log sweep):
+    /// looked up one by one, a chunk at a time, not by reading the whole
+    /// `done/attempts/` range.
+    pub(crate) async fn finished_attempts(
+        &self,
+        attempts: &[AttemptId],
+    ) -> Result<HashSet<AttemptId>, StoreError> {
+        let mut found = HashSet::new();
+        for chunk in attempts.chunks(256) {
+            let keys: Vec<String> = chunk.iter().map(keys::attempt).collect();
+            let got = futures::future::try_join_all(keys.iter().map(|k| self.store.get(k))).await?;
+            found.extend(
+                chunk
+                    .iter()
+                    .zip(got)
+                    .filter(|(_, v)| v.is_some())
+                    .map(|(a, _)| a.clone()),
+            );
+        }
+        Ok(found)
     }
 
     /// The newest `q.limit + 1` finished runs that match `q` (one more
@@ -216,17 +257,13 @@ impl History {
     /// ran out: a page of a common filter reads one window, a rare one a
     /// few growing ones, never a range of the whole index at once (etcd
     /// would count all of it).
-    pub(crate) async fn page(
-        &self,
-        q: &RunQuery,
-        next_seq: u64,
-    ) -> Result<Vec<RunRecord>, StoreError> {
+    pub(crate) async fn page(&self, q: &RunQuery, next_seq: u64) -> Result<Finished, StoreError> {
         let Some(index) = index_for(q) else {
-            return Ok(Vec::new());
+            return Ok(Finished::default());
         };
         let bound = q.before_seq.map_or(next_seq, |b| b.min(next_seq));
         let Some(newest) = bound.checked_sub(1) else {
-            return Ok(Vec::new());
+            return Ok(Finished::default());
         };
         let want = q.limit + 1;
         let mut found: Vec<Summary> = Vec::new();
@@ -266,13 +303,25 @@ impl History {
                 }
             }
         }
-        self.records(&found).await
+        Ok(Finished {
+            more: found.len() > q.limit,
+            runs: self.records(&found).await?,
+        })
     }
 
     /// The records of `found`, in its order; one an index names but the
     /// store no longer holds (deleted meanwhile) is left out.
     async fn records(&self, found: &[Summary]) -> Result<Vec<RunRecord>, StoreError> {
-        let reads = found.iter().map(|s| self.get(&s.id));
+        // One record that does not decode costs its own row, not the page.
+        let reads = found.iter().map(|s| async move {
+            match self.get(&s.id).await {
+                Err(StoreError::Read(e)) if self.store.get(&keys::record(&s.id)).await.is_ok() => {
+                    tracing::error!(run = %s.id, error = %e, "skipping an unreadable finished run");
+                    Ok(None)
+                }
+                other => other,
+            }
+        });
         let got = futures::future::try_join_all(reads).await?;
         Ok(got
             .into_iter()

@@ -140,6 +140,17 @@ impl Retention {
                 }
                 None => {}
             }
+            // A pass cut after the record's delete may have left its
+            // `done/seq` entry; one a newer run now holds is not this run's.
+            if let Some(seq) = keys::finished_at_seq(at) {
+                let all = super::keys::Index::all().key(seq);
+                let entry = self.history.store.get(&all).await?;
+                let summary =
+                    entry.and_then(|v| serde_json::from_slice::<super::keys::Summary>(&v).ok());
+                if summary.is_some_and(|s| &s.id == id) {
+                    batch.push(Op::Delete { key: all });
+                }
+            }
             batch.push(Op::Delete { key: at.clone() });
         }
         Ok((batch, runs))

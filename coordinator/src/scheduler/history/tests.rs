@@ -314,8 +314,8 @@ async fn pages_walk_windows_of_the_index_in_order() {
             let mut out = Vec::new();
             loop {
                 let page = history.page(&q, next_seq).await.unwrap();
-                let more = page.len() > q.limit;
-                out.extend(page.iter().take(q.limit).map(|r| r.seq));
+                let more = page.more;
+                out.extend(page.runs.iter().take(q.limit).map(|r| r.seq));
                 if !more {
                     return out;
                 }
@@ -341,4 +341,66 @@ async fn pages_walk_windows_of_the_index_in_order() {
     // Only what is below the newest seq handed out.
     assert_eq!(walk(query(10), 1001).await, [1000, 999, 998, 3, 0]);
     assert!(walk(query(10), 0).await.is_empty());
+}
+
+fn archived(seq: u64, name: &str) -> RunRecord {
+    let mut run = request(name, "");
+    run.state = crate::model::StoredRunState::Succeeded;
+    run.seq = seq;
+    run.finished_at_ms = 1_000 + seq as i64;
+    run
+}
+
+#[tokio::test]
+async fn an_unreadable_record_costs_its_row_not_the_page() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let sealer = Sealer::from_key(&[1; 32]);
+    let runs: Vec<RunRecord> = (1..=3).map(|s| archived(s, "p")).collect();
+    let mut batch: Vec<Op> = runs.iter().flat_map(|r| archive(r, &sealer)).collect();
+    batch.push(Op::Put {
+        key: keys::record(&runs[1].id),
+        value: b"{ not a run".to_vec(),
+    });
+    store.apply(batch).await.unwrap();
+    let history = History::new(store, sealer);
+    let page = history.page(&query(10), 10).await.unwrap();
+    let seqs: Vec<u64> = page.runs.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [3, 1]);
+    assert!(!page.more);
+    assert!(history.get(&runs[1].id).await.is_err(), "GetRun says it");
+    // A page of one: the bad record is the one more, and there is more.
+    let page = history.page(&query(1), 10).await.unwrap();
+    assert!(page.more && page.runs.len() == 1, "{page:?}");
+}
+
+/// A retention pass cut right after a run's record was deleted leaves its
+/// `done/seq` entry (so a new leader still numbers after it) and its
+/// `done/at` entry; the next pass deletes both.
+#[tokio::test]
+async fn a_retention_pass_cut_after_the_record_is_finished_by_the_next() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let sealer = Sealer::from_key(&[1; 32]);
+    let run = archived(7, "p");
+    store.apply(archive(&run, &sealer)).await.unwrap();
+    let ops = forget(&run);
+    let cut = ops
+        .iter()
+        .position(|op| matches!(op, Op::Delete { key } if *key == keys::record(&run.id)))
+        .unwrap();
+    store.apply(ops[..=cut].to_vec()).await.unwrap();
+    let history = History::new(Arc::clone(&store), sealer);
+    assert_eq!(
+        history.next_seq().await.unwrap(),
+        8,
+        "numbered after the cut run"
+    );
+    let retention = Retention {
+        history,
+        logs: Arc::new(crate::logs::memory::MemoryLogStore::new()),
+        metrics: Arc::new(Metrics::default()),
+        retention: std::time::Duration::from_secs(1),
+    };
+    retention.pass().await.unwrap();
+    let left = store.scan_prefix("done/").await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }
