@@ -37,10 +37,6 @@ impl Store for HeldStore {
         self.inner.get(key).await
     }
 
-    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner.scan_prefix(prefix).await
-    }
-
     async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.scan_page(page).await
     }

@@ -292,19 +292,6 @@ impl Store for EtcdStore {
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
-    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        // Paged, all pages at the first page's revision: one reply for every
-        // run would pass etcd-client's 4 MiB reply limit after a few
-        // thousand runs, and a new leader could not load the state.
-        self.scan_page(Page {
-            prefix,
-            from: None,
-            limit: usize::MAX,
-            order: Order::Ascending,
-        })
-        .await
-    }
-
     async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         // etcd reads a limit of 0 as no limit.
         if page.limit == 0 {
@@ -312,7 +299,9 @@ impl Store for EtcdStore {
         }
         // The range still to read, [lower, upper) (`None`: to the end of the
         // key space), narrowed page by page from the end already read; all
-        // pages at the first one's revision, as in `scan_prefix`.
+        // pages at the first one's revision. Paged, since one reply for
+        // every run (a new leader's `scan_prefix` of the live runs) would
+        // pass etcd-client's 4 MiB reply limit after a few thousand runs.
         let mut lower = self.key(page.prefix);
         let end = prefix_end(&lower);
         let mut upper = (end != [0]).then_some(end);

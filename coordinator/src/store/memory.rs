@@ -4,7 +4,6 @@ use super::redb::page_range;
 use super::{Op, Order, Page, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 /// A [`Store`] kept in a `BTreeMap` behind a mutex. Every call holds the
@@ -33,15 +32,6 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.map().get(key).cloned())
-    }
-
-    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self
-            .map()
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
     }
 
     async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

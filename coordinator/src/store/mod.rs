@@ -81,8 +81,17 @@ pub struct Page<'a> {
 pub trait Store: Send + Sync + 'static {
     /// The value at `key`, if any.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Every `(key, value)` whose key starts with `prefix`, sorted by key.
-    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Every `(key, value)` whose key starts with `prefix`, sorted by key:
+    /// [`Store::scan_page`] without a limit.
+    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.scan_page(Page {
+            prefix,
+            from: None,
+            limit: usize::MAX,
+            order: Order::Ascending,
+        })
+        .await
+    }
     /// At most `page.limit` `(key, value)`s whose key starts with
     /// `page.prefix`, in `page.order`, strictly beyond `page.from`: the
     /// paged queries over an index (`ListRuns`, retention).

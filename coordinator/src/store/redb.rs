@@ -311,16 +311,6 @@ impl Store for RedbStore {
         .map_err(StoreError::Read)
     }
 
-    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.scan_page(Page {
-            prefix,
-            from: None,
-            limit: usize::MAX,
-            order: Order::Ascending,
-        })
-        .await
-    }
-
     async fn scan_page(&self, page: Page<'_>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let Some((lower, upper)) = page_range(&page) else {
             return Ok(Vec::new());
