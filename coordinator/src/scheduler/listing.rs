@@ -82,26 +82,60 @@ impl RunQuery {
         })
     }
 
+    /// Does held run `r` match? Judged on its fields in place: the loop
+    /// asks this of every run it holds, for every page.
     fn matches(&self, r: &RunRecord) -> bool {
-        self.matches_summary(&Summary::of(r))
+        self.matches_fields(Fields {
+            seq: r.seq,
+            state: r.state,
+            pipeline: &r.pipeline,
+            submitted_by: &r.submitted_by,
+            repo: &r.repo,
+            rev: &r.rev,
+            created_at_ms: r.created_at_ms,
+        })
     }
 
-    /// Does a run with this summary match? Repositories compare redacted
-    /// (an index holds no password).
+    /// Does a finished run with this index summary match?
     pub(crate) fn matches_summary(&self, r: &Summary) -> bool {
+        self.matches_fields(Fields {
+            seq: r.seq,
+            state: r.state,
+            pipeline: &r.pipeline,
+            submitted_by: &r.submitted_by,
+            repo: &r.repo,
+            rev: &r.rev,
+            created_at_ms: r.created_at_ms,
+        })
+    }
+
+    /// Repositories compare redacted (an index holds no password; a URL
+    /// without one is not copied).
+    fn matches_fields(&self, r: Fields<'_>) -> bool {
         let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
         self.before_seq.is_none_or(|s| r.seq < s)
             && self.state.is_none_or(|s| r.state == s)
-            && eq(&self.pipeline, &r.pipeline)
-            && eq(&self.submitted_by, &r.submitted_by)
+            && eq(&self.pipeline, r.pipeline)
+            && eq(&self.submitted_by, r.submitted_by)
             && self
                 .repo
                 .as_deref()
-                .is_none_or(|w| redact_url(w) == r.repo.as_str())
+                .is_none_or(|w| redact_url(w) == redact_url(r.repo))
             && self.rev.as_deref().is_none_or(|p| r.rev.starts_with(p))
             && self.created_after_ms.is_none_or(|t| r.created_at_ms >= t)
             && self.created_before_ms.is_none_or(|t| r.created_at_ms < t)
     }
+}
+
+/// What a filter reads of a run, held or summarized.
+struct Fields<'a> {
+    seq: u64,
+    state: StoredRunState,
+    pipeline: &'a str,
+    submitted_by: &'a str,
+    repo: &'a str,
+    rev: &'a str,
+    created_at_ms: i64,
 }
 
 /// The page of `q` out of the newest matches the loop holds (`live`) and
