@@ -156,20 +156,32 @@ impl History {
 
     /// The finished run `id`, if the history holds it.
     pub(crate) async fn get(&self, id: &RunId) -> Result<Option<Arc<RunRecord>>, StoreError> {
+        self.read(id).await?.transpose()
+    }
+
+    /// The finished run `id`: the store's answer, and inside it whether the
+    /// record decodes (a page skips one that does not; GetRun says it).
+    async fn read(
+        &self,
+        id: &RunId,
+    ) -> Result<Option<Result<Arc<RunRecord>, StoreError>>, StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         if let Some(run) = self.cache().get(id) {
-            return Ok(Some(Arc::clone(run)));
+            return Ok(Some(Ok(Arc::clone(run))));
         }
         let generation = self.generation.load(SeqCst);
         let Some(bytes) = self.store.get(&keys::record(id)).await? else {
             return Ok(None);
         };
-        let run = Arc::new(self.decode(&keys::record(id), &bytes)?);
+        let run = match self.decode(&keys::record(id), &bytes) {
+            Ok(run) => Arc::new(run),
+            Err(e) => return Ok(Some(Err(e))),
+        };
         let mut cache = self.cache();
         if self.generation.load(SeqCst) == generation {
             cache.put(id.clone(), Arc::clone(&run));
         }
-        Ok(Some(run))
+        Ok(Some(Ok(run)))
     }
 
     /// Retention deleted these runs.
@@ -314,13 +326,14 @@ impl History {
     async fn records(&self, found: &[Summary]) -> Result<Vec<RunRecord>, StoreError> {
         // One record that does not decode costs its own row, not the page.
         let reads = found.iter().map(|s| async move {
-            match self.get(&s.id).await {
-                Err(StoreError::Read(e)) if self.store.get(&keys::record(&s.id)).await.is_ok() => {
+            Ok::<_, StoreError>(match self.read(&s.id).await? {
+                Some(Ok(run)) => Some(run),
+                Some(Err(e)) => {
                     tracing::error!(run = %s.id, error = %e, "skipping an unreadable finished run");
-                    Ok(None)
+                    None
                 }
-                other => other,
-            }
+                None => None,
+            })
         });
         let got = futures::future::try_join_all(reads).await?;
         Ok(got
