@@ -11,9 +11,8 @@
 //! with the state in etcd (one local member), where the restart is a new
 //! leader's takeover.
 
-use super::throughput::{page_latency, submit_all, wait_all};
+use super::throughput::{finished_runs, page_latency};
 use super::{Ctx, Figures};
-use crate::fleet::{Fleet, FleetConfig};
 use crate::procs::{Coordinator, proc_stat};
 use std::time::Duration;
 
@@ -53,18 +52,7 @@ async fn one(ctx: &Ctx, n: usize, flags: &[String], key: &str) -> anyhow::Result
     let dir = ctx.dir.join(format!("{key}-{n}"));
     let coord = Coordinator::start(&dir, flags).await?;
     if n > 0 {
-        let fleet = Fleet::start(FleetConfig {
-            url: coord.url(),
-            ca_cert: None,
-            token: coord.token.clone(),
-            count: 20,
-            capacity: 8,
-            per_conn: 10,
-            name_prefix: format!("{key}-{n}"),
-        })
-        .await?;
-        submit_all(&coord, n).await?;
-        wait_all(&coord, &fleet, n).await?;
+        finished_runs(&coord, n, &format!("{key}-{n}")).await?;
         // Archived into the history, as a long-running coordinator's are.
         wait_none_held(&coord).await?;
     }

@@ -10,9 +10,8 @@
 //! `capstan_retention_pass_seconds` that holds them all). Goal: no
 //! dispatch pause over 50 ms.
 
-use super::throughput::{submit_all, wait_all};
+use super::throughput::finished_runs;
 use super::{Ctx, Figures};
-use crate::fleet::{Fleet, FleetConfig};
 use crate::procs::{Coordinator, epoch_ns};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,18 +67,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Figures> {
         (100_000, 1_000, "40s")
     };
     let coord = Coordinator::start(&ctx.dir, &["--retention".into(), retention.into()]).await?;
-    let fleet = Fleet::start(FleetConfig {
-        url: coord.url(),
-        ca_cert: None,
-        token: coord.token.clone(),
-        count: 20,
-        capacity: 8,
-        per_conn: 10,
-        name_prefix: "retention".into(),
-    })
-    .await?;
-    submit_all(&coord, n).await?;
-    wait_all(&coord, &fleet, n).await?;
+    let fleet = finished_runs(&coord, n, "retention").await?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = steady_load(coord.client().await?, rate, stop.clone());

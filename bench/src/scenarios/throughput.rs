@@ -206,6 +206,29 @@ pub(crate) async fn page_latency(coord: &Coordinator) -> anyhow::Result<f64> {
     Ok(times[times.len() / 2])
 }
 
+/// `n` single-task runs submitted and run to success by a fleet of 20
+/// lightweight runners of 8 slots named `name_prefix-*` (a history to
+/// measure); the fleet, for more work.
+pub(crate) async fn finished_runs(
+    coord: &Coordinator,
+    n: usize,
+    name_prefix: &str,
+) -> anyhow::Result<Fleet> {
+    let fleet = Fleet::start(FleetConfig {
+        url: coord.url(),
+        ca_cert: None,
+        token: coord.token.clone(),
+        count: 20,
+        capacity: 8,
+        per_conn: 10,
+        name_prefix: name_prefix.to_owned(),
+    })
+    .await?;
+    submit_all(coord, n).await?;
+    wait_all(coord, &fleet, n).await?;
+    Ok(fleet)
+}
+
 /// Submits `n` single-task runs with `SUBMITTERS` calls in flight.
 pub(crate) async fn submit_all(coord: &Coordinator, n: usize) -> anyhow::Result<()> {
     let client = coord.client().await?;
